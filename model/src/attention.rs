@@ -1,0 +1,262 @@
+//! Grouped-query self-attention of one decoder layer (HF `Llama4TextAttention`,
+//! LLAMA4.md §2.4).
+//!
+//! Per sequence: project q/k/v; on RoPE layers rotate adjacent pairs and, where the config
+//! asks, apply the weightless RMS qk-norm; on NoPE layers scale q by the temperature
+//! `1 + attn_scale · ln(1 + ⌊(p+1)/floor_scale⌋)`; append k/v to the cache; attend. A query
+//! at absolute position p sees the keys in `[lo(p), p]`, where lo(p) is the start of p's
+//! aligned chunk on RoPE layers and 0 on NoPE layers. Scores and the weighted sum are
+//! `gemm` products per (head, block of queries); masked entries are exact zeros after the
+//! softmax.
+
+use rayon::prelude::*;
+
+use crate::checkpoint::WeightSource;
+use crate::config::TextConfig;
+use crate::error::Result;
+use crate::kv_cache::LayerCache;
+use crate::linear::{gemm_f32, Dims, Layout, Linear, Mat, MatRef};
+use crate::norm::rms_norm_in_place;
+use crate::rope::Rope;
+
+/// Queries handled by one scores product.
+const QUERY_BLOCK: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    use_rope: bool,
+    qk_norm: bool,
+    temperature_tuning: bool,
+    chunk: usize,
+    floor_scale: f64,
+    attn_scale: f64,
+    eps: f32,
+    rope: Rope,
+}
+
+/// One sequence's share of a batched attention call.
+pub struct SeqSlice<'a> {
+    pub cache: &'a mut LayerCache,
+    /// Absolute position of the first new token.
+    pub start_pos: usize,
+    /// Number of new tokens of this sequence in the batch.
+    pub len: usize,
+}
+
+impl Attention {
+    pub fn load(src: &dyn WeightSource, c: &TextConfig, layer: usize) -> Result<Self> {
+        let p = format!("model.layers.{layer}.self_attn");
+        let (h, q_out, kv_out) = (
+            c.hidden_size,
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        let lin = |name: &str, shape: [usize; 2]| -> Result<Linear> {
+            Ok(Linear::new(
+                src.tensor_shaped(&format!("{p}.{name}.weight"), &shape)?,
+                Layout::OutIn,
+            ))
+        };
+        let use_rope = c.rope_layers[layer];
+        Ok(Self {
+            q: lin("q_proj", [q_out, h])?,
+            k: lin("k_proj", [kv_out, h])?,
+            v: lin("v_proj", [kv_out, h])?,
+            o: lin("o_proj", [h, q_out])?,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            use_rope,
+            qk_norm: c.use_qk_norm && use_rope,
+            temperature_tuning: c.attn_temperature_tuning && !use_rope,
+            chunk: c.attention_chunk_size,
+            floor_scale: c.floor_scale,
+            attn_scale: c.attn_scale,
+            eps: c.rms_norm_eps,
+            rope: Rope::new(c),
+        })
+    }
+
+    pub fn uses_rope(&self) -> bool {
+        self.use_rope
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        [&self.q, &self.k, &self.v, &self.o]
+            .iter()
+            .map(|l| l.size_bytes())
+            .sum()
+    }
+
+    /// `x` is the normed hidden state `[t, hidden]` of all sequences in batch order; the
+    /// result is the attention output `[t, hidden]` before the residual add.
+    pub fn forward(&self, x: &[f32], t: usize, seqs: &mut [SeqSlice<'_>]) -> Vec<f32> {
+        let mut q = self.q.forward(x, t);
+        let mut k = self.k.forward(x, t);
+        let v = self.v.forward(x, t);
+        let (qw, kw) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+
+        let mut row = 0;
+        let mut pieces = Vec::with_capacity(seqs.len());
+        for s in seqs.iter_mut() {
+            let rows = row..row + s.len;
+            pieces.push((s, rows.clone()));
+            row = rows.end;
+        }
+        assert_eq!(row, t, "sequence lengths must add up to the batch");
+
+        let mut attn = vec![0.0f32; t * qw];
+        let q_chunks = split_rows(&mut q, &pieces, qw);
+        let k_chunks = split_rows(&mut k, &pieces, kw);
+        let out_chunks = split_rows(&mut attn, &pieces, qw);
+        pieces
+            .into_par_iter()
+            .zip(q_chunks)
+            .zip(k_chunks)
+            .zip(out_chunks)
+            .for_each(|((((s, rows), q), k), out)| {
+                self.position_encode(q, k, s.start_pos);
+                s.cache.k.extend_from_slice(k);
+                s.cache.v.extend_from_slice(&v[rows.start * kw..rows.end * kw]);
+                self.attend(q, s.cache, s.start_pos, out);
+                if self.use_rope {
+                    let next = s.start_pos + s.len;
+                    s.cache.drop_before(next - next % self.chunk, kw);
+                }
+            });
+        self.o.forward(&attn, t)
+    }
+
+    /// RoPE and qk-norm on RoPE layers, temperature tuning on NoPE layers.
+    fn position_encode(&self, q: &mut [f32], k: &mut [f32], start_pos: usize) {
+        let d = self.head_dim;
+        let q_rows = q.chunks_exact_mut(self.heads * d);
+        let k_rows = k.chunks_exact_mut(self.kv_heads * d);
+        for (i, (q_row, k_row)) in q_rows.zip(k_rows).enumerate() {
+            let pos = start_pos + i;
+            if self.use_rope {
+                for head in q_row.chunks_exact_mut(d).chain(k_row.chunks_exact_mut(d)) {
+                    self.rope.rotate(head, pos);
+                }
+                if self.qk_norm {
+                    rms_norm_in_place(q_row, d, None, self.eps);
+                    rms_norm_in_place(k_row, d, None, self.eps);
+                }
+            } else if self.temperature_tuning {
+                let steps = ((pos as f64 + 1.0) / self.floor_scale).floor();
+                let scale = (steps.ln_1p() * self.attn_scale + 1.0) as f32;
+                q_row.iter_mut().for_each(|v| *v *= scale);
+            }
+        }
+    }
+
+    /// First key position a query at `pos` may see.
+    fn first_visible(&self, pos: usize) -> usize {
+        if self.use_rope {
+            pos - pos % self.chunk
+        } else {
+            0
+        }
+    }
+
+    /// Attention of one sequence's new queries `q` (`[len, heads·d]`, positions from
+    /// `start_pos`) over its cache, which already holds their own keys.
+    fn attend(&self, q: &[f32], cache: &LayerCache, start_pos: usize, out: &mut [f32]) {
+        let d = self.head_dim;
+        let (qw, kw) = (self.heads * d, self.kv_heads * d);
+        let len = q.len() / qw;
+        let group = self.heads / self.kv_heads;
+        let scale = 1.0 / (d as f32).sqrt();
+        let per_head: Vec<Vec<f32>> = (0..self.heads)
+            .into_par_iter()
+            .map(|h| {
+                let kv_off = (h / group) * d;
+                let mut o = vec![0.0f32; len * d];
+                for b0 in (0..len).step_by(QUERY_BLOCK) {
+                    let b1 = (b0 + QUERY_BLOCK).min(len);
+                    let nb = b1 - b0;
+                    let lo_key = self.first_visible(start_pos + b0);
+                    assert!(lo_key >= cache.start_pos, "cache lost keys still visible");
+                    let k0 = lo_key - cache.start_pos;
+                    let k1 = start_pos + b1 - cache.start_pos;
+                    let lk = k1 - k0;
+                    let mut s = vec![0.0f32; nb * lk];
+                    gemm_f32(
+                        Dims { m: nb, n: lk, k: d },
+                        Mat::new(&mut s, lk, 1),
+                        MatRef::new(&q[b0 * qw + h * d..], qw, 1),
+                        MatRef::new(&cache.k[k0 * kw + kv_off..], 1, kw),
+                        false,
+                    );
+                    for (i, row) in s.chunks_exact_mut(lk).enumerate() {
+                        let pos = start_pos + b0 + i;
+                        let lo = self.first_visible(pos) - lo_key;
+                        let hi = pos - lo_key;
+                        masked_softmax(row, lo, hi, scale);
+                    }
+                    gemm_f32(
+                        Dims { m: nb, n: d, k: lk },
+                        Mat::new(&mut o[b0 * d..b1 * d], d, 1),
+                        MatRef::new(&s, lk, 1),
+                        MatRef::new(&cache.v[k0 * kw + kv_off..], kw, 1),
+                        false,
+                    );
+                }
+                o
+            })
+            .collect();
+        for (h, o) in per_head.iter().enumerate() {
+            for (i, src) in o.chunks_exact(d).enumerate() {
+                out[i * qw + h * d..i * qw + (h + 1) * d].copy_from_slice(src);
+            }
+        }
+    }
+}
+
+/// `softmax(row · scale)` over `row[lo..=hi]`; every other entry becomes 0.
+fn masked_softmax(row: &mut [f32], lo: usize, hi: usize, scale: f32) {
+    let visible = &mut row[lo..=hi];
+    let max = visible.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+    let mut sum = 0.0;
+    for v in visible.iter_mut() {
+        *v = (*v * scale - max).exp();
+        sum += *v;
+    }
+    visible.iter_mut().for_each(|v| *v /= sum);
+    row[..lo].fill(0.0);
+    row[hi + 1..].fill(0.0);
+}
+
+/// Splits a `[t, width]` buffer into the row ranges of consecutive sequences.
+fn split_rows<'b, S>(
+    mut buf: &'b mut [f32],
+    pieces: &[(S, std::ops::Range<usize>)],
+    width: usize,
+) -> Vec<&'b mut [f32]> {
+    let mut out = Vec::with_capacity(pieces.len());
+    for (_, rows) in pieces {
+        let (head, tail) = std::mem::take(&mut buf).split_at_mut(rows.len() * width);
+        out.push(head);
+        buf = tail;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masked_softmax_zeroes_outside_the_window() {
+        let mut row = [5.0, 1.0, 1.0, 9.0];
+        masked_softmax(&mut row, 1, 2, 1.0);
+        assert_eq!(row, [0.0, 0.5, 0.5, 0.0]);
+    }
+}

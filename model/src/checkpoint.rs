@@ -1,0 +1,356 @@
+//! Where weights come from: the `WeightSource` seam, Hugging Face safetensors checkpoints
+//! (memory-mapped, single file or sharded with an index) and an in-memory source for
+//! synthetic models and tests.
+//!
+//! A `Tensor` is a typed view of bytes that stay where the checkpoint keeps them (the page
+//! cache, for a mapped file): weights are never widened to f32 in memory, only tile by tile
+//! while a product runs (see `linear`). Names are looked up as given and then with the
+//! `language_model.` prefix that `Llama4ForConditionalGeneration` checkpoints carry.
+#![allow(unsafe_code)]
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+use crate::error::{ModelError, Result};
+
+/// Element types the engine reads. Everything is computed in f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    BF16,
+    F16,
+    F32,
+}
+
+impl DType {
+    pub fn size_bytes(self) -> usize {
+        match self {
+            DType::BF16 | DType::F16 => 2,
+            DType::F32 => 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Storage {
+    Mapped(Arc<Mmap>),
+    Owned(Arc<Vec<u8>>),
+}
+
+/// A tensor's bytes and type; cloning shares the storage.
+#[derive(Debug, Clone)]
+pub struct Tensor {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    storage: Storage,
+    start: usize,
+    len: usize,
+}
+
+impl Tensor {
+    /// A tensor that owns its little-endian bytes. Panics if the byte count does not match
+    /// the shape: callers build these from data they made themselves.
+    pub fn from_bytes(dtype: DType, shape: Vec<usize>, bytes: Vec<u8>) -> Self {
+        let numel: usize = shape.iter().product();
+        assert_eq!(numel * dtype.size_bytes(), bytes.len(), "bytes do not match shape");
+        let len = bytes.len();
+        Self {
+            dtype,
+            shape,
+            storage: Storage::Owned(Arc::new(bytes)),
+            start: 0,
+            len,
+        }
+    }
+
+    /// Rounds f32 values to bf16 (round to nearest even) and keeps them as a tensor.
+    pub fn bf16_from_f32(shape: Vec<usize>, values: &[f32]) -> Self {
+        let bytes = values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
+            .collect();
+        Self::from_bytes(DType::BF16, shape, bytes)
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        let all: &[u8] = match &self.storage {
+            Storage::Mapped(m) => m,
+            Storage::Owned(v) => v,
+        };
+        &all[self.start..self.start + self.len]
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        self.len
+    }
+
+    /// The `index`-th slice along the first dimension (one expert of a fused tensor). It
+    /// shares the storage, so only that slice's bytes are ever read.
+    pub fn outer(&self, index: usize) -> Tensor {
+        assert!(index < self.shape[0], "outer index out of range");
+        let inner = self.len / self.shape[0];
+        Tensor {
+            dtype: self.dtype,
+            shape: self.shape[1..].to_vec(),
+            storage: self.storage.clone(),
+            start: self.start + index * inner,
+            len: inner,
+        }
+    }
+
+    /// Widens elements `[offset, offset + out.len())` into `out`.
+    pub fn read_f32(&self, offset: usize, out: &mut [f32]) {
+        let size = self.dtype.size_bytes();
+        let bytes = &self.bytes()[offset * size..(offset + out.len()) * size];
+        widen(self.dtype, bytes, out);
+    }
+
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.numel()];
+        self.read_f32(0, &mut out);
+        out
+    }
+}
+
+/// Converts little-endian bf16/f16/f32 bytes to f32. bf16 → f32 is exact (a shift).
+pub fn widen(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        DType::BF16 => match bytemuck::try_cast_slice::<u8, u16>(bytes) {
+            Ok(bits) => {
+                for (o, &b) in out.iter_mut().zip(bits) {
+                    *o = f32::from_bits(u32::from(u16::from_le(b)) << 16);
+                }
+            }
+            Err(_) => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
+                }
+            }
+        },
+        DType::F16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+            }
+        }
+        DType::F32 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+    }
+}
+
+/// The seam between the engine and wherever weights live.
+pub trait WeightSource: Send + Sync {
+    /// The tensor called `name` (canonical name, without the `language_model.` prefix).
+    fn tensor(&self, name: &str) -> Result<Tensor>;
+
+    /// The tensor, checked against the shape the config implies.
+    fn tensor_shaped(&self, name: &str, expected: &[usize]) -> Result<Tensor> {
+        let t = self.tensor(name)?;
+        if t.shape != expected {
+            return Err(ModelError::TensorShape {
+                name: name.into(),
+                expected: expected.to_vec(),
+                got: t.shape,
+            });
+        }
+        Ok(t)
+    }
+}
+
+/// Tensors held in memory, keyed by name; the fake weight source and the home of
+/// synthetic benchmark models.
+#[derive(Debug, Default, Clone)]
+pub struct InMemoryWeights {
+    tensors: HashMap<String, Tensor>,
+}
+
+impl InMemoryWeights {
+    pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor) {
+        self.tensors.insert(name.into(), tensor);
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+}
+
+impl WeightSource for InMemoryWeights {
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        lookup(&self.tensors, name)
+    }
+}
+
+fn lookup(tensors: &HashMap<String, Tensor>, name: &str) -> Result<Tensor> {
+    tensors
+        .get(name)
+        .or_else(|| tensors.get(&format!("language_model.{name}")))
+        .cloned()
+        .ok_or_else(|| ModelError::MissingTensor { name: name.into() })
+}
+
+/// A Hugging Face safetensors checkpoint, memory-mapped.
+#[derive(Debug)]
+pub struct SafetensorsCheckpoint {
+    tensors: HashMap<String, Tensor>,
+    /// Tensors of a dtype the engine does not read, by name, with that dtype.
+    unsupported: HashMap<String, String>,
+    files: Vec<PathBuf>,
+}
+
+impl SafetensorsCheckpoint {
+    /// Opens `model.safetensors.index.json` (sharded) or `model.safetensors` in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        if index_path.exists() {
+            Self::open_sharded(dir, &index_path)
+        } else if single.exists() {
+            let mut ckpt = Self {
+                tensors: HashMap::new(),
+                unsupported: HashMap::new(),
+                files: vec![single.clone()],
+            };
+            ckpt.load_file(&single)?;
+            Ok(ckpt)
+        } else {
+            Err(ModelError::io(
+                single,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "neither model.safetensors nor model.safetensors.index.json exists",
+                ),
+            ))
+        }
+    }
+
+    fn open_sharded(dir: &Path, index_path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(index_path).map_err(|e| ModelError::io(index_path, e))?;
+        let index: Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: index_path.into(),
+            source,
+        })?;
+        let map = index
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| ModelError::MissingField {
+                file: index_path.display().to_string(),
+                field: "weight_map".into(),
+            })?;
+        let mut shards = BTreeSet::new();
+        for (name, file) in map {
+            let file = file.as_str().ok_or_else(|| ModelError::InvalidField {
+                file: index_path.display().to_string(),
+                field: format!("weight_map.{name}"),
+                reason: "not a file name".into(),
+            })?;
+            if file.contains('/') || file.contains("..") {
+                return Err(ModelError::InvalidField {
+                    file: index_path.display().to_string(),
+                    field: format!("weight_map.{name}"),
+                    reason: format!("`{file}` is not a file in the model directory"),
+                });
+            }
+            shards.insert(file.to_owned());
+        }
+        let mut ckpt = Self {
+            tensors: HashMap::new(),
+            unsupported: HashMap::new(),
+            files: Vec::new(),
+        };
+        for shard in shards {
+            let path = dir.join(&shard);
+            ckpt.load_file(&path)?;
+            ckpt.files.push(path);
+        }
+        let held = |n: &String| ckpt.tensors.contains_key(n) || ckpt.unsupported.contains_key(n);
+        if let Some(name) = map.keys().find(|n| !held(n)) {
+            return Err(ModelError::Safetensors {
+                path: dir.join(map[name].as_str().unwrap_or_default()),
+                reason: format!("the index lists `{name}` but the shard does not hold it"),
+            });
+        }
+        Ok(ckpt)
+    }
+
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+}
+
+impl WeightSource for SafetensorsCheckpoint {
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        let prefixed = format!("language_model.{name}");
+        if let Some(dtype) = self
+            .unsupported
+            .get(name)
+            .or_else(|| self.unsupported.get(&prefixed))
+        {
+            return Err(ModelError::TensorDtype {
+                name: name.into(),
+                dtype: dtype.clone(),
+            });
+        }
+        lookup(&self.tensors, name)
+    }
+}
+
+impl SafetensorsCheckpoint {
+    /// Maps one safetensors file and registers its tensors. The whole header is validated by
+/// the `safetensors` crate (offsets inside the file, sizes matching shapes) before any
+/// tensor is used.
+fn load_file(&mut self, path: &Path) -> Result<()> {
+    let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+    // SAFETY: the map is read-only and the engine never writes through it. A checkpoint
+    // file truncated by another process while mapped would fault on access; that is the
+    // usual contract of memory-mapped model loading (safetensors, candle, llama.cpp).
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+    let bad = |reason: String| ModelError::Safetensors {
+        path: path.into(),
+        reason,
+    };
+    SafeTensors::deserialize(&mmap).map_err(|e| bad(e.to_string()))?;
+    let (header_len, metadata) =
+        SafeTensors::read_metadata(&mmap).map_err(|e| bad(e.to_string()))?;
+    let data_start = 8 + header_len;
+    let mmap = Arc::new(mmap);
+    for (name, info) in metadata.tensors() {
+        let dtype = match info.dtype {
+            Dtype::BF16 => DType::BF16,
+            Dtype::F16 => DType::F16,
+            Dtype::F32 => DType::F32,
+            other => {
+                self.unsupported.insert(name, format!("{other:?}"));
+                continue;
+            }
+        };
+        let (begin, end) = info.data_offsets;
+        self.tensors.insert(
+            name,
+            Tensor {
+                dtype,
+                shape: info.shape.clone(),
+                storage: Storage::Mapped(mmap.clone()),
+                start: data_start + begin,
+                len: end - begin,
+            },
+        );
+    }
+    Ok(())
+}
+}

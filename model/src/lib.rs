@@ -1,0 +1,40 @@
+//! # expertmesh-model
+//!
+//! The Llama 4 model as one process runs it: the reference every distributed and GPU path
+//! is checked against.
+//!
+//! - [`config`] reads `config.json` (both transformers spellings, both architectures).
+//! - [`checkpoint`] maps safetensors checkpoints behind the [`WeightSource`] seam; weights
+//!   stay bf16 in memory.
+//! - [`tokenizer`] wraps the HF tokenizer and renders chat templates.
+//! - [`model`] is the decoder: [`Model::forward`] takes a batch of sequences, each with its
+//!   [`KvCache`] and new tokens, and returns logits and each MoE layer's routes. Inside, a
+//!   layer is RMSNorm → [`attention`] (RoPE/NoPE, chunked/global) → RMSNorm → dense
+//!   [`moe::Mlp`] or top-1 [`moe::Moe`]; products go through [`linear`] (`gemm`, f32 compute
+//!   over bf16 weights widened per cache-sized block).
+//! - [`generate`] is the prefill-then-decode loop with [`sampling`].
+//! - [`synthetic`] builds random models of any shape in memory, for benchmarks.
+
+pub mod attention;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod kv_cache;
+pub mod linear;
+pub mod model;
+pub mod moe;
+pub mod norm;
+pub mod rope;
+pub mod sampling;
+pub mod synthetic;
+pub mod tokenizer;
+
+pub use checkpoint::{DType, InMemoryWeights, SafetensorsCheckpoint, Tensor, WeightSource};
+pub use config::TextConfig;
+pub use error::{ModelError, Result};
+pub use generate::{generate, FinishReason, GenerateOutput, GenerateRequest};
+pub use kv_cache::KvCache;
+pub use model::{Forward, LogitRows, Model, Sequence};
+pub use sampling::{Sampler, SamplingParams};
+pub use tokenizer::{ChatMessage, ChatTemplate, DetokenizeStream, TextTokenizer};

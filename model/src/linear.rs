@@ -1,0 +1,310 @@
+//! Matrix products on the CPU, through the `gemm` crate.
+//!
+//! Weights stay in the checkpoint's dtype (bf16 for every released Llama 4). A product
+//! walks the weight in blocks of output features: each block is widened to f32 into a
+//! scratch buffer that fits in L2 and handed to `gemm`, and blocks run in parallel on
+//! rayon. Decoding is bound by memory bandwidth, so reading 2 bytes per weight instead of 4
+//! is what makes it fast; the widening is exact, so results equal an f32 product over the
+//! same values.
+//!
+//! The `gemm` crate's entry point takes raw pointers, so this module holds the crate's one
+//! use of `unsafe` outside the checkpoint mapping; `gemm_f32` checks every extent first.
+#![allow(unsafe_code)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rayon::prelude::*;
+
+use crate::checkpoint::Tensor;
+
+/// Weight bytes read by all products so far, for benchmarks (bytes touched per step).
+static WEIGHT_BYTES_READ: AtomicU64 = AtomicU64::new(0);
+
+pub fn weight_bytes_read() -> u64 {
+    WEIGHT_BYTES_READ.load(Ordering::Relaxed)
+}
+
+/// Scratch per block, in f32 elements: 32K elements = 128 KiB, well inside L2.
+const BLOCK_ELEMENTS: usize = 32 * 1024;
+
+/// How a weight matrix is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `nn.Linear` orientation, `[out, in]`.
+    OutIn,
+    /// "x @ W" orientation, `[in, out]` (the fused expert tensors).
+    InOut,
+}
+
+/// A weight matrix and the product `y = x · Wᵀ` (or `x · W` for `InOut`).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    in_dim: usize,
+    out_dim: usize,
+    layout: Layout,
+}
+
+impl Linear {
+    /// Wraps a 2-D tensor. The caller has checked its shape against the config.
+    pub fn new(weight: Tensor, layout: Layout) -> Self {
+        assert_eq!(weight.shape.len(), 2, "a linear weight is 2-D");
+        let (in_dim, out_dim) = match layout {
+            Layout::OutIn => (weight.shape[1], weight.shape[0]),
+            Layout::InOut => (weight.shape[0], weight.shape[1]),
+        };
+        Self {
+            weight,
+            in_dim,
+            out_dim,
+            layout,
+        }
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        self.weight.size_bytes()
+    }
+
+    /// `x` is `[t, in]` row-major; returns `[t, out]`.
+    pub fn forward(&self, x: &[f32], t: usize) -> Vec<f32> {
+        let mut y = vec![0.0; t * self.out_dim];
+        self.forward_into(x, t, &mut y);
+        y
+    }
+
+    /// Like `forward`, writing into `y` (`[t, out]`).
+    pub fn forward_into(&self, x: &[f32], t: usize, y: &mut [f32]) {
+        assert_eq!(x.len(), t * self.in_dim, "input shape");
+        assert_eq!(y.len(), t * self.out_dim, "output shape");
+        if t == 0 {
+            return;
+        }
+        WEIGHT_BYTES_READ.fetch_add(self.size_bytes() as u64, Ordering::Relaxed);
+        let block = (BLOCK_ELEMENTS / self.in_dim).clamp(8, 512).min(self.out_dim);
+        // Each block produces its output features for all tokens, as rows of yᵀ, so the
+        // blocks write disjoint chunks.
+        let mut yt = vec![0.0f32; self.out_dim * t];
+        yt.par_chunks_mut(block * t).enumerate().for_each_init(
+            || vec![0.0f32; block * self.in_dim],
+            |scratch, (b, yt_block)| {
+                let j0 = b * block;
+                let rows = yt_block.len() / t;
+                let w = &mut scratch[..rows * self.in_dim];
+                self.widen_block(j0, rows, w);
+                // lhs is the block as [rows, in]: row-major for OutIn, column-major
+                // (each input row holds `rows` consecutive features) for InOut.
+                let (lhs_rs, lhs_cs) = match self.layout {
+                    Layout::OutIn => (self.in_dim, 1),
+                    Layout::InOut => (1, rows),
+                };
+                gemm_f32(
+                    Dims {
+                        m: rows,
+                        n: t,
+                        k: self.in_dim,
+                    },
+                    Mat::new(yt_block, t, 1),
+                    MatRef::new(w, lhs_rs, lhs_cs),
+                    MatRef::new(x, 1, self.in_dim),
+                    false,
+                );
+            },
+        );
+        if t == 1 {
+            y.copy_from_slice(&yt);
+        } else {
+            for (j, col) in yt.chunks_exact(t).enumerate() {
+                for (i, v) in col.iter().enumerate() {
+                    y[i * self.out_dim + j] = *v;
+                }
+            }
+        }
+    }
+
+    /// Widens output features `[j0, j0 + rows)` into `out` (layout as stored).
+    fn widen_block(&self, j0: usize, rows: usize, out: &mut [f32]) {
+        match self.layout {
+            Layout::OutIn => self.weight.read_f32(j0 * self.in_dim, out),
+            Layout::InOut => {
+                for (k, dst) in out.chunks_exact_mut(rows).enumerate() {
+                    self.weight.read_f32(k * self.out_dim + j0, dst);
+                }
+            }
+        }
+    }
+}
+
+/// Matrix sizes of one product: dst `[m, n]` = lhs `[m, k]` · rhs `[k, n]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// A strided view of a mutable f32 matrix.
+pub struct Mat<'a> {
+    data: &'a mut [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    pub fn new(data: &'a mut [f32], rs: usize, cs: usize) -> Self {
+        Self { data, rs, cs }
+    }
+}
+
+/// A strided view of an f32 matrix.
+#[derive(Clone, Copy)]
+pub struct MatRef<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> MatRef<'a> {
+    pub fn new(data: &'a [f32], rs: usize, cs: usize) -> Self {
+        Self { data, rs, cs }
+    }
+}
+
+fn assert_extent(len: usize, rows: usize, cols: usize, rs: usize, cs: usize, what: &str) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let last = (rows - 1) * rs + (cols - 1) * cs;
+    assert!(last < len, "{what} view out of bounds: {last} >= {len}");
+}
+
+/// `dst = lhs · rhs` (or `dst += lhs · rhs` when `accumulate`), single-threaded: callers
+/// parallelise over independent products. Panics if a view reaches outside its slice.
+pub fn gemm_f32(d: Dims, dst: Mat<'_>, lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: bool) {
+    assert_extent(dst.data.len(), d.m, d.n, dst.rs, dst.cs, "dst");
+    assert_extent(lhs.data.len(), d.m, d.k, lhs.rs, lhs.cs, "lhs");
+    assert_extent(rhs.data.len(), d.k, d.n, rhs.rs, rhs.cs, "rhs");
+    if d.m == 0 || d.n == 0 {
+        return;
+    }
+    if d.k == 0 {
+        if !accumulate {
+            for i in 0..d.m {
+                for j in 0..d.n {
+                    dst.data[i * dst.rs + j * dst.cs] = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    // SAFETY: every element the product reads or writes lies inside its slice (checked by
+    // `assert_extent` above with the same strides and sizes), `dst` is borrowed mutably so
+    // nothing else aliases it, and the strides fit in isize because they index a slice.
+    unsafe {
+        gemm::gemm(
+            d.m,
+            d.n,
+            d.k,
+            dst.data.as_mut_ptr(),
+            dst.cs as isize,
+            dst.rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(x: &[f32], w: &[f32], t: usize, inp: usize, out: usize) -> Vec<f32> {
+        let mut y = vec![0.0; t * out];
+        for i in 0..t {
+            for j in 0..out {
+                y[i * out + j] = (0..inp).map(|k| x[i * inp + k] * w[j * inp + k]).sum();
+            }
+        }
+        y
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let v = (i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8;
+                // bf16-representable values, so the reference needs no rounding.
+                half::bf16::from_f32((v % 2001) as f32 / 1000.0 - 1.0).to_f32()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn both_layouts_match_a_plain_product() {
+        for &(t, inp, out) in &[(1, 64, 40), (3, 300, 1000), (17, 128, 7), (2, 5000, 33)] {
+            let x = values(t * inp, 1);
+            let w = values(out * inp, 2);
+            let expected = naive(&x, &w, t, inp, out);
+            let oi = Linear::new(Tensor::bf16_from_f32(vec![out, inp], &w), Layout::OutIn);
+            let mut wt = vec![0.0; inp * out];
+            for j in 0..out {
+                for k in 0..inp {
+                    wt[k * out + j] = w[j * inp + k];
+                }
+            }
+            let io = Linear::new(Tensor::bf16_from_f32(vec![inp, out], &wt), Layout::InOut);
+            for lin in [oi, io] {
+                let y = lin.forward(&x, t);
+                for (a, b) in y.iter().zip(&expected) {
+                    assert!((a - b).abs() < 1e-3 * (1.0 + b.abs()), "{a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn strided_gemm_accumulates() {
+        let a = [1.0, 2.0, 3.0, 4.0]; // [2,2]
+        let b = [1.0, 0.0, 0.0, 1.0];
+        let mut c = [10.0; 4];
+        gemm_f32(
+            Dims { m: 2, n: 2, k: 2 },
+            Mat::new(&mut c, 2, 1),
+            MatRef::new(&a, 2, 1),
+            MatRef::new(&b, 2, 1),
+            true,
+        );
+        assert_eq!(c, [11.0, 12.0, 13.0, 14.0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "out of bounds")]
+    fn views_are_bounds_checked() {
+        let a = [0.0; 3];
+        let mut c = [0.0; 4];
+        gemm_f32(
+            Dims { m: 2, n: 2, k: 2 },
+            Mat::new(&mut c, 2, 1),
+            MatRef::new(&a, 2, 1),
+            MatRef::new(&a, 2, 1),
+            false,
+        );
+    }
+}

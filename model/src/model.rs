@@ -1,0 +1,237 @@
+//! The Llama 4 text decoder (HF `Llama4ForCausalLM` / the language model of
+//! `Llama4ForConditionalGeneration`; LLAMA4.md §2).
+//!
+//! `forward` runs a batch of sequences, each with its own KV cache and any number of new
+//! tokens (a whole prompt, or one token while decoding). Linear layers see the whole batch
+//! at once; attention runs per sequence. Embeddings, pre-norm blocks (attention, then a
+//! dense or MoE feed-forward), final norm and `lm_head`.
+
+use std::path::Path;
+
+use crate::attention::{Attention, SeqSlice};
+use crate::checkpoint::{SafetensorsCheckpoint, Tensor, WeightSource};
+use crate::config::TextConfig;
+use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
+use crate::linear::{Layout, Linear};
+use crate::moe::{Mlp, Moe, Route};
+use crate::norm::rms_norm;
+
+#[derive(Debug, Clone)]
+enum FeedForward {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: Vec<f32>,
+    post_attention_norm: Vec<f32>,
+    attention: Attention,
+    feed_forward: FeedForward,
+}
+
+/// One sequence of a batch: its cache and its new tokens.
+pub struct Sequence<'a> {
+    pub cache: &'a mut KvCache,
+    pub tokens: &'a [u32],
+}
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitRows {
+    /// The last new token of each sequence (decoding).
+    Last,
+    /// Every new token (prefill checks, `--dump-logits`).
+    All,
+}
+
+/// What a forward pass returns.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    /// `[rows, vocab]` row-major.
+    pub logits: Vec<f32>,
+    pub rows: usize,
+    /// Per MoE layer (in layer order), the route of every new token in batch order.
+    pub routes: Vec<Vec<Route>>,
+}
+
+impl Forward {
+    pub fn row(&self, i: usize) -> &[f32] {
+        let vocab = self.logits.len() / self.rows;
+        &self.logits[i * vocab..(i + 1) * vocab]
+    }
+}
+
+/// A loaded model, ready to run.
+#[derive(Debug, Clone)]
+pub struct Model {
+    config: TextConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    lm_head: Linear,
+}
+
+impl Model {
+    /// Loads `config.json` and the safetensors checkpoint of a model directory.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let config = TextConfig::from_dir(dir)?;
+        let ckpt = SafetensorsCheckpoint::open(dir)?;
+        Self::from_source(config, &ckpt)
+    }
+
+    /// Builds the model from any weight source, checking every tensor's shape.
+    pub fn from_source(config: TextConfig, src: &dyn WeightSource) -> Result<Self> {
+        let c = &config;
+        let h = c.hidden_size;
+        let vector = |name: &str| -> Result<Vec<f32>> {
+            Ok(src.tensor_shaped(name, &[h])?.to_f32_vec())
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let feed_forward = if c.is_moe_layer(l) {
+                FeedForward::Moe(Moe::load(src, c, l)?)
+            } else {
+                FeedForward::Dense(Mlp::load(
+                    src,
+                    &format!("{p}.feed_forward"),
+                    h,
+                    c.intermediate_size_mlp,
+                )?)
+            };
+            layers.push(Layer {
+                input_norm: vector(&format!("{p}.input_layernorm.weight"))?,
+                post_attention_norm: vector(&format!("{p}.post_attention_layernorm.weight"))?,
+                attention: Attention::load(src, c, l)?,
+                feed_forward,
+            });
+        }
+        Ok(Self {
+            embed: src.tensor_shaped("model.embed_tokens.weight", &[c.vocab_size, h])?,
+            norm: vector("model.norm.weight")?,
+            lm_head: Linear::new(
+                src.tensor_shaped("lm_head.weight", &[c.vocab_size, h])?,
+                Layout::OutIn,
+            ),
+            layers,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &TextConfig {
+        &self.config
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_hidden_layers)
+    }
+
+    /// Bytes of the weights a decode step reads for `experts_touched` distinct experts per
+    /// MoE layer: every dense weight, one embedding row per token is ignored, and the
+    /// experts actually used.
+    pub fn decode_weight_bytes(&self, experts_touched: &[usize]) -> usize {
+        let mut bytes = self.lm_head.size_bytes();
+        let mut moe = 0;
+        for layer in &self.layers {
+            bytes += layer.attention.size_bytes();
+            bytes += match &layer.feed_forward {
+                FeedForward::Dense(m) => m.size_bytes(),
+                FeedForward::Moe(m) => {
+                    let touched = experts_touched.get(moe).copied().unwrap_or(1);
+                    moe += 1;
+                    m.dense_size_bytes() + touched * m.experts.expert_bytes()
+                }
+            };
+        }
+        bytes
+    }
+
+    /// Checks a request before it touches any cache.
+    pub fn check_tokens(&self, cache: &KvCache, tokens: &[u32], new_tokens: usize) -> Result<()> {
+        if tokens.is_empty() && cache.next_pos == 0 {
+            return Err(ModelError::EmptyPrompt);
+        }
+        let vocab = self.config.vocab_size;
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
+            return Err(ModelError::TokenOutOfVocab { id, vocab });
+        }
+        let max = self.config.max_position_embeddings;
+        if cache.next_pos + tokens.len() + new_tokens > max {
+            return Err(ModelError::ContextExceeded {
+                len: cache.next_pos + tokens.len(),
+                new: new_tokens,
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs new tokens of every sequence through the model, extending their caches.
+    pub fn forward(&self, batch: &mut [Sequence<'_>], rows: LogitRows) -> Result<Forward> {
+        for s in batch.iter() {
+            if s.tokens.is_empty() {
+                return Err(ModelError::EmptyPrompt);
+            }
+            self.check_tokens(s.cache, s.tokens, 0)?;
+        }
+        let c = &self.config;
+        let h = c.hidden_size;
+        let t: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        let mut hidden = vec![0.0f32; t * h];
+        let ids = batch.iter().flat_map(|s| s.tokens.iter());
+        for (row, &id) in hidden.chunks_exact_mut(h).zip(ids) {
+            self.embed.read_f32(id as usize * h, row);
+        }
+
+        let mut routes = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let x = rms_norm(&hidden, h, &layer.input_norm, c.rms_norm_eps);
+            let mut slices: Vec<SeqSlice<'_>> = batch
+                .iter_mut()
+                .map(|s| SeqSlice {
+                    start_pos: s.cache.next_pos,
+                    len: s.tokens.len(),
+                    cache: &mut s.cache.layers[l],
+                })
+                .collect();
+            let attn = layer.attention.forward(&x, t, &mut slices);
+            hidden.iter_mut().zip(&attn).for_each(|(a, b)| *a += b);
+
+            let x = rms_norm(&hidden, h, &layer.post_attention_norm, c.rms_norm_eps);
+            let ffn = match &layer.feed_forward {
+                FeedForward::Dense(mlp) => mlp.forward(&x, t),
+                FeedForward::Moe(moe) => {
+                    let (out, r) = moe.forward(&x, t);
+                    routes.push(r);
+                    out
+                }
+            };
+            hidden.iter_mut().zip(&ffn).for_each(|(a, b)| *a += b);
+        }
+        for s in batch.iter_mut() {
+            s.cache.next_pos += s.tokens.len();
+        }
+
+        let selected: Vec<f32> = match rows {
+            LogitRows::All => hidden,
+            LogitRows::Last => {
+                let mut end = 0;
+                let mut out = Vec::with_capacity(batch.len() * h);
+                for s in batch.iter() {
+                    end += s.tokens.len();
+                    out.extend_from_slice(&hidden[(end - 1) * h..end * h]);
+                }
+                out
+            }
+        };
+        let n = selected.len() / h;
+        let x = rms_norm(&selected, h, &self.norm, c.rms_norm_eps);
+        Ok(Forward {
+            logits: self.lm_head.forward(&x, n),
+            rows: n,
+            routes,
+        })
+    }
+}

@@ -1,0 +1,266 @@
+//! The engine against the Hugging Face `transformers` reference outputs stored with the
+//! fixtures (`tests/fixtures/*/reference.{json,safetensors}`): logits at every prompt
+//! position within 2e-3, the router's top-1 expert in every MoE layer, greedy
+//! continuations decoded with the KV cache, chat rendering and tokenization.
+
+use std::path::{Path, PathBuf};
+
+use expertmesh_model::{
+    generate, ChatMessage, ChatTemplate, GenerateRequest, KvCache, LogitRows, Model,
+    SamplingParams, Sequence, TextTokenizer,
+};
+use safetensors::SafeTensors;
+use serde_json::Value;
+
+const TOLERANCE: f32 = 2e-3;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+struct Reference {
+    cases: Vec<Value>,
+    tensors: Vec<u8>,
+}
+
+impl Reference {
+    fn load(dir: &Path) -> Self {
+        let json: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+                .unwrap();
+        Self {
+            cases: json["cases"].as_array().unwrap().clone(),
+            tensors: std::fs::read(dir.join("reference.safetensors")).unwrap(),
+        }
+    }
+
+    /// Text cases: the image case needs the vision tower, which the engine does not have.
+    fn text_cases(&self) -> impl Iterator<Item = &Value> {
+        self.cases.iter().filter(|c| c.get("image").is_none())
+    }
+
+    fn f32s(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
+        let st = SafeTensors::deserialize(&self.tensors).unwrap();
+        let t = st.tensor(name).unwrap();
+        let v = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        (t.shape().to_vec(), v)
+    }
+
+    fn i64s(&self, name: &str) -> Option<Vec<i64>> {
+        let st = SafeTensors::deserialize(&self.tensors).unwrap();
+        let t = st.tensor(name).ok()?;
+        Some(
+            t.data()
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+        )
+    }
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn check_prefill(model: &Model, reference: &Reference, case: &Value) {
+    let name = case["name"].as_str().unwrap();
+    let input = ids(&case["input_ids"]);
+    let mut cache = model.new_cache();
+    let out = model
+        .forward(
+            &mut [Sequence {
+                cache: &mut cache,
+                tokens: &input,
+            }],
+            LogitRows::All,
+        )
+        .unwrap();
+    let (shape, expected) = reference.f32s(&format!("{name}.logits"));
+    assert_eq!(shape, vec![input.len(), model.config().vocab_size]);
+    let worst = out
+        .logits
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    eprintln!("{name}: worst {worst}");
+    assert!(worst <= TOLERANCE, "{name}: max |logit diff| {worst}");
+    for (k, routes) in out.routes.iter().enumerate() {
+        let expected = reference
+            .i64s(&format!("{name}.router_top1.moe{k}"))
+            .unwrap_or_else(|| panic!("{name}: no reference for MoE layer {k}"));
+        let got: Vec<i64> = routes.iter().map(|r| i64::from(r.expert)).collect();
+        assert_eq!(got, expected, "{name}: router top-1 of MoE layer {k}");
+    }
+    assert!(
+        reference
+            .i64s(&format!("{name}.router_top1.moe{}", out.routes.len()))
+            .is_none(),
+        "{name}: the reference has more MoE layers than the engine ran"
+    );
+}
+
+fn check_greedy(model: &Model, case: &Value) {
+    let name = case["name"].as_str().unwrap();
+    let expected = ids(&case["greedy_new_ids"]);
+    let out = generate(
+        model,
+        &GenerateRequest {
+            prompt: ids(&case["input_ids"]),
+            max_new_tokens: expected.len(),
+            sampling: SamplingParams::default(),
+            stop_ids: Vec::new(),
+            prompt_logits: false,
+        },
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(out.output_ids, expected, "{name}: greedy continuation");
+}
+
+fn check_fixture(dir: &str) {
+    let dir = fixture(dir);
+    let model = Model::load(&dir).unwrap();
+    let reference = Reference::load(&dir);
+    assert!(reference.text_cases().count() >= 4);
+    for case in reference.text_cases() {
+        check_prefill(&model, &reference, case);
+        check_greedy(&model, case);
+    }
+}
+
+#[test]
+fn tiny_maverick_matches_transformers() {
+    check_fixture("tiny-maverick");
+}
+
+#[test]
+fn tiny_scout_matches_transformers() {
+    check_fixture("tiny-scout");
+}
+
+#[test]
+fn tokenizer_and_chat_template_match_transformers() {
+    for name in ["tiny-maverick", "tiny-scout"] {
+        let dir = fixture(name);
+        let tok = TextTokenizer::from_dir(&dir).unwrap();
+        let template = ChatTemplate::from_dir(&dir).unwrap().expect("template");
+        let reference = Reference::load(&dir);
+        for case in &reference.cases {
+            let input = ids(&case["input_ids"]);
+            if let Some(prompt) = case.get("prompt").and_then(Value::as_str) {
+                assert_eq!(tok.encode(prompt, false).unwrap(), input[1..], "{name}");
+            }
+            if let Some(rendered) = case.get("rendered_prompt").and_then(Value::as_str) {
+                let messages: Vec<ChatMessage> =
+                    serde_json::from_value(case["messages"].clone()).unwrap();
+                assert_eq!(template.render(&messages, true).unwrap(), rendered, "{name}");
+                if case.get("image").is_none() {
+                    assert_eq!(tok.encode(rendered, false).unwrap(), input, "{name}");
+                }
+            }
+            if let Some(text) = case.get("decoded_greedy_text").and_then(Value::as_str) {
+                assert_eq!(tok.decode(&ids(&case["greedy_new_ids"])).unwrap(), text);
+            }
+        }
+        // Ids past the tokenizer's last token are valid model outputs with no text.
+        let vocab = Model::load(&dir).unwrap().config().vocab_size as u32;
+        assert!(tok.decode(&[vocab - 1, vocab - 2, 65]).is_ok());
+    }
+}
+
+/// Decoding token by token with the cache gives the logits of one full forward pass, also
+/// across chunk boundaries (chunk size 8 in the fixtures), where RoPE layers drop keys.
+#[test]
+fn incremental_decoding_equals_full_recomputation() {
+    for name in ["tiny-maverick", "tiny-scout"] {
+        let model = Model::load(&fixture(name)).unwrap();
+        let reference = Reference::load(&fixture(name));
+        let case = reference.cases.iter().find(|c| c["name"] == "long").unwrap();
+        let tokens = ids(&case["input_ids"]);
+        let mut full_cache = model.new_cache();
+        let full = model
+            .forward(
+                &mut [Sequence {
+                    cache: &mut full_cache,
+                    tokens: &tokens,
+                }],
+                LogitRows::All,
+            )
+            .unwrap();
+        // Uneven pieces: a prefill of 5, single tokens, then a piece that spans a chunk.
+        let mut cache: KvCache = model.new_cache();
+        let mut start = 0;
+        let mut piece = 5;
+        while start < tokens.len() {
+            let end = (start + piece).min(tokens.len());
+            let out = model
+                .forward(
+                    &mut [Sequence {
+                        cache: &mut cache,
+                        tokens: &tokens[start..end],
+                    }],
+                    LogitRows::All,
+                )
+                .unwrap();
+            for (i, pos) in (start..end).enumerate() {
+                let worst = out
+                    .row(i)
+                    .iter()
+                    .zip(full.row(pos))
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(worst < 1e-4, "{name}: position {pos} differs by {worst}");
+            }
+            start = end;
+            piece = if piece == 5 { 1 } else if start > 20 { 11 } else { 1 };
+        }
+        // RoPE layers keep only the current chunk; NoPE layers keep everything.
+        let c = model.config();
+        let row = c.num_key_value_heads * c.head_dim;
+        for (l, layer) in cache.layers.iter().enumerate() {
+            let kept = layer.k.len() / row;
+            if c.rope_layers[l] {
+                assert!(kept <= c.attention_chunk_size, "layer {l} kept {kept}");
+            } else {
+                assert_eq!(kept, tokens.len(), "layer {l}");
+            }
+        }
+    }
+}
+
+/// A batch of sequences gives each one what it gives alone.
+#[test]
+fn batched_forward_equals_single_sequences() {
+    let model = Model::load(&fixture("tiny-maverick")).unwrap();
+    let reference = Reference::load(&fixture("tiny-maverick"));
+    let prompts: Vec<Vec<u32>> = reference.text_cases().map(|c| ids(&c["input_ids"])).collect();
+    let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache()).collect();
+    let mut batch: Vec<Sequence<'_>> = caches
+        .iter_mut()
+        .zip(&prompts)
+        .map(|(cache, p)| Sequence { cache, tokens: p })
+        .collect();
+    let together = model.forward(&mut batch, LogitRows::Last).unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let mut cache = model.new_cache();
+        let alone = model
+            .forward(&mut [Sequence { cache: &mut cache, tokens: p }], LogitRows::Last)
+            .unwrap();
+        let worst = together
+            .row(i)
+            .iter()
+            .zip(alone.row(0))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "sequence {i} differs by {worst}");
+    }
+}
