@@ -1,1 +1,46 @@
-fn main() {}
+//! `expertmesh`: the command line. It parses arguments, loads and validates what they
+//! name, and calls into the libraries; nothing else lives here.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod generate;
+
+#[derive(Parser)]
+#[command(
+    name = "expertmesh",
+    version,
+    about = "Serve Llama 4 with experts spread over machines"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text with the single-process engine.
+    Generate(generate::GenerateArgs),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: bench::BenchCommand,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Bench { which } => bench::run(which),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

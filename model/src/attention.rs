@@ -124,7 +124,9 @@ impl Attention {
             .for_each(|((((s, rows), q), k), out)| {
                 self.position_encode(q, k, s.start_pos);
                 s.cache.k.extend_from_slice(k);
-                s.cache.v.extend_from_slice(&v[rows.start * kw..rows.end * kw]);
+                s.cache
+                    .v
+                    .extend_from_slice(&v[rows.start * kw..rows.end * kw]);
                 self.attend(q, s.cache, s.start_pos, out);
                 if self.use_rope {
                     let next = s.start_pos + s.len;
@@ -223,7 +225,9 @@ impl Attention {
 /// `softmax(row · scale)` over `row[lo..=hi]`; every other entry becomes 0.
 fn masked_softmax(row: &mut [f32], lo: usize, hi: usize, scale: f32) {
     let visible = &mut row[lo..=hi];
-    let max = visible.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+    let max = visible
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
     let mut sum = 0.0;
     for v in visible.iter_mut() {
         *v = (*v * scale - max).exp();

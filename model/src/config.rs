@@ -75,7 +75,9 @@ impl TextConfig {
 
     /// Parses a config object of either architecture and either spelling.
     pub fn from_json(root: &Value) -> Result<Self> {
-        let root_obj = root.as_object().ok_or_else(|| invalid("(root)", "not an object"))?;
+        let root_obj = root
+            .as_object()
+            .ok_or_else(|| invalid("(root)", "not an object"))?;
         let text = match root_obj.get("text_config") {
             Some(Value::Object(t)) => t,
             Some(_) => return Err(invalid("text_config", "not an object")),
@@ -177,13 +179,13 @@ impl TextConfig {
                 return Err(invalid(field, "must be greater than 0"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(invalid(
                 "num_key_value_heads",
                 "must divide num_attention_heads",
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(invalid("head_dim", "must be even for RoPE"));
         }
         if self.rope_layers.len() != self.num_hidden_layers {
@@ -196,7 +198,11 @@ impl TextConfig {
                 ),
             ));
         }
-        if let Some(&l) = self.moe_layers.iter().find(|&&l| l >= self.num_hidden_layers) {
+        if let Some(&l) = self
+            .moe_layers
+            .iter()
+            .find(|&&l| l >= self.num_hidden_layers)
+        {
             return Err(invalid("moe_layers", &format!("layer {l} does not exist")));
         }
         if self.floor_scale <= 0.0 {

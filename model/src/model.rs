@@ -17,6 +17,8 @@ use crate::linear::{Layout, Linear};
 use crate::moe::{Mlp, Moe, Route};
 use crate::norm::rms_norm;
 
+// One per layer, built once: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 enum FeedForward {
     Dense(Mlp),
@@ -85,9 +87,8 @@ impl Model {
     pub fn from_source(config: TextConfig, src: &dyn WeightSource) -> Result<Self> {
         let c = &config;
         let h = c.hidden_size;
-        let vector = |name: &str| -> Result<Vec<f32>> {
-            Ok(src.tensor_shaped(name, &[h])?.to_f32_vec())
-        };
+        let vector =
+            |name: &str| -> Result<Vec<f32>> { Ok(src.tensor_shaped(name, &[h])?.to_f32_vec()) };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");

@@ -65,16 +65,16 @@ pub fn route(logits: &[f32], experts: usize) -> Vec<Route> {
     logits
         .chunks_exact(experts)
         .map(|row| {
-            let (expert, logit) = row
-                .iter()
-                .enumerate()
-                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-                    if v > best.1 {
-                        (i, v)
-                    } else {
-                        best
-                    }
-                });
+            let (expert, logit) =
+                row.iter()
+                    .enumerate()
+                    .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                        if v > best.1 {
+                            (i, v)
+                        } else {
+                            best
+                        }
+                    });
             Route {
                 expert: expert as u32,
                 score: sigmoid(logit),
@@ -219,7 +219,10 @@ mod tests {
         let gate_up = Tensor::bf16_from_f32(vec![1, 1, 2], &[1.0, 1.0]);
         let down = Tensor::bf16_from_f32(vec![1, 1, 1], &[1.0]);
         let experts = Experts { gate_up, down };
-        let routes = [Route { expert: 0, score: 0.5 }];
+        let routes = [Route {
+            expert: 0,
+            score: 0.5,
+        }];
         let y = experts.forward(&[2.0], &routes, 1);
         let u = 1.0f32;
         assert!((y[0] - silu(u) * u).abs() < 1e-6, "{}", y[0]);

@@ -108,7 +108,11 @@ impl Sampler {
         }
         let inv_t = 1.0 / self.params.temperature;
         let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-        order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        order.sort_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
         if self.params.top_k > 0 {
             order.truncate(self.params.top_k);
         }

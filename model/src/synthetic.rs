@@ -77,7 +77,11 @@ impl SyntheticSpec {
             id += 1;
             random_bf16(shape, fan_in, self.seed, id)
         };
-        let (h, q, kv) = (self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let (h, q, kv) = (
+            self.hidden,
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+        );
         w.insert("model.embed_tokens.weight", rnd(vec![self.vocab, h], 1));
         w.insert("lm_head.weight", rnd(vec![self.vocab, h], h));
         w.insert("model.norm.weight", ones(h));
@@ -93,11 +97,23 @@ impl SyntheticSpec {
             if c.is_moe_layer(l) {
                 let (e, i) = (self.experts, self.expert_inter);
                 w.insert(format!("{f}.router.weight"), rnd(vec![e, h], h));
-                w.insert(format!("{f}.experts.gate_up_proj"), rnd(vec![e, h, 2 * i], h));
+                w.insert(
+                    format!("{f}.experts.gate_up_proj"),
+                    rnd(vec![e, h, 2 * i], h),
+                );
                 w.insert(format!("{f}.experts.down_proj"), rnd(vec![e, i, h], i));
-                w.insert(format!("{f}.shared_expert.gate_proj.weight"), rnd(vec![i, h], h));
-                w.insert(format!("{f}.shared_expert.up_proj.weight"), rnd(vec![i, h], h));
-                w.insert(format!("{f}.shared_expert.down_proj.weight"), rnd(vec![h, i], i));
+                w.insert(
+                    format!("{f}.shared_expert.gate_proj.weight"),
+                    rnd(vec![i, h], h),
+                );
+                w.insert(
+                    format!("{f}.shared_expert.up_proj.weight"),
+                    rnd(vec![i, h], h),
+                );
+                w.insert(
+                    format!("{f}.shared_expert.down_proj.weight"),
+                    rnd(vec![h, i], i),
+                );
             } else {
                 let i = self.dense_inter;
                 w.insert(format!("{f}.gate_proj.weight"), rnd(vec![i, h], h));

@@ -169,9 +169,12 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_template_owned("chat", source)
             .map_err(|e| ModelError::Template {
                 reason: e.to_string(),
@@ -191,9 +194,12 @@ impl ChatTemplate {
                 reason: "the conversation has no messages".into(),
             });
         }
-        let tmpl = self.env.get_template("chat").map_err(|e| ModelError::Template {
-            reason: e.to_string(),
-        })?;
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| ModelError::Template {
+                reason: e.to_string(),
+            })?;
         tmpl.render(context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -218,7 +224,9 @@ mod tests {
             String::new(),
         )
         .unwrap();
-        let err = t.render(&[ChatMessage::new("user", "hi")], true).unwrap_err();
+        let err = t
+            .render(&[ChatMessage::new("user", "hi")], true)
+            .unwrap_err();
         assert!(err.to_string().contains("no system role"), "{err}");
         assert!(ChatTemplate::new("{% if %}".into(), String::new(), String::new()).is_err());
         assert!(t.render(&[], true).is_err());
@@ -232,7 +240,9 @@ mod tests {
             String::new(),
         )
         .unwrap();
-        let out = t.render(&[ChatMessage::new("user", "  hi  ")], false).unwrap();
+        let out = t
+            .render(&[ChatMessage::new("user", "  hi  ")], false)
+            .unwrap();
         assert_eq!(out, "hi|");
     }
 }

@@ -15,7 +15,9 @@ use serde_json::Value;
 const TOLERANCE: f32 = 2e-3;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
 }
 
 struct Reference {
@@ -162,7 +164,11 @@ fn tokenizer_and_chat_template_match_transformers() {
             if let Some(rendered) = case.get("rendered_prompt").and_then(Value::as_str) {
                 let messages: Vec<ChatMessage> =
                     serde_json::from_value(case["messages"].clone()).unwrap();
-                assert_eq!(template.render(&messages, true).unwrap(), rendered, "{name}");
+                assert_eq!(
+                    template.render(&messages, true).unwrap(),
+                    rendered,
+                    "{name}"
+                );
                 if case.get("image").is_none() {
                     assert_eq!(tok.encode(rendered, false).unwrap(), input, "{name}");
                 }
@@ -184,7 +190,11 @@ fn incremental_decoding_equals_full_recomputation() {
     for name in ["tiny-maverick", "tiny-scout"] {
         let model = Model::load(&fixture(name)).unwrap();
         let reference = Reference::load(&fixture(name));
-        let case = reference.cases.iter().find(|c| c["name"] == "long").unwrap();
+        let case = reference
+            .cases
+            .iter()
+            .find(|c| c["name"] == "long")
+            .unwrap();
         let tokens = ids(&case["input_ids"]);
         let mut full_cache = model.new_cache();
         let full = model
@@ -221,7 +231,13 @@ fn incremental_decoding_equals_full_recomputation() {
                 assert!(worst < 1e-4, "{name}: position {pos} differs by {worst}");
             }
             start = end;
-            piece = if piece == 5 { 1 } else if start > 20 { 11 } else { 1 };
+            piece = if piece == 5 {
+                1
+            } else if start > 20 {
+                11
+            } else {
+                1
+            };
         }
         // RoPE layers keep only the current chunk; NoPE layers keep everything.
         let c = model.config();
@@ -242,7 +258,10 @@ fn incremental_decoding_equals_full_recomputation() {
 fn batched_forward_equals_single_sequences() {
     let model = Model::load(&fixture("tiny-maverick")).unwrap();
     let reference = Reference::load(&fixture("tiny-maverick"));
-    let prompts: Vec<Vec<u32>> = reference.text_cases().map(|c| ids(&c["input_ids"])).collect();
+    let prompts: Vec<Vec<u32>> = reference
+        .text_cases()
+        .map(|c| ids(&c["input_ids"]))
+        .collect();
     let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache()).collect();
     let mut batch: Vec<Sequence<'_>> = caches
         .iter_mut()
@@ -253,7 +272,13 @@ fn batched_forward_equals_single_sequences() {
     for (i, p) in prompts.iter().enumerate() {
         let mut cache = model.new_cache();
         let alone = model
-            .forward(&mut [Sequence { cache: &mut cache, tokens: p }], LogitRows::Last)
+            .forward(
+                &mut [Sequence {
+                    cache: &mut cache,
+                    tokens: p,
+                }],
+                LogitRows::Last,
+            )
             .unwrap();
         let worst = together
             .row(i)
