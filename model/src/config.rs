@@ -179,7 +179,10 @@ impl TextConfig {
                 return Err(invalid(field, "must be greater than 0"));
             }
         }
-        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(invalid(
                 "num_key_value_heads",
                 "must divide num_attention_heads",

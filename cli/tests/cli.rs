@@ -1,0 +1,277 @@
+//! The `expertmesh` binary as a user runs it: `generate` against the fixtures' reference
+//! outputs, its error messages, and `bench decode --json`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures").join(name)
+}
+
+fn expertmesh(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("run expertmesh")
+}
+
+fn reference_case(model: &str, case: &str) -> Value {
+    let json: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture(model).join("reference.json")).unwrap(),
+    )
+    .unwrap();
+    json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == case)
+        .unwrap()
+        .clone()
+}
+
+fn json_out(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
+fn ids_arg(v: &Value) -> String {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn generate_json_reproduces_the_greedy_reference() {
+    for model in ["tiny-maverick", "tiny-scout"] {
+        let case = reference_case(model, "long");
+        let expected = &case["greedy_new_ids"];
+        let n = expected.as_array().unwrap().len().to_string();
+        let ids = ids_arg(&case["input_ids"]);
+        let dir = fixture(model);
+        let out = expertmesh(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--input-ids",
+            &ids,
+            "--max-tokens",
+            &n,
+            "--ignore-eos",
+            "--json",
+        ]);
+        let v = json_out(&out);
+        assert_eq!(&v["output_ids"], expected, "{model}");
+        assert_eq!(v["input_ids"], case["input_ids"]);
+        assert_eq!(v["finish_reason"], "length");
+    }
+}
+
+#[test]
+fn generate_tokenizes_prompts_like_transformers() {
+    let case = reference_case("tiny-maverick", "short");
+    let out = expertmesh(&[
+        "generate",
+        "--prompt",
+        case["prompt"].as_str().unwrap(),
+        "--max-tokens",
+        "12",
+        "--ignore-eos",
+        "--json",
+    ]);
+    let v = json_out(&out);
+    assert_eq!(v["input_ids"], case["input_ids"]);
+    assert_eq!(v["output_ids"], case["greedy_new_ids"]);
+    assert_eq!(v["text"], case["decoded_greedy_text"]);
+
+    // Streaming text mode prints the same text.
+    let out = expertmesh(&[
+        "generate",
+        "--prompt",
+        case["prompt"].as_str().unwrap(),
+        "--max-tokens",
+        "12",
+        "--ignore-eos",
+    ]);
+    assert!(out.status.success());
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let text = case["decoded_greedy_text"].as_str().unwrap();
+    assert_eq!(
+        printed.trim_end_matches('\n'),
+        text.trim_end_matches('\u{fffd}')
+    );
+}
+
+#[test]
+fn chat_prompt_has_one_bos_and_the_generation_prompt() {
+    let out = expertmesh(&[
+        "generate",
+        "--prompt",
+        "hi",
+        "--chat",
+        "--max-tokens",
+        "2",
+        "--json",
+    ]);
+    let v = json_out(&out);
+    let ids: Vec<u64> = v["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    // <|begin_of_text|> = 697, <|header_start|> = 702, <|header_end|> = 703 in the fixture.
+    assert_eq!(ids[0], 697);
+    assert_eq!(ids.iter().filter(|&&i| i == 697).count(), 1);
+    assert_eq!(
+        ids.iter().filter(|&&i| i == 702).count(),
+        2,
+        "user and assistant headers"
+    );
+    assert_eq!(&ids[ids.len() - 3..], &[703, 198, 198]);
+}
+
+#[test]
+fn dump_logits_matches_the_reference() {
+    let case = reference_case("tiny-scout", "random_ids");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("logits.safetensors");
+    let model = fixture("tiny-scout");
+    let out = expertmesh(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--input-ids",
+        &ids_arg(&case["input_ids"]),
+        "--max-tokens",
+        "1",
+        "--json",
+        "--dump-logits",
+        file.to_str().unwrap(),
+    ]);
+    json_out(&out);
+    let got = std::fs::read(&file).unwrap();
+    let got = safetensors::SafeTensors::deserialize(&got).unwrap();
+    let got = got.tensor("logits").unwrap();
+    let reference = std::fs::read(model.join("reference.safetensors")).unwrap();
+    let reference = safetensors::SafeTensors::deserialize(&reference).unwrap();
+    let expected = reference.tensor("random_ids.logits").unwrap();
+    assert_eq!(got.shape(), expected.shape());
+    let f32s = |b: &[u8]| -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let worst = f32s(got.data())
+        .iter()
+        .zip(f32s(expected.data()))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst <= 2e-3, "{worst}");
+}
+
+/// Stop ids come from `generation_config.json`: with the fixture's greedy continuation
+/// [628, 556, ...] and 556 made a stop id, generation ends after two tokens.
+#[test]
+fn stop_ids_end_generation_unless_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("tiny-maverick")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"eos_token_id": [556, 1]}"#,
+    )
+    .unwrap();
+    let case = reference_case("tiny-maverick", "short");
+    let ids = ids_arg(&case["input_ids"]);
+    let model = dir.path().to_str().unwrap();
+    let args = [
+        "generate",
+        "--model",
+        model,
+        "--input-ids",
+        &ids,
+        "--max-tokens",
+        "8",
+        "--json",
+    ];
+    let v = json_out(&expertmesh(&args));
+    assert_eq!(v["output_ids"], serde_json::json!([628, 556]));
+    assert_eq!(v["finish_reason"], "stop");
+    let mut ignoring = args.to_vec();
+    ignoring.push("--ignore-eos");
+    let v = json_out(&expertmesh(&ignoring));
+    assert_eq!(v["output_ids"].as_array().unwrap().len(), 8);
+    assert_eq!(v["finish_reason"], "length");
+}
+
+#[test]
+fn errors_are_clear_and_exit_nonzero() {
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["generate", "--input-ids", "1,99999", "--max-tokens", "1"],
+            "outside the vocabulary",
+        ),
+        (
+            &["generate", "--model", "/nonexistent/model", "--prompt", "x"],
+            "/nonexistent/model",
+        ),
+        (
+            &["generate", "--prompt", "x", "--max-tokens", "100000"],
+            "exceeds the context",
+        ),
+        (&["generate", "--prompt", "x", "--top-p", "0"], "top_p"),
+        (&["generate", "--input-ids", "1,x"], "invalid value"),
+    ];
+    for (args, needle) in cases {
+        let out = expertmesh(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn bench_decode_reports_json() {
+    let model = fixture("tiny-scout");
+    let out = expertmesh(&[
+        "bench",
+        "decode",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-tokens",
+        "8",
+        "--steps",
+        "2",
+        "--batch",
+        "1,3",
+        "--json",
+    ]);
+    let v = json_out(&out);
+    assert!(v["memcpy_gbps"].as_f64().unwrap() > 0.0);
+    assert!(v["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+    let decode = v["decode"].as_array().unwrap();
+    assert_eq!(decode.len(), 2);
+    assert_eq!(decode[1]["batch"], 3);
+    assert!(decode[0]["ratio_to_floor"].as_f64().unwrap() > 0.0);
+    assert!(v["expert_swiglu_gflops"].as_f64().unwrap() > 0.0);
+}
