@@ -48,6 +48,10 @@ pub enum ModelError {
     Tokenizer { path: PathBuf, reason: String },
     #[error("chat template: {reason}")]
     Template { reason: String },
+    #[error("MoE layer {layer}: routed experts did not answer: {reason}")]
+    ExpertsUnavailable { layer: usize, reason: String },
+    #[error("this model was loaded without its routed experts; run it with an expert runner")]
+    NoLocalExperts,
     #[error("invalid sampling parameter `{field}`: {reason}")]
     Sampling { field: &'static str, reason: String },
 }

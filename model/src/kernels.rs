@@ -49,6 +49,52 @@ pub fn axpy_rows(w: &[u16], cols: usize, j0: usize, x: &[f32], y: &mut [f32]) {
     axpy_rows_generic(w, cols, j0, x, y)
 }
 
+/// `axpy_rows` for `t` tokens at once: `x` is `[t, k]`, `y` is `[t, y_cols]`. Each token's
+/// result is computed in exactly the order `axpy_rows` uses for it alone, so a token's
+/// output never depends on which other tokens share the call.
+pub fn axpy_rows_multi(w: &[u16], cols: usize, j0: usize, x: &[f32], t: usize, y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+        return unsafe { axpy_rows_multi_avx2(w, cols, j0, x, t, y) };
+    }
+    axpy_rows_multi_generic(w, cols, j0, x, t, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_rows_multi_avx2(
+    w: &[u16],
+    cols: usize,
+    j0: usize,
+    x: &[f32],
+    t: usize,
+    y: &mut [f32],
+) {
+    axpy_rows_multi_generic(w, cols, j0, x, t, y)
+}
+
+#[inline(always)]
+fn axpy_rows_multi_generic(w: &[u16], cols: usize, j0: usize, x: &[f32], t: usize, y: &mut [f32]) {
+    let k = x.len() / t.max(1);
+    let n = y.len() / t.max(1);
+    assert!(w.len() >= k * cols && j0 + n <= cols, "weight shape");
+    y.fill(0.0);
+    let mut row = vec![0.0f32; n];
+    for kk in 0..k {
+        let src = &w[kk * cols + j0..kk * cols + j0 + n];
+        for (r, &b) in row.iter_mut().zip(src) {
+            *r = widen(b);
+        }
+        for (y_i, x_i) in y.chunks_exact_mut(n).zip(x.chunks_exact(k)) {
+            let xk = x_i[kk];
+            for (out, &wv) in y_i.iter_mut().zip(&row) {
+                *out = wv.mul_add(xk, *out);
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_rows_avx2(w: &[u16], x: &[f32], y: &mut [f32]) {
@@ -150,6 +196,15 @@ mod tests {
         for r in 0..rows {
             let expected: f32 = (0..k).map(|i| widen(w[r * k + i]) * x[i]).sum();
             assert!((y[r] - expected).abs() < 1e-4 && (yg[r] - expected).abs() < 1e-4);
+        }
+        // Several tokens at once give each token's single-token result, bit for bit.
+        let xs2: Vec<f32> = (0..2 * rows).map(|i| (i % 5) as f32 - 2.25).collect();
+        let mut y2 = vec![0.0; 2 * 4];
+        axpy_rows_multi(&w, k, 3, &xs2, 2, &mut y2);
+        for i in 0..2 {
+            let mut alone = vec![0.0; 4];
+            axpy_rows(&w, k, 3, &xs2[i * rows..(i + 1) * rows], &mut alone);
+            assert_eq!(&y2[i * 4..(i + 1) * 4], &alone[..]);
         }
         // The same matrix read as [k', cols] with k' = rows: columns 2..5.
         let xs: Vec<f32> = (0..rows).map(|i| i as f32 - 1.5).collect();

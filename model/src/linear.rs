@@ -144,6 +144,50 @@ impl Linear {
         }
     }
 
+    /// `forward`, computed so that each token's output depends on that token alone, bit
+    /// for bit, whatever else is in the batch. Routed experts use it: the tokens that meet
+    /// at an expert depend on batching and placement, and those must never change the math.
+    pub fn forward_rowwise(&self, x: &[f32], t: usize) -> Vec<f32> {
+        assert_eq!(x.len(), t * self.in_dim, "input shape");
+        let mut y = vec![0.0f32; t * self.out_dim];
+        if t == 0 {
+            return y;
+        }
+        match (self.layout, self.bf16_bits()) {
+            (Layout::InOut, Some(w)) => {
+                WEIGHT_BYTES_READ.fetch_add(self.size_bytes() as u64, Ordering::Relaxed);
+                let parts = rayon::current_num_threads().min(self.out_dim);
+                let per_part = self.out_dim.div_ceil(parts);
+                let pieces: Vec<(usize, Vec<f32>)> = (0..self.out_dim)
+                    .step_by(per_part)
+                    .collect::<Vec<_>>()
+                    .into_par_iter()
+                    .map(|j0| {
+                        let n = per_part.min(self.out_dim - j0);
+                        let mut part = vec![0.0f32; t * n];
+                        kernels::axpy_rows_multi(w, self.out_dim, j0, x, t, &mut part);
+                        (j0, part)
+                    })
+                    .collect();
+                for (j0, part) in pieces {
+                    let n = part.len() / t;
+                    for (i, src) in part.chunks_exact(n).enumerate() {
+                        y[i * self.out_dim + j0..i * self.out_dim + j0 + n].copy_from_slice(src);
+                    }
+                }
+            }
+            _ => {
+                for (xi, yi) in x
+                    .chunks_exact(self.in_dim)
+                    .zip(y.chunks_exact_mut(self.out_dim))
+                {
+                    self.forward_into(xi, 1, yi);
+                }
+            }
+        }
+        y
+    }
+
     /// The weight as bf16 bits, when it is bf16 and 2-byte aligned.
     fn bf16_bits(&self) -> Option<&[u16]> {
         (self.weight.dtype == DType::BF16)

@@ -14,7 +14,7 @@ use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::linear::{Layout, Linear};
-use crate::moe::{Mlp, Moe, Route};
+use crate::moe::{ExpertRunner, Experts, Mlp, Moe, PendingExperts, Route, RoutedBatch};
 use crate::norm::rms_norm;
 
 // One per layer, built once: the size difference between variants costs nothing.
@@ -85,6 +85,16 @@ impl Model {
 
     /// Builds the model from any weight source, checking every tensor's shape.
     pub fn from_source(config: TextConfig, src: &dyn WeightSource) -> Result<Self> {
+        Self::build(config, src, true)
+    }
+
+    /// Everything but the routed experts: what an attention worker holds. Run it with
+    /// `forward_with` and a runner that reaches the experts.
+    pub fn without_experts(config: TextConfig, src: &dyn WeightSource) -> Result<Self> {
+        Self::build(config, src, false)
+    }
+
+    fn build(config: TextConfig, src: &dyn WeightSource, with_experts: bool) -> Result<Self> {
         let c = &config;
         let h = c.hidden_size;
         let vector =
@@ -93,7 +103,7 @@ impl Model {
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let feed_forward = if c.is_moe_layer(l) {
-                FeedForward::Moe(Moe::load(src, c, l)?)
+                FeedForward::Moe(Moe::load(src, c, l, with_experts)?)
             } else {
                 FeedForward::Dense(Mlp::load(
                     src,
@@ -142,7 +152,8 @@ impl Model {
                 FeedForward::Moe(m) => {
                     let touched = experts_touched.get(moe).copied().unwrap_or(1);
                     moe += 1;
-                    m.dense_size_bytes() + touched * m.experts.expert_bytes()
+                    let expert = m.experts.as_ref().map_or(0, |e| e.expert_bytes());
+                    m.dense_size_bytes() + touched * expert
                 }
             };
         }
@@ -169,8 +180,27 @@ impl Model {
         Ok(())
     }
 
-    /// Runs new tokens of every sequence through the model, extending their caches.
+    /// Runs new tokens of every sequence through the model, extending their caches, with
+    /// the routed experts held in this process.
     pub fn forward(&self, batch: &mut [Sequence<'_>], rows: LogitRows) -> Result<Forward> {
+        let experts = self
+            .layers
+            .iter()
+            .filter_map(|l| match &l.feed_forward {
+                FeedForward::Moe(m) => Some(m.experts.as_ref().ok_or(ModelError::NoLocalExperts)),
+                FeedForward::Dense(_) => None,
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.forward_with(batch, rows, &LocalExperts { experts })
+    }
+
+    /// `forward` with the routed part of every MoE layer going through `runner`.
+    pub fn forward_with(
+        &self,
+        batch: &mut [Sequence<'_>],
+        rows: LogitRows,
+        runner: &dyn ExpertRunner,
+    ) -> Result<Forward> {
         for s in batch.iter() {
             if s.tokens.is_empty() {
                 return Err(ModelError::EmptyPrompt);
@@ -186,7 +216,7 @@ impl Model {
             self.embed.read_f32(id as usize * h, row);
         }
 
-        let mut routes = Vec::new();
+        let mut routes: Vec<Vec<Route>> = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
             let x = rms_norm(&hidden, h, &layer.input_norm, c.rms_norm_eps);
             let mut slices: Vec<SeqSlice<'_>> = batch
@@ -204,7 +234,7 @@ impl Model {
             let ffn = match &layer.feed_forward {
                 FeedForward::Dense(mlp) => mlp.forward(&x, t),
                 FeedForward::Moe(moe) => {
-                    let (out, r) = moe.forward(&x, t);
+                    let (out, r) = moe.forward(&x, t, routes.len(), l, runner)?;
                     routes.push(r);
                     out
                 }
@@ -234,5 +264,22 @@ impl Model {
             rows: n,
             routes,
         })
+    }
+}
+
+/// Routed experts computed in this process, from the model's own expert tensors.
+struct LocalExperts<'a> {
+    /// Per MoE layer, in order.
+    experts: Vec<&'a Experts>,
+}
+
+impl ExpertRunner for LocalExperts<'_> {
+    fn start(&self, batch: RoutedBatch) -> Result<PendingExperts> {
+        // Expert tensors share their storage, so the clone is cheap; computing in `wait`
+        // lets the caller's shared expert run beside it.
+        let experts = self.experts[batch.moe_index].clone();
+        Ok(PendingExperts::later(move || {
+            Ok(experts.run_groups(&batch.groups, &batch.inputs, batch.hidden))
+        }))
     }
 }

@@ -92,11 +92,73 @@ pub fn group_by_expert(routes: &[Route]) -> BTreeMap<u32, Vec<usize>> {
     groups
 }
 
+/// Consecutive rows of a routed batch that go to one expert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertGroup {
+    pub expert: u32,
+    pub rows: u32,
+}
+
+/// The routed part of one MoE layer for a batch: router-scaled inputs grouped by expert.
+#[derive(Debug, Clone)]
+pub struct RoutedBatch {
+    /// Index among the MoE layers (0 = first MoE layer).
+    pub moe_index: usize,
+    /// Decoder layer index.
+    pub layer: usize,
+    pub groups: Vec<ExpertGroup>,
+    pub hidden: usize,
+    /// `[Σ rows, hidden]`, group after group.
+    pub inputs: Vec<f32>,
+}
+
+impl RoutedBatch {
+    pub fn rows(&self) -> usize {
+        self.groups.iter().map(|g| g.rows as usize).sum()
+    }
+}
+
+/// The experts' answer to a `RoutedBatch`, possibly still being computed elsewhere.
+pub struct PendingExperts(Box<dyn FnOnce() -> Result<Vec<f32>> + Send>);
+
+impl PendingExperts {
+    /// Work that runs when the answer is awaited.
+    pub fn later(f: impl FnOnce() -> Result<Vec<f32>> + Send + 'static) -> Self {
+        Self(Box::new(f))
+    }
+
+    /// Blocks until the outputs (`[Σ rows, hidden]`, in the batch's row order) are there.
+    pub fn wait(self) -> Result<Vec<f32>> {
+        (self.0)()
+    }
+}
+
+/// The seam between a MoE layer and wherever its routed experts run: in this process
+/// (`Model` with local experts) or on expert workers across the network.
+pub trait ExpertRunner: Sync {
+    /// Starts computing a routed batch; the caller overlaps the shared expert with it.
+    fn start(&self, batch: RoutedBatch) -> Result<PendingExperts>;
+}
+
+/// Groups routed tokens by expert: the groups, and for each batch row the token it holds.
+pub fn plan_groups(routes: &[Route]) -> (Vec<ExpertGroup>, Vec<usize>) {
+    let mut groups = Vec::new();
+    let mut order = Vec::with_capacity(routes.len());
+    for (expert, rows) in group_by_expert(routes) {
+        groups.push(ExpertGroup {
+            expert,
+            rows: rows.len() as u32,
+        });
+        order.extend(rows);
+    }
+    (groups, order)
+}
+
 /// The SwiGLU of one expert over its (already scaled) inputs `u` (`[n, hidden]`).
 /// `gate_up` is that expert's `[hidden, 2·inter]` slice (gate = first half) and `down` its
 /// `[inter, hidden]` slice, both in "x @ W" orientation as the checkpoint stores them.
 pub fn expert_swiglu(gate_up: &Tensor, down: &Tensor, u: &[f32], n: usize) -> Vec<f32> {
-    let gu = Linear::new(gate_up.clone(), Layout::InOut).forward(u, n);
+    let gu = Linear::new(gate_up.clone(), Layout::InOut).forward_rowwise(u, n);
     let inter = gate_up.shape[1] / 2;
     let mut act = vec![0.0f32; n * inter];
     for (a, row) in act.chunks_exact_mut(inter).zip(gu.chunks_exact(2 * inter)) {
@@ -105,7 +167,7 @@ pub fn expert_swiglu(gate_up: &Tensor, down: &Tensor, u: &[f32], n: usize) -> Ve
             *a = silu(*g) * u;
         }
     }
-    Linear::new(down.clone(), Layout::InOut).forward(&act, n)
+    Linear::new(down.clone(), Layout::InOut).forward_rowwise(&act, n)
 }
 
 /// The routed experts of one MoE layer, as fused checkpoint tensors.
@@ -127,28 +189,27 @@ impl Experts {
         (self.gate_up.size_bytes() + self.down.size_bytes()) / self.count()
     }
 
-    /// Runs every expert group of `x` (`[t, hidden]`) and returns the routed output.
-    pub fn forward(&self, x: &[f32], routes: &[Route], hidden: usize) -> Vec<f32> {
-        let groups: Vec<(u32, Vec<usize>)> = group_by_expert(routes).into_iter().collect();
+    /// Runs every group of a routed batch (`inputs` is `[Σ rows, hidden]`, group after
+    /// group) and returns the outputs in the same row order. Each token's output depends
+    /// on that token alone (see `Linear::forward_rowwise`).
+    pub fn run_groups(&self, groups: &[ExpertGroup], inputs: &[f32], hidden: usize) -> Vec<f32> {
+        let mut starts = Vec::with_capacity(groups.len());
+        let mut row = 0;
+        for g in groups {
+            starts.push(row);
+            row += g.rows as usize;
+        }
+        assert_eq!(row * hidden, inputs.len(), "inputs do not match the groups");
         let outputs: Vec<Vec<f32>> = groups
             .par_iter()
-            .map(|(e, rows)| {
-                let mut u = Vec::with_capacity(rows.len() * hidden);
-                for &r in rows {
-                    let s = routes[r].score;
-                    u.extend(x[r * hidden..(r + 1) * hidden].iter().map(|v| v * s));
-                }
-                let e = *e as usize;
-                expert_swiglu(&self.gate_up.outer(e), &self.down.outer(e), &u, rows.len())
+            .zip(&starts)
+            .map(|(g, &start)| {
+                let (e, n) = (g.expert as usize, g.rows as usize);
+                let u = &inputs[start * hidden..(start + n) * hidden];
+                expert_swiglu(&self.gate_up.outer(e), &self.down.outer(e), u, n)
             })
             .collect();
-        let mut y = vec![0.0f32; x.len()];
-        for ((_, rows), out) in groups.iter().zip(&outputs) {
-            for (&r, src) in rows.iter().zip(out.chunks_exact(hidden)) {
-                y[r * hidden..(r + 1) * hidden].copy_from_slice(src);
-            }
-        }
-        y
+        outputs.concat()
     }
 }
 
@@ -156,26 +217,36 @@ impl Experts {
 #[derive(Debug, Clone)]
 pub struct Moe {
     router: Linear,
-    pub experts: Experts,
+    /// The routed experts, when this process holds them.
+    pub experts: Option<Experts>,
     shared: Mlp,
     hidden: usize,
+    num_experts: usize,
 }
 
 impl Moe {
-    pub fn load(src: &dyn WeightSource, c: &TextConfig, layer: usize) -> Result<Self> {
+    /// Loads the block; the routed experts only when `with_experts`.
+    pub fn load(
+        src: &dyn WeightSource,
+        c: &TextConfig,
+        layer: usize,
+        with_experts: bool,
+    ) -> Result<Self> {
         let p = format!("model.layers.{layer}.feed_forward");
-        let (e, h, i) = (c.num_local_experts, c.hidden_size, c.intermediate_size);
+        let (e, h) = (c.num_local_experts, c.hidden_size);
         Ok(Self {
             router: Linear::new(
                 src.tensor_shaped(&format!("{p}.router.weight"), &[e, h])?,
                 Layout::OutIn,
             ),
-            experts: Experts {
-                gate_up: src.tensor_shaped(&format!("{p}.experts.gate_up_proj"), &[e, h, 2 * i])?,
-                down: src.tensor_shaped(&format!("{p}.experts.down_proj"), &[e, i, h])?,
+            experts: if with_experts {
+                Some(Experts::load(src, c, layer)?)
+            } else {
+                None
             },
-            shared: Mlp::load(src, &format!("{p}.shared_expert"), h, i)?,
+            shared: Mlp::load(src, &format!("{p}.shared_expert"), h, c.intermediate_size)?,
             hidden: h,
+            num_experts: e,
         })
     }
 
@@ -184,16 +255,54 @@ impl Moe {
         self.router.size_bytes() + self.shared.size_bytes()
     }
 
-    /// Returns the block's output `[t, hidden]` and each token's route.
-    pub fn forward(&self, x: &[f32], t: usize) -> (Vec<f32>, Vec<Route>) {
+    /// Returns the block's output `[t, hidden]` and each token's route. The routed part
+    /// goes through `runner` while the shared expert is computed here.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        t: usize,
+        moe_index: usize,
+        layer: usize,
+        runner: &dyn ExpertRunner,
+    ) -> Result<(Vec<f32>, Vec<Route>)> {
+        let h = self.hidden;
         let logits = self.router.forward(x, t);
-        let routes = route(&logits, self.experts.count());
-        let (mut out, routed) = rayon::join(
-            || self.shared.forward(x, t),
-            || self.experts.forward(x, &routes, self.hidden),
-        );
-        out.iter_mut().zip(&routed).for_each(|(o, r)| *o += r);
-        (out, routes)
+        let routes = route(&logits, self.num_experts);
+        let (groups, order) = plan_groups(&routes);
+        let mut inputs = Vec::with_capacity(t * h);
+        for &r in &order {
+            let s = routes[r].score;
+            inputs.extend(x[r * h..(r + 1) * h].iter().map(|v| v * s));
+        }
+        let pending = runner.start(RoutedBatch {
+            moe_index,
+            layer,
+            groups,
+            hidden: h,
+            inputs,
+        })?;
+        let (mut out, routed) = rayon::join(|| self.shared.forward(x, t), || pending.wait());
+        let routed = routed?;
+        for (&r, y) in order.iter().zip(routed.chunks_exact(h)) {
+            out[r * h..(r + 1) * h]
+                .iter_mut()
+                .zip(y)
+                .for_each(|(o, v)| *o += v);
+        }
+        Ok((out, routes))
+    }
+}
+
+impl Experts {
+    /// The fused expert tensors of one MoE layer. With a mapped checkpoint nothing is
+    /// read until an expert runs, and then only that expert's slice.
+    pub fn load(src: &dyn WeightSource, c: &TextConfig, layer: usize) -> Result<Self> {
+        let p = format!("model.layers.{layer}.feed_forward.experts");
+        let (e, h, i) = (c.num_local_experts, c.hidden_size, c.intermediate_size);
+        Ok(Self {
+            gate_up: src.tensor_shaped(&format!("{p}.gate_up_proj"), &[e, h, 2 * i])?,
+            down: src.tensor_shaped(&format!("{p}.down_proj"), &[e, i, h])?,
+        })
     }
 }
 
@@ -213,18 +322,47 @@ mod tests {
         assert_eq!(groups[&1], vec![0]);
     }
 
+    /// Runs groups on experts held by the test.
+    struct Direct(Experts);
+
+    impl ExpertRunner for Direct {
+        fn start(&self, batch: RoutedBatch) -> Result<PendingExperts> {
+            let out = self
+                .0
+                .run_groups(&batch.groups, &batch.inputs, batch.hidden);
+            Ok(PendingExperts::later(move || Ok(out)))
+        }
+    }
+
+    fn linear(shape: [usize; 2], values: &[f32], layout: Layout) -> Linear {
+        Linear::new(Tensor::bf16_from_f32(shape.to_vec(), values), layout)
+    }
+
     #[test]
     fn score_scales_the_expert_input_not_its_output() {
-        // One expert, hidden 1, inter 1: gate = up = down = 1, so y = silu(u)·u with u = s·x.
-        let gate_up = Tensor::bf16_from_f32(vec![1, 1, 2], &[1.0, 1.0]);
-        let down = Tensor::bf16_from_f32(vec![1, 1, 1], &[1.0]);
-        let experts = Experts { gate_up, down };
-        let routes = [Route {
-            expert: 0,
-            score: 0.5,
-        }];
-        let y = experts.forward(&[2.0], &routes, 1);
-        let u = 1.0f32;
-        assert!((y[0] - silu(u) * u).abs() < 1e-6, "{}", y[0]);
+        // Hidden 1, two experts of width 1 (gate = up = down = 1), router logits (2x, -x),
+        // and a shared expert of zeros: the output is silu(u)·u with u = σ(2x)·x.
+        let experts = Experts {
+            gate_up: Tensor::bf16_from_f32(vec![2, 1, 2], &[1.0, 1.0, 1.0, 1.0]),
+            down: Tensor::bf16_from_f32(vec![2, 1, 1], &[1.0, 1.0]),
+        };
+        let moe = Moe {
+            router: linear([2, 1], &[2.0, -1.0], Layout::OutIn),
+            experts: None,
+            shared: Mlp {
+                gate: linear([1, 1], &[0.0], Layout::OutIn),
+                up: linear([1, 1], &[0.0], Layout::OutIn),
+                down: linear([1, 1], &[0.0], Layout::OutIn),
+            },
+            hidden: 1,
+            num_experts: 2,
+        };
+        let x = 2.0f32;
+        let (y, routes) = moe.forward(&[x], 1, 0, 0, &Direct(experts)).unwrap();
+        assert_eq!(routes[0].expert, 0);
+        let u = sigmoid(2.0 * x) * x;
+        assert!((y[0] - silu(u) * u).abs() < 1e-5, "{}", y[0]);
+        let scaled_output = sigmoid(2.0 * x) * silu(x) * x;
+        assert!((y[0] - scaled_output).abs() > 1e-2);
     }
 }
