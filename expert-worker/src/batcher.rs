@@ -1,0 +1,201 @@
+//! Expert-side batching: dispatches of the same layer that arrive within a short window
+//! (from one or several attention workers) are merged into one batch per expert, so each
+//! expert's weights are read once for all of them.
+//!
+//! The queue in front of the batcher is bounded; a full queue answers `Overloaded`. A batch
+//! whose deadline passed while queued is answered `DeadlineExceeded` without computing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use expertmesh_model::moe::ExpertGroup;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::dispatch::{DispatchBatch, DispatchError};
+use crate::shard::ExpertShard;
+
+/// Batching settings.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct BatcherConfig {
+    /// How long the batcher waits for more dispatches after the first one, in µs.
+    /// 0 merges only what is already queued.
+    pub window_us: u64,
+    /// Dispatches waiting at most; more are refused with `Overloaded`.
+    pub queue_max: usize,
+    /// Rows merged into one computation at most.
+    pub rows_max: usize,
+}
+
+impl Default for BatcherConfig {
+    fn default() -> Self {
+        Self {
+            window_us: 0,
+            queue_max: 256,
+            rows_max: 8192,
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<Vec<f32>, DispatchError>>;
+
+struct Job {
+    batch: DispatchBatch,
+    deadline: Instant,
+    reply: Reply,
+}
+
+/// Handle to the batching task of one shard.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::Sender<Job>,
+    shard: Arc<ExpertShard>,
+    queue_max: usize,
+}
+
+impl Batcher {
+    /// Starts the batching task on the current tokio runtime.
+    pub fn spawn(shard: Arc<ExpertShard>, config: BatcherConfig) -> Self {
+        let (tx, rx) = mpsc::channel(config.queue_max.max(1));
+        tokio::spawn(run(rx, shard.clone(), config));
+        Self {
+            tx,
+            shard,
+            queue_max: config.queue_max,
+        }
+    }
+
+    pub fn shard(&self) -> &Arc<ExpertShard> {
+        &self.shard
+    }
+
+    /// Checks, queues and awaits one batch, within its own timeout.
+    pub async fn submit(&self, batch: DispatchBatch) -> Result<Vec<f32>, DispatchError> {
+        self.shard.check(&batch)?;
+        let (reply, rx) = oneshot::channel();
+        let deadline = Instant::now() + batch.timeout;
+        self.tx
+            .try_send(Job {
+                batch,
+                deadline,
+                reply,
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => DispatchError::Overloaded {
+                    queued: self.queue_max as u32,
+                },
+                mpsc::error::TrySendError::Closed(_) => {
+                    DispatchError::Unavailable("the expert worker is shutting down".into())
+                }
+            })?;
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(DispatchError::Unavailable("the batch was dropped".into())),
+            Err(_) => Err(DispatchError::DeadlineExceeded),
+        }
+    }
+}
+
+async fn run(mut rx: mpsc::Receiver<Job>, shard: Arc<ExpertShard>, config: BatcherConfig) {
+    while let Some(first) = rx.recv().await {
+        let mut rows = first.batch.rows();
+        let mut jobs = vec![first];
+        let until = Instant::now() + Duration::from_micros(config.window_us);
+        while rows < config.rows_max {
+            let next = if config.window_us == 0 {
+                rx.try_recv().ok()
+            } else {
+                tokio::time::timeout_at(until, rx.recv())
+                    .await
+                    .ok()
+                    .flatten()
+            };
+            let Some(job) = next else { break };
+            rows += job.batch.rows();
+            jobs.push(job);
+        }
+        let mut by_layer: BTreeMap<u32, Vec<Job>> = BTreeMap::new();
+        for job in jobs {
+            by_layer.entry(job.batch.layer).or_default().push(job);
+        }
+        for (layer, jobs) in by_layer {
+            process(&shard, layer, jobs).await;
+        }
+    }
+}
+
+/// Merges the live jobs of one layer into one group per expert, computes, and answers each.
+async fn process(shard: &Arc<ExpertShard>, layer: u32, jobs: Vec<Job>) {
+    let now = Instant::now();
+    let mut live = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        if job.deadline <= now {
+            let _ = job.reply.send(Err(DispatchError::DeadlineExceeded));
+        } else if let Err(e) = shard.check(&job.batch) {
+            // The assignment may have changed while the job was queued.
+            let _ = job.reply.send(Err(e));
+        } else {
+            live.push(job);
+        }
+    }
+    if live.is_empty() {
+        return;
+    }
+    let hidden = shard.hidden();
+    // expert → (job, first row in that job, rows)
+    let mut plan: BTreeMap<u32, Vec<(usize, usize, usize)>> = BTreeMap::new();
+    for (j, job) in live.iter().enumerate() {
+        let mut row = 0;
+        for g in &job.batch.groups {
+            plan.entry(g.expert)
+                .or_default()
+                .push((j, row, g.rows as usize));
+            row += g.rows as usize;
+        }
+    }
+    let mut groups = Vec::with_capacity(plan.len());
+    let mut inputs = Vec::new();
+    for (&expert, pieces) in &plan {
+        let mut rows = 0;
+        for &(j, start, n) in pieces {
+            inputs.extend_from_slice(
+                &live[j].batch.activations[start * hidden..(start + n) * hidden],
+            );
+            rows += n;
+        }
+        groups.push(ExpertGroup {
+            expert,
+            rows: rows as u32,
+        });
+    }
+    let worker = shard.clone();
+    let outputs =
+        match tokio::task::spawn_blocking(move || worker.compute(layer, &groups, &inputs)).await {
+            Ok(o) => o,
+            Err(e) => {
+                for job in live {
+                    let _ = job.reply.send(Err(DispatchError::Unavailable(format!(
+                        "expert computation failed: {e}"
+                    ))));
+                }
+                return;
+            }
+        };
+    let mut results: Vec<Vec<f32>> = live
+        .iter()
+        .map(|j| vec![0.0; j.batch.activations.len()])
+        .collect();
+    let mut offset = 0;
+    for pieces in plan.values() {
+        for &(j, start, n) in pieces {
+            results[j][start * hidden..(start + n) * hidden]
+                .copy_from_slice(&outputs[offset * hidden..(offset + n) * hidden]);
+            offset += n;
+        }
+    }
+    for (job, out) in live.into_iter().zip(results) {
+        let _ = job.reply.send(Ok(out));
+    }
+}

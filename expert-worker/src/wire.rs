@@ -1,0 +1,322 @@
+//! Wire ↔ domain for the expert service, in one place. Everything from the wire is checked
+//! before use: dtype × shape against the byte length, row counts against the tensor,
+//! sizes against caps. Nothing a sender writes becomes an allocation size unchecked.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use expertmesh_model::moe::ExpertGroup;
+use expertmesh_proto::v1::{self as pb, dispatch_error::Kind};
+
+use crate::dispatch::{DispatchBatch, DispatchError, WireDType};
+
+/// Longest time budget a request may ask for.
+pub const TIMEOUT_MAX: Duration = Duration::from_secs(600);
+
+/// Encodes f32 values as a wire tensor of shape `[rows, hidden]`.
+pub fn encode_tensor(values: &[f32], rows: usize, hidden: usize, dtype: WireDType) -> pb::Tensor {
+    let data: Vec<u8> = match dtype {
+        WireDType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        WireDType::Bf16 => values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
+            .collect(),
+    };
+    pb::Tensor {
+        dtype: match dtype {
+            WireDType::F32 => pb::DType::DtypeF32,
+            WireDType::Bf16 => pb::DType::DtypeBf16,
+        } as i32,
+        shape: vec![rows as u64, hidden as u64],
+        data: Bytes::from(data),
+    }
+}
+
+/// Decodes a 2-D wire tensor, checking dtype, shape and byte length.
+pub fn decode_tensor(t: &pb::Tensor) -> Result<(WireDType, usize, usize, Vec<f32>), DispatchError> {
+    let dtype = match pb::DType::try_from(t.dtype) {
+        Ok(pb::DType::DtypeF32) => WireDType::F32,
+        Ok(pb::DType::DtypeBf16) => WireDType::Bf16,
+        _ => {
+            return Err(DispatchError::BadRequest(format!(
+                "unknown dtype {}",
+                t.dtype
+            )))
+        }
+    };
+    let [rows, hidden] = t.shape[..] else {
+        return Err(DispatchError::BadRequest(format!(
+            "activations must be 2-D, got shape {:?}",
+            t.shape
+        )));
+    };
+    let expected = rows
+        .checked_mul(hidden)
+        .and_then(|n| n.checked_mul(dtype.size_bytes() as u64));
+    if expected != Some(t.data.len() as u64) {
+        return Err(DispatchError::ShapeMismatch {
+            expected: vec![t.data.len() as u64 / dtype.size_bytes() as u64],
+            got: t.shape.clone(),
+        });
+    }
+    // The byte length was checked above, so these sizes are bounded by the message size.
+    let (rows, hidden) = (rows as usize, hidden as usize);
+    let values = match dtype {
+        WireDType::F32 => t
+            .data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        WireDType::Bf16 => t
+            .data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .collect(),
+    };
+    Ok((dtype, rows, hidden, values))
+}
+
+impl From<&DispatchBatch> for pb::DispatchRequest {
+    fn from(b: &DispatchBatch) -> Self {
+        pb::DispatchRequest {
+            epoch: b.epoch,
+            layer: b.layer,
+            batch_id: b.batch_id,
+            timeout_ms: b.timeout.as_millis().min(u128::from(u32::MAX)) as u32,
+            groups: b
+                .groups
+                .iter()
+                .map(|g| pb::ExpertGroup {
+                    expert: g.expert,
+                    rows: g.rows,
+                })
+                .collect(),
+            activations: Some(encode_tensor(&b.activations, b.rows(), b.hidden, b.dtype)),
+        }
+    }
+}
+
+impl TryFrom<pb::DispatchRequest> for DispatchBatch {
+    type Error = DispatchError;
+
+    fn try_from(r: pb::DispatchRequest) -> Result<Self, DispatchError> {
+        let t = r
+            .activations
+            .as_ref()
+            .ok_or_else(|| DispatchError::BadRequest("missing activations".into()))?;
+        let (dtype, rows, hidden, activations) = decode_tensor(t)?;
+        let groups: Vec<ExpertGroup> = r
+            .groups
+            .iter()
+            .map(|g| ExpertGroup {
+                expert: g.expert,
+                rows: g.rows,
+            })
+            .collect();
+        let group_rows = groups
+            .iter()
+            .try_fold(0u64, |acc, g| acc.checked_add(u64::from(g.rows)));
+        if group_rows != Some(rows as u64) {
+            return Err(DispatchError::ShapeMismatch {
+                expected: vec![group_rows.unwrap_or(u64::MAX), hidden as u64],
+                got: vec![rows as u64, hidden as u64],
+            });
+        }
+        if r.timeout_ms == 0 {
+            return Err(DispatchError::BadRequest(
+                "timeout_ms must be positive".into(),
+            ));
+        }
+        Ok(DispatchBatch {
+            epoch: r.epoch,
+            layer: r.layer,
+            batch_id: r.batch_id,
+            timeout: Duration::from_millis(u64::from(r.timeout_ms)).min(TIMEOUT_MAX),
+            groups,
+            hidden,
+            dtype,
+            activations,
+        })
+    }
+}
+
+/// A reply carrying outputs, in the request's dtype.
+pub fn reply_ok(
+    batch_id: u64,
+    outputs: &[f32],
+    rows: usize,
+    hidden: usize,
+    dtype: WireDType,
+) -> pb::DispatchReply {
+    pb::DispatchReply {
+        batch_id,
+        result: Some(pb::dispatch_reply::Result::Outputs(encode_tensor(
+            outputs, rows, hidden, dtype,
+        ))),
+    }
+}
+
+pub fn reply_err(batch_id: u64, e: &DispatchError) -> pb::DispatchReply {
+    let kind = match e {
+        DispatchError::WrongEpoch { current } => {
+            Kind::WrongEpoch(pb::WrongEpoch { current: *current })
+        }
+        DispatchError::ExpertNotHere { layer, expert } => Kind::ExpertNotHere(pb::ExpertNotHere {
+            layer: *layer,
+            expert: *expert,
+        }),
+        DispatchError::Overloaded { queued } => {
+            Kind::Overloaded(pb::Overloaded { queued: *queued })
+        }
+        DispatchError::ShapeMismatch { expected, got } => Kind::ShapeMismatch(pb::ShapeMismatch {
+            expected: expected.clone(),
+            got: got.clone(),
+        }),
+        DispatchError::BadRequest(reason) | DispatchError::Unavailable(reason) => {
+            Kind::BadRequest(pb::BadRequest {
+                reason: reason.clone(),
+            })
+        }
+        DispatchError::DeadlineExceeded => Kind::DeadlineExceeded(pb::DeadlineExceeded {}),
+    };
+    pb::DispatchReply {
+        batch_id,
+        result: Some(pb::dispatch_reply::Result::Error(pb::DispatchError {
+            kind: Some(kind),
+        })),
+    }
+}
+
+/// The outcome a reply carries, checked against the rows and hidden size asked for.
+pub fn decode_reply(
+    reply: pb::DispatchReply,
+    rows: usize,
+    hidden: usize,
+) -> Result<Vec<f32>, DispatchError> {
+    match reply.result {
+        Some(pb::dispatch_reply::Result::Outputs(t)) => {
+            let (_, r, h, values) = decode_tensor(&t)?;
+            if (r, h) != (rows, hidden) {
+                return Err(DispatchError::ShapeMismatch {
+                    expected: vec![rows as u64, hidden as u64],
+                    got: vec![r as u64, h as u64],
+                });
+            }
+            Ok(values)
+        }
+        Some(pb::dispatch_reply::Result::Error(e)) => Err(match e.kind {
+            Some(Kind::WrongEpoch(w)) => DispatchError::WrongEpoch { current: w.current },
+            Some(Kind::ExpertNotHere(n)) => DispatchError::ExpertNotHere {
+                layer: n.layer,
+                expert: n.expert,
+            },
+            Some(Kind::Overloaded(o)) => DispatchError::Overloaded { queued: o.queued },
+            Some(Kind::ShapeMismatch(s)) => DispatchError::ShapeMismatch {
+                expected: s.expected,
+                got: s.got,
+            },
+            Some(Kind::BadRequest(b)) => DispatchError::BadRequest(b.reason),
+            Some(Kind::DeadlineExceeded(_)) => DispatchError::DeadlineExceeded,
+            None => DispatchError::BadRequest("error reply without a kind".into()),
+        }),
+        None => Err(DispatchError::BadRequest("reply without a result".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> pb::DispatchRequest {
+        let batch = DispatchBatch {
+            epoch: 3,
+            layer: 1,
+            batch_id: 9,
+            timeout: Duration::from_millis(500),
+            groups: vec![
+                ExpertGroup { expert: 2, rows: 1 },
+                ExpertGroup { expert: 5, rows: 2 },
+            ],
+            hidden: 2,
+            dtype: WireDType::F32,
+            activations: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+        };
+        pb::DispatchRequest::from(&batch)
+    }
+
+    #[test]
+    fn round_trip() {
+        let b = DispatchBatch::try_from(request()).unwrap();
+        assert_eq!(b.rows(), 3);
+        assert_eq!(b.activations, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        assert_eq!(pb::DispatchRequest::from(&b), request());
+    }
+
+    #[test]
+    fn hostile_messages_get_typed_errors() {
+        let mut r = request();
+        r.activations.as_mut().unwrap().shape = vec![u64::MAX, u64::MAX];
+        assert!(matches!(
+            DispatchBatch::try_from(r),
+            Err(DispatchError::ShapeMismatch { .. })
+        ));
+        let mut r = request();
+        r.activations.as_mut().unwrap().shape = vec![6];
+        assert!(matches!(
+            DispatchBatch::try_from(r),
+            Err(DispatchError::BadRequest(_))
+        ));
+        let mut r = request();
+        r.activations.as_mut().unwrap().dtype = 77;
+        assert!(matches!(
+            DispatchBatch::try_from(r),
+            Err(DispatchError::BadRequest(_))
+        ));
+        let mut r = request();
+        r.groups[0].rows = u32::MAX;
+        assert!(matches!(
+            DispatchBatch::try_from(r),
+            Err(DispatchError::ShapeMismatch { .. })
+        ));
+        let mut r = request();
+        r.activations = None;
+        assert!(matches!(
+            DispatchBatch::try_from(r),
+            Err(DispatchError::BadRequest(_))
+        ));
+        let mut r = request();
+        r.timeout_ms = 0;
+        assert!(matches!(
+            DispatchBatch::try_from(r),
+            Err(DispatchError::BadRequest(_))
+        ));
+        let mut r = request();
+        r.activations.as_mut().unwrap().data = Bytes::from_static(&[0; 7]);
+        assert!(matches!(
+            DispatchBatch::try_from(r),
+            Err(DispatchError::ShapeMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let ok = reply_ok(1, &[1.5, 2.5], 1, 2, WireDType::Bf16);
+        assert_eq!(decode_reply(ok.clone(), 1, 2).unwrap(), vec![1.5, 2.5]);
+        assert!(matches!(
+            decode_reply(ok, 2, 2),
+            Err(DispatchError::ShapeMismatch { .. })
+        ));
+        for e in [
+            DispatchError::WrongEpoch { current: 4 },
+            DispatchError::ExpertNotHere {
+                layer: 1,
+                expert: 3,
+            },
+            DispatchError::Overloaded { queued: 8 },
+            DispatchError::DeadlineExceeded,
+            DispatchError::BadRequest("x".into()),
+        ] {
+            assert_eq!(decode_reply(reply_err(1, &e), 1, 2).unwrap_err(), e);
+        }
+    }
+}

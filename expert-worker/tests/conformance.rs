@@ -1,0 +1,256 @@
+//! The conformance suite of the `Dispatch` seam: the in-process implementation and the gRPC
+//! one (a real server on loopback) must answer the same batches with the same outputs, bit
+//! for bit, and the same typed errors.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use expertmesh_expert_worker::{
+    Assignment, Batcher, BatcherConfig, Dispatch, DispatchBatch, DispatchError, ExpertServer,
+    ExpertShard, GrpcDispatch, InProcessDispatch, WireDType,
+};
+use expertmesh_model::moe::{ExpertGroup, Experts};
+use expertmesh_model::synthetic::SyntheticSpec;
+use expertmesh_model::{InMemoryWeights, TextConfig};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+const EPOCH: u64 = 7;
+
+fn spec() -> SyntheticSpec {
+    SyntheticSpec {
+        hidden: 64,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 16,
+        experts: 8,
+        expert_inter: 32,
+        dense_inter: 96,
+        vocab: 100,
+        chunk: 8,
+        moe_step: 2,
+        seed: 11,
+    }
+}
+
+struct Fixture {
+    config: TextConfig,
+    weights: InMemoryWeights,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let (config, weights) = spec().build().unwrap();
+        Self { config, weights }
+    }
+
+    /// A shard that owns experts 0..6 of 8 under `EPOCH`.
+    fn shard(&self) -> Arc<ExpertShard> {
+        let shard = ExpertShard::new(&self.config, &self.weights).unwrap();
+        shard.assign(Assignment {
+            epoch: EPOCH,
+            experts: (0..6).collect::<BTreeSet<u32>>(),
+        });
+        Arc::new(shard)
+    }
+
+    fn experts(&self) -> Experts {
+        Experts::load(&self.weights, &self.config, 1).unwrap()
+    }
+}
+
+fn batch(groups: &[(u32, u32)], dtype: WireDType, seed: u32) -> DispatchBatch {
+    let groups: Vec<ExpertGroup> = groups
+        .iter()
+        .map(|&(expert, rows)| ExpertGroup { expert, rows })
+        .collect();
+    let rows: usize = groups.iter().map(|g| g.rows as usize).sum();
+    DispatchBatch {
+        epoch: EPOCH,
+        layer: 1,
+        batch_id: 0,
+        timeout: Duration::from_secs(5),
+        groups,
+        hidden: 64,
+        dtype,
+        activations: (0..rows * 64)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0
+            })
+            .collect(),
+    }
+}
+
+async fn in_process(f: &Fixture, config: BatcherConfig) -> Box<dyn Dispatch> {
+    Box::new(InProcessDispatch::new(Batcher::spawn(f.shard(), config)))
+}
+
+async fn grpc(f: &Fixture, config: BatcherConfig) -> Box<dyn Dispatch> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = ExpertServer::new(
+        Batcher::spawn(f.shard(), config),
+        Arc::new(AtomicU64::new(1)),
+    );
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(server.into_service())
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    Box::new(GrpcDispatch::new(addr.to_string()))
+}
+
+async fn conformance(f: &Fixture, d: &dyn Dispatch) {
+    let experts = f.experts();
+    // Outputs equal the direct computation, bit for bit, in f32.
+    let b = batch(&[(0, 3), (2, 1), (5, 4)], WireDType::F32, 1);
+    let expected = experts.run_groups(&b.groups, &b.activations, 64);
+    assert_eq!(d.dispatch(b).await.unwrap(), expected);
+
+    // Concurrent batches (merged by the batcher) each get their own exact answer.
+    let batches: Vec<DispatchBatch> = (0..6)
+        .map(|i| batch(&[(i % 3, 2), (3 + i % 3, 1)], WireDType::F32, 100 + i))
+        .collect();
+    let answers = futures_join(batches.iter().map(|b| d.dispatch(b.clone())).collect()).await;
+    for (b, got) in batches.iter().zip(answers) {
+        assert_eq!(
+            got.unwrap(),
+            experts.run_groups(&b.groups, &b.activations, 64)
+        );
+    }
+
+    // bf16 on the wire: rounded inputs in, rounded outputs back.
+    let b = batch(&[(1, 2)], WireDType::Bf16, 3);
+    let rounded: Vec<f32> = b
+        .activations
+        .iter()
+        .map(|v| WireDType::Bf16.round(*v))
+        .collect();
+    let expected: Vec<f32> = experts
+        .run_groups(&b.groups, &rounded, 64)
+        .iter()
+        .map(|v| WireDType::Bf16.round(*v))
+        .collect();
+    assert_eq!(d.dispatch(b).await.unwrap(), expected);
+
+    // Typed errors.
+    let mut b = batch(&[(0, 1)], WireDType::F32, 4);
+    b.epoch = EPOCH + 1;
+    assert_eq!(
+        d.dispatch(b).await,
+        Err(DispatchError::WrongEpoch { current: EPOCH })
+    );
+    let b = batch(&[(0, 1), (7, 1)], WireDType::F32, 5);
+    assert_eq!(
+        d.dispatch(b).await,
+        Err(DispatchError::ExpertNotHere {
+            layer: 1,
+            expert: 7
+        })
+    );
+    let b = batch(&[(9, 1)], WireDType::F32, 5);
+    assert!(matches!(
+        d.dispatch(b).await,
+        Err(DispatchError::BadRequest(_))
+    ));
+    let mut b = batch(&[(0, 1)], WireDType::F32, 6);
+    b.layer = 0;
+    assert!(matches!(
+        d.dispatch(b).await,
+        Err(DispatchError::BadRequest(_))
+    ));
+    let mut b = batch(&[(0, 2)], WireDType::F32, 6);
+    b.hidden = 32;
+    assert!(matches!(
+        d.dispatch(b).await,
+        Err(DispatchError::ShapeMismatch { .. })
+    ));
+    // An empty batch is answered with nothing.
+    let b = batch(&[], WireDType::F32, 7);
+    assert_eq!(d.dispatch(b).await.unwrap(), Vec::<f32>::new());
+}
+
+async fn futures_join<T: Send + 'static>(
+    futures: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>>,
+) -> Vec<T> {
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_conforms() {
+    let f = Fixture::new();
+    conformance(&f, in_process(&f, BatcherConfig::default()).await.as_ref()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_conforms() {
+    let f = Fixture::new();
+    conformance(&f, grpc(&f, BatcherConfig::default()).await.as_ref()).await;
+}
+
+/// With a batching window longer than the deadline, the batch times out (both paths).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_are_enforced() {
+    let f = Fixture::new();
+    let slow = BatcherConfig {
+        window_us: 300_000,
+        ..BatcherConfig::default()
+    };
+    for d in [in_process(&f, slow).await, grpc(&f, slow).await] {
+        let mut b = batch(&[(0, 1)], WireDType::F32, 1);
+        b.timeout = Duration::from_millis(20);
+        let started = std::time::Instant::now();
+        assert_eq!(d.dispatch(b).await, Err(DispatchError::DeadlineExceeded));
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+}
+
+/// A worker that goes away turns into `Unavailable` at once, not a hang. The server runs
+/// on its own runtime; dropping the runtime kills its connections as a dead process would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_worker_gone_is_unavailable() {
+    let f = Fixture::new();
+    let shard = f.shard();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let server_thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addr_tx.send(listener.local_addr().unwrap()).unwrap();
+            let server = ExpertServer::new(
+                Batcher::spawn(shard, BatcherConfig::default()),
+                Arc::new(AtomicU64::new(1)),
+            );
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(server.into_service())
+                    .serve_with_incoming(TcpListenerStream::new(listener)),
+            );
+        });
+        let _ = stopped.recv();
+        rt.shutdown_timeout(Duration::from_millis(100));
+    });
+    let addr = addr_rx.recv().unwrap();
+    let d = GrpcDispatch::new(addr.to_string());
+    assert!(d
+        .dispatch(batch(&[(0, 1)], WireDType::F32, 1))
+        .await
+        .is_ok());
+    stop.send(()).unwrap();
+    server_thread.join().unwrap();
+    let started = std::time::Instant::now();
+    let mut b = batch(&[(0, 1)], WireDType::F32, 2);
+    b.timeout = Duration::from_secs(10);
+    let err = d.dispatch(b).await.unwrap_err();
+    assert!(matches!(err, DispatchError::Unavailable(_)), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
