@@ -1,3 +1,19 @@
-//! The expertmesh attention worker: embeddings, attention with the KV cache, norms, routers,
-//! shared experts and dense layers, dispatching routed tokens to expert workers. The
-//! single-process engine it will wrap lives in `expertmesh-model` today.
+//! # expertmesh-attention-worker
+//!
+//! An attention worker holds everything of the model but the routed experts: embeddings,
+//! attention and the KV cache, norms, routers, shared experts, dense layers, `lm_head`.
+//! Its main loop serves `AttentionService.Generate`: it runs the same forward pass as the
+//! single-process engine (`expertmesh_model::Model::forward_with`), and at each MoE layer
+//! the model hands the router-scaled tokens to [`remote::RemoteExperts`], which splits
+//! them by the worker holding each expert under the current placement epoch, dispatches
+//! the pieces concurrently over gRPC while the shared expert is computed here, and puts
+//! the answers back in token order. With f32 on the wire the result is bit-identical to
+//! the single process.
+
+pub mod node;
+pub mod remote;
+pub mod service;
+
+pub use node::{connect, run, AttentionWorkerConfig, NodeError};
+pub use remote::{DispatchConfig, RemoteExperts};
+pub use service::AttentionServer;

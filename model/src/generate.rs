@@ -3,6 +3,7 @@
 
 use crate::error::Result;
 use crate::model::{LogitRows, Model, Sequence};
+use crate::moe::ExpertRunner;
 use crate::sampling::{Sampler, SamplingParams};
 
 /// What to generate.
@@ -32,10 +33,21 @@ pub struct GenerateOutput {
     pub prompt_logits: Option<Vec<f32>>,
 }
 
-/// Runs one request to completion; `on_token` sees each id as it is chosen.
+/// Runs one request to completion with the model's own experts; `on_token` sees each id
+/// as it is chosen.
 pub fn generate(
     model: &Model,
     req: &GenerateRequest,
+    on_token: impl FnMut(u32),
+) -> Result<GenerateOutput> {
+    generate_with(model, req, &model.local_runner()?, on_token)
+}
+
+/// `generate` with the routed experts reached through `runner`.
+pub fn generate_with(
+    model: &Model,
+    req: &GenerateRequest,
+    runner: &dyn ExpertRunner,
     mut on_token: impl FnMut(u32),
 ) -> Result<GenerateOutput> {
     let sampling = req.sampling.validate()?;
@@ -56,12 +68,13 @@ pub fn generate(
     } else {
         LogitRows::Last
     };
-    let mut out = model.forward(
+    let mut out = model.forward_with(
         &mut [Sequence {
             cache: &mut cache,
             tokens: &req.prompt,
         }],
         rows,
+        runner,
     )?;
     let mut last = out.row(out.rows - 1).to_vec();
     if req.prompt_logits {
@@ -79,12 +92,13 @@ pub fn generate(
         if output_ids.len() == req.max_new_tokens {
             break;
         }
-        let step = model.forward(
+        let step = model.forward_with(
             &mut [Sequence {
                 cache: &mut cache,
                 tokens: &[id],
             }],
             LogitRows::Last,
+            runner,
         )?;
         last = step.logits;
     }

@@ -28,14 +28,16 @@ pub mod moe;
 pub mod norm;
 pub mod rope;
 pub mod sampling;
+pub mod source;
 pub mod synthetic;
 pub mod tokenizer;
 
 pub use checkpoint::{DType, InMemoryWeights, SafetensorsCheckpoint, Tensor, WeightSource};
 pub use config::TextConfig;
 pub use error::{ModelError, Result};
-pub use generate::{generate, FinishReason, GenerateOutput, GenerateRequest};
+pub use generate::{generate, generate_with, FinishReason, GenerateOutput, GenerateRequest};
 pub use kv_cache::KvCache;
 pub use model::{Forward, LogitRows, Model, Sequence};
 pub use sampling::{Sampler, SamplingParams};
+pub use source::ModelSource;
 pub use tokenizer::{ChatMessage, ChatTemplate, DetokenizeStream, TextTokenizer};

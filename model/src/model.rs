@@ -183,6 +183,11 @@ impl Model {
     /// Runs new tokens of every sequence through the model, extending their caches, with
     /// the routed experts held in this process.
     pub fn forward(&self, batch: &mut [Sequence<'_>], rows: LogitRows) -> Result<Forward> {
+        self.forward_with(batch, rows, &self.local_runner()?)
+    }
+
+    /// The runner over the experts this process holds (`NoLocalExperts` without them).
+    pub fn local_runner(&self) -> Result<LocalExperts<'_>> {
         let experts = self
             .layers
             .iter()
@@ -191,7 +196,7 @@ impl Model {
                 FeedForward::Dense(_) => None,
             })
             .collect::<Result<Vec<_>>>()?;
-        self.forward_with(batch, rows, &LocalExperts { experts })
+        Ok(LocalExperts { experts })
     }
 
     /// `forward` with the routed part of every MoE layer going through `runner`.
@@ -268,7 +273,7 @@ impl Model {
 }
 
 /// Routed experts computed in this process, from the model's own expert tensors.
-struct LocalExperts<'a> {
+pub struct LocalExperts<'a> {
     /// Per MoE layer, in order.
     experts: Vec<&'a Experts>,
 }

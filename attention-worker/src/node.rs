@@ -1,0 +1,142 @@
+//! The attention-worker process: configuration and the main loop.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use expertmesh_coordinator::{CoordinatorClient, Registration, Role};
+use expertmesh_model::{Model, ModelSource};
+
+use crate::remote::{DispatchConfig, RemoteExperts};
+use crate::service::AttentionServer;
+
+/// Attention-worker settings (TOML: `deploy/attention-worker.toml`).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AttentionWorkerConfig {
+    /// Coordinator address, `host:port`.
+    pub coordinator: String,
+    /// Address to listen on; port 0 picks a free one.
+    pub listen: String,
+    /// Address other processes reach this worker at (default: the bound address).
+    pub advertise: Option<String>,
+    /// Model directory, or `synthetic:bench`.
+    pub model: String,
+    pub dispatch: DispatchConfig,
+    pub heartbeat_interval_ms: u64,
+    /// How long to keep trying to reach the coordinator at start-up, in ms.
+    pub register_patience_ms: u64,
+}
+
+impl Default for AttentionWorkerConfig {
+    fn default() -> Self {
+        Self {
+            coordinator: "127.0.0.1:7000".into(),
+            listen: "127.0.0.1:0".into(),
+            advertise: None,
+            model: "tests/fixtures/tiny-maverick".into(),
+            dispatch: DispatchConfig::default(),
+            heartbeat_interval_ms: 1000,
+            register_patience_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("invalid config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Model(#[from] expertmesh_model::ModelError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Coordinator(#[from] expertmesh_coordinator::ClientError),
+    #[error("serving failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+impl AttentionWorkerConfig {
+    pub fn validate(self) -> Result<Self, NodeError> {
+        if self.coordinator.is_empty() {
+            return Err(NodeError::Config("`coordinator` is required".into()));
+        }
+        if self.dispatch.timeout_ms == 0 || self.heartbeat_interval_ms == 0 {
+            return Err(NodeError::Config(
+                "dispatch.timeout_ms and heartbeat_interval_ms must be positive".into(),
+            ));
+        }
+        Ok(self)
+    }
+}
+
+/// Loads the model without its routed experts and connects them through the coordinator:
+/// what an attention worker, and `generate --expert-workers`, run on.
+pub async fn connect(
+    source: &ModelSource,
+    coordinator: &str,
+    dispatch: DispatchConfig,
+) -> Result<(Arc<Model>, RemoteExperts, CoordinatorClient), NodeError> {
+    let config = source.config()?;
+    let weights = source.weights()?;
+    let model = Arc::new(Model::without_experts(config, weights.as_ref())?);
+    let client = CoordinatorClient::new(coordinator)?;
+    let experts = RemoteExperts::new(
+        tokio::runtime::Handle::current(),
+        client.clone(),
+        client.watch(),
+        dispatch,
+    );
+    Ok((model, experts, client))
+}
+
+/// Runs an attention worker until `shutdown` completes.
+pub async fn run(
+    config: AttentionWorkerConfig,
+    on_listening: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), NodeError> {
+    let source: ModelSource = config.model.parse()?;
+    let (model, experts, client) = connect(&source, &config.coordinator, config.dispatch).await?;
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .map_err(|source| NodeError::Listen {
+            address: config.listen.clone(),
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(|source| NodeError::Listen {
+        address: config.listen.clone(),
+        source,
+    })?;
+    on_listening(bound);
+    let worker_id = client
+        .register(
+            &Registration {
+                role: Role::AttentionWorker,
+                address: config
+                    .advertise
+                    .clone()
+                    .unwrap_or_else(|| bound.to_string()),
+                capacity: None,
+                model_fingerprint: source.fingerprint()?,
+            },
+            Duration::from_millis(config.register_patience_ms),
+        )
+        .await?;
+    client.spawn_heartbeat(
+        worker_id,
+        Duration::from_millis(config.heartbeat_interval_ms),
+    );
+    tonic::transport::Server::builder()
+        .add_service(AttentionServer::new(model, experts).into_service())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}

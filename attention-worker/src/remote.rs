@@ -1,0 +1,286 @@
+//! `RemoteExperts`: the model's `ExpertRunner` seam carried out over the network. For each
+//! MoE layer's routed batch it splits the expert groups by the worker that holds each
+//! expert under the current placement, dispatches the pieces concurrently, and puts the
+//! answers back in row order. A `WrongEpoch` answer means the placement moved: the runner
+//! takes the newest state and sends again (a bounded number of times). Any other failure
+//! is a typed error within the batch's deadline, never a hang.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use expertmesh_coordinator::{ClusterView, CoordinatorClient};
+use expertmesh_expert_worker::{Dispatch, DispatchBatch, DispatchError, GrpcDispatch, WireDType};
+use expertmesh_model::moe::{ExpertGroup, ExpertRunner, PendingExperts, RoutedBatch};
+use expertmesh_model::{ModelError, Result};
+use tokio::sync::watch;
+
+/// Dispatch settings of an attention worker.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DispatchConfig {
+    /// Time budget of one routed batch (all its pieces, retries included), in ms.
+    pub timeout_ms: u64,
+    /// Activation dtype on the wire: f32 (exact) or bf16 (half the bytes).
+    pub wire_dtype: WireDType,
+    /// Re-sends after `WrongEpoch`.
+    pub epoch_retries: usize,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        Self {
+            timeout_ms: 10_000,
+            wire_dtype: WireDType::F32,
+            epoch_retries: 3,
+        }
+    }
+}
+
+/// Routed experts on expert workers, as the placement says.
+#[derive(Clone)]
+pub struct RemoteExperts {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    runtime: tokio::runtime::Handle,
+    views: watch::Receiver<Option<Arc<ClusterView>>>,
+    coordinator: CoordinatorClient,
+    /// Worker id → (address, client).
+    workers: Mutex<HashMap<u64, (String, Arc<GrpcDispatch>)>>,
+    config: DispatchConfig,
+}
+
+impl RemoteExperts {
+    /// `views` is the coordinator watch; `runtime` runs the network work.
+    pub fn new(
+        runtime: tokio::runtime::Handle,
+        coordinator: CoordinatorClient,
+        views: watch::Receiver<Option<Arc<ClusterView>>>,
+        config: DispatchConfig,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                runtime,
+                views,
+                coordinator,
+                workers: Mutex::new(HashMap::new()),
+                config,
+            }),
+        }
+    }
+
+    /// Waits until the cluster can serve (every expert placed), up to `patience`.
+    pub async fn ready(&self, patience: Duration) -> Result<Arc<ClusterView>, String> {
+        self.inner
+            .servable_view(0, tokio::time::Instant::now() + patience)
+            .await
+    }
+}
+
+impl ExpertRunner for RemoteExperts {
+    fn start(&self, batch: RoutedBatch) -> Result<PendingExperts> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let inner = self.inner.clone();
+        let layer = batch.layer;
+        self.inner.runtime.spawn(async move {
+            let _ = tx.send(inner.run(batch).await);
+        });
+        Ok(PendingExperts::later(move || {
+            rx.recv().unwrap_or_else(|_| {
+                Err(ModelError::ExpertsUnavailable {
+                    layer,
+                    reason: "the dispatch task ended without an answer".into(),
+                })
+            })
+        }))
+    }
+}
+
+/// One worker's share of a routed batch: its groups and where their rows sit in the batch.
+struct Piece {
+    worker: u64,
+    groups: Vec<ExpertGroup>,
+    /// (first row in the batch, rows) per group.
+    spans: Vec<(usize, usize)>,
+}
+
+impl Inner {
+    fn client(&self, worker: u64, view: &ClusterView) -> Result<Arc<GrpcDispatch>, String> {
+        let member = view
+            .member(worker)
+            .ok_or_else(|| format!("worker {worker} is not a member"))?;
+        let mut workers = self.workers.lock().expect("workers lock");
+        match workers.get(&worker) {
+            Some((address, client)) if *address == member.address => Ok(client.clone()),
+            _ => {
+                let client = GrpcDispatch::new(member.address.clone());
+                workers.insert(worker, (member.address.clone(), client.clone()));
+                Ok(client)
+            }
+        }
+    }
+
+    /// The newest servable state with epoch ≥ `min_epoch`, waiting for one until `deadline`.
+    async fn servable_view(
+        &self,
+        min_epoch: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<ClusterView>, String> {
+        let mut views = self.views.clone();
+        loop {
+            let current = views.borrow_and_update().clone();
+            match current {
+                Some(v) if v.unservable.is_none() && v.placement.epoch >= min_epoch => {
+                    return Ok(v)
+                }
+                _ => {}
+            }
+            let why = match views.borrow().as_ref() {
+                None => "no cluster state from the coordinator yet".to_string(),
+                Some(v) => match &v.unservable {
+                    Some(reason) => format!("the cluster cannot serve: {reason}"),
+                    None => format!("waiting for placement epoch {min_epoch}"),
+                },
+            };
+            match tokio::time::timeout_at(deadline, views.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    // The watch may lag; ask the coordinator directly once before giving up.
+                    if let Ok(v) = self.coordinator.state().await {
+                        if v.unservable.is_none() && v.placement.epoch >= min_epoch {
+                            return Ok(Arc::new(v));
+                        }
+                    }
+                    return Err(why);
+                }
+            }
+        }
+    }
+
+    async fn run(&self, batch: RoutedBatch) -> Result<Vec<f32>> {
+        let layer = batch.layer;
+        let unavailable = |reason: String| ModelError::ExpertsUnavailable { layer, reason };
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.timeout_ms);
+        let mut min_epoch = 0;
+        for _ in 0..=self.config.epoch_retries {
+            let view = self
+                .servable_view(min_epoch, deadline)
+                .await
+                .map_err(unavailable)?;
+            match self.send(&batch, &view, deadline).await {
+                Ok(out) => return Ok(out),
+                Err((_, DispatchError::WrongEpoch { current })) => {
+                    // A worker ahead of us means a newer placement exists; a worker behind
+                    // us will catch up with the coordinator shortly.
+                    if current > view.placement.epoch {
+                        min_epoch = current;
+                    } else {
+                        min_epoch = view.placement.epoch;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                Err((worker, e)) => {
+                    let address = view
+                        .member(worker)
+                        .map(|m| m.address.as_str())
+                        .unwrap_or("?");
+                    return Err(unavailable(format!(
+                        "expert worker {worker} ({address}): {e}"
+                    )));
+                }
+            }
+        }
+        Err(unavailable(format!(
+            "placement kept changing ({} retries)",
+            self.config.epoch_retries
+        )))
+    }
+
+    /// Sends one piece per worker under `view`'s placement and reassembles the answer.
+    async fn send(
+        &self,
+        batch: &RoutedBatch,
+        view: &ClusterView,
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<f32>, (u64, DispatchError)> {
+        let h = batch.hidden;
+        let mut pieces: BTreeMap<u64, Piece> = BTreeMap::new();
+        let mut row = 0;
+        for g in &batch.groups {
+            let worker = view
+                .placement
+                .experts
+                .get(g.expert as usize)
+                .and_then(|r| r.first())
+                .copied()
+                .ok_or((
+                    0,
+                    DispatchError::ExpertNotHere {
+                        layer: batch.layer as u32,
+                        expert: g.expert,
+                    },
+                ))?;
+            let p = pieces.entry(worker).or_insert_with(|| Piece {
+                worker,
+                groups: Vec::new(),
+                spans: Vec::new(),
+            });
+            p.groups.push(*g);
+            p.spans.push((row, g.rows as usize));
+            row += g.rows as usize;
+        }
+        let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let mut tasks = Vec::with_capacity(pieces.len());
+        for p in pieces.into_values() {
+            let client = self
+                .client(p.worker, view)
+                .map_err(|e| (p.worker, DispatchError::Unavailable(e)))?;
+            let mut activations =
+                Vec::with_capacity(p.spans.iter().map(|s| s.1).sum::<usize>() * h);
+            for &(start, n) in &p.spans {
+                activations.extend_from_slice(&batch.inputs[start * h..(start + n) * h]);
+            }
+            let dispatch = DispatchBatch {
+                epoch: view.placement.epoch,
+                layer: batch.layer as u32,
+                batch_id: 0,
+                timeout,
+                groups: p.groups.clone(),
+                hidden: h,
+                dtype: self.config.wire_dtype,
+                activations,
+            };
+            tasks.push((p, tokio::spawn(client.dispatch(dispatch))));
+        }
+        let mut out = vec![0.0f32; batch.inputs.len()];
+        let mut first_error = None;
+        for (p, task) in tasks {
+            let result = task
+                .await
+                .unwrap_or_else(|e| Err(DispatchError::Unavailable(e.to_string())));
+            match result {
+                Ok(values) => {
+                    let mut offset = 0;
+                    for &(start, n) in &p.spans {
+                        out[start * h..(start + n) * h]
+                            .copy_from_slice(&values[offset * h..(offset + n) * h]);
+                        offset += n;
+                    }
+                }
+                Err(e) => {
+                    // Prefer reporting a non-epoch error: it will not go away by retrying.
+                    let epoch = matches!(e, DispatchError::WrongEpoch { .. });
+                    if first_error.is_none() || !epoch {
+                        first_error = Some((p.worker, e));
+                    }
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+}

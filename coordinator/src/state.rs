@@ -1,0 +1,186 @@
+//! Cluster state: members and placement, as the coordinator keeps it and as workers see it.
+//! `ClusterView` is the domain form of the wire `ClusterState`, checked once on arrival.
+
+use expertmesh_proto::v1 as pb;
+
+/// A role a worker plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    ExpertWorker,
+    AttentionWorker,
+}
+
+impl From<Role> for pb::Role {
+    fn from(r: Role) -> Self {
+        match r {
+            Role::ExpertWorker => pb::Role::ExpertWorker,
+            Role::AttentionWorker => pb::Role::AttentionWorker,
+        }
+    }
+}
+
+impl TryFrom<i32> for Role {
+    type Error = StateError;
+    fn try_from(v: i32) -> Result<Self, StateError> {
+        match pb::Role::try_from(v) {
+            Ok(pb::Role::ExpertWorker) => Ok(Role::ExpertWorker),
+            Ok(pb::Role::AttentionWorker) => Ok(Role::AttentionWorker),
+            _ => Err(StateError(format!("unknown role {v}"))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid cluster state: {0}")]
+pub struct StateError(pub String);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub id: u64,
+    pub role: Role,
+    pub address: String,
+    pub pid: u32,
+    pub alive: bool,
+    pub capacity: Option<usize>,
+}
+
+/// Which worker holds each expert, under which epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Placement {
+    pub epoch: u64,
+    /// `experts[e]`: workers holding expert e, in preference order.
+    pub experts: Vec<Vec<u64>>,
+}
+
+impl Placement {
+    /// The experts a worker holds.
+    pub fn experts_of(&self, worker: u64) -> Vec<u32> {
+        self.experts
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.contains(&worker))
+            .map(|(e, _)| e as u32)
+            .collect()
+    }
+}
+
+/// What every worker knows of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClusterView {
+    pub version: u64,
+    pub members: Vec<Member>,
+    pub placement: Placement,
+    pub model_fingerprint: String,
+    pub num_experts: usize,
+    /// Why the cluster cannot serve, when it cannot.
+    pub unservable: Option<String>,
+}
+
+impl ClusterView {
+    pub fn member(&self, id: u64) -> Option<&Member> {
+        self.members.iter().find(|m| m.id == id)
+    }
+
+    pub fn count(&self, role: Role) -> usize {
+        self.members
+            .iter()
+            .filter(|m| m.role == role && m.alive)
+            .count()
+    }
+}
+
+impl From<&ClusterView> for pb::ClusterState {
+    fn from(v: &ClusterView) -> Self {
+        pb::ClusterState {
+            version: v.version,
+            members: v
+                .members
+                .iter()
+                .map(|m| pb::Member {
+                    id: m.id,
+                    role: pb::Role::from(m.role) as i32,
+                    address: m.address.clone(),
+                    pid: m.pid,
+                    status: if m.alive {
+                        pb::MemberStatus::Alive
+                    } else {
+                        pb::MemberStatus::Dead
+                    } as i32,
+                    expert_capacity: m.capacity.unwrap_or(0) as u32,
+                    has_capacity: m.capacity.is_some(),
+                })
+                .collect(),
+            placement: Some(pb::Placement {
+                epoch: v.placement.epoch,
+                experts: v
+                    .placement
+                    .experts
+                    .iter()
+                    .map(|w| pb::ExpertReplicas { workers: w.clone() })
+                    .collect(),
+            }),
+            model_fingerprint: v.model_fingerprint.clone(),
+            num_experts: v.num_experts as u32,
+            unservable_reason: v.unservable.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl TryFrom<pb::ClusterState> for ClusterView {
+    type Error = StateError;
+
+    fn try_from(s: pb::ClusterState) -> Result<Self, StateError> {
+        let members = s
+            .members
+            .into_iter()
+            .map(|m| {
+                Ok(Member {
+                    id: m.id,
+                    role: Role::try_from(m.role)?,
+                    address: m.address,
+                    pid: m.pid,
+                    alive: m.status == pb::MemberStatus::Alive as i32,
+                    capacity: m.has_capacity.then_some(m.expert_capacity as usize),
+                })
+            })
+            .collect::<Result<Vec<_>, StateError>>()?;
+        let placement = s
+            .placement
+            .ok_or_else(|| StateError("missing placement".into()))?;
+        let experts: Vec<Vec<u64>> = placement.experts.into_iter().map(|r| r.workers).collect();
+        let unservable = (!s.unservable_reason.is_empty()).then_some(s.unservable_reason);
+        if unservable.is_none() {
+            if experts.len() != s.num_experts as usize {
+                return Err(StateError(format!(
+                    "placement covers {} experts of {}",
+                    experts.len(),
+                    s.num_experts
+                )));
+            }
+            for (e, replicas) in experts.iter().enumerate() {
+                if replicas.is_empty() {
+                    return Err(StateError(format!("expert {e} has no worker")));
+                }
+                if let Some(w) = replicas
+                    .iter()
+                    .find(|w| !members.iter().any(|m| m.id == **w))
+                {
+                    return Err(StateError(format!(
+                        "expert {e} is placed on unknown worker {w}"
+                    )));
+                }
+            }
+        }
+        Ok(ClusterView {
+            version: s.version,
+            members,
+            placement: Placement {
+                epoch: placement.epoch,
+                experts,
+            },
+            model_fingerprint: s.model_fingerprint,
+            num_experts: s.num_experts as usize,
+            unservable,
+        })
+    }
+}

@@ -1,0 +1,154 @@
+//! The expert-worker process: configuration and the main loop.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use expertmesh_coordinator::{CoordinatorClient, Registration, Role};
+use expertmesh_model::ModelSource;
+
+use crate::batcher::{Batcher, BatcherConfig};
+use crate::server::ExpertServer;
+use crate::shard::{Assignment, ExpertShard};
+
+/// Expert-worker settings (TOML: `deploy/expert-worker.toml`).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExpertWorkerConfig {
+    /// Coordinator address, `host:port`.
+    pub coordinator: String,
+    /// Address to listen on; port 0 picks a free one.
+    pub listen: String,
+    /// Address other processes reach this worker at (default: the bound address).
+    pub advertise: Option<String>,
+    /// Model directory, or `synthetic:bench`.
+    pub model: String,
+    /// Experts per MoE layer this worker may hold (default: no limit).
+    pub capacity: Option<usize>,
+    pub batcher: BatcherConfig,
+    pub heartbeat_interval_ms: u64,
+    /// How long to keep trying to reach the coordinator at start-up, in ms.
+    pub register_patience_ms: u64,
+}
+
+impl Default for ExpertWorkerConfig {
+    fn default() -> Self {
+        Self {
+            coordinator: "127.0.0.1:7000".into(),
+            listen: "127.0.0.1:0".into(),
+            advertise: None,
+            model: "tests/fixtures/tiny-maverick".into(),
+            capacity: None,
+            batcher: BatcherConfig::default(),
+            heartbeat_interval_ms: 1000,
+            register_patience_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("invalid config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Model(#[from] expertmesh_model::ModelError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Coordinator(#[from] expertmesh_coordinator::ClientError),
+    #[error("serving failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+impl ExpertWorkerConfig {
+    pub fn validate(self) -> Result<Self, NodeError> {
+        if self.coordinator.is_empty() {
+            return Err(NodeError::Config("`coordinator` is required".into()));
+        }
+        if self.batcher.queue_max == 0 || self.batcher.rows_max == 0 {
+            return Err(NodeError::Config(
+                "batcher queue_max and rows_max must be positive".into(),
+            ));
+        }
+        if self.heartbeat_interval_ms == 0 {
+            return Err(NodeError::Config(
+                "heartbeat_interval_ms must be positive".into(),
+            ));
+        }
+        Ok(self)
+    }
+}
+
+/// Runs an expert worker until `shutdown` completes. `on_listening` gets the bound address
+/// before the worker registers.
+pub async fn run(
+    config: ExpertWorkerConfig,
+    on_listening: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), NodeError> {
+    let source: ModelSource = config.model.parse()?;
+    let model_config = source.config()?;
+    let weights = source.weights()?;
+    let shard = Arc::new(ExpertShard::new(&model_config, weights.as_ref())?);
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .map_err(|source| NodeError::Listen {
+            address: config.listen.clone(),
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(|source| NodeError::Listen {
+        address: config.listen.clone(),
+        source,
+    })?;
+    on_listening(bound);
+
+    let client = CoordinatorClient::new(&config.coordinator)?;
+    let worker_id = client
+        .register(
+            &Registration {
+                role: Role::ExpertWorker,
+                address: config
+                    .advertise
+                    .clone()
+                    .unwrap_or_else(|| bound.to_string()),
+                capacity: config.capacity,
+                model_fingerprint: source.fingerprint()?,
+            },
+            Duration::from_millis(config.register_patience_ms),
+        )
+        .await?;
+    client.spawn_heartbeat(
+        worker_id,
+        Duration::from_millis(config.heartbeat_interval_ms),
+    );
+    let mut views = client.watch();
+    let assigned = shard.clone();
+    tokio::spawn(async move {
+        while views.changed().await.is_ok() {
+            let view = views.borrow_and_update().clone();
+            if let Some(view) = view.filter(|v| v.unservable.is_none()) {
+                assigned.assign(Assignment {
+                    epoch: view.placement.epoch,
+                    experts: view.placement.experts_of(worker_id).into_iter().collect(),
+                });
+            }
+        }
+    });
+
+    let id = Arc::new(AtomicU64::new(worker_id));
+    id.store(worker_id, Ordering::Relaxed);
+    let server = ExpertServer::new(Batcher::spawn(shard, config.batcher), id);
+    tonic::transport::Server::builder()
+        .add_service(server.into_service())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}
