@@ -7,10 +7,18 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use expertmesh_attention_worker::{connect, DispatchConfig};
+use expertmesh_expert_worker::WireDType;
 use expertmesh_model::{
-    config::generation_eos_ids, generate, ChatMessage, ChatTemplate, DetokenizeStream,
-    FinishReason, GenerateRequest, Model, SamplingParams, TextTokenizer,
+    config::generation_eos_ids, generate, generate_with, ChatMessage, ChatTemplate,
+    DetokenizeStream, FinishReason, GenerateOutput, GenerateRequest, Model, ModelSource,
+    SamplingParams, TextConfig, TextTokenizer,
 };
+use expertmesh_proto::v1 as pb;
+use expertmesh_proto::v1::attention_service_client::AttentionServiceClient;
+use std::time::Duration;
+
+use crate::cluster::{ClusterSpec, LocalCluster};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
@@ -54,25 +62,27 @@ pub struct GenerateArgs {
     /// Write the prefill logits `[prompt positions, vocab]` (f32) to this safetensors file.
     #[arg(long)]
     dump_logits: Option<PathBuf>,
+    /// Run through a temporary local cluster: a coordinator and this many expert-worker
+    /// processes; this process does the attention side.
+    #[arg(long, conflicts_with = "attention_worker")]
+    expert_workers: Option<usize>,
+    /// Send the request to a running attention worker (`up` prints its address).
+    #[arg(long)]
+    attention_worker: Option<String>,
+    /// Activation dtype on the wire with --expert-workers: f32 (exact) or bf16.
+    #[arg(long, default_value = "f32")]
+    wire_dtype: WireDType,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let started = Instant::now();
-    let model = Model::load(&args.model)
+    let config = TextConfig::from_dir(&args.model)
         .with_context(|| format!("loading the model in {}", args.model.display()))?;
     let tokenizer = TextTokenizer::from_dir(&args.model)?;
-    eprintln!(
-        "loaded {} ({} layers, {} experts) in {} ms",
-        args.model.display(),
-        model.config().num_hidden_layers,
-        model.config().num_local_experts,
-        started.elapsed().as_millis()
-    );
-    let prompt = prompt_ids(&args, &model, &tokenizer)?;
+    let prompt = prompt_ids(&args, &config, &tokenizer)?;
     let stop_ids = if args.ignore_eos {
         Vec::new()
     } else {
-        generation_eos_ids(&args.model)?.unwrap_or_else(|| model.config().eos_token_ids.clone())
+        generation_eos_ids(&args.model)?.unwrap_or_else(|| config.eos_token_ids.clone())
     };
     let request = GenerateRequest {
         prompt: prompt.clone(),
@@ -90,7 +100,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut stream = DetokenizeStream::default();
     let mut stdout = std::io::stdout().lock();
     let decode_started = Instant::now();
-    let out = generate(&model, &request, |id| {
+    let on_token = |id: u32| {
         if args.json || stop_ids.contains(&id) {
             return;
         }
@@ -99,7 +109,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             let _ = write!(stdout, "{piece}");
             let _ = stdout.flush();
         }
-    })?;
+    };
+    let out = match (&args.expert_workers, &args.attention_worker) {
+        (Some(n), _) => through_cluster(&args, *n, &request, on_token)?,
+        (None, Some(addr)) => through_attention_worker(addr, &request, on_token)?,
+        (None, None) => {
+            let model = Model::load(&args.model)?;
+            generate(&model, &request, on_token)?
+        }
+    };
     let elapsed = decode_started.elapsed();
 
     if let (Some(path), Some(logits)) = (&args.dump_logits, &out.prompt_logits) {
@@ -133,8 +151,117 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// Runs the attention side here against a temporary cluster of `n` expert workers.
+fn through_cluster(
+    args: &GenerateArgs,
+    n: usize,
+    request: &GenerateRequest,
+    on_token: impl FnMut(u32),
+) -> Result<GenerateOutput> {
+    if n == 0 {
+        bail!("--expert-workers must be at least 1");
+    }
+    let model_arg = args.model.display().to_string();
+    let cluster = LocalCluster::start(&ClusterSpec {
+        model: model_arg.clone(),
+        expert_capacities: vec![None; n],
+        attention_workers: 0,
+        attention_args: Vec::new(),
+    })?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let source: ModelSource = model_arg.parse()?;
+    let dispatch = DispatchConfig {
+        wire_dtype: args.wire_dtype,
+        ..DispatchConfig::default()
+    };
+    let (model, experts) = runtime.block_on(async {
+        cluster.ready(Duration::from_secs(60)).await?;
+        let (model, experts, _) = connect(&source, &cluster.coordinator.address, dispatch).await?;
+        experts
+            .ready(Duration::from_secs(30))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        anyhow::Ok((model, experts))
+    })?;
+    let out = generate_with(&model, request, &experts, on_token)?;
+    drop(cluster);
+    Ok(out)
+}
+
+/// Sends the request to a running attention worker and follows its token stream.
+fn through_attention_worker(
+    address: &str,
+    request: &GenerateRequest,
+    mut on_token: impl FnMut(u32),
+) -> Result<GenerateOutput> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .with_context(|| format!("connecting to the attention worker at {address}"))?;
+        let mut client = AttentionServiceClient::new(channel)
+            .max_decoding_message_size(expertmesh_proto::MAX_MESSAGE_BYTES);
+        let mut events = client
+            .generate(pb::GenerateRequest {
+                input_ids: request.prompt.clone(),
+                max_tokens: request.max_new_tokens as u32,
+                temperature: request.sampling.temperature,
+                top_p: request.sampling.top_p,
+                top_k: request.sampling.top_k as u32,
+                seed: request.sampling.seed,
+                stop_ids: request.stop_ids.clone(),
+                prompt_logits: request.prompt_logits,
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            .into_inner();
+        let mut output_ids = Vec::new();
+        let mut prompt_logits = None;
+        loop {
+            let event = events
+                .message()
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .context("the attention worker ended the stream without finishing")?;
+            match event.event {
+                Some(pb::generate_event::Event::Token(t)) => {
+                    output_ids.push(t.id);
+                    on_token(t.id);
+                }
+                Some(pb::generate_event::Event::PromptLogits(t)) => {
+                    prompt_logits = Some(
+                        t.data
+                            .chunks_exact(4)
+                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                            .collect(),
+                    );
+                }
+                Some(pb::generate_event::Event::Finished(f)) => {
+                    let finish_reason = if f.reason == pb::FinishReason::Stop as i32 {
+                        FinishReason::Stop
+                    } else {
+                        FinishReason::Length
+                    };
+                    return Ok(GenerateOutput {
+                        output_ids,
+                        finish_reason,
+                        prompt_logits,
+                    });
+                }
+                None => bail!("an empty event from the attention worker"),
+            }
+        }
+    })
+}
+
 /// The prompt's token ids: given, templated, or plain text with BOS in front.
-fn prompt_ids(args: &GenerateArgs, model: &Model, tokenizer: &TextTokenizer) -> Result<Vec<u32>> {
+fn prompt_ids(
+    args: &GenerateArgs,
+    config: &TextConfig,
+    tokenizer: &TextTokenizer,
+) -> Result<Vec<u32>> {
     if let Some(ids) = &args.input_ids {
         return Ok(ids.clone());
     }
@@ -149,7 +276,7 @@ fn prompt_ids(args: &GenerateArgs, model: &Model, tokenizer: &TextTokenizer) -> 
         return Ok(tokenizer.encode(&rendered, false)?);
     }
     let mut ids = tokenizer.encode(text, true)?;
-    if let Some(bos) = model.config().bos_token_id {
+    if let Some(bos) = config.bos_token_id {
         if ids.first() != Some(&bos) {
             ids.insert(0, bos);
         }

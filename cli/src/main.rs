@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod cluster;
 mod generate;
+mod roles;
+mod up;
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +26,14 @@ struct Cli {
 enum Command {
     /// Generate text with the single-process engine.
     Generate(generate::GenerateArgs),
+    /// Start a whole cluster on this machine (coordinator, expert and attention workers).
+    Up(up::UpArgs),
+    /// Run the coordinator.
+    Coordinator(roles::CoordinatorArgs),
+    /// Run an expert worker.
+    ExpertWorker(roles::ExpertWorkerArgs),
+    /// Run an attention worker.
+    AttentionWorker(roles::AttentionWorkerArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -34,6 +45,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Up(args) => up::run(args),
+        Command::Coordinator(args) => roles::coordinator(args),
+        Command::ExpertWorker(args) => roles::expert_worker(args),
+        Command::AttentionWorker(args) => roles::attention_worker(args),
         Command::Bench { which } => bench::run(which),
     };
     match result {

@@ -22,6 +22,26 @@ pub use client::{ClientError, CoordinatorClient, Registration};
 pub use service::Coordinator;
 pub use state::{ClusterView, Member, Placement, Role};
 
+/// Coordinator settings (TOML: `deploy/coordinator.toml`).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Address to listen on; port 0 picks a free one.
+    pub listen: String,
+    /// The model the cluster serves (directory or `synthetic:bench`): the coordinator
+    /// reads its expert count and fingerprint, not its weights.
+    pub model: String,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7000".into(),
+            model: "tests/fixtures/tiny-maverick".into(),
+        }
+    }
+}
+
 /// Serves `coordinator` on `listener` until `shutdown` completes.
 pub async fn serve(
     coordinator: Coordinator,

@@ -1,0 +1,160 @@
+//! Local clusters of real processes: the coordinator and workers started as children of
+//! this binary on loopback, for `up` and `generate --expert-workers`. Children are killed
+//! when the `LocalCluster` is dropped.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use expertmesh_coordinator::{ClusterView, CoordinatorClient, Role};
+
+/// How long a child may take to bind its port (model loading included).
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One child process and the address it listens on.
+pub struct Process {
+    pub role: &'static str,
+    pub address: String,
+    pub child: Child,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `expertmesh <args>` and waits for its `LISTENING` line.
+pub fn spawn(role: &'static str, args: &[String]) -> Result<Process> {
+    let exe = std::env::current_exe().context("finding the expertmesh binary")?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {role}"))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let mut process = Process {
+        role,
+        address: String::new(),
+        child,
+    };
+    match rx.recv_timeout(START_TIMEOUT) {
+        Ok(line) => match line.trim().strip_prefix("LISTENING ") {
+            Some(addr) => process.address = addr.to_owned(),
+            None => bail!("{role} exited before listening"),
+        },
+        Err(_) => bail!("{role} did not start listening within {START_TIMEOUT:?}"),
+    }
+    Ok(process)
+}
+
+/// A coordinator and its workers.
+pub struct LocalCluster {
+    pub coordinator: Process,
+    pub expert_workers: Vec<Process>,
+    pub attention_workers: Vec<Process>,
+}
+
+/// What to start.
+pub struct ClusterSpec {
+    pub model: String,
+    /// One entry per expert worker: its capacity (None = no limit).
+    pub expert_capacities: Vec<Option<usize>>,
+    pub attention_workers: usize,
+    /// Extra flags for attention workers (wire dtype, timeouts).
+    pub attention_args: Vec<String>,
+}
+
+impl LocalCluster {
+    pub fn start(spec: &ClusterSpec) -> Result<Self> {
+        let model = spec.model.clone();
+        let coordinator = spawn(
+            "coordinator",
+            &[
+                "coordinator".into(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--model".into(),
+                model.clone(),
+            ],
+        )?;
+        let mut expert_workers = Vec::new();
+        for capacity in &spec.expert_capacities {
+            let mut args = vec![
+                "expert-worker".into(),
+                "--coordinator".into(),
+                coordinator.address.clone(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--model".into(),
+                model.clone(),
+            ];
+            if let Some(c) = capacity {
+                args.extend(["--capacity".into(), c.to_string()]);
+            }
+            expert_workers.push(spawn("expert-worker", &args)?);
+        }
+        let mut attention_workers = Vec::new();
+        for _ in 0..spec.attention_workers {
+            let mut args = vec![
+                "attention-worker".into(),
+                "--coordinator".into(),
+                coordinator.address.clone(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--model".into(),
+                model.clone(),
+            ];
+            args.extend(spec.attention_args.iter().cloned());
+            attention_workers.push(spawn("attention-worker", &args)?);
+        }
+        Ok(Self {
+            coordinator,
+            expert_workers,
+            attention_workers,
+        })
+    }
+
+    /// Waits until every worker has registered and every expert is placed.
+    pub async fn ready(&self, patience: Duration) -> Result<ClusterView> {
+        let client = CoordinatorClient::new(&self.coordinator.address)?;
+        let give_up = Instant::now() + patience;
+        loop {
+            if let Ok(view) = client.state().await {
+                let complete = view.count(Role::ExpertWorker) == self.expert_workers.len()
+                    && view.count(Role::AttentionWorker) == self.attention_workers.len();
+                if complete && view.unservable.is_none() {
+                    return Ok(view);
+                }
+                if complete && Instant::now() >= give_up {
+                    bail!(
+                        "the cluster cannot serve: {}",
+                        view.unservable.unwrap_or_default()
+                    );
+                }
+            }
+            if Instant::now() >= give_up {
+                bail!("the cluster was not ready within {patience:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every process, for status lines and child monitoring.
+    pub fn processes_mut(&mut self) -> impl Iterator<Item = &mut Process> {
+        std::iter::once(&mut self.coordinator)
+            .chain(self.expert_workers.iter_mut())
+            .chain(self.attention_workers.iter_mut())
+    }
+}

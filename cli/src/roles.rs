@@ -1,0 +1,180 @@
+//! The role subcommands: `coordinator`, `expert-worker`, `attention-worker`. Each takes a
+//! TOML config (`--config`, examples in `deploy/`) overridden by flags, validates it, prints
+//! `LISTENING <address>` as its first line on stdout once bound, and runs until SIGINT or
+//! SIGTERM.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use expertmesh_attention_worker::AttentionWorkerConfig;
+use expertmesh_coordinator::{Coordinator, CoordinatorConfig};
+use expertmesh_expert_worker::{ExpertWorkerConfig, WireDType};
+use expertmesh_model::ModelSource;
+
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    /// TOML config file; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    listen: Option<String>,
+    /// Model directory or `synthetic:bench`.
+    #[arg(long)]
+    model: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ExpertWorkerArgs {
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Coordinator address.
+    #[arg(long)]
+    coordinator: Option<String>,
+    #[arg(long)]
+    listen: Option<String>,
+    #[arg(long)]
+    model: Option<String>,
+    /// Experts per MoE layer this worker may hold.
+    #[arg(long)]
+    capacity: Option<usize>,
+    /// Batching window in µs.
+    #[arg(long)]
+    batch_window_us: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+pub struct AttentionWorkerArgs {
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    coordinator: Option<String>,
+    #[arg(long)]
+    listen: Option<String>,
+    #[arg(long)]
+    model: Option<String>,
+    /// Activation dtype on the wire: f32 (exact) or bf16.
+    #[arg(long)]
+    wire_dtype: Option<WireDType>,
+    /// Time budget of one routed batch, in ms.
+    #[arg(long)]
+    dispatch_timeout_ms: Option<u64>,
+}
+
+fn load<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> Result<T> {
+    match path {
+        None => Ok(T::default()),
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+        }
+    }
+}
+
+fn announce(addr: SocketAddr) {
+    let mut out = std::io::stdout().lock();
+    // The parent process (`up`) reads this line to learn the port.
+    let _ = writeln!(out, "LISTENING {addr}");
+    let _ = out.flush();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    let mut config: CoordinatorConfig = load(args.config.as_deref())?;
+    if let Some(v) = args.listen {
+        config.listen = v;
+    }
+    if let Some(v) = args.model {
+        config.model = v;
+    }
+    let source: ModelSource = config.model.parse()?;
+    let model = source
+        .config()
+        .with_context(|| format!("reading the model at {source}"))?;
+    let coordinator = Coordinator::new(model.num_local_experts, source.fingerprint()?);
+    runtime()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&config.listen)
+            .await
+            .with_context(|| format!("listening on {}", config.listen))?;
+        announce(listener.local_addr()?);
+        eprintln!(
+            "coordinator: model {source} ({} experts), waiting for workers",
+            model.num_local_experts
+        );
+        expertmesh_coordinator::serve(coordinator, listener, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+pub fn expert_worker(args: ExpertWorkerArgs) -> Result<()> {
+    let mut config: ExpertWorkerConfig = load(args.config.as_deref())?;
+    if let Some(v) = args.coordinator {
+        config.coordinator = v;
+    }
+    if let Some(v) = args.listen {
+        config.listen = v;
+    }
+    if let Some(v) = args.model {
+        config.model = v;
+    }
+    if args.capacity.is_some() {
+        config.capacity = args.capacity;
+    }
+    if let Some(v) = args.batch_window_us {
+        config.batcher.window_us = v;
+    }
+    let config = config.validate()?;
+    runtime()?.block_on(async {
+        expertmesh_expert_worker::run(config, announce, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+pub fn attention_worker(args: AttentionWorkerArgs) -> Result<()> {
+    let mut config: AttentionWorkerConfig = load(args.config.as_deref())?;
+    if let Some(v) = args.coordinator {
+        config.coordinator = v;
+    }
+    if let Some(v) = args.listen {
+        config.listen = v;
+    }
+    if let Some(v) = args.model {
+        config.model = v;
+    }
+    if let Some(v) = args.wire_dtype {
+        config.dispatch.wire_dtype = v;
+    }
+    if let Some(v) = args.dispatch_timeout_ms {
+        config.dispatch.timeout_ms = v;
+    }
+    let config = config.validate()?;
+    runtime()?.block_on(async {
+        expertmesh_attention_worker::run(config, announce, shutdown_signal()).await?;
+        Ok(())
+    })
+}
