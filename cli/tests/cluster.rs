@@ -1,0 +1,310 @@
+//! Clusters of real `expertmesh` processes on loopback against the single process: the
+//! same tokens and the same logits, bit for bit, with 1 to 4 expert workers, with a worker
+//! that owns no expert, and a clear error (not a hang) when an expert worker dies.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn fixture(name: &str) -> String {
+    root()
+        .join("tests/fixtures")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn expertmesh(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("run expertmesh")
+}
+
+/// A role process that is killed when dropped.
+struct Role {
+    child: Child,
+    address: String,
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(args: &[&str]) -> Role {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+        .args(args)
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let address = line
+        .trim()
+        .strip_prefix("LISTENING ")
+        .unwrap_or_else(|| panic!("{args:?} printed {line:?}"))
+        .to_owned();
+    Role { child, address }
+}
+
+fn long_case(model: &str) -> (String, usize) {
+    let json: Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(&fixture(model)).join("reference.json")).unwrap(),
+    )
+    .unwrap();
+    let case = json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "long")
+        .unwrap();
+    let ids = case["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    (ids, case["greedy_new_ids"].as_array().unwrap().len())
+}
+
+/// `generate` output and dumped logits for one configuration (`extra` adds flags).
+fn run_generate(model: &str, extra: &[&str]) -> (Value, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let logits = dir.path().join("logits.safetensors");
+    let (ids, n) = long_case(model);
+    let n = n.to_string();
+    let path = fixture(model);
+    let mut args = vec![
+        "generate",
+        "--model",
+        &path,
+        "--input-ids",
+        &ids,
+        "--max-tokens",
+        &n,
+        "--ignore-eos",
+        "--json",
+        "--dump-logits",
+        logits.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = expertmesh(&args);
+    assert!(
+        out.status.success(),
+        "{extra:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        serde_json::from_slice(&out.stdout).unwrap(),
+        std::fs::read(&logits).unwrap(),
+    )
+}
+
+#[test]
+fn clusters_of_1_to_4_expert_workers_equal_the_single_process() {
+    for model in ["tiny-maverick", "tiny-scout"] {
+        let (single, single_logits) = run_generate(model, &[]);
+        for n in ["1", "2", "3", "4"] {
+            let (cluster, cluster_logits) = run_generate(model, &["--expert-workers", n]);
+            assert_eq!(cluster, single, "{model} with {n} expert workers");
+            assert!(
+                cluster_logits == single_logits,
+                "{model} with {n} expert workers: logits differ"
+            );
+        }
+    }
+}
+
+/// Standalone roles: a coordinator, an expert worker that may hold no expert, one that
+/// holds them all, and an attention worker serving `Generate`.
+#[test]
+fn an_expert_worker_without_experts_changes_nothing() {
+    let model = fixture("tiny-scout");
+    let coordinator = start(&["coordinator", "--listen", "127.0.0.1:0", "--model", &model]);
+    let c = coordinator.address.as_str();
+    let _empty = start(&[
+        "expert-worker",
+        "--coordinator",
+        c,
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        &model,
+        "--capacity",
+        "0",
+    ]);
+    let _full = start(&[
+        "expert-worker",
+        "--coordinator",
+        c,
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        &model,
+    ]);
+    let attention = start(&[
+        "attention-worker",
+        "--coordinator",
+        c,
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        &model,
+    ]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let view = rt.block_on(async {
+        let client = expertmesh_coordinator::CoordinatorClient::new(c).unwrap();
+        let give_up = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = client.state().await.unwrap();
+            if v.members.len() == 3 && v.unservable.is_none() {
+                return v;
+            }
+            assert!(Instant::now() < give_up, "cluster not ready: {v:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let held: Vec<usize> = view
+        .members
+        .iter()
+        .filter(|m| m.role == expertmesh_coordinator::Role::ExpertWorker)
+        .map(|m| view.placement.experts_of(m.id).len())
+        .collect();
+    assert_eq!(held, vec![0, 16]);
+    let (single, single_logits) = run_generate("tiny-scout", &[]);
+    let (remote, remote_logits) =
+        run_generate("tiny-scout", &["--attention-worker", &attention.address]);
+    assert_eq!(remote, single);
+    assert!(remote_logits == single_logits, "logits differ");
+}
+
+/// Killing an expert worker in the middle of a long generation ends the request with an
+/// error that names the worker, within the dispatch deadline.
+#[test]
+fn a_killed_expert_worker_is_a_clear_error_not_a_hang() {
+    let model = fixture("tiny-maverick");
+    let coordinator = start(&["coordinator", "--listen", "127.0.0.1:0", "--model", &model]);
+    let c = coordinator.address.as_str();
+    let mut victim = start(&[
+        "expert-worker",
+        "--coordinator",
+        c,
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        &model,
+    ]);
+    let _other = start(&[
+        "expert-worker",
+        "--coordinator",
+        c,
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        &model,
+    ]);
+    let attention = start(&[
+        "attention-worker",
+        "--coordinator",
+        c,
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        &model,
+        "--dispatch-timeout-ms",
+        "3000",
+    ]);
+    // Wait for both workers to hold experts: a first short generation must succeed.
+    let give_up = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = expertmesh(&[
+            "generate",
+            "--model",
+            &model,
+            "--attention-worker",
+            &attention.address,
+            "--input-ids",
+            "697,318",
+            "--max-tokens",
+            "2",
+            "--json",
+        ]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut client = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+        .args([
+            "generate",
+            "--model",
+            &model,
+            "--attention-worker",
+            &attention.address,
+            "--input-ids",
+            "697,318,676",
+            "--max-tokens",
+            "4000",
+            "--ignore-eos",
+        ])
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Generation is under way once text arrives.
+    let mut stdout = client.stdout.take().unwrap();
+    let mut first = [0u8; 1];
+    stdout.read_exact(&mut first).unwrap();
+    victim.child.kill().unwrap();
+    victim.child.wait().unwrap();
+    let killed_at = Instant::now();
+    let status = loop {
+        if let Some(status) = client.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(20),
+            "generation hung after the kill"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    client
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "generation survived the kill");
+    assert!(stderr.contains("expert worker"), "{stderr}");
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        killed_at.elapsed()
+    );
+}
