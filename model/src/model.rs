@@ -14,7 +14,9 @@ use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::linear::{Layout, Linear};
-use crate::moe::{ExpertRunner, Experts, Mlp, Moe, PendingExperts, Route, RoutedBatch};
+use crate::moe::{
+    ExpertRunner, Experts, Mlp, Moe, MoeInFlight, PendingExperts, Route, RoutedBatch,
+};
 use crate::norm::rms_norm;
 
 // One per layer, built once: the size difference between variants costs nothing.
@@ -73,7 +75,11 @@ pub struct Model {
     layers: Vec<Layer>,
     norm: Vec<f32>,
     lm_head: Linear,
+    micro_batch_min_tokens: usize,
 }
+
+/// Batches of at least this many tokens (and two sequences) run as two micro-batches.
+pub const MICRO_BATCH_MIN_TOKENS: usize = 16;
 
 impl Model {
     /// Loads `config.json` and the safetensors checkpoint of a model directory.
@@ -128,6 +134,7 @@ impl Model {
             ),
             layers,
             config,
+            micro_batch_min_tokens: MICRO_BATCH_MIN_TOKENS,
         })
     }
 
@@ -221,35 +228,46 @@ impl Model {
             self.embed.read_f32(id as usize * h, row);
         }
 
-        let mut routes: Vec<Vec<Route>> = Vec::new();
-        for (l, layer) in self.layers.iter().enumerate() {
-            let x = rms_norm(&hidden, h, &layer.input_norm, c.rms_norm_eps);
-            let mut slices: Vec<SeqSlice<'_>> = batch
-                .iter_mut()
-                .map(|s| SeqSlice {
-                    start_pos: s.cache.next_pos,
-                    len: s.tokens.len(),
-                    cache: &mut s.cache.layers[l],
-                })
-                .collect();
-            let attn = layer.attention.forward(&x, t, &mut slices);
-            hidden.iter_mut().zip(&attn).for_each(|(a, b)| *a += b);
-
-            let x = rms_norm(&hidden, h, &layer.post_attention_norm, c.rms_norm_eps);
-            let ffn = match &layer.feed_forward {
-                FeedForward::Dense(mlp) => mlp.forward(&x, t),
-                FeedForward::Moe(moe) => {
-                    let (out, r) = moe.forward(&x, t, routes.len(), l, runner)?;
-                    routes.push(r);
-                    out
-                }
-            };
-            hidden.iter_mut().zip(&ffn).for_each(|(a, b)| *a += b);
+        let split = self.micro_batch_split(batch);
+        let (first, second) = batch.split_at_mut(split);
+        let first_rows: usize = first.iter().map(|s| s.tokens.len()).sum();
+        let second_hidden = hidden.split_off(first_rows * h);
+        let mut micro = vec![MicroBatch::new(first, hidden)];
+        if !second.is_empty() {
+            micro.push(MicroBatch::new(second, second_hidden));
         }
-        for s in batch.iter_mut() {
+
+        let mut moe_index = 0;
+        for (l, layer) in self.layers.iter().enumerate() {
+            // Ping-pong: every micro-batch runs attention and sends its routed tokens
+            // before any waits, so one computes while the other's tokens are away.
+            let mut flights = Vec::with_capacity(micro.len());
+            for mb in micro.iter_mut() {
+                flights.push(self.layer_start(mb, l, layer, moe_index, runner)?);
+            }
+            for (mb, flight) in micro.iter_mut().zip(flights) {
+                if let (FeedForward::Moe(moe), Some((x, flight))) = (&layer.feed_forward, flight) {
+                    let (out, routes) = moe.finish(flight, &x, mb.rows)?;
+                    mb.hidden.iter_mut().zip(&out).for_each(|(a, b)| *a += b);
+                    mb.routes.push(routes);
+                }
+            }
+            if matches!(layer.feed_forward, FeedForward::Moe(_)) {
+                moe_index += 1;
+            }
+        }
+        for s in micro.iter_mut().flat_map(|mb| mb.seqs.iter_mut()) {
             s.cache.next_pos += s.tokens.len();
         }
 
+        let mut routes = vec![Vec::new(); moe_index];
+        let mut hidden = Vec::with_capacity(t * h);
+        for mb in micro {
+            for (all, r) in routes.iter_mut().zip(mb.routes) {
+                all.extend(r);
+            }
+            hidden.extend(mb.hidden);
+        }
         let selected: Vec<f32> = match rows {
             LogitRows::All => hidden,
             LogitRows::Last => {
@@ -269,6 +287,89 @@ impl Model {
             rows: n,
             routes,
         })
+    }
+
+    /// Where the batch splits into two micro-batches (sequences before the index go first),
+    /// or `batch.len()` for no split: only batches of at least two sequences and
+    /// `micro_batch_min_tokens` tokens are split, at the sequence nearest half the tokens.
+    fn micro_batch_split(&self, batch: &[Sequence<'_>]) -> usize {
+        let t: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        if batch.len() < 2 || t < self.micro_batch_min_tokens {
+            return batch.len();
+        }
+        let mut rows = 0;
+        for (i, s) in batch.iter().enumerate() {
+            rows += s.tokens.len();
+            if 2 * rows >= t {
+                return (i + 1).min(batch.len() - 1);
+            }
+        }
+        batch.len() - 1
+    }
+
+    /// Attention and, for a dense layer, the whole feed-forward of one micro-batch; for a
+    /// MoE layer, the routed tokens are sent and the normed input is returned with them.
+    fn layer_start(
+        &self,
+        mb: &mut MicroBatch<'_, '_>,
+        l: usize,
+        layer: &Layer,
+        moe_index: usize,
+        runner: &dyn ExpertRunner,
+    ) -> Result<Option<(Vec<f32>, MoeInFlight)>> {
+        let c = &self.config;
+        let h = c.hidden_size;
+        let x = rms_norm(&mb.hidden, h, &layer.input_norm, c.rms_norm_eps);
+        let mut slices: Vec<SeqSlice<'_>> = mb
+            .seqs
+            .iter_mut()
+            .map(|s| SeqSlice {
+                start_pos: s.cache.next_pos,
+                len: s.tokens.len(),
+                cache: &mut s.cache.layers[l],
+            })
+            .collect();
+        let attn = layer.attention.forward(&x, mb.rows, &mut slices);
+        mb.hidden.iter_mut().zip(&attn).for_each(|(a, b)| *a += b);
+        let x = rms_norm(&mb.hidden, h, &layer.post_attention_norm, c.rms_norm_eps);
+        match &layer.feed_forward {
+            FeedForward::Dense(mlp) => {
+                let out = mlp.forward(&x, mb.rows);
+                mb.hidden.iter_mut().zip(&out).for_each(|(a, b)| *a += b);
+                Ok(None)
+            }
+            FeedForward::Moe(moe) => {
+                let flight = moe.start(&x, mb.rows, moe_index, l, runner)?;
+                Ok(Some((x, flight)))
+            }
+        }
+    }
+
+    /// Sets the smallest batch (in tokens, with at least two sequences) that is split
+    /// into two micro-batches; `usize::MAX` turns splitting off.
+    pub fn set_micro_batch_min_tokens(&mut self, tokens: usize) {
+        self.micro_batch_min_tokens = tokens;
+    }
+}
+
+/// Some sequences of a batch and their hidden state, moving through the layers together.
+struct MicroBatch<'b, 's> {
+    seqs: &'b mut [Sequence<'s>],
+    hidden: Vec<f32>,
+    rows: usize,
+    /// Per MoE layer so far, the routes of this micro-batch's tokens.
+    routes: Vec<Vec<Route>>,
+}
+
+impl<'b, 's> MicroBatch<'b, 's> {
+    fn new(seqs: &'b mut [Sequence<'s>], hidden: Vec<f32>) -> Self {
+        let rows = seqs.iter().map(|s| s.tokens.len()).sum();
+        Self {
+            seqs,
+            hidden,
+            rows,
+            routes: Vec::new(),
+        }
     }
 }
 

@@ -265,6 +265,19 @@ impl Moe {
         layer: usize,
         runner: &dyn ExpertRunner,
     ) -> Result<(Vec<f32>, Vec<Route>)> {
+        let flight = self.start(x, t, moe_index, layer, runner)?;
+        self.finish(flight, x, t)
+    }
+
+    /// Routes `x` and sends the routed part on its way.
+    pub fn start(
+        &self,
+        x: &[f32],
+        t: usize,
+        moe_index: usize,
+        layer: usize,
+        runner: &dyn ExpertRunner,
+    ) -> Result<MoeInFlight> {
         let h = self.hidden;
         let logits = self.router.forward(x, t);
         let routes = route(&logits, self.num_experts);
@@ -281,6 +294,26 @@ impl Moe {
             hidden: h,
             inputs,
         })?;
+        Ok(MoeInFlight {
+            routes,
+            order,
+            pending,
+        })
+    }
+
+    /// Computes the shared expert on `x` while the routed part finishes, and adds them.
+    pub fn finish(
+        &self,
+        flight: MoeInFlight,
+        x: &[f32],
+        t: usize,
+    ) -> Result<(Vec<f32>, Vec<Route>)> {
+        let h = self.hidden;
+        let MoeInFlight {
+            routes,
+            order,
+            pending,
+        } = flight;
         let (mut out, routed) = rayon::join(|| self.shared.forward(x, t), || pending.wait());
         let routed = routed?;
         for (&r, y) in order.iter().zip(routed.chunks_exact(h)) {
@@ -291,6 +324,14 @@ impl Moe {
         }
         Ok((out, routes))
     }
+}
+
+/// A MoE layer whose routed tokens are at the experts.
+pub struct MoeInFlight {
+    routes: Vec<Route>,
+    /// Batch row of each routed row.
+    order: Vec<usize>,
+    pending: PendingExperts,
 }
 
 impl Experts {
