@@ -131,12 +131,9 @@ pub async fn run(
         worker_id,
         Duration::from_millis(config.heartbeat_interval_ms),
     );
-    tonic::transport::Server::builder()
+    expertmesh_proto::server_builder()
         .add_service(AttentionServer::new(model, experts).into_service())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(expertmesh_proto::incoming(listener), shutdown)
         .await?;
     Ok(())
 }

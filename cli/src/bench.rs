@@ -25,6 +25,8 @@ use serde::Serialize;
 pub enum BenchCommand {
     /// Decode tokens/s at several batch sizes after a prompt, against the bandwidth floor.
     Decode(DecodeArgs),
+    /// One dispatch round trip over loopback gRPC against a raw TCP echo of the same bytes.
+    Dispatch(crate::bench_dispatch::DispatchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -80,6 +82,7 @@ struct DecodePoint {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Decode(args) => decode(args),
+        BenchCommand::Dispatch(args) => crate::bench_dispatch::run(args),
     }
 }
 

@@ -196,8 +196,7 @@ fn through_attention_worker(
 ) -> Result<GenerateOutput> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
-            .connect_timeout(Duration::from_secs(5))
+        let channel = expertmesh_proto::endpoint(address, Duration::from_secs(5))?
             .connect()
             .await
             .with_context(|| format!("connecting to the attention worker at {address}"))?;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_dispatch;
 mod cluster;
 mod generate;
 mod roles;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use expertmesh_proto::v1 as pb;
 use expertmesh_proto::v1::coordinator_service_client::CoordinatorServiceClient;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::state::{ClusterView, Role};
 
@@ -46,12 +46,11 @@ pub struct Registration {
 impl CoordinatorClient {
     /// Connects lazily: the first call dials, with a connect timeout and a per-call deadline.
     pub fn new(address: &str) -> Result<Self, ClientError> {
-        let channel = Endpoint::from_shared(format!("http://{address}"))
+        let channel = expertmesh_proto::endpoint(address, CONNECT_TIMEOUT)
             .map_err(|e| ClientError::Unreachable {
                 address: address.into(),
                 reason: e.to_string(),
             })?
-            .connect_timeout(CONNECT_TIMEOUT)
             .timeout(CALL_TIMEOUT)
             .connect_lazy();
         Ok(Self {

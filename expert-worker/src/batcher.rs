@@ -144,6 +144,19 @@ async fn process(shard: &Arc<ExpertShard>, layer: u32, jobs: Vec<Job>) {
         return;
     }
     let hidden = shard.hidden();
+    if let [_] = live[..] {
+        // One batch: its groups are already one per expert; compute it in place.
+        let job = live.pop().expect("one job");
+        let worker = shard.clone();
+        let Job { batch, reply, .. } = job;
+        let result = tokio::task::spawn_blocking(move || {
+            worker.compute(layer, &batch.groups, &batch.activations)
+        })
+        .await
+        .map_err(|e| DispatchError::Unavailable(format!("expert computation failed: {e}")));
+        let _ = reply.send(result);
+        return;
+    }
     // expert → (job, first row in that job, rows)
     let mut plan: BTreeMap<u32, Vec<(usize, usize, usize)>> = BTreeMap::new();
     for (j, job) in live.iter().enumerate() {

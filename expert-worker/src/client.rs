@@ -13,7 +13,7 @@ use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
 use expertmesh_proto::MAX_MESSAGE_BYTES;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::dispatch::{Dispatch, DispatchBatch, DispatchError, DispatchFuture};
 use crate::wire::decode_reply;
@@ -63,10 +63,8 @@ impl GrpcDispatch {
 
     /// A channel to `address` with connect timeout and message caps.
     pub async fn channel(address: &str) -> Result<Channel, DispatchError> {
-        Endpoint::from_shared(format!("http://{address}"))
+        expertmesh_proto::endpoint(address, CONNECT_TIMEOUT)
             .map_err(|e| DispatchError::Unavailable(format!("{address}: {e}")))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
             .connect()
             .await
             .map_err(|e| DispatchError::Unavailable(format!("{address}: {e}")))

@@ -143,12 +143,9 @@ pub async fn run(
     let id = Arc::new(AtomicU64::new(worker_id));
     id.store(worker_id, Ordering::Relaxed);
     let server = ExpertServer::new(Batcher::spawn(shard, config.batcher), id);
-    tonic::transport::Server::builder()
+    expertmesh_proto::server_builder()
         .add_service(server.into_service())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(expertmesh_proto::incoming(listener), shutdown)
         .await?;
     Ok(())
 }

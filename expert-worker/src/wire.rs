@@ -15,13 +15,11 @@ pub const TIMEOUT_MAX: Duration = Duration::from_secs(600);
 
 /// Encodes f32 values as a wire tensor of shape `[rows, hidden]`.
 pub fn encode_tensor(values: &[f32], rows: usize, hidden: usize, dtype: WireDType) -> pb::Tensor {
-    let data: Vec<u8> = match dtype {
-        WireDType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        WireDType::Bf16 => values
-            .iter()
-            .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
-            .collect(),
-    };
+    let mut data = Vec::with_capacity(values.len() * dtype.size_bytes());
+    match dtype {
+        WireDType::F32 => data.extend(values.iter().flat_map(|v| v.to_le_bytes())),
+        WireDType::Bf16 => data.extend(values.iter().flat_map(|v| bf16_bits(*v).to_le_bytes())),
+    }
     pb::Tensor {
         dtype: match dtype {
             WireDType::F32 => pb::DType::DtypeF32,
@@ -30,6 +28,16 @@ pub fn encode_tensor(values: &[f32], rows: usize, hidden: usize, dtype: WireDTyp
         shape: vec![rows as u64, hidden as u64],
         data: Bytes::from(data),
     }
+}
+
+/// f32 → bf16 bits, rounding to nearest even (as `half::bf16::from_f32`, branch-free for
+/// finite values so that the loop vectorises).
+fn bf16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        return ((b >> 16) as u16) | 0x0040;
+    }
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
 /// Decodes a 2-D wire tensor, checking dtype, shape and byte length.
@@ -61,18 +69,19 @@ pub fn decode_tensor(t: &pb::Tensor) -> Result<(WireDType, usize, usize, Vec<f32
     }
     // The byte length was checked above, so these sizes are bounded by the message size.
     let (rows, hidden) = (rows as usize, hidden as usize);
-    let values = match dtype {
-        WireDType::F32 => t
-            .data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        WireDType::Bf16 => t
-            .data
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-            .collect(),
-    };
+    let mut values = Vec::with_capacity(rows * hidden);
+    match dtype {
+        WireDType::F32 => values.extend(
+            t.data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ),
+        WireDType::Bf16 => values.extend(
+            t.data
+                .chunks_exact(2)
+                .map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)),
+        ),
+    }
     Ok((dtype, rows, hidden, values))
 }
 
@@ -296,6 +305,32 @@ mod tests {
             DispatchBatch::try_from(r),
             Err(DispatchError::ShapeMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        for v in [
+            0.0f32,
+            -0.0,
+            1.0,
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            -3.3e38,
+            3.39e38,
+            1e-40,
+            f32::INFINITY,
+            f32::NAN,
+            0.1,
+            -7.77,
+        ] {
+            let ours = bf16_bits(v);
+            let theirs = half::bf16::from_f32(v).to_bits();
+            if v.is_nan() {
+                assert!(half::bf16::from_bits(ours).is_nan());
+            } else {
+                assert_eq!(ours, theirs, "{v}");
+            }
+        }
     }
 
     #[test]

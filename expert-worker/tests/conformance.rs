@@ -15,7 +15,6 @@ use expertmesh_model::moe::{ExpertGroup, Experts};
 use expertmesh_model::synthetic::SyntheticSpec;
 use expertmesh_model::{InMemoryWeights, TextConfig};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 const EPOCH: u64 = 7;
 
@@ -96,9 +95,9 @@ async fn grpc(f: &Fixture, config: BatcherConfig) -> Box<dyn Dispatch> {
         Arc::new(AtomicU64::new(1)),
     );
     tokio::spawn(
-        tonic::transport::Server::builder()
+        expertmesh_proto::server_builder()
             .add_service(server.into_service())
-            .serve_with_incoming(TcpListenerStream::new(listener)),
+            .serve_with_incoming(expertmesh_proto::incoming(listener)),
     );
     Box::new(GrpcDispatch::new(addr.to_string()))
 }
@@ -231,9 +230,9 @@ async fn grpc_worker_gone_is_unavailable() {
                 Arc::new(AtomicU64::new(1)),
             );
             tokio::spawn(
-                tonic::transport::Server::builder()
+                expertmesh_proto::server_builder()
                     .add_service(server.into_service())
-                    .serve_with_incoming(TcpListenerStream::new(listener)),
+                    .serve_with_incoming(expertmesh_proto::incoming(listener)),
             );
         });
         let _ = stopped.recv();

@@ -381,11 +381,8 @@ pub struct LocalExperts<'a> {
 
 impl ExpertRunner for LocalExperts<'_> {
     fn start(&self, batch: RoutedBatch) -> Result<PendingExperts> {
-        // Expert tensors share their storage, so the clone is cheap; computing in `wait`
-        // lets the caller's shared expert run beside it.
-        let experts = self.experts[batch.moe_index].clone();
-        Ok(PendingExperts::later(move || {
-            Ok(experts.run_groups(&batch.groups, &batch.inputs, batch.hidden))
-        }))
+        let out =
+            self.experts[batch.moe_index].run_groups(&batch.groups, &batch.inputs, batch.hidden);
+        Ok(PendingExperts::later(move || Ok(out)))
     }
 }

@@ -128,6 +128,8 @@ impl PendingExperts {
     }
 
     /// Blocks until the outputs (`[Σ rows, hidden]`, in the batch's row order) are there.
+    /// Call it from the thread driving the forward pass, not from inside a rayon job:
+    /// a worker blocked here cannot help compute the answer it waits for.
     pub fn wait(self) -> Result<Vec<f32>> {
         (self.0)()
     }
@@ -314,8 +316,11 @@ impl Moe {
             order,
             pending,
         } = flight;
-        let (mut out, routed) = rayon::join(|| self.shared.forward(x, t), || pending.wait());
-        let routed = routed?;
+        // The shared expert runs (on all cores) while the routed part is away; the wait
+        // then happens on this thread, never on a rayon worker, so a remote answer that
+        // needs the pool (an in-process expert worker) can always be computed.
+        let mut out = self.shared.forward(x, t);
+        let routed = pending.wait()?;
         for (&r, y) in order.iter().zip(routed.chunks_exact(h)) {
             out[r * h..(r + 1) * h]
                 .iter_mut()

@@ -12,3 +12,43 @@ pub mod v1 {
 /// Largest message any expertmesh service decodes (a dispatch of 512 tokens × 5120 values
 /// in f32 is 10 MiB; this leaves room for prompt logits of long prompts).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// HTTP/2 flow-control windows. The default 64 KiB window turns a multi-megabyte dispatch
+/// into dozens of round trips; these let one batch of 512 Maverick tokens fly at once.
+const STREAM_WINDOW_BYTES: u32 = 16 << 20;
+const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
+
+/// How every expertmesh server is built: large flow-control windows, no Nagle delay.
+pub fn server_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .tcp_nodelay(true)
+}
+
+/// How every expertmesh client dials `address` (`host:port`).
+pub fn endpoint(
+    address: &str,
+    connect_timeout: std::time::Duration,
+) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+            .connect_timeout(connect_timeout)
+            .initial_stream_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+            .tcp_nodelay(true),
+    )
+}
+
+/// Accepted connections of `listener` with Nagle's algorithm off (small replies must not
+/// wait for delayed ACKs).
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        let s = s?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    })
+}

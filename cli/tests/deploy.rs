@@ -1,0 +1,33 @@
+//! The example configs in `deploy/` parse into the roles' config types and validate.
+
+use std::path::Path;
+
+use expertmesh_attention_worker::AttentionWorkerConfig;
+use expertmesh_coordinator::CoordinatorConfig;
+use expertmesh_expert_worker::{ExpertWorkerConfig, WireDType};
+
+fn read(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(name);
+    std::fs::read_to_string(path).unwrap()
+}
+
+#[test]
+fn deploy_examples_parse_and_validate() {
+    let c: CoordinatorConfig = toml::from_str(&read("coordinator.toml")).unwrap();
+    assert_eq!(c.listen, "0.0.0.0:7000");
+    let e: ExpertWorkerConfig = toml::from_str(&read("expert-worker.toml")).unwrap();
+    let e = e.validate().unwrap();
+    assert_eq!(e.capacity, Some(16));
+    assert_eq!(e.batcher.window_us, 200);
+    let a: AttentionWorkerConfig = toml::from_str(&read("attention-worker.toml")).unwrap();
+    let a = a.validate().unwrap();
+    assert_eq!(a.dispatch.wire_dtype, WireDType::F32);
+}
+
+#[test]
+fn unknown_fields_are_rejected() {
+    let err = toml::from_str::<ExpertWorkerConfig>("capacty = 3").unwrap_err();
+    assert!(err.to_string().contains("capacty"), "{err}");
+}
