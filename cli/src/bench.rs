@@ -10,14 +10,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use expertmesh_attention_worker::{connect, DispatchConfig};
 use expertmesh_model::linear::weight_bytes_read;
 use expertmesh_model::moe::expert_swiglu;
+use expertmesh_model::moe::ExpertRunner;
 use expertmesh_model::sampling::{argmax, SplitMix64};
-use expertmesh_model::synthetic::SyntheticSpec;
 use expertmesh_model::{
-    InMemoryWeights, KvCache, LogitRows, Model, SafetensorsCheckpoint, Sequence, TextConfig,
-    WeightSource,
+    KvCache, LogitRows, Model, ModelSource, Sequence, TextConfig, WeightSource,
 };
+
+use crate::cluster::{ClusterSpec, LocalCluster};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -49,6 +51,19 @@ pub struct DecodeArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also measure through a local cluster of this many expert-worker processes (same
+    /// model, same run), and report cluster ÷ single-process throughput.
+    #[arg(long)]
+    expert_workers: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct ClusterPoint {
+    batch: usize,
+    tokens_per_s: f64,
+    step_ms_median: f64,
+    /// Cluster tokens/s ÷ single-process tokens/s at this batch size.
+    ratio_to_single: f64,
 }
 
 #[derive(Serialize)]
@@ -63,6 +78,8 @@ struct DecodeReport {
     decode: Vec<DecodePoint>,
     expert_swiglu_tokens: usize,
     expert_swiglu_gflops: f64,
+    expert_workers: Option<usize>,
+    cluster: Vec<ClusterPoint>,
 }
 
 #[derive(Serialize)]
@@ -104,20 +121,19 @@ fn decode(args: DecodeArgs) -> Result<()> {
     let (memcpy_gbps, read_gbps) = bandwidth();
 
     let started = Instant::now();
-    let (name, config, source): (String, TextConfig, Box<dyn WeightSource>) = match &args.model {
-        Some(dir) => (
-            dir.display().to_string(),
-            TextConfig::from_dir(dir)?,
-            Box::new(SafetensorsCheckpoint::open(dir)?),
-        ),
+    let model_arg = match &args.model {
+        Some(dir) => dir.display().to_string(),
         None => {
             progress(
                 "building the Maverick-shaped random model (hidden 1024, 8 layers, 128 experts)",
             );
-            let (c, w): (TextConfig, InMemoryWeights) = SyntheticSpec::bench_maverick().build()?;
-            ("synthetic maverick-shaped".into(), c, Box::new(w))
+            "synthetic:bench".to_string()
         }
     };
+    let model_source: ModelSource = model_arg.parse()?;
+    let name = model_source.to_string();
+    let config: TextConfig = model_source.config()?;
+    let source: Box<dyn WeightSource> = model_source.weights()?;
     let model = Model::from_source(config.clone(), source.as_ref())?;
     let weight_bytes_total =
         model.decode_weight_bytes(&vec![config.num_local_experts; config.moe_layers.len()]) as u64;
@@ -155,7 +171,8 @@ fn decode(args: DecodeArgs) -> Result<()> {
     for &batch in &args.batch {
         progress(&format!("decode: batch {batch}, {} steps", args.steps));
         let prompts: Vec<Vec<u32>> = (0..batch).map(|_| prompt(args.prompt_tokens)).collect();
-        let (mut times, bytes) = decode_steps(&model, &prompts, args.steps)?;
+        let (mut times, bytes) =
+            decode_steps(&model, &model.local_runner()?, &prompts, args.steps)?;
         let step = median(&mut times).as_secs_f64();
         let floor = bytes as f64 / (memcpy_gbps * 1e9);
         let read_floor = bytes as f64 / (read_gbps * 1e9);
@@ -171,6 +188,17 @@ fn decode(args: DecodeArgs) -> Result<()> {
     }
 
     let (swiglu_tokens, expert_swiglu_gflops) = swiglu_gflops(&config, source.as_ref())?;
+    drop(source);
+    let cluster = match args.expert_workers {
+        Some(n) => {
+            drop(model);
+            progress(&format!(
+                "starting a local cluster: coordinator + {n} expert workers"
+            ));
+            through_cluster(&model_arg, n, &args, &decode, &mut prompt)?
+        }
+        None => Vec::new(),
+    };
     let report = DecodeReport {
         model: name,
         threads,
@@ -182,6 +210,8 @@ fn decode(args: DecodeArgs) -> Result<()> {
         decode,
         expert_swiglu_tokens: swiglu_tokens,
         expert_swiglu_gflops,
+        expert_workers: args.expert_workers,
+        cluster,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -191,16 +221,67 @@ fn decode(args: DecodeArgs) -> Result<()> {
     Ok(())
 }
 
+/// The same decode measurement with the experts on `n` expert-worker processes.
+fn through_cluster(
+    model_arg: &str,
+    n: usize,
+    args: &DecodeArgs,
+    single: &[DecodePoint],
+    prompt: &mut impl FnMut(usize) -> Vec<u32>,
+) -> Result<Vec<ClusterPoint>> {
+    let cluster = LocalCluster::start(&ClusterSpec {
+        model: model_arg.into(),
+        expert_capacities: vec![None; n],
+        attention_workers: 0,
+        attention_args: Vec::new(),
+    })?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let source: ModelSource = model_arg.parse()?;
+    let (model, experts) = runtime.block_on(async {
+        cluster.ready(Duration::from_secs(300)).await?;
+        let (model, experts, _) = connect(
+            &source,
+            &cluster.coordinator.address,
+            DispatchConfig::default(),
+        )
+        .await?;
+        experts
+            .ready(Duration::from_secs(60))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        anyhow::Ok((model, experts))
+    })?;
+    let mut points = Vec::new();
+    for (&batch, single) in args.batch.iter().zip(single) {
+        let prompts: Vec<Vec<u32>> = (0..batch).map(|_| prompt(args.prompt_tokens)).collect();
+        let (mut times, _) = decode_steps(&model, &experts, &prompts, args.steps)?;
+        let step = median(&mut times).as_secs_f64();
+        let tokens_per_s = batch as f64 / step;
+        points.push(ClusterPoint {
+            batch,
+            tokens_per_s,
+            step_ms_median: step * 1e3,
+            ratio_to_single: tokens_per_s / single.tokens_per_s,
+        });
+    }
+    Ok(points)
+}
+
 /// Prefills every prompt in one batch, then decodes `steps` greedy steps for all of them
 /// together. Returns each measured step's time and the median weight bytes per step.
-fn decode_steps(model: &Model, prompts: &[Vec<u32>], steps: usize) -> Result<(Vec<Duration>, u64)> {
+fn decode_steps(
+    model: &Model,
+    runner: &dyn ExpertRunner,
+    prompts: &[Vec<u32>],
+    steps: usize,
+) -> Result<(Vec<Duration>, u64)> {
     let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache()).collect();
     let mut batch: Vec<Sequence<'_>> = caches
         .iter_mut()
         .zip(prompts)
         .map(|(cache, p)| Sequence { cache, tokens: p })
         .collect();
-    let out = model.forward(&mut batch, LogitRows::Last)?;
+    let out = model.forward_with(&mut batch, LogitRows::Last, runner)?;
     let mut next: Vec<[u32; 1]> = (0..prompts.len()).map(|i| [argmax(out.row(i))]).collect();
     let mut times = Vec::new();
     let mut bytes = Vec::new();
@@ -212,7 +293,7 @@ fn decode_steps(model: &Model, prompts: &[Vec<u32>], steps: usize) -> Result<(Ve
             .collect();
         let before = weight_bytes_read();
         let t0 = Instant::now();
-        let out = model.forward(&mut batch, LogitRows::Last)?;
+        let out = model.forward_with(&mut batch, LogitRows::Last, runner)?;
         let elapsed = t0.elapsed();
         if step >= 2 {
             times.push(elapsed);
@@ -328,4 +409,17 @@ fn print_table(r: &DecodeReport) {
         "expert SwiGLU, {} tokens: {:.1} GFLOP/s",
         r.expert_swiglu_tokens, r.expert_swiglu_gflops
     );
+    if let Some(n) = r.expert_workers {
+        println!("through a local cluster of {n} expert workers (same run):");
+        println!(
+            "{:>6} {:>12} {:>10} {:>10}",
+            "batch", "tokens/s", "step ms", "x single"
+        );
+        for c in &r.cluster {
+            println!(
+                "{:>6} {:>12.1} {:>10.2} {:>10.2}",
+                c.batch, c.tokens_per_s, c.step_ms_median, c.ratio_to_single
+            );
+        }
+    }
 }
