@@ -8,6 +8,9 @@ use std::time::Duration;
 use expertmesh_coordinator::{CoordinatorClient, Registration, Role};
 use expertmesh_model::{Model, ModelSource};
 
+use expertmesh_expert_worker::node::bind;
+pub use expertmesh_expert_worker::NodeError;
+
 use crate::remote::{DispatchConfig, RemoteExperts};
 use crate::service::AttentionServer;
 
@@ -41,23 +44,6 @@ impl Default for AttentionWorkerConfig {
             register_patience_ms: 30_000,
         }
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum NodeError {
-    #[error("invalid config: {0}")]
-    Config(String),
-    #[error(transparent)]
-    Model(#[from] expertmesh_model::ModelError),
-    #[error("cannot listen on {address}: {source}")]
-    Listen {
-        address: String,
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Coordinator(#[from] expertmesh_coordinator::ClientError),
-    #[error("serving failed: {0}")]
-    Serve(#[from] tonic::transport::Error),
 }
 
 impl AttentionWorkerConfig {
@@ -102,19 +88,10 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     let source: ModelSource = config.model.parse()?;
     let (model, experts, client) = connect(&source, &config.coordinator, config.dispatch).await?;
-    let listener = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .map_err(|source| NodeError::Listen {
-            address: config.listen.clone(),
-            source,
-        })?;
-    let bound = listener.local_addr().map_err(|source| NodeError::Listen {
-        address: config.listen.clone(),
-        source,
-    })?;
+    let (listener, bound) = bind(&config.listen).await?;
     on_listening(bound);
-    let worker_id = client
-        .register(
+    client
+        .join(
             &Registration {
                 role: Role::AttentionWorker,
                 address: config
@@ -125,12 +102,9 @@ pub async fn run(
                 model_fingerprint: source.fingerprint()?,
             },
             Duration::from_millis(config.register_patience_ms),
+            Duration::from_millis(config.heartbeat_interval_ms),
         )
         .await?;
-    client.spawn_heartbeat(
-        worker_id,
-        Duration::from_millis(config.heartbeat_interval_ms),
-    );
     expertmesh_proto::server_builder()
         .add_service(AttentionServer::new(model, experts).into_service())
         .serve_with_incoming_shutdown(expertmesh_proto::incoming(listener), shutdown)

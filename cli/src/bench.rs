@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use expertmesh_attention_worker::{connect, DispatchConfig};
+use expertmesh_attention_worker::DispatchConfig;
 use expertmesh_model::linear::weight_bytes_read;
 use expertmesh_model::moe::expert_swiglu;
 use expertmesh_model::moe::ExpertRunner;
@@ -236,21 +236,8 @@ fn through_cluster(
         attention_args: Vec::new(),
     })?;
     let runtime = tokio::runtime::Runtime::new()?;
-    let source: ModelSource = model_arg.parse()?;
-    let (model, experts) = runtime.block_on(async {
-        cluster.ready(Duration::from_secs(300)).await?;
-        let (model, experts, _) = connect(
-            &source,
-            &cluster.coordinator.address,
-            DispatchConfig::default(),
-        )
-        .await?;
-        experts
-            .ready(Duration::from_secs(60))
-            .await
-            .map_err(anyhow::Error::msg)?;
-        anyhow::Ok((model, experts))
-    })?;
+    let (model, experts) =
+        runtime.block_on(cluster.attach(model_arg, DispatchConfig::default()))?;
     let mut points = Vec::new();
     for (&batch, single) in args.batch.iter().zip(single) {
         let prompts: Vec<Vec<u32>> = (0..batch).map(|_| prompt(args.prompt_tokens)).collect();

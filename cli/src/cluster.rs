@@ -7,8 +7,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use anyhow::{bail, Context, Result};
+use expertmesh_attention_worker::{connect, DispatchConfig, RemoteExperts};
 use expertmesh_coordinator::{ClusterView, CoordinatorClient, Role};
+use expertmesh_model::{Model, ModelSource};
 
 /// How long a child may take to bind its port (model loading included).
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -89,34 +93,26 @@ impl LocalCluster {
                 model.clone(),
             ],
         )?;
+        let worker = |role: &str, extra: &[String]| -> Vec<String> {
+            let mut args: Vec<String> = [role, "--coordinator", &coordinator.address]
+                .into_iter()
+                .chain(["--listen", "127.0.0.1:0", "--model", &model])
+                .map(str::to_owned)
+                .collect();
+            args.extend_from_slice(extra);
+            args
+        };
         let mut expert_workers = Vec::new();
         for capacity in &spec.expert_capacities {
-            let mut args = vec![
-                "expert-worker".into(),
-                "--coordinator".into(),
-                coordinator.address.clone(),
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--model".into(),
-                model.clone(),
-            ];
-            if let Some(c) = capacity {
-                args.extend(["--capacity".into(), c.to_string()]);
-            }
-            expert_workers.push(spawn("expert-worker", &args)?);
+            let extra: Vec<String> = match capacity {
+                Some(c) => vec!["--capacity".into(), c.to_string()],
+                None => Vec::new(),
+            };
+            expert_workers.push(spawn("expert-worker", &worker("expert-worker", &extra))?);
         }
         let mut attention_workers = Vec::new();
         for _ in 0..spec.attention_workers {
-            let mut args = vec![
-                "attention-worker".into(),
-                "--coordinator".into(),
-                coordinator.address.clone(),
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--model".into(),
-                model.clone(),
-            ];
-            args.extend(spec.attention_args.iter().cloned());
+            let args = worker("attention-worker", &spec.attention_args);
             attention_workers.push(spawn("attention-worker", &args)?);
         }
         Ok(Self {
@@ -149,6 +145,23 @@ impl LocalCluster {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Waits for the cluster, then loads the model without its experts here and connects
+    /// them: the attention side of `generate --expert-workers` and `bench decode`.
+    pub async fn attach(
+        &self,
+        model: &str,
+        dispatch: DispatchConfig,
+    ) -> Result<(Arc<Model>, RemoteExperts)> {
+        self.ready(Duration::from_secs(300)).await?;
+        let source: ModelSource = model.parse()?;
+        let (model, experts, _) = connect(&source, &self.coordinator.address, dispatch).await?;
+        experts
+            .ready(Duration::from_secs(60))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        Ok((model, experts))
     }
 
     /// Every process, for status lines and child monitoring.

@@ -7,12 +7,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use expertmesh_attention_worker::{connect, DispatchConfig};
+use expertmesh_attention_worker::DispatchConfig;
 use expertmesh_expert_worker::WireDType;
 use expertmesh_model::{
     config::generation_eos_ids, generate, generate_with, ChatMessage, ChatTemplate,
-    DetokenizeStream, FinishReason, GenerateOutput, GenerateRequest, Model, ModelSource,
-    SamplingParams, TextConfig, TextTokenizer,
+    DetokenizeStream, FinishReason, GenerateOutput, GenerateRequest, Model, SamplingParams,
+    TextConfig, TextTokenizer,
 };
 use expertmesh_proto::v1 as pb;
 use expertmesh_proto::v1::attention_service_client::AttentionServiceClient;
@@ -169,20 +169,11 @@ fn through_cluster(
         attention_args: Vec::new(),
     })?;
     let runtime = tokio::runtime::Runtime::new()?;
-    let source: ModelSource = model_arg.parse()?;
     let dispatch = DispatchConfig {
         wire_dtype: args.wire_dtype,
         ..DispatchConfig::default()
     };
-    let (model, experts) = runtime.block_on(async {
-        cluster.ready(Duration::from_secs(60)).await?;
-        let (model, experts, _) = connect(&source, &cluster.coordinator.address, dispatch).await?;
-        experts
-            .ready(Duration::from_secs(30))
-            .await
-            .map_err(anyhow::Error::msg)?;
-        anyhow::Ok((model, experts))
-    })?;
+    let (model, experts) = runtime.block_on(cluster.attach(&model_arg, dispatch))?;
     let out = generate_with(&model, request, &experts, on_token)?;
     drop(cluster);
     Ok(out)

@@ -1,61 +1,9 @@
 //! The `expertmesh` binary as a user runs it: `generate` against the fixtures' reference
 //! outputs, its error messages, and `bench decode --json`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn fixture(name: &str) -> PathBuf {
-    root().join("tests/fixtures").join(name)
-}
-
-fn expertmesh(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_expertmesh"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .expect("run expertmesh")
-}
-
-fn reference_case(model: &str, case: &str) -> Value {
-    let json: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture(model).join("reference.json")).unwrap(),
-    )
-    .unwrap();
-    json["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == case)
-        .unwrap()
-        .clone()
-}
-
-fn json_out(out: &Output) -> Value {
-    assert!(
-        out.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
-}
-
-fn ids_arg(v: &Value) -> String {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
-}
+use common::{expertmesh, fixture, ids_arg, json_out, reference_case};
 
 #[test]
 fn generate_json_reproduces_the_greedy_reference() {

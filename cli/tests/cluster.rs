@@ -2,88 +2,25 @@
 //! same tokens and the same logits, bit for bit, with 1 to 4 expert workers, with a worker
 //! that owns no expert, and a clear error (not a hang) when an expert worker dies.
 
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{expertmesh, ids_arg, reference_case, root, start};
 use serde_json::Value;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
 fn fixture(name: &str) -> String {
-    root()
-        .join("tests/fixtures")
-        .join(name)
-        .display()
-        .to_string()
-}
-
-fn expertmesh(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_expertmesh"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .expect("run expertmesh")
-}
-
-/// A role process that is killed when dropped.
-struct Role {
-    child: Child,
-    address: String,
-}
-
-impl Drop for Role {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(args: &[&str]) -> Role {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
-        .args(args)
-        .current_dir(root())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let address = line
-        .trim()
-        .strip_prefix("LISTENING ")
-        .unwrap_or_else(|| panic!("{args:?} printed {line:?}"))
-        .to_owned();
-    Role { child, address }
+    common::fixture(name).display().to_string()
 }
 
 fn long_case(model: &str) -> (String, usize) {
-    let json: Value = serde_json::from_str(
-        &std::fs::read_to_string(Path::new(&fixture(model)).join("reference.json")).unwrap(),
+    let case = reference_case(model, "long");
+    (
+        ids_arg(&case["input_ids"]),
+        case["greedy_new_ids"].as_array().unwrap().len(),
     )
-    .unwrap();
-    let case = json["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "long")
-        .unwrap();
-    let ids = case["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    (ids, case["greedy_new_ids"].as_array().unwrap().len())
 }
 
 /// `generate` output and dumped logits for one configuration (`extra` adds flags).

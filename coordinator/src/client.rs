@@ -98,6 +98,18 @@ impl CoordinatorClient {
         }
     }
 
+    /// Registers and keeps heartbeating every `heartbeat`: what every worker does on start.
+    pub async fn join(
+        &self,
+        r: &Registration,
+        patience: Duration,
+        heartbeat: Duration,
+    ) -> Result<u64, ClientError> {
+        let id = self.register(r, patience).await?;
+        self.spawn_heartbeat(id, heartbeat);
+        Ok(id)
+    }
+
     pub async fn state(&self) -> Result<ClusterView, ClientError> {
         let s = self
             .client

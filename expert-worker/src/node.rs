@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +48,7 @@ impl Default for ExpertWorkerConfig {
     }
 }
 
+/// What ends a worker process (expert or attention worker).
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("invalid config: {0}")]
@@ -84,6 +85,19 @@ impl ExpertWorkerConfig {
     }
 }
 
+/// Binds `address` (port 0 picks a free one) and returns the listener with its real address.
+pub async fn bind(address: &str) -> Result<(tokio::net::TcpListener, SocketAddr), NodeError> {
+    let listen_error = |source| NodeError::Listen {
+        address: address.to_owned(),
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(listen_error)?;
+    let bound = listener.local_addr().map_err(listen_error)?;
+    Ok((listener, bound))
+}
+
 /// Runs an expert worker until `shutdown` completes. `on_listening` gets the bound address
 /// before the worker registers.
 pub async fn run(
@@ -95,21 +109,12 @@ pub async fn run(
     let model_config = source.config()?;
     let weights = source.weights()?;
     let shard = Arc::new(ExpertShard::new(&model_config, weights.as_ref())?);
-    let listener = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .map_err(|source| NodeError::Listen {
-            address: config.listen.clone(),
-            source,
-        })?;
-    let bound = listener.local_addr().map_err(|source| NodeError::Listen {
-        address: config.listen.clone(),
-        source,
-    })?;
+    let (listener, bound) = bind(&config.listen).await?;
     on_listening(bound);
 
     let client = CoordinatorClient::new(&config.coordinator)?;
     let worker_id = client
-        .register(
+        .join(
             &Registration {
                 role: Role::ExpertWorker,
                 address: config
@@ -120,12 +125,9 @@ pub async fn run(
                 model_fingerprint: source.fingerprint()?,
             },
             Duration::from_millis(config.register_patience_ms),
+            Duration::from_millis(config.heartbeat_interval_ms),
         )
         .await?;
-    client.spawn_heartbeat(
-        worker_id,
-        Duration::from_millis(config.heartbeat_interval_ms),
-    );
     let mut views = client.watch();
     let assigned = shard.clone();
     tokio::spawn(async move {
@@ -141,7 +143,6 @@ pub async fn run(
     });
 
     let id = Arc::new(AtomicU64::new(worker_id));
-    id.store(worker_id, Ordering::Relaxed);
     let server = ExpertServer::new(Batcher::spawn(shard, config.batcher), id);
     expertmesh_proto::server_builder()
         .add_service(server.into_service())
