@@ -15,6 +15,21 @@ fn fixture(name: &str) -> String {
     common::fixture(name).display().to_string()
 }
 
+/// Starts a role of the cluster whose coordinator is at `coordinator`.
+fn start_worker(role: &str, coordinator: &str, model: &str, extra: &[&str]) -> common::Role {
+    let mut args = vec![
+        role,
+        "--coordinator",
+        coordinator,
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        model,
+    ];
+    args.extend_from_slice(extra);
+    start(&args)
+}
+
 fn long_case(model: &str) -> (String, usize) {
     let case = reference_case(model, "long");
     (
@@ -78,35 +93,9 @@ fn an_expert_worker_without_experts_changes_nothing() {
     let model = fixture("tiny-scout");
     let coordinator = start(&["coordinator", "--listen", "127.0.0.1:0", "--model", &model]);
     let c = coordinator.address.as_str();
-    let _empty = start(&[
-        "expert-worker",
-        "--coordinator",
-        c,
-        "--listen",
-        "127.0.0.1:0",
-        "--model",
-        &model,
-        "--capacity",
-        "0",
-    ]);
-    let _full = start(&[
-        "expert-worker",
-        "--coordinator",
-        c,
-        "--listen",
-        "127.0.0.1:0",
-        "--model",
-        &model,
-    ]);
-    let attention = start(&[
-        "attention-worker",
-        "--coordinator",
-        c,
-        "--listen",
-        "127.0.0.1:0",
-        "--model",
-        &model,
-    ]);
+    let _empty = start_worker("expert-worker", c, &model, &["--capacity", "0"]);
+    let _full = start_worker("expert-worker", c, &model, &[]);
+    let attention = start_worker("attention-worker", c, &model, &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let view = rt.block_on(async {
         let client = expertmesh_coordinator::CoordinatorClient::new(c).unwrap();
@@ -141,35 +130,14 @@ fn a_killed_expert_worker_is_a_clear_error_not_a_hang() {
     let model = fixture("tiny-maverick");
     let coordinator = start(&["coordinator", "--listen", "127.0.0.1:0", "--model", &model]);
     let c = coordinator.address.as_str();
-    let mut victim = start(&[
-        "expert-worker",
-        "--coordinator",
-        c,
-        "--listen",
-        "127.0.0.1:0",
-        "--model",
-        &model,
-    ]);
-    let _other = start(&[
-        "expert-worker",
-        "--coordinator",
-        c,
-        "--listen",
-        "127.0.0.1:0",
-        "--model",
-        &model,
-    ]);
-    let attention = start(&[
+    let mut victim = start_worker("expert-worker", c, &model, &[]);
+    let _other = start_worker("expert-worker", c, &model, &[]);
+    let attention = start_worker(
         "attention-worker",
-        "--coordinator",
         c,
-        "--listen",
-        "127.0.0.1:0",
-        "--model",
         &model,
-        "--dispatch-timeout-ms",
-        "3000",
-    ]);
+        &["--dispatch-timeout-ms", "3000"],
+    );
     // Wait for both workers to hold experts: a first short generation must succeed.
     let give_up = Instant::now() + Duration::from_secs(30);
     loop {
