@@ -95,6 +95,80 @@ fn axpy_rows_multi_generic(w: &[u16], cols: usize, j0: usize, x: &[f32], t: usiz
     }
 }
 
+/// `dot_rows` for `t` tokens at once: `x` is `[t, k]` and `yt` is `[rows, t]` (token-minor).
+/// Each weight row is widened once for all tokens, and every (row, token) dot product is
+/// computed in exactly the order `dot_rows` uses for that token alone: a token's output
+/// never depends on which other tokens share the batch.
+pub fn dot_rows_multi(w: &[u16], x: &[f32], t: usize, yt: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+        return unsafe { dot_rows_multi_avx2(w, x, t, yt) };
+    }
+    dot_rows_multi_generic(w, x, t, yt)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_rows_multi_avx2(w: &[u16], x: &[f32], t: usize, yt: &mut [f32]) {
+    dot_rows_multi_generic(w, x, t, yt)
+}
+
+/// Tokens sharing one widened weight chunk.
+const TOKENS: usize = 4;
+
+#[inline(always)]
+fn dot_rows_multi_generic(w: &[u16], x: &[f32], t: usize, yt: &mut [f32]) {
+    let k = x.len() / t.max(1);
+    let rows = yt.len() / t.max(1);
+    assert!(
+        w.len() >= rows * k && x.len() == t * k,
+        "shapes do not match"
+    );
+    for (row, out) in w.chunks_exact(k).zip(yt.chunks_exact_mut(t)) {
+        let mut i0 = 0;
+        while i0 + TOKENS <= t {
+            dot_tokens::<TOKENS>(
+                row,
+                &x[i0 * k..(i0 + TOKENS) * k],
+                &mut out[i0..i0 + TOKENS],
+            );
+            i0 += TOKENS;
+        }
+        while i0 < t {
+            dot_tokens::<1>(row, &x[i0 * k..(i0 + 1) * k], &mut out[i0..i0 + 1]);
+            i0 += 1;
+        }
+    }
+}
+
+/// Dot products of one weight row with `N` tokens (`x` is `[N, k]`).
+#[inline(always)]
+fn dot_tokens<const N: usize>(row: &[u16], x: &[f32], out: &mut [f32]) {
+    let k = row.len();
+    let chunks = k / LANES;
+    let mut acc = [[0.0f32; LANES]; N];
+    for c in 0..chunks {
+        let mut wv = [0.0f32; LANES];
+        for (v, &b) in wv.iter_mut().zip(&row[c * LANES..(c + 1) * LANES]) {
+            *v = widen(b);
+        }
+        for (j, a) in acc.iter_mut().enumerate() {
+            let xv = &x[j * k + c * LANES..j * k + (c + 1) * LANES];
+            for i in 0..LANES {
+                a[i] = wv[i].mul_add(xv[i], a[i]);
+            }
+        }
+    }
+    for (j, a) in acc.iter().enumerate() {
+        let mut sum: f32 = a.iter().sum();
+        for i in chunks * LANES..k {
+            sum = widen(row[i]).mul_add(x[j * k + i], sum);
+        }
+        out[j] = sum;
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_rows_avx2(w: &[u16], x: &[f32], y: &mut [f32]) {
@@ -196,6 +270,17 @@ mod tests {
         for r in 0..rows {
             let expected: f32 = (0..k).map(|i| widen(w[r * k + i]) * x[i]).sum();
             assert!((y[r] - expected).abs() < 1e-4 && (yg[r] - expected).abs() < 1e-4);
+        }
+        // The multi-token dot kernel gives each token's single-token result, bit for bit.
+        let xs3: Vec<f32> = (0..7 * k).map(|i| (i % 13) as f32 * 0.37 - 2.0).collect();
+        let mut yt = vec![0.0; rows * 7];
+        dot_rows_multi(&w, &xs3, 7, &mut yt);
+        for i in 0..7 {
+            let mut alone = vec![0.0; rows];
+            dot_rows(&w, &xs3[i * k..(i + 1) * k], &mut alone);
+            for r in 0..rows {
+                assert_eq!(yt[r * 7 + i], alone[r], "row {r}, token {i}");
+            }
         }
         // Several tokens at once give each token's single-token result, bit for bit.
         let xs2: Vec<f32> = (0..2 * rows).map(|i| (i % 5) as f32 - 2.25).collect();

@@ -1,14 +1,17 @@
-//! Matrix products on the CPU, through the `gemm` crate.
+//! Matrix products on the CPU.
 //!
-//! Weights stay in the checkpoint's dtype (bf16 for every released Llama 4). A product
-//! walks the weight in blocks of output features: each block is widened to f32 into a
-//! scratch buffer that fits in L2 and handed to `gemm`, and blocks run in parallel on
-//! rayon. Decoding is bound by memory bandwidth, so reading 2 bytes per weight instead of 4
-//! is what makes it fast; the widening is exact, so results equal an f32 product over the
-//! same values.
+//! Weights stay in the checkpoint's dtype (bf16 for every released Llama 4) and compute is
+//! f32 (widening bf16 is exact). Two requirements shape the code:
+//! - Decoding is bound by memory bandwidth, so a weight byte should be read once: the bf16
+//!   kernels in `kernels` widen and multiply in one pass.
+//! - A token's result must not depend on the other tokens of its batch (see
+//!   `Linear::forward_into`). BLAS-style GEMMs (the `gemm` crate included) pick blocking and
+//!   micro-kernels by matrix size, which changes rounding; the bf16 kernels compute every
+//!   (feature, token) dot product in one fixed order instead.
 //!
-//! The `gemm` crate's entry point takes raw pointers, so this module holds the crate's one
-//! use of `unsafe` outside the checkpoint mapping; `gemm_f32` checks every extent first.
+//! The `gemm` crate does the attention products (`gemm_f32`, per sequence) and the weight
+//! products of other dtypes, one token at a time. Its entry point takes raw pointers, so
+//! this module holds one `unsafe` block; `gemm_f32` checks every extent first.
 #![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -83,6 +86,11 @@ impl Linear {
     }
 
     /// Like `forward`, writing into `y` (`[t, out]`).
+    ///
+    /// Every token's output depends on that token alone, bit for bit, whatever else is in
+    /// the batch: the tokens that meet in one product depend on batching, micro-batching,
+    /// chunked prefill and expert placement, and none of those may change the math (a
+    /// request gives the same tokens alone or among 32, in one process or a cluster).
     pub fn forward_into(&self, x: &[f32], t: usize, y: &mut [f32]) {
         assert_eq!(x.len(), t * self.in_dim, "input shape");
         assert_eq!(y.len(), t * self.out_dim, "output shape");
@@ -90,12 +98,80 @@ impl Linear {
             return;
         }
         WEIGHT_BYTES_READ.fetch_add(self.size_bytes() as u64, Ordering::Relaxed);
-        if t == 1 {
-            if let Some(bits) = self.bf16_bits() {
-                self.gemv_bf16(bits, x, y);
-                return;
+        match self.bf16_bits() {
+            Some(w) => self.forward_bf16(w, x, t, y),
+            // Other dtypes (rare for Llama 4) go one token at a time through `gemm`.
+            None => {
+                for (xi, yi) in x
+                    .chunks_exact(self.in_dim)
+                    .zip(y.chunks_exact_mut(self.out_dim))
+                {
+                    self.forward_widened(xi, 1, yi);
+                }
             }
         }
+    }
+
+    /// bf16 weights through the fused kernels, output features split over the cores.
+    fn forward_bf16(&self, w: &[u16], x: &[f32], t: usize, y: &mut [f32]) {
+        let (in_dim, out_dim) = (self.in_dim, self.out_dim);
+        let parts = rayon::current_num_threads().min(out_dim);
+        let per_part = out_dim.div_ceil(parts);
+        if t == 1 {
+            y.par_chunks_mut(per_part)
+                .enumerate()
+                .for_each(|(p, y_part)| {
+                    let j0 = p * per_part;
+                    match self.layout {
+                        Layout::OutIn => kernels::dot_rows(
+                            &w[j0 * in_dim..(j0 + y_part.len()) * in_dim],
+                            x,
+                            y_part,
+                        ),
+                        Layout::InOut => kernels::axpy_rows(w, out_dim, j0, x, y_part),
+                    }
+                });
+            return;
+        }
+        // Each part computes its features for all tokens into its own buffer:
+        // feature-major (`[n, t]`) for OutIn, token-major (`[t, n]`) for InOut.
+        let pieces: Vec<(usize, Vec<f32>)> = (0..out_dim)
+            .step_by(per_part)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|j0| {
+                let n = per_part.min(out_dim - j0);
+                let mut part = vec![0.0f32; t * n];
+                match self.layout {
+                    Layout::OutIn => {
+                        kernels::dot_rows_multi(&w[j0 * in_dim..(j0 + n) * in_dim], x, t, &mut part)
+                    }
+                    Layout::InOut => kernels::axpy_rows_multi(w, out_dim, j0, x, t, &mut part),
+                }
+                (j0, part)
+            })
+            .collect();
+        for (j0, part) in pieces {
+            let n = part.len() / t;
+            match self.layout {
+                Layout::OutIn => {
+                    for (j, col) in part.chunks_exact(t).enumerate() {
+                        for (i, v) in col.iter().enumerate() {
+                            y[i * out_dim + j0 + j] = *v;
+                        }
+                    }
+                }
+                Layout::InOut => {
+                    for (i, src) in part.chunks_exact(n).enumerate() {
+                        y[i * out_dim + j0..i * out_dim + j0 + n].copy_from_slice(src);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Widens cache-sized blocks of the weight to f32 and multiplies them with `gemm`.
+    fn forward_widened(&self, x: &[f32], t: usize, y: &mut [f32]) {
         let block = (BLOCK_ELEMENTS / self.in_dim)
             .clamp(8, 512)
             .min(self.out_dim);
@@ -144,77 +220,11 @@ impl Linear {
         }
     }
 
-    /// `forward`, computed so that each token's output depends on that token alone, bit
-    /// for bit, whatever else is in the batch. Routed experts use it: the tokens that meet
-    /// at an expert depend on batching and placement, and those must never change the math.
-    pub fn forward_rowwise(&self, x: &[f32], t: usize) -> Vec<f32> {
-        assert_eq!(x.len(), t * self.in_dim, "input shape");
-        let mut y = vec![0.0f32; t * self.out_dim];
-        if t == 0 {
-            return y;
-        }
-        match (self.layout, self.bf16_bits()) {
-            (Layout::InOut, Some(w)) => {
-                WEIGHT_BYTES_READ.fetch_add(self.size_bytes() as u64, Ordering::Relaxed);
-                let parts = rayon::current_num_threads().min(self.out_dim);
-                let per_part = self.out_dim.div_ceil(parts);
-                let pieces: Vec<(usize, Vec<f32>)> = (0..self.out_dim)
-                    .step_by(per_part)
-                    .collect::<Vec<_>>()
-                    .into_par_iter()
-                    .map(|j0| {
-                        let n = per_part.min(self.out_dim - j0);
-                        let mut part = vec![0.0f32; t * n];
-                        kernels::axpy_rows_multi(w, self.out_dim, j0, x, t, &mut part);
-                        (j0, part)
-                    })
-                    .collect();
-                for (j0, part) in pieces {
-                    let n = part.len() / t;
-                    for (i, src) in part.chunks_exact(n).enumerate() {
-                        y[i * self.out_dim + j0..i * self.out_dim + j0 + n].copy_from_slice(src);
-                    }
-                }
-            }
-            _ => {
-                for (xi, yi) in x
-                    .chunks_exact(self.in_dim)
-                    .zip(y.chunks_exact_mut(self.out_dim))
-                {
-                    self.forward_into(xi, 1, yi);
-                }
-            }
-        }
-        y
-    }
-
     /// The weight as bf16 bits, when it is bf16 and 2-byte aligned.
     fn bf16_bits(&self) -> Option<&[u16]> {
         (self.weight.dtype == DType::BF16)
             .then(|| bytemuck::try_cast_slice(self.weight.bytes()).ok())
             .flatten()
-    }
-
-    /// `y = W x` for a single token, reading each bf16 weight once and multiplying it
-    /// as it is widened. With one token a product is a matrix-vector product bound by
-    /// memory bandwidth; the widen-then-`gemm` path would read every weight twice (bf16
-    /// from memory, then f32 from cache), so this path streams instead.
-    fn gemv_bf16(&self, w: &[u16], x: &[f32], y: &mut [f32]) {
-        let parts = rayon::current_num_threads().min(self.out_dim);
-        let per_part = self.out_dim.div_ceil(parts);
-        let (in_dim, out_dim) = (self.in_dim, self.out_dim);
-        y.par_chunks_mut(per_part)
-            .enumerate()
-            .for_each(|(p, y_part)| {
-                let j0 = p * per_part;
-                match self.layout {
-                    Layout::OutIn => {
-                        let rows = &w[j0 * in_dim..(j0 + y_part.len()) * in_dim];
-                        kernels::dot_rows(rows, x, y_part);
-                    }
-                    Layout::InOut => kernels::axpy_rows(w, out_dim, j0, x, y_part),
-                }
-            });
     }
 
     /// Widens output features `[j0, j0 + rows)` into `out` (layout as stored).

@@ -160,7 +160,7 @@ pub fn plan_groups(routes: &[Route]) -> (Vec<ExpertGroup>, Vec<usize>) {
 /// `gate_up` is that expert's `[hidden, 2·inter]` slice (gate = first half) and `down` its
 /// `[inter, hidden]` slice, both in "x @ W" orientation as the checkpoint stores them.
 pub fn expert_swiglu(gate_up: &Tensor, down: &Tensor, u: &[f32], n: usize) -> Vec<f32> {
-    let gu = Linear::new(gate_up.clone(), Layout::InOut).forward_rowwise(u, n);
+    let gu = Linear::new(gate_up.clone(), Layout::InOut).forward(u, n);
     let inter = gate_up.shape[1] / 2;
     let mut act = vec![0.0f32; n * inter];
     for (a, row) in act.chunks_exact_mut(inter).zip(gu.chunks_exact(2 * inter)) {
@@ -169,7 +169,7 @@ pub fn expert_swiglu(gate_up: &Tensor, down: &Tensor, u: &[f32], n: usize) -> Ve
             *a = silu(*g) * u;
         }
     }
-    Linear::new(down.clone(), Layout::InOut).forward_rowwise(&act, n)
+    Linear::new(down.clone(), Layout::InOut).forward(&act, n)
 }
 
 /// The routed experts of one MoE layer, as fused checkpoint tensors.
@@ -193,7 +193,7 @@ impl Experts {
 
     /// Runs every group of a routed batch (`inputs` is `[Σ rows, hidden]`, group after
     /// group) and returns the outputs in the same row order. Each token's output depends
-    /// on that token alone (see `Linear::forward_rowwise`).
+    /// on that token alone (see `Linear::forward_into`).
     pub fn run_groups(&self, groups: &[ExpertGroup], inputs: &[f32], hidden: usize) -> Vec<f32> {
         let mut starts = Vec::with_capacity(groups.len());
         let mut row = 0;
