@@ -19,8 +19,11 @@ use crate::linear::{gemm_f32, Dims, Layout, Linear, Mat, MatRef};
 use crate::norm::rms_norm_in_place;
 use crate::rope::Rope;
 
-/// Queries handled by one scores product.
-const QUERY_BLOCK: usize = 64;
+/// Queries handled by one scores product. One: each query's products then span exactly
+/// its visible keys, so its result does not depend on which other queries of its sequence
+/// run in the same step (whole-prompt prefill, chunked prefill and decode agree bit for
+/// bit, and a preempted sequence recomputes exactly what it had).
+const QUERY_BLOCK: usize = 1;
 
 #[derive(Debug, Clone)]
 pub struct Attention {
