@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use crate::checkpoint::WeightSource;
 use crate::config::TextConfig;
 use crate::error::Result;
-use crate::kv_cache::LayerCache;
+use crate::kv_cache::{BlockPool, LayerCache};
 use crate::linear::{gemm_f32, Dims, Layout, Linear, Mat, MatRef};
 use crate::norm::rms_norm_in_place;
 use crate::rope::Rope;
@@ -47,6 +47,7 @@ pub struct Attention {
 /// One sequence's share of a batched attention call.
 pub struct SeqSlice<'a> {
     pub cache: &'a mut LayerCache,
+    pub pool: &'a BlockPool,
     /// Absolute position of the first new token.
     pub start_pos: usize,
     /// Number of new tokens of this sequence in the batch.
@@ -126,14 +127,14 @@ impl Attention {
             .zip(out_chunks)
             .for_each(|((((s, rows), q), k), out)| {
                 self.position_encode(q, k, s.start_pos);
-                s.cache.k.extend_from_slice(k);
                 s.cache
-                    .v
-                    .extend_from_slice(&v[rows.start * kw..rows.end * kw]);
-                self.attend(q, s.cache, s.start_pos, out);
+                    .append(s.pool, k, &v[rows.start * kw..rows.end * kw]);
+                let lo = self.first_visible(s.start_pos);
+                let end = s.start_pos + s.len;
+                let (keys, values) = s.cache.gather(s.pool.block_tokens(), lo, end);
+                self.attend(q, &keys, &values, lo, s.start_pos, out);
                 if self.use_rope {
-                    let next = s.start_pos + s.len;
-                    s.cache.drop_before(next - next % self.chunk, kw);
+                    s.cache.drop_before(s.pool, end - end % self.chunk);
                 }
             });
         self.o.forward(&attn, t)
@@ -172,8 +173,17 @@ impl Attention {
     }
 
     /// Attention of one sequence's new queries `q` (`[len, heads·d]`, positions from
-    /// `start_pos`) over its cache, which already holds their own keys.
-    fn attend(&self, q: &[f32], cache: &LayerCache, start_pos: usize, out: &mut [f32]) {
+    /// `start_pos`) over `keys`/`values` (`[n, kv_heads·d]`, positions from `base`), which
+    /// hold every key the queries can see, their own included.
+    fn attend(
+        &self,
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        base: usize,
+        start_pos: usize,
+        out: &mut [f32],
+    ) {
         let d = self.head_dim;
         let (qw, kw) = (self.heads * d, self.kv_heads * d);
         let len = q.len() / qw;
@@ -188,16 +198,15 @@ impl Attention {
                     let b1 = (b0 + QUERY_BLOCK).min(len);
                     let nb = b1 - b0;
                     let lo_key = self.first_visible(start_pos + b0);
-                    assert!(lo_key >= cache.start_pos, "cache lost keys still visible");
-                    let k0 = lo_key - cache.start_pos;
-                    let k1 = start_pos + b1 - cache.start_pos;
+                    let k0 = lo_key - base;
+                    let k1 = start_pos + b1 - base;
                     let lk = k1 - k0;
                     let mut s = vec![0.0f32; nb * lk];
                     gemm_f32(
                         Dims { m: nb, n: lk, k: d },
                         Mat::new(&mut s, lk, 1),
                         MatRef::new(&q[b0 * qw + h * d..], qw, 1),
-                        MatRef::new(&cache.k[k0 * kw + kv_off..], 1, kw),
+                        MatRef::new(&keys[k0 * kw + kv_off..], 1, kw),
                         false,
                     );
                     for (i, row) in s.chunks_exact_mut(lk).enumerate() {
@@ -210,7 +219,7 @@ impl Attention {
                         Dims { m: nb, n: d, k: lk },
                         Mat::new(&mut o[b0 * d..b1 * d], d, 1),
                         MatRef::new(&s, lk, 1),
-                        MatRef::new(&cache.v[k0 * kw + kv_off..], kw, 1),
+                        MatRef::new(&values[k0 * kw + kv_off..], kw, 1),
                         false,
                     );
                 }

@@ -50,6 +50,8 @@ pub enum ModelError {
     Template { reason: String },
     #[error("MoE layer {layer}: routed experts did not answer: {reason}")]
     ExpertsUnavailable { layer: usize, reason: String },
+    #[error("the KV cache needs {needed} more blocks but {available} are free")]
+    KvCacheFull { needed: usize, available: usize },
     #[error("this model was loaded without its routed experts; run it with an expert runner")]
     NoLocalExperts,
     #[error("invalid sampling parameter `{field}`: {reason}")]

@@ -1,55 +1,269 @@
-//! Per-sequence KV cache for incremental decoding.
+//! Paged KV cache for incremental decoding.
 //!
-//! RoPE layers attend only within their aligned `attention_chunk_size` block (LLAMA4.md
-//! §2.4 step 7), so their cache keeps only the current chunk: once the next position
-//! starts a new chunk, older keys are dropped. NoPE layers attend to the whole context
-//! and keep everything (transformers' "hybrid" cache).
+//! Keys and values live in fixed-size blocks of `block_tokens` positions, aligned to
+//! absolute positions, taken from a shared [`BlockPool`] that bounds how many exist. RoPE
+//! layers attend only within their aligned `attention_chunk_size` chunk (LLAMA4.md §2.4
+//! step 7), so their cache keeps only the blocks of the current chunk and returns older
+//! ones to the pool; NoPE layers attend to the whole context and keep every block
+//! (transformers' "hybrid" cache). A scheduler admits and preempts sequences by the pool's
+//! free blocks ([`KvCache::blocks_needed`]).
 
-/// Keys and values of one layer for positions `start_pos..start_pos + len`.
-#[derive(Debug, Clone, Default)]
+use std::sync::{Arc, Mutex};
+
+/// Positions per block unless configured otherwise.
+pub const BLOCK_TOKENS: usize = 16;
+
+/// The block allocator shared by every sequence of one worker. A block holds the keys and
+/// values of `block_tokens` positions of one layer.
+#[derive(Debug)]
+pub struct BlockPool {
+    block_tokens: usize,
+    /// Blocks that may exist at once; `None` for no limit (single-request generation).
+    capacity: Option<usize>,
+    state: Mutex<PoolState>,
+}
+
+#[derive(Debug, Default)]
+struct PoolState {
+    used: usize,
+    /// Freed blocks kept for reuse, so steady state allocates nothing.
+    spare: Vec<Box<[f32]>>,
+}
+
+impl BlockPool {
+    pub fn new(block_tokens: usize, capacity: Option<usize>) -> Arc<Self> {
+        assert!(block_tokens > 0, "blocks hold at least one position");
+        Arc::new(Self {
+            block_tokens,
+            capacity,
+            state: Mutex::default(),
+        })
+    }
+
+    /// A pool without a limit, for one request at a time.
+    pub fn unbounded() -> Arc<Self> {
+        Self::new(BLOCK_TOKENS, None)
+    }
+
+    pub fn block_tokens(&self) -> usize {
+        self.block_tokens
+    }
+
+    pub fn capacity(&self) -> Option<usize> {
+        self.capacity
+    }
+
+    pub fn used(&self) -> usize {
+        self.state.lock().expect("pool lock").used
+    }
+
+    /// Blocks that can still be taken (`usize::MAX` without a limit).
+    pub fn available(&self) -> usize {
+        self.capacity
+            .map_or(usize::MAX, |c| c.saturating_sub(self.used()))
+    }
+
+    /// A block of `len` f32 values (keys then values). Callers check `available` first
+    /// (see `Model::forward_with`); going past the capacity is a programming error.
+    fn take(&self, len: usize) -> Box<[f32]> {
+        let mut s = self.state.lock().expect("pool lock");
+        if let Some(c) = self.capacity {
+            assert!(
+                s.used < c,
+                "KV block pool over capacity: the caller did not reserve"
+            );
+        }
+        s.used += 1;
+        match s.spare.pop() {
+            Some(b) if b.len() == len => b,
+            _ => vec![0.0; len].into_boxed_slice(),
+        }
+    }
+
+    fn give_back(&self, blocks: impl IntoIterator<Item = Box<[f32]>>) {
+        let mut s = self.state.lock().expect("pool lock");
+        for b in blocks {
+            s.used -= 1;
+            if s.spare.len() < 1024 {
+                s.spare.push(b);
+            }
+        }
+    }
+}
+
+/// Keys and values of one layer of one sequence, positions `start_pos..start_pos + len`,
+/// in blocks aligned to multiples of `block_tokens`.
+#[derive(Debug)]
 pub struct LayerCache {
-    /// Absolute position of the first cached row.
+    /// Absolute position of the first position of the first block.
     pub start_pos: usize,
-    /// `[len, kv_heads · head_dim]` row-major.
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+    /// Positions stored from `start_pos` on.
+    pub len: usize,
+    /// f32 values per position of keys (and of values): kv_heads × head_dim.
+    row: usize,
+    /// Each block: keys `[block_tokens, row]` then values `[block_tokens, row]`.
+    blocks: Vec<Box<[f32]>>,
 }
 
 impl LayerCache {
-    pub fn len(&self, row: usize) -> usize {
-        self.k.len() / row
+    fn new(row: usize) -> Self {
+        Self {
+            start_pos: 0,
+            len: 0,
+            row,
+            blocks: Vec::new(),
+        }
     }
 
-    /// Drops rows before `pos` (the start of the chunk the next token falls in).
-    pub fn drop_before(&mut self, pos: usize, row: usize) {
+    pub fn blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Appends the keys and values (`[n, row]` each) of the next positions.
+    pub fn append(&mut self, pool: &BlockPool, k: &[f32], v: &[f32]) {
+        let (bt, row) = (pool.block_tokens(), self.row);
+        for (kr, vr) in k.chunks_exact(row).zip(v.chunks_exact(row)) {
+            let slot = self.len % bt;
+            if slot == 0 && self.len / bt == self.blocks.len() {
+                self.blocks.push(pool.take(2 * bt * row));
+            }
+            let block = &mut self.blocks[self.len / bt];
+            block[slot * row..(slot + 1) * row].copy_from_slice(kr);
+            block[(bt + slot) * row..(bt + slot + 1) * row].copy_from_slice(vr);
+            self.len += 1;
+        }
+    }
+
+    /// Copies positions `from..to` (absolute) into contiguous keys and values.
+    pub fn gather(&self, bt: usize, from: usize, to: usize) -> (Vec<f32>, Vec<f32>) {
+        assert!(
+            from >= self.start_pos && to <= self.start_pos + self.len,
+            "range not cached"
+        );
+        let row = self.row;
+        let mut k = Vec::with_capacity((to - from) * row);
+        let mut v = Vec::with_capacity((to - from) * row);
+        let mut p = from - self.start_pos;
+        while p < to - self.start_pos {
+            let (b, slot) = (p / bt, p % bt);
+            let n = (bt - slot).min(to - self.start_pos - p);
+            let block = &self.blocks[b];
+            k.extend_from_slice(&block[slot * row..(slot + n) * row]);
+            v.extend_from_slice(&block[(bt + slot) * row..(bt + slot + n) * row]);
+            p += n;
+        }
+        (k, v)
+    }
+
+    /// Returns whole blocks before `pos` to the pool (the start of the chunk the next
+    /// token falls in).
+    pub fn drop_before(&mut self, pool: &BlockPool, pos: usize) {
+        let bt = pool.block_tokens();
         if pos <= self.start_pos {
             return;
         }
-        let drop_rows = (pos - self.start_pos).min(self.len(row));
-        self.k.drain(..drop_rows * row);
-        self.v.drain(..drop_rows * row);
-        self.start_pos += drop_rows;
+        let whole = ((pos - self.start_pos) / bt).min(self.blocks.len());
+        pool.give_back(self.blocks.drain(..whole));
+        self.start_pos += whole * bt;
+        self.len -= (whole * bt).min(self.len);
+    }
+
+    fn release(&mut self, pool: &BlockPool) {
+        pool.give_back(self.blocks.drain(..));
+        self.len = 0;
     }
 }
 
 /// The cache of one sequence: one `LayerCache` per layer and the next position.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct KvCache {
     pub layers: Vec<LayerCache>,
     /// Number of tokens processed so far: the absolute position of the next token.
     pub next_pos: usize,
+    pool: Arc<BlockPool>,
 }
 
 impl KvCache {
-    pub fn new(num_layers: usize) -> Self {
+    /// An empty cache of `num_layers` layers of `row` values per position.
+    pub fn new(num_layers: usize, row: usize, pool: Arc<BlockPool>) -> Self {
         Self {
-            layers: vec![LayerCache::default(); num_layers],
+            layers: (0..num_layers).map(|_| LayerCache::new(row)).collect(),
             next_pos: 0,
+            pool,
         }
+    }
+
+    pub fn pool(&self) -> &Arc<BlockPool> {
+        &self.pool
+    }
+
+    /// Layer `l`'s cache and the pool its blocks come from.
+    pub fn layer_mut(&mut self, l: usize) -> (&BlockPool, &mut LayerCache) {
+        (&self.pool, &mut self.layers[l])
+    }
+
+    /// Blocks held, over all layers.
+    pub fn blocks(&self) -> usize {
+        self.layers.iter().map(LayerCache::blocks).sum()
     }
 
     /// f32 values held, over all layers (for tests and accounting).
     pub fn stored_values(&self) -> usize {
-        self.layers.iter().map(|l| l.k.len() + l.v.len()).sum()
+        self.layers.iter().map(|l| 2 * l.len * l.row).sum()
+    }
+
+    /// New blocks that appending `new_tokens` positions takes from the pool at its peak
+    /// (RoPE layers give blocks of finished chunks back only after the step).
+    pub fn blocks_needed(&self, new_tokens: usize) -> usize {
+        let bt = self.pool.block_tokens();
+        self.layers
+            .iter()
+            .map(|l| {
+                let end = l.start_pos + l.len + new_tokens;
+                let total = (end - l.start_pos).div_ceil(bt);
+                total.saturating_sub(l.blocks.len())
+            })
+            .sum()
+    }
+}
+
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        let pool = self.pool.clone();
+        for l in &mut self.layers {
+            l.release(&pool);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_come_and_go_with_positions() {
+        let pool = BlockPool::new(4, Some(8));
+        let mut cache = KvCache::new(1, 2, pool.clone());
+        let rows =
+            |n: usize, base: f32| -> Vec<f32> { (0..2 * n).map(|i| base + i as f32).collect() };
+        assert_eq!(cache.blocks_needed(6), 2);
+        cache.layers[0].append(&pool, &rows(6, 0.0), &rows(6, 100.0));
+        assert_eq!((cache.blocks(), pool.used()), (2, 2));
+        let (k, v) = cache.layers[0].gather(4, 3, 6);
+        assert_eq!(k, vec![6.0, 7.0, 8.0, 9.0, 10.0, 11.0]);
+        assert_eq!(v, vec![106.0, 107.0, 108.0, 109.0, 110.0, 111.0]);
+        // Dropping before position 5 frees the first block only (it holds 0..4).
+        cache.layers[0].drop_before(&pool, 5);
+        assert_eq!(
+            (cache.layers[0].start_pos, cache.layers[0].len, pool.used()),
+            (4, 2, 1)
+        );
+        assert_eq!(
+            cache.layers[0].gather(4, 4, 6).0,
+            vec![8.0, 9.0, 10.0, 11.0]
+        );
+        drop(cache);
+        assert_eq!(pool.used(), 0);
+        assert_eq!(pool.available(), 8);
     }
 }

@@ -12,7 +12,9 @@ use crate::attention::{Attention, SeqSlice};
 use crate::checkpoint::{SafetensorsCheckpoint, Tensor, WeightSource};
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
-use crate::kv_cache::KvCache;
+use std::sync::Arc;
+
+use crate::kv_cache::{BlockPool, KvCache};
 use crate::linear::{Layout, Linear};
 use crate::moe::{
     ExpertRunner, Experts, Mlp, Moe, MoeInFlight, PendingExperts, Route, RoutedBatch,
@@ -142,8 +144,19 @@ impl Model {
         &self.config
     }
 
+    /// An empty cache with its own unbounded block pool (one request at a time).
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.num_hidden_layers)
+        self.new_cache_in(BlockPool::unbounded())
+    }
+
+    /// An empty cache whose blocks come from a shared, bounded pool.
+    pub fn new_cache_in(&self, pool: Arc<BlockPool>) -> KvCache {
+        let c = &self.config;
+        KvCache::new(
+            c.num_hidden_layers,
+            c.num_key_value_heads * c.head_dim,
+            pool,
+        )
     }
 
     /// Bytes of the weights a decode step reads for `experts_touched` distinct experts per
@@ -218,6 +231,22 @@ impl Model {
                 return Err(ModelError::EmptyPrompt);
             }
             self.check_tokens(s.cache, s.tokens, 0)?;
+        }
+        // Every block the step takes must be there before anything changes.
+        let mut needed: Vec<(*const BlockPool, usize, usize)> = Vec::new();
+        for s in batch.iter() {
+            let pool = Arc::as_ptr(s.cache.pool());
+            let n = s.cache.blocks_needed(s.tokens.len());
+            match needed.iter_mut().find(|(p, _, _)| *p == pool) {
+                Some(entry) => entry.1 += n,
+                None => needed.push((pool, n, s.cache.pool().available())),
+            }
+        }
+        if let Some(&(_, n, available)) = needed.iter().find(|(_, n, a)| n > a) {
+            return Err(ModelError::KvCacheFull {
+                needed: n,
+                available,
+            });
         }
         let c = &self.config;
         let h = c.hidden_size;
@@ -323,10 +352,15 @@ impl Model {
         let mut slices: Vec<SeqSlice<'_>> = mb
             .seqs
             .iter_mut()
-            .map(|s| SeqSlice {
-                start_pos: s.cache.next_pos,
-                len: s.tokens.len(),
-                cache: &mut s.cache.layers[l],
+            .map(|s| {
+                let start_pos = s.cache.next_pos;
+                let (pool, cache) = s.cache.layer_mut(l);
+                SeqSlice {
+                    start_pos,
+                    len: s.tokens.len(),
+                    pool,
+                    cache,
+                }
             })
             .collect();
         let attn = layer.attention.forward(&x, mb.rows, &mut slices);

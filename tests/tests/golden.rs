@@ -240,15 +240,20 @@ fn incremental_decoding_equals_full_recomputation() {
                 1
             };
         }
-        // RoPE layers keep only the current chunk; NoPE layers keep everything.
+        // RoPE layers keep only the blocks of the current chunk; NoPE layers keep all.
         let c = model.config();
-        let row = c.num_key_value_heads * c.head_dim;
+        let bt = cache.pool().block_tokens();
         for (l, layer) in cache.layers.iter().enumerate() {
-            let kept = layer.k.len() / row;
             if c.rope_layers[l] {
-                assert!(kept <= c.attention_chunk_size, "layer {l} kept {kept}");
+                let most = c.attention_chunk_size.div_ceil(bt) + 1;
+                assert!(
+                    layer.blocks() <= most,
+                    "layer {l} kept {} blocks",
+                    layer.blocks()
+                );
+                assert!(layer.start_pos > 0, "layer {l} never dropped a block");
             } else {
-                assert_eq!(kept, tokens.len(), "layer {l}");
+                assert_eq!((layer.start_pos, layer.len), (0, tokens.len()), "layer {l}");
             }
         }
     }
