@@ -12,8 +12,10 @@
 
 pub mod node;
 pub mod remote;
+pub mod scheduler;
 pub mod service;
 
 pub use node::{connect, run, AttentionWorkerConfig, NodeError};
 pub use remote::{DispatchConfig, RemoteExperts};
+pub use scheduler::{Engine, EngineStats, Event, Failure, SchedulerConfig, SubmitError};
 pub use service::AttentionServer;

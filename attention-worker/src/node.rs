@@ -12,6 +12,7 @@ use expertmesh_expert_worker::node::bind;
 pub use expertmesh_expert_worker::NodeError;
 
 use crate::remote::{DispatchConfig, RemoteExperts};
+use crate::scheduler::{Engine, SchedulerConfig};
 use crate::service::AttentionServer;
 
 /// Attention-worker settings (TOML: `deploy/attention-worker.toml`).
@@ -27,6 +28,7 @@ pub struct AttentionWorkerConfig {
     /// Model directory, or `synthetic:bench`.
     pub model: String,
     pub dispatch: DispatchConfig,
+    pub scheduler: SchedulerConfig,
     pub heartbeat_interval_ms: u64,
     /// How long to keep trying to reach the coordinator at start-up, in ms.
     pub register_patience_ms: u64,
@@ -40,6 +42,7 @@ impl Default for AttentionWorkerConfig {
             advertise: None,
             model: "tests/fixtures/tiny-maverick".into(),
             dispatch: DispatchConfig::default(),
+            scheduler: SchedulerConfig::default(),
             heartbeat_interval_ms: 1000,
             register_patience_ms: 30_000,
         }
@@ -88,6 +91,7 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     let source: ModelSource = config.model.parse()?;
     let (model, experts, client) = connect(&source, &config.coordinator, config.dispatch).await?;
+    let engine = Engine::spawn(model.clone(), experts, config.scheduler);
     let (listener, bound) = bind(&config.listen).await?;
     on_listening(bound);
     client
@@ -106,7 +110,7 @@ pub async fn run(
         )
         .await?;
     expertmesh_proto::server_builder()
-        .add_service(AttentionServer::new(model, experts).into_service())
+        .add_service(AttentionServer::new(model, engine).into_service())
         .serve_with_incoming_shutdown(expertmesh_proto::incoming(listener), shutdown)
         .await?;
     Ok(())

@@ -1,41 +1,27 @@
-//! `AttentionService.Generate`: token ids and sampling settings in, a stream of tokens out.
-//! One generation runs at a time (continuous batching comes with the serving issue);
-//! requests beyond the queue bound are refused with `RESOURCE_EXHAUSTED`.
+//! `AttentionService.Generate`: token ids and sampling settings in, a stream of tokens out,
+//! through the continuous-batching [`Engine`]. A full queue is `RESOURCE_EXHAUSTED`; a
+//! client that goes away cancels its request.
 
 use std::sync::Arc;
 
-use expertmesh_model::{
-    generate_with, FinishReason, GenerateRequest, Model, ModelError, SamplingParams,
-};
+use expertmesh_model::{FinishReason, GenerateRequest, Model, ModelError, SamplingParams};
 use expertmesh_proto::v1 as pb;
 use expertmesh_proto::v1::attention_service_server::{AttentionService, AttentionServiceServer};
 use expertmesh_proto::MAX_MESSAGE_BYTES;
-use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
-use crate::remote::RemoteExperts;
-
-/// Generations running or waiting at most.
-const QUEUE_MAX: usize = 64;
-/// Token events buffered before the generation waits for the client.
-const EVENT_QUEUE: usize = 256;
+use crate::scheduler::{Engine, Event, SubmitError};
 
 pub struct AttentionServer {
     model: Arc<Model>,
-    experts: RemoteExperts,
-    admitted: Arc<Semaphore>,
-    running: Arc<Semaphore>,
+    engine: Engine,
 }
 
 impl AttentionServer {
-    pub fn new(model: Arc<Model>, experts: RemoteExperts) -> Self {
-        Self {
-            model,
-            experts,
-            admitted: Arc::new(Semaphore::new(QUEUE_MAX)),
-            running: Arc::new(Semaphore::new(1)),
-        }
+    pub fn new(model: Arc<Model>, engine: Engine) -> Self {
+        Self { model, engine }
     }
 
     pub fn into_service(self) -> AttentionServiceServer<Self> {
@@ -72,9 +58,36 @@ fn request(r: &pb::GenerateRequest) -> GenerateRequest {
     }
 }
 
+fn event(e: Event, prompt_rows: u64, vocab: u64) -> Result<pb::GenerateEvent, Status> {
+    use pb::generate_event::Event as E;
+    let event = match e {
+        Event::Token(id) => E::Token(pb::GenerateToken { id }),
+        Event::PromptLogits(logits) => E::PromptLogits(pb::Tensor {
+            dtype: pb::DType::DtypeF32 as i32,
+            shape: vec![prompt_rows, vocab],
+            data: logits
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        }),
+        Event::Finished(reason) => E::Finished(pb::GenerateFinished {
+            reason: match reason {
+                FinishReason::Stop => pb::FinishReason::Stop,
+                FinishReason::Length => pb::FinishReason::Length,
+            } as i32,
+        }),
+        Event::Failed(f) if f.invalid_request => return Err(Status::invalid_argument(f.message)),
+        Event::Failed(f) => return Err(Status::unavailable(f.message)),
+    };
+    Ok(pb::GenerateEvent { event: Some(event) })
+}
+
 #[tonic::async_trait]
 impl AttentionService for AttentionServer {
-    type GenerateStream = ReceiverStream<Result<pb::GenerateEvent, Status>>;
+    type GenerateStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::GenerateEvent, Status>> + Send>,
+    >;
 
     async fn generate(
         &self,
@@ -85,61 +98,16 @@ impl AttentionService for AttentionServer {
         self.model
             .check_tokens(&self.model.new_cache(), &req.prompt, req.max_new_tokens)
             .map_err(|e| status(&e))?;
-        let admitted = self
-            .admitted
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Status::resource_exhausted("too many generations queued"))?;
-        let running = self.running.clone();
-        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
-        let model = self.model.clone();
-        let experts = self.experts.clone();
-        tokio::spawn(async move {
-            let Ok(slot) = running.acquire_owned().await else {
-                return;
-            };
-            let events = tx.clone();
-            let result = tokio::task::spawn_blocking(move || {
-                let out = generate_with(&model, &req, &experts, |id| {
-                    let token = pb::generate_event::Event::Token(pb::GenerateToken { id });
-                    // A client that went away only stops the echo.
-                    let _ = events.blocking_send(Ok(pb::GenerateEvent { event: Some(token) }));
-                });
-                (out, req.prompt.len(), model.config().vocab_size)
-            })
-            .await;
-            drop(slot);
-            drop(admitted);
-            let event = match result {
-                Ok((Ok(out), rows, vocab)) => {
-                    if let Some(logits) = &out.prompt_logits {
-                        let t = pb::Tensor {
-                            dtype: pb::DType::DtypeF32 as i32,
-                            shape: vec![rows as u64, vocab as u64],
-                            data: logits
-                                .iter()
-                                .flat_map(|v| v.to_le_bytes())
-                                .collect::<Vec<u8>>()
-                                .into(),
-                        };
-                        let e = pb::generate_event::Event::PromptLogits(t);
-                        let _ = tx.send(Ok(pb::GenerateEvent { event: Some(e) })).await;
-                    }
-                    let reason = match out.finish_reason {
-                        FinishReason::Stop => pb::FinishReason::Stop,
-                        FinishReason::Length => pb::FinishReason::Length,
-                    };
-                    Ok(pb::GenerateEvent {
-                        event: Some(pb::generate_event::Event::Finished(pb::GenerateFinished {
-                            reason: reason as i32,
-                        })),
-                    })
-                }
-                Ok((Err(e), _, _)) => Err(status(&e)),
-                Err(e) => Err(Status::internal(format!("generation task failed: {e}"))),
-            };
-            let _ = tx.send(event).await;
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        if req.prompt.is_empty() {
+            return Err(status(&ModelError::EmptyPrompt));
+        }
+        let rows = req.prompt.len() as u64;
+        let vocab = self.model.config().vocab_size as u64;
+        let rx = self.engine.submit(req).map_err(|e| match e {
+            SubmitError::Overloaded(_) => Status::resource_exhausted(e.to_string()),
+            SubmitError::Stopped => Status::unavailable(e.to_string()),
+        })?;
+        let stream = ReceiverStream::new(rx).map(move |e| event(e, rows, vocab));
+        Ok(Response::new(Box::pin(stream)))
     }
 }

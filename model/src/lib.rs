@@ -37,7 +37,7 @@ pub use config::TextConfig;
 pub use error::{ModelError, Result};
 pub use generate::{generate, generate_with, FinishReason, GenerateOutput, GenerateRequest};
 pub use kv_cache::KvCache;
-pub use model::{Forward, LogitRows, Model, Sequence};
+pub use model::{Forward, LogitRows, Model, OwnedLocalExperts, Sequence};
 pub use sampling::{Sampler, SamplingParams};
 pub use source::ModelSource;
 pub use tokenizer::{ChatMessage, ChatTemplate, DetokenizeStream, TextTokenizer};

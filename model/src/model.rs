@@ -420,3 +420,12 @@ impl ExpertRunner for LocalExperts<'_> {
         Ok(PendingExperts::later(move || Ok(out)))
     }
 }
+
+/// The routed experts of a shared model, for engines that own their runner.
+pub struct OwnedLocalExperts(pub Arc<Model>);
+
+impl ExpertRunner for OwnedLocalExperts {
+    fn start(&self, batch: RoutedBatch) -> Result<PendingExperts> {
+        self.0.local_runner()?.start(batch)
+    }
+}

@@ -1,0 +1,428 @@
+//! Iteration-level continuous batching over a paged KV cache.
+//!
+//! The engine thread owns every sequence. Each step it takes new requests, drops those whose
+//! client went away, admits waiting sequences while the block pool has room for their
+//! prompt, and builds one batch: one token for every decoding sequence, then prompt chunks
+//! of prefilling sequences up to the step's token budget (chunked prefill, so a long prompt
+//! never stalls decoding). If the step's KV blocks are not free, the most recently admitted
+//! sequence is preempted: its blocks go back to the pool and it is recomputed later from its
+//! prompt and the tokens it already produced (exact, since a token's result does not depend
+//! on its batch). After the forward pass every sequence whose tokens are all in its cache
+//! samples its next token and streams it out.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use expertmesh_model::kv_cache::BlockPool;
+use expertmesh_model::moe::ExpertRunner;
+use expertmesh_model::{
+    FinishReason, GenerateRequest, KvCache, LogitRows, Model, ModelError, Sampler, Sequence,
+};
+use tokio::sync::mpsc;
+
+/// Scheduler settings.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// New tokens per step at most (decode tokens plus prefill chunks).
+    pub token_budget: usize,
+    /// Sequences in the running batch at most.
+    pub running_max: usize,
+    /// Requests waiting for admission at most; more are refused.
+    pub queue_max: usize,
+    /// KV blocks in the pool (each holds `block_tokens` positions of one layer).
+    pub kv_blocks: usize,
+    pub block_tokens: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            token_budget: 512,
+            running_max: 64,
+            queue_max: 256,
+            kv_blocks: 16384,
+            block_tokens: 16,
+        }
+    }
+}
+
+/// What a request's stream carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Token(u32),
+    /// `[prompt positions, vocab]`, sent before `Finished` when asked for.
+    PromptLogits(Vec<f32>),
+    Finished(FinishReason),
+    Failed(Failure),
+}
+
+/// Why a request ended without finishing, as the client will be told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The request itself was at fault (as opposed to the cluster).
+    pub invalid_request: bool,
+    pub message: String,
+}
+
+impl From<&ModelError> for Failure {
+    fn from(e: &ModelError) -> Self {
+        Self {
+            invalid_request: matches!(
+                e,
+                ModelError::TokenOutOfVocab { .. }
+                    | ModelError::ContextExceeded { .. }
+                    | ModelError::EmptyPrompt
+                    | ModelError::Sampling { .. }
+                    | ModelError::KvCacheFull { .. }
+            ),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Counters the engine publishes (read by heartbeats and `/metrics`).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub steps: AtomicU64,
+    pub running: AtomicU64,
+    pub waiting: AtomicU64,
+    pub kv_blocks_used: AtomicU64,
+    pub kv_blocks_total: AtomicU64,
+    pub tokens_generated: AtomicU64,
+    pub preemptions: AtomicU64,
+}
+
+impl EngineStats {
+    pub fn free_blocks(&self) -> u64 {
+        self.kv_blocks_total.load(Ordering::Relaxed) - self.kv_blocks_used.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    #[error("too many requests waiting ({0})")]
+    Overloaded(usize),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+struct Job {
+    request: GenerateRequest,
+    events: mpsc::Sender<Event>,
+}
+
+/// Handle to a running engine.
+#[derive(Clone)]
+pub struct Engine {
+    tx: SyncSender<Job>,
+    stats: Arc<EngineStats>,
+    queue_max: usize,
+}
+
+impl Engine {
+    /// Starts the engine thread. `runner` reaches the routed experts.
+    pub fn spawn<R: ExpertRunner + Send + 'static>(
+        model: Arc<Model>,
+        runner: R,
+        config: SchedulerConfig,
+    ) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_max.max(1));
+        let stats = Arc::new(EngineStats::default());
+        let pool = BlockPool::new(config.block_tokens, Some(config.kv_blocks));
+        stats
+            .kv_blocks_total
+            .store(config.kv_blocks as u64, Ordering::Relaxed);
+        let mut core = Core {
+            model,
+            pool,
+            config,
+            stats: stats.clone(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        };
+        std::thread::Builder::new()
+            .name("expertmesh-engine".into())
+            .spawn(move || core.run(rx, &runner))
+            .expect("spawning the engine thread");
+        Self {
+            tx,
+            stats,
+            queue_max: config.queue_max,
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<EngineStats> {
+        &self.stats
+    }
+
+    /// Queues a request (checked by the caller); events arrive on the returned stream.
+    /// Dropping the receiver cancels the request.
+    pub fn submit(&self, request: GenerateRequest) -> Result<mpsc::Receiver<Event>, SubmitError> {
+        // Room for every event the request can produce, so the engine never waits on a
+        // slow client: tokens, prompt logits, the end.
+        let (events, rx) = mpsc::channel(request.max_new_tokens + 3);
+        self.tx
+            .try_send(Job { request, events })
+            .map_err(|e| match e {
+                TrySendError::Full(_) => SubmitError::Overloaded(self.queue_max),
+                TrySendError::Disconnected(_) => SubmitError::Stopped,
+            })?;
+        Ok(rx)
+    }
+}
+
+struct Seq {
+    request: GenerateRequest,
+    sampler: Sampler,
+    /// Prompt, then every generated token.
+    tokens: Vec<u32>,
+    generated: usize,
+    cache: Option<KvCache>,
+    prompt_logits: Option<Vec<f32>>,
+    events: mpsc::Sender<Event>,
+}
+
+impl Seq {
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.cache.as_ref().map_or(0, |c| c.next_pos)
+    }
+
+    fn send(&self, e: Event) {
+        // The channel holds every event a request can produce; a closed one means the
+        // client left, which the next step notices.
+        let _ = self.events.try_send(e);
+    }
+}
+
+struct Core {
+    model: Arc<Model>,
+    pool: Arc<BlockPool>,
+    config: SchedulerConfig,
+    stats: Arc<EngineStats>,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+}
+
+impl Core {
+    fn run(&mut self, rx: Receiver<Job>, runner: &dyn ExpertRunner) {
+        loop {
+            // Idle: block for work. Busy: take whatever arrived since the last step.
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(job) => self.accept(job),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            while let Ok(job) = rx.try_recv() {
+                self.accept(job);
+            }
+            self.step(runner);
+            self.publish();
+        }
+    }
+
+    fn accept(&mut self, job: Job) {
+        let sampler = Sampler::new(job.request.sampling);
+        self.waiting.push_back(Seq {
+            tokens: job.request.prompt.clone(),
+            prompt_logits: job.request.prompt_logits.then(Vec::new),
+            request: job.request,
+            sampler,
+            generated: 0,
+            cache: None,
+            events: job.events,
+        });
+    }
+
+    fn publish(&self) {
+        let s = &self.stats;
+        s.running
+            .store(self.running.len() as u64, Ordering::Relaxed);
+        s.waiting
+            .store(self.waiting.len() as u64, Ordering::Relaxed);
+        s.kv_blocks_used
+            .store(self.pool.used() as u64, Ordering::Relaxed);
+    }
+
+    /// Blocks a sequence's whole pending prompt takes in a fresh cache.
+    fn prompt_blocks(&self, seq: &Seq) -> usize {
+        let layers = self.model.config().num_hidden_layers;
+        layers * seq.tokens.len().div_ceil(self.pool.block_tokens())
+    }
+
+    fn step(&mut self, runner: &dyn ExpertRunner) {
+        self.running.retain(|s| !s.events.is_closed());
+        self.waiting.retain(|s| !s.events.is_closed());
+        // Admission by free blocks, keeping one block per layer for each running decoder.
+        let layers = self.model.config().num_hidden_layers;
+        while self.running.len() < self.config.running_max {
+            let Some(next) = self.waiting.front() else {
+                break;
+            };
+            let reserve = self.running.len() * layers;
+            let need = self.prompt_blocks(next);
+            if need + reserve > self.pool.available() && !self.running.is_empty() {
+                break;
+            }
+            if need > self.config.kv_blocks {
+                let seq = self.waiting.pop_front().expect("front exists");
+                seq.send(Event::Failed(Failure::from(&ModelError::KvCacheFull {
+                    needed: need,
+                    available: self.config.kv_blocks,
+                })));
+                continue;
+            }
+            let mut seq = self.waiting.pop_front().expect("front exists");
+            seq.cache = Some(self.model.new_cache_in(self.pool.clone()));
+            self.running.push(seq);
+        }
+        if self.running.is_empty() {
+            return;
+        }
+        let plan = loop {
+            let plan = self.plan();
+            let needed: usize = plan
+                .iter()
+                .map(|&(i, n)| {
+                    self.running[i]
+                        .cache
+                        .as_ref()
+                        .map_or(0, |c| c.blocks_needed(n))
+                })
+                .sum();
+            if needed <= self.pool.available() || self.running.len() == 1 {
+                break plan;
+            }
+            self.preempt_newest();
+        };
+        self.run_batch(&plan, runner);
+    }
+
+    /// (running index, tokens this step): decoders first, then prefill chunks by budget.
+    fn plan(&self) -> Vec<(usize, usize)> {
+        let mut budget = self.config.token_budget;
+        let mut plan = Vec::new();
+        for (i, s) in self.running.iter().enumerate() {
+            if s.pending() == 1 && budget > 0 {
+                plan.push((i, 1));
+                budget -= 1;
+            }
+        }
+        for (i, s) in self.running.iter().enumerate() {
+            let p = s.pending();
+            if p > 1 && budget > 0 {
+                let n = p.min(budget);
+                plan.push((i, n));
+                budget -= n;
+            }
+        }
+        plan.sort_unstable();
+        plan
+    }
+
+    /// Sends the most recently admitted sequence back to wait, freeing its blocks.
+    fn preempt_newest(&mut self) {
+        let mut seq = self.running.pop().expect("at least two running");
+        seq.cache = None;
+        if seq.prompt_logits.is_some() {
+            // Recollected from the start when the prompt is recomputed.
+            seq.prompt_logits = Some(Vec::new());
+        }
+        self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
+        self.waiting.push_front(seq);
+    }
+
+    fn run_batch(&mut self, plan: &[(usize, usize)], runner: &dyn ExpertRunner) {
+        let want_all = plan
+            .iter()
+            .any(|&(i, _)| self.running[i].prompt_logits.is_some());
+        let rows = if want_all {
+            LogitRows::All
+        } else {
+            LogitRows::Last
+        };
+        let result = {
+            let mut planned = plan.iter().peekable();
+            let mut batch: Vec<Sequence<'_>> = Vec::with_capacity(plan.len());
+            for (i, s) in self.running.iter_mut().enumerate() {
+                if planned.peek().is_some_and(|&&(j, _)| j == i) {
+                    let (_, n) = planned.next().expect("peeked");
+                    let cache = s.cache.as_mut().expect("running sequences have a cache");
+                    let from = cache.next_pos;
+                    batch.push(Sequence {
+                        cache,
+                        tokens: &s.tokens[from..from + n],
+                    });
+                }
+            }
+            self.model.forward_with(&mut batch, rows, runner)
+        };
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let out = match result {
+            Ok(out) => out,
+            Err(e) => {
+                // The whole batch failed (experts unreachable, say): end those requests.
+                let mut failed: Vec<usize> = plan.iter().map(|&(i, _)| i).collect();
+                failed.sort_unstable_by(|a, b| b.cmp(a));
+                for i in failed {
+                    let seq = self.running.remove(i);
+                    seq.send(Event::Failed(Failure::from(&e)));
+                }
+                return;
+            }
+        };
+        let vocab = self.model.config().vocab_size;
+        let mut row = 0;
+        let mut done = Vec::new();
+        for &(i, n) in plan {
+            let seq = &mut self.running[i];
+            let rows_of_seq = if want_all { n } else { 1 };
+            let last = &out.logits[(row + rows_of_seq - 1) * vocab..(row + rows_of_seq) * vocab];
+            if let Some(logits) = seq.prompt_logits.as_mut() {
+                let prompt = seq.request.prompt.len();
+                if want_all && logits.len() < prompt * vocab {
+                    let take = (prompt * vocab - logits.len()).min(n * vocab);
+                    logits.extend_from_slice(&out.logits[row * vocab..row * vocab + take]);
+                }
+            }
+            row += rows_of_seq;
+            if seq.pending() > 0 {
+                continue; // a prefill chunk that did not finish the prompt
+            }
+            if let Some(reason) = Self::advance(seq, last) {
+                if let Some(logits) = seq.prompt_logits.take() {
+                    seq.send(Event::PromptLogits(logits));
+                }
+                seq.send(Event::Finished(reason));
+                done.push(i);
+            }
+            self.stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
+        }
+        for i in done.into_iter().rev() {
+            self.running.remove(i);
+        }
+    }
+
+    /// Samples one token; returns why the sequence ends, if it does.
+    fn advance(seq: &mut Seq, logits: &[f32]) -> Option<FinishReason> {
+        if seq.generated >= seq.request.max_new_tokens {
+            return Some(FinishReason::Length);
+        }
+        let id = seq.sampler.sample(logits);
+        seq.tokens.push(id);
+        seq.generated += 1;
+        seq.send(Event::Token(id));
+        if seq.request.stop_ids.contains(&id) {
+            Some(FinishReason::Stop)
+        } else if seq.generated >= seq.request.max_new_tokens {
+            Some(FinishReason::Length)
+        } else {
+            None
+        }
+    }
+}
