@@ -11,8 +11,12 @@ use expertmesh_model::{Model, ModelSource};
 use expertmesh_expert_worker::node::bind;
 pub use expertmesh_expert_worker::NodeError;
 
-use crate::remote::{DispatchConfig, RemoteExperts};
-use crate::scheduler::{Engine, SchedulerConfig};
+use std::sync::atomic::Ordering;
+
+use expertmesh_proto::v1 as pb;
+
+use crate::remote::{DispatchConfig, DispatchStats, RemoteExperts};
+use crate::scheduler::{Engine, EngineStats, SchedulerConfig};
 use crate::service::AttentionServer;
 
 /// Attention-worker settings (TOML: `deploy/attention-worker.toml`).
@@ -74,11 +78,14 @@ pub async fn connect(
     let weights = source.weights()?;
     let model = Arc::new(Model::without_experts(config, weights.as_ref())?);
     let client = CoordinatorClient::new(coordinator)?;
+    let c = model.config();
     let experts = RemoteExperts::new(
         tokio::runtime::Handle::current(),
         client.clone(),
         client.watch(),
         dispatch,
+        c.moe_layers.len(),
+        c.num_local_experts,
     );
     Ok((model, experts, client))
 }
@@ -91,7 +98,10 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     let source: ModelSource = config.model.parse()?;
     let (model, experts, client) = connect(&source, &config.coordinator, config.dispatch).await?;
+    let dispatch_stats = experts.stats().clone();
     let engine = Engine::spawn(model.clone(), experts, config.scheduler);
+    let engine_stats = engine.stats().clone();
+    let load = move || Some(worker_load(&engine_stats, &dispatch_stats));
     let (listener, bound) = bind(&config.listen).await?;
     on_listening(bound);
     client
@@ -107,6 +117,7 @@ pub async fn run(
             },
             Duration::from_millis(config.register_patience_ms),
             Duration::from_millis(config.heartbeat_interval_ms),
+            load,
         )
         .await?;
     expertmesh_proto::server_builder()
@@ -114,4 +125,21 @@ pub async fn run(
         .serve_with_incoming_shutdown(expertmesh_proto::incoming(listener), shutdown)
         .await?;
     Ok(())
+}
+
+/// The load an attention worker reports with its heartbeat.
+pub fn worker_load(engine: &EngineStats, dispatch: &DispatchStats) -> pb::WorkerLoad {
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    pb::WorkerLoad {
+        free_kv_blocks: engine.free_blocks(),
+        total_kv_blocks: get(&engine.kv_blocks_total),
+        running: get(&engine.running),
+        waiting: get(&engine.waiting),
+        steps: get(&engine.steps),
+        tokens_generated: get(&engine.tokens_generated),
+        routed_tokens: dispatch.routed_tokens.iter().map(get).collect(),
+        num_experts: dispatch.num_experts as u32,
+        dispatches: get(&dispatch.dispatches),
+        dispatch_seconds: get(&dispatch.dispatch_nanos) as f64 / 1e9,
+    }
 }

@@ -6,6 +6,7 @@
 //! is a typed error within the batch's deadline, never a hang.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,6 +44,30 @@ pub struct RemoteExperts {
     inner: Arc<Inner>,
 }
 
+/// What the runner has sent, for heartbeats and `/metrics`.
+#[derive(Debug)]
+pub struct DispatchStats {
+    pub num_experts: usize,
+    /// Routed tokens per (MoE layer, expert), layer-major.
+    pub routed_tokens: Vec<AtomicU64>,
+    /// Pieces sent (one routed batch to one worker) and their total round-trip time.
+    pub dispatches: AtomicU64,
+    pub dispatch_nanos: AtomicU64,
+}
+
+impl DispatchStats {
+    fn new(moe_layers: usize, num_experts: usize) -> Self {
+        Self {
+            num_experts,
+            routed_tokens: (0..moe_layers * num_experts)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            dispatches: AtomicU64::new(0),
+            dispatch_nanos: AtomicU64::new(0),
+        }
+    }
+}
+
 struct Inner {
     runtime: tokio::runtime::Handle,
     views: watch::Receiver<Option<Arc<ClusterView>>>,
@@ -50,15 +75,19 @@ struct Inner {
     /// Worker id → (address, client).
     workers: Mutex<HashMap<u64, (String, Arc<GrpcDispatch>)>>,
     config: DispatchConfig,
+    stats: Arc<DispatchStats>,
 }
 
 impl RemoteExperts {
-    /// `views` is the coordinator watch; `runtime` runs the network work.
+    /// `views` is the coordinator watch; `runtime` runs the network work; the model has
+    /// `moe_layers` MoE layers of `num_experts` experts.
     pub fn new(
         runtime: tokio::runtime::Handle,
         coordinator: CoordinatorClient,
         views: watch::Receiver<Option<Arc<ClusterView>>>,
         config: DispatchConfig,
+        moe_layers: usize,
+        num_experts: usize,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -67,8 +96,13 @@ impl RemoteExperts {
                 coordinator,
                 workers: Mutex::new(HashMap::new()),
                 config,
+                stats: Arc::new(DispatchStats::new(moe_layers, num_experts)),
             }),
         }
+    }
+
+    pub fn stats(&self) -> &Arc<DispatchStats> {
+        &self.inner.stats
     }
 
     /// Waits until the cluster can serve (every expert placed), up to `patience`.
@@ -161,6 +195,12 @@ impl Inner {
 
     async fn run(&self, batch: RoutedBatch) -> Result<Vec<f32>> {
         let layer = batch.layer;
+        let base = batch.moe_index * self.stats.num_experts;
+        for g in &batch.groups {
+            if let Some(c) = self.stats.routed_tokens.get(base + g.expert as usize) {
+                c.fetch_add(u64::from(g.rows), Ordering::Relaxed);
+            }
+        }
         let unavailable = |reason: String| ModelError::ExpertsUnavailable { layer, reason };
         let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.timeout_ms);
         let mut min_epoch = 0;
@@ -252,7 +292,19 @@ impl Inner {
                 dtype: self.config.wire_dtype,
                 activations,
             };
-            tasks.push((p, tokio::spawn(client.dispatch(dispatch))));
+            let stats = self.stats.clone();
+            let sent = client.dispatch(dispatch);
+            tasks.push((
+                p,
+                tokio::spawn(async move {
+                    let t0 = tokio::time::Instant::now();
+                    let out = sent.await;
+                    stats.dispatches.fetch_add(1, Ordering::Relaxed);
+                    let nanos = t0.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+                    stats.dispatch_nanos.fetch_add(nanos, Ordering::Relaxed);
+                    out
+                }),
+            ));
         }
         let mut out = vec![0.0f32; batch.inputs.len()];
         let mut first_error = None;

@@ -33,6 +33,16 @@ impl Drop for Process {
 
 /// Starts `expertmesh <args>` and waits for its `LISTENING` line.
 pub fn spawn(role: &'static str, args: &[String]) -> Result<Process> {
+    Ok(spawn_reading(role, args, 1)?.0)
+}
+
+/// Starts `expertmesh <args>`, waits for its `LISTENING` line and returns the next
+/// `lines - 1` lines of its stdout too.
+fn spawn_reading(
+    role: &'static str,
+    args: &[String],
+    lines: usize,
+) -> Result<(Process, Vec<String>)> {
     let exe = std::env::current_exe().context("finding the expertmesh binary")?;
     let mut child = Command::new(exe)
         .args(args)
@@ -44,9 +54,14 @@ pub fn spawn(role: &'static str, args: &[String]) -> Result<Process> {
     let stdout = child.stdout.take().expect("stdout is piped");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
+        let mut reader = BufReader::new(stdout);
+        for _ in 0..lines {
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
     });
     let mut process = Process {
         role,
@@ -60,12 +75,21 @@ pub fn spawn(role: &'static str, args: &[String]) -> Result<Process> {
         },
         Err(_) => bail!("{role} did not start listening within {START_TIMEOUT:?}"),
     }
-    Ok(process)
+    let mut more = Vec::new();
+    for _ in 1..lines {
+        match rx.recv_timeout(START_TIMEOUT) {
+            Ok(line) if !line.is_empty() => more.push(line.trim().to_owned()),
+            _ => bail!("{role} stopped before it was ready"),
+        }
+    }
+    Ok((process, more))
 }
 
 /// A coordinator and its workers.
 pub struct LocalCluster {
     pub coordinator: Process,
+    /// The HTTP API's address, when the spec asked for one.
+    pub http: Option<String>,
     pub expert_workers: Vec<Process>,
     pub attention_workers: Vec<Process>,
 }
@@ -78,21 +102,31 @@ pub struct ClusterSpec {
     pub attention_workers: usize,
     /// Extra flags for attention workers (wire dtype, timeouts).
     pub attention_args: Vec<String>,
+    /// Serve the OpenAI-compatible API from the coordinator at this address.
+    pub http: Option<String>,
+    /// API key the HTTP API requires.
+    pub api_key: Option<String>,
 }
 
 impl LocalCluster {
     pub fn start(spec: &ClusterSpec) -> Result<Self> {
         let model = spec.model.clone();
-        let coordinator = spawn(
-            "coordinator",
-            &[
-                "coordinator".into(),
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--model".into(),
-                model.clone(),
-            ],
-        )?;
+        let mut args: Vec<String> = ["coordinator", "--listen", "127.0.0.1:0", "--model", &model]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        if let Some(h) = &spec.http {
+            args.extend(["--http".into(), h.clone()]);
+        }
+        if let Some(k) = &spec.api_key {
+            args.extend(["--api-key".into(), k.clone()]);
+        }
+        let (coordinator, more) =
+            spawn_reading("coordinator", &args, 1 + usize::from(spec.http.is_some()))?;
+        let http = more
+            .first()
+            .and_then(|l| l.strip_prefix("HTTP "))
+            .map(str::to_owned);
         let worker = |role: &str, extra: &[String]| -> Vec<String> {
             let mut args: Vec<String> = [role, "--coordinator", &coordinator.address]
                 .into_iter()
@@ -117,6 +151,7 @@ impl LocalCluster {
         }
         Ok(Self {
             coordinator,
+            http,
             expert_workers,
             attention_workers,
         })

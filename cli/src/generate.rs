@@ -167,6 +167,8 @@ fn through_cluster(
         expert_capacities: vec![None; n],
         attention_workers: 0,
         attention_args: Vec::new(),
+        http: None,
+        api_key: None,
     })?;
     let runtime = tokio::runtime::Runtime::new()?;
     let dispatch = DispatchConfig {

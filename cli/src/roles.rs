@@ -12,7 +12,9 @@ use clap::Args;
 use expertmesh_attention_worker::AttentionWorkerConfig;
 use expertmesh_coordinator::{Coordinator, CoordinatorConfig};
 use expertmesh_expert_worker::{ExpertWorkerConfig, WireDType};
+use expertmesh_gateway::{Cluster, GatewayConfig};
 use expertmesh_model::ModelSource;
+use std::sync::Arc;
 
 #[derive(Args, Debug)]
 pub struct CoordinatorArgs {
@@ -24,6 +26,12 @@ pub struct CoordinatorArgs {
     /// Model directory or `synthetic:bench`.
     #[arg(long)]
     model: Option<String>,
+    /// Serve the OpenAI-compatible HTTP API here, in this process.
+    #[arg(long)]
+    http: Option<String>,
+    /// Require this API key on HTTP requests.
+    #[arg(long)]
+    api_key: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -112,6 +120,12 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     if let Some(v) = args.model {
         config.model = v;
     }
+    if args.http.is_some() {
+        config.http = args.http;
+    }
+    if args.api_key.is_some() {
+        config.api_key = args.api_key;
+    }
     let source: ModelSource = config.model.parse()?;
     let model = source
         .config()
@@ -122,6 +136,31 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
         announce(listener.local_addr()?);
+        if let Some(http) = &config.http {
+            let http_listener = tokio::net::TcpListener::bind(http)
+                .await
+                .with_context(|| format!("listening on {http}"))?;
+            {
+                // `up` reads this second line to learn the HTTP address.
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "HTTP {}", http_listener.local_addr()?);
+                let _ = out.flush();
+            }
+            let gateway = GatewayConfig {
+                http: http.clone(),
+                model: config.model.clone(),
+                api_key: config.api_key.clone(),
+                ..GatewayConfig::default()
+            };
+            let cluster: Arc<dyn Cluster> = Arc::new(coordinator.clone());
+            tokio::spawn(async move {
+                let served =
+                    expertmesh_gateway::serve(gateway, cluster, http_listener, shutdown_signal());
+                if let Err(e) = served.await {
+                    eprintln!("gateway: {e}");
+                }
+            });
+        }
         eprintln!(
             "coordinator: model {source} ({} experts), waiting for workers",
             model.num_local_experts

@@ -17,6 +17,12 @@ pub struct UpArgs {
     expert_workers: usize,
     #[arg(long, default_value_t = 1)]
     attention_workers: usize,
+    /// Where the OpenAI-compatible HTTP API listens.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    http: String,
+    /// Require this API key on HTTP requests.
+    #[arg(long)]
+    api_key: Option<String>,
 }
 
 pub fn run(args: UpArgs) -> Result<()> {
@@ -29,6 +35,8 @@ pub fn run(args: UpArgs) -> Result<()> {
         expert_capacities: vec![None; args.expert_workers],
         attention_workers: args.attention_workers,
         attention_args: Vec::new(),
+        http: Some(args.http.clone()),
+        api_key: args.api_key.clone(),
     })?;
     let view = runtime.block_on(cluster.ready(Duration::from_secs(120)))?;
     println!(
@@ -50,9 +58,15 @@ pub fn run(args: UpArgs) -> Result<()> {
         };
         println!("  {role:<30} {} (pid {})", m.address, m.pid);
     }
+    if let Some(http) = &cluster.http {
+        println!("  OpenAI-compatible API      http://{http}/v1");
+        println!(
+            "try: curl http://{http}/v1/chat/completions -H 'Content-Type: application/json' \\\n       -d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 16}}'"
+        );
+    }
     if let Some(a) = cluster.attention_workers.first() {
         println!(
-            "try: expertmesh generate --model {} --attention-worker {} --prompt \"Hello\" --max-tokens 16",
+            " or: expertmesh generate --model {} --attention-worker {} --prompt \"Hello\" --max-tokens 16",
             args.model, a.address
         );
     }

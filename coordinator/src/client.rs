@@ -98,15 +98,17 @@ impl CoordinatorClient {
         }
     }
 
-    /// Registers and keeps heartbeating every `heartbeat`: what every worker does on start.
+    /// Registers and keeps heartbeating every `heartbeat`, each beat carrying what `load`
+    /// reports: what every worker does on start.
     pub async fn join(
         &self,
         r: &Registration,
         patience: Duration,
         heartbeat: Duration,
+        load: impl Fn() -> Option<pb::WorkerLoad> + Send + 'static,
     ) -> Result<u64, ClientError> {
         let id = self.register(r, patience).await?;
-        self.spawn_heartbeat(id, heartbeat);
+        self.spawn_heartbeat(id, heartbeat, load);
         Ok(id)
     }
 
@@ -121,12 +123,21 @@ impl CoordinatorClient {
     }
 
     /// Heartbeats every `interval` until the task is dropped with the runtime.
-    pub fn spawn_heartbeat(&self, worker_id: u64, interval: Duration) {
+    pub fn spawn_heartbeat(
+        &self,
+        worker_id: u64,
+        interval: Duration,
+        load: impl Fn() -> Option<pb::WorkerLoad> + Send + 'static,
+    ) {
         let mut client = self.client.clone();
         tokio::spawn(async move {
             loop {
+                let beat = pb::HeartbeatRequest {
+                    worker_id,
+                    load: load(),
+                };
+                let _ = client.heartbeat(beat).await;
                 tokio::time::sleep(interval).await;
-                let _ = client.heartbeat(pb::HeartbeatRequest { worker_id }).await;
             }
         });
     }

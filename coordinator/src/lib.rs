@@ -31,6 +31,10 @@ pub struct CoordinatorConfig {
     /// The model the cluster serves (directory or `synthetic:bench`): the coordinator
     /// reads its expert count and fingerprint, not its weights.
     pub model: String,
+    /// Where the OpenAI-compatible HTTP API listens; none runs no gateway here.
+    pub http: Option<String>,
+    /// When set, HTTP requests must carry `Authorization: Bearer <api_key>`.
+    pub api_key: Option<String>,
 }
 
 impl Default for CoordinatorConfig {
@@ -38,6 +42,8 @@ impl Default for CoordinatorConfig {
         Self {
             listen: "127.0.0.1:7000".into(),
             model: "tests/fixtures/tiny-maverick".into(),
+            http: None,
+            api_key: None,
         }
     }
 }

@@ -27,6 +27,9 @@ struct Inner {
     view: ClusterView,
     next_id: u64,
     last_seen: HashMap<u64, Instant>,
+    /// The latest load each worker reported (not part of the published state: it changes
+    /// with every heartbeat).
+    loads: HashMap<u64, pb::WorkerLoad>,
 }
 
 /// The coordinator's state and its gRPC handlers.
@@ -52,6 +55,7 @@ impl Coordinator {
                 view,
                 next_id: 1,
                 last_seen: HashMap::new(),
+                loads: HashMap::new(),
             })),
             published,
         }
@@ -59,6 +63,15 @@ impl Coordinator {
 
     pub fn view(&self) -> Arc<ClusterView> {
         self.published.borrow().clone()
+    }
+
+    /// The latest load of every worker that reported one.
+    pub fn loads(&self) -> HashMap<u64, pb::WorkerLoad> {
+        self.inner
+            .lock()
+            .expect("coordinator state lock")
+            .loads
+            .clone()
     }
 
     pub fn into_service(self) -> CoordinatorServiceServer<Self> {
@@ -147,12 +160,16 @@ impl CoordinatorService for Coordinator {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
-        let id = request.into_inner().worker_id;
+        let r = request.into_inner();
+        let id = r.worker_id;
         let mut inner = self.inner.lock().expect("coordinator state lock");
         if inner.view.member(id).is_none() {
             return Err(Status::not_found(format!("worker {id} is not registered")));
         }
         inner.last_seen.insert(id, Instant::now());
+        if let Some(load) = r.load {
+            inner.loads.insert(id, load);
+        }
         Ok(Response::new(pb::HeartbeatReply {
             state_version: inner.view.version,
         }))

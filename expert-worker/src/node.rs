@@ -126,6 +126,7 @@ pub async fn run(
             },
             Duration::from_millis(config.register_patience_ms),
             Duration::from_millis(config.heartbeat_interval_ms),
+            || None,
         )
         .await?;
     let mut views = client.watch();

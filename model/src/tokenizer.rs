@@ -75,6 +75,16 @@ pub struct DetokenizeStream {
 }
 
 impl DetokenizeStream {
+    /// The text still held back (an incomplete character at the end, decoded as U+FFFD),
+    /// at the end of the stream.
+    pub fn finish(&mut self, tok: &TextTokenizer) -> Result<String> {
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tok.decode(&self.ids[self.prefix_offset..])?;
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        Ok(full.strip_prefix(&prefix).unwrap_or_default().to_owned())
+    }
+
     /// Adds one id; returns the new text, if any is complete.
     pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<Option<String>> {
         self.ids.push(id);

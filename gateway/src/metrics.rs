@@ -1,0 +1,177 @@
+//! Prometheus metrics of the gateway, plus the cluster's load as workers report it.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+
+use expertmesh_proto::v1::WorkerLoad;
+
+/// Upper bounds (seconds) of the latency histograms.
+const BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, v: f64) {
+        for (c, b) in self.counts.iter_mut().zip(BUCKETS) {
+            if v <= b {
+                *c += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += v;
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (c, b) in self.counts.iter().zip(BUCKETS) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", self.sum, self.count);
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    requests: BTreeMap<(String, u16), u64>,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    ttft: Histogram,
+    itl: Histogram,
+    in_flight: i64,
+}
+
+/// The gateway's counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    state: Mutex<State>,
+}
+
+impl Metrics {
+    pub fn request(&self, endpoint: &str, status: u16) {
+        let mut s = self.state.lock().expect("metrics lock");
+        *s.requests.entry((endpoint.to_owned(), status)).or_default() += 1;
+    }
+
+    pub fn tokens(&self, prompt: usize, completion: usize) {
+        let mut s = self.state.lock().expect("metrics lock");
+        s.prompt_tokens += prompt as u64;
+        s.completion_tokens += completion as u64;
+    }
+
+    pub fn first_token(&self, seconds: f64) {
+        self.state
+            .lock()
+            .expect("metrics lock")
+            .ttft
+            .observe(seconds);
+    }
+
+    pub fn inter_token(&self, seconds: f64) {
+        self.state
+            .lock()
+            .expect("metrics lock")
+            .itl
+            .observe(seconds);
+    }
+
+    pub fn in_flight(&self, delta: i64) {
+        self.state.lock().expect("metrics lock").in_flight += delta;
+    }
+
+    /// The Prometheus text: the gateway's own counters, then each attention worker's load.
+    pub fn render(&self, loads: &BTreeMap<u64, WorkerLoad>) -> String {
+        let s = self.state.lock().expect("metrics lock");
+        let mut out = String::new();
+        let _ = writeln!(out, "# HELP expertmesh_requests_total HTTP requests by endpoint and status.\n# TYPE expertmesh_requests_total counter");
+        for ((endpoint, code), n) in &s.requests {
+            let _ = writeln!(
+                out,
+                "expertmesh_requests_total{{endpoint=\"{endpoint}\",code=\"{code}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# TYPE expertmesh_prompt_tokens_total counter\nexpertmesh_prompt_tokens_total {}",
+            s.prompt_tokens
+        );
+        let _ = writeln!(out, "# TYPE expertmesh_completion_tokens_total counter\nexpertmesh_completion_tokens_total {}", s.completion_tokens);
+        let _ = writeln!(
+            out,
+            "# TYPE expertmesh_requests_in_flight gauge\nexpertmesh_requests_in_flight {}",
+            s.in_flight
+        );
+        s.ttft.render(
+            &mut out,
+            "expertmesh_time_to_first_token_seconds",
+            "Time from request to first token.",
+        );
+        s.itl.render(
+            &mut out,
+            "expertmesh_inter_token_latency_seconds",
+            "Time between tokens of one stream.",
+        );
+        drop(s);
+        let gauges: [(&str, &str, fn(&WorkerLoad) -> f64); 5] = [
+            (
+                "expertmesh_queue_depth",
+                "Requests waiting for admission.",
+                |l| l.waiting as f64,
+            ),
+            (
+                "expertmesh_running_sequences",
+                "Sequences in the running batch.",
+                |l| l.running as f64,
+            ),
+            (
+                "expertmesh_kv_blocks_used",
+                "KV cache blocks in use.",
+                |l| (l.total_kv_blocks - l.free_kv_blocks) as f64,
+            ),
+            (
+                "expertmesh_kv_blocks_total",
+                "KV cache blocks in the pool.",
+                |l| l.total_kv_blocks as f64,
+            ),
+            (
+                "expertmesh_scheduler_steps_total",
+                "Batched forward steps.",
+                |l| l.steps as f64,
+            ),
+        ];
+        for (name, help, get) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (id, l) in loads {
+                let _ = writeln!(out, "{name}{{worker=\"{id}\"}} {}", get(l));
+            }
+        }
+        let _ = writeln!(out, "# HELP expertmesh_dispatch_round_trip_seconds Routed batches sent to expert workers.\n# TYPE expertmesh_dispatch_round_trip_seconds summary");
+        let (n, secs) = loads.values().fold((0, 0.0), |(n, t), l| {
+            (n + l.dispatches, t + l.dispatch_seconds)
+        });
+        let _ = writeln!(out, "expertmesh_dispatch_round_trip_seconds_sum {secs}\nexpertmesh_dispatch_round_trip_seconds_count {n}");
+        let _ = writeln!(out, "# HELP expertmesh_routed_tokens_total Tokens routed to each expert.\n# TYPE expertmesh_routed_tokens_total counter");
+        let mut routed: BTreeMap<(usize, usize), u64> = BTreeMap::new();
+        for l in loads.values() {
+            let e = (l.num_experts as usize).max(1);
+            for (i, c) in l.routed_tokens.iter().enumerate() {
+                *routed.entry((i / e, i % e)).or_default() += c;
+            }
+        }
+        for ((layer, expert), c) in routed {
+            let _ = writeln!(
+                out,
+                "expertmesh_routed_tokens_total{{moe_layer=\"{layer}\",expert=\"{expert}\"}} {c}"
+            );
+        }
+        out
+    }
+}

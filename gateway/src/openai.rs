@@ -1,0 +1,279 @@
+//! OpenAI request bodies, checked field by field. A malformed body is a 400 that names the
+//! field; nothing past this module sees untyped JSON.
+
+use serde_json::{Map, Value};
+
+use expertmesh_model::ChatMessage;
+
+use crate::error::ApiError;
+
+/// Stop strings accepted per request at most (OpenAI's limit).
+const STOP_MAX: usize = 4;
+
+/// What the prompt is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+    Chat(Vec<ChatMessage>),
+}
+
+/// A completion or chat request, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    pub prompt: Prompt,
+    pub max_tokens: Option<usize>,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    pub seed: u64,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+impl CompletionRequest {
+    /// Parses a `/v1/completions` (`chat` false) or `/v1/chat/completions` body.
+    pub fn parse(body: &[u8], chat: bool) -> Result<Self, ApiError> {
+        let value: Value = serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad(format!("the body is not valid JSON: {e}"), "body"))?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| ApiError::bad("the body must be a JSON object", "body"))?;
+        let prompt = if chat {
+            Prompt::Chat(messages(obj)?)
+        } else {
+            prompt(obj)?
+        };
+        if let Some(n) = opt_int(obj, "n")? {
+            if n != 1 {
+                return Err(ApiError::bad("only n = 1 is supported", "n"));
+            }
+        }
+        let max_tokens =
+            match opt_int(obj, "max_completion_tokens")?.or(opt_int(obj, "max_tokens")?) {
+                Some(n) if n < 1 => {
+                    return Err(ApiError::bad("max_tokens must be at least 1", "max_tokens"))
+                }
+                Some(n) => Some(n as usize),
+                None => None,
+            };
+        let temperature = opt_num(obj, "temperature")?.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::bad(
+                "temperature must be between 0 and 2",
+                "temperature",
+            ));
+        }
+        let top_p = opt_num(obj, "top_p")?.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::bad("top_p must be in (0, 1]", "top_p"));
+        }
+        let top_k = match opt_int(obj, "top_k")? {
+            None | Some(-1) | Some(0) => 0,
+            Some(k) if k > 0 => k as usize,
+            Some(_) => return Err(ApiError::bad("top_k must be -1, 0 or positive", "top_k")),
+        };
+        let seed = opt_int(obj, "seed")?.unwrap_or(0) as u64;
+        let stream = match obj.get("stream") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(ApiError::bad("stream must be a boolean", "stream")),
+        };
+        let include_usage = obj
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let model = match obj.get("model") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(m)) => Some(m.clone()),
+            Some(_) => return Err(ApiError::bad("model must be a string", "model")),
+        };
+        Ok(Self {
+            model,
+            prompt,
+            max_tokens,
+            temperature: temperature as f32,
+            top_p: top_p as f32,
+            top_k,
+            seed,
+            stop: stop(obj)?,
+            stream,
+            include_usage,
+        })
+    }
+}
+
+fn opt_num(obj: &Map<String, Value>, field: &str) -> Result<Option<f64>, ApiError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .filter(|f| f.is_finite())
+            .map(Some)
+            .ok_or_else(|| ApiError::bad(format!("{field} must be a number"), field)),
+    }
+}
+
+fn opt_int(obj: &Map<String, Value>, field: &str) -> Result<Option<i64>, ApiError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_i64()
+            .map(Some)
+            .ok_or_else(|| ApiError::bad(format!("{field} must be an integer"), field)),
+    }
+}
+
+fn stop(obj: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
+    let list = match obj.get("stop") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ApiError::bad("stop must be a string or a list of strings", "stop"))?,
+        Some(_) => {
+            return Err(ApiError::bad(
+                "stop must be a string or a list of strings",
+                "stop",
+            ))
+        }
+    };
+    if list.len() > STOP_MAX || list.iter().any(String::is_empty) {
+        return Err(ApiError::bad("stop takes 1 to 4 non-empty strings", "stop"));
+    }
+    Ok(list)
+}
+
+fn ids(a: &[Value]) -> Option<Vec<u32>> {
+    a.iter()
+        .map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()))
+        .collect()
+}
+
+fn prompt(obj: &Map<String, Value>) -> Result<Prompt, ApiError> {
+    let bad = || {
+        ApiError::bad(
+            "prompt must be a string, a list of token ids, or a list of one of those",
+            "prompt",
+        )
+    };
+    match obj.get("prompt") {
+        Some(Value::String(s)) => Ok(Prompt::Text(s.clone())),
+        Some(Value::Array(a)) if a.is_empty() => Err(ApiError::bad("prompt is empty", "prompt")),
+        Some(Value::Array(a)) if a.iter().all(Value::is_number) => {
+            ids(a).map(Prompt::Ids).ok_or_else(bad)
+        }
+        Some(Value::Array(a)) if a.len() == 1 => match &a[0] {
+            Value::String(s) => Ok(Prompt::Text(s.clone())),
+            Value::Array(inner) => ids(inner).map(Prompt::Ids).ok_or_else(bad),
+            _ => Err(bad()),
+        },
+        Some(Value::Array(_)) => Err(ApiError::bad(
+            "only one prompt per request is supported",
+            "prompt",
+        )),
+        None | Some(Value::Null) => Err(ApiError::bad("prompt is required", "prompt")),
+        Some(_) => Err(bad()),
+    }
+}
+
+fn messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
+    let list = obj
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or_else(|| ApiError::bad("messages must be a list", "messages"))?;
+    if list.is_empty() {
+        return Err(ApiError::bad("messages must not be empty", "messages"));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let field = format!("messages[{i}]");
+            let role = m
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or_else(|| ApiError::bad(format!("{field}.role must be a string"), &field))?;
+            let content = match m.get("content") {
+                Some(Value::String(s)) => Value::String(s.clone()),
+                Some(Value::Array(parts)) if parts.iter().all(Value::is_object) => {
+                    Value::Array(parts.clone())
+                }
+                Some(Value::Null) | None => Value::String(String::new()),
+                Some(_) => {
+                    return Err(ApiError::bad(
+                        format!("{field}.content must be a string or a list of parts"),
+                        &field,
+                    ))
+                }
+            };
+            Ok(ChatMessage {
+                role: role.to_owned(),
+                content,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str, chat: bool) -> Result<CompletionRequest, ApiError> {
+        CompletionRequest::parse(body.as_bytes(), chat)
+    }
+
+    #[test]
+    fn table() {
+        let ok = [
+            (r#"{"prompt": "hi"}"#, false),
+            (
+                r#"{"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0}"#,
+                false,
+            ),
+            (
+                r#"{"prompt": [[1, 2]], "stop": ["a", "b"], "stream": true}"#,
+                false,
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "hi"}], "top_k": -1, "n": 1}"#,
+                true,
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}"#,
+                true,
+            ),
+        ];
+        for (body, chat) in ok {
+            assert!(parse(body, chat).is_ok(), "{body}");
+        }
+        let bad = [
+            ("{not json", false, "body"),
+            ("[1]", false, "body"),
+            (r#"{"prompt": 5}"#, false, "prompt"),
+            (r#"{"prompt": []}"#, false, "prompt"),
+            (r#"{"prompt": ["a", "b"]}"#, false, "prompt"),
+            (r#"{"prompt": "x", "max_tokens": 0}"#, false, "max_tokens"),
+            (r#"{"prompt": "x", "max_tokens": "3"}"#, false, "max_tokens"),
+            (r#"{"prompt": "x", "temperature": 3}"#, false, "temperature"),
+            (r#"{"prompt": "x", "top_p": 0}"#, false, "top_p"),
+            (r#"{"prompt": "x", "n": 2}"#, false, "n"),
+            (r#"{"prompt": "x", "stop": ["", "a"]}"#, false, "stop"),
+            (r#"{"prompt": "x", "stream": "yes"}"#, false, "stream"),
+            (r#"{"messages": []}"#, true, "messages"),
+            (r#"{"messages": "hi"}"#, true, "messages"),
+            (r#"{"messages": [{"content": "hi"}]}"#, true, "messages[0]"),
+            (r#"{"prompt": "x", "model": 3}"#, false, "model"),
+        ];
+        for (body, chat, param) in bad {
+            match parse(body, chat) {
+                Err(ApiError::BadRequest { param: Some(p), .. }) => assert_eq!(p, param, "{body}"),
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+    }
+}
