@@ -158,6 +158,29 @@ pub async fn serve(
     Ok(())
 }
 
+/// Reads a request body of at most `limit` bytes. A larger one is read on (and dropped) up
+/// to `DRAIN_MAX_BYTES`, so that the client, still sending, gets to read the 413.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    const DRAIN_MAX_BYTES: usize = 64 << 20;
+    use tokio_stream::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad(format!("reading the body: {e}"), "body"))?;
+        seen += chunk.len();
+        if seen <= limit {
+            buf.extend_from_slice(&chunk);
+        } else if seen > DRAIN_MAX_BYTES {
+            break;
+        }
+    }
+    if seen > limit {
+        return Err(ApiError::TooLarge(limit));
+    }
+    Ok(Bytes::from(buf))
+}
+
 fn now_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -260,10 +283,7 @@ impl App {
         chat: bool,
     ) -> Result<Response, ApiError> {
         self.authorize(&headers)?;
-        let limit = self.gateway.body_max_bytes;
-        let bytes: Bytes = axum::body::to_bytes(body, limit)
-            .await
-            .map_err(|_| ApiError::TooLarge(limit))?;
+        let bytes = read_body(body, self.gateway.body_max_bytes).await?;
         let request = CompletionRequest::parse(&bytes, chat)?;
         if let Some(m) = &request.model {
             if *m != self.model_name && *m != self.model_path {
@@ -275,19 +295,20 @@ impl App {
         let prompt = self.tokenize(&request.prompt)?;
         let context = self.config.max_position_embeddings;
         let room = context.saturating_sub(prompt.len());
-        let max_tokens =
-            match request.max_tokens {
-                Some(n) if n > room => return Err(ApiError::bad(
+        let max_tokens = match request.max_tokens {
+            Some(n) if n > room => {
+                return Err(ApiError::bad(
                     format!(
                         "{} prompt tokens + max_tokens {n} exceed the context of {context} tokens",
                         prompt.len()
                     ),
                     "max_tokens",
-                )),
-                Some(n) => n,
-                None if chat => room,
-                None => self.gateway.completion_tokens_default.min(room),
-            };
+                ))
+            }
+            Some(n) => n,
+            None if chat => room,
+            None => self.gateway.completion_tokens_default.min(room),
+        };
         if max_tokens == 0 {
             return Err(ApiError::bad(
                 format!("the prompt fills the context of {context} tokens"),

@@ -49,6 +49,9 @@ struct State {
     in_flight: i64,
 }
 
+/// A per-worker gauge: name, help, and how to read it from a worker's load.
+type Gauge = (&'static str, &'static str, fn(&WorkerLoad) -> f64);
+
 /// The gateway's counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -120,7 +123,7 @@ impl Metrics {
             "Time between tokens of one stream.",
         );
         drop(s);
-        let gauges: [(&str, &str, fn(&WorkerLoad) -> f64); 5] = [
+        let gauges: [Gauge; 5] = [
             (
                 "expertmesh_queue_depth",
                 "Requests waiting for admission.",

@@ -1,0 +1,233 @@
+"""The OpenAI-compatible API of `expertmesh up` (tiny-maverick, 2 expert workers), driven
+by the official `openai` Python client, plus raw HTTP for what the client cannot send."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = os.environ.get("EXPERTMESH_BIN", str(ROOT / "target" / "debug" / "expertmesh"))
+REFERENCE = json.loads((ROOT / "tests/fixtures/tiny-maverick/reference.json").read_text())
+CASES = {c["name"]: c for c in REFERENCE["cases"]}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_cluster(*extra):
+    port = free_port()
+    proc = subprocess.Popen(
+        [BIN, "up", "--http", f"127.0.0.1:{port}", *extra],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert proc.poll() is None, "expertmesh up exited"
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, base
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the cluster did not become healthy")
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, base = start_cluster()
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def raw(base, path, body, headers=None):
+    req = urllib.request.Request(base + path, data=body, method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def metric(base, name):
+    text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def test_models(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny-maverick"]
+
+
+def test_chat_completion(client):
+    r = client.chat.completions.create(
+        model="tiny-maverick", messages=[{"role": "user", "content": "How many experts?"}],
+        max_tokens=8, temperature=0)
+    choice = r.choices[0]
+    assert choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streamed_chat_equals_unstreamed(client):
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "How many experts does Maverick have?"}]
+    whole = client.chat.completions.create(model="tiny-maverick", messages=messages,
+                                           max_tokens=12, temperature=0)
+    stream = client.chat.completions.create(model="tiny-maverick", messages=messages,
+                                            max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            if c.delta.content:
+                pieces.append(c.delta.content)
+            finish = c.finish_reason or finish
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    # The chat case of the fixture: the template renders the same prompt as transformers.
+    assert whole.usage.prompt_tokens == len(CASES["chat"]["input_ids"])
+
+
+def test_token_id_prompt_at_temperature_zero_matches_the_reference(client):
+    case = CASES["short"]
+    n = len(case["greedy_new_ids"])
+    r = client.completions.create(model="tiny-maverick", prompt=case["input_ids"],
+                                  max_tokens=n, temperature=0)
+    assert r.choices[0].text == case["decoded_greedy_text"]
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len(case["input_ids"])
+    assert r.usage.completion_tokens == n
+
+
+def test_text_prompt_tokenizes_like_transformers(client):
+    case = CASES["short"]
+    r = client.completions.create(model="tiny-maverick", prompt=case["prompt"],
+                                  max_tokens=len(case["greedy_new_ids"]), temperature=0)
+    assert r.usage.prompt_tokens == len(case["input_ids"])
+    assert r.choices[0].text == case["decoded_greedy_text"]
+
+
+def test_stop_strings(client):
+    case = CASES["short"]  # greedy text: "artbeats whil whil whil coordinator..."
+    r = client.completions.create(model="tiny-maverick", prompt=case["input_ids"],
+                                  max_tokens=12, temperature=0, stop=[" whil"])
+    assert r.choices[0].text == "artbeats"
+    assert r.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="tiny-maverick", prompt=case["input_ids"],
+                                         max_tokens=12, temperature=0, stop=[" whil"],
+                                         stream=True)
+    text = "".join(c.choices[0].text for c in streamed if c.choices)
+    assert text == "artbeats"
+
+
+def test_concurrent_requests_equal_their_runs_alone(client, server):
+    prompts = [CASES["long"]["input_ids"][: 1 + (i * 29) % 84] for i in range(32)]
+    lengths = [2 + i % 11 for i in range(32)]
+
+    def run(i):
+        r = client.completions.create(model="tiny-maverick", prompt=prompts[i],
+                                      max_tokens=lengths[i], temperature=0)
+        return r.choices[0].text, r.usage.completion_tokens
+
+    alone = [run(i) for i in range(32)]
+    time.sleep(2.5)  # let the worker's next heartbeat carry its step count
+    steps_before = metric(server, "expertmesh_scheduler_steps_total")
+    results = [None] * 32
+
+    def worker(i):
+        results[i] = run(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == alone
+    time.sleep(2.5)
+    steps = metric(server, "expertmesh_scheduler_steps_total") - steps_before
+    tokens = sum(n for _, n in alone)
+    # Alone, every generated token takes its own step; shared, far fewer steps are needed.
+    assert 0 < steps < tokens / 2, (steps, tokens)
+
+
+def test_bad_requests_get_openai_errors_and_the_server_stays_healthy(client, server):
+    cases = [
+        (b"{not json", 400),
+        (json.dumps({"prompt": 5}).encode(), 400),
+        (json.dumps({"prompt": "x", "max_tokens": "ten"}).encode(), 400),
+        (json.dumps({"prompt": "x", "max_tokens": 0}).encode(), 400),
+        (json.dumps({"prompt": "x", "max_tokens": 10**6}).encode(), 400),
+        (json.dumps({"prompt": "x", "model": "no-such-model"}).encode(), 404),
+        (json.dumps({"prompt": [999999]}).encode(), 400),
+        (b"{" + b" " * (10 * 1024 * 1024) + b"}", 413),
+    ]
+    for body, code in cases:
+        status, payload = raw(server, "/v1/completions", body)
+        assert status == code, (body[:60], status, payload)
+        assert set(payload["error"]) >= {"message", "type", "param", "code"}
+    status, payload = raw(server, "/v1/chat/completions", json.dumps({"messages": []}).encode())
+    assert status == 400 and payload["error"]["param"] == "messages"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny-maverick", messages=[], max_tokens=4)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=4)
+    with urllib.request.urlopen(server + "/health", timeout=10) as r:
+        assert r.status == 200
+    r = client.completions.create(model="tiny-maverick", prompt="x", max_tokens=2)
+    assert r.usage.completion_tokens >= 1
+
+
+def test_metrics_count_requests_and_tokens(client, server):
+    before = metric(server, "expertmesh_completion_tokens_total")
+    client.completions.create(model="tiny-maverick", prompt="x", max_tokens=3, temperature=0)
+    assert metric(server, "expertmesh_completion_tokens_total") >= before + 1
+    text = urllib.request.urlopen(server + "/metrics", timeout=10).read().decode()
+    for name in ["expertmesh_requests_total", "expertmesh_time_to_first_token_seconds_bucket",
+                 "expertmesh_inter_token_latency_seconds_count", "expertmesh_queue_depth",
+                 "expertmesh_kv_blocks_used", "expertmesh_routed_tokens_total",
+                 "expertmesh_dispatch_round_trip_seconds_count"]:
+        assert name in text, name
+
+
+def test_api_key_is_required_when_set():
+    proc, base = start_cluster("--api-key", "sekret")
+    try:
+        bad = openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.completions.create(model="tiny-maverick", prompt="x", max_tokens=2)
+        good = openai.OpenAI(base_url=base + "/v1", api_key="sekret", max_retries=0)
+        assert good.completions.create(model="tiny-maverick", prompt="x", max_tokens=2).choices
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
