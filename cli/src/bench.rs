@@ -29,6 +29,8 @@ pub enum BenchCommand {
     Decode(DecodeArgs),
     /// One dispatch round trip over loopback gRPC against a raw TCP echo of the same bytes.
     Dispatch(crate::bench_dispatch::DispatchArgs),
+    /// Streams through the OpenAI API of a local cluster at several concurrency levels.
+    Serve(crate::bench_serve::ServeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -100,6 +102,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Decode(args) => decode(args),
         BenchCommand::Dispatch(args) => crate::bench_dispatch::run(args),
+        BenchCommand::Serve(args) => crate::bench_serve::run(args),
     }
 }
 
@@ -258,7 +261,7 @@ fn through_cluster(
 
 /// Prefills every prompt in one batch, then decodes `steps` greedy steps for all of them
 /// together. Returns each measured step's time and the median weight bytes per step.
-fn decode_steps(
+pub(crate) fn decode_steps(
     model: &Model,
     runner: &dyn ExpertRunner,
     prompts: &[Vec<u32>],
@@ -358,7 +361,7 @@ fn bandwidth() -> (f64, f64) {
     (gbps(median(&mut copies)), gbps(median(&mut reads)))
 }
 
-fn median(times: &mut [Duration]) -> Duration {
+pub(crate) fn median(times: &mut [Duration]) -> Duration {
     times.sort_unstable();
     times[times.len() / 2]
 }

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_dispatch;
+mod bench_serve;
 mod cluster;
 mod generate;
 mod roles;

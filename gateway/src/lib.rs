@@ -77,8 +77,6 @@ impl Default for GatewayConfig {
 pub enum GatewayError {
     #[error(transparent)]
     Model(#[from] expertmesh_model::ModelError),
-    #[error("the gateway needs a model directory with a tokenizer, not {0}")]
-    NoTokenizer(String),
     #[error("cannot serve HTTP: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -99,7 +97,8 @@ impl Cluster for Coordinator {
 }
 
 struct App {
-    tokenizer: TextTokenizer,
+    /// None for synthetic models: prompts are token ids and tokens have no text.
+    tokenizer: Option<TextTokenizer>,
     template: Option<ChatTemplate>,
     config: TextConfig,
     stop_ids: Vec<u32>,
@@ -121,18 +120,21 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
     let source: ModelSource = config.model.parse()?;
-    let ModelSource::Dir(dir) = &source else {
-        return Err(GatewayError::NoTokenizer(config.model.clone()));
-    };
     let model_config = source.config()?;
-    let stop_ids = generation_eos_ids(dir)?.unwrap_or_else(|| model_config.eos_token_ids.clone());
-    let model_name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| config.model.clone());
+    let (tokenizer, template, stop_ids, model_name) = match &source {
+        ModelSource::Dir(dir) => (
+            Some(TextTokenizer::from_dir(dir)?),
+            ChatTemplate::from_dir(dir)?,
+            generation_eos_ids(dir)?.unwrap_or_else(|| model_config.eos_token_ids.clone()),
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| config.model.clone()),
+        ),
+        ModelSource::Synthetic(_) => (None, None, Vec::new(), "synthetic-bench".to_owned()),
+    };
     let app = Arc::new(App {
-        tokenizer: TextTokenizer::from_dir(dir)?,
-        template: ChatTemplate::from_dir(dir)?,
+        tokenizer,
+        template,
         config: model_config,
         stop_ids,
         model_name,
@@ -338,6 +340,12 @@ impl App {
         }
     }
 
+    fn tokenizer(&self) -> Result<&TextTokenizer, ApiError> {
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| ApiError::bad("this model has no tokenizer: send token ids", "prompt"))
+    }
+
     fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, ApiError> {
         let internal = |e: expertmesh_model::ModelError| ApiError::Internal(e.to_string());
         let ids = match prompt {
@@ -352,7 +360,7 @@ impl App {
                 ids.clone()
             }
             Prompt::Text(text) => {
-                let mut ids = self.tokenizer.encode(text, true).map_err(internal)?;
+                let mut ids = self.tokenizer()?.encode(text, true).map_err(internal)?;
                 if let Some(bos) = self.config.bos_token_id {
                     if ids.first() != Some(&bos) {
                         ids.insert(0, bos);
@@ -368,7 +376,9 @@ impl App {
                 let rendered = template
                     .render(messages, true)
                     .map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
-                self.tokenizer.encode(&rendered, false).map_err(internal)?
+                self.tokenizer()?
+                    .encode(&rendered, false)
+                    .map_err(internal)?
             }
         };
         if ids.is_empty() {
@@ -442,7 +452,7 @@ impl App {
         mut stream: tonic::Streaming<pb::GenerateEvent>,
         mut emit: impl FnMut(String) -> bool,
     ) -> Result<(usize, &'static str), ApiError> {
-        let mut text = StopText::new(&self.tokenizer, job.request.stop.clone());
+        let mut text = StopText::new(self.tokenizer.as_ref(), job.request.stop.clone());
         let started = Instant::now();
         let mut last = started;
         let mut tokens = 0;
@@ -462,8 +472,9 @@ impl App {
                         continue;
                     }
                     match text.push(t.id) {
+                        // One event per token, even when its text is held back or empty.
                         Piece::Text(s) => {
-                            if !s.is_empty() && !emit(s) {
+                            if !emit(s) {
                                 return Ok((tokens, "cancelled"));
                             }
                         }

@@ -5,7 +5,8 @@
 use expertmesh_model::{DetokenizeStream, TextTokenizer};
 
 pub struct StopText<'t> {
-    tokenizer: &'t TextTokenizer,
+    /// None: tokens have no text (a model without a tokenizer).
+    tokenizer: Option<&'t TextTokenizer>,
     detok: DetokenizeStream,
     stops: Vec<String>,
     text: String,
@@ -23,7 +24,7 @@ pub enum Piece {
 }
 
 impl<'t> StopText<'t> {
-    pub fn new(tokenizer: &'t TextTokenizer, stops: Vec<String>) -> Self {
+    pub fn new(tokenizer: Option<&'t TextTokenizer>, stops: Vec<String>) -> Self {
         Self {
             tokenizer,
             detok: DetokenizeStream::default(),
@@ -34,7 +35,10 @@ impl<'t> StopText<'t> {
     }
 
     pub fn push(&mut self, id: u32) -> Piece {
-        if let Ok(Some(piece)) = self.detok.push(self.tokenizer, id) {
+        let Some(tokenizer) = self.tokenizer else {
+            return Piece::Text(String::new());
+        };
+        if let Ok(Some(piece)) = self.detok.push(tokenizer, id) {
             self.text.push_str(&piece);
         }
         let search_from = self.emitted.saturating_sub(self.longest_stop());
@@ -65,7 +69,7 @@ impl<'t> StopText<'t> {
 
     /// The text held back, at the end of generation.
     pub fn finish(&mut self) -> String {
-        if let Ok(rest) = self.detok.finish(self.tokenizer) {
+        if let Some(Ok(rest)) = self.tokenizer.map(|t| self.detok.finish(t)) {
             self.text.push_str(&rest);
         }
         let out = self.text[self.emitted..].to_owned();
