@@ -17,6 +17,7 @@ fn read(name: &str) -> String {
 fn deploy_examples_parse_and_validate() {
     let c: CoordinatorConfig = toml::from_str(&read("coordinator.toml")).unwrap();
     assert_eq!(c.listen, "0.0.0.0:7000");
+    assert_eq!(c.http.as_deref(), Some("0.0.0.0:8000"));
     let e: ExpertWorkerConfig = toml::from_str(&read("expert-worker.toml")).unwrap();
     let e = e.validate().unwrap();
     assert_eq!(e.capacity, Some(16));
@@ -24,6 +25,7 @@ fn deploy_examples_parse_and_validate() {
     let a: AttentionWorkerConfig = toml::from_str(&read("attention-worker.toml")).unwrap();
     let a = a.validate().unwrap();
     assert_eq!(a.dispatch.wire_dtype, WireDType::F32);
+    assert_eq!(a.scheduler.token_budget, 512);
 }
 
 #[test]

@@ -231,3 +231,53 @@ def test_api_key_is_required_when_set():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_client_that_disconnects_cancels_its_request(server):
+    host, port = server.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": [697, 318], "max_tokens": 3000, "temperature": 0,
+                       "stream": True}).encode()
+    s = socket.create_connection((host, int(port)), timeout=30)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    got = b""
+    while b"data: " not in got:  # generation is under way once an event arrives
+        chunk = s.recv(65536)
+        assert chunk, "the server closed the stream"
+        got += chunk
+    s.close()
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        time.sleep(0.5)
+        if metric(server, "expertmesh_running_sequences") == 0 \
+                and metric(server, "expertmesh_kv_blocks_used") == 0:
+            break
+    else:
+        raise AssertionError("the request kept running after its client left")
+    # It stopped long before its 3000 tokens.
+    assert metric(server, "expertmesh_completion_tokens_total") < 2500
+
+
+def test_health_is_503_and_requests_fail_cleanly_without_workers():
+    port = free_port()
+    proc = subprocess.Popen([BIN, "coordinator", "--listen", "127.0.0.1:0", "--http",
+                             f"127.0.0.1:{port}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                raise AssertionError("healthy without workers")
+            except urllib.error.HTTPError as e:
+                assert e.code == 503
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.time() < deadline
+                time.sleep(0.1)
+        status, payload = raw(base, "/v1/completions", json.dumps({"prompt": "x"}).encode())
+        assert status == 503 and payload["error"]["type"] == "server_error"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
