@@ -232,14 +232,7 @@ fn through_cluster(
     single: &[DecodePoint],
     prompt: &mut impl FnMut(usize) -> Vec<u32>,
 ) -> Result<Vec<ClusterPoint>> {
-    let cluster = LocalCluster::start(&ClusterSpec {
-        model: model_arg.into(),
-        expert_capacities: vec![None; n],
-        attention_workers: 0,
-        attention_args: Vec::new(),
-        http: None,
-        api_key: None,
-    })?;
+    let cluster = LocalCluster::start(&ClusterSpec::expert_workers(model_arg, n))?;
     let runtime = tokio::runtime::Runtime::new()?;
     let (model, experts) =
         runtime.block_on(cluster.attach(model_arg, DispatchConfig::default()))?;

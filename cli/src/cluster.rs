@@ -108,6 +108,21 @@ pub struct ClusterSpec {
     pub api_key: Option<String>,
 }
 
+impl ClusterSpec {
+    /// A coordinator and `n` expert workers of unlimited capacity: the attention side
+    /// runs in the calling process (`LocalCluster::attach`).
+    pub fn expert_workers(model: &str, n: usize) -> Self {
+        Self {
+            model: model.into(),
+            expert_capacities: vec![None; n],
+            attention_workers: 0,
+            attention_args: Vec::new(),
+            http: None,
+            api_key: None,
+        }
+    }
+}
+
 impl LocalCluster {
     pub fn start(spec: &ClusterSpec) -> Result<Self> {
         let model = spec.model.clone();

@@ -162,14 +162,7 @@ fn through_cluster(
         bail!("--expert-workers must be at least 1");
     }
     let model_arg = args.model.display().to_string();
-    let cluster = LocalCluster::start(&ClusterSpec {
-        model: model_arg.clone(),
-        expert_capacities: vec![None; n],
-        attention_workers: 0,
-        attention_args: Vec::new(),
-        http: None,
-        api_key: None,
-    })?;
+    let cluster = LocalCluster::start(&ClusterSpec::expert_workers(&model_arg, n))?;
     let runtime = tokio::runtime::Runtime::new()?;
     let dispatch = DispatchConfig {
         wire_dtype: args.wire_dtype,
