@@ -58,6 +58,9 @@ pub struct GatewayConfig {
     pub requests_max: usize,
     /// Default `max_tokens` of `/v1/completions`.
     pub completion_tokens_default: usize,
+    /// A request fails when its worker sends nothing for this long, in ms (first token
+    /// included: a long queue or prompt must still make progress within it).
+    pub token_timeout_ms: u64,
 }
 
 impl Default for GatewayConfig {
@@ -69,6 +72,7 @@ impl Default for GatewayConfig {
             body_max_bytes: 1 << 20,
             requests_max: 512,
             completion_tokens_default: 16,
+            token_timeout_ms: 120_000,
         }
     }
 }
@@ -457,7 +461,16 @@ impl App {
         let mut last = started;
         let mut tokens = 0;
         let mut finish = "length";
-        while let Some(event) = stream.message().await? {
+        let patience = Duration::from_millis(self.gateway.token_timeout_ms);
+        loop {
+            let next = tokio::time::timeout(patience, stream.message())
+                .await
+                .map_err(|_| {
+                    ApiError::Unavailable(format!(
+                        "the attention worker sent nothing for {patience:?}"
+                    ))
+                })??;
+            let Some(event) = next else { break };
             match event.event {
                 Some(pb::generate_event::Event::Token(t)) => {
                     let now = Instant::now();
