@@ -1,6 +1,7 @@
 //! The attention side against real expert workers over gRPC, in one test process: a batch
 //! of several sequences (split into two ping-ponging micro-batches) gives exactly the
-//! logits and routes of the single-process engine, prefill and decode alike.
+//! logits and routes of the single-process engine, prefill and decode alike, also when a
+//! worker joins mid-run and the placement moves to a new epoch.
 
 use std::path::Path;
 use std::time::Duration;
@@ -31,14 +32,14 @@ async fn micro_batched_remote_forward_equals_local() {
         listener,
         std::future::pending(),
     ));
+    let worker = ExpertWorkerConfig {
+        coordinator: coordinator_addr.clone(),
+        model: model_dir.clone(),
+        ..ExpertWorkerConfig::default()
+    };
     for _ in 0..3 {
-        let worker = ExpertWorkerConfig {
-            coordinator: coordinator_addr.clone(),
-            model: model_dir.clone(),
-            ..ExpertWorkerConfig::default()
-        };
         tokio::spawn(expertmesh_expert_worker::run(
-            worker,
+            worker.clone(),
             |_| {},
             std::future::pending(),
         ));
@@ -64,6 +65,9 @@ async fn micro_batched_remote_forward_equals_local() {
         (100..131).collect(),
         vec![5, 6],
     ];
+    let runtime = tokio::runtime::Handle::current();
+    let epoch_before = coordinator.view().placement.epoch;
+    let epochs = coordinator.clone();
     tokio::task::spawn_blocking(move || {
         let run = |model: &Model, remote: bool| {
             let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
@@ -92,6 +96,20 @@ async fn micro_batched_remote_forward_equals_local() {
                     })
                     .collect();
                 outputs.push((out.logits, out.routes));
+                if remote && outputs.len() == 1 {
+                    // A fourth worker joins between steps: the placement moves to a new
+                    // epoch, and batches sent under the old one are re-sent.
+                    runtime.spawn(expertmesh_expert_worker::run(
+                        worker.clone(),
+                        |_| {},
+                        std::future::pending(),
+                    ));
+                    let give_up = std::time::Instant::now() + Duration::from_secs(30);
+                    while epochs.view().placement.epoch == epoch_before {
+                        assert!(std::time::Instant::now() < give_up, "no new epoch");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
             }
             outputs
         };
