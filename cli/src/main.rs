@@ -10,6 +10,7 @@ mod bench_dispatch;
 mod bench_serve;
 mod cluster;
 mod generate;
+mod loadgen;
 mod roles;
 mod up;
 
@@ -36,6 +37,8 @@ enum Command {
     ExpertWorker(roles::ExpertWorkerArgs),
     /// Run an attention worker.
     AttentionWorker(roles::AttentionWorkerArgs),
+    /// Load-test an OpenAI-compatible endpoint, or the expert tier (`loadgen experts`).
+    Loadgen(Box<loadgen::LoadgenCommand>),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
         Command::Coordinator(args) => roles::coordinator(args),
         Command::ExpertWorker(args) => roles::expert_worker(args),
         Command::AttentionWorker(args) => roles::attention_worker(args),
+        Command::Loadgen(cmd) => loadgen::run(*cmd),
         Command::Bench { which } => bench::run(which),
     };
     match result {

@@ -455,7 +455,7 @@ impl App {
         job: &Job,
         mut stream: tonic::Streaming<pb::GenerateEvent>,
         mut emit: impl FnMut(String) -> bool,
-    ) -> Result<(usize, &'static str), ApiError> {
+    ) -> Result<(usize, &'static str, String), ApiError> {
         let mut text = StopText::new(self.tokenizer.as_ref(), job.request.stop.clone());
         let started = Instant::now();
         let mut last = started;
@@ -481,22 +481,23 @@ impl App {
                     }
                     last = now;
                     tokens += 1;
-                    if self.stop_ids.contains(&t.id) {
-                        continue;
-                    }
-                    match text.push(t.id) {
-                        // One event per token, even when its text is held back or empty.
+                    // One event per token, even when its text is held back or empty (a stop
+                    // id has none), so a client's count equals the usage.
+                    let piece = if self.stop_ids.contains(&t.id) {
+                        Piece::Text(String::new())
+                    } else {
+                        text.push(t.id)
+                    };
+                    match piece {
                         Piece::Text(s) => {
                             if !emit(s) {
-                                return Ok((tokens, "cancelled"));
+                                return Ok((tokens, "cancelled", String::new()));
                             }
                         }
                         Piece::Stopped(s) => {
-                            if !s.is_empty() {
-                                emit(s);
-                            }
+                            emit(s);
                             // Dropping the stream ends the request on the worker.
-                            return Ok((tokens, "stop"));
+                            return Ok((tokens, "stop", String::new()));
                         }
                     }
                 }
@@ -509,11 +510,8 @@ impl App {
                 Some(pb::generate_event::Event::PromptLogits(_)) | None => {}
             }
         }
-        let rest = text.finish();
-        if !rest.is_empty() {
-            emit(rest);
-        }
-        Ok((tokens, finish))
+        // Text still held back (an incomplete character) goes with the final event.
+        Ok((tokens, finish, text.finish()))
     }
 
     async fn collect(
@@ -522,12 +520,13 @@ impl App {
         stream: tonic::Streaming<pb::GenerateEvent>,
     ) -> Result<Response, ApiError> {
         let mut out = String::new();
-        let (tokens, finish) = self
+        let (tokens, finish, rest) = self
             .drive(&job, stream, |s| {
                 out.push_str(&s);
                 true
             })
             .await?;
+        out.push_str(&rest);
         let choice = if job.chat {
             json!({"index": 0, "message": {"role": "assistant", "content": out},
                    "logprobs": null, "finish_reason": finish})
@@ -616,8 +615,9 @@ impl App {
             };
             match driven {
                 None => {} // the client went away
-                Some(Ok((tokens, finish))) => {
-                    let _ = send(app.chunk(&job, None, Some(finish))).await;
+                Some(Ok((tokens, finish, rest))) => {
+                    let piece = (!rest.is_empty()).then_some(rest.as_str());
+                    let _ = send(app.chunk(&job, piece, Some(finish))).await;
                     let usage = app.usage(&job, tokens);
                     if job.request.include_usage {
                         let mut last = app.chunk(&job, None, None);

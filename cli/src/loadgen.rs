@@ -1,0 +1,256 @@
+//! `expertmesh loadgen`: load against an OpenAI-compatible endpoint (or, with `experts`,
+//! against the expert tier alone), with a live progress line, a report table, JSON and
+//! PNG plots. The work is in `expertmesh-loadgen`; this parses flags.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use expertmesh_expert_worker::WireDType;
+use expertmesh_loadgen::experts::{parse_skew, ExpertLoad};
+use expertmesh_loadgen::workload::read_dataset;
+use expertmesh_loadgen::{plot, Endpoint, Lengths, Report, Run, Shape, Workload};
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct LoadgenCommand {
+    #[command(subcommand)]
+    which: Option<LoadgenMode>,
+    #[command(flatten)]
+    args: LoadgenArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum LoadgenMode {
+    /// Synthetic dispatch batches straight to the expert workers.
+    Experts(ExpertArgs),
+}
+
+#[derive(Args, Debug)]
+struct LoadgenArgs {
+    /// The endpoint, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine).
+    #[arg(long)]
+    url: Option<String>,
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Closed loop: this many concurrent clients (default 8 without --rate).
+    #[arg(long, conflicts_with = "rate")]
+    concurrency: Option<usize>,
+    /// Open loop: Poisson arrivals at this many requests per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seconds to send for (default 10 unless --requests).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Requests to send in all.
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Seconds at the start whose requests the figures leave out.
+    #[arg(long, default_value_t = 0.0)]
+    warmup: f64,
+    /// Prompt lengths (words, or token ids with --token-ids-below): fixed:N, uniform:A-B, normal:M,SD.
+    #[arg(long, default_value = "fixed:32")]
+    prompt_len: Lengths,
+    /// Output lengths (max_tokens): fixed:N, uniform:A-B, normal:M,SD.
+    #[arg(long, default_value = "fixed:32")]
+    output_len: Lengths,
+    /// Send synthetic prompts as token ids below this (models without a tokenizer).
+    #[arg(long)]
+    token_ids_below: Option<u32>,
+    /// A JSONL dataset of prompts (`prompt`, `messages`, or ShareGPT `conversations`).
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+    /// Use the chat API.
+    #[arg(long)]
+    chat: bool,
+    /// Ask for whole responses instead of streams.
+    #[arg(long)]
+    no_stream: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Run several levels in turn: concurrency=1,4,16,64 or rate=1,2,4.
+    #[arg(long)]
+    sweep: Option<String>,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 300.0)]
+    timeout: f64,
+    /// Write the report(s) as JSON here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Write PNG plots into this directory.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ExpertArgs {
+    #[arg(long)]
+    coordinator: String,
+    /// The cluster's model: directory or synthetic:bench.
+    #[arg(long, default_value = "tests/fixtures/tiny-maverick")]
+    model: String,
+    /// Tokens per routed batch.
+    #[arg(long, default_value_t = 256)]
+    tokens: usize,
+    /// Expert popularity: zipf:S (0 = uniform).
+    #[arg(long, default_value = "zipf:1.0")]
+    skew: String,
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    #[arg(long, default_value = "bf16")]
+    dtype: WireDType,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cmd: LoadgenCommand) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    match cmd.which {
+        Some(LoadgenMode::Experts(a)) => runtime.block_on(experts(a)),
+        None => runtime.block_on(http(cmd.args)),
+    }
+}
+
+fn levels(args: &LoadgenArgs) -> Result<Vec<Shape>> {
+    if let Some(sweep) = &args.sweep {
+        let (kind, values) = sweep
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--sweep takes concurrency=... or rate=..."))?;
+        return values
+            .split(',')
+            .map(|v| match kind {
+                "concurrency" => Ok(Shape::Closed {
+                    concurrency: v.trim().parse()?,
+                }),
+                "rate" => Ok(Shape::Open {
+                    rate: v.trim().parse()?,
+                }),
+                _ => bail!("--sweep takes concurrency=... or rate=..."),
+            })
+            .collect();
+    }
+    Ok(vec![match args.rate {
+        Some(rate) => Shape::Open { rate },
+        None => Shape::Closed {
+            concurrency: args.concurrency.unwrap_or(8),
+        },
+    }])
+}
+
+async fn http(args: LoadgenArgs) -> Result<()> {
+    let url = args.url.clone().context("--url is required")?;
+    let endpoint = Endpoint::parse(
+        &url,
+        args.api_key.clone(),
+        Duration::from_secs_f64(args.timeout),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let workload = Arc::new(Workload {
+        model: args.model.clone(),
+        chat: args.chat,
+        stream: !args.no_stream,
+        prompt_lengths: args.prompt_len,
+        output_lengths: args.output_len,
+        token_ids_below: args.token_ids_below,
+        dataset: args
+            .dataset
+            .as_deref()
+            .map(read_dataset)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+        seed: args.seed,
+    });
+    let duration = match (args.duration, args.requests) {
+        (None, None) => Some(Duration::from_secs(10)),
+        (d, _) => d.map(Duration::from_secs_f64),
+    };
+    let mut reports = Vec::new();
+    for shape in levels(&args)? {
+        eprintln!("load: {} against {url}", shape.label());
+        let report = Run {
+            endpoint: endpoint.clone(),
+            workload: workload.clone(),
+            shape,
+            duration,
+            requests: args.requests,
+            warmup: Duration::from_secs_f64(args.warmup),
+            progress: true,
+        }
+        .execute()
+        .await;
+        reports.push(report);
+    }
+    print!("{}", Report::table(&reports));
+    if let Some(out) = &args.out {
+        let json = if reports.len() == 1 {
+            serde_json::to_string_pretty(&reports[0])?
+        } else {
+            serde_json::to_string_pretty(&reports)?
+        };
+        std::fs::write(out, json).with_context(|| format!("writing {}", out.display()))?;
+    }
+    if let Some(dir) = &args.plot {
+        std::fs::create_dir_all(dir)?;
+        let last = reports.last().expect("at least one level");
+        plot::latency(last, &dir.join("latency.png")).map_err(anyhow::Error::msg)?;
+        plot::timeline(last, &dir.join("timeline.png")).map_err(anyhow::Error::msg)?;
+        if reports.len() > 1 {
+            plot::sweep(&reports, &dir.join("sweep.png")).map_err(anyhow::Error::msg)?;
+        }
+        // expertmesh targets also show where the load went.
+        if let Ok(page) = endpoint.get("/metrics").await {
+            let _ = plot::expert_heatmap(&page, &dir.join("experts.png"));
+            let _ = plot::worker_load(&page, &dir.join("workers.png"));
+        }
+        eprintln!("plots in {}", dir.display());
+    }
+    Ok(())
+}
+
+async fn experts(a: ExpertArgs) -> Result<()> {
+    let report = expertmesh_loadgen::experts::run(ExpertLoad {
+        coordinator: a.coordinator,
+        model: a.model,
+        tokens: a.tokens,
+        skew: parse_skew(&a.skew).map_err(anyhow::Error::msg)?,
+        duration: Duration::from_secs_f64(a.duration),
+        concurrency: a.concurrency,
+        dtype: a.dtype,
+        seed: 0,
+    })
+    .await
+    .map_err(anyhow::Error::msg)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    println!(
+        "expert tier: {:.1} batches/s, {:.0} tokens/s over {:.1} s",
+        report.batches_per_s, report.tokens_per_s, report.duration_s
+    );
+    println!(
+        "{:>7} {:<22} {:>8} {:>9} {:>7} {:>21}",
+        "worker", "address", "batches", "tokens", "failed", "RTT ms p50/p90/p99"
+    );
+    for w in &report.workers {
+        println!(
+            "{:>7} {:<22} {:>8} {:>9} {:>7} {:>21}",
+            w.worker,
+            w.address,
+            w.batches,
+            w.tokens,
+            w.failed,
+            format!(
+                "{:.1}/{:.1}/{:.1}",
+                w.rtt_ms.p50, w.rtt_ms.p90, w.rtt_ms.p99
+            )
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! `expertmesh loadgen` against `expertmesh up` on the tiny model: zero failures, the
+//! client's token count equal to the server's usage, the JSON report's fields, and plots
+//! that are valid PNG images.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Up(std::process::Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn assert_png(path: &std::path::Path) {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert!(
+        info.width >= 100 && info.height >= 100,
+        "{}",
+        path.display()
+    );
+    // Something was drawn: not every pixel is white.
+    assert!(buf.iter().any(|&b| b < 200), "{} is blank", path.display());
+}
+
+#[test]
+fn loadgen_against_up() {
+    let port = free_port();
+    let http = format!("127.0.0.1:{port}");
+    let _up = Up(Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+        .args(["up", "--http", &http])
+        .current_dir(common::root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
+    let give_up = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(&http).is_err() {
+        assert!(Instant::now() < give_up, "up did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report.json");
+    let plots = dir.path().join("plots");
+    let url = format!("http://{http}/v1");
+    let run = common::expertmesh(&[
+        "loadgen",
+        "--url",
+        &url,
+        "--concurrency",
+        "4",
+        "--duration",
+        "3",
+        "--warmup",
+        "0.5",
+        "--prompt-len",
+        "uniform:4-40",
+        "--output-len",
+        "uniform:2-12",
+        "--seed",
+        "7",
+        "--out",
+        out.to_str().unwrap(),
+        "--plot",
+        plots.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(r["requests_failed"], 0, "{r}");
+    assert!(r["requests_ok"].as_u64().unwrap() > 10, "{r}");
+    assert_eq!(
+        r["output_tokens"], r["client_counted_tokens"],
+        "client and server disagree"
+    );
+    for key in ["output_tokens", "duration_s", "output_tokens_per_s"] {
+        assert!(r[key].as_f64().unwrap() > 0.0, "{key}");
+    }
+    for lat in ["ttft_ms", "itl_ms", "e2e_ms"] {
+        for p in ["p50", "p90", "p99", "max"] {
+            assert!(r[lat][p].as_f64().is_some(), "{lat}.{p}");
+        }
+        assert!(r[lat]["p50"].as_f64().unwrap() <= r[lat]["max"].as_f64().unwrap());
+    }
+    for png in ["latency.png", "timeline.png", "experts.png", "workers.png"] {
+        assert_png(&plots.join(png));
+    }
+    // A sweep writes one report per level and the throughput-latency curve.
+    let run = common::expertmesh(&[
+        "loadgen",
+        "--url",
+        &url,
+        "--sweep",
+        "concurrency=1,3",
+        "--requests",
+        "6",
+        "--chat",
+        "--out",
+        out.to_str().unwrap(),
+        "--plot",
+        plots.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let levels: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(levels.as_array().unwrap().len(), 2);
+    assert_eq!(levels[1]["label"], "concurrency=3");
+    assert_eq!(levels[1]["requests_ok"], 6);
+    assert_png(&plots.join("sweep.png"));
+    let table = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        table.contains("concurrency=1") && table.contains("concurrency=3"),
+        "{table}"
+    );
+}

@@ -1,0 +1,168 @@
+//! Figures of a run: counts, throughput, latency percentiles, and a per-second timeline.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::client::{Failure, Outcome};
+
+/// p50, p90, p99 and max of a latency, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    pub fn of(values: &mut [Duration]) -> Self {
+        if values.is_empty() {
+            return Self::default();
+        }
+        values.sort_unstable();
+        let at =
+            |q: f64| values[((values.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3;
+        Self {
+            p50: at(0.5),
+            p90: at(0.9),
+            p99: at(0.99),
+            max: at(1.0),
+        }
+    }
+}
+
+/// One second of the run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Second {
+    pub t: u64,
+    pub requests_done: usize,
+    pub output_tokens: usize,
+    pub mean_e2e_ms: f64,
+}
+
+/// The report of one run (or one level of a sweep).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Report {
+    pub label: String,
+    pub requests_ok: usize,
+    pub requests_failed: usize,
+    /// Failed requests by kind (`connect`, `timeout`, `http_503`, ...).
+    pub failures: BTreeMap<String, usize>,
+    /// Output tokens as the server's usage reports them (the client's count where it
+    /// reported none).
+    pub output_tokens: usize,
+    /// Output tokens the client counted itself (one per streamed token).
+    pub client_counted_tokens: usize,
+    pub duration_s: f64,
+    pub requests_per_s: f64,
+    pub output_tokens_per_s: f64,
+    pub ttft_ms: Percentiles,
+    pub itl_ms: Percentiles,
+    pub e2e_ms: Percentiles,
+    pub timeline: Vec<Second>,
+    /// Raw samples for plots (not written to JSON).
+    #[serde(skip)]
+    pub samples: Samples,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Samples {
+    pub ttft: Vec<Duration>,
+    pub itl: Vec<Duration>,
+    pub e2e: Vec<Duration>,
+    /// (start, e2e) per request.
+    pub starts: Vec<(Duration, Duration)>,
+}
+
+impl Report {
+    /// Builds the report from the requests that started after `warmup`.
+    pub fn build(
+        label: &str,
+        records: &[Result<Outcome, (Duration, Failure)>],
+        warmup: Duration,
+    ) -> Self {
+        let mut r = Report {
+            label: label.to_owned(),
+            ..Report::default()
+        };
+        let mut s = Samples::default();
+        let mut end = warmup;
+        let mut seconds: BTreeMap<u64, (usize, usize, f64)> = BTreeMap::new();
+        for rec in records {
+            match rec {
+                Ok(o) if o.started >= warmup => {
+                    r.requests_ok += 1;
+                    r.output_tokens += o.usage_tokens.unwrap_or(o.client_tokens);
+                    r.client_counted_tokens += o.client_tokens;
+                    s.ttft.extend(o.ttft);
+                    s.itl.extend(o.gaps.iter().copied());
+                    s.e2e.push(o.e2e);
+                    s.starts.push((o.started - warmup, o.e2e));
+                    let done = o.started + o.e2e;
+                    end = end.max(done);
+                    let sec = seconds.entry((done - warmup).as_secs()).or_default();
+                    sec.0 += 1;
+                    sec.1 += o.usage_tokens.unwrap_or(o.client_tokens);
+                    sec.2 += o.e2e.as_secs_f64() * 1e3;
+                }
+                Err((started, f)) if *started >= warmup => {
+                    r.requests_failed += 1;
+                    *r.failures.entry(f.to_string()).or_default() += 1;
+                }
+                _ => {}
+            }
+        }
+        r.duration_s = (end - warmup).as_secs_f64().max(1e-9);
+        r.requests_per_s = r.requests_ok as f64 / r.duration_s;
+        r.output_tokens_per_s = r.output_tokens as f64 / r.duration_s;
+        r.ttft_ms = Percentiles::of(&mut s.ttft);
+        r.itl_ms = Percentiles::of(&mut s.itl);
+        r.e2e_ms = Percentiles::of(&mut s.e2e);
+        r.timeline = seconds
+            .into_iter()
+            .map(|(t, (n, tokens, e2e))| Second {
+                t,
+                requests_done: n,
+                output_tokens: tokens,
+                mean_e2e_ms: e2e / n.max(1) as f64,
+            })
+            .collect();
+        r.samples = s;
+        r
+    }
+
+    /// The table printed at the end of a run or sweep.
+    pub fn table(reports: &[Report]) -> String {
+        let mut out = format!(
+            "{:<16} {:>6} {:>6} {:>9} {:>9} {:>21} {:>21} {:>21}\n",
+            "level",
+            "ok",
+            "failed",
+            "req/s",
+            "tok/s",
+            "TTFT ms p50/p90/p99",
+            "ITL ms p50/p90/p99",
+            "e2e ms p50/p90/p99"
+        );
+        for r in reports {
+            let p = |x: &Percentiles| format!("{:.0}/{:.0}/{:.0}", x.p50, x.p90, x.p99);
+            out += &format!(
+                "{:<16} {:>6} {:>6} {:>9.2} {:>9.1} {:>21} {:>21} {:>21}\n",
+                r.label,
+                r.requests_ok,
+                r.requests_failed,
+                r.requests_per_s,
+                r.output_tokens_per_s,
+                p(&r.ttft_ms),
+                p(&r.itl_ms),
+                p(&r.e2e_ms)
+            );
+            for (kind, n) in &r.failures {
+                out += &format!("{:<16} failed: {kind} × {n}\n", "");
+            }
+        }
+        out
+    }
+}

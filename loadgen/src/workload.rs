@@ -1,0 +1,291 @@
+//! What the load generator sends: synthetic prompts of drawn lengths, or prompts from a
+//! JSONL dataset (plain `{"prompt": ...}` lines or ShareGPT conversations), as completion
+//! or chat requests. Request i of a run is drawn from a generator seeded with (seed, i), so
+//! the same seed sends the same sequence of requests.
+
+use std::path::Path;
+
+use expertmesh_model::sampling::{mix64, SplitMix64};
+use serde_json::{json, Value};
+
+/// A distribution of lengths: `fixed:N`, `uniform:A-B` or `normal:MEAN,SD` (clamped ≥ 1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Lengths {
+    Fixed(usize),
+    Uniform(usize, usize),
+    Normal(f64, f64),
+}
+
+impl std::str::FromStr for Lengths {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not fixed:N, uniform:A-B or normal:MEAN,SD");
+        let (kind, args) = s.split_once(':').unwrap_or(("fixed", s));
+        match kind {
+            "fixed" => args.parse().map(Self::Fixed).map_err(|_| bad()),
+            "uniform" => {
+                let (a, b) = args.split_once('-').ok_or_else(bad)?;
+                let (a, b): (usize, usize) =
+                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b || a == 0 {
+                    return Err(bad());
+                }
+                Ok(Self::Uniform(a, b))
+            }
+            "normal" => {
+                let (m, sd) = args.split_once(',').ok_or_else(bad)?;
+                Ok(Self::Normal(
+                    m.parse().map_err(|_| bad())?,
+                    sd.parse().map_err(|_| bad())?,
+                ))
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl Lengths {
+    pub fn draw(&self, rng: &mut SplitMix64) -> usize {
+        match *self {
+            Self::Fixed(n) => n.max(1),
+            Self::Uniform(a, b) => a + (rng.next_u64() % (b - a + 1) as u64) as usize,
+            Self::Normal(mean, sd) => {
+                // Box-Muller.
+                let (u1, u2) = (rng.next_f64().max(1e-12), rng.next_f64());
+                let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+                (mean + sd * z).round().max(1.0) as usize
+            }
+        }
+    }
+}
+
+/// One prompt of a dataset.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DatasetPrompt {
+    Text(String),
+    /// Chat messages (role, content).
+    Chat(Vec<(String, String)>),
+}
+
+/// Reads a JSONL dataset: `{"prompt": "..."}`, `{"messages": [...]}` or ShareGPT
+/// `{"conversations": [{"from": "human", "value": ...}, ...]}` (the turns up to the first
+/// human one). Errors name the line.
+pub fn read_dataset(path: &Path) -> Result<Vec<DatasetPrompt>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |why: &str| format!("{}:{}: {why}", path.display(), i + 1);
+        let v: Value = serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
+        if let Some(p) = v.get("prompt").and_then(Value::as_str) {
+            out.push(DatasetPrompt::Text(p.to_owned()));
+        } else if let Some(turns) = v.get("conversations").and_then(Value::as_array) {
+            let mut messages = Vec::new();
+            for t in turns {
+                let from = t.get("from").and_then(Value::as_str).unwrap_or("");
+                let value = t
+                    .get("value")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| bad("a turn has no value"))?;
+                let role = match from {
+                    "human" | "user" => "user",
+                    "gpt" | "assistant" | "chatgpt" => "assistant",
+                    "system" => "system",
+                    other => return Err(bad(&format!("unknown speaker `{other}`"))),
+                };
+                messages.push((role.to_owned(), value.to_owned()));
+                if role == "user" {
+                    break;
+                }
+            }
+            if !messages.iter().any(|(r, _)| r == "user") {
+                return Err(bad("the conversation has no human turn"));
+            }
+            out.push(DatasetPrompt::Chat(messages));
+        } else if let Some(ms) = v.get("messages").and_then(Value::as_array) {
+            let messages = ms
+                .iter()
+                .map(|m| {
+                    Some((
+                        m.get("role")?.as_str()?.to_owned(),
+                        m.get("content")?.as_str()?.to_owned(),
+                    ))
+                })
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad("messages need string role and content"))?;
+            out.push(DatasetPrompt::Chat(messages));
+        } else {
+            return Err(bad("expected `prompt`, `messages` or `conversations`"));
+        }
+    }
+    if out.is_empty() {
+        return Err(format!("{}: no prompts", path.display()));
+    }
+    Ok(out)
+}
+
+/// How requests are built.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub model: Option<String>,
+    pub chat: bool,
+    pub stream: bool,
+    pub prompt_lengths: Lengths,
+    pub output_lengths: Lengths,
+    /// Synthetic prompts as token ids below this (completions only); text otherwise.
+    pub token_ids_below: Option<u32>,
+    pub dataset: Option<Vec<DatasetPrompt>>,
+    pub seed: u64,
+}
+
+impl Workload {
+    /// The API path and JSON body of request `i`.
+    pub fn request(&self, i: u64) -> (&'static str, Value) {
+        let mut rng = SplitMix64::new(mix64(self.seed ^ mix64(i)));
+        let max_tokens = self.output_lengths.draw(&mut rng);
+        let prompt_len = self.prompt_lengths.draw(&mut rng);
+        let chat_messages: Option<Vec<(String, String)>>;
+        let mut prompt_value = Value::Null;
+        match &self.dataset {
+            Some(d) => match &d[(i % d.len() as u64) as usize] {
+                DatasetPrompt::Text(t) if self.chat => {
+                    chat_messages = Some(vec![("user".into(), t.clone())])
+                }
+                DatasetPrompt::Text(t) => {
+                    chat_messages = None;
+                    prompt_value = json!(t);
+                }
+                DatasetPrompt::Chat(m) => chat_messages = Some(m.clone()),
+            },
+            None => {
+                let words: Vec<&str> = (0..prompt_len)
+                    .map(|k| WORDS[(mix64(i ^ k as u64) % WORDS.len() as u64) as usize])
+                    .collect();
+                let text = words.join(" ");
+                match (self.chat, self.token_ids_below) {
+                    (true, _) => chat_messages = Some(vec![("user".into(), text)]),
+                    (false, Some(v)) => {
+                        chat_messages = None;
+                        let ids: Vec<u32> = (0..prompt_len)
+                            .map(|_| (rng.next_u64() % u64::from(v)) as u32)
+                            .collect();
+                        prompt_value = json!(ids);
+                    }
+                    (false, None) => {
+                        chat_messages = None;
+                        prompt_value = json!(text);
+                    }
+                }
+            }
+        }
+        let mut body =
+            json!({"max_tokens": max_tokens, "temperature": 0, "seed": i, "stream": self.stream});
+        if self.stream {
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        if let Some(m) = &self.model {
+            body["model"] = json!(m);
+        }
+        match chat_messages {
+            Some(ms) if self.chat || self.dataset.is_some() => {
+                body["messages"] = ms
+                    .iter()
+                    .map(|(r, c)| json!({"role": r, "content": c}))
+                    .collect();
+                ("/v1/chat/completions", body)
+            }
+            _ => {
+                body["prompt"] = prompt_value;
+                ("/v1/completions", body)
+            }
+        }
+    }
+}
+
+const WORDS: [&str; 16] = [
+    "expert",
+    "worker",
+    "token",
+    "cluster",
+    "route",
+    "layer",
+    "batch",
+    "cache",
+    "model",
+    "shard",
+    "attention",
+    "router",
+    "stream",
+    "latency",
+    "placement",
+    "epoch",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_parse_and_draw_in_range() {
+        let mut rng = SplitMix64::new(1);
+        assert_eq!("fixed:7".parse::<Lengths>().unwrap().draw(&mut rng), 7);
+        assert_eq!("12".parse::<Lengths>(), Ok(Lengths::Fixed(12)));
+        let u: Lengths = "uniform:3-9".parse().unwrap();
+        assert!((0..200)
+            .map(|_| u.draw(&mut rng))
+            .all(|n| (3..=9).contains(&n)));
+        let n: Lengths = "normal:100,10".parse().unwrap();
+        let mean = (0..2000).map(|_| n.draw(&mut rng) as f64).sum::<f64>() / 2000.0;
+        assert!((mean - 100.0).abs() < 2.0, "{mean}");
+        for bad in ["uniform:9-3", "normal:5", "poisson:3", "fixed:x"] {
+            assert!(bad.parse::<Lengths>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn datasets_parse_and_errors_name_the_line() {
+        let dir = std::env::temp_dir().join(format!("emlg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("d.jsonl");
+        std::fs::write(&p, concat!(
+            "{\"prompt\": \"hello\"}\n\n",
+            "{\"conversations\": [{\"from\": \"system\", \"value\": \"be brief\"}, {\"from\": \"human\", \"value\": \"hi\"}, {\"from\": \"gpt\", \"value\": \"yo\"}]}\n",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}\n",
+        )).unwrap();
+        let d = read_dataset(&p).unwrap();
+        assert_eq!(d[0], DatasetPrompt::Text("hello".into()));
+        assert_eq!(
+            d[1],
+            DatasetPrompt::Chat(vec![
+                ("system".into(), "be brief".into()),
+                ("user".into(), "hi".into())
+            ])
+        );
+        assert_eq!(d.len(), 3);
+        std::fs::write(&p, "{\"prompt\": \"ok\"}\n{\"nope\": 1}\n").unwrap();
+        assert!(read_dataset(&p).unwrap_err().contains(":2:"));
+        std::fs::write(&p, "not json\n").unwrap();
+        assert!(read_dataset(&p).unwrap_err().contains(":1:"));
+    }
+
+    #[test]
+    fn the_same_seed_sends_the_same_requests() {
+        let w = Workload {
+            model: None,
+            chat: false,
+            stream: true,
+            prompt_lengths: Lengths::Uniform(4, 40),
+            output_lengths: Lengths::Uniform(1, 9),
+            token_ids_below: Some(500),
+            dataset: None,
+            seed: 3,
+        };
+        assert_eq!(w.request(5), w.request(5));
+        assert_ne!(w.request(5), w.request(6));
+        let (path, body) = w.request(1);
+        assert_eq!(path, "/v1/completions");
+        assert!(body["prompt"].as_array().unwrap().len() >= 4);
+    }
+}

@@ -1,0 +1,113 @@
+//! The load generator against a small test server that fails some requests on purpose,
+//! one that never answers, and a port where nothing listens: every failure is counted
+//! and classified, and the successes are counted exactly.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use expertmesh_loadgen::{Endpoint, Lengths, Run, Shape, Workload};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Serves request i: 503 when i % 3 == 0, 429 when i % 3 == 1, otherwise a stream of
+/// three tokens with usage. `silent` servers read the request and never answer.
+async fn server(silent: bool) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let n = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let n = n.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut got = Vec::new();
+                while !String::from_utf8_lossy(&got).contains("\"stream\"") {
+                    let Ok(k) = s.read(&mut buf).await else {
+                        return;
+                    };
+                    if k == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..k]);
+                }
+                if silent {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    return;
+                }
+                let reply = match n.fetch_add(1, Ordering::SeqCst) % 3 {
+                    0 => "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\n\r\n{}"
+                        .to_string(),
+                    1 => {
+                        "HTTP/1.1 429 Too Many Requests\r\ncontent-length: 2\r\n\r\n{}".to_string()
+                    }
+                    _ => {
+                        let mut body = String::new();
+                        for t in ["a", "b", "c"] {
+                            body += &format!("data: {{\"choices\":[{{\"index\":0,\"text\":\"{t}\",\"finish_reason\":null}}]}}\n\n");
+                        }
+                        body += "data: {\"choices\":[{\"index\":0,\"text\":\"\",\"finish_reason\":\"length\"}]}\n\n";
+                        body += "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":3,\"total_tokens\":7}}\n\n";
+                        body += "data: [DONE]\n\n";
+                        format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n{body}")
+                    }
+                };
+                let _ = s.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+fn run(address: String, requests: u64, timeout: Duration) -> Run {
+    Run {
+        endpoint: Endpoint {
+            address,
+            prefix: String::new(),
+            api_key: None,
+            timeout,
+        },
+        workload: Arc::new(Workload {
+            model: None,
+            chat: false,
+            stream: true,
+            prompt_lengths: Lengths::Fixed(4),
+            output_lengths: Lengths::Fixed(3),
+            token_ids_below: None,
+            dataset: None,
+            seed: 1,
+        }),
+        shape: Shape::Closed { concurrency: 2 },
+        duration: None,
+        requests: Some(requests),
+        warmup: Duration::ZERO,
+        progress: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_counted_and_classified() {
+    let addr = server(false).await;
+    let report = run(addr, 12, Duration::from_secs(10)).execute().await;
+    assert_eq!(report.requests_ok, 4);
+    assert_eq!(report.requests_failed, 8);
+    assert_eq!(report.failures.get("http_503"), Some(&4));
+    assert_eq!(report.failures.get("http_429"), Some(&4));
+    assert_eq!(report.output_tokens, 12);
+    assert_eq!(report.client_counted_tokens, 12);
+    assert_eq!(report.samples.itl.len(), 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silence_and_refusal_are_timeouts_and_connect_errors() {
+    let silent = server(true).await;
+    let report = run(silent, 2, Duration::from_millis(200)).execute().await;
+    assert_eq!(report.failures.get("timeout"), Some(&2));
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let report = run(closed, 3, Duration::from_secs(2)).execute().await;
+    assert_eq!(report.failures.get("connect"), Some(&3));
+    assert_eq!(report.requests_ok, 0);
+}
