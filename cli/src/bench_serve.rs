@@ -6,14 +6,13 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
+use expertmesh_loadgen::Endpoint;
 use expertmesh_model::sampling::SplitMix64;
 use expertmesh_model::{Model, ModelSource};
 use serde::Serialize;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::bench::{decode_steps, median};
 use crate::cluster::{ClusterSpec, LocalCluster};
@@ -147,18 +146,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-/// What one streamed request saw.
-struct Timing {
-    ttft: Duration,
-    gaps: Vec<Duration>,
-    tokens: usize,
-}
-
 async fn load(http: &str, c: usize, args: &ServeArgs, vocab: u64) -> Result<Level> {
     let started = Instant::now();
+    let endpoint = Endpoint::parse(&format!("http://{http}"), None, Duration::from_secs(600))
+        .map_err(anyhow::Error::msg)?;
     let tasks: Vec<_> = (0..c)
         .map(|i| {
-            let http = http.to_owned();
+            let endpoint = endpoint.clone();
             let (prompt_tokens, max_tokens, rounds) =
                 (args.prompt_tokens, args.max_tokens, args.rounds);
             tokio::spawn(async move {
@@ -167,7 +161,13 @@ async fn load(http: &str, c: usize, args: &ServeArgs, vocab: u64) -> Result<Leve
                 for _ in 0..rounds {
                     let prompt: Vec<u64> =
                         (0..prompt_tokens).map(|_| rng.next_u64() % vocab).collect();
-                    out.push(stream_once(&http, &prompt, max_tokens).await?);
+                    let body = json!({"prompt": prompt, "max_tokens": max_tokens,
+                                      "temperature": 0, "stream": true});
+                    let o = endpoint
+                        .send("/v1/completions", &body, true, started)
+                        .await
+                        .map_err(|f| anyhow::anyhow!("a request failed: {f}"))?;
+                    out.push(o);
                 }
                 anyhow::Ok(out)
             })
@@ -178,8 +178,8 @@ async fn load(http: &str, c: usize, args: &ServeArgs, vocab: u64) -> Result<Leve
         timings.extend(t.await??);
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let tokens: usize = timings.iter().map(|t| t.tokens).sum();
-    let mut ttft: Vec<Duration> = timings.iter().map(|t| t.ttft).collect();
+    let tokens: usize = timings.iter().map(|t| t.client_tokens).sum();
+    let mut ttft: Vec<Duration> = timings.iter().filter_map(|t| t.ttft).collect();
     let mut itl: Vec<Duration> = timings
         .iter()
         .flat_map(|t| t.gaps.iter().copied())
@@ -203,68 +203,4 @@ async fn load(http: &str, c: usize, args: &ServeArgs, vocab: u64) -> Result<Leve
         single_process_tokens_per_s: 0.0,
         ratio: 0.0,
     })
-}
-
-/// One streamed completion over a plain HTTP/1.1 connection; times each SSE token event.
-async fn stream_once(http: &str, prompt: &[u64], max_tokens: usize) -> Result<Timing> {
-    let body = json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                      "stream": true})
-    .to_string();
-    let t0 = Instant::now();
-    let mut s = TcpStream::connect(http).await?;
-    s.set_nodelay(true)?;
-    let head = format!(
-        "POST /v1/completions HTTP/1.1\r\nHost: {http}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await?;
-    s.write_all(body.as_bytes()).await?;
-    let mut raw = Vec::new();
-    let mut buf = vec![0u8; 16 << 10];
-    let mut seen = 0;
-    let (mut ttft, mut gaps, mut tokens, mut last) = (None, Vec::new(), 0, t0);
-    loop {
-        let n = s.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        raw.extend_from_slice(&buf[..n]);
-        // Each SSE event is `data: ...\n\n`; chunked-encoding size lines never start so.
-        while let Some(pos) = find(&raw[seen..], b"data: ") {
-            let start = seen + pos;
-            let Some(end) = find(&raw[start..], b"\n\n") else {
-                break;
-            };
-            let event = &raw[start + 6..start + end];
-            seen = start + end + 2;
-            if event.starts_with(b"[DONE]") {
-                continue;
-            }
-            let v: serde_json::Value = serde_json::from_slice(event).context("an SSE event")?;
-            if v.get("error").is_some() {
-                bail!("the server failed a request: {v}");
-            }
-            if v["choices"][0]["finish_reason"].is_null() {
-                let now = Instant::now();
-                match ttft {
-                    None => ttft = Some(now - t0),
-                    Some(_) => gaps.push(now - last),
-                }
-                last = now;
-                tokens += 1;
-            }
-        }
-    }
-    if !raw.starts_with(b"HTTP/1.1 200") {
-        bail!("{}", String::from_utf8_lossy(&raw[..raw.len().min(300)]));
-    }
-    Ok(Timing {
-        ttft: ttft.unwrap_or_default(),
-        gaps,
-        tokens,
-    })
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
