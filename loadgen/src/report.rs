@@ -104,8 +104,24 @@ impl Report {
                     end = end.max(done);
                     let sec = seconds.entry((done - warmup).as_secs()).or_default();
                     sec.0 += 1;
-                    sec.1 += o.usage_tokens.unwrap_or(o.client_tokens);
                     sec.2 += o.e2e.as_secs_f64() * 1e3;
+                    // Tokens count in the second they arrived (streamed), else at the end.
+                    // A streamed outcome has one arrival per counted token.
+                    let streamed = o.client_tokens == o.gaps.len() + 1;
+                    match o.ttft.filter(|_| streamed) {
+                        Some(first) => {
+                            let mut at = o.started + first;
+                            seconds.entry((at - warmup).as_secs()).or_default().1 += 1;
+                            for g in &o.gaps {
+                                at += *g;
+                                seconds.entry((at - warmup).as_secs()).or_default().1 += 1;
+                            }
+                        }
+                        None => {
+                            seconds.entry((done - warmup).as_secs()).or_default().1 +=
+                                o.usage_tokens.unwrap_or(o.client_tokens);
+                        }
+                    }
                 }
                 Err((started, f)) if *started >= warmup => {
                     r.requests_failed += 1;
