@@ -138,3 +138,60 @@ fn loadgen_against_up() {
         "{table}"
     );
 }
+
+/// `loadgen experts` drives the expert tier alone and reports per worker.
+#[test]
+fn loadgen_experts_against_expert_workers() {
+    let model = common::fixture("tiny-maverick").display().to_string();
+    let coordinator = common::start(&["coordinator", "--listen", "127.0.0.1:0", "--model", &model]);
+    let c = coordinator.address.as_str();
+    let worker = || {
+        common::start(&[
+            "expert-worker",
+            "--coordinator",
+            c,
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            &model,
+        ])
+    };
+    let (_a, _b) = (worker(), worker());
+    let give_up = Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        let out = common::expertmesh(&[
+            "loadgen",
+            "experts",
+            "--coordinator",
+            c,
+            "--model",
+            &model,
+            "--tokens",
+            "64",
+            "--skew",
+            "zipf:1.2",
+            "--duration",
+            "1",
+            "--json",
+        ]);
+        let v: Option<Value> = serde_json::from_slice(&out.stdout).ok();
+        // Until both workers have registered, the placement has one worker only.
+        match v {
+            Some(v) if v["workers"].as_array().map_or(0, Vec::len) == 2 => break v,
+            _ => {
+                assert!(
+                    Instant::now() < give_up,
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    assert!(report["batches"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["tokens_per_s"].as_f64().unwrap() > 0.0);
+    for w in report["workers"].as_array().unwrap() {
+        assert_eq!(w["failed"], 0, "{w}");
+        assert!(w["rtt_ms"]["p99"].as_f64().unwrap() >= w["rtt_ms"]["p50"].as_f64().unwrap());
+    }
+}
