@@ -16,7 +16,6 @@ pub mod service;
 pub mod state;
 
 use std::future::Future;
-use std::net::SocketAddr;
 
 pub use client::{ClientError, CoordinatorClient, Registration};
 pub use service::Coordinator;
@@ -58,9 +57,4 @@ pub async fn serve(
         .add_service(coordinator.into_service())
         .serve_with_incoming_shutdown(expertmesh_proto::incoming(listener), shutdown)
         .await
-}
-
-/// The address a listener actually bound (port 0 becomes a real port).
-pub fn bound(listener: &tokio::net::TcpListener) -> std::io::Result<SocketAddr> {
-    listener.local_addr()
 }

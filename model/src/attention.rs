@@ -88,10 +88,6 @@ impl Attention {
         })
     }
 
-    pub fn uses_rope(&self) -> bool {
-        self.use_rope
-    }
-
     pub fn size_bytes(&self) -> usize {
         [&self.q, &self.k, &self.v, &self.o]
             .iter()
