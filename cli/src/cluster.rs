@@ -17,11 +17,17 @@ use expertmesh_model::{Model, ModelSource};
 /// How long a child may take to bind its port (model loading included).
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The variable that tells a child to exit when its stdin closes (see `main`).
+pub const PARENT_WATCH_ENV: &str = "EXPERTMESH_EXIT_WITH_PARENT";
+
 /// One child process and the address it listens on.
 pub struct Process {
     pub role: &'static str,
     pub address: String,
     pub child: Child,
+    /// Held open for the child's lifetime: when this process dies, even by SIGKILL, the
+    /// pipe closes and the child exits instead of living on as an orphan.
+    _lifeline: Option<std::process::ChildStdin>,
 }
 
 impl Drop for Process {
@@ -46,7 +52,8 @@ fn spawn_reading(
     let exe = std::env::current_exe().context("finding the expertmesh binary")?;
     let mut child = Command::new(exe)
         .args(args)
-        .stdin(Stdio::null())
+        .env(PARENT_WATCH_ENV, "1")
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -63,10 +70,12 @@ fn spawn_reading(
             }
         }
     });
+    let lifeline = child.stdin.take();
     let mut process = Process {
         role,
         address: String::new(),
         child,
+        _lifeline: lifeline,
     };
     match rx.recv_timeout(START_TIMEOUT) {
         Ok(line) => match line.trim().strip_prefix("LISTENING ") {

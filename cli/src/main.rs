@@ -48,6 +48,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if std::env::var_os(cluster::PARENT_WATCH_ENV).is_some() {
+        // Started by `up` (or another local cluster): leave with the parent.
+        std::thread::spawn(|| {
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+            std::process::exit(0);
+        });
+    }
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Up(args) => up::run(args),
