@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use expertmesh_proto::v1 as pb;
 use expertmesh_proto::v1::coordinator_service_server::{
@@ -26,7 +25,6 @@ const MEMBERS_MAX: usize = 4096;
 struct Inner {
     view: ClusterView,
     next_id: u64,
-    last_seen: HashMap<u64, Instant>,
     /// The latest load each worker reported (not part of the published state: it changes
     /// with every heartbeat).
     loads: HashMap<u64, pb::WorkerLoad>,
@@ -54,7 +52,6 @@ impl Coordinator {
             inner: Arc::new(Mutex::new(Inner {
                 view,
                 next_id: 1,
-                last_seen: HashMap::new(),
                 loads: HashMap::new(),
             })),
             published,
@@ -148,7 +145,6 @@ impl CoordinatorService for Coordinator {
             alive: true,
             capacity: r.has_capacity.then_some(r.expert_capacity as usize),
         });
-        inner.last_seen.insert(id, Instant::now());
         if role == Role::ExpertWorker {
             Self::replan(&mut inner);
         }
@@ -166,7 +162,6 @@ impl CoordinatorService for Coordinator {
         if inner.view.member(id).is_none() {
             return Err(Status::not_found(format!("worker {id} is not registered")));
         }
-        inner.last_seen.insert(id, Instant::now());
         if let Some(load) = r.load {
             inner.loads.insert(id, load);
         }

@@ -57,10 +57,6 @@ impl GrpcDispatch {
         })
     }
 
-    pub fn address(&self) -> &str {
-        &self.address
-    }
-
     /// A channel to `address` with connect timeout and message caps.
     pub async fn channel(address: &str) -> Result<Channel, DispatchError> {
         expertmesh_proto::endpoint(address, CONNECT_TIMEOUT)

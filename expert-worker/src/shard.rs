@@ -48,10 +48,6 @@ impl ExpertShard {
         })
     }
 
-    pub fn num_experts(&self) -> usize {
-        self.num_experts
-    }
-
     pub fn hidden(&self) -> usize {
         self.hidden
     }

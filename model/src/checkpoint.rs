@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use memmap2::Mmap;
@@ -230,7 +230,6 @@ pub struct SafetensorsCheckpoint {
     tensors: HashMap<String, Tensor>,
     /// Tensors of a dtype the engine does not read, by name, with that dtype.
     unsupported: HashMap<String, String>,
-    files: Vec<PathBuf>,
 }
 
 impl SafetensorsCheckpoint {
@@ -244,7 +243,6 @@ impl SafetensorsCheckpoint {
             let mut ckpt = Self {
                 tensors: HashMap::new(),
                 unsupported: HashMap::new(),
-                files: vec![single.clone()],
             };
             ckpt.load_file(&single)?;
             Ok(ckpt)
@@ -292,12 +290,10 @@ impl SafetensorsCheckpoint {
         let mut ckpt = Self {
             tensors: HashMap::new(),
             unsupported: HashMap::new(),
-            files: Vec::new(),
         };
         for shard in shards {
             let path = dir.join(&shard);
             ckpt.load_file(&path)?;
-            ckpt.files.push(path);
         }
         let held = |n: &String| ckpt.tensors.contains_key(n) || ckpt.unsupported.contains_key(n);
         if let Some(name) = map.keys().find(|n| !held(n)) {
@@ -307,10 +303,6 @@ impl SafetensorsCheckpoint {
             });
         }
         Ok(ckpt)
-    }
-
-    pub fn files(&self) -> &[PathBuf] {
-        &self.files
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {

@@ -217,11 +217,6 @@ impl TextConfig {
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         self.moe_layers.contains(&layer)
     }
-
-    /// Query heads per KV head (GQA group size).
-    pub fn gqa_group(&self) -> usize {
-        self.num_attention_heads / self.num_key_value_heads
-    }
 }
 
 fn invalid(field: &str, reason: &str) -> ModelError {

@@ -49,10 +49,6 @@ impl BlockPool {
         self.block_tokens
     }
 
-    pub fn capacity(&self) -> Option<usize> {
-        self.capacity
-    }
-
     pub fn used(&self) -> usize {
         self.state.lock().expect("pool lock").used
     }
@@ -205,11 +201,6 @@ impl KvCache {
     /// Blocks held, over all layers.
     pub fn blocks(&self) -> usize {
         self.layers.iter().map(LayerCache::blocks).sum()
-    }
-
-    /// f32 values held, over all layers (for tests and accounting).
-    pub fn stored_values(&self) -> usize {
-        self.layers.iter().map(|l| 2 * l.len * l.row).sum()
     }
 
     /// New blocks that appending `new_tokens` positions takes from the pool at its peak
