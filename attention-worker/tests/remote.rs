@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use expertmesh_attention_worker::{connect, DispatchConfig};
-use expertmesh_coordinator::Coordinator;
+use expertmesh_coordinator::{Coordinator, NodeConfig};
 use expertmesh_expert_worker::ExpertWorkerConfig;
 use expertmesh_model::{LogitRows, Model, ModelSource, Sequence};
 
@@ -26,7 +26,14 @@ async fn micro_batched_remote_forward_equals_local() {
     let config = source.config().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let coordinator_addr = listener.local_addr().unwrap().to_string();
-    let coordinator = Coordinator::new(config.num_local_experts, source.fingerprint().unwrap());
+    let data_dir = std::env::temp_dir().join(format!("expertmesh-remote-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let (coordinator, _) = Coordinator::start(NodeConfig::single(
+        &data_dir,
+        source.fingerprint().unwrap(),
+        config.num_local_experts,
+    ))
+    .unwrap();
     tokio::spawn(expertmesh_coordinator::serve(
         coordinator.clone(),
         listener,
@@ -122,4 +129,5 @@ async fn micro_batched_remote_forward_equals_local() {
     })
     .await
     .unwrap();
+    let _ = std::fs::remove_dir_all(&data_dir);
 }

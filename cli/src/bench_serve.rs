@@ -86,6 +86,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     ));
     let cluster = LocalCluster::start(&ClusterSpec {
         model: args.model.clone(),
+        coordinators: 1,
+        data_dir: None,
         expert_capacities: vec![None; args.expert_workers],
         attention_workers: 1,
         attention_args: Vec::new(),
@@ -94,7 +96,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     })?;
     let http = cluster
         .http
-        .clone()
+        .first()
+        .cloned()
         .context("the coordinator did not report its HTTP address")?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(cluster.ready(Duration::from_secs(300)))?;

@@ -1,4 +1,4 @@
-//! Local clusters of real processes: the coordinator and workers started as children of
+//! Local clusters of real processes: the coordinators and workers started as children of
 //! this binary on loopback, for `up` and `generate --expert-workers`. Children are killed
 //! when the `LocalCluster` is dropped.
 
@@ -94,24 +94,45 @@ fn spawn_reading(
     Ok((process, more))
 }
 
-/// A coordinator and its workers.
+/// The coordinators and their workers.
 pub struct LocalCluster {
-    pub coordinator: Process,
-    /// The HTTP API's address, when the spec asked for one.
-    pub http: Option<String>,
+    pub coordinators: Vec<Process>,
+    /// Each coordinator's HTTP API address, when the spec asked for one.
+    pub http: Vec<String>,
     pub expert_workers: Vec<Process>,
     pub attention_workers: Vec<Process>,
+    /// The coordinators' raft storage; removed on drop when the cluster made it.
+    data_dir: std::path::PathBuf,
+    remove_data: bool,
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        // Workers first, then the coordinators, then their storage.
+        self.attention_workers.clear();
+        self.expert_workers.clear();
+        self.coordinators.clear();
+        if self.remove_data {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
+    }
 }
 
 /// What to start.
 pub struct ClusterSpec {
     pub model: String,
+    /// Coordinator replicas (1, 3 or 5).
+    pub coordinators: usize,
+    /// Where the coordinators keep their raft storage (one directory each below it); none
+    /// makes a temporary one, removed when the cluster stops.
+    pub data_dir: Option<std::path::PathBuf>,
     /// One entry per expert worker: its capacity (None = no limit).
     pub expert_capacities: Vec<Option<usize>>,
     pub attention_workers: usize,
     /// Extra flags for attention workers (wire dtype, timeouts).
     pub attention_args: Vec<String>,
-    /// Serve the OpenAI-compatible API from the coordinator at this address.
+    /// Serve the OpenAI-compatible API from the first coordinator at this address (the
+    /// others serve it on free ports).
     pub http: Option<String>,
     /// API key the HTTP API requires.
     pub api_key: Option<String>,
@@ -123,6 +144,8 @@ impl ClusterSpec {
     pub fn expert_workers(model: &str, n: usize) -> Self {
         Self {
             model: model.into(),
+            coordinators: 1,
+            data_dir: None,
             expert_capacities: vec![None; n],
             attention_workers: 0,
             attention_args: Vec::new(),
@@ -132,58 +155,126 @@ impl ClusterSpec {
     }
 }
 
+/// `n` free loopback ports (bound and released: another process could take one first,
+/// which makes a coordinator fail to start with a clear error).
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("finding free ports")?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
+/// A token only this cluster's workers know.
+fn join_token() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{:x}{:x}", nanos, std::process::id())
+}
+
 impl LocalCluster {
     pub fn start(spec: &ClusterSpec) -> Result<Self> {
         let model = spec.model.clone();
-        let mut args: Vec<String> = ["coordinator", "--listen", "127.0.0.1:0", "--model", &model]
-            .into_iter()
-            .map(str::to_owned)
+        let n = spec.coordinators.max(1);
+        let (data_dir, remove_data) = match &spec.data_dir {
+            Some(d) => (d.clone(), false),
+            None => (
+                std::env::temp_dir().join(format!("expertmesh-up-{}", join_token())),
+                true,
+            ),
+        };
+        let token = join_token();
+        let ports = free_ports(n)?;
+        let peers: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
             .collect();
-        if let Some(h) = &spec.http {
-            args.extend(["--http".into(), h.clone()]);
+        let mut cluster = Self {
+            coordinators: Vec::new(),
+            http: Vec::new(),
+            expert_workers: Vec::new(),
+            attention_workers: Vec::new(),
+            data_dir: data_dir.clone(),
+            remove_data,
+        };
+        for (i, port) in ports.iter().enumerate() {
+            let id = i + 1;
+            let mut args: Vec<String> = vec![
+                "coordinator".into(),
+                "--id".into(),
+                id.to_string(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--peers".into(),
+                peers.join(","),
+                "--data-dir".into(),
+                data_dir.join(format!("coordinator-{id}")).display().to_string(),
+                "--model".into(),
+                model.clone(),
+                "--join-token".into(),
+                token.clone(),
+            ];
+            if let Some(h) = &spec.http {
+                let h = if i == 0 { h.clone() } else { "127.0.0.1:0".into() };
+                args.extend(["--http".into(), h]);
+            }
+            if let Some(k) = &spec.api_key {
+                args.extend(["--api-key".into(), k.clone()]);
+            }
+            let (process, more) =
+                spawn_reading("coordinator", &args, 1 + usize::from(spec.http.is_some()))?;
+            if let Some(http) = more.first().and_then(|l| l.strip_prefix("HTTP ")) {
+                cluster.http.push(http.to_owned());
+            }
+            cluster.coordinators.push(process);
         }
-        if let Some(k) = &spec.api_key {
-            args.extend(["--api-key".into(), k.clone()]);
-        }
-        let (coordinator, more) =
-            spawn_reading("coordinator", &args, 1 + usize::from(spec.http.is_some()))?;
-        let http = more
-            .first()
-            .and_then(|l| l.strip_prefix("HTTP "))
-            .map(str::to_owned);
+        let coordinators = cluster.coordinator_addresses();
         let worker = |role: &str, extra: &[String]| -> Vec<String> {
-            let mut args: Vec<String> = [role, "--coordinator", &coordinator.address]
+            let mut args: Vec<String> = [role, "--coordinator", &coordinators]
                 .into_iter()
                 .chain(["--listen", "127.0.0.1:0", "--model", &model])
+                .chain(["--join-token", &token])
                 .map(str::to_owned)
                 .collect();
             args.extend_from_slice(extra);
             args
         };
-        let mut expert_workers = Vec::new();
         for capacity in &spec.expert_capacities {
             let extra: Vec<String> = match capacity {
                 Some(c) => vec!["--capacity".into(), c.to_string()],
                 None => Vec::new(),
             };
-            expert_workers.push(spawn("expert-worker", &worker("expert-worker", &extra))?);
+            cluster
+                .expert_workers
+                .push(spawn("expert-worker", &worker("expert-worker", &extra))?);
         }
-        let mut attention_workers = Vec::new();
         for _ in 0..spec.attention_workers {
             let args = worker("attention-worker", &spec.attention_args);
-            attention_workers.push(spawn("attention-worker", &args)?);
+            cluster
+                .attention_workers
+                .push(spawn("attention-worker", &args)?);
         }
-        Ok(Self {
-            coordinator,
-            http,
-            expert_workers,
-            attention_workers,
-        })
+        Ok(cluster)
+    }
+
+    /// The coordinators' addresses, comma-separated (what workers and `admin` take).
+    pub fn coordinator_addresses(&self) -> String {
+        self.coordinators
+            .iter()
+            .map(|c| c.address.clone())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Waits until every worker has registered and every expert is placed.
     pub async fn ready(&self, patience: Duration) -> Result<ClusterView> {
-        let client = CoordinatorClient::new(&self.coordinator.address)?;
+        let client = CoordinatorClient::new(&self.coordinator_addresses())?;
         let give_up = Instant::now() + patience;
         loop {
             if let Ok(view) = client.state().await {
@@ -215,7 +306,8 @@ impl LocalCluster {
     ) -> Result<(Arc<Model>, RemoteExperts)> {
         self.ready(Duration::from_secs(300)).await?;
         let source: ModelSource = model.parse()?;
-        let (model, experts, _) = connect(&source, &self.coordinator.address, dispatch).await?;
+        let (model, experts, _) =
+            connect(&source, &self.coordinator_addresses(), dispatch).await?;
         experts
             .ready(Duration::from_secs(60))
             .await
@@ -225,7 +317,8 @@ impl LocalCluster {
 
     /// Every process, for status lines and child monitoring.
     pub fn processes_mut(&mut self) -> impl Iterator<Item = &mut Process> {
-        std::iter::once(&mut self.coordinator)
+        self.coordinators
+            .iter_mut()
             .chain(self.expert_workers.iter_mut())
             .chain(self.attention_workers.iter_mut())
     }

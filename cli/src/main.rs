@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod admin;
 mod bench;
 mod bench_dispatch;
 mod bench_serve;
@@ -37,6 +38,11 @@ enum Command {
     ExpertWorker(roles::ExpertWorkerArgs),
     /// Run an attention worker.
     AttentionWorker(roles::AttentionWorkerArgs),
+    /// Inspect and change a running cluster.
+    Admin {
+        #[command(subcommand)]
+        which: admin::AdminCommand,
+    },
     /// Load-test an OpenAI-compatible endpoint, or the expert tier (`loadgen experts`).
     Loadgen(Box<loadgen::LoadgenCommand>),
     /// Benchmarks.
@@ -62,6 +68,7 @@ fn main() -> ExitCode {
         Command::Coordinator(args) => roles::coordinator(args),
         Command::ExpertWorker(args) => roles::expert_worker(args),
         Command::AttentionWorker(args) => roles::attention_worker(args),
+        Command::Admin { which } => admin::run(which),
         Command::Loadgen(cmd) => loadgen::run(*cmd),
         Command::Bench { which } => bench::run(which),
     };

@@ -32,15 +32,36 @@ pub struct CoordinatorArgs {
     /// Require this API key on HTTP requests.
     #[arg(long)]
     api_key: Option<String>,
+    /// This coordinator's raft id.
+    #[arg(long)]
+    id: Option<u64>,
+    /// The initial coordinators, `ID=HOST:PORT` comma-separated, this one included.
+    #[arg(long, value_delimiter = ',')]
+    peers: Option<Vec<String>>,
+    /// Where the raft log, hard state and snapshots live.
+    #[arg(long)]
+    data_dir: Option<String>,
+    /// Start empty and wait to be added to a running group (`admin add-coordinator`).
+    #[arg(long)]
+    join: bool,
+    /// Workers must present this token to register.
+    #[arg(long)]
+    join_token: Option<String>,
+    /// A worker silent this long (ms) is declared dead.
+    #[arg(long)]
+    lease_ms: Option<u64>,
 }
 
 #[derive(Args, Debug)]
 pub struct ExpertWorkerArgs {
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Coordinator address.
-    #[arg(long)]
+    /// Coordinator addresses, comma-separated.
+    #[arg(long, alias = "coordinators", alias = "join")]
     coordinator: Option<String>,
+    /// The token the coordinators require.
+    #[arg(long)]
+    join_token: Option<String>,
     #[arg(long)]
     listen: Option<String>,
     #[arg(long)]
@@ -57,8 +78,12 @@ pub struct ExpertWorkerArgs {
 pub struct AttentionWorkerArgs {
     #[arg(long)]
     config: Option<PathBuf>,
-    #[arg(long)]
+    /// Coordinator addresses, comma-separated.
+    #[arg(long, alias = "coordinators")]
     coordinator: Option<String>,
+    /// The token the coordinators require.
+    #[arg(long)]
+    join_token: Option<String>,
     #[arg(long)]
     listen: Option<String>,
     #[arg(long)]
@@ -126,15 +151,39 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     if args.api_key.is_some() {
         config.api_key = args.api_key;
     }
+    if let Some(v) = args.id {
+        config.id = v;
+        if args.data_dir.is_none() && config.data_dir == CoordinatorConfig::default().data_dir {
+            config.data_dir = format!("expertmesh-data/coordinator-{v}");
+        }
+    }
+    if let Some(v) = args.peers {
+        config.peers = v;
+    }
+    if let Some(v) = args.data_dir {
+        config.data_dir = v;
+    }
+    config.join |= args.join;
+    if args.join_token.is_some() {
+        config.join_token = args.join_token;
+    }
+    if let Some(v) = args.lease_ms {
+        config.lease_ms = v;
+    }
     let source: ModelSource = config.model.parse()?;
     let model = source
         .config()
         .with_context(|| format!("reading the model at {source}"))?;
-    let coordinator = Coordinator::new(model.num_local_experts, source.fingerprint()?);
+    let node = config
+        .node(source.fingerprint()?, model.num_local_experts)
+        .map_err(anyhow::Error::msg)?;
     runtime()?.block_on(async {
+        // Bind first: a taken port fails before the raft storage is touched.
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
+        let (coordinator, raft_loop) = Coordinator::start(node)
+            .with_context(|| format!("opening the raft storage in {}", config.data_dir))?;
         announce(listener.local_addr()?);
         if let Some(http) = &config.http {
             let http_listener = tokio::net::TcpListener::bind(http)
@@ -162,11 +211,19 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
             });
         }
         eprintln!(
-            "coordinator: model {source} ({} experts), waiting for workers",
-            model.num_local_experts
+            "coordinator {}: model {source} ({} experts), raft storage in {}",
+            config.id, model.num_local_experts, config.data_dir
         );
-        expertmesh_coordinator::serve(coordinator, listener, shutdown_signal()).await?;
-        Ok(())
+        tokio::select! {
+            served = expertmesh_coordinator::serve(coordinator, listener, shutdown_signal()) => {
+                served?;
+                Ok(())
+            }
+            failed = raft_loop => match failed {
+                Ok(e) => Err(anyhow::Error::new(e).context("the raft loop stopped")),
+                Err(e) => Err(anyhow::Error::new(e).context("the raft loop panicked")),
+            },
+        }
     })
 }
 
@@ -174,6 +231,9 @@ pub fn expert_worker(args: ExpertWorkerArgs) -> Result<()> {
     let mut config: ExpertWorkerConfig = load(args.config.as_deref())?;
     if let Some(v) = args.coordinator {
         config.coordinator = v;
+    }
+    if args.join_token.is_some() {
+        config.join_token = args.join_token;
     }
     if let Some(v) = args.listen {
         config.listen = v;
@@ -198,6 +258,9 @@ pub fn attention_worker(args: AttentionWorkerArgs) -> Result<()> {
     let mut config: AttentionWorkerConfig = load(args.config.as_deref())?;
     if let Some(v) = args.coordinator {
         config.coordinator = v;
+    }
+    if args.join_token.is_some() {
+        config.join_token = args.join_token;
     }
     if let Some(v) = args.listen {
         config.listen = v;

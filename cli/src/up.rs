@@ -1,5 +1,7 @@
-//! `expertmesh up`: a whole cluster on this machine — a coordinator, expert workers and
-//! attention workers as separate processes on loopback — until Ctrl-C.
+//! `expertmesh up`: a whole cluster on this machine — coordinators (a raft group), expert
+//! workers and attention workers as separate processes on loopback — until Ctrl-C. It
+//! writes the coordinators' addresses where `expertmesh admin` finds them. When a child
+//! dies, `up` says so and keeps the others running.
 
 use std::time::Duration;
 
@@ -13,6 +15,12 @@ pub struct UpArgs {
     /// Model directory or `synthetic:bench`.
     #[arg(long, default_value = "tests/fixtures/tiny-maverick")]
     model: String,
+    /// Coordinator replicas: 1, 3 or 5.
+    #[arg(long, default_value_t = 1)]
+    coordinators: usize,
+    /// Keep the coordinators' raft storage here (a temporary directory otherwise).
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 2)]
     expert_workers: usize,
     #[arg(long, default_value_t = 1)]
@@ -29,9 +37,14 @@ pub fn run(args: UpArgs) -> Result<()> {
     if args.expert_workers == 0 || args.attention_workers == 0 {
         anyhow::bail!("a cluster needs at least one expert worker and one attention worker");
     }
+    if ![1, 3, 5].contains(&args.coordinators) {
+        anyhow::bail!("--coordinators must be 1, 3 or 5 (a raft group of an odd size)");
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     let mut cluster = LocalCluster::start(&ClusterSpec {
         model: args.model.clone(),
+        coordinators: args.coordinators,
+        data_dir: args.data_dir.clone(),
         expert_capacities: vec![None; args.expert_workers],
         attention_workers: args.attention_workers,
         attention_args: Vec::new(),
@@ -43,11 +56,15 @@ pub fn run(args: UpArgs) -> Result<()> {
         "expertmesh cluster up: model {}, placement epoch {}",
         args.model, view.placement.epoch
     );
-    println!(
-        "  coordinator       {} (pid {})",
-        cluster.coordinator.address,
-        cluster.coordinator.child.id()
-    );
+    let up_file = crate::admin::write_up_file(&cluster)?;
+    for (i, c) in cluster.coordinators.iter().enumerate() {
+        println!(
+            "  {:<30} {} (pid {})",
+            format!("coordinator {}", i + 1),
+            c.address,
+            c.child.id()
+        );
+    }
     for m in &view.members {
         let experts = view.placement.experts_of(m.id).len();
         let role = match m.role {
@@ -58,7 +75,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         };
         println!("  {role:<30} {} (pid {})", m.address, m.pid);
     }
-    if let Some(http) = &cluster.http {
+    if let Some(http) = cluster.http.first() {
         println!("  OpenAI-compatible API      http://{http}/v1");
         println!(
             "try: curl http://{http}/v1/chat/completions -H 'Content-Type: application/json' \\\n       -d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 16}}'"
@@ -70,6 +87,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             args.model, a.address
         );
     }
+    println!(" or: expertmesh admin status   (reads {})", up_file.display());
     println!("Ctrl-C stops everything.");
     runtime.block_on(async {
         loop {
@@ -88,5 +106,6 @@ pub fn run(args: UpArgs) -> Result<()> {
     });
     eprintln!("stopping the cluster");
     drop(cluster);
+    let _ = std::fs::remove_file(&up_file);
     Ok(())
 }

@@ -1,7 +1,11 @@
-//! How workers talk to the coordinator: register, heartbeat, and keep a current copy of the
-//! cluster state. The watch reconnects on its own; while the coordinator is unreachable a
-//! worker keeps the last state it had.
+//! How workers talk to the coordinators: register, heartbeat, and keep a current copy of the
+//! cluster state. A client holds every coordinator's address: calls go to the one that last
+//! answered and move on to the next when it is unreachable (any replica forwards writes to
+//! the leader). Heartbeats go to every coordinator. The watch reconnects on its own, to any
+//! replica, and only ever moves forward; while no coordinator answers a worker keeps the
+//! last state it had.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +20,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Deadline of every unary call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_DELAY: Duration = Duration::from_millis(200);
+/// How long a state read keeps trying other coordinators.
+const STATE_PATIENCE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -27,11 +33,13 @@ pub enum ClientError {
     State(#[from] crate::state::StateError),
 }
 
-/// A connection to the coordinator.
+/// Connections to the coordinators.
 #[derive(Clone)]
 pub struct CoordinatorClient {
-    address: String,
-    client: CoordinatorServiceClient<Channel>,
+    addresses: Arc<Vec<String>>,
+    clients: Arc<Vec<CoordinatorServiceClient<Channel>>>,
+    /// The coordinator that answered last.
+    current: Arc<AtomicUsize>,
 }
 
 /// What a worker says about itself when it registers.
@@ -41,29 +49,59 @@ pub struct Registration {
     pub address: String,
     pub capacity: Option<usize>,
     pub model_fingerprint: String,
+    pub join_token: Option<String>,
+}
+
+/// Splits a comma-separated coordinator list.
+pub fn split_addresses(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 impl CoordinatorClient {
-    /// Connects lazily: the first call dials, with a connect timeout and a per-call deadline.
-    pub fn new(address: &str) -> Result<Self, ClientError> {
-        let channel = expertmesh_proto::endpoint(address, CONNECT_TIMEOUT)
-            .map_err(|e| ClientError::Unreachable {
-                address: address.into(),
-                reason: e.to_string(),
-            })?
-            .timeout(CALL_TIMEOUT)
-            .connect_lazy();
+    /// `addresses` is one address or a comma-separated list. Connects lazily: the first call
+    /// dials, with a connect timeout and a per-call deadline.
+    pub fn new(addresses: &str) -> Result<Self, ClientError> {
+        let addresses = split_addresses(addresses);
+        if addresses.is_empty() {
+            return Err(ClientError::Unreachable {
+                address: String::new(),
+                reason: "no coordinator address given".into(),
+            });
+        }
+        let clients = addresses
+            .iter()
+            .map(|a| {
+                Ok(CoordinatorServiceClient::new(
+                    expertmesh_proto::endpoint(a, CONNECT_TIMEOUT)
+                        .map_err(|e| ClientError::Unreachable {
+                            address: a.clone(),
+                            reason: e.to_string(),
+                        })?
+                        .timeout(CALL_TIMEOUT)
+                        .connect_lazy(),
+                ))
+            })
+            .collect::<Result<Vec<_>, ClientError>>()?;
         Ok(Self {
-            address: address.into(),
-            client: CoordinatorServiceClient::new(channel),
+            addresses: Arc::new(addresses),
+            clients: Arc::new(clients),
+            current: Arc::new(AtomicUsize::new(0)),
         })
     }
 
-    fn status(&self, s: tonic::Status) -> ClientError {
+    pub fn addresses(&self) -> &[String] {
+        &self.addresses
+    }
+
+    fn error(&self, i: usize, s: tonic::Status) -> ClientError {
         match s.code() {
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
                 ClientError::Unreachable {
-                    address: self.address.clone(),
+                    address: self.addresses[i].clone(),
                     reason: s.message().into(),
                 }
             }
@@ -71,7 +109,44 @@ impl CoordinatorClient {
         }
     }
 
-    /// Registers, retrying while the coordinator is unreachable, for at most `patience`.
+    /// Calls `f` on the current coordinator, moving to the next while they are unreachable
+    /// (or have no leader), for at most `patience`.
+    async fn call<T, F, Fut>(&self, patience: Duration, f: F) -> Result<T, ClientError>
+    where
+        F: Fn(CoordinatorServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let give_up = tokio::time::Instant::now() + patience;
+        let n = self.clients.len();
+        let mut tried = 0;
+        loop {
+            let i = self.current.load(Ordering::Relaxed) % n;
+            match f(self.clients[i].clone()).await {
+                Ok(reply) => return Ok(reply.into_inner()),
+                Err(s) => match self.error(i, s) {
+                    e @ ClientError::Unreachable { .. } => {
+                        if tokio::time::Instant::now() >= give_up {
+                            return Err(e);
+                        }
+                        let _ = self.current.compare_exchange(
+                            i,
+                            (i + 1) % n,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
+                        tried += 1;
+                        if tried % n == 0 {
+                            tokio::time::sleep(RETRY_DELAY).await;
+                        }
+                    }
+                    e => return Err(e),
+                },
+            }
+        }
+    }
+
+    /// Registers, retrying while no coordinator can commit it, for at most `patience`. The
+    /// request id is fixed across retries, so a registration is applied once.
     pub async fn register(&self, r: &Registration, patience: Duration) -> Result<u64, ClientError> {
         let request = pb::RegisterRequest {
             role: pb::Role::from(r.role) as i32,
@@ -80,22 +155,17 @@ impl CoordinatorClient {
             has_capacity: r.capacity.is_some(),
             pid: std::process::id(),
             model_fingerprint: r.model_fingerprint.clone(),
+            request_id: crate::random_u64(),
+            join_token: r.join_token.clone().unwrap_or_default(),
+            forwarded: false,
         };
-        let give_up = tokio::time::Instant::now() + patience;
-        loop {
-            match self.client.clone().register(request.clone()).await {
-                Ok(reply) => return Ok(reply.into_inner().worker_id),
-                Err(s) => match self.status(s) {
-                    e @ ClientError::Unreachable { .. }
-                        if tokio::time::Instant::now() >= give_up =>
-                    {
-                        return Err(e)
-                    }
-                    ClientError::Unreachable { .. } => tokio::time::sleep(RETRY_DELAY).await,
-                    e => return Err(e),
-                },
-            }
-        }
+        let reply = self
+            .call(patience, |mut c| {
+                let request = request.clone();
+                async move { c.register(request).await }
+            })
+            .await?;
+        Ok(reply.worker_id)
     }
 
     /// Registers and keeps heartbeating every `heartbeat`, each beat carrying what `load`
@@ -105,69 +175,119 @@ impl CoordinatorClient {
         r: &Registration,
         patience: Duration,
         heartbeat: Duration,
-        load: impl Fn() -> Option<pb::WorkerLoad> + Send + 'static,
+        load: impl Fn() -> Option<pb::WorkerLoad> + Send + Sync + 'static,
     ) -> Result<u64, ClientError> {
         let id = self.register(r, patience).await?;
         self.spawn_heartbeat(id, heartbeat, load);
         Ok(id)
     }
 
+    /// The cluster state, read linearizably from any coordinator.
     pub async fn state(&self) -> Result<ClusterView, ClientError> {
         let s = self
-            .client
-            .clone()
-            .get_state(pb::GetStateRequest {})
-            .await
-            .map_err(|s| self.status(s))?;
-        Ok(ClusterView::try_from(s.into_inner())?)
+            .call(STATE_PATIENCE, |mut c| async move {
+                c.get_state(pb::GetStateRequest {}).await
+            })
+            .await?;
+        Ok(ClusterView::try_from(s)?)
     }
 
-    /// Heartbeats every `interval` until the task is dropped with the runtime.
+    /// Every coordinator's own report (`None` for one that does not answer).
+    pub async fn statuses(&self) -> Vec<(String, Option<pb::CoordinatorStatus>)> {
+        let mut out = Vec::new();
+        for (address, client) in self.addresses.iter().zip(self.clients.iter()) {
+            let mut request = tonic::Request::new(pb::StatusRequest {});
+            request.set_timeout(Duration::from_secs(2));
+            let status = client.clone().status(request).await.ok();
+            out.push((address.clone(), status.map(|s| s.into_inner())));
+        }
+        out
+    }
+
+    /// Adds (`Some(address)`) or removes a coordinator.
+    pub async fn change_coordinators(
+        &self,
+        id: u64,
+        address: Option<String>,
+    ) -> Result<(), ClientError> {
+        let request = pb::ChangeCoordinatorsRequest {
+            id,
+            remove: address.is_none(),
+            address: address.unwrap_or_default(),
+        };
+        self.call(STATE_PATIENCE, |mut c| {
+            let request = request.clone();
+            async move { c.change_coordinators(request).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Heartbeats every coordinator every `interval` until the runtime stops.
     pub fn spawn_heartbeat(
         &self,
         worker_id: u64,
         interval: Duration,
-        load: impl Fn() -> Option<pb::WorkerLoad> + Send + 'static,
+        load: impl Fn() -> Option<pb::WorkerLoad> + Send + Sync + 'static,
     ) {
-        let mut client = self.client.clone();
-        tokio::spawn(async move {
-            loop {
-                let beat = pb::HeartbeatRequest {
-                    worker_id,
-                    load: load(),
-                };
-                let _ = client.heartbeat(beat).await;
-                tokio::time::sleep(interval).await;
-            }
-        });
+        let load = Arc::new(load);
+        for client in self.clients.iter() {
+            let mut client = client.clone();
+            let load = load.clone();
+            tokio::spawn(async move {
+                loop {
+                    let mut beat = tonic::Request::new(pb::HeartbeatRequest {
+                        worker_id,
+                        load: load(),
+                    });
+                    beat.set_timeout(interval.max(Duration::from_millis(500)));
+                    let _ = client.heartbeat(beat).await;
+                    tokio::time::sleep(interval).await;
+                }
+            });
+        }
     }
 
     /// A receiver that always holds the newest state seen (`None` before the first).
     pub fn watch(&self) -> watch::Receiver<Option<Arc<ClusterView>>> {
         let (tx, rx) = watch::channel(None);
-        let mut client = self.client.clone();
+        let this = self.clone();
         tokio::spawn(async move {
             let mut after = 0;
+            let n = this.clients.len();
             loop {
                 if tx.is_closed() {
                     return;
                 }
-                if let Ok(response) = client
-                    .watch_state(pb::WatchStateRequest {
-                        after_version: after,
-                    })
-                    .await
-                {
-                    let mut stream = response.into_inner();
-                    while let Ok(Some(state)) = stream.message().await {
-                        if let Ok(view) = ClusterView::try_from(state) {
-                            after = view.version;
-                            if tx.send(Some(Arc::new(view))).is_err() {
-                                return;
+                let i = this.current.load(Ordering::Relaxed) % n;
+                let mut client = this.clients[i].clone();
+                // The stream outlives the unary deadline: no timeout on this request.
+                let request = pb::WatchStateRequest {
+                    after_version: after,
+                };
+                match client.watch_state(request).await {
+                    Ok(response) => {
+                        let mut stream = response.into_inner();
+                        while let Ok(Some(state)) = stream.message().await {
+                            if let Ok(view) = ClusterView::try_from(state) {
+                                if view.version <= after {
+                                    continue;
+                                }
+                                after = view.version;
+                                if tx.send(Some(Arc::new(view))).is_err() {
+                                    return;
+                                }
                             }
                         }
                     }
+                    Err(_) => {}
                 }
+                let _ = this.current.compare_exchange(
+                    i,
+                    (i + 1) % n,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
                 tokio::time::sleep(RETRY_DELAY).await;
             }
         });

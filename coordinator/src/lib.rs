@@ -1,23 +1,29 @@
 //! # expertmesh-coordinator
 //!
-//! The coordinator keeps the cluster's membership and decides which expert worker holds
-//! which expert. Its loop: workers `Register` (role, address, capacity); each expert-worker
-//! registration re-runs [`placement::assign`] (a pure function) over the live expert
-//! workers; a changed placement gets a new epoch; the new [`state::ClusterView`] is
-//! published to every `WatchState` stream. Attention workers route under the epoch they
-//! see; expert workers load the experts it gives them.
-//!
-//! One replica for now, state in memory; raft replication and failure detection come with
-//! the replicated-coordinator issue.
+//! The coordinators keep the cluster's membership and decide which expert worker holds
+//! which expert. They are a raft group (raft-rs, 1, 3 or 5 replicas): every change is a
+//! [`machine::Command`] committed through the log and applied by every replica to the same
+//! [`machine::Machine`]; the log, hard state and snapshots live on disk
+//! ([`storage::DiskStorage`]). Workers `Register` with any replica (writes are forwarded to
+//! the leader), heartbeat every replica, and watch the state; an expert-worker registration
+//! or death re-runs [`placement::assign`] (a pure function) and a changed placement gets a
+//! new epoch. The leader runs the failure detector.
 
 pub mod client;
+pub mod machine;
+pub mod node;
 pub mod placement;
+pub mod replica;
 pub mod service;
 pub mod state;
+pub mod storage;
 
 use std::future::Future;
 
 pub use client::{ClientError, CoordinatorClient, Registration};
+pub use machine::Settings;
+pub use node::NodeConfig;
+pub use replica::{RaftStatus, ReplicaError, Timing};
 pub use service::Coordinator;
 pub use state::{ClusterView, Member, Placement, Role};
 
@@ -34,6 +40,23 @@ pub struct CoordinatorConfig {
     pub http: Option<String>,
     /// When set, HTTP requests must carry `Authorization: Bearer <api_key>`.
     pub api_key: Option<String>,
+    /// This coordinator's raft id (1, 2, ...).
+    pub id: u64,
+    /// The initial coordinators as `ID=HOST:PORT`, this one included; empty means a
+    /// single coordinator at `listen`.
+    pub peers: Vec<String>,
+    /// Where the raft log, hard state and snapshots live.
+    pub data_dir: String,
+    /// Start as a new coordinator that an existing group adds (`admin add-coordinator`).
+    pub join: bool,
+    /// Workers must present this token to register (a new cluster fixes it).
+    pub join_token: Option<String>,
+    /// A worker silent this long is declared dead (a new cluster fixes it).
+    pub lease_ms: u64,
+    /// Raft's clock tick; elections time out after 10 to 20 ticks.
+    pub tick_ms: u64,
+    /// A snapshot is taken every this many applied entries.
+    pub compact_every: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -43,7 +66,91 @@ impl Default for CoordinatorConfig {
             model: "tests/fixtures/tiny-maverick".into(),
             http: None,
             api_key: None,
+            id: 1,
+            peers: Vec::new(),
+            data_dir: "expertmesh-data/coordinator-1".into(),
+            join: false,
+            join_token: None,
+            lease_ms: 5000,
+            tick_ms: 100,
+            compact_every: 1024,
         }
+    }
+}
+
+/// A random-enough u64 (never 0) for request ids: time, pid and a counter, mixed.
+pub(crate) fn random_u64() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut z = nanos
+        ^ (u64::from(std::process::id()) << 32)
+        ^ COUNTER
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)).max(1)
+}
+
+/// Parses `ID=HOST:PORT` peer entries.
+pub fn parse_peers(peers: &[String]) -> Result<std::collections::BTreeMap<u64, String>, String> {
+    let mut map = std::collections::BTreeMap::new();
+    for p in peers {
+        let (id, address) = p
+            .split_once('=')
+            .ok_or_else(|| format!("peer {p:?} is not ID=HOST:PORT"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("peer {p:?}: the id is not a number"))?;
+        if id == 0 || address.trim().is_empty() {
+            return Err(format!("peer {p:?}: ids start at 1 and need an address"));
+        }
+        if map.insert(id, address.trim().to_owned()).is_some() {
+            return Err(format!("peer id {id} appears twice"));
+        }
+    }
+    Ok(map)
+}
+
+impl CoordinatorConfig {
+    /// The raft node settings, given the model's identity.
+    pub fn node(&self, model_fingerprint: String, num_experts: usize) -> Result<NodeConfig, String> {
+        let mut peers = parse_peers(&self.peers)?;
+        if peers.is_empty() {
+            peers.insert(self.id, self.listen.clone());
+        }
+        if !peers.contains_key(&self.id) && !self.join {
+            return Err(format!(
+                "coordinator {} is not among its peers {:?}",
+                self.id,
+                peers.keys().collect::<Vec<_>>()
+            ));
+        }
+        if self.tick_ms == 0 || self.lease_ms == 0 {
+            return Err("tick_ms and lease_ms must be positive".into());
+        }
+        Ok(NodeConfig {
+            id: self.id,
+            peers,
+            data_dir: self.data_dir.clone().into(),
+            join: self.join,
+            tick: std::time::Duration::from_millis(self.tick_ms),
+            timing: Timing {
+                compact_every: self.compact_every,
+                ..Timing::default()
+            },
+            model_fingerprint,
+            num_experts,
+            settings: Settings {
+                lease_ms: self.lease_ms,
+                join_token: self.join_token.clone(),
+            },
+        })
     }
 }
 

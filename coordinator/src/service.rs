@@ -1,109 +1,136 @@
-//! The coordinator's gRPC service: registration, heartbeats, and the cluster state that
-//! workers read and watch. One replica, state in memory (raft replication is a later
-//! issue). Every change bumps the state version; every placement change bumps the epoch.
+//! The coordinator's gRPC service, served by every replica.
+//!
+//! - Writes (`Register`, `ChangeCoordinators`) are proposed through raft when this replica
+//!   leads, and forwarded once to the leader otherwise.
+//! - `GetState` is linearizable from any replica: it takes a raft read index (which a
+//!   follower gets from the leader) and answers once that index is applied here.
+//! - `WatchState` streams this replica's applied states, in order.
+//! - `Heartbeat` is local: workers beat every coordinator; liveness and load are not
+//!   replicated (the leader judges liveness from its own record).
+//! - `Raft` carries raft's messages between coordinators; `Status` reports this replica.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use expertmesh_proto::v1 as pb;
+use expertmesh_proto::v1::coordinator_service_client::CoordinatorServiceClient;
 use expertmesh_proto::v1::coordinator_service_server::{
     CoordinatorService, CoordinatorServiceServer,
 };
-use tokio::sync::watch;
+use protobuf::Message as _;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
-use crate::placement::{assign, WorkerSlots};
-use crate::state::{ClusterView, Member, Placement, Role};
+use crate::machine::{Command, Rejected, ADDRESS_MAX};
+use crate::node::{Input, ProposeError, Shared};
+pub use crate::node::NodeConfig;
+use crate::replica::{RaftStatus, ReplicaError};
+use crate::state::{ClusterView, Role};
 
-/// Longest worker address accepted.
-const ADDRESS_MAX: usize = 256;
-/// Members at most; registrations past it are refused.
-const MEMBERS_MAX: usize = 4096;
+/// How long a write waits to commit before the caller is told to retry.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a linearizable read waits for its read index.
+const READ_TIMEOUT: Duration = Duration::from_secs(3);
+/// Raft messages per `Raft` call at most.
+const RAFT_BATCH_MAX: usize = 4096;
 
-struct Inner {
-    view: ClusterView,
-    next_id: u64,
-    /// The latest load each worker reported (not part of the published state: it changes
-    /// with every heartbeat).
-    loads: HashMap<u64, pb::WorkerLoad>,
-}
-
-/// The coordinator's state and its gRPC handlers.
+/// One coordinator replica: its raft node and its gRPC handlers.
 #[derive(Clone)]
 pub struct Coordinator {
-    inner: Arc<Mutex<Inner>>,
-    published: watch::Sender<Arc<ClusterView>>,
+    shared: Arc<Shared>,
+    inputs: mpsc::Sender<Input>,
 }
 
 impl Coordinator {
-    pub fn new(num_experts: usize, model_fingerprint: String) -> Self {
-        let view = ClusterView {
-            version: 1,
-            members: Vec::new(),
-            placement: Placement::default(),
-            model_fingerprint,
-            num_experts,
-            unservable: Some("no expert worker has registered".into()),
-        };
-        let (published, _) = watch::channel(Arc::new(view.clone()));
-        Self {
-            inner: Arc::new(Mutex::new(Inner {
-                view,
-                next_id: 1,
-                loads: HashMap::new(),
-            })),
-            published,
-        }
+    /// Opens the replica's storage and starts its raft loop. The handle completes only when
+    /// the storage fails (the process should stop then).
+    pub fn start(
+        config: NodeConfig,
+    ) -> Result<(Self, tokio::task::JoinHandle<ReplicaError>), ReplicaError> {
+        let (node, handle) = crate::node::start(config)?;
+        Ok((
+            Self {
+                shared: node.shared,
+                inputs: node.inputs,
+            },
+            handle,
+        ))
     }
 
+    /// The cluster state as this replica has applied it.
     pub fn view(&self) -> Arc<ClusterView> {
-        self.published.borrow().clone()
+        self.shared.view.borrow().clone()
     }
 
-    /// The latest load of every worker that reported one.
+    /// The latest load of every worker that reported one to this replica.
     pub fn loads(&self) -> HashMap<u64, pb::WorkerLoad> {
-        self.inner
-            .lock()
-            .expect("coordinator state lock")
-            .loads
-            .clone()
+        self.shared.loads.lock().expect("loads lock").clone()
+    }
+
+    pub fn status(&self) -> RaftStatus {
+        *self.shared.status.lock().expect("status lock")
     }
 
     pub fn into_service(self) -> CoordinatorServiceServer<Self> {
         CoordinatorServiceServer::new(self)
+            .max_decoding_message_size(expertmesh_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(expertmesh_proto::MAX_MESSAGE_BYTES)
     }
 
-    fn publish(&self, inner: &mut Inner) {
-        inner.view.version += 1;
-        self.published.send_replace(Arc::new(inner.view.clone()));
-    }
-
-    /// Re-plans the placement over the live expert workers.
-    fn replan(inner: &mut Inner) {
-        let workers: Vec<WorkerSlots> = inner
-            .view
-            .members
-            .iter()
-            .filter(|m| m.role == Role::ExpertWorker && m.alive)
-            .map(|m| WorkerSlots {
-                id: m.id,
-                capacity: m.capacity,
-            })
-            .collect();
-        match assign(inner.view.num_experts, &workers) {
-            Ok(experts) => {
-                if experts != inner.view.placement.experts {
-                    inner.view.placement = Placement {
-                        epoch: inner.view.placement.epoch + 1,
-                        experts,
-                    };
-                }
-                inner.view.unservable = None;
-            }
-            Err(e) => inner.view.unservable = Some(e.to_string()),
+    async fn ask<T>(
+        &self,
+        input: impl FnOnce(oneshot::Sender<Result<T, ProposeError>>) -> Input,
+        timeout: Duration,
+    ) -> Result<T, ProposeError> {
+        let (tx, rx) = oneshot::channel();
+        self.inputs
+            .try_send(input(tx))
+            .map_err(|_| ProposeError::Busy)?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(ProposeError::Stopped),
+            Err(_) => Err(ProposeError::NotLeader),
         }
+    }
+
+    async fn propose(&self, command: Command) -> Result<u64, ProposeError> {
+        self.ask(|reply| Input::Propose { command, reply }, COMMIT_TIMEOUT)
+            .await
+    }
+
+    /// A client to the leader, when another replica leads.
+    fn leader(&self) -> Result<CoordinatorServiceClient<tonic::transport::Channel>, Status> {
+        let (_, address) = self.shared.leader_address().ok_or_else(|| {
+            Status::unavailable("no coordinator leader is known yet; retry")
+        })?;
+        let endpoint = expertmesh_proto::endpoint(&address, Duration::from_secs(1))
+            .map_err(|e| Status::unavailable(format!("leader address {address}: {e}")))?;
+        Ok(CoordinatorServiceClient::new(
+            endpoint.timeout(COMMIT_TIMEOUT).connect_lazy(),
+        ))
+    }
+}
+
+fn status_of(e: ProposeError) -> Status {
+    match e {
+        ProposeError::NotLeader | ProposeError::Busy | ProposeError::Stopped => {
+            Status::unavailable(format!("{e}; retry"))
+        }
+        ProposeError::Rejected(r) => match r {
+            Rejected::NotInitialized => Status::unavailable(format!("{r}; retry")),
+            Rejected::JoinToken => Status::permission_denied(r.to_string()),
+            Rejected::WrongModel { .. } | Rejected::AlreadyInitialized => {
+                Status::failed_precondition(r.to_string())
+            }
+            Rejected::Full => Status::resource_exhausted(r.to_string()),
+            Rejected::UnknownWorker(_) => Status::not_found(r.to_string()),
+            Rejected::Invalid(_) | Rejected::Malformed(_) => {
+                Status::invalid_argument(r.to_string())
+            }
+        },
     }
 }
 
@@ -113,43 +140,33 @@ impl CoordinatorService for Coordinator {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterReply>, Status> {
-        let r = request.into_inner();
+        let mut r = request.into_inner();
         let role = Role::try_from(r.role).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if r.address.is_empty() || r.address.len() > ADDRESS_MAX {
-            return Err(Status::invalid_argument(
-                "address must be 1 to 256 characters",
-            ));
-        }
-        let mut inner = self.inner.lock().expect("coordinator state lock");
-        if !r.model_fingerprint.is_empty()
-            && !inner.view.model_fingerprint.is_empty()
-            && r.model_fingerprint != inner.view.model_fingerprint
-        {
-            return Err(Status::failed_precondition(format!(
-                "the worker serves model {} but the cluster serves {}",
-                r.model_fingerprint, inner.view.model_fingerprint
+            return Err(Status::invalid_argument(format!(
+                "address must be 1 to {ADDRESS_MAX} characters"
             )));
         }
-        if inner.view.members.len() >= MEMBERS_MAX {
-            return Err(Status::resource_exhausted(
-                "the cluster has too many members",
-            ));
+        if r.request_id == 0 {
+            r.request_id = crate::random_u64();
         }
-        let id = inner.next_id;
-        inner.next_id += 1;
-        inner.view.members.push(Member {
-            id,
+        let command = Command::Register {
+            request_id: r.request_id,
             role,
-            address: r.address,
-            pid: r.pid,
-            alive: true,
+            address: r.address.clone(),
             capacity: r.has_capacity.then_some(r.expert_capacity as usize),
-        });
-        if role == Role::ExpertWorker {
-            Self::replan(&mut inner);
+            pid: r.pid,
+            model_fingerprint: r.model_fingerprint.clone(),
+            join_token: r.join_token.clone(),
+        };
+        match self.propose(command).await {
+            Ok(worker_id) => Ok(Response::new(pb::RegisterReply { worker_id })),
+            Err(ProposeError::NotLeader) if !r.forwarded => {
+                r.forwarded = true;
+                self.leader()?.register(r).await
+            }
+            Err(e) => Err(status_of(e)),
         }
-        self.publish(&mut inner);
-        Ok(Response::new(pb::RegisterReply { worker_id: id }))
     }
 
     async fn heartbeat(
@@ -158,15 +175,26 @@ impl CoordinatorService for Coordinator {
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
         let r = request.into_inner();
         let id = r.worker_id;
-        let mut inner = self.inner.lock().expect("coordinator state lock");
-        if inner.view.member(id).is_none() {
-            return Err(Status::not_found(format!("worker {id} is not registered")));
+        let view = self.view();
+        match view.member(id) {
+            None => return Err(Status::not_found(format!("worker {id} is not registered"))),
+            Some(m) if !m.alive => {
+                return Err(Status::not_found(format!(
+                    "worker {id} was declared dead; register again"
+                )))
+            }
+            Some(_) => {}
         }
+        self.shared
+            .liveness
+            .lock()
+            .expect("liveness lock")
+            .insert(id, Instant::now());
         if let Some(load) = r.load {
-            inner.loads.insert(id, load);
+            self.shared.loads.lock().expect("loads lock").insert(id, load);
         }
         Ok(Response::new(pb::HeartbeatReply {
-            state_version: inner.view.version,
+            state_version: view.version,
         }))
     }
 
@@ -174,6 +202,9 @@ impl CoordinatorService for Coordinator {
         &self,
         _: Request<pb::GetStateRequest>,
     ) -> Result<Response<pb::ClusterState>, Status> {
+        self.ask(|reply| Input::Read { reply }, READ_TIMEOUT)
+            .await
+            .map_err(status_of)?;
         Ok(Response::new(pb::ClusterState::from(self.view().as_ref())))
     }
 
@@ -186,9 +217,100 @@ impl CoordinatorService for Coordinator {
         request: Request<pb::WatchStateRequest>,
     ) -> Result<Response<Self::WatchStateStream>, Status> {
         let after = request.into_inner().after_version;
-        let stream = WatchStream::new(self.published.subscribe())
+        let stream = WatchStream::new(self.shared.view.subscribe())
             .filter(move |v| v.version > after)
             .map(|v| Ok(pb::ClusterState::from(v.as_ref())));
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn raft(
+        &self,
+        request: Request<pb::RaftMessages>,
+    ) -> Result<Response<pb::RaftAck>, Status> {
+        let r = request.into_inner();
+        if r.messages.len() > RAFT_BATCH_MAX {
+            return Err(Status::invalid_argument(format!(
+                "{} raft messages in one call (at most {RAFT_BATCH_MAX})",
+                r.messages.len()
+            )));
+        }
+        let messages = r
+            .messages
+            .iter()
+            .map(|b| raft::eraftpb::Message::parse_from_bytes(b))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;
+        if let Some(m) = messages.iter().find(|m| m.to != self.shared.id || m.from != r.from) {
+            return Err(Status::invalid_argument(format!(
+                "raft message from {} to {} sent by {} to {}",
+                m.from, m.to, r.from, self.shared.id
+            )));
+        }
+        // A full queue drops them: raft resends.
+        let _ = self.inputs.try_send(Input::Raft(messages));
+        Ok(Response::new(pb::RaftAck {}))
+    }
+
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::CoordinatorStatus>, Status> {
+        let status = self.status();
+        let coordinators = self
+            .shared
+            .coordinators
+            .lock()
+            .expect("coordinators lock")
+            .iter()
+            .map(|(&id, address)| pb::CoordinatorAddress {
+                id,
+                address: address.clone(),
+            })
+            .collect::<Vec<_>>();
+        let address = coordinators
+            .iter()
+            .find(|c| c.id == self.shared.id)
+            .map(|c| c.address.clone())
+            .unwrap_or_default();
+        Ok(Response::new(pb::CoordinatorStatus {
+            id: self.shared.id,
+            address,
+            pid: std::process::id(),
+            raft_state: status.role.name().into(),
+            leader: status.leader,
+            term: status.term,
+            commit_index: status.commit,
+            applied_index: status.applied,
+            coordinators,
+            state: Some(pb::ClusterState::from(self.view().as_ref())),
+        }))
+    }
+
+    async fn change_coordinators(
+        &self,
+        request: Request<pb::ChangeCoordinatorsRequest>,
+    ) -> Result<Response<pb::ChangeCoordinatorsReply>, Status> {
+        let r = request.into_inner();
+        if r.id == 0 {
+            return Err(Status::invalid_argument("coordinator ids start at 1"));
+        }
+        if !r.remove && (r.address.is_empty() || r.address.len() > ADDRESS_MAX) {
+            return Err(Status::invalid_argument(format!(
+                "a new coordinator needs an address of 1 to {ADDRESS_MAX} characters"
+            )));
+        }
+        let address = (!r.remove).then(|| r.address.clone());
+        let id = r.id;
+        match self
+            .ask(
+                |reply| Input::Membership { id, address, reply },
+                COMMIT_TIMEOUT,
+            )
+            .await
+        {
+            Ok(_) => Ok(Response::new(pb::ChangeCoordinatorsReply {})),
+            Err(ProposeError::NotLeader) => self.leader()?.change_coordinators(r).await,
+            Err(e) => Err(status_of(e)),
+        }
     }
 }

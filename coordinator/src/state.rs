@@ -4,7 +4,7 @@
 use expertmesh_proto::v1 as pb;
 
 /// A role a worker plays.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Role {
     ExpertWorker,
     AttentionWorker,
@@ -34,7 +34,7 @@ impl TryFrom<i32> for Role {
 #[error("invalid cluster state: {0}")]
 pub struct StateError(pub String);
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Member {
     pub id: u64,
     pub role: Role,
@@ -45,7 +45,7 @@ pub struct Member {
 }
 
 /// Which worker holds each expert, under which epoch.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Placement {
     pub epoch: u64,
     /// `experts[e]`: workers holding expert e, in preference order.

@@ -31,6 +31,8 @@ pub struct ExpertWorkerConfig {
     pub heartbeat_interval_ms: u64,
     /// How long to keep trying to reach the coordinator at start-up, in ms.
     pub register_patience_ms: u64,
+    /// The token the coordinators require, if they require one.
+    pub join_token: Option<String>,
 }
 
 impl Default for ExpertWorkerConfig {
@@ -44,6 +46,7 @@ impl Default for ExpertWorkerConfig {
             batcher: BatcherConfig::default(),
             heartbeat_interval_ms: 1000,
             register_patience_ms: 30_000,
+            join_token: None,
         }
     }
 }
@@ -123,6 +126,7 @@ pub async fn run(
                     .unwrap_or_else(|| bound.to_string()),
                 capacity: config.capacity,
                 model_fingerprint: source.fingerprint()?,
+                join_token: config.join_token.clone(),
             },
             Duration::from_millis(config.register_patience_ms),
             Duration::from_millis(config.heartbeat_interval_ms),

@@ -1,0 +1,250 @@
+//! `expertmesh admin`: look at and change a running cluster through its coordinators.
+//! Without `--coordinators` it reads the addresses `expertmesh up` wrote.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use expertmesh_coordinator::{ClusterView, CoordinatorClient, Role};
+use expertmesh_proto::v1 as pb;
+use serde_json::{json, Value};
+
+use crate::cluster::LocalCluster;
+
+#[derive(Subcommand, Debug)]
+pub enum AdminCommand {
+    /// The coordinators (leader, term, commit index), the workers and the placement epoch.
+    Status(StatusArgs),
+    /// Add a coordinator to the raft group (start it first with `coordinator --join`).
+    AddCoordinator {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        address: String,
+    },
+    /// Remove a coordinator from the raft group.
+    RemoveCoordinator {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct Target {
+    /// Coordinator addresses, comma-separated (default: those `expertmesh up` wrote).
+    #[arg(long)]
+    coordinators: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Where `up` writes its coordinators' addresses: `$EXPERTMESH_UP_FILE`, or a file in the
+/// temporary directory.
+pub fn up_file() -> PathBuf {
+    std::env::var_os("EXPERTMESH_UP_FILE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("expertmesh-up.json"))
+}
+
+pub fn write_up_file(cluster: &LocalCluster) -> Result<PathBuf> {
+    let path = up_file();
+    let body = json!({
+        "coordinators": cluster.coordinator_addresses(),
+        "http": cluster.http,
+        "pid": std::process::id(),
+    });
+    std::fs::write(&path, serde_json::to_vec_pretty(&body)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+impl Target {
+    fn client(&self) -> Result<CoordinatorClient> {
+        let addresses = match &self.coordinators {
+            Some(a) => a.clone(),
+            None => {
+                let path = up_file();
+                let text = std::fs::read_to_string(&path).with_context(|| {
+                    format!(
+                        "no --coordinators given and no running `expertmesh up` found ({})",
+                        path.display()
+                    )
+                })?;
+                let v: Value = serde_json::from_str(&text)
+                    .with_context(|| format!("parsing {}", path.display()))?;
+                v["coordinators"]
+                    .as_str()
+                    .with_context(|| format!("{} names no coordinators", path.display()))?
+                    .to_owned()
+            }
+        };
+        Ok(CoordinatorClient::new(&addresses)?)
+    }
+}
+
+pub fn run(command: AdminCommand) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match command {
+            AdminCommand::Status(args) => status(args).await,
+            AdminCommand::AddCoordinator {
+                target,
+                id,
+                address,
+            } => {
+                target
+                    .client()?
+                    .change_coordinators(id, Some(address.clone()))
+                    .await?;
+                println!("coordinator {id} at {address} added");
+                Ok(())
+            }
+            AdminCommand::RemoveCoordinator { target, id } => {
+                target.client()?.change_coordinators(id, None).await?;
+                println!("coordinator {id} removed");
+                Ok(())
+            }
+        }
+    })
+}
+
+/// What `admin status` reports, as JSON.
+pub fn status_json(reports: &[(String, Option<pb::CoordinatorStatus>)]) -> Value {
+    // Every coordinator any replica knows of, by address.
+    let mut known: BTreeMap<String, u64> = BTreeMap::new();
+    for (_, s) in reports {
+        for c in s.iter().flat_map(|s| &s.coordinators) {
+            known.insert(c.address.clone(), c.id);
+        }
+    }
+    let answered: Vec<&pb::CoordinatorStatus> = reports.iter().filter_map(|(_, s)| s.as_ref()).collect();
+    let leader = answered
+        .iter()
+        .filter(|s| s.raft_state == "leader")
+        .max_by_key(|s| s.term);
+    let freshest: Option<ClusterView> = leader
+        .into_iter()
+        .chain(answered.iter().max_by_key(|s| s.applied_index))
+        .find_map(|s| s.state.clone())
+        .and_then(|s| ClusterView::try_from(s).ok());
+    let mut addresses: Vec<String> = reports.iter().map(|(a, _)| a.clone()).collect();
+    for a in known.keys() {
+        if !addresses.contains(a) {
+            addresses.push(a.clone());
+        }
+    }
+    let coordinators: Vec<Value> = addresses
+        .iter()
+        .map(|a| {
+            match reports.iter().find(|(r, _)| r == a).and_then(|(_, s)| s.as_ref()) {
+                Some(s) => json!({
+                    "id": s.id, "address": a, "pid": s.pid, "state": s.raft_state,
+                    "term": s.term, "commit_index": s.commit_index,
+                    "applied_index": s.applied_index,
+                }),
+                None => json!({
+                    "id": known.get(a), "address": a, "pid": null, "state": "unreachable",
+                }),
+            }
+        })
+        .collect();
+    let workers: Vec<Value> = freshest
+        .iter()
+        .flat_map(|v| {
+            v.members.iter().map(move |m| {
+                json!({
+                    "id": m.id,
+                    "role": match m.role {
+                        Role::ExpertWorker => "expert-worker",
+                        Role::AttentionWorker => "attention-worker",
+                    },
+                    "address": m.address,
+                    "pid": m.pid,
+                    "status": if m.alive { "alive" } else { "dead" },
+                    "experts": v.placement.experts_of(m.id).len(),
+                })
+            })
+        })
+        .collect();
+    json!({
+        "leader": leader.map(|l| l.id),
+        "term": answered.iter().map(|s| s.term).max(),
+        "commit_index": leader.map(|l| l.commit_index),
+        "placement_epoch": freshest.as_ref().map(|v| v.placement.epoch),
+        "state_version": freshest.as_ref().map(|v| v.version),
+        "unservable": freshest.as_ref().and_then(|v| v.unservable.clone()),
+        "coordinators": coordinators,
+        "workers": workers,
+    })
+}
+
+async fn status(args: StatusArgs) -> Result<()> {
+    let client = args.target.client()?;
+    let reports = client.statuses().await;
+    if reports.iter().all(|(_, s)| s.is_none()) {
+        bail!(
+            "no coordinator answered at {}",
+            client.addresses().join(", ")
+        );
+    }
+    let v = status_json(&reports);
+    if args.json {
+        println!("{v}");
+        return Ok(());
+    }
+    let show = |v: &Value| match v {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    println!(
+        "leader {}  term {}  commit {}  placement epoch {}{}",
+        show(&v["leader"]),
+        show(&v["term"]),
+        show(&v["commit_index"]),
+        show(&v["placement_epoch"]),
+        match v["unservable"].as_str() {
+            Some(why) => format!("  (cannot serve: {why})"),
+            None => String::new(),
+        }
+    );
+    println!("{:<4} {:<22} {:<8} {:<14} {:>6} {:>8}", "ID", "COORDINATOR", "PID", "STATE", "TERM", "APPLIED");
+    for c in v["coordinators"].as_array().into_iter().flatten() {
+        println!(
+            "{:<4} {:<22} {:<8} {:<14} {:>6} {:>8}",
+            show(&c["id"]),
+            show(&c["address"]),
+            show(&c["pid"]),
+            show(&c["state"]),
+            show(&c["term"]),
+            show(&c["applied_index"])
+        );
+    }
+    println!("{:<4} {:<22} {:<8} {:<17} {:<6} {:>7}", "ID", "WORKER", "PID", "ROLE", "STATUS", "EXPERTS");
+    for w in v["workers"].as_array().into_iter().flatten() {
+        println!(
+            "{:<4} {:<22} {:<8} {:<17} {:<6} {:>7}",
+            show(&w["id"]),
+            show(&w["address"]),
+            show(&w["pid"]),
+            show(&w["role"]),
+            show(&w["status"]),
+            show(&w["experts"])
+        );
+    }
+    Ok(())
+}
