@@ -58,14 +58,24 @@ pub fn up_file() -> PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join("expertmesh-up.json"))
 }
 
+/// Writes the up file, readable by this user only (it holds the join token).
 pub fn write_up_file(cluster: &LocalCluster) -> Result<PathBuf> {
     let path = up_file();
     let body = json!({
         "coordinators": cluster.coordinator_addresses(),
         "http": cluster.http,
+        "join_token": cluster.join_token,
         "pid": std::process::id(),
     });
-    std::fs::write(&path, serde_json::to_vec_pretty(&body)?)
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(&path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(&serde_json::to_vec_pretty(&body)?))
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }

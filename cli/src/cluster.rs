@@ -104,6 +104,8 @@ pub struct LocalCluster {
     /// The coordinators' raft storage; removed on drop when the cluster made it.
     data_dir: std::path::PathBuf,
     remove_data: bool,
+    /// What workers present to register (`expertmesh expert-worker --join-token`).
+    pub join_token: String,
 }
 
 impl Drop for LocalCluster {
@@ -202,6 +204,7 @@ impl LocalCluster {
             attention_workers: Vec::new(),
             data_dir: data_dir.clone(),
             remove_data,
+            join_token: token.clone(),
         };
         for (i, port) in ports.iter().enumerate() {
             let id = i + 1;

@@ -58,8 +58,12 @@ pub fn run(args: UpArgs) -> Result<()> {
     );
     let up_file = crate::admin::write_up_file(&cluster)?;
     for (i, c) in cluster.coordinators.iter().enumerate() {
+        let http = match cluster.http.get(i) {
+            Some(h) => format!(", HTTP {h}"),
+            None => String::new(),
+        };
         println!(
-            "  {:<30} {} (pid {})",
+            "  {:<30} {} (pid {}{http})",
             format!("coordinator {}", i + 1),
             c.address,
             c.child.id()
@@ -89,6 +93,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     }
     println!(" or: expertmesh admin status   (reads {})", up_file.display());
     println!("Ctrl-C stops everything.");
+    let mut exited = std::collections::HashSet::new();
     runtime.block_on(async {
         loop {
             tokio::select! {
@@ -96,8 +101,9 @@ pub fn run(args: UpArgs) -> Result<()> {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {
                     for p in cluster.processes_mut() {
                         if let Ok(Some(status)) = p.child.try_wait() {
-                            eprintln!("{} at {} exited ({status}); the others keep running", p.role, p.address);
-                            p.address = format!("{} (exited)", p.address);
+                            if exited.insert(p.child.id()) {
+                                eprintln!("{} at {} exited ({status}); the others keep running", p.role, p.address);
+                            }
                         }
                     }
                 }

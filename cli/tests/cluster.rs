@@ -91,7 +91,7 @@ fn clusters_of_1_to_4_expert_workers_equal_the_single_process() {
 #[test]
 fn an_expert_worker_without_experts_changes_nothing() {
     let model = fixture("tiny-scout");
-    let coordinator = start(&["coordinator", "--listen", "127.0.0.1:0", "--model", &model]);
+    let (coordinator, _data) = common::start_coordinator(&model);
     let c = coordinator.address.as_str();
     let _empty = start_worker("expert-worker", c, &model, &["--capacity", "0"]);
     let _full = start_worker("expert-worker", c, &model, &[]);
@@ -128,7 +128,7 @@ fn an_expert_worker_without_experts_changes_nothing() {
 #[test]
 fn a_killed_expert_worker_is_a_clear_error_not_a_hang() {
     let model = fixture("tiny-maverick");
-    let coordinator = start(&["coordinator", "--listen", "127.0.0.1:0", "--model", &model]);
+    let (coordinator, _data) = common::start_coordinator(&model);
     let c = coordinator.address.as_str();
     let mut victim = start_worker("expert-worker", c, &model, &[]);
     let _other = start_worker("expert-worker", c, &model, &[]);

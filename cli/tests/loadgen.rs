@@ -143,7 +143,7 @@ fn loadgen_against_up() {
 #[test]
 fn loadgen_experts_against_expert_workers() {
     let model = common::fixture("tiny-maverick").display().to_string();
-    let coordinator = common::start(&["coordinator", "--listen", "127.0.0.1:0", "--model", &model]);
+    let (coordinator, _data) = common::start_coordinator(&model);
     let c = coordinator.address.as_str();
     let worker = || {
         common::start(&[

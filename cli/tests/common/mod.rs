@@ -96,3 +96,20 @@ pub fn start(args: &[&str]) -> Role {
         .to_owned();
     Role { child, address }
 }
+
+/// A single coordinator with its raft storage in a fresh temporary directory (removed when
+/// the returned guard drops).
+pub fn start_coordinator(model: &str) -> (Role, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let role = start(&[
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        model,
+        "--data-dir",
+        &data,
+    ]);
+    (role, dir)
+}
