@@ -141,7 +141,8 @@ pub fn status_json(reports: &[(String, Option<pb::CoordinatorStatus>)]) -> Value
             known.insert(c.address.clone(), c.id);
         }
     }
-    let answered: Vec<&pb::CoordinatorStatus> = reports.iter().filter_map(|(_, s)| s.as_ref()).collect();
+    let answered: Vec<&pb::CoordinatorStatus> =
+        reports.iter().filter_map(|(_, s)| s.as_ref()).collect();
     let leader = answered
         .iter()
         .filter(|s| s.raft_state == "leader")
@@ -160,7 +161,11 @@ pub fn status_json(reports: &[(String, Option<pb::CoordinatorStatus>)]) -> Value
     let coordinators: Vec<Value> = addresses
         .iter()
         .map(|a| {
-            match reports.iter().find(|(r, _)| r == a).and_then(|(_, s)| s.as_ref()) {
+            match reports
+                .iter()
+                .find(|(r, _)| r == a)
+                .and_then(|(_, s)| s.as_ref())
+            {
                 Some(s) => json!({
                     "id": s.id, "address": a, "pid": s.pid, "state": s.raft_state,
                     "term": s.term, "commit_index": s.commit_index,
@@ -232,7 +237,10 @@ async fn status(args: StatusArgs) -> Result<()> {
             None => String::new(),
         }
     );
-    println!("{:<4} {:<22} {:<8} {:<14} {:>6} {:>8}", "ID", "COORDINATOR", "PID", "STATE", "TERM", "APPLIED");
+    println!(
+        "{:<4} {:<22} {:<8} {:<14} {:>6} {:>8}",
+        "ID", "COORDINATOR", "PID", "STATE", "TERM", "APPLIED"
+    );
     for c in v["coordinators"].as_array().into_iter().flatten() {
         println!(
             "{:<4} {:<22} {:<8} {:<14} {:>6} {:>8}",
@@ -244,7 +252,10 @@ async fn status(args: StatusArgs) -> Result<()> {
             show(&c["applied_index"])
         );
     }
-    println!("{:<4} {:<22} {:<8} {:<17} {:<6} {:>7}", "ID", "WORKER", "PID", "ROLE", "STATUS", "EXPERTS");
+    println!(
+        "{:<4} {:<22} {:<8} {:<17} {:<6} {:>7}",
+        "ID", "WORKER", "PID", "ROLE", "STATUS", "EXPERTS"
+    );
     for w in v["workers"].as_array().into_iter().flatten() {
         println!(
             "{:<4} {:<22} {:<8} {:<17} {:<6} {:>7}",

@@ -217,14 +217,21 @@ impl LocalCluster {
                 "--peers".into(),
                 peers.join(","),
                 "--data-dir".into(),
-                data_dir.join(format!("coordinator-{id}")).display().to_string(),
+                data_dir
+                    .join(format!("coordinator-{id}"))
+                    .display()
+                    .to_string(),
                 "--model".into(),
                 model.clone(),
                 "--join-token".into(),
                 token.clone(),
             ];
             if let Some(h) = &spec.http {
-                let h = if i == 0 { h.clone() } else { "127.0.0.1:0".into() };
+                let h = if i == 0 {
+                    h.clone()
+                } else {
+                    "127.0.0.1:0".into()
+                };
                 args.extend(["--http".into(), h]);
             }
             if let Some(k) = &spec.api_key {
@@ -309,8 +316,7 @@ impl LocalCluster {
     ) -> Result<(Arc<Model>, RemoteExperts)> {
         self.ready(Duration::from_secs(300)).await?;
         let source: ModelSource = model.parse()?;
-        let (model, experts, _) =
-            connect(&source, &self.coordinator_addresses(), dispatch).await?;
+        let (model, experts, _) = connect(&source, &self.coordinator_addresses(), dispatch).await?;
         experts
             .ready(Duration::from_secs(60))
             .await

@@ -91,7 +91,10 @@ pub fn run(args: UpArgs) -> Result<()> {
             args.model, a.address
         );
     }
-    println!(" or: expertmesh admin status   (reads {})", up_file.display());
+    println!(
+        " or: expertmesh admin status   (reads {})",
+        up_file.display()
+    );
     println!("Ctrl-C stops everything.");
     let mut exited = std::collections::HashSet::new();
     runtime.block_on(async {

@@ -18,6 +18,9 @@ fn deploy_examples_parse_and_validate() {
     let c: CoordinatorConfig = toml::from_str(&read("coordinator.toml")).unwrap();
     assert_eq!(c.listen, "0.0.0.0:7000");
     assert_eq!(c.http.as_deref(), Some("0.0.0.0:8000"));
+    let node = c.node("fingerprint".into(), 128).unwrap();
+    assert_eq!(node.peers.len(), 3);
+    assert_eq!(node.settings.join_token.as_deref(), Some("change-me"));
     let e: ExpertWorkerConfig = toml::from_str(&read("expert-worker.toml")).unwrap();
     let e = e.validate().unwrap();
     assert_eq!(e.capacity, Some(16));

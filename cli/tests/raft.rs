@@ -270,7 +270,9 @@ fn coordinators_come_back_from_disk_and_refuse_a_damaged_log() {
     drop(worker);
     drop(coordinators); // SIGKILL, all three
     let coordinators = start_all();
-    let after = wait_status(&list, "a leader after the restart", |v| v["leader"].is_u64());
+    let after = wait_status(&list, "a leader after the restart", |v| {
+        v["leader"].is_u64()
+    });
     assert_eq!(after["workers"], before["workers"]);
     assert_eq!(after["placement_epoch"], before["placement_epoch"]);
     assert!(after["term"].as_u64() > before["term"].as_u64());
@@ -306,7 +308,12 @@ fn coordinators_come_back_from_disk_and_refuse_a_damaged_log() {
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut stderr = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
     assert!(!status.success());
     assert!(stderr.contains("refusing to start"), "{stderr}");
     assert!(stderr.contains(log.to_str().unwrap()), "{stderr}");

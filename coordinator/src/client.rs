@@ -265,22 +265,20 @@ impl CoordinatorClient {
                 let request = pb::WatchStateRequest {
                     after_version: after,
                 };
-                match client.watch_state(request).await {
-                    Ok(response) => {
-                        let mut stream = response.into_inner();
-                        while let Ok(Some(state)) = stream.message().await {
-                            if let Ok(view) = ClusterView::try_from(state) {
-                                if view.version <= after {
-                                    continue;
-                                }
-                                after = view.version;
-                                if tx.send(Some(Arc::new(view))).is_err() {
-                                    return;
-                                }
-                            }
+                if let Ok(response) = client.watch_state(request).await {
+                    let mut stream = response.into_inner();
+                    while let Ok(Some(state)) = stream.message().await {
+                        let Ok(view) = ClusterView::try_from(state) else {
+                            continue;
+                        };
+                        if view.version <= after {
+                            continue;
+                        }
+                        after = view.version;
+                        if tx.send(Some(Arc::new(view))).is_err() {
+                            return;
                         }
                     }
-                    Err(_) => {}
                 }
                 let _ = this.current.compare_exchange(
                     i,

@@ -119,7 +119,11 @@ pub fn parse_peers(peers: &[String]) -> Result<std::collections::BTreeMap<u64, S
 
 impl CoordinatorConfig {
     /// The raft node settings, given the model's identity.
-    pub fn node(&self, model_fingerprint: String, num_experts: usize) -> Result<NodeConfig, String> {
+    pub fn node(
+        &self,
+        model_fingerprint: String,
+        num_experts: usize,
+    ) -> Result<NodeConfig, String> {
         let mut peers = parse_peers(&self.peers)?;
         if peers.is_empty() {
             peers.insert(self.id, self.listen.clone());

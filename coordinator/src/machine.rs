@@ -358,7 +358,10 @@ mod tests {
             command: Command::MarkDead { worker_id: 1 },
         })
         .unwrap();
-        assert!(matches!(m.apply(&wrong_version), Err(Rejected::Malformed(_))));
+        assert!(matches!(
+            m.apply(&wrong_version),
+            Err(Rejected::Malformed(_))
+        ));
     }
 
     #[test]

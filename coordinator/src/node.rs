@@ -152,7 +152,11 @@ pub(crate) fn start(
     for note in &storage.notes {
         eprintln!("coordinator {}: {note}", config.id);
     }
-    let replica = Replica::open(config.id, storage, config.timing)?;
+    let mut replica = Replica::open(config.id, storage, config.timing)?;
+    if replica.voters() == [config.id] {
+        // A group of one need not wait out an election timeout.
+        replica.campaign();
+    }
     let mut coordinators = config.peers.clone();
     coordinators.extend(replica.machine().coordinators.clone());
     let (view, _) = watch::channel(Arc::new(replica.machine().view()));
@@ -256,7 +260,10 @@ impl Driver {
             }
             Input::Membership { id, address, reply } => {
                 let context = self.context();
-                match self.replica.propose_membership(context.clone(), id, address) {
+                match self
+                    .replica
+                    .propose_membership(context.clone(), id, address)
+                {
                     Ok(()) => {
                         self.proposals.insert(context, reply);
                     }
@@ -361,6 +368,10 @@ impl Driver {
                 }
             }
         }
+        // Callers that gave up (their deadline passed) leave nothing behind.
+        self.proposals.retain(|_, reply| !reply.is_closed());
+        self.pending_reads.retain(|_, reply| !reply.is_closed());
+        self.reads.retain(|(_, reply)| !reply.is_closed());
         *self.shared.status.lock().expect("status lock") = status;
         Ok(())
     }
@@ -458,9 +469,10 @@ async fn peer_sender(
         eprintln!("coordinator {from}: bad address {address:?} for coordinator {to}");
         return;
     };
-    let mut client = CoordinatorServiceClient::new(endpoint.timeout(PEER_RPC_TIMEOUT).connect_lazy())
-        .max_decoding_message_size(expertmesh_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(expertmesh_proto::MAX_MESSAGE_BYTES);
+    let mut client =
+        CoordinatorServiceClient::new(endpoint.timeout(PEER_RPC_TIMEOUT).connect_lazy())
+            .max_decoding_message_size(expertmesh_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(expertmesh_proto::MAX_MESSAGE_BYTES);
     while let Some(mut batch) = rx.recv().await {
         while let Ok(more) = rx.try_recv() {
             batch.extend(more);

@@ -187,8 +187,10 @@ impl Replica {
         if self.raw.raft.state != StateRole::Leader {
             return Err(raft::Error::ProposalDropped);
         }
-        let mut cc = ConfChange::default();
-        cc.node_id = id;
+        let mut cc = ConfChange {
+            node_id: id,
+            ..Default::default()
+        };
         cc.set_change_type(match address {
             Some(_) => ConfChangeType::AddNode,
             None => ConfChangeType::RemoveNode,
@@ -220,15 +222,7 @@ impl Replica {
 
     /// The voters of the current configuration.
     pub fn voters(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self
-            .raw
-            .raft
-            .prs()
-            .conf()
-            .voters()
-            .ids()
-            .iter()
-            .collect();
+        let mut v: Vec<u64> = self.raw.raft.prs().conf().voters().ids().iter().collect();
         v.sort_unstable();
         v
     }
@@ -297,20 +291,18 @@ impl Replica {
             }
             let result = match e.get_entry_type() {
                 EntryType::EntryNormal => self.machine.apply(&e.data),
-                EntryType::EntryConfChange => {
-                    match ConfChange::parse_from_bytes(&e.data) {
-                        Ok(cc) => {
-                            let cs = self.raw.apply_conf_change(&cc)?;
-                            self.raw.mut_store().set_conf_state(cs);
-                            conf_changed = true;
-                            let address = (cc.get_change_type() == ConfChangeType::AddNode)
-                                .then(|| String::from_utf8_lossy(&cc.context).into_owned());
-                            self.machine.set_coordinator(cc.node_id, address);
-                            Ok(cc.node_id)
-                        }
-                        Err(e) => Err(Rejected::Malformed(e.to_string())),
+                EntryType::EntryConfChange => match ConfChange::parse_from_bytes(&e.data) {
+                    Ok(cc) => {
+                        let cs = self.raw.apply_conf_change(&cc)?;
+                        self.raw.mut_store().set_conf_state(cs);
+                        conf_changed = true;
+                        let address = (cc.get_change_type() == ConfChangeType::AddNode)
+                            .then(|| String::from_utf8_lossy(&cc.context).into_owned());
+                        self.machine.set_coordinator(cc.node_id, address);
+                        Ok(cc.node_id)
                     }
-                }
+                    Err(e) => Err(Rejected::Malformed(e.to_string())),
+                },
                 EntryType::EntryConfChangeV2 => Err(Rejected::Malformed(
                     "joint configuration changes are not used".into(),
                 )),

@@ -25,8 +25,8 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use crate::machine::{Command, Rejected, ADDRESS_MAX};
-use crate::node::{Input, ProposeError, Shared};
 pub use crate::node::NodeConfig;
+use crate::node::{Input, ProposeError, Shared};
 use crate::replica::{RaftStatus, ReplicaError};
 use crate::state::{ClusterView, Role};
 
@@ -103,9 +103,10 @@ impl Coordinator {
 
     /// A client to the leader, when another replica leads.
     fn leader(&self) -> Result<CoordinatorServiceClient<tonic::transport::Channel>, Status> {
-        let (_, address) = self.shared.leader_address().ok_or_else(|| {
-            Status::unavailable("no coordinator leader is known yet; retry")
-        })?;
+        let (_, address) = self
+            .shared
+            .leader_address()
+            .ok_or_else(|| Status::unavailable("no coordinator leader is known yet; retry"))?;
         let endpoint = expertmesh_proto::endpoint(&address, Duration::from_secs(1))
             .map_err(|e| Status::unavailable(format!("leader address {address}: {e}")))?;
         Ok(CoordinatorServiceClient::new(
@@ -191,7 +192,11 @@ impl CoordinatorService for Coordinator {
             .expect("liveness lock")
             .insert(id, Instant::now());
         if let Some(load) = r.load {
-            self.shared.loads.lock().expect("loads lock").insert(id, load);
+            self.shared
+                .loads
+                .lock()
+                .expect("loads lock")
+                .insert(id, load);
         }
         Ok(Response::new(pb::HeartbeatReply {
             state_version: view.version,
@@ -240,7 +245,10 @@ impl CoordinatorService for Coordinator {
             .map(|b| raft::eraftpb::Message::parse_from_bytes(b))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;
-        if let Some(m) = messages.iter().find(|m| m.to != self.shared.id || m.from != r.from) {
+        if let Some(m) = messages
+            .iter()
+            .find(|m| m.to != self.shared.id || m.from != r.from)
+        {
             return Err(Status::invalid_argument(format!(
                 "raft message from {} to {} sent by {} to {}",
                 m.from, m.to, r.from, self.shared.id

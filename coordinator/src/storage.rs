@@ -122,9 +122,7 @@ fn segment_path(dir: &Path, segment: u64) -> PathBuf {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), LogError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
 fn record(payload: &[u8]) -> Vec<u8> {
@@ -271,20 +269,25 @@ impl DiskStorage {
             return Err(corrupt(
                 &path,
                 meta.log_bytes,
-                format!("commit index {} is beyond the log's last entry {last}", meta.commit),
+                format!(
+                    "commit index {} is beyond the log's last entry {last}",
+                    meta.commit
+                ),
             ));
         }
         {
             let mut core = mem.wl();
-            let mut hs = HardState::default();
-            hs.term = meta.term;
-            hs.vote = meta.vote;
-            hs.commit = meta.commit;
-            core.set_hardstate(hs);
-            let mut cs = ConfState::default();
-            cs.voters = meta.voters.clone();
-            cs.learners = meta.learners.clone();
-            core.set_conf_state(cs);
+            core.set_hardstate(HardState {
+                term: meta.term,
+                vote: meta.vote,
+                commit: meta.commit,
+                ..Default::default()
+            });
+            core.set_conf_state(ConfState {
+                voters: meta.voters.clone(),
+                learners: meta.learners.clone(),
+                ..Default::default()
+            });
         }
         let mut log = OpenOptions::new()
             .write(true)
@@ -306,9 +309,10 @@ impl DiskStorage {
         let path = segment_path(dir, 1);
         let log = File::create(&path).map_err(io(&path))?;
         let mem = MemStorage::new();
-        let mut cs = ConfState::default();
-        cs.voters = initial_voters.to_vec();
-        mem.wl().set_conf_state(cs);
+        mem.wl().set_conf_state(ConfState {
+            voters: initial_voters.to_vec(),
+            ..Default::default()
+        });
         let mut s = Self {
             dir: dir.to_owned(),
             mem,
@@ -464,12 +468,18 @@ impl DiskStorage {
         if applied < first {
             return Ok(());
         }
-        let mut snap = Snapshot::default();
-        snap.data = data.into();
+        let mut snap = Snapshot {
+            data: data.into(),
+            ..Default::default()
+        };
         let m = snap.mut_metadata();
         m.index = applied;
         m.term = self.mem.term(applied).map_err(|e| {
-            corrupt(&self.dir, 0, format!("no term for applied index {applied}: {e}"))
+            corrupt(
+                &self.dir,
+                0,
+                format!("no term for applied index {applied}: {e}"),
+            )
         })?;
         m.set_conf_state(self.mem.initial_state().expect("memory storage").conf_state);
         self.write_snapshot(&snap)?;
@@ -502,9 +512,7 @@ impl DiskStorage {
             .write(true)
             .open(&path)
             .map_err(io(&path))?;
-        self.log
-            .seek(SeekFrom::End(0))
-            .map_err(io(&path))?;
+        self.log.seek(SeekFrom::End(0)).map_err(io(&path))?;
         self.meta.segment = segment;
         self.meta.log_bytes = bytes.len() as u64;
         self.write_meta()?;
@@ -565,18 +573,17 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = data.to_vec().into();
-        e
+        Entry {
+            index,
+            term,
+            data: data.to_vec().into(),
+            ..Default::default()
+        }
     }
 
     fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "expertmesh-storage-{name}-{}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("expertmesh-storage-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir
     }
@@ -585,11 +592,12 @@ mod tests {
         let mut s = DiskStorage::open(dir, &[1, 2, 3]).unwrap();
         s.append(&(1..=10).map(|i| entry(i, 1, b"x")).collect::<Vec<_>>())
             .unwrap();
-        let mut hs = HardState::default();
-        hs.term = 1;
-        hs.vote = 2;
-        hs.commit = 8;
-        s.set_hard_state(hs);
+        s.set_hard_state(HardState {
+            term: 1,
+            vote: 2,
+            commit: 8,
+            ..Default::default()
+        });
         s.sync().unwrap();
         s
     }
@@ -598,13 +606,7 @@ mod tests {
         std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().path())
-            .find(|p| {
-                p.file_name()
-                    .unwrap()
-                    .to_str()
-                    .unwrap()
-                    .starts_with("log-")
-            })
+            .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with("log-"))
             .unwrap()
     }
 

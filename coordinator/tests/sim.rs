@@ -67,7 +67,10 @@ impl Sim {
         let mut nodes = BTreeMap::new();
         for id in 1..=n {
             let storage = DiskStorage::open(&root.join(id.to_string()), &voters).unwrap();
-            nodes.insert(id, Some(Replica::open(id, storage, timing.jittered(seed, id)).unwrap()));
+            nodes.insert(
+                id,
+                Some(Replica::open(id, storage, timing.jittered(seed, id)).unwrap()),
+            );
         }
         Self {
             rng: Rng(seed),
@@ -90,10 +93,7 @@ impl Sim {
     }
 
     fn partition(&mut self, groups: &[&[u64]]) {
-        self.groups = groups
-            .iter()
-            .map(|g| g.iter().copied().collect())
-            .collect();
+        self.groups = groups.iter().map(|g| g.iter().copied().collect()).collect();
     }
 
     fn heal(&mut self) {
@@ -116,13 +116,15 @@ impl Sim {
     fn round(&mut self) {
         self.round += 1;
         let now = self.round;
-        let (due, later): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.in_flight).into_iter().partition(|(at, _)| *at <= now);
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.in_flight)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
         self.in_flight = later;
         for (_, m) in due {
             let (from, to) = (m.from, m.to);
             let snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
-            let delivered = self.connected(from, to) && matches!(self.nodes.get(&to), Some(Some(_)));
+            let delivered =
+                self.connected(from, to) && matches!(self.nodes.get(&to), Some(Some(_)));
             if delivered {
                 self.node(to).step(m);
             }
@@ -253,7 +255,10 @@ impl Sim {
                 .flatten()
                 .map(|n| n.machine().clone())
                 .collect();
-            if machines.iter().all(|m| m.members.len() == members && *m == machines[0]) {
+            if machines
+                .iter()
+                .all(|m| m.members.len() == members && *m == machines[0])
+            {
                 return;
             }
             self.tick();

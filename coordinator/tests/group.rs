@@ -1,0 +1,212 @@
+//! Coordinator nodes in one process talking real gRPC on loopback: a write through any
+//! replica, consistent reads, adding and removing coordinators (the new one catches up from a
+//! snapshot), and the leader's failure detector.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use expertmesh_coordinator::{
+    Coordinator, CoordinatorClient, NodeConfig, Registration, Role, Settings, Timing,
+};
+
+struct Node {
+    coordinator: Coordinator,
+    address: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("expertmesh-group-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+async fn start(
+    id: u64,
+    listener: tokio::net::TcpListener,
+    peers: &BTreeMap<u64, String>,
+    dir: &std::path::Path,
+    join: bool,
+    lease_ms: u64,
+) -> Node {
+    let address = listener.local_addr().unwrap().to_string();
+    let config = NodeConfig {
+        id,
+        peers: peers.clone(),
+        data_dir: dir.join(id.to_string()),
+        join,
+        tick: Duration::from_millis(50),
+        timing: Timing {
+            compact_every: 4,
+            ..Timing::default()
+        },
+        model_fingerprint: "fp".into(),
+        num_experts: 8,
+        settings: Settings {
+            lease_ms,
+            join_token: None,
+        },
+    };
+    let (coordinator, _) = Coordinator::start(config).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(expertmesh_coordinator::serve(
+        coordinator.clone(),
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    Node {
+        coordinator,
+        address,
+        stop,
+    }
+}
+
+async fn listeners(n: usize) -> Vec<tokio::net::TcpListener> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    v
+}
+
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < give_up, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn registration(port: u16) -> Registration {
+    Registration {
+        role: Role::ExpertWorker,
+        address: format!("127.0.0.1:{port}"),
+        capacity: None,
+        model_fingerprint: "fp".into(),
+        join_token: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_and_remove_coordinators() {
+    let dir = scratch("membership");
+    let mut ls = listeners(4).await;
+    let mut peers: BTreeMap<u64, String> = ls
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i as u64 + 1, l.local_addr().unwrap().to_string()))
+        .collect();
+    let fourth = ls.pop().unwrap();
+    let fourth_address = peers.remove(&4).unwrap();
+    let mut nodes = Vec::new();
+    for (i, l) in ls.into_iter().enumerate() {
+        nodes.push(start(i as u64 + 1, l, &peers, &dir, false, 60_000).await);
+    }
+    eventually("a leader", || {
+        nodes
+            .iter()
+            .any(|n| n.coordinator.status().role.name() == "leader")
+    })
+    .await;
+    let list = nodes
+        .iter()
+        .map(|n| n.address.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let client = CoordinatorClient::new(&list).unwrap();
+    // Enough writes that the log is compacted: the new member catches up by snapshot.
+    for port in 1..=6 {
+        client
+            .register(&registration(port), Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    let state = client.state().await.unwrap();
+    assert_eq!(
+        state.members.len(),
+        6,
+        "a linearizable read sees every write"
+    );
+
+    let mut all_peers = peers.clone();
+    all_peers.insert(4, fourth_address.clone());
+    nodes.push(start(4, fourth, &all_peers, &dir, true, 60_000).await);
+    client
+        .change_coordinators(4, Some(fourth_address.clone()))
+        .await
+        .unwrap();
+    eventually("the new coordinator to catch up", || {
+        nodes[3].coordinator.view().members.len() == 6
+    })
+    .await;
+
+    // Remove coordinator 1, whoever leads; the other three go on.
+    client.change_coordinators(1, None).await.unwrap();
+    let first = nodes.remove(0);
+    let _ = first.stop.send(());
+    let client = CoordinatorClient::new(&format!(
+        "{},{},{}",
+        nodes[0].address, nodes[1].address, fourth_address
+    ))
+    .unwrap();
+    client
+        .register(&registration(7), Duration::from_secs(20))
+        .await
+        .unwrap();
+    eventually("every remaining coordinator to apply the write", || {
+        nodes
+            .iter()
+            .all(|n| n.coordinator.view().members.len() == 7)
+    })
+    .await;
+    for n in &nodes {
+        assert_eq!(
+            n.coordinator.view().placement,
+            nodes[0].coordinator.view().placement
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_worker_is_declared_dead_and_its_experts_move() {
+    let dir = scratch("lease");
+    let mut ls = listeners(1).await;
+    let l = ls.pop().unwrap();
+    let peers = BTreeMap::from([(1, l.local_addr().unwrap().to_string())]);
+    let node = start(1, l, &peers, &dir, false, 600).await;
+    let client = CoordinatorClient::new(&node.address).unwrap();
+    let beating = client
+        .join(
+            &registration(1),
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            || None,
+        )
+        .await
+        .unwrap();
+    let silent = client
+        .register(&registration(2), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let epoch = node.coordinator.view().placement.epoch;
+    assert_eq!(
+        node.coordinator.view().placement.experts_of(silent).len(),
+        4
+    );
+    eventually("the silent worker declared dead", || {
+        let v = node.coordinator.view();
+        v.member(silent).is_some_and(|m| !m.alive)
+    })
+    .await;
+    let v = node.coordinator.view();
+    assert!(v.member(beating).unwrap().alive);
+    assert_eq!(v.placement.epoch, epoch + 1);
+    assert_eq!(v.placement.experts_of(beating).len(), 8);
+    assert!(v.placement.experts_of(silent).is_empty());
+    let _ = node.stop.send(());
+    let _ = std::fs::remove_dir_all(&dir);
+}
