@@ -12,6 +12,7 @@ mod bench_serve;
 mod cluster;
 mod generate;
 mod loadgen;
+mod placement_sim;
 mod roles;
 mod up;
 
@@ -43,6 +44,8 @@ enum Command {
         #[command(subcommand)]
         which: admin::AdminCommand,
     },
+    /// Run the placement planner on synthetic skewed (or measured) expert load.
+    PlacementSim(placement_sim::PlacementSimArgs),
     /// Load-test an OpenAI-compatible endpoint, or the expert tier (`loadgen experts`).
     Loadgen(Box<loadgen::LoadgenCommand>),
     /// Benchmarks.
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         Command::ExpertWorker(args) => roles::expert_worker(args),
         Command::AttentionWorker(args) => roles::attention_worker(args),
         Command::Admin { which } => admin::run(which),
+        Command::PlacementSim(args) => placement_sim::run(args),
         Command::Loadgen(cmd) => loadgen::run(*cmd),
         Command::Bench { which } => bench::run(which),
     };

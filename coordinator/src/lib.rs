@@ -13,6 +13,7 @@ pub mod client;
 pub mod machine;
 pub mod node;
 pub mod placement;
+pub mod planner;
 pub mod replica;
 pub mod service;
 pub mod state;
