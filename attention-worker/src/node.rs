@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use expertmesh_coordinator::{CoordinatorClient, Registration, Role};
+use expertmesh_coordinator::{Beat, CoordinatorClient, Registration, Role};
 use expertmesh_model::{Model, ModelSource};
 
 use expertmesh_expert_worker::node::bind;
@@ -104,7 +104,10 @@ pub async fn run(
     let dispatch_stats = experts.stats().clone();
     let engine = Engine::spawn(model.clone(), experts, config.scheduler);
     let engine_stats = engine.stats().clone();
-    let load = move || Some(worker_load(&engine_stats, &dispatch_stats));
+    let load = move || Beat {
+        load: Some(worker_load(&engine_stats, &dispatch_stats)),
+        prepared_epoch: 0,
+    };
     let (listener, bound) = bind(&config.listen).await?;
     on_listening(bound);
     client

@@ -2,8 +2,12 @@
 //! MoE layer's routed batch it splits the expert groups by the worker that holds each
 //! expert under the current placement, dispatches the pieces concurrently, and puts the
 //! answers back in row order. A `WrongEpoch` answer means the placement moved: the runner
-//! takes the newest state and sends again (a bounded number of times). Any other failure
-//! is a typed error within the batch's deadline, never a hang.
+//! takes the newest state and sends again (a bounded number of times). An expert with
+//! several copies gets its rows sent to the copy with the fewest rows in flight; a worker
+//! that cannot be reached is avoided for a while and its experts' rows go to their other
+//! copies at once, or, when it held the only copy, wait (within the batch's deadline) for
+//! the coordinators to place them elsewhere. Any other failure is a typed error within the
+//! batch's deadline, never a hang.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,6 +80,23 @@ struct Inner {
     workers: Mutex<HashMap<u64, (String, Arc<GrpcDispatch>)>>,
     config: DispatchConfig,
     stats: Arc<DispatchStats>,
+    /// Workers that failed to answer, avoided until the instant given.
+    suspects: Mutex<HashMap<u64, std::time::Instant>>,
+    /// Rows in flight per worker, for spreading an expert's rows over its copies.
+    in_flight: Arc<Mutex<HashMap<u64, u64>>>,
+}
+
+/// How long a worker that failed to answer is avoided.
+const SUSPECT_FOR: Duration = Duration::from_secs(10);
+/// Sends of one routed batch at most (each a new placement or another copy).
+const ATTEMPTS_MAX: usize = 64;
+
+/// Why sending one routed batch under one placement failed.
+enum SendError {
+    /// A worker's answer.
+    Worker(u64, DispatchError),
+    /// Every copy of this expert is on a worker that cannot be reached.
+    NoCopy(u32),
 }
 
 impl RemoteExperts {
@@ -97,6 +118,8 @@ impl RemoteExperts {
                 workers: Mutex::new(HashMap::new()),
                 config,
                 stats: Arc::new(DispatchStats::new(moe_layers, num_experts)),
+                suspects: Mutex::new(HashMap::new()),
+                in_flight: Arc::new(Mutex::new(HashMap::new())),
             }),
         }
     }
@@ -204,14 +227,22 @@ impl Inner {
         let unavailable = |reason: String| ModelError::ExpertsUnavailable { layer, reason };
         let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.timeout_ms);
         let mut min_epoch = 0;
-        for _ in 0..=self.config.epoch_retries {
+        let mut epoch_retries = 0;
+        for _ in 0..ATTEMPTS_MAX {
             let view = self
                 .servable_view(min_epoch, deadline)
                 .await
                 .map_err(unavailable)?;
             match self.send(&batch, &view, deadline).await {
                 Ok(out) => return Ok(out),
-                Err((_, DispatchError::WrongEpoch { current })) => {
+                Err(SendError::Worker(_, DispatchError::WrongEpoch { current })) => {
+                    epoch_retries += 1;
+                    if epoch_retries > self.config.epoch_retries {
+                        return Err(unavailable(format!(
+                            "placement kept changing ({} retries)",
+                            self.config.epoch_retries
+                        )));
+                    }
                     // A worker ahead of us means a newer placement exists; a worker behind
                     // us will catch up with the coordinator shortly.
                     if current > view.placement.epoch {
@@ -221,7 +252,28 @@ impl Inner {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }
-                Err((worker, e)) => {
+                Err(SendError::Worker(_, DispatchError::ExpertNotHere { .. })) => {
+                    // The worker already follows a newer placement than this view.
+                    min_epoch = view.placement.epoch;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(SendError::Worker(worker, DispatchError::Unavailable(reason))) => {
+                    // Avoid it and go to the other copies now (or wait for a new placement).
+                    eprintln!("expert worker {worker} unreachable ({reason}); routing around it");
+                    self.suspects
+                        .lock()
+                        .expect("suspects lock")
+                        .insert(worker, std::time::Instant::now() + SUSPECT_FOR);
+                }
+                Err(SendError::NoCopy(expert)) => {
+                    // Wait for the coordinators to place it elsewhere.
+                    eprintln!(
+                        "expert {expert}: no reachable copy under epoch {}; waiting for a new placement",
+                        view.placement.epoch
+                    );
+                    min_epoch = view.placement.epoch + 1;
+                }
+                Err(SendError::Worker(worker, e)) => {
                     let address = view
                         .member(worker)
                         .map(|m| m.address.as_str())
@@ -233,9 +285,31 @@ impl Inner {
             }
         }
         Err(unavailable(format!(
-            "placement kept changing ({} retries)",
-            self.config.epoch_retries
+            "no answer after {ATTEMPTS_MAX} attempts"
         )))
+    }
+
+    /// The copy of `expert` to send `rows` to: among workers not suspected, the one with the
+    /// fewest rows in flight (counting what this batch already gives it).
+    fn choose(
+        &self,
+        replicas: &[u64],
+        planned: &BTreeMap<u64, Piece>,
+        rows_of: impl Fn(&Piece) -> u64,
+    ) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut suspects = self.suspects.lock().expect("suspects lock");
+        suspects.retain(|_, until| *until > now);
+        let in_flight = self.in_flight.lock().expect("in-flight lock");
+        replicas
+            .iter()
+            .copied()
+            .filter(|w| !suspects.contains_key(w))
+            .min_by_key(|w| {
+                let busy = in_flight.get(w).copied().unwrap_or(0);
+                let here = planned.get(w).map_or(0, &rows_of);
+                (busy + here, *w)
+            })
     }
 
     /// Sends one piece per worker under `view`'s placement and reassembles the answer.
@@ -244,24 +318,21 @@ impl Inner {
         batch: &RoutedBatch,
         view: &ClusterView,
         deadline: tokio::time::Instant,
-    ) -> Result<Vec<f32>, (u64, DispatchError)> {
+    ) -> Result<Vec<f32>, SendError> {
         let h = batch.hidden;
         let mut pieces: BTreeMap<u64, Piece> = BTreeMap::new();
         let mut row = 0;
+        let rows_of = |p: &Piece| p.spans.iter().map(|s| s.1 as u64).sum::<u64>();
         for g in &batch.groups {
-            let worker = view
+            let replicas = view
                 .placement
                 .experts
                 .get(g.expert as usize)
-                .and_then(|r| r.first())
-                .copied()
-                .ok_or((
-                    0,
-                    DispatchError::ExpertNotHere {
-                        layer: batch.layer as u32,
-                        expert: g.expert,
-                    },
-                ))?;
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            let worker = self
+                .choose(replicas, &pieces, rows_of)
+                .ok_or(SendError::NoCopy(g.expert))?;
             let p = pieces.entry(worker).or_insert_with(|| Piece {
                 worker,
                 groups: Vec::new(),
@@ -276,7 +347,7 @@ impl Inner {
         for p in pieces.into_values() {
             let client = self
                 .client(p.worker, view)
-                .map_err(|e| (p.worker, DispatchError::Unavailable(e)))?;
+                .map_err(|e| SendError::Worker(p.worker, DispatchError::Unavailable(e)))?;
             let mut activations =
                 Vec::with_capacity(p.spans.iter().map(|s| s.1).sum::<usize>() * h);
             for &(start, n) in &p.spans {
@@ -294,11 +365,21 @@ impl Inner {
             };
             let stats = self.stats.clone();
             let sent = client.dispatch(dispatch);
+            let in_flight = self.in_flight.clone();
+            let (worker, rows) = (p.worker, rows_of(&p));
+            *in_flight
+                .lock()
+                .expect("in-flight lock")
+                .entry(worker)
+                .or_default() += rows;
             tasks.push((
                 p,
                 tokio::spawn(async move {
                     let t0 = tokio::time::Instant::now();
                     let out = sent.await;
+                    if let Some(n) = in_flight.lock().expect("in-flight lock").get_mut(&worker) {
+                        *n = n.saturating_sub(rows);
+                    }
                     stats.dispatches.fetch_add(1, Ordering::Relaxed);
                     let nanos = t0.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
                     stats.dispatch_nanos.fetch_add(nanos, Ordering::Relaxed);
@@ -325,7 +406,7 @@ impl Inner {
                     // Prefer reporting a non-epoch error: it will not go away by retrying.
                     let epoch = matches!(e, DispatchError::WrongEpoch { .. });
                     if first_error.is_none() || !epoch {
-                        first_error = Some((p.worker, e));
+                        first_error = Some(SendError::Worker(p.worker, e));
                     }
                 }
             }

@@ -32,6 +32,32 @@ pub enum AdminCommand {
         #[arg(long)]
         id: u64,
     },
+    /// Move an expert worker's experts to the others; returns once it holds none.
+    Drain {
+        #[command(flatten)]
+        target: Target,
+        /// The worker's id (see `admin status`).
+        worker: u64,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout_s: u64,
+    },
+    /// Re-plan the placement from the current expert load now.
+    Rebalance {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Per MoE layer: routed-token load of the experts (recent window) and their copies.
+    Experts {
+        #[command(flatten)]
+        target: Target,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Experts shown per layer in the table.
+        #[arg(long, default_value_t = 4)]
+        top: usize,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -128,6 +154,19 @@ pub fn run(command: AdminCommand) -> Result<()> {
                 println!("coordinator {id} removed");
                 Ok(())
             }
+            AdminCommand::Drain {
+                target,
+                worker,
+                timeout_s,
+            } => drain(&target.client()?, worker, timeout_s).await,
+            AdminCommand::Rebalance { target } => {
+                target.client()?.rebalance().await?;
+                println!("the leader re-plans the placement from the current load");
+                Ok(())
+            }
+            AdminCommand::Experts { target, json, top } => {
+                experts(&target.client()?, json, top).await
+            }
         }
     })
 }
@@ -189,7 +228,11 @@ pub fn status_json(reports: &[(String, Option<pb::CoordinatorStatus>)]) -> Value
                     },
                     "address": m.address,
                     "pid": m.pid,
-                    "status": if m.alive { "alive" } else { "dead" },
+                    "status": match (m.alive, m.draining) {
+                        (false, _) => "dead",
+                        (true, true) => "draining",
+                        (true, false) => "alive",
+                    },
                     "experts": v.placement.experts_of(m.id).len(),
                 })
             })
@@ -200,6 +243,7 @@ pub fn status_json(reports: &[(String, Option<pb::CoordinatorStatus>)]) -> Value
         "term": answered.iter().map(|s| s.term).max(),
         "commit_index": leader.map(|l| l.commit_index),
         "placement_epoch": freshest.as_ref().map(|v| v.placement.epoch),
+        "pending_epoch": freshest.as_ref().and_then(|v| v.pending.as_ref().map(|p| p.epoch)),
         "state_version": freshest.as_ref().map(|v| v.version),
         "unservable": freshest.as_ref().and_then(|v| v.unservable.clone()),
         "coordinators": coordinators,
@@ -265,6 +309,108 @@ async fn status(args: StatusArgs) -> Result<()> {
             show(&w["role"]),
             show(&w["status"]),
             show(&w["experts"])
+        );
+    }
+    Ok(())
+}
+
+async fn drain(client: &CoordinatorClient, worker: u64, timeout_s: u64) -> Result<()> {
+    let started = std::time::Instant::now();
+    client.drain(worker).await?;
+    loop {
+        let view = client.state().await?;
+        if view.placement.experts_of(worker).is_empty() && view.pending.is_none() {
+            println!(
+                "worker {worker} drained in {:.1} s (placement epoch {}); it can be stopped",
+                started.elapsed().as_secs_f64(),
+                view.placement.epoch
+            );
+            return Ok(());
+        }
+        if started.elapsed().as_secs() >= timeout_s {
+            bail!(
+                "worker {worker} still holds {} experts after {timeout_s} s",
+                view.placement.experts_of(worker).len()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+async fn experts(client: &CoordinatorClient, as_json: bool, top: usize) -> Result<()> {
+    let reports = client.statuses().await;
+    // The leader's figures when it answers (any replica has them: workers report to all).
+    let status = reports
+        .iter()
+        .filter_map(|(_, s)| s.as_ref())
+        .max_by_key(|s| (s.raft_state == "leader", s.applied_index))
+        .context("no coordinator answered")?;
+    let view = status
+        .state
+        .clone()
+        .map(ClusterView::try_from)
+        .transpose()?
+        .context("the coordinator sent no state")?;
+    let e = view.num_experts.max(1);
+    let layers = status.moe_layers as usize;
+    let load = &status.expert_load;
+    let copies: Vec<usize> = view.placement.experts.iter().map(Vec::len).collect();
+    if as_json {
+        let rows: Vec<Value> = (0..layers)
+            .map(|l| json!({"moe_layer": l, "load": &load[l * e..(l + 1) * e]}))
+            .collect();
+        println!(
+            "{}",
+            json!({
+                "placement_epoch": view.placement.epoch,
+                "replicas": view.placement.experts,
+                "layers": rows,
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "placement epoch {}: {} experts, {} copies in all (load: routed tokens, 30 s half-life window)",
+        view.placement.epoch,
+        view.num_experts,
+        copies.iter().sum::<usize>()
+    );
+    if layers == 0 {
+        println!("no expert load reported yet");
+        return Ok(());
+    }
+    println!(
+        "{:>5} {:>10} {:>9}  hottest experts (expert: share of layer, copies)",
+        "LAYER", "TOKENS", "MAX/MEAN"
+    );
+    for l in 0..layers {
+        let row = &load[l * e..(l + 1) * e];
+        let total: f64 = row.iter().sum();
+        let max = row.iter().copied().fold(0.0, f64::max);
+        let mut order: Vec<usize> = (0..e).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        let hot: Vec<String> = order
+            .iter()
+            .take(top)
+            .filter(|&&x| row[x] > 0.0)
+            .map(|&x| {
+                format!(
+                    "{x}: {:.1}%, {}",
+                    100.0 * row[x] / total.max(f64::MIN_POSITIVE),
+                    copies.get(x).copied().unwrap_or(0)
+                )
+            })
+            .collect();
+        println!(
+            "{:>5} {:>10.0} {:>9.2}  {}",
+            l,
+            total,
+            if total > 0.0 {
+                max / (total / e as f64)
+            } else {
+                0.0
+            },
+            hot.join("  ")
         );
     }
     Ok(())

@@ -93,6 +93,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         attention_args: Vec::new(),
         http: Some("127.0.0.1:0".into()),
         api_key: None,
+        coordinator_args: Vec::new(),
     })?;
     let http = cluster
         .http

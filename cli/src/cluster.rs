@@ -138,6 +138,8 @@ pub struct ClusterSpec {
     pub http: Option<String>,
     /// API key the HTTP API requires.
     pub api_key: Option<String>,
+    /// Extra flags for the coordinators (replication, leases).
+    pub coordinator_args: Vec<String>,
 }
 
 impl ClusterSpec {
@@ -153,6 +155,7 @@ impl ClusterSpec {
             attention_args: Vec::new(),
             http: None,
             api_key: None,
+            coordinator_args: Vec::new(),
         }
     }
 }
@@ -237,6 +240,7 @@ impl LocalCluster {
             if let Some(k) = &spec.api_key {
                 args.extend(["--api-key".into(), k.clone()]);
             }
+            args.extend(spec.coordinator_args.iter().cloned());
             let (process, more) =
                 spawn_reading("coordinator", &args, 1 + usize::from(spec.http.is_some()))?;
             if let Some(http) = more.first().and_then(|l| l.strip_prefix("HTTP ")) {

@@ -50,6 +50,15 @@ pub struct CoordinatorArgs {
     /// A worker silent this long (ms) is declared dead.
     #[arg(long)]
     lease_ms: Option<u64>,
+    /// Copies of every expert, on distinct workers (a new cluster fixes it).
+    #[arg(long)]
+    min_replicas: Option<usize>,
+    /// Extra copies for the hottest experts (a new cluster fixes it).
+    #[arg(long)]
+    redundancy: Option<usize>,
+    /// Re-plan on its own when max worker load exceeds the mean by this many percent (0: never).
+    #[arg(long)]
+    rebalance_percent: Option<u32>,
 }
 
 #[derive(Args, Debug)]
@@ -169,6 +178,15 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     }
     if let Some(v) = args.lease_ms {
         config.lease_ms = v;
+    }
+    if let Some(v) = args.min_replicas {
+        config.min_replicas = v;
+    }
+    if let Some(v) = args.redundancy {
+        config.redundancy = v;
+    }
+    if let Some(v) = args.rebalance_percent {
+        config.rebalance_percent = v;
     }
     let source: ModelSource = config.model.parse()?;
     let model = source

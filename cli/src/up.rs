@@ -31,6 +31,15 @@ pub struct UpArgs {
     /// Require this API key on HTTP requests.
     #[arg(long)]
     api_key: Option<String>,
+    /// Copies of every expert, on distinct expert workers.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// Extra copies for the hottest experts, over the whole cluster.
+    #[arg(long, default_value_t = 0)]
+    redundancy: usize,
+    /// A worker silent this long (ms) is declared dead and its experts re-placed.
+    #[arg(long, default_value_t = 5000)]
+    lease_ms: u64,
 }
 
 pub fn run(args: UpArgs) -> Result<()> {
@@ -50,6 +59,14 @@ pub fn run(args: UpArgs) -> Result<()> {
         attention_args: Vec::new(),
         http: Some(args.http.clone()),
         api_key: args.api_key.clone(),
+        coordinator_args: vec![
+            "--min-replicas".into(),
+            args.replicas.to_string(),
+            "--redundancy".into(),
+            args.redundancy.to_string(),
+            "--lease-ms".into(),
+            args.lease_ms.to_string(),
+        ],
     })?;
     let view = runtime.block_on(cluster.ready(Duration::from_secs(120)))?;
     println!(

@@ -52,6 +52,15 @@ pub struct Registration {
     pub join_token: Option<String>,
 }
 
+/// What one heartbeat carries.
+#[derive(Debug, Clone, Default)]
+pub struct Beat {
+    /// An attention worker's load.
+    pub load: Option<pb::WorkerLoad>,
+    /// An expert worker: the pending placement epoch whose experts it has loaded.
+    pub prepared_epoch: u64,
+}
+
 /// Splits a comma-separated coordinator list.
 pub fn split_addresses(list: &str) -> Vec<String> {
     list.split(',')
@@ -168,17 +177,17 @@ impl CoordinatorClient {
         Ok(reply.worker_id)
     }
 
-    /// Registers and keeps heartbeating every `heartbeat`, each beat carrying what `load`
+    /// Registers and keeps heartbeating every `heartbeat`, each beat carrying what `beat`
     /// reports: what every worker does on start.
     pub async fn join(
         &self,
         r: &Registration,
         patience: Duration,
         heartbeat: Duration,
-        load: impl Fn() -> Option<pb::WorkerLoad> + Send + Sync + 'static,
+        beat: impl Fn() -> Beat + Send + Sync + 'static,
     ) -> Result<u64, ClientError> {
         let id = self.register(r, patience).await?;
-        self.spawn_heartbeat(id, heartbeat, load);
+        self.spawn_heartbeat(id, heartbeat, beat);
         Ok(id)
     }
 
@@ -202,6 +211,24 @@ impl CoordinatorClient {
             out.push((address.clone(), status.map(|s| s.into_inner())));
         }
         out
+    }
+
+    /// Starts moving a worker's experts away.
+    pub async fn drain(&self, worker_id: u64) -> Result<(), ClientError> {
+        self.call(STATE_PATIENCE, |mut c| async move {
+            c.drain(pb::DrainRequest { worker_id }).await
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Asks the leader to re-plan the placement from the current load.
+    pub async fn rebalance(&self) -> Result<(), ClientError> {
+        self.call(STATE_PATIENCE, |mut c| async move {
+            c.rebalance(pb::RebalanceRequest {}).await
+        })
+        .await?;
+        Ok(())
     }
 
     /// Adds (`Some(address)`) or removes a coordinator.
@@ -228,17 +255,22 @@ impl CoordinatorClient {
         &self,
         worker_id: u64,
         interval: Duration,
-        load: impl Fn() -> Option<pb::WorkerLoad> + Send + Sync + 'static,
+        beat: impl Fn() -> Beat + Send + Sync + 'static,
     ) {
-        let load = Arc::new(load);
+        let beat = Arc::new(beat);
         for client in self.clients.iter() {
             let mut client = client.clone();
-            let load = load.clone();
+            let beat = beat.clone();
             tokio::spawn(async move {
                 loop {
+                    let Beat {
+                        load,
+                        prepared_epoch,
+                    } = beat();
                     let mut beat = tonic::Request::new(pb::HeartbeatRequest {
                         worker_id,
-                        load: load(),
+                        load,
+                        prepared_epoch,
                     });
                     beat.set_timeout(interval.max(Duration::from_millis(500)));
                     let _ = client.heartbeat(beat).await;

@@ -21,7 +21,7 @@ pub mod storage;
 
 use std::future::Future;
 
-pub use client::{ClientError, CoordinatorClient, Registration};
+pub use client::{Beat, ClientError, CoordinatorClient, Registration};
 pub use machine::Settings;
 pub use node::NodeConfig;
 pub use replica::{RaftStatus, ReplicaError, Timing};
@@ -58,6 +58,12 @@ pub struct CoordinatorConfig {
     pub tick_ms: u64,
     /// A snapshot is taken every this many applied entries.
     pub compact_every: u64,
+    /// Copies of every expert (a new cluster fixes it).
+    pub min_replicas: usize,
+    /// Extra copies for the hottest experts (a new cluster fixes it).
+    pub redundancy: usize,
+    /// Re-plan on its own when max worker load exceeds the mean by this many percent.
+    pub rebalance_percent: u32,
 }
 
 impl Default for CoordinatorConfig {
@@ -75,6 +81,9 @@ impl Default for CoordinatorConfig {
             lease_ms: 5000,
             tick_ms: 100,
             compact_every: 1024,
+            min_replicas: 1,
+            redundancy: 0,
+            rebalance_percent: 25,
         }
     }
 }
@@ -154,6 +163,9 @@ impl CoordinatorConfig {
             settings: Settings {
                 lease_ms: self.lease_ms,
                 join_token: self.join_token.clone(),
+                min_replicas: self.min_replicas.max(1),
+                redundancy: self.redundancy,
+                rebalance_percent: self.rebalance_percent,
             },
         })
     }

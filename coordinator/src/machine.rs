@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::placement::{assign, WorkerSlots};
+use crate::placement::WorkerSlots;
+use crate::planner::{plan, PlanInput};
 use crate::state::{ClusterView, Member, Placement, Role};
 
 /// Format version of [`Envelope`]; an entry with another version is refused on apply.
@@ -28,6 +29,24 @@ pub struct Settings {
     pub lease_ms: u64,
     /// Registrations must carry this token when it is set.
     pub join_token: Option<String>,
+    /// Copies of every expert (on distinct workers, when there are enough).
+    #[serde(default = "one")]
+    pub min_replicas: usize,
+    /// Extra copies for the hottest experts, over the whole cluster.
+    #[serde(default)]
+    pub redundancy: usize,
+    /// The leader re-plans on its own when max worker load exceeds the mean by this many
+    /// percent (0: never on its own).
+    #[serde(default = "twenty_five")]
+    pub rebalance_percent: u32,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn twenty_five() -> u32 {
+    25
 }
 
 impl Default for Settings {
@@ -35,6 +54,9 @@ impl Default for Settings {
         Self {
             lease_ms: 5000,
             join_token: None,
+            min_replicas: 1,
+            redundancy: 0,
+            rebalance_percent: 25,
         }
     }
 }
@@ -61,6 +83,12 @@ pub enum Command {
     },
     /// The leader's failure detector: the worker missed its lease.
     MarkDead { worker_id: u64 },
+    /// The next placement: expert workers load what it gives them and report ready.
+    Prepare { epoch: u64, experts: Vec<Vec<u64>> },
+    /// Every worker is ready: the prepared placement becomes current.
+    Commit { epoch: u64 },
+    /// Move a worker's experts away before it leaves.
+    Drain { worker_id: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +126,8 @@ pub enum Rejected {
     Full,
     #[error("worker {0} is not a live member")]
     UnknownWorker(u64),
+    #[error("stale placement: {0}")]
+    Stale(String),
 }
 
 /// The replicated cluster state.
@@ -114,6 +144,8 @@ pub struct Machine {
     pub members: Vec<Member>,
     pub next_id: u64,
     pub placement: Placement,
+    /// The prepared next placement (epoch = placement.epoch + 1).
+    pub pending: Option<Placement>,
     pub unservable: Option<String>,
     /// (request id, answer) of recent registrations, for idempotent retries.
     pub answered: VecDeque<(u64, u64)>,
@@ -206,13 +238,14 @@ impl Machine {
                     pid,
                     alive: true,
                     capacity,
+                    draining: false,
                 });
                 if self.answered.len() == REQUESTS_REMEMBERED {
                     self.answered.pop_front();
                 }
                 self.answered.push_back((request_id, id));
                 if role == Role::ExpertWorker {
-                    self.replan();
+                    self.ensure_servable();
                 }
                 Ok(id)
             }
@@ -224,10 +257,106 @@ impl Machine {
                     .ok_or(Rejected::UnknownWorker(worker_id))?;
                 member.alive = false;
                 if member.role == Role::ExpertWorker {
-                    self.replan();
+                    self.ensure_servable();
                 }
                 Ok(worker_id)
             }
+            Command::Prepare { epoch, experts } => {
+                if epoch != self.placement.epoch + 1 {
+                    return Err(Rejected::Stale(format!(
+                        "prepared epoch {epoch}, current is {}",
+                        self.placement.epoch
+                    )));
+                }
+                self.check_experts(&experts)?;
+                self.pending = Some(Placement { epoch, experts });
+                Ok(epoch)
+            }
+            Command::Commit { epoch } => match self.pending.take() {
+                Some(p) if p.epoch == epoch => {
+                    self.placement = p;
+                    self.unservable = None;
+                    Ok(epoch)
+                }
+                other => {
+                    self.pending = other;
+                    Err(Rejected::Stale(format!("no prepared placement {epoch}")))
+                }
+            },
+            Command::Drain { worker_id } => {
+                let member = self
+                    .members
+                    .iter_mut()
+                    .find(|m| m.id == worker_id && m.alive && m.role == Role::ExpertWorker)
+                    .ok_or(Rejected::UnknownWorker(worker_id))?;
+                member.draining = true;
+                Ok(worker_id)
+            }
+        }
+    }
+
+    /// A placement may only use live, non-draining expert workers, one copy per worker per
+    /// expert, within their capacities, and must place every expert.
+    fn check_experts(&self, experts: &[Vec<u64>]) -> Result<(), Rejected> {
+        if experts.len() != self.num_experts {
+            return Err(Rejected::Invalid(format!(
+                "a placement of {} experts for a model of {}",
+                experts.len(),
+                self.num_experts
+            )));
+        }
+        let mut used: BTreeMap<u64, usize> = BTreeMap::new();
+        for (e, replicas) in experts.iter().enumerate() {
+            if replicas.is_empty() {
+                return Err(Rejected::Invalid(format!("expert {e} has no worker")));
+            }
+            for (i, w) in replicas.iter().enumerate() {
+                if replicas[..i].contains(w) {
+                    return Err(Rejected::Invalid(format!("expert {e} twice on worker {w}")));
+                }
+                let ok = self
+                    .members
+                    .iter()
+                    .any(|m| m.id == *w && m.alive && !m.draining && m.role == Role::ExpertWorker);
+                if !ok {
+                    return Err(Rejected::UnknownWorker(*w));
+                }
+                *used.entry(*w).or_default() += 1;
+            }
+        }
+        for (w, n) in used {
+            let capacity = self
+                .members
+                .iter()
+                .find(|m| m.id == w)
+                .and_then(|m| m.capacity);
+            if capacity.is_some_and(|c| n > c) {
+                return Err(Rejected::Invalid(format!(
+                    "worker {w} would hold {n} experts, over its capacity"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The expert workers a plan may use: live and not draining (the draining ones too
+    /// when nothing else is left).
+    pub fn plannable_workers(&self) -> Vec<WorkerSlots> {
+        let pick = |draining_ok: bool| -> Vec<WorkerSlots> {
+            self.members
+                .iter()
+                .filter(|m| m.role == Role::ExpertWorker && m.alive && (draining_ok || !m.draining))
+                .map(|m| WorkerSlots {
+                    id: m.id,
+                    capacity: m.capacity,
+                })
+                .collect()
+        };
+        let workers = pick(false);
+        if workers.is_empty() {
+            pick(true)
+        } else {
+            workers
         }
     }
 
@@ -240,26 +369,57 @@ impl Machine {
         self.version += 1;
     }
 
-    /// Re-plans the placement over the live expert workers (a pure function of the
-    /// replicated state, so every replica computes the same one).
-    fn replan(&mut self) {
-        let workers: Vec<WorkerSlots> = self
+    /// After a worker joins or dies: drops dead copies, and when some expert is left with
+    /// no copy (or nothing was placed yet) places it at once with the planner on uniform
+    /// load (a pure function of the replicated state, so every replica computes the same).
+    /// Copies that remain never move here; the leader's planner balances later.
+    fn ensure_servable(&mut self) {
+        let alive = |m: &Member| m.alive && m.role == Role::ExpertWorker;
+        let live: Vec<u64> = self
             .members
             .iter()
-            .filter(|m| m.role == Role::ExpertWorker && m.alive)
-            .map(|m| WorkerSlots {
-                id: m.id,
-                capacity: m.capacity,
-            })
+            .filter(|m| alive(m))
+            .map(|m| m.id)
             .collect();
-        match assign(self.num_experts, &workers) {
-            Ok(experts) => {
-                if experts != self.placement.experts {
-                    self.placement = Placement {
-                        epoch: self.placement.epoch + 1,
-                        experts,
-                    };
-                }
+        let mut experts = self.placement.experts.clone();
+        for r in &mut experts {
+            r.retain(|w| live.contains(w));
+        }
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.experts.iter().flatten().any(|w| !live.contains(w)))
+        {
+            self.pending = None;
+        }
+        let complete = experts.len() == self.num_experts && experts.iter().all(|r| !r.is_empty());
+        if complete {
+            if experts != self.placement.experts {
+                self.placement = Placement {
+                    epoch: self.placement.epoch + 1,
+                    experts,
+                };
+                self.pending = None;
+            }
+            self.unservable = None;
+            return;
+        }
+        let workers = self.plannable_workers();
+        let load = vec![1.0; self.num_experts];
+        match plan(PlanInput {
+            workers: &workers,
+            load: &load,
+            min_replicas: self.settings.min_replicas,
+            redundancy: 0,
+            current: &experts,
+            tolerance: 0.0,
+        }) {
+            Ok(p) => {
+                self.placement = Placement {
+                    epoch: self.placement.epoch + 1,
+                    experts: p.experts,
+                };
+                self.pending = None;
                 self.unservable = None;
             }
             Err(e) => self.unservable = Some(e.to_string()),
@@ -273,6 +433,7 @@ impl Machine {
             placement: self.placement.clone(),
             model_fingerprint: self.model_fingerprint.clone(),
             num_experts: self.num_experts,
+            pending: self.pending.clone(),
             unservable: if self.initialized {
                 self.unservable.clone()
             } else {
@@ -301,6 +462,7 @@ mod tests {
             settings: Settings {
                 lease_ms: 1000,
                 join_token: token.map(str::to_owned),
+                ..Settings::default()
             },
             coordinators: BTreeMap::from([(1, "a:1".into())]),
         }))
@@ -372,27 +534,101 @@ mod tests {
         let again = m.apply(&register(7, Role::ExpertWorker, "", "fp")).unwrap();
         assert_eq!(a, again);
         assert_eq!(m.members.len(), 1);
+        // The first expert worker gets every expert at once; a second joins empty (the
+        // leader moves experts to it through Prepare and Commit).
+        assert_eq!(m.placement.epoch, 1);
+        assert!(m.unservable.is_none());
         let b = m.apply(&register(8, Role::ExpertWorker, "", "fp")).unwrap();
         assert_ne!(a, b);
-        assert_eq!(m.placement.epoch, 2);
-        assert!(m.unservable.is_none());
+        assert_eq!(m.placement.epoch, 1);
+        assert!(m.placement.experts_of(b).is_empty());
+    }
+
+    fn apply(m: &mut Machine, c: Command) -> Result<u64, Rejected> {
+        m.apply(&Envelope::encode(c))
     }
 
     #[test]
-    fn mark_dead_replans_and_roundtrips() {
+    fn prepare_commit_and_losing_workers() {
         let mut m = Machine::default();
         init(&mut m, None);
         let a = m.apply(&register(1, Role::ExpertWorker, "", "fp")).unwrap();
         let b = m.apply(&register(2, Role::ExpertWorker, "", "fp")).unwrap();
-        assert_eq!(m.placement.experts_of(b).len(), 2);
-        m.apply(&Envelope::encode(Command::MarkDead { worker_id: b }))
-            .unwrap();
-        assert_eq!(m.placement.experts_of(a).len(), 4);
+        let split = vec![vec![a], vec![a, b], vec![b], vec![b]];
+        // Validation: the epoch must be next, every expert placed, live workers only.
+        let bad = [
+            (
+                Command::Prepare {
+                    epoch: 5,
+                    experts: split.clone(),
+                },
+                "stale",
+            ),
+            (
+                Command::Prepare {
+                    epoch: 2,
+                    experts: vec![vec![a]; 3],
+                },
+                "short",
+            ),
+            (
+                Command::Prepare {
+                    epoch: 2,
+                    experts: vec![vec![a], vec![], vec![b], vec![b]],
+                },
+                "orphan",
+            ),
+            (
+                Command::Prepare {
+                    epoch: 2,
+                    experts: vec![vec![a, a], vec![a], vec![b], vec![b]],
+                },
+                "twice",
+            ),
+            (
+                Command::Prepare {
+                    epoch: 2,
+                    experts: vec![vec![9], vec![a], vec![b], vec![b]],
+                },
+                "unknown",
+            ),
+            (Command::Commit { epoch: 2 }, "nothing prepared"),
+        ];
+        for (c, why) in bad {
+            assert!(apply(&mut m, c).is_err(), "{why}");
+        }
+        apply(
+            &mut m,
+            Command::Prepare {
+                epoch: 2,
+                experts: split.clone(),
+            },
+        )
+        .unwrap();
+        assert_eq!(m.placement.epoch, 1, "prepared, not yet current");
+        assert_eq!(m.view().pending.unwrap().experts, split);
+        apply(&mut m, Command::Commit { epoch: 2 }).unwrap();
+        assert_eq!(m.placement.epoch, 2);
+        assert!(m.pending.is_none());
+        // Losing b: expert 1 keeps its copy on a; experts 2 and 3 are placed on a at once.
+        apply(&mut m, Command::MarkDead { worker_id: b }).unwrap();
         assert_eq!(m.placement.epoch, 3);
+        assert_eq!(m.placement.experts_of(a).len(), 4);
         assert_eq!(
-            m.apply(&Envelope::encode(Command::MarkDead { worker_id: b })),
+            apply(&mut m, Command::MarkDead { worker_id: b }),
             Err(Rejected::UnknownWorker(b))
         );
+        // A draining worker may not be given experts.
+        let c = m.apply(&register(3, Role::ExpertWorker, "", "fp")).unwrap();
+        apply(&mut m, Command::Drain { worker_id: c }).unwrap();
+        assert!(apply(
+            &mut m,
+            Command::Prepare {
+                epoch: 4,
+                experts: vec![vec![c]; 4]
+            }
+        )
+        .is_err());
         assert_eq!(Machine::decode(&m.encode()).unwrap(), m);
     }
 }

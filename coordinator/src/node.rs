@@ -104,6 +104,79 @@ pub(crate) enum Input {
         delivered: bool,
         snapshot: bool,
     },
+    /// Re-plan the placement at the next chance (leader only).
+    Rebalance,
+}
+
+/// Half-life of the expert load window.
+const LOAD_HALF_LIFE: Duration = Duration::from_secs(30);
+/// How often the leader looks at the placement.
+const PLACEMENT_CHECK: Duration = Duration::from_millis(500);
+/// Automatic re-plans (for imbalance) at most this often.
+const AUTO_REPLAN_EVERY: Duration = Duration::from_secs(30);
+/// Routed-token counters longer than this are ignored (a hostile or broken report).
+const LOAD_COUNTERS_MAX: usize = 1 << 20;
+
+/// Routed tokens per (MoE layer, expert), summed over attention workers from their
+/// cumulative heartbeat counters, decaying with [`LOAD_HALF_LIFE`].
+#[derive(Debug, Default)]
+pub struct LoadWindow {
+    last: HashMap<u64, Vec<u64>>,
+    window: Vec<f64>,
+    num_experts: usize,
+    updated: Option<Instant>,
+}
+
+impl LoadWindow {
+    pub fn record(&mut self, worker: u64, load: &pb::WorkerLoad) {
+        let n = load.routed_tokens.len();
+        let e = load.num_experts as usize;
+        if e == 0 || n == 0 || n % e != 0 || n > LOAD_COUNTERS_MAX {
+            return;
+        }
+        if self.window.len() != n || self.num_experts != e {
+            self.window = vec![0.0; n];
+            self.num_experts = e;
+            self.last.clear();
+        }
+        let now = Instant::now();
+        if let Some(t) = self.updated {
+            let halves = now.duration_since(t).as_secs_f64() / LOAD_HALF_LIFE.as_secs_f64();
+            let decay = 0.5f64.powf(halves);
+            self.window.iter_mut().for_each(|w| *w *= decay);
+        }
+        self.updated = Some(now);
+        let previous = self.last.insert(worker, load.routed_tokens.clone());
+        for (i, &now) in load.routed_tokens.iter().enumerate() {
+            let before = previous
+                .as_ref()
+                .and_then(|p| p.get(i))
+                .copied()
+                .unwrap_or(0);
+            // A restarted worker counts from zero again.
+            let delta = if now >= before { now - before } else { now };
+            self.window[i] += delta as f64;
+        }
+    }
+
+    /// (MoE layers, the window layer-major).
+    pub fn matrix(&self) -> (usize, Vec<f64>) {
+        match self.num_experts {
+            0 => (0, Vec::new()),
+            e => (self.window.len() / e, self.window.clone()),
+        }
+    }
+
+    /// Load per expert, summed over layers (a placement holds an expert in every layer).
+    pub fn per_expert(&self, num_experts: usize) -> Vec<f64> {
+        let mut out = vec![0.0; num_experts];
+        if self.num_experts == num_experts {
+            for (i, w) in self.window.iter().enumerate() {
+                out[i % num_experts] += w;
+            }
+        }
+        out
+    }
 }
 
 /// What the gRPC handlers and the gateway read without going through the loop.
@@ -115,6 +188,9 @@ pub(crate) struct Shared {
     /// When each worker was last heard from (not replicated).
     pub liveness: Mutex<HashMap<u64, Instant>>,
     pub loads: Mutex<HashMap<u64, pb::WorkerLoad>>,
+    pub load_window: Mutex<LoadWindow>,
+    /// The pending epoch each expert worker reports it has loaded.
+    pub prepared: Mutex<HashMap<u64, u64>>,
 }
 
 impl Shared {
@@ -167,6 +243,8 @@ pub(crate) fn start(
         view,
         liveness: Mutex::new(HashMap::new()),
         loads: Mutex::new(HashMap::new()),
+        load_window: Mutex::new(LoadWindow::default()),
+        prepared: Mutex::new(HashMap::new()),
     });
     let (inputs, rx) = mpsc::channel(INPUT_QUEUE);
     let driver = Driver {
@@ -180,6 +258,10 @@ pub(crate) fn start(
         pending_reads: HashMap::new(),
         leader_since: None,
         marking: HashSet::new(),
+        placement_checked: Instant::now(),
+        last_plan: None,
+        rebalance: false,
+        proposed: None,
         config,
     };
     let handle = tokio::spawn(driver.run(rx));
@@ -200,6 +282,13 @@ struct Driver {
     leader_since: Option<Instant>,
     /// Workers whose `MarkDead` is proposed and not yet applied.
     marking: HashSet<u64>,
+    placement_checked: Instant,
+    /// When the leader last proposed a placement.
+    last_plan: Option<Instant>,
+    /// An operator asked for a re-plan.
+    rebalance: bool,
+    /// The placement command proposed and not yet applied: (what, epoch, when).
+    proposed: Option<(&'static str, u64, Instant)>,
     config: NodeConfig,
 }
 
@@ -277,6 +366,7 @@ impl Driver {
                 self.replica.read_index(context.clone());
                 self.pending_reads.insert(context, reply);
             }
+            Input::Rebalance => self.rebalance = true,
             Input::Sent {
                 to,
                 delivered,
@@ -300,6 +390,9 @@ impl Driver {
         }
         for (to, messages) in by_peer {
             self.send(to, messages);
+        }
+        if !out.applied.is_empty() {
+            self.proposed = None;
         }
         for applied in &out.applied {
             if let Some(reply) = self.proposals.remove(&applied.context) {
@@ -395,6 +488,8 @@ impl Driver {
             }
             return;
         }
+        self.drive_placement();
+        let machine: &Machine = self.replica.machine();
         let lease = Duration::from_millis(machine.settings.lease_ms);
         let now = Instant::now();
         if now.duration_since(since) < lease {
@@ -424,6 +519,141 @@ impl Driver {
             let _ = self
                 .replica
                 .propose(context, Command::MarkDead { worker_id });
+        }
+    }
+
+    /// The leader's placement loop: commits a prepared placement once every worker that
+    /// gains experts has loaded them; otherwise re-plans when a worker drains or joins
+    /// empty, when an expert lacks copies, when asked, or (at most every 30 s) when the load
+    /// is out of balance.
+    fn drive_placement(&mut self) {
+        let now = Instant::now();
+        if now.duration_since(self.placement_checked) < PLACEMENT_CHECK {
+            return;
+        }
+        self.placement_checked = now;
+        let machine = self.replica.machine();
+        if let Some((_, _, at)) = self.proposed {
+            // Wait for the proposal to apply (or give up on it after a while).
+            if now.duration_since(at) < Duration::from_secs(5) {
+                return;
+            }
+            self.proposed = None;
+        }
+        if let Some(p) = &machine.pending {
+            let prepared = self.shared.prepared.lock().expect("prepared lock");
+            let ready = machine
+                .members
+                .iter()
+                .filter(|m| m.alive && m.role == crate::state::Role::ExpertWorker)
+                .filter(|m| {
+                    let before = machine.placement.experts_of(m.id);
+                    p.experts_of(m.id).iter().any(|e| !before.contains(e))
+                })
+                .all(|m| prepared.get(&m.id).is_some_and(|&e| e >= p.epoch));
+            drop(prepared);
+            if ready {
+                let epoch = p.epoch;
+                let context = self.context();
+                if self
+                    .replica
+                    .propose(context, Command::Commit { epoch })
+                    .is_ok()
+                {
+                    self.proposed = Some(("commit", epoch, now));
+                }
+            }
+            return;
+        }
+        if machine.unservable.is_some() || !machine.initialized {
+            return;
+        }
+        let workers = machine.plannable_workers();
+        let holds = |id: u64| !machine.placement.experts_of(id).is_empty();
+        let min_copies = machine.settings.min_replicas.min(workers.len()).max(1);
+        let load = self
+            .shared
+            .load_window
+            .lock()
+            .expect("load window lock")
+            .per_expert(machine.num_experts);
+        let measured = load.iter().sum::<f64>() > 0.0;
+        let ids: Vec<u64> = workers.iter().map(|w| w.id).collect();
+        let reason = if self.rebalance {
+            Some("requested")
+        } else if machine
+            .members
+            .iter()
+            .any(|m| m.draining && m.alive && holds(m.id))
+        {
+            Some("a worker is draining")
+        } else if workers
+            .iter()
+            .any(|w| w.capacity != Some(0) && !holds(w.id))
+        {
+            Some("a worker holds no expert")
+        } else if machine
+            .placement
+            .experts
+            .iter()
+            .any(|r| r.len() < min_copies)
+        {
+            Some("experts lack copies")
+        } else if machine.settings.rebalance_percent > 0
+            && measured
+            && self
+                .last_plan
+                .is_none_or(|t| now.duration_since(t) >= AUTO_REPLAN_EVERY)
+            && crate::planner::balance(&machine.placement.experts, &load, &ids)
+                > 1.0 + f64::from(machine.settings.rebalance_percent) / 100.0
+        {
+            Some("load is out of balance")
+        } else {
+            None
+        };
+        let Some(reason) = reason else { return };
+        self.rebalance = false;
+        self.last_plan = Some(now);
+        let load = if measured {
+            load
+        } else {
+            vec![1.0; machine.num_experts]
+        };
+        let planned = crate::planner::plan(crate::planner::PlanInput {
+            workers: &workers,
+            load: &load,
+            min_replicas: machine.settings.min_replicas,
+            redundancy: machine.settings.redundancy,
+            current: &machine.placement.experts,
+            tolerance: 0.02,
+        });
+        let plan = match planned {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!(
+                    "coordinator {}: cannot re-plan ({reason}): {e}",
+                    self.config.id
+                );
+                return;
+            }
+        };
+        if plan.added.is_empty() && plan.removed.is_empty() {
+            return;
+        }
+        let epoch = machine.placement.epoch + 1;
+        eprintln!(
+            "coordinator {}: re-planning ({reason}): epoch {epoch} adds {} and drops {} expert copies",
+            self.config.id,
+            plan.added.len(),
+            plan.removed.len()
+        );
+        let context = self.context();
+        let command = Command::Prepare {
+            epoch,
+            experts: plan.experts,
+        };
+        if self.replica.propose(context, command).is_ok() {
+            self.proposed = Some(("prepare", epoch, now));
         }
     }
 

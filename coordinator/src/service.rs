@@ -128,6 +128,7 @@ fn status_of(e: ProposeError) -> Status {
             }
             Rejected::Full => Status::resource_exhausted(r.to_string()),
             Rejected::UnknownWorker(_) => Status::not_found(r.to_string()),
+            Rejected::Stale(_) => Status::failed_precondition(r.to_string()),
             Rejected::Invalid(_) | Rejected::Malformed(_) => {
                 Status::invalid_argument(r.to_string())
             }
@@ -191,7 +192,19 @@ impl CoordinatorService for Coordinator {
             .lock()
             .expect("liveness lock")
             .insert(id, Instant::now());
+        if r.prepared_epoch > 0 {
+            self.shared
+                .prepared
+                .lock()
+                .expect("prepared lock")
+                .insert(id, r.prepared_epoch);
+        }
         if let Some(load) = r.load {
+            self.shared
+                .load_window
+                .lock()
+                .expect("load window lock")
+                .record(id, &load);
             self.shared
                 .loads
                 .lock()
@@ -280,7 +293,15 @@ impl CoordinatorService for Coordinator {
             .find(|c| c.id == self.shared.id)
             .map(|c| c.address.clone())
             .unwrap_or_default();
+        let (moe_layers, expert_load) = self
+            .shared
+            .load_window
+            .lock()
+            .expect("load window lock")
+            .matrix();
         Ok(Response::new(pb::CoordinatorStatus {
+            moe_layers: moe_layers as u32,
+            expert_load,
             id: self.shared.id,
             address,
             pid: std::process::id(),
@@ -320,5 +341,35 @@ impl CoordinatorService for Coordinator {
             Err(ProposeError::NotLeader) => self.leader()?.change_coordinators(r).await,
             Err(e) => Err(status_of(e)),
         }
+    }
+
+    async fn drain(
+        &self,
+        request: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainReply>, Status> {
+        let r = request.into_inner();
+        match self
+            .propose(Command::Drain {
+                worker_id: r.worker_id,
+            })
+            .await
+        {
+            Ok(_) => Ok(Response::new(pb::DrainReply {})),
+            Err(ProposeError::NotLeader) => self.leader()?.drain(r).await,
+            Err(e) => Err(status_of(e)),
+        }
+    }
+
+    async fn rebalance(
+        &self,
+        request: Request<pb::RebalanceRequest>,
+    ) -> Result<Response<pb::RebalanceReply>, Status> {
+        if self.status().role == crate::replica::Role::Leader {
+            self.inputs
+                .try_send(Input::Rebalance)
+                .map_err(|_| Status::unavailable("the coordinator is overloaded; retry"))?;
+            return Ok(Response::new(pb::RebalanceReply {}));
+        }
+        self.leader()?.rebalance(request.into_inner()).await
     }
 }

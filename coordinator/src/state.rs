@@ -42,6 +42,9 @@ pub struct Member {
     pub pid: u32,
     pub alive: bool,
     pub capacity: Option<usize>,
+    /// Alive, with its experts being moved away (it gets none in new placements).
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// Which worker holds each expert, under which epoch.
@@ -74,6 +77,8 @@ pub struct ClusterView {
     pub num_experts: usize,
     /// Why the cluster cannot serve, when it cannot.
     pub unservable: Option<String>,
+    /// The next placement (epoch + 1) while expert workers load its experts.
+    pub pending: Option<Placement>,
 }
 
 impl ClusterView {
@@ -101,24 +106,17 @@ impl From<&ClusterView> for pb::ClusterState {
                     role: pb::Role::from(m.role) as i32,
                     address: m.address.clone(),
                     pid: m.pid,
-                    status: if m.alive {
-                        pb::MemberStatus::Alive
-                    } else {
-                        pb::MemberStatus::Dead
+                    status: match (m.alive, m.draining) {
+                        (false, _) => pb::MemberStatus::Dead,
+                        (true, false) => pb::MemberStatus::Alive,
+                        (true, true) => pb::MemberStatus::Draining,
                     } as i32,
                     expert_capacity: m.capacity.unwrap_or(0) as u32,
                     has_capacity: m.capacity.is_some(),
                 })
                 .collect(),
-            placement: Some(pb::Placement {
-                epoch: v.placement.epoch,
-                experts: v
-                    .placement
-                    .experts
-                    .iter()
-                    .map(|w| pb::ExpertReplicas { workers: w.clone() })
-                    .collect(),
-            }),
+            placement: Some(pb::Placement::from(&v.placement)),
+            pending: v.pending.as_ref().map(pb::Placement::from),
             model_fingerprint: v.model_fingerprint.clone(),
             num_experts: v.num_experts as u32,
             unservable_reason: v.unservable.clone().unwrap_or_default(),
@@ -139,7 +137,9 @@ impl TryFrom<pb::ClusterState> for ClusterView {
                     role: Role::try_from(m.role)?,
                     address: m.address,
                     pid: m.pid,
-                    alive: m.status == pb::MemberStatus::Alive as i32,
+                    alive: m.status == pb::MemberStatus::Alive as i32
+                        || m.status == pb::MemberStatus::Draining as i32,
+                    draining: m.status == pb::MemberStatus::Draining as i32,
                     capacity: m.has_capacity.then_some(m.expert_capacity as usize),
                 })
             })
@@ -147,40 +147,74 @@ impl TryFrom<pb::ClusterState> for ClusterView {
         let placement = s
             .placement
             .ok_or_else(|| StateError("missing placement".into()))?;
-        let experts: Vec<Vec<u64>> = placement.experts.into_iter().map(|r| r.workers).collect();
+        let placement = Placement::from(placement);
         let unservable = (!s.unservable_reason.is_empty()).then_some(s.unservable_reason);
+        let num_experts = s.num_experts as usize;
         if unservable.is_none() {
-            if experts.len() != s.num_experts as usize {
-                return Err(StateError(format!(
-                    "placement covers {} experts of {}",
-                    experts.len(),
-                    s.num_experts
-                )));
-            }
-            for (e, replicas) in experts.iter().enumerate() {
-                if replicas.is_empty() {
-                    return Err(StateError(format!("expert {e} has no worker")));
-                }
-                if let Some(w) = replicas
-                    .iter()
-                    .find(|w| !members.iter().any(|m| m.id == **w))
-                {
-                    return Err(StateError(format!(
-                        "expert {e} is placed on unknown worker {w}"
-                    )));
-                }
-            }
+            check_placement(&placement, num_experts, &members)?;
+        }
+        let pending = s.pending.map(Placement::from);
+        if let Some(p) = &pending {
+            check_placement(p, num_experts, &members)?;
         }
         Ok(ClusterView {
             version: s.version,
             members,
-            placement: Placement {
-                epoch: placement.epoch,
-                experts,
-            },
+            placement,
             model_fingerprint: s.model_fingerprint,
-            num_experts: s.num_experts as usize,
+            num_experts,
             unservable,
+            pending,
         })
     }
+}
+
+impl From<&Placement> for pb::Placement {
+    fn from(p: &Placement) -> Self {
+        pb::Placement {
+            epoch: p.epoch,
+            experts: p
+                .experts
+                .iter()
+                .map(|w| pb::ExpertReplicas { workers: w.clone() })
+                .collect(),
+        }
+    }
+}
+
+impl From<pb::Placement> for Placement {
+    fn from(p: pb::Placement) -> Self {
+        Placement {
+            epoch: p.epoch,
+            experts: p.experts.into_iter().map(|r| r.workers).collect(),
+        }
+    }
+}
+
+/// Every expert has a copy, and every copy is on a known member.
+fn check_placement(
+    p: &Placement,
+    num_experts: usize,
+    members: &[Member],
+) -> Result<(), StateError> {
+    if p.experts.len() != num_experts {
+        return Err(StateError(format!(
+            "placement covers {} experts of {num_experts}",
+            p.experts.len()
+        )));
+    }
+    for (e, replicas) in p.experts.iter().enumerate() {
+        if replicas.is_empty() {
+            return Err(StateError(format!("expert {e} has no worker")));
+        }
+        if let Some(w) = replicas
+            .iter()
+            .find(|w| !members.iter().any(|m| m.id == **w))
+        {
+            return Err(StateError(format!(
+                "expert {e} is placed on unknown worker {w}"
+            )));
+        }
+    }
+    Ok(())
 }

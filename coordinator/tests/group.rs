@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use expertmesh_coordinator::{
-    Coordinator, CoordinatorClient, NodeConfig, Registration, Role, Settings, Timing,
+    Beat, Coordinator, CoordinatorClient, NodeConfig, Registration, Role, Settings, Timing,
 };
 
 struct Node {
@@ -45,7 +45,7 @@ async fn start(
         num_experts: 8,
         settings: Settings {
             lease_ms,
-            join_token: None,
+            ..Settings::default()
         },
     };
     let (coordinator, _) = Coordinator::start(config).unwrap();
@@ -179,34 +179,39 @@ async fn a_silent_worker_is_declared_dead_and_its_experts_move() {
     let peers = BTreeMap::from([(1, l.local_addr().unwrap().to_string())]);
     let node = start(1, l, &peers, &dir, false, 600).await;
     let client = CoordinatorClient::new(&node.address).unwrap();
+    // The first expert worker gets every expert at once, then falls silent.
+    let silent = client
+        .register(&registration(2), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        node.coordinator.view().placement.experts_of(silent).len(),
+        8
+    );
+    let epoch = node.coordinator.view().placement.epoch;
+    // The second heartbeats but never reports a prepared placement: the leader's plan to
+    // move experts to it stays pending.
     let beating = client
         .join(
             &registration(1),
             Duration::from_secs(10),
             Duration::from_millis(100),
-            || None,
+            Beat::default,
         )
         .await
         .unwrap();
-    let silent = client
-        .register(&registration(2), Duration::from_secs(10))
-        .await
-        .unwrap();
-    let epoch = node.coordinator.view().placement.epoch;
-    assert_eq!(
-        node.coordinator.view().placement.experts_of(silent).len(),
-        4
-    );
     eventually("the silent worker declared dead", || {
         let v = node.coordinator.view();
         v.member(silent).is_some_and(|m| !m.alive)
     })
     .await;
+    // Without a second copy, its experts are placed on the survivor at once.
     let v = node.coordinator.view();
     assert!(v.member(beating).unwrap().alive);
     assert_eq!(v.placement.epoch, epoch + 1);
     assert_eq!(v.placement.experts_of(beating).len(), 8);
     assert!(v.placement.experts_of(silent).is_empty());
+    assert!(v.pending.is_none());
     let _ = node.stop.send(());
     let _ = std::fs::remove_dir_all(&dir);
 }

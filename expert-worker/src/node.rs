@@ -2,11 +2,11 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use expertmesh_coordinator::{CoordinatorClient, Registration, Role};
+use expertmesh_coordinator::{Beat, ClusterView, CoordinatorClient, Registration, Role};
 use expertmesh_model::ModelSource;
 
 use crate::batcher::{Batcher, BatcherConfig};
@@ -116,6 +116,9 @@ pub async fn run(
     on_listening(bound);
 
     let client = CoordinatorClient::new(&config.coordinator)?;
+    // The pending placement epoch whose experts this worker has loaded, for heartbeats.
+    let prepared = Arc::new(AtomicU64::new(0));
+    let reported = prepared.clone();
     let worker_id = client
         .join(
             &Registration {
@@ -130,22 +133,18 @@ pub async fn run(
             },
             Duration::from_millis(config.register_patience_ms),
             Duration::from_millis(config.heartbeat_interval_ms),
-            || None,
+            move || Beat {
+                load: None,
+                prepared_epoch: reported.load(Ordering::Relaxed),
+            },
         )
         .await?;
-    let mut views = client.watch();
-    let assigned = shard.clone();
-    tokio::spawn(async move {
-        while views.changed().await.is_ok() {
-            let view = views.borrow_and_update().clone();
-            if let Some(view) = view.filter(|v| v.unservable.is_none()) {
-                assigned.assign(Assignment {
-                    epoch: view.placement.epoch,
-                    experts: view.placement.experts_of(worker_id).into_iter().collect(),
-                });
-            }
-        }
-    });
+    tokio::spawn(follow_placement(
+        client.watch(),
+        shard.clone(),
+        worker_id,
+        prepared,
+    ));
 
     let id = Arc::new(AtomicU64::new(worker_id));
     let server = ExpertServer::new(Batcher::spawn(shard, config.batcher), id);
@@ -154,4 +153,58 @@ pub async fn run(
         .serve_with_incoming_shutdown(expertmesh_proto::incoming(listener), shutdown)
         .await?;
     Ok(())
+}
+
+/// Follows the cluster state: takes each new placement's assignment, and loads the experts a
+/// pending placement gives this worker before reporting it prepared (the leader commits the
+/// placement once every worker that gains experts is prepared).
+async fn follow_placement(
+    mut views: tokio::sync::watch::Receiver<Option<Arc<ClusterView>>>,
+    shard: Arc<ExpertShard>,
+    worker_id: u64,
+    prepared: Arc<AtomicU64>,
+) {
+    let mut loading = 0;
+    while views.changed().await.is_ok() {
+        let Some(view) = views.borrow_and_update().clone() else {
+            continue;
+        };
+        if view.unservable.is_none() {
+            shard.assign(Assignment {
+                epoch: view.placement.epoch,
+                experts: view.placement.experts_of(worker_id).into_iter().collect(),
+            });
+        }
+        let Some(pending) = view.pending.clone() else {
+            continue;
+        };
+        if pending.epoch <= prepared.load(Ordering::Relaxed) || pending.epoch == loading {
+            continue;
+        }
+        loading = pending.epoch;
+        let held = shard.assignment().experts;
+        let gains: std::collections::BTreeSet<u32> = pending
+            .experts_of(worker_id)
+            .into_iter()
+            .filter(|e| !held.contains(e))
+            .collect();
+        let shard = shard.clone();
+        let prepared = prepared.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let count = gains.len();
+            let bytes = tokio::task::spawn_blocking(move || shard.load(&gains))
+                .await
+                .unwrap_or(0);
+            if count > 0 {
+                eprintln!(
+                    "expert worker {worker_id}: loaded {count} experts ({:.1} MB) for epoch {} in {:.0} ms",
+                    bytes as f64 / 1e6,
+                    pending.epoch,
+                    started.elapsed().as_secs_f64() * 1000.0
+                );
+            }
+            prepared.fetch_max(pending.epoch, Ordering::Relaxed);
+        });
+    }
 }

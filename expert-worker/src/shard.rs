@@ -7,6 +7,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+/// How long batches routed under the previous epoch are still answered.
+pub const EPOCH_GRACE: Duration = Duration::from_secs(10);
 
 use expertmesh_model::moe::{ExpertGroup, Experts};
 use expertmesh_model::{ModelError, TextConfig, WeightSource};
@@ -20,13 +24,20 @@ pub struct Assignment {
     pub experts: BTreeSet<u32>,
 }
 
+/// The current assignment and the one before it, answered for [`EPOCH_GRACE`].
+#[derive(Debug, Default)]
+struct Assignments {
+    current: Assignment,
+    previous: Option<(Assignment, Instant)>,
+}
+
 #[derive(Debug)]
 pub struct ExpertShard {
     hidden: usize,
     num_experts: usize,
     /// Decoder layer index → that MoE layer's fused expert tensors.
     layers: BTreeMap<u32, Experts>,
-    assignment: RwLock<Assignment>,
+    assignment: RwLock<Assignments>,
     batches_served: AtomicU64,
     rows_served: AtomicU64,
 }
@@ -42,7 +53,7 @@ impl ExpertShard {
             hidden: config.hidden_size,
             num_experts: config.num_local_experts,
             layers,
-            assignment: RwLock::new(Assignment::default()),
+            assignment: RwLock::new(Assignments::default()),
             batches_served: AtomicU64::new(0),
             rows_served: AtomicU64::new(0),
         })
@@ -53,12 +64,37 @@ impl ExpertShard {
     }
 
     pub fn assignment(&self) -> Assignment {
-        self.assignment.read().expect("assignment lock").clone()
+        self.assignment
+            .read()
+            .expect("assignment lock")
+            .current
+            .clone()
     }
 
-    /// Takes a new assignment. Expert slices are read lazily, on first use.
+    /// Takes a new assignment; the previous one is still answered for [`EPOCH_GRACE`] (batches
+    /// routed before an attention worker saw the new epoch). Expert slices not loaded
+    /// beforehand ([`ExpertShard::load`]) are read on first use.
     pub fn assign(&self, assignment: Assignment) {
-        *self.assignment.write().expect("assignment lock") = assignment;
+        let mut a = self.assignment.write().expect("assignment lock");
+        if a.current.epoch != assignment.epoch {
+            let previous = std::mem::replace(&mut a.current, assignment);
+            a.previous = Some((previous, Instant::now()));
+        } else {
+            a.current = assignment;
+        }
+    }
+
+    /// Loads `experts` in every MoE layer (see `Experts::load_expert`); returns the bytes.
+    pub fn load(&self, experts: &BTreeSet<u32>) -> usize {
+        let mut bytes = 0;
+        for layer in self.layers.values() {
+            for &e in experts {
+                if (e as usize) < self.num_experts {
+                    bytes += layer.load_expert(e as usize);
+                }
+            }
+        }
+        bytes
     }
 
     pub fn served(&self) -> (u64, u64) {
@@ -70,10 +106,16 @@ impl ExpertShard {
 
     /// Everything about a batch that can be checked without computing it.
     pub fn check(&self, b: &DispatchBatch) -> Result<(), DispatchError> {
-        let a = self.assignment.read().expect("assignment lock");
-        if b.epoch != a.epoch {
-            return Err(DispatchError::WrongEpoch { current: a.epoch });
-        }
+        let all = self.assignment.read().expect("assignment lock");
+        let a = match &all.previous {
+            _ if b.epoch == all.current.epoch => &all.current,
+            Some((p, since)) if p.epoch == b.epoch && since.elapsed() < EPOCH_GRACE => p,
+            _ => {
+                return Err(DispatchError::WrongEpoch {
+                    current: all.current.epoch,
+                })
+            }
+        };
         if !self.layers.contains_key(&b.layer) {
             return Err(DispatchError::BadRequest(format!(
                 "layer {} is not a MoE layer",

@@ -191,6 +191,23 @@ impl Experts {
         (self.gate_up.size_bytes() + self.down.size_bytes()) / self.count()
     }
 
+    /// Brings expert `e`'s weights into memory (every page of its slices of the mapped
+    /// checkpoint is read) and returns how many bytes that covers: what loading an expert
+    /// means on the CPU backend.
+    pub fn load_expert(&self, e: usize) -> usize {
+        let mut seen = 0u8;
+        let mut bytes = 0;
+        for t in [self.gate_up.outer(e), self.down.outer(e)] {
+            let b = t.bytes();
+            bytes += b.len();
+            for page in b.chunks(4096) {
+                seen ^= page[0];
+            }
+        }
+        std::hint::black_box(seen);
+        bytes
+    }
+
     /// Runs every group of a routed batch (`inputs` is `[Σ rows, hidden]`, group after
     /// group) and returns the outputs in the same row order. Each token's output depends
     /// on that token alone (see `Linear::forward_into`).
