@@ -228,11 +228,13 @@ impl Inner {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.timeout_ms);
         let mut min_epoch = 0;
         let mut epoch_retries = 0;
+        // What went wrong last, for the error if the deadline passes.
+        let mut trouble = String::new();
         for _ in 0..ATTEMPTS_MAX {
             let view = self
                 .servable_view(min_epoch, deadline)
                 .await
-                .map_err(unavailable)?;
+                .map_err(|why| unavailable(format!("{why}{trouble}")))?;
             match self.send(&batch, &view, deadline).await {
                 Ok(out) => return Ok(out),
                 Err(SendError::Worker(_, DispatchError::WrongEpoch { current })) => {
@@ -259,6 +261,9 @@ impl Inner {
                 }
                 Err(SendError::Worker(worker, DispatchError::Unavailable(reason))) => {
                     // Avoid it and go to the other copies now (or wait for a new placement).
+                    let address = view.member(worker).map_or("?", |m| m.address.as_str());
+                    trouble =
+                        format!(" (expert worker {worker} at {address} is unreachable: {reason})");
                     eprintln!("expert worker {worker} unreachable ({reason}); routing around it");
                     self.suspects
                         .lock()

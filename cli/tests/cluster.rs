@@ -123,15 +123,36 @@ fn an_expert_worker_without_experts_changes_nothing() {
     assert!(remote_logits == single_logits, "logits differ");
 }
 
-/// Killing an expert worker in the middle of a long generation ends the request with an
-/// error that names the worker, within the dispatch deadline.
+/// Waits until every expert worker holds experts and no placement is pending.
+fn wait_balanced(coordinator: &str, workers: usize) {
+    let give_up = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = expertmesh(&["admin", "status", "--json", "--coordinators", coordinator]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let holding = v["workers"].as_array().map_or(0, |ws| {
+            ws.iter()
+                .filter(|w| w["role"] == "expert-worker" && w["experts"].as_u64() > Some(0))
+                .count()
+        });
+        if holding == workers && v["pending_epoch"].is_null() {
+            return;
+        }
+        assert!(Instant::now() < give_up, "placement not balanced: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Killing an expert worker in the middle of a long generation, when the survivor cannot
+/// hold the whole model (its capacity is half the experts), ends the request with an error
+/// that names the worker, within the dispatch deadline.
 #[test]
 fn a_killed_expert_worker_is_a_clear_error_not_a_hang() {
     let model = fixture("tiny-maverick");
     let (coordinator, _data) = common::start_coordinator(&model);
     let c = coordinator.address.as_str();
     let mut victim = start_worker("expert-worker", c, &model, &[]);
-    let _other = start_worker("expert-worker", c, &model, &[]);
+    let _other = start_worker("expert-worker", c, &model, &["--capacity", "64"]);
+    wait_balanced(c, 2);
     let attention = start_worker(
         "attention-worker",
         c,
@@ -212,4 +233,72 @@ fn a_killed_expert_worker_is_a_clear_error_not_a_hang() {
         "took {:?}",
         killed_at.elapsed()
     );
+}
+
+/// Without a second copy, killing an expert worker mid-generation makes the dispatches wait
+/// until the coordinator re-places its experts on the survivor (after the worker's lease):
+/// the generation finishes, with the same tokens as without the kill.
+#[test]
+fn a_killed_expert_worker_without_copies_is_replaced_and_nothing_fails() {
+    let model = fixture("tiny-maverick");
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().display().to_string();
+    let coordinator = start(&[
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        &model,
+        "--data-dir",
+        &data_dir,
+        "--lease-ms",
+        "1000",
+    ]);
+    let c = coordinator.address.as_str();
+    let mut victim = start_worker("expert-worker", c, &model, &[]);
+    let _other = start_worker("expert-worker", c, &model, &[]);
+    wait_balanced(c, 2);
+    let attention = start_worker("attention-worker", c, &model, &[]);
+    let args = [
+        "generate",
+        "--model",
+        &model,
+        "--attention-worker",
+        &attention.address,
+        "--input-ids",
+        "697,318,676",
+        "--max-tokens",
+        "1500",
+        "--ignore-eos",
+    ];
+    let reference = expertmesh(&args);
+    assert!(
+        reference.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reference.stderr)
+    );
+    let mut client = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+        .args(args)
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Text streams out as it is generated: kill once the first byte is here.
+    let mut stdout = client.stdout.take().unwrap();
+    let mut text = vec![0u8; 1];
+    stdout.read_exact(&mut text).unwrap();
+    victim.child.kill().unwrap();
+    victim.child.wait().unwrap();
+    stdout.read_to_end(&mut text).unwrap();
+    let status = client.wait().unwrap();
+    let mut stderr = String::new();
+    client
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(text, reference.stdout);
 }

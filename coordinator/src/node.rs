@@ -131,7 +131,7 @@ impl LoadWindow {
     pub fn record(&mut self, worker: u64, load: &pb::WorkerLoad) {
         let n = load.routed_tokens.len();
         let e = load.num_experts as usize;
-        if e == 0 || n == 0 || n % e != 0 || n > LOAD_COUNTERS_MAX {
+        if e == 0 || n == 0 || !n.is_multiple_of(e) || n > LOAD_COUNTERS_MAX {
             return;
         }
         if self.window.len() != n || self.num_experts != e {
