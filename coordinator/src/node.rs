@@ -730,3 +730,43 @@ async fn peer_sender(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(counters: &[u64]) -> pb::WorkerLoad {
+        pb::WorkerLoad {
+            routed_tokens: counters.to_vec(),
+            num_experts: 2,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn load_window_sums_deltas_across_workers_and_restarts() {
+        let mut w = LoadWindow::default();
+        // Two MoE layers of two experts, layer-major.
+        w.record(1, &report(&[10, 0, 5, 5]));
+        w.record(2, &report(&[0, 4, 0, 0]));
+        w.record(1, &report(&[12, 0, 5, 9]));
+        // Worker 2 restarted: its counters start from zero again.
+        w.record(2, &report(&[1, 0, 0, 0]));
+        let (layers, m) = w.matrix();
+        assert_eq!(layers, 2);
+        let rounded: Vec<f64> = m.iter().map(|v| v.round()).collect();
+        assert_eq!(rounded, vec![13.0, 4.0, 5.0, 9.0]);
+        let per: Vec<f64> = w.per_expert(2).iter().map(|v| v.round()).collect();
+        assert_eq!(per, vec![18.0, 13.0]);
+        // A malformed report is ignored.
+        w.record(
+            3,
+            &pb::WorkerLoad {
+                routed_tokens: vec![1, 2, 3],
+                num_experts: 2,
+                ..Default::default()
+            },
+        );
+        assert_eq!(w.matrix().1.len(), 4);
+    }
+}
