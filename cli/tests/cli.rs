@@ -4,6 +4,7 @@
 mod common;
 
 use common::{expertmesh, fixture, ids_arg, json_out, reference_case};
+use serde_json::Value;
 
 #[test]
 fn generate_json_reproduces_the_greedy_reference() {
@@ -222,4 +223,61 @@ fn bench_decode_reports_json() {
     assert_eq!(decode[1]["batch"], 3);
     assert!(decode[0]["ratio_to_floor"].as_f64().unwrap() > 0.0);
     assert!(v["expert_swiglu_gflops"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn placement_sim_beats_round_robin_and_reads_a_measured_load() {
+    let out = expertmesh(&[
+        "placement-sim",
+        "--workers",
+        "8",
+        "--redundancy",
+        "16",
+        "--layers",
+        "4",
+        "--replans",
+        "2",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["workers"], 8);
+    assert_eq!(v["redundancy"], 16);
+    let balance = v["balance"].as_f64().unwrap();
+    assert!(balance >= 1.0 && balance < 1.05, "{v}");
+    assert!(v["baseline_balance"].as_f64().unwrap() > 1.5, "{v}");
+    assert!(v["bytes_moved"].as_f64().unwrap() < v["scratch_bytes_moved"].as_f64().unwrap());
+
+    let dir = tempfile::tempdir().unwrap();
+    let load = dir.path().join("load.json");
+    // Two layers of eight experts; expert 3 is hot in the first.
+    std::fs::write(&load, "[[1,1,1,40,1,1,1,1],[2,2,2,2,2,2,2,2]]").unwrap();
+    let out = expertmesh(&[
+        "placement-sim",
+        "--load",
+        load.to_str().unwrap(),
+        "--workers",
+        "4",
+        "--redundancy",
+        "4",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["balance"].as_f64().unwrap() < v["baseline_balance"].as_f64().unwrap(),
+        "{v}"
+    );
+    std::fs::write(&load, "[[1,2],[3]]").unwrap();
+    let out = expertmesh(&["placement-sim", "--load", load.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("same"));
 }
