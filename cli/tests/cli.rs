@@ -248,7 +248,7 @@ fn placement_sim_beats_round_robin_and_reads_a_measured_load() {
     assert_eq!(v["workers"], 8);
     assert_eq!(v["redundancy"], 16);
     let balance = v["balance"].as_f64().unwrap();
-    assert!(balance >= 1.0 && balance < 1.05, "{v}");
+    assert!((1.0..1.05).contains(&balance), "{v}");
     assert!(v["baseline_balance"].as_f64().unwrap() > 1.5, "{v}");
     assert!(v["bytes_moved"].as_f64().unwrap() < v["scratch_bytes_moved"].as_f64().unwrap());
 
