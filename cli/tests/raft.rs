@@ -132,6 +132,25 @@ fn killing_the_leader_loses_nothing_and_stops_nothing() {
     });
     let reference = post(&gateway, "/v1/completions", &request).unwrap();
     let expected = reference["choices"][0]["text"].clone();
+    // The single process, for the same prompt: the cluster must produce exactly this.
+    let ids = (1..40).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let single = bin()
+        .args([
+            "generate",
+            "--model",
+            &fixture("tiny-maverick"),
+            "--input-ids",
+            &ids,
+        ])
+        .args(["--max-tokens", "24", "--json"])
+        .output()
+        .unwrap();
+    assert!(single.status.success());
+    let single: Value = serde_json::from_slice(&single.stdout).unwrap();
+    assert_eq!(
+        expected, single["text"],
+        "the cluster differs from the single process"
+    );
 
     // Requests back to back on two connections while the leader dies.
     let run_until = Instant::now() + Duration::from_secs(8);

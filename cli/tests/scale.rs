@@ -145,6 +145,27 @@ fn grow_drain_and_lose_expert_workers_under_load() {
         "temperature": 0,
     });
     let expected = post(&http, &request).unwrap()["choices"][0]["text"].clone();
+    // The single process, for the same prompt: the cluster must produce exactly this.
+    let ids = (1..30).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let single = bin()
+        .args([
+            "generate",
+            "--model",
+            &model,
+            "--input-ids",
+            &ids,
+            "--max-tokens",
+            "16",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(single.status.success());
+    let single: Value = serde_json::from_slice(&single.stdout).unwrap();
+    assert_eq!(
+        expected, single["text"],
+        "the cluster differs from the single process"
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..2)
