@@ -294,7 +294,15 @@ impl LocalCluster {
             if let Ok(view) = client.state().await {
                 let complete = view.count(Role::ExpertWorker) == self.expert_workers.len()
                     && view.count(Role::AttentionWorker) == self.attention_workers.len();
-                if complete && view.unservable.is_none() {
+                // Settled: no placement pending, every expert worker given experts.
+                let settled = view.pending.is_none()
+                    && view
+                        .members
+                        .iter()
+                        .filter(|m| m.role == Role::ExpertWorker && m.alive)
+                        .filter(|m| m.capacity != Some(0))
+                        .all(|m| !view.placement.experts_of(m.id).is_empty());
+                if complete && settled && view.unservable.is_none() {
                     return Ok(view);
                 }
                 if complete && Instant::now() >= give_up {

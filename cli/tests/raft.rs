@@ -107,8 +107,16 @@ fn killing_the_leader_loses_nothing_and_stops_nothing() {
     let cluster: Value = serde_json::from_slice(&std::fs::read(&up_file).unwrap()).unwrap();
     let coordinators = cluster["coordinators"].as_str().unwrap().to_owned();
     let http: Vec<String> = serde_json::from_value(cluster["http"].clone()).unwrap();
-    let before = wait_status(&coordinators, "a leader and three workers", |v| {
-        v["leader"].is_u64() && v["workers"].as_array().unwrap().len() == 3
+    // Settled: a leader, three workers, both expert workers holding experts, nothing pending.
+    let before = wait_status(&coordinators, "a settled cluster", |v| {
+        let workers = v["workers"].as_array().unwrap();
+        v["leader"].is_u64()
+            && workers.len() == 3
+            && v["pending_epoch"].is_null()
+            && workers
+                .iter()
+                .filter(|w| w["role"] == "expert-worker")
+                .all(|w| w["experts"].as_u64() > Some(0))
     });
     let leader = before["leader"].as_u64().unwrap();
     let coordinator_list: Vec<Value> = before["coordinators"].as_array().unwrap().clone();
