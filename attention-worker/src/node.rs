@@ -38,6 +38,8 @@ pub struct AttentionWorkerConfig {
     pub register_patience_ms: u64,
     /// The token the coordinators require, if they require one.
     pub join_token: Option<String>,
+    /// Where to compute (`cpu`, `cuda:N`).
+    pub device: expertmesh_model::Device,
 }
 
 impl Default for AttentionWorkerConfig {
@@ -52,6 +54,7 @@ impl Default for AttentionWorkerConfig {
             heartbeat_interval_ms: 1000,
             register_patience_ms: 30_000,
             join_token: None,
+            device: expertmesh_model::Device::Cpu,
         }
     }
 }
@@ -99,6 +102,7 @@ pub async fn run(
     on_listening: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), NodeError> {
+    config.device.check()?;
     let source: ModelSource = config.model.parse()?;
     let (model, experts, client) = connect(&source, &config.coordinator, config.dispatch).await?;
     let dispatch_stats = experts.stats().clone();

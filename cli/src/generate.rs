@@ -27,6 +27,9 @@ pub struct GenerateArgs {
     /// Model directory (Hugging Face layout).
     #[arg(long, default_value = "tests/fixtures/tiny-maverick")]
     model: PathBuf,
+    /// Where to compute: cpu, or cuda[:N] (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: expertmesh_model::Device,
     /// Prompt text.
     #[arg(
         long,
@@ -75,6 +78,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
+    args.device.check()?;
     let config = TextConfig::from_dir(&args.model)
         .with_context(|| format!("loading the model in {}", args.model.display()))?;
     let tokenizer = TextTokenizer::from_dir(&args.model)?;

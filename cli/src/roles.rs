@@ -65,6 +65,9 @@ pub struct CoordinatorArgs {
 pub struct ExpertWorkerArgs {
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Where to compute: cpu, or cuda[:N] (a build with `--features cuda`).
+    #[arg(long)]
+    device: Option<expertmesh_model::Device>,
     /// Coordinator addresses, comma-separated.
     #[arg(long, alias = "coordinators", alias = "join")]
     coordinator: Option<String>,
@@ -87,6 +90,9 @@ pub struct ExpertWorkerArgs {
 pub struct AttentionWorkerArgs {
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Where to compute: cpu, or cuda[:N] (a build with `--features cuda`).
+    #[arg(long)]
+    device: Option<expertmesh_model::Device>,
     /// Coordinator addresses, comma-separated.
     #[arg(long, alias = "coordinators")]
     coordinator: Option<String>,
@@ -253,6 +259,9 @@ pub fn expert_worker(args: ExpertWorkerArgs) -> Result<()> {
     if args.join_token.is_some() {
         config.join_token = args.join_token;
     }
+    if let Some(v) = args.device {
+        config.device = v;
+    }
     if let Some(v) = args.listen {
         config.listen = v;
     }
@@ -279,6 +288,9 @@ pub fn attention_worker(args: AttentionWorkerArgs) -> Result<()> {
     }
     if args.join_token.is_some() {
         config.join_token = args.join_token;
+    }
+    if let Some(v) = args.device {
+        config.device = v;
     }
     if let Some(v) = args.listen {
         config.listen = v;

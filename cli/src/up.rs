@@ -40,6 +40,9 @@ pub struct UpArgs {
     /// A worker silent this long (ms) is declared dead and its experts re-placed.
     #[arg(long, default_value_t = 5000)]
     lease_ms: u64,
+    /// Where the workers compute: cpu, or cuda[:N] (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: expertmesh_model::Device,
 }
 
 pub fn run(args: UpArgs) -> Result<()> {
@@ -49,6 +52,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     if ![1, 3, 5].contains(&args.coordinators) {
         anyhow::bail!("--coordinators must be 1, 3 or 5 (a raft group of an odd size)");
     }
+    args.device.check()?;
     let runtime = tokio::runtime::Runtime::new()?;
     let mut cluster = LocalCluster::start(&ClusterSpec {
         model: args.model.clone(),

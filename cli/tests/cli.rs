@@ -281,3 +281,35 @@ fn placement_sim_beats_round_robin_and_reads_a_measured_load() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("same"));
 }
+
+#[test]
+fn device_flag_is_checked_before_any_work() {
+    let model = fixture("tiny-maverick").display().to_string();
+    let out = expertmesh(&[
+        "generate", "--model", &model, "--prompt", "hi", "--device", "cuda:0",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("built without CUDA"), "{err}");
+    let out = expertmesh(&[
+        "generate", "--model", &model, "--prompt", "hi", "--device", "gpu",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a device"));
+    let out = expertmesh(&[
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "hi",
+        "--device",
+        "cpu",
+        "--max-tokens",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

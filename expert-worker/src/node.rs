@@ -33,6 +33,8 @@ pub struct ExpertWorkerConfig {
     pub register_patience_ms: u64,
     /// The token the coordinators require, if they require one.
     pub join_token: Option<String>,
+    /// Where to compute (`cpu`, `cuda:N`).
+    pub device: expertmesh_model::Device,
 }
 
 impl Default for ExpertWorkerConfig {
@@ -47,6 +49,7 @@ impl Default for ExpertWorkerConfig {
             heartbeat_interval_ms: 1000,
             register_patience_ms: 30_000,
             join_token: None,
+            device: expertmesh_model::Device::Cpu,
         }
     }
 }
@@ -108,6 +111,7 @@ pub async fn run(
     on_listening: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), NodeError> {
+    config.device.check()?;
     let source: ModelSource = config.model.parse()?;
     let model_config = source.config()?;
     let weights = source.weights()?;

@@ -54,6 +54,8 @@ pub enum ModelError {
     KvCacheFull { needed: usize, available: usize },
     #[error("this model was loaded without its routed experts; run it with an expert runner")]
     NoLocalExperts,
+    #[error("device: {0}")]
+    Device(String),
     #[error("invalid sampling parameter `{field}`: {reason}")]
     Sampling { field: &'static str, reason: String },
 }

@@ -18,6 +18,9 @@
 pub mod attention;
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
 pub mod error;
 pub mod generate;
 pub mod kernels;
@@ -34,6 +37,7 @@ pub mod tokenizer;
 
 pub use checkpoint::{DType, InMemoryWeights, SafetensorsCheckpoint, Tensor, WeightSource};
 pub use config::TextConfig;
+pub use device::Device;
 pub use error::{ModelError, Result};
 pub use generate::{generate, generate_with, FinishReason, GenerateOutput, GenerateRequest};
 pub use kv_cache::KvCache;

@@ -1,0 +1,247 @@
+// expertmesh CUDA kernels, compiled at run time by NVRTC (no headers needed).
+//
+// Conventions: activations are f32, weights are bf16 stored as `unsigned short` (the top 16
+// bits of an f32), matrices are row-major. Each kernel mirrors one CPU function of the model
+// crate (named beside it); the GPU tests compare them on the same inputs.
+
+typedef unsigned short bf16_t;
+
+__device__ __forceinline__ float bf16_to_f32(bf16_t b) {
+    return __uint_as_float(((unsigned int)b) << 16);
+}
+
+// Round to nearest even, as `half::bf16::from_f32` does for finite values.
+__device__ __forceinline__ bf16_t f32_to_bf16(float f) {
+    unsigned int bits = __float_as_uint(f);
+    if ((bits & 0x7f800000u) == 0x7f800000u) {
+        return (bf16_t)((bits >> 16) | ((bits & 0xffffu) ? 0x40u : 0u));
+    }
+    unsigned int rounding = ((bits >> 16) & 1u) + 0x7fffu;
+    return (bf16_t)((bits + rounding) >> 16);
+}
+
+// Sum of `v` over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+__device__ float block_sum(float v) {
+    __shared__ float partial[32];
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, offset);
+    }
+    int lane = threadIdx.x & 31;
+    int warp = threadIdx.x >> 5;
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    int warps = (blockDim.x + 31) >> 5;
+    float total = 0.0f;
+    for (int w = 0; w < warps; ++w) total += partial[w];
+    __syncthreads();
+    return total;
+}
+
+// norm.rs `rms_norm`: y = x · rsqrt(mean(x²) + eps) · w. One block per row.
+extern "C" __global__ void rms_norm(const float* x, const bf16_t* w, float* y, int rows, int dim,
+                                    float eps) {
+    int row = blockIdx.x;
+    if (row >= rows) return;
+    const float* xr = x + (long long)row * dim;
+    float* yr = y + (long long)row * dim;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
+    float inv = rsqrtf(block_sum(ss) / (float)dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float weight = w ? bf16_to_f32(w[i]) : 1.0f;
+        yr[i] = xr[i] * inv * weight;
+    }
+}
+
+// attention.rs qk-norm: the weightless RMS norm of every head vector, in place. One block per
+// head vector.
+extern "C" __global__ void head_rms_norm(float* x, int vectors, int dim, float eps) {
+    int v = blockIdx.x;
+    if (v >= vectors) return;
+    float* xv = x + (long long)v * dim;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += xv[i] * xv[i];
+    float inv = rsqrtf(block_sum(ss) / (float)dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) xv[i] *= inv;
+}
+
+// rope.rs `Rope::rotate`: adjacent pairs (x[2j], x[2j+1]) rotated by pos·θ_j, angles in f32.
+// x is [tokens, heads, head_dim]; one thread per (token, head, pair).
+extern "C" __global__ void rope_interleaved(float* x, const int* positions, const float* inv_freq,
+                                            int tokens, int heads, int head_dim) {
+    long long pairs = (long long)tokens * heads * (head_dim / 2);
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= pairs) return;
+    int half = head_dim / 2;
+    int j = (int)(i % half);
+    long long th = i / half;
+    int token = (int)(th / heads);
+    float angle = (float)positions[token] * inv_freq[j];
+    float s, c;
+    sincosf(angle, &s, &c);
+    float* p = x + th * head_dim + 2 * j;
+    float a = p[0], b = p[1];
+    p[0] = a * c - b * s;
+    p[1] = a * s + b * c;
+}
+
+// attention.rs temperature tuning (NoPE layers): q[t] *= 1 + attn_scale·ln(1 + floor((p+1)/floor_scale)).
+extern "C" __global__ void temperature_scale(float* q, const int* positions, int tokens, int width,
+                                             float attn_scale, float floor_scale) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)tokens * width) return;
+    int token = (int)(i / width);
+    float p = (float)positions[token];
+    q[i] *= 1.0f + attn_scale * logf(1.0f + floorf((p + 1.0f) / floor_scale));
+}
+
+// norm.rs `silu` and the experts' SwiGLU: out[r, i] = silu(gu[r, i]) · gu[r, I + i]
+// (gate is the first I columns, up the second I).
+extern "C" __global__ void swiglu(const float* gate_up, float* out, int rows, int inter) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)rows * inter) return;
+    long long r = i / inter;
+    int c = (int)(i % inter);
+    float g = gate_up[r * 2 * inter + c];
+    float u = gate_up[r * 2 * inter + inter + c];
+    out[i] = g / (1.0f + expf(-g)) * u;
+}
+
+// moe.rs `route`: top-1 expert (lowest index on ties) and the sigmoid of its raw logit.
+// One thread per token.
+extern "C" __global__ void router_top1_sigmoid(const float* logits, int tokens, int experts,
+                                               int* expert, float* score) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= tokens) return;
+    const float* l = logits + (long long)t * experts;
+    int best = 0;
+    for (int e = 1; e < experts; ++e) {
+        if (l[e] > l[best]) best = e;
+    }
+    expert[t] = best;
+    score[t] = 1.0f / (1.0f + expf(-l[best]));
+}
+
+// moe.rs: the router score scales the expert's INPUT: x[r] *= score[r].
+extern "C" __global__ void scale_rows(float* x, const float* score, int rows, int dim) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)rows * dim) return;
+    x[i] *= score[i / dim];
+}
+
+// Widening and narrowing copies between f32 activations and bf16 GEMM operands.
+extern "C" __global__ void f32_to_bf16_copy(const float* x, bf16_t* y, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = f32_to_bf16(x[i]);
+}
+
+extern "C" __global__ void bf16_to_f32_copy(const bf16_t* x, float* y, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = bf16_to_f32(x[i]);
+}
+
+// Deterministic pseudo-random bf16 values in [-scale, scale), for benchmarks.
+extern "C" __global__ void fill_random_bf16(bf16_t* x, long long n, unsigned long long seed,
+                                            float scale) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned long long z = seed + (unsigned long long)i * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    float u = (float)(z >> 40) / (float)(1ull << 24);
+    x[i] = f32_to_bf16((2.0f * u - 1.0f) * scale);
+}
+
+// attention.rs, prefill: causal attention of `tokens` new queries over `kv_len` keys
+// (past + new, positions start_pos - past .. start_pos + tokens - 1), with GQA (query head h
+// uses KV head h / (q_heads / kv_heads)) and, for chunked layers (chunk > 0), only keys in the
+// query's aligned chunk. q is [tokens, q_heads, d]; k, v are [kv_len, kv_heads, d]; out is
+// [tokens, q_heads, d]. One block of d threads (d ≤ 1024, a multiple of 32) per (token, head);
+// online softmax in f32.
+extern "C" __global__ void attention_prefill(const float* q, const float* k, const float* v,
+                                             float* out, int tokens, int kv_len, int q_heads,
+                                             int kv_heads, int d, int start_pos, int chunk,
+                                             float scale) {
+    int t = blockIdx.x;
+    int h = blockIdx.y;
+    int i = threadIdx.x;
+    if (t >= tokens || h >= q_heads) return;
+    int group = q_heads / kv_heads;
+    int kvh = h / group;
+    int past = kv_len - tokens;
+    int pos = start_pos + t;
+    int first_pos = start_pos - past;
+    int lo = first_pos;
+    if (chunk > 0) {
+        int c = (pos / chunk) * chunk;
+        if (c > lo) lo = c;
+    }
+    float qi = (i < d) ? q[((long long)t * q_heads + h) * d + i] : 0.0f;
+    float m = __int_as_float(0xff800000), l = 0.0f, acc = 0.0f;
+    for (int p = lo; p <= pos; ++p) {
+        long long row = (long long)(p - first_pos) * kv_heads + kvh;
+        float kd = (i < d) ? k[row * d + i] : 0.0f;
+        float s = block_sum(qi * kd) * scale;
+        float m2 = fmaxf(m, s);
+        float corr = expf(m - m2);
+        float w = expf(s - m2);
+        l = l * corr + w;
+        float vd = (i < d) ? v[row * d + i] : 0.0f;
+        acc = acc * corr + w * vd;
+        m = m2;
+    }
+    if (i < d) out[((long long)t * q_heads + h) * d + i] = acc / l;
+}
+
+// kv_cache.rs + attention.rs, decode: one new query per sequence over its paged cache.
+// k_cache, v_cache are [blocks, block_tokens, kv_heads, d]; block_table is [seqs, max_blocks];
+// cache slot j of sequence s holds position first_pos[s] + j; the query sits at position
+// first_pos[s] + cached[s] - 1 (its own key already written). q, out are [seqs, q_heads, d].
+// One block of d threads per (sequence, head).
+extern "C" __global__ void attention_decode_paged(const float* q, const float* k_cache,
+                                                  const float* v_cache, const int* block_table,
+                                                  const int* first_pos, const int* cached,
+                                                  float* out, int seqs, int q_heads,
+                                                  int kv_heads, int d, int block_tokens,
+                                                  int max_blocks, int chunk, float scale) {
+    int s = blockIdx.x;
+    int h = blockIdx.y;
+    int i = threadIdx.x;
+    if (s >= seqs || h >= q_heads) return;
+    int kvh = h / (q_heads / kv_heads);
+    int n = cached[s];
+    int pos = first_pos[s] + n - 1;
+    int lo = 0;
+    if (chunk > 0) {
+        int c = (pos / chunk) * chunk - first_pos[s];
+        if (c > lo) lo = c;
+    }
+    float qi = (i < d) ? q[((long long)s * q_heads + h) * d + i] : 0.0f;
+    float m = __int_as_float(0xff800000), l = 0.0f, acc = 0.0f;
+    for (int j = lo; j < n; ++j) {
+        int block = block_table[(long long)s * max_blocks + j / block_tokens];
+        long long row = ((long long)block * block_tokens + j % block_tokens) * kv_heads + kvh;
+        float kd = (i < d) ? k_cache[row * d + i] : 0.0f;
+        float sc = block_sum(qi * kd) * scale;
+        float m2 = fmaxf(m, sc);
+        float corr = expf(m - m2);
+        float w = expf(sc - m2);
+        l = l * corr + w;
+        float vd = (i < d) ? v_cache[row * d + i] : 0.0f;
+        acc = acc * corr + w * vd;
+        m = m2;
+    }
+    if (i < d) out[((long long)s * q_heads + h) * d + i] = acc / l;
+}
+
+// kv_cache.rs: writes new keys or values ([tokens, kv_heads, d]) into cache slots
+// (slot[t] = block * block_tokens + offset).
+extern "C" __global__ void kv_cache_write(const float* src, float* cache, const int* slot,
+                                          int tokens, int width) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)tokens * width) return;
+    int t = (int)(i / width);
+    int c = (int)(i % width);
+    cache[(long long)slot[t] * width + c] = src[i];
+}

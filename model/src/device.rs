@@ -1,0 +1,106 @@
+//! Where a role computes: `cpu` (the reference backend, always built) or `cuda[:N]` (the
+//! cargo feature `cuda`).
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::ModelError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// A CUDA device by ordinal.
+    Cuda(usize),
+}
+
+impl FromStr for Device {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self, ModelError> {
+        match s.trim() {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| {
+                    ModelError::Device(format!("{other:?} is not a device (cpu, cuda or cuda:N)"))
+                }),
+        }
+    }
+}
+
+impl TryFrom<String> for Device {
+    type Error = ModelError;
+    fn try_from(s: String) -> Result<Self, ModelError> {
+        s.parse()
+    }
+}
+
+impl From<Device> for String {
+    fn from(d: Device) -> String {
+        d.to_string()
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl Device {
+    /// Checks that this build can compute on the device, with a clear error when it cannot:
+    /// a build without the `cuda` feature, a machine without the CUDA driver or without that
+    /// device. The CUDA forward pass itself is not part of this build yet, so a present GPU
+    /// is reported as such.
+    pub fn check(self) -> Result<(), ModelError> {
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(ModelError::Device(
+                "this expertmesh was built without CUDA; rebuild with \
+                 `cargo build --release --features cuda`"
+                    .into(),
+            )),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => {
+                let info = crate::cuda::probe(n).map_err(|e| ModelError::Device(e.to_string()))?;
+                Err(ModelError::Device(format!(
+                    "found cuda:{n} ({}, {:.0} GiB), but the CUDA forward pass is not implemented \
+                     in this build yet; use --device cpu",
+                    info.name,
+                    info.total_memory as f64 / (1u64 << 30) as f64
+                )))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints() {
+        for (text, device) in [
+            ("cpu", Device::Cpu),
+            ("cuda", Device::Cuda(0)),
+            ("cuda:3", Device::Cuda(3)),
+        ] {
+            assert_eq!(text.parse::<Device>().unwrap(), device);
+        }
+        assert_eq!(Device::Cuda(2).to_string(), "cuda:2");
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", ""] {
+            assert!(bad.parse::<Device>().is_err(), "{bad}");
+        }
+        assert!(Device::Cpu.check().is_ok());
+        assert!(Device::Cuda(0).check().is_err());
+    }
+}
