@@ -31,6 +31,78 @@ pub enum BenchCommand {
     Dispatch(crate::bench_dispatch::DispatchArgs),
     /// Streams through the OpenAI API of a local cluster at several concurrency levels.
     Serve(crate::bench_serve::ServeArgs),
+    /// One MoE layer's expert shard at Maverick size on a GPU: grouped cuBLAS GEMMs against
+    /// a dense GEMM of the same FLOPs and a device-to-device copy (a `--features cuda` build).
+    GpuExperts(GpuExpertsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GpuExpertsArgs {
+    #[arg(long, default_value = "cuda:0")]
+    device: expertmesh_model::Device,
+    /// Routed tokens per batch, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "16,128,1024,8192")]
+    tokens: Vec<usize>,
+    /// Timed runs per measurement (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+fn gpu_experts(args: GpuExpertsArgs) -> Result<()> {
+    let expertmesh_model::Device::Cuda(ordinal) = args.device else {
+        anyhow::bail!("bench gpu-experts needs --device cuda[:N]");
+    };
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (ordinal, args.tokens, args.runs, args.json);
+        anyhow::bail!(
+            "this expertmesh was built without CUDA; rebuild with `cargo build --release --features cuda`"
+        );
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use expertmesh_model::cuda::bench::{expert_shard, Shape};
+        if args.tokens.is_empty() || args.runs == 0 {
+            anyhow::bail!("--tokens and --runs must not be empty or zero");
+        }
+        let report = expert_shard(ordinal, Shape::MAVERICK_SHARD, &args.tokens, args.runs)?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+            return Ok(());
+        }
+        println!(
+            "{}: 16 experts × (5120 × 16384 + 8192 × 5120) bf16, one cuBLAS GEMM pair per expert; \
+             device-to-device copy reads {:.0} GB/s",
+            report.device, report.copy_read_gbps
+        );
+        println!(
+            "{:>7} {:>11} {:>9} {:>11} {:>9} {:>7} {:>14} {:>10}",
+            "tokens",
+            "grouped ms",
+            "TFLOP/s",
+            "dense ms",
+            "TFLOP/s",
+            "ratio",
+            "weights GB/s",
+            "of copy"
+        );
+        for r in &report.rows {
+            println!(
+                "{:>7} {:>11.3} {:>9.1} {:>11.3} {:>9.1} {:>7.2} {:>14.0} {:>9.0}%",
+                r.tokens,
+                r.grouped_ms,
+                r.grouped_tflops,
+                r.dense_ms,
+                r.dense_tflops,
+                r.grouped_tflops / r.dense_tflops,
+                r.weight_read_gbps,
+                100.0 * r.weight_read_gbps / report.copy_read_gbps
+            );
+        }
+        Ok(())
+    }
 }
 
 #[derive(Args, Debug)]
@@ -102,6 +174,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Decode(args) => decode(args),
         BenchCommand::Dispatch(args) => crate::bench_dispatch::run(args),
+        BenchCommand::GpuExperts(a) => gpu_experts(a),
         BenchCommand::Serve(args) => crate::bench_serve::run(args),
     }
 }

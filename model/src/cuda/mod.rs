@@ -8,6 +8,8 @@
 //! CPU machines NVRTC), and loads it by path; cudarc's later load by name then finds it
 //! already loaded.
 
+pub mod bench;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -108,8 +110,8 @@ pub fn library_dirs() -> Vec<PathBuf> {
             }
         }
     }
-    dirs.retain(|d| d.is_dir());
-    dirs.dedup();
+    let mut seen = std::collections::HashSet::new();
+    dirs.retain(|d| d.is_dir() && seen.insert(d.clone()));
     dirs
 }
 

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU check: finds the CUDA libraries (system driver, CUDA toolkit, and Python packages'
+# site-packages/nvidia/*/lib), runs the CUDA test executables and the expert-shard benchmark.
+# Runs prebuilt binaries from target/gpu/ (made by scripts/gpu-build.sh); needs no Rust.
+# Usage: scripts/gpu-check.sh [BIN_DIR]   (under 8 minutes on an H100)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bin=${1:-target/gpu}
+dirs=()
+for d in /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/local/nvidia/lib64 /usr/local/cuda/lib64; do
+  [ -d "$d" ] && dirs+=("$d")
+done
+for py in python3 python; do
+  command -v "$py" >/dev/null || continue
+  site=$("$py" -c 'import site; print("\n".join(site.getsitepackages()))' 2>/dev/null) || continue
+  while read -r s; do
+    for d in "$s"/nvidia/*/lib; do [ -d "$d" ] && dirs+=("$d"); done
+  done <<< "$site"
+  break
+done
+libs=$(IFS=:; echo "${dirs[*]}")
+export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export EXPERTMESH_CUDA_LIB_DIRS="$libs"
+echo "== CUDA library directories: $libs"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+status=0
+echo "== CUDA tests"
+for t in "$bin"/test-*; do
+  [ -x "$t" ] || continue
+  echo "-- $t"
+  EXPERTMESH_REQUIRE_NVRTC=1 timeout 180 "$t" --test-threads 1 --nocapture || status=1
+done
+echo "== device probe"
+timeout 60 "$bin/expertmesh" generate --device cuda:0 --model tests/fixtures/tiny-maverick --prompt hi --max-tokens 1 2>&1 | tail -1
+echo "== expert shard benchmark (16 experts, 5120 x 8192, bf16)"
+timeout 240 "$bin/expertmesh" bench gpu-experts --device cuda:0 --runs 10 || status=1
+exit $status
