@@ -128,7 +128,7 @@ impl Attention {
                 let lo = self.first_visible(s.start_pos);
                 let end = s.start_pos + s.len;
                 let (keys, values) = s.cache.gather(s.pool.block_tokens(), lo, end);
-                self.attend(q, &keys, &values, lo, s.start_pos, out);
+                attend(self.geometry(), q, &keys, &values, lo, s.start_pos, out);
                 if self.use_rope {
                     s.cache.drop_before(s.pool, end - end % self.chunk);
                 }
@@ -161,71 +161,97 @@ impl Attention {
 
     /// First key position a query at `pos` may see.
     fn first_visible(&self, pos: usize) -> usize {
-        if self.use_rope {
-            pos - pos % self.chunk
-        } else {
-            0
-        }
+        self.geometry().first_visible(pos)
     }
 
-    /// Attention of one sequence's new queries `q` (`[len, heads·d]`, positions from
-    /// `start_pos`) over `keys`/`values` (`[n, kv_heads·d]`, positions from `base`), which
-    /// hold every key the queries can see, their own included.
-    fn attend(
-        &self,
-        q: &[f32],
-        keys: &[f32],
-        values: &[f32],
-        base: usize,
-        start_pos: usize,
-        out: &mut [f32],
-    ) {
-        let d = self.head_dim;
-        let (qw, kw) = (self.heads * d, self.kv_heads * d);
-        let len = q.len() / qw;
-        let group = self.heads / self.kv_heads;
-        let scale = 1.0 / (d as f32).sqrt();
-        let per_head: Vec<Vec<f32>> = (0..self.heads)
-            .into_par_iter()
-            .map(|h| {
-                let kv_off = (h / group) * d;
-                let mut o = vec![0.0f32; len * d];
-                for b0 in (0..len).step_by(QUERY_BLOCK) {
-                    let b1 = (b0 + QUERY_BLOCK).min(len);
-                    let nb = b1 - b0;
-                    let lo_key = self.first_visible(start_pos + b0);
-                    let k0 = lo_key - base;
-                    let k1 = start_pos + b1 - base;
-                    let lk = k1 - k0;
-                    let mut s = vec![0.0f32; nb * lk];
-                    gemm_f32(
-                        Dims { m: nb, n: lk, k: d },
-                        Mat::new(&mut s, lk, 1),
-                        MatRef::new(&q[b0 * qw + h * d..], qw, 1),
-                        MatRef::new(&keys[k0 * kw + kv_off..], 1, kw),
-                        false,
-                    );
-                    for (i, row) in s.chunks_exact_mut(lk).enumerate() {
-                        let pos = start_pos + b0 + i;
-                        let lo = self.first_visible(pos) - lo_key;
-                        let hi = pos - lo_key;
-                        masked_softmax(row, lo, hi, scale);
-                    }
-                    gemm_f32(
-                        Dims { m: nb, n: d, k: lk },
-                        Mat::new(&mut o[b0 * d..b1 * d], d, 1),
-                        MatRef::new(&s, lk, 1),
-                        MatRef::new(&values[k0 * kw + kv_off..], kw, 1),
-                        false,
-                    );
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            chunk: self.use_rope.then_some(self.chunk),
+        }
+    }
+}
+
+/// One layer's attention shape: query and KV heads (GQA), head size, and for chunked (RoPE)
+/// layers the chunk a query's keys must share with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub chunk: Option<usize>,
+}
+
+impl Geometry {
+    /// The first position a query at `pos` sees.
+    pub fn first_visible(&self, pos: usize) -> usize {
+        match self.chunk {
+            Some(c) => pos - pos % c,
+            None => 0,
+        }
+    }
+}
+
+/// Attention of one sequence's new queries `q` (`[len, heads·d]`, positions from
+/// `start_pos`) over `keys`/`values` (`[n, kv_heads·d]`, positions from `base`), which hold
+/// every key the queries can see, their own included: causal, chunked where `g` says, GQA.
+/// The CPU reference of the CUDA attention kernels.
+pub fn attend(
+    g: Geometry,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    base: usize,
+    start_pos: usize,
+    out: &mut [f32],
+) {
+    let d = g.head_dim;
+    let (qw, kw) = (g.heads * d, g.kv_heads * d);
+    let len = q.len() / qw;
+    let group = g.heads / g.kv_heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let per_head: Vec<Vec<f32>> = (0..g.heads)
+        .into_par_iter()
+        .map(|h| {
+            let kv_off = (h / group) * d;
+            let mut o = vec![0.0f32; len * d];
+            for b0 in (0..len).step_by(QUERY_BLOCK) {
+                let b1 = (b0 + QUERY_BLOCK).min(len);
+                let nb = b1 - b0;
+                let lo_key = g.first_visible(start_pos + b0);
+                let k0 = lo_key - base;
+                let k1 = start_pos + b1 - base;
+                let lk = k1 - k0;
+                let mut s = vec![0.0f32; nb * lk];
+                gemm_f32(
+                    Dims { m: nb, n: lk, k: d },
+                    Mat::new(&mut s, lk, 1),
+                    MatRef::new(&q[b0 * qw + h * d..], qw, 1),
+                    MatRef::new(&keys[k0 * kw + kv_off..], 1, kw),
+                    false,
+                );
+                for (i, row) in s.chunks_exact_mut(lk).enumerate() {
+                    let pos = start_pos + b0 + i;
+                    let lo = g.first_visible(pos) - lo_key;
+                    let hi = pos - lo_key;
+                    masked_softmax(row, lo, hi, scale);
                 }
-                o
-            })
-            .collect();
-        for (h, o) in per_head.iter().enumerate() {
-            for (i, src) in o.chunks_exact(d).enumerate() {
-                out[i * qw + h * d..i * qw + (h + 1) * d].copy_from_slice(src);
+                gemm_f32(
+                    Dims { m: nb, n: d, k: lk },
+                    Mat::new(&mut o[b0 * d..b1 * d], d, 1),
+                    MatRef::new(&s, lk, 1),
+                    MatRef::new(&values[k0 * kw + kv_off..], kw, 1),
+                    false,
+                );
             }
+            o
+        })
+        .collect();
+    for (h, o) in per_head.iter().enumerate() {
+        for (i, src) in o.chunks_exact(d).enumerate() {
+            out[i * qw + h * d..i * qw + (h + 1) * d].copy_from_slice(src);
         }
     }
 }

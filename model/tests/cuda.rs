@@ -171,3 +171,214 @@ fn rms_norm_swiglu_and_router_match_the_cpu() {
         assert!((scores[t] - sigmoid(row[best])).abs() <= 1e-6, "token {t}");
     }
 }
+
+#[test]
+fn rope_qk_norm_and_attention_match_the_cpu() {
+    use expertmesh_model::attention::{attend, Geometry};
+    use expertmesh_model::norm::rms_norm_in_place;
+    use expertmesh_model::rope::Rope;
+    let Some((ctx, module)) = gpu() else { return };
+    let stream = ctx.default_stream();
+    let (heads, kv_heads, d) = (8usize, 2usize, 128usize);
+
+    // RoPE on [tokens, heads, d] at positions 5.., then the weightless head norm.
+    let tokens = 6usize;
+    let positions: Vec<i32> = (5..5 + tokens as i32).collect();
+    let rope = Rope::with(d, 500000.0, &expertmesh_model::config::RopeScaling::None);
+    let x = random(tokens * heads * d, 5);
+    let mut want = x.clone();
+    for (t, row) in want.chunks_exact_mut(heads * d).enumerate() {
+        for head in row.chunks_exact_mut(d) {
+            rope.rotate(head, positions[t] as usize);
+        }
+    }
+    let mut dx = stream.clone_htod(&x).unwrap();
+    let dp = stream.clone_htod(&positions).unwrap();
+    let df = stream.clone_htod(rope.inv_freq()).unwrap();
+    let f = module.load_function("rope_interleaved").unwrap();
+    let (t_i, h_i, d_i) = (tokens as i32, heads as i32, d as i32);
+    #[allow(unsafe_code)]
+    // SAFETY: the arguments match the kernel's signature and the buffers' sizes.
+    unsafe {
+        stream
+            .launch_builder(&f)
+            .arg(&mut dx)
+            .arg(&dp)
+            .arg(&df)
+            .arg(&t_i)
+            .arg(&h_i)
+            .arg(&d_i)
+            .launch(LaunchConfig::for_num_elems((tokens * heads * d / 2) as u32))
+            .unwrap();
+    }
+    assert_close("rope", &stream.clone_dtoh(&dx).unwrap(), &want, 2e-5);
+    let vectors = (tokens * heads) as i32;
+    let eps = 1e-5f32;
+    rms_norm_in_place(&mut want, d, None, eps);
+    let f = module.load_function("head_rms_norm").unwrap();
+    #[allow(unsafe_code)]
+    // SAFETY: as above.
+    unsafe {
+        stream
+            .launch_builder(&f)
+            .arg(&mut dx)
+            .arg(&vectors)
+            .arg(&d_i)
+            .arg(&eps)
+            .launch(LaunchConfig {
+                grid_dim: (vectors as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            })
+            .unwrap();
+    }
+    assert_close(
+        "head_rms_norm",
+        &stream.clone_dtoh(&dx).unwrap(),
+        &want,
+        2e-5,
+    );
+
+    // Prefill: 12 new queries after 9 cached keys, global and chunked (chunk 8).
+    let (past, new) = (9usize, 12usize);
+    let start_pos = 20usize;
+    let kv_len = past + new;
+    let q = random(new * heads * d, 6);
+    let k = random(kv_len * kv_heads * d, 7);
+    let v = random(kv_len * kv_heads * d, 8);
+    let scale = 1.0 / (d as f32).sqrt();
+    for chunk in [None, Some(8usize)] {
+        let g = Geometry {
+            heads,
+            kv_heads,
+            head_dim: d,
+            chunk,
+        };
+        let base = start_pos - past;
+        let mut want = vec![0.0f32; new * heads * d];
+        // The CPU reference wants keys from the first visible position on.
+        let lo = g.first_visible(start_pos).max(base);
+        let kw = kv_heads * d;
+        attend(
+            g,
+            &q,
+            &k[(lo - base) * kw..],
+            &v[(lo - base) * kw..],
+            lo,
+            start_pos,
+            &mut want,
+        );
+        let dq = stream.clone_htod(&q).unwrap();
+        let dk = stream.clone_htod(&k).unwrap();
+        let dv = stream.clone_htod(&v).unwrap();
+        let mut dout = stream.alloc_zeros::<f32>(new * heads * d).unwrap();
+        let f = module.load_function("attention_prefill").unwrap();
+        let args = [
+            new,
+            kv_len,
+            heads,
+            kv_heads,
+            d,
+            start_pos,
+            chunk.unwrap_or(0),
+        ]
+        .map(|v| v as i32);
+        #[allow(unsafe_code)]
+        // SAFETY: as above.
+        unsafe {
+            stream
+                .launch_builder(&f)
+                .arg(&dq)
+                .arg(&dk)
+                .arg(&dv)
+                .arg(&mut dout)
+                .arg(&args[0])
+                .arg(&args[1])
+                .arg(&args[2])
+                .arg(&args[3])
+                .arg(&args[4])
+                .arg(&args[5])
+                .arg(&args[6])
+                .arg(&scale)
+                .launch(LaunchConfig {
+                    grid_dim: (new as u32, heads as u32, 1),
+                    block_dim: (d as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+                .unwrap();
+        }
+        let got = stream.clone_dtoh(&dout).unwrap();
+        assert_close(
+            &format!("attention_prefill chunk {chunk:?}"),
+            &got,
+            &want,
+            1e-4,
+        );
+
+        // Decode: the last query alone over the same keys in a paged cache of 4-token
+        // blocks laid out in reverse order.
+        let block_tokens = 4usize;
+        let blocks = kv_len.div_ceil(block_tokens);
+        let table: Vec<i32> = (0..blocks as i32).rev().collect();
+        let mut kc = vec![0.0f32; blocks * block_tokens * kw];
+        let mut vc = kc.clone();
+        for j in 0..kv_len {
+            let slot = table[j / block_tokens] as usize * block_tokens + j % block_tokens;
+            kc[slot * kw..(slot + 1) * kw].copy_from_slice(&k[j * kw..(j + 1) * kw]);
+            vc[slot * kw..(slot + 1) * kw].copy_from_slice(&v[j * kw..(j + 1) * kw]);
+        }
+        let last_q = &q[(new - 1) * heads * d..];
+        let dq = stream.clone_htod(last_q).unwrap();
+        let dkc = stream.clone_htod(&kc).unwrap();
+        let dvc = stream.clone_htod(&vc).unwrap();
+        let dtable = stream.clone_htod(&table).unwrap();
+        let first = stream.clone_htod(&[base as i32]).unwrap();
+        let cached = stream.clone_htod(&[kv_len as i32]).unwrap();
+        let mut dout = stream.alloc_zeros::<f32>(heads * d).unwrap();
+        let f = module.load_function("attention_decode_paged").unwrap();
+        let args = [
+            1,
+            heads,
+            kv_heads,
+            d,
+            block_tokens,
+            blocks,
+            chunk.unwrap_or(0),
+        ]
+        .map(|v| v as i32);
+        #[allow(unsafe_code)]
+        // SAFETY: as above.
+        unsafe {
+            stream
+                .launch_builder(&f)
+                .arg(&dq)
+                .arg(&dkc)
+                .arg(&dvc)
+                .arg(&dtable)
+                .arg(&first)
+                .arg(&cached)
+                .arg(&mut dout)
+                .arg(&args[0])
+                .arg(&args[1])
+                .arg(&args[2])
+                .arg(&args[3])
+                .arg(&args[4])
+                .arg(&args[5])
+                .arg(&args[6])
+                .arg(&scale)
+                .launch(LaunchConfig {
+                    grid_dim: (1, heads as u32, 1),
+                    block_dim: (d as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+                .unwrap();
+        }
+        let got = stream.clone_dtoh(&dout).unwrap();
+        assert_close(
+            &format!("attention_decode_paged chunk {chunk:?}"),
+            &got,
+            &want[(new - 1) * heads * d..],
+            1e-4,
+        );
+    }
+}
