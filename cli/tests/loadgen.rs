@@ -17,14 +17,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-struct Up(std::process::Child);
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::Kill as Up;
 
 fn assert_png(path: &std::path::Path) {
     let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

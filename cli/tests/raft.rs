@@ -5,106 +5,33 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::{bin, kill9, post, start_up, wait_status};
 use serde_json::{json, Value};
 
 fn fixture(name: &str) -> String {
     common::fixture(name).display().to_string()
 }
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_expertmesh"));
-    c.current_dir(common::root());
-    c
-}
-
-fn admin_status(coordinators: &str) -> Value {
-    let out = bin()
-        .args(["admin", "status", "--json", "--coordinators", coordinators])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "admin status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// Polls `admin status` until `done` holds.
-fn wait_status(coordinators: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let give_up = Instant::now() + Duration::from_secs(60);
-    loop {
-        let v = admin_status(coordinators);
-        if done(&v) {
-            return v;
-        }
-        assert!(Instant::now() < give_up, "{what}: last status {v}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// POSTs a JSON body and returns the parsed JSON reply (or why there is none).
-fn post(http: &str, path: &str, body: &Value) -> Result<Value, String> {
-    let mut s = TcpStream::connect(http).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let body = body.to_string();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {http}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .map_err(|e| e.to_string())?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).map_err(|e| e.to_string())?;
-    let (head, body) = reply.split_once("\r\n\r\n").ok_or("no HTTP reply")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!("{head}\n{body}"));
-    }
-    serde_json::from_str(body).map_err(|e| format!("{e}: {body}"))
-}
-
-fn kill9(pid: u64) {
-    let status = Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-struct Up(Child);
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn killing_the_leader_loses_nothing_and_stops_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let up_file = dir.path().join("up.json");
-    let mut up = Up(bin()
-        .args(["up", "--coordinators", "3", "--http", "127.0.0.1:0"])
-        .args(["--model", &fixture("tiny-maverick")])
-        .env("EXPERTMESH_UP_FILE", &up_file)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap());
-    let mut lines = BufReader::new(up.0.stdout.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        if line.unwrap().starts_with("Ctrl-C") {
-            break;
-        }
-    }
-    let cluster: Value = serde_json::from_slice(&std::fs::read(&up_file).unwrap()).unwrap();
+    let model = fixture("tiny-maverick");
+    let (_up, cluster) = start_up(
+        &[
+            "--coordinators",
+            "3",
+            "--http",
+            "127.0.0.1:0",
+            "--model",
+            &model,
+        ],
+        &dir.path().join("up.json"),
+    );
     let coordinators = cluster["coordinators"].as_str().unwrap().to_owned();
     let http: Vec<String> = serde_json::from_value(cluster["http"].clone()).unwrap();
     // Settled: a leader, three workers, both expert workers holding experts, nothing pending.

@@ -1,56 +1,17 @@
 //! Live placement changes under a steady stream of requests on tiny-maverick, every expert
 //! kept on two workers: two expert workers join a running cluster and get experts without a
 //! restart, one is drained and stopped, another is killed with `kill -9` — and no request
-//! fails, every output equals the first one (the cluster's outputs are those of the single
-//! process, see `cluster.rs`), and the placement recovers two copies of every expert.
+//! fails, every output equals the single process's, and the placement recovers two copies of every expert.
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{admin_status, bin, kill9, post, start_up, wait_status, Kill};
 use serde_json::{json, Value};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_expertmesh"));
-    c.current_dir(common::root());
-    c
-}
-
-fn admin(args: &[&str], coordinators: &str) -> std::process::Output {
-    bin()
-        .arg("admin")
-        .args(args)
-        .args(["--coordinators", coordinators])
-        .output()
-        .unwrap()
-}
-
-fn status(coordinators: &str) -> Value {
-    let out = admin(&["status", "--json"], coordinators);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn wait_status(coordinators: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let give_up = Instant::now() + Duration::from_secs(90);
-    loop {
-        let v = status(coordinators);
-        if done(&v) {
-            return v;
-        }
-        assert!(Instant::now() < give_up, "{what}: last status {v}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn experts_of(v: &Value, id: u64) -> u64 {
     v["workers"]
@@ -71,63 +32,24 @@ fn expert_workers(v: &Value, status: &str) -> Vec<Value> {
         .collect()
 }
 
-fn post(http: &str, body: &Value) -> Result<Value, String> {
-    let mut s = TcpStream::connect(http).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let body = body.to_string();
-    write!(
-        s,
-        "POST /v1/completions HTTP/1.1\r\nHost: {http}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .map_err(|e| e.to_string())?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).map_err(|e| e.to_string())?;
-    let (head, body) = reply.split_once("\r\n\r\n").ok_or("no HTTP reply")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!("{head}\n{body}"));
-    }
-    serde_json::from_str(body).map_err(|e| format!("{e}: {body}"))
-}
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn grow_drain_and_lose_expert_workers_under_load() {
     let dir = tempfile::tempdir().unwrap();
     let up_file = dir.path().join("up.json");
     let model = common::fixture("tiny-maverick").display().to_string();
-    let mut up = Kill(
-        bin()
-            .args([
-                "up",
-                "--http",
-                "127.0.0.1:0",
-                "--replicas",
-                "2",
-                "--lease-ms",
-                "2000",
-            ])
-            .args(["--model", &model])
-            .env("EXPERTMESH_UP_FILE", &up_file)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let (_up, cluster) = start_up(
+        &[
+            "--http",
+            "127.0.0.1:0",
+            "--replicas",
+            "2",
+            "--lease-ms",
+            "2000",
+            "--model",
+            &model,
+        ],
+        &up_file,
     );
-    for line in BufReader::new(up.0.stdout.take().unwrap()).lines() {
-        if line.unwrap().starts_with("Ctrl-C") {
-            break;
-        }
-    }
-    let cluster: Value = serde_json::from_slice(&std::fs::read(&up_file).unwrap()).unwrap();
     let coordinators = cluster["coordinators"].as_str().unwrap().to_owned();
     let http = cluster["http"][0].as_str().unwrap().to_owned();
     let token = cluster["join_token"].as_str().unwrap().to_owned();
@@ -144,7 +66,7 @@ fn grow_drain_and_lose_expert_workers_under_load() {
         "max_tokens": 16,
         "temperature": 0,
     });
-    let expected = post(&http, &request).unwrap()["choices"][0]["text"].clone();
+    let expected = post(&http, "/v1/completions", &request).unwrap()["choices"][0]["text"].clone();
     // The single process, for the same prompt: the cluster must produce exactly this.
     let ids = (1..30).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
     let single = bin()
@@ -174,7 +96,7 @@ fn grow_drain_and_lose_expert_workers_under_load() {
             std::thread::spawn(move || {
                 let mut results = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    results.push(post(&http, &request));
+                    results.push(post(&http, "/v1/completions", &request));
                 }
                 results
             })
@@ -218,13 +140,19 @@ fn grow_drain_and_lose_expert_workers_under_load() {
         .collect();
 
     // Drain the first, then stop it.
-    let drained = admin(&["drain", &ids[0].to_string()], &coordinators);
+    let drained = common::expertmesh(&[
+        "admin",
+        "drain",
+        &ids[0].to_string(),
+        "--coordinators",
+        &coordinators,
+    ]);
     assert!(
         drained.status.success(),
         "{}",
         String::from_utf8_lossy(&drained.stderr)
     );
-    let after_drain = status(&coordinators);
+    let after_drain = admin_status(&coordinators);
     assert_eq!(experts_of(&after_drain, ids[0]), 0);
     let pid = |v: &Value, id: u64| {
         v["workers"]
@@ -236,13 +164,6 @@ fn grow_drain_and_lose_expert_workers_under_load() {
             .as_u64()
             .unwrap()
     };
-    let kill9 = |pid: u64| {
-        assert!(Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success());
-    };
     kill9(pid(&after_drain, ids[0]));
 
     // kill -9 a worker that holds experts: their other copies answer at once.
@@ -250,7 +171,7 @@ fn grow_drain_and_lose_expert_workers_under_load() {
     assert!(experts_of(&after_drain, victim) > 0);
     let killed = Instant::now();
     kill9(pid(&after_drain, victim));
-    let first = post(&http, &request).expect("the first request after kill -9");
+    let first = post(&http, "/v1/completions", &request).expect("the first request after kill -9");
     eprintln!(
         "first request served without the killed worker {:.0} ms after kill -9",
         killed.elapsed().as_secs_f64() * 1000.0

@@ -113,3 +113,100 @@ pub fn start_coordinator(model: &str) -> (Role, tempfile::TempDir) {
     ]);
     (role, dir)
 }
+
+/// `expertmesh` from the repository root, to be configured further.
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_expertmesh"));
+    c.current_dir(root());
+    c
+}
+
+/// `admin status --json` against `coordinators`.
+pub fn admin_status(coordinators: &str) -> Value {
+    let out = expertmesh(&["admin", "status", "--json", "--coordinators", coordinators]);
+    assert!(
+        out.status.success(),
+        "admin status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Polls `admin status` until `done` holds (90 s at most).
+pub fn wait_status(coordinators: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let v = admin_status(coordinators);
+        if done(&v) {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < give_up,
+            "{what}: last status {v}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// POSTs a JSON body over HTTP/1.1 and returns the parsed JSON reply (or why there is none).
+pub fn post(http: &str, path: &str, body: &Value) -> Result<Value, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(http).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let body = body.to_string();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {http}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).map_err(|e| e.to_string())?;
+    let (head, body) = reply.split_once("\r\n\r\n").ok_or("no HTTP reply")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("{head}\n{body}"));
+    }
+    serde_json::from_str(body).map_err(|e| format!("{e}: {body}"))
+}
+
+/// A child process killed when dropped.
+pub struct Kill(pub Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `expertmesh up <args>` with its up file at `up_file`, waits until it is ready and
+/// returns it with the file's contents.
+pub fn start_up(args: &[&str], up_file: &Path) -> (Kill, Value) {
+    let mut up = Kill(
+        bin()
+            .arg("up")
+            .args(args)
+            .env("EXPERTMESH_UP_FILE", up_file)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for line in BufReader::new(up.0.stdout.take().unwrap()).lines() {
+        if line.unwrap().starts_with("Ctrl-C") {
+            break;
+        }
+    }
+    let cluster = serde_json::from_slice(&std::fs::read(up_file).unwrap()).unwrap();
+    (up, cluster)
+}
+
+/// `kill -9 pid`.
+pub fn kill9(pid: u64) {
+    let status = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
