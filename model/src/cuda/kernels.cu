@@ -37,6 +37,29 @@ __device__ float block_sum(float v) {
     return total;
 }
 
+// One key of an online softmax: running max m, running sum l, and this thread's share of the
+// weighted value sum.
+struct Online {
+    float m, l, acc;
+};
+
+__device__ __forceinline__ Online online_start() {
+    Online o;
+    o.m = __int_as_float(0xff800000);
+    o.l = 0.0f;
+    o.acc = 0.0f;
+    return o;
+}
+
+__device__ __forceinline__ void online_add(Online& o, float score, float value) {
+    float m2 = fmaxf(o.m, score);
+    float corr = expf(o.m - m2);
+    float w = expf(score - m2);
+    o.l = o.l * corr + w;
+    o.acc = o.acc * corr + w * value;
+    o.m = m2;
+}
+
 // norm.rs `rms_norm`: y = x · rsqrt(mean(x²) + eps) · w. One block per row.
 extern "C" __global__ void rms_norm(const float* x, const bf16_t* w, float* y, int rows, int dim,
                                     float eps) {
@@ -178,20 +201,14 @@ extern "C" __global__ void attention_prefill(const float* q, const float* k, con
         if (c > lo) lo = c;
     }
     float qi = (i < d) ? q[((long long)t * q_heads + h) * d + i] : 0.0f;
-    float m = __int_as_float(0xff800000), l = 0.0f, acc = 0.0f;
+    Online o = online_start();
     for (int p = lo; p <= pos; ++p) {
         long long row = (long long)(p - first_pos) * kv_heads + kvh;
         float kd = (i < d) ? k[row * d + i] : 0.0f;
-        float s = block_sum(qi * kd) * scale;
-        float m2 = fmaxf(m, s);
-        float corr = expf(m - m2);
-        float w = expf(s - m2);
-        l = l * corr + w;
         float vd = (i < d) ? v[row * d + i] : 0.0f;
-        acc = acc * corr + w * vd;
-        m = m2;
+        online_add(o, block_sum(qi * kd) * scale, vd);
     }
-    if (i < d) out[((long long)t * q_heads + h) * d + i] = acc / l;
+    if (i < d) out[((long long)t * q_heads + h) * d + i] = o.acc / o.l;
 }
 
 // kv_cache.rs + attention.rs, decode: one new query per sequence over its paged cache.
@@ -218,21 +235,15 @@ extern "C" __global__ void attention_decode_paged(const float* q, const float* k
         if (c > lo) lo = c;
     }
     float qi = (i < d) ? q[((long long)s * q_heads + h) * d + i] : 0.0f;
-    float m = __int_as_float(0xff800000), l = 0.0f, acc = 0.0f;
+    Online o = online_start();
     for (int j = lo; j < n; ++j) {
         int block = block_table[(long long)s * max_blocks + j / block_tokens];
         long long row = ((long long)block * block_tokens + j % block_tokens) * kv_heads + kvh;
         float kd = (i < d) ? k_cache[row * d + i] : 0.0f;
-        float sc = block_sum(qi * kd) * scale;
-        float m2 = fmaxf(m, sc);
-        float corr = expf(m - m2);
-        float w = expf(sc - m2);
-        l = l * corr + w;
         float vd = (i < d) ? v_cache[row * d + i] : 0.0f;
-        acc = acc * corr + w * vd;
-        m = m2;
+        online_add(o, block_sum(qi * kd) * scale, vd);
     }
-    if (i < d) out[((long long)s * q_heads + h) * d + i] = acc / l;
+    if (i < d) out[((long long)s * q_heads + h) * d + i] = o.acc / o.l;
 }
 
 // kv_cache.rs: writes new keys or values ([tokens, kv_heads, d]) into cache slots
