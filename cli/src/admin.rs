@@ -351,9 +351,14 @@ async fn experts(client: &CoordinatorClient, as_json: bool, top: usize) -> Resul
         .map(ClusterView::try_from)
         .transpose()?
         .context("the coordinator sent no state")?;
-    let e = view.num_experts.max(1);
     let layers = status.moe_layers as usize;
     let load = &status.expert_load;
+    // Experts per layer as the load was reported (a malformed report shows no load).
+    let e = match layers {
+        0 => view.num_experts.max(1),
+        l => (load.len() / l).max(1),
+    };
+    let layers = if layers * e == load.len() { layers } else { 0 };
     let copies: Vec<usize> = view.placement.experts.iter().map(Vec::len).collect();
     if as_json {
         let rows: Vec<Value> = (0..layers)
