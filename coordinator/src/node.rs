@@ -114,6 +114,10 @@ const LOAD_HALF_LIFE: Duration = Duration::from_secs(30);
 const PLACEMENT_CHECK: Duration = Duration::from_millis(500);
 /// Automatic re-plans (for imbalance) at most this often.
 const AUTO_REPLAN_EVERY: Duration = Duration::from_secs(30);
+/// How long a prepared placement waits for its workers to load their experts, in leases.
+const PREPARE_LEASES: u32 = 12;
+/// How long a worker that did not load in time is left out of plans.
+const EXCLUDE_FOR: Duration = Duration::from_secs(300);
 /// Routed-token counters longer than this are ignored (a hostile or broken report).
 const LOAD_COUNTERS_MAX: usize = 1 << 20;
 
@@ -262,6 +266,8 @@ pub(crate) fn start(
         last_plan: None,
         rebalance: false,
         proposed: None,
+        pending_since: None,
+        excluded: HashMap::new(),
         config,
     };
     let handle = tokio::spawn(driver.run(rx));
@@ -289,6 +295,10 @@ struct Driver {
     rebalance: bool,
     /// The placement command proposed and not yet applied: (what, epoch, when).
     proposed: Option<(&'static str, u64, Instant)>,
+    /// Since when the pending placement (by epoch) has waited for workers to load.
+    pending_since: Option<(u64, Instant)>,
+    /// Workers left out of plans until the instant given (they did not load in time).
+    excluded: HashMap<u64, Instant>,
     config: NodeConfig,
 }
 
@@ -551,8 +561,8 @@ impl Driver {
                     p.experts_of(m.id).iter().any(|e| !before.contains(e))
                 })
                 .all(|m| prepared.get(&m.id).is_some_and(|&e| e >= p.epoch));
-            drop(prepared);
             if ready {
+                drop(prepared);
                 let epoch = p.epoch;
                 let context = self.context();
                 if self
@@ -562,13 +572,49 @@ impl Driver {
                 {
                     self.proposed = Some(("commit", epoch, now));
                 }
+                return;
             }
-            return;
+            let since = match self.pending_since {
+                Some((epoch, t)) if epoch == p.epoch => t,
+                _ => {
+                    self.pending_since = Some((p.epoch, now));
+                    now
+                }
+            };
+            let timeout = Duration::from_millis(machine.settings.lease_ms) * PREPARE_LEASES;
+            if now.duration_since(since) < timeout {
+                return;
+            }
+            // Workers that keep heartbeating without loading their experts: plan without
+            // them for a while (the new plan replaces the pending one).
+            for m in machine.members.iter().filter(|m| m.alive) {
+                let gains = p
+                    .experts_of(m.id)
+                    .iter()
+                    .any(|e| !machine.placement.experts_of(m.id).contains(e));
+                if gains && !prepared.get(&m.id).is_some_and(|&e| e >= p.epoch) {
+                    eprintln!(
+                        "coordinator {}: worker {} did not load its experts for epoch {} in {:.1} s; planning without it",
+                        self.config.id,
+                        m.id,
+                        p.epoch,
+                        timeout.as_secs_f64()
+                    );
+                    self.excluded.insert(m.id, now + EXCLUDE_FOR);
+                }
+            }
+            drop(prepared);
+            self.pending_since = None;
+            self.rebalance = true;
         }
         if machine.unservable.is_some() || !machine.initialized {
             return;
         }
-        let workers = machine.plannable_workers();
+        self.excluded.retain(|_, until| *until > now);
+        let mut workers = machine.plannable_workers();
+        if workers.iter().any(|w| !self.excluded.contains_key(&w.id)) {
+            workers.retain(|w| !self.excluded.contains_key(&w.id));
+        }
         let holds = |id: u64| !machine.placement.experts_of(id).is_empty();
         let min_copies = machine.settings.min_replicas.min(workers.len()).max(1);
         let load = self
@@ -637,7 +683,9 @@ impl Driver {
                 return;
             }
         };
-        if plan.added.is_empty() && plan.removed.is_empty() {
+        // Nothing to move: done, unless a pending placement must be replaced (by the current
+        // one, which commits at once).
+        if plan.added.is_empty() && plan.removed.is_empty() && machine.pending.is_none() {
             return;
         }
         let epoch = machine.placement.epoch + 1;

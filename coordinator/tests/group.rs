@@ -215,3 +215,56 @@ async fn a_silent_worker_is_declared_dead_and_its_experts_move() {
     let _ = node.stop.send(());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_never_loads_its_experts_is_planned_around() {
+    let dir = scratch("stuck");
+    let mut ls = listeners(1).await;
+    let l = ls.pop().unwrap();
+    let peers = BTreeMap::from([(1, l.local_addr().unwrap().to_string())]);
+    // Lease 300 ms: a prepared placement waits 12 leases (3.6 s) for its workers.
+    let node = start(1, l, &peers, &dir, false, 300).await;
+    let client = CoordinatorClient::new(&node.address).unwrap();
+    let first = client
+        .join(
+            &registration(1),
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || Beat {
+                load: None,
+                prepared_epoch: u64::MAX,
+            },
+        )
+        .await
+        .unwrap();
+    // Heartbeats, but never reports a prepared placement.
+    let stuck = client
+        .join(
+            &registration(2),
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            Beat::default,
+        )
+        .await
+        .unwrap();
+    eventually("a placement prepared for the new worker", || {
+        node.coordinator.view().pending.is_some()
+    })
+    .await;
+    let started = Instant::now();
+    eventually("the stuck placement replaced and committed", || {
+        let v = node.coordinator.view();
+        v.pending.is_none() && v.placement.epoch >= 2
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "gave up too early"
+    );
+    let v = node.coordinator.view();
+    assert_eq!(v.placement.experts_of(first).len(), 8);
+    assert!(v.placement.experts_of(stuck).is_empty());
+    assert!(v.member(stuck).unwrap().alive);
+    let _ = node.stop.send(());
+    let _ = std::fs::remove_dir_all(&dir);
+}
