@@ -592,7 +592,7 @@ impl Driver {
                     .experts_of(m.id)
                     .iter()
                     .any(|e| !machine.placement.experts_of(m.id).contains(e));
-                if gains && !prepared.get(&m.id).is_some_and(|&e| e >= p.epoch) {
+                if gains && prepared.get(&m.id).is_none_or(|&e| e < p.epoch) {
                     eprintln!(
                         "coordinator {}: worker {} did not load its experts for epoch {} in {:.1} s; planning without it",
                         self.config.id,
