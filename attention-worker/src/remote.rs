@@ -84,6 +84,8 @@ struct Inner {
     suspects: Mutex<HashMap<u64, std::time::Instant>>,
     /// Rows in flight per worker, for spreading an expert's rows over its copies.
     in_flight: Arc<Mutex<HashMap<u64, u64>>>,
+    /// The placement this engine step routes under (see `ExpertRunner::begin_step`).
+    step_view: Mutex<Option<Arc<ClusterView>>>,
 }
 
 /// How long a worker that failed to answer is avoided.
@@ -120,6 +122,7 @@ impl RemoteExperts {
                 stats: Arc::new(DispatchStats::new(moe_layers, num_experts)),
                 suspects: Mutex::new(HashMap::new()),
                 in_flight: Arc::new(Mutex::new(HashMap::new())),
+                step_view: Mutex::new(None),
             }),
         }
     }
@@ -137,6 +140,18 @@ impl RemoteExperts {
 }
 
 impl ExpertRunner for RemoteExperts {
+    /// Pins the newest servable placement for the step's MoE layers: attention workers switch
+    /// epochs at step boundaries (a retry after a failure may still move to a newer one).
+    fn begin_step(&self) {
+        let view = self
+            .inner
+            .views
+            .borrow()
+            .clone()
+            .filter(|v| v.unservable.is_none());
+        *self.inner.step_view.lock().expect("step view lock") = view;
+    }
+
     fn start(&self, batch: RoutedBatch) -> Result<PendingExperts> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let inner = self.inner.clone();
@@ -231,10 +246,19 @@ impl Inner {
         // What went wrong last, for the error if the deadline passes.
         let mut trouble = String::new();
         for _ in 0..ATTEMPTS_MAX {
-            let view = self
-                .servable_view(min_epoch, deadline)
-                .await
-                .map_err(|why| unavailable(format!("{why}{trouble}")))?;
+            let pinned = self
+                .step_view
+                .lock()
+                .expect("step view lock")
+                .clone()
+                .filter(|v| v.placement.epoch >= min_epoch);
+            let view = match pinned {
+                Some(v) => v,
+                None => self
+                    .servable_view(min_epoch, deadline)
+                    .await
+                    .map_err(|why| unavailable(format!("{why}{trouble}")))?,
+            };
             match self.send(&batch, &view, deadline).await {
                 Ok(out) => return Ok(out),
                 Err(SendError::Worker(_, DispatchError::WrongEpoch { current })) => {

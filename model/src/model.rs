@@ -232,6 +232,7 @@ impl Model {
             }
             self.check_tokens(s.cache, s.tokens, 0)?;
         }
+        runner.begin_step();
         // Every block the step takes must be there before anything changes.
         let mut needed: Vec<(*const BlockPool, usize, usize)> = Vec::new();
         for s in batch.iter() {

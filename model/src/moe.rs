@@ -140,6 +140,10 @@ impl PendingExperts {
 pub trait ExpertRunner: Sync {
     /// Starts computing a routed batch; the caller overlaps the shared expert with it.
     fn start(&self, batch: RoutedBatch) -> Result<PendingExperts>;
+
+    /// A forward pass (one engine step) begins: a runner whose placement can change picks
+    /// the one it uses for the whole step here.
+    fn begin_step(&self) {}
 }
 
 /// Groups routed tokens by expert: the groups, and for each batch row the token it holds.
