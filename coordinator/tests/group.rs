@@ -268,3 +268,87 @@ async fn a_worker_that_never_loads_its_experts_is_planned_around() {
     let _ = node.stop.send(());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_messages_get_typed_errors_and_change_nothing() {
+    use expertmesh_proto::v1 as pb;
+    use expertmesh_proto::v1::coordinator_service_client::CoordinatorServiceClient;
+    let dir = scratch("hostile");
+    let mut ls = listeners(1).await;
+    let l = ls.pop().unwrap();
+    let peers = BTreeMap::from([(1, l.local_addr().unwrap().to_string())]);
+    let node = start(1, l, &peers, &dir, false, 60_000).await;
+    eventually("an initialized cluster", || {
+        node.coordinator.view().unservable.as_deref() == Some("no expert worker has registered")
+    })
+    .await;
+    let before = node.coordinator.view();
+    let mut raw = CoordinatorServiceClient::connect(format!("http://{}", node.address))
+        .await
+        .unwrap();
+    let garbage = raw
+        .raft(pb::RaftMessages {
+            from: 2,
+            messages: vec![vec![0xff; 64]],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(garbage.code(), tonic::Code::InvalidArgument, "{garbage}");
+    let too_many = raw
+        .raft(pb::RaftMessages {
+            from: 2,
+            messages: vec![Vec::new(); 5000],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(too_many.code(), tonic::Code::InvalidArgument);
+    let long_address = raw
+        .register(pb::RegisterRequest {
+            role: pb::Role::ExpertWorker as i32,
+            address: "x".repeat(10_000),
+            model_fingerprint: "fp".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(long_address.code(), tonic::Code::InvalidArgument);
+    let bad_role = raw
+        .register(pb::RegisterRequest {
+            role: 99,
+            address: "127.0.0.1:1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_role.code(), tonic::Code::InvalidArgument);
+    let wrong_model = raw
+        .register(pb::RegisterRequest {
+            role: pb::Role::ExpertWorker as i32,
+            address: "127.0.0.1:1".into(),
+            model_fingerprint: "another model".into(),
+            request_id: 7,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(wrong_model.code(), tonic::Code::FailedPrecondition);
+    let unknown = raw
+        .drain(pb::DrainRequest { worker_id: 42 })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    let no_id = raw
+        .change_coordinators(pb::ChangeCoordinatorsRequest {
+            id: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(no_id.code(), tonic::Code::InvalidArgument);
+    let after = node.coordinator.view();
+    assert_eq!(after.members, before.members);
+    assert_eq!(after.placement, before.placement);
+    assert_eq!(node.coordinator.status().role.name(), "leader");
+    let _ = node.stop.send(());
+    let _ = std::fs::remove_dir_all(&dir);
+}
