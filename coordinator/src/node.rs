@@ -321,7 +321,7 @@ impl Driver {
                     self.control();
                 }
                 input = rx.recv() => {
-                    let Some(input) = input else { return ReplicaError::Image("stopped".into()) };
+                    let Some(input) = input else { return ReplicaError::Stopped };
                     self.handle(input);
                     // Take whatever else is queued before the next Ready round.
                     for _ in 0..256 {

@@ -64,6 +64,8 @@ pub enum ReplicaError {
     Raft(#[from] raft::Error),
     #[error("the snapshot's state image does not decode: {0}")]
     Image(String),
+    #[error("the coordinator is shutting down")]
+    Stopped,
 }
 
 /// Where the replica stands, for status reports.
