@@ -32,6 +32,27 @@ for t in "$bin"/test-*; do
 done
 echo "== device probe"
 timeout 60 "$bin/expertmesh" generate --device cuda:0 --model tests/fixtures/tiny-maverick --prompt hi --max-tokens 1 2>&1 | tail -1
+echo "== a cluster whose expert worker runs on the GPU (tiny-maverick), against the single process"
+model=tests/fixtures/tiny-maverick
+work=$(mktemp -d)
+"$bin/expertmesh" coordinator --listen 127.0.0.1:0 --model "$model" --data-dir "$work/c" > "$work/c.out" 2> "$work/c.err" &
+pids=($!)
+for _ in $(seq 50); do grep -q LISTENING "$work/c.out" 2>/dev/null && break; sleep 0.2; done
+coord=$(sed -n 's/^LISTENING //p' "$work/c.out")
+"$bin/expertmesh" expert-worker --device cuda:0 --coordinator "$coord" --listen 127.0.0.1:0 --model "$model" > "$work/e.out" 2> "$work/e.err" &
+pids+=($!)
+"$bin/expertmesh" attention-worker --coordinator "$coord" --listen 127.0.0.1:0 --model "$model" > "$work/a.out" 2> "$work/a.err" &
+pids+=($!)
+for _ in $(seq 100); do grep -q LISTENING "$work/a.out" 2>/dev/null && break; sleep 0.2; done
+attn=$(sed -n 's/^LISTENING //p' "$work/a.out")
+sleep 3
+gen=(generate --model "$model" --input-ids 697,318,676,661,546 --max-tokens 32 --ignore-eos --json)
+single=$(timeout 60 "$bin/expertmesh" "${gen[@]}")
+cluster=$(timeout 60 "$bin/expertmesh" "${gen[@]}" --attention-worker "$attn") || { status=1; cat "$work/e.err"; }
+echo "single process: $single"
+echo "GPU experts:    $cluster"
+[ "$single" = "$cluster" ] && echo "greedy tokens equal" || echo "greedy tokens differ (bf16 activations on the GPU)"
+kill "${pids[@]}" 2>/dev/null
 echo "== expert shard benchmark (16 experts, 5120 x 8192, bf16)"
 timeout 240 "$bin/expertmesh" bench gpu-experts --device cuda:0 --runs 10 || status=1
 exit $status

@@ -189,10 +189,11 @@ async fn measure(args: &DispatchArgs) -> Result<Report> {
         let mut compute: Vec<Duration> = (0..20)
             .map(|_| {
                 let t0 = Instant::now();
-                std::hint::black_box(compute_shard.compute(1, &batch.groups, &batch.activations));
-                t0.elapsed()
+                let out = compute_shard.compute(1, &batch.groups, &batch.activations)?;
+                std::hint::black_box(out);
+                Ok(t0.elapsed())
             })
-            .collect();
+            .collect::<Result<_, expertmesh_expert_worker::DispatchError>>()?;
         let (c50, _) = percentiles(&mut compute);
         let payload = n * h * args.dtype.size_bytes();
         let mut tcp = Vec::with_capacity(args.iterations);

@@ -153,7 +153,8 @@ async fn process(shard: &Arc<ExpertShard>, layer: u32, jobs: Vec<Job>) {
             worker.compute(layer, &batch.groups, &batch.activations)
         })
         .await
-        .map_err(|e| DispatchError::Unavailable(format!("expert computation failed: {e}")));
+        .map_err(|e| DispatchError::Unavailable(format!("expert computation failed: {e}")))
+        .and_then(|r| r);
         let _ = reply.send(result);
         return;
     }
@@ -186,7 +187,13 @@ async fn process(shard: &Arc<ExpertShard>, layer: u32, jobs: Vec<Job>) {
     let worker = shard.clone();
     let outputs =
         match tokio::task::spawn_blocking(move || worker.compute(layer, &groups, &inputs)).await {
-            Ok(o) => o,
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => {
+                for job in live {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+                return;
+            }
             Err(e) => {
                 for job in live {
                     let _ = job.reply.send(Err(DispatchError::Unavailable(format!(

@@ -111,11 +111,14 @@ pub async fn run(
     on_listening: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), NodeError> {
-    config.device.check()?;
     let source: ModelSource = config.model.parse()?;
     let model_config = source.config()?;
     let weights = source.weights()?;
-    let shard = Arc::new(ExpertShard::new(&model_config, weights.as_ref())?);
+    let shard = Arc::new(ExpertShard::with_device(
+        &model_config,
+        weights.as_ref(),
+        config.device,
+    )?);
     let (listener, bound) = bind(&config.listen).await?;
     on_listening(bound);
 

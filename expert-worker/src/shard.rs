@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 pub const EPOCH_GRACE: Duration = Duration::from_secs(10);
 
 use expertmesh_model::moe::{ExpertGroup, Experts};
-use expertmesh_model::{ModelError, TextConfig, WeightSource};
+use expertmesh_model::{Device, ModelError, TextConfig, WeightSource};
 
 use crate::dispatch::{DispatchBatch, DispatchError};
 
@@ -40,15 +40,41 @@ pub struct ExpertShard {
     assignment: RwLock<Assignments>,
     batches_served: AtomicU64,
     rows_served: AtomicU64,
+    /// The experts on a GPU (`--device cuda:N`), fed from the same mapped tensors.
+    #[cfg(feature = "cuda")]
+    gpu: Option<expertmesh_model::cuda::experts::GpuExperts>,
 }
 
 impl ExpertShard {
     /// Maps the expert tensors of every MoE layer; owns no expert until assigned.
     pub fn new(config: &TextConfig, src: &dyn WeightSource) -> Result<Self, ModelError> {
+        Self::with_device(config, src, Device::Cpu)
+    }
+
+    /// As [`ExpertShard::new`], computing on `device` (`cuda:N` needs a `--features cuda`
+    /// build; the weights then go to the GPU as they are loaded).
+    pub fn with_device(
+        config: &TextConfig,
+        src: &dyn WeightSource,
+        device: Device,
+    ) -> Result<Self, ModelError> {
+        device.check_experts()?;
         let mut layers = BTreeMap::new();
         for &l in &config.moe_layers {
             layers.insert(l as u32, Experts::load(src, config, l)?);
         }
+        #[cfg(feature = "cuda")]
+        let gpu = match device {
+            Device::Cpu => None,
+            Device::Cuda(n) => Some(
+                expertmesh_model::cuda::experts::GpuExperts::new(
+                    n,
+                    config.hidden_size,
+                    config.intermediate_size,
+                )
+                .map_err(|e| ModelError::Device(e.to_string()))?,
+            ),
+        };
         Ok(Self {
             hidden: config.hidden_size,
             num_experts: config.num_local_experts,
@@ -56,6 +82,8 @@ impl ExpertShard {
             assignment: RwLock::new(Assignments::default()),
             batches_served: AtomicU64::new(0),
             rows_served: AtomicU64::new(0),
+            #[cfg(feature = "cuda")]
+            gpu,
         })
     }
 
@@ -87,11 +115,19 @@ impl ExpertShard {
     /// Loads `experts` in every MoE layer (see `Experts::load_expert`); returns the bytes.
     pub fn load(&self, experts: &BTreeSet<u32>) -> usize {
         let mut bytes = 0;
-        for layer in self.layers.values() {
+        for (&l, layer) in &self.layers {
             for &e in experts {
-                if (e as usize) < self.num_experts {
-                    bytes += layer.load_expert(e as usize);
+                if (e as usize) >= self.num_experts {
+                    continue;
                 }
+                bytes += layer.load_expert(e as usize);
+                #[cfg(feature = "cuda")]
+                if let Some(gpu) = &self.gpu {
+                    // A failed copy shows again, as an error, when a batch needs it.
+                    let _ = gpu.load(l, e, layer);
+                }
+                #[cfg(not(feature = "cuda"))]
+                let _ = l;
             }
         }
         bytes
@@ -155,12 +191,25 @@ impl ExpertShard {
     }
 
     /// Runs the groups of one layer (checked before). Outputs are in the input row order.
-    pub fn compute(&self, layer: u32, groups: &[ExpertGroup], inputs: &[f32]) -> Vec<f32> {
+    pub fn compute(
+        &self,
+        layer: u32,
+        groups: &[ExpertGroup],
+        inputs: &[f32],
+    ) -> Result<Vec<f32>, DispatchError> {
         let experts = &self.layers[&layer];
+        #[cfg(feature = "cuda")]
+        let out = match &self.gpu {
+            Some(gpu) => gpu
+                .run_groups(layer, experts, groups, inputs)
+                .map_err(|e| DispatchError::Unavailable(format!("{}: {e}", gpu.device)))?,
+            None => experts.run_groups(groups, inputs, self.hidden),
+        };
+        #[cfg(not(feature = "cuda"))]
         let out = experts.run_groups(groups, inputs, self.hidden);
         self.batches_served.fetch_add(1, Ordering::Relaxed);
         self.rows_served
             .fetch_add((inputs.len() / self.hidden) as u64, Ordering::Relaxed);
-        out
+        Ok(out)
     }
 }

@@ -83,6 +83,22 @@ impl Device {
     }
 }
 
+impl Device {
+    /// Like [`Device::check`], for an expert worker: its shard does run on a CUDA device (a
+    /// `--features cuda` build on a machine with that device).
+    pub fn check_experts(self) -> Result<(), ModelError> {
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => self.check(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => crate::cuda::probe(n)
+                .map(|_| ())
+                .map_err(|e| ModelError::Device(e.to_string())),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,6 +117,7 @@ mod tests {
             assert!(bad.parse::<Device>().is_err(), "{bad}");
         }
         assert!(Device::Cpu.check().is_ok());
+        assert!(Device::Cpu.check_experts().is_ok());
         assert!(Device::Cuda(0).check().is_err());
     }
 }

@@ -382,3 +382,39 @@ fn rope_qk_norm_and_attention_match_the_cpu() {
         );
     }
 }
+
+/// The routed experts of tiny-scout's first MoE layer on the GPU against `Experts::run_groups`
+/// on the CPU. The GPU rounds activations to bf16 for its GEMMs (the CPU keeps them f32), so
+/// the stated tolerance is 2% of the largest output plus 1e-3.
+#[test]
+fn gpu_experts_match_the_cpu_within_bf16_rounding() {
+    use expertmesh_model::cuda::experts::GpuExperts;
+    use expertmesh_model::moe::{ExpertGroup, Experts};
+    use expertmesh_model::ModelSource;
+    if let Err(e) = probe(0) {
+        return skip(e);
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-scout");
+    let source: ModelSource = dir.display().to_string().parse().unwrap();
+    let config = source.config().unwrap();
+    let weights = source.weights().unwrap();
+    let layer = config.moe_layers[0];
+    let experts = Experts::load(weights.as_ref(), &config, layer).unwrap();
+    let groups = [
+        ExpertGroup { expert: 0, rows: 3 },
+        ExpertGroup { expert: 5, rows: 1 },
+        ExpertGroup {
+            expert: 15,
+            rows: 4,
+        },
+    ];
+    let hidden = config.hidden_size;
+    let inputs: Vec<f32> = random(8 * hidden, 9).iter().map(|v| v * 0.25).collect();
+    let want = experts.run_groups(&groups, &inputs, hidden);
+    let gpu = GpuExperts::new(0, hidden, config.intermediate_size).unwrap();
+    let got = gpu
+        .run_groups(layer as u32, &experts, &groups, &inputs)
+        .unwrap();
+    let largest = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert_close("experts", &got, &want, 0.02 * largest + 1e-3);
+}

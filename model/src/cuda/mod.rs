@@ -9,6 +9,7 @@
 //! already loaded.
 
 pub mod bench;
+pub mod experts;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
