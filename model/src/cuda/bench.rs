@@ -12,7 +12,7 @@ use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::{compile_kernels, preload, CudaError};
+use super::CudaError;
 
 /// The shard's shape.
 #[derive(Debug, Clone, Copy)]
@@ -51,9 +51,7 @@ pub struct Report {
     pub rows: Vec<Row>,
 }
 
-fn err(e: impl std::fmt::Display) -> CudaError {
-    CudaError::Driver(e.to_string())
-}
+use super::driver_error as err;
 
 /// Median of `runs` timings (ms) of `work`, after one warm-up.
 fn time_ms(
@@ -119,15 +117,14 @@ pub fn expert_shard(
     token_counts: &[usize],
     runs: usize,
 ) -> Result<Report, CudaError> {
-    let info = super::probe(ordinal)?;
-    preload("cublasLt")?;
-    preload("cublas")?;
-    let ptx = compile_kernels()?;
-    let ctx = CudaContext::new(ordinal).map_err(err)?;
-    let stream = ctx.default_stream();
-    let module = ctx.load_module(ptx).map_err(err)?;
+    let super::Opened {
+        info,
+        ctx,
+        stream,
+        module,
+        blas,
+    } = super::open(ordinal)?;
     let fill = module.load_function("fill_random_bf16").map_err(err)?;
-    let blas = CudaBlas::new(stream.clone()).map_err(err)?;
     let Shape {
         experts,
         hidden: h,

@@ -11,17 +11,13 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
-use super::{compile_kernels, preload, probe, CudaError};
+use super::CudaError;
 use crate::checkpoint::{DType, Tensor};
 use crate::moe::{ExpertGroup, Experts};
 
-fn err(e: impl std::fmt::Display) -> CudaError {
-    CudaError::Driver(e.to_string())
-}
+use super::driver_error as err;
 
 /// One expert's weights on the device, as bf16 bits.
 struct ExpertWeights {
@@ -77,15 +73,15 @@ fn bf16_bits(t: &Tensor) -> Vec<u16> {
 impl GpuExperts {
     /// Opens device `ordinal` for experts of `hidden` × `inter`.
     pub fn new(ordinal: usize, hidden: usize, inter: usize) -> Result<Self, CudaError> {
-        let info = probe(ordinal)?;
-        preload("cublasLt")?;
-        preload("cublas")?;
-        let ptx = compile_kernels()?;
-        let ctx = CudaContext::new(ordinal).map_err(err)?;
-        let stream = ctx.default_stream();
-        let module = ctx.load_module(ptx).map_err(err)?;
+        let super::Opened {
+            info,
+            stream,
+            module,
+            blas,
+            ..
+        } = super::open(ordinal)?;
         Ok(Self {
-            blas: CudaBlas::new(stream.clone()).map_err(err)?,
+            blas,
             swiglu: module.load_function("swiglu").map_err(err)?,
             to_bf16: module.load_function("f32_to_bf16_copy").map_err(err)?,
             stream,

@@ -178,6 +178,38 @@ pub fn compile_kernels() -> Result<cudarc::nvrtc::Ptx, CudaError> {
     .map_err(|e| CudaError::Compile(e.to_string()))
 }
 
+/// A device ready for GEMMs and kernels: probed, cuBLAS loaded, kernels compiled.
+pub(crate) struct Opened {
+    pub info: DeviceInfo,
+    pub ctx: std::sync::Arc<cudarc::driver::CudaContext>,
+    pub stream: std::sync::Arc<cudarc::driver::CudaStream>,
+    pub module: std::sync::Arc<cudarc::driver::CudaModule>,
+    pub blas: cudarc::cublas::CudaBlas,
+}
+
+pub(crate) fn driver_error(e: impl std::fmt::Display) -> CudaError {
+    CudaError::Driver(e.to_string())
+}
+
+/// Opens device `ordinal` with the kernels loaded and a cuBLAS handle on its default stream.
+pub(crate) fn open(ordinal: usize) -> Result<Opened, CudaError> {
+    let info = probe(ordinal)?;
+    preload("cublasLt")?;
+    preload("cublas")?;
+    let ptx = compile_kernels()?;
+    let ctx = cudarc::driver::CudaContext::new(ordinal).map_err(driver_error)?;
+    let stream = ctx.default_stream();
+    let module = ctx.load_module(ptx).map_err(driver_error)?;
+    let blas = cudarc::cublas::CudaBlas::new(stream.clone()).map_err(driver_error)?;
+    Ok(Opened {
+        info,
+        ctx,
+        stream,
+        module,
+        blas,
+    })
+}
+
 /// What [`probe`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceInfo {
