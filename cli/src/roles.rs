@@ -61,8 +61,10 @@ pub struct CoordinatorArgs {
     rebalance_percent: Option<u32>,
 }
 
+/// What every worker role takes.
 #[derive(Args, Debug)]
-pub struct ExpertWorkerArgs {
+pub struct WorkerArgs {
+    /// TOML config file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Where to compute: cpu, or cuda[:N] (a build with `--features cuda`).
@@ -78,6 +80,40 @@ pub struct ExpertWorkerArgs {
     listen: Option<String>,
     #[arg(long)]
     model: Option<String>,
+}
+
+impl WorkerArgs {
+    /// Overrides a worker config's common fields with the flags given.
+    fn apply(
+        self,
+        coordinator: &mut String,
+        join_token: &mut Option<String>,
+        device: &mut expertmesh_model::Device,
+        listen: &mut String,
+        model: &mut String,
+    ) {
+        if let Some(v) = self.coordinator {
+            *coordinator = v;
+        }
+        if self.join_token.is_some() {
+            *join_token = self.join_token;
+        }
+        if let Some(v) = self.device {
+            *device = v;
+        }
+        if let Some(v) = self.listen {
+            *listen = v;
+        }
+        if let Some(v) = self.model {
+            *model = v;
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ExpertWorkerArgs {
+    #[command(flatten)]
+    worker: WorkerArgs,
     /// Experts per MoE layer this worker may hold.
     #[arg(long)]
     capacity: Option<usize>,
@@ -88,21 +124,8 @@ pub struct ExpertWorkerArgs {
 
 #[derive(Args, Debug)]
 pub struct AttentionWorkerArgs {
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Where to compute: cpu, or cuda[:N] (a build with `--features cuda`).
-    #[arg(long)]
-    device: Option<expertmesh_model::Device>,
-    /// Coordinator addresses, comma-separated.
-    #[arg(long, alias = "coordinators")]
-    coordinator: Option<String>,
-    /// The token the coordinators require.
-    #[arg(long)]
-    join_token: Option<String>,
-    #[arg(long)]
-    listen: Option<String>,
-    #[arg(long)]
-    model: Option<String>,
+    #[command(flatten)]
+    worker: WorkerArgs,
     /// Activation dtype on the wire: f32 (exact) or bf16.
     #[arg(long)]
     wire_dtype: Option<WireDType>,
@@ -252,22 +275,15 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
 }
 
 pub fn expert_worker(args: ExpertWorkerArgs) -> Result<()> {
-    let mut config: ExpertWorkerConfig = load(args.config.as_deref())?;
-    if let Some(v) = args.coordinator {
-        config.coordinator = v;
-    }
-    if args.join_token.is_some() {
-        config.join_token = args.join_token;
-    }
-    if let Some(v) = args.device {
-        config.device = v;
-    }
-    if let Some(v) = args.listen {
-        config.listen = v;
-    }
-    if let Some(v) = args.model {
-        config.model = v;
-    }
+    let mut config: ExpertWorkerConfig = load(args.worker.config.as_deref())?;
+    let c = &mut config;
+    args.worker.apply(
+        &mut c.coordinator,
+        &mut c.join_token,
+        &mut c.device,
+        &mut c.listen,
+        &mut c.model,
+    );
     if args.capacity.is_some() {
         config.capacity = args.capacity;
     }
@@ -282,22 +298,15 @@ pub fn expert_worker(args: ExpertWorkerArgs) -> Result<()> {
 }
 
 pub fn attention_worker(args: AttentionWorkerArgs) -> Result<()> {
-    let mut config: AttentionWorkerConfig = load(args.config.as_deref())?;
-    if let Some(v) = args.coordinator {
-        config.coordinator = v;
-    }
-    if args.join_token.is_some() {
-        config.join_token = args.join_token;
-    }
-    if let Some(v) = args.device {
-        config.device = v;
-    }
-    if let Some(v) = args.listen {
-        config.listen = v;
-    }
-    if let Some(v) = args.model {
-        config.model = v;
-    }
+    let mut config: AttentionWorkerConfig = load(args.worker.config.as_deref())?;
+    let c = &mut config;
+    args.worker.apply(
+        &mut c.coordinator,
+        &mut c.join_token,
+        &mut c.device,
+        &mut c.listen,
+        &mut c.model,
+    );
     if let Some(v) = args.wire_dtype {
         config.dispatch.wire_dtype = v;
     }

@@ -10,6 +10,7 @@
 //! new epoch. The leader runs the failure detector.
 
 pub mod client;
+pub mod load;
 pub mod machine;
 pub mod node;
 pub mod placement;
@@ -18,6 +19,7 @@ pub mod replica;
 pub mod service;
 pub mod state;
 pub mod storage;
+mod transport;
 
 use std::future::Future;
 

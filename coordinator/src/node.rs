@@ -7,17 +7,16 @@
 //!
 //! The leader also runs the controller: a failure detector that commits `MarkDead` for a
 //! worker silent for one lease (a new leader first waits one lease, so it judges nobody on
-//! heartbeats it never had a chance to see), and the `Init` command that fixes the model
-//! identity when the cluster is new.
+//! heartbeats it never had a chance to see), the `Init` command that fixes the model
+//! identity when the cluster is new, and the placement loop (`drive_placement`). Peer
+//! sending lives in `transport.rs`, the expert load window in `load.rs`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use expertmesh_proto::v1 as pb;
-use expertmesh_proto::v1::coordinator_service_client::CoordinatorServiceClient;
-use protobuf::Message as _;
-use raft::eraftpb::{Message, MessageType};
+use raft::eraftpb::Message;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::machine::{Command, Machine, Rejected, Settings};
@@ -30,9 +29,6 @@ use crate::storage::DiskStorage;
 const INPUT_QUEUE: usize = 4096;
 /// Message batches queued per peer at most.
 const PEER_QUEUE: usize = 256;
-/// Deadline of one raft RPC to a peer.
-const PEER_RPC_TIMEOUT: Duration = Duration::from_secs(1);
-const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// What the node needs to run.
 #[derive(Debug, Clone)]
@@ -108,8 +104,6 @@ pub(crate) enum Input {
     Rebalance,
 }
 
-/// Half-life of the expert load window.
-const LOAD_HALF_LIFE: Duration = Duration::from_secs(30);
 /// How often the leader looks at the placement.
 const PLACEMENT_CHECK: Duration = Duration::from_millis(500);
 /// Automatic re-plans (for imbalance) at most this often.
@@ -118,70 +112,6 @@ const AUTO_REPLAN_EVERY: Duration = Duration::from_secs(30);
 const PREPARE_LEASES: u32 = 12;
 /// How long a worker that did not load in time is left out of plans.
 const EXCLUDE_FOR: Duration = Duration::from_secs(300);
-/// Routed-token counters longer than this are ignored (a hostile or broken report).
-const LOAD_COUNTERS_MAX: usize = 1 << 20;
-
-/// Routed tokens per (MoE layer, expert), summed over attention workers from their
-/// cumulative heartbeat counters, decaying with [`LOAD_HALF_LIFE`].
-#[derive(Debug, Default)]
-pub struct LoadWindow {
-    last: HashMap<u64, Vec<u64>>,
-    window: Vec<f64>,
-    num_experts: usize,
-    updated: Option<Instant>,
-}
-
-impl LoadWindow {
-    pub fn record(&mut self, worker: u64, load: &pb::WorkerLoad) {
-        let n = load.routed_tokens.len();
-        let e = load.num_experts as usize;
-        if e == 0 || n == 0 || !n.is_multiple_of(e) || n > LOAD_COUNTERS_MAX {
-            return;
-        }
-        if self.window.len() != n || self.num_experts != e {
-            self.window = vec![0.0; n];
-            self.num_experts = e;
-            self.last.clear();
-        }
-        let now = Instant::now();
-        if let Some(t) = self.updated {
-            let halves = now.duration_since(t).as_secs_f64() / LOAD_HALF_LIFE.as_secs_f64();
-            let decay = 0.5f64.powf(halves);
-            self.window.iter_mut().for_each(|w| *w *= decay);
-        }
-        self.updated = Some(now);
-        let previous = self.last.insert(worker, load.routed_tokens.clone());
-        for (i, &now) in load.routed_tokens.iter().enumerate() {
-            let before = previous
-                .as_ref()
-                .and_then(|p| p.get(i))
-                .copied()
-                .unwrap_or(0);
-            // A restarted worker counts from zero again.
-            let delta = if now >= before { now - before } else { now };
-            self.window[i] += delta as f64;
-        }
-    }
-
-    /// (MoE layers, the window layer-major).
-    pub fn matrix(&self) -> (usize, Vec<f64>) {
-        match self.num_experts {
-            0 => (0, Vec::new()),
-            e => (self.window.len() / e, self.window.clone()),
-        }
-    }
-
-    /// Load per expert, summed over layers (a placement holds an expert in every layer).
-    pub fn per_expert(&self, num_experts: usize) -> Vec<f64> {
-        let mut out = vec![0.0; num_experts];
-        if self.num_experts == num_experts {
-            for (i, w) in self.window.iter().enumerate() {
-                out[i % num_experts] += w;
-            }
-        }
-        out
-    }
-}
 
 /// What the gRPC handlers and the gateway read without going through the loop.
 pub(crate) struct Shared {
@@ -192,7 +122,7 @@ pub(crate) struct Shared {
     /// When each worker was last heard from (not replicated).
     pub liveness: Mutex<HashMap<u64, Instant>>,
     pub loads: Mutex<HashMap<u64, pb::WorkerLoad>>,
-    pub load_window: Mutex<LoadWindow>,
+    pub load_window: Mutex<crate::load::LoadWindow>,
     /// The pending epoch each expert worker reports it has loaded.
     pub prepared: Mutex<HashMap<u64, u64>>,
 }
@@ -247,7 +177,7 @@ pub(crate) fn start(
         view,
         liveness: Mutex::new(HashMap::new()),
         loads: Mutex::new(HashMap::new()),
-        load_window: Mutex::new(LoadWindow::default()),
+        load_window: Mutex::new(crate::load::LoadWindow::default()),
         prepared: Mutex::new(HashMap::new()),
     });
     let (inputs, rx) = mpsc::channel(INPUT_QUEUE);
@@ -718,7 +648,7 @@ impl Driver {
                 return;
             };
             let (tx, rx) = mpsc::channel(PEER_QUEUE);
-            tokio::spawn(peer_sender(
+            tokio::spawn(crate::transport::peer_sender(
                 self.config.id,
                 to,
                 address,
@@ -731,90 +661,5 @@ impl Driver {
             // Full: drop, raft resends.
             let _ = tx.try_send(messages);
         }
-    }
-}
-
-/// Sends one peer's message batches, in order, each RPC with a deadline; reports failures
-/// (and snapshot outcomes) back to the loop.
-async fn peer_sender(
-    from: u64,
-    to: u64,
-    address: String,
-    mut rx: mpsc::Receiver<Vec<Message>>,
-    inputs: mpsc::Sender<Input>,
-) {
-    let Ok(endpoint) = expertmesh_proto::endpoint(&address, PEER_CONNECT_TIMEOUT) else {
-        eprintln!("coordinator {from}: bad address {address:?} for coordinator {to}");
-        return;
-    };
-    let mut client =
-        CoordinatorServiceClient::new(endpoint.timeout(PEER_RPC_TIMEOUT).connect_lazy())
-            .max_decoding_message_size(expertmesh_proto::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(expertmesh_proto::MAX_MESSAGE_BYTES);
-    while let Some(mut batch) = rx.recv().await {
-        while let Ok(more) = rx.try_recv() {
-            batch.extend(more);
-            if batch.len() >= 1024 {
-                break;
-            }
-        }
-        let snapshot = batch
-            .iter()
-            .any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
-        let request = pb::RaftMessages {
-            from,
-            messages: batch
-                .iter()
-                .map(|m| m.write_to_bytes().expect("raft messages encode"))
-                .collect(),
-        };
-        let delivered = client.raft(request).await.is_ok();
-        if !delivered || snapshot {
-            let _ = inputs.try_send(Input::Sent {
-                to,
-                delivered,
-                snapshot,
-            });
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn report(counters: &[u64]) -> pb::WorkerLoad {
-        pb::WorkerLoad {
-            routed_tokens: counters.to_vec(),
-            num_experts: 2,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn load_window_sums_deltas_across_workers_and_restarts() {
-        let mut w = LoadWindow::default();
-        // Two MoE layers of two experts, layer-major.
-        w.record(1, &report(&[10, 0, 5, 5]));
-        w.record(2, &report(&[0, 4, 0, 0]));
-        w.record(1, &report(&[12, 0, 5, 9]));
-        // Worker 2 restarted: its counters start from zero again.
-        w.record(2, &report(&[1, 0, 0, 0]));
-        let (layers, m) = w.matrix();
-        assert_eq!(layers, 2);
-        let rounded: Vec<f64> = m.iter().map(|v| v.round()).collect();
-        assert_eq!(rounded, vec![13.0, 4.0, 5.0, 9.0]);
-        let per: Vec<f64> = w.per_expert(2).iter().map(|v| v.round()).collect();
-        assert_eq!(per, vec![18.0, 13.0]);
-        // A malformed report is ignored.
-        w.record(
-            3,
-            &pb::WorkerLoad {
-                routed_tokens: vec![1, 2, 3],
-                num_experts: 2,
-                ..Default::default()
-            },
-        );
-        assert_eq!(w.matrix().1.len(), 4);
     }
 }
