@@ -340,13 +340,8 @@ impl Replica {
         );
     }
 
-    /// Starts an election now (tests use it to pick the first leader).
+    /// Starts an election now (a group of one need not wait out an election timeout).
     pub fn campaign(&mut self) {
         let _ = self.raw.campaign();
-    }
-
-    /// Whether this replica's storage took a snapshot or holds log entries after `index`.
-    pub fn last_index(&self) -> u64 {
-        self.raw.store().last_index().unwrap_or(0)
     }
 }
