@@ -5,9 +5,10 @@
 //! [`machine::Command`] committed through the log and applied by every replica to the same
 //! [`machine::Machine`]; the log, hard state and snapshots live on disk
 //! ([`storage::DiskStorage`]). Workers `Register` with any replica (writes are forwarded to
-//! the leader), heartbeat every replica, and watch the state; an expert-worker registration
-//! or death re-runs [`placement::assign`] (a pure function) and a changed placement gets a
-//! new epoch. The leader runs the failure detector.
+//! the leader), heartbeat every replica, and watch the state. The leader runs the failure
+//! detector and plans placements with [`planner::plan`] (a pure function): prepared, loaded
+//! by the workers, then committed as a new epoch; a dead worker's experts without another
+//! copy are re-placed at once, in the command that marks it dead.
 
 pub mod client;
 pub mod load;

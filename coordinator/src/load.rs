@@ -12,7 +12,7 @@ const LOAD_HALF_LIFE: Duration = Duration::from_secs(30);
 const LOAD_COUNTERS_MAX: usize = 1 << 20;
 
 /// Routed tokens per (MoE layer, expert), summed over attention workers from their
-/// cumulative heartbeat counters, decaying with [`LOAD_HALF_LIFE`].
+/// cumulative heartbeat counters, decaying with a 30 s half-life.
 #[derive(Debug, Default)]
 pub struct LoadWindow {
     last: HashMap<u64, Vec<u64>>,
