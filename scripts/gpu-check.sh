@@ -18,6 +18,17 @@ for py in python3 python; do
   done <<< "$site"
   break
 done
+# cudarc opens its libraries by unversioned or CUDA-12 names (libcublas.so, libnvrtc.so.12,
+# never libcublas.so.13 or libnccl.so.2), while CUDA 13 wheels ship only versioned files:
+# give it a directory of unversioned links to the first of each found.
+links=$(mktemp -d)
+for lib in cuda nvrtc cublas cublasLt nccl; do
+  for d in "${dirs[@]}"; do
+    f=$(ls "$d"/lib$lib.so* 2>/dev/null | grep -E "/lib$lib\.so(\.[0-9]+)*$" | sort -V | tail -1)
+    if [ -n "$f" ]; then ln -sf "$f" "$links/lib$lib.so"; echo "   lib$lib.so -> $f"; break; fi
+  done
+done
+dirs=("$links" "${dirs[@]}")
 libs=$(IFS=:; echo "${dirs[*]}")
 export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export EXPERTMESH_CUDA_LIB_DIRS="$libs"
@@ -30,10 +41,15 @@ for t in "$bin"/test-*; do
   echo "-- $t"
   EXPERTMESH_REQUIRE_NVRTC=1 timeout 180 "$t" --test-threads 1 --nocapture || status=1
 done
-echo "== device probe"
-timeout 60 "$bin/expertmesh" generate --device cuda:0 --model tests/fixtures/tiny-maverick --prompt hi --max-tokens 1 2>&1 | tail -1
-echo "== a cluster whose expert worker runs on the GPU (tiny-maverick), against the single process"
 model=tests/fixtures/tiny-maverick
+gen=(generate --model "$model" --input-ids 697,318,676,661,546 --max-tokens 32 --ignore-eos --json)
+single=$(timeout 60 "$bin/expertmesh" "${gen[@]}")
+echo "== single process on cuda:0 against the CPU (tiny-maverick, 32 greedy tokens)"
+gpu_single=$(timeout 120 "$bin/expertmesh" "${gen[@]}" --device cuda:0) || status=1
+echo "cpu:    $single"
+echo "cuda:0: $gpu_single"
+[ "$single" = "$gpu_single" ] && echo "greedy tokens equal" || { echo "greedy tokens differ"; status=1; }
+echo "== a cluster with the attention worker and an expert worker on the GPU, against the CPU"
 work=$(mktemp -d)
 "$bin/expertmesh" coordinator --listen 127.0.0.1:0 --model "$model" --data-dir "$work/c" > "$work/c.out" 2> "$work/c.err" &
 pids=($!)
@@ -41,17 +57,15 @@ for _ in $(seq 50); do grep -q LISTENING "$work/c.out" 2>/dev/null && break; sle
 coord=$(sed -n 's/^LISTENING //p' "$work/c.out")
 "$bin/expertmesh" expert-worker --device cuda:0 --coordinator "$coord" --listen 127.0.0.1:0 --model "$model" > "$work/e.out" 2> "$work/e.err" &
 pids+=($!)
-"$bin/expertmesh" attention-worker --coordinator "$coord" --listen 127.0.0.1:0 --model "$model" > "$work/a.out" 2> "$work/a.err" &
+"$bin/expertmesh" attention-worker --device cuda:0 --coordinator "$coord" --listen 127.0.0.1:0 --model "$model" > "$work/a.out" 2> "$work/a.err" &
 pids+=($!)
-for _ in $(seq 100); do grep -q LISTENING "$work/a.out" 2>/dev/null && break; sleep 0.2; done
+for _ in $(seq 150); do grep -q LISTENING "$work/a.out" 2>/dev/null && break; sleep 0.2; done
 attn=$(sed -n 's/^LISTENING //p' "$work/a.out")
 sleep 3
-gen=(generate --model "$model" --input-ids 697,318,676,661,546 --max-tokens 32 --ignore-eos --json)
-single=$(timeout 60 "$bin/expertmesh" "${gen[@]}")
-cluster=$(timeout 60 "$bin/expertmesh" "${gen[@]}" --attention-worker "$attn") || { status=1; cat "$work/e.err"; }
-echo "single process: $single"
-echo "GPU experts:    $cluster"
-[ "$single" = "$cluster" ] && echo "greedy tokens equal" || echo "greedy tokens differ (bf16 activations on the GPU)"
+cluster=$(timeout 120 "$bin/expertmesh" "${gen[@]}" --attention-worker "$attn") || { status=1; tail -5 "$work/e.err" "$work/a.err"; }
+echo "cpu single process: $single"
+echo "GPU cluster:        $cluster"
+[ "$single" = "$cluster" ] && echo "greedy tokens equal" || { echo "greedy tokens differ"; status=1; }
 kill "${pids[@]}" 2>/dev/null
 echo "== expert shard benchmark (16 experts, 5120 x 8192, bf16)"
 timeout 240 "$bin/expertmesh" bench gpu-experts --device cuda:0 --runs 10 || status=1

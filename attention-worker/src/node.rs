@@ -79,10 +79,13 @@ pub async fn connect(
     source: &ModelSource,
     coordinator: &str,
     dispatch: DispatchConfig,
+    device: expertmesh_model::Device,
 ) -> Result<(Arc<Model>, RemoteExperts, CoordinatorClient), NodeError> {
     let config = source.config()?;
     let weights = source.weights()?;
-    let model = Arc::new(Model::without_experts(config, weights.as_ref())?);
+    let mut model = Model::without_experts(config, weights.as_ref())?;
+    model.to_device(device)?;
+    let model = Arc::new(model);
     let client = CoordinatorClient::new(coordinator)?;
     let c = model.config();
     let experts = RemoteExperts::new(
@@ -104,7 +107,8 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     config.device.check()?;
     let source: ModelSource = config.model.parse()?;
-    let (model, experts, client) = connect(&source, &config.coordinator, config.dispatch).await?;
+    let (model, experts, client) =
+        connect(&source, &config.coordinator, config.dispatch, config.device).await?;
     let dispatch_stats = experts.stats().clone();
     let engine = Engine::spawn(model.clone(), experts, config.scheduler);
     let engine_stats = engine.stats().clone();

@@ -132,7 +132,7 @@ impl Engine {
     ) -> Self {
         let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_max.max(1));
         let stats = Arc::new(EngineStats::default());
-        let pool = BlockPool::new(config.block_tokens, Some(config.kv_blocks));
+        let pool = model.new_pool(config.block_tokens, config.kv_blocks);
         stats
             .kv_blocks_total
             .store(config.kv_blocks as u64, Ordering::Relaxed);

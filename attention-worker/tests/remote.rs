@@ -51,9 +51,14 @@ async fn micro_batched_remote_forward_equals_local() {
             std::future::pending(),
         ));
     }
-    let (remote_model, experts, _) = connect(&source, &coordinator_addr, DispatchConfig::default())
-        .await
-        .unwrap();
+    let (remote_model, experts, _) = connect(
+        &source,
+        &coordinator_addr,
+        DispatchConfig::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
     // Wait for all three workers to be in the placement.
     let give_up = std::time::Instant::now() + Duration::from_secs(30);
     while coordinator.view().members.len() < 3 || coordinator.view().unservable.is_some() {

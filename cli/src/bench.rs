@@ -74,8 +74,8 @@ fn gpu_experts(args: GpuExpertsArgs) -> Result<()> {
         }
         println!(
             "{}: 16 experts × (5120 × 16384 + 8192 × 5120) bf16, one cuBLAS GEMM pair per expert; \
-             device-to-device copy reads {:.0} GB/s",
-            report.device, report.copy_read_gbps
+             device-to-device copy moves {:.0} GB/s (read + written)",
+            report.device, report.copy_traffic_gbps
         );
         println!(
             "{:>7} {:>11} {:>9} {:>11} {:>9} {:>7} {:>14} {:>10}",
@@ -98,7 +98,7 @@ fn gpu_experts(args: GpuExpertsArgs) -> Result<()> {
                 r.dense_tflops,
                 r.grouped_tflops / r.dense_tflops,
                 r.weight_read_gbps,
-                100.0 * r.weight_read_gbps / report.copy_read_gbps
+                100.0 * r.weight_read_gbps / report.copy_traffic_gbps
             );
         }
         Ok(())

@@ -94,6 +94,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         http: Some("127.0.0.1:0".into()),
         api_key: None,
         coordinator_args: Vec::new(),
+        device: expertmesh_model::Device::Cpu,
     })?;
     let http = cluster
         .http

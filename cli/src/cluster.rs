@@ -140,6 +140,8 @@ pub struct ClusterSpec {
     pub api_key: Option<String>,
     /// Extra flags for the coordinators (replication, leases).
     pub coordinator_args: Vec<String>,
+    /// Where both kinds of worker compute.
+    pub device: expertmesh_model::Device,
 }
 
 impl ClusterSpec {
@@ -156,6 +158,7 @@ impl ClusterSpec {
             http: None,
             api_key: None,
             coordinator_args: Vec::new(),
+            device: expertmesh_model::Device::Cpu,
         }
     }
 }
@@ -255,6 +258,7 @@ impl LocalCluster {
                 .chain(["--listen", "127.0.0.1:0", "--model", &model])
                 .chain(["--join-token", &token])
                 .map(str::to_owned)
+                .chain(["--device".to_owned(), spec.device.to_string()])
                 .collect();
             args.extend_from_slice(extra);
             args
@@ -328,7 +332,13 @@ impl LocalCluster {
     ) -> Result<(Arc<Model>, RemoteExperts)> {
         self.ready(Duration::from_secs(300)).await?;
         let source: ModelSource = model.parse()?;
-        let (model, experts, _) = connect(&source, &self.coordinator_addresses(), dispatch).await?;
+        let (model, experts, _) = connect(
+            &source,
+            &self.coordinator_addresses(),
+            dispatch,
+            expertmesh_model::Device::Cpu,
+        )
+        .await?;
         experts
             .ready(Duration::from_secs(60))
             .await

@@ -118,7 +118,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         (Some(n), _) => through_cluster(&args, *n, &request, on_token)?,
         (None, Some(addr)) => through_attention_worker(addr, &request, on_token)?,
         (None, None) => {
-            let model = Model::load(&args.model)?;
+            let mut model = Model::load(&args.model)?;
+            model.to_device(args.device)?;
             generate(&model, &request, on_token)?
         }
     };

@@ -71,6 +71,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             "--lease-ms".into(),
             args.lease_ms.to_string(),
         ],
+        device: args.device,
     })?;
     let view = runtime.block_on(cluster.ready(Duration::from_secs(120)))?;
     println!(

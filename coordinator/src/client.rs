@@ -222,6 +222,38 @@ impl CoordinatorClient {
         Ok(())
     }
 
+    /// The NCCL unique id of `group`: rank 0 offers the id it made (`offer`), the other
+    /// ranks pass `None` and wait, up to `patience`, for it to be offered.
+    pub async fn nccl_id(
+        &self,
+        group: &str,
+        offer: Option<&[u8]>,
+        patience: Duration,
+    ) -> Result<Vec<u8>, ClientError> {
+        let give_up = tokio::time::Instant::now() + patience;
+        loop {
+            let request = pb::NcclIdRequest {
+                group: group.to_owned(),
+                offer: offer.map(<[u8]>::to_vec).unwrap_or_default(),
+            };
+            let answer = self
+                .call(STATE_PATIENCE, |mut c| {
+                    let request = request.clone();
+                    async move { c.nccl_id(request).await }
+                })
+                .await;
+            match answer {
+                Ok(reply) => return Ok(reply.id),
+                Err(ClientError::Refused(why))
+                    if why.contains("no NCCL id") && tokio::time::Instant::now() < give_up =>
+                {
+                    tokio::time::sleep(RETRY_DELAY).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Asks the leader to re-plan the placement from the current load.
     pub async fn rebalance(&self) -> Result<(), ClientError> {
         self.call(STATE_PATIENCE, |mut c| async move {

@@ -89,7 +89,17 @@ pub enum Command {
     Commit { epoch: u64 },
     /// Move a worker's experts away before it leaves.
     Drain { worker_id: u64 },
+    /// The NCCL unique id of a group of GPU ranks, offered by its rank 0; the first offer
+    /// for a group stands.
+    NcclId { group: String, id: Vec<u8> },
 }
+
+/// Bytes of an NCCL unique id (`ncclUniqueId`).
+pub const NCCL_ID_BYTES: usize = 128;
+/// NCCL groups remembered at most.
+pub const NCCL_GROUPS_MAX: usize = 1024;
+/// Bytes of an NCCL group name at most.
+pub const NCCL_GROUP_NAME_MAX: usize = 128;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
@@ -149,6 +159,9 @@ pub struct Machine {
     pub unservable: Option<String>,
     /// (request id, answer) of recent registrations, for idempotent retries.
     pub answered: VecDeque<(u64, u64)>,
+    /// NCCL unique ids by group name.
+    #[serde(default)]
+    pub nccl_ids: BTreeMap<String, Vec<u8>>,
 }
 
 impl Machine {
@@ -283,6 +296,24 @@ impl Machine {
                     Err(Rejected::Stale(format!("no prepared placement {epoch}")))
                 }
             },
+            Command::NcclId { group, id } => {
+                if group.is_empty() || group.len() > NCCL_GROUP_NAME_MAX {
+                    return Err(Rejected::Invalid(format!(
+                        "an NCCL group name has 1 to {NCCL_GROUP_NAME_MAX} bytes"
+                    )));
+                }
+                if id.len() != NCCL_ID_BYTES {
+                    return Err(Rejected::Invalid(format!(
+                        "an NCCL unique id has {NCCL_ID_BYTES} bytes, not {}",
+                        id.len()
+                    )));
+                }
+                if !self.nccl_ids.contains_key(&group) && self.nccl_ids.len() >= NCCL_GROUPS_MAX {
+                    return Err(Rejected::Full);
+                }
+                self.nccl_ids.entry(group).or_insert(id);
+                Ok(0)
+            }
             Command::Drain { worker_id } => {
                 let member = self
                     .members
@@ -434,6 +465,7 @@ impl Machine {
             model_fingerprint: self.model_fingerprint.clone(),
             num_experts: self.num_experts,
             pending: self.pending.clone(),
+            nccl_ids: self.nccl_ids.clone(),
             unservable: if self.initialized {
                 self.unservable.clone()
             } else {

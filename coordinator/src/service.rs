@@ -360,6 +360,34 @@ impl CoordinatorService for Coordinator {
         }
     }
 
+    async fn nccl_id(
+        &self,
+        request: Request<pb::NcclIdRequest>,
+    ) -> Result<Response<pb::NcclIdReply>, Status> {
+        let r = request.into_inner();
+        if !r.offer.is_empty() {
+            let command = Command::NcclId {
+                group: r.group.clone(),
+                id: r.offer.clone(),
+            };
+            match self.propose(command).await {
+                Ok(_) => {}
+                Err(ProposeError::NotLeader) => return self.leader()?.nccl_id(r).await,
+                Err(e) => return Err(status_of(e)),
+            }
+        }
+        self.ask(|reply| Input::Read { reply }, READ_TIMEOUT)
+            .await
+            .map_err(status_of)?;
+        match self.view().nccl_ids.get(&r.group) {
+            Some(id) => Ok(Response::new(pb::NcclIdReply { id: id.clone() })),
+            None => Err(Status::not_found(format!(
+                "no NCCL id has been offered for group {:?} yet",
+                r.group.chars().take(128).collect::<String>()
+            ))),
+        }
+    }
+
     async fn rebalance(
         &self,
         request: Request<pb::RebalanceRequest>,

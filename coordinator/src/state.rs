@@ -1,6 +1,8 @@
 //! Cluster state: members and placement, as the coordinator keeps it and as workers see it.
 //! `ClusterView` is the domain form of the wire `ClusterState`, checked once on arrival.
 
+use std::collections::BTreeMap;
+
 use expertmesh_proto::v1 as pb;
 
 /// A role a worker plays.
@@ -79,6 +81,8 @@ pub struct ClusterView {
     pub unservable: Option<String>,
     /// The next placement (epoch + 1) while expert workers load its experts.
     pub pending: Option<Placement>,
+    /// NCCL unique ids by group (served by the `NcclId` call, not sent with the state).
+    pub nccl_ids: BTreeMap<String, Vec<u8>>,
 }
 
 impl ClusterView {
@@ -165,6 +169,7 @@ impl TryFrom<pb::ClusterState> for ClusterView {
             num_experts,
             unservable,
             pending,
+            nccl_ids: BTreeMap::new(),
         })
     }
 }

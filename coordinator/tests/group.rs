@@ -130,6 +130,34 @@ async fn add_and_remove_coordinators() {
         6,
         "a linearizable read sees every write"
     );
+    // NCCL unique ids: rank 0 offers through one coordinator, every coordinator hands the
+    // same id out, and a second offer does not replace it.
+    let id: Vec<u8> = (0..128u8).collect();
+    let first = CoordinatorClient::new(&nodes[2].address).unwrap();
+    let got = first
+        .nccl_id("attn0-experts", Some(&id), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(got, id);
+    for n in &nodes {
+        let c = CoordinatorClient::new(&n.address).unwrap();
+        let got = c
+            .nccl_id("attn0-experts", None, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(got, id, "from {}", n.address);
+    }
+    let other = vec![7u8; 128];
+    let got = client
+        .nccl_id("attn0-experts", Some(&other), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(got, id, "the first offer stands");
+    let waited = client
+        .nccl_id("nobody", None, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(waited.to_string().contains("no NCCL id"), "{waited}");
 
     let mut all_peers = peers.clone();
     all_peers.insert(4, fourth_address.clone());
@@ -345,6 +373,28 @@ async fn hostile_messages_get_typed_errors_and_change_nothing() {
         .await
         .unwrap_err();
     assert_eq!(no_id.code(), tonic::Code::InvalidArgument);
+    for (group, offer) in [
+        ("g", vec![1u8; 127]),
+        ("", vec![1u8; 128]),
+        (&*"x".repeat(129), vec![1u8; 128]),
+    ] {
+        let bad = raw
+            .nccl_id(pb::NcclIdRequest {
+                group: group.into(),
+                offer,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{group:?}");
+    }
+    let unknown = raw
+        .nccl_id(pb::NcclIdRequest {
+            group: "g".into(),
+            offer: Vec::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
     let after = node.coordinator.view();
     assert_eq!(after.members, before.members);
     assert_eq!(after.placement, before.placement);

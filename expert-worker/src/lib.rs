@@ -9,13 +9,15 @@
 //! per expert, computed on the CPU (`expertmesh_model::moe::Experts::run_groups`), and
 //! answered in the request's row order and dtype.
 //!
-//! The [`dispatch::Dispatch`] seam is what attention workers call; [`client::GrpcDispatch`]
-//! and [`local::InProcessDispatch`] implement it.
+//! The [`dispatch::Dispatch`] seam is what attention workers call; [`client::GrpcDispatch`],
+//! [`local::InProcessDispatch`] and (feature `cuda`) `nccl::NcclDispatch` implement it.
 
 pub mod batcher;
 pub mod client;
 pub mod dispatch;
 pub mod local;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod node;
 pub mod server;
 pub mod shard;

@@ -58,7 +58,7 @@ impl ExpertShard {
         src: &dyn WeightSource,
         device: Device,
     ) -> Result<Self, ModelError> {
-        device.check_experts()?;
+        device.check()?;
         let mut layers = BTreeMap::new();
         for &l in &config.moe_layers {
             layers.insert(l as u32, Experts::load(src, config, l)?);
@@ -71,6 +71,7 @@ impl ExpertShard {
                     n,
                     config.hidden_size,
                     config.intermediate_size,
+                    expertmesh_model::cuda::gemm::Precision::F32,
                 )
                 .map_err(|e| ModelError::Device(e.to_string()))?,
             ),

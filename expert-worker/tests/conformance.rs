@@ -253,3 +253,53 @@ async fn grpc_worker_gone_is_unavailable() {
     assert!(matches!(err, DispatchError::Unavailable(_)), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// The NCCL implementation on one GPU (a single-rank group): the group's unique id is offered
+/// to and handed out by a real coordinator over gRPC, then every batch's rows cross NCCL both
+/// ways around the same batcher. Skips with the reason without a GPU or NCCL.
+#[cfg(feature = "cuda")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nccl_conforms() {
+    use expertmesh_coordinator::{Coordinator, CoordinatorClient, NodeConfig, Settings, Timing};
+    use expertmesh_expert_worker::nccl::NcclDispatch;
+    for lib in ["cuda", "nccl"] {
+        if let Err(e) = expertmesh_model::cuda::preload(lib) {
+            println!("skipped: {e}");
+            return;
+        }
+    }
+    if let Err(e) = expertmesh_model::cuda::probe(0) {
+        println!("skipped: {e}");
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let dir = std::env::temp_dir().join(format!("expertmesh-nccl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (coordinator, _) = Coordinator::start(NodeConfig {
+        id: 1,
+        peers: [(1, address.clone())].into_iter().collect(),
+        data_dir: dir.clone(),
+        join: false,
+        tick: Duration::from_millis(50),
+        timing: Timing::default(),
+        model_fingerprint: "fp".into(),
+        num_experts: 8,
+        settings: Settings::default(),
+    })
+    .unwrap();
+    tokio::spawn(expertmesh_coordinator::serve(
+        coordinator,
+        listener,
+        std::future::pending(),
+    ));
+    let client = CoordinatorClient::new(&address).unwrap();
+    let f = Fixture::new();
+    let batcher = Batcher::spawn(f.shard(), BatcherConfig::default());
+    let nccl = NcclDispatch::single_rank(0, &client, "conformance", batcher)
+        .await
+        .unwrap();
+    println!("NCCL dispatch over {}", nccl.link().description);
+    conformance(&f, &nccl).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

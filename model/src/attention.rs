@@ -27,21 +27,21 @@ const QUERY_BLOCK: usize = 1;
 
 #[derive(Debug, Clone)]
 pub struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    use_rope: bool,
-    qk_norm: bool,
-    temperature_tuning: bool,
-    chunk: usize,
-    floor_scale: f64,
-    attn_scale: f64,
-    eps: f32,
-    rope: Rope,
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
+    pub(crate) heads: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) use_rope: bool,
+    pub(crate) qk_norm: bool,
+    pub(crate) temperature_tuning: bool,
+    pub(crate) chunk: usize,
+    pub(crate) floor_scale: f64,
+    pub(crate) attn_scale: f64,
+    pub(crate) eps: f32,
+    pub(crate) rope: Rope,
 }
 
 /// One sequence's share of a batched attention call.

@@ -58,8 +58,7 @@ impl fmt::Display for Device {
 impl Device {
     /// Checks that this build can compute on the device, with a clear error when it cannot:
     /// a build without the `cuda` feature, a machine without the CUDA driver or without that
-    /// device. The CUDA forward pass itself is not part of this build yet, so a present GPU
-    /// is reported as such.
+    /// device.
     pub fn check(self) -> Result<(), ModelError> {
         match self {
             Device::Cpu => Ok(()),
@@ -69,28 +68,6 @@ impl Device {
                  `cargo build --release --features cuda`"
                     .into(),
             )),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(n) => {
-                let info = crate::cuda::probe(n).map_err(|e| ModelError::Device(e.to_string()))?;
-                Err(ModelError::Device(format!(
-                    "found cuda:{n} ({}, {:.0} GiB), but the CUDA forward pass is not implemented \
-                     in this build yet; use --device cpu",
-                    info.name,
-                    info.total_memory as f64 / (1u64 << 30) as f64
-                )))
-            }
-        }
-    }
-}
-
-impl Device {
-    /// Like [`Device::check`], for an expert worker: its shard does run on a CUDA device (a
-    /// `--features cuda` build on a machine with that device).
-    pub fn check_experts(self) -> Result<(), ModelError> {
-        match self {
-            Device::Cpu => Ok(()),
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => self.check(),
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => crate::cuda::probe(n)
                 .map(|_| ())
@@ -117,7 +94,7 @@ mod tests {
             assert!(bad.parse::<Device>().is_err(), "{bad}");
         }
         assert!(Device::Cpu.check().is_ok());
-        assert!(Device::Cpu.check_experts().is_ok());
+        #[cfg(not(feature = "cuda"))]
         assert!(Device::Cuda(0).check().is_err());
     }
 }

@@ -8,19 +8,34 @@
 //! (transformers' "hybrid" cache). A scheduler admits and preempts sequences by the pool's
 //! free blocks ([`KvCache::blocks_needed`]).
 
-use std::sync::{Arc, Mutex};
+use std::any::Any;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Positions per block unless configured otherwise.
 pub const BLOCK_TOKENS: usize = 16;
 
 /// The block allocator shared by every sequence of one worker. A block holds the keys and
-/// values of `block_tokens` positions of one layer.
-#[derive(Debug)]
+/// values of `block_tokens` positions of one layer, and has an id below the number of
+/// blocks that exist at once. A *device* pool hands out ids only: the keys and values live
+/// in the device's memory, in the store attached to the pool (see `cuda::forward`).
 pub struct BlockPool {
     block_tokens: usize,
     /// Blocks that may exist at once; `None` for no limit (single-request generation).
     capacity: Option<usize>,
+    device: bool,
     state: Mutex<PoolState>,
+    /// What a device backend keeps beside the pool (its key and value store).
+    attachment: OnceLock<Box<dyn Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for BlockPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockPool")
+            .field("block_tokens", &self.block_tokens)
+            .field("capacity", &self.capacity)
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -28,6 +43,16 @@ struct PoolState {
     used: usize,
     /// Freed blocks kept for reuse, so steady state allocates nothing.
     spare: Vec<Box<[f32]>>,
+    /// Ids of freed blocks, and the next id never handed out.
+    free_ids: Vec<u32>,
+    next_id: u32,
+}
+
+/// One block of a layer's cache: its id and, in a host pool, its keys then values.
+#[derive(Debug)]
+struct Block {
+    id: u32,
+    data: Box<[f32]>,
 }
 
 impl BlockPool {
@@ -36,8 +61,46 @@ impl BlockPool {
         Arc::new(Self {
             block_tokens,
             capacity,
+            device: false,
             state: Mutex::default(),
+            attachment: OnceLock::new(),
         })
+    }
+
+    /// A pool of `capacity` blocks whose keys and values live on a device.
+    pub fn new_device(block_tokens: usize, capacity: usize) -> Arc<Self> {
+        assert!(block_tokens > 0, "blocks hold at least one position");
+        Arc::new(Self {
+            block_tokens,
+            capacity: Some(capacity),
+            device: true,
+            state: Mutex::default(),
+            attachment: OnceLock::new(),
+        })
+    }
+
+    pub fn is_device(&self) -> bool {
+        self.device
+    }
+
+    pub fn capacity(&self) -> Option<usize> {
+        self.capacity
+    }
+
+    /// The value attached to this pool by a backend, made by `make` on first use.
+    pub fn attachment<T: Any + Send + Sync, E>(
+        &self,
+        make: impl FnOnce() -> Result<T, E>,
+    ) -> Result<&T, E> {
+        if self.attachment.get().is_none() {
+            let value = make()?;
+            let _ = self.attachment.set(Box::new(value));
+        }
+        Ok(self
+            .attachment
+            .get()
+            .and_then(|b| b.downcast_ref::<T>())
+            .expect("a pool carries one kind of attachment"))
     }
 
     /// A pool without a limit, for one request at a time.
@@ -61,7 +124,7 @@ impl BlockPool {
 
     /// A block of `len` f32 values (keys then values). Callers check `available` first
     /// (see `Model::forward_with`); going past the capacity is a programming error.
-    fn take(&self, len: usize) -> Box<[f32]> {
+    fn take(&self, len: usize) -> Block {
         let mut s = self.state.lock().expect("pool lock");
         if let Some(c) = self.capacity {
             assert!(
@@ -70,18 +133,28 @@ impl BlockPool {
             );
         }
         s.used += 1;
-        match s.spare.pop() {
-            Some(b) if b.len() == len => b,
-            _ => vec![0.0; len].into_boxed_slice(),
-        }
+        let id = s.free_ids.pop().unwrap_or_else(|| {
+            s.next_id += 1;
+            s.next_id - 1
+        });
+        let data = if self.device {
+            Box::default()
+        } else {
+            match s.spare.pop() {
+                Some(b) if b.len() == len => b,
+                _ => vec![0.0; len].into_boxed_slice(),
+            }
+        };
+        Block { id, data }
     }
 
-    fn give_back(&self, blocks: impl IntoIterator<Item = Box<[f32]>>) {
+    fn give_back(&self, blocks: impl IntoIterator<Item = Block>) {
         let mut s = self.state.lock().expect("pool lock");
         for b in blocks {
             s.used -= 1;
-            if s.spare.len() < 1024 {
-                s.spare.push(b);
+            s.free_ids.push(b.id);
+            if !b.data.is_empty() && s.spare.len() < 1024 {
+                s.spare.push(b.data);
             }
         }
     }
@@ -98,7 +171,7 @@ pub struct LayerCache {
     /// f32 values per position of keys (and of values): kv_heads × head_dim.
     row: usize,
     /// Each block: keys `[block_tokens, row]` then values `[block_tokens, row]`.
-    blocks: Vec<Box<[f32]>>,
+    blocks: Vec<Block>,
 }
 
 impl LayerCache {
@@ -123,11 +196,33 @@ impl LayerCache {
             if slot == 0 && self.len / bt == self.blocks.len() {
                 self.blocks.push(pool.take(2 * bt * row));
             }
-            let block = &mut self.blocks[self.len / bt];
+            let block = &mut self.blocks[self.len / bt].data;
             block[slot * row..(slot + 1) * row].copy_from_slice(kr);
             block[(bt + slot) * row..(bt + slot + 1) * row].copy_from_slice(vr);
             self.len += 1;
         }
+    }
+
+    /// For a device pool: takes room for `n` more positions and returns their slots
+    /// (`block id · block_tokens + offset`), where the backend writes their keys and values.
+    pub fn extend_slots(&mut self, pool: &BlockPool, n: usize) -> Vec<i32> {
+        let bt = pool.block_tokens();
+        (0..n)
+            .map(|_| {
+                let slot = self.len % bt;
+                if slot == 0 && self.len / bt == self.blocks.len() {
+                    self.blocks.push(pool.take(0));
+                }
+                let id = self.blocks[self.len / bt].id as usize;
+                self.len += 1;
+                (id * bt + slot) as i32
+            })
+            .collect()
+    }
+
+    /// The ids of the blocks held, in position order.
+    pub fn block_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.blocks.iter().map(|b| b.id)
     }
 
     /// Copies positions `from..to` (absolute) into contiguous keys and values.
@@ -143,7 +238,7 @@ impl LayerCache {
         while p < to - self.start_pos {
             let (b, slot) = (p / bt, p % bt);
             let n = (bt - slot).min(to - self.start_pos - p);
-            let block = &self.blocks[b];
+            let block = &self.blocks[b].data;
             k.extend_from_slice(&block[slot * row..(slot + n) * row]);
             v.extend_from_slice(&block[(bt + slot) * row..(bt + slot + n) * row]);
             p += n;
@@ -256,5 +351,29 @@ mod tests {
         drop(cache);
         assert_eq!(pool.used(), 0);
         assert_eq!(pool.available(), 8);
+    }
+
+    /// A device pool hands out ids below its capacity and slots inside those blocks; freed
+    /// ids come back.
+    #[test]
+    fn device_pools_hand_out_ids_and_slots() {
+        let pool = BlockPool::new_device(4, 3);
+        assert!(pool.is_device());
+        let mut a = KvCache::new(1, 2, pool.clone());
+        let mut b = KvCache::new(1, 2, pool.clone());
+        assert_eq!(a.layers[0].extend_slots(&pool, 6), vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(b.layers[0].extend_slots(&pool, 2), vec![8, 9]);
+        assert_eq!(a.layers[0].block_ids().collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(pool.available(), 0);
+        // Block 0 (positions 0..4) is given back and taken again by the next block of b.
+        a.layers[0].drop_before(&pool, 4);
+        assert_eq!(b.layers[0].extend_slots(&pool, 3), vec![10, 11, 0]);
+        assert_eq!(b.layers[0].block_ids().collect::<Vec<_>>(), vec![2, 0]);
+        assert_eq!(a.layers[0].extend_slots(&pool, 2), vec![6, 7]);
+        drop((a, b));
+        assert_eq!(pool.used(), 0);
+        let first = *pool.attachment(|| Ok::<_, ()>(7u32)).unwrap();
+        let again = *pool.attachment(|| Ok::<_, ()>(9u32)).unwrap();
+        assert_eq!((first, again), (7, 7));
     }
 }

@@ -44,10 +44,10 @@ pub enum Layout {
 /// A weight matrix and the product `y = x · Wᵀ` (or `x · W` for `InOut`).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    pub(crate) weight: Tensor,
     in_dim: usize,
     out_dim: usize,
-    layout: Layout,
+    pub(crate) layout: Layout,
 }
 
 impl Linear {

@@ -24,17 +24,17 @@ use crate::norm::rms_norm;
 // One per layer, built once: the size difference between variants costs nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
-enum FeedForward {
+pub(crate) enum FeedForward {
     Dense(Mlp),
     Moe(Moe),
 }
 
 #[derive(Debug, Clone)]
-struct Layer {
-    input_norm: Vec<f32>,
-    post_attention_norm: Vec<f32>,
-    attention: Attention,
-    feed_forward: FeedForward,
+pub(crate) struct Layer {
+    pub(crate) input_norm: Vec<f32>,
+    pub(crate) post_attention_norm: Vec<f32>,
+    pub(crate) attention: Attention,
+    pub(crate) feed_forward: FeedForward,
 }
 
 /// One sequence of a batch: its cache and its new tokens.
@@ -73,11 +73,14 @@ impl Forward {
 #[derive(Debug, Clone)]
 pub struct Model {
     config: TextConfig,
-    embed: Tensor,
-    layers: Vec<Layer>,
-    norm: Vec<f32>,
-    lm_head: Linear,
+    pub(crate) embed: Tensor,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) norm: Vec<f32>,
+    pub(crate) lm_head: Linear,
     micro_batch_min_tokens: usize,
+    /// The model's copy on a GPU (`Model::to_device`), which then runs every forward pass.
+    #[cfg(feature = "cuda")]
+    gpu: Option<Arc<crate::cuda::forward::GpuModel>>,
 }
 
 /// Batches of at least this many tokens (and two sequences) run as two micro-batches.
@@ -137,6 +140,8 @@ impl Model {
             layers,
             config,
             micro_batch_min_tokens: MICRO_BATCH_MIN_TOKENS,
+            #[cfg(feature = "cuda")]
+            gpu: None,
         })
     }
 
@@ -144,9 +149,51 @@ impl Model {
         &self.config
     }
 
-    /// An empty cache with its own unbounded block pool (one request at a time).
+    /// Moves the computation to `device`: for `cuda:N`, every dense weight is copied to the
+    /// GPU (the routed experts follow on first use) and later forward passes run there, f32
+    /// products over the bf16 weights. Errors without CUDA in the build or the machine.
+    pub fn to_device(&mut self, device: crate::Device) -> Result<()> {
+        device.check()?;
+        #[cfg(feature = "cuda")]
+        {
+            self.gpu = match device {
+                crate::Device::Cpu => None,
+                crate::Device::Cuda(n) => Some(Arc::new(crate::cuda::forward::GpuModel::new(
+                    self,
+                    n,
+                    crate::cuda::gemm::Precision::F32,
+                )?)),
+            };
+        }
+        Ok(())
+    }
+
+    /// Where forward passes run.
+    pub fn device_name(&self) -> String {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return gpu.device.clone();
+        }
+        "cpu".into()
+    }
+
+    /// An empty cache with its own unbounded block pool (one request at a time); on a GPU,
+    /// in the model's default device pool.
     pub fn new_cache(&self) -> KvCache {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return self.new_cache_in(gpu.default_pool());
+        }
         self.new_cache_in(BlockPool::unbounded())
+    }
+
+    /// A bounded block pool where this model's caches can live (on the device for a GPU).
+    pub fn new_pool(&self, block_tokens: usize, blocks: usize) -> Arc<BlockPool> {
+        #[cfg(feature = "cuda")]
+        if self.gpu.is_some() {
+            return BlockPool::new_device(block_tokens, blocks);
+        }
+        BlockPool::new(block_tokens, Some(blocks))
     }
 
     /// An empty cache whose blocks come from a shared, bounded pool.
@@ -203,7 +250,17 @@ impl Model {
     /// Runs new tokens of every sequence through the model, extending their caches, with
     /// the routed experts held in this process.
     pub fn forward(&self, batch: &mut [Sequence<'_>], rows: LogitRows) -> Result<Forward> {
-        self.forward_with(batch, rows, &self.local_runner()?)
+        self.local_runner()?;
+        self.forward_with(batch, rows, &OwnLocalExperts(self))
+    }
+
+    /// Runs a routed batch on the experts this process holds, where the model computes.
+    pub fn run_local(&self, batch: RoutedBatch) -> Result<PendingExperts> {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return gpu.run_local(self, batch);
+        }
+        self.local_runner()?.start(batch)
     }
 
     /// The runner over the experts this process holds (`NoLocalExperts` without them).
@@ -248,6 +305,10 @@ impl Model {
                 needed: n,
                 available,
             });
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return gpu.forward(self, batch, rows, runner);
         }
         let c = &self.config;
         let h = c.hidden_size;
@@ -427,6 +488,15 @@ pub struct OwnedLocalExperts(pub Arc<Model>);
 
 impl ExpertRunner for OwnedLocalExperts {
     fn start(&self, batch: RoutedBatch) -> Result<PendingExperts> {
-        self.0.local_runner()?.start(batch)
+        self.0.run_local(batch)
+    }
+}
+
+/// The model's own experts, where the model computes (`Model::run_local`).
+struct OwnLocalExperts<'a>(&'a Model);
+
+impl ExpertRunner for OwnLocalExperts<'_> {
+    fn start(&self, batch: RoutedBatch) -> Result<PendingExperts> {
+        self.0.run_local(batch)
     }
 }

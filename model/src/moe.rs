@@ -20,9 +20,9 @@ use crate::norm::{sigmoid, silu};
 /// `down(silu(gate(x)) ⊙ up(x))` with `nn.Linear` weights.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    pub(crate) gate: Linear,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
 }
 
 impl Mlp {
@@ -239,12 +239,12 @@ impl Experts {
 /// A MoE feed-forward block: router, routed experts, shared expert.
 #[derive(Debug, Clone)]
 pub struct Moe {
-    router: Linear,
+    pub(crate) router: Linear,
     /// The routed experts, when this process holds them.
     pub experts: Option<Experts>,
-    shared: Mlp,
+    pub(crate) shared: Mlp,
     hidden: usize,
-    num_experts: usize,
+    pub(crate) num_experts: usize,
 }
 
 impl Moe {

@@ -46,8 +46,8 @@ pub struct Row {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
     pub device: String,
-    /// Device-to-device copy: bytes read ÷ time (the weight-read floor), GB/s.
-    pub copy_read_gbps: f64,
+    /// Device-to-device copy: bytes read and written ÷ time (the memory bandwidth), GB/s.
+    pub copy_traffic_gbps: f64,
     pub rows: Vec<Row>,
 }
 
@@ -166,7 +166,9 @@ pub fn expert_shard(
     let copy_ms = time_ms(&ctx, &stream, runs, || {
         stream.memcpy_dtod(&src, &mut dst).map_err(err)
     })?;
-    let copy_read_gbps = (copy_elems * 2) as f64 / (copy_ms * 1e6);
+    // A copy reads and writes every byte: its traffic is the memory's bandwidth, the floor
+    // a weight-bound product (which only reads) is measured against.
+    let copy_traffic_gbps = (2 * copy_elems * 2) as f64 / (copy_ms * 1e6);
     drop((src, dst));
 
     let mut rows = Vec::new();
@@ -230,7 +232,7 @@ pub fn expert_shard(
             info.name,
             info.total_memory as f64 / (1u64 << 30) as f64
         ),
-        copy_read_gbps,
+        copy_traffic_gbps,
         rows,
     })
 }

@@ -1,20 +1,17 @@
 //! Routed experts on a GPU: an expert worker's shard with its experts' weights on the device
 //! in bf16 (copied from the checkpoint on first use or when a placement is prepared), and
-//! each routed batch computed as one cuBLAS GEMM pair per expert group (bf16 operands, f32
-//! accumulation and output) around the SwiGLU kernel. Activations are rounded to bf16 for the
-//! GEMMs, so results differ from the CPU backend (f32 activations) by bf16 rounding; the GPU
-//! test states the tolerance.
+//! each routed batch computed as one cuBLAS GEMM pair per expert group around the SwiGLU
+//! kernel, in the chosen [`Precision`] (f32 by default: the CPU backend's results up to the
+//! order of the sums; bf16: tensor cores, activations rounded to bf16).
 
 use std::collections::HashMap;
-use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
-use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
-use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
+use super::gemm::{addr, DeviceWeight, Gemm, MatPtr, Precision};
 use super::CudaError;
-use crate::checkpoint::{DType, Tensor};
+use crate::linear::Layout;
 use crate::moe::{ExpertGroup, Experts};
 
 use super::driver_error as err;
@@ -22,20 +19,21 @@ use super::driver_error as err;
 /// One expert's weights on the device, as bf16 bits.
 struct ExpertWeights {
     /// `[hidden, 2·inter]`.
-    gate_up: CudaSlice<u16>,
+    gate_up: DeviceWeight,
     /// `[inter, hidden]`.
-    down: CudaSlice<u16>,
+    down: DeviceWeight,
 }
 
 /// Experts of every MoE layer that this worker runs on one GPU.
 pub struct GpuExperts {
-    stream: Arc<CudaStream>,
-    blas: CudaBlas,
+    gemm: Gemm,
     swiglu: CudaFunction,
-    to_bf16: CudaFunction,
+    precision: Precision,
     hidden: usize,
     inter: usize,
     weights: Mutex<HashMap<(u32, u32), Arc<ExpertWeights>>>,
+    /// One routed batch at a time on the device (cuBLAS handles are not re-entrant).
+    running: Mutex<()>,
     /// "cuda:N name".
     pub device: String,
 }
@@ -44,35 +42,19 @@ impl std::fmt::Debug for GpuExperts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GpuExperts")
             .field("device", &self.device)
+            .field("precision", &self.precision)
             .finish_non_exhaustive()
-    }
-}
-
-/// A tensor's values as bf16 bits (bf16 is copied as is; f32 and f16 are rounded).
-fn bf16_bits(t: &Tensor) -> Vec<u16> {
-    let b = t.bytes();
-    match t.dtype {
-        DType::BF16 => b
-            .chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .collect(),
-        DType::F16 => b
-            .chunks_exact(2)
-            .map(|c| {
-                let v = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
-                half::bf16::from_f32(v).to_bits()
-            })
-            .collect(),
-        DType::F32 => b
-            .chunks_exact(4)
-            .map(|c| half::bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_bits())
-            .collect(),
     }
 }
 
 impl GpuExperts {
     /// Opens device `ordinal` for experts of `hidden` × `inter`.
-    pub fn new(ordinal: usize, hidden: usize, inter: usize) -> Result<Self, CudaError> {
+    pub fn new(
+        ordinal: usize,
+        hidden: usize,
+        inter: usize,
+        precision: Precision,
+    ) -> Result<Self, CudaError> {
         let super::Opened {
             info,
             stream,
@@ -81,13 +63,13 @@ impl GpuExperts {
             ..
         } = super::open(ordinal)?;
         Ok(Self {
-            blas,
+            gemm: Gemm::new(stream, blas, &module)?,
             swiglu: module.load_function("swiglu").map_err(err)?,
-            to_bf16: module.load_function("f32_to_bf16_copy").map_err(err)?,
-            stream,
+            precision,
             hidden,
             inter,
             weights: Mutex::new(HashMap::new()),
+            running: Mutex::new(()),
             device: format!("cuda:{ordinal} {}", info.name),
         })
     }
@@ -113,79 +95,18 @@ impl GpuExperts {
             return Ok((w.clone(), 0));
         }
         let e = expert as usize;
-        let gate_up = bf16_bits(&experts.gate_up.outer(e));
-        let down = bf16_bits(&experts.down.outer(e));
-        let bytes = 2 * (gate_up.len() + down.len());
+        let (gate_up, down) = (experts.gate_up.outer(e), experts.down.outer(e));
+        let bytes = 2 * (gate_up.numel() + down.numel());
+        let s = &self.gemm.stream;
         let w = Arc::new(ExpertWeights {
-            gate_up: self.stream.clone_htod(&gate_up).map_err(err)?,
-            down: self.stream.clone_htod(&down).map_err(err)?,
+            gate_up: DeviceWeight::upload(s, &gate_up, Layout::InOut)?,
+            down: DeviceWeight::upload(s, &down, Layout::InOut)?,
         });
         self.weights
             .lock()
             .expect("weights lock")
             .insert((layer, expert), w.clone());
         Ok((w, bytes))
-    }
-
-    /// Row-major `c[m, n] = a[m, k] · b[k, n]` with bf16 `a` and `b` and f32 `c`, given as
-    /// device addresses with leading dimensions (cuBLAS is column-major: `cᵀ = bᵀ · aᵀ`).
-    #[allow(clippy::too_many_arguments, unsafe_code)]
-    fn gemm(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: u64,
-        lda: usize,
-        b: u64,
-        ldb: usize,
-        c: u64,
-        ldc: usize,
-    ) -> Result<(), CudaError> {
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        // SAFETY: the addresses point into live device buffers that hold the described
-        // sub-matrices; the call is queued on this stream, before the buffers are freed.
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *self.blas.handle(),
-                cublasOperation_t::CUBLAS_OP_N,
-                cublasOperation_t::CUBLAS_OP_N,
-                n as i32,
-                m as i32,
-                k as i32,
-                (&alpha) as *const f32 as *const c_void,
-                b as *const c_void,
-                cudaDataType::CUDA_R_16BF,
-                ldb as i32,
-                a as *const c_void,
-                cudaDataType::CUDA_R_16BF,
-                lda as i32,
-                (&beta) as *const f32 as *const c_void,
-                c as *mut c_void,
-                cudaDataType::CUDA_R_32F,
-                ldc as i32,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(err)
-    }
-
-    /// f32 → bf16 on the device.
-    #[allow(unsafe_code)]
-    fn narrow(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<u16>) -> Result<(), CudaError> {
-        let n = src.len() as i64;
-        // SAFETY: the kernel reads and writes n elements of buffers holding n.
-        unsafe {
-            self.stream
-                .launch_builder(&self.to_bf16)
-                .arg(src)
-                .arg(dst)
-                .arg(&n)
-                .launch(LaunchConfig::for_num_elems(n as u32))
-        }
-        .map(|_| ())
-        .map_err(err)
     }
 
     /// Runs the groups of one routed batch of MoE layer `layer` (`inputs` is `[Σ rows,
@@ -203,38 +124,32 @@ impl GpuExperts {
         if rows == 0 {
             return Ok(Vec::new());
         }
-        let s = &self.stream;
-        let x = s.clone_htod(inputs).map_err(err)?;
-        let mut xb = s.alloc_zeros::<u16>(rows * h).map_err(err)?;
-        self.narrow(&x, &mut xb)?;
-        let gu = s.alloc_zeros::<f32>(rows * 2 * i).map_err(err)?;
-        let mut act = s.alloc_zeros::<f32>(rows * i).map_err(err)?;
-        let mut actb = s.alloc_zeros::<u16>(rows * i).map_err(err)?;
-        let y = s.alloc_zeros::<f32>(rows * h).map_err(err)?;
         let weights: Vec<Arc<ExpertWeights>> = groups
             .iter()
             .map(|g| Ok(self.weights_of(layer, g.expert, experts)?.0))
             .collect::<Result<_, CudaError>>()?;
-        {
-            let (xb_ptr, _g1) = xb.device_ptr(s);
-            let (gu_ptr, _g2) = gu.device_ptr(s);
-            let mut row = 0usize;
-            for (g, w) in groups.iter().zip(&weights) {
-                let t = g.rows as usize;
-                let (w_ptr, _g) = w.gate_up.device_ptr(s);
-                self.gemm(
-                    t,
-                    2 * i,
-                    h,
-                    xb_ptr + (row * h * 2) as u64,
-                    h,
-                    w_ptr,
-                    2 * i,
-                    gu_ptr + (row * 2 * i * 4) as u64,
-                    2 * i,
-                )?;
-                row += t;
-            }
+        let _running = self.running.lock().expect("run lock");
+        let s = &self.gemm.stream;
+        let x = s.clone_htod(inputs).map_err(err)?;
+        let gu = s.alloc_zeros::<f32>(rows * 2 * i).map_err(err)?;
+        let mut act = s.alloc_zeros::<f32>(rows * i).map_err(err)?;
+        let y: CudaSlice<f32> = s.alloc_zeros::<f32>(rows * h).map_err(err)?;
+        let (x_ptr, gu_ptr, act_ptr, y_ptr) =
+            (addr(&x, s), addr(&gu, s), addr(&act, s), addr(&y, s));
+        let mut row = 0usize;
+        for (g, w) in groups.iter().zip(&weights) {
+            let t = g.rows as usize;
+            let x = MatPtr {
+                ptr: x_ptr + (row * h * 4) as u64,
+                ld: h,
+            };
+            let gu = MatPtr {
+                ptr: gu_ptr + (row * 2 * i * 4) as u64,
+                ld: 2 * i,
+            };
+            self.gemm
+                .linear(self.precision, t, x, &w.gate_up, gu, false)?;
+            row += t;
         }
         let (rows_i, inter_i) = (rows as i32, i as i32);
         // SAFETY: swiglu reads rows × 2·inter and writes rows × inter values.
@@ -247,27 +162,19 @@ impl GpuExperts {
                 .launch(LaunchConfig::for_num_elems((rows * i) as u32))
         }
         .map_err(err)?;
-        self.narrow(&act, &mut actb)?;
-        {
-            let (a_ptr, _g1) = actb.device_ptr(s);
-            let (y_ptr, _g2) = y.device_ptr(s);
-            let mut row = 0usize;
-            for (g, w) in groups.iter().zip(&weights) {
-                let t = g.rows as usize;
-                let (w_ptr, _g) = w.down.device_ptr(s);
-                self.gemm(
-                    t,
-                    h,
-                    i,
-                    a_ptr + (row * i * 2) as u64,
-                    i,
-                    w_ptr,
-                    h,
-                    y_ptr + (row * h * 4) as u64,
-                    h,
-                )?;
-                row += t;
-            }
+        let mut row = 0usize;
+        for (g, w) in groups.iter().zip(&weights) {
+            let t = g.rows as usize;
+            let a = MatPtr {
+                ptr: act_ptr + (row * i * 4) as u64,
+                ld: i,
+            };
+            let y = MatPtr {
+                ptr: y_ptr + (row * h * 4) as u64,
+                ld: h,
+            };
+            self.gemm.linear(self.precision, t, a, &w.down, y, false)?;
+            row += t;
         }
         s.clone_dtoh(&y).map_err(err)
     }

@@ -61,7 +61,7 @@ __device__ __forceinline__ void online_add(Online& o, float score, float value) 
 }
 
 // norm.rs `rms_norm`: y = x · rsqrt(mean(x²) + eps) · w. One block per row.
-extern "C" __global__ void rms_norm(const float* x, const bf16_t* w, float* y, int rows, int dim,
+extern "C" __global__ void rms_norm(const float* x, const float* w, float* y, int rows, int dim,
                                     float eps) {
     int row = blockIdx.x;
     if (row >= rows) return;
@@ -71,7 +71,7 @@ extern "C" __global__ void rms_norm(const float* x, const bf16_t* w, float* y, i
     for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
     float inv = rsqrtf(block_sum(ss) / (float)dim + eps);
     for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-        float weight = w ? bf16_to_f32(w[i]) : 1.0f;
+        float weight = w ? w[i] : 1.0f;
         yr[i] = xr[i] * inv * weight;
     }
 }
@@ -211,39 +211,47 @@ extern "C" __global__ void attention_prefill(const float* q, const float* k, con
     if (i < d) out[((long long)t * q_heads + h) * d + i] = o.acc / o.l;
 }
 
-// kv_cache.rs + attention.rs, decode: one new query per sequence over its paged cache.
-// k_cache, v_cache are [blocks, block_tokens, kv_heads, d]; block_table is [seqs, max_blocks];
-// cache slot j of sequence s holds position first_pos[s] + j; the query sits at position
-// first_pos[s] + cached[s] - 1 (its own key already written). q, out are [seqs, q_heads, d].
-// One block of d threads per (sequence, head).
-extern "C" __global__ void attention_decode_paged(const float* q, const float* k_cache,
-                                                  const float* v_cache, const int* block_table,
-                                                  const int* first_pos, const int* cached,
-                                                  float* out, int seqs, int q_heads,
-                                                  int kv_heads, int d, int block_tokens,
-                                                  int max_blocks, int chunk, float scale) {
-    int s = blockIdx.x;
+// kv_cache.rs + attention.rs over the paged cache: each query row r belongs to sequence
+// q_seq[r] and sits at absolute position q_pos[r]; its own key is already in the cache. It sees
+// the cached positions from the start of its aligned chunk (chunk > 0) or from the first cached
+// position, up to its own. k_cache, v_cache are [blocks, block_tokens, kv_heads, d];
+// block_table is [seqs, max_blocks]; cache slot j of sequence s holds position first_pos[s] + j.
+// q, out are [rows, q_heads, d]. One block of d threads (rounded up to a warp) per (row, head).
+extern "C" __global__ void attention_paged(const float* q, const float* k_cache,
+                                           const float* v_cache, const int* block_table,
+                                           const int* first_pos, const int* q_seq,
+                                           const int* q_pos, float* out, int rows, int q_heads,
+                                           int kv_heads, int d, int block_tokens, int max_blocks,
+                                           int chunk, float scale) {
+    int r = blockIdx.x;
     int h = blockIdx.y;
     int i = threadIdx.x;
-    if (s >= seqs || h >= q_heads) return;
+    if (r >= rows || h >= q_heads) return;
     int kvh = h / (q_heads / kv_heads);
-    int n = cached[s];
-    int pos = first_pos[s] + n - 1;
+    int s = q_seq[r];
+    int pos = q_pos[r];
+    int first = first_pos[s];
     int lo = 0;
     if (chunk > 0) {
-        int c = (pos / chunk) * chunk - first_pos[s];
+        int c = (pos / chunk) * chunk - first;
         if (c > lo) lo = c;
     }
-    float qi = (i < d) ? q[((long long)s * q_heads + h) * d + i] : 0.0f;
+    float qi = (i < d) ? q[((long long)r * q_heads + h) * d + i] : 0.0f;
     Online o = online_start();
-    for (int j = lo; j < n; ++j) {
+    for (int j = lo; j <= pos - first; ++j) {
         int block = block_table[(long long)s * max_blocks + j / block_tokens];
         long long row = ((long long)block * block_tokens + j % block_tokens) * kv_heads + kvh;
         float kd = (i < d) ? k_cache[row * d + i] : 0.0f;
         float vd = (i < d) ? v_cache[row * d + i] : 0.0f;
         online_add(o, block_sum(qi * kd) * scale, vd);
     }
-    if (i < d) out[((long long)s * q_heads + h) * d + i] = o.acc / o.l;
+    if (i < d) out[((long long)r * q_heads + h) * d + i] = o.acc / o.l;
+}
+
+// y += x, elementwise (residual adds).
+extern "C" __global__ void add_in_place(float* y, const float* x, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] += x[i];
 }
 
 // kv_cache.rs: writes new keys or values ([tokens, kv_heads, d]) into cache slots

@@ -10,6 +10,9 @@
 
 pub mod bench;
 pub mod experts;
+pub mod forward;
+pub mod gemm;
+pub mod nccl;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -30,7 +33,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "bf16_to_f32_copy",
     "fill_random_bf16",
     "attention_prefill",
-    "attention_decode_paged",
+    "attention_paged",
+    "add_in_place",
     "kv_cache_write",
 ];
 
@@ -135,6 +139,7 @@ pub fn preload(what: &str) -> Result<PathBuf, CudaError> {
         for dir in &dirs {
             let path = dir.join(name);
             if path.exists() && load(&path) {
+                check_cudarc_finds(what, &path)?;
                 loaded.push((what.to_owned(), path.clone()));
                 return Ok(path);
             }
@@ -148,6 +153,34 @@ pub fn preload(what: &str) -> Result<PathBuf, CudaError> {
             .collect::<Vec<_>>()
             .join(", "),
     })
+}
+
+/// cudarc loads its libraries by name (`libcublas.so`, `libcublas.so.12`, …, never
+/// `libcublas.so.13` or `libnccl.so.2`) and panics when none loads; the dynamic linker
+/// answers such a name with an already loaded library only when its SONAME matches. So
+/// once a library is loaded by path, one of cudarc's names must reach it, or the run stops
+/// here with the remedy instead of panicking later.
+fn check_cudarc_finds(what: &str, path: &Path) -> Result<(), CudaError> {
+    let candidates = cudarc::get_lib_name_candidates(what);
+    // SAFETY: as in `load`: these are the same CUDA libraries, already initialised.
+    #[allow(unsafe_code)]
+    let found = candidates
+        .iter()
+        .any(|name| unsafe { libloading::Library::new(name) }.is_ok());
+    if found {
+        return Ok(());
+    }
+    Err(CudaError::Driver(format!(
+        "found {} but cudarc loads it only as one of {}; put a directory with a link \
+         named lib{what}.so to it first on LD_LIBRARY_PATH (scripts/gpu-check.sh does)",
+        path.display(),
+        candidates
+            .iter()
+            .filter(|c| c.starts_with("lib"))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    )))
 }
 
 /// Loads a shared library by path and keeps it loaded for the life of the process.
