@@ -40,6 +40,8 @@ pub struct AttentionWorkerConfig {
     pub join_token: Option<String>,
     /// Where to compute (`cpu`, `cuda:N`).
     pub device: expertmesh_model::Device,
+    /// How a CUDA device computes its products (`f32`, `bf16`).
+    pub gemm: expertmesh_model::GemmPrecision,
 }
 
 impl Default for AttentionWorkerConfig {
@@ -55,6 +57,7 @@ impl Default for AttentionWorkerConfig {
             register_patience_ms: 30_000,
             join_token: None,
             device: expertmesh_model::Device::Cpu,
+            gemm: expertmesh_model::GemmPrecision::F32,
         }
     }
 }
@@ -79,12 +82,12 @@ pub async fn connect(
     source: &ModelSource,
     coordinator: &str,
     dispatch: DispatchConfig,
-    device: expertmesh_model::Device,
+    (device, gemm): (expertmesh_model::Device, expertmesh_model::GemmPrecision),
 ) -> Result<(Arc<Model>, RemoteExperts, CoordinatorClient), NodeError> {
     let config = source.config()?;
     let weights = source.weights()?;
     let mut model = Model::without_experts(config, weights.as_ref())?;
-    model.to_device(device)?;
+    model.to_device_with(device, gemm)?;
     let model = Arc::new(model);
     let client = CoordinatorClient::new(coordinator)?;
     let c = model.config();
@@ -107,8 +110,13 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     config.device.check()?;
     let source: ModelSource = config.model.parse()?;
-    let (model, experts, client) =
-        connect(&source, &config.coordinator, config.dispatch, config.device).await?;
+    let (model, experts, client) = connect(
+        &source,
+        &config.coordinator,
+        config.dispatch,
+        (config.device, config.gemm),
+    )
+    .await?;
     let dispatch_stats = experts.stats().clone();
     let engine = Engine::spawn(model.clone(), experts, config.scheduler);
     let engine_stats = engine.stats().clone();

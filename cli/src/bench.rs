@@ -5,6 +5,7 @@
 //! for a step is "weight bytes touched ÷ bandwidth"; the report gives the measured median
 //! step time as a ratio to that floor. Figures are medians over repeated runs.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -129,6 +130,13 @@ pub struct DecodeArgs {
     /// model, same run), and report cluster ÷ single-process throughput.
     #[arg(long)]
     expert_workers: Option<usize>,
+    /// Where the single process computes: cpu, or cuda[:N] (the floor is then the GPU's
+    /// device-to-device copy traffic).
+    #[arg(long, default_value = "cpu")]
+    device: expertmesh_model::Device,
+    /// How a GPU computes products over the bf16 weights (f32, bf16).
+    #[arg(long, default_value = "f32")]
+    gemm: expertmesh_model::GemmPrecision,
 }
 
 #[derive(Serialize)]
@@ -193,8 +201,21 @@ fn decode(args: DecodeArgs) -> Result<()> {
         }
     };
 
-    progress("measuring memory bandwidth (256 MiB copies and reads)");
-    let (memcpy_gbps, read_gbps) = bandwidth();
+    args.device.check()?;
+    if args.device != expertmesh_model::Device::Cpu && args.expert_workers.is_some() {
+        anyhow::bail!("--expert-workers measures the CPU engine; leave out --device");
+    }
+    let (memcpy_gbps, read_gbps) = match args.device {
+        expertmesh_model::Device::Cpu => {
+            progress("measuring memory bandwidth (256 MiB copies and reads)");
+            bandwidth()
+        }
+        expertmesh_model::Device::Cuda(n) => {
+            progress("measuring the GPU's memory bandwidth (1 GiB device-to-device copies)");
+            let gbps = gpu_copy_gbps(n)?;
+            (gbps, gbps)
+        }
+    };
 
     let started = Instant::now();
     let model_arg = match &args.model {
@@ -210,11 +231,13 @@ fn decode(args: DecodeArgs) -> Result<()> {
     let name = model_source.to_string();
     let config: TextConfig = model_source.config()?;
     let source: Box<dyn WeightSource> = model_source.weights()?;
-    let model = Model::from_source(config.clone(), source.as_ref())?;
+    let mut model = Model::from_source(config.clone(), source.as_ref())?;
+    model.to_device_with(args.device, args.gemm)?;
     let weight_bytes_total =
         model.decode_weight_bytes(&vec![config.num_local_experts; config.moe_layers.len()]) as u64;
     progress(&format!(
-        "model ready in {:.1} s: {:.2} GB of weights",
+        "model ready on {} in {:.1} s: {:.2} GB of weights",
+        model.device_name(),
         started.elapsed().as_secs_f64(),
         weight_bytes_total as f64 / 1e9
     ));
@@ -248,7 +271,7 @@ fn decode(args: DecodeArgs) -> Result<()> {
         progress(&format!("decode: batch {batch}, {} steps", args.steps));
         let prompts: Vec<Vec<u32>> = (0..batch).map(|_| prompt(args.prompt_tokens)).collect();
         let (mut times, bytes) =
-            decode_steps(&model, &model.local_runner()?, &prompts, args.steps)?;
+            decode_steps(&model, &model.experts_runner(), &prompts, args.steps)?;
         let step = median(&mut times).as_secs_f64();
         let floor = bytes as f64 / (memcpy_gbps * 1e9);
         let read_floor = bytes as f64 / (read_gbps * 1e9);
@@ -355,7 +378,19 @@ pub(crate) fn decode_steps(
         let elapsed = t0.elapsed();
         if step >= 2 {
             times.push(elapsed);
-            bytes.push(weight_bytes_read() - before);
+            let counted = weight_bytes_read() - before;
+            // The CPU counts the bytes its products read; a GPU step reads every dense
+            // weight and the experts its tokens were routed to.
+            bytes.push(if counted > 0 {
+                counted
+            } else {
+                let touched: Vec<usize> = out
+                    .routes
+                    .iter()
+                    .map(|r| r.iter().map(|r| r.expert).collect::<BTreeSet<_>>().len())
+                    .collect();
+                model.decode_weight_bytes(&touched) as u64
+            });
         }
         next = (0..prompts.len()).map(|i| [argmax(out.row(i))]).collect();
     }
@@ -384,6 +419,16 @@ fn swiglu_gflops(config: &TextConfig, src: &dyn WeightSource) -> Result<(usize, 
         .collect();
     let flops = 2.0 * TOKENS as f64 * (h * 2 * i + i * h) as f64;
     Ok((TOKENS, flops / median(&mut times).as_secs_f64() / 1e9))
+}
+
+/// The GPU's device-to-device copy traffic (bytes read and written), GB/s.
+fn gpu_copy_gbps(ordinal: usize) -> Result<f64> {
+    #[cfg(feature = "cuda")]
+    return Ok(expertmesh_model::cuda::bench::copy_traffic_gbps(
+        ordinal, 10,
+    )?);
+    #[cfg(not(feature = "cuda"))]
+    anyhow::bail!("cuda:{ordinal}: this expertmesh was built without CUDA")
 }
 
 /// (memcpy GB/s counting bytes copied, read-only GB/s), both cores, medians of 5.

@@ -95,6 +95,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         api_key: None,
         coordinator_args: Vec::new(),
         device: expertmesh_model::Device::Cpu,
+        gemm: expertmesh_model::GemmPrecision::F32,
     })?;
     let http = cluster
         .http

@@ -140,8 +140,9 @@ pub struct ClusterSpec {
     pub api_key: Option<String>,
     /// Extra flags for the coordinators (replication, leases).
     pub coordinator_args: Vec<String>,
-    /// Where both kinds of worker compute.
+    /// Where both kinds of worker compute, and how a GPU computes products.
     pub device: expertmesh_model::Device,
+    pub gemm: expertmesh_model::GemmPrecision,
 }
 
 impl ClusterSpec {
@@ -159,6 +160,7 @@ impl ClusterSpec {
             api_key: None,
             coordinator_args: Vec::new(),
             device: expertmesh_model::Device::Cpu,
+            gemm: expertmesh_model::GemmPrecision::F32,
         }
     }
 }
@@ -259,6 +261,7 @@ impl LocalCluster {
                 .chain(["--join-token", &token])
                 .map(str::to_owned)
                 .chain(["--device".to_owned(), spec.device.to_string()])
+                .chain(["--gemm".to_owned(), spec.gemm.to_string()])
                 .collect();
             args.extend_from_slice(extra);
             args
@@ -336,7 +339,7 @@ impl LocalCluster {
             &source,
             &self.coordinator_addresses(),
             dispatch,
-            expertmesh_model::Device::Cpu,
+            Default::default(),
         )
         .await?;
         experts

@@ -30,6 +30,10 @@ pub struct GenerateArgs {
     /// Where to compute: cpu, or cuda[:N] (a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: expertmesh_model::Device,
+    /// How a GPU computes products over the bf16 weights: f32 (the reference's numbers) or
+    /// bf16 (tensor cores, activations rounded).
+    #[arg(long, default_value = "f32")]
+    gemm: expertmesh_model::GemmPrecision,
     /// Prompt text.
     #[arg(
         long,
@@ -119,7 +123,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         (None, Some(addr)) => through_attention_worker(addr, &request, on_token)?,
         (None, None) => {
             let mut model = Model::load(&args.model)?;
-            model.to_device(args.device)?;
+            model.to_device_with(args.device, args.gemm)?;
             generate(&model, &request, on_token)?
         }
     };

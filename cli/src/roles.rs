@@ -70,6 +70,10 @@ pub struct WorkerArgs {
     /// Where to compute: cpu, or cuda[:N] (a build with `--features cuda`).
     #[arg(long)]
     device: Option<expertmesh_model::Device>,
+    /// How a GPU computes products over the bf16 weights: f32 (the reference's numbers) or
+    /// bf16 (tensor cores, activations rounded).
+    #[arg(long)]
+    gemm: Option<expertmesh_model::GemmPrecision>,
     /// Coordinator addresses, comma-separated.
     #[arg(long, alias = "coordinators", alias = "join")]
     coordinator: Option<String>,
@@ -88,7 +92,10 @@ impl WorkerArgs {
         self,
         coordinator: &mut String,
         join_token: &mut Option<String>,
-        device: &mut expertmesh_model::Device,
+        (device, gemm): (
+            &mut expertmesh_model::Device,
+            &mut expertmesh_model::GemmPrecision,
+        ),
         listen: &mut String,
         model: &mut String,
     ) {
@@ -100,6 +107,9 @@ impl WorkerArgs {
         }
         if let Some(v) = self.device {
             *device = v;
+        }
+        if let Some(v) = self.gemm {
+            *gemm = v;
         }
         if let Some(v) = self.listen {
             *listen = v;
@@ -280,7 +290,7 @@ pub fn expert_worker(args: ExpertWorkerArgs) -> Result<()> {
     args.worker.apply(
         &mut c.coordinator,
         &mut c.join_token,
-        &mut c.device,
+        (&mut c.device, &mut c.gemm),
         &mut c.listen,
         &mut c.model,
     );
@@ -303,7 +313,7 @@ pub fn attention_worker(args: AttentionWorkerArgs) -> Result<()> {
     args.worker.apply(
         &mut c.coordinator,
         &mut c.join_token,
-        &mut c.device,
+        (&mut c.device, &mut c.gemm),
         &mut c.listen,
         &mut c.model,
     );

@@ -43,6 +43,10 @@ pub struct UpArgs {
     /// Where the workers compute: cpu, or cuda[:N] (a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: expertmesh_model::Device,
+    /// How a GPU computes products over the bf16 weights: f32 (the reference's numbers) or
+    /// bf16 (tensor cores, activations rounded).
+    #[arg(long, default_value = "f32")]
+    gemm: expertmesh_model::GemmPrecision,
 }
 
 pub fn run(args: UpArgs) -> Result<()> {
@@ -72,6 +76,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             args.lease_ms.to_string(),
         ],
         device: args.device,
+        gemm: args.gemm,
     })?;
     let view = runtime.block_on(cluster.ready(Duration::from_secs(120)))?;
     println!(

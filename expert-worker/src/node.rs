@@ -35,6 +35,8 @@ pub struct ExpertWorkerConfig {
     pub join_token: Option<String>,
     /// Where to compute (`cpu`, `cuda:N`).
     pub device: expertmesh_model::Device,
+    /// How a CUDA device computes its products (`f32`, `bf16`).
+    pub gemm: expertmesh_model::GemmPrecision,
 }
 
 impl Default for ExpertWorkerConfig {
@@ -50,6 +52,7 @@ impl Default for ExpertWorkerConfig {
             register_patience_ms: 30_000,
             join_token: None,
             device: expertmesh_model::Device::Cpu,
+            gemm: expertmesh_model::GemmPrecision::F32,
         }
     }
 }
@@ -118,6 +121,7 @@ pub async fn run(
         &model_config,
         weights.as_ref(),
         config.device,
+        config.gemm,
     )?);
     let (listener, bound) = bind(&config.listen).await?;
     on_listening(bound);

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 pub const EPOCH_GRACE: Duration = Duration::from_secs(10);
 
 use expertmesh_model::moe::{ExpertGroup, Experts};
-use expertmesh_model::{Device, ModelError, TextConfig, WeightSource};
+use expertmesh_model::{Device, GemmPrecision, ModelError, TextConfig, WeightSource};
 
 use crate::dispatch::{DispatchBatch, DispatchError};
 
@@ -48,16 +48,19 @@ pub struct ExpertShard {
 impl ExpertShard {
     /// Maps the expert tensors of every MoE layer; owns no expert until assigned.
     pub fn new(config: &TextConfig, src: &dyn WeightSource) -> Result<Self, ModelError> {
-        Self::with_device(config, src, Device::Cpu)
+        Self::with_device(config, src, Device::Cpu, GemmPrecision::F32)
     }
 
     /// As [`ExpertShard::new`], computing on `device` (`cuda:N` needs a `--features cuda`
-    /// build; the weights then go to the GPU as they are loaded).
+    /// build; the weights then go to the GPU as they are loaded, and products run in `gemm`).
     pub fn with_device(
         config: &TextConfig,
         src: &dyn WeightSource,
         device: Device,
+        gemm: GemmPrecision,
     ) -> Result<Self, ModelError> {
+        #[cfg(not(feature = "cuda"))]
+        let _ = gemm;
         device.check()?;
         let mut layers = BTreeMap::new();
         for &l in &config.moe_layers {
@@ -71,7 +74,7 @@ impl ExpertShard {
                     n,
                     config.hidden_size,
                     config.intermediate_size,
-                    expertmesh_model::cuda::gemm::Precision::F32,
+                    gemm,
                 )
                 .map_err(|e| ModelError::Device(e.to_string()))?,
             ),

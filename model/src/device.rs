@@ -76,6 +76,40 @@ impl Device {
     }
 }
 
+/// How a CUDA device computes products with the bf16 weights (`--gemm`): `f32` widens the
+/// weights and multiplies in f32 (the CPU backend's and the `transformers` reference's
+/// numbers, up to the order of the sums); `bf16` rounds the activations to bf16 and runs on
+/// the tensor cores (faster, off by that rounding). The CPU backend always computes in f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GemmPrecision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl FromStr for GemmPrecision {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, ModelError> {
+        match s.trim() {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            other => Err(ModelError::Device(format!(
+                "{other:?} is not a GEMM precision (f32, bf16)"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for GemmPrecision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,6 +124,10 @@ mod tests {
             assert_eq!(text.parse::<Device>().unwrap(), device);
         }
         assert_eq!(Device::Cuda(2).to_string(), "cuda:2");
+        for p in [GemmPrecision::F32, GemmPrecision::Bf16] {
+            assert_eq!(p.to_string().parse::<GemmPrecision>().unwrap(), p);
+        }
+        assert!("fp8".parse::<GemmPrecision>().is_err());
         for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", ""] {
             assert!(bad.parse::<Device>().is_err(), "{bad}");
         }

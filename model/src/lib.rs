@@ -37,7 +37,7 @@ pub mod tokenizer;
 
 pub use checkpoint::{DType, InMemoryWeights, SafetensorsCheckpoint, Tensor, WeightSource};
 pub use config::TextConfig;
-pub use device::Device;
+pub use device::{Device, GemmPrecision};
 pub use error::{ModelError, Result};
 pub use generate::{generate, generate_with, FinishReason, GenerateOutput, GenerateRequest};
 pub use kv_cache::KvCache;

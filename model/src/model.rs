@@ -153,15 +153,24 @@ impl Model {
     /// GPU (the routed experts follow on first use) and later forward passes run there, f32
     /// products over the bf16 weights. Errors without CUDA in the build or the machine.
     pub fn to_device(&mut self, device: crate::Device) -> Result<()> {
+        self.to_device_with(device, crate::GemmPrecision::F32)
+    }
+
+    /// `to_device` with the products in `precision` (see `GemmPrecision`).
+    pub fn to_device_with(
+        &mut self,
+        device: crate::Device,
+        precision: crate::GemmPrecision,
+    ) -> Result<()> {
         device.check()?;
+        #[cfg(not(feature = "cuda"))]
+        let _ = precision;
         #[cfg(feature = "cuda")]
         {
             self.gpu = match device {
                 crate::Device::Cpu => None,
                 crate::Device::Cuda(n) => Some(Arc::new(crate::cuda::forward::GpuModel::new(
-                    self,
-                    n,
-                    crate::cuda::gemm::Precision::F32,
+                    self, n, precision,
                 )?)),
             };
         }
@@ -251,7 +260,12 @@ impl Model {
     /// the routed experts held in this process.
     pub fn forward(&self, batch: &mut [Sequence<'_>], rows: LogitRows) -> Result<Forward> {
         self.local_runner()?;
-        self.forward_with(batch, rows, &OwnLocalExperts(self))
+        self.forward_with(batch, rows, &self.experts_runner())
+    }
+
+    /// The runner over this process's experts, where the model computes (CPU or GPU).
+    pub fn experts_runner(&self) -> impl ExpertRunner + '_ {
+        OwnLocalExperts(self)
     }
 
     /// Runs a routed batch on the experts this process holds, where the model computes.

@@ -611,3 +611,46 @@ fn gpu_batches_and_paged_decoding_match_the_cpu() {
         bt += nb;
     }
 }
+
+/// `--gemm bf16` (activations rounded to bf16, tensor cores) against the CPU on the long case
+/// of tiny-maverick: logits within 3% of the largest plus 0.03 (bf16 keeps 8 bits of mantissa;
+/// the stated bound leaves room for their accumulation over 4 layers).
+#[test]
+fn bf16_gemms_stay_near_the_cpu() {
+    use expertmesh_model::{Device, GemmPrecision, LogitRows, Model, Sequence};
+    if let Err(e) = probe(0) {
+        return skip(e);
+    }
+    let cpu = Model::load(&fixture("tiny-maverick")).unwrap();
+    let mut gpu = cpu.clone();
+    gpu.to_device_with(Device::Cuda(0), GemmPrecision::Bf16)
+        .unwrap();
+    let vocab = cpu.config().vocab_size as u32;
+    let tokens: Vec<u32> = (0..48).map(|i| (i * 41 + 3) % vocab).collect();
+    let run = |m: &Model| {
+        let mut cache = m.new_cache();
+        m.forward(
+            &mut [Sequence {
+                cache: &mut cache,
+                tokens: &tokens,
+            }],
+            LogitRows::All,
+        )
+        .unwrap()
+    };
+    let (want, got) = (run(&cpu), run(&gpu));
+    let largest = want.logits.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let worst = got
+        .logits
+        .iter()
+        .zip(&want.logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    println!("bf16 GEMMs: worst |logit − cpu| = {worst:e} (largest logit {largest:e})");
+    assert_close(
+        "bf16 logits",
+        &got.logits,
+        &want.logits,
+        0.03 * largest + 0.03,
+    );
+}

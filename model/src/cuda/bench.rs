@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
 use half::bf16;
 
 use super::CudaError;
@@ -52,6 +54,60 @@ pub struct Report {
 }
 
 use super::driver_error as err;
+
+/// Device-to-device copy of 1 GiB on device `ordinal`: bytes read and written ÷ time, GB/s
+/// (median of `runs`): the memory bandwidth a weight-bound step is measured against.
+pub fn copy_traffic_gbps(ordinal: usize, runs: usize) -> Result<f64, CudaError> {
+    let super::Opened {
+        ctx,
+        stream,
+        module,
+        ..
+    } = super::open(ordinal)?;
+    let fill = module.load_function("fill_random_bf16").map_err(err)?;
+    copy_gbps(&ctx, &stream, &fill, runs)
+}
+
+/// A copy reads and writes every byte: its traffic is the memory's bandwidth, the floor a
+/// weight-bound product (which only reads) is measured against.
+fn copy_gbps(
+    ctx: &Arc<CudaContext>,
+    stream: &Arc<CudaStream>,
+    fill: &CudaFunction,
+    runs: usize,
+) -> Result<f64, CudaError> {
+    let elems = (1usize << 30) / 2;
+    let src = fill_random(stream, fill, elems, 4)?;
+    let mut dst = stream.alloc_zeros::<bf16>(elems).map_err(err)?;
+    let ms = time_ms(ctx, stream, runs, || {
+        stream.memcpy_dtod(&src, &mut dst).map_err(err)
+    })?;
+    Ok((2 * elems * 2) as f64 / (ms * 1e6))
+}
+
+/// `n` deterministic random bf16 values in [-0.02, 0.02) on the device.
+fn fill_random(
+    stream: &Arc<CudaStream>,
+    fill: &CudaFunction,
+    n: usize,
+    seed: u64,
+) -> Result<CudaSlice<bf16>, CudaError> {
+    let mut buf = stream.alloc_zeros::<bf16>(n).map_err(err)?;
+    let (n64, scale) = (n as i64, 0.02f32);
+    // SAFETY: the kernel writes exactly n values into a buffer of n.
+    #[allow(unsafe_code)]
+    unsafe {
+        stream
+            .launch_builder(fill)
+            .arg(&mut buf)
+            .arg(&n64)
+            .arg(&seed)
+            .arg(&scale)
+            .launch(LaunchConfig::for_num_elems(n as u32))
+            .map_err(err)?;
+    }
+    Ok(buf)
+}
 
 /// Median of `runs` timings (ms) of `work`, after one warm-up.
 fn time_ms(
@@ -131,23 +187,7 @@ pub fn expert_shard(
         inter: i,
     } = shape;
     let max_tokens = token_counts.iter().copied().max().unwrap_or(0).max(experts);
-    let random = |n: usize, seed: u64| -> Result<CudaSlice<bf16>, CudaError> {
-        let mut buf = stream.alloc_zeros::<bf16>(n).map_err(err)?;
-        let (n64, scale) = (n as i64, 0.02f32);
-        // SAFETY: the kernel writes exactly n values into a buffer of n.
-        #[allow(unsafe_code)]
-        unsafe {
-            stream
-                .launch_builder(&fill)
-                .arg(&mut buf)
-                .arg(&n64)
-                .arg(&seed)
-                .arg(&scale)
-                .launch(LaunchConfig::for_num_elems(n as u32))
-                .map_err(err)?;
-        }
-        Ok(buf)
-    };
+    let random = |n: usize, seed: u64| fill_random(&stream, &fill, n, seed);
     let gate_up = random(experts * h * 2 * i, 1)?;
     let down = random(experts * i * h, 2)?;
     let x = random(max_tokens * h, 3)?;
@@ -159,17 +199,7 @@ pub fn expert_shard(
         .alloc_zeros::<bf16>(max_tokens * 3 * i)
         .map_err(err)?;
 
-    // The copy floor: 1 GiB device to device.
-    let copy_elems = (1usize << 30) / 2;
-    let src = random(copy_elems, 4)?;
-    let mut dst = stream.alloc_zeros::<bf16>(copy_elems).map_err(err)?;
-    let copy_ms = time_ms(&ctx, &stream, runs, || {
-        stream.memcpy_dtod(&src, &mut dst).map_err(err)
-    })?;
-    // A copy reads and writes every byte: its traffic is the memory's bandwidth, the floor
-    // a weight-bound product (which only reads) is measured against.
-    let copy_traffic_gbps = (2 * copy_elems * 2) as f64 / (copy_ms * 1e6);
-    drop((src, dst));
+    let copy_traffic_gbps = copy_gbps(&ctx, &stream, &fill, runs)?;
 
     let mut rows = Vec::new();
     for &tokens in token_counts {

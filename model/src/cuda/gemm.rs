@@ -25,23 +25,7 @@ use crate::checkpoint::{DType, Tensor};
 use crate::linear::Layout;
 
 /// How products with bf16 weights are computed (see the module).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Precision {
-    #[default]
-    F32,
-    Bf16,
-}
-
-impl std::str::FromStr for Precision {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "f32" => Ok(Self::F32),
-            "bf16" => Ok(Self::Bf16),
-            other => Err(format!("`{other}` is not a GEMM precision (f32, bf16)")),
-        }
-    }
-}
+pub use crate::device::GemmPrecision as Precision;
 
 /// A tensor's values as bf16 bits (bf16 is copied as is; f32 and f16 are rounded).
 pub(crate) fn bf16_bits(t: &Tensor) -> Vec<u16> {
