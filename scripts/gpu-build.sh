@@ -9,8 +9,9 @@ rm -rf "$out" && mkdir -p "$out"
 cargo build --release --features cuda
 cp target/release/expertmesh "$out/"
 # Test executables: cargo prints their paths as JSON messages.
-cargo test --release -p expertmesh-model -p expertmesh-expert-worker \
-  --features expertmesh-model/cuda,expertmesh-expert-worker/cuda --no-run --message-format=json 2>/dev/null \
+cargo test --release -p expertmesh-model -p expertmesh-expert-worker -p expertmesh-tests \
+  --features expertmesh-model/cuda,expertmesh-expert-worker/cuda,expertmesh-tests/cuda \
+  --no-run --message-format=json 2>/dev/null \
   | python3 -c '
 import json, sys
 for line in sys.stdin:

@@ -2,7 +2,7 @@
 # The GPU check: finds the CUDA libraries (system driver, CUDA toolkit, and Python packages'
 # site-packages/nvidia/*/lib), runs the CUDA test executables and the expert-shard benchmark.
 # Runs prebuilt binaries from target/gpu/ (made by scripts/gpu-build.sh); needs no Rust.
-# Usage: scripts/gpu-check.sh [BIN_DIR]   (under 8 minutes on an H100)
+# Usage: scripts/gpu-check.sh [BIN_DIR]   (under 8 minutes on an H100; about 1 on an H200)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bin=${1:-target/gpu}
@@ -69,4 +69,9 @@ echo "GPU cluster:        $cluster"
 kill "${pids[@]}" 2>/dev/null
 echo "== expert shard benchmark (16 experts, 5120 x 8192, bf16)"
 timeout 240 "$bin/expertmesh" bench gpu-experts --device cuda:0 --runs 10 || status=1
+echo "== single-process decode (the Maverick-shaped synthetic model): the GPU in f32 and bf16, and this machine's CPU"
+for g in f32 bf16; do
+  timeout 180 "$bin/expertmesh" bench decode --device cuda:0 --gemm "$g" --batch 1,32 || status=1
+done
+timeout 240 "$bin/expertmesh" bench decode --batch 1,32 || status=1
 exit $status

@@ -663,4 +663,32 @@ mod tests {
         .is_err());
         assert_eq!(Machine::decode(&m.encode()).unwrap(), m);
     }
+
+    #[test]
+    fn nccl_ids_first_offer_stands_and_the_table_is_bounded() {
+        let mut m = Machine::default();
+        let offer = |group: &str, byte: u8| Command::NcclId {
+            group: group.into(),
+            id: vec![byte; NCCL_ID_BYTES],
+        };
+        apply(&mut m, offer("g", 1)).unwrap();
+        apply(&mut m, offer("g", 2)).unwrap();
+        assert_eq!(m.nccl_ids["g"], vec![1; NCCL_ID_BYTES]);
+        for bad in [
+            Command::NcclId {
+                group: "g".into(),
+                id: vec![1; 3],
+            },
+            offer("", 1),
+            offer(&"x".repeat(NCCL_GROUP_NAME_MAX + 1), 1),
+        ] {
+            assert!(matches!(apply(&mut m, bad), Err(Rejected::Invalid(_))));
+        }
+        for i in 1..NCCL_GROUPS_MAX {
+            apply(&mut m, offer(&format!("group {i}"), 3)).unwrap();
+        }
+        assert_eq!(apply(&mut m, offer("one more", 3)), Err(Rejected::Full));
+        apply(&mut m, offer("g", 4)).unwrap();
+        assert_eq!(Machine::decode(&m.encode()).unwrap(), m);
+    }
 }

@@ -104,6 +104,10 @@ pub struct Replica {
     machine: Machine,
     applied: u64,
     compact_every: u64,
+    /// A membership change was applied after the latest snapshot: the next one is taken at
+    /// once, since a snapshot sent to a new member must name it (raft-rs refuses to restore a
+    /// snapshot whose configuration leaves the receiver out).
+    membership_since_snapshot: bool,
 }
 
 impl std::fmt::Debug for Replica {
@@ -151,6 +155,7 @@ impl Replica {
             machine,
             applied,
             compact_every: timing.compact_every.max(1),
+            membership_since_snapshot: false,
         })
     }
 
@@ -270,11 +275,13 @@ impl Replica {
         self.apply(committed, &mut out)?;
         self.raw.advance_apply();
         let store = self.raw.store();
-        if self.applied >= store.snapshot_index() + self.compact_every
+        if (self.applied >= store.snapshot_index() + self.compact_every
+            || self.membership_since_snapshot)
             && self.applied >= store.first_index()?
         {
             let image = self.machine.encode();
             self.raw.mut_store().compact(self.applied, image)?;
+            self.membership_since_snapshot = false;
         }
         Ok(out)
     }
@@ -319,6 +326,7 @@ impl Replica {
         }
         if conf_changed {
             self.raw.mut_store().sync()?;
+            self.membership_since_snapshot = true;
         }
         Ok(())
     }

@@ -160,6 +160,17 @@ pub fn plan_groups(routes: &[Route]) -> (Vec<ExpertGroup>, Vec<usize>) {
     (groups, order)
 }
 
+/// The routed batch's inputs: each token's row of `x` (`[t, hidden]`) scaled by its router
+/// score, in `order` (from `plan_groups`).
+pub fn routed_inputs(x: &[f32], hidden: usize, routes: &[Route], order: &[usize]) -> Vec<f32> {
+    let mut inputs = Vec::with_capacity(order.len() * hidden);
+    for &r in order {
+        let s = routes[r].score;
+        inputs.extend(x[r * hidden..(r + 1) * hidden].iter().map(|v| v * s));
+    }
+    inputs
+}
+
 /// The SwiGLU of one expert over its (already scaled) inputs `u` (`[n, hidden]`).
 /// `gate_up` is that expert's `[hidden, 2·inter]` slice (gate = first half) and `down` its
 /// `[inter, hidden]` slice, both in "x @ W" orientation as the checkpoint stores them.
@@ -305,11 +316,7 @@ impl Moe {
         let logits = self.router.forward(x, t);
         let routes = route(&logits, self.num_experts);
         let (groups, order) = plan_groups(&routes);
-        let mut inputs = Vec::with_capacity(t * h);
-        for &r in &order {
-            let s = routes[r].score;
-            inputs.extend(x[r * h..(r + 1) * h].iter().map(|v| v * s));
-        }
+        let inputs = routed_inputs(x, h, &routes, &order);
         let pending = runner.start(RoutedBatch {
             moe_index,
             layer,

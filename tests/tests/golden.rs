@@ -149,6 +149,30 @@ fn tiny_scout_matches_transformers() {
     check_fixture("tiny-scout");
 }
 
+/// The same cases on `--device cuda:0` (feature `cuda`; skips with the reason without a GPU):
+/// the forward pass on the GPU, f32 products over the bf16 weights, the KV cache on the device.
+#[cfg(feature = "cuda")]
+#[test]
+fn golden_cases_on_the_gpu() {
+    use expertmesh_model::Device;
+    if let Err(e) = Device::Cuda(0).check() {
+        println!("skipped: {e}");
+        return;
+    }
+    for name in ["tiny-maverick", "tiny-scout"] {
+        let dir = fixture(name);
+        let mut model = Model::load(&dir).unwrap();
+        model.to_device(Device::Cuda(0)).unwrap();
+        eprintln!("{name} on {}", model.device_name());
+        let reference = Reference::load(&dir);
+        assert!(reference.text_cases().count() >= 4);
+        for case in reference.text_cases() {
+            check_prefill(&model, &reference, case);
+            check_greedy(&model, case);
+        }
+    }
+}
+
 #[test]
 fn tokenizer_and_chat_template_match_transformers() {
     for name in ["tiny-maverick", "tiny-scout"] {

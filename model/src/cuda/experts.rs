@@ -136,21 +136,26 @@ impl GpuExperts {
         let y: CudaSlice<f32> = s.alloc_zeros::<f32>(rows * h).map_err(err)?;
         let (x_ptr, gu_ptr, act_ptr, y_ptr) =
             (addr(&x, s), addr(&gu, s), addr(&act, s), addr(&y, s));
-        let mut row = 0usize;
-        for (g, w) in groups.iter().zip(&weights) {
-            let t = g.rows as usize;
-            let x = MatPtr {
-                ptr: x_ptr + (row * h * 4) as u64,
-                ld: h,
+        // Each group's rows through its expert's matrix: `src` rows of `k`, `dst` rows of `n`.
+        let per_group =
+            |src: u64, k: usize, dst: u64, n: usize, pick: fn(&ExpertWeights) -> &DeviceWeight| {
+                let mut row = 0usize;
+                for (g, w) in groups.iter().zip(&weights) {
+                    let t = g.rows as usize;
+                    let x = MatPtr {
+                        ptr: src + (row * k * 4) as u64,
+                        ld: k,
+                    };
+                    let y = MatPtr {
+                        ptr: dst + (row * n * 4) as u64,
+                        ld: n,
+                    };
+                    self.gemm.linear(self.precision, t, x, pick(w), y, false)?;
+                    row += t;
+                }
+                Ok::<(), CudaError>(())
             };
-            let gu = MatPtr {
-                ptr: gu_ptr + (row * 2 * i * 4) as u64,
-                ld: 2 * i,
-            };
-            self.gemm
-                .linear(self.precision, t, x, &w.gate_up, gu, false)?;
-            row += t;
-        }
+        per_group(x_ptr, h, gu_ptr, 2 * i, |w| &w.gate_up)?;
         let (rows_i, inter_i) = (rows as i32, i as i32);
         // SAFETY: swiglu reads rows × 2·inter and writes rows × inter values.
         unsafe {
@@ -162,20 +167,7 @@ impl GpuExperts {
                 .launch(LaunchConfig::for_num_elems((rows * i) as u32))
         }
         .map_err(err)?;
-        let mut row = 0usize;
-        for (g, w) in groups.iter().zip(&weights) {
-            let t = g.rows as usize;
-            let a = MatPtr {
-                ptr: act_ptr + (row * i * 4) as u64,
-                ld: i,
-            };
-            let y = MatPtr {
-                ptr: y_ptr + (row * h * 4) as u64,
-                ld: h,
-            };
-            self.gemm.linear(self.precision, t, a, &w.down, y, false)?;
-            row += t;
-        }
+        per_group(act_ptr, i, y_ptr, h, |w| &w.down)?;
         s.clone_dtoh(&y).map_err(err)
     }
 }

@@ -23,7 +23,7 @@ use crate::error::{ModelError, Result};
 use crate::kv_cache::{BlockPool, BLOCK_TOKENS};
 use crate::linear::Linear;
 use crate::model::{FeedForward, Forward, LogitRows, Model, Sequence};
-use crate::moe::{plan_groups, Experts, Mlp, PendingExperts, Route, RoutedBatch};
+use crate::moe::{plan_groups, routed_inputs, Experts, Mlp, PendingExperts, Route, RoutedBatch};
 
 /// One block of 256 threads per row.
 fn per_row(rows: usize) -> LaunchConfig {
@@ -36,6 +36,10 @@ fn per_row(rows: usize) -> LaunchConfig {
 
 fn dev(e: CudaError) -> ModelError {
     ModelError::Device(e.to_string())
+}
+
+fn driver(e: cudarc::driver::DriverError) -> ModelError {
+    dev(err(e))
 }
 
 struct Kernels {
@@ -143,7 +147,7 @@ impl GpuModel {
         } = super::open(ordinal).map_err(dev)?;
         let s = &stream;
         let up = |l: &Linear| DeviceWeight::upload(s, &l.weight, l.layout).map_err(dev);
-        let vector = |v: &[f32]| s.clone_htod(v).map_err(err).map_err(dev);
+        let vector = |v: &[f32]| s.clone_htod(v).map_err(driver);
         let mlp = |m: &Mlp| -> Result<GpuMlp> {
             Ok(GpuMlp {
                 gate: up(&m.gate)?,
@@ -229,14 +233,11 @@ impl GpuModel {
     }
 
     fn upload<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>> {
-        self.stream().clone_htod(v).map_err(err).map_err(dev)
+        self.stream().clone_htod(v).map_err(driver)
     }
 
     fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
-        self.stream()
-            .alloc_zeros::<f32>(n.max(1))
-            .map_err(err)
-            .map_err(dev)
+        self.stream().alloc_zeros::<f32>(n.max(1)).map_err(driver)
     }
 
     fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(
@@ -244,7 +245,7 @@ impl GpuModel {
         d: &CudaSlice<T>,
         n: usize,
     ) -> Result<Vec<T>> {
-        let mut v = self.stream().clone_dtoh(d).map_err(err).map_err(dev)?;
+        let mut v = self.stream().clone_dtoh(d).map_err(driver)?;
         v.truncate(n);
         Ok(v)
     }
@@ -265,9 +266,8 @@ impl GpuModel {
                 .arg(&eps)
                 .launch(per_row(rows))
         }
-        .map(|_| ())
-        .map_err(err)
-        .map_err(dev)
+        .map(drop)
+        .map_err(driver)
     }
 
     /// The weightless RMS norm of each of `vectors` head vectors of `dim`, in place.
@@ -284,9 +284,8 @@ impl GpuModel {
                 .arg(&eps)
                 .launch(per_row(vectors))
         }
-        .map(|_| ())
-        .map_err(err)
-        .map_err(dev)
+        .map(drop)
+        .map_err(driver)
     }
 
     /// `out += down(silu(gate(x)) ⊙ up(x))`, with `gu` and `act` as scratch.
@@ -323,8 +322,7 @@ impl GpuModel {
                 .arg(&inter_i)
                 .launch(LaunchConfig::for_num_elems((t * i) as u32))
         }
-        .map_err(err)
-        .map_err(dev)?;
+        .map_err(driver)?;
         g.linear(
             p,
             t,
@@ -349,9 +347,8 @@ impl GpuModel {
                 .arg(&n)
                 .launch(LaunchConfig::for_num_elems(n as u32))
         }
-        .map(|_| ())
-        .map_err(err)
-        .map_err(dev)
+        .map(drop)
+        .map_err(driver)
     }
 
     /// The forward pass of `Model::forward_with` on the device. The caller has checked the
@@ -364,7 +361,15 @@ impl GpuModel {
         rows: LogitRows,
         runner: &dyn crate::moe::ExpertRunner,
     ) -> Result<Forward> {
-        let pool = batch[0].cache.pool().clone();
+        let Some(first) = batch.first() else {
+            let moe_layers = model.config().moe_layers.len();
+            return Ok(Forward {
+                logits: Vec::new(),
+                rows: 0,
+                routes: vec![Vec::new(); moe_layers],
+            });
+        };
+        let pool = first.cache.pool().clone();
         if !pool.is_device() || batch.iter().any(|s| !Arc::ptr_eq(s.cache.pool(), &pool)) {
             return Err(ModelError::Device(
                 "a GPU forward pass needs every sequence's cache in one device pool \
@@ -418,7 +423,7 @@ impl GpuModel {
         let b: Vec<CudaSlice<f32>> = bufs.iter().map(|&n| self.zeros(n)).collect::<Result<_>>()?;
         let [x, q, k, v, attn, gu, act, router_logits, scores] =
             [0, 1, 2, 3, 4, 5, 6, 7, 8].map(|i| addr(&b[i], s));
-        let experts_d = s.alloc_zeros::<i32>(t.max(1)).map_err(err).map_err(dev)?;
+        let experts_d = s.alloc_zeros::<i32>(t.max(1)).map_err(driver)?;
         let hid = addr(&hidden, s);
         let (q_seq_p, q_pos_p) = (addr(&q_seq_d, s), addr(&q_pos_d, s));
         let eps = c.rms_norm_eps;
@@ -453,8 +458,7 @@ impl GpuModel {
                             .arg(&args[2])
                             .launch(LaunchConfig::for_num_elems(pairs as u32))
                     }
-                    .map_err(err)
-                    .map_err(dev)?;
+                    .map_err(driver)?;
                     if a.qk_norm {
                         self.head_norm(buf, t * nh, d, a.eps)?;
                     }
@@ -479,8 +483,7 @@ impl GpuModel {
                         .arg(&dim_i)
                         .launch(LaunchConfig::for_num_elems((t * qw) as u32))
                 }
-                .map_err(err)
-                .map_err(dev)?;
+                .map_err(driver)?;
             }
             // Room in the caches, keys and values written, then attention over them.
             let mut slots = Vec::with_capacity(t);
@@ -519,8 +522,7 @@ impl GpuModel {
                         .arg(&width)
                         .launch(LaunchConfig::for_num_elems((t * kw) as u32))
                 }
-                .map_err(err)
-                .map_err(dev)?;
+                .map_err(driver)?;
             }
             let chunk = if a.use_rope { a.chunk as i32 } else { 0 };
             let args = [t, heads, kv_heads, d, bt, max_blocks].map(|v| v as i32);
@@ -550,8 +552,7 @@ impl GpuModel {
                         shared_mem_bytes: 0,
                     })
             }
-            .map_err(err)
-            .map_err(dev)?;
+            .map_err(driver)?;
             if a.use_rope {
                 for sq in batch.iter_mut() {
                     let end = sq.cache.next_pos + sq.tokens.len();
@@ -586,8 +587,7 @@ impl GpuModel {
                             .arg(&scores)
                             .launch(LaunchConfig::for_num_elems(t as u32))
                     }
-                    .map_err(err)
-                    .map_err(dev)?;
+                    .map_err(driver)?;
                     let expert_ids = self.download(&experts_d, t)?;
                     let score_v = self.download(&b[8], t)?;
                     let x_host = self.download(&b[0], t * h)?;
@@ -600,11 +600,7 @@ impl GpuModel {
                         })
                         .collect();
                     let (groups, order) = plan_groups(&routes);
-                    let mut inputs = Vec::with_capacity(t * h);
-                    for &r in &order {
-                        let sc = routes[r].score;
-                        inputs.extend(x_host[r * h..(r + 1) * h].iter().map(|v| v * sc));
-                    }
+                    let inputs = routed_inputs(&x_host, h, &routes, &order);
                     let pending = runner.start(RoutedBatch {
                         moe_index,
                         layer: l,
