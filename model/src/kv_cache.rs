@@ -188,6 +188,11 @@ impl LayerCache {
         self.blocks.len()
     }
 
+    /// Blocks held once `n` more positions are appended (blocks of `bt` positions).
+    pub fn blocks_after(&self, bt: usize, n: usize) -> usize {
+        (self.len + n).div_ceil(bt).max(self.blocks.len())
+    }
+
     /// Appends the keys and values (`[n, row]` each) of the next positions.
     pub fn append(&mut self, pool: &BlockPool, k: &[f32], v: &[f32]) {
         let (bt, row) = (pool.block_tokens(), self.row);
@@ -361,7 +366,9 @@ mod tests {
         assert!(pool.is_device());
         let mut a = KvCache::new(1, 2, pool.clone());
         let mut b = KvCache::new(1, 2, pool.clone());
+        assert_eq!(a.layers[0].blocks_after(4, 6), 2);
         assert_eq!(a.layers[0].extend_slots(&pool, 6), vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(a.layers[0].blocks_after(4, 2), 2);
         assert_eq!(b.layers[0].extend_slots(&pool, 2), vec![8, 9]);
         assert_eq!(a.layers[0].block_ids().collect::<Vec<_>>(), vec![0, 1]);
         assert_eq!(pool.available(), 0);

@@ -361,7 +361,7 @@ fn rope_qk_norm_and_attention_match_the_cpu() {
                     .arg(&scale)
                     .launch(LaunchConfig {
                         grid_dim: (rows as u32, heads as u32, 1),
-                        block_dim: (d as u32, 1, 1),
+                        block_dim: (expertmesh_model::cuda::ATTENTION_THREADS, 1, 1),
                         shared_mem_bytes: 0,
                     })
                     .unwrap();

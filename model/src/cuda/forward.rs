@@ -25,6 +25,58 @@ use crate::linear::Linear;
 use crate::model::{FeedForward, Forward, LogitRows, Model, Sequence};
 use crate::moe::{plan_groups, routed_inputs, Experts, Mlp, PendingExperts, Route, RoutedBatch};
 
+/// Where a forward pass spends its time, when `EXPERTMESH_GPU_PROFILE` is set: each phase
+/// ends with a stream synchronization (which slows the pass down), and every pass prints one
+/// line to stderr.
+struct Phases<'a> {
+    stream: Option<&'a CudaStream>,
+    last: std::time::Instant,
+    spent: [std::time::Duration; PHASES.len()],
+}
+
+const PHASES: [&str; 7] = [
+    "embed",
+    "attention",
+    "dense mlp",
+    "router",
+    "shared expert",
+    "routed experts",
+    "logits",
+];
+
+impl<'a> Phases<'a> {
+    fn new(stream: &'a CudaStream) -> Self {
+        let on = std::env::var_os("EXPERTMESH_GPU_PROFILE").is_some();
+        Self {
+            stream: on.then_some(stream),
+            last: std::time::Instant::now(),
+            spent: Default::default(),
+        }
+    }
+
+    /// Ends phase `i`.
+    fn end(&mut self, i: usize) -> Result<()> {
+        if let Some(s) = self.stream {
+            s.synchronize().map_err(driver)?;
+            let now = std::time::Instant::now();
+            self.spent[i] += now - self.last;
+            self.last = now;
+        }
+        Ok(())
+    }
+
+    fn report(&self, tokens: usize) {
+        if self.stream.is_some() {
+            let parts: Vec<String> = PHASES
+                .iter()
+                .zip(&self.spent)
+                .map(|(name, d)| format!("{name} {:.3}", d.as_secs_f64() * 1e3))
+                .collect();
+            eprintln!("gpu forward, {tokens} tokens (ms): {}", parts.join(", "));
+        }
+    }
+}
+
 /// One block of 256 threads per row.
 fn per_row(rows: usize) -> LaunchConfig {
     LaunchConfig {
@@ -145,6 +197,13 @@ impl GpuModel {
             blas,
             ..
         } = super::open(ordinal).map_err(dev)?;
+        let head_dim = model.config().head_dim;
+        if head_dim > super::ATTENTION_MAX_HEAD_DIM {
+            return Err(ModelError::Device(format!(
+                "head_dim {head_dim}: the CUDA attention kernel takes at most {}",
+                super::ATTENTION_MAX_HEAD_DIM
+            )));
+        }
         let s = &stream;
         let up = |l: &Linear| DeviceWeight::upload(s, &l.weight, l.layout).map_err(dev);
         let vector = |v: &[f32]| s.clone_htod(v).map_err(driver);
@@ -432,6 +491,9 @@ impl GpuModel {
         let mut routes_all: Vec<Vec<Route>> = Vec::new();
         let mut moe_index = 0;
 
+        let mut temperature: Option<CudaSlice<f32>> = None;
+        let mut phases = Phases::new(s);
+        phases.end(0)?;
         for (l, (layer, cpu)) in self.layers.iter().zip(&model.layers).enumerate() {
             let a = &cpu.attention;
             self.rms_norm(hid, addr(&layer.input_norm, s), x, t, h, eps)?;
@@ -464,52 +526,57 @@ impl GpuModel {
                     }
                 }
             } else if a.temperature_tuning {
-                // The scale in f64, as the CPU computes it, then one multiply per row.
-                let scale: Vec<f32> = q_pos
-                    .iter()
-                    .map(|&pos| {
-                        let steps = ((f64::from(pos) + 1.0) / a.floor_scale).floor();
-                        (steps.ln_1p() * a.attn_scale + 1.0) as f32
-                    })
-                    .collect();
-                let scale_d = self.upload(&scale)?;
+                // The scale in f64, as the CPU computes it (once per step: every NoPE layer
+                // shares it), then one multiply per row.
+                if temperature.is_none() {
+                    let scale: Vec<f32> = q_pos
+                        .iter()
+                        .map(|&pos| {
+                            let steps = ((f64::from(pos) + 1.0) / a.floor_scale).floor();
+                            (steps.ln_1p() * a.attn_scale + 1.0) as f32
+                        })
+                        .collect();
+                    temperature = Some(self.upload(&scale)?);
+                }
+                let scale_d = temperature.as_ref().expect("made above");
                 let (rows_i, dim_i) = (t as i32, qw as i32);
                 // SAFETY: q holds t × qw f32, scale t f32.
                 unsafe {
                     s.launch_builder(&self.kernels.scale_rows)
                         .arg(&q)
-                        .arg(&scale_d)
+                        .arg(scale_d)
                         .arg(&rows_i)
                         .arg(&dim_i)
                         .launch(LaunchConfig::for_num_elems((t * qw) as u32))
                 }
                 .map_err(driver)?;
             }
-            // Room in the caches, keys and values written, then attention over them.
-            let mut slots = Vec::with_capacity(t);
-            for sq in batch.iter_mut() {
-                let (pool, cache) = sq.cache.layer_mut(l);
-                slots.extend(cache.extend_slots(pool, sq.tokens.len()));
-            }
+            // Room in the caches, keys and values written, then attention over them. The
+            // layer's slots, first positions and block table go over in one copy.
             let max_blocks = batch
                 .iter()
-                .map(|sq| sq.cache.layers[l].blocks())
+                .map(|sq| sq.cache.layers[l].blocks_after(bt, sq.tokens.len()))
                 .max()
                 .unwrap_or(1);
-            let mut table = vec![0i32; batch.len() * max_blocks];
-            let mut first = Vec::with_capacity(batch.len());
-            for (i, sq) in batch.iter().enumerate() {
-                let lc = &sq.cache.layers[l];
-                for (j, id) in lc.block_ids().enumerate() {
+            let n = batch.len();
+            let mut meta = vec![0i32; t + n + n * max_blocks];
+            let (slots, rest) = meta.split_at_mut(t);
+            let (first, table) = rest.split_at_mut(n);
+            let mut row = 0;
+            for (i, sq) in batch.iter_mut().enumerate() {
+                let (pool, cache) = sq.cache.layer_mut(l);
+                let new = cache.extend_slots(pool, sq.tokens.len());
+                slots[row..row + new.len()].copy_from_slice(&new);
+                row += new.len();
+                first[i] = cache.start_pos as i32;
+                for (j, id) in cache.block_ids().enumerate() {
                     table[i * max_blocks + j] = id as i32;
                 }
-                first.push(lc.start_pos as i32);
             }
-            let (slots_d, table_d, first_d) = (
-                self.upload(&slots)?,
-                self.upload(&table)?,
-                self.upload(&first)?,
-            );
+            let meta_d = self.upload(&meta)?;
+            let slots_d = addr(&meta_d, s);
+            let first_d = slots_d + (t * 4) as u64;
+            let table_d = first_d + (n * 4) as u64;
             for (src, dst) in [(k, k_store), (v, v_store)] {
                 let (rows_i, width) = (t as i32, kw as i32);
                 // SAFETY: src holds t × kw f32; every slot is below the store's blocks × bt.
@@ -548,7 +615,7 @@ impl GpuModel {
                     .arg(&scale)
                     .launch(LaunchConfig {
                         grid_dim: (t as u32, heads as u32, 1),
-                        block_dim: (d.div_ceil(32) as u32 * 32, 1, 1),
+                        block_dim: (super::ATTENTION_THREADS, 1, 1),
                         shared_mem_bytes: 0,
                     })
             }
@@ -566,8 +633,12 @@ impl GpuModel {
                 .map_err(dev)?;
 
             self.rms_norm(hid, addr(&layer.post_norm, s), x, t, h, eps)?;
+            phases.end(1)?;
             match &layer.ff {
-                GpuFeedForward::Dense(m) => self.mlp(m, x, t, h, gu, act, hid)?,
+                GpuFeedForward::Dense(m) => {
+                    self.mlp(m, x, t, h, gu, act, hid)?;
+                    phases.end(2)?;
+                }
                 GpuFeedForward::Moe { router, shared } => {
                     let e = router.out_dim;
                     let rm = MatPtr {
@@ -601,6 +672,7 @@ impl GpuModel {
                         .collect();
                     let (groups, order) = plan_groups(&routes);
                     let inputs = routed_inputs(&x_host, h, &routes, &order);
+                    phases.end(3)?;
                     let pending = runner.start(RoutedBatch {
                         moe_index,
                         layer: l,
@@ -608,8 +680,10 @@ impl GpuModel {
                         hidden: h,
                         inputs,
                     })?;
+                    phases.end(5)?;
                     // The shared expert is queued on the device while the routed rows are away.
                     self.mlp(shared, x, t, h, gu, act, hid)?;
+                    phases.end(4)?;
                     let routed = pending.wait()?;
                     let mut scattered = vec![0.0f32; t * h];
                     for (&r, y) in order.iter().zip(routed.chunks_exact(h)) {
@@ -617,6 +691,7 @@ impl GpuModel {
                     }
                     let routed_d = self.upload(&scattered)?;
                     self.add(hid, addr(&routed_d, s), t * h)?;
+                    phases.end(5)?;
                     routes_all.push(routes);
                     moe_index += 1;
                 }
@@ -673,8 +748,11 @@ impl GpuModel {
             false,
         )
         .map_err(dev)?;
+        let logits = self.download(&logits, n * vocab)?;
+        phases.end(6)?;
+        phases.report(t);
         Ok(Forward {
-            logits: self.download(&logits, n * vocab)?,
+            logits,
             rows: n,
             routes: routes_all,
         })

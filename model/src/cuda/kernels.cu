@@ -216,17 +216,28 @@ extern "C" __global__ void attention_prefill(const float* q, const float* k, con
 // the cached positions from the start of its aligned chunk (chunk > 0) or from the first cached
 // position, up to its own. k_cache, v_cache are [blocks, block_tokens, kv_heads, d];
 // block_table is [seqs, max_blocks]; cache slot j of sequence s holds position first_pos[s] + j.
-// q, out are [rows, q_heads, d]. One block of d threads (rounded up to a warp) per (row, head).
+// q, out are [rows, q_heads, d], d ≤ 32 · ATT_PER_LANE.
+//
+// One block of ATT_WARPS warps per (row, head). Warp w takes every ATT_WARPS-th visible key
+// from the w-th on; its lanes split the head dimension, so a score is one warp reduction
+// (no block-wide barrier per key). Each warp keeps its own online softmax; the warps' states
+// are merged at the end.
+#define ATT_WARPS 8
+#define ATT_PER_LANE 8
 extern "C" __global__ void attention_paged(const float* q, const float* k_cache,
                                            const float* v_cache, const int* block_table,
                                            const int* first_pos, const int* q_seq,
                                            const int* q_pos, float* out, int rows, int q_heads,
                                            int kv_heads, int d, int block_tokens, int max_blocks,
                                            int chunk, float scale) {
+    __shared__ float warp_m[ATT_WARPS];
+    __shared__ float warp_l[ATT_WARPS];
+    __shared__ float warp_acc[ATT_WARPS][32 * ATT_PER_LANE];
     int r = blockIdx.x;
     int h = blockIdx.y;
-    int i = threadIdx.x;
-    if (r >= rows || h >= q_heads) return;
+    int warp = threadIdx.x >> 5;
+    int lane = threadIdx.x & 31;
+    if (r >= rows || h >= q_heads || d > 32 * ATT_PER_LANE) return;
     int kvh = h / (q_heads / kv_heads);
     int s = q_seq[r];
     int pos = q_pos[r];
@@ -236,16 +247,61 @@ extern "C" __global__ void attention_paged(const float* q, const float* k_cache,
         int c = (pos / chunk) * chunk - first;
         if (c > lo) lo = c;
     }
-    float qi = (i < d) ? q[((long long)r * q_heads + h) * d + i] : 0.0f;
-    Online o = online_start();
-    for (int j = lo; j <= pos - first; ++j) {
+    float qv[ATT_PER_LANE], acc[ATT_PER_LANE];
+    const float* qr = q + ((long long)r * q_heads + h) * d;
+    for (int e = 0; e < ATT_PER_LANE; ++e) {
+        int i = lane + 32 * e;
+        qv[e] = (i < d) ? qr[i] : 0.0f;
+        acc[e] = 0.0f;
+    }
+    float m = __int_as_float(0xff800000), l = 0.0f;
+    for (int j = lo + warp; j <= pos - first; j += ATT_WARPS) {
         int block = block_table[(long long)s * max_blocks + j / block_tokens];
         long long row = ((long long)block * block_tokens + j % block_tokens) * kv_heads + kvh;
-        float kd = (i < d) ? k_cache[row * d + i] : 0.0f;
-        float vd = (i < d) ? v_cache[row * d + i] : 0.0f;
-        online_add(o, block_sum(qi * kd) * scale, vd);
+        const float* kr = k_cache + row * d;
+        const float* vr = v_cache + row * d;
+        float dot = 0.0f;
+        for (int e = 0; e < ATT_PER_LANE; ++e) {
+            int i = lane + 32 * e;
+            if (i < d) dot += qv[e] * kr[i];
+        }
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+        }
+        float score = dot * scale;
+        float m2 = fmaxf(m, score);
+        float corr = expf(m - m2);
+        float w = expf(score - m2);
+        l = l * corr + w;
+        for (int e = 0; e < ATT_PER_LANE; ++e) {
+            int i = lane + 32 * e;
+            acc[e] = acc[e] * corr + ((i < d) ? w * vr[i] : 0.0f);
+        }
+        m = m2;
     }
-    if (i < d) out[((long long)r * q_heads + h) * d + i] = o.acc / o.l;
+    if (lane == 0) {
+        warp_m[warp] = m;
+        warp_l[warp] = l;
+    }
+    for (int e = 0; e < ATT_PER_LANE; ++e) warp_acc[warp][lane + 32 * e] = acc[e];
+    __syncthreads();
+    if (warp != 0) return;
+    float big = __int_as_float(0xff800000);
+    for (int w = 0; w < ATT_WARPS; ++w) big = fmaxf(big, warp_m[w]);
+    float total = 0.0f;
+    for (int w = 0; w < ATT_WARPS; ++w) {
+        if (warp_l[w] > 0.0f) total += warp_l[w] * expf(warp_m[w] - big);
+    }
+    float* o = out + ((long long)r * q_heads + h) * d;
+    for (int e = 0; e < ATT_PER_LANE; ++e) {
+        int i = lane + 32 * e;
+        if (i >= d) continue;
+        float sum = 0.0f;
+        for (int w = 0; w < ATT_WARPS; ++w) {
+            if (warp_l[w] > 0.0f) sum += warp_acc[w][i] * expf(warp_m[w] - big);
+        }
+        o[i] = sum / total;
+    }
 }
 
 // y += x, elementwise (residual adds).

@@ -20,6 +20,11 @@ use std::sync::OnceLock;
 /// The kernels' source (see the file for each kernel's CPU counterpart).
 pub const KERNELS: &str = include_str!("kernels.cu");
 
+/// Threads per block of `attention_paged` (`ATT_WARPS` warps in the kernel source).
+pub const ATTENTION_THREADS: u32 = 256;
+/// The largest head dimension `attention_paged` takes (32 · `ATT_PER_LANE`).
+pub const ATTENTION_MAX_HEAD_DIM: usize = 256;
+
 /// Every kernel in [`KERNELS`].
 pub const KERNEL_NAMES: &[&str] = &[
     "rms_norm",
