@@ -14,6 +14,10 @@
 //!   over bf16 weights widened per cache-sized block).
 //! - [`generate`] is the prefill-then-decode loop with [`sampling`].
 //! - [`synthetic`] builds random models of any shape in memory, for benchmarks.
+//! - `cuda` (cargo feature `cuda`) is the GPU backend behind [`Model::to_device`]: weights on
+//!   the device in bf16, cuBLAS products, NVRTC kernels, the paged KV cache on the device,
+//!   GPU expert shards, NCCL links and the GPU benchmarks. The CPU path stays the reference
+//!   that every GPU test compares against.
 
 pub mod attention;
 pub mod checkpoint;

@@ -1,5 +1,7 @@
 //! The CUDA side (cargo feature `cuda`): finding the CUDA libraries without panicking,
-//! probing a device, and the NVRTC-compiled kernels.
+//! probing a device, and the NVRTC-compiled kernels; [`forward`] is the decoder on a GPU,
+//! [`gemm`] its cuBLAS products, [`experts`] the GPU expert shard, [`nccl`] the links of the
+//! NCCL `Dispatch`, [`bench`] the GPU benchmarks.
 //!
 //! cudarc loads its libraries dynamically and panics when one is missing, so nothing here
 //! calls cudarc before [`preload`] has found the library: it searches
