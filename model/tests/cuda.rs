@@ -227,7 +227,7 @@ fn rope_qk_norm_and_attention_match_the_cpu() {
         2e-5,
     );
 
-    // Prefill: 12 new queries after 9 cached keys, global (the cache holds every position
+    // Attention: 12 new queries after 9 cached keys, global (the cache holds every position
     // from 0) and chunked (chunk 8; it holds 11.., the queries' chunks start at 16 and 24).
     let (past, new) = (9usize, 12usize);
     let kv_len = past + new;
@@ -256,52 +256,6 @@ fn rope_qk_norm_and_attention_match_the_cpu() {
             lo,
             start_pos,
             &mut want,
-        );
-        let dq = stream.clone_htod(&q).unwrap();
-        let dk = stream.clone_htod(&k).unwrap();
-        let dv = stream.clone_htod(&v).unwrap();
-        let mut dout = stream.alloc_zeros::<f32>(new * heads * d).unwrap();
-        let f = module.load_function("attention_prefill").unwrap();
-        let args = [
-            new,
-            kv_len,
-            heads,
-            kv_heads,
-            d,
-            start_pos,
-            chunk.unwrap_or(0),
-        ]
-        .map(|v| v as i32);
-        #[allow(unsafe_code)]
-        // SAFETY: as above.
-        unsafe {
-            stream
-                .launch_builder(&f)
-                .arg(&dq)
-                .arg(&dk)
-                .arg(&dv)
-                .arg(&mut dout)
-                .arg(&args[0])
-                .arg(&args[1])
-                .arg(&args[2])
-                .arg(&args[3])
-                .arg(&args[4])
-                .arg(&args[5])
-                .arg(&args[6])
-                .arg(&scale)
-                .launch(LaunchConfig {
-                    grid_dim: (new as u32, heads as u32, 1),
-                    block_dim: (d as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                })
-                .unwrap();
-        }
-        let got = stream.clone_dtoh(&dout).unwrap();
-        assert_close(
-            &format!("attention_prefill chunk {chunk:?}"),
-            &got,
-            &want,
-            1e-4,
         );
 
         // Over a paged cache of 4-token blocks laid out in reverse order: every new query

@@ -37,29 +37,6 @@ __device__ float block_sum(float v) {
     return total;
 }
 
-// One key of an online softmax: running max m, running sum l, and this thread's share of the
-// weighted value sum.
-struct Online {
-    float m, l, acc;
-};
-
-__device__ __forceinline__ Online online_start() {
-    Online o;
-    o.m = __int_as_float(0xff800000);
-    o.l = 0.0f;
-    o.acc = 0.0f;
-    return o;
-}
-
-__device__ __forceinline__ void online_add(Online& o, float score, float value) {
-    float m2 = fmaxf(o.m, score);
-    float corr = expf(o.m - m2);
-    float w = expf(score - m2);
-    o.l = o.l * corr + w;
-    o.acc = o.acc * corr + w * value;
-    o.m = m2;
-}
-
 // norm.rs `rms_norm`: y = x · rsqrt(mean(x²) + eps) · w. One block per row.
 extern "C" __global__ void rms_norm(const float* x, const float* w, float* y, int rows, int dim,
                                     float eps) {
@@ -174,41 +151,6 @@ extern "C" __global__ void fill_random_bf16(bf16_t* x, long long n, unsigned lon
     z ^= z >> 31;
     float u = (float)(z >> 40) / (float)(1ull << 24);
     x[i] = f32_to_bf16((2.0f * u - 1.0f) * scale);
-}
-
-// attention.rs, prefill: causal attention of `tokens` new queries over `kv_len` keys
-// (past + new, positions start_pos - past .. start_pos + tokens - 1), with GQA (query head h
-// uses KV head h / (q_heads / kv_heads)) and, for chunked layers (chunk > 0), only keys in the
-// query's aligned chunk. q is [tokens, q_heads, d]; k, v are [kv_len, kv_heads, d]; out is
-// [tokens, q_heads, d]. One block of d threads (d ≤ 1024, a multiple of 32) per (token, head);
-// online softmax in f32.
-extern "C" __global__ void attention_prefill(const float* q, const float* k, const float* v,
-                                             float* out, int tokens, int kv_len, int q_heads,
-                                             int kv_heads, int d, int start_pos, int chunk,
-                                             float scale) {
-    int t = blockIdx.x;
-    int h = blockIdx.y;
-    int i = threadIdx.x;
-    if (t >= tokens || h >= q_heads) return;
-    int group = q_heads / kv_heads;
-    int kvh = h / group;
-    int past = kv_len - tokens;
-    int pos = start_pos + t;
-    int first_pos = start_pos - past;
-    int lo = first_pos;
-    if (chunk > 0) {
-        int c = (pos / chunk) * chunk;
-        if (c > lo) lo = c;
-    }
-    float qi = (i < d) ? q[((long long)t * q_heads + h) * d + i] : 0.0f;
-    Online o = online_start();
-    for (int p = lo; p <= pos; ++p) {
-        long long row = (long long)(p - first_pos) * kv_heads + kvh;
-        float kd = (i < d) ? k[row * d + i] : 0.0f;
-        float vd = (i < d) ? v[row * d + i] : 0.0f;
-        online_add(o, block_sum(qi * kd) * scale, vd);
-    }
-    if (i < d) out[((long long)t * q_heads + h) * d + i] = o.acc / o.l;
 }
 
 // kv_cache.rs + attention.rs over the paged cache: each query row r belongs to sequence

@@ -39,7 +39,6 @@ pub const KERNEL_NAMES: &[&str] = &[
     "f32_to_bf16_copy",
     "bf16_to_f32_copy",
     "fill_random_bf16",
-    "attention_prefill",
     "attention_paged",
     "add_in_place",
     "kv_cache_write",
