@@ -142,6 +142,7 @@ impl Gemm {
     }
 
     /// `y[t, out] (+)= x[t, in] · W` for a weight in either layout; `accumulate` adds to `y`.
+    /// `y` may be strided (`ld > out`); in bf16, `x` must be contiguous.
     pub fn linear(
         &self,
         precision: Precision,
@@ -175,15 +176,14 @@ impl Gemm {
                 )
             }
             Precision::Bf16 => {
-                let ws = self.workspace(2 * t * k)?;
-                if x.ld == k {
-                    self.convert(&self.narrow, x.ptr, ws, t * k)?;
-                } else {
-                    for r in 0..t {
-                        let row = x.ptr + (r * x.ld * 4) as u64;
-                        self.convert(&self.narrow, row, ws + (r * k * 2) as u64, k)?;
-                    }
+                if x.ld != k {
+                    return Err(CudaError::Driver(format!(
+                        "bf16 products take contiguous inputs (leading dimension {} for {k} columns)",
+                        x.ld
+                    )));
                 }
+                let ws = self.workspace(2 * t * k)?;
+                self.convert(&self.narrow, x.ptr, ws, t * k)?;
                 self.gemm(
                     (op_w, w_ptr, ld_w),
                     (ws, k),

@@ -85,16 +85,6 @@ extern "C" __global__ void rope_interleaved(float* x, const int* positions, cons
     p[1] = a * s + b * c;
 }
 
-// attention.rs temperature tuning (NoPE layers): q[t] *= 1 + attn_scale·ln(1 + floor((p+1)/floor_scale)).
-extern "C" __global__ void temperature_scale(float* q, const int* positions, int tokens, int width,
-                                             float attn_scale, float floor_scale) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)tokens * width) return;
-    int token = (int)(i / width);
-    float p = (float)positions[token];
-    q[i] *= 1.0f + attn_scale * logf(1.0f + floorf((p + 1.0f) / floor_scale));
-}
-
 // norm.rs `silu` and the experts' SwiGLU: out[r, i] = silu(gu[r, i]) · gu[r, I + i]
 // (gate is the first I columns, up the second I).
 extern "C" __global__ void swiglu(const float* gate_up, float* out, int rows, int inter) {
@@ -122,7 +112,8 @@ extern "C" __global__ void router_top1_sigmoid(const float* logits, int tokens, 
     score[t] = 1.0f / (1.0f + expf(-l[best]));
 }
 
-// moe.rs: the router score scales the expert's INPUT: x[r] *= score[r].
+// x[r] *= score[r]: the NoPE layers' temperature (attention.rs; the scale is computed in f64 on
+// the host, as the CPU computes it) and the router score on an expert's input (moe.rs).
 extern "C" __global__ void scale_rows(float* x, const float* score, int rows, int dim) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)rows * dim) return;

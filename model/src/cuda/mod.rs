@@ -32,7 +32,6 @@ pub const KERNEL_NAMES: &[&str] = &[
     "rms_norm",
     "head_rms_norm",
     "rope_interleaved",
-    "temperature_scale",
     "swiglu",
     "router_top1_sigmoid",
     "scale_rows",
