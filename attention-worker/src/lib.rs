@@ -8,10 +8,12 @@
 //! them by the worker holding each expert under the current placement epoch, dispatches
 //! the pieces concurrently over gRPC while the shared expert is computed here, and puts
 //! the answers back in token order. With f32 on the wire the result is bit-identical to
-//! the single process.
+//! the single process. Replica choice and what a failure leads to are the pure functions of
+//! [`routing`]; the transport is chosen once, from config ([`remote::Connector`]).
 
 pub mod node;
 pub mod remote;
+pub mod routing;
 pub mod scheduler;
 pub mod service;
 

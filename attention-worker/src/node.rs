@@ -5,17 +5,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use expertmesh_coordinator::{Beat, CoordinatorClient, Registration, Role};
-use expertmesh_model::{Model, ModelSource};
-
+use expertmesh_coordinator::{
+    Beat, ClusterView, CoordinatorClient, Member, Placement, Registration, Role,
+};
+use expertmesh_dispatch::{InProcessDispatch, Transport};
 use expertmesh_expert_worker::node::bind;
 pub use expertmesh_expert_worker::NodeError;
+use expertmesh_expert_worker::{Assignment, Batcher, BatcherConfig, ExpertShard};
+use expertmesh_model::{Model, ModelSource};
+use tokio::sync::watch;
 
 use std::sync::atomic::Ordering;
 
 use expertmesh_proto::v1 as pb;
 
-use crate::remote::{DispatchConfig, DispatchStats, RemoteExperts};
+use crate::remote::{Connector, DispatchConfig, DispatchStats, RemoteExperts};
 use crate::scheduler::{Engine, EngineStats, SchedulerConfig};
 use crate::service::AttentionServer;
 
@@ -76,8 +80,14 @@ impl AttentionWorkerConfig {
     }
 }
 
+/// The worker id the routed experts have under `--dispatch local`: this process.
+pub const LOCAL_WORKER: u64 = 0;
+
 /// Loads the model without its routed experts and connects them through the coordinator:
-/// what an attention worker, and `generate --expert-workers`, run on.
+/// what an attention worker, and `generate --expert-workers`, run on. The transport comes
+/// from `dispatch.transport`: `grpc` reaches the expert workers the placement names; `local`
+/// holds every routed expert in this process, behind the same seam (an in-process shard and
+/// its batcher, one fixed placement), with no expert workers and no sockets.
 pub async fn connect(
     source: &ModelSource,
     coordinator: &str,
@@ -86,20 +96,68 @@ pub async fn connect(
 ) -> Result<(Arc<Model>, RemoteExperts, CoordinatorClient), NodeError> {
     let config = source.config()?;
     let weights = source.weights()?;
-    let mut model = Model::without_experts(config, weights.as_ref())?;
+    let mut model = Model::without_experts(config.clone(), weights.as_ref())?;
     model.to_device_with(device, gemm)?;
     let model = Arc::new(model);
     let client = CoordinatorClient::new(coordinator)?;
+    let (connector, views) = match dispatch.transport {
+        Transport::Grpc => (Connector::Grpc, client.watch()),
+        Transport::Local => {
+            let shard = Arc::new(ExpertShard::with_device(
+                &config,
+                weights.as_ref(),
+                device,
+                gemm,
+            )?);
+            let everything = Assignment {
+                epoch: 0,
+                experts: (0..config.num_local_experts as u32).collect(),
+            };
+            shard.assign(everything);
+            let batcher = Batcher::spawn(shard, BatcherConfig::default());
+            let local = Arc::new(InProcessDispatch::new(Arc::new(batcher)));
+            let (_, views) = watch::channel(Some(Arc::new(local_view(config.num_local_experts))));
+            (Connector::Local(local), views)
+        }
+        Transport::Nccl => {
+            return Err(NodeError::Config(
+                "dispatch.transport = nccl: NCCL links between attention and expert worker \
+                 processes are not built yet (the NCCL transport runs in one process only); \
+                 use grpc"
+                    .into(),
+            ))
+        }
+    };
     let c = model.config();
     let experts = RemoteExperts::new(
         tokio::runtime::Handle::current(),
-        client.clone(),
-        client.watch(),
+        (client.clone(), views),
+        connector,
         dispatch,
-        c.moe_layers.len(),
-        c.num_local_experts,
+        (c.moe_layers.len(), c.num_local_experts),
     );
     Ok((model, experts, client))
+}
+
+/// The one placement of `--dispatch local`: every expert on this process, epoch 0.
+fn local_view(num_experts: usize) -> ClusterView {
+    ClusterView {
+        members: vec![Member {
+            id: LOCAL_WORKER,
+            role: Role::ExpertWorker,
+            address: "in-process".into(),
+            pid: std::process::id(),
+            alive: true,
+            capacity: None,
+            draining: false,
+        }],
+        placement: Placement {
+            epoch: 0,
+            experts: vec![vec![LOCAL_WORKER]; num_experts],
+        },
+        num_experts,
+        ..ClusterView::default()
+    }
 }
 
 /// Runs an attention worker until `shutdown` completes.

@@ -7,18 +7,23 @@
 //! that cannot be reached is avoided for a while and its experts' rows go to their other
 //! copies at once, or, when it held the only copy, wait (within the batch's deadline) for
 //! the coordinators to place them elsewhere. Any other failure is a typed error within the
-//! batch's deadline, never a hang.
+//! batch's deadline, never a hang. The decisions are [`crate::routing`]'s; this file carries
+//! them out over `Dispatch` values made by one [`Connector`] (`--dispatch`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use expertmesh_coordinator::{ClusterView, CoordinatorClient};
-use expertmesh_expert_worker::{Dispatch, DispatchBatch, DispatchError, GrpcDispatch, WireDType};
-use expertmesh_model::moe::{ExpertGroup, ExpertRunner, PendingExperts, RoutedBatch};
+use expertmesh_dispatch::{
+    Dispatch, DispatchBatch, DispatchError, GrpcDispatch, Transport, WireDType,
+};
+use expertmesh_model::moe::{ExpertRunner, PendingExperts, RoutedBatch};
 use expertmesh_model::{ModelError, Result};
 use tokio::sync::watch;
+
+use crate::routing::{self, Attempts, Next, Piece, SendError, Workers};
 
 /// Dispatch settings of an attention worker.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -30,6 +35,9 @@ pub struct DispatchConfig {
     pub wire_dtype: WireDType,
     /// Re-sends after `WrongEpoch`.
     pub epoch_retries: usize,
+    /// How routed batches travel: `grpc` to expert workers, `local` to the experts this
+    /// process holds (no sockets), `nccl` between GPU ranks.
+    pub transport: Transport,
 }
 
 impl Default for DispatchConfig {
@@ -38,6 +46,34 @@ impl Default for DispatchConfig {
             timeout_ms: 10_000,
             wire_dtype: WireDType::F32,
             epoch_retries: 3,
+            transport: Transport::Grpc,
+        }
+    }
+}
+
+/// Makes the `Dispatch` that reaches one expert worker: the one place a transport is
+/// chosen.
+pub enum Connector {
+    /// A gRPC stream per worker address.
+    Grpc,
+    /// Every worker id is this process's own shard (`--dispatch local`).
+    Local(Arc<dyn Dispatch>),
+    /// Any other `Dispatch` by worker address: test doubles (`FaultyDispatch`).
+    Custom(Arc<MakeDispatch>),
+}
+
+/// Makes the `Dispatch` of a worker address.
+pub type MakeDispatch = dyn Fn(&str) -> Arc<dyn Dispatch> + Send + Sync;
+
+/// A worker's client, with the address it was made for.
+type Client = (String, Arc<dyn Dispatch>);
+
+impl Connector {
+    pub fn connect(&self, address: &str) -> Arc<dyn Dispatch> {
+        match self {
+            Connector::Grpc => GrpcDispatch::new(address),
+            Connector::Local(d) => d.clone(),
+            Connector::Custom(make) => make(address),
         }
     }
 }
@@ -45,7 +81,7 @@ impl Default for DispatchConfig {
 /// Routed experts on expert workers, as the placement says.
 #[derive(Clone)]
 pub struct RemoteExperts {
-    inner: Arc<Inner>,
+    router: Arc<Router>,
 }
 
 /// What the runner has sent, for heartbeats and `/metrics`.
@@ -72,12 +108,14 @@ impl DispatchStats {
     }
 }
 
-struct Inner {
+/// The routing state of one attention worker, shared by its dispatch tasks.
+struct Router {
     runtime: tokio::runtime::Handle,
     views: watch::Receiver<Option<Arc<ClusterView>>>,
     coordinator: CoordinatorClient,
+    connector: Connector,
     /// Worker id → (address, client).
-    workers: Mutex<HashMap<u64, (String, Arc<GrpcDispatch>)>>,
+    workers: Mutex<HashMap<u64, Client>>,
     config: DispatchConfig,
     stats: Arc<DispatchStats>,
     /// Workers that failed to answer, avoided until the instant given.
@@ -93,30 +131,22 @@ const SUSPECT_FOR: Duration = Duration::from_secs(10);
 /// Sends of one routed batch at most (each a new placement or another copy).
 const ATTEMPTS_MAX: usize = 64;
 
-/// Why sending one routed batch under one placement failed.
-enum SendError {
-    /// A worker's answer.
-    Worker(u64, DispatchError),
-    /// Every copy of this expert is on a worker that cannot be reached.
-    NoCopy(u32),
-}
-
 impl RemoteExperts {
-    /// `views` is the coordinator watch; `runtime` runs the network work; the model has
-    /// `moe_layers` MoE layers of `num_experts` experts.
+    /// `views` is the coordinator watch; `runtime` runs the network work; `connector`
+    /// reaches the workers; the model has `moe_layers` MoE layers of `num_experts` experts.
     pub fn new(
         runtime: tokio::runtime::Handle,
-        coordinator: CoordinatorClient,
-        views: watch::Receiver<Option<Arc<ClusterView>>>,
+        (coordinator, views): (CoordinatorClient, watch::Receiver<Option<Arc<ClusterView>>>),
+        connector: Connector,
         config: DispatchConfig,
-        moe_layers: usize,
-        num_experts: usize,
+        (moe_layers, num_experts): (usize, usize),
     ) -> Self {
         Self {
-            inner: Arc::new(Inner {
+            router: Arc::new(Router {
                 runtime,
                 views,
                 coordinator,
+                connector,
                 workers: Mutex::new(HashMap::new()),
                 config,
                 stats: Arc::new(DispatchStats::new(moe_layers, num_experts)),
@@ -128,12 +158,12 @@ impl RemoteExperts {
     }
 
     pub fn stats(&self) -> &Arc<DispatchStats> {
-        &self.inner.stats
+        &self.router.stats
     }
 
     /// Waits until the cluster can serve (every expert placed), up to `patience`.
     pub async fn ready(&self, patience: Duration) -> Result<Arc<ClusterView>, String> {
-        self.inner
+        self.router
             .servable_view(0, tokio::time::Instant::now() + patience)
             .await
     }
@@ -144,20 +174,20 @@ impl ExpertRunner for RemoteExperts {
     /// epochs at step boundaries (a retry after a failure may still move to a newer one).
     fn begin_step(&self) {
         let view = self
-            .inner
+            .router
             .views
             .borrow()
             .clone()
             .filter(|v| v.unservable.is_none());
-        *self.inner.step_view.lock().expect("step view lock") = view;
+        *self.router.step_view.lock().expect("step view lock") = view;
     }
 
     fn start(&self, batch: RoutedBatch) -> Result<PendingExperts> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let inner = self.inner.clone();
+        let router = self.router.clone();
         let layer = batch.layer;
-        self.inner.runtime.spawn(async move {
-            let _ = tx.send(inner.run(batch).await);
+        self.router.runtime.spawn(async move {
+            let _ = tx.send(router.run(batch).await);
         });
         Ok(PendingExperts::later(move || {
             rx.recv().unwrap_or_else(|_| {
@@ -170,16 +200,8 @@ impl ExpertRunner for RemoteExperts {
     }
 }
 
-/// One worker's share of a routed batch: its groups and where their rows sit in the batch.
-struct Piece {
-    worker: u64,
-    groups: Vec<ExpertGroup>,
-    /// (first row in the batch, rows) per group.
-    spans: Vec<(usize, usize)>,
-}
-
-impl Inner {
-    fn client(&self, worker: u64, view: &ClusterView) -> Result<Arc<GrpcDispatch>, String> {
+impl Router {
+    fn client(&self, worker: u64, view: &ClusterView) -> Result<Arc<dyn Dispatch>, String> {
         let member = view
             .member(worker)
             .ok_or_else(|| format!("worker {worker} is not a member"))?;
@@ -187,7 +209,7 @@ impl Inner {
         match workers.get(&worker) {
             Some((address, client)) if *address == member.address => Ok(client.clone()),
             _ => {
-                let client = GrpcDispatch::new(member.address.clone());
+                let client = self.connector.connect(&member.address);
                 workers.insert(worker, (member.address.clone(), client.clone()));
                 Ok(client)
             }
@@ -242,7 +264,7 @@ impl Inner {
         let unavailable = |reason: String| ModelError::ExpertsUnavailable { layer, reason };
         let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.timeout_ms);
         let mut min_epoch = 0;
-        let mut epoch_retries = 0;
+        let mut attempts = Attempts::default();
         // What went wrong last, for the error if the deadline passes.
         let mut trouble = String::new();
         for _ in 0..ATTEMPTS_MAX {
@@ -259,32 +281,31 @@ impl Inner {
                     .await
                     .map_err(|why| unavailable(format!("{why}{trouble}")))?,
             };
-            match self.send(&batch, &view, deadline).await {
+            let error = match self.send(&batch, &view, deadline).await {
                 Ok(out) => return Ok(out),
-                Err(SendError::Worker(_, DispatchError::WrongEpoch { current })) => {
-                    epoch_retries += 1;
-                    if epoch_retries > self.config.epoch_retries {
-                        return Err(unavailable(format!(
-                            "placement kept changing ({} retries)",
-                            self.config.epoch_retries
-                        )));
+                Err(e) => e,
+            };
+            let epoch = view.placement.epoch;
+            match routing::next_step(&error, epoch, &mut attempts, self.config.epoch_retries) {
+                Next::Resend {
+                    min_epoch: m,
+                    pause,
+                } => {
+                    if let SendError::NoCopy(expert) = error {
+                        eprintln!(
+                            "expert {expert}: no reachable copy under epoch {epoch}; waiting for a new placement"
+                        );
                     }
-                    // A worker ahead of us means a newer placement exists; a worker behind
-                    // us will catch up with the coordinator shortly.
-                    if current > view.placement.epoch {
-                        min_epoch = current;
-                    } else {
-                        min_epoch = view.placement.epoch;
+                    min_epoch = m;
+                    if pause {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }
-                Err(SendError::Worker(_, DispatchError::ExpertNotHere { .. })) => {
-                    // The worker already follows a newer placement than this view.
-                    min_epoch = view.placement.epoch;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(SendError::Worker(worker, DispatchError::Unavailable(reason))) => {
-                    // Avoid it and go to the other copies now (or wait for a new placement).
+                Next::Avoid { worker } => {
+                    let reason = match &error {
+                        SendError::Worker(_, e) => e.to_string(),
+                        SendError::NoCopy(_) => String::new(),
+                    };
                     let address = view.member(worker).map_or("?", |m| m.address.as_str());
                     trouble =
                         format!(" (expert worker {worker} at {address} is unreachable: {reason})");
@@ -294,22 +315,15 @@ impl Inner {
                         .expect("suspects lock")
                         .insert(worker, std::time::Instant::now() + SUSPECT_FOR);
                 }
-                Err(SendError::NoCopy(expert)) => {
-                    // Wait for the coordinators to place it elsewhere.
-                    eprintln!(
-                        "expert {expert}: no reachable copy under epoch {}; waiting for a new placement",
-                        view.placement.epoch
-                    );
-                    min_epoch = view.placement.epoch + 1;
-                }
-                Err(SendError::Worker(worker, e)) => {
-                    let address = view
-                        .member(worker)
-                        .map(|m| m.address.as_str())
-                        .unwrap_or("?");
-                    return Err(unavailable(format!(
-                        "expert worker {worker} ({address}): {e}"
-                    )));
+                Next::Fail(why) => {
+                    let address = match &error {
+                        SendError::Worker(w, _) => view.member(*w).map(|m| m.address.as_str()),
+                        SendError::NoCopy(_) => None,
+                    };
+                    return Err(unavailable(match address {
+                        Some(a) => format!("{why} ({a})"),
+                        None => why,
+                    }));
                 }
             }
         }
@@ -318,27 +332,18 @@ impl Inner {
         )))
     }
 
-    /// The copy of `expert` to send `rows` to: among workers not suspected, the one with the
-    /// fewest rows in flight (counting what this batch already gives it).
-    fn choose(
-        &self,
-        replicas: &[u64],
-        planned: &BTreeMap<u64, Piece>,
-        rows_of: impl Fn(&Piece) -> u64,
-    ) -> Option<u64> {
+    /// The pieces of `batch` under `view`, planned around suspects and rows in flight.
+    fn plan(&self, batch: &RoutedBatch, view: &ClusterView) -> Result<Vec<Piece>, SendError> {
         let now = std::time::Instant::now();
         let mut suspects = self.suspects.lock().expect("suspects lock");
         suspects.retain(|_, until| *until > now);
-        let in_flight = self.in_flight.lock().expect("in-flight lock");
-        replicas
-            .iter()
-            .copied()
-            .filter(|w| !suspects.contains_key(w))
-            .min_by_key(|w| {
-                let busy = in_flight.get(w).copied().unwrap_or(0);
-                let here = planned.get(w).map_or(0, &rows_of);
-                (busy + here, *w)
-            })
+        let suspects: HashSet<u64> = suspects.keys().copied().collect();
+        let in_flight = self.in_flight.lock().expect("in-flight lock").clone();
+        let workers = Workers {
+            suspects: &suspects,
+            in_flight: &in_flight,
+        };
+        routing::plan(&batch.groups, &view.placement.experts, workers).map_err(SendError::NoCopy)
     }
 
     /// Sends one piece per worker under `view`'s placement and reassembles the answer.
@@ -349,31 +354,10 @@ impl Inner {
         deadline: tokio::time::Instant,
     ) -> Result<Vec<f32>, SendError> {
         let h = batch.hidden;
-        let mut pieces: BTreeMap<u64, Piece> = BTreeMap::new();
-        let mut row = 0;
-        let rows_of = |p: &Piece| p.spans.iter().map(|s| s.1 as u64).sum::<u64>();
-        for g in &batch.groups {
-            let replicas = view
-                .placement
-                .experts
-                .get(g.expert as usize)
-                .map(Vec::as_slice)
-                .unwrap_or(&[]);
-            let worker = self
-                .choose(replicas, &pieces, rows_of)
-                .ok_or(SendError::NoCopy(g.expert))?;
-            let p = pieces.entry(worker).or_insert_with(|| Piece {
-                worker,
-                groups: Vec::new(),
-                spans: Vec::new(),
-            });
-            p.groups.push(*g);
-            p.spans.push((row, g.rows as usize));
-            row += g.rows as usize;
-        }
+        let pieces = self.plan(batch, view)?;
         let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
         let mut tasks = Vec::with_capacity(pieces.len());
-        for p in pieces.into_values() {
+        for p in pieces {
             let client = self
                 .client(p.worker, view)
                 .map_err(|e| SendError::Worker(p.worker, DispatchError::Unavailable(e)))?;
@@ -395,7 +379,7 @@ impl Inner {
             let stats = self.stats.clone();
             let sent = client.dispatch(dispatch);
             let in_flight = self.in_flight.clone();
-            let (worker, rows) = (p.worker, rows_of(&p));
+            let (worker, rows) = (p.worker, p.rows());
             *in_flight
                 .lock()
                 .expect("in-flight lock")
@@ -417,7 +401,7 @@ impl Inner {
             ));
         }
         let mut out = vec![0.0f32; batch.inputs.len()];
-        let mut first_error = None;
+        let mut errors = Vec::new();
         for (p, task) in tasks {
             let result = task
                 .await
@@ -431,16 +415,10 @@ impl Inner {
                         offset += n;
                     }
                 }
-                Err(e) => {
-                    // Prefer reporting a non-epoch error: it will not go away by retrying.
-                    let epoch = matches!(e, DispatchError::WrongEpoch { .. });
-                    if first_error.is_none() || !epoch {
-                        first_error = Some(SendError::Worker(p.worker, e));
-                    }
-                }
+                Err(e) => errors.push(SendError::Worker(p.worker, e)),
             }
         }
-        match first_error {
+        match routing::worst(errors) {
             Some(e) => Err(e),
             None => Ok(out),
         }

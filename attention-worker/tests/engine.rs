@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use expertmesh_attention_worker::{Engine, Event, SchedulerConfig};
 use expertmesh_model::{
-    generate, FinishReason, GenerateRequest, Model, OwnedLocalExperts, SamplingParams,
+    generate, FinishReason, GenerateRequest, LocalExperts, Model, SamplingParams,
 };
 
 fn model() -> Arc<Model> {
@@ -48,7 +48,7 @@ fn run_concurrently(
     config: SchedulerConfig,
 ) -> (Vec<Vec<u32>>, Arc<expertmesh_attention_worker::EngineStats>) {
     let model = model();
-    let engine = Engine::spawn(model.clone(), OwnedLocalExperts(model), config);
+    let engine = Engine::spawn(model.clone(), LocalExperts(model), config);
     let streams: Vec<_> = requests()
         .into_iter()
         .map(|r| engine.submit(r).unwrap())
@@ -112,7 +112,7 @@ fn a_dropped_stream_cancels_its_request() {
     let model = model();
     let engine = Engine::spawn(
         model.clone(),
-        OwnedLocalExperts(model),
+        LocalExperts(model),
         SchedulerConfig::default(),
     );
     let rx = engine

@@ -271,7 +271,7 @@ fn decode(args: DecodeArgs) -> Result<()> {
         progress(&format!("decode: batch {batch}, {} steps", args.steps));
         let prompts: Vec<Vec<u32>> = (0..batch).map(|_| prompt(args.prompt_tokens)).collect();
         let (mut times, bytes) =
-            decode_steps(&model, &model.experts_runner(), &prompts, args.steps)?;
+            decode_steps(&model, &model.local_experts(), &prompts, args.steps)?;
         let step = median(&mut times).as_secs_f64();
         let floor = bytes as f64 / (memcpy_gbps * 1e9);
         let read_floor = bytes as f64 / (read_gbps * 1e9);

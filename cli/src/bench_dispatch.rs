@@ -11,10 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use expertmesh_expert_worker::{
-    Assignment, Batcher, BatcherConfig, Dispatch, DispatchBatch, ExpertServer, ExpertShard,
-    GrpcDispatch, WireDType,
-};
+use expertmesh_dispatch::{Dispatch, DispatchBatch, GrpcDispatch, WireDType};
+use expertmesh_expert_worker::{Assignment, Batcher, BatcherConfig, ExpertServer, ExpertShard};
 use expertmesh_model::moe::ExpertGroup;
 use expertmesh_model::synthetic::SyntheticSpec;
 use expertmesh_model::{InMemoryWeights, Tensor};
@@ -193,7 +191,7 @@ async fn measure(args: &DispatchArgs) -> Result<Report> {
                 std::hint::black_box(out);
                 Ok(t0.elapsed())
             })
-            .collect::<Result<_, expertmesh_expert_worker::DispatchError>>()?;
+            .collect::<Result<_, expertmesh_dispatch::DispatchError>>()?;
         let (c50, _) = percentiles(&mut compute);
         let payload = n * h * args.dtype.size_bytes();
         let mut tcp = Vec::with_capacity(args.iterations);

@@ -75,7 +75,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                         .collect()
                 })
                 .collect();
-            let (mut times, _) = decode_steps(&model, &model.local_runner()?, &prompts, 6)?;
+            let (mut times, _) = decode_steps(&model, &model.local_experts(), &prompts, 6)?;
             rates.push(c as f64 / median(&mut times).as_secs_f64());
         }
         rates

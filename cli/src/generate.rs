@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use expertmesh_attention_worker::DispatchConfig;
-use expertmesh_expert_worker::WireDType;
+use expertmesh_dispatch::WireDType;
 use expertmesh_model::{
     config::generation_eos_ids, generate, generate_with, ChatMessage, ChatTemplate,
     DetokenizeStream, FinishReason, GenerateOutput, GenerateRequest, Model, SamplingParams,

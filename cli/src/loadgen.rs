@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
-use expertmesh_expert_worker::WireDType;
+use expertmesh_dispatch::WireDType;
 use expertmesh_loadgen::experts::{parse_skew, ExpertLoad};
 use expertmesh_loadgen::workload::read_dataset;
 use expertmesh_loadgen::{plot, Endpoint, Lengths, Report, Run, Shape, Workload};

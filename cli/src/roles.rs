@@ -11,7 +11,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use expertmesh_attention_worker::AttentionWorkerConfig;
 use expertmesh_coordinator::{Coordinator, CoordinatorConfig};
-use expertmesh_expert_worker::{ExpertWorkerConfig, WireDType};
+use expertmesh_dispatch::{Transport, WireDType};
+use expertmesh_expert_worker::ExpertWorkerConfig;
 use expertmesh_gateway::{Cluster, GatewayConfig};
 use expertmesh_model::ModelSource;
 use std::sync::Arc;
@@ -142,6 +143,10 @@ pub struct AttentionWorkerArgs {
     /// Time budget of one routed batch, in ms.
     #[arg(long)]
     dispatch_timeout_ms: Option<u64>,
+    /// How routed batches travel: grpc (to expert workers), local (every expert in this
+    /// process, no sockets: a single-node deployment), nccl (GPU ranks).
+    #[arg(long)]
+    dispatch: Option<Transport>,
 }
 
 fn load<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> Result<T> {
@@ -322,6 +327,9 @@ pub fn attention_worker(args: AttentionWorkerArgs) -> Result<()> {
     }
     if let Some(v) = args.dispatch_timeout_ms {
         config.dispatch.timeout_ms = v;
+    }
+    if let Some(v) = args.dispatch {
+        config.dispatch.transport = v;
     }
     let config = config.validate()?;
     runtime()?.block_on(async {

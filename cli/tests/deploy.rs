@@ -4,7 +4,8 @@ use std::path::Path;
 
 use expertmesh_attention_worker::AttentionWorkerConfig;
 use expertmesh_coordinator::CoordinatorConfig;
-use expertmesh_expert_worker::{ExpertWorkerConfig, WireDType};
+use expertmesh_dispatch::WireDType;
+use expertmesh_expert_worker::ExpertWorkerConfig;
 
 fn read(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))

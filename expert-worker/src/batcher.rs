@@ -13,8 +13,8 @@ use expertmesh_model::moe::ExpertGroup;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::dispatch::{DispatchBatch, DispatchError};
 use crate::shard::ExpertShard;
+use expertmesh_dispatch::{Answer, DispatchBatch, DispatchError, DispatchFuture};
 
 /// Batching settings.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -95,6 +95,13 @@ impl Batcher {
             Ok(Err(_)) => Err(DispatchError::Unavailable("the batch was dropped".into())),
             Err(_) => Err(DispatchError::DeadlineExceeded),
         }
+    }
+}
+
+impl Answer for Batcher {
+    fn answer(&self, batch: DispatchBatch) -> DispatchFuture {
+        let batcher = self.clone();
+        Box::pin(async move { batcher.submit(batch).await })
     }
 }
 

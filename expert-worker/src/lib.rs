@@ -9,24 +9,17 @@
 //! per expert, computed on the CPU (`expertmesh_model::moe::Experts::run_groups`), and
 //! answered in the request's row order and dtype.
 //!
-//! The [`dispatch::Dispatch`] seam is what attention workers call; [`client::GrpcDispatch`],
-//! [`local::InProcessDispatch`] and (feature `cuda`) `nccl::NcclDispatch` implement it.
+//! The `Dispatch` seam that attention workers call, its wire form and its transports live
+//! in `expertmesh-dispatch`; this crate is the answering side: the [`Batcher`] is the
+//! seam's `Answer` (what the in-process and NCCL transports deliver to) and the
+//! [`ExpertServer`] puts it behind gRPC.
 
 pub mod batcher;
-pub mod client;
-pub mod dispatch;
-pub mod local;
-#[cfg(feature = "cuda")]
-pub mod nccl;
 pub mod node;
 pub mod server;
 pub mod shard;
-pub mod wire;
 
 pub use batcher::{Batcher, BatcherConfig};
-pub use client::GrpcDispatch;
-pub use dispatch::{Dispatch, DispatchBatch, DispatchError, WireDType};
-pub use local::InProcessDispatch;
 pub use node::{run, ExpertWorkerConfig, NodeError};
 pub use server::ExpertServer;
 pub use shard::{Assignment, ExpertShard};

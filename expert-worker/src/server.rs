@@ -12,8 +12,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::batcher::Batcher;
-use crate::dispatch::DispatchBatch;
-use crate::wire::{reply_err, reply_ok};
+use expertmesh_dispatch::wire::{reply_err, reply_ok};
+use expertmesh_dispatch::DispatchBatch;
 
 /// Replies buffered per stream before the worker waits for the client to read.
 const REPLY_QUEUE: usize = 64;

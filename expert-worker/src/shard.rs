@@ -15,7 +15,7 @@ pub const EPOCH_GRACE: Duration = Duration::from_secs(10);
 use expertmesh_model::moe::{ExpertGroup, Experts};
 use expertmesh_model::{Device, GemmPrecision, ModelError, TextConfig, WeightSource};
 
-use crate::dispatch::{DispatchBatch, DispatchError};
+use expertmesh_dispatch::{DispatchBatch, DispatchError};
 
 /// The worker's current assignment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

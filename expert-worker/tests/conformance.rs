@@ -1,16 +1,19 @@
-//! The conformance suite of the `Dispatch` seam: the in-process implementation and the gRPC
-//! one (a real server on loopback) must answer the same batches with the same outputs, bit
-//! for bit, and the same typed errors.
+//! The conformance suite of the `Dispatch` seam: the in-process implementation, the gRPC
+//! one (a real server on loopback), the NCCL one (on a GPU) and the fault-injecting test
+//! double (unscripted, around the in-process one) must answer the same batches with the same
+//! outputs, bit for bit, and the same typed errors. The double's scripted faults then show
+//! what a sender sees of each fault.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use expertmesh_expert_worker::{
-    Assignment, Batcher, BatcherConfig, Dispatch, DispatchBatch, DispatchError, ExpertServer,
-    ExpertShard, GrpcDispatch, InProcessDispatch, WireDType,
+use expertmesh_dispatch::{
+    Dispatch, DispatchBatch, DispatchError, Fault, FaultyDispatch, GrpcDispatch, InProcessDispatch,
+    WireDType,
 };
+use expertmesh_expert_worker::{Assignment, Batcher, BatcherConfig, ExpertServer, ExpertShard};
 use expertmesh_model::moe::{ExpertGroup, Experts};
 use expertmesh_model::synthetic::SyntheticSpec;
 use expertmesh_model::{InMemoryWeights, TextConfig};
@@ -84,7 +87,15 @@ fn batch(groups: &[(u32, u32)], dtype: WireDType, seed: u32) -> DispatchBatch {
 }
 
 async fn in_process(f: &Fixture, config: BatcherConfig) -> Box<dyn Dispatch> {
-    Box::new(InProcessDispatch::new(Batcher::spawn(f.shard(), config)))
+    Box::new(InProcessDispatch::new(Arc::new(Batcher::spawn(
+        f.shard(),
+        config,
+    ))))
+}
+
+fn faulty(f: &Fixture) -> FaultyDispatch {
+    let batcher = Arc::new(Batcher::spawn(f.shard(), BatcherConfig::default()));
+    FaultyDispatch::new(Arc::new(InProcessDispatch::new(batcher)))
 }
 
 async fn grpc(f: &Fixture, config: BatcherConfig) -> Box<dyn Dispatch> {
@@ -190,6 +201,62 @@ async fn in_process_conforms() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_double_conforms_and_injects_each_fault() {
+    let f = Fixture::new();
+    let d = faulty(&f);
+    conformance(&f, &d).await;
+    let calls = d.calls();
+    let experts = f.experts();
+    let b = batch(&[(0, 2)], WireDType::F32, 9);
+    let exact = experts.run_groups(&b.groups, &b.activations, 64);
+    d.script([
+        Fault::Drop,
+        Fault::WrongEpoch(EPOCH + 3),
+        Fault::Unavailable,
+        Fault::Delay(Duration::from_millis(30)),
+        Fault::Delay(Duration::from_secs(30)),
+        Fault::Hang,
+    ]);
+    let mut short = b.clone();
+    short.timeout = Duration::from_millis(50);
+    assert!(matches!(
+        d.dispatch(b.clone()).await,
+        Err(DispatchError::Unavailable(_))
+    ));
+    assert_eq!(
+        d.dispatch(b.clone()).await,
+        Err(DispatchError::WrongEpoch { current: EPOCH + 3 })
+    );
+    assert!(matches!(
+        d.dispatch(b.clone()).await,
+        Err(DispatchError::Unavailable(_))
+    ));
+    assert_eq!(
+        d.dispatch(b.clone()).await.unwrap(),
+        exact,
+        "a late answer is still exact"
+    );
+    let started = std::time::Instant::now();
+    assert_eq!(
+        d.dispatch(short.clone()).await,
+        Err(DispatchError::DeadlineExceeded)
+    );
+    assert_eq!(
+        d.dispatch(short).await,
+        Err(DispatchError::DeadlineExceeded)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "faults end at the deadline"
+    );
+    // The script is used up: batches pass again; `always` makes a dead worker.
+    assert_eq!(d.dispatch(b.clone()).await.unwrap(), exact);
+    d.always(Fault::Drop);
+    assert!(d.dispatch(b).await.is_err());
+    assert_eq!(d.calls(), calls + 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_conforms() {
     let f = Fixture::new();
     conformance(&f, grpc(&f, BatcherConfig::default()).await.as_ref()).await;
@@ -261,7 +328,7 @@ async fn grpc_worker_gone_is_unavailable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nccl_conforms() {
     use expertmesh_coordinator::{Coordinator, CoordinatorClient, NodeConfig, Settings, Timing};
-    use expertmesh_expert_worker::nccl::NcclDispatch;
+    use expertmesh_dispatch::nccl::NcclDispatch;
     for lib in ["cuda", "nccl"] {
         if let Err(e) = expertmesh_model::cuda::preload(lib) {
             println!("skipped: {e}");
@@ -295,10 +362,13 @@ async fn nccl_conforms() {
     ));
     let client = CoordinatorClient::new(&address).unwrap();
     let f = Fixture::new();
-    let batcher = Batcher::spawn(f.shard(), BatcherConfig::default());
-    let nccl = NcclDispatch::single_rank(0, &client, "conformance", batcher)
-        .await
-        .unwrap();
+    let batcher = Arc::new(Batcher::spawn(f.shard(), BatcherConfig::default()));
+    let agree = |offer: Vec<u8>| async move {
+        client
+            .nccl_id("conformance", Some(&offer), Duration::from_secs(10))
+            .await
+    };
+    let nccl = NcclDispatch::single_rank(0, agree, batcher).await.unwrap();
     println!("NCCL dispatch over {}", nccl.link().description);
     conformance(&f, &nccl).await;
     let _ = std::fs::remove_dir_all(&dir);

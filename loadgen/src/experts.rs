@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use expertmesh_coordinator::CoordinatorClient;
-use expertmesh_expert_worker::{Dispatch, DispatchBatch, GrpcDispatch, WireDType};
+use expertmesh_dispatch::{Dispatch, DispatchBatch, GrpcDispatch, WireDType};
 use expertmesh_model::moe::ExpertGroup;
 use expertmesh_model::sampling::{mix64, SplitMix64};
 use expertmesh_model::ModelSource;

@@ -96,7 +96,9 @@ impl Attention {
     }
 
     /// `x` is the normed hidden state `[t, hidden]` of all sequences in batch order; the
-    /// result is the attention output `[t, hidden]` before the residual add.
+    /// result is the attention output `[t, hidden]` before the residual add. The caches
+    /// grow by the new keys and values; giving back the blocks of finished chunks is the
+    /// forward pass's (`forward::layer_start`).
     pub fn forward(&self, x: &[f32], t: usize, seqs: &mut [SeqSlice<'_>]) -> Vec<f32> {
         let mut q = self.q.forward(x, t);
         let mut k = self.k.forward(x, t);
@@ -129,9 +131,6 @@ impl Attention {
                 let end = s.start_pos + s.len;
                 let (keys, values) = s.cache.gather(s.pool.block_tokens(), lo, end);
                 attend(self.geometry(), q, &keys, &values, lo, s.start_pos, out);
-                if self.use_rope {
-                    s.cache.drop_before(s.pool, end - end % self.chunk);
-                }
             });
         self.o.forward(&attn, t)
     }

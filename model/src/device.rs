@@ -62,13 +62,6 @@ impl Device {
     pub fn check(self) -> Result<(), ModelError> {
         match self {
             Device::Cpu => Ok(()),
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => Err(ModelError::Device(
-                "this expertmesh was built without CUDA; rebuild with \
-                 `cargo build --release --features cuda`"
-                    .into(),
-            )),
-            #[cfg(feature = "cuda")]
             Device::Cuda(n) => crate::cuda::probe(n)
                 .map(|_| ())
                 .map_err(|e| ModelError::Device(e.to_string())),

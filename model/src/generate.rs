@@ -40,7 +40,8 @@ pub fn generate(
     req: &GenerateRequest,
     on_token: impl FnMut(u32),
 ) -> Result<GenerateOutput> {
-    generate_with(model, req, &model.local_runner()?, on_token)
+    model.check_local_experts()?;
+    generate_with(model, req, &model.local_experts(), on_token)
 }
 
 /// `generate` with the routed experts reached through `runner`.

@@ -8,8 +8,7 @@
 //! (transformers' "hybrid" cache). A scheduler admits and preempts sequences by the pool's
 //! free blocks ([`KvCache::blocks_needed`]).
 
-use std::any::Any;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 /// Positions per block unless configured otherwise.
 pub const BLOCK_TOKENS: usize = 16;
@@ -17,15 +16,14 @@ pub const BLOCK_TOKENS: usize = 16;
 /// The block allocator shared by every sequence of one worker. A block holds the keys and
 /// values of `block_tokens` positions of one layer, and has an id below the number of
 /// blocks that exist at once. A *device* pool hands out ids only: the keys and values live
-/// in the device's memory, in the store attached to the pool (see `cuda::forward`).
+/// in the device's memory, in a store the device backend keeps for the pool
+/// (`cuda::backend`).
 pub struct BlockPool {
     block_tokens: usize,
     /// Blocks that may exist at once; `None` for no limit (single-request generation).
     capacity: Option<usize>,
     device: bool,
     state: Mutex<PoolState>,
-    /// What a device backend keeps beside the pool (its key and value store).
-    attachment: OnceLock<Box<dyn Any + Send + Sync>>,
 }
 
 impl std::fmt::Debug for BlockPool {
@@ -63,7 +61,6 @@ impl BlockPool {
             capacity,
             device: false,
             state: Mutex::default(),
-            attachment: OnceLock::new(),
         })
     }
 
@@ -75,7 +72,6 @@ impl BlockPool {
             capacity: Some(capacity),
             device: true,
             state: Mutex::default(),
-            attachment: OnceLock::new(),
         })
     }
 
@@ -85,22 +81,6 @@ impl BlockPool {
 
     pub fn capacity(&self) -> Option<usize> {
         self.capacity
-    }
-
-    /// The value attached to this pool by a backend, made by `make` on first use.
-    pub fn attachment<T: Any + Send + Sync, E>(
-        &self,
-        make: impl FnOnce() -> Result<T, E>,
-    ) -> Result<&T, E> {
-        if self.attachment.get().is_none() {
-            let value = make()?;
-            let _ = self.attachment.set(Box::new(value));
-        }
-        Ok(self
-            .attachment
-            .get()
-            .and_then(|b| b.downcast_ref::<T>())
-            .expect("a pool carries one kind of attachment"))
     }
 
     /// A pool without a limit, for one request at a time.
@@ -379,8 +359,5 @@ mod tests {
         assert_eq!(a.layers[0].extend_slots(&pool, 2), vec![6, 7]);
         drop((a, b));
         assert_eq!(pool.used(), 0);
-        let first = *pool.attachment(|| Ok::<_, ()>(7u32)).unwrap();
-        let again = *pool.attachment(|| Ok::<_, ()>(9u32)).unwrap();
-        assert_eq!((first, again), (7, 7));
     }
 }

@@ -8,24 +8,33 @@
 //!   stay bf16 in memory.
 //! - [`tokenizer`] wraps the HF tokenizer and renders chat templates.
 //! - [`model`] is the decoder: [`Model::forward`] takes a batch of sequences, each with its
-//!   [`KvCache`] and new tokens, and returns logits and each MoE layer's routes. Inside, a
-//!   layer is RMSNorm → [`attention`] (RoPE/NoPE, chunked/global) → RMSNorm → dense
-//!   [`moe::Mlp`] or top-1 [`moe::Moe`]; products go through [`linear`] (`gemm`, f32 compute
-//!   over bf16 weights widened per cache-sized block).
+//!   [`KvCache`] and new tokens, and returns logits and each MoE layer's routes. The forward
+//!   pass is written once (`forward.rs`: micro-batches, the layer loop, the MoE start/finish
+//!   around the [`moe::ExpertRunner`] seam, the cache advance) over a compute backend
+//!   (`backend.rs`): the CPU backend (`cpu.rs`: RMSNorm → [`attention`] (RoPE/NoPE,
+//!   chunked/global) → RMSNorm → dense [`moe::Mlp`] or top-1 [`moe::Moe`], products through
+//!   [`linear`]) or the CUDA one.
 //! - [`generate`] is the prefill-then-decode loop with [`sampling`].
 //! - [`synthetic`] builds random models of any shape in memory, for benchmarks.
-//! - `cuda` (cargo feature `cuda`) is the GPU backend behind [`Model::to_device`]: weights on
-//!   the device in bf16, cuBLAS products, NVRTC kernels, the paged KV cache on the device,
-//!   GPU expert shards, NCCL links and the GPU benchmarks. The CPU path stays the reference
-//!   that every GPU test compares against.
+//! - `cuda` (cargo feature `cuda`; an uninhabited stub without it) is the GPU backend behind
+//!   [`Model::to_device`]: weights on the device in bf16, cuBLAS products, NVRTC kernels and
+//!   their typed launches, the paged KV store on the device, GPU expert shards, NCCL links
+//!   and the GPU benchmarks. The CPU backend stays the reference that every GPU test
+//!   compares against.
 
 pub mod attention;
+mod backend;
 pub mod checkpoint;
 pub mod config;
+mod cpu;
 #[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_off.rs"]
 pub mod cuda;
 pub mod device;
 pub mod error;
+mod forward;
 pub mod generate;
 pub mod kernels;
 pub mod kv_cache;
@@ -45,7 +54,7 @@ pub use device::{Device, GemmPrecision};
 pub use error::{ModelError, Result};
 pub use generate::{generate, generate_with, FinishReason, GenerateOutput, GenerateRequest};
 pub use kv_cache::KvCache;
-pub use model::{Forward, LogitRows, Model, OwnedLocalExperts, Sequence};
+pub use model::{Forward, LocalExperts, LogitRows, Model, Sequence};
 pub use sampling::{Sampler, SamplingParams};
 pub use source::ModelSource;
 pub use tokenizer::{ChatMessage, ChatTemplate, DetokenizeStream, TextTokenizer};

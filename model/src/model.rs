@@ -6,20 +6,19 @@
 //! at once; attention runs per sequence. Embeddings, pre-norm blocks (attention, then a
 //! dense or MoE feed-forward), final norm and `lm_head`.
 
+use std::borrow::Borrow;
 use std::path::Path;
-
-use crate::attention::{Attention, SeqSlice};
-use crate::checkpoint::{SafetensorsCheckpoint, Tensor, WeightSource};
-use crate::config::TextConfig;
-use crate::error::{ModelError, Result};
 use std::sync::Arc;
 
+use crate::attention::Attention;
+use crate::backend::{with_backend, Backend, Compute};
+use crate::checkpoint::{SafetensorsCheckpoint, Tensor, WeightSource};
+use crate::config::TextConfig;
+use crate::cuda::CudaBackend;
+use crate::error::{ModelError, Result};
 use crate::kv_cache::{BlockPool, KvCache};
 use crate::linear::{Layout, Linear};
-use crate::moe::{
-    ExpertRunner, Experts, Mlp, Moe, MoeInFlight, PendingExperts, Route, RoutedBatch,
-};
-use crate::norm::rms_norm;
+use crate::moe::{ExpertRunner, Mlp, Moe, PendingExperts, Route, RoutedBatch};
 
 // One per layer, built once: the size difference between variants costs nothing.
 #[allow(clippy::large_enum_variant)]
@@ -78,9 +77,8 @@ pub struct Model {
     pub(crate) norm: Vec<f32>,
     pub(crate) lm_head: Linear,
     micro_batch_min_tokens: usize,
-    /// The model's copy on a GPU (`Model::to_device`), which then runs every forward pass.
-    #[cfg(feature = "cuda")]
-    gpu: Option<Arc<crate::cuda::forward::GpuModel>>,
+    /// Where forward passes and local experts run (`Model::to_device`).
+    compute: Compute,
 }
 
 /// Batches of at least this many tokens (and two sequences) run as two micro-batches.
@@ -140,8 +138,7 @@ impl Model {
             layers,
             config,
             micro_batch_min_tokens: MICRO_BATCH_MIN_TOKENS,
-            #[cfg(feature = "cuda")]
-            gpu: None,
+            compute: Compute::Cpu,
         })
     }
 
@@ -163,46 +160,29 @@ impl Model {
         precision: crate::GemmPrecision,
     ) -> Result<()> {
         device.check()?;
-        #[cfg(not(feature = "cuda"))]
-        let _ = precision;
-        #[cfg(feature = "cuda")]
-        {
-            self.gpu = match device {
-                crate::Device::Cpu => None,
-                crate::Device::Cuda(n) => Some(Arc::new(crate::cuda::forward::GpuModel::new(
-                    self, n, precision,
-                )?)),
-            };
-        }
+        self.compute = match device {
+            crate::Device::Cpu => Compute::Cpu,
+            crate::Device::Cuda(n) => {
+                Compute::Cuda(Arc::new(CudaBackend::new(self, n, precision)?))
+            }
+        };
         Ok(())
     }
 
     /// Where forward passes run.
     pub fn device_name(&self) -> String {
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = &self.gpu {
-            return gpu.device.clone();
-        }
-        "cpu".into()
+        self.compute.name()
     }
 
     /// An empty cache with its own unbounded block pool (one request at a time); on a GPU,
-    /// in the model's default device pool.
+    /// in the backend's default device pool.
     pub fn new_cache(&self) -> KvCache {
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = &self.gpu {
-            return self.new_cache_in(gpu.default_pool());
-        }
-        self.new_cache_in(BlockPool::unbounded())
+        self.new_cache_in(self.compute.default_pool())
     }
 
     /// A bounded block pool where this model's caches can live (on the device for a GPU).
     pub fn new_pool(&self, block_tokens: usize, blocks: usize) -> Arc<BlockPool> {
-        #[cfg(feature = "cuda")]
-        if self.gpu.is_some() {
-            return BlockPool::new_device(block_tokens, blocks);
-        }
-        BlockPool::new(block_tokens, Some(blocks))
+        with_backend!(&self.compute, b => b.new_pool(block_tokens, blocks))
     }
 
     /// An empty cache whose blocks come from a shared, bounded pool.
@@ -259,200 +239,44 @@ impl Model {
     /// Runs new tokens of every sequence through the model, extending their caches, with
     /// the routed experts held in this process.
     pub fn forward(&self, batch: &mut [Sequence<'_>], rows: LogitRows) -> Result<Forward> {
-        self.local_runner()?;
-        self.forward_with(batch, rows, &self.experts_runner())
+        self.check_local_experts()?;
+        self.forward_with(batch, rows, &self.local_experts())
     }
 
-    /// The runner over this process's experts, where the model computes (CPU or GPU).
-    pub fn experts_runner(&self) -> impl ExpertRunner + '_ {
-        OwnLocalExperts(self)
+    /// The runner over this process's experts, computed where the model computes.
+    pub fn local_experts(&self) -> LocalExperts<&Model> {
+        LocalExperts(self)
+    }
+
+    /// `NoLocalExperts` unless this process holds the routed experts of every MoE layer.
+    pub fn check_local_experts(&self) -> Result<()> {
+        for (l, layer) in self.layers.iter().enumerate() {
+            if matches!(layer.feed_forward, FeedForward::Moe(_)) {
+                crate::cpu::local_experts(self, l)?;
+            }
+        }
+        Ok(())
     }
 
     /// Runs a routed batch on the experts this process holds, where the model computes.
     pub fn run_local(&self, batch: RoutedBatch) -> Result<PendingExperts> {
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = &self.gpu {
-            return gpu.run_local(self, batch);
-        }
-        self.local_runner()?.start(batch)
+        with_backend!(&self.compute, b => b.run_experts(self, batch))
     }
 
-    /// The runner over the experts this process holds (`NoLocalExperts` without them).
-    pub fn local_runner(&self) -> Result<LocalExperts<'_>> {
-        let experts = self
-            .layers
-            .iter()
-            .filter_map(|l| match &l.feed_forward {
-                FeedForward::Moe(m) => Some(m.experts.as_ref().ok_or(ModelError::NoLocalExperts)),
-                FeedForward::Dense(_) => None,
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(LocalExperts { experts })
-    }
-
-    /// `forward` with the routed part of every MoE layer going through `runner`.
+    /// `forward` with the routed part of every MoE layer going through `runner`: the one
+    /// forward pass (`forward::run`) on the model's backend.
     pub fn forward_with(
         &self,
         batch: &mut [Sequence<'_>],
         rows: LogitRows,
         runner: &dyn ExpertRunner,
     ) -> Result<Forward> {
-        for s in batch.iter() {
-            if s.tokens.is_empty() {
-                return Err(ModelError::EmptyPrompt);
-            }
-            self.check_tokens(s.cache, s.tokens, 0)?;
-        }
-        runner.begin_step();
-        // Every block the step takes must be there before anything changes.
-        let mut needed: Vec<(*const BlockPool, usize, usize)> = Vec::new();
-        for s in batch.iter() {
-            let pool = Arc::as_ptr(s.cache.pool());
-            let n = s.cache.blocks_needed(s.tokens.len());
-            match needed.iter_mut().find(|(p, _, _)| *p == pool) {
-                Some(entry) => entry.1 += n,
-                None => needed.push((pool, n, s.cache.pool().available())),
-            }
-        }
-        if let Some(&(_, n, available)) = needed.iter().find(|(_, n, a)| n > a) {
-            return Err(ModelError::KvCacheFull {
-                needed: n,
-                available,
-            });
-        }
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = &self.gpu {
-            return gpu.forward(self, batch, rows, runner);
-        }
-        let c = &self.config;
-        let h = c.hidden_size;
-        let t: usize = batch.iter().map(|s| s.tokens.len()).sum();
-        let mut hidden = vec![0.0f32; t * h];
-        let ids = batch.iter().flat_map(|s| s.tokens.iter());
-        for (row, &id) in hidden.chunks_exact_mut(h).zip(ids) {
-            self.embed.read_f32(id as usize * h, row);
-        }
-
-        let split = self.micro_batch_split(batch);
-        let (first, second) = batch.split_at_mut(split);
-        let first_rows: usize = first.iter().map(|s| s.tokens.len()).sum();
-        let second_hidden = hidden.split_off(first_rows * h);
-        let mut micro = vec![MicroBatch::new(first, hidden)];
-        if !second.is_empty() {
-            micro.push(MicroBatch::new(second, second_hidden));
-        }
-
-        let mut moe_index = 0;
-        for (l, layer) in self.layers.iter().enumerate() {
-            // Ping-pong: every micro-batch runs attention and sends its routed tokens
-            // before any waits, so one computes while the other's tokens are away.
-            let mut flights = Vec::with_capacity(micro.len());
-            for mb in micro.iter_mut() {
-                flights.push(self.layer_start(mb, l, layer, moe_index, runner)?);
-            }
-            for (mb, flight) in micro.iter_mut().zip(flights) {
-                if let (FeedForward::Moe(moe), Some((x, flight))) = (&layer.feed_forward, flight) {
-                    let (out, routes) = moe.finish(flight, &x, mb.rows)?;
-                    mb.hidden.iter_mut().zip(&out).for_each(|(a, b)| *a += b);
-                    mb.routes.push(routes);
-                }
-            }
-            if matches!(layer.feed_forward, FeedForward::Moe(_)) {
-                moe_index += 1;
-            }
-        }
-        for s in micro.iter_mut().flat_map(|mb| mb.seqs.iter_mut()) {
-            s.cache.next_pos += s.tokens.len();
-        }
-
-        let mut routes = vec![Vec::new(); moe_index];
-        let mut hidden = Vec::with_capacity(t * h);
-        for mb in micro {
-            for (all, r) in routes.iter_mut().zip(mb.routes) {
-                all.extend(r);
-            }
-            hidden.extend(mb.hidden);
-        }
-        let selected: Vec<f32> = match rows {
-            LogitRows::All => hidden,
-            LogitRows::Last => {
-                let mut end = 0;
-                let mut out = Vec::with_capacity(batch.len() * h);
-                for s in batch.iter() {
-                    end += s.tokens.len();
-                    out.extend_from_slice(&hidden[(end - 1) * h..end * h]);
-                }
-                out
-            }
-        };
-        let n = selected.len() / h;
-        let x = rms_norm(&selected, h, &self.norm, c.rms_norm_eps);
-        Ok(Forward {
-            logits: self.lm_head.forward(&x, n),
-            rows: n,
-            routes,
-        })
+        with_backend!(&self.compute, b => crate::forward::run(b, self, batch, rows, runner))
     }
 
-    /// Where the batch splits into two micro-batches (sequences before the index go first),
-    /// or `batch.len()` for no split: only batches of at least two sequences and
-    /// `micro_batch_min_tokens` tokens are split, at the sequence nearest half the tokens.
-    fn micro_batch_split(&self, batch: &[Sequence<'_>]) -> usize {
-        let t: usize = batch.iter().map(|s| s.tokens.len()).sum();
-        if batch.len() < 2 || t < self.micro_batch_min_tokens {
-            return batch.len();
-        }
-        let mut rows = 0;
-        for (i, s) in batch.iter().enumerate() {
-            rows += s.tokens.len();
-            if 2 * rows >= t {
-                return (i + 1).min(batch.len() - 1);
-            }
-        }
-        batch.len() - 1
-    }
-
-    /// Attention and, for a dense layer, the whole feed-forward of one micro-batch; for a
-    /// MoE layer, the routed tokens are sent and the normed input is returned with them.
-    fn layer_start(
-        &self,
-        mb: &mut MicroBatch<'_, '_>,
-        l: usize,
-        layer: &Layer,
-        moe_index: usize,
-        runner: &dyn ExpertRunner,
-    ) -> Result<Option<(Vec<f32>, MoeInFlight)>> {
-        let c = &self.config;
-        let h = c.hidden_size;
-        let x = rms_norm(&mb.hidden, h, &layer.input_norm, c.rms_norm_eps);
-        let mut slices: Vec<SeqSlice<'_>> = mb
-            .seqs
-            .iter_mut()
-            .map(|s| {
-                let start_pos = s.cache.next_pos;
-                let (pool, cache) = s.cache.layer_mut(l);
-                SeqSlice {
-                    start_pos,
-                    len: s.tokens.len(),
-                    pool,
-                    cache,
-                }
-            })
-            .collect();
-        let attn = layer.attention.forward(&x, mb.rows, &mut slices);
-        mb.hidden.iter_mut().zip(&attn).for_each(|(a, b)| *a += b);
-        let x = rms_norm(&mb.hidden, h, &layer.post_attention_norm, c.rms_norm_eps);
-        match &layer.feed_forward {
-            FeedForward::Dense(mlp) => {
-                let out = mlp.forward(&x, mb.rows);
-                mb.hidden.iter_mut().zip(&out).for_each(|(a, b)| *a += b);
-                Ok(None)
-            }
-            FeedForward::Moe(moe) => {
-                let flight = moe.start(&x, mb.rows, moe_index, l, runner)?;
-                Ok(Some((x, flight)))
-            }
-        }
+    /// The smallest batch (in tokens, with two sequences) split into micro-batches.
+    pub(crate) fn micro_batch_min_tokens(&self) -> usize {
+        self.micro_batch_min_tokens
     }
 
     /// Sets the smallest batch (in tokens, with at least two sequences) that is split
@@ -462,55 +286,13 @@ impl Model {
     }
 }
 
-/// Some sequences of a batch and their hidden state, moving through the layers together.
-struct MicroBatch<'b, 's> {
-    seqs: &'b mut [Sequence<'s>],
-    hidden: Vec<f32>,
-    rows: usize,
-    /// Per MoE layer so far, the routes of this micro-batch's tokens.
-    routes: Vec<Vec<Route>>,
-}
+/// The routed experts this process holds, computed where the model computes (CPU or GPU):
+/// `LocalExperts(&model)` for one call, `LocalExperts(Arc<Model>)` for an engine that owns
+/// its runner.
+pub struct LocalExperts<M>(pub M);
 
-impl<'b, 's> MicroBatch<'b, 's> {
-    fn new(seqs: &'b mut [Sequence<'s>], hidden: Vec<f32>) -> Self {
-        let rows = seqs.iter().map(|s| s.tokens.len()).sum();
-        Self {
-            seqs,
-            hidden,
-            rows,
-            routes: Vec::new(),
-        }
-    }
-}
-
-/// Routed experts computed in this process, from the model's own expert tensors.
-pub struct LocalExperts<'a> {
-    /// Per MoE layer, in order.
-    experts: Vec<&'a Experts>,
-}
-
-impl ExpertRunner for LocalExperts<'_> {
+impl<M: Borrow<Model> + Sync> ExpertRunner for LocalExperts<M> {
     fn start(&self, batch: RoutedBatch) -> Result<PendingExperts> {
-        let out =
-            self.experts[batch.moe_index].run_groups(&batch.groups, &batch.inputs, batch.hidden);
-        Ok(PendingExperts::later(move || Ok(out)))
-    }
-}
-
-/// The routed experts of a shared model, for engines that own their runner.
-pub struct OwnedLocalExperts(pub Arc<Model>);
-
-impl ExpertRunner for OwnedLocalExperts {
-    fn start(&self, batch: RoutedBatch) -> Result<PendingExperts> {
-        self.0.run_local(batch)
-    }
-}
-
-/// The model's own experts, where the model computes (`Model::run_local`).
-struct OwnLocalExperts<'a>(&'a Model);
-
-impl ExpertRunner for OwnLocalExperts<'_> {
-    fn start(&self, batch: RoutedBatch) -> Result<PendingExperts> {
-        self.0.run_local(batch)
+        self.0.borrow().run_local(batch)
     }
 }

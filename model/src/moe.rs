@@ -289,61 +289,16 @@ impl Moe {
         self.router.size_bytes() + self.shared.size_bytes()
     }
 
-    /// Returns the block's output `[t, hidden]` and each token's route. The routed part
-    /// goes through `runner` while the shared expert is computed here.
-    pub fn forward(
+    /// The shared expert on `x` (`[t, hidden]`), computed while the routed rows are away,
+    /// plus the routed outputs put back by `order`: the block's output `[t, hidden]`.
+    pub fn combine(
         &self,
         x: &[f32],
         t: usize,
-        moe_index: usize,
-        layer: usize,
-        runner: &dyn ExpertRunner,
-    ) -> Result<(Vec<f32>, Vec<Route>)> {
-        let flight = self.start(x, t, moe_index, layer, runner)?;
-        self.finish(flight, x, t)
-    }
-
-    /// Routes `x` and sends the routed part on its way.
-    pub fn start(
-        &self,
-        x: &[f32],
-        t: usize,
-        moe_index: usize,
-        layer: usize,
-        runner: &dyn ExpertRunner,
-    ) -> Result<MoeInFlight> {
+        order: &[usize],
+        pending: PendingExperts,
+    ) -> Result<Vec<f32>> {
         let h = self.hidden;
-        let logits = self.router.forward(x, t);
-        let routes = route(&logits, self.num_experts);
-        let (groups, order) = plan_groups(&routes);
-        let inputs = routed_inputs(x, h, &routes, &order);
-        let pending = runner.start(RoutedBatch {
-            moe_index,
-            layer,
-            groups,
-            hidden: h,
-            inputs,
-        })?;
-        Ok(MoeInFlight {
-            routes,
-            order,
-            pending,
-        })
-    }
-
-    /// Computes the shared expert on `x` while the routed part finishes, and adds them.
-    pub fn finish(
-        &self,
-        flight: MoeInFlight,
-        x: &[f32],
-        t: usize,
-    ) -> Result<(Vec<f32>, Vec<Route>)> {
-        let h = self.hidden;
-        let MoeInFlight {
-            routes,
-            order,
-            pending,
-        } = flight;
         // The shared expert runs (on all cores) while the routed part is away; the wait
         // then happens on this thread, never on a rayon worker, so a remote answer that
         // needs the pool (an in-process expert worker) can always be computed.
@@ -355,16 +310,8 @@ impl Moe {
                 .zip(y)
                 .for_each(|(o, v)| *o += v);
         }
-        Ok((out, routes))
+        Ok(out)
     }
-}
-
-/// A MoE layer whose routed tokens are at the experts.
-pub struct MoeInFlight {
-    routes: Vec<Route>,
-    /// Batch row of each routed row.
-    order: Vec<usize>,
-    pending: PendingExperts,
 }
 
 impl Experts {
@@ -432,7 +379,18 @@ mod tests {
             num_experts: 2,
         };
         let x = 2.0f32;
-        let (y, routes) = moe.forward(&[x], 1, 0, 0, &Direct(experts)).unwrap();
+        let routes = route(&moe.router.forward(&[x], 1), 2);
+        let (groups, order) = plan_groups(&routes);
+        let pending = Direct(experts)
+            .start(RoutedBatch {
+                moe_index: 0,
+                layer: 0,
+                groups,
+                hidden: 1,
+                inputs: routed_inputs(&[x], 1, &routes, &order),
+            })
+            .unwrap();
+        let y = moe.combine(&[x], 1, &order, pending).unwrap();
         assert_eq!(routes[0].expert, 0);
         let u = sigmoid(2.0 * x) * x;
         assert!((y[0] - silu(u) * u).abs() < 1e-5, "{}", y[0]);

@@ -1,6 +1,7 @@
 //! The CUDA side (cargo feature `cuda`): finding the CUDA libraries without panicking,
-//! probing a device, and the NVRTC-compiled kernels; [`forward`] is the decoder on a GPU,
-//! [`gemm`] its cuBLAS products, [`experts`] the GPU expert shard, [`nccl`] the links of the
+//! probing a device, and the NVRTC-compiled kernels with their typed launches ([`launch`]);
+//! [`backend`] supplies the operations of the one forward pass on a GPU (and owns the device
+//! KV store), [`gemm`] its cuBLAS products, [`experts`] the GPU expert shard, [`nccl`] the links of the
 //! NCCL `Dispatch`, [`bench`] the GPU benchmarks.
 //!
 //! cudarc loads its libraries dynamically and panics when one is missing, so nothing here
@@ -10,11 +11,14 @@
 //! CPU machines NVRTC), and loads it by path; cudarc's later load by name then finds it
 //! already loaded.
 
+pub mod backend;
 pub mod bench;
 pub mod experts;
-pub mod forward;
 pub mod gemm;
+pub mod launch;
 pub mod nccl;
+
+pub use backend::CudaBackend;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use expertmesh_model::moe::ExpertGroup;
 use expertmesh_proto::v1::{self as pb, dispatch_error::Kind};
 
-use crate::dispatch::{DispatchBatch, DispatchError, WireDType};
+use crate::{DispatchBatch, DispatchError, WireDType};
 
 /// Longest time budget a request may ask for.
 pub const TIMEOUT_MAX: Duration = Duration::from_secs(600);
@@ -181,11 +181,12 @@ pub fn reply_err(batch_id: u64, e: &DispatchError) -> pb::DispatchReply {
             expected: expected.clone(),
             got: got.clone(),
         }),
-        DispatchError::BadRequest(reason) | DispatchError::Unavailable(reason) => {
-            Kind::BadRequest(pb::BadRequest {
-                reason: reason.clone(),
-            })
-        }
+        DispatchError::BadRequest(reason) => Kind::BadRequest(pb::BadRequest {
+            reason: reason.clone(),
+        }),
+        DispatchError::Unavailable(reason) => Kind::Unavailable(pb::Unavailable {
+            reason: reason.clone(),
+        }),
         DispatchError::DeadlineExceeded => Kind::DeadlineExceeded(pb::DeadlineExceeded {}),
     };
     pb::DispatchReply {
@@ -226,6 +227,7 @@ pub fn decode_reply(
             },
             Some(Kind::BadRequest(b)) => DispatchError::BadRequest(b.reason),
             Some(Kind::DeadlineExceeded(_)) => DispatchError::DeadlineExceeded,
+            Some(Kind::Unavailable(u)) => DispatchError::Unavailable(u.reason),
             None => DispatchError::BadRequest("error reply without a kind".into()),
         }),
         None => Err(DispatchError::BadRequest("reply without a result".into())),
@@ -350,6 +352,7 @@ mod tests {
             DispatchError::Overloaded { queued: 8 },
             DispatchError::DeadlineExceeded,
             DispatchError::BadRequest("x".into()),
+            DispatchError::Unavailable("shutting down".into()),
         ] {
             assert_eq!(decode_reply(reply_err(1, &e), 1, 2).unwrap_err(), e);
         }

@@ -15,8 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use crate::dispatch::{Dispatch, DispatchBatch, DispatchError, DispatchFuture};
 use crate::wire::decode_reply;
+use crate::{Dispatch, DispatchBatch, DispatchError, DispatchFuture};
 
 /// Requests buffered toward one worker before senders wait.
 const REQUEST_QUEUE: usize = 64;
@@ -42,6 +42,11 @@ struct Stream {
 
 /// A client of one expert worker.
 pub struct GrpcDispatch {
+    link: Arc<Link>,
+}
+
+/// The stream to one worker, shared by the dispatches in flight.
+struct Link {
     address: String,
     stream: tokio::sync::Mutex<Option<Arc<Stream>>>,
     next_id: AtomicU64,
@@ -51,9 +56,11 @@ impl GrpcDispatch {
     /// `address` is `host:port`; nothing is connected until the first dispatch.
     pub fn new(address: impl Into<String>) -> Arc<Self> {
         Arc::new(Self {
-            address: address.into(),
-            stream: tokio::sync::Mutex::new(None),
-            next_id: AtomicU64::new(1),
+            link: Arc::new(Link {
+                address: address.into(),
+                stream: tokio::sync::Mutex::new(None),
+                next_id: AtomicU64::new(1),
+            }),
         })
     }
 
@@ -65,7 +72,9 @@ impl GrpcDispatch {
             .await
             .map_err(|e| DispatchError::Unavailable(format!("{address}: {e}")))
     }
+}
 
+impl Link {
     async fn open(&self) -> Result<Arc<Stream>, DispatchError> {
         let mut guard = self.stream.lock().await;
         if let Some(s) = guard.as_ref() {
@@ -73,7 +82,7 @@ impl GrpcDispatch {
                 return Ok(s.clone());
             }
         }
-        let channel = Self::channel(&self.address).await?;
+        let channel = GrpcDispatch::channel(&self.address).await?;
         let mut client = ExpertServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -161,8 +170,8 @@ impl GrpcDispatch {
     }
 }
 
-impl Dispatch for Arc<GrpcDispatch> {
+impl Dispatch for GrpcDispatch {
     fn dispatch(&self, batch: DispatchBatch) -> DispatchFuture {
-        Box::pin(self.clone().send(batch))
+        Box::pin(self.link.clone().send(batch))
     }
 }

@@ -4,46 +4,46 @@
 //! (`expertmesh_model::cuda::nccl::NcclLink`); the expert rank checks, batches and computes
 //! them exactly as the other two implementations do, so it passes the same conformance
 //! suite. The group's NCCL unique id is made by rank 0 and handed out by the coordinator
-//! (`CoordinatorClient::nccl_id`). On one GPU the group has a single rank that is both ends.
+//! (`CoordinatorClient::nccl_id`, called by whoever builds the link: this crate does not
+//! talk to coordinators). On one GPU the group has a single rank that is both ends.
 
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
-use expertmesh_coordinator::CoordinatorClient;
 use expertmesh_model::cuda::nccl::{unique_id, NcclLink};
 
-use crate::batcher::Batcher;
-use crate::dispatch::{Dispatch, DispatchBatch, DispatchError, DispatchFuture, WireDType};
+use crate::{Answer, Dispatch, DispatchBatch, DispatchError, DispatchFuture, WireDType};
 
 pub struct NcclDispatch {
     link: Arc<NcclLink>,
-    batcher: Batcher,
+    answer: Arc<dyn Answer>,
 }
 
 impl NcclDispatch {
-    pub fn new(link: Arc<NcclLink>, batcher: Batcher) -> Self {
-        Self { link, batcher }
+    pub fn new(link: Arc<NcclLink>, answer: Arc<dyn Answer>) -> Self {
+        Self { link, answer }
     }
 
-    /// A single-rank group on device `ordinal` whose id comes from the coordinators under
-    /// `group` (this process offers one; an earlier offer stands), serving `batcher`.
-    pub async fn single_rank(
+    /// A single-rank group on device `ordinal`: this process makes an id offer, `agree`
+    /// turns it into the group's id (the coordinators' `nccl_id`: an earlier offer stands),
+    /// and the link serves `answer`.
+    pub async fn single_rank<F, E>(
         ordinal: usize,
-        coordinators: &CoordinatorClient,
-        group: &str,
-        batcher: Batcher,
-    ) -> Result<Self, DispatchError> {
+        agree: impl FnOnce(Vec<u8>) -> F,
+        answer: Arc<dyn Answer>,
+    ) -> Result<Self, DispatchError>
+    where
+        F: Future<Output = Result<Vec<u8>, E>>,
+        E: std::fmt::Display,
+    {
         let unavailable = |e: &dyn std::fmt::Display| DispatchError::Unavailable(e.to_string());
         let offer = unique_id().map_err(|e| unavailable(&e))?;
-        let id = coordinators
-            .nccl_id(group, Some(&offer), Duration::from_secs(10))
-            .await
-            .map_err(|e| unavailable(&e))?;
+        let id = agree(offer.to_vec()).await.map_err(|e| unavailable(&e))?;
         let link = tokio::task::spawn_blocking(move || NcclLink::connect(ordinal, 0, 1, 0, &id))
             .await
             .map_err(|e| unavailable(&e))?
             .map_err(|e| unavailable(&e))?;
-        Ok(Self::new(Arc::new(link), batcher))
+        Ok(Self::new(Arc::new(link), answer))
     }
 
     pub fn link(&self) -> &NcclLink {
@@ -73,12 +73,12 @@ async fn carry(
 
 impl Dispatch for NcclDispatch {
     fn dispatch(&self, mut batch: DispatchBatch) -> DispatchFuture {
-        let (link, batcher) = (self.link.clone(), self.batcher.clone());
+        let (link, answer) = (self.link.clone(), self.answer.clone());
         Box::pin(async move {
             let dtype = batch.dtype;
             let rows = std::mem::take(&mut batch.activations);
             batch.activations = carry(&link, dtype, rows).await?;
-            let out = batcher.submit(batch).await?;
+            let out = answer.answer(batch).await?;
             carry(&link, dtype, out).await
         })
     }
