@@ -11,8 +11,8 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use expertmesh_coordinator::placement::planner::{balance, plan, PlanInput};
 use expertmesh_coordinator::placement::WorkerSlots;
-use expertmesh_coordinator::planner::{balance, plan, PlanInput};
 use expertmesh_model::sampling::SplitMix64;
 use serde_json::json;
 

@@ -5,17 +5,16 @@
 //! [`machine::Command`] committed through the log and applied by every replica to the same
 //! [`machine::Machine`]; the log, hard state and snapshots live on disk
 //! ([`storage::DiskStorage`]). Workers `Register` with any replica (writes are forwarded to
-//! the leader), heartbeat every replica, and watch the state. The leader runs the failure
-//! detector and plans placements with [`planner::plan`] (a pure function): prepared, loaded
+//! the leader), heartbeat every replica, and watch the state. The leader proposes what the
+//! sans-I/O [`placement::controller`] decides: the failure detector's `MarkDead`, and
+//! placements planned with [`placement::planner::plan`] (a pure function): prepared, loaded
 //! by the workers, then committed as a new epoch; a dead worker's experts without another
 //! copy are re-placed at once, in the command that marks it dead.
 
 pub mod client;
-pub mod load;
 pub mod machine;
 pub mod node;
 pub mod placement;
-pub mod planner;
 pub mod replica;
 pub mod service;
 pub mod state;

@@ -9,8 +9,9 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use crate::placement::check::{check, Invalid};
+use crate::placement::planner::{plan, PlanInput};
 use crate::placement::WorkerSlots;
-use crate::planner::{plan, PlanInput};
 use crate::state::{ClusterView, Member, Placement, Role};
 
 /// Format version of [`Envelope`]; an entry with another version is refused on apply.
@@ -327,47 +328,12 @@ impl Machine {
     }
 
     /// A placement may only use live, non-draining expert workers, one copy per worker per
-    /// expert, within their capacities, and must place every expert.
+    /// expert, within their capacities, and must place every expert (`placement::check`).
     fn check_experts(&self, experts: &[Vec<u64>]) -> Result<(), Rejected> {
-        if experts.len() != self.num_experts {
-            return Err(Rejected::Invalid(format!(
-                "a placement of {} experts for a model of {}",
-                experts.len(),
-                self.num_experts
-            )));
-        }
-        let mut used: BTreeMap<u64, usize> = BTreeMap::new();
-        for (e, replicas) in experts.iter().enumerate() {
-            if replicas.is_empty() {
-                return Err(Rejected::Invalid(format!("expert {e} has no worker")));
-            }
-            for (i, w) in replicas.iter().enumerate() {
-                if replicas[..i].contains(w) {
-                    return Err(Rejected::Invalid(format!("expert {e} twice on worker {w}")));
-                }
-                let ok = self
-                    .members
-                    .iter()
-                    .any(|m| m.id == *w && m.alive && !m.draining && m.role == Role::ExpertWorker);
-                if !ok {
-                    return Err(Rejected::UnknownWorker(*w));
-                }
-                *used.entry(*w).or_default() += 1;
-            }
-        }
-        for (w, n) in used {
-            let capacity = self
-                .members
-                .iter()
-                .find(|m| m.id == w)
-                .and_then(|m| m.capacity);
-            if capacity.is_some_and(|c| n > c) {
-                return Err(Rejected::Invalid(format!(
-                    "worker {w} would hold {n} experts, over its capacity"
-                )));
-            }
-        }
-        Ok(())
+        check(experts, self.num_experts, &self.members).map_err(|e| match e {
+            Invalid::NotUsable { worker } => Rejected::UnknownWorker(worker),
+            other => Rejected::Invalid(other.to_string()),
+        })
     }
 
     /// The expert workers a plan may use: live and not draining (the draining ones too

@@ -5,11 +5,10 @@
 //! applied entries answer their proposers, read indexes answer reads once applied, and a
 //! changed state is published to watchers.
 //!
-//! The leader also runs the controller: a failure detector that commits `MarkDead` for a
-//! worker silent for one lease (a new leader first waits one lease, so it judges nobody on
-//! heartbeats it never had a chance to see), the `Init` command that fixes the model
-//! identity when the cluster is new, and the placement loop (`drive_placement`). Peer
-//! sending lives in `transport.rs`, the expert load window in `load.rs`.
+//! The leader also proposes what the sans-I/O controllers of `placement::controller` decide:
+//! `MarkDead` for a silent worker (the failure detector), and the placement's `Prepare` and
+//! `Commit`; and the `Init` command that fixes the model identity when the cluster is new.
+//! Peer sending lives in `transport.rs`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -20,6 +19,8 @@ use raft::eraftpb::Message;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::machine::{Command, Machine, Rejected, Settings};
+use crate::placement::controller::{silent_members, Controller, Reports};
+use crate::placement::load::LoadWindow;
 use crate::replica::{RaftStatus, Replica, ReplicaError, Role, Timing};
 use crate::state::ClusterView;
 use crate::storage::DiskStorage;
@@ -104,15 +105,6 @@ pub(crate) enum Input {
     Rebalance,
 }
 
-/// How often the leader looks at the placement.
-const PLACEMENT_CHECK: Duration = Duration::from_millis(500);
-/// Automatic re-plans (for imbalance) at most this often.
-const AUTO_REPLAN_EVERY: Duration = Duration::from_secs(30);
-/// How long a prepared placement waits for its workers to load their experts, in leases.
-const PREPARE_LEASES: u32 = 12;
-/// How long a worker that did not load in time is left out of plans.
-const EXCLUDE_FOR: Duration = Duration::from_secs(300);
-
 /// What the gRPC handlers and the gateway read without going through the loop.
 pub(crate) struct Shared {
     pub id: u64,
@@ -122,7 +114,7 @@ pub(crate) struct Shared {
     /// When each worker was last heard from (not replicated).
     pub liveness: Mutex<HashMap<u64, Instant>>,
     pub loads: Mutex<HashMap<u64, pb::WorkerLoad>>,
-    pub load_window: Mutex<crate::load::LoadWindow>,
+    pub load_window: Mutex<LoadWindow>,
     /// The pending epoch each expert worker reports it has loaded.
     pub prepared: Mutex<HashMap<u64, u64>>,
 }
@@ -177,7 +169,7 @@ pub(crate) fn start(
         view,
         liveness: Mutex::new(HashMap::new()),
         loads: Mutex::new(HashMap::new()),
-        load_window: Mutex::new(crate::load::LoadWindow::default()),
+        load_window: Mutex::new(LoadWindow::default()),
         prepared: Mutex::new(HashMap::new()),
     });
     let (inputs, rx) = mpsc::channel(INPUT_QUEUE);
@@ -192,12 +184,7 @@ pub(crate) fn start(
         pending_reads: HashMap::new(),
         leader_since: None,
         marking: HashSet::new(),
-        placement_checked: Instant::now(),
-        last_plan: None,
-        rebalance: false,
-        proposed: None,
-        pending_since: None,
-        excluded: HashMap::new(),
+        controller: Controller::new(config.id),
         config,
     };
     let handle = tokio::spawn(driver.run(rx));
@@ -218,17 +205,8 @@ struct Driver {
     leader_since: Option<Instant>,
     /// Workers whose `MarkDead` is proposed and not yet applied.
     marking: HashSet<u64>,
-    placement_checked: Instant,
-    /// When the leader last proposed a placement.
-    last_plan: Option<Instant>,
-    /// An operator asked for a re-plan.
-    rebalance: bool,
-    /// The placement command proposed and not yet applied: (what, epoch, when).
-    proposed: Option<(&'static str, u64, Instant)>,
-    /// Since when the pending placement (by epoch) has waited for workers to load.
-    pending_since: Option<(u64, Instant)>,
-    /// Workers left out of plans until the instant given (they did not load in time).
-    excluded: HashMap<u64, Instant>,
+    /// The placement controller (used while leader).
+    controller: Controller,
     config: NodeConfig,
 }
 
@@ -306,7 +284,7 @@ impl Driver {
                 self.replica.read_index(context.clone());
                 self.pending_reads.insert(context, reply);
             }
-            Input::Rebalance => self.rebalance = true,
+            Input::Rebalance => self.controller.request_rebalance(),
             Input::Sent {
                 to,
                 delivered,
@@ -332,7 +310,7 @@ impl Driver {
             self.send(to, messages);
         }
         if !out.applied.is_empty() {
-            self.proposed = None;
+            self.controller.applied();
         }
         for applied in &out.applied {
             if let Some(reply) = self.proposals.remove(&applied.context) {
@@ -430,29 +408,15 @@ impl Driver {
         }
         self.drive_placement();
         let machine: &Machine = self.replica.machine();
-        let lease = Duration::from_millis(machine.settings.lease_ms);
-        let now = Instant::now();
-        if now.duration_since(since) < lease {
-            return;
-        }
-        let liveness = self.shared.liveness.lock().expect("liveness lock");
-        let silent: Vec<u64> = machine
-            .members
-            .iter()
-            .filter(|m| m.alive && !self.marking.contains(&m.id))
-            .filter(|m| {
-                liveness
-                    .get(&m.id)
-                    .is_none_or(|t| now.duration_since((*t).max(since)) >= lease)
-            })
-            .map(|m| m.id)
-            .collect();
-        drop(liveness);
+        let lease_ms = machine.settings.lease_ms;
+        let silent = {
+            let heard = self.shared.liveness.lock().expect("liveness lock");
+            silent_members(Instant::now(), since, machine, &heard, &self.marking)
+        };
         for worker_id in silent {
             eprintln!(
-                "coordinator {}: worker {worker_id} missed its {} ms lease; marking it dead",
-                self.config.id,
-                lease.as_millis()
+                "coordinator {}: worker {worker_id} missed its {lease_ms} ms lease; marking it dead",
+                self.config.id
             );
             self.marking.insert(worker_id);
             let context = self.context();
@@ -462,176 +426,28 @@ impl Driver {
         }
     }
 
-    /// The leader's placement loop: commits a prepared placement once every worker that
-    /// gains experts has loaded them; otherwise re-plans when a worker drains or joins
-    /// empty, when an expert lacks copies, when asked, or (at most every 30 s) when the load
-    /// is out of balance.
+    /// Proposes what the placement controller decides (see `placement::controller`).
     fn drive_placement(&mut self) {
-        let now = Instant::now();
-        if now.duration_since(self.placement_checked) < PLACEMENT_CHECK {
-            return;
-        }
-        self.placement_checked = now;
         let machine = self.replica.machine();
-        if let Some((_, _, at)) = self.proposed {
-            // Wait for the proposal to apply (or give up on it after a while).
-            if now.duration_since(at) < Duration::from_secs(5) {
-                return;
-            }
-            self.proposed = None;
-        }
-        if let Some(p) = &machine.pending {
-            let prepared = self.shared.prepared.lock().expect("prepared lock");
-            let ready = machine
-                .members
-                .iter()
-                .filter(|m| m.alive && m.role == crate::state::Role::ExpertWorker)
-                .filter(|m| {
-                    let before = machine.placement.experts_of(m.id);
-                    p.experts_of(m.id).iter().any(|e| !before.contains(e))
-                })
-                .all(|m| prepared.get(&m.id).is_some_and(|&e| e >= p.epoch));
-            if ready {
-                drop(prepared);
-                let epoch = p.epoch;
-                let context = self.context();
-                if self
-                    .replica
-                    .propose(context, Command::Commit { epoch })
-                    .is_ok()
-                {
-                    self.proposed = Some(("commit", epoch, now));
-                }
-                return;
-            }
-            let since = match self.pending_since {
-                Some((epoch, t)) if epoch == p.epoch => t,
-                _ => {
-                    self.pending_since = Some((p.epoch, now));
-                    now
-                }
-            };
-            let timeout = Duration::from_millis(machine.settings.lease_ms) * PREPARE_LEASES;
-            if now.duration_since(since) < timeout {
-                return;
-            }
-            // Workers that keep heartbeating without loading their experts: plan without
-            // them for a while (the new plan replaces the pending one).
-            for m in machine.members.iter().filter(|m| m.alive) {
-                let gains = p
-                    .experts_of(m.id)
-                    .iter()
-                    .any(|e| !machine.placement.experts_of(m.id).contains(e));
-                if gains && prepared.get(&m.id).is_none_or(|&e| e < p.epoch) {
-                    eprintln!(
-                        "coordinator {}: worker {} did not load its experts for epoch {} in {:.1} s; planning without it",
-                        self.config.id,
-                        m.id,
-                        p.epoch,
-                        timeout.as_secs_f64()
-                    );
-                    self.excluded.insert(m.id, now + EXCLUDE_FOR);
-                }
-            }
-            drop(prepared);
-            self.pending_since = None;
-            self.rebalance = true;
-        }
-        if machine.unservable.is_some() || !machine.initialized {
-            return;
-        }
-        self.excluded.retain(|_, until| *until > now);
-        let mut workers = machine.plannable_workers();
-        if workers.iter().any(|w| !self.excluded.contains_key(&w.id)) {
-            workers.retain(|w| !self.excluded.contains_key(&w.id));
-        }
-        let holds = |id: u64| !machine.placement.experts_of(id).is_empty();
-        let min_copies = machine.settings.min_replicas.min(workers.len()).max(1);
         let load = self
             .shared
             .load_window
             .lock()
             .expect("load window lock")
             .per_expert(machine.num_experts);
-        let measured = load.iter().sum::<f64>() > 0.0;
-        let ids: Vec<u64> = workers.iter().map(|w| w.id).collect();
-        let reason = if self.rebalance {
-            Some("requested")
-        } else if machine
-            .members
-            .iter()
-            .any(|m| m.draining && m.alive && holds(m.id))
-        {
-            Some("a worker is draining")
-        } else if workers
-            .iter()
-            .any(|w| w.capacity != Some(0) && !holds(w.id))
-        {
-            Some("a worker holds no expert")
-        } else if machine
-            .placement
-            .experts
-            .iter()
-            .any(|r| r.len() < min_copies)
-        {
-            Some("experts lack copies")
-        } else if machine.settings.rebalance_percent > 0
-            && measured
-            && self
-                .last_plan
-                .is_none_or(|t| now.duration_since(t) >= AUTO_REPLAN_EVERY)
-            && crate::planner::balance(&machine.placement.experts, &load, &ids)
-                > 1.0 + f64::from(machine.settings.rebalance_percent) / 100.0
-        {
-            Some("load is out of balance")
-        } else {
-            None
+        let command = {
+            let prepared = self.shared.prepared.lock().expect("prepared lock");
+            let reports = Reports {
+                prepared: &prepared,
+                load: &load,
+            };
+            self.controller.step(Instant::now(), machine, reports)
         };
-        let Some(reason) = reason else { return };
-        self.rebalance = false;
-        self.last_plan = Some(now);
-        let load = if measured {
-            load
-        } else {
-            vec![1.0; machine.num_experts]
-        };
-        let planned = crate::planner::plan(crate::planner::PlanInput {
-            workers: &workers,
-            load: &load,
-            min_replicas: machine.settings.min_replicas,
-            redundancy: machine.settings.redundancy,
-            current: &machine.placement.experts,
-            tolerance: 0.02,
-        });
-        let plan = match planned {
-            Ok(p) => p,
-            Err(e) => {
-                eprintln!(
-                    "coordinator {}: cannot re-plan ({reason}): {e}",
-                    self.config.id
-                );
-                return;
+        if let Some(command) = command {
+            let context = self.context();
+            if self.replica.propose(context, command).is_err() {
+                self.controller.not_proposed();
             }
-        };
-        // Nothing to move: done, unless a pending placement must be replaced (by the current
-        // one, which commits at once).
-        if plan.added.is_empty() && plan.removed.is_empty() && machine.pending.is_none() {
-            return;
-        }
-        let epoch = machine.placement.epoch + 1;
-        eprintln!(
-            "coordinator {}: re-planning ({reason}): epoch {epoch} adds {} and drops {} expert copies",
-            self.config.id,
-            plan.added.len(),
-            plan.removed.len()
-        );
-        let context = self.context();
-        let command = Command::Prepare {
-            epoch,
-            experts: plan.experts,
-        };
-        if self.replica.propose(context, command).is_ok() {
-            self.proposed = Some(("prepare", epoch, now));
         }
     }
 

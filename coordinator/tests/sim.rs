@@ -2,12 +2,19 @@
 //! partitions messages, driven tick by tick from a seeded generator: the same seed gives
 //! the same run. Every replica is the real [`Replica`] on real disk storage. After every
 //! round the safety invariant is checked: two replicas never apply different entries at the
-//! same index.
+//! same index. With [`Control`] on, the leader also runs the real placement controller and
+//! failure detector on simulated time, simulated expert workers heartbeat and load what is
+//! prepared, and after every round each replica's placement is checked: its epoch never goes
+//! back, and it places every expert on live workers only (`placement::check`, draining
+//! workers allowed until a new placement replaces them).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use expertmesh_coordinator::machine::{Command, Machine, Settings};
+use expertmesh_coordinator::placement::check::check;
+use expertmesh_coordinator::placement::controller::{silent_members, Controller, Reports};
 use expertmesh_coordinator::replica::{Replica, Role, Timing};
 use expertmesh_coordinator::storage::DiskStorage;
 use expertmesh_coordinator::Role as WorkerRole;
@@ -52,7 +59,30 @@ struct Sim {
     next_request: u64,
     /// (round, node, role, term, applied): the run's trace, for the determinism check.
     trace: Vec<(u64, u64, &'static str, u64, u64)>,
+    control: Option<Control>,
 }
+
+/// The leader's controllers and the simulated expert workers around them.
+struct Control {
+    /// Simulated time at tick 0; each tick is `TICK`.
+    start: Instant,
+    ticks: u64,
+    /// (node, term) of the leader the controller runs for, its controller, and since when.
+    leader: Option<(u64, u64, Controller, Instant)>,
+    /// Last heartbeat per worker, as the leader heard it.
+    heard: HashMap<u64, Instant>,
+    /// Newest prepared epoch each worker has loaded.
+    prepared: HashMap<u64, u64>,
+    /// Workers that stopped (no heartbeats, no loading).
+    stopped: HashSet<u64>,
+    /// `MarkDead` proposed by the current leader.
+    marking: HashSet<u64>,
+    /// Newest placement epoch each replica has shown since it (re)started.
+    epochs: BTreeMap<u64, u64>,
+}
+
+/// Simulated time per tick (the real node's default tick).
+const TICK: Duration = Duration::from_millis(100);
 
 const ROUNDS_PER_TICK: u64 = 3;
 
@@ -85,6 +115,107 @@ impl Sim {
             applied: BTreeMap::new(),
             next_request: 1,
             trace: Vec::new(),
+            control: None,
+        }
+    }
+
+    /// Turns the placement controller and the simulated workers on.
+    fn with_control(mut self) -> Self {
+        self.control = Some(Control {
+            start: Instant::now(),
+            ticks: 0,
+            leader: None,
+            heard: HashMap::new(),
+            prepared: HashMap::new(),
+            stopped: HashSet::new(),
+            marking: HashSet::new(),
+            epochs: BTreeMap::new(),
+        });
+        self
+    }
+
+    /// One tick of the simulated workers and the leader's controllers.
+    fn control(&mut self) {
+        let Some(leader) = self.leader_in(&[]) else {
+            return;
+        };
+        let term = self.node(leader).status().term;
+        let Some(mut c) = self.control.take() else {
+            return;
+        };
+        c.ticks += 1;
+        let now = c.start + TICK * c.ticks as u32;
+        if c.leader
+            .as_ref()
+            .is_none_or(|(id, t, _, _)| (*id, *t) != (leader, term))
+        {
+            c.leader = Some((leader, term, Controller::new(leader), now));
+            c.marking.clear();
+        }
+        let machine = self.node(leader).machine().clone();
+        for m in machine.members.iter().filter(|m| m.alive) {
+            if !c.stopped.contains(&m.id) {
+                c.heard.insert(m.id, now);
+                if let Some(p) = &machine.pending {
+                    c.prepared.insert(m.id, p.epoch);
+                }
+            }
+        }
+        let (_, _, controller, since) = c.leader.as_mut().expect("set above");
+        let mut commands = Vec::new();
+        if machine.initialized {
+            let load = vec![0.0; machine.num_experts];
+            let reports = Reports {
+                prepared: &c.prepared,
+                load: &load,
+            };
+            commands.extend(controller.step(now, &machine, reports));
+            for worker_id in silent_members(now, *since, &machine, &c.heard, &c.marking) {
+                c.marking.insert(worker_id);
+                commands.push(Command::MarkDead { worker_id });
+            }
+        }
+        for command in commands {
+            let placement = !matches!(command, Command::MarkDead { .. });
+            if self.node(leader).propose(Vec::new(), command).is_err() && placement {
+                controller.not_proposed();
+            }
+        }
+        self.control = Some(c);
+    }
+
+    /// After a replica's Ready: its placement epoch never goes back, and its placement puts
+    /// every expert on live expert workers.
+    fn check_placement(&mut self, id: u64, applied_any: bool) {
+        let Some(c) = self.control.as_mut() else {
+            return;
+        };
+        if applied_any {
+            if let Some((leader, _, controller, _)) = c.leader.as_mut() {
+                if *leader == id {
+                    controller.applied();
+                }
+            }
+        }
+        let m = self.nodes[&id].as_ref().expect("a live replica").machine();
+        let epoch = m.placement.epoch;
+        let seen = c.epochs.entry(id).or_insert(epoch);
+        assert!(
+            epoch >= *seen,
+            "replica {id}: epoch went back from {seen} to {epoch}"
+        );
+        *seen = epoch;
+        let live = m
+            .members
+            .iter()
+            .filter(|w| w.alive && w.role == WorkerRole::ExpertWorker)
+            .count();
+        if m.initialized && live > 0 && m.unservable.is_none() {
+            let mut members = m.members.clone();
+            members.iter_mut().for_each(|w| w.draining = false);
+            if let Err(e) = check(&m.placement.experts, m.num_experts, &members) {
+                panic!("replica {id}: epoch {epoch}: {e}");
+            }
         }
     }
 
@@ -110,6 +241,10 @@ impl Sim {
         let timing = self.timing.jittered(self.rng.next(), id);
         self.nodes
             .insert(id, Some(Replica::open(id, storage, timing).unwrap()));
+        if let Some(c) = self.control.as_mut() {
+            // A restarted replica shows its snapshot before it re-applies the log.
+            c.epochs.remove(&id);
+        }
     }
 
     /// One round: deliver what is due, then run every replica's Ready.
@@ -157,6 +292,7 @@ impl Sim {
             }
             self.trace
                 .push((now, id, status.role.name(), status.term, status.applied));
+            let applied_any = !out.applied.is_empty();
             for m in out.messages {
                 if self.rng.chance(self.drop_rate) {
                     if m.get_msg_type() == MessageType::MsgSnapshot {
@@ -167,6 +303,7 @@ impl Sim {
                 let at = now + 1 + self.rng.below(self.max_delay);
                 self.in_flight.push((at, m));
             }
+            self.check_placement(id, applied_any);
         }
     }
 
@@ -174,6 +311,7 @@ impl Sim {
         for node in self.nodes.values_mut().flatten() {
             node.tick();
         }
+        self.control();
         for _ in 0..ROUNDS_PER_TICK {
             self.round();
         }
@@ -211,6 +349,10 @@ impl Sim {
     }
 
     fn init(&mut self) {
+        self.init_with(Settings::default());
+    }
+
+    fn init_with(&mut self, settings: Settings) {
         let leader = self.wait_leader(&[], 200);
         self.node(leader)
             .propose(
@@ -218,7 +360,7 @@ impl Sim {
                 Command::Init {
                     model_fingerprint: "fp".into(),
                     num_experts: 8,
-                    settings: Settings::default(),
+                    settings,
                     coordinators: BTreeMap::new(),
                 },
             )
@@ -438,4 +580,74 @@ fn restart_from_disk_and_catch_up_by_snapshot() {
     let l = sim.wait_leader(&[], 300);
     sim.register(l).unwrap();
     sim.converge(24, 300);
+}
+
+/// The placement controller and failure detector through a lossy raft group: workers join,
+/// one stops (marked dead, its experts re-placed), one drains (its experts move off), the
+/// leader crashes and another takes over; the placement invariants hold after every round,
+/// and the cluster ends with every expert on two live, non-draining workers.
+#[test]
+fn placement_controller_keeps_the_invariants() {
+    for seed in [3, 4] {
+        let mut sim = Sim::new("control", seed, 3, timing()).with_control();
+        sim.drop_rate = 0.05;
+        sim.max_delay = 2;
+        sim.init_with(Settings {
+            lease_ms: 1000,
+            min_replicas: 2,
+            ..Settings::default()
+        });
+        sim.run(20);
+        let mut joined = 0;
+        while joined < 4 {
+            let leader = sim.wait_leader(&[], 300);
+            if sim.register(leader).is_ok() {
+                joined += 1;
+            }
+            sim.run(5);
+        }
+        sim.run(60);
+        let leader = sim.wait_leader(&[], 300);
+        let ids: Vec<u64> = sim.machine(leader).members.iter().map(|m| m.id).collect();
+        assert!(ids.len() >= 3, "seed {seed}: {ids:?}");
+        let epoch_before = sim.machine(leader).placement.epoch;
+        // A worker stops: no heartbeats for a lease.
+        let stopped = ids[0];
+        sim.control.as_mut().unwrap().stopped.insert(stopped);
+        sim.run(40);
+        // Another drains.
+        let draining = ids[1];
+        let leader = sim.wait_leader(&[], 300);
+        let _ = sim.node(leader).propose(
+            Vec::new(),
+            Command::Drain {
+                worker_id: draining,
+            },
+        );
+        sim.run(20);
+        // The leader crashes; the next one picks the controller up.
+        sim.crash(leader);
+        sim.run(60);
+        sim.restart(leader);
+        sim.drop_rate = 0.0;
+        sim.run(120);
+        let l = sim.wait_leader(&[], 300);
+        let m = sim.machine(l);
+        assert!(
+            m.placement.epoch > epoch_before,
+            "seed {seed}: no new epoch"
+        );
+        let dead = m.members.iter().find(|w| w.id == stopped).unwrap();
+        assert!(
+            !dead.alive,
+            "seed {seed}: the stopped worker is not marked dead"
+        );
+        for (e, copies) in m.placement.experts.iter().enumerate() {
+            assert!(
+                !copies.contains(&stopped) && !copies.contains(&draining),
+                "seed {seed}: expert {e} on {copies:?}"
+            );
+            assert_eq!(copies.len(), 2, "seed {seed}: expert {e} has {copies:?}");
+        }
+    }
 }
