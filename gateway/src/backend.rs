@@ -1,0 +1,115 @@
+//! The backend seam: what the gateway needs of the cluster ([`Cluster`]: its state and its
+//! workers' load), which attention worker takes a request (the most free KV blocks, lowest
+//! id on ties), one lazily connected channel per worker address, and the `Generate` call
+//! that starts a request's token stream.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use expertmesh_coordinator::{ClusterView, Coordinator, Role};
+use expertmesh_proto::v1 as pb;
+use expertmesh_proto::v1::attention_service_client::AttentionServiceClient;
+use tonic::transport::Channel;
+
+use crate::error::ApiError;
+use crate::request::ValidRequest;
+
+/// What the gateway needs of the cluster: its state and its workers' load.
+pub trait Cluster: Send + Sync + 'static {
+    fn view(&self) -> Arc<ClusterView>;
+    fn loads(&self) -> HashMap<u64, pb::WorkerLoad>;
+}
+
+impl Cluster for Coordinator {
+    fn view(&self) -> Arc<ClusterView> {
+        Coordinator::view(self)
+    }
+    fn loads(&self) -> HashMap<u64, pb::WorkerLoad> {
+        Coordinator::loads(self)
+    }
+}
+
+/// The attention workers, as the gateway reaches them.
+pub struct Backend {
+    pub cluster: Arc<dyn Cluster>,
+    /// One channel per worker address (connected on first use).
+    channels: Mutex<HashMap<String, Channel>>,
+    /// Ids that end generation (sent with every request).
+    pub stop_ids: Vec<u32>,
+}
+
+impl Backend {
+    pub fn new(cluster: Arc<dyn Cluster>, stop_ids: Vec<u32>) -> Self {
+        Self {
+            cluster,
+            channels: Mutex::new(HashMap::new()),
+            stop_ids,
+        }
+    }
+
+    /// Why the cluster cannot take requests now, if it cannot (`/health`).
+    pub fn unavailable(&self) -> Option<String> {
+        let view = self.cluster.view();
+        match (&view.unservable, view.count(Role::AttentionWorker)) {
+            (Some(r), _) => Some(r.clone()),
+            (None, 0) => Some("no attention worker has registered".into()),
+            (None, _) => None,
+        }
+    }
+
+    /// The attention worker with the most free KV blocks (lowest id on ties).
+    fn pick_worker(&self) -> Result<String, ApiError> {
+        let view = self.cluster.view();
+        if let Some(reason) = &view.unservable {
+            return Err(ApiError::Unavailable(format!(
+                "the cluster cannot serve: {reason}"
+            )));
+        }
+        let loads = self.cluster.loads();
+        view.members
+            .iter()
+            .filter(|m| m.role == Role::AttentionWorker && m.alive)
+            .max_by_key(|m| {
+                (
+                    loads.get(&m.id).map_or(0, |l| l.free_kv_blocks),
+                    std::cmp::Reverse(m.id),
+                )
+            })
+            .map(|m| m.address.clone())
+            .ok_or_else(|| ApiError::Unavailable("no attention worker is available".into()))
+    }
+
+    fn channel(&self, address: &str) -> Result<Channel, ApiError> {
+        let mut channels = self.channels.lock().expect("channels lock");
+        if let Some(c) = channels.get(address) {
+            return Ok(c.clone());
+        }
+        let c = expertmesh_proto::endpoint(address, Duration::from_secs(3))
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .connect_lazy();
+        channels.insert(address.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    /// Starts `job` on an attention worker: its stream of token events.
+    pub async fn generate(
+        &self,
+        job: &ValidRequest,
+    ) -> Result<tonic::Streaming<pb::GenerateEvent>, ApiError> {
+        let channel = self.channel(&self.pick_worker()?)?;
+        let r = &job.request;
+        let request = pb::GenerateRequest {
+            input_ids: job.prompt.clone(),
+            max_tokens: job.max_tokens as u32,
+            temperature: r.temperature,
+            top_p: r.top_p,
+            top_k: r.top_k as u32,
+            seed: r.seed,
+            stop_ids: self.stop_ids.clone(),
+            prompt_logits: false,
+        };
+        let mut client = AttentionServiceClient::new(channel);
+        Ok(client.generate(request).await?.into_inner())
+    }
+}

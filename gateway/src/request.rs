@@ -1,0 +1,135 @@
+//! Request validation: a parsed OpenAI request ([`CompletionRequest`]) becomes a typed
+//! [`ValidRequest`] — the model name checked, the prompt tokenized (text with BOS, chat
+//! through the template, or token ids checked against the vocabulary), `max_tokens` fitted
+//! to the context — or a 400/404 naming the field.
+
+use expertmesh_model::{ChatTemplate, TextConfig, TextTokenizer};
+
+use crate::error::ApiError;
+use crate::openai::{CompletionRequest, Prompt};
+
+/// What validation needs of the model: its tokenizer, template, config and names.
+pub struct Validator {
+    /// None for synthetic models: prompts are token ids and tokens have no text.
+    pub tokenizer: Option<TextTokenizer>,
+    pub template: Option<ChatTemplate>,
+    pub config: TextConfig,
+    /// The names a request's `model` may use.
+    pub model_name: String,
+    pub model_path: String,
+    /// `max_tokens` of a completion that names none.
+    pub completion_tokens_default: usize,
+}
+
+/// A request that passed every check, tokenized, ready to send.
+#[derive(Debug)]
+pub struct ValidRequest {
+    /// `/v1/chat/completions` (else `/v1/completions`).
+    pub chat: bool,
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub request: CompletionRequest,
+}
+
+impl Validator {
+    pub fn validate(
+        &self,
+        request: CompletionRequest,
+        chat: bool,
+    ) -> Result<ValidRequest, ApiError> {
+        if let Some(m) = &request.model {
+            if *m != self.model_name && *m != self.model_path {
+                return Err(ApiError::NotFound(format!(
+                    "the model `{m}` does not exist"
+                )));
+            }
+        }
+        let prompt = self.tokenize(&request.prompt)?;
+        let max_tokens = self.max_tokens(prompt.len(), request.max_tokens, chat)?;
+        Ok(ValidRequest {
+            chat,
+            prompt,
+            max_tokens,
+            request,
+        })
+    }
+
+    /// The tokens a request may generate after `prompt` tokens: what it asked for when that
+    /// fits the context, the rest of the context for chat, the default for completions.
+    fn max_tokens(
+        &self,
+        prompt: usize,
+        asked: Option<usize>,
+        chat: bool,
+    ) -> Result<usize, ApiError> {
+        let context = self.config.max_position_embeddings;
+        let room = context.saturating_sub(prompt);
+        let max_tokens = match asked {
+            Some(n) if n > room => {
+                return Err(ApiError::bad(
+                    format!(
+                        "{prompt} prompt tokens + max_tokens {n} exceed the context of {context} tokens"
+                    ),
+                    "max_tokens",
+                ))
+            }
+            Some(n) => n,
+            None if chat => room,
+            None => self.completion_tokens_default.min(room),
+        };
+        if max_tokens == 0 {
+            return Err(ApiError::bad(
+                format!("the prompt fills the context of {context} tokens"),
+                "prompt",
+            ));
+        }
+        Ok(max_tokens)
+    }
+
+    fn tokenizer(&self) -> Result<&TextTokenizer, ApiError> {
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| ApiError::bad("this model has no tokenizer: send token ids", "prompt"))
+    }
+
+    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, ApiError> {
+        let internal = |e: expertmesh_model::ModelError| ApiError::Internal(e.to_string());
+        let ids = match prompt {
+            Prompt::Ids(ids) => {
+                let vocab = self.config.vocab_size;
+                if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
+                    return Err(ApiError::bad(
+                        format!("token id {id} is outside the vocabulary of {vocab}"),
+                        "prompt",
+                    ));
+                }
+                ids.clone()
+            }
+            Prompt::Text(text) => {
+                let mut ids = self.tokenizer()?.encode(text, true).map_err(internal)?;
+                if let Some(bos) = self.config.bos_token_id {
+                    if ids.first() != Some(&bos) {
+                        ids.insert(0, bos);
+                    }
+                }
+                ids
+            }
+            Prompt::Chat(messages) => {
+                let template = self
+                    .template
+                    .as_ref()
+                    .ok_or_else(|| ApiError::bad("this model has no chat template", "messages"))?;
+                let rendered = template
+                    .render(messages, true)
+                    .map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
+                self.tokenizer()?
+                    .encode(&rendered, false)
+                    .map_err(internal)?
+            }
+        };
+        if ids.is_empty() {
+            return Err(ApiError::bad("the prompt is empty", "prompt"));
+        }
+        Ok(ids)
+    }
+}

@@ -1,0 +1,162 @@
+//! Routes and handlers: `/v1/models`, `/v1/completions`, `/v1/chat/completions`,
+//! `/health`, `/metrics`. A completion is: authorize, read the body under its cap, parse
+//! ([`crate::openai`]) and validate ([`crate::request`]), take a permit (429 past
+//! `requests_max`), start it on a worker ([`crate::backend`]), shape the answer
+//! ([`crate::response`]).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use expertmesh_proto::v1 as pb;
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::openai::CompletionRequest;
+use crate::response::{collect, stream_events, Job};
+use crate::App;
+
+/// Every route of the API over the gateway's state.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .with_state(app)
+}
+
+/// Reads a request body of at most `limit` bytes. A larger one is read on (and dropped) up
+/// to `DRAIN_MAX_BYTES`, so that the client, still sending, gets to read the 413.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    const DRAIN_MAX_BYTES: usize = 64 << 20;
+    use tokio_stream::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad(format!("reading the body: {e}"), "body"))?;
+        seen += chunk.len();
+        if seen <= limit {
+            buf.extend_from_slice(&chunk);
+        } else if seen > DRAIN_MAX_BYTES {
+            break;
+        }
+    }
+    if seen > limit {
+        return Err(ApiError::TooLarge(limit));
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// `Authorization: Bearer <api_key>` when the gateway has a key.
+fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &app.config.api_key else {
+        return Ok(());
+    };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(key.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+async fn not_found() -> Response {
+    ApiError::NotFound("no such route".into()).into_response()
+}
+
+async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&app, &headers) {
+        return e.into_response();
+    }
+    Json(json!({"object": "list", "data": [{
+        "id": app.validator.model_name, "object": "model", "created": 0, "owned_by": "expertmesh"
+    }]}))
+    .into_response()
+}
+
+async fn health(State(app): State<Arc<App>>) -> Response {
+    match app.backend.unavailable() {
+        None => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+        Some(r) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "reason": r})),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics_text(State(app): State<Arc<App>>) -> Response {
+    let loads: BTreeMap<u64, pb::WorkerLoad> = app.backend.cluster.loads().into_iter().collect();
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        app.metrics.render(&loads),
+    )
+        .into_response()
+}
+
+async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    handle(app, headers, body, false).await
+}
+
+async fn chat_completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    handle(app, headers, body, true).await
+}
+
+async fn handle(app: Arc<App>, headers: HeaderMap, body: Body, chat: bool) -> Response {
+    let endpoint = if chat {
+        "chat_completions"
+    } else {
+        "completions"
+    };
+    app.metrics.in_flight(1);
+    let response = match complete(app.clone(), headers, body, chat).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    app.metrics.in_flight(-1);
+    app.metrics.request(endpoint, response.status().as_u16());
+    response
+}
+
+async fn complete(
+    app: Arc<App>,
+    headers: HeaderMap,
+    body: Body,
+    chat: bool,
+) -> Result<Response, ApiError> {
+    authorize(&app, &headers)?;
+    let bytes = read_body(body, app.config.body_max_bytes).await?;
+    let request = CompletionRequest::parse(&bytes, chat)?;
+    let valid = app.validator.validate(request, chat)?;
+    let permit = app
+        .permits
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::Overloaded("too many requests in flight".into()))?;
+    let n = app.next_id.fetch_add(1, Ordering::Relaxed);
+    let job = Job {
+        id: format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" }),
+        valid,
+    };
+    let stream = app.backend.generate(&job.valid).await?;
+    if job.valid.request.stream {
+        Ok(stream_events(app, job, stream, permit))
+    } else {
+        let r = collect(&app, job, stream).await;
+        drop(permit);
+        r
+    }
+}
