@@ -69,12 +69,15 @@ impl Default for AttentionWorkerConfig {
 impl AttentionWorkerConfig {
     pub fn validate(self) -> Result<Self, NodeError> {
         if self.coordinator.is_empty() {
-            return Err(NodeError::Config("`coordinator` is required".into()));
+            return Err(NodeError::config("coordinator", "is required"));
         }
-        if self.dispatch.timeout_ms == 0 || self.heartbeat_interval_ms == 0 {
-            return Err(NodeError::Config(
-                "dispatch.timeout_ms and heartbeat_interval_ms must be positive".into(),
-            ));
+        for (field, value) in [
+            ("dispatch.timeout_ms", self.dispatch.timeout_ms),
+            ("heartbeat_interval_ms", self.heartbeat_interval_ms),
+        ] {
+            if value == 0 {
+                return Err(NodeError::config(field, "must be positive"));
+            }
         }
         Ok(self)
     }
@@ -120,11 +123,10 @@ pub async fn connect(
             (Connector::Local(local), views)
         }
         Transport::Nccl => {
-            return Err(NodeError::Config(
-                "dispatch.transport = nccl: NCCL links between attention and expert worker \
-                 processes are not built yet (the NCCL transport runs in one process only); \
-                 use grpc"
-                    .into(),
+            return Err(NodeError::config(
+                "dispatch.transport",
+                "= nccl: NCCL links between attention and expert worker processes are not \
+                 built yet (the NCCL transport runs in one process only); use grpc or local",
             ))
         }
     };

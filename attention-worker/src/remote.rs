@@ -20,7 +20,7 @@ use expertmesh_dispatch::{
     Dispatch, DispatchBatch, DispatchError, GrpcDispatch, Transport, WireDType,
 };
 use expertmesh_model::moe::{ExpertRunner, PendingExperts, RoutedBatch};
-use expertmesh_model::{ModelError, Result};
+use expertmesh_model::{ExpertsFailure, ModelError, Result};
 use tokio::sync::watch;
 
 use crate::routing::{self, Attempts, Next, Piece, SendError, Workers};
@@ -193,6 +193,7 @@ impl ExpertRunner for RemoteExperts {
             rx.recv().unwrap_or_else(|_| {
                 Err(ModelError::ExpertsUnavailable {
                     layer,
+                    kind: ExpertsFailure::Unreachable,
                     reason: "the dispatch task ended without an answer".into(),
                 })
             })
@@ -261,7 +262,12 @@ impl Router {
                 c.fetch_add(u64::from(g.rows), Ordering::Relaxed);
             }
         }
-        let unavailable = |reason: String| ModelError::ExpertsUnavailable { layer, reason };
+        let failed = |kind, reason: String| ModelError::ExpertsUnavailable {
+            layer,
+            kind,
+            reason,
+        };
+        let unavailable = |reason: String| failed(ExpertsFailure::Unreachable, reason);
         let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.timeout_ms);
         let mut min_epoch = 0;
         let mut attempts = Attempts::default();
@@ -315,15 +321,18 @@ impl Router {
                         .expect("suspects lock")
                         .insert(worker, std::time::Instant::now() + SUSPECT_FOR);
                 }
-                Next::Fail(why) => {
+                Next::Fail(kind, why) => {
                     let address = match &error {
                         SendError::Worker(w, _) => view.member(*w).map(|m| m.address.as_str()),
                         SendError::NoCopy(_) => None,
                     };
-                    return Err(unavailable(match address {
-                        Some(a) => format!("{why} ({a})"),
-                        None => why,
-                    }));
+                    return Err(failed(
+                        kind,
+                        match address {
+                            Some(a) => format!("{why} ({a})"),
+                            None => why,
+                        },
+                    ));
                 }
             }
         }

@@ -18,12 +18,13 @@
 //! | `ExpertNotHere` | resend after a pause (the worker follows a newer placement) |
 //! | `Unavailable` | avoid the worker; resend now to the other copies |
 //! | no reachable copy | wait for a placement newer than this one |
-//! | anything else (`Overloaded`, `DeadlineExceeded`, bad shapes) | fail with that error |
+//! | anything else (`Overloaded`, `DeadlineExceeded`, bad shapes) | fail, keeping its kind |
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use expertmesh_dispatch::DispatchError;
 use expertmesh_model::moe::ExpertGroup;
+use expertmesh_model::ExpertsFailure;
 
 /// One worker's share of a routed batch: its groups and where their rows sit in the batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,8 +103,8 @@ pub enum Next {
     Resend { min_epoch: u64, pause: bool },
     /// Avoid `worker` for a while and send again at once (to the other copies).
     Avoid { worker: u64 },
-    /// Give up on the batch.
-    Fail(String),
+    /// Give up on the batch, with the kind the error keeps.
+    Fail(ExpertsFailure, String),
 }
 
 /// The retry state of one routed batch.
@@ -123,9 +124,10 @@ pub fn next_step(
         SendError::Worker(_, DispatchError::WrongEpoch { current }) => {
             attempts.epoch_retries += 1;
             if attempts.epoch_retries > epoch_retries_max {
-                Next::Fail(format!(
-                    "placement kept changing ({epoch_retries_max} retries)"
-                ))
+                Next::Fail(
+                    ExpertsFailure::PlacementChanging,
+                    format!("placement kept changing ({epoch_retries_max} retries)"),
+                )
             } else if *current > epoch {
                 Next::Resend {
                     min_epoch: *current,
@@ -147,7 +149,14 @@ pub fn next_step(
             min_epoch: epoch + 1,
             pause: false,
         },
-        SendError::Worker(worker, e) => Next::Fail(format!("expert worker {worker}: {e}")),
+        SendError::Worker(worker, e) => {
+            let kind = match e {
+                DispatchError::DeadlineExceeded => ExpertsFailure::DeadlineExceeded,
+                DispatchError::Overloaded { .. } => ExpertsFailure::Overloaded,
+                _ => ExpertsFailure::Rejected,
+            };
+            Next::Fail(kind, format!("expert worker {worker}: {e}"))
+        }
     }
 }
 
@@ -277,7 +286,10 @@ mod tests {
                 "too many epoch retries",
                 worker(DispatchError::WrongEpoch { current: 9 }),
                 2,
-                Next::Fail("placement kept changing (2 retries)".into()),
+                Next::Fail(
+                    ExpertsFailure::PlacementChanging,
+                    "placement kept changing (2 retries)".into(),
+                ),
             ),
             (
                 "expert moved",
@@ -299,13 +311,19 @@ mod tests {
                 "deadline",
                 worker(DispatchError::DeadlineExceeded),
                 0,
-                Next::Fail("expert worker 4: deadline exceeded".into()),
+                Next::Fail(
+                    ExpertsFailure::DeadlineExceeded,
+                    "expert worker 4: deadline exceeded".into(),
+                ),
             ),
             (
                 "overloaded",
                 worker(DispatchError::Overloaded { queued: 3 }),
                 0,
-                Next::Fail("expert worker 4: worker overloaded (3 batches queued)".into()),
+                Next::Fail(
+                    ExpertsFailure::Overloaded,
+                    "expert worker 4: worker overloaded (3 batches queued)".into(),
+                ),
             ),
         ];
         for (name, error, retries_before, want) in cases {

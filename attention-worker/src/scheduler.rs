@@ -19,7 +19,7 @@ use std::time::Duration;
 use expertmesh_model::kv_cache::BlockPool;
 use expertmesh_model::moe::ExpertRunner;
 use expertmesh_model::{
-    FinishReason, GenerateRequest, KvCache, LogitRows, Model, ModelError, Sampler, Sequence,
+    Fault, FinishReason, GenerateRequest, KvCache, LogitRows, Model, ModelError, Sampler, Sequence,
 };
 use tokio::sync::mpsc;
 
@@ -63,22 +63,15 @@ pub enum Event {
 /// Why a request ended without finishing, as the client will be told.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
-    /// The request itself was at fault (as opposed to the cluster).
-    pub invalid_request: bool,
+    /// Whose fault it was (`ModelError::fault`).
+    pub fault: Fault,
     pub message: String,
 }
 
 impl From<&ModelError> for Failure {
     fn from(e: &ModelError) -> Self {
         Self {
-            invalid_request: matches!(
-                e,
-                ModelError::TokenOutOfVocab { .. }
-                    | ModelError::ContextExceeded { .. }
-                    | ModelError::EmptyPrompt
-                    | ModelError::Sampling { .. }
-                    | ModelError::KvCacheFull { .. }
-            ),
+            fault: e.fault(),
             message: e.to_string(),
         }
     }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use expertmesh_model::{FinishReason, GenerateRequest, Model, ModelError, SamplingParams};
+use expertmesh_model::{Fault, FinishReason, GenerateRequest, Model, ModelError, SamplingParams};
 use expertmesh_proto::v1 as pb;
 use expertmesh_proto::v1::attention_service_server::{AttentionService, AttentionServiceServer};
 use expertmesh_proto::MAX_MESSAGE_BYTES;
@@ -31,16 +31,19 @@ impl AttentionServer {
     }
 }
 
-/// Maps a model error to the status a client sees: its request's fault, or the cluster's.
-pub fn status(e: &ModelError) -> Status {
-    match e {
-        ModelError::TokenOutOfVocab { .. }
-        | ModelError::ContextExceeded { .. }
-        | ModelError::EmptyPrompt
-        | ModelError::Sampling { .. } => Status::invalid_argument(e.to_string()),
-        ModelError::ExpertsUnavailable { .. } => Status::unavailable(e.to_string()),
-        _ => Status::internal(e.to_string()),
+/// The status a client sees for a failure: the one map from `Fault` to gRPC.
+pub fn fault_status(fault: Fault, message: String) -> Status {
+    match fault {
+        Fault::Request => Status::invalid_argument(message),
+        Fault::Unavailable => Status::unavailable(message),
+        Fault::Deadline => Status::deadline_exceeded(message),
+        Fault::Internal => Status::internal(message),
     }
+}
+
+/// A model error as the status a client sees.
+pub fn status(e: &ModelError) -> Status {
+    fault_status(e.fault(), e.to_string())
 }
 
 fn request(r: &pb::GenerateRequest) -> GenerateRequest {
@@ -77,8 +80,7 @@ fn event(e: Event, prompt_rows: u64, vocab: u64) -> Result<pb::GenerateEvent, St
                 FinishReason::Length => pb::FinishReason::Length,
             } as i32,
         }),
-        Event::Failed(f) if f.invalid_request => return Err(Status::invalid_argument(f.message)),
-        Event::Failed(f) => return Err(Status::unavailable(f.message)),
+        Event::Failed(f) => return Err(fault_status(f.fault, f.message)),
     };
     Ok(pb::GenerateEvent { event: Some(event) })
 }

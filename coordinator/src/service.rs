@@ -115,24 +115,27 @@ impl Coordinator {
     }
 }
 
-fn status_of(e: ProposeError) -> Status {
-    match e {
-        ProposeError::NotLeader | ProposeError::Busy | ProposeError::Stopped => {
-            Status::unavailable(format!("{e}; retry"))
+/// A proposal's failure as the status a caller sees: the one map of coordinator errors.
+impl From<ProposeError> for Status {
+    fn from(e: ProposeError) -> Status {
+        match e {
+            ProposeError::NotLeader | ProposeError::Busy | ProposeError::Stopped => {
+                Status::unavailable(format!("{e}; retry"))
+            }
+            ProposeError::Rejected(r) => match r {
+                Rejected::NotInitialized => Status::unavailable(format!("{r}; retry")),
+                Rejected::JoinToken => Status::permission_denied(r.to_string()),
+                Rejected::WrongModel { .. } | Rejected::AlreadyInitialized => {
+                    Status::failed_precondition(r.to_string())
+                }
+                Rejected::Full => Status::resource_exhausted(r.to_string()),
+                Rejected::UnknownWorker(_) => Status::not_found(r.to_string()),
+                Rejected::Stale(_) => Status::failed_precondition(r.to_string()),
+                Rejected::Invalid(_) | Rejected::Malformed(_) => {
+                    Status::invalid_argument(r.to_string())
+                }
+            },
         }
-        ProposeError::Rejected(r) => match r {
-            Rejected::NotInitialized => Status::unavailable(format!("{r}; retry")),
-            Rejected::JoinToken => Status::permission_denied(r.to_string()),
-            Rejected::WrongModel { .. } | Rejected::AlreadyInitialized => {
-                Status::failed_precondition(r.to_string())
-            }
-            Rejected::Full => Status::resource_exhausted(r.to_string()),
-            Rejected::UnknownWorker(_) => Status::not_found(r.to_string()),
-            Rejected::Stale(_) => Status::failed_precondition(r.to_string()),
-            Rejected::Invalid(_) | Rejected::Malformed(_) => {
-                Status::invalid_argument(r.to_string())
-            }
-        },
     }
 }
 
@@ -167,7 +170,7 @@ impl CoordinatorService for Coordinator {
                 r.forwarded = true;
                 self.leader()?.register(r).await
             }
-            Err(e) => Err(status_of(e)),
+            Err(e) => Err(Status::from(e)),
         }
     }
 
@@ -222,7 +225,7 @@ impl CoordinatorService for Coordinator {
     ) -> Result<Response<pb::ClusterState>, Status> {
         self.ask(|reply| Input::Read { reply }, READ_TIMEOUT)
             .await
-            .map_err(status_of)?;
+            .map_err(Status::from)?;
         Ok(Response::new(pb::ClusterState::from(self.view().as_ref())))
     }
 
@@ -339,7 +342,7 @@ impl CoordinatorService for Coordinator {
         {
             Ok(_) => Ok(Response::new(pb::ChangeCoordinatorsReply {})),
             Err(ProposeError::NotLeader) => self.leader()?.change_coordinators(r).await,
-            Err(e) => Err(status_of(e)),
+            Err(e) => Err(Status::from(e)),
         }
     }
 
@@ -356,7 +359,7 @@ impl CoordinatorService for Coordinator {
         {
             Ok(_) => Ok(Response::new(pb::DrainReply {})),
             Err(ProposeError::NotLeader) => self.leader()?.drain(r).await,
-            Err(e) => Err(status_of(e)),
+            Err(e) => Err(Status::from(e)),
         }
     }
 
@@ -373,12 +376,12 @@ impl CoordinatorService for Coordinator {
             match self.propose(command).await {
                 Ok(_) => {}
                 Err(ProposeError::NotLeader) => return self.leader()?.nccl_id(r).await,
-                Err(e) => return Err(status_of(e)),
+                Err(e) => return Err(Status::from(e)),
             }
         }
         self.ask(|reply| Input::Read { reply }, READ_TIMEOUT)
             .await
-            .map_err(status_of)?;
+            .map_err(Status::from)?;
         match self.view().nccl_ids.get(&r.group) {
             Some(id) => Ok(Response::new(pb::NcclIdReply { id: id.clone() })),
             None => Err(Status::not_found(format!(

@@ -60,8 +60,8 @@ impl Default for ExpertWorkerConfig {
 /// What ends a worker process (expert or attention worker).
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("invalid config: {0}")]
-    Config(String),
+    #[error("invalid config: `{field}` {reason}")]
+    Config { field: &'static str, reason: String },
     #[error(transparent)]
     Model(#[from] expertmesh_model::ModelError),
     #[error("cannot listen on {address}: {source}")]
@@ -75,20 +75,28 @@ pub enum NodeError {
     Serve(#[from] tonic::transport::Error),
 }
 
+impl NodeError {
+    pub fn config(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::Config {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
 impl ExpertWorkerConfig {
     pub fn validate(self) -> Result<Self, NodeError> {
         if self.coordinator.is_empty() {
-            return Err(NodeError::Config("`coordinator` is required".into()));
+            return Err(NodeError::config("coordinator", "is required"));
         }
-        if self.batcher.queue_max == 0 || self.batcher.rows_max == 0 {
-            return Err(NodeError::Config(
-                "batcher queue_max and rows_max must be positive".into(),
-            ));
-        }
-        if self.heartbeat_interval_ms == 0 {
-            return Err(NodeError::Config(
-                "heartbeat_interval_ms must be positive".into(),
-            ));
+        for (field, value) in [
+            ("batcher.queue_max", self.batcher.queue_max as u64),
+            ("batcher.rows_max", self.batcher.rows_max as u64),
+            ("heartbeat_interval_ms", self.heartbeat_interval_ms),
+        ] {
+            if value == 0 {
+                return Err(NodeError::config(field, "must be positive"));
+            }
         }
         Ok(self)
     }

@@ -51,7 +51,7 @@ pub mod tokenizer;
 pub use checkpoint::{DType, InMemoryWeights, SafetensorsCheckpoint, Tensor, WeightSource};
 pub use config::TextConfig;
 pub use device::{Device, GemmPrecision};
-pub use error::{ModelError, Result};
+pub use error::{ExpertsFailure, Fault, ModelError, Result};
 pub use generate::{generate, generate_with, FinishReason, GenerateOutput, GenerateRequest};
 pub use kv_cache::KvCache;
 pub use model::{Forward, LocalExperts, LogitRows, Model, Sequence};
