@@ -11,7 +11,7 @@ use expertmesh_coordinator::{
 use expertmesh_dispatch::{InProcessDispatch, Transport};
 use expertmesh_expert_worker::node::bind;
 pub use expertmesh_expert_worker::NodeError;
-use expertmesh_expert_worker::{Assignment, Batcher, BatcherConfig, ExpertShard};
+use expertmesh_expert_worker::{Assignment, Batcher, BatcherConfig, ExpertShard, WorkerConfig};
 use expertmesh_model::{Model, ModelSource};
 use tokio::sync::watch;
 
@@ -24,62 +24,21 @@ use crate::scheduler::{Engine, EngineStats, SchedulerConfig};
 use crate::service::AttentionServer;
 
 /// Attention-worker settings (TOML: `deploy/attention-worker.toml`).
-#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AttentionWorkerConfig {
-    /// Coordinator address, `host:port`.
-    pub coordinator: String,
-    /// Address to listen on; port 0 picks a free one.
-    pub listen: String,
-    /// Address other processes reach this worker at (default: the bound address).
-    pub advertise: Option<String>,
-    /// Model directory, or `synthetic:bench`.
-    pub model: String,
+    pub worker: WorkerConfig,
     pub dispatch: DispatchConfig,
     pub scheduler: SchedulerConfig,
-    pub heartbeat_interval_ms: u64,
-    /// How long to keep trying to reach the coordinator at start-up, in ms.
-    pub register_patience_ms: u64,
-    /// The token the coordinators require, if they require one.
-    pub join_token: Option<String>,
-    /// Where to compute (`cpu`, `cuda:N`).
-    pub device: expertmesh_model::Device,
-    /// How a CUDA device computes its products (`f32`, `bf16`).
-    pub gemm: expertmesh_model::GemmPrecision,
-}
-
-impl Default for AttentionWorkerConfig {
-    fn default() -> Self {
-        Self {
-            coordinator: "127.0.0.1:7000".into(),
-            listen: "127.0.0.1:0".into(),
-            advertise: None,
-            model: "tests/fixtures/tiny-maverick".into(),
-            dispatch: DispatchConfig::default(),
-            scheduler: SchedulerConfig::default(),
-            heartbeat_interval_ms: 1000,
-            register_patience_ms: 30_000,
-            join_token: None,
-            device: expertmesh_model::Device::Cpu,
-            gemm: expertmesh_model::GemmPrecision::F32,
-        }
-    }
 }
 
 impl AttentionWorkerConfig {
     pub fn validate(self) -> Result<Self, NodeError> {
-        if self.coordinator.is_empty() {
-            return Err(NodeError::config("coordinator", "is required"));
+        let worker = self.worker.validate()?;
+        if self.dispatch.timeout_ms == 0 {
+            return Err(NodeError::config("dispatch.timeout_ms", "must be positive"));
         }
-        for (field, value) in [
-            ("dispatch.timeout_ms", self.dispatch.timeout_ms),
-            ("heartbeat_interval_ms", self.heartbeat_interval_ms),
-        ] {
-            if value == 0 {
-                return Err(NodeError::config(field, "must be positive"));
-            }
-        }
-        Ok(self)
+        Ok(Self { worker, ..self })
     }
 }
 
@@ -168,13 +127,13 @@ pub async fn run(
     on_listening: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), NodeError> {
-    config.device.check()?;
-    let source: ModelSource = config.model.parse()?;
+    config.worker.device.check()?;
+    let source: ModelSource = config.worker.model.parse()?;
     let (model, experts, client) = connect(
         &source,
-        &config.coordinator,
+        &config.worker.coordinator,
         config.dispatch,
-        (config.device, config.gemm),
+        (config.worker.device, config.worker.gemm),
     )
     .await?;
     let dispatch_stats = experts.stats().clone();
@@ -184,22 +143,23 @@ pub async fn run(
         load: Some(worker_load(&engine_stats, &dispatch_stats)),
         prepared_epoch: 0,
     };
-    let (listener, bound) = bind(&config.listen).await?;
+    let (listener, bound) = bind(&config.worker.listen).await?;
     on_listening(bound);
     client
         .join(
             &Registration {
                 role: Role::AttentionWorker,
                 address: config
+                    .worker
                     .advertise
                     .clone()
                     .unwrap_or_else(|| bound.to_string()),
                 capacity: None,
                 model_fingerprint: source.fingerprint()?,
-                join_token: config.join_token.clone(),
+                join_token: config.worker.join_token.clone(),
             },
-            Duration::from_millis(config.register_patience_ms),
-            Duration::from_millis(config.heartbeat_interval_ms),
+            Duration::from_millis(config.worker.register_patience_ms),
+            Duration::from_millis(config.worker.heartbeat_interval_ms),
             load,
         )
         .await?;

@@ -103,7 +103,7 @@ pub enum SubmitError {
     Stopped,
 }
 
-struct Job {
+struct Submission {
     request: GenerateRequest,
     events: mpsc::Sender<Event>,
 }
@@ -111,7 +111,7 @@ struct Job {
 /// Handle to a running engine.
 #[derive(Clone)]
 pub struct Engine {
-    tx: SyncSender<Job>,
+    tx: SyncSender<Submission>,
     stats: Arc<EngineStats>,
     queue_max: usize,
 }
@@ -129,7 +129,7 @@ impl Engine {
         stats
             .kv_blocks_total
             .store(config.kv_blocks as u64, Ordering::Relaxed);
-        let mut core = Core {
+        let mut core = Scheduler {
             model,
             pool,
             config,
@@ -159,7 +159,7 @@ impl Engine {
         // slow client: tokens, prompt logits, the end.
         let (events, rx) = mpsc::channel(request.max_new_tokens + 3);
         self.tx
-            .try_send(Job { request, events })
+            .try_send(Submission { request, events })
             .map_err(|e| match e {
                 TrySendError::Full(_) => SubmitError::Overloaded(self.queue_max),
                 TrySendError::Disconnected(_) => SubmitError::Stopped,
@@ -191,7 +191,7 @@ impl Seq {
     }
 }
 
-struct Core {
+struct Scheduler {
     model: Arc<Model>,
     pool: Arc<BlockPool>,
     config: SchedulerConfig,
@@ -200,8 +200,8 @@ struct Core {
     running: Vec<Seq>,
 }
 
-impl Core {
-    fn run(&mut self, rx: Receiver<Job>, runner: &dyn ExpertRunner) {
+impl Scheduler {
+    fn run(&mut self, rx: Receiver<Submission>, runner: &dyn ExpertRunner) {
         loop {
             // Idle: block for work. Busy: take whatever arrived since the last step.
             if self.running.is_empty() && self.waiting.is_empty() {
@@ -219,7 +219,7 @@ impl Core {
         }
     }
 
-    fn accept(&mut self, job: Job) {
+    fn accept(&mut self, job: Submission) {
         let sampler = Sampler::new(job.request.sampling);
         self.waiting.push_back(Seq {
             tokens: job.request.prompt.clone(),

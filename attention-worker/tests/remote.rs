@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use expertmesh_attention_worker::{connect, DispatchConfig};
 use expertmesh_coordinator::{Coordinator, NodeConfig};
-use expertmesh_expert_worker::ExpertWorkerConfig;
+use expertmesh_expert_worker::{ExpertWorkerConfig, WorkerConfig};
 use expertmesh_model::{LogitRows, Model, ModelSource, Sequence};
 
 fn fixture(name: &str) -> String {
@@ -40,8 +40,11 @@ async fn micro_batched_remote_forward_equals_local() {
         std::future::pending(),
     ));
     let worker = ExpertWorkerConfig {
-        coordinator: coordinator_addr.clone(),
-        model: model_dir.clone(),
+        worker: WorkerConfig {
+            coordinator: coordinator_addr.clone(),
+            model: model_dir.clone(),
+            ..WorkerConfig::default()
+        },
         ..ExpertWorkerConfig::default()
     };
     for _ in 0..3 {

@@ -7,8 +7,6 @@ use clap::{Parser, Subcommand};
 
 mod admin;
 mod bench;
-mod bench_dispatch;
-mod bench_serve;
 mod cluster;
 mod generate;
 mod loadgen;

@@ -12,7 +12,7 @@ use clap::Args;
 use expertmesh_attention_worker::AttentionWorkerConfig;
 use expertmesh_coordinator::{Coordinator, CoordinatorConfig};
 use expertmesh_dispatch::{Transport, WireDType};
-use expertmesh_expert_worker::ExpertWorkerConfig;
+use expertmesh_expert_worker::{ExpertWorkerConfig, WorkerConfig};
 use expertmesh_gateway::{Cluster, GatewayConfig};
 use expertmesh_model::ModelSource;
 use std::sync::Arc;
@@ -88,35 +88,25 @@ pub struct WorkerArgs {
 }
 
 impl WorkerArgs {
-    /// Overrides a worker config's common fields with the flags given.
-    fn apply(
-        self,
-        coordinator: &mut String,
-        join_token: &mut Option<String>,
-        (device, gemm): (
-            &mut expertmesh_model::Device,
-            &mut expertmesh_model::GemmPrecision,
-        ),
-        listen: &mut String,
-        model: &mut String,
-    ) {
+    /// Overrides the shared `[worker]` section with the flags given.
+    fn apply(self, c: &mut WorkerConfig) {
         if let Some(v) = self.coordinator {
-            *coordinator = v;
+            c.coordinator = v;
         }
         if self.join_token.is_some() {
-            *join_token = self.join_token;
+            c.join_token = self.join_token;
         }
         if let Some(v) = self.device {
-            *device = v;
+            c.device = v;
         }
         if let Some(v) = self.gemm {
-            *gemm = v;
+            c.gemm = v;
         }
         if let Some(v) = self.listen {
-            *listen = v;
+            c.listen = v;
         }
         if let Some(v) = self.model {
-            *model = v;
+            c.model = v;
         }
     }
 }
@@ -292,13 +282,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
 pub fn expert_worker(args: ExpertWorkerArgs) -> Result<()> {
     let mut config: ExpertWorkerConfig = load(args.worker.config.as_deref())?;
     let c = &mut config;
-    args.worker.apply(
-        &mut c.coordinator,
-        &mut c.join_token,
-        (&mut c.device, &mut c.gemm),
-        &mut c.listen,
-        &mut c.model,
-    );
+    args.worker.apply(&mut c.worker);
     if args.capacity.is_some() {
         config.capacity = args.capacity;
     }
@@ -315,13 +299,7 @@ pub fn expert_worker(args: ExpertWorkerArgs) -> Result<()> {
 pub fn attention_worker(args: AttentionWorkerArgs) -> Result<()> {
     let mut config: AttentionWorkerConfig = load(args.worker.config.as_deref())?;
     let c = &mut config;
-    args.worker.apply(
-        &mut c.coordinator,
-        &mut c.join_token,
-        (&mut c.device, &mut c.gemm),
-        &mut c.listen,
-        &mut c.model,
-    );
+    args.worker.apply(&mut c.worker);
     if let Some(v) = args.wire_dtype {
         config.dispatch.wire_dtype = v;
     }

@@ -26,13 +26,13 @@ fn deploy_examples_parse_and_validate() {
     let e = e.validate().unwrap();
     assert_eq!(e.capacity, Some(16));
     assert_eq!(e.batcher.window_us, 200);
-    assert_eq!(e.device, expertmesh_model::Device::Cuda(0));
-    assert_eq!(e.gemm, expertmesh_model::GemmPrecision::F32);
+    assert_eq!(e.worker.device, expertmesh_model::Device::Cuda(0));
+    assert_eq!(e.worker.gemm, expertmesh_model::GemmPrecision::F32);
     let a: AttentionWorkerConfig = toml::from_str(&read("attention-worker.toml")).unwrap();
     let a = a.validate().unwrap();
     assert_eq!(a.dispatch.wire_dtype, WireDType::F32);
     assert_eq!(a.scheduler.token_budget, 512);
-    assert_eq!(a.device, expertmesh_model::Device::Cuda(0));
+    assert_eq!(a.worker.device, expertmesh_model::Device::Cuda(0));
 }
 
 #[test]

@@ -181,6 +181,8 @@ impl Machine {
         Ok(answer)
     }
 
+    /// Applies one command: one function per command, each validating before it changes
+    /// anything.
     fn apply_command(&mut self, command: Command) -> Result<u64, Rejected> {
         match command {
             Command::Init {
@@ -188,24 +190,7 @@ impl Machine {
                 num_experts,
                 settings,
                 coordinators,
-            } => {
-                if self.initialized {
-                    return Err(Rejected::AlreadyInitialized);
-                }
-                if num_experts == 0 || settings.lease_ms == 0 {
-                    return Err(Rejected::Invalid(
-                        "num_experts and lease_ms must be positive".into(),
-                    ));
-                }
-                self.initialized = true;
-                self.model_fingerprint = model_fingerprint;
-                self.num_experts = num_experts;
-                self.settings = settings;
-                self.coordinators = coordinators;
-                self.next_id = 1;
-                self.unservable = Some("no expert worker has registered".into());
-                Ok(0)
-            }
+            } => self.init(model_fingerprint, num_experts, settings, coordinators),
             Command::Register {
                 request_id,
                 role,
@@ -214,117 +199,171 @@ impl Machine {
                 pid,
                 model_fingerprint,
                 join_token,
-            } => {
-                if !self.initialized {
-                    return Err(Rejected::NotInitialized);
-                }
-                if let Some(&(_, id)) = self.answered.iter().find(|(r, _)| *r == request_id) {
-                    return Ok(id);
-                }
-                if self
-                    .settings
-                    .join_token
-                    .as_ref()
-                    .is_some_and(|t| *t != join_token)
-                {
-                    return Err(Rejected::JoinToken);
-                }
-                if address.is_empty() || address.len() > ADDRESS_MAX {
-                    return Err(Rejected::Invalid(format!(
-                        "address must be 1 to {ADDRESS_MAX} characters"
-                    )));
-                }
-                if model_fingerprint != self.model_fingerprint {
-                    return Err(Rejected::WrongModel {
-                        worker: model_fingerprint,
-                        cluster: self.model_fingerprint.clone(),
-                    });
-                }
-                if self.members.len() >= MEMBERS_MAX {
-                    return Err(Rejected::Full);
-                }
-                let id = self.next_id;
-                self.next_id += 1;
-                self.members.push(Member {
-                    id,
+            } => self.register(
+                request_id,
+                Member {
+                    id: 0,
                     role,
                     address,
                     pid,
                     alive: true,
                     capacity,
                     draining: false,
-                });
-                if self.answered.len() == REQUESTS_REMEMBERED {
-                    self.answered.pop_front();
-                }
-                self.answered.push_back((request_id, id));
-                if role == Role::ExpertWorker {
-                    self.ensure_servable();
-                }
-                Ok(id)
-            }
-            Command::MarkDead { worker_id } => {
-                let member = self
-                    .members
-                    .iter_mut()
-                    .find(|m| m.id == worker_id && m.alive)
-                    .ok_or(Rejected::UnknownWorker(worker_id))?;
-                member.alive = false;
-                if member.role == Role::ExpertWorker {
-                    self.ensure_servable();
-                }
-                Ok(worker_id)
-            }
-            Command::Prepare { epoch, experts } => {
-                if epoch != self.placement.epoch + 1 {
-                    return Err(Rejected::Stale(format!(
-                        "prepared epoch {epoch}, current is {}",
-                        self.placement.epoch
-                    )));
-                }
-                self.check_experts(&experts)?;
-                self.pending = Some(Placement { epoch, experts });
+                },
+                &model_fingerprint,
+                &join_token,
+            ),
+            Command::MarkDead { worker_id } => self.mark_dead(worker_id),
+            Command::Prepare { epoch, experts } => self.prepare(epoch, experts),
+            Command::Commit { epoch } => self.commit(epoch),
+            Command::NcclId { group, id } => self.nccl_id(group, id),
+            Command::Drain { worker_id } => self.drain(worker_id),
+        }
+    }
+
+    fn init(
+        &mut self,
+        model_fingerprint: String,
+        num_experts: usize,
+        settings: Settings,
+        coordinators: BTreeMap<u64, String>,
+    ) -> Result<u64, Rejected> {
+        if self.initialized {
+            return Err(Rejected::AlreadyInitialized);
+        }
+        if num_experts == 0 || settings.lease_ms == 0 {
+            return Err(Rejected::Invalid(
+                "num_experts and lease_ms must be positive".into(),
+            ));
+        }
+        self.initialized = true;
+        self.model_fingerprint = model_fingerprint;
+        self.num_experts = num_experts;
+        self.settings = settings;
+        self.coordinators = coordinators;
+        self.next_id = 1;
+        self.unservable = Some("no expert worker has registered".into());
+        Ok(0)
+    }
+
+    /// Admits `member` (its id is assigned here); a retried request gets the first answer.
+    fn register(
+        &mut self,
+        request_id: u64,
+        mut member: Member,
+        model_fingerprint: &str,
+        join_token: &str,
+    ) -> Result<u64, Rejected> {
+        if !self.initialized {
+            return Err(Rejected::NotInitialized);
+        }
+        if let Some(&(_, id)) = self.answered.iter().find(|(r, _)| *r == request_id) {
+            return Ok(id);
+        }
+        if self
+            .settings
+            .join_token
+            .as_ref()
+            .is_some_and(|t| t != join_token)
+        {
+            return Err(Rejected::JoinToken);
+        }
+        if member.address.is_empty() || member.address.len() > ADDRESS_MAX {
+            return Err(Rejected::Invalid(format!(
+                "address must be 1 to {ADDRESS_MAX} characters"
+            )));
+        }
+        if model_fingerprint != self.model_fingerprint {
+            return Err(Rejected::WrongModel {
+                worker: model_fingerprint.to_owned(),
+                cluster: self.model_fingerprint.clone(),
+            });
+        }
+        if self.members.len() >= MEMBERS_MAX {
+            return Err(Rejected::Full);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        member.id = id;
+        let role = member.role;
+        self.members.push(member);
+        if self.answered.len() == REQUESTS_REMEMBERED {
+            self.answered.pop_front();
+        }
+        self.answered.push_back((request_id, id));
+        if role == Role::ExpertWorker {
+            self.ensure_servable();
+        }
+        Ok(id)
+    }
+
+    fn mark_dead(&mut self, worker_id: u64) -> Result<u64, Rejected> {
+        let member = self
+            .members
+            .iter_mut()
+            .find(|m| m.id == worker_id && m.alive)
+            .ok_or(Rejected::UnknownWorker(worker_id))?;
+        member.alive = false;
+        if member.role == Role::ExpertWorker {
+            self.ensure_servable();
+        }
+        Ok(worker_id)
+    }
+
+    fn prepare(&mut self, epoch: u64, experts: Vec<Vec<u64>>) -> Result<u64, Rejected> {
+        if epoch != self.placement.epoch + 1 {
+            return Err(Rejected::Stale(format!(
+                "prepared epoch {epoch}, current is {}",
+                self.placement.epoch
+            )));
+        }
+        self.check_experts(&experts)?;
+        self.pending = Some(Placement { epoch, experts });
+        Ok(epoch)
+    }
+
+    fn commit(&mut self, epoch: u64) -> Result<u64, Rejected> {
+        match self.pending.take() {
+            Some(p) if p.epoch == epoch => {
+                self.placement = p;
+                self.unservable = None;
                 Ok(epoch)
             }
-            Command::Commit { epoch } => match self.pending.take() {
-                Some(p) if p.epoch == epoch => {
-                    self.placement = p;
-                    self.unservable = None;
-                    Ok(epoch)
-                }
-                other => {
-                    self.pending = other;
-                    Err(Rejected::Stale(format!("no prepared placement {epoch}")))
-                }
-            },
-            Command::NcclId { group, id } => {
-                if group.is_empty() || group.len() > NCCL_GROUP_NAME_MAX {
-                    return Err(Rejected::Invalid(format!(
-                        "an NCCL group name has 1 to {NCCL_GROUP_NAME_MAX} bytes"
-                    )));
-                }
-                if id.len() != NCCL_ID_BYTES {
-                    return Err(Rejected::Invalid(format!(
-                        "an NCCL unique id has {NCCL_ID_BYTES} bytes, not {}",
-                        id.len()
-                    )));
-                }
-                if !self.nccl_ids.contains_key(&group) && self.nccl_ids.len() >= NCCL_GROUPS_MAX {
-                    return Err(Rejected::Full);
-                }
-                self.nccl_ids.entry(group).or_insert(id);
-                Ok(0)
-            }
-            Command::Drain { worker_id } => {
-                let member = self
-                    .members
-                    .iter_mut()
-                    .find(|m| m.id == worker_id && m.alive && m.role == Role::ExpertWorker)
-                    .ok_or(Rejected::UnknownWorker(worker_id))?;
-                member.draining = true;
-                Ok(worker_id)
+            other => {
+                self.pending = other;
+                Err(Rejected::Stale(format!("no prepared placement {epoch}")))
             }
         }
+    }
+
+    /// The first offer of a group's NCCL id stands.
+    fn nccl_id(&mut self, group: String, id: Vec<u8>) -> Result<u64, Rejected> {
+        if group.is_empty() || group.len() > NCCL_GROUP_NAME_MAX {
+            return Err(Rejected::Invalid(format!(
+                "an NCCL group name has 1 to {NCCL_GROUP_NAME_MAX} bytes"
+            )));
+        }
+        if id.len() != NCCL_ID_BYTES {
+            return Err(Rejected::Invalid(format!(
+                "an NCCL unique id has {NCCL_ID_BYTES} bytes, not {}",
+                id.len()
+            )));
+        }
+        if !self.nccl_ids.contains_key(&group) && self.nccl_ids.len() >= NCCL_GROUPS_MAX {
+            return Err(Rejected::Full);
+        }
+        self.nccl_ids.entry(group).or_insert(id);
+        Ok(0)
+    }
+
+    fn drain(&mut self, worker_id: u64) -> Result<u64, Rejected> {
+        let member = self
+            .members
+            .iter_mut()
+            .find(|m| m.id == worker_id && m.alive && m.role == Role::ExpertWorker)
+            .ok_or(Rejected::UnknownWorker(worker_id))?;
+        member.draining = true;
+        Ok(worker_id)
     }
 
     /// A placement may only use live, non-draining expert workers, one copy per worker per

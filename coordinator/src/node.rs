@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::machine::{Command, Machine, Rejected, Settings};
 use crate::placement::controller::{silent_members, Controller, Reports};
 use crate::placement::load::LoadWindow;
-use crate::replica::{RaftStatus, Replica, ReplicaError, Role, Timing};
+use crate::replica::{RaftRole, RaftStatus, Replica, ReplicaError, Timing};
 use crate::state::ClusterView;
 use crate::storage::DiskStorage;
 
@@ -173,7 +173,7 @@ pub(crate) fn start(
         prepared: Mutex::new(HashMap::new()),
     });
     let (inputs, rx) = mpsc::channel(INPUT_QUEUE);
-    let driver = Driver {
+    let driver = RaftLoop {
         replica,
         shared: shared.clone(),
         inputs: inputs.clone(),
@@ -191,7 +191,7 @@ pub(crate) fn start(
     Ok((Node { shared, inputs }, handle))
 }
 
-struct Driver {
+struct RaftLoop {
     replica: Replica,
     shared: Arc<Shared>,
     inputs: mpsc::Sender<Input>,
@@ -210,7 +210,7 @@ struct Driver {
     config: NodeConfig,
 }
 
-impl Driver {
+impl RaftLoop {
     /// A context unique across replicas: this node's id, then a counter.
     fn context(&mut self) -> Vec<u8> {
         self.next_context += 1;
@@ -354,7 +354,7 @@ impl Driver {
             self.shared.view.send_replace(Arc::new(machine.view()));
         }
         let was_leader = self.leader_since.is_some();
-        let is_leader = status.role == Role::Leader;
+        let is_leader = status.role == RaftRole::Leader;
         if is_leader && !was_leader {
             self.leader_since = Some(Instant::now());
             self.marking.clear();

@@ -71,7 +71,7 @@ pub enum ReplicaError {
 /// Where the replica stands, for status reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RaftStatus {
-    pub role: Role,
+    pub role: RaftRole,
     /// 0 when no leader is known.
     pub leader: u64,
     pub term: u64,
@@ -80,7 +80,7 @@ pub struct RaftStatus {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Role {
+pub enum RaftRole {
     #[default]
     Follower,
     Candidate,
@@ -88,13 +88,13 @@ pub enum Role {
     Leader,
 }
 
-impl Role {
+impl RaftRole {
     pub fn name(self) -> &'static str {
         match self {
-            Role::Follower => "follower",
-            Role::Candidate => "candidate",
-            Role::PreCandidate => "pre-candidate",
-            Role::Leader => "leader",
+            RaftRole::Follower => "follower",
+            RaftRole::Candidate => "candidate",
+            RaftRole::PreCandidate => "pre-candidate",
+            RaftRole::Leader => "leader",
         }
     }
 }
@@ -215,10 +215,10 @@ impl Replica {
         let raft = &self.raw.raft;
         RaftStatus {
             role: match raft.state {
-                StateRole::Leader => Role::Leader,
-                StateRole::Candidate => Role::Candidate,
-                StateRole::PreCandidate => Role::PreCandidate,
-                StateRole::Follower => Role::Follower,
+                StateRole::Leader => RaftRole::Leader,
+                StateRole::Candidate => RaftRole::Candidate,
+                StateRole::PreCandidate => RaftRole::PreCandidate,
+                StateRole::Follower => RaftRole::Follower,
             },
             leader: raft.leader_id,
             term: raft.term,

@@ -395,7 +395,7 @@ impl CoordinatorService for Coordinator {
         &self,
         request: Request<pb::RebalanceRequest>,
     ) -> Result<Response<pb::RebalanceReply>, Status> {
-        if self.status().role == crate::replica::Role::Leader {
+        if self.status().role == crate::replica::RaftRole::Leader {
             self.inputs
                 .try_send(Input::Rebalance)
                 .map_err(|_| Status::unavailable("the coordinator is overloaded; retry"))?;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use expertmesh_coordinator::machine::{Command, Machine, Settings};
 use expertmesh_coordinator::placement::check::check;
 use expertmesh_coordinator::placement::controller::{silent_members, Controller, Reports};
-use expertmesh_coordinator::replica::{Replica, Role, Timing};
+use expertmesh_coordinator::replica::{RaftRole, Replica, Timing};
 use expertmesh_coordinator::storage::DiskStorage;
 use expertmesh_coordinator::Role as WorkerRole;
 use raft::eraftpb::{Message, MessageType};
@@ -329,7 +329,7 @@ impl Sim {
             .iter()
             .filter(|(id, _)| among.is_empty() || among.contains(id))
             .filter_map(|(id, n)| n.as_ref().map(|n| (*id, n.status())))
-            .filter(|(_, s)| s.role == Role::Leader)
+            .filter(|(_, s)| s.role == RaftRole::Leader)
             .max_by_key(|(_, s)| s.term)
             .map(|(id, _)| id)
     }
@@ -507,7 +507,7 @@ fn isolated_leader_cannot_commit_and_a_new_one_takes_over() {
     assert_eq!(sim.machine(new).members.len(), 2);
     assert_eq!(sim.machine(old).members.len(), 1, "a minority committed");
     // Check-quorum: the isolated leader steps down.
-    assert_ne!(sim.node(old).status().role, Role::Leader);
+    assert_ne!(sim.node(old).status().role, RaftRole::Leader);
     sim.heal();
     sim.converge(2, 300);
     // The old leader's uncommitted registration is gone everywhere.
@@ -534,7 +534,7 @@ fn minority_and_majority_partitions() {
     for id in [1, 2] {
         assert!(sim.machine(id).members.is_empty());
         // The minority can elect no one (pre-vote keeps its terms from inflating).
-        assert_ne!(sim.node(id).status().role, Role::Leader);
+        assert_ne!(sim.node(id).status().role, RaftRole::Leader);
     }
     let term_before = sim.node(majority).status().term;
     sim.heal();

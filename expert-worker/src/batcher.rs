@@ -41,7 +41,7 @@ impl Default for BatcherConfig {
 
 type Reply = oneshot::Sender<Result<Vec<f32>, DispatchError>>;
 
-struct Job {
+struct QueuedBatch {
     batch: DispatchBatch,
     deadline: Instant,
     reply: Reply,
@@ -50,7 +50,7 @@ struct Job {
 /// Handle to the batching task of one shard.
 #[derive(Clone)]
 pub struct Batcher {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<QueuedBatch>,
     shard: Arc<ExpertShard>,
     queue_max: usize,
 }
@@ -77,7 +77,7 @@ impl Batcher {
         let (reply, rx) = oneshot::channel();
         let deadline = Instant::now() + batch.timeout;
         self.tx
-            .try_send(Job {
+            .try_send(QueuedBatch {
                 batch,
                 deadline,
                 reply,
@@ -105,7 +105,7 @@ impl Answer for Batcher {
     }
 }
 
-async fn run(mut rx: mpsc::Receiver<Job>, shard: Arc<ExpertShard>, config: BatcherConfig) {
+async fn run(mut rx: mpsc::Receiver<QueuedBatch>, shard: Arc<ExpertShard>, config: BatcherConfig) {
     while let Some(first) = rx.recv().await {
         let mut rows = first.batch.rows();
         let mut jobs = vec![first];
@@ -123,7 +123,7 @@ async fn run(mut rx: mpsc::Receiver<Job>, shard: Arc<ExpertShard>, config: Batch
             rows += job.batch.rows();
             jobs.push(job);
         }
-        let mut by_layer: BTreeMap<u32, Vec<Job>> = BTreeMap::new();
+        let mut by_layer: BTreeMap<u32, Vec<QueuedBatch>> = BTreeMap::new();
         for job in jobs {
             by_layer.entry(job.batch.layer).or_default().push(job);
         }
@@ -134,7 +134,7 @@ async fn run(mut rx: mpsc::Receiver<Job>, shard: Arc<ExpertShard>, config: Batch
 }
 
 /// Merges the live jobs of one layer into one group per expert, computes, and answers each.
-async fn process(shard: &Arc<ExpertShard>, layer: u32, jobs: Vec<Job>) {
+async fn process(shard: &Arc<ExpertShard>, layer: u32, jobs: Vec<QueuedBatch>) {
     let now = Instant::now();
     let mut live = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -155,7 +155,7 @@ async fn process(shard: &Arc<ExpertShard>, layer: u32, jobs: Vec<Job>) {
         // One batch: its groups are already one per expert; compute it in place.
         let job = live.pop().expect("one job");
         let worker = shard.clone();
-        let Job { batch, reply, .. } = job;
+        let QueuedBatch { batch, reply, .. } = job;
         let result = tokio::task::spawn_blocking(move || {
             worker.compute(layer, &batch.groups, &batch.activations)
         })

@@ -20,6 +20,6 @@ pub mod server;
 pub mod shard;
 
 pub use batcher::{Batcher, BatcherConfig};
-pub use node::{run, ExpertWorkerConfig, NodeError};
+pub use node::{run, ExpertWorkerConfig, NodeError, WorkerConfig};
 pub use server::ExpertServer;
 pub use shard::{Assignment, ExpertShard};

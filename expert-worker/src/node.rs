@@ -13,11 +13,12 @@ use crate::batcher::{Batcher, BatcherConfig};
 use crate::server::ExpertServer;
 use crate::shard::{Assignment, ExpertShard};
 
-/// Expert-worker settings (TOML: `deploy/expert-worker.toml`).
+/// What every worker role is configured with (the `[worker]` section of its TOML): where
+/// the coordinators are, where it listens, the model, where it computes, and its heartbeat.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct ExpertWorkerConfig {
-    /// Coordinator address, `host:port`.
+pub struct WorkerConfig {
+    /// Every coordinator's address, `host:port`, comma-separated.
     pub coordinator: String,
     /// Address to listen on; port 0 picks a free one.
     pub listen: String,
@@ -25,36 +26,56 @@ pub struct ExpertWorkerConfig {
     pub advertise: Option<String>,
     /// Model directory, or `synthetic:bench`.
     pub model: String,
-    /// Experts per MoE layer this worker may hold (default: no limit).
-    pub capacity: Option<usize>,
-    pub batcher: BatcherConfig,
-    pub heartbeat_interval_ms: u64,
-    /// How long to keep trying to reach the coordinator at start-up, in ms.
-    pub register_patience_ms: u64,
     /// The token the coordinators require, if they require one.
     pub join_token: Option<String>,
     /// Where to compute (`cpu`, `cuda:N`).
     pub device: expertmesh_model::Device,
     /// How a CUDA device computes its products (`f32`, `bf16`).
     pub gemm: expertmesh_model::GemmPrecision,
+    pub heartbeat_interval_ms: u64,
+    /// How long to keep trying to reach the coordinator at start-up, in ms.
+    pub register_patience_ms: u64,
 }
 
-impl Default for ExpertWorkerConfig {
+impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             coordinator: "127.0.0.1:7000".into(),
             listen: "127.0.0.1:0".into(),
             advertise: None,
             model: "tests/fixtures/tiny-maverick".into(),
-            capacity: None,
-            batcher: BatcherConfig::default(),
-            heartbeat_interval_ms: 1000,
-            register_patience_ms: 30_000,
             join_token: None,
             device: expertmesh_model::Device::Cpu,
             gemm: expertmesh_model::GemmPrecision::F32,
+            heartbeat_interval_ms: 1000,
+            register_patience_ms: 30_000,
         }
     }
+}
+
+impl WorkerConfig {
+    pub fn validate(self) -> Result<Self, NodeError> {
+        if self.coordinator.is_empty() {
+            return Err(NodeError::config("worker.coordinator", "is required"));
+        }
+        if self.heartbeat_interval_ms == 0 {
+            return Err(NodeError::config(
+                "worker.heartbeat_interval_ms",
+                "must be positive",
+            ));
+        }
+        Ok(self)
+    }
+}
+
+/// Expert-worker settings (TOML: `deploy/expert-worker.toml`).
+#[derive(Debug, Clone, PartialEq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExpertWorkerConfig {
+    pub worker: WorkerConfig,
+    /// Experts per MoE layer this worker may hold (default: no limit).
+    pub capacity: Option<usize>,
+    pub batcher: BatcherConfig,
 }
 
 /// What ends a worker process (expert or attention worker).
@@ -86,19 +107,16 @@ impl NodeError {
 
 impl ExpertWorkerConfig {
     pub fn validate(self) -> Result<Self, NodeError> {
-        if self.coordinator.is_empty() {
-            return Err(NodeError::config("coordinator", "is required"));
-        }
+        let worker = self.worker.validate()?;
         for (field, value) in [
-            ("batcher.queue_max", self.batcher.queue_max as u64),
-            ("batcher.rows_max", self.batcher.rows_max as u64),
-            ("heartbeat_interval_ms", self.heartbeat_interval_ms),
+            ("batcher.queue_max", self.batcher.queue_max),
+            ("batcher.rows_max", self.batcher.rows_max),
         ] {
             if value == 0 {
                 return Err(NodeError::config(field, "must be positive"));
             }
         }
-        Ok(self)
+        Ok(Self { worker, ..self })
     }
 }
 
@@ -122,19 +140,19 @@ pub async fn run(
     on_listening: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), NodeError> {
-    let source: ModelSource = config.model.parse()?;
+    let source: ModelSource = config.worker.model.parse()?;
     let model_config = source.config()?;
     let weights = source.weights()?;
     let shard = Arc::new(ExpertShard::with_device(
         &model_config,
         weights.as_ref(),
-        config.device,
-        config.gemm,
+        config.worker.device,
+        config.worker.gemm,
     )?);
-    let (listener, bound) = bind(&config.listen).await?;
+    let (listener, bound) = bind(&config.worker.listen).await?;
     on_listening(bound);
 
-    let client = CoordinatorClient::new(&config.coordinator)?;
+    let client = CoordinatorClient::new(&config.worker.coordinator)?;
     // The pending placement epoch whose experts this worker has loaded, for heartbeats.
     let prepared = Arc::new(AtomicU64::new(0));
     let reported = prepared.clone();
@@ -143,15 +161,16 @@ pub async fn run(
             &Registration {
                 role: Role::ExpertWorker,
                 address: config
+                    .worker
                     .advertise
                     .clone()
                     .unwrap_or_else(|| bound.to_string()),
                 capacity: config.capacity,
                 model_fingerprint: source.fingerprint()?,
-                join_token: config.join_token.clone(),
+                join_token: config.worker.join_token.clone(),
             },
-            Duration::from_millis(config.register_patience_ms),
-            Duration::from_millis(config.heartbeat_interval_ms),
+            Duration::from_millis(config.worker.register_patience_ms),
+            Duration::from_millis(config.worker.heartbeat_interval_ms),
             move || Beat {
                 load: None,
                 prepared_epoch: reported.load(Ordering::Relaxed),

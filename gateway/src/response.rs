@@ -23,7 +23,7 @@ use crate::App;
 const EVENTS_BUFFERED: usize = 64;
 
 /// A request being answered: its checked form and its response id.
-pub struct Job {
+pub struct Completion {
     pub id: String,
     pub valid: ValidRequest,
 }
@@ -55,7 +55,11 @@ pub struct Tokens<'a> {
 }
 
 impl<'a> Tokens<'a> {
-    pub fn new(app: &'a App, job: &Job, stream: tonic::Streaming<pb::GenerateEvent>) -> Self {
+    pub fn new(
+        app: &'a App,
+        job: &Completion,
+        stream: tonic::Streaming<pb::GenerateEvent>,
+    ) -> Self {
         let now = Instant::now();
         Self {
             stream,
@@ -147,7 +151,7 @@ fn now_s() -> u64 {
 }
 
 /// The `usage` object, counted into the metrics.
-fn usage(app: &App, job: &Job, completion: usize) -> Value {
+fn usage(app: &App, job: &Completion, completion: usize) -> Value {
     let prompt = job.valid.prompt.len();
     app.metrics.tokens(prompt, completion);
     json!({"prompt_tokens": prompt, "completion_tokens": completion,
@@ -157,7 +161,7 @@ fn usage(app: &App, job: &Job, completion: usize) -> Value {
 /// The whole answer as one JSON body.
 pub async fn collect(
     app: &App,
-    job: Job,
+    job: Completion,
     stream: tonic::Streaming<pb::GenerateEvent>,
 ) -> Result<Response, ApiError> {
     let mut out = String::new();
@@ -195,7 +199,7 @@ pub async fn collect(
 }
 
 /// One streamed chunk: a piece of text and/or the finish reason.
-fn chunk(app: &App, job: &Job, piece: Option<&str>, finish: Option<&str>) -> Value {
+fn chunk(app: &App, job: &Completion, piece: Option<&str>, finish: Option<&str>) -> Value {
     let chat = job.valid.chat;
     let choice = if chat {
         let delta = match piece {
@@ -220,7 +224,7 @@ fn chunk(app: &App, job: &Job, piece: Option<&str>, finish: Option<&str>) -> Val
 /// error object, then `[DONE]`. `permit` is held until the stream ends.
 pub fn stream_events(
     app: Arc<App>,
-    job: Job,
+    job: Completion,
     stream: tonic::Streaming<pb::GenerateEvent>,
     permit: OwnedSemaphorePermit,
 ) -> Response {

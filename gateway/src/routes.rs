@@ -19,7 +19,7 @@ use serde_json::json;
 
 use crate::error::ApiError;
 use crate::openai::CompletionRequest;
-use crate::response::{collect, stream_events, Job};
+use crate::response::{collect, stream_events, Completion};
 use crate::App;
 
 /// Every route of the API over the gateway's state.
@@ -147,7 +147,7 @@ async fn complete(
         .try_acquire_owned()
         .map_err(|_| ApiError::Overloaded("too many requests in flight".into()))?;
     let n = app.next_id.fetch_add(1, Ordering::Relaxed);
-    let job = Job {
+    let job = Completion {
         id: format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" }),
         valid,
     };

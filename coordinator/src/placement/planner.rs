@@ -97,32 +97,9 @@ pub fn plan(input: PlanInput<'_>) -> Result<Plan, PlacementError> {
     let load: Vec<f64> = input.load.iter().map(|l| l.max(0.0)).collect();
 
     // 1. Replica counts.
-    let max_copies = workers.len();
-    let mut count = vec![1usize; num_experts];
-    let mut budget = total_slots - num_experts;
-    let base = input.min_replicas.clamp(1, max_copies);
     let mut by_load: Vec<usize> = (0..num_experts).collect();
     by_load.sort_by(|&a, &b| cmp_f64(load[b], load[a]).then(a.cmp(&b)));
-    for _ in 1..base {
-        for &e in &by_load {
-            if budget == 0 {
-                break;
-            }
-            count[e] += 1;
-            budget -= 1;
-        }
-    }
-    let mut extra = input.redundancy.min(budget);
-    while extra > 0 {
-        let hottest = (0..num_experts)
-            .filter(|&e| count[e] < max_copies)
-            .max_by(|&a, &b| {
-                cmp_f64(load[a] / count[a] as f64, load[b] / count[b] as f64).then(b.cmp(&a))
-            });
-        let Some(e) = hottest else { break };
-        count[e] += 1;
-        extra -= 1;
-    }
+    let mut count = replica_counts(&input, &load, &by_load, workers.len(), total_slots);
     let share = |e: usize, count: &[usize]| load[e] / count[e] as f64;
 
     // 2. Keep what the current placement has where it can.
@@ -174,87 +151,163 @@ pub fn plan(input: PlanInput<'_>) -> Result<Plan, PlacementError> {
         }
         wl
     };
-    let mut worker_load = recompute(&held, &count);
+    let worker_load = recompute(&held, &count);
 
     // 4. Repair: moves and swaps off the most loaded worker.
-    let total: f64 = worker_load.iter().sum();
-    let mean = total / workers.len() as f64;
-    let goal = mean * (1.0 + input.tolerance.max(0.0));
-    let mut on: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); workers.len()];
-    for (e, h) in held.iter().enumerate() {
-        for &i in h {
-            on[i].insert(e);
-        }
-    }
-    for _ in 0..(4 * num_experts + 64) {
-        let (hi, &top) = worker_load
-            .iter()
-            .enumerate()
-            .max_by(|a, b| cmp_f64(*a.1, *b.1).then(b.0.cmp(&a.0)))
-            .expect("workers exist");
-        if top <= goal || mean <= 0.0 {
-            break;
-        }
-        // (new max of the pair, expert moved off hi, worker it goes to, expert coming back)
-        let mut best: Option<(f64, usize, usize, Option<usize>)> = None;
-        for &e in &on[hi] {
-            let we = share(e, &count);
-            for t in 0..workers.len() {
-                if t == hi || held[e].contains(&t) {
-                    continue;
-                }
-                if used[t] < slots[t] {
-                    let m = (top - we).max(worker_load[t] + we);
-                    if m < top - 1e-12 && best.is_none_or(|b| m < b.0) {
-                        best = Some((m, e, t, None));
-                    }
-                }
-                for &f in &on[t] {
-                    let wf = share(f, &count);
-                    if wf >= we || held[f].contains(&hi) {
-                        continue;
-                    }
-                    let m = (top - we + wf).max(worker_load[t] + we - wf);
-                    if m < top - 1e-12 && best.is_none_or(|b| m < b.0) {
-                        best = Some((m, e, t, Some(f)));
-                    }
-                }
-            }
-        }
-        let Some((_, e, t, back)) = best else { break };
-        held[e].remove(&hi);
-        held[e].insert(t);
-        on[hi].remove(&e);
-        on[t].insert(e);
-        let we = share(e, &count);
-        worker_load[hi] -= we;
-        worker_load[t] += we;
-        match back {
-            None => {
-                used[hi] -= 1;
-                used[t] += 1;
-            }
-            Some(f) => {
-                held[f].remove(&t);
-                held[f].insert(hi);
-                on[t].remove(&f);
-                on[hi].insert(f);
-                let wf = share(f, &count);
-                worker_load[t] -= wf;
-                worker_load[hi] += wf;
-            }
-        }
-    }
+    let mut balance = Balance {
+        load: &load,
+        count: &count,
+        slots: &slots,
+        used,
+        worker_load,
+    };
+    balance.repair(&mut held, input.tolerance);
 
     let experts: Vec<Vec<u64>> = held
         .iter()
         .map(|h| h.iter().map(|&i| workers[i].id).collect())
         .collect();
+    let (added, removed) = changes(&experts, input.current);
+    Ok(Plan {
+        experts,
+        added,
+        removed,
+    })
+}
+
+/// Step 1: copies per expert — `min_replicas` for every expert (hottest first while slots
+/// last), then the redundancy budget, one copy at a time, to the expert with the highest
+/// load per copy.
+fn replica_counts(
+    input: &PlanInput<'_>,
+    load: &[f64],
+    by_load: &[usize],
+    max_copies: usize,
+    total_slots: usize,
+) -> Vec<usize> {
+    let num_experts = load.len();
+    let mut count = vec![1usize; num_experts];
+    let mut budget = total_slots - num_experts;
+    let base = input.min_replicas.clamp(1, max_copies);
+    for _ in 1..base {
+        for &e in by_load {
+            if budget == 0 {
+                break;
+            }
+            count[e] += 1;
+            budget -= 1;
+        }
+    }
+    let mut extra = input.redundancy.min(budget);
+    while extra > 0 {
+        let hottest = (0..num_experts)
+            .filter(|&e| count[e] < max_copies)
+            .max_by(|&a, &b| {
+                cmp_f64(load[a] / count[a] as f64, load[b] / count[b] as f64).then(b.cmp(&a))
+            });
+        let Some(e) = hottest else { break };
+        count[e] += 1;
+        extra -= 1;
+    }
+    count
+}
+
+/// Step 4's state: the worker loads and slots used while copies move.
+struct Balance<'a> {
+    load: &'a [f64],
+    count: &'a [usize],
+    slots: &'a [usize],
+    used: Vec<usize>,
+    worker_load: Vec<f64>,
+}
+
+impl Balance<'_> {
+    /// Moves (or swaps) copies off the most loaded worker while that lowers the larger load
+    /// of the pair, until the most loaded is within `tolerance` of the mean.
+    fn repair(&mut self, held: &mut [BTreeSet<usize>], tolerance: f64) {
+        let (load, count, slots) = (self.load, self.count, self.slots);
+        let share = |e: usize| load[e] / count[e] as f64;
+        let (used, worker_load) = (&mut self.used, &mut self.worker_load);
+        let num_experts = held.len();
+        let workers = worker_load.len();
+        let total: f64 = worker_load.iter().sum();
+        let mean = total / workers as f64;
+        let goal = mean * (1.0 + tolerance.max(0.0));
+        let mut on: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); workers];
+        for (e, h) in held.iter().enumerate() {
+            for &i in h {
+                on[i].insert(e);
+            }
+        }
+        for _ in 0..(4 * num_experts + 64) {
+            let (hi, &top) = worker_load
+                .iter()
+                .enumerate()
+                .max_by(|a, b| cmp_f64(*a.1, *b.1).then(b.0.cmp(&a.0)))
+                .expect("workers exist");
+            if top <= goal || mean <= 0.0 {
+                break;
+            }
+            // (new max of the pair, expert moved off hi, worker it goes to, expert coming back)
+            let mut best: Option<(f64, usize, usize, Option<usize>)> = None;
+            for &e in &on[hi] {
+                let we = share(e);
+                for t in 0..workers {
+                    if t == hi || held[e].contains(&t) {
+                        continue;
+                    }
+                    if used[t] < slots[t] {
+                        let m = (top - we).max(worker_load[t] + we);
+                        if m < top - 1e-12 && best.is_none_or(|b| m < b.0) {
+                            best = Some((m, e, t, None));
+                        }
+                    }
+                    for &f in &on[t] {
+                        let wf = share(f);
+                        if wf >= we || held[f].contains(&hi) {
+                            continue;
+                        }
+                        let m = (top - we + wf).max(worker_load[t] + we - wf);
+                        if m < top - 1e-12 && best.is_none_or(|b| m < b.0) {
+                            best = Some((m, e, t, Some(f)));
+                        }
+                    }
+                }
+            }
+            let Some((_, e, t, back)) = best else { break };
+            held[e].remove(&hi);
+            held[e].insert(t);
+            on[hi].remove(&e);
+            on[t].insert(e);
+            let we = share(e);
+            worker_load[hi] -= we;
+            worker_load[t] += we;
+            match back {
+                None => {
+                    used[hi] -= 1;
+                    used[t] += 1;
+                }
+                Some(f) => {
+                    held[f].remove(&t);
+                    held[f].insert(hi);
+                    on[t].remove(&f);
+                    on[hi].insert(f);
+                    let wf = share(f);
+                    worker_load[t] -= wf;
+                    worker_load[hi] += wf;
+                }
+            }
+        }
+    }
+}
+
+/// The copies `experts` adds to and drops from `current`: (expert, worker) pairs.
+#[allow(clippy::type_complexity)]
+fn changes(experts: &[Vec<u64>], current: &[Vec<u64>]) -> (Vec<(u32, u64)>, Vec<(u32, u64)>) {
     let mut added = Vec::new();
     let mut removed = Vec::new();
     for (e, now) in experts.iter().enumerate() {
-        let before: BTreeSet<u64> = input
-            .current
+        let before: BTreeSet<u64> = current
             .get(e)
             .map(|c| c.iter().copied().collect())
             .unwrap_or_default();
@@ -269,11 +322,7 @@ pub fn plan(input: PlanInput<'_>) -> Result<Plan, PlacementError> {
             }
         }
     }
-    Ok(Plan {
-        experts,
-        added,
-        removed,
-    })
+    (added, removed)
 }
 
 #[cfg(test)]

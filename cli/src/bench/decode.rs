@@ -5,106 +5,20 @@
 //! for a step is "weight bytes touched ÷ bandwidth"; the report gives the measured median
 //! step time as a ratio to that floor. Figures are medians over repeated runs.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use clap::{Args, Subcommand};
+use clap::Args;
 use expertmesh_attention_worker::DispatchConfig;
-use expertmesh_model::linear::weight_bytes_read;
 use expertmesh_model::moe::expert_swiglu;
-use expertmesh_model::moe::ExpertRunner;
-use expertmesh_model::sampling::{argmax, SplitMix64};
-use expertmesh_model::{
-    KvCache, LogitRows, Model, ModelSource, Sequence, TextConfig, WeightSource,
-};
+use expertmesh_model::sampling::SplitMix64;
+use expertmesh_model::{LogitRows, Model, ModelSource, Sequence, TextConfig, WeightSource};
 
+use super::gpu::gpu_copy_gbps;
+use super::steps::{bandwidth, decode_steps, median};
 use crate::cluster::{ClusterSpec, LocalCluster};
-use rayon::prelude::*;
 use serde::Serialize;
-
-#[derive(Subcommand, Debug)]
-pub enum BenchCommand {
-    /// Decode tokens/s at several batch sizes after a prompt, against the bandwidth floor.
-    Decode(DecodeArgs),
-    /// One dispatch round trip over loopback gRPC against a raw TCP echo of the same bytes.
-    Dispatch(crate::bench_dispatch::DispatchArgs),
-    /// Streams through the OpenAI API of a local cluster at several concurrency levels.
-    Serve(crate::bench_serve::ServeArgs),
-    /// One MoE layer's expert shard at Maverick size on a GPU: grouped cuBLAS GEMMs against
-    /// a dense GEMM of the same FLOPs and a device-to-device copy (a `--features cuda` build).
-    GpuExperts(GpuExpertsArgs),
-}
-
-#[derive(Args, Debug)]
-pub struct GpuExpertsArgs {
-    #[arg(long, default_value = "cuda:0")]
-    device: expertmesh_model::Device,
-    /// Routed tokens per batch, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "16,128,1024,8192")]
-    tokens: Vec<usize>,
-    /// Timed runs per measurement (the median is reported).
-    #[arg(long, default_value_t = 10)]
-    runs: usize,
-    #[arg(long)]
-    json: bool,
-}
-
-fn gpu_experts(args: GpuExpertsArgs) -> Result<()> {
-    let expertmesh_model::Device::Cuda(ordinal) = args.device else {
-        anyhow::bail!("bench gpu-experts needs --device cuda[:N]");
-    };
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (ordinal, args.tokens, args.runs, args.json);
-        anyhow::bail!(
-            "this expertmesh was built without CUDA; rebuild with `cargo build --release --features cuda`"
-        );
-    }
-    #[cfg(feature = "cuda")]
-    {
-        use expertmesh_model::cuda::bench::{expert_shard, Shape};
-        if args.tokens.is_empty() || args.runs == 0 {
-            anyhow::bail!("--tokens and --runs must not be empty or zero");
-        }
-        let report = expert_shard(ordinal, Shape::MAVERICK_SHARD, &args.tokens, args.runs)?;
-        if args.json {
-            println!("{}", serde_json::to_string(&report)?);
-            return Ok(());
-        }
-        println!(
-            "{}: 16 experts × (5120 × 16384 + 8192 × 5120) bf16, one cuBLAS GEMM pair per expert; \
-             device-to-device copy moves {:.0} GB/s (read + written)",
-            report.device, report.copy_traffic_gbps
-        );
-        println!(
-            "{:>7} {:>11} {:>9} {:>11} {:>9} {:>7} {:>14} {:>10}",
-            "tokens",
-            "grouped ms",
-            "TFLOP/s",
-            "dense ms",
-            "TFLOP/s",
-            "ratio",
-            "weights GB/s",
-            "of copy"
-        );
-        for r in &report.rows {
-            println!(
-                "{:>7} {:>11.3} {:>9.1} {:>11.3} {:>9.1} {:>7.2} {:>14.0} {:>9.0}%",
-                r.tokens,
-                r.grouped_ms,
-                r.grouped_tflops,
-                r.dense_ms,
-                r.dense_tflops,
-                r.grouped_tflops / r.dense_tflops,
-                r.weight_read_gbps,
-                100.0 * r.weight_read_gbps / report.copy_traffic_gbps
-            );
-        }
-        Ok(())
-    }
-}
 
 #[derive(Args, Debug)]
 pub struct DecodeArgs {
@@ -178,16 +92,7 @@ struct DecodePoint {
     ratio_to_read_floor: f64,
 }
 
-pub fn run(cmd: BenchCommand) -> Result<()> {
-    match cmd {
-        BenchCommand::Decode(args) => decode(args),
-        BenchCommand::Dispatch(args) => crate::bench_dispatch::run(args),
-        BenchCommand::GpuExperts(a) => gpu_experts(a),
-        BenchCommand::Serve(args) => crate::bench_serve::run(args),
-    }
-}
-
-fn decode(args: DecodeArgs) -> Result<()> {
+pub fn run(args: DecodeArgs) -> Result<()> {
     if let Some(n) = args.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -249,42 +154,13 @@ fn decode(args: DecodeArgs) -> Result<()> {
             .collect()
     };
 
-    progress(&format!("prefill: {} tokens, batch 1", args.prompt_tokens));
-    let mut prefill_times = Vec::new();
-    for _ in 0..3 {
-        let p = prompt(args.prompt_tokens);
-        let mut cache = model.new_cache();
-        let t0 = Instant::now();
-        model.forward(
-            &mut [Sequence {
-                cache: &mut cache,
-                tokens: &p,
-            }],
-            LogitRows::Last,
-        )?;
-        prefill_times.push(t0.elapsed());
-    }
-    let prefill_tokens_per_s = args.prompt_tokens as f64 / median(&mut prefill_times).as_secs_f64();
-
-    let mut decode = Vec::new();
-    for &batch in &args.batch {
-        progress(&format!("decode: batch {batch}, {} steps", args.steps));
-        let prompts: Vec<Vec<u32>> = (0..batch).map(|_| prompt(args.prompt_tokens)).collect();
-        let (mut times, bytes) =
-            decode_steps(&model, &model.local_experts(), &prompts, args.steps)?;
-        let step = median(&mut times).as_secs_f64();
-        let floor = bytes as f64 / (memcpy_gbps * 1e9);
-        let read_floor = bytes as f64 / (read_gbps * 1e9);
-        decode.push(DecodePoint {
-            batch,
-            tokens_per_s: batch as f64 / step,
-            step_ms_median: step * 1e3,
-            weight_bytes_per_step: bytes,
-            floor_ms: floor * 1e3,
-            ratio_to_floor: step / floor,
-            ratio_to_read_floor: step / read_floor,
-        });
-    }
+    let (prefill_tokens_per_s, decode) = single_process(
+        &model,
+        &args,
+        &mut prompt,
+        (memcpy_gbps, read_gbps),
+        progress,
+    )?;
 
     let (swiglu_tokens, expert_swiglu_gflops) = swiglu_gflops(&config, source.as_ref())?;
     drop(source);
@@ -320,6 +196,53 @@ fn decode(args: DecodeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Prefill (median of 3) and decode at each batch size of the single process, each step's
+/// median against the bandwidth floors `(memcpy, read)` in GB/s.
+fn single_process(
+    model: &Model,
+    args: &DecodeArgs,
+    prompt: &mut impl FnMut(usize) -> Vec<u32>,
+    (memcpy_gbps, read_gbps): (f64, f64),
+    progress: impl Fn(&str),
+) -> Result<(f64, Vec<DecodePoint>)> {
+    progress(&format!("prefill: {} tokens, batch 1", args.prompt_tokens));
+    let mut prefill_times = Vec::new();
+    for _ in 0..3 {
+        let p = prompt(args.prompt_tokens);
+        let mut cache = model.new_cache();
+        let t0 = Instant::now();
+        model.forward(
+            &mut [Sequence {
+                cache: &mut cache,
+                tokens: &p,
+            }],
+            LogitRows::Last,
+        )?;
+        prefill_times.push(t0.elapsed());
+    }
+    let prefill_tokens_per_s = args.prompt_tokens as f64 / median(&mut prefill_times).as_secs_f64();
+
+    let mut decode = Vec::new();
+    for &batch in &args.batch {
+        progress(&format!("decode: batch {batch}, {} steps", args.steps));
+        let prompts: Vec<Vec<u32>> = (0..batch).map(|_| prompt(args.prompt_tokens)).collect();
+        let (mut times, bytes) = decode_steps(model, &model.local_experts(), &prompts, args.steps)?;
+        let step = median(&mut times).as_secs_f64();
+        let floor = bytes as f64 / (memcpy_gbps * 1e9);
+        let read_floor = bytes as f64 / (read_gbps * 1e9);
+        decode.push(DecodePoint {
+            batch,
+            tokens_per_s: batch as f64 / step,
+            step_ms_median: step * 1e3,
+            weight_bytes_per_step: bytes,
+            floor_ms: floor * 1e3,
+            ratio_to_floor: step / floor,
+            ratio_to_read_floor: step / read_floor,
+        });
+    }
+    Ok((prefill_tokens_per_s, decode))
+}
+
 /// The same decode measurement with the experts on `n` expert-worker processes.
 fn through_cluster(
     model_arg: &str,
@@ -348,56 +271,6 @@ fn through_cluster(
     Ok(points)
 }
 
-/// Prefills every prompt in one batch, then decodes `steps` greedy steps for all of them
-/// together. Returns each measured step's time and the median weight bytes per step.
-pub(crate) fn decode_steps(
-    model: &Model,
-    runner: &dyn ExpertRunner,
-    prompts: &[Vec<u32>],
-    steps: usize,
-) -> Result<(Vec<Duration>, u64)> {
-    let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache()).collect();
-    let mut batch: Vec<Sequence<'_>> = caches
-        .iter_mut()
-        .zip(prompts)
-        .map(|(cache, p)| Sequence { cache, tokens: p })
-        .collect();
-    let out = model.forward_with(&mut batch, LogitRows::Last, runner)?;
-    let mut next: Vec<[u32; 1]> = (0..prompts.len()).map(|i| [argmax(out.row(i))]).collect();
-    let mut times = Vec::new();
-    let mut bytes = Vec::new();
-    for step in 0..steps + 2 {
-        let mut batch: Vec<Sequence<'_>> = caches
-            .iter_mut()
-            .zip(&next)
-            .map(|(cache, t)| Sequence { cache, tokens: t })
-            .collect();
-        let before = weight_bytes_read();
-        let t0 = Instant::now();
-        let out = model.forward_with(&mut batch, LogitRows::Last, runner)?;
-        let elapsed = t0.elapsed();
-        if step >= 2 {
-            times.push(elapsed);
-            let counted = weight_bytes_read() - before;
-            // The CPU counts the bytes its products read; a GPU step reads every dense
-            // weight and the experts its tokens were routed to.
-            bytes.push(if counted > 0 {
-                counted
-            } else {
-                let touched: Vec<usize> = out
-                    .routes
-                    .iter()
-                    .map(|r| r.iter().map(|r| r.expert).collect::<BTreeSet<_>>().len())
-                    .collect();
-                model.decode_weight_bytes(&touched) as u64
-            });
-        }
-        next = (0..prompts.len()).map(|i| [argmax(out.row(i))]).collect();
-    }
-    bytes.sort_unstable();
-    Ok((times, bytes[bytes.len() / 2]))
-}
-
 /// GFLOP/s of one expert's SwiGLU (gate_up, activation, down) over 64 tokens.
 fn swiglu_gflops(config: &TextConfig, src: &dyn WeightSource) -> Result<(usize, f64)> {
     const TOKENS: usize = 64;
@@ -419,62 +292,6 @@ fn swiglu_gflops(config: &TextConfig, src: &dyn WeightSource) -> Result<(usize, 
         .collect();
     let flops = 2.0 * TOKENS as f64 * (h * 2 * i + i * h) as f64;
     Ok((TOKENS, flops / median(&mut times).as_secs_f64() / 1e9))
-}
-
-/// The GPU's device-to-device copy traffic (bytes read and written), GB/s.
-fn gpu_copy_gbps(ordinal: usize) -> Result<f64> {
-    #[cfg(feature = "cuda")]
-    return Ok(expertmesh_model::cuda::bench::copy_traffic_gbps(
-        ordinal, 10,
-    )?);
-    #[cfg(not(feature = "cuda"))]
-    anyhow::bail!("cuda:{ordinal}: this expertmesh was built without CUDA")
-}
-
-/// (memcpy GB/s counting bytes copied, read-only GB/s), both cores, medians of 5.
-fn bandwidth() -> (f64, f64) {
-    const BYTES: usize = 256 << 20;
-    let src = vec![1u64; BYTES / 8];
-    let mut dst = vec![0u64; BYTES / 8];
-    let chunk = src.len() / rayon::current_num_threads().max(1);
-    let mut copies: Vec<Duration> = (0..5)
-        .map(|_| {
-            let t0 = Instant::now();
-            dst.par_chunks_mut(chunk)
-                .zip(src.par_chunks(chunk))
-                .for_each(|(d, s)| d.copy_from_slice(s));
-            std::hint::black_box(&dst);
-            t0.elapsed()
-        })
-        .collect();
-    let mut reads: Vec<Duration> = (0..5)
-        .map(|_| {
-            let t0 = Instant::now();
-            let sum: u64 = src
-                .par_chunks(chunk)
-                .map(|s| {
-                    s.chunks_exact(8)
-                        .fold([0u64; 8], |mut acc, c| {
-                            for (a, v) in acc.iter_mut().zip(c) {
-                                *a = a.wrapping_add(*v);
-                            }
-                            acc
-                        })
-                        .iter()
-                        .fold(0u64, |a, b| a.wrapping_add(*b))
-                })
-                .sum();
-            std::hint::black_box(sum);
-            t0.elapsed()
-        })
-        .collect();
-    let gbps = |d: Duration| BYTES as f64 / d.as_secs_f64() / 1e9;
-    (gbps(median(&mut copies)), gbps(median(&mut reads)))
-}
-
-pub(crate) fn median(times: &mut [Duration]) -> Duration {
-    times.sort_unstable();
-    times[times.len() / 2]
 }
 
 fn print_table(r: &DecodeReport) {

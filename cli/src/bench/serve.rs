@@ -14,7 +14,7 @@ use expertmesh_model::{Model, ModelSource};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::bench::{decode_steps, median};
+use super::{decode_steps, median};
 use crate::cluster::{ClusterSpec, LocalCluster};
 
 #[derive(Args, Debug)]

@@ -1,0 +1,42 @@
+//! `expertmesh bench …`: benchmarks that report numbers against a baseline measured in the
+//! same run, never timed tests.
+//!
+//! - [`decode`]: single-process decode and prefill against this machine's memory bandwidth
+//!   (and, with `--expert-workers`, through a local cluster as a ratio to it);
+//! - [`dispatch`]: one dispatch round trip over loopback gRPC against a raw TCP echo;
+//! - [`serve`]: streams through the OpenAI API of a local cluster;
+//! - [`gpu`]: the Maverick expert shard on a GPU against a dense GEMM and the copy bandwidth;
+//! - [`steps`]: what they share (timed decode steps, medians, the host's bandwidth).
+
+mod decode;
+mod dispatch;
+mod gpu;
+mod serve;
+mod steps;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+pub(crate) use steps::{decode_steps, median};
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Decode tokens/s at several batch sizes after a prompt, against the bandwidth floor.
+    Decode(decode::DecodeArgs),
+    /// One dispatch round trip over loopback gRPC against a raw TCP echo of the same bytes.
+    Dispatch(dispatch::DispatchArgs),
+    /// Streams through the OpenAI API of a local cluster at several concurrency levels.
+    Serve(serve::ServeArgs),
+    /// One MoE layer's expert shard at Maverick size on a GPU: grouped cuBLAS GEMMs against
+    /// a dense GEMM of the same FLOPs and a device-to-device copy (a `--features cuda` build).
+    GpuExperts(gpu::GpuExpertsArgs),
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Decode(args) => decode::run(args),
+        BenchCommand::Dispatch(args) => dispatch::run(args),
+        BenchCommand::GpuExperts(a) => gpu::run(a),
+        BenchCommand::Serve(args) => serve::run(args),
+    }
+}
