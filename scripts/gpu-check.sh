@@ -41,6 +41,14 @@ cluster=$(timeout 120 "$bin/expertmesh" "${gen[@]}" --attention-worker "$attn") 
 echo "cpu single process: $single"
 echo "GPU cluster:        $cluster"
 [ "$single" = "$cluster" ] && echo "greedy tokens equal" || { echo "greedy tokens differ"; status=1; }
+echo "== an attention worker on the GPU with --dispatch local (its own GPU experts, no sockets)"
+"$bin/expertmesh" attention-worker --dispatch local --device cuda:0 --coordinator "$coord" --listen 127.0.0.1:0 --model "$model" > "$work/l.out" 2> "$work/l.err" &
+pids+=($!)
+for _ in $(seq 150); do grep -q LISTENING "$work/l.out" 2>/dev/null && break; sleep 0.2; done
+local_attn=$(sed -n 's/^LISTENING //p' "$work/l.out")
+local_run=$(timeout 120 "$bin/expertmesh" "${gen[@]}" --attention-worker "$local_attn") || { status=1; tail -5 "$work/l.err"; }
+echo "local dispatch:     $local_run"
+[ "$single" = "$local_run" ] && echo "greedy tokens equal" || { echo "greedy tokens differ"; status=1; }
 kill "${pids[@]}" 2>/dev/null
 echo "== expert shard benchmark (16 experts, 5120 x 8192, bf16)"
 timeout 240 "$bin/expertmesh" bench gpu-experts --device cuda:0 --runs 10 || status=1

@@ -123,6 +123,41 @@ fn an_expert_worker_without_experts_changes_nothing() {
     assert!(remote_logits == single_logits, "logits differ");
 }
 
+/// `attention-worker --dispatch local`: every routed expert in the attention worker's own
+/// process behind the same seam, no expert worker at all: the single process's tokens and
+/// logits, bit for bit.
+#[test]
+fn local_dispatch_serves_without_expert_workers() {
+    let model = fixture("tiny-maverick");
+    let (coordinator, _data) = common::start_coordinator(&model);
+    let attention = start_worker(
+        "attention-worker",
+        &coordinator.address,
+        &model,
+        &["--dispatch", "local"],
+    );
+    let (single, single_logits) = run_generate("tiny-maverick", &[]);
+    let (local, local_logits) =
+        run_generate("tiny-maverick", &["--attention-worker", &attention.address]);
+    assert_eq!(local, single);
+    assert!(local_logits == single_logits, "logits differ");
+    // `nccl` between processes is refused with the field named, not accepted and hung.
+    let out = expertmesh(&[
+        "attention-worker",
+        "--dispatch",
+        "nccl",
+        "--coordinator",
+        &coordinator.address,
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        &model,
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("dispatch.transport"), "{err}");
+}
+
 /// Waits until every expert worker holds experts and no placement is pending.
 fn wait_balanced(coordinator: &str, workers: usize) {
     let give_up = Instant::now() + Duration::from_secs(60);

@@ -7,7 +7,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaModule};
+use expertmesh_model::cuda::gemm::addr;
+use expertmesh_model::cuda::launch::{AttentionBuffers, AttentionShape, Kernels};
 use expertmesh_model::cuda::{compile_kernels, preload, probe, KERNEL_NAMES};
 use expertmesh_model::norm::{rms_norm, sigmoid, silu};
 use expertmesh_model::sampling::SplitMix64;
@@ -70,38 +72,26 @@ fn assert_close(name: &str, got: &[f32], want: &[f32], tol: f32) {
     assert!(worst <= tol, "{name}: max |gpu − cpu| = {worst} > {tol}");
 }
 
+/// The kernels, loaded for the typed launches the CUDA backend uses.
+fn kernels(module: &Arc<CudaModule>) -> Kernels {
+    Kernels::load(module).unwrap()
+}
+
 #[test]
 fn rms_norm_swiglu_and_router_match_the_cpu() {
     let Some((ctx, module)) = gpu() else { return };
+    let k = kernels(&module);
     let stream = ctx.default_stream();
+    let s = &stream;
     let (rows, dim) = (7usize, 256usize);
     let x = random(rows * dim, 1);
     let w = random(dim, 2);
     let want = rms_norm(&x, dim, &w, 1e-5);
     let dx = stream.clone_htod(&x).unwrap();
     let dw = stream.clone_htod(&w).unwrap();
-    let mut dy = stream.alloc_zeros::<f32>(rows * dim).unwrap();
-    let f = module.load_function("rms_norm").unwrap();
-    let (rows_i, dim_i, eps) = (rows as i32, dim as i32, 1e-5f32);
-    let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: the arguments match the kernel's signature and the buffers' sizes.
-    #[allow(unsafe_code)]
-    unsafe {
-        stream
-            .launch_builder(&f)
-            .arg(&dx)
-            .arg(&dw)
-            .arg(&mut dy)
-            .arg(&rows_i)
-            .arg(&dim_i)
-            .arg(&eps)
-            .launch(cfg)
-            .unwrap();
-    }
+    let dy = stream.alloc_zeros::<f32>(rows * dim).unwrap();
+    k.rms_norm(s, addr(&dx, s), addr(&dw, s), addr(&dy, s), rows, dim, 1e-5)
+        .unwrap();
     assert_close("rms_norm", &stream.clone_dtoh(&dy).unwrap(), &want, 1e-5);
 
     let inter = 96usize;
@@ -113,43 +103,18 @@ fn rms_norm_swiglu_and_router_match_the_cpu() {
         })
         .collect();
     let dgu = stream.clone_htod(&gu).unwrap();
-    let mut dout = stream.alloc_zeros::<f32>(rows * inter).unwrap();
-    let f = module.load_function("swiglu").unwrap();
-    let inter_i = inter as i32;
-    #[allow(unsafe_code)]
-    // SAFETY: as above.
-    unsafe {
-        stream
-            .launch_builder(&f)
-            .arg(&dgu)
-            .arg(&mut dout)
-            .arg(&rows_i)
-            .arg(&inter_i)
-            .launch(LaunchConfig::for_num_elems((rows * inter) as u32))
-            .unwrap();
-    }
+    let dout = stream.alloc_zeros::<f32>(rows * inter).unwrap();
+    k.swiglu(s, addr(&dgu, s), addr(&dout, s), rows, inter)
+        .unwrap();
     assert_close("swiglu", &stream.clone_dtoh(&dout).unwrap(), &want, 1e-5);
 
     let experts = 16usize;
     let logits = random(rows * experts, 4);
     let dl = stream.clone_htod(&logits).unwrap();
-    let mut de = stream.alloc_zeros::<i32>(rows).unwrap();
-    let mut ds = stream.alloc_zeros::<f32>(rows).unwrap();
-    let f = module.load_function("router_top1_sigmoid").unwrap();
-    let experts_i = experts as i32;
-    #[allow(unsafe_code)]
-    // SAFETY: as above.
-    unsafe {
-        stream
-            .launch_builder(&f)
-            .arg(&dl)
-            .arg(&rows_i)
-            .arg(&experts_i)
-            .arg(&mut de)
-            .arg(&mut ds)
-            .launch(LaunchConfig::for_num_elems(rows as u32))
-            .unwrap();
-    }
+    let de = stream.alloc_zeros::<i32>(rows).unwrap();
+    let ds = stream.alloc_zeros::<f32>(rows).unwrap();
+    k.router(s, addr(&dl, s), rows, experts, addr(&de, s), addr(&ds, s))
+        .unwrap();
     let chosen = stream.clone_dtoh(&de).unwrap();
     let scores = stream.clone_dtoh(&ds).unwrap();
     for t in 0..rows {
@@ -166,7 +131,9 @@ fn rope_qk_norm_and_attention_match_the_cpu() {
     use expertmesh_model::norm::rms_norm_in_place;
     use expertmesh_model::rope::Rope;
     let Some((ctx, module)) = gpu() else { return };
+    let kn = kernels(&module);
     let stream = ctx.default_stream();
+    let s = &stream;
     let (heads, kv_heads, d) = (8usize, 2usize, 128usize);
 
     // RoPE on [tokens, heads, d] at positions 5.., then the weightless head norm.
@@ -180,46 +147,24 @@ fn rope_qk_norm_and_attention_match_the_cpu() {
             rope.rotate(head, positions[t] as usize);
         }
     }
-    let mut dx = stream.clone_htod(&x).unwrap();
+    let dx = stream.clone_htod(&x).unwrap();
     let dp = stream.clone_htod(&positions).unwrap();
     let df = stream.clone_htod(rope.inv_freq()).unwrap();
-    let f = module.load_function("rope_interleaved").unwrap();
-    let (t_i, h_i, d_i) = (tokens as i32, heads as i32, d as i32);
-    #[allow(unsafe_code)]
-    // SAFETY: the arguments match the kernel's signature and the buffers' sizes.
-    unsafe {
-        stream
-            .launch_builder(&f)
-            .arg(&mut dx)
-            .arg(&dp)
-            .arg(&df)
-            .arg(&t_i)
-            .arg(&h_i)
-            .arg(&d_i)
-            .launch(LaunchConfig::for_num_elems((tokens * heads * d / 2) as u32))
-            .unwrap();
-    }
+    kn.rope(
+        s,
+        addr(&dx, s),
+        addr(&dp, s),
+        addr(&df, s),
+        tokens,
+        heads,
+        d,
+    )
+    .unwrap();
     assert_close("rope", &stream.clone_dtoh(&dx).unwrap(), &want, 2e-5);
-    let vectors = (tokens * heads) as i32;
     let eps = 1e-5f32;
     rms_norm_in_place(&mut want, d, None, eps);
-    let f = module.load_function("head_rms_norm").unwrap();
-    #[allow(unsafe_code)]
-    // SAFETY: as above.
-    unsafe {
-        stream
-            .launch_builder(&f)
-            .arg(&mut dx)
-            .arg(&vectors)
-            .arg(&d_i)
-            .arg(&eps)
-            .launch(LaunchConfig {
-                grid_dim: (vectors as u32, 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            })
-            .unwrap();
-    }
+    kn.head_norm(s, addr(&dx, s), tokens * heads, d, eps)
+        .unwrap();
     assert_close(
         "head_rms_norm",
         &stream.clone_dtoh(&dx).unwrap(),
@@ -234,7 +179,6 @@ fn rope_qk_norm_and_attention_match_the_cpu() {
     let q = random(new * heads * d, 6);
     let k = random(kv_len * kv_heads * d, 7);
     let v = random(kv_len * kv_heads * d, 8);
-    let scale = 1.0 / (d as f32).sqrt();
     for chunk in [None, Some(8usize)] {
         let start_pos = if chunk.is_some() { 20 } else { past };
         let g = Geometry {
@@ -274,52 +218,33 @@ fn rope_qk_norm_and_attention_match_the_cpu() {
         let dvc = stream.clone_htod(&vc).unwrap();
         let dtable = stream.clone_htod(&table).unwrap();
         let first = stream.clone_htod(&[base as i32]).unwrap();
-        let f = module.load_function("attention_paged").unwrap();
         for from in [0, new - 1] {
             let rows = new - from;
             let dq = stream.clone_htod(&q[from * heads * d..]).unwrap();
             let seq = stream.clone_htod(&vec![0i32; rows]).unwrap();
             let pos: Vec<i32> = (from..new).map(|t| (start_pos + t) as i32).collect();
             let pos = stream.clone_htod(&pos).unwrap();
-            let mut dout = stream.alloc_zeros::<f32>(rows * heads * d).unwrap();
-            let args = [
+            let dout = stream.alloc_zeros::<f32>(rows * heads * d).unwrap();
+            let buffers = AttentionBuffers {
+                q: addr(&dq, s),
+                k_cache: addr(&dkc, s),
+                v_cache: addr(&dvc, s),
+                block_table: addr(&dtable, s),
+                first_pos: addr(&first, s),
+                q_seq: addr(&seq, s),
+                q_pos: addr(&pos, s),
+                out: addr(&dout, s),
+            };
+            let shape = AttentionShape {
                 rows,
                 heads,
                 kv_heads,
-                d,
+                head_dim: d,
                 block_tokens,
-                blocks,
-                chunk.unwrap_or(0),
-            ]
-            .map(|v| v as i32);
-            #[allow(unsafe_code)]
-            // SAFETY: as above.
-            unsafe {
-                stream
-                    .launch_builder(&f)
-                    .arg(&dq)
-                    .arg(&dkc)
-                    .arg(&dvc)
-                    .arg(&dtable)
-                    .arg(&first)
-                    .arg(&seq)
-                    .arg(&pos)
-                    .arg(&mut dout)
-                    .arg(&args[0])
-                    .arg(&args[1])
-                    .arg(&args[2])
-                    .arg(&args[3])
-                    .arg(&args[4])
-                    .arg(&args[5])
-                    .arg(&args[6])
-                    .arg(&scale)
-                    .launch(LaunchConfig {
-                        grid_dim: (rows as u32, heads as u32, 1),
-                        block_dim: (expertmesh_model::cuda::ATTENTION_THREADS, 1, 1),
-                        shared_mem_bytes: 0,
-                    })
-                    .unwrap();
-            }
+                max_blocks: blocks,
+                chunk: chunk.unwrap_or(0),
+            };
+            kn.attention(s, buffers, shape).unwrap();
             let got = stream.clone_dtoh(&dout).unwrap();
             assert_close(
                 &format!("attention_paged chunk {chunk:?}, queries {from}.."),
