@@ -117,6 +117,47 @@ impl std::fmt::Debug for DiskStorage {
     }
 }
 
+/// Appends the records of `bytes` (the acknowledged prefix of log segment `path`) to `mem`,
+/// checking each record's length, checksum and index; entries before the snapshot are
+/// skipped.
+fn replay(path: &Path, bytes: &[u8], mem: &MemStorage) -> Result<(), LogError> {
+    let mut at = 0usize;
+    let end = bytes.len();
+    while at < end {
+        let offset = at as u64;
+        if end - at < 8 {
+            return Err(corrupt(path, offset, "record header cut short"));
+        }
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"));
+        if len > RECORD_MAX || end - at - 8 < len {
+            return Err(corrupt(path, offset, format!("record length {len}")));
+        }
+        let payload = &bytes[at + 8..at + 8 + len];
+        if crc32fast::hash(payload) != crc {
+            return Err(corrupt(path, offset, "checksum mismatch"));
+        }
+        let entry = Entry::parse_from_bytes(payload)
+            .map_err(|e| corrupt(path, offset, format!("undecodable entry: {e}")))?;
+        let first = mem.first_index().expect("memory storage");
+        let last = mem.last_index().expect("memory storage");
+        if entry.index > last + 1 {
+            return Err(corrupt(
+                path,
+                offset,
+                format!("entry {} after last index {last}", entry.index),
+            ));
+        }
+        if entry.index >= first {
+            mem.wl()
+                .append(&[entry])
+                .map_err(|e| corrupt(path, offset, e.to_string()))?;
+        }
+        at += 8 + len;
+    }
+    Ok(())
+}
+
 fn segment_path(dir: &Path, segment: u64) -> PathBuf {
     dir.join(format!("log-{segment:020}"))
 }
@@ -216,40 +257,7 @@ impl DiskStorage {
                 expected: meta.log_bytes,
             });
         }
-        let mut at = 0usize;
-        let end = meta.log_bytes as usize;
-        while at < end {
-            let offset = at as u64;
-            if end - at < 8 {
-                return Err(corrupt(&path, offset, "record header cut short"));
-            }
-            let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
-            let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"));
-            if len > RECORD_MAX || end - at - 8 < len {
-                return Err(corrupt(&path, offset, format!("record length {len}")));
-            }
-            let payload = &bytes[at + 8..at + 8 + len];
-            if crc32fast::hash(payload) != crc {
-                return Err(corrupt(&path, offset, "checksum mismatch"));
-            }
-            let entry = Entry::parse_from_bytes(payload)
-                .map_err(|e| corrupt(&path, offset, format!("undecodable entry: {e}")))?;
-            let first = mem.first_index().expect("memory storage");
-            let last = mem.last_index().expect("memory storage");
-            if entry.index > last + 1 {
-                return Err(corrupt(
-                    &path,
-                    offset,
-                    format!("entry {} after last index {last}", entry.index),
-                ));
-            }
-            if entry.index >= first {
-                mem.wl()
-                    .append(&[entry])
-                    .map_err(|e| corrupt(&path, offset, e.to_string()))?;
-            }
-            at += 8 + len;
-        }
+        replay(&path, &bytes[..meta.log_bytes as usize], &mem)?;
         if actual > meta.log_bytes {
             let f = OpenOptions::new()
                 .write(true)

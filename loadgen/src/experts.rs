@@ -78,16 +78,7 @@ pub async fn run(cfg: ExpertLoad) -> Result<ExpertReport, String> {
         .moe_layers
         .first()
         .ok_or("the model has no MoE layer")? as u32;
-    // Zipf weights over experts: rank r (1-based) has weight r^-s.
-    let weights: Vec<f64> = (1..=experts).map(|r| (r as f64).powf(-cfg.skew)).collect();
-    let total: f64 = weights.iter().sum();
-    let cdf: Vec<f64> = weights
-        .iter()
-        .scan(0.0, |acc, w| {
-            *acc += w / total;
-            Some(*acc)
-        })
-        .collect();
+    let cdf = zipf_cdf(experts, cfg.skew);
     let owners: Vec<u64> = view.placement.experts.iter().map(|r| r[0]).collect();
     let clients: BTreeMap<u64, (String, Arc<GrpcDispatch>)> = view
         .members
@@ -170,7 +161,37 @@ pub async fn run(cfg: ExpertLoad) -> Result<ExpertReport, String> {
     }
     let elapsed = t0.elapsed().as_secs_f64();
     let samples = std::mem::take(&mut *samples.lock().expect("samples lock"));
-    let workers = clients
+    let workers = figures(&clients, &samples);
+    let batches: usize = workers.iter().map(|w| w.batches).sum();
+    let tokens: usize = workers.iter().map(|w| w.tokens).sum();
+    Ok(ExpertReport {
+        duration_s: elapsed,
+        batches,
+        batches_per_s: batches as f64 / elapsed,
+        tokens_per_s: tokens as f64 / elapsed,
+        workers,
+    })
+}
+
+/// The cumulative Zipf distribution over `experts`: rank r (1-based) has weight r^-skew.
+fn zipf_cdf(experts: usize, skew: f64) -> Vec<f64> {
+    let weights: Vec<f64> = (1..=experts).map(|r| (r as f64).powf(-skew)).collect();
+    let total: f64 = weights.iter().sum();
+    weights
+        .iter()
+        .scan(0.0, |acc, w| {
+            *acc += w / total;
+            Some(*acc)
+        })
+        .collect()
+}
+
+/// Per worker: batches answered, tokens, failures and round-trip percentiles.
+fn figures(
+    clients: &BTreeMap<u64, (String, Arc<GrpcDispatch>)>,
+    samples: &[Sample],
+) -> Vec<WorkerFigures> {
+    clients
         .iter()
         .map(|(&id, (address, _))| {
             let mine: Vec<&Sample> = samples.iter().filter(|s| s.worker == id).collect();
@@ -188,14 +209,5 @@ pub async fn run(cfg: ExpertLoad) -> Result<ExpertReport, String> {
                 rtt_ms: Percentiles::of(&mut rtts),
             }
         })
-        .collect::<Vec<_>>();
-    let batches: usize = workers.iter().map(|w| w.batches).sum();
-    let tokens: usize = workers.iter().map(|w| w.tokens).sum();
-    Ok(ExpertReport {
-        duration_s: elapsed,
-        batches,
-        batches_per_s: batches as f64 / elapsed,
-        tokens_per_s: tokens as f64 / elapsed,
-        workers,
-    })
+        .collect()
 }

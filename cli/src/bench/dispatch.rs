@@ -110,38 +110,9 @@ pub fn run(args: DispatchArgs) -> Result<()> {
 }
 
 async fn measure(args: &DispatchArgs) -> Result<Report> {
-    let spec = SyntheticSpec {
-        hidden: args.hidden,
-        layers: 2,
-        heads: 1,
-        kv_heads: 1,
-        head_dim: 2,
-        experts: EXPERTS,
-        expert_inter: 1,
-        dense_inter: 1,
-        vocab: 8,
-        chunk: 8192,
-        moe_step: 2,
-        seed: 0,
-    };
-    let config = spec.config()?;
-    let mut weights = InMemoryWeights::default();
     let h = args.hidden;
-    let p = "model.layers.1.feed_forward.experts";
-    weights.insert(
-        format!("{p}.gate_up_proj"),
-        Tensor::bf16_from_f32(vec![EXPERTS, h, 2], &vec![0.01; EXPERTS * h * 2]),
-    );
-    weights.insert(
-        format!("{p}.down_proj"),
-        Tensor::bf16_from_f32(vec![EXPERTS, 1, h], &vec![0.01; EXPERTS * h]),
-    );
-    let shard = Arc::new(ExpertShard::new(&config, &weights)?);
+    let shard = shard(h)?;
     let compute_shard = shard.clone();
-    shard.assign(Assignment {
-        epoch: 1,
-        experts: (0..EXPERTS as u32).collect::<BTreeSet<_>>(),
-    });
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let server_addr = listener.local_addr()?;
     let server = ExpertServer::new(
@@ -229,6 +200,42 @@ async fn measure(args: &DispatchArgs) -> Result<Report> {
         iterations: args.iterations,
         points,
     })
+}
+
+/// A shard of `EXPERTS` tiny experts (inter 1) of hidden size `h`, every one owned under
+/// epoch 1: the computation is negligible next to the transport.
+fn shard(h: usize) -> Result<Arc<ExpertShard>> {
+    let spec = SyntheticSpec {
+        hidden: h,
+        layers: 2,
+        heads: 1,
+        kv_heads: 1,
+        head_dim: 2,
+        experts: EXPERTS,
+        expert_inter: 1,
+        dense_inter: 1,
+        vocab: 8,
+        chunk: 8192,
+        moe_step: 2,
+        seed: 0,
+    };
+    let config = spec.config()?;
+    let mut weights = InMemoryWeights::default();
+    let p = "model.layers.1.feed_forward.experts";
+    weights.insert(
+        format!("{p}.gate_up_proj"),
+        Tensor::bf16_from_f32(vec![EXPERTS, h, 2], &vec![0.01; EXPERTS * h * 2]),
+    );
+    weights.insert(
+        format!("{p}.down_proj"),
+        Tensor::bf16_from_f32(vec![EXPERTS, 1, h], &vec![0.01; EXPERTS * h]),
+    );
+    let shard = Arc::new(ExpertShard::new(&config, &weights)?);
+    shard.assign(Assignment {
+        epoch: 1,
+        experts: (0..EXPERTS as u32).collect::<BTreeSet<_>>(),
+    });
+    Ok(shard)
 }
 
 /// `n` rows spread over the experts.
