@@ -3,21 +3,16 @@
 //! logits and routes of the single-process engine, prefill and decode alike, also when a
 //! worker joins mid-run and the placement moves to a new epoch.
 
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
+use common::fixture;
 use expertmesh_attention_worker::{connect, DispatchConfig};
 use expertmesh_coordinator::{Coordinator, NodeConfig};
 use expertmesh_expert_worker::{ExpertWorkerConfig, WorkerConfig};
 use expertmesh_model::{LogitRows, Model, ModelSource, Sequence};
-
-fn fixture(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-        .display()
-        .to_string()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn micro_batched_remote_forward_equals_local() {

@@ -3,25 +3,20 @@
 //! front of two copies of every expert shows each fault routed around (or failing in time)
 //! as `routing.rs`'s table says.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::fixture;
 use expertmesh_attention_worker::remote::Connector;
 use expertmesh_attention_worker::{connect, DispatchConfig, RemoteExperts};
 use expertmesh_coordinator::{ClusterView, CoordinatorClient, Member, Placement, Role};
 use expertmesh_dispatch::{Dispatch, Fault, FaultyDispatch, InProcessDispatch, Transport};
 use expertmesh_expert_worker::{Assignment, Batcher, BatcherConfig, ExpertShard};
 use expertmesh_model::{Forward, LogitRows, Model, ModelError, ModelSource, Sequence};
-
-fn fixture(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-        .display()
-        .to_string()
-}
 
 fn prompts() -> Vec<Vec<u32>> {
     vec![(1..20).collect(), vec![697, 318, 676, 661, 546], vec![5, 6]]

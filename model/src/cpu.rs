@@ -60,15 +60,9 @@ impl Backend for CpuBackend {
     type Rows = CpuRows;
 
     fn embed(&self, model: &Model, seqs: &[Sequence<'_>]) -> Result<CpuRows> {
-        let h = model.config().hidden_size;
         let rows: usize = seqs.iter().map(|s| s.tokens.len()).sum();
-        let mut hidden = vec![0.0f32; rows * h];
-        let ids = seqs.iter().flat_map(|s| s.tokens.iter());
-        for (row, &id) in hidden.chunks_exact_mut(h).zip(ids) {
-            model.embed.read_f32(id as usize * h, row);
-        }
         Ok(CpuRows {
-            hidden,
+            hidden: model.embeddings(seqs),
             x: Vec::new(),
             rows,
         })

@@ -274,6 +274,19 @@ impl Model {
         with_backend!(&self.compute, b => crate::forward::run(b, self, batch, rows, runner))
     }
 
+    /// The embedding rows of the sequences' new tokens, `[tokens, hidden]` in batch order
+    /// (gathered on the host: the table stays in the checkpoint's dtype there).
+    pub(crate) fn embeddings(&self, seqs: &[Sequence<'_>]) -> Vec<f32> {
+        let h = self.config.hidden_size;
+        let rows: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        let mut hidden = vec![0.0f32; rows * h];
+        let ids = seqs.iter().flat_map(|s| s.tokens.iter());
+        for (row, &id) in hidden.chunks_exact_mut(h).zip(ids) {
+            self.embed.read_f32(id as usize * h, row);
+        }
+        hidden
+    }
+
     /// The smallest batch (in tokens, with two sequences) split into micro-batches.
     pub(crate) fn micro_batch_min_tokens(&self) -> usize {
         self.micro_batch_min_tokens

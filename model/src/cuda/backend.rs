@@ -482,11 +482,7 @@ impl Backend for CudaBackend {
         let (qw, kw) = (c.num_attention_heads * d, c.num_key_value_heads * d);
         let t: usize = seqs.iter().map(|s| s.tokens.len()).sum();
         let mut phases = Phases::new();
-        let mut hidden_host = vec![0.0f32; t * h];
-        let ids = seqs.iter().flat_map(|s| s.tokens.iter());
-        for (row, &id) in hidden_host.chunks_exact_mut(h).zip(ids) {
-            model.embed.read_f32(id as usize * h, row);
-        }
+        let hidden_host = model.embeddings(seqs);
         let (mut q_seq, mut q_pos) = (Vec::with_capacity(t), Vec::with_capacity(t));
         for (i, sq) in seqs.iter().enumerate() {
             for j in 0..sq.tokens.len() {
