@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::placement::check::{check, Invalid};
+use crate::placement::check::{check, Draining, Invalid};
 use crate::placement::planner::{plan, PlanInput};
 use crate::placement::WorkerSlots;
 use crate::state::{ClusterView, Member, Placement, Role};
@@ -369,7 +369,7 @@ impl Machine {
     /// A placement may only use live, non-draining expert workers, one copy per worker per
     /// expert, within their capacities, and must place every expert (`placement::check`).
     fn check_experts(&self, experts: &[Vec<u64>]) -> Result<(), Rejected> {
-        check(experts, self.num_experts, &self.members).map_err(|e| match e {
+        check(experts, self.num_experts, &self.members, Draining::Refused).map_err(|e| match e {
             Invalid::NotUsable { worker } => Rejected::UnknownWorker(worker),
             other => Rejected::Invalid(other.to_string()),
         })
@@ -428,7 +428,7 @@ impl Machine {
         {
             self.pending = None;
         }
-        let complete = experts.len() == self.num_experts && experts.iter().all(|r| !r.is_empty());
+        let complete = check(&experts, self.num_experts, &self.members, Draining::Allowed).is_ok();
         if complete {
             if experts != self.placement.experts {
                 self.placement = Placement {

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use expertmesh_coordinator::machine::{Command, Machine, Settings};
-use expertmesh_coordinator::placement::check::check;
+use expertmesh_coordinator::placement::check::{check, Draining};
 use expertmesh_coordinator::placement::controller::{silent_members, Controller, Reports};
 use expertmesh_coordinator::replica::{RaftRole, Replica, Timing};
 use expertmesh_coordinator::storage::DiskStorage;
@@ -211,9 +211,12 @@ impl Sim {
             .filter(|w| w.alive && w.role == WorkerRole::ExpertWorker)
             .count();
         if m.initialized && live > 0 && m.unservable.is_none() {
-            let mut members = m.members.clone();
-            members.iter_mut().for_each(|w| w.draining = false);
-            if let Err(e) = check(&m.placement.experts, m.num_experts, &members) {
+            if let Err(e) = check(
+                &m.placement.experts,
+                m.num_experts,
+                &m.members,
+                Draining::Allowed,
+            ) {
                 panic!("replica {id}: epoch {epoch}: {e}");
             }
         }

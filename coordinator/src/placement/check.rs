@@ -1,7 +1,8 @@
-//! The one validity check of a placement, used where a placement is applied (`Prepare` in
-//! the replicated machine) and by the simulation's invariants: every expert placed, each
-//! copy on a live, non-draining expert worker, one copy per worker per expert, no worker
-//! over its capacity.
+//! The one validity check of a placement: every expert placed, each copy on a live expert
+//! worker, one copy per worker per expert, no worker over its capacity — and, for a new
+//! placement, no copy on a draining worker. A `Prepare` must pass it strictly; the placement
+//! in force (after a worker is lost) and the simulation's invariants allow draining workers,
+//! whose copies stay until a new placement moves them.
 
 use std::collections::BTreeMap;
 
@@ -22,8 +23,22 @@ pub enum Invalid {
     OverCapacity { worker: u64, held: usize },
 }
 
+/// Whether copies on draining workers are allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Draining {
+    /// A new placement: draining workers get nothing.
+    Refused,
+    /// The placement in force: a draining worker keeps its copies until they move.
+    Allowed,
+}
+
 /// Checks `experts` (expert → workers) for a model of `num_experts` over `members`.
-pub fn check(experts: &[Vec<u64>], num_experts: usize, members: &[Member]) -> Result<(), Invalid> {
+pub fn check(
+    experts: &[Vec<u64>],
+    num_experts: usize,
+    members: &[Member],
+    draining: Draining,
+) -> Result<(), Invalid> {
     if experts.len() != num_experts {
         return Err(Invalid::WrongSize {
             got: experts.len(),
@@ -39,9 +54,12 @@ pub fn check(experts: &[Vec<u64>], num_experts: usize, members: &[Member]) -> Re
             if replicas[..i].contains(&worker) {
                 return Err(Invalid::Twice { expert, worker });
             }
-            let usable = members
-                .iter()
-                .any(|m| m.id == worker && m.alive && !m.draining && m.role == Role::ExpertWorker);
+            let usable = members.iter().any(|m| {
+                m.id == worker
+                    && m.alive
+                    && (draining == Draining::Allowed || !m.draining)
+                    && m.role == Role::ExpertWorker
+            });
             if !usable {
                 return Err(Invalid::NotUsable { worker });
             }
@@ -130,7 +148,14 @@ mod tests {
             ),
         ];
         for (name, experts, want) in cases {
-            assert_eq!(check(&experts, 2, &members), want, "{name}");
+            assert_eq!(
+                check(&experts, 2, &members, Draining::Refused),
+                want,
+                "{name}"
+            );
         }
+        // The placement in force may still hold a draining worker's copies.
+        let in_force = vec![vec![5], vec![1]];
+        assert_eq!(check(&in_force, 2, &members, Draining::Allowed), Ok(()));
     }
 }
