@@ -226,9 +226,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let model = source
         .config()
         .with_context(|| format!("reading the model at {source}"))?;
-    let node = config
-        .node(source.fingerprint()?, model.num_local_experts)
-        .map_err(anyhow::Error::msg)?;
+    let node = config.node(source.fingerprint()?, model.num_local_experts)?;
     runtime()?.block_on(async {
         // Bind first: a taken port fails before the raft storage is touched.
         let listener = tokio::net::TcpListener::bind(&config.listen)

@@ -108,22 +108,40 @@ pub(crate) fn random_u64() -> u64 {
     (z ^ (z >> 31)).max(1)
 }
 
+/// A coordinator setting that cannot be used: which one, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid config: `{field}` {reason}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn config_error(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field,
+        reason: reason.into(),
+    }
+}
+
 /// Parses `ID=HOST:PORT` peer entries.
-pub fn parse_peers(peers: &[String]) -> Result<std::collections::BTreeMap<u64, String>, String> {
+pub fn parse_peers(
+    peers: &[String],
+) -> Result<std::collections::BTreeMap<u64, String>, ConfigError> {
+    let bad = |reason: String| config_error("peers", reason);
     let mut map = std::collections::BTreeMap::new();
     for p in peers {
         let (id, address) = p
             .split_once('=')
-            .ok_or_else(|| format!("peer {p:?} is not ID=HOST:PORT"))?;
+            .ok_or_else(|| bad(format!("{p:?} is not ID=HOST:PORT")))?;
         let id: u64 = id
             .trim()
             .parse()
-            .map_err(|_| format!("peer {p:?}: the id is not a number"))?;
+            .map_err(|_| bad(format!("{p:?}: the id is not a number")))?;
         if id == 0 || address.trim().is_empty() {
-            return Err(format!("peer {p:?}: ids start at 1 and need an address"));
+            return Err(bad(format!("{p:?}: ids start at 1 and need an address")));
         }
         if map.insert(id, address.trim().to_owned()).is_some() {
-            return Err(format!("peer id {id} appears twice"));
+            return Err(bad(format!("id {id} appears twice")));
         }
     }
     Ok(map)
@@ -135,20 +153,25 @@ impl CoordinatorConfig {
         &self,
         model_fingerprint: String,
         num_experts: usize,
-    ) -> Result<NodeConfig, String> {
+    ) -> Result<NodeConfig, ConfigError> {
         let mut peers = parse_peers(&self.peers)?;
         if peers.is_empty() {
             peers.insert(self.id, self.listen.clone());
         }
         if !peers.contains_key(&self.id) && !self.join {
-            return Err(format!(
-                "coordinator {} is not among its peers {:?}",
-                self.id,
-                peers.keys().collect::<Vec<_>>()
+            return Err(config_error(
+                "id",
+                format!(
+                    "{} is not among the peers {:?}",
+                    self.id,
+                    peers.keys().collect::<Vec<_>>()
+                ),
             ));
         }
-        if self.tick_ms == 0 || self.lease_ms == 0 {
-            return Err("tick_ms and lease_ms must be positive".into());
+        for (field, value) in [("tick_ms", self.tick_ms), ("lease_ms", self.lease_ms)] {
+            if value == 0 {
+                return Err(config_error(field, "must be positive"));
+            }
         }
         Ok(NodeConfig {
             id: self.id,
