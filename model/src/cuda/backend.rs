@@ -307,9 +307,10 @@ impl CudaBackend {
     /// The key and value store of `pool`, made (zeroed, `capacity` blocks) on first use.
     fn store(&self, pool: &Arc<BlockPool>, kv_width: usize) -> Result<Arc<KvStore>> {
         let mut stores = self.stores.lock().expect("stores lock");
+        // A live pool only: a dropped pool's address may be reused by a new one.
         if let Some((_, store)) = stores
             .iter()
-            .find(|(p, _)| std::ptr::eq(p.as_ptr(), Arc::as_ptr(pool)))
+            .find(|(p, _)| p.upgrade().is_some_and(|p| Arc::ptr_eq(&p, pool)))
         {
             return Ok(store.clone());
         }
