@@ -111,6 +111,7 @@ fn local_view(num_experts: usize) -> ClusterView {
             alive: true,
             capacity: None,
             draining: false,
+            holds_experts: false,
         }],
         placement: Placement {
             epoch: 0,
@@ -157,6 +158,7 @@ pub async fn run(
                 capacity: None,
                 model_fingerprint: source.fingerprint()?,
                 join_token: config.worker.join_token.clone(),
+                holds_experts: config.dispatch.transport == Transport::Local,
             },
             Duration::from_millis(config.worker.register_patience_ms),
             Duration::from_millis(config.worker.heartbeat_interval_ms),

@@ -309,7 +309,15 @@ impl LocalCluster {
                         .filter(|m| m.role == Role::ExpertWorker && m.alive)
                         .filter(|m| m.capacity != Some(0))
                         .all(|m| !view.placement.experts_of(m.id).is_empty());
-                if complete && settled && view.unservable.is_none() {
+                // Attention workers that hold every expert serve whatever the placement is.
+                let self_contained = view
+                    .members
+                    .iter()
+                    .filter(|m| m.role == Role::AttentionWorker)
+                    .all(|m| m.holds_experts);
+                let servable =
+                    view.unservable.is_none() || (self.expert_workers.is_empty() && self_contained);
+                if complete && settled && servable {
                     return Ok(view);
                 }
                 if complete && Instant::now() >= give_up {

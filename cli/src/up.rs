@@ -47,11 +47,19 @@ pub struct UpArgs {
     /// bf16 (tensor cores, activations rounded).
     #[arg(long, default_value = "f32")]
     gemm: expertmesh_model::GemmPrecision,
+    /// How the attention workers reach the routed experts: grpc (the expert workers) or
+    /// local (every expert in each attention worker; `--expert-workers 0` then runs none).
+    #[arg(long, default_value = "grpc")]
+    dispatch: expertmesh_dispatch::Transport,
 }
 
 pub fn run(args: UpArgs) -> Result<()> {
-    if args.expert_workers == 0 || args.attention_workers == 0 {
-        anyhow::bail!("a cluster needs at least one expert worker and one attention worker");
+    let local = args.dispatch == expertmesh_dispatch::Transport::Local;
+    if args.attention_workers == 0 || (args.expert_workers == 0 && !local) {
+        anyhow::bail!(
+            "a cluster needs at least one attention worker, and one expert worker unless \
+             --dispatch local"
+        );
     }
     if ![1, 3, 5].contains(&args.coordinators) {
         anyhow::bail!("--coordinators must be 1, 3 or 5 (a raft group of an odd size)");
@@ -64,7 +72,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         data_dir: args.data_dir.clone(),
         expert_capacities: vec![None; args.expert_workers],
         attention_workers: args.attention_workers,
-        attention_args: Vec::new(),
+        attention_args: vec!["--dispatch".into(), args.dispatch.to_string()],
         http: Some(args.http.clone()),
         api_key: args.api_key.clone(),
         coordinator_args: vec![

@@ -337,3 +337,45 @@ fn a_killed_expert_worker_without_copies_is_replaced_and_nothing_fails() {
     assert!(status.success(), "{stderr}");
     assert_eq!(text, reference.stdout);
 }
+
+/// `up --expert-workers 0 --dispatch local`: a single-node deployment with no expert worker
+/// serves the OpenAI API (the gateway routes to attention workers that hold every expert
+/// themselves) and gives the single process's greedy text.
+#[test]
+fn up_with_local_dispatch_serves_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-maverick");
+    let (_up, cluster) = common::start_up(
+        &[
+            "--expert-workers",
+            "0",
+            "--dispatch",
+            "local",
+            "--http",
+            "127.0.0.1:0",
+            "--model",
+            &model,
+        ],
+        &dir.path().join("up.json"),
+    );
+    let http = cluster["http"][0].as_str().unwrap().to_owned();
+    let ids = [697u32, 318, 676, 661, 546];
+    let reply = common::post(
+        &http,
+        "/v1/completions",
+        &serde_json::json!({"prompt": ids, "max_tokens": 6, "temperature": 0}),
+    )
+    .unwrap();
+    assert_eq!(reply["usage"]["completion_tokens"], 6, "{reply}");
+    let single = common::json_out(&expertmesh(&[
+        "generate",
+        "--model",
+        &model,
+        "--input-ids",
+        "697,318,676,661,546",
+        "--max-tokens",
+        "6",
+        "--json",
+    ]));
+    assert_eq!(reply["choices"][0]["text"], single["text"], "{reply}");
+}

@@ -50,6 +50,8 @@ pub struct Registration {
     pub capacity: Option<usize>,
     pub model_fingerprint: String,
     pub join_token: Option<String>,
+    /// An attention worker that holds every routed expert itself (`--dispatch local`).
+    pub holds_experts: bool,
 }
 
 /// What one heartbeat carries.
@@ -162,6 +164,7 @@ impl CoordinatorClient {
             address: r.address.clone(),
             expert_capacity: r.capacity.unwrap_or(0) as u32,
             has_capacity: r.capacity.is_some(),
+            holds_experts: r.holds_experts,
             pid: std::process::id(),
             model_fingerprint: r.model_fingerprint.clone(),
             request_id: crate::random_u64(),

@@ -81,6 +81,9 @@ pub enum Command {
         pid: u32,
         model_fingerprint: String,
         join_token: String,
+        /// An attention worker holding every routed expert itself.
+        #[serde(default)]
+        holds_experts: bool,
     },
     /// The leader's failure detector: the worker missed its lease.
     MarkDead { worker_id: u64 },
@@ -199,6 +202,7 @@ impl Machine {
                 pid,
                 model_fingerprint,
                 join_token,
+                holds_experts,
             } => self.register(
                 request_id,
                 Member {
@@ -209,6 +213,7 @@ impl Machine {
                     alive: true,
                     capacity,
                     draining: false,
+                    holds_experts: holds_experts && role == Role::AttentionWorker,
                 },
                 &model_fingerprint,
                 &join_token,
@@ -515,6 +520,7 @@ mod tests {
             pid: 1,
             model_fingerprint: fp.into(),
             join_token: token.into(),
+            holds_experts: false,
         })
     }
 

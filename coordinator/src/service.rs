@@ -163,6 +163,7 @@ impl CoordinatorService for Coordinator {
             pid: r.pid,
             model_fingerprint: r.model_fingerprint.clone(),
             join_token: r.join_token.clone(),
+            holds_experts: r.holds_experts,
         };
         match self.propose(command).await {
             Ok(worker_id) => Ok(Response::new(pb::RegisterReply { worker_id })),

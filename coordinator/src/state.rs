@@ -47,6 +47,10 @@ pub struct Member {
     /// Alive, with its experts being moved away (it gets none in new placements).
     #[serde(default)]
     pub draining: bool,
+    /// An attention worker holding every routed expert itself (`--dispatch local`): it
+    /// serves whatever the expert placement is.
+    #[serde(default)]
+    pub holds_experts: bool,
 }
 
 /// Which worker holds each expert, under which epoch.
@@ -117,6 +121,7 @@ impl From<&ClusterView> for pb::ClusterState {
                     } as i32,
                     expert_capacity: m.capacity.unwrap_or(0) as u32,
                     has_capacity: m.capacity.is_some(),
+                    holds_experts: m.holds_experts,
                 })
                 .collect(),
             placement: Some(pb::Placement::from(&v.placement)),
@@ -145,6 +150,7 @@ impl TryFrom<pb::ClusterState> for ClusterView {
                         || m.status == pb::MemberStatus::Draining as i32,
                     draining: m.status == pb::MemberStatus::Draining as i32,
                     capacity: m.has_capacity.then_some(m.expert_capacity as usize),
+                    holds_experts: m.holds_experts,
                 })
             })
             .collect::<Result<Vec<_>, StateError>>()?;

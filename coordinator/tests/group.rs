@@ -87,6 +87,7 @@ fn registration(port: u16) -> Registration {
         capacity: None,
         model_fingerprint: "fp".into(),
         join_token: None,
+        holds_experts: false,
     }
 }
 

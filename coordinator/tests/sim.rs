@@ -383,6 +383,7 @@ impl Sim {
                 pid: 1,
                 model_fingerprint: "fp".into(),
                 join_token: String::new(),
+                holds_experts: false,
             },
         )
     }

@@ -168,6 +168,7 @@ pub async fn run(
                 capacity: config.capacity,
                 model_fingerprint: source.fingerprint()?,
                 join_token: config.worker.join_token.clone(),
+                holds_experts: false,
             },
             Duration::from_millis(config.worker.register_patience_ms),
             Duration::from_millis(config.worker.heartbeat_interval_ms),

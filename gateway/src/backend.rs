@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use expertmesh_coordinator::{ClusterView, Coordinator, Role};
+use expertmesh_coordinator::{ClusterView, Coordinator, Member, Role};
 use expertmesh_proto::v1 as pb;
 use expertmesh_proto::v1::attention_service_client::AttentionServiceClient;
 use tonic::transport::Channel;
@@ -28,6 +28,15 @@ impl Cluster for Coordinator {
     fn loads(&self) -> HashMap<u64, pb::WorkerLoad> {
         Coordinator::loads(self)
     }
+}
+
+/// The live attention workers that can serve now: all of them when the expert placement is
+/// servable, else those that hold every routed expert themselves (`--dispatch local`).
+fn usable_workers(view: &ClusterView) -> impl Iterator<Item = &Member> {
+    let placed = view.unservable.is_none();
+    view.members
+        .iter()
+        .filter(move |m| m.role == Role::AttentionWorker && m.alive && (placed || m.holds_experts))
 }
 
 /// The attention workers, as the gateway reaches them.
@@ -51,25 +60,28 @@ impl Backend {
     /// Why the cluster cannot take requests now, if it cannot (`/health`).
     pub fn unavailable(&self) -> Option<String> {
         let view = self.cluster.view();
-        match (&view.unservable, view.count(Role::AttentionWorker)) {
-            (Some(r), _) => Some(r.clone()),
-            (None, 0) => Some("no attention worker has registered".into()),
-            (None, _) => None,
+        if usable_workers(&view).next().is_some() {
+            return None;
         }
+        Some(
+            view.unservable
+                .clone()
+                .unwrap_or_else(|| "no attention worker has registered".into()),
+        )
     }
 
     /// The attention worker with the most free KV blocks (lowest id on ties).
     fn pick_worker(&self) -> Result<String, ApiError> {
         let view = self.cluster.view();
         if let Some(reason) = &view.unservable {
-            return Err(ApiError::Unavailable(format!(
-                "the cluster cannot serve: {reason}"
-            )));
+            if usable_workers(&view).next().is_none() {
+                return Err(ApiError::Unavailable(format!(
+                    "the cluster cannot serve: {reason}"
+                )));
+            }
         }
         let loads = self.cluster.loads();
-        view.members
-            .iter()
-            .filter(|m| m.role == Role::AttentionWorker && m.alive)
+        usable_workers(&view)
             .max_by_key(|m| {
                 (
                     loads.get(&m.id).map_or(0, |l| l.free_kv_blocks),
@@ -111,5 +123,87 @@ impl Backend {
         };
         let mut client = AttentionServiceClient::new(channel);
         Ok(client.generate(request).await?.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fixed cluster state.
+    struct Fixed(ClusterView);
+
+    impl Cluster for Fixed {
+        fn view(&self) -> Arc<ClusterView> {
+            Arc::new(self.0.clone())
+        }
+        fn loads(&self) -> HashMap<u64, pb::WorkerLoad> {
+            HashMap::new()
+        }
+    }
+
+    fn attention(id: u64, alive: bool, holds_experts: bool) -> Member {
+        Member {
+            id,
+            role: Role::AttentionWorker,
+            address: format!("a{id}:1"),
+            pid: 0,
+            alive,
+            capacity: None,
+            draining: false,
+            holds_experts,
+        }
+    }
+
+    #[test]
+    fn workers_that_hold_their_experts_serve_without_a_placement() {
+        let none = "no expert worker has registered";
+        type Case = (
+            &'static str,
+            Option<&'static str>,
+            Vec<Member>,
+            Result<&'static str, ()>,
+        );
+        let cases: [Case; 5] = [
+            ("placed", None, vec![attention(1, true, false)], Ok("a1:1")),
+            (
+                "not placed",
+                Some(none),
+                vec![attention(1, true, false)],
+                Err(()),
+            ),
+            (
+                "self-contained",
+                Some(none),
+                vec![attention(1, true, true)],
+                Ok("a1:1"),
+            ),
+            (
+                "only the self-contained one",
+                Some(none),
+                vec![attention(1, true, false), attention(2, true, true)],
+                Ok("a2:1"),
+            ),
+            ("dead", Some(none), vec![attention(1, false, true)], Err(())),
+        ];
+        for (name, unservable, members, want) in cases {
+            let view = ClusterView {
+                members,
+                unservable: unservable.map(str::to_owned),
+                ..ClusterView::default()
+            };
+            let backend = Backend::new(Arc::new(Fixed(view)), Vec::new());
+            let got = backend.pick_worker();
+            match want {
+                Ok(address) => {
+                    assert_eq!(got.unwrap(), address, "{name}");
+                    assert_eq!(backend.unavailable(), None, "{name}");
+                }
+                Err(()) => {
+                    assert!(got.is_err(), "{name}");
+                    assert!(backend.unavailable().is_some(), "{name}");
+                }
+            }
+        }
     }
 }

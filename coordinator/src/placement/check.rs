@@ -91,6 +91,7 @@ mod tests {
             alive,
             capacity,
             draining,
+            holds_experts: false,
         }
     }
 

@@ -353,6 +353,7 @@ mod tests {
                     pid: 1,
                     model_fingerprint: "fp".into(),
                     join_token: String::new(),
+                    holds_experts: false,
                 },
             );
         }
