@@ -129,7 +129,7 @@ impl Engine {
         stats
             .kv_blocks_total
             .store(config.kv_blocks as u64, Ordering::Relaxed);
-        let mut core = Scheduler {
+        let mut scheduler = Scheduler {
             model,
             pool,
             config,
@@ -139,7 +139,7 @@ impl Engine {
         };
         std::thread::Builder::new()
             .name("expertmesh-engine".into())
-            .spawn(move || core.run(rx, &runner))
+            .spawn(move || scheduler.run(rx, &runner))
             .expect("spawning the engine thread");
         Self {
             tx,
