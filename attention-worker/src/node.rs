@@ -35,9 +35,7 @@ pub struct AttentionWorkerConfig {
 impl AttentionWorkerConfig {
     pub fn validate(self) -> Result<Self, NodeError> {
         let worker = self.worker.validate()?;
-        if self.dispatch.timeout_ms == 0 {
-            return Err(NodeError::config("dispatch.timeout_ms", "must be positive"));
-        }
+        self.dispatch.validate()?;
         Ok(Self { worker, ..self })
     }
 }
@@ -56,6 +54,7 @@ pub async fn connect(
     dispatch: DispatchConfig,
     (device, gemm): (expertmesh_model::Device, expertmesh_model::GemmPrecision),
 ) -> Result<(Arc<Model>, RemoteExperts, CoordinatorClient), NodeError> {
+    dispatch.validate()?;
     let config = source.config()?;
     let weights = source.weights()?;
     let mut model = Model::without_experts(config.clone(), weights.as_ref())?;
@@ -81,13 +80,7 @@ pub async fn connect(
             let (_, views) = watch::channel(Some(Arc::new(local_view(config.num_local_experts))));
             (Connector::Local(local), views)
         }
-        Transport::Nccl => {
-            return Err(NodeError::config(
-                "dispatch.transport",
-                "= nccl: NCCL links between attention and expert worker processes are not \
-                 built yet (the NCCL transport runs in one process only); use grpc or local",
-            ))
-        }
+        Transport::Nccl => unreachable!("refused by DispatchConfig::validate"),
     };
     let c = model.config();
     let experts = RemoteExperts::new(

@@ -19,6 +19,7 @@ use expertmesh_coordinator::{ClusterView, CoordinatorClient};
 use expertmesh_dispatch::{
     Dispatch, DispatchBatch, DispatchError, GrpcDispatch, Transport, WireDType,
 };
+use expertmesh_expert_worker::NodeError;
 use expertmesh_model::moe::{ExpertRunner, PendingExperts, RoutedBatch};
 use expertmesh_model::{ExpertsFailure, ModelError, Result};
 use tokio::sync::watch;
@@ -38,6 +39,23 @@ pub struct DispatchConfig {
     /// How routed batches travel: `grpc` to expert workers, `local` to the experts this
     /// process holds (no sockets), `nccl` between GPU ranks.
     pub transport: Transport,
+}
+
+impl DispatchConfig {
+    /// Refuses what cannot run: a zero time budget, and NCCL between processes (not built).
+    pub fn validate(&self) -> Result<(), NodeError> {
+        if self.timeout_ms == 0 {
+            return Err(NodeError::config("dispatch.timeout_ms", "must be positive"));
+        }
+        if self.transport == Transport::Nccl {
+            return Err(NodeError::config(
+                "dispatch.transport",
+                "= nccl: NCCL links between attention and expert worker processes are not \
+                 built yet (the NCCL transport runs in one process only); use grpc or local",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for DispatchConfig {

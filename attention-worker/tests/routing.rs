@@ -67,6 +67,8 @@ struct TwoCopies {
     single: Model,
     runner: RemoteExperts,
     workers: HashMap<String, Arc<FaultyDispatch>>,
+    /// Keeps the placement watch open for the runner.
+    _views: tokio::sync::watch::Sender<Option<Arc<ClusterView>>>,
 }
 
 async fn two_copies(timeout_ms: u64) -> TwoCopies {
@@ -105,7 +107,6 @@ async fn two_copies(timeout_ms: u64) -> TwoCopies {
         ..ClusterView::default()
     };
     let (keep, views) = tokio::sync::watch::channel(Some(Arc::new(view)));
-    std::mem::forget(keep);
     let doubles = workers.clone();
     let connector = Connector::Custom(Arc::new(move |address: &str| -> Arc<dyn Dispatch> {
         doubles[address].clone()
@@ -127,6 +128,7 @@ async fn two_copies(timeout_ms: u64) -> TwoCopies {
         single: Model::load(Path::new(&dir)).unwrap(),
         runner,
         workers,
+        _views: keep,
     }
 }
 

@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use crate::attention::SeqSlice;
 use crate::backend::Backend;
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 use crate::kv_cache::BlockPool;
 use crate::model::{FeedForward, Model, Sequence};
-use crate::moe::{route, routed_inputs, Experts, Mlp, Moe, PendingExperts, Route, RoutedBatch};
+use crate::moe::{route, routed_inputs, Mlp, Moe, PendingExperts, Route, RoutedBatch};
 use crate::norm::rms_norm;
 
 /// The CPU backend: the model's own weights are its weights.
@@ -24,16 +24,18 @@ pub(crate) struct CpuRows {
     /// The current sub-layer's normed input, `[rows, hidden]`.
     x: Vec<f32>,
     rows: usize,
+    /// Hidden size.
+    h: usize,
 }
 
 fn add_into(a: &mut [f32], b: &[f32]) {
     a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
 }
 
-fn mlp(model: &Model, l: usize) -> &Mlp {
+fn dense_mlp(model: &Model, l: usize) -> &Mlp {
     match &model.layers[l].feed_forward {
         FeedForward::Dense(m) => m,
-        FeedForward::Moe(m) => &m.shared,
+        FeedForward::Moe(_) => panic!("layer {l} is not a dense layer"),
     }
 }
 
@@ -42,18 +44,6 @@ fn moe(model: &Model, l: usize) -> &Moe {
         FeedForward::Moe(m) => m,
         FeedForward::Dense(_) => panic!("layer {l} is not a MoE layer"),
     }
-}
-
-/// The routed experts of decoder layer `layer`, when `model` holds them.
-pub(crate) fn local_experts(model: &Model, layer: usize) -> Result<&Experts> {
-    model
-        .layers
-        .get(layer)
-        .and_then(|l| match &l.feed_forward {
-            FeedForward::Moe(m) => m.experts.as_ref(),
-            FeedForward::Dense(_) => None,
-        })
-        .ok_or(ModelError::NoLocalExperts)
 }
 
 impl Backend for CpuBackend {
@@ -65,6 +55,7 @@ impl Backend for CpuBackend {
             hidden: model.embeddings(seqs),
             x: Vec::new(),
             rows,
+            h: model.config().hidden_size,
         })
     }
 
@@ -99,7 +90,7 @@ impl Backend for CpuBackend {
     }
 
     fn dense(&self, model: &Model, l: usize, rows: &mut CpuRows) -> Result<()> {
-        let out = mlp(model, l).forward(&rows.x, rows.rows);
+        let out = dense_mlp(model, l).forward(&rows.x, rows.rows);
         add_into(&mut rows.hidden, &out);
         Ok(())
     }
@@ -111,8 +102,7 @@ impl Backend for CpuBackend {
     }
 
     fn routed_inputs(&self, rows: &CpuRows, routes: &[Route], order: &[usize]) -> Result<Vec<f32>> {
-        let h = rows.hidden.len() / rows.rows.max(1);
-        Ok(routed_inputs(&rows.x, h, routes, order))
+        Ok(routed_inputs(&rows.x, rows.h, routes, order))
     }
 
     fn moe_finish(
@@ -135,16 +125,23 @@ impl Backend for CpuBackend {
         for m in micro {
             hidden.extend(m.hidden);
         }
-        let mut selected = Vec::with_capacity(picked.len() * h);
-        for &r in picked {
-            selected.extend_from_slice(&hidden[r * h..(r + 1) * h]);
-        }
+        // `picked` ascends: when it has every row (all logits, or decoding one token per
+        // sequence) the hidden state is the selection as it is.
+        let selected = if picked.len() * h == hidden.len() {
+            hidden
+        } else {
+            let mut selected = Vec::with_capacity(picked.len() * h);
+            for &r in picked {
+                selected.extend_from_slice(&hidden[r * h..(r + 1) * h]);
+            }
+            selected
+        };
         let x = rms_norm(&selected, h, &model.norm, c.rms_norm_eps);
         Ok(model.lm_head.forward(&x, picked.len()))
     }
 
     fn run_experts(&self, model: &Model, batch: RoutedBatch) -> Result<PendingExperts> {
-        let experts = local_experts(model, batch.layer)?;
+        let experts = model.routed_experts(batch.layer)?;
         let out = experts.run_groups(&batch.groups, &batch.inputs, batch.hidden);
         Ok(PendingExperts::later(move || Ok(out)))
     }

@@ -18,7 +18,7 @@ use crate::cuda::CudaBackend;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{BlockPool, KvCache};
 use crate::linear::{Layout, Linear};
-use crate::moe::{ExpertRunner, Mlp, Moe, PendingExperts, Route, RoutedBatch};
+use crate::moe::{ExpertRunner, Experts, Mlp, Moe, PendingExperts, Route, RoutedBatch};
 
 // One per layer, built once: the size difference between variants costs nothing.
 #[allow(clippy::large_enum_variant)]
@@ -252,10 +252,21 @@ impl Model {
     pub fn check_local_experts(&self) -> Result<()> {
         for (l, layer) in self.layers.iter().enumerate() {
             if matches!(layer.feed_forward, FeedForward::Moe(_)) {
-                crate::cpu::local_experts(self, l)?;
+                self.routed_experts(l)?;
             }
         }
         Ok(())
+    }
+
+    /// The routed experts of decoder layer `layer`, when this process holds them.
+    pub(crate) fn routed_experts(&self, layer: usize) -> Result<&Experts> {
+        self.layers
+            .get(layer)
+            .and_then(|l| match &l.feed_forward {
+                FeedForward::Moe(m) => m.experts.as_ref(),
+                FeedForward::Dense(_) => None,
+            })
+            .ok_or(ModelError::NoLocalExperts)
     }
 
     /// Runs a routed batch on the experts this process holds, where the model computes.

@@ -704,7 +704,7 @@ impl Backend for CudaBackend {
     }
 
     fn run_experts(&self, model: &Model, batch: RoutedBatch) -> Result<PendingExperts> {
-        let experts = crate::cpu::local_experts(model, batch.layer)?;
+        let experts = model.routed_experts(batch.layer)?;
         let gpu = self.experts.as_ref().ok_or(ModelError::NoLocalExperts)?;
         let out = gpu
             .run_groups(batch.layer as u32, experts, &batch.groups, &batch.inputs)
