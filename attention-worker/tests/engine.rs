@@ -28,6 +28,7 @@ fn requests() -> Vec<GenerateRequest> {
             sampling: SamplingParams::default(),
             stop_ids: Vec::new(),
             prompt_logits: false,
+            images: Vec::new(),
         })
         .collect()
 }
@@ -122,6 +123,7 @@ fn a_dropped_stream_cancels_its_request() {
             sampling: SamplingParams::default(),
             stop_ids: Vec::new(),
             prompt_logits: false,
+            images: Vec::new(),
         })
         .unwrap();
     let give_up = Instant::now() + Duration::from_secs(10);

@@ -87,7 +87,7 @@ async fn micro_batched_remote_forward_equals_local() {
                 let mut batch: Vec<Sequence<'_>> = caches
                     .iter_mut()
                     .zip(&tokens)
-                    .map(|(cache, t)| Sequence { cache, tokens: t })
+                    .map(|(cache, t)| Sequence::new(cache, t))
                     .collect();
                 let out = if remote {
                     model

@@ -29,7 +29,7 @@ fn step(model: &Model, runner: Option<&RemoteExperts>) -> Result<Forward, ModelE
     let mut batch: Vec<Sequence<'_>> = caches
         .iter_mut()
         .zip(&prompts)
-        .map(|(cache, tokens)| Sequence { cache, tokens })
+        .map(|(cache, tokens)| Sequence::new(cache, tokens))
         .collect();
     match runner {
         Some(r) => model.forward_with(&mut batch, LogitRows::All, r),

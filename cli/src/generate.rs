@@ -103,6 +103,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         },
         stop_ids: stop_ids.clone(),
         prompt_logits: args.dump_logits.is_some(),
+        images: Vec::new(),
     };
 
     let mut stream = DetokenizeStream::default();
@@ -207,6 +208,7 @@ fn through_attention_worker(
                 seed: request.sampling.seed,
                 stop_ids: request.stop_ids.clone(),
                 prompt_logits: request.prompt_logits,
+                images: images.to_vec(),
             })
             .await
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?

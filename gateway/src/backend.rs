@@ -120,6 +120,7 @@ impl Backend {
             seed: r.seed,
             stop_ids: self.stop_ids.clone(),
             prompt_logits: false,
+            images: job.images.clone(),
         };
         let mut client = AttentionServiceClient::new(channel);
         Ok(client.generate(request).await?.into_inner())

@@ -219,7 +219,7 @@ impl TextConfig {
     }
 }
 
-fn invalid(field: &str, reason: &str) -> ModelError {
+pub(crate) fn invalid(field: &str, reason: &str) -> ModelError {
     ModelError::InvalidField {
         file: "config.json".into(),
         field: field.into(),
@@ -284,37 +284,37 @@ fn rope(f: &Fields<'_>) -> Result<(f64, RopeScaling)> {
 }
 
 /// Typed access to one JSON object's fields, with errors that name the field.
-struct Fields<'a> {
-    obj: &'a Map<String, Value>,
+pub(crate) struct Fields<'a> {
+    pub(crate) obj: &'a Map<String, Value>,
 }
 
 impl Fields<'_> {
-    fn get(&self, name: &str) -> Option<&Value> {
+    pub(crate) fn get(&self, name: &str) -> Option<&Value> {
         self.obj.get(name).filter(|v| !v.is_null())
     }
 
-    fn usize(&self, name: &str) -> Result<usize> {
+    pub(crate) fn usize(&self, name: &str) -> Result<usize> {
         self.opt_usize(name)?.ok_or_else(|| missing(name))
     }
 
-    fn opt_usize(&self, name: &str) -> Result<Option<usize>> {
+    pub(crate) fn opt_usize(&self, name: &str) -> Result<Option<usize>> {
         self.get(name)
             .map(|v| as_usize(v).ok_or_else(|| invalid(name, "not a non-negative integer")))
             .transpose()
     }
 
-    fn f64(&self, name: &str) -> Result<f64> {
+    pub(crate) fn f64(&self, name: &str) -> Result<f64> {
         self.opt_f64(name)?.ok_or_else(|| missing(name))
     }
 
-    fn opt_f64(&self, name: &str) -> Result<Option<f64>> {
+    pub(crate) fn opt_f64(&self, name: &str) -> Result<Option<f64>> {
         self.get(name)
             .map(|v| v.as_f64().ok_or_else(|| invalid(name, "not a number")))
             .transpose()
     }
 
     /// A flag that configs write as a bool or as an int (`attn_temperature_tuning: 4`).
-    fn opt_flag(&self, name: &str) -> Result<Option<bool>> {
+    pub(crate) fn opt_flag(&self, name: &str) -> Result<Option<bool>> {
         self.get(name)
             .map(|v| match v {
                 Value::Bool(b) => Ok(*b),
@@ -324,7 +324,7 @@ impl Fields<'_> {
             .transpose()
     }
 
-    fn opt_usize_list(&self, name: &str) -> Result<Option<Vec<usize>>> {
+    pub(crate) fn opt_usize_list(&self, name: &str) -> Result<Option<Vec<usize>>> {
         self.get(name)
             .map(|v| {
                 v.as_array()
@@ -334,14 +334,14 @@ impl Fields<'_> {
             .transpose()
     }
 
-    fn opt_id(&self, name: &str) -> Result<Option<u32>> {
+    pub(crate) fn opt_id(&self, name: &str) -> Result<Option<u32>> {
         self.get(name)
             .map(|v| as_id(v).ok_or_else(|| invalid(name, "not a token id")))
             .transpose()
     }
 
     /// A token id or a list of them; absent means none.
-    fn id_list(&self, name: &str) -> Result<Vec<u32>> {
+    pub(crate) fn id_list(&self, name: &str) -> Result<Vec<u32>> {
         match self.get(name) {
             None => Ok(Vec::new()),
             Some(Value::Array(a)) => a

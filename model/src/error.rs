@@ -62,6 +62,12 @@ pub enum ModelError {
     Device(String),
     #[error("invalid sampling parameter `{field}`: {reason}")]
     Sampling { field: &'static str, reason: String },
+    #[error(transparent)]
+    Image(#[from] crate::vision::ImageError),
+    #[error("the prompt holds {placeholders} image placeholders for {images} images")]
+    ImageCount { placeholders: usize, images: usize },
+    #[error("{rows} image rows for {slots} `<|patch|>` tokens in the prompt")]
+    ImageRows { rows: usize, slots: usize },
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
@@ -116,6 +122,9 @@ impl ModelError {
             | Self::ContextExceeded { .. }
             | Self::EmptyPrompt
             | Self::Sampling { .. }
+            | Self::Image(_)
+            | Self::ImageCount { .. }
+            | Self::ImageRows { .. }
             // The request needs more of the cache than this worker has at all.
             | Self::KvCacheFull { .. } => Fault::Request,
             Self::ExpertsUnavailable {
@@ -176,6 +185,14 @@ mod tests {
                     needed: 9,
                     available: 1,
                 },
+                Fault::Request,
+            ),
+            (
+                ModelError::Image(crate::vision::ImageError::NoVision),
+                Fault::Request,
+            ),
+            (
+                ModelError::ImageRows { rows: 1, slots: 2 },
                 Fault::Request,
             ),
             (experts(ExpertsFailure::Unreachable), Fault::Unavailable),

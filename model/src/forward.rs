@@ -50,6 +50,7 @@ pub(crate) fn run<B: Backend>(
             return Err(ModelError::EmptyPrompt);
         }
         model.check_tokens(s.cache, s.tokens, 0)?;
+        model.check_patches(s)?;
     }
     runner.begin_step();
     reserve(batch)?;

@@ -5,6 +5,7 @@ use crate::error::Result;
 use crate::model::{LogitRows, Model, Sequence};
 use crate::moe::ExpertRunner;
 use crate::sampling::{Sampler, SamplingParams};
+use crate::vision::Pixels;
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -16,6 +17,9 @@ pub struct GenerateRequest {
     pub stop_ids: Vec<u32>,
     /// Return the prefill logits of every prompt position.
     pub prompt_logits: bool,
+    /// The prompt's images, preprocessed, in the order of its image placeholders (each
+    /// already expanded into `<|patch|>` slots).
+    pub images: Vec<Pixels>,
 }
 
 /// Why generation ended (OpenAI's `finish_reason`).
@@ -69,14 +73,11 @@ pub fn generate_with(
     } else {
         LogitRows::Last
     };
-    let mut out = model.forward_with(
-        &mut [Sequence {
-            cache: &mut cache,
-            tokens: &req.prompt,
-        }],
-        rows,
-        runner,
-    )?;
+    let images = model.encode_images(&req.images)?;
+    model.check_image_rows(&req.prompt, &images)?;
+    let mut prompt = Sequence::new(&mut cache, &req.prompt);
+    prompt.patches = &images.rows;
+    let mut out = model.forward_with(&mut [prompt], rows, runner)?;
     let mut last = out.row(out.rows - 1).to_vec();
     if req.prompt_logits {
         prompt_logits = Some(std::mem::take(&mut out.logits));
@@ -94,10 +95,7 @@ pub fn generate_with(
             break;
         }
         let step = model.forward_with(
-            &mut [Sequence {
-                cache: &mut cache,
-                tokens: &[id],
-            }],
+            &mut [Sequence::new(&mut cache, &[id])],
             LogitRows::Last,
             runner,
         )?;

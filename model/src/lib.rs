@@ -14,6 +14,8 @@
 //!   (`backend.rs`): the CPU backend (`cpu.rs`: RMSNorm → [`attention`] (RoPE/NoPE,
 //!   chunked/global) → RMSNorm → dense [`moe::Mlp`] or top-1 [`moe::Moe`], products through
 //!   [`linear`]) or the CUDA one.
+//! - [`vision`] is the image path: preprocessing, prompt expansion and the vision tower,
+//!   whose rows replace the `<|patch|>` embeddings (`Sequence::patches`).
 //! - [`generate`] is the prefill-then-decode loop with [`sampling`].
 //! - [`synthetic`] builds random models of any shape in memory, for benchmarks.
 //! - `cuda` (cargo feature `cuda`; an uninhabited stub without it) is the GPU backend behind
@@ -47,6 +49,7 @@ pub mod sampling;
 pub mod source;
 pub mod synthetic;
 pub mod tokenizer;
+pub mod vision;
 
 pub use checkpoint::{DType, InMemoryWeights, SafetensorsCheckpoint, Tensor, WeightSource};
 pub use config::TextConfig;
@@ -58,3 +61,4 @@ pub use model::{Forward, LocalExperts, LogitRows, Model, Sequence};
 pub use sampling::{Sampler, SamplingParams};
 pub use source::ModelSource;
 pub use tokenizer::{ChatMessage, ChatTemplate, DetokenizeStream, TextTokenizer};
+pub use vision::{ImageError, ImageLimits, ImageTokens, Pixels, ProcessorConfig, VisionConfig};

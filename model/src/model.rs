@@ -19,6 +19,7 @@ use crate::error::{ModelError, Result};
 use crate::kv_cache::{BlockPool, KvCache};
 use crate::linear::{Layout, Linear};
 use crate::moe::{ExpertRunner, Experts, Mlp, Moe, PendingExperts, Route, RoutedBatch};
+use crate::vision::{ImageError, Pixels, VisionConfig, VisionModel};
 
 // One per layer, built once: the size difference between variants costs nothing.
 #[allow(clippy::large_enum_variant)]
@@ -40,6 +41,45 @@ pub(crate) struct Layer {
 pub struct Sequence<'a> {
     pub cache: &'a mut KvCache,
     pub tokens: &'a [u32],
+    /// Image rows `[k, hidden]` that replace the embeddings of the first `k` `<|patch|>`
+    /// tokens of `tokens`, in order (HF `masked_scatter`; LLAMA4.md §4.5). A prompt's patch
+    /// tokens all come before anything generated, so a chunk's rows are the prompt's rows
+    /// for the patch tokens it holds ([`ImageRows::chunk`]); generated ones keep their
+    /// text embedding, as in transformers.
+    pub patches: &'a [f32],
+}
+
+impl<'a> Sequence<'a> {
+    /// A sequence of text tokens.
+    pub fn new(cache: &'a mut KvCache, tokens: &'a [u32]) -> Self {
+        Self {
+            cache,
+            tokens,
+            patches: &[],
+        }
+    }
+}
+
+/// The vision rows of one request's images, for every `<|patch|>` of its prompt in order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ImageRows {
+    /// `[slots, hidden]`.
+    pub rows: Vec<f32>,
+    pub hidden: usize,
+}
+
+impl ImageRows {
+    /// The rows for the patch tokens of `tokens[start..end]`, where `tokens` begins with
+    /// the request's prompt: every patch token of the prompt takes the next row, in order.
+    pub fn chunk(&self, tokens: &[u32], patch: u32, start: usize, end: usize) -> &[f32] {
+        if self.rows.is_empty() {
+            return &[];
+        }
+        let slots = self.rows.len() / self.hidden;
+        let before = tokens[..start].iter().filter(|&&t| t == patch).count().min(slots);
+        let upto = tokens[..end].iter().filter(|&&t| t == patch).count().min(slots);
+        &self.rows[before * self.hidden..upto * self.hidden]
+    }
 }
 
 /// Which positions get logits.
@@ -79,6 +119,8 @@ pub struct Model {
     micro_batch_min_tokens: usize,
     /// Where forward passes and local experts run (`Model::to_device`).
     compute: Compute,
+    /// The vision tower, for a multimodal checkpoint that has one.
+    vision: Option<Arc<VisionModel>>,
 }
 
 /// Batches of at least this many tokens (and two sequences) run as two micro-batches.
@@ -89,7 +131,105 @@ impl Model {
     pub fn load(dir: &Path) -> Result<Self> {
         let config = TextConfig::from_dir(dir)?;
         let ckpt = SafetensorsCheckpoint::open(dir)?;
-        Self::from_source(config, &ckpt)
+        let vision = VisionConfig::from_dir(dir, config.hidden_size)?;
+        let mut model = Self::from_source(config, &ckpt)?;
+        model.load_vision(vision, &ckpt)?;
+        Ok(model)
+    }
+
+    /// Loads the vision tower when the config has one and the checkpoint holds its weights
+    /// (a checkpoint stripped of `vision_model.*` serves text only).
+    pub fn load_vision(
+        &mut self,
+        config: Option<VisionConfig>,
+        src: &dyn WeightSource,
+    ) -> Result<()> {
+        let Some(config) = config else {
+            return Ok(());
+        };
+        match src.tensor("vision_model.patch_embedding.linear.weight") {
+            Err(ModelError::MissingTensor { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+        self.vision = Some(Arc::new(VisionModel::load(config, src)?));
+        Ok(())
+    }
+
+    /// The vision tower, when the model has one.
+    pub fn vision(&self) -> Option<&VisionModel> {
+        self.vision.as_deref()
+    }
+
+    /// Runs the vision tower over a request's images (in prompt order): the rows for its
+    /// `<|patch|>` tokens. Text-only models refuse images.
+    pub fn encode_images(&self, images: &[Pixels]) -> Result<ImageRows> {
+        let hidden = self.config.hidden_size;
+        if images.is_empty() {
+            return Ok(ImageRows {
+                rows: Vec::new(),
+                hidden,
+            });
+        }
+        let vision = self.vision().ok_or(ImageError::NoVision)?;
+        let c = vision.config();
+        let mut pixels = Vec::new();
+        let mut tiles = 0;
+        for image in images {
+            if image.tile_size != c.image_size
+                || image.values.len() != image.tiles() * c.tile_values()
+            {
+                return Err(ImageError::Decode(format!(
+                    "{} pixel values for {} tiles of {} pixels",
+                    image.values.len(),
+                    image.tiles(),
+                    c.image_size
+                ))
+                .into());
+            }
+            pixels.extend_from_slice(&image.values);
+            tiles += image.tiles();
+        }
+        Ok(ImageRows {
+            rows: vision.encode(&pixels, tiles),
+            hidden,
+        })
+    }
+
+    /// Checks a sequence's image rows against its tokens before a forward pass: whole rows,
+    /// no more of them than `<|patch|>` tokens.
+    pub(crate) fn check_patches(&self, s: &Sequence<'_>) -> Result<()> {
+        if s.patches.is_empty() {
+            return Ok(());
+        }
+        let h = self.config.hidden_size;
+        let slots = match self.vision() {
+            Some(v) => s.tokens.iter().filter(|&&t| t == v.config().image_token_id).count(),
+            None => return Err(ImageError::NoVision.into()),
+        };
+        if !s.patches.len().is_multiple_of(h) || s.patches.len() / h > slots {
+            return Err(ModelError::ImageRows {
+                rows: s.patches.len().div_ceil(h),
+                slots,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks that a prompt has one `<|patch|>` per image row.
+    pub fn check_image_rows(&self, prompt: &[u32], rows: &ImageRows) -> Result<()> {
+        let rows_n = rows.rows.len() / self.config.hidden_size;
+        let slots = match self.vision() {
+            Some(v) => prompt.iter().filter(|&&t| t == v.config().image_token_id).count(),
+            None => 0,
+        };
+        if rows_n != slots && rows_n != 0 {
+            return Err(ModelError::ImageRows {
+                rows: rows_n,
+                slots,
+            });
+        }
+        Ok(())
     }
 
     /// Builds the model from any weight source, checking every tensor's shape.
@@ -139,6 +279,7 @@ impl Model {
             config,
             micro_batch_min_tokens: MICRO_BATCH_MIN_TOKENS,
             compute: Compute::Cpu,
+            vision: None,
         })
     }
 
@@ -286,14 +427,26 @@ impl Model {
     }
 
     /// The embedding rows of the sequences' new tokens, `[tokens, hidden]` in batch order
-    /// (gathered on the host: the table stays in the checkpoint's dtype there).
+    /// (gathered on the host: the table stays in the checkpoint's dtype there), with each
+    /// sequence's image rows in place of its first `<|patch|>` embeddings.
     pub(crate) fn embeddings(&self, seqs: &[Sequence<'_>]) -> Vec<f32> {
         let h = self.config.hidden_size;
         let rows: usize = seqs.iter().map(|s| s.tokens.len()).sum();
         let mut hidden = vec![0.0f32; rows * h];
-        let ids = seqs.iter().flat_map(|s| s.tokens.iter());
-        for (row, &id) in hidden.chunks_exact_mut(h).zip(ids) {
-            self.embed.read_f32(id as usize * h, row);
+        let mut out = hidden.chunks_exact_mut(h);
+        let patch = self.vision().map(|v| v.config().image_token_id);
+        for s in seqs {
+            let mut images = s.patches.chunks_exact(h);
+            for (&id, row) in s.tokens.iter().zip(out.by_ref()) {
+                let image = match Some(id) == patch {
+                    true => images.next(),
+                    false => None,
+                };
+                match image {
+                    Some(image) => row.copy_from_slice(image),
+                    None => self.embed.read_f32(id as usize * h, row),
+                }
+            }
         }
         hidden
     }

@@ -348,14 +348,8 @@ fn gpu_batches_and_paged_decoding_match_the_cpu() {
         let want = cpu
             .forward(
                 &mut [
-                    Sequence {
-                        cache: ca,
-                        tokens: ta,
-                    },
-                    Sequence {
-                        cache: cb,
-                        tokens: tb,
-                    },
+                    Sequence::new(ca, ta),
+                    Sequence::new(cb, tb),
                 ],
                 LogitRows::All,
             )
@@ -363,14 +357,8 @@ fn gpu_batches_and_paged_decoding_match_the_cpu() {
         let got = gpu
             .forward(
                 &mut [
-                    Sequence {
-                        cache: ga,
-                        tokens: ta,
-                    },
-                    Sequence {
-                        cache: gb,
-                        tokens: tb,
-                    },
+                    Sequence::new(ga, ta),
+                    Sequence::new(gb, tb),
                 ],
                 LogitRows::All,
             )
@@ -413,10 +401,7 @@ fn bf16_gemms_stay_near_the_cpu() {
     let run = |m: &Model| {
         let mut cache = m.new_cache();
         m.forward(
-            &mut [Sequence {
-                cache: &mut cache,
-                tokens: &tokens,
-            }],
+            &mut [Sequence::new(&mut cache, &tokens)],
             LogitRows::All,
         )
         .unwrap()

@@ -184,6 +184,7 @@ fn bad_requests_are_typed_errors() {
         sampling: SamplingParams::default(),
         stop_ids: Vec::new(),
         prompt_logits: false,
+        images: Vec::new(),
     };
     let vocab = model.config().vocab_size as u32;
     let err = generate(&model, &request(vec![1, vocab], 4), |_| {}).unwrap_err();
@@ -271,10 +272,7 @@ fn weight_sources_conform() {
         let mut cache = model.new_cache();
         model
             .forward(
-                &mut [Sequence {
-                    cache: &mut cache,
-                    tokens: &tokens,
-                }],
+                &mut [Sequence::new(&mut cache, &tokens)],
                 LogitRows::All,
             )
             .unwrap()

@@ -36,7 +36,7 @@ impl Reference {
         }
     }
 
-    /// Text cases: the image case needs the vision tower, which the engine does not have.
+    /// Text cases (the image case is `vision.rs`'s).
     fn text_cases(&self) -> impl Iterator<Item = &Value> {
         self.cases.iter().filter(|c| c.get("image").is_none())
     }
@@ -78,10 +78,7 @@ fn check_prefill(model: &Model, reference: &Reference, case: &Value) {
     let mut cache = model.new_cache();
     let out = model
         .forward(
-            &mut [Sequence {
-                cache: &mut cache,
-                tokens: &input,
-            }],
+            &mut [Sequence::new(&mut cache, &input)],
             LogitRows::All,
         )
         .unwrap();
@@ -121,6 +118,7 @@ fn check_greedy(model: &Model, case: &Value) {
             sampling: SamplingParams::default(),
             stop_ids: Vec::new(),
             prompt_logits: false,
+            images: Vec::new(),
         },
         |_| {},
     )
@@ -224,10 +222,7 @@ fn incremental_decoding_equals_full_recomputation() {
         let mut full_cache = model.new_cache();
         let full = model
             .forward(
-                &mut [Sequence {
-                    cache: &mut full_cache,
-                    tokens: &tokens,
-                }],
+                &mut [Sequence::new(&mut full_cache, &tokens)],
                 LogitRows::All,
             )
             .unwrap();
@@ -239,10 +234,7 @@ fn incremental_decoding_equals_full_recomputation() {
             let end = (start + piece).min(tokens.len());
             let out = model
                 .forward(
-                    &mut [Sequence {
-                        cache: &mut cache,
-                        tokens: &tokens[start..end],
-                    }],
+                    &mut [Sequence::new(&mut cache, &tokens[start..end])],
                     LogitRows::All,
                 )
                 .unwrap();
@@ -297,17 +289,14 @@ fn batched_forward_equals_single_sequences() {
     let mut batch: Vec<Sequence<'_>> = caches
         .iter_mut()
         .zip(&prompts)
-        .map(|(cache, p)| Sequence { cache, tokens: p })
+        .map(|(cache, p)| Sequence::new(cache, p))
         .collect();
     let together = model.forward(&mut batch, LogitRows::Last).unwrap();
     for (i, p) in prompts.iter().enumerate() {
         let mut cache = model.new_cache();
         let alone = model
             .forward(
-                &mut [Sequence {
-                    cache: &mut cache,
-                    tokens: p,
-                }],
+                &mut [Sequence::new(&mut cache, p)],
                 LogitRows::Last,
             )
             .unwrap();

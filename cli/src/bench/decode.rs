@@ -212,10 +212,7 @@ fn single_process(
         let mut cache = model.new_cache();
         let t0 = Instant::now();
         model.forward(
-            &mut [Sequence {
-                cache: &mut cache,
-                tokens: &p,
-            }],
+            &mut [Sequence::new(&mut cache, &p)],
             LogitRows::Last,
         )?;
         prefill_times.push(t0.elapsed());

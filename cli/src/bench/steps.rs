@@ -23,7 +23,7 @@ pub(crate) fn decode_steps(
     let mut batch: Vec<Sequence<'_>> = caches
         .iter_mut()
         .zip(prompts)
-        .map(|(cache, p)| Sequence { cache, tokens: p })
+        .map(|(cache, p)| Sequence::new(cache, p))
         .collect();
     let out = model.forward_with(&mut batch, LogitRows::Last, runner)?;
     let mut next: Vec<[u32; 1]> = (0..prompts.len()).map(|i| [argmax(out.row(i))]).collect();
@@ -33,7 +33,7 @@ pub(crate) fn decode_steps(
         let mut batch: Vec<Sequence<'_>> = caches
             .iter_mut()
             .zip(&next)
-            .map(|(cache, t)| Sequence { cache, tokens: t })
+            .map(|(cache, t)| Sequence::new(cache, t))
             .collect();
         let before = weight_bytes_read();
         let t0 = Instant::now();
