@@ -12,7 +12,7 @@ use expertmesh_dispatch::{InProcessDispatch, Transport};
 use expertmesh_expert_worker::node::bind;
 pub use expertmesh_expert_worker::NodeError;
 use expertmesh_expert_worker::{Assignment, Batcher, BatcherConfig, ExpertShard, WorkerConfig};
-use expertmesh_model::{Model, ModelSource};
+use expertmesh_model::{ImageLimits, Model, ModelSource};
 use tokio::sync::watch;
 
 use std::sync::atomic::Ordering;
@@ -30,6 +30,8 @@ pub struct AttentionWorkerConfig {
     pub worker: WorkerConfig,
     pub dispatch: DispatchConfig,
     pub scheduler: SchedulerConfig,
+    /// Bounds on a request's images (the gateway applies the same ones first).
+    pub images: ImageLimits,
 }
 
 impl AttentionWorkerConfig {
@@ -58,6 +60,7 @@ pub async fn connect(
     let config = source.config()?;
     let weights = source.weights()?;
     let mut model = Model::without_experts(config.clone(), weights.as_ref())?;
+    model.load_vision(source.vision_config()?, weights.as_ref())?;
     model.to_device_with(device, gemm)?;
     let model = Arc::new(model);
     let client = CoordinatorClient::new(coordinator)?;
@@ -159,7 +162,11 @@ pub async fn run(
         )
         .await?;
     expertmesh_proto::server_builder()
-        .add_service(AttentionServer::new(model, engine).into_service())
+        .add_service(
+            AttentionServer::new(model, engine)
+                .with_images(source.processor_config()?, config.images)
+                .into_service(),
+        )
         .serve_with_incoming_shutdown(expertmesh_proto::incoming(listener), shutdown)
         .await?;
     Ok(())

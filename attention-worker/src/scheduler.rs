@@ -19,7 +19,8 @@ use std::time::Duration;
 use expertmesh_model::kv_cache::BlockPool;
 use expertmesh_model::moe::ExpertRunner;
 use expertmesh_model::{
-    Fault, FinishReason, GenerateRequest, KvCache, LogitRows, Model, ModelError, Sampler, Sequence,
+    Fault, FinishReason, GenerateRequest, ImageRows, KvCache, LogitRows, Model, ModelError,
+    Sampler, Sequence,
 };
 use tokio::sync::mpsc;
 
@@ -105,6 +106,7 @@ pub enum SubmitError {
 
 struct Submission {
     request: GenerateRequest,
+    images: ImageRows,
     events: mpsc::Sender<Event>,
 }
 
@@ -155,11 +157,26 @@ impl Engine {
     /// Queues a request (checked by the caller); events arrive on the returned stream.
     /// Dropping the receiver cancels the request.
     pub fn submit(&self, request: GenerateRequest) -> Result<mpsc::Receiver<Event>, SubmitError> {
+        self.submit_with(request, ImageRows::default())
+    }
+
+    /// `submit` for a prompt with images, whose vision rows (`Model::encode_images`, one
+    /// per `<|patch|>` of the prompt, checked by the caller) were computed once, before:
+    /// chunked prefill and recompute after preemption take them from the request.
+    pub fn submit_with(
+        &self,
+        request: GenerateRequest,
+        images: ImageRows,
+    ) -> Result<mpsc::Receiver<Event>, SubmitError> {
         // Room for every event the request can produce, so the engine never waits on a
         // slow client: tokens, prompt logits, the end.
         let (events, rx) = mpsc::channel(request.max_new_tokens + 3);
         self.tx
-            .try_send(Submission { request, events })
+            .try_send(Submission {
+                request,
+                images,
+                events,
+            })
             .map_err(|e| match e {
                 TrySendError::Full(_) => SubmitError::Overloaded(self.queue_max),
                 TrySendError::Disconnected(_) => SubmitError::Stopped,
@@ -173,6 +190,8 @@ struct Seq {
     sampler: Sampler,
     /// Prompt, then every generated token.
     tokens: Vec<u32>,
+    /// The vision rows of the prompt's `<|patch|>` tokens (none for text).
+    images: ImageRows,
     generated: usize,
     cache: Option<KvCache>,
     prompt_logits: Option<Vec<f32>>,
@@ -223,6 +242,7 @@ impl Scheduler {
         let sampler = Sampler::new(job.request.sampling);
         self.waiting.push_back(Seq {
             tokens: job.request.prompt.clone(),
+            images: job.images,
             prompt_logits: job.request.prompt_logits.then(Vec::new),
             request: job.request,
             sampler,
@@ -339,6 +359,10 @@ impl Scheduler {
         } else {
             LogitRows::Last
         };
+        let patch = self
+            .model
+            .vision()
+            .map_or(u32::MAX, |v| v.config().image_token_id);
         let result = {
             let mut planned = plan.iter().peekable();
             let mut batch: Vec<Sequence<'_>> = Vec::with_capacity(plan.len());
@@ -347,10 +371,9 @@ impl Scheduler {
                     let (_, n) = planned.next().expect("peeked");
                     let cache = s.cache.as_mut().expect("running sequences have a cache");
                     let from = cache.next_pos;
-                    batch.push(Sequence {
-                        cache,
-                        tokens: &s.tokens[from..from + n],
-                    });
+                    let mut seq = Sequence::new(cache, &s.tokens[from..from + n]);
+                    seq.patches = s.images.chunk(&s.tokens, patch, from, from + n);
+                    batch.push(seq);
                 }
             }
             self.model.forward_with(&mut batch, rows, runner)

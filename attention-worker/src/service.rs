@@ -1,13 +1,20 @@
 //! `AttentionService.Generate`: token ids and sampling settings in, a stream of tokens out,
-//! through the continuous-batching [`Engine`]. A full queue is `RESOURCE_EXHAUSTED`; a
+//! through the continuous-batching [`Engine`]. A request's images (encoded files) are
+//! preprocessed and run through the vision tower here, once, before the engine sees the
+//! request; a bad image is `INVALID_ARGUMENT`. A full queue is `RESOURCE_EXHAUSTED`; a
 //! client that goes away cancels its request.
 
 use std::sync::Arc;
 
-use expertmesh_model::{Fault, FinishReason, GenerateRequest, Model, ModelError, SamplingParams};
+use expertmesh_model::vision::preprocess;
+use expertmesh_model::{
+    Fault, FinishReason, GenerateRequest, ImageError, ImageLimits, ImageRows, Model, ModelError,
+    ProcessorConfig, SamplingParams,
+};
 use expertmesh_proto::v1 as pb;
 use expertmesh_proto::v1::attention_service_server::{AttentionService, AttentionServiceServer};
 use expertmesh_proto::MAX_MESSAGE_BYTES;
+use tokio::sync::Semaphore;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
@@ -17,11 +24,74 @@ use crate::scheduler::{Engine, Event, SubmitError};
 pub struct AttentionServer {
     model: Arc<Model>,
     engine: Engine,
+    processor: ProcessorConfig,
+    limits: ImageLimits,
+    /// One vision-tower run at a time: it uses every core, and waiting requests hold
+    /// only their encoded bytes meanwhile.
+    vision: Arc<Semaphore>,
 }
 
 impl AttentionServer {
     pub fn new(model: Arc<Model>, engine: Engine) -> Self {
-        Self { model, engine }
+        Self {
+            model,
+            engine,
+            processor: ProcessorConfig::default(),
+            limits: ImageLimits::default(),
+            vision: Arc::new(Semaphore::new(1)),
+        }
+    }
+
+    /// How this model's images become tiles, and the bounds on them.
+    pub fn with_images(self, processor: ProcessorConfig, limits: ImageLimits) -> Self {
+        Self {
+            processor,
+            limits,
+            ..self
+        }
+    }
+
+    /// Preprocesses a request's images and runs the vision tower over them, off the async
+    /// threads: the rows for the prompt's `<|patch|>` tokens.
+    async fn encode_images(
+        &self,
+        prompt: &[u32],
+        images: Vec<Vec<u8>>,
+    ) -> Result<ImageRows, Status> {
+        if images.is_empty() {
+            return Ok(ImageRows::default());
+        }
+        if images.len() > self.limits.images_max {
+            return Err(status(
+                &ImageError::TooMany {
+                    count: images.len(),
+                    max: self.limits.images_max,
+                }
+                .into(),
+            ));
+        }
+        if self.model.vision().is_none() {
+            return Err(status(&ImageError::NoVision.into()));
+        }
+        let _permit = self
+            .vision
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("the vision tower has stopped"))?;
+        let (model, processor, limits) = (self.model.clone(), self.processor.clone(), self.limits);
+        let prompt = prompt.to_vec();
+        tokio::task::spawn_blocking(move || -> Result<ImageRows, ModelError> {
+            let pixels = images
+                .iter()
+                .map(|b| preprocess(b, &processor, &limits))
+                .collect::<Result<Vec<_>, _>>()?;
+            let rows = model.encode_images(&pixels)?;
+            model.check_image_rows(&prompt, &rows)?;
+            Ok(rows)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("the vision tower failed: {e}")))?
+        .map_err(|e| status(&e))
     }
 
     pub fn into_service(self) -> AttentionServiceServer<Self> {
@@ -58,6 +128,7 @@ fn request(r: &pb::GenerateRequest) -> GenerateRequest {
         },
         stop_ids: r.stop_ids.clone(),
         prompt_logits: r.prompt_logits,
+        images: Vec::new(),
     }
 }
 
@@ -95,7 +166,9 @@ impl AttentionService for AttentionServer {
         &self,
         r: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let req = request(&r.into_inner());
+        let mut r = r.into_inner();
+        let images = std::mem::take(&mut r.images);
+        let req = request(&r);
         req.sampling.validate().map_err(|e| status(&e))?;
         self.model
             .check_tokens(&self.model.new_cache(), &req.prompt, req.max_new_tokens)
@@ -103,12 +176,16 @@ impl AttentionService for AttentionServer {
         if req.prompt.is_empty() {
             return Err(status(&ModelError::EmptyPrompt));
         }
+        let image_rows = self.encode_images(&req.prompt, images).await?;
         let rows = req.prompt.len() as u64;
         let vocab = self.model.config().vocab_size as u64;
-        let rx = self.engine.submit(req).map_err(|e| match e {
-            SubmitError::Overloaded(_) => Status::resource_exhausted(e.to_string()),
-            SubmitError::Stopped => Status::unavailable(e.to_string()),
-        })?;
+        let rx = self
+            .engine
+            .submit_with(req, image_rows)
+            .map_err(|e| match e {
+                SubmitError::Overloaded(_) => Status::resource_exhausted(e.to_string()),
+                SubmitError::Stopped => Status::unavailable(e.to_string()),
+            })?;
         let stream = ReceiverStream::new(rx).map(move |e| event(e, rows, vocab));
         Ok(Response::new(Box::pin(stream)))
     }

@@ -9,10 +9,11 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use expertmesh_attention_worker::DispatchConfig;
 use expertmesh_dispatch::WireDType;
+use expertmesh_model::vision::preprocess;
 use expertmesh_model::{
     config::generation_eos_ids, generate, generate_with, ChatMessage, ChatTemplate,
-    DetokenizeStream, FinishReason, GenerateOutput, GenerateRequest, Model, SamplingParams,
-    TextConfig, TextTokenizer,
+    DetokenizeStream, FinishReason, GenerateOutput, GenerateRequest, ImageLimits, ImageTokens,
+    Model, Pixels, ProcessorConfig, SamplingParams, TextConfig, TextTokenizer, VisionConfig,
 };
 use expertmesh_proto::v1 as pb;
 use expertmesh_proto::v1::attention_service_client::AttentionServiceClient;
@@ -44,6 +45,10 @@ pub struct GenerateArgs {
     /// Treat the prompt as one user message rendered with the model's chat template.
     #[arg(long, requires = "prompt")]
     chat: bool,
+    /// An image file (PNG, JPEG, WebP, GIF) for the chat message, before the prompt's
+    /// text; repeat for several, in order.
+    #[arg(long = "image", requires = "chat")]
+    images: Vec<PathBuf>,
     /// Prompt as comma-separated token ids, used as given.
     #[arg(long, value_delimiter = ',')]
     input_ids: Option<Vec<u32>>,
@@ -86,7 +91,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let config = TextConfig::from_dir(&args.model)
         .with_context(|| format!("loading the model in {}", args.model.display()))?;
     let tokenizer = TextTokenizer::from_dir(&args.model)?;
-    let prompt = prompt_ids(&args, &config, &tokenizer)?;
+    let images = read_images(&args)?;
+    let prompt = prompt_ids(&args, &config, &tokenizer, &images)?;
     let stop_ids = if args.ignore_eos {
         Vec::new()
     } else {
@@ -103,8 +109,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         },
         stop_ids: stop_ids.clone(),
         prompt_logits: args.dump_logits.is_some(),
-        images: Vec::new(),
+        images: images.iter().map(|i| i.pixels.clone()).collect(),
     };
+    let encoded: Vec<Vec<u8>> = images.into_iter().map(|i| i.bytes).collect();
 
     let mut stream = DetokenizeStream::default();
     let mut stdout = std::io::stdout().lock();
@@ -121,7 +128,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let out = match (&args.expert_workers, &args.attention_worker) {
         (Some(n), _) => through_cluster(&args, *n, &request, on_token)?,
-        (None, Some(addr)) => through_attention_worker(addr, &request, on_token)?,
+        (None, Some(addr)) => through_attention_worker(addr, &request, &encoded, on_token)?,
         (None, None) => {
             let mut model = Model::load(&args.model)?;
             model.to_device_with(args.device, args.gemm)?;
@@ -188,6 +195,7 @@ fn through_cluster(
 fn through_attention_worker(
     address: &str,
     request: &GenerateRequest,
+    images: &[Vec<u8>],
     mut on_token: impl FnMut(u32),
 ) -> Result<GenerateOutput> {
     let runtime = tokio::runtime::Runtime::new()?;
@@ -252,11 +260,44 @@ fn through_attention_worker(
     })
 }
 
-/// The prompt's token ids: given, templated, or plain text with BOS in front.
+/// One `--image`: its file's bytes (sent as they are to an attention worker) and its tiles.
+struct Image {
+    bytes: Vec<u8>,
+    pixels: Pixels,
+}
+
+fn read_images(args: &GenerateArgs) -> Result<Vec<Image>> {
+    if args.images.is_empty() {
+        return Ok(Vec::new());
+    }
+    let processor = ProcessorConfig::from_dir(&args.model)?;
+    let limits = ImageLimits::default();
+    if args.images.len() > limits.images_max {
+        bail!(
+            "{} images, more than the limit of {}",
+            args.images.len(),
+            limits.images_max
+        );
+    }
+    args.images
+        .iter()
+        .map(|path| {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let pixels = preprocess(&bytes, &processor, &limits)
+                .with_context(|| format!("{}", path.display()))?;
+            Ok(Image { bytes, pixels })
+        })
+        .collect()
+}
+
+/// The prompt's token ids: given, templated (the images first, then the text, in one user
+/// message, each image's placeholder expanded), or plain text with BOS in front.
 fn prompt_ids(
     args: &GenerateArgs,
     config: &TextConfig,
     tokenizer: &TextTokenizer,
+    images: &[Image],
 ) -> Result<Vec<u32>> {
     if let Some(ids) = &args.input_ids {
         return Ok(ids.clone());
@@ -267,9 +308,29 @@ fn prompt_ids(
     if args.chat {
         let template = ChatTemplate::from_dir(&args.model)?
             .with_context(|| format!("{} has no chat template", args.model.display()))?;
-        let rendered = template.render(&[ChatMessage::new("user", text)], true)?;
-        // The template already starts with BOS; no second one.
-        return Ok(tokenizer.encode(&rendered, false)?);
+        if images.is_empty() {
+            let rendered = template.render(&[ChatMessage::new("user", text)], true)?;
+            // The template already starts with BOS; no second one.
+            return Ok(tokenizer.encode(&rendered, false)?);
+        }
+        let mut parts: Vec<serde_json::Value> = images
+            .iter()
+            .map(|_| serde_json::json!({"type": "image"}))
+            .collect();
+        parts.push(serde_json::json!({"type": "text", "text": text}));
+        let message = ChatMessage {
+            role: "user".into(),
+            content: serde_json::Value::Array(parts),
+        };
+        let rendered = template.render(&[message], true)?;
+        let vision = VisionConfig::from_dir(&args.model, config.hidden_size)?
+            .with_context(|| format!("{} has no vision tower", args.model.display()))?;
+        let grids: Vec<(usize, usize)> = images.iter().map(|i| i.pixels.grid).collect();
+        return Ok(ImageTokens::from_tokenizer(tokenizer)?.expand(
+            &tokenizer.encode(&rendered, false)?,
+            &grids,
+            vision.tokens_per_tile(),
+        )?);
     }
     let mut ids = tokenizer.encode(text, true)?;
     if let Some(bos) = config.bos_token_id {

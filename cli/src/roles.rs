@@ -13,6 +13,7 @@ use expertmesh_attention_worker::AttentionWorkerConfig;
 use expertmesh_coordinator::{Coordinator, CoordinatorConfig};
 use expertmesh_dispatch::{Transport, WireDType};
 use expertmesh_expert_worker::{ExpertWorkerConfig, WorkerConfig};
+use expertmesh_gateway::images::ImageConfig;
 use expertmesh_gateway::{Cluster, GatewayConfig};
 use expertmesh_model::ModelSource;
 use std::sync::Arc;
@@ -33,6 +34,9 @@ pub struct CoordinatorArgs {
     /// Require this API key on HTTP requests.
     #[arg(long)]
     api_key: Option<String>,
+    /// Let the HTTP API fetch http:// image URLs (by default only data: URLs are taken).
+    #[arg(long)]
+    allow_image_urls: bool,
     /// This coordinator's raft id.
     #[arg(long)]
     id: Option<u64>,
@@ -194,6 +198,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     if args.api_key.is_some() {
         config.api_key = args.api_key;
     }
+    config.allow_image_urls |= args.allow_image_urls;
     if let Some(v) = args.id {
         config.id = v;
         if args.data_dir.is_none() && config.data_dir == CoordinatorConfig::default().data_dir {
@@ -249,6 +254,10 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
                 http: http.clone(),
                 model: config.model.clone(),
                 api_key: config.api_key.clone(),
+                images: ImageConfig {
+                    allow_image_urls: config.allow_image_urls,
+                    ..ImageConfig::default()
+                },
                 ..GatewayConfig::default()
             };
             let cluster: Arc<dyn Cluster> = Arc::new(coordinator.clone());

@@ -31,6 +31,9 @@ pub struct UpArgs {
     /// Require this API key on HTTP requests.
     #[arg(long)]
     api_key: Option<String>,
+    /// Let the HTTP API fetch http:// image URLs (by default only data: URLs are taken).
+    #[arg(long)]
+    allow_image_urls: bool,
     /// Copies of every expert, on distinct expert workers.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
@@ -75,14 +78,20 @@ pub fn run(args: UpArgs) -> Result<()> {
         attention_args: vec!["--dispatch".into(), args.dispatch.to_string()],
         http: Some(args.http.clone()),
         api_key: args.api_key.clone(),
-        coordinator_args: vec![
+        coordinator_args: [
             "--min-replicas".into(),
             args.replicas.to_string(),
             "--redundancy".into(),
             args.redundancy.to_string(),
             "--lease-ms".into(),
             args.lease_ms.to_string(),
-        ],
+        ]
+        .into_iter()
+        .chain(
+            args.allow_image_urls
+                .then(|| "--allow-image-urls".to_string()),
+        )
+        .collect(),
         device: args.device,
         gemm: args.gemm,
     })?;

@@ -43,6 +43,8 @@ pub struct CoordinatorConfig {
     pub http: Option<String>,
     /// When set, HTTP requests must carry `Authorization: Bearer <api_key>`.
     pub api_key: Option<String>,
+    /// Let the HTTP API fetch `http://` image URLs (off: `data:` URLs only).
+    pub allow_image_urls: bool,
     /// This coordinator's raft id (1, 2, ...).
     pub id: u64,
     /// The initial coordinators as `ID=HOST:PORT`, this one included; empty means a
@@ -75,6 +77,7 @@ impl Default for CoordinatorConfig {
             model: "tests/fixtures/tiny-maverick".into(),
             http: None,
             api_key: None,
+            allow_image_urls: false,
             id: 1,
             peers: Vec::new(),
             data_dir: "expertmesh-data/coordinator-1".into(),

@@ -16,6 +16,7 @@
 
 pub mod backend;
 pub mod error;
+pub mod images;
 pub mod metrics;
 pub mod openai;
 pub mod request;
@@ -28,11 +29,12 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use expertmesh_model::config::generation_eos_ids;
-use expertmesh_model::{ChatTemplate, ModelSource, TextTokenizer};
+use expertmesh_model::{ChatTemplate, ImageTokens, ModelSource, ProcessorConfig, TextTokenizer};
 use tokio::sync::Semaphore;
 
 use crate::backend::Backend;
 pub use crate::backend::Cluster;
+use crate::images::ImageConfig;
 use crate::metrics::Metrics;
 use crate::request::Validator;
 
@@ -55,6 +57,8 @@ pub struct GatewayConfig {
     /// A request fails when its worker sends nothing for this long, in ms (first token
     /// included: a long queue or prompt must still make progress within it).
     pub token_timeout_ms: u64,
+    /// How images are taken (data: URLs always; http:// URLs when allowed) and bounded.
+    pub images: ImageConfig,
 }
 
 impl Default for GatewayConfig {
@@ -63,10 +67,12 @@ impl Default for GatewayConfig {
             http: "127.0.0.1:8000".into(),
             model: "tests/fixtures/tiny-maverick".into(),
             api_key: None,
-            body_max_bytes: 1 << 20,
+            // Room for a few base64 images (a 20 MiB image is 27 MiB as base64).
+            body_max_bytes: 32 << 20,
             requests_max: 512,
             completion_tokens_default: 16,
             token_timeout_ms: 120_000,
+            images: ImageConfig::default(),
         }
     }
 }
@@ -88,6 +94,8 @@ pub struct App {
     /// Requests in flight (`requests_max`).
     pub permits: Arc<Semaphore>,
     pub next_id: AtomicU64,
+    /// How the model's images become tiles (their grids size the prompt).
+    pub processor: ProcessorConfig,
 }
 
 /// Serves the API on `listener` until `shutdown` completes.
@@ -99,6 +107,7 @@ pub async fn serve(
 ) -> Result<(), GatewayError> {
     let source: ModelSource = config.model.parse()?;
     let model_config = source.config()?;
+    let processor = source.processor_config()?;
     let (tokenizer, template, stop_ids, model_name) = match &source {
         ModelSource::Dir(dir) => (
             Some(TextTokenizer::from_dir(dir)?),
@@ -110,6 +119,10 @@ pub async fn serve(
         ),
         ModelSource::Synthetic(_) => (None, None, Vec::new(), "synthetic-bench".to_owned()),
     };
+    let vision = match (source.vision_config()?, &tokenizer) {
+        (Some(v), Some(tok)) => Some((ImageTokens::from_tokenizer(tok)?, v.tokens_per_tile())),
+        _ => None,
+    };
     let app = Arc::new(App {
         validator: Validator {
             tokenizer,
@@ -118,12 +131,14 @@ pub async fn serve(
             model_name,
             model_path: config.model.clone(),
             completion_tokens_default: config.completion_tokens_default,
+            vision,
         },
         backend: Backend::new(cluster, stop_ids),
         metrics: Metrics::default(),
         permits: Arc::new(Semaphore::new(config.requests_max)),
         config,
         next_id: AtomicU64::new(1),
+        processor,
     });
     let router = routes::router(app);
     axum::serve(listener, router)

@@ -31,6 +31,8 @@ pub struct CompletionRequest {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// The chat's image URLs (`image_url` parts), in the order of their placeholders.
+    pub images: Vec<String>,
 }
 
 impl CompletionRequest {
@@ -41,8 +43,9 @@ impl CompletionRequest {
         let obj = value
             .as_object()
             .ok_or_else(|| ApiError::bad("the body must be a JSON object", "body"))?;
+        let mut images = Vec::new();
         let prompt = if chat {
-            Prompt::Chat(messages(obj)?)
+            Prompt::Chat(messages(obj, &mut images)?)
         } else {
             prompt(obj)?
         };
@@ -102,6 +105,7 @@ impl CompletionRequest {
             stop: stop(obj)?,
             stream,
             include_usage,
+            images,
         })
     }
 }
@@ -162,6 +166,21 @@ fn prompt(obj: &Map<String, Value>) -> Result<Prompt, ApiError> {
             "prompt",
         )
     };
+    let has_image = |v: &Value| {
+        v.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|p| p.get("type").is_some_and(|t| t == "image_url"))
+        })
+    };
+    if obj
+        .get("prompt")
+        .is_some_and(|p| has_image(p) || p.as_array().is_some_and(|a| a.iter().any(has_image)))
+    {
+        return Err(ApiError::bad(
+            "images are a chat feature: send them as image_url parts to /v1/chat/completions",
+            "prompt",
+        ));
+    }
     match obj.get("prompt") {
         Some(Value::String(s)) => Ok(Prompt::Text(s.clone())),
         Some(Value::Array(a)) if a.is_empty() => Err(ApiError::bad("prompt is empty", "prompt")),
@@ -182,7 +201,58 @@ fn prompt(obj: &Map<String, Value>) -> Result<Prompt, ApiError> {
     }
 }
 
-fn messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
+/// One message's content parts as the chat template reads them: text parts as they are,
+/// each `image_url` part as `{"type": "image"}` (its URL appended to `images`); `detail` is
+/// accepted and ignored. Other part types are refused rather than silently dropped.
+fn parts(parts: &[Value], field: &str, images: &mut Vec<String>) -> Result<Value, ApiError> {
+    let mut out = Vec::with_capacity(parts.len());
+    for (j, part) in parts.iter().enumerate() {
+        let field = format!("{field}.content[{j}]");
+        match part.get("type").and_then(Value::as_str) {
+            Some("text") => {
+                if !part.get("text").is_some_and(Value::is_string) {
+                    return Err(ApiError::bad(
+                        format!("{field}.text must be a string"),
+                        &field,
+                    ));
+                }
+                out.push(part.clone());
+            }
+            Some("image_url") => {
+                let url = match part.get("image_url") {
+                    Some(Value::Object(o)) => o.get("url").and_then(Value::as_str),
+                    Some(Value::String(s)) => Some(s.as_str()),
+                    _ => None,
+                };
+                let url = url.ok_or_else(|| {
+                    ApiError::bad(format!("{field}.image_url.url must be a string"), &field)
+                })?;
+                images.push(url.to_owned());
+                out.push(serde_json::json!({"type": "image"}));
+            }
+            Some(other) => {
+                return Err(ApiError::bad(
+                    format!(
+                        "{field}: content part type `{other}` is not supported (text, image_url)"
+                    ),
+                    &field,
+                ))
+            }
+            None => {
+                return Err(ApiError::bad(
+                    format!("{field}.type must be a string"),
+                    &field,
+                ))
+            }
+        }
+    }
+    Ok(Value::Array(out))
+}
+
+fn messages(
+    obj: &Map<String, Value>,
+    images: &mut Vec<String>,
+) -> Result<Vec<ChatMessage>, ApiError> {
     let list = obj
         .get("messages")
         .and_then(Value::as_array)
@@ -200,8 +270,8 @@ fn messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
                 .ok_or_else(|| ApiError::bad(format!("{field}.role must be a string"), &field))?;
             let content = match m.get("content") {
                 Some(Value::String(s)) => Value::String(s.clone()),
-                Some(Value::Array(parts)) if parts.iter().all(Value::is_object) => {
-                    Value::Array(parts.clone())
+                Some(Value::Array(list)) if list.iter().all(Value::is_object) => {
+                    parts(list, &field, images)?
                 }
                 Some(Value::Null) | None => Value::String(String::new()),
                 Some(_) => {
@@ -251,6 +321,19 @@ mod tests {
         for (body, chat) in ok {
             assert!(parse(body, chat).is_ok(), "{body}");
         }
+        let with_images = parse(
+            r#"{"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:a", "detail": "high"}},
+                {"type": "text", "text": "and"},
+                {"type": "image_url", "image_url": "data:b"}]}]}"#,
+            true,
+        )
+        .unwrap();
+        assert_eq!(with_images.images, vec!["data:a", "data:b"]);
+        let Prompt::Chat(m) = &with_images.prompt else {
+            panic!("a chat")
+        };
+        assert_eq!(m[0].content[0], serde_json::json!({"type": "image"}));
         let bad = [
             ("{not json", false, "body"),
             ("[1]", false, "body"),
@@ -268,6 +351,21 @@ mod tests {
             (r#"{"messages": "hi"}"#, true, "messages"),
             (r#"{"messages": [{"content": "hi"}]}"#, true, "messages[0]"),
             (r#"{"prompt": "x", "model": 3}"#, false, "model"),
+            (
+                r#"{"prompt": [{"type": "image_url", "image_url": {"url": "data:,"}}]}"#,
+                false,
+                "prompt",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#,
+                true,
+                "messages[0].content[0]",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}"#,
+                true,
+                "messages[0].content[0]",
+            ),
         ];
         for (body, chat, param) in bad {
             match parse(body, chat) {

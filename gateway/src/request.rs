@@ -3,9 +3,10 @@
 //! through the template, or token ids checked against the vocabulary), `max_tokens` fitted
 //! to the context — or a 400/404 naming the field.
 
-use expertmesh_model::{ChatTemplate, TextConfig, TextTokenizer};
+use expertmesh_model::{ChatTemplate, ImageError, ImageTokens, TextConfig, TextTokenizer};
 
 use crate::error::ApiError;
+use crate::images::{image_error, LoadedImage};
 use crate::openai::{CompletionRequest, Prompt};
 
 /// What validation needs of the model: its tokenizer, template, config and names.
@@ -19,6 +20,8 @@ pub struct Validator {
     pub model_path: String,
     /// `max_tokens` of a completion that names none.
     pub completion_tokens_default: usize,
+    /// For a model with a vision tower: its image tokens and the rows one tile yields.
+    pub vision: Option<(ImageTokens, usize)>,
 }
 
 /// A request that passed every check, tokenized, ready to send.
@@ -29,13 +32,18 @@ pub struct ValidRequest {
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     pub request: CompletionRequest,
+    /// The images' encoded bytes, in prompt order.
+    pub images: Vec<Vec<u8>>,
 }
 
 impl Validator {
+    /// Validates a parsed request whose images (`request.images`, resolved and checked by
+    /// `images::load`) are `images`.
     pub fn validate(
         &self,
         request: CompletionRequest,
         chat: bool,
+        images: Vec<LoadedImage>,
     ) -> Result<ValidRequest, ApiError> {
         if let Some(m) = &request.model {
             if *m != self.model_name && *m != self.model_path {
@@ -44,13 +52,21 @@ impl Validator {
                 )));
             }
         }
-        let prompt = self.tokenize(&request.prompt)?;
+        let mut prompt = self.tokenize(&request.prompt)?;
+        if !images.is_empty() {
+            let (tokens, per_tile) = self.vision.ok_or(image_error(ImageError::NoVision))?;
+            let grids: Vec<(usize, usize)> = images.iter().map(|i| i.grid).collect();
+            prompt = tokens
+                .expand(&prompt, &grids, per_tile)
+                .map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
+        }
         let max_tokens = self.max_tokens(prompt.len(), request.max_tokens, chat)?;
         Ok(ValidRequest {
             chat,
             prompt,
             max_tokens,
             request,
+            images: images.into_iter().map(|i| i.bytes).collect(),
         })
     }
 

@@ -18,9 +18,11 @@ use expertmesh_proto::v1 as pb;
 use serde_json::json;
 
 use crate::error::ApiError;
+use crate::images::{self, image_error};
 use crate::openai::CompletionRequest;
 use crate::response::{collect, stream_events, Completion};
 use crate::App;
+use expertmesh_model::ImageError;
 
 /// Every route of the API over the gateway's state.
 pub fn router(app: Arc<App>) -> Router {
@@ -140,7 +142,12 @@ async fn complete(
     authorize(&app, &headers)?;
     let bytes = read_body(body, app.config.body_max_bytes).await?;
     let request = CompletionRequest::parse(&bytes, chat)?;
-    let valid = app.validator.validate(request, chat)?;
+    drop(bytes);
+    if !request.images.is_empty() && app.validator.vision.is_none() {
+        return Err(image_error(ImageError::NoVision));
+    }
+    let images = images::load(&request.images, &app.config.images, &app.processor).await?;
+    let valid = app.validator.validate(request, chat, images)?;
     let permit = app
         .permits
         .clone()

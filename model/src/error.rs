@@ -191,10 +191,7 @@ mod tests {
                 ModelError::Image(crate::vision::ImageError::NoVision),
                 Fault::Request,
             ),
-            (
-                ModelError::ImageRows { rows: 1, slots: 2 },
-                Fault::Request,
-            ),
+            (ModelError::ImageRows { rows: 1, slots: 2 }, Fault::Request),
             (experts(ExpertsFailure::Unreachable), Fault::Unavailable),
             (experts(ExpertsFailure::Overloaded), Fault::Unavailable),
             (

@@ -57,7 +57,7 @@ pub use device::{Device, GemmPrecision};
 pub use error::{ExpertsFailure, Fault, ModelError, Result};
 pub use generate::{generate, generate_with, FinishReason, GenerateOutput, GenerateRequest};
 pub use kv_cache::KvCache;
-pub use model::{Forward, LocalExperts, LogitRows, Model, Sequence};
+pub use model::{Forward, ImageRows, LocalExperts, LogitRows, Model, Sequence};
 pub use sampling::{Sampler, SamplingParams};
 pub use source::ModelSource;
 pub use tokenizer::{ChatMessage, ChatTemplate, DetokenizeStream, TextTokenizer};

@@ -76,8 +76,16 @@ impl ImageRows {
             return &[];
         }
         let slots = self.rows.len() / self.hidden;
-        let before = tokens[..start].iter().filter(|&&t| t == patch).count().min(slots);
-        let upto = tokens[..end].iter().filter(|&&t| t == patch).count().min(slots);
+        let before = tokens[..start]
+            .iter()
+            .filter(|&&t| t == patch)
+            .count()
+            .min(slots);
+        let upto = tokens[..end]
+            .iter()
+            .filter(|&&t| t == patch)
+            .count()
+            .min(slots);
         &self.rows[before * self.hidden..upto * self.hidden]
     }
 }
@@ -204,7 +212,11 @@ impl Model {
         }
         let h = self.config.hidden_size;
         let slots = match self.vision() {
-            Some(v) => s.tokens.iter().filter(|&&t| t == v.config().image_token_id).count(),
+            Some(v) => s
+                .tokens
+                .iter()
+                .filter(|&&t| t == v.config().image_token_id)
+                .count(),
             None => return Err(ImageError::NoVision.into()),
         };
         if !s.patches.len().is_multiple_of(h) || s.patches.len() / h > slots {
@@ -220,7 +232,10 @@ impl Model {
     pub fn check_image_rows(&self, prompt: &[u32], rows: &ImageRows) -> Result<()> {
         let rows_n = rows.rows.len() / self.config.hidden_size;
         let slots = match self.vision() {
-            Some(v) => prompt.iter().filter(|&&t| t == v.config().image_token_id).count(),
+            Some(v) => prompt
+                .iter()
+                .filter(|&&t| t == v.config().image_token_id)
+                .count(),
             None => 0,
         };
         if rows_n != slots && rows_n != 0 {

@@ -9,6 +9,7 @@ use crate::checkpoint::{SafetensorsCheckpoint, WeightSource};
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
 use crate::synthetic::SyntheticSpec;
+use crate::vision::{ProcessorConfig, VisionConfig};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSource {
@@ -42,6 +43,22 @@ impl std::fmt::Display for ModelSource {
 }
 
 impl ModelSource {
+    /// The vision tower's config, for a multimodal model (`None`: text only).
+    pub fn vision_config(&self) -> Result<Option<VisionConfig>> {
+        match self {
+            Self::Dir(d) => VisionConfig::from_dir(d, self.config()?.hidden_size),
+            Self::Synthetic(_) => Ok(None),
+        }
+    }
+
+    /// How images become tiles (the processor's config, or the class defaults).
+    pub fn processor_config(&self) -> Result<ProcessorConfig> {
+        match self {
+            Self::Dir(d) => ProcessorConfig::from_dir(d),
+            Self::Synthetic(_) => Ok(ProcessorConfig::default()),
+        }
+    }
+
     pub fn config(&self) -> Result<TextConfig> {
         match self {
             Self::Dir(d) => TextConfig::from_dir(d),

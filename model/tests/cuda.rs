@@ -347,19 +347,13 @@ fn gpu_batches_and_paged_decoding_match_the_cpu() {
         let [ga, gb] = g else { unreachable!() };
         let want = cpu
             .forward(
-                &mut [
-                    Sequence::new(ca, ta),
-                    Sequence::new(cb, tb),
-                ],
+                &mut [Sequence::new(ca, ta), Sequence::new(cb, tb)],
                 LogitRows::All,
             )
             .unwrap();
         let got = gpu
             .forward(
-                &mut [
-                    Sequence::new(ga, ta),
-                    Sequence::new(gb, tb),
-                ],
+                &mut [Sequence::new(ga, ta), Sequence::new(gb, tb)],
                 LogitRows::All,
             )
             .unwrap();
@@ -400,11 +394,8 @@ fn bf16_gemms_stay_near_the_cpu() {
     let tokens: Vec<u32> = (0..48).map(|i| (i * 41 + 3) % vocab).collect();
     let run = |m: &Model| {
         let mut cache = m.new_cache();
-        m.forward(
-            &mut [Sequence::new(&mut cache, &tokens)],
-            LogitRows::All,
-        )
-        .unwrap()
+        m.forward(&mut [Sequence::new(&mut cache, &tokens)], LogitRows::All)
+            .unwrap()
     };
     let (want, got) = (run(&cpu), run(&gpu));
     let largest = want.logits.iter().fold(0.0f32, |m, v| m.max(v.abs()));

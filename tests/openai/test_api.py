@@ -1,8 +1,12 @@
 """The OpenAI-compatible API of `expertmesh up` (tiny-maverick, 2 expert workers), driven
 by the official `openai` Python client, plus raw HTTP for what the client cannot send."""
 
+import base64
+import http.server
 import json
 import os
+import struct
+import zlib
 import re
 import socket
 import subprocess
@@ -190,7 +194,7 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_healthy(client, ser
         (json.dumps({"prompt": "x", "max_tokens": 10**6}).encode(), 400),
         (json.dumps({"prompt": "x", "model": "no-such-model"}).encode(), 404),
         (json.dumps({"prompt": [999999]}).encode(), 400),
-        (b"{" + b" " * (10 * 1024 * 1024) + b"}", 413),
+        (b"{" + b" " * (33 * 1024 * 1024) + b"}", 413),
     ]
     for body, code in cases:
         status, payload = raw(server, "/v1/completions", body)
@@ -279,5 +283,167 @@ def test_health_is_503_and_requests_fail_cleanly_without_workers():
         status, payload = raw(base, "/v1/completions", json.dumps({"prompt": "x"}).encode())
         assert status == 503 and payload["error"]["type"] == "server_error"
     finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# ---- images -------------------------------------------------------------------------------
+
+IMAGE = ROOT / "tests/fixtures/tiny-maverick/test-image.png"
+IMAGE_PROMPT = CASES["image"]["messages"][0]["content"][1]["text"]  # "What is in this picture?"
+
+
+def data_url(data, mime="image/png"):
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def png(width, height, rows=None):
+    """A PNG written by hand (no imaging library in the test environment): 8-bit RGB."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    raw_rows = rows if rows is not None else b"".join(b"\0" + b"\x80" * (3 * width)
+                                                    for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw_rows)) + chunk(b"IEND", b""))
+
+
+def image_message(*urls, text=IMAGE_PROMPT):
+    parts = [{"type": "image_url", "image_url": {"url": u, "detail": "auto"}} for u in urls]
+    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+
+
+def cli_generate(*images, max_tokens=8):
+    args = [BIN, "generate", "--model", "tests/fixtures/tiny-maverick", "--chat", "--json",
+            "--prompt", IMAGE_PROMPT, "--max-tokens", str(max_tokens)]
+    for image in images:
+        args += ["--image", str(image)]
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_an_image_as_a_data_url_gets_the_clis_text(client):
+    url = data_url(IMAGE.read_bytes())
+    r = client.chat.completions.create(model="tiny-maverick", messages=[image_message(url)],
+                                       max_tokens=8, temperature=0)
+    cli = cli_generate(IMAGE)
+    assert cli["input_ids"] == CASES["image"]["input_ids"]
+    assert cli["output_ids"] == CASES["image"]["greedy_new_ids"]
+    assert r.choices[0].message.content == cli["text"]
+    # The expanded image tokens count as prompt tokens.
+    assert r.usage.prompt_tokens == len(CASES["image"]["input_ids"])
+
+
+def test_several_images_in_one_message(client):
+    url = data_url(IMAGE.read_bytes())
+    r = client.chat.completions.create(model="tiny-maverick",
+                                       messages=[image_message(url, url)],
+                                       max_tokens=6, temperature=0)
+    cli = cli_generate(IMAGE, IMAGE, max_tokens=6)
+    assert r.usage.prompt_tokens == len(cli["input_ids"]) == len(CASES["image"]["input_ids"]) + 17
+    assert r.choices[0].message.content == cli["text"]
+
+
+def test_an_image_in_a_follow_up_turn(client):
+    url = data_url(IMAGE.read_bytes())
+    first = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}]
+    text_only = client.chat.completions.create(
+        model="tiny-maverick", messages=first + [image_message(text="Describe it.")],
+        max_tokens=4, temperature=0)
+    with_image = client.chat.completions.create(
+        model="tiny-maverick", messages=first + [image_message(url, text="Describe it.")],
+        max_tokens=4, temperature=0)
+    # One <|image|> placeholder becomes 17 tokens: start, 2 tiles of 4 patches, separators,
+    # the global tile's marker and patches, end.
+    assert with_image.usage.prompt_tokens == text_only.usage.prompt_tokens + 17
+    assert with_image.choices[0].message.content is not None
+
+
+def bad_images():
+    image = IMAGE.read_bytes()
+    return [
+        ("corrupt base64", [data_url(image)[:-3] + "@@@"]),
+        ("truncated PNG", [data_url(image[:100])]),
+        ("1x1 image", [data_url(png(1, 1))]),
+        # A 20000×20000 header over a few bytes of data: refused before any decoding.
+        ("decompression bomb", [data_url(png(20000, 20000, rows=b"\0" * 16))]),
+        ("too many images", [data_url(image)] * 9),
+        ("unsupported format", [data_url(b"BM" + b"\0" * 60, "image/bmp")]),
+        ("http URL while fetching is off", ["http://127.0.0.1:9/image.png"]),
+    ]
+
+
+def test_bad_images_get_400s_and_the_server_stays_healthy(client, server):
+    for name, urls in bad_images():
+        body = json.dumps({"messages": [image_message(*urls)], "max_tokens": 2}).encode()
+        status, payload = raw(server, "/v1/chat/completions", body)
+        assert status == 400, (name, status, payload)
+        assert set(payload["error"]) >= {"message", "type", "param", "code"}, name
+        assert payload["error"]["type"] == "invalid_request_error", name
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny-maverick",
+                                       messages=[image_message(bad_images()[1][1][0])],
+                                       max_tokens=2)
+    # Images are a chat feature.
+    status, payload = raw(server, "/v1/completions", json.dumps(
+        {"prompt": [{"type": "image_url", "image_url": {"url": data_url(IMAGE.read_bytes())}}]}
+    ).encode())
+    assert status == 400 and "chat" in payload["error"]["message"]
+    with urllib.request.urlopen(server + "/health", timeout=10) as r:
+        assert r.status == 200
+    url = data_url(IMAGE.read_bytes())
+    r = client.chat.completions.create(model="tiny-maverick", messages=[image_message(url)],
+                                       max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens == 2
+
+
+def test_a_text_only_model_refuses_images():
+    proc, base = start_cluster("--model", "tests/fixtures/tiny-scout")
+    try:
+        body = json.dumps({"messages": [image_message(data_url(IMAGE.read_bytes()))],
+                           "max_tokens": 2}).encode()
+        status, payload = raw(base, "/v1/chat/completions", body)
+        assert status == 400 and "text only" in payload["error"]["message"], payload
+        status, _ = raw(base, "/v1/chat/completions", json.dumps(
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode())
+        assert status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+class _Images(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/image.png":
+            data = IMAGE.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        else:
+            self.send_response(302)
+            self.send_header("Location", "file:///etc/passwd")
+            self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_image_urls_are_fetched_when_allowed():
+    images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    proc, base = start_cluster("--allow-image-urls")
+    try:
+        port = images.server_address[1]
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+        r = client.chat.completions.create(
+            model="tiny-maverick", messages=[image_message(f"http://127.0.0.1:{port}/image.png")],
+            max_tokens=8, temperature=0)
+        assert r.choices[0].message.content == cli_generate(IMAGE)["text"]
+        body = json.dumps({"messages": [image_message(f"http://127.0.0.1:{port}/moved")],
+                           "max_tokens": 2}).encode()
+        status, payload = raw(base, "/v1/chat/completions", body)
+        assert status == 400 and "redirect" in payload["error"]["message"], payload
+    finally:
+        images.shutdown()
         proc.terminate()
         proc.wait(timeout=30)

@@ -271,10 +271,7 @@ fn weight_sources_conform() {
         let model = Model::from_source(config.clone(), src).unwrap();
         let mut cache = model.new_cache();
         model
-            .forward(
-                &mut [Sequence::new(&mut cache, &tokens)],
-                LogitRows::All,
-            )
+            .forward(&mut [Sequence::new(&mut cache, &tokens)], LogitRows::All)
             .unwrap()
             .logits
     };

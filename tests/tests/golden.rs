@@ -77,10 +77,7 @@ fn check_prefill(model: &Model, reference: &Reference, case: &Value) {
     let input = ids(&case["input_ids"]);
     let mut cache = model.new_cache();
     let out = model
-        .forward(
-            &mut [Sequence::new(&mut cache, &input)],
-            LogitRows::All,
-        )
+        .forward(&mut [Sequence::new(&mut cache, &input)], LogitRows::All)
         .unwrap();
     let (shape, expected) = reference.f32s(&format!("{name}.logits"));
     assert_eq!(shape, vec![input.len(), model.config().vocab_size]);
@@ -295,10 +292,7 @@ fn batched_forward_equals_single_sequences() {
     for (i, p) in prompts.iter().enumerate() {
         let mut cache = model.new_cache();
         let alone = model
-            .forward(
-                &mut [Sequence::new(&mut cache, p)],
-                LogitRows::Last,
-            )
+            .forward(&mut [Sequence::new(&mut cache, p)], LogitRows::Last)
             .unwrap();
         let worst = together
             .row(i)

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use expertmesh_model::vision::{preprocess, ImageLimits, ImageTokens, ProcessorConfig};
 use expertmesh_model::{
-    generate, ChatMessage, ChatTemplate, GenerateRequest, LogitRows, Model, Pixels,
-    SamplingParams, Sequence, TextTokenizer,
+    generate, ChatMessage, ChatTemplate, GenerateRequest, LogitRows, Model, Pixels, SamplingParams,
+    Sequence, TextTokenizer,
 };
 use safetensors::SafeTensors;
 use serde_json::Value;
@@ -161,7 +161,11 @@ fn own_preprocessing_and_prompt_match_the_processor() {
     let model = Model::load(&dir).unwrap();
     let per_tile = model.vision().unwrap().config().tokens_per_tile();
     let expanded = tokens
-        .expand(&tok.encode(&rendered, false).unwrap(), &[pixels.grid], per_tile)
+        .expand(
+            &tok.encode(&rendered, false).unwrap(),
+            &[pixels.grid],
+            per_tile,
+        )
         .unwrap();
     assert_eq!(expanded, case.input_ids);
     check_model(&model, &case, pixels);
@@ -207,7 +211,9 @@ fn text_only_models_and_mismatched_rows_are_refused() {
     // Two images' worth of rows for one image's slots.
     let mut doubled = rows.clone();
     doubled.rows.extend_from_slice(&rows.rows);
-    let err = model.check_image_rows(&case.input_ids, &doubled).unwrap_err();
+    let err = model
+        .check_image_rows(&case.input_ids, &doubled)
+        .unwrap_err();
     assert!(err.is_request_fault(), "{err}");
     let mut cache = model.new_cache();
     let mut seq = Sequence::new(&mut cache, &case.input_ids);

@@ -211,10 +211,7 @@ fn single_process(
         let p = prompt(args.prompt_tokens);
         let mut cache = model.new_cache();
         let t0 = Instant::now();
-        model.forward(
-            &mut [Sequence::new(&mut cache, &p)],
-            LogitRows::Last,
-        )?;
+        model.forward(&mut [Sequence::new(&mut cache, &p)], LogitRows::Last)?;
         prefill_times.push(t0.elapsed());
     }
     let prefill_tokens_per_s = args.prompt_tokens as f64 / median(&mut prefill_times).as_secs_f64();

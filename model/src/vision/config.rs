@@ -86,7 +86,10 @@ impl VisionConfig {
             ));
         }
         let projector_dim = f.usize("projector_input_dim")?;
-        if f.opt_usize("projector_output_dim")?.unwrap_or(projector_dim) != projector_dim {
+        if f.opt_usize("projector_output_dim")?
+            .unwrap_or(projector_dim)
+            != projector_dim
+        {
             return Err(invalid(
                 "vision_config.projector_output_dim",
                 "must equal projector_input_dim (the adapter's fc2 is square)",
@@ -199,7 +202,9 @@ impl ProcessorConfig {
                 serde_json::from_str(&text).map_err(|source| ModelError::Json { path, source })?;
             let obj = match value.get("image_processor") {
                 Some(Value::Object(o)) => o,
-                _ => value.as_object().ok_or_else(|| bad(name, "(root)", "not an object"))?,
+                _ => value
+                    .as_object()
+                    .ok_or_else(|| bad(name, "(root)", "not an object"))?,
             };
             return Self::from_json(obj).map_err(|e| match e {
                 ModelError::InvalidField { field, reason, .. } => bad(name, &field, &reason),

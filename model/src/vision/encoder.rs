@@ -28,7 +28,13 @@ struct Affine {
 }
 
 impl Affine {
-    fn load(src: &dyn WeightSource, name: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
+    fn load(
+        src: &dyn WeightSource,
+        name: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<Self> {
         let linear = Linear::new(
             src.tensor_shaped(&format!("{name}.weight"), &[out, inp])?,
             Layout::OutIn,
@@ -69,7 +75,9 @@ struct LayerNorm {
 impl LayerNorm {
     fn load(src: &dyn WeightSource, name: &str, dim: usize, eps: f32) -> Result<Self> {
         let v = |s: &str| -> Result<Vec<f32>> {
-            Ok(src.tensor_shaped(&format!("{name}.{s}"), &[dim])?.to_f32_vec())
+            Ok(src
+                .tensor_shaped(&format!("{name}.{s}"), &[dim])?
+                .to_f32_vec())
         };
         Ok(Self {
             weight: v("weight")?,
@@ -221,7 +229,11 @@ impl VisionModel {
     /// embeddings, in tile order.
     pub fn encode(&self, pixels: &[f32], tiles: usize) -> Vec<f32> {
         let c = &self.config;
-        assert_eq!(pixels.len(), tiles * c.tile_values(), "pixel values of whole tiles");
+        assert_eq!(
+            pixels.len(),
+            tiles * c.tile_values(),
+            "pixel values of whole tiles"
+        );
         if tiles == 0 {
             return Vec::new();
         }

@@ -94,7 +94,11 @@ pub fn probe(bytes: &[u8], limits: &ImageLimits) -> Result<(u32, u32), ImageErro
 
 /// The tile grid an image of this size gets, from its header alone (what the prompt
 /// expansion needs without decoding).
-pub fn grid_of(bytes: &[u8], config: &ProcessorConfig, limits: &ImageLimits) -> Result<(usize, usize), ImageError> {
+pub fn grid_of(
+    bytes: &[u8],
+    config: &ProcessorConfig,
+    limits: &ImageLimits,
+) -> Result<(usize, usize), ImageError> {
     let (w, h) = probe(bytes, limits)?;
     let (ch, cw) = best_canvas((h as usize, w as usize), config);
     Ok((ch / config.tile_size, cw / config.tile_size))
@@ -334,7 +338,16 @@ mod tests {
         // grouped by ratio as first seen: 0.25, 1, 4, 1/3, 3, 0.5, 2.
         assert_eq!(
             supported_grids(4),
-            vec![(1, 4), (2, 2), (1, 1), (4, 1), (1, 3), (3, 1), (1, 2), (2, 1)]
+            vec![
+                (1, 4),
+                (2, 2),
+                (1, 1),
+                (4, 1),
+                (1, 3),
+                (3, 1),
+                (1, 2),
+                (2, 1)
+            ]
         );
     }
 
@@ -371,8 +384,14 @@ mod tests {
     #[test]
     fn distortion_free_size() {
         assert_eq!(size_without_distortion((500, 400), (500, 400)), (500, 400));
-        assert_eq!(size_without_distortion((1000, 300), (1000, 336)), (1000, 300));
-        assert_eq!(size_without_distortion((4000, 3000), (1344, 1008)), (1344, 1008));
+        assert_eq!(
+            size_without_distortion((1000, 300), (1000, 336)),
+            (1000, 300)
+        );
+        assert_eq!(
+            size_without_distortion((4000, 3000), (1344, 1008)),
+            (1344, 1008)
+        );
         assert_eq!(size_without_distortion((100, 50), (672, 336)), (672, 336));
         assert_eq!(size_without_distortion((100, 60), (336, 336)), (336, 201));
     }
@@ -395,6 +414,9 @@ mod tests {
             Err(ImageError::Unsupported(_))
         ));
         let big = vec![0u8; limits.image_bytes_max + 1];
-        assert!(matches!(probe(&big, &limits), Err(ImageError::TooLarge { .. })));
+        assert!(matches!(
+            probe(&big, &limits),
+            Err(ImageError::TooLarge { .. })
+        ));
     }
 }

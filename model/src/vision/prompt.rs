@@ -56,7 +56,12 @@ impl ImageTokens {
 
     /// `ids` with the i-th `<|image|>` replaced by the tokens of `grids[i]`. The prompt
     /// must hold exactly one placeholder per image.
-    pub fn expand(&self, ids: &[u32], grids: &[(usize, usize)], per_tile: usize) -> Result<Vec<u32>> {
+    pub fn expand(
+        &self,
+        ids: &[u32],
+        grids: &[(usize, usize)],
+        per_tile: usize,
+    ) -> Result<Vec<u32>> {
         let placeholders = ids.iter().filter(|&&id| id == self.image).count();
         if placeholders != grids.len() {
             return Err(ModelError::ImageCount {
@@ -69,7 +74,9 @@ impl ImageTokens {
         for &id in ids {
             match id == self.image {
                 true => {
-                    let &g = grids.next().expect("one grid per placeholder, counted above");
+                    let &g = grids
+                        .next()
+                        .expect("one grid per placeholder, counted above");
                     out.extend(self.image_ids(g, per_tile));
                 }
                 false => out.push(id),

@@ -64,11 +64,7 @@ fn clip8(acc: i64) -> u8 {
 
 /// One pass over interleaved RGB rows: `pixel(line, i, channel)` reads the source along
 /// the resized axis; the result is `[lines][out][3]`.
-fn pass(
-    lines: usize,
-    taps: &[Taps],
-    pixel: impl Fn(usize, usize, usize) -> u8,
-) -> Vec<[u8; 3]> {
+fn pass(lines: usize, taps: &[Taps], pixel: impl Fn(usize, usize, usize) -> u8) -> Vec<[u8; 3]> {
     let mut out = Vec::with_capacity(lines * taps.len());
     for line in 0..lines {
         for t in taps {
