@@ -140,3 +140,70 @@ fn a_dropped_stream_cancels_its_request() {
     }
     assert!(engine.stats().tokens_generated.load(Ordering::Relaxed) < 4000);
 }
+
+/// Image requests among text requests, with prefill chunks that split their images and
+/// preemption by recompute: each gets the fixture's greedy ids, the vision rows computed
+/// once, before submission, and sliced per chunk by the engine.
+#[test]
+fn image_requests_survive_chunked_prefill_and_preemption() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-maverick");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let case = reference["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "image")
+        .unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let (prompt, greedy) = (ids(&case["input_ids"]), ids(&case["greedy_new_ids"]));
+    let model = model();
+    let pixels = expertmesh_model::vision::preprocess(
+        &std::fs::read(dir.join("test-image.png")).unwrap(),
+        &expertmesh_model::ProcessorConfig::from_dir(&dir).unwrap(),
+        &expertmesh_model::ImageLimits::default(),
+    )
+    .unwrap();
+    let rows = model.encode_images(&[pixels]).unwrap();
+    let config = SchedulerConfig {
+        token_budget: 24,
+        kv_blocks: 4 * 24,
+        block_tokens: 4,
+        ..SchedulerConfig::default()
+    };
+    let engine = Engine::spawn(model.clone(), LocalExperts(model), config);
+    let mut image_streams = Vec::new();
+    let mut text_streams = Vec::new();
+    for (i, text) in requests().into_iter().enumerate() {
+        text_streams.push(engine.submit(text).unwrap());
+        if i % 4 == 0 {
+            let request = GenerateRequest {
+                prompt: prompt.clone(),
+                max_new_tokens: greedy.len(),
+                sampling: SamplingParams::default(),
+                stop_ids: Vec::new(),
+                prompt_logits: false,
+                images: Vec::new(),
+            };
+            image_streams.push(engine.submit_with(request, rows.clone()).unwrap());
+        }
+    }
+    for rx in image_streams {
+        assert_eq!(collect(rx).0, greedy);
+    }
+    let expected = alone();
+    for (rx, want) in text_streams.into_iter().zip(expected) {
+        assert_eq!(collect(rx).0, want);
+    }
+    assert!(
+        engine.stats().preemptions.load(Ordering::Relaxed) > 0,
+        "no preemption happened"
+    );
+}

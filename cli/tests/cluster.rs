@@ -158,6 +158,68 @@ fn local_dispatch_serves_without_expert_workers() {
     assert!(err.contains("dispatch.transport"), "{err}");
 }
 
+/// `generate --image` (the fixture's image case) and its dumped prefill logits.
+fn run_image_generate(extra: &[&str]) -> (Value, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let logits = dir.path().join("logits.safetensors");
+    let model = fixture("tiny-maverick");
+    let image = common::fixture("tiny-maverick").join("test-image.png");
+    let mut args = vec![
+        "generate",
+        "--model",
+        &model,
+        "--chat",
+        "--prompt",
+        "What is in this picture?",
+        "--image",
+        image.to_str().unwrap(),
+        "--max-tokens",
+        "8",
+        "--ignore-eos",
+        "--json",
+        "--dump-logits",
+        logits.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = expertmesh(&args);
+    assert!(
+        out.status.success(),
+        "{extra:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        serde_json::from_slice(&out.stdout).unwrap(),
+        std::fs::read(&logits).unwrap(),
+    )
+}
+
+/// An image prompt through remote expert workers — the attention side in `generate`, and a
+/// standalone attention worker that receives the encoded image over gRPC and runs the vision
+/// tower itself — gives the single process's tokens and prefill logits, bit for bit.
+#[test]
+fn image_prompts_through_a_cluster_equal_the_single_process() {
+    let (single, single_logits) = run_image_generate(&[]);
+    let reference = reference_case("tiny-maverick", "image");
+    assert_eq!(single["input_ids"], reference["input_ids"]);
+    assert_eq!(single["output_ids"], reference["greedy_new_ids"]);
+    let (cluster, cluster_logits) = run_image_generate(&["--expert-workers", "2"]);
+    assert_eq!(cluster, single);
+    assert!(cluster_logits == single_logits, "logits differ");
+
+    let model = fixture("tiny-maverick");
+    let (coordinator, _data) = common::start_coordinator(&model);
+    let c = coordinator.address.as_str();
+    let _experts = [
+        start_worker("expert-worker", c, &model, &[]),
+        start_worker("expert-worker", c, &model, &[]),
+    ];
+    wait_balanced(c, 2);
+    let attention = start_worker("attention-worker", c, &model, &[]);
+    let (remote, remote_logits) = run_image_generate(&["--attention-worker", &attention.address]);
+    assert_eq!(remote, single);
+    assert!(remote_logits == single_logits, "logits differ");
+}
+
 /// Waits until every expert worker holds experts and no placement is pending.
 fn wait_balanced(coordinator: &str, workers: usize) {
     let give_up = Instant::now() + Duration::from_secs(60);
