@@ -24,6 +24,13 @@ gpu_single=$(timeout 120 "$bin/expertmesh" "${gen[@]}" --device cuda:0) || statu
 echo "cpu:    $single"
 echo "cuda:0: $gpu_single"
 [ "$single" = "$gpu_single" ] && echo "greedy tokens equal" || { echo "greedy tokens differ"; status=1; }
+echo "== an image prompt on cuda:0 against the CPU (the fixture's image case)"
+img=(generate --model "$model" --chat --prompt "What is in this picture?" --image "$model/test-image.png" --max-tokens 8 --ignore-eos --json)
+cpu_image=$(timeout 60 "$bin/expertmesh" "${img[@]}")
+gpu_image=$(timeout 120 "$bin/expertmesh" "${img[@]}" --device cuda:0) || status=1
+echo "cpu:    $cpu_image"
+echo "cuda:0: $gpu_image"
+[ "$cpu_image" = "$gpu_image" ] && echo "greedy tokens equal" || { echo "greedy tokens differ"; status=1; }
 echo "== a cluster with the attention worker and an expert worker on the GPU, against the CPU"
 work=$(mktemp -d)
 "$bin/expertmesh" coordinator --listen 127.0.0.1:0 --model "$model" --data-dir "$work/c" > "$work/c.out" 2> "$work/c.err" &

@@ -125,6 +125,114 @@ impl SyntheticSpec {
     }
 }
 
+/// The shape of a synthetic vision tower, in the Llama 4 layout: tiles of `image_size`
+/// pixels in patches of 14, a 2×2 pixel shuffle, the adapter and the projector to the text
+/// model's width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyntheticVisionSpec {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub image_size: usize,
+    pub projector_dim: usize,
+    pub seed: u64,
+}
+
+impl SyntheticVisionSpec {
+    /// The benchmark model's tower: Maverick's tile geometry (336 pixels, 576 patches, 144
+    /// rows per tile) with the width and depth cut as the text model's are — hidden 256
+    /// (Maverick 1408), 8 layers (34), 4 heads of 64, adapter 1024 (4096).
+    pub fn bench() -> Self {
+        Self {
+            hidden: 256,
+            layers: 8,
+            heads: 4,
+            image_size: 336,
+            projector_dim: 1024,
+            seed: 1,
+        }
+    }
+
+    pub fn config(&self, text_hidden: usize) -> Result<crate::vision::VisionConfig> {
+        crate::vision::VisionConfig::from_json(
+            &json!({
+                "image_token_index": 200092,
+                "vision_config": {
+                    "hidden_size": self.hidden,
+                    "intermediate_size": 4 * self.hidden,
+                    "num_hidden_layers": self.layers,
+                    "num_attention_heads": self.heads,
+                    "image_size": self.image_size,
+                    "patch_size": 14,
+                    "projector_input_dim": self.projector_dim,
+                    "projector_output_dim": self.projector_dim,
+                    "vision_output_dim": self.projector_dim,
+                }
+            }),
+            text_hidden,
+        )
+        .map(|c| c.expect("a vision config was given"))
+    }
+
+    /// Every `vision_model.*` and `multi_modal_projector.*` tensor, into `w`.
+    pub fn build_into(&self, text_hidden: usize, w: &mut InMemoryWeights) -> Result<()> {
+        let c = self.config(text_hidden)?;
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let mut id = 1 << 32;
+        let mut rnd = |shape: Vec<usize>, fan_in: usize| {
+            id += 1;
+            random_bf16(shape, fan_in, self.seed, id)
+        };
+        let zeros = |n: usize| Tensor::bf16_from_f32(vec![n], &vec![0.0; n]);
+        let patch_in = 3 * 14 * 14;
+        w.insert(
+            "vision_model.patch_embedding.linear.weight",
+            rnd(vec![h, patch_in], patch_in),
+        );
+        w.insert("vision_model.class_embedding", rnd(vec![h], 1));
+        w.insert(
+            "vision_model.positional_embedding_vlm",
+            rnd(vec![c.patches() + 1, h], h),
+        );
+        for norm in ["layernorm_pre", "layernorm_post"] {
+            w.insert(format!("vision_model.{norm}.weight"), ones(h));
+            w.insert(format!("vision_model.{norm}.bias"), zeros(h));
+        }
+        for l in 0..c.num_hidden_layers {
+            let p = format!("vision_model.model.layers.{l}");
+            for norm in ["input_layernorm", "post_attention_layernorm"] {
+                w.insert(format!("{p}.{norm}.weight"), ones(h));
+                w.insert(format!("{p}.{norm}.bias"), zeros(h));
+            }
+            for proj in ["q", "k", "v", "o"] {
+                w.insert(
+                    format!("{p}.self_attn.{proj}_proj.weight"),
+                    rnd(vec![h, h], h),
+                );
+                w.insert(format!("{p}.self_attn.{proj}_proj.bias"), zeros(h));
+            }
+            w.insert(format!("{p}.mlp.fc1.weight"), rnd(vec![i, h], h));
+            w.insert(format!("{p}.mlp.fc1.bias"), zeros(i));
+            w.insert(format!("{p}.mlp.fc2.weight"), rnd(vec![h, i], i));
+            w.insert(format!("{p}.mlp.fc2.bias"), zeros(h));
+        }
+        let d = c.projector_dim;
+        w.insert(
+            "vision_model.vision_adapter.mlp.fc1.weight",
+            rnd(vec![d, i], i),
+        );
+        w.insert(
+            "vision_model.vision_adapter.mlp.fc2.weight",
+            rnd(vec![d, d], d),
+        );
+        w.insert(
+            "multi_modal_projector.linear_1.weight",
+            rnd(vec![text_hidden, d], d),
+        );
+        Ok(())
+    }
+}
+
 fn ones(n: usize) -> Tensor {
     Tensor::bf16_from_f32(vec![n], &vec![1.0; n])
 }

@@ -222,3 +222,20 @@ fn text_only_models_and_mismatched_rows_are_refused() {
     assert!(err.is_request_fault(), "{err}");
     assert_eq!(cache.next_pos, 0, "a refused batch changes no cache");
 }
+
+/// The image case on `--device cuda:0` (feature `cuda`; skips with the reason without a
+/// GPU): the tower runs on the host, its rows replace the `<|patch|>` embeddings before the
+/// upload, and the decoder runs on the GPU.
+#[cfg(feature = "cuda")]
+#[test]
+fn image_case_on_the_gpu() {
+    use expertmesh_model::Device;
+    if let Err(e) = Device::Cuda(0).check() {
+        println!("skipped: {e}");
+        return;
+    }
+    let case = image_case();
+    let mut model = Model::load(&fixture("tiny-maverick")).unwrap();
+    model.to_device(Device::Cuda(0)).unwrap();
+    check_model(&model, &case, stored_pixels(&case));
+}

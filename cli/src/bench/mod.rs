@@ -5,12 +5,15 @@
 //!   (and, with `--expert-workers`, through a local cluster as a ratio to it);
 //! - [`dispatch`]: one dispatch round trip over loopback gRPC against a raw TCP echo;
 //! - [`serve`]: streams through the OpenAI API of a local cluster;
+//! - [`image`]: image prefill (vision tower + merged prefill) against text prefill of the
+//!   same token count;
 //! - [`gpu`]: the Maverick expert shard on a GPU against a dense GEMM and the copy bandwidth;
 //! - [`steps`]: what they share (timed decode steps, medians, the host's bandwidth).
 
 mod decode;
 mod dispatch;
 mod gpu;
+mod image;
 mod serve;
 mod steps;
 
@@ -25,6 +28,8 @@ pub enum BenchCommand {
     Decode(decode::DecodeArgs),
     /// One dispatch round trip over loopback gRPC against a raw TCP echo of the same bytes.
     Dispatch(dispatch::DispatchArgs),
+    /// Image prefill at 1, 4 and 16 tiles against text prefill of the same token count.
+    Image(image::ImageArgs),
     /// Streams through the OpenAI API of a local cluster at several concurrency levels.
     Serve(serve::ServeArgs),
     /// One MoE layer's expert shard at Maverick size on a GPU: grouped cuBLAS GEMMs against
@@ -37,6 +42,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Decode(args) => decode::run(args),
         BenchCommand::Dispatch(args) => dispatch::run(args),
         BenchCommand::GpuExperts(a) => gpu::run(a),
+        BenchCommand::Image(args) => image::run(args),
         BenchCommand::Serve(args) => serve::run(args),
     }
 }

@@ -131,7 +131,8 @@ impl VisionConfig {
             }
         }
         let side = self.image_size / self.patch_size;
-        if !self.image_size.is_multiple_of(self.patch_size) || side == 0 || !side.is_multiple_of(2) {
+        if !self.image_size.is_multiple_of(self.patch_size) || side == 0 || !side.is_multiple_of(2)
+        {
             return Err(invalid(
                 "vision_config.image_size",
                 "must be an even number of patches per side",
