@@ -146,13 +146,14 @@ async fn complete(
     if !request.images.is_empty() && app.validator.vision.is_none() {
         return Err(image_error(ImageError::NoVision));
     }
-    let images = images::load(&request.images, &app.config.images, &app.processor).await?;
-    let valid = app.validator.validate(request, chat, images)?;
+    // The permit comes before the images are decoded: it bounds how many decode at once.
     let permit = app
         .permits
         .clone()
         .try_acquire_owned()
         .map_err(|_| ApiError::Overloaded("too many requests in flight".into()))?;
+    let images = images::load(&request.images, &app.config.images, &app.processor).await?;
+    let valid = app.validator.validate(request, chat, images)?;
     let n = app.next_id.fetch_add(1, Ordering::Relaxed);
     let job = Completion {
         id: format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" }),

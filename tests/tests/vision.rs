@@ -306,3 +306,66 @@ fn resampled_images_match_the_processor() {
         assert_eq!((ch / 336, cw / 336), want, "{size}");
     }
 }
+
+/// CRC-32 (IEEE), as PNG chunks carry it.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// Hostile images are typed errors before anything of their claimed size is allocated.
+#[test]
+fn hostile_images_are_refused() {
+    use expertmesh_model::ImageError;
+    let config = ProcessorConfig::from_dir(&fixture("tiny-maverick")).unwrap();
+    let limits = ImageLimits::default();
+    let good = std::fs::read(fixture("tiny-maverick").join("test-image.png")).unwrap();
+    // A PNG header claiming 20000×20000 over almost no data: refused from the header.
+    let mut bomb = good[..16].to_vec();
+    bomb.extend_from_slice(&20000u32.to_be_bytes());
+    bomb.extend_from_slice(&20000u32.to_be_bytes());
+    bomb.extend_from_slice(&good[24..29]);
+    // IHDR's CRC covers its type and data (bytes 12..29).
+    bomb.extend_from_slice(&crc32(&bomb[12..29]).to_be_bytes());
+    bomb.extend_from_slice(&good[33..]);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated", good[..good.len() / 2].to_vec()),
+        ("empty", Vec::new()),
+        ("bomb", bomb),
+        ("not an image", b"GIF87a".to_vec()),
+        ("bmp", [b"BM".as_slice(), &[0u8; 60]].concat()),
+    ];
+    for (name, bytes) in cases {
+        let err = preprocess(&bytes, &config, &limits).unwrap_err();
+        eprintln!("{name}: {err}");
+        if name == "bomb" {
+            assert!(matches!(err, ImageError::TooManyPixels { .. }), "{err}");
+        }
+    }
+    let tiny = ImageLimits {
+        image_bytes_max: 100,
+        ..limits
+    };
+    assert!(matches!(
+        preprocess(&good, &config, &tiny),
+        Err(ImageError::TooLarge { .. })
+    ));
+    let strict = ImageLimits {
+        image_side_min: 57,
+        ..limits
+    };
+    assert!(matches!(
+        preprocess(&good, &config, &strict),
+        Err(ImageError::TooSmall { .. })
+    ));
+}
