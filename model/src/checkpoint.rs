@@ -25,11 +25,16 @@ pub enum DType {
     BF16,
     F16,
     F32,
+    /// FP8 e4m3fn: only quantized weights, which come with a scale
+    /// ([`WeightSource::fp8_tensor`]); `tensor` refuses them so that no product reads
+    /// FP8 bytes without their scale.
+    F8E4M3,
 }
 
 impl DType {
     pub fn size_bytes(self) -> usize {
         match self {
+            DType::F8E4M3 => 1,
             DType::BF16 | DType::F16 => 2,
             DType::F32 => 4,
         }
@@ -146,6 +151,11 @@ pub fn widen(dtype: DType, bytes: &[u8], out: &mut [f32]) {
                 *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
         }
+        DType::F8E4M3 => {
+            for (o, &b) in out.iter_mut().zip(bytes) {
+                *o = crate::fp8::decode(b);
+            }
+        }
     }
 }
 
@@ -178,6 +188,10 @@ fn widen_bf16(bytes: &[u8], out: &mut [f32]) {
 pub trait WeightSource: Send + Sync {
     /// The tensor called `name` (canonical name, without the `language_model.` prefix).
     fn tensor(&self, name: &str) -> Result<Tensor>;
+
+    /// An FP8 (e4m3) tensor called `name`: `None` when the checkpoint has no such name,
+    /// `TensorDtype` when it has one of another dtype.
+    fn fp8_tensor(&self, name: &str) -> Result<Option<Tensor>>;
 
     /// The tensor, checked against the shape the config implies.
     fn tensor_shaped(&self, name: &str, expected: &[usize]) -> Result<Tensor> {
@@ -214,14 +228,39 @@ impl WeightSource for InMemoryWeights {
     fn tensor(&self, name: &str) -> Result<Tensor> {
         lookup(&self.tensors, name)
     }
+
+    fn fp8_tensor(&self, name: &str) -> Result<Option<Tensor>> {
+        lookup_fp8(&self.tensors, name)
+    }
 }
 
-fn lookup(tensors: &HashMap<String, Tensor>, name: &str) -> Result<Tensor> {
+fn find<'t>(tensors: &'t HashMap<String, Tensor>, name: &str) -> Option<&'t Tensor> {
     tensors
         .get(name)
         .or_else(|| tensors.get(&format!("language_model.{name}")))
-        .cloned()
-        .ok_or_else(|| ModelError::MissingTensor { name: name.into() })
+}
+
+/// A tensor of a dtype products read as they are (FP8 ones need their scale).
+fn lookup(tensors: &HashMap<String, Tensor>, name: &str) -> Result<Tensor> {
+    match find(tensors, name) {
+        Some(t) if t.dtype == DType::F8E4M3 => Err(ModelError::Quantized {
+            name: name.into(),
+            reason: "is F8_E4M3, but only routed experts may be FP8".into(),
+        }),
+        Some(t) => Ok(t.clone()),
+        None => Err(ModelError::MissingTensor { name: name.into() }),
+    }
+}
+
+fn lookup_fp8(tensors: &HashMap<String, Tensor>, name: &str) -> Result<Option<Tensor>> {
+    match find(tensors, name) {
+        Some(t) if t.dtype == DType::F8E4M3 => Ok(Some(t.clone())),
+        Some(t) => Err(ModelError::Quantized {
+            name: name.into(),
+            reason: format!("is {:?} where F8_E4M3 was expected", t.dtype),
+        }),
+        None => Ok(None),
+    }
 }
 
 /// A Hugging Face safetensors checkpoint, memory-mapped.
@@ -325,6 +364,10 @@ impl WeightSource for SafetensorsCheckpoint {
         }
         lookup(&self.tensors, name)
     }
+
+    fn fp8_tensor(&self, name: &str) -> Result<Option<Tensor>> {
+        lookup_fp8(&self.tensors, name)
+    }
 }
 
 impl SafetensorsCheckpoint {
@@ -351,6 +394,7 @@ impl SafetensorsCheckpoint {
                 Dtype::BF16 => DType::BF16,
                 Dtype::F16 => DType::F16,
                 Dtype::F32 => DType::F32,
+                Dtype::F8_E4M3 => DType::F8E4M3,
                 other => {
                     self.unsupported.insert(name, format!("{other:?}"));
                     continue;

@@ -61,6 +61,8 @@ pub struct TextConfig {
     /// The checkpoint's declared dtype (`torch_dtype` or `dtype`), for information only:
     /// the engine reads each tensor's own dtype.
     pub dtype: Option<String>,
+    /// A compressed-tensors FP8 checkpoint's `quantization_config`.
+    pub quantization: Option<crate::quant::Quantization>,
 }
 
 impl TextConfig {
@@ -156,6 +158,10 @@ impl TextConfig {
                 .opt_id("pad_token_id")?
                 .or(root_fields.opt_id("pad_token_id")?),
             dtype,
+            quantization: match crate::quant::Quantization::from_json(root_obj)? {
+                Some(q) => Some(q),
+                None => crate::quant::Quantization::from_json(text)?,
+            },
         }
         .validate()
     }

@@ -38,6 +38,8 @@ pub enum ModelError {
     },
     #[error("tensor `{name}` has dtype {dtype}, expected one of bf16, f16, f32")]
     TensorDtype { name: String, dtype: String },
+    #[error("tensor `{name}`: {reason}")]
+    Quantized { name: String, reason: String },
     #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
     TokenOutOfVocab { id: u32, vocab: usize },
     #[error("prompt of {len} tokens plus {new} new tokens exceeds the context of {max} tokens")]

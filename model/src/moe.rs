@@ -13,7 +13,8 @@ use rayon::prelude::*;
 
 use crate::checkpoint::{Tensor, WeightSource};
 use crate::config::TextConfig;
-use crate::error::Result;
+use crate::error::{ModelError, Result};
+use crate::fp8::{self, Fp8Linear};
 use crate::linear::{Layout, Linear};
 use crate::norm::{sigmoid, silu};
 
@@ -187,23 +188,113 @@ pub fn expert_swiglu(gate_up: &Tensor, down: &Tensor, u: &[f32], n: usize) -> Ve
     Linear::new(down.clone(), Layout::InOut).forward(&act, n)
 }
 
-/// The routed experts of one MoE layer, as fused checkpoint tensors.
+/// One projection of an unfused expert: bf16 (`nn.Linear` orientation) or FP8 with its
+/// per-row scales.
 #[derive(Debug, Clone)]
-pub struct Experts {
-    /// `[experts, hidden, 2·inter]`.
-    pub gate_up: Tensor,
-    /// `[experts, inter, hidden]`.
-    pub down: Tensor,
+pub enum ExpertLinear {
+    Dense(Linear),
+    Fp8(Fp8Linear),
+}
+
+impl ExpertLinear {
+    fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
+        match self {
+            Self::Dense(l) => l.forward(x, n),
+            Self::Fp8(l) => l.forward(x, n),
+        }
+    }
+
+    fn size_bytes(&self) -> usize {
+        match self {
+            Self::Dense(l) => l.size_bytes(),
+            Self::Fp8(l) => l.size_bytes(),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Dense(l) => l.weight.bytes(),
+            Self::Fp8(l) => l.weight.bytes(),
+        }
+    }
+}
+
+/// One expert of an unfused checkpoint (`experts.{e}.{gate,up,down}_proj`).
+#[derive(Debug, Clone)]
+pub struct ExpertWeights {
+    pub gate: ExpertLinear,
+    pub up: ExpertLinear,
+    pub down: ExpertLinear,
+}
+
+impl ExpertWeights {
+    /// The SwiGLU over scaled inputs `u` (`[n, hidden]`). FP8 projections see their input
+    /// quantize-dequantized per row (`fp8`): gate and up share one, down takes its own.
+    fn swiglu(&self, u: &[f32], n: usize) -> Vec<f32> {
+        let hidden = u.len() / n.max(1);
+        let quantized = |l: &ExpertLinear, x: &[f32], width: usize| match l {
+            ExpertLinear::Fp8(f) if f.qdq_input => Some(fp8::qdq_rows(x, width)),
+            ExpertLinear::Fp8(_) => None,
+            ExpertLinear::Dense(_) => None,
+        };
+        let uq = quantized(&self.gate, u, hidden);
+        let gate = self.gate.forward(uq.as_deref().unwrap_or(u), n);
+        // gate and up quantize the same input: one scale, computed once.
+        let uq_up = match (&self.up, &uq) {
+            (ExpertLinear::Fp8(f), Some(q)) if f.qdq_input => Some(q.clone()),
+            _ => quantized(&self.up, u, hidden),
+        };
+        let up = self.up.forward(uq_up.as_deref().unwrap_or(u), n);
+        let act: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| silu(*g) * u).collect();
+        let inter = act.len() / n.max(1);
+        let aq = quantized(&self.down, &act, inter);
+        self.down.forward(aq.as_deref().unwrap_or(&act), n)
+    }
+
+    fn size_bytes(&self) -> usize {
+        self.gate.size_bytes() + self.up.size_bytes() + self.down.size_bytes()
+    }
+}
+
+/// The routed experts of one MoE layer, as the checkpoint stores them.
+#[derive(Debug, Clone)]
+pub enum Experts {
+    /// The bf16 checkpoints' fused tensors: `gate_up` `[experts, hidden, 2·inter]` and
+    /// `down` `[experts, inter, hidden]`, "x @ W" orientation.
+    Fused { gate_up: Tensor, down: Tensor },
+    /// One set per expert (compressed-tensors FP8 checkpoints), each projection FP8 or
+    /// bf16.
+    Unfused(Vec<ExpertWeights>),
 }
 
 impl Experts {
     pub fn count(&self) -> usize {
-        self.gate_up.shape[0]
+        match self {
+            Self::Fused { gate_up, .. } => gate_up.shape[0],
+            Self::Unfused(list) => list.len(),
+        }
     }
 
-    /// Bytes of one expert's weights.
+    /// Bytes of one expert's weights (the largest, for a mixed checkpoint).
     pub fn expert_bytes(&self) -> usize {
-        (self.gate_up.size_bytes() + self.down.size_bytes()) / self.count()
+        match self {
+            Self::Fused { gate_up, down } => {
+                (gate_up.size_bytes() + down.size_bytes()) / self.count()
+            }
+            Self::Unfused(list) => list
+                .iter()
+                .map(ExpertWeights::size_bytes)
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
+    /// Expert `e`'s fused bf16 slices (`gate_up`, `down`), for backends that only take those.
+    pub fn fused(&self, e: usize) -> Option<(Tensor, Tensor)> {
+        match self {
+            Self::Fused { gate_up, down } => Some((gate_up.outer(e), down.outer(e))),
+            Self::Unfused(_) => None,
+        }
     }
 
     /// Brings expert `e`'s weights into memory (every page of its slices of the mapped
@@ -212,11 +303,22 @@ impl Experts {
     pub fn load_expert(&self, e: usize) -> usize {
         let mut seen = 0u8;
         let mut bytes = 0;
-        for t in [self.gate_up.outer(e), self.down.outer(e)] {
-            let b = t.bytes();
+        let mut touch = |b: &[u8]| {
             bytes += b.len();
             for page in b.chunks(4096) {
                 seen ^= page[0];
+            }
+        };
+        match self {
+            Self::Fused { gate_up, down } => {
+                touch(gate_up.outer(e).bytes());
+                touch(down.outer(e).bytes());
+            }
+            Self::Unfused(list) => {
+                let w = &list[e];
+                for l in [&w.gate, &w.up, &w.down] {
+                    touch(l.bytes());
+                }
             }
         }
         std::hint::black_box(seen);
@@ -240,7 +342,12 @@ impl Experts {
             .map(|(g, &start)| {
                 let (e, n) = (g.expert as usize, g.rows as usize);
                 let u = &inputs[start * hidden..(start + n) * hidden];
-                expert_swiglu(&self.gate_up.outer(e), &self.down.outer(e), u, n)
+                match self {
+                    Self::Fused { gate_up, down } => {
+                        expert_swiglu(&gate_up.outer(e), &down.outer(e), u, n)
+                    }
+                    Self::Unfused(list) => list[e].swiglu(u, n),
+                }
             })
             .collect();
         outputs.concat()
@@ -315,16 +422,116 @@ impl Moe {
 }
 
 impl Experts {
-    /// The fused expert tensors of one MoE layer. With a mapped checkpoint nothing is
-    /// read until an expert runs, and then only that expert's slice.
+    /// The routed experts of one MoE layer: the fused tensors of a bf16 checkpoint, or
+    /// one set per expert (compressed-tensors), each projection FP8 with its `weight_scale`
+    /// or bf16. With a mapped checkpoint nothing is read until an expert runs, and then
+    /// only that expert's bytes.
     pub fn load(src: &dyn WeightSource, c: &TextConfig, layer: usize) -> Result<Self> {
         let p = format!("model.layers.{layer}.feed_forward.experts");
         let (e, h, i) = (c.num_local_experts, c.hidden_size, c.intermediate_size);
-        Ok(Self {
-            gate_up: src.tensor_shaped(&format!("{p}.gate_up_proj"), &[e, h, 2 * i])?,
-            down: src.tensor_shaped(&format!("{p}.down_proj"), &[e, i, h])?,
-        })
+        match src.tensor_shaped(&format!("{p}.gate_up_proj"), &[e, h, 2 * i]) {
+            Ok(gate_up) => {
+                return Ok(Self::Fused {
+                    gate_up,
+                    down: src.tensor_shaped(&format!("{p}.down_proj"), &[e, i, h])?,
+                })
+            }
+            Err(ModelError::MissingTensor { .. }) => {}
+            Err(other) => return Err(other),
+        }
+        (0..e)
+            .map(|x| {
+                let lin = |name: &str, out: usize, inp: usize| {
+                    let module = format!("{p}.{x}.{name}");
+                    let qdq = c
+                        .quantization
+                        .as_ref()
+                        .is_some_and(|q| q.dynamic_activations);
+                    let l = expert_linear(src, &module, out, inp, qdq)?;
+                    check_declared(c, &module, &l)?;
+                    Ok::<_, ModelError>(l)
+                };
+                Ok(ExpertWeights {
+                    gate: lin("gate_proj", i, h)?,
+                    up: lin("up_proj", i, h)?,
+                    down: lin("down_proj", h, i)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Self::Unfused)
     }
+}
+
+/// An expert projection must be FP8 exactly when the checkpoint's `quantization_config`
+/// says it is (targeted, not ignored): a mismatch is a broken checkpoint, not a guess.
+fn check_declared(c: &TextConfig, module: &str, l: &ExpertLinear) -> Result<()> {
+    let declared = c.quantization.as_ref().map(|q| !q.is_ignored(module));
+    let fp8 = matches!(l, ExpertLinear::Fp8(_));
+    match declared {
+        Some(d) if d != fp8 => Err(ModelError::Quantized {
+            name: format!("{module}.weight"),
+            reason: if fp8 {
+                "is FP8 but quantization_config.ignore lists its module".into()
+            } else {
+                "is not FP8 but quantization_config does not ignore its module".into()
+            },
+        }),
+        None if fp8 => Err(ModelError::Quantized {
+            name: format!("{module}.weight"),
+            reason: "is FP8 but config.json has no quantization_config".into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// One unfused expert projection `{prefix}.weight` `[out, in]`: FP8 with
+/// `{prefix}.weight_scale` (`[out, 1]` or `[out]`, bf16/f16/f32), or a plain bf16 weight.
+fn expert_linear(
+    src: &dyn WeightSource,
+    prefix: &str,
+    out: usize,
+    inp: usize,
+    qdq_input: bool,
+) -> Result<ExpertLinear> {
+    let name = format!("{prefix}.weight");
+    let Some(weight) = src.fp8_tensor(&name)? else {
+        return Ok(ExpertLinear::Dense(Linear::new(
+            src.tensor_shaped(&name, &[out, inp])?,
+            Layout::OutIn,
+        )));
+    };
+    if weight.shape != [out, inp] {
+        return Err(ModelError::TensorShape {
+            name,
+            expected: vec![out, inp],
+            got: weight.shape,
+        });
+    }
+    let scale_name = format!("{prefix}.weight_scale");
+    let scale = match src.tensor(&scale_name) {
+        Ok(t) => t,
+        Err(ModelError::MissingTensor { .. }) => {
+            return Err(ModelError::Quantized {
+                name,
+                reason: format!("is FP8 but the checkpoint has no `{scale_name}`"),
+            })
+        }
+        Err(e) => return Err(e),
+    };
+    if scale.shape != [out, 1] && scale.shape != [out] {
+        return Err(ModelError::TensorShape {
+            name: scale_name,
+            expected: vec![out, 1],
+            got: scale.shape,
+        });
+    }
+    Ok(ExpertLinear::Fp8(Fp8Linear {
+        weight,
+        scale: scale.to_f32_vec(),
+        out_dim: out,
+        in_dim: inp,
+        qdq_input,
+    }))
 }
 
 #[cfg(test)]
@@ -363,7 +570,7 @@ mod tests {
     fn score_scales_the_expert_input_not_its_output() {
         // Hidden 1, two experts of width 1 (gate = up = down = 1), router logits (2x, -x),
         // and a shared expert of zeros: the output is silu(u)·u with u = σ(2x)·x.
-        let experts = Experts {
+        let experts = Experts::Fused {
             gate_up: Tensor::bf16_from_f32(vec![2, 1, 2], &[1.0, 1.0, 1.0, 1.0]),
             down: Tensor::bf16_from_f32(vec![2, 1, 1], &[1.0, 1.0]),
         };

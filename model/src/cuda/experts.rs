@@ -95,7 +95,13 @@ impl GpuExperts {
             return Ok((w.clone(), 0));
         }
         let e = expert as usize;
-        let (gate_up, down) = (experts.gate_up.outer(e), experts.down.outer(e));
+        let (gate_up, down) = experts.fused(e).ok_or_else(|| {
+            CudaError::Driver(
+                "unfused (FP8) experts are not supported on the GPU yet; run this expert \
+                 worker on the CPU"
+                    .into(),
+            )
+        })?;
         let bytes = 2 * (gate_up.numel() + down.numel());
         let s = &self.gemm.stream;
         let w = Arc::new(ExpertWeights {

@@ -1,0 +1,197 @@
+//! FP8 (e4m3fn) experts on the CPU: W8A8 with per-token dynamic activation scales, the
+//! arithmetic of `../shared/fixtures/FP8.md` §3 with one scale per row (what the checkpoint
+//! declares, `input_activations.strategy: token`, and what vLLM computes).
+//!
+//! - Weights stay e4m3 bytes `[out, in]` (memory-mapped) with one f32 scale per output row.
+//! - An input row `x` is quantize-dequantized: `s = absmax(x) / 448` in f32 (`2^-23` when
+//!   the row is all zero), `q = e4m3_rne(clamp(x / s, ±448))`, value `f32(q) · s`.
+//! - `y_r = Σ_j xq_j · (f32(w_rj) · scale_r)` (the product is exact: the reference's
+//!   dequantized weight), each (row, token) sum in one fixed order
+//!   (eight lanes, then a fixed tree), so a token's bits never depend on its batch.
+
+use rayon::prelude::*;
+
+/// The largest finite e4m3fn value.
+pub const E4M3_MAX: f32 = 448.0;
+
+/// e4m3fn code → f32 (all 256 codes; 0x7F and 0xFF are NaN).
+static DECODE: std::sync::LazyLock<[f32; 256]> = std::sync::LazyLock::new(|| {
+    let mut t = [0.0f32; 256];
+    for (c, v) in t.iter_mut().enumerate() {
+        *v = decode(c as u8);
+    }
+    t
+});
+
+/// One e4m3fn code as f32.
+pub fn decode(c: u8) -> f32 {
+    let sign = if c & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (e, m) = (i32::from((c >> 3) & 0xF), f32::from(c & 7));
+    if e == 15 && m == 7.0 {
+        return f32::NAN;
+    }
+    sign * match e {
+        0 => m * 2f32.powi(-9),
+        _ => (1.0 + m / 8.0) * 2f32.powi(e - 7),
+    }
+}
+
+/// f32 → e4m3fn, round to nearest even (subnormals included); saturates at ±448, as the
+/// reference clamps before it casts.
+pub fn encode(v: f32) -> u8 {
+    let sign = if v.is_sign_negative() { 0x80 } else { 0 };
+    let a = v.abs().min(E4M3_MAX);
+    if a.is_nan() {
+        return 0x7F;
+    }
+    if a < 2f32.powi(-6) {
+        // Subnormal: steps of 2^-9 (code 8 is the smallest normal, which is the same value).
+        return sign | (a * 512.0).round_ties_even() as u8;
+    }
+    let mut e = ((a.to_bits() >> 23) & 0xFF) as i32 - 127;
+    let mut m = ((a / 2f32.powi(e) - 1.0) * 8.0).round_ties_even() as i32;
+    if m == 8 {
+        e += 1;
+        m = 0;
+    }
+    sign | (((e + 7) as u8) << 3) | m as u8
+}
+
+/// The quantize-dequantized values of one row (per-token dynamic scale).
+pub fn qdq_row(x: &[f32], out: &mut [f32]) {
+    let absmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let mut s = absmax / E4M3_MAX;
+    if s == 0.0 {
+        s = f32::EPSILON;
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = DECODE[encode((v / s).clamp(-E4M3_MAX, E4M3_MAX)) as usize] * s;
+    }
+}
+
+/// `[n, in]` rows, each quantize-dequantized on its own.
+pub fn qdq_rows(x: &[f32], width: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    for (o, r) in out.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
+        qdq_row(r, o);
+    }
+    out
+}
+
+/// An FP8 weight matrix `[out, in]` with its per-output-row scales.
+#[derive(Debug, Clone)]
+pub struct Fp8Linear {
+    pub(crate) weight: crate::checkpoint::Tensor,
+    pub(crate) scale: Vec<f32>,
+    pub(crate) out_dim: usize,
+    pub(crate) in_dim: usize,
+    /// Inputs are quantize-dequantized per row first (W8A8); false: weight-only.
+    pub(crate) qdq_input: bool,
+}
+
+impl Fp8Linear {
+    pub fn size_bytes(&self) -> usize {
+        self.weight.size_bytes() + 4 * self.scale.len()
+    }
+
+    /// `y = x · Wᵀ` for already quantize-dequantized rows `x` (`[n, in]`) → `[n, out]`.
+    pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let (inp, out) = (self.in_dim, self.out_dim);
+        assert_eq!(x.len(), n * inp, "input shape");
+        let w = self.weight.bytes();
+        let lut = &*DECODE;
+        // Output features in blocks over the cores; every (feature, token) dot product is
+        // the same sequence of operations whatever n is.
+        const BLOCK: usize = 16;
+        let columns: Vec<Vec<f32>> = (0..out.div_ceil(BLOCK))
+            .into_par_iter()
+            .map(|b| {
+                let rows = b * BLOCK..((b + 1) * BLOCK).min(out);
+                let mut y = vec![0.0f32; rows.len() * n];
+                let mut widened = vec![0.0f32; inp];
+                for (i, r) in rows.enumerate() {
+                    // `f32(w) · scale` is exact (4 + at most 8 significant bits): the
+                    // reference's dequantized weight, bit for bit.
+                    let scale = self.scale[r];
+                    for (v, &c) in widened.iter_mut().zip(&w[r * inp..(r + 1) * inp]) {
+                        *v = lut[c as usize] * scale;
+                    }
+                    for (t, xt) in x.chunks_exact(inp).enumerate() {
+                        y[i * n + t] = dot(&widened, xt);
+                    }
+                }
+                y
+            })
+            .collect();
+        let mut y = vec![0.0f32; n * out];
+        for (b, col) in columns.iter().enumerate() {
+            let width = col.len() / n.max(1);
+            for i in 0..width {
+                for t in 0..n {
+                    y[t * out + b * BLOCK + i] = col[i * n + t];
+                }
+            }
+        }
+        y
+    }
+}
+
+/// A dot product in one fixed order: eight lane sums, then a fixed tree.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+        }
+    }
+    let mut tail = 0.0f32;
+    for j in chunks * 8..a.len() {
+        tail += a[j] * b[j];
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_round_trips() {
+        for c in 0..=255u8 {
+            let v = decode(c);
+            if v.is_nan() {
+                continue;
+            }
+            let back = encode(v);
+            // ±0 both decode to 0; the sign is kept.
+            assert_eq!(back, c, "code {c:#x} = {v}");
+        }
+        assert_eq!(decode(0x7E), 448.0);
+        assert_eq!(decode(0x01), 2f32.powi(-9));
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        // Between 1.0 (0x38) and 1.125 (0x39): the midpoint goes to the even code 0x38.
+        assert_eq!(encode(1.0625), 0x38);
+        assert_eq!(encode(1.0626), 0x39);
+        // Between 1.125 and 1.25 (0x3A): the midpoint goes to 0x3A.
+        assert_eq!(encode(1.1875), 0x3A);
+        // Subnormal midpoint 1.5 · 2^-9 goes to 2 · 2^-9; below 2^-10 becomes 0.
+        assert_eq!(encode(1.5 * 2f32.powi(-9)), 0x02);
+        assert_eq!(encode(0.4 * 2f32.powi(-9)), 0x00);
+        assert_eq!(encode(1e9), 0x7E);
+        assert_eq!(encode(-1e9), 0xFE);
+    }
+
+    #[test]
+    fn qdq_keeps_the_row_max_and_zero_rows() {
+        let mut out = [0.0f32; 3];
+        qdq_row(&[2.0, -1.0, 0.0], &mut out);
+        assert!((out[0] - 2.0).abs() < 1e-6, "{}", out[0]);
+        assert_eq!(out[2], 0.0);
+        qdq_row(&[0.0; 3], &mut out);
+        assert_eq!(out, [0.0; 3]);
+    }
+}
