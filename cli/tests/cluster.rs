@@ -86,6 +86,23 @@ fn clusters_of_1_to_4_expert_workers_equal_the_single_process() {
     }
 }
 
+/// FP8 experts (compressed-tensors checkpoints) held and computed by expert workers give
+/// the single process's tokens and logits, bit for bit (f32 on the wire).
+#[test]
+fn fp8_clusters_equal_the_single_process() {
+    for model in ["tiny-maverick-fp8", "tiny-scout-fp8"] {
+        let (single, single_logits) = run_generate(model, &[]);
+        for n in ["1", "3"] {
+            let (cluster, cluster_logits) = run_generate(model, &["--expert-workers", n]);
+            assert_eq!(cluster, single, "{model} with {n} expert workers");
+            assert!(
+                cluster_logits == single_logits,
+                "{model} with {n} expert workers: logits differ"
+            );
+        }
+    }
+}
+
 /// Standalone roles: a coordinator, an expert worker that may hold no expert, one that
 /// holds them all, and an attention worker serving `Generate`.
 #[test]

@@ -219,6 +219,11 @@ impl InMemoryWeights {
         self.tensors.insert(name.into(), tensor);
     }
 
+    /// Drops a tensor (tests break checkpoints with it).
+    pub fn remove(&mut self, name: &str) -> Option<Tensor> {
+        self.tensors.remove(name)
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.tensors.keys()
     }

@@ -233,3 +233,88 @@ fn fp8_is_batch_invariant() {
         }
     }
 }
+
+/// Every tensor of a checkpoint, copied into memory so a test can break one.
+fn in_memory(dir: &Path) -> (expertmesh_model::InMemoryWeights, Value) {
+    use expertmesh_model::{SafetensorsCheckpoint, WeightSource};
+    let ckpt = SafetensorsCheckpoint::open(dir).unwrap();
+    let mut mem = expertmesh_model::InMemoryWeights::default();
+    for name in ckpt.names() {
+        let t = match ckpt.fp8_tensor(name) {
+            Ok(Some(t)) => t,
+            _ => ckpt.tensor(name).unwrap(),
+        };
+        mem.insert(name.clone(), t);
+    }
+    let config =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    (mem, config)
+}
+
+/// Broken FP8 checkpoints are clear errors naming the tensor or the field.
+#[test]
+fn broken_fp8_checkpoints_are_refused_by_name() {
+    use expertmesh_model::{DType, Tensor, TextConfig};
+    let dir = fixture("tiny-scout-fp8");
+    let (weights, json) = in_memory(&dir);
+    let config = TextConfig::from_json(&json).unwrap();
+    assert!(Model::from_source(config.clone(), &weights).is_ok());
+    let expert = "model.layers.0.feed_forward.experts.3.gate_proj";
+
+    let mut no_scale = weights.clone();
+    no_scale.remove(&format!("{expert}.weight_scale"));
+    let err = Model::from_source(config.clone(), &no_scale)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("{expert}.weight")) && err.contains("weight_scale"),
+        "{err}"
+    );
+
+    let mut bad_scale = weights.clone();
+    bad_scale.insert(
+        format!("{expert}.weight_scale"),
+        Tensor::bf16_from_f32(
+            vec![config.intermediate_size, 2],
+            &vec![1.0; 2 * config.intermediate_size],
+        ),
+    );
+    let err = Model::from_source(config.clone(), &bad_scale)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&format!("{expert}.weight_scale")), "{err}");
+
+    // An FP8 weight where the config says bf16, and FP8 outside the experts.
+    let mut ignored = json.clone();
+    ignored["quantization_config"]["ignore"]
+        .as_array_mut()
+        .unwrap()
+        .push(Value::from(format!("re:.*experts\\.3\\.gate_proj")));
+    let err = Model::from_source(TextConfig::from_json(&ignored).unwrap(), &weights)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(expert) && err.contains("ignore"), "{err}");
+    let mut fp8_attention = weights.clone();
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    let shape = vec![
+        config.num_attention_heads * config.head_dim,
+        config.hidden_size,
+    ];
+    let n: usize = shape.iter().product();
+    fp8_attention.insert(q, Tensor::from_bytes(DType::F8E4M3, shape, vec![0x38; n]));
+    let err = Model::from_source(config.clone(), &fp8_attention)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(q), "{err}");
+
+    for (field, value) in [
+        ("format", "pack-quantized"),
+        ("format", "naive-quantized"),
+        ("quant_method", "awq"),
+    ] {
+        let mut other = json.clone();
+        other["quantization_config"][field] = Value::from(value);
+        let err = TextConfig::from_json(&other).unwrap_err().to_string();
+        assert!(err.contains(field) && err.contains(value), "{err}");
+    }
+}
