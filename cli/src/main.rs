@@ -11,6 +11,7 @@ mod cluster;
 mod generate;
 mod loadgen;
 mod placement_sim;
+mod quantize;
 mod roles;
 mod up;
 
@@ -29,6 +30,8 @@ struct Cli {
 enum Command {
     /// Generate text with the single-process engine.
     Generate(generate::GenerateArgs),
+    /// Write an FP8 copy of a bf16 checkpoint (its routed experts; compressed-tensors layout).
+    Quantize(quantize::QuantizeArgs),
     /// Start a whole cluster on this machine (coordinator, expert and attention workers).
     Up(up::UpArgs),
     /// Run the coordinator.
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Up(args) => up::run(args),
+        Command::Quantize(args) => quantize::run(args),
         Command::Coordinator(args) => roles::coordinator(args),
         Command::ExpertWorker(args) => roles::expert_worker(args),
         Command::AttentionWorker(args) => roles::attention_worker(args),

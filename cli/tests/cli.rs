@@ -313,3 +313,89 @@ fn device_flag_is_checked_before_any_work() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `quantize` reproduces the FP8 fixtures from their bf16 sources: every tensor's dtype,
+/// shape and bytes (FP8.md §4's double rounding included), the same `ignore` list and
+/// config groups; a quantized checkpoint is not quantized again.
+#[test]
+fn quantize_reproduces_the_fp8_fixtures() {
+    use safetensors::SafeTensors;
+    use std::collections::BTreeSet;
+    let tensors = |dir: &std::path::Path| -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
+        let index: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap(),
+        )
+        .unwrap();
+        let files: BTreeSet<String> = index["weight_map"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|f| f.as_str().unwrap().to_owned())
+            .collect();
+        let mut all = Vec::new();
+        for f in files {
+            let bytes = std::fs::read(dir.join(f)).unwrap();
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            for (name, t) in st.tensors() {
+                all.push((
+                    name,
+                    format!("{:?}", t.dtype()),
+                    t.shape().to_vec(),
+                    t.data().to_vec(),
+                ));
+            }
+        }
+        all.sort();
+        all
+    };
+    let quantization = |dir: &std::path::Path| -> (BTreeSet<String>, Value) {
+        let c: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        let q = &c["quantization_config"];
+        let ignore = q["ignore"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect();
+        (ignore, q["config_groups"].clone())
+    };
+    for name in ["tiny-maverick", "tiny-scout"] {
+        let out = tempfile::tempdir().unwrap();
+        let dst = out.path().join("fp8");
+        let src = fixture(name);
+        let run = expertmesh(&[
+            "quantize",
+            "--model",
+            src.to_str().unwrap(),
+            "--out",
+            dst.to_str().unwrap(),
+        ]);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let want = fixture(&format!("{name}-fp8"));
+        let (got_t, want_t) = (tensors(&dst), tensors(&want));
+        assert_eq!(got_t.len(), want_t.len(), "{name}: tensor count");
+        for (g, w) in got_t.iter().zip(&want_t) {
+            assert!(g == w, "{name}: tensor {} differs", w.0);
+        }
+        assert_eq!(
+            quantization(&dst),
+            quantization(&want),
+            "{name}: quantization_config"
+        );
+        // Quantizing twice is refused.
+        let again = expertmesh(&[
+            "quantize",
+            "--model",
+            dst.to_str().unwrap(),
+            "--out",
+            out.path().join("again").to_str().unwrap(),
+        ]);
+        assert!(!again.status.success());
+    }
+}

@@ -78,6 +78,24 @@ pub fn qdq_rows(x: &[f32], width: usize) -> Vec<f32> {
     out
 }
 
+/// Quantizes one bf16 weight row the way compressed-tensors writes FP8 checkpoints
+/// (`FP8.md` §4): scale `bf16(absmax / 448)` (`2^-7` for an all-zero row), codes
+/// `e4m3(bf16(w / scale))` — the quotient rounded to bf16 first, as the reference's bf16
+/// tensor division does. Returns the scale's bf16 bits.
+pub fn quantize_row(row: &[half::bf16], codes: &mut [u8]) -> u16 {
+    let absmax = row.iter().fold(0.0f32, |m, v| m.max(v.to_f32().abs()));
+    let mut scale = half::bf16::from_f32(absmax / E4M3_MAX);
+    if scale.to_f32() == 0.0 {
+        scale = half::bf16::from_f32(2f32.powi(-7));
+    }
+    let s = scale.to_f32();
+    for (c, w) in codes.iter_mut().zip(row) {
+        let q = half::bf16::from_f32(w.to_f32() / s).to_f32();
+        *c = encode(q.clamp(-E4M3_MAX, E4M3_MAX) + 0.0);
+    }
+    scale.to_bits()
+}
+
 /// An FP8 weight matrix `[out, in]` with its per-output-row scales.
 #[derive(Debug, Clone)]
 pub struct Fp8Linear {
