@@ -151,13 +151,13 @@ impl Quantization {
 
 fn check_scheme(s: &Map<String, Value>, field: &str, strategy: &str) -> Result<()> {
     let get = |k: &str| s.get(k).cloned().unwrap_or(Value::Null);
-    if get("num_bits") != Value::from(8) || get("type") != Value::from("float") {
+    if get("num_bits") != 8 || get("type") != "float" {
         return Err(invalid(
             field,
             "only 8-bit float (FP8 e4m3) is supported".into(),
         ));
     }
-    if get("strategy") != Value::from(strategy) {
+    if get("strategy") != strategy {
         return Err(invalid(
             &format!("{field}.strategy"),
             format!("{} is not supported ({strategy})", get("strategy")),
