@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use expertmesh_model::fp8::quantize_row;
+use expertmesh_model::fp8::quantize_fused_expert;
 use expertmesh_model::{DType, SafetensorsCheckpoint, Tensor, TextConfig, WeightSource};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
@@ -54,44 +54,34 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     let ckpt = SafetensorsCheckpoint::open(&args.model)?;
     let mut names: Vec<String> = ckpt.names().cloned().collect();
     names.sort();
-    let (h, i) = (config.hidden_size, config.intermediate_size);
     let mut ignore = Vec::new();
     let mut tensors: Vec<(String, Out)> = Vec::new();
     let mut quantized = 0usize;
+    let by_name: HashMap<&str, Tensor> = names
+        .iter()
+        .map(|n| Ok((n.as_str(), ckpt.tensor(n)?)))
+        .collect::<Result<_>>()?;
     for (k, name) in names.iter().enumerate() {
-        let t = ckpt.tensor(name)?;
+        let t = &by_name[name.as_str()];
         if let Some(base) = name.strip_suffix(".gate_up_proj") {
+            let down = by_name
+                .get(format!("{base}.down_proj").as_str())
+                .with_context(|| format!("{base}.down_proj is missing"))?;
             for e in 0..t.shape[0] {
-                let slice = t.outer(e); // [h, 2i], "x @ W"
-                for (proj, offset) in [("gate_proj", 0), ("up_proj", i)] {
-                    let w = transpose_columns(&slice, h, 2 * i, offset, i);
-                    tensors.extend(fp8_linear(&format!("{base}.{e}.{proj}"), &w, i, h));
+                for (proj, w, scale) in quantize_fused_expert(&t.outer(e), &down.outer(e)) {
+                    let module = format!("{base}.{e}.{proj}");
+                    tensors.push((format!("{module}.weight"), out(&w)));
+                    tensors.push((format!("{module}.weight_scale"), out(&scale)));
                 }
-                quantized += 2;
+                quantized += 3;
             }
-        } else if let Some(base) = name
-            .strip_suffix(".down_proj")
-            .filter(|b| b.ends_with(".experts"))
-        {
-            for e in 0..t.shape[0] {
-                let w = transpose_columns(&t.outer(e), i, h, 0, h);
-                tensors.extend(fp8_linear(&format!("{base}.{e}.down_proj"), &w, h, i));
-                quantized += 1;
-            }
-        } else {
+        } else if !(name.ends_with(".experts.down_proj")) {
             if t.shape.len() == 2 && !name.contains("embed_tokens") {
                 if let Some(module) = name.strip_suffix(".weight") {
                     ignore.push(module.to_owned());
                 }
             }
-            tensors.push((
-                name.clone(),
-                Out {
-                    dtype: dtype(t.dtype),
-                    shape: t.shape.clone(),
-                    bytes: t.bytes().to_vec(),
-                },
-            ));
+            tensors.push((name.clone(), out(t)));
         }
         eprint!("\rquantize: {} / {} source tensors", k + 1, names.len());
     }
@@ -127,52 +117,12 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Columns `offset..offset + n` of a `[rows, cols]` bf16 matrix, as `[n, rows]` (the
-/// `nn.Linear` orientation of an "x @ W" slice).
-fn transpose_columns(
-    t: &Tensor,
-    rows: usize,
-    cols: usize,
-    offset: usize,
-    n: usize,
-) -> Vec<half::bf16> {
-    let v = t.to_f32_vec();
-    assert_eq!(v.len(), rows * cols, "expert slice shape");
-    let mut out = Vec::with_capacity(n * rows);
-    for c in offset..offset + n {
-        for r in 0..rows {
-            // Widened from bf16: converting back is exact.
-            out.push(half::bf16::from_f32(v[r * cols + c]));
-        }
+fn out(t: &Tensor) -> Out {
+    Out {
+        dtype: dtype(t.dtype),
+        shape: t.shape.clone(),
+        bytes: t.bytes().to_vec(),
     }
-    out
-}
-
-/// `{module}.weight` F8_E4M3 `[out, in]` and `{module}.weight_scale` BF16 `[out, 1]`.
-fn fp8_linear(module: &str, w: &[half::bf16], out: usize, inp: usize) -> [(String, Out); 2] {
-    let mut codes = vec![0u8; out * inp];
-    let mut scales = Vec::with_capacity(out * 2);
-    for (row, c) in w.chunks_exact(inp).zip(codes.chunks_exact_mut(inp)) {
-        scales.extend_from_slice(&quantize_row(row, c).to_le_bytes());
-    }
-    [
-        (
-            format!("{module}.weight"),
-            Out {
-                dtype: Dtype::F8_E4M3,
-                shape: vec![out, inp],
-                bytes: codes,
-            },
-        ),
-        (
-            format!("{module}.weight_scale"),
-            Out {
-                dtype: Dtype::BF16,
-                shape: vec![out, 1],
-                bytes: scales,
-            },
-        ),
-    ]
 }
 
 fn dtype(d: DType) -> Dtype {

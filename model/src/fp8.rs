@@ -96,6 +96,48 @@ pub fn quantize_row(row: &[half::bf16], codes: &mut [u8]) -> u16 {
     scale.to_bits()
 }
 
+/// One expert of fused bf16 tensors (`gate_up` `[hidden, 2·inter]`, `down` `[inter,
+/// hidden]`, "x @ W") as FP8 `nn.Linear` weights: for `gate_proj`, `up_proj`, `down_proj`,
+/// the e4m3 weight `[out, in]` and its BF16 `weight_scale` `[out, 1]` (`quantize_row`).
+pub fn quantize_fused_expert(
+    gate_up: &crate::checkpoint::Tensor,
+    down: &crate::checkpoint::Tensor,
+) -> [(
+    &'static str,
+    crate::checkpoint::Tensor,
+    crate::checkpoint::Tensor,
+); 3] {
+    use crate::checkpoint::{DType, Tensor};
+    let (h, i2) = (gate_up.shape[0], gate_up.shape[1]);
+    let i = i2 / 2;
+    let linear = |t: &Tensor, cols: usize, offset: usize, out: usize| {
+        let v = t.to_f32_vec();
+        let inp = v.len() / cols;
+        let mut codes = vec![0u8; out * inp];
+        let mut scales = Vec::with_capacity(2 * out);
+        let mut row = vec![half::bf16::ZERO; inp];
+        for (r, c) in codes.chunks_exact_mut(inp).enumerate() {
+            for (j, w) in row.iter_mut().enumerate() {
+                // Widened from bf16, so narrowing back is exact.
+                *w = half::bf16::from_f32(v[j * cols + offset + r]);
+            }
+            scales.extend_from_slice(&quantize_row(&row, c).to_le_bytes());
+        }
+        (
+            Tensor::from_bytes(DType::F8E4M3, vec![out, inp], codes),
+            Tensor::from_bytes(DType::BF16, vec![out, 1], scales),
+        )
+    };
+    let (gw, gs) = linear(gate_up, i2, 0, i);
+    let (uw, us) = linear(gate_up, i2, i, i);
+    let (dw, ds) = linear(down, h, 0, h);
+    [
+        ("gate_proj", gw, gs),
+        ("up_proj", uw, us),
+        ("down_proj", dw, ds),
+    ]
+}
+
 /// An FP8 weight matrix `[out, in]` with its per-output-row scales.
 #[derive(Debug, Clone)]
 pub struct Fp8Linear {

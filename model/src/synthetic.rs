@@ -125,6 +125,44 @@ impl SyntheticSpec {
     }
 }
 
+/// The routed experts of a built synthetic model converted to the compressed-tensors FP8
+/// layout (`fp8::quantize_fused_expert`), with the matching `quantization_config`: the FP8
+/// twin of the same model, for side-by-side benchmarks.
+pub fn to_fp8(config: &TextConfig, weights: &mut InMemoryWeights) -> Result<TextConfig> {
+    use crate::checkpoint::WeightSource;
+    for &l in &config.moe_layers {
+        let p = format!("model.layers.{l}.feed_forward.experts");
+        let gate_up = weights.tensor(&format!("{p}.gate_up_proj"))?;
+        let down = weights.tensor(&format!("{p}.down_proj"))?;
+        for e in 0..config.num_local_experts {
+            for (proj, w, scale) in
+                crate::fp8::quantize_fused_expert(&gate_up.outer(e), &down.outer(e))
+            {
+                weights.insert(format!("{p}.{e}.{proj}.weight"), w);
+                weights.insert(format!("{p}.{e}.{proj}.weight_scale"), scale);
+            }
+        }
+        weights.remove(&format!("{p}.gate_up_proj"));
+        weights.remove(&format!("{p}.down_proj"));
+    }
+    let quantization = crate::quant::Quantization::from_json(
+        json!({"quantization_config": {
+            "quant_method": "compressed-tensors", "format": "float-quantized",
+            "config_groups": {"group_0": {"targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": true},
+                "input_activations": {"num_bits": 8, "type": "float", "strategy": "token",
+                    "symmetric": true, "dynamic": true}}},
+            "ignore": ["re:^(model\\.layers\\.\\d+\\.(self_attn|feed_forward\\.(router|shared_expert|gate_proj|up_proj|down_proj))|lm_head).*"]
+        }})
+        .as_object()
+        .expect("an object"),
+    )?;
+    Ok(TextConfig {
+        quantization,
+        ..config.clone()
+    })
+}
+
 /// The shape of a synthetic vision tower, in the Llama 4 layout: tiles of `image_size`
 /// pixels in patches of 14, a 2×2 pixel shuffle, the adapter and the projector to the text
 /// model's width.

@@ -318,3 +318,49 @@ fn broken_fp8_checkpoints_are_refused_by_name() {
         assert!(err.contains(field) && err.contains(value), "{err}");
     }
 }
+
+/// The FP8 twin of a synthetic model (`synthetic::to_fp8`, what `bench decode --fp8`
+/// measures) loads with every expert unfused and FP8, and stays close to its bf16 source.
+#[test]
+fn synthetic_fp8_twin_is_close_to_its_source() {
+    use expertmesh_model::synthetic::{to_fp8, SyntheticSpec};
+    let spec = SyntheticSpec {
+        hidden: 64,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 16,
+        experts: 8,
+        expert_inter: 32,
+        dense_inter: 64,
+        vocab: 128,
+        chunk: 8192,
+        moe_step: 2,
+        seed: 3,
+    };
+    let (config, mut weights) = spec.build().unwrap();
+    let bf16 = Model::from_source(config.clone(), &weights).unwrap();
+    let fp8_config = to_fp8(&config, &mut weights).unwrap();
+    let fp8 = Model::from_source(fp8_config, &weights).unwrap();
+    let tokens: Vec<u32> = (0..24).map(|i| (i * 37 % 128) as u32).collect();
+    let run = |m: &Model| {
+        let mut cache = m.new_cache();
+        m.forward(&mut [Sequence::new(&mut cache, &tokens)], LogitRows::All)
+            .unwrap()
+    };
+    let (a, b) = (run(&bf16), run(&fp8));
+    let scale = a.logits.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let worst = a
+        .logits
+        .iter()
+        .zip(&b.logits)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        worst > 0.0,
+        "the FP8 twin computes something else than bf16"
+    );
+    assert!(
+        worst < 0.1 * scale,
+        "FP8 moved logits by {worst} (scale {scale})"
+    );
+}

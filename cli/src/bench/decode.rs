@@ -51,6 +51,10 @@ pub struct DecodeArgs {
     /// How a GPU computes products over the bf16 weights (f32, bf16).
     #[arg(long, default_value = "f32")]
     gemm: expertmesh_model::GemmPrecision,
+    /// Measure the built-in model with its routed experts in FP8 (the same weights,
+    /// quantized as `expertmesh quantize` does).
+    #[arg(long, conflicts_with = "model")]
+    fp8: bool,
 }
 
 #[derive(Serialize)]
@@ -134,8 +138,20 @@ pub fn run(args: DecodeArgs) -> Result<()> {
     };
     let model_source: ModelSource = model_arg.parse()?;
     let name = model_source.to_string();
-    let config: TextConfig = model_source.config()?;
-    let source: Box<dyn WeightSource> = model_source.weights()?;
+    let (config, source): (TextConfig, Box<dyn WeightSource>) = match (&model_source, args.fp8) {
+        (ModelSource::Synthetic(spec), true) => {
+            progress("quantizing its routed experts to FP8");
+            let (config, mut weights) = spec.build()?;
+            let config = expertmesh_model::synthetic::to_fp8(&config, &mut weights)?;
+            (config, Box::new(weights))
+        }
+        _ => (model_source.config()?, model_source.weights()?),
+    };
+    let name = if args.fp8 {
+        format!("{name} (FP8 experts)")
+    } else {
+        name
+    };
     let mut model = Model::from_source(config.clone(), source.as_ref())?;
     model.to_device_with(args.device, args.gemm)?;
     let weight_bytes_total =
