@@ -231,7 +231,11 @@ impl ExpertWeights {
     /// The SwiGLU over scaled inputs `u` (`[n, hidden]`). FP8 projections see their input
     /// quantize-dequantized per row (`fp8`): gate and up share one, down takes its own.
     fn swiglu(&self, u: &[f32], n: usize) -> Vec<f32> {
-        let hidden = u.len() / n.max(1);
+        if n == 0 {
+            // A group of no rows (the wire allows one): nothing to compute.
+            return Vec::new();
+        }
+        let hidden = u.len() / n;
         let quantized = |l: &ExpertLinear, x: &[f32], width: usize| match l {
             ExpertLinear::Fp8(f) if f.qdq_input => Some(fp8::qdq_rows(x, width)),
             ExpertLinear::Fp8(_) => None,
@@ -537,6 +541,34 @@ fn expert_linear(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_group_of_fp8_experts_computes_nothing() {
+        let fp8 = |out: usize, inp: usize| {
+            ExpertLinear::Fp8(Fp8Linear {
+                weight: Tensor::from_bytes(
+                    crate::checkpoint::DType::F8E4M3,
+                    vec![out, inp],
+                    vec![0x38; out * inp],
+                ),
+                scale: vec![1.0; out],
+                out_dim: out,
+                in_dim: inp,
+                qdq_input: true,
+            })
+        };
+        let experts = Experts::Unfused(vec![ExpertWeights {
+            gate: fp8(2, 3),
+            up: fp8(2, 3),
+            down: fp8(3, 2),
+        }]);
+        let out = experts.run_groups(&[ExpertGroup { expert: 0, rows: 0 }], &[], 3);
+        assert!(out.is_empty());
+        // And one row: gate = up = 3·x (weights 1), down sums the two activations.
+        let out = experts.run_groups(&[ExpertGroup { expert: 0, rows: 1 }], &[1.0, 1.0, 1.0], 3);
+        let a = silu(3.0) * 3.0;
+        assert!((out[0] - 2.0 * a).abs() < 0.1 * a, "{out:?}");
+    }
 
     #[test]
     fn route_picks_top1_with_sigmoid_score() {
