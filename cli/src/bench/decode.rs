@@ -178,7 +178,11 @@ pub fn run(args: DecodeArgs) -> Result<()> {
         progress,
     )?;
 
-    let (swiglu_tokens, expert_swiglu_gflops) = swiglu_gflops(&config, source.as_ref())?;
+    // The fused-expert SwiGLU rate; FP8 checkpoints have no fused tensors (reported as 0).
+    let (swiglu_tokens, expert_swiglu_gflops) = match config.quantization {
+        Some(_) => (0, 0.0),
+        None => swiglu_gflops(&config, source.as_ref())?,
+    };
     drop(source);
     let cluster = match args.expert_workers {
         Some(n) => {
