@@ -1,6 +1,6 @@
 //! A chat request's images: each `image_url` resolved to bytes — a `data:` URL decoded, an
 //! `http://` URL fetched when `allow_image_urls` is on — and decoded once under the image
-//! bounds (off the async threads) to refuse a bad image with a 400 and to learn its tile
+//! bounds (off the async threads; not resized: the worker makes the tiles) to refuse a bad image with a 400 and to learn its tile
 //! grid, which the prompt expansion needs. The bytes go on to the attention worker as they
 //! are; it preprocesses them again and runs the vision tower.
 //!
@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use base64::Engine as _;
-use expertmesh_model::vision::preprocess;
+use expertmesh_model::vision::check;
 use expertmesh_model::{ImageError, ImageLimits, ProcessorConfig};
 use http_body_util::BodyExt;
 
@@ -71,7 +71,7 @@ pub async fn load(
         let bytes = resolve(url, config).await?;
         let processor = processor.clone();
         let (bytes, grid) = tokio::task::spawn_blocking(move || {
-            preprocess(&bytes, &processor, &limits).map(|p| (bytes, p.grid))
+            check(&bytes, &processor, &limits).map(|grid| (bytes, grid))
         })
         .await
         .map_err(|e| ApiError::Internal(format!("decoding an image: {e}")))?

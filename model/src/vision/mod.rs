@@ -16,6 +16,6 @@ mod resample;
 
 pub use config::{ProcessorConfig, VisionConfig};
 pub use encoder::VisionModel;
-pub use preprocess::{grid_of, preprocess, ImageError, ImageLimits, Pixels};
+pub use preprocess::{check, preprocess, ImageError, ImageLimits, Pixels};
 pub use prompt::ImageTokens;
 pub use resample::resize_rgb;

@@ -92,15 +92,16 @@ pub fn probe(bytes: &[u8], limits: &ImageLimits) -> Result<(u32, u32), ImageErro
         .and_then(|(w, h)| check_size(w, h, limits))
 }
 
-/// The tile grid an image of this size gets, from its header alone (what the prompt
-/// expansion needs without decoding).
-pub fn grid_of(
+/// Decodes an image under the bounds (step 1) and returns the tile grid it gets, without
+/// resizing or normalising: what the gateway needs to refuse a bad image and expand the
+/// prompt, leaving the tiles to the attention worker.
+pub fn check(
     bytes: &[u8],
     config: &ProcessorConfig,
     limits: &ImageLimits,
 ) -> Result<(usize, usize), ImageError> {
-    let (w, h) = probe(bytes, limits)?;
-    let (ch, cw) = best_canvas((h as usize, w as usize), config);
+    let image = decode(bytes, limits)?;
+    let (ch, cw) = best_canvas((image.height() as usize, image.width() as usize), config);
     Ok((ch / config.tile_size, cw / config.tile_size))
 }
 
@@ -110,15 +111,19 @@ pub fn preprocess(
     config: &ProcessorConfig,
     limits: &ImageLimits,
 ) -> Result<Pixels, ImageError> {
+    Ok(preprocess_rgb(&to_rgb(decode(bytes, limits)?), config))
+}
+
+/// Step 1: the bounds from the header, then the decode under the same limits.
+fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage, ImageError> {
     probe(bytes, limits)?;
     let mut reader = reader(bytes, limits)?;
     let mut decoder_limits = image::Limits::default();
     decoder_limits.max_alloc = Some(limits.image_pixels_max.saturating_mul(16));
     reader.limits(decoder_limits);
-    let image = reader
+    reader
         .decode()
-        .map_err(|e| ImageError::Decode(e.to_string()))?;
-    Ok(preprocess_rgb(&to_rgb(image), config))
+        .map_err(|e| ImageError::Decode(e.to_string()))
 }
 
 /// Steps 3–5 on a decoded RGB image.
