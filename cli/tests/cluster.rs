@@ -38,37 +38,33 @@ fn long_case(model: &str) -> (String, usize) {
     )
 }
 
-/// `generate` output and dumped logits for one configuration (`extra` adds flags).
-fn run_generate(model: &str, extra: &[&str]) -> (Value, Vec<u8>) {
+/// `generate --json --dump-logits` with `args`: its output and the dumped logits.
+fn generate_with_logits(args: &[&str]) -> (Value, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
     let logits = dir.path().join("logits.safetensors");
-    let (ids, n) = long_case(model);
-    let n = n.to_string();
-    let path = fixture(model);
-    let mut args = vec![
-        "generate",
-        "--model",
-        &path,
-        "--input-ids",
-        &ids,
-        "--max-tokens",
-        &n,
-        "--ignore-eos",
-        "--json",
-        "--dump-logits",
-        logits.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let out = expertmesh(&args);
+    let mut all = vec!["generate", "--ignore-eos", "--json", "--dump-logits"];
+    all.push(logits.to_str().unwrap());
+    all.extend_from_slice(args);
+    let out = expertmesh(&all);
     assert!(
         out.status.success(),
-        "{extra:?}: {}",
+        "{args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     (
         serde_json::from_slice(&out.stdout).unwrap(),
         std::fs::read(&logits).unwrap(),
     )
+}
+
+/// `generate` output and dumped logits for one configuration (`extra` adds flags).
+fn run_generate(model: &str, extra: &[&str]) -> (Value, Vec<u8>) {
+    let (ids, n) = long_case(model);
+    let n = n.to_string();
+    let path = fixture(model);
+    let mut args = vec!["--model", &path, "--input-ids", &ids, "--max-tokens", &n];
+    args.extend_from_slice(extra);
+    generate_with_logits(&args)
 }
 
 #[test]
@@ -179,12 +175,9 @@ fn local_dispatch_serves_without_expert_workers() {
 
 /// `generate --image` (the fixture's image case) and its dumped prefill logits.
 fn run_image_generate(extra: &[&str]) -> (Value, Vec<u8>) {
-    let dir = tempfile::tempdir().unwrap();
-    let logits = dir.path().join("logits.safetensors");
     let model = fixture("tiny-maverick");
     let image = common::fixture("tiny-maverick").join("test-image.png");
     let mut args = vec![
-        "generate",
         "--model",
         &model,
         "--chat",
@@ -194,22 +187,9 @@ fn run_image_generate(extra: &[&str]) -> (Value, Vec<u8>) {
         image.to_str().unwrap(),
         "--max-tokens",
         "8",
-        "--ignore-eos",
-        "--json",
-        "--dump-logits",
-        logits.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let out = expertmesh(&args);
-    assert!(
-        out.status.success(),
-        "{extra:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (
-        serde_json::from_slice(&out.stdout).unwrap(),
-        std::fs::read(&logits).unwrap(),
-    )
+    generate_with_logits(&args)
 }
 
 /// An image prompt through remote expert workers — the attention side in `generate`, and a
