@@ -159,6 +159,15 @@ impl CoordinatorClient {
     /// Registers, retrying while no coordinator can commit it, for at most `patience`. The
     /// request id is fixed across retries, so a registration is applied once.
     pub async fn register(&self, r: &Registration, patience: Duration) -> Result<u64, ClientError> {
+        Ok(self.admit(r, patience).await?.worker_id)
+    }
+
+    /// `register`, with the coordinators' whole answer (the worker's id and its lease).
+    async fn admit(
+        &self,
+        r: &Registration,
+        patience: Duration,
+    ) -> Result<pb::RegisterReply, ClientError> {
         let request = pb::RegisterRequest {
             role: pb::Role::from(r.role) as i32,
             address: r.address.clone(),
@@ -171,17 +180,17 @@ impl CoordinatorClient {
             join_token: r.join_token.clone().unwrap_or_default(),
             forwarded: false,
         };
-        let reply = self
-            .call(patience, |mut c| {
-                let request = request.clone();
-                async move { c.register(request).await }
-            })
-            .await?;
-        Ok(reply.worker_id)
+        self.call(patience, |mut c| {
+            let request = request.clone();
+            async move { c.register(request).await }
+        })
+        .await
     }
 
     /// Registers and keeps heartbeating every `heartbeat`, each beat carrying what `beat`
-    /// reports: what every worker does on start.
+    /// reports: what every worker does on start. Beats come at least three to a lease, whatever
+    /// `heartbeat` says, so a worker that is alive is never declared dead for a lease shorter
+    /// than its configured interval.
     pub async fn join(
         &self,
         r: &Registration,
@@ -189,9 +198,13 @@ impl CoordinatorClient {
         heartbeat: Duration,
         beat: impl Fn() -> Beat + Send + Sync + 'static,
     ) -> Result<u64, ClientError> {
-        let id = self.register(r, patience).await?;
-        self.spawn_heartbeat(id, heartbeat, beat);
-        Ok(id)
+        let reply = self.admit(r, patience).await?;
+        self.spawn_heartbeat(
+            reply.worker_id,
+            beat_interval(heartbeat, reply.lease_ms),
+            beat,
+        );
+        Ok(reply.worker_id)
     }
 
     /// The cluster state, read linearizably from any coordinator.
@@ -297,7 +310,12 @@ impl CoordinatorClient {
             let mut client = client.clone();
             let beat = beat.clone();
             tokio::spawn(async move {
+                // A fixed rate: a slow answer does not push the next beat later.
+                let mut ticks = tokio::time::interval(interval);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut declared_dead = false;
                 loop {
+                    ticks.tick().await;
                     let Beat {
                         load,
                         prepared_epoch,
@@ -308,8 +326,13 @@ impl CoordinatorClient {
                         prepared_epoch,
                     });
                     beat.set_timeout(interval.max(Duration::from_millis(500)));
-                    let _ = client.heartbeat(beat).await;
-                    tokio::time::sleep(interval).await;
+                    if let Err(status) = client.heartbeat(beat).await {
+                        // Said once: the coordinators no longer count this worker.
+                        if status.code() == tonic::Code::NotFound && !declared_dead {
+                            declared_dead = true;
+                            eprintln!("worker {worker_id}: {}", status.message());
+                        }
+                    }
                 }
             });
         }
@@ -357,5 +380,29 @@ impl CoordinatorClient {
             }
         });
         rx
+    }
+}
+
+/// How often a worker beats: its configured `heartbeat`, but at least three beats to a lease
+/// (`lease_ms`, 0 when the coordinators did not say), and never more often than every 10 ms.
+fn beat_interval(heartbeat: Duration, lease_ms: u64) -> Duration {
+    let interval = match lease_ms {
+        0 => heartbeat,
+        lease => heartbeat.min(Duration::from_millis(lease) / 3),
+    };
+    interval.max(Duration::from_millis(10))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn beats_come_three_to_a_lease() {
+        let second = Duration::from_secs(1);
+        assert_eq!(beat_interval(second, 5000), second);
+        assert_eq!(beat_interval(second, 1000), second / 3);
+        assert_eq!(beat_interval(second, 0), second);
+        assert_eq!(beat_interval(second, 3), Duration::from_millis(10));
     }
 }

@@ -475,6 +475,11 @@ impl Machine {
             model_fingerprint: self.model_fingerprint.clone(),
             num_experts: self.num_experts,
             pending: self.pending.clone(),
+            lease_ms: if self.initialized {
+                self.settings.lease_ms
+            } else {
+                0
+            },
             nccl_ids: self.nccl_ids.clone(),
             unservable: if self.initialized {
                 self.unservable.clone()

@@ -166,7 +166,10 @@ impl CoordinatorService for Coordinator {
             holds_experts: r.holds_experts,
         };
         match self.propose(command).await {
-            Ok(worker_id) => Ok(Response::new(pb::RegisterReply { worker_id })),
+            Ok(worker_id) => Ok(Response::new(pb::RegisterReply {
+                worker_id,
+                lease_ms: self.view().lease_ms,
+            })),
             Err(ProposeError::NotLeader) if !r.forwarded => {
                 r.forwarded = true;
                 self.leader()?.register(r).await

@@ -85,6 +85,8 @@ pub struct ClusterView {
     pub unservable: Option<String>,
     /// The next placement (epoch + 1) while expert workers load its experts.
     pub pending: Option<Placement>,
+    /// How long a worker may go unheard before it is declared dead (0 before `Init`).
+    pub lease_ms: u64,
     /// NCCL unique ids by group (served by the `NcclId` call, not sent with the state).
     pub nccl_ids: BTreeMap<String, Vec<u8>>,
 }
@@ -129,6 +131,7 @@ impl From<&ClusterView> for pb::ClusterState {
             model_fingerprint: v.model_fingerprint.clone(),
             num_experts: v.num_experts as u32,
             unservable_reason: v.unservable.clone().unwrap_or_default(),
+            lease_ms: v.lease_ms,
         }
     }
 }
@@ -175,6 +178,7 @@ impl TryFrom<pb::ClusterState> for ClusterView {
             num_experts,
             unservable,
             pending,
+            lease_ms: s.lease_ms,
             nccl_ids: BTreeMap::new(),
         })
     }
