@@ -91,7 +91,7 @@ pub async fn connect(
         (client.clone(), views),
         connector,
         dispatch,
-        (c.moe_layers.len(), c.num_local_experts),
+        c,
     );
     Ok((model, experts, client))
 }

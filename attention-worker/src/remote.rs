@@ -21,7 +21,7 @@ use expertmesh_dispatch::{
 };
 use expertmesh_expert_worker::NodeError;
 use expertmesh_model::moe::{ExpertRunner, PendingExperts, RoutedBatch};
-use expertmesh_model::{ExpertsFailure, ModelError, Result};
+use expertmesh_model::{ExpertsFailure, ModelError, Result, TextConfig};
 use tokio::sync::watch;
 
 use crate::routing::{self, Attempts, Next, Piece, SendError, Workers};
@@ -32,7 +32,9 @@ use crate::routing::{self, Attempts, Next, Piece, SendError, Workers};
 pub struct DispatchConfig {
     /// Time budget of one routed batch (all its pieces, retries included), in ms.
     pub timeout_ms: u64,
-    /// Activation dtype on the wire: f32 (exact) or bf16 (half the bytes).
+    /// Activation dtype on the wire: f32 (exact), bf16 (half the bytes) or fp8 (a quarter,
+    /// plus a scale per row; exact for FP8 experts, and f32 for layers whose experts are
+    /// not FP8).
     pub wire_dtype: WireDType,
     /// Re-sends after `WrongEpoch`.
     pub epoch_retries: usize,
@@ -142,6 +144,9 @@ struct Router {
     in_flight: Arc<Mutex<HashMap<u64, u64>>>,
     /// The placement this engine step routes under (see `ExpertRunner::begin_step`).
     step_view: Mutex<Option<Arc<ClusterView>>>,
+    /// Decoder layers whose routed rows may travel in fp8 (every expert W8A8 FP8); with
+    /// `--wire-dtype fp8` the other MoE layers' rows travel as f32.
+    fp8_layers: HashSet<usize>,
 }
 
 /// How long a worker that failed to answer is avoided.
@@ -151,14 +156,21 @@ const ATTEMPTS_MAX: usize = 64;
 
 impl RemoteExperts {
     /// `views` is the coordinator watch; `runtime` runs the network work; `connector`
-    /// reaches the workers; the model has `moe_layers` MoE layers of `num_experts` experts.
+    /// reaches the workers; `model` is the text model's configuration.
     pub fn new(
         runtime: tokio::runtime::Handle,
         (coordinator, views): (CoordinatorClient, watch::Receiver<Option<Arc<ClusterView>>>),
         connector: Connector,
         config: DispatchConfig,
-        (moe_layers, num_experts): (usize, usize),
+        model: &TextConfig,
     ) -> Self {
+        let (moe_layers, num_experts) = (model.moe_layers.len(), model.num_local_experts);
+        let fp8_layers = model
+            .moe_layers
+            .iter()
+            .copied()
+            .filter(|&l| model.experts_take_fp8_inputs(l))
+            .collect();
         Self {
             router: Arc::new(Router {
                 runtime,
@@ -171,6 +183,7 @@ impl RemoteExperts {
                 suspects: Mutex::new(HashMap::new()),
                 in_flight: Arc::new(Mutex::new(HashMap::new())),
                 step_view: Mutex::new(None),
+                fp8_layers,
             }),
         }
     }
@@ -220,6 +233,15 @@ impl ExpertRunner for RemoteExperts {
 }
 
 impl Router {
+    /// The dtype layer `layer`'s rows travel in: `--wire-dtype`, except that fp8 is only
+    /// for layers whose experts all take FP8 inputs (the others' rows go as f32, exact).
+    fn wire_dtype(&self, layer: usize) -> WireDType {
+        match self.config.wire_dtype {
+            WireDType::Fp8 if !self.fp8_layers.contains(&layer) => WireDType::F32,
+            d => d,
+        }
+    }
+
     fn client(&self, worker: u64, view: &ClusterView) -> Result<Arc<dyn Dispatch>, String> {
         let member = view
             .member(worker)
@@ -400,7 +422,7 @@ impl Router {
                 timeout,
                 groups: p.groups.clone(),
                 hidden: h,
-                dtype: self.config.wire_dtype,
+                dtype: self.wire_dtype(batch.layer),
                 activations,
             };
             let stats = self.stats.clone();

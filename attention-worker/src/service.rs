@@ -136,15 +136,12 @@ fn event(e: Event, prompt_rows: u64, vocab: u64) -> Result<pb::GenerateEvent, St
     use pb::generate_event::Event as E;
     let event = match e {
         Event::Token(id) => E::Token(pb::GenerateToken { id }),
-        Event::PromptLogits(logits) => E::PromptLogits(pb::Tensor {
-            dtype: pb::DType::DtypeF32 as i32,
-            shape: vec![prompt_rows, vocab],
-            data: logits
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect::<Vec<u8>>()
-                .into(),
-        }),
+        Event::PromptLogits(logits) => E::PromptLogits(expertmesh_dispatch::wire::encode_tensor(
+            &logits,
+            prompt_rows as usize,
+            vocab as usize,
+            expertmesh_dispatch::WireDType::F32,
+        )),
         Event::Finished(reason) => E::Finished(pb::GenerateFinished {
             reason: match reason {
                 FinishReason::Stop => pb::FinishReason::Stop,

@@ -121,7 +121,7 @@ async fn two_copies(timeout_ms: u64) -> TwoCopies {
             epoch_retries: 2,
             ..DispatchConfig::default()
         },
-        (config.moe_layers.len(), config.num_local_experts),
+        &config,
     );
     TwoCopies {
         model: Arc::new(model),

@@ -32,31 +32,64 @@ pub use fault::{Fault, FaultyDispatch};
 pub use grpc::GrpcDispatch;
 pub use local::InProcessDispatch;
 
+use expertmesh_model::fp8;
 use expertmesh_model::moe::ExpertGroup;
 
 /// Element type of activations on the wire. f32 keeps a cluster bit-identical to the
-/// single process; bf16 halves the bytes (and rounds the activations).
+/// single process; bf16 halves the bytes (and rounds the activations); fp8 quarters them
+/// and stays bit-identical for FP8 (W8A8) experts, whose first step is exactly that
+/// quantization.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WireDType {
     #[default]
     F32,
     Bf16,
+    /// e4m3 codes with one f32 scale per row: each row quantized with its own dynamic
+    /// scale (`expertmesh_model::fp8::quantize_activations`). Only for the inputs of FP8
+    /// experts that quantize their inputs per token; the values that arrive are what such
+    /// an expert would have computed from the f32 row, so it takes them as they are.
+    /// Replies travel as f32.
+    Fp8,
 }
 
 impl WireDType {
+    /// Bytes per value (fp8 adds 4 bytes of scale per row: [`WireDType::row_bytes`]).
     pub fn size_bytes(self) -> usize {
         match self {
             WireDType::F32 => 4,
             WireDType::Bf16 => 2,
+            WireDType::Fp8 => 1,
         }
     }
 
-    /// The value as it arrives after a trip in this dtype.
-    pub fn round(self, v: f32) -> f32 {
+    /// Bytes of one row of `hidden` values on the wire.
+    pub fn row_bytes(self, hidden: usize) -> usize {
+        hidden * self.size_bytes() + if self == WireDType::Fp8 { 4 } else { 0 }
+    }
+
+    /// The dtype of the reply to a batch sent in this one: outputs are never FP8.
+    pub fn reply(self) -> Self {
         match self {
-            WireDType::F32 => v,
-            WireDType::Bf16 => half::bf16::from_f32(v).to_f32(),
+            WireDType::Fp8 => WireDType::F32,
+            other => other,
+        }
+    }
+
+    /// Rows of `hidden` values as they arrive after a trip in this dtype.
+    pub fn carry(self, values: &mut [f32], hidden: usize) {
+        match self {
+            WireDType::F32 => {}
+            WireDType::Bf16 => values
+                .iter_mut()
+                .for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+            WireDType::Fp8 => {
+                let mut codes = vec![0u8; hidden];
+                for row in values.chunks_exact_mut(hidden.max(1)) {
+                    let scale = fp8::quantize_activations(row, &mut codes);
+                    fp8::dequantize_activations(&codes, scale, row);
+                }
+            }
         }
     }
 }
@@ -67,7 +100,8 @@ impl std::str::FromStr for WireDType {
         match s {
             "f32" => Ok(Self::F32),
             "bf16" => Ok(Self::Bf16),
-            other => Err(format!("`{other}` is not a wire dtype (f32, bf16)")),
+            "fp8" => Ok(Self::Fp8),
+            other => Err(format!("`{other}` is not a wire dtype (f32, bf16, fp8)")),
         }
     }
 }

@@ -20,13 +20,10 @@ impl Dispatch for InProcessDispatch {
     fn dispatch(&self, mut batch: DispatchBatch) -> DispatchFuture {
         let answer = self.answer.clone();
         Box::pin(async move {
-            let dtype = batch.dtype;
-            batch
-                .activations
-                .iter_mut()
-                .for_each(|v| *v = dtype.round(*v));
+            let (dtype, hidden) = (batch.dtype, batch.hidden);
+            dtype.carry(&mut batch.activations, hidden);
             let mut out = answer.answer(batch).await?;
-            out.iter_mut().for_each(|v| *v = dtype.round(*v));
+            dtype.reply().carry(&mut out, hidden);
             Ok(out)
         })
     }

@@ -51,10 +51,12 @@ impl NcclDispatch {
     }
 }
 
-/// Moves rows to the peer rank in the wire dtype (bf16 travels as NCCL bf16).
+/// Moves rows of `hidden` values to the peer rank in the wire dtype (bf16 travels as NCCL
+/// bf16; fp8 as the rows' e4m3 codes, u8, then their f32 scales).
 async fn carry(
     link: &Arc<NcclLink>,
     dtype: WireDType,
+    hidden: usize,
     rows: Vec<f32>,
 ) -> Result<Vec<f32>, DispatchError> {
     let link = link.clone();
@@ -64,6 +66,26 @@ async fn carry(
             let bits: Vec<half::bf16> = rows.iter().map(|v| half::bf16::from_f32(*v)).collect();
             link.transfer(&bits)
                 .map(|v| v.into_iter().map(f32::from).collect())
+        }
+        WireDType::Fp8 => {
+            let hidden = hidden.max(1);
+            let mut codes = vec![0u8; rows.len()];
+            let scales: Vec<f32> = codes
+                .chunks_exact_mut(hidden)
+                .zip(rows.chunks_exact(hidden))
+                .map(|(c, r)| expertmesh_model::fp8::quantize_activations(r, c))
+                .collect();
+            let codes = link.transfer(&codes)?;
+            let scales = link.transfer(&scales)?;
+            let mut out = vec![0.0f32; codes.len()];
+            for ((o, c), s) in out
+                .chunks_exact_mut(hidden)
+                .zip(codes.chunks_exact(hidden))
+                .zip(scales)
+            {
+                expertmesh_model::fp8::dequantize_activations(c, s, o);
+            }
+            Ok(out)
         }
     })
     .await
@@ -75,11 +97,11 @@ impl Dispatch for NcclDispatch {
     fn dispatch(&self, mut batch: DispatchBatch) -> DispatchFuture {
         let (link, answer) = (self.link.clone(), self.answer.clone());
         Box::pin(async move {
-            let dtype = batch.dtype;
+            let (dtype, hidden) = (batch.dtype, batch.hidden);
             let rows = std::mem::take(&mut batch.activations);
-            batch.activations = carry(&link, dtype, rows).await?;
+            batch.activations = carry(&link, dtype, hidden, rows).await?;
             let out = answer.answer(batch).await?;
-            carry(&link, dtype, out).await
+            carry(&link, dtype.reply(), hidden, out).await
         })
     }
 }

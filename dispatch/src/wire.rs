@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use expertmesh_model::fp8;
 use expertmesh_model::moe::ExpertGroup;
 use expertmesh_proto::v1::{self as pb, dispatch_error::Kind};
 
@@ -13,20 +14,42 @@ use crate::{DispatchBatch, DispatchError, WireDType};
 /// Longest time budget a request may ask for.
 pub const TIMEOUT_MAX: Duration = Duration::from_secs(600);
 
-/// Encodes f32 values as a wire tensor of shape `[rows, hidden]`.
+/// Encodes f32 values as a wire tensor of shape `[rows, hidden]`. In fp8 each row is
+/// quantized with its own scale (`fp8::quantize_activations`).
 pub fn encode_tensor(values: &[f32], rows: usize, hidden: usize, dtype: WireDType) -> pb::Tensor {
     let mut data = Vec::with_capacity(values.len() * dtype.size_bytes());
+    let mut scales = Vec::new();
     match dtype {
         WireDType::F32 => data.extend(values.iter().flat_map(|v| v.to_le_bytes())),
         WireDType::Bf16 => data.extend(values.iter().flat_map(|v| bf16_bits(*v).to_le_bytes())),
+        WireDType::Fp8 => {
+            data.resize(values.len(), 0);
+            scales.reserve(rows * 4);
+            if hidden > 0 {
+                for (codes, row) in data
+                    .chunks_exact_mut(hidden)
+                    .zip(values.chunks_exact(hidden))
+                {
+                    let scale = fp8::quantize_activations(row, codes);
+                    scales.extend(scale.to_le_bytes());
+                }
+            } else {
+                scales.resize(rows * 4, 0);
+                for s in scales.chunks_exact_mut(4) {
+                    s.copy_from_slice(&f32::EPSILON.to_le_bytes());
+                }
+            }
+        }
     }
     pb::Tensor {
         dtype: match dtype {
             WireDType::F32 => pb::DType::DtypeF32,
             WireDType::Bf16 => pb::DType::DtypeBf16,
+            WireDType::Fp8 => pb::DType::DtypeFp8E4m3,
         } as i32,
         shape: vec![rows as u64, hidden as u64],
         data: Bytes::from(data),
+        scales,
     }
 }
 
@@ -45,6 +68,7 @@ pub fn decode_tensor(t: &pb::Tensor) -> Result<(WireDType, usize, usize, Vec<f32
     let dtype = match pb::DType::try_from(t.dtype) {
         Ok(pb::DType::DtypeF32) => WireDType::F32,
         Ok(pb::DType::DtypeBf16) => WireDType::Bf16,
+        Ok(pb::DType::DtypeFp8E4m3) => WireDType::Fp8,
         _ => {
             return Err(DispatchError::BadRequest(format!(
                 "unknown dtype {}",
@@ -69,6 +93,15 @@ pub fn decode_tensor(t: &pb::Tensor) -> Result<(WireDType, usize, usize, Vec<f32
     }
     // The byte length was checked above, so these sizes are bounded by the message size.
     let (rows, hidden) = (rows as usize, hidden as usize);
+    let scales = match dtype {
+        WireDType::Fp8 => decode_scales(&t.scales, rows)?,
+        _ if !t.scales.is_empty() => {
+            return Err(DispatchError::BadRequest(
+                "scales are only for fp8 tensors".into(),
+            ))
+        }
+        _ => Vec::new(),
+    };
     let mut values = Vec::with_capacity(rows * hidden);
     match dtype {
         WireDType::F32 => values.extend(
@@ -81,8 +114,44 @@ pub fn decode_tensor(t: &pb::Tensor) -> Result<(WireDType, usize, usize, Vec<f32
                 .chunks_exact(2)
                 .map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)),
         ),
+        WireDType::Fp8 => {
+            values.resize(rows * hidden, 0.0);
+            if hidden > 0 {
+                for ((out, codes), scale) in values
+                    .chunks_exact_mut(hidden)
+                    .zip(t.data.chunks_exact(hidden))
+                    .zip(scales)
+                {
+                    fp8::dequantize_activations(codes, scale, out);
+                }
+            }
+        }
     }
     Ok((dtype, rows, hidden, values))
+}
+
+/// An fp8 tensor's row scales: exactly `rows` little-endian f32s, each finite and positive.
+fn decode_scales(bytes: &[u8], rows: usize) -> Result<Vec<f32>, DispatchError> {
+    if bytes.len() != rows * 4 {
+        return Err(DispatchError::BadRequest(format!(
+            "an fp8 tensor of {rows} rows needs {} bytes of scales, got {}",
+            rows * 4,
+            bytes.len()
+        )));
+    }
+    bytes
+        .chunks_exact(4)
+        .map(|b| {
+            let s = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            if s.is_finite() && s > 0.0 {
+                Ok(s)
+            } else {
+                Err(DispatchError::BadRequest(format!(
+                    "fp8 row scale {s} is not finite and positive"
+                )))
+            }
+        })
+        .collect()
 }
 
 impl From<&DispatchBatch> for pb::DispatchRequest {
@@ -149,7 +218,7 @@ impl TryFrom<pb::DispatchRequest> for DispatchBatch {
     }
 }
 
-/// A reply carrying outputs, in the request's dtype.
+/// A reply carrying outputs, in the dtype that answers the request's (`WireDType::reply`).
 pub fn reply_ok(
     batch_id: u64,
     outputs: &[f32],
@@ -160,7 +229,10 @@ pub fn reply_ok(
     pb::DispatchReply {
         batch_id,
         result: Some(pb::dispatch_reply::Result::Outputs(encode_tensor(
-            outputs, rows, hidden, dtype,
+            outputs,
+            rows,
+            hidden,
+            dtype.reply(),
         ))),
     }
 }
@@ -306,6 +378,67 @@ mod tests {
         assert!(matches!(
             DispatchBatch::try_from(r),
             Err(DispatchError::ShapeMismatch { .. })
+        ));
+    }
+
+    /// fp8 rows arrive as each row's quantize-dequantize (`WireDType::carry`), in a
+    /// quarter of the bytes plus a scale per row; replies to them travel as f32.
+    #[test]
+    fn fp8_rows_arrive_quantized() {
+        let mut b = DispatchBatch::try_from(request()).unwrap();
+        b.dtype = WireDType::Fp8;
+        b.activations = vec![0.3, -7.0, 0.0, 0.0, 1e-3, 2.5];
+        let r = pb::DispatchRequest::from(&b);
+        let t = r.activations.as_ref().unwrap();
+        assert_eq!((t.data.len(), t.scales.len()), (6, 12));
+        let got = DispatchBatch::try_from(r.clone()).unwrap();
+        let mut want = b.activations.clone();
+        WireDType::Fp8.carry(&mut want, 2);
+        assert_eq!(got.activations, want);
+        assert_eq!(got.dtype, WireDType::Fp8);
+        // The all-zero row keeps its zeros (scale = f32::EPSILON).
+        assert_eq!(&got.activations[2..4], &[0.0, 0.0]);
+        assert_eq!(WireDType::Fp8.row_bytes(2), 6);
+        let ok = reply_ok(1, &[0.1, 0.2], 1, 2, WireDType::Fp8);
+        let Some(pb::dispatch_reply::Result::Outputs(t)) = &ok.result else {
+            panic!("outputs")
+        };
+        assert_eq!(t.dtype, pb::DType::DtypeF32 as i32);
+        assert_eq!(decode_reply(ok, 1, 2).unwrap(), vec![0.1, 0.2]);
+
+        // Hostile scales: missing, short, zero, negative, NaN, infinite; scales on f32.
+        for scales in [
+            vec![],
+            vec![0u8; 8],
+            [1.0f32, 0.0, 1.0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            [1.0f32, -1.0, 1.0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            [1.0f32, f32::NAN, 1.0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            [1.0f32, f32::INFINITY, 1.0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        ] {
+            let mut bad = r.clone();
+            bad.activations.as_mut().unwrap().scales = scales;
+            assert!(matches!(
+                DispatchBatch::try_from(bad),
+                Err(DispatchError::BadRequest(_))
+            ));
+        }
+        let mut bad = request();
+        bad.activations.as_mut().unwrap().scales = vec![0; 12];
+        assert!(matches!(
+            DispatchBatch::try_from(bad),
+            Err(DispatchError::BadRequest(_))
         ));
     }
 

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::shard::ExpertShard;
-use expertmesh_dispatch::{Answer, DispatchBatch, DispatchError, DispatchFuture};
+use expertmesh_dispatch::{Answer, DispatchBatch, DispatchError, DispatchFuture, WireDType};
 
 /// Batching settings.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -123,18 +123,22 @@ async fn run(mut rx: mpsc::Receiver<QueuedBatch>, shard: Arc<ExpertShard>, confi
             rows += job.batch.rows();
             jobs.push(job);
         }
-        let mut by_layer: BTreeMap<u32, Vec<QueuedBatch>> = BTreeMap::new();
+        // Rows merge with rows of the same layer that travelled as the same kind of value
+        // (fp8 rows are already quantized, the others not).
+        let mut by_layer: BTreeMap<(u32, bool), Vec<QueuedBatch>> = BTreeMap::new();
         for job in jobs {
-            by_layer.entry(job.batch.layer).or_default().push(job);
+            let key = (job.batch.layer, job.batch.dtype == WireDType::Fp8);
+            by_layer.entry(key).or_default().push(job);
         }
-        for (layer, jobs) in by_layer {
-            process(&shard, layer, jobs).await;
+        for ((layer, fp8), jobs) in by_layer {
+            let dtype = if fp8 { WireDType::Fp8 } else { WireDType::F32 };
+            process(&shard, layer, dtype, jobs).await;
         }
     }
 }
 
 /// Merges the live jobs of one layer into one group per expert, computes, and answers each.
-async fn process(shard: &Arc<ExpertShard>, layer: u32, jobs: Vec<QueuedBatch>) {
+async fn process(shard: &Arc<ExpertShard>, layer: u32, dtype: WireDType, jobs: Vec<QueuedBatch>) {
     let now = Instant::now();
     let mut live = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -157,7 +161,7 @@ async fn process(shard: &Arc<ExpertShard>, layer: u32, jobs: Vec<QueuedBatch>) {
         let worker = shard.clone();
         let QueuedBatch { batch, reply, .. } = job;
         let result = tokio::task::spawn_blocking(move || {
-            worker.compute(layer, &batch.groups, &batch.activations)
+            worker.compute(layer, &batch.groups, &batch.activations, dtype)
         })
         .await
         .map_err(|e| DispatchError::Unavailable(format!("expert computation failed: {e}")))
@@ -193,7 +197,9 @@ async fn process(shard: &Arc<ExpertShard>, layer: u32, jobs: Vec<QueuedBatch>) {
     }
     let worker = shard.clone();
     let outputs =
-        match tokio::task::spawn_blocking(move || worker.compute(layer, &groups, &inputs)).await {
+        match tokio::task::spawn_blocking(move || worker.compute(layer, &groups, &inputs, dtype))
+            .await
+        {
             Ok(Ok(o)) => o,
             Ok(Err(e)) => {
                 for job in live {

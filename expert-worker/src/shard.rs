@@ -15,7 +15,7 @@ pub const EPOCH_GRACE: Duration = Duration::from_secs(10);
 use expertmesh_model::moe::{ExpertGroup, Experts};
 use expertmesh_model::{Device, GemmPrecision, ModelError, TextConfig, WeightSource};
 
-use expertmesh_dispatch::{DispatchBatch, DispatchError};
+use expertmesh_dispatch::{DispatchBatch, DispatchError, WireDType};
 
 /// The worker's current assignment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -190,18 +190,42 @@ impl ExpertShard {
                     expert: g.expert,
                 });
             }
+            if b.dtype == WireDType::Fp8 && !self.takes_fp8(b.layer, g.expert) {
+                return Err(DispatchError::BadRequest(format!(
+                    "expert {} of layer {} does not quantize its inputs to FP8 here: send \
+                     its rows as f32 or bf16",
+                    g.expert, b.layer
+                )));
+            }
         }
         Ok(())
     }
 
-    /// Runs the groups of one layer (checked before). Outputs are in the input row order.
+    /// Whether `expert` of `layer` takes rows already quantized to FP8 (`--wire-dtype
+    /// fp8`): a W8A8 FP8 expert computed on the CPU.
+    fn takes_fp8(&self, layer: u32, expert: u32) -> bool {
+        #[cfg(feature = "cuda")]
+        if self.gpu.is_some() {
+            return false;
+        }
+        self.layers[&layer].takes_quantized_inputs(expert as usize)
+    }
+
+    /// Runs the groups of one layer (checked before) on rows that travelled in `dtype`
+    /// (fp8: already quantized, taken as they are). Outputs are in the input row order.
     pub fn compute(
         &self,
         layer: u32,
         groups: &[ExpertGroup],
         inputs: &[f32],
+        dtype: WireDType,
     ) -> Result<Vec<f32>, DispatchError> {
         let experts = &self.layers[&layer];
+        if dtype == WireDType::Fp8 {
+            let out = experts.run_quantized_groups(groups, inputs, self.hidden);
+            self.count(inputs);
+            return Ok(out);
+        }
         #[cfg(feature = "cuda")]
         let out = match &self.gpu {
             Some(gpu) => gpu
@@ -211,9 +235,13 @@ impl ExpertShard {
         };
         #[cfg(not(feature = "cuda"))]
         let out = experts.run_groups(groups, inputs, self.hidden);
+        self.count(inputs);
+        Ok(out)
+    }
+
+    fn count(&self, inputs: &[f32]) {
         self.batches_served.fetch_add(1, Ordering::Relaxed);
         self.rows_served
             .fetch_add((inputs.len() / self.hidden) as u64, Ordering::Relaxed);
-        Ok(out)
     }
 }

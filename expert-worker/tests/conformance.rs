@@ -49,6 +49,13 @@ impl Fixture {
         Self { config, weights }
     }
 
+    /// The same model with its routed experts in FP8 (W8A8).
+    fn fp8() -> Self {
+        let (config, mut weights) = spec().build().unwrap();
+        let config = expertmesh_model::synthetic::to_fp8(&config, &mut weights).unwrap();
+        Self { config, weights }
+    }
+
     /// A shard that owns experts 0..6 of 8 under `EPOCH`.
     fn shard(&self) -> Arc<ExpertShard> {
         let shard = ExpertShard::new(&self.config, &self.weights).unwrap();
@@ -134,17 +141,40 @@ async fn conformance(f: &Fixture, d: &dyn Dispatch) {
 
     // bf16 on the wire: rounded inputs in, rounded outputs back.
     let b = batch(&[(1, 2)], WireDType::Bf16, 3);
-    let rounded: Vec<f32> = b
-        .activations
-        .iter()
-        .map(|v| WireDType::Bf16.round(*v))
-        .collect();
-    let expected: Vec<f32> = experts
-        .run_groups(&b.groups, &rounded, 64)
-        .iter()
-        .map(|v| WireDType::Bf16.round(*v))
-        .collect();
+    let mut rounded = b.activations.clone();
+    WireDType::Bf16.carry(&mut rounded, 64);
+    let mut expected = experts.run_groups(&b.groups, &rounded, 64);
+    WireDType::Bf16.carry(&mut expected, 64);
     assert_eq!(d.dispatch(b).await.unwrap(), expected);
+
+    if f.config.experts_take_fp8_inputs(1) {
+        // fp8 on the wire to FP8 experts: their own input quantization, done before the
+        // trip, so the outputs (f32) are those of the f32 rows, bit for bit — also when fp8
+        // and f32 batches of the layer are merged by the batcher.
+        let batches: Vec<DispatchBatch> = (0..6)
+            .map(|i| {
+                let dtype = [WireDType::Fp8, WireDType::F32][i as usize % 2];
+                batch(&[(i % 3, 2), (3 + i % 3, 1)], dtype, 200 + i)
+            })
+            .collect();
+        let answers = futures_join(batches.iter().map(|b| d.dispatch(b.clone())).collect()).await;
+        for (b, got) in batches.iter().zip(answers) {
+            assert_eq!(
+                got.unwrap(),
+                experts.run_groups(&b.groups, &b.activations, 64),
+                "{:?}",
+                b.dtype
+            );
+        }
+    } else {
+        // Experts that do not quantize their inputs refuse rows that were.
+        let b = batch(&[(1, 2)], WireDType::Fp8, 3);
+        let err = d.dispatch(b).await.unwrap_err();
+        assert!(
+            matches!(&err, DispatchError::BadRequest(r) if r.contains("FP8")),
+            "{err:?}"
+        );
+    }
 
     // Typed errors.
     let mut b = batch(&[(0, 1)], WireDType::F32, 4);
@@ -259,6 +289,15 @@ async fn fault_double_conforms_and_injects_each_fault() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_conforms() {
     let f = Fixture::new();
+    conformance(&f, grpc(&f, BatcherConfig::default()).await.as_ref()).await;
+}
+
+/// The same suite with FP8 experts (where `--wire-dtype fp8` is exact), both transports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fp8_experts_conform() {
+    let f = Fixture::fp8();
+    assert!(f.config.experts_take_fp8_inputs(1));
+    conformance(&f, in_process(&f, BatcherConfig::default()).await.as_ref()).await;
     conformance(&f, grpc(&f, BatcherConfig::default()).await.as_ref()).await;
 }
 

@@ -223,6 +223,24 @@ impl TextConfig {
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         self.moe_layers.contains(&layer)
     }
+
+    /// Whether every routed expert of MoE layer `layer` is FP8 with per-token dynamic input
+    /// quantization in gate and up (what `quantization_config` declares, which loading
+    /// checks against the tensors): then the layer's routed rows may travel already
+    /// quantized (`--wire-dtype fp8`) at no cost in exactness.
+    pub fn experts_take_fp8_inputs(&self, layer: usize) -> bool {
+        let Some(q) = self.quantization.as_ref().filter(|q| q.dynamic_activations) else {
+            return false;
+        };
+        self.is_moe_layer(layer)
+            && (0..self.num_local_experts).all(|e| {
+                ["gate_proj", "up_proj"].iter().all(|p| {
+                    !q.is_ignored(&format!(
+                        "model.layers.{layer}.feed_forward.experts.{e}.{p}"
+                    ))
+                })
+            })
+    }
 }
 
 pub(crate) fn invalid(field: &str, reason: &str) -> ModelError {

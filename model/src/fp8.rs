@@ -57,16 +57,33 @@ pub fn encode(v: f32) -> u8 {
     sign | (((e + 7) as u8) << 3) | m as u8
 }
 
-/// The quantize-dequantized values of one row (per-token dynamic scale).
-pub fn qdq_row(x: &[f32], out: &mut [f32]) {
+/// Quantizes one activation row with its own dynamic scale (`FP8.md` §3.2, per token):
+/// `s = absmax / 448` in f32 (`f32::EPSILON` for an all-zero row), codes
+/// `e4m3(clamp(x / s, ±448))`. Returns `s`; the row's values are `decode(code) · s`.
+pub fn quantize_activations(x: &[f32], codes: &mut [u8]) -> f32 {
     let absmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let mut s = absmax / E4M3_MAX;
     if s == 0.0 {
         s = f32::EPSILON;
     }
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = DECODE[encode((v / s).clamp(-E4M3_MAX, E4M3_MAX)) as usize] * s;
+    for (c, &v) in codes.iter_mut().zip(x) {
+        *c = encode((v / s).clamp(-E4M3_MAX, E4M3_MAX));
     }
+    s
+}
+
+/// The values of a row quantized by [`quantize_activations`]: `decode(code) · scale`.
+pub fn dequantize_activations(codes: &[u8], scale: f32, out: &mut [f32]) {
+    for (o, &c) in out.iter_mut().zip(codes) {
+        *o = DECODE[c as usize] * scale;
+    }
+}
+
+/// The quantize-dequantized values of one row (per-token dynamic scale).
+pub fn qdq_row(x: &[f32], out: &mut [f32]) {
+    let mut codes = vec![0u8; x.len()];
+    let s = quantize_activations(x, &mut codes);
+    dequantize_activations(&codes, s, out);
 }
 
 /// `[n, in]` rows, each quantize-dequantized on its own.

@@ -228,30 +228,56 @@ pub struct ExpertWeights {
 }
 
 impl ExpertWeights {
+    /// Whether gate and up both quantize their input per token (W8A8 FP8): then the
+    /// quantize-dequantized rows can be computed before they reach this expert (the fp8
+    /// wire) and taken as they are.
+    pub fn takes_quantized_inputs(&self) -> bool {
+        let w8a8 = |l: &ExpertLinear| matches!(l, ExpertLinear::Fp8(f) if f.qdq_input);
+        w8a8(&self.gate) && w8a8(&self.up)
+    }
+
     /// The SwiGLU over scaled inputs `u` (`[n, hidden]`). FP8 projections see their input
     /// quantize-dequantized per row (`fp8`): gate and up share one, down takes its own.
-    fn swiglu(&self, u: &[f32], n: usize) -> Vec<f32> {
+    /// `quantized`: `u` is already that of gate and up (see `takes_quantized_inputs`).
+    fn swiglu(&self, u: &[f32], n: usize, quantized: bool) -> Vec<f32> {
         if n == 0 {
             // A group of no rows (the wire allows one): nothing to compute.
             return Vec::new();
         }
         let hidden = u.len() / n;
-        let quantized = |l: &ExpertLinear, x: &[f32], width: usize| match l {
+        let quantize = |l: &ExpertLinear, x: &[f32], width: usize| match l {
             ExpertLinear::Fp8(f) if f.qdq_input => Some(fp8::qdq_rows(x, width)),
             ExpertLinear::Fp8(_) => None,
             ExpertLinear::Dense(_) => None,
         };
-        let uq = quantized(&self.gate, u, hidden);
+        if quantized {
+            debug_assert!(self.takes_quantized_inputs());
+            let gate = self.gate.forward(u, n);
+            let up = self.up.forward(u, n);
+            return self.finish(&gate, &up, n, quantize);
+        }
+        let uq = quantize(&self.gate, u, hidden);
         let gate = self.gate.forward(uq.as_deref().unwrap_or(u), n);
         // gate and up quantize the same input: one scale, computed once.
         let uq_up = match (&self.up, &uq) {
             (ExpertLinear::Fp8(f), Some(q)) if f.qdq_input => Some(q.clone()),
-            _ => quantized(&self.up, u, hidden),
+            _ => quantize(&self.up, u, hidden),
         };
         let up = self.up.forward(uq_up.as_deref().unwrap_or(u), n);
-        let act: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| silu(*g) * u).collect();
+        self.finish(&gate, &up, n, quantize)
+    }
+
+    /// `down(silu(gate) · up)`, down's input quantized by `quantize` when it is W8A8.
+    fn finish(
+        &self,
+        gate: &[f32],
+        up: &[f32],
+        n: usize,
+        quantize: impl Fn(&ExpertLinear, &[f32], usize) -> Option<Vec<f32>>,
+    ) -> Vec<f32> {
+        let act: Vec<f32> = gate.iter().zip(up).map(|(g, u)| silu(*g) * u).collect();
         let inter = act.len() / n.max(1);
-        let aq = quantized(&self.down, &act, inter);
+        let aq = quantize(&self.down, &act, inter);
         self.down.forward(aq.as_deref().unwrap_or(&act), n)
     }
 
@@ -333,6 +359,39 @@ impl Experts {
     /// group) and returns the outputs in the same row order. Each token's output depends
     /// on that token alone (see `Linear::forward_into`).
     pub fn run_groups(&self, groups: &[ExpertGroup], inputs: &[f32], hidden: usize) -> Vec<f32> {
+        self.run(groups, inputs, hidden, false)
+    }
+
+    /// Whether expert `e` can take inputs already quantized per token (the fp8 wire):
+    /// an FP8 expert whose gate and up quantize their inputs (W8A8).
+    pub fn takes_quantized_inputs(&self, e: usize) -> bool {
+        match self {
+            Self::Fused { .. } => false,
+            Self::Unfused(list) => list
+                .get(e)
+                .is_some_and(ExpertWeights::takes_quantized_inputs),
+        }
+    }
+
+    /// `run_groups` for inputs that are already each row's FP8 quantize-dequantize
+    /// (`fp8::qdq_row`), for experts that `takes_quantized_inputs`: the same bits as
+    /// `run_groups` on the rows before quantization.
+    pub fn run_quantized_groups(
+        &self,
+        groups: &[ExpertGroup],
+        inputs: &[f32],
+        hidden: usize,
+    ) -> Vec<f32> {
+        self.run(groups, inputs, hidden, true)
+    }
+
+    fn run(
+        &self,
+        groups: &[ExpertGroup],
+        inputs: &[f32],
+        hidden: usize,
+        quantized: bool,
+    ) -> Vec<f32> {
         let mut starts = Vec::with_capacity(groups.len());
         let mut row = 0;
         for g in groups {
@@ -348,9 +407,10 @@ impl Experts {
                 let u = &inputs[start * hidden..(start + n) * hidden];
                 match self {
                     Self::Fused { gate_up, down } => {
+                        assert!(!quantized, "bf16 experts take f32 inputs");
                         expert_swiglu(&gate_up.outer(e), &down.outer(e), u, n)
                     }
-                    Self::Unfused(list) => list[e].swiglu(u, n),
+                    Self::Unfused(list) => list[e].swiglu(u, n, quantized),
                 }
             })
             .collect();

@@ -113,6 +113,10 @@ fn check_fixture(name: &str) {
     let model = Model::load(&dir).unwrap();
     let reference = Reference::load(&dir);
     let vocab = model.config().vocab_size;
+    // Every MoE layer's experts are W8A8: their rows may travel in fp8 (`--wire-dtype`).
+    let c = model.config();
+    assert!(c.moe_layers.iter().all(|&l| c.experts_take_fp8_inputs(l)));
+    assert!(!c.experts_take_fp8_inputs(c.num_hidden_layers));
     let cases = reference.json["cases"].as_array().unwrap().clone();
     let (mut positions, mut close_positions) = (0usize, 0.0f64);
     for case in &cases {

@@ -158,7 +158,8 @@ async fn measure(args: &DispatchArgs) -> Result<Report> {
         let mut compute: Vec<Duration> = (0..20)
             .map(|_| {
                 let t0 = Instant::now();
-                let out = compute_shard.compute(1, &batch.groups, &batch.activations)?;
+                let out =
+                    compute_shard.compute(1, &batch.groups, &batch.activations, batch.dtype)?;
                 std::hint::black_box(out);
                 Ok(t0.elapsed())
             })
