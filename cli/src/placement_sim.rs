@@ -6,7 +6,8 @@
 //! experts), starting from round robin; then the load drifts (`--replans` times) and each
 //! re-plan starts from the previous placement. Balance is the mean over layers of max worker
 //! load ÷ mean worker load; bytes moved are the expert copies a re-plan adds, at Maverick's
-//! expert size (3 × 5120 × 8192 bf16 = 252 MB), summed over layers. For comparison the same
+//! expert size (3 × 5120 × 8192 bf16 = 252 MB; FP8, `--expert-dtype fp8`, 126 MB), summed
+//! over layers. For comparison the same
 //! re-plan done from scratch (as EPLB does) is counted too.
 
 use anyhow::{bail, Context, Result};
@@ -16,8 +17,27 @@ use expertmesh_coordinator::placement::WorkerSlots;
 use expertmesh_model::sampling::SplitMix64;
 use serde_json::json;
 
-/// One Maverick expert in bf16: gate, up and down projections.
-const EXPERT_BYTES: f64 = 3.0 * 5120.0 * 8192.0 * 2.0;
+/// Maverick's expert shapes: hidden size and expert intermediate size.
+const HIDDEN: f64 = 5120.0;
+const INTER: f64 = 8192.0;
+
+/// The dtype of the experts placed (`--expert-dtype`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertDType {
+    Bf16,
+    Fp8,
+}
+
+impl ExpertDType {
+    /// Bytes of one Maverick expert (gate, up and down projections) as a checkpoint stores
+    /// it: bf16 weights, or FP8 codes with a bf16 scale per output row (half a bf16 copy).
+    fn expert_bytes(self) -> f64 {
+        match self {
+            ExpertDType::Bf16 => 3.0 * HIDDEN * INTER * 2.0,
+            ExpertDType::Fp8 => 3.0 * HIDDEN * INTER + (2.0 * INTER + HIDDEN) * 2.0,
+        }
+    }
+}
 
 #[derive(Args, Debug)]
 pub struct PlacementSimArgs {
@@ -50,6 +70,9 @@ pub struct PlacementSimArgs {
     load: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The experts' dtype, for the bytes a re-plan moves (an FP8 copy is half a bf16 one).
+    #[arg(long, value_enum, default_value_t = ExpertDType::Bf16)]
+    expert_dtype: ExpertDType,
     /// One JSON object per configuration, one per line.
     #[arg(long)]
     json: bool,
@@ -161,8 +184,8 @@ fn simulate(
     Ok(Outcome {
         balance: balance_sum / n,
         baseline_balance: baseline_sum / n,
-        bytes_moved: moved * EXPERT_BYTES / rounds as f64,
-        scratch_bytes_moved: scratch_moved * EXPERT_BYTES / rounds as f64,
+        bytes_moved: moved * args.expert_dtype.expert_bytes() / rounds as f64,
+        scratch_bytes_moved: scratch_moved * args.expert_dtype.expert_bytes() / rounds as f64,
         slots,
     })
 }

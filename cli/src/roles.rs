@@ -122,6 +122,10 @@ pub struct ExpertWorkerArgs {
     /// Experts per MoE layer this worker may hold.
     #[arg(long)]
     capacity: Option<usize>,
+    /// Memory for expert weights (MiB): caps the experts per layer at what fits, at the
+    /// checkpoint's dtype (an FP8 expert counts half a bf16 one).
+    #[arg(long)]
+    expert_memory_mib: Option<u64>,
     /// Batching window in µs.
     #[arg(long)]
     batch_window_us: Option<u64>,
@@ -292,6 +296,9 @@ pub fn expert_worker(args: ExpertWorkerArgs) -> Result<()> {
     args.worker.apply(&mut c.worker);
     if args.capacity.is_some() {
         config.capacity = args.capacity;
+    }
+    if args.expert_memory_mib.is_some() {
+        config.expert_memory_mib = args.expert_memory_mib;
     }
     if let Some(v) = args.batch_window_us {
         config.batcher.window_us = v;

@@ -251,6 +251,25 @@ fn placement_sim_beats_round_robin_and_reads_a_measured_load() {
     assert!((1.0..1.05).contains(&balance), "{v}");
     assert!(v["baseline_balance"].as_f64().unwrap() > 1.5, "{v}");
     assert!(v["bytes_moved"].as_f64().unwrap() < v["scratch_bytes_moved"].as_f64().unwrap());
+    // The same plans of FP8 experts move about half the bytes.
+    let args = [
+        "placement-sim",
+        "--workers",
+        "8",
+        "--redundancy",
+        "16",
+        "--layers",
+        "4",
+        "--replans",
+        "2",
+        "--json",
+        "--expert-dtype",
+        "fp8",
+    ];
+    let fp8: Value = serde_json::from_slice(&expertmesh(&args).stdout).unwrap();
+    let ratio = fp8["bytes_moved"].as_f64().unwrap() / v["bytes_moved"].as_f64().unwrap();
+    assert!((0.5..0.502).contains(&ratio), "{ratio}");
+    assert_eq!(fp8["balance"], v["balance"]);
 
     let dir = tempfile::tempdir().unwrap();
     let load = dir.path().join("load.json");

@@ -75,6 +75,10 @@ pub struct ExpertWorkerConfig {
     pub worker: WorkerConfig,
     /// Experts per MoE layer this worker may hold (default: no limit).
     pub capacity: Option<usize>,
+    /// Memory for expert weights, in MiB (default: no limit): caps the experts per MoE layer
+    /// at what fits, one copy of an expert counted at its checkpoint's size in every MoE
+    /// layer — an FP8 expert half a bf16 one. With `capacity` too, the smaller one holds.
+    pub expert_memory_mib: Option<u64>,
     pub batcher: BatcherConfig,
 }
 
@@ -117,6 +121,19 @@ impl ExpertWorkerConfig {
             }
         }
         Ok(Self { worker, ..self })
+    }
+
+    /// Experts per MoE layer this worker offers, for experts of `copy_bytes` (one expert in
+    /// every MoE layer, `ExpertShard::copy_bytes`).
+    pub fn capacity_for(&self, copy_bytes: usize) -> Option<usize> {
+        let by_memory = self.expert_memory_mib.map(|mib| {
+            let bytes = u128::from(mib) << 20;
+            usize::try_from(bytes / copy_bytes.max(1) as u128).unwrap_or(usize::MAX)
+        });
+        match (self.capacity, by_memory) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 
@@ -165,7 +182,7 @@ pub async fn run(
                     .advertise
                     .clone()
                     .unwrap_or_else(|| bound.to_string()),
-                capacity: config.capacity,
+                capacity: config.capacity_for(shard.copy_bytes()),
                 model_fingerprint: source.fingerprint()?,
                 join_token: config.worker.join_token.clone(),
                 holds_experts: false,

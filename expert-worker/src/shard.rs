@@ -95,6 +95,12 @@ impl ExpertShard {
         self.hidden
     }
 
+    /// Bytes of one copy of an expert: its weights in every MoE layer, in the checkpoint's
+    /// dtype (FP8 codes and scales, or bf16), the largest for a mixed checkpoint.
+    pub fn copy_bytes(&self) -> usize {
+        self.layers.values().map(Experts::expert_bytes).sum()
+    }
+
     pub fn assignment(&self) -> Assignment {
         self.assignment
             .read()

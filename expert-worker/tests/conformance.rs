@@ -412,3 +412,31 @@ async fn nccl_conforms() {
     conformance(&f, &nccl).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Capacity by memory counts each expert at its checkpoint's dtype: the same memory holds
+/// about twice as many FP8 experts as bf16 ones (codes plus one f32 scale per output row).
+#[test]
+fn fp8_experts_take_half_the_memory_in_placement() {
+    use expertmesh_expert_worker::ExpertWorkerConfig;
+    let (bf16, fp8) = (Fixture::new().shard(), Fixture::fp8().shard());
+    let (b, f) = (bf16.copy_bytes(), fp8.copy_bytes());
+    // One expert of the synthetic model in its one MoE layer: 3 × 64 × 32 weights.
+    assert_eq!(b, 3 * 64 * 32 * 2);
+    assert_eq!(f, 3 * 64 * 32 + 4 * (32 + 32 + 64));
+    let config = ExpertWorkerConfig {
+        expert_memory_mib: Some(1),
+        ..ExpertWorkerConfig::default()
+    };
+    let (cb, cf) = (
+        config.capacity_for(b).unwrap(),
+        config.capacity_for(f).unwrap(),
+    );
+    assert_eq!(cb, (1 << 20) / b);
+    assert!(cf as f64 > 1.8 * cb as f64, "{cf} FP8 vs {cb} bf16 experts");
+    let both = ExpertWorkerConfig {
+        capacity: Some(3),
+        ..config.clone()
+    };
+    assert_eq!(both.capacity_for(f), Some(3));
+    assert_eq!(ExpertWorkerConfig::default().capacity_for(f), None);
+}

@@ -14,6 +14,7 @@ mod decode;
 mod dispatch;
 mod gpu;
 mod image;
+mod memory;
 mod serve;
 mod steps;
 
@@ -28,6 +29,9 @@ pub enum BenchCommand {
     Decode(decode::DecodeArgs),
     /// One dispatch round trip over loopback gRPC against a raw TCP echo of the same bytes.
     Dispatch(dispatch::DispatchArgs),
+    /// Resident memory of an expert worker holding every expert of each checkpoint given
+    /// (a bf16 one and its FP8 copy side by side).
+    ExpertMemory(memory::ExpertMemoryArgs),
     /// Image prefill at 1, 4 and 16 tiles against text prefill of the same token count.
     Image(image::ImageArgs),
     /// Streams through the OpenAI API of a local cluster at several concurrency levels.
@@ -41,6 +45,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Decode(args) => decode::run(args),
         BenchCommand::Dispatch(args) => dispatch::run(args),
+        BenchCommand::ExpertMemory(args) => memory::run(args),
         BenchCommand::GpuExperts(a) => gpu::run(a),
         BenchCommand::Image(args) => image::run(args),
         BenchCommand::Serve(args) => serve::run(args),
