@@ -323,6 +323,89 @@ fn broken_fp8_checkpoints_are_refused_by_name() {
     }
 }
 
+/// A checkpoint whose experts are partly bf16 (as Meta's own FP8 mode leaves some layers):
+/// per-expert bf16 weights, their modules in the `ignore` list. With every expert bf16 so,
+/// the model is the bf16 one (unfused instead of fused tensors: the same products, so
+/// within f32 rounding of it); with one layer so, that layer's rows do not travel in fp8.
+#[test]
+fn partly_bf16_experts_load_and_compute_as_bf16() {
+    use expertmesh_model::{Tensor, TextConfig, WeightSource};
+    let (fp8_weights, json) = in_memory(&fixture("tiny-scout-fp8"));
+    let bf16_dir = fixture("tiny-scout");
+    let bf16 = expertmesh_model::SafetensorsCheckpoint::open(&bf16_dir).unwrap();
+    let reference = Model::load(&bf16_dir).unwrap();
+    let c = reference.config().clone();
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let transposed = |v: &[f32], rows: usize, cols: usize, col0: usize, width: usize| {
+        // v is [rows, width] row-major; columns col0..col0+cols, transposed → [cols, rows].
+        let mut t = vec![0.0f32; rows * cols];
+        for r in 0..rows {
+            for k in 0..cols {
+                t[k * rows + r] = v[r * width + col0 + k];
+            }
+        }
+        t
+    };
+    let with_bf16_layers = |layers: &[usize]| {
+        let mut w = fp8_weights.clone();
+        let mut j = json.clone();
+        for &l in layers {
+            let p = format!("model.layers.{l}.feed_forward.experts");
+            let gate_up = bf16.tensor(&format!("{p}.gate_up_proj")).unwrap();
+            let down = bf16.tensor(&format!("{p}.down_proj")).unwrap();
+            for e in 0..c.num_local_experts {
+                let gu = gate_up.outer(e).to_f32_vec();
+                let d = down.outer(e).to_f32_vec();
+                for (name, shape, values) in [
+                    ("gate_proj", [i, h], transposed(&gu, h, i, 0, 2 * i)),
+                    ("up_proj", [i, h], transposed(&gu, h, i, i, 2 * i)),
+                    ("down_proj", [h, i], transposed(&d, i, h, 0, h)),
+                ] {
+                    w.remove(&format!("{p}.{e}.{name}.weight_scale"));
+                    w.insert(
+                        format!("{p}.{e}.{name}.weight"),
+                        Tensor::bf16_from_f32(shape.to_vec(), &values),
+                    );
+                }
+            }
+            j["quantization_config"]["ignore"]
+                .as_array_mut()
+                .unwrap()
+                .push(Value::from(format!(
+                    "re:.*layers\\.{l}\\.feed_forward\\.experts\\..*"
+                )));
+        }
+        let config = TextConfig::from_json(&j).unwrap();
+        (Model::from_source(config, &w).unwrap(), w)
+    };
+    let input = ids(&Reference::load(&fixture("tiny-scout-fp8")).json["cases"][0]["input_ids"]);
+    let logits = |m: &Model| {
+        let mut cache = m.new_cache();
+        m.forward(&mut [Sequence::new(&mut cache, &input)], LogitRows::All)
+            .unwrap()
+            .logits
+    };
+    let (all_bf16, _) = with_bf16_layers(&c.moe_layers);
+    let worst = logits(&all_bf16)
+        .iter()
+        .zip(logits(&reference))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst < 1e-4,
+        "every expert bf16: {worst:.2e} from the bf16 model"
+    );
+
+    let first = c.moe_layers[0];
+    let (mixed, _) = with_bf16_layers(&[first]);
+    let mc = mixed.config();
+    assert!(!mc.experts_take_fp8_inputs(first));
+    assert!(mc.moe_layers[1..]
+        .iter()
+        .all(|&l| mc.experts_take_fp8_inputs(l)));
+    assert!(logits(&mixed).iter().all(|v| v.is_finite()));
+}
+
 /// The FP8 twin of a synthetic model (`synthetic::to_fp8`, what `bench decode --fp8`
 /// measures) loads with every expert unfused and FP8, and stays close to its bf16 source.
 #[test]
