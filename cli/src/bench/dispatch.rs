@@ -111,7 +111,7 @@ pub fn run(args: DispatchArgs) -> Result<()> {
 
 async fn measure(args: &DispatchArgs) -> Result<Report> {
     let h = args.hidden;
-    let shard = shard(h)?;
+    let shard = shard(h, args.dtype)?;
     let compute_shard = shard.clone();
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let server_addr = listener.local_addr()?;
@@ -165,7 +165,9 @@ async fn measure(args: &DispatchArgs) -> Result<Report> {
             })
             .collect::<Result<_, expertmesh_dispatch::DispatchError>>()?;
         let (c50, _) = percentiles(&mut compute);
-        let payload = n * h * args.dtype.size_bytes();
+        // The echo carries the same bytes as the request and the reply, half each way.
+        let per_token = args.dtype.row_bytes(h) + args.dtype.reply().row_bytes(h);
+        let payload = n * per_token / 2;
         let mut tcp = Vec::with_capacity(args.iterations);
         let buf = vec![7u8; payload];
         let mut back = vec![0u8; payload];
@@ -184,7 +186,7 @@ async fn measure(args: &DispatchArgs) -> Result<Report> {
         let (t50, t99) = percentiles(&mut tcp);
         points.push(Point {
             tokens: n,
-            payload_bytes_per_token: 2 * h * args.dtype.size_bytes(),
+            payload_bytes_per_token: per_token,
             wire_bytes_per_token: wire,
             grpc_p50_us: g50,
             grpc_p99_us: g99,
@@ -204,8 +206,9 @@ async fn measure(args: &DispatchArgs) -> Result<Report> {
 }
 
 /// A shard of `EXPERTS` tiny experts (inter 1) of hidden size `h`, every one owned under
-/// epoch 1: the computation is negligible next to the transport.
-fn shard(h: usize) -> Result<Arc<ExpertShard>> {
+/// epoch 1: the computation is negligible next to the transport. FP8 experts for an fp8
+/// wire (the only experts that take it).
+fn shard(h: usize, dtype: WireDType) -> Result<Arc<ExpertShard>> {
     let spec = SyntheticSpec {
         hidden: h,
         layers: 2,
@@ -231,6 +234,10 @@ fn shard(h: usize) -> Result<Arc<ExpertShard>> {
         format!("{p}.down_proj"),
         Tensor::bf16_from_f32(vec![EXPERTS, 1, h], &vec![0.01; EXPERTS * h]),
     );
+    let config = match dtype {
+        WireDType::Fp8 => expertmesh_model::synthetic::to_fp8(&config, &mut weights)?,
+        _ => config,
+    };
     let shard = Arc::new(ExpertShard::new(&config, &weights)?);
     shard.assign(Assignment {
         epoch: 1,
