@@ -15,7 +15,7 @@ use crate::checkpoint::WeightSource;
 use crate::config::TextConfig;
 use crate::error::Result;
 use crate::kv_cache::{BlockPool, LayerCache};
-use crate::linear::{gemm_f32, Dims, Layout, Linear, Mat, MatRef};
+use crate::linear::{gemm_f32, Dims, Linear, Mat, MatRef};
 use crate::norm::rms_norm_in_place;
 use crate::rope::Rope;
 
@@ -62,11 +62,14 @@ impl Attention {
             c.num_attention_heads * c.head_dim,
             c.num_key_value_heads * c.head_dim,
         );
-        let lin = |name: &str, shape: [usize; 2]| -> Result<Linear> {
-            Ok(Linear::new(
-                src.tensor_shaped(&format!("{p}.{name}.weight"), &shape)?,
-                Layout::OutIn,
-            ))
+        let lin = |name: &str, [out, inp]: [usize; 2]| -> Result<Linear> {
+            crate::quant::linear(
+                src,
+                c.quantization.as_ref(),
+                &format!("{p}.{name}"),
+                out,
+                inp,
+            )
         };
         let use_rope = c.rope_layers[layer];
         Ok(Self {

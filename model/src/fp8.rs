@@ -116,6 +116,40 @@ pub fn quantize_row(row: &[half::bf16], codes: &mut [u8]) -> u16 {
     scale.to_bits()
 }
 
+/// A bf16 `nn.Linear` weight `[out, in]` as FP8: the e4m3 weight `[out, in]` and its BF16
+/// `weight_scale` `[out, 1]` (`quantize_row`), as compressed-tensors writes them.
+pub fn quantize_linear(
+    weight: &crate::checkpoint::Tensor,
+) -> (crate::checkpoint::Tensor, crate::checkpoint::Tensor) {
+    let (out, inp) = (weight.shape[0], weight.shape[1]);
+    let v = weight.to_f32_vec();
+    quantize_matrix(out, inp, |r, j| v[r * inp + j])
+}
+
+/// Output rows `r < out` of `inp` weights each, `at(r, j)` (bf16 values widened), as FP8
+/// codes `[out, inp]` and BF16 scales `[out, 1]`.
+fn quantize_matrix(
+    out: usize,
+    inp: usize,
+    at: impl Fn(usize, usize) -> f32,
+) -> (crate::checkpoint::Tensor, crate::checkpoint::Tensor) {
+    use crate::checkpoint::{DType, Tensor};
+    let mut codes = vec![0u8; out * inp];
+    let mut scales = Vec::with_capacity(2 * out);
+    let mut row = vec![half::bf16::ZERO; inp];
+    for (r, c) in codes.chunks_exact_mut(inp.max(1)).enumerate() {
+        for (j, w) in row.iter_mut().enumerate() {
+            // Widened from bf16, so narrowing back is exact.
+            *w = half::bf16::from_f32(at(r, j));
+        }
+        scales.extend_from_slice(&quantize_row(&row, c).to_le_bytes());
+    }
+    (
+        Tensor::from_bytes(DType::F8E4M3, vec![out, inp], codes),
+        Tensor::from_bytes(DType::BF16, vec![out, 1], scales),
+    )
+}
+
 /// One expert of fused bf16 tensors (`gate_up` `[hidden, 2·inter]`, `down` `[inter,
 /// hidden]`, "x @ W") as FP8 `nn.Linear` weights: for `gate_proj`, `up_proj`, `down_proj`,
 /// the e4m3 weight `[out, in]` and its BF16 `weight_scale` `[out, 1]` (`quantize_row`).
@@ -127,30 +161,13 @@ pub fn quantize_fused_expert(
     crate::checkpoint::Tensor,
     crate::checkpoint::Tensor,
 ); 3] {
-    use crate::checkpoint::{DType, Tensor};
     let (h, i2) = (gate_up.shape[0], gate_up.shape[1]);
     let i = i2 / 2;
-    let linear = |t: &Tensor, cols: usize, offset: usize, out: usize| {
-        let v = t.to_f32_vec();
-        let inp = v.len() / cols;
-        let mut codes = vec![0u8; out * inp];
-        let mut scales = Vec::with_capacity(2 * out);
-        let mut row = vec![half::bf16::ZERO; inp];
-        for (r, c) in codes.chunks_exact_mut(inp).enumerate() {
-            for (j, w) in row.iter_mut().enumerate() {
-                // Widened from bf16, so narrowing back is exact.
-                *w = half::bf16::from_f32(v[j * cols + offset + r]);
-            }
-            scales.extend_from_slice(&quantize_row(&row, c).to_le_bytes());
-        }
-        (
-            Tensor::from_bytes(DType::F8E4M3, vec![out, inp], codes),
-            Tensor::from_bytes(DType::BF16, vec![out, 1], scales),
-        )
-    };
-    let (gw, gs) = linear(gate_up, i2, 0, i);
-    let (uw, us) = linear(gate_up, i2, i, i);
-    let (dw, ds) = linear(down, h, 0, h);
+    let (gu, d) = (gate_up.to_f32_vec(), down.to_f32_vec());
+    // "x @ W": output feature r of input j is column r of row j.
+    let (gw, gs) = quantize_matrix(i, h, |r, j| gu[j * i2 + r]);
+    let (uw, us) = quantize_matrix(i, h, |r, j| gu[j * i2 + i + r]);
+    let (dw, ds) = quantize_matrix(h, i, |r, j| d[j * h + r]);
     [
         ("gate_proj", gw, gs),
         ("up_proj", uw, us),
@@ -158,61 +175,45 @@ pub fn quantize_fused_expert(
     ]
 }
 
-/// An FP8 weight matrix `[out, in]` with its per-output-row scales.
-#[derive(Debug, Clone)]
-pub struct Fp8Linear {
-    pub(crate) weight: crate::checkpoint::Tensor,
-    pub(crate) scale: Vec<f32>,
-    pub(crate) out_dim: usize,
-    pub(crate) in_dim: usize,
-    /// Inputs are quantize-dequantized per row first (W8A8); false: weight-only.
-    pub(crate) qdq_input: bool,
-}
-
-impl Fp8Linear {
-    pub fn size_bytes(&self) -> usize {
-        self.weight.size_bytes() + 4 * self.scale.len()
-    }
-
-    /// `y = x · Wᵀ` for already quantize-dequantized rows `x` (`[n, in]`) → `[n, out]`.
-    pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
-        let (inp, out) = (self.in_dim, self.out_dim);
-        assert_eq!(x.len(), n * inp, "input shape");
-        let w = self.weight.bytes();
-        let lut = &*DECODE;
-        // Output features in blocks over the cores; every (feature, token) dot product is
-        // the same sequence of operations whatever n is.
-        const BLOCK: usize = 16;
-        let columns: Vec<Vec<f32>> = (0..out.div_ceil(BLOCK))
-            .into_par_iter()
-            .map(|b| {
-                let rows = b * BLOCK..((b + 1) * BLOCK).min(out);
-                let mut y = vec![0.0f32; rows.len() * n];
-                let mut widened = vec![0.0f32; inp];
-                for (i, r) in rows.enumerate() {
-                    // `f32(w) · scale` is exact (4 + at most 8 significant bits): the
-                    // reference's dequantized weight, bit for bit.
-                    let scale = self.scale[r];
-                    for (v, &c) in widened.iter_mut().zip(&w[r * inp..(r + 1) * inp]) {
-                        *v = lut[c as usize] * scale;
-                    }
-                    for (t, xt) in x.chunks_exact(inp).enumerate() {
-                        y[i * n + t] = dot(&widened, xt);
-                    }
+/// `y = x · Wᵀ` for an FP8 weight `w` (`[out, in]` e4m3 codes) with per-output-row
+/// `scale`, over rows `x` (`[n, in]`, already quantize-dequantized when the layer is W8A8)
+/// into `y` (`[n, out]`). Every (feature, token) dot product is the same sequence of
+/// operations whatever `n` is (batch invariance).
+pub(crate) fn matmul(w: &[u8], scale: &[f32], x: &[f32], n: usize, y: &mut [f32]) {
+    let out = scale.len();
+    let inp = w.len() / out.max(1);
+    assert_eq!(x.len(), n * inp, "input shape");
+    assert_eq!(y.len(), n * out, "output shape");
+    let lut = &*DECODE;
+    // Output features in blocks over the cores.
+    const BLOCK: usize = 16;
+    let columns: Vec<Vec<f32>> = (0..out.div_ceil(BLOCK))
+        .into_par_iter()
+        .map(|b| {
+            let rows = b * BLOCK..((b + 1) * BLOCK).min(out);
+            let mut col = vec![0.0f32; rows.len() * n];
+            let mut widened = vec![0.0f32; inp];
+            for (i, r) in rows.enumerate() {
+                // `f32(w) · scale` is exact (4 + at most 8 significant bits): the
+                // reference's dequantized weight, bit for bit.
+                let s = scale[r];
+                for (v, &c) in widened.iter_mut().zip(&w[r * inp..(r + 1) * inp]) {
+                    *v = lut[c as usize] * s;
                 }
-                y
-            })
-            .collect();
-        let mut y = vec![0.0f32; n * out];
-        for (b, col) in columns.iter().enumerate() {
-            let width = col.len() / n.max(1);
-            for i in 0..width {
-                for t in 0..n {
-                    y[t * out + b * BLOCK + i] = col[i * n + t];
+                for (t, xt) in x.chunks_exact(inp).enumerate() {
+                    col[i * n + t] = dot(&widened, xt);
                 }
             }
+            col
+        })
+        .collect();
+    for (b, col) in columns.iter().enumerate() {
+        let width = col.len() / n.max(1);
+        for i in 0..width {
+            for t in 0..n {
+                y[t * out + b * BLOCK + i] = col[i * n + t];
+            }
         }
-        y
     }
 }
 
@@ -263,6 +264,52 @@ mod tests {
         assert_eq!(encode(0.4 * 2f32.powi(-9)), 0x00);
         assert_eq!(encode(1e9), 0x7E);
         assert_eq!(encode(-1e9), 0xFE);
+    }
+
+    /// An FP8 `Linear`: the W8A8 product of `FP8.md` §3 (inputs quantized per row, weights
+    /// `f32(code) · scale`), weight-only without input quantization, each token's row the
+    /// same alone as in a batch, and `forward_prequantized` on quantized rows the same bits.
+    #[test]
+    fn fp8_linears_compute_the_documented_product() {
+        use crate::checkpoint::{DType, Tensor};
+        use crate::linear::Linear;
+        let (out, inp, n) = (37, 29, 5);
+        let codes: Vec<u8> = (0..out * inp)
+            .map(|i| ((i * 73 + 11) % 256) as u8)
+            .map(|c| if c & 0x7F == 0x7F { 0x3A } else { c })
+            .collect();
+        let scale: Vec<f32> = (0..out).map(|r| 0.01 + r as f32 * 1e-3).collect();
+        let x: Vec<f32> = (0..n * inp)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 3.0)
+            .collect();
+        let weight = || Tensor::from_bytes(DType::F8E4M3, vec![out, inp], codes.clone());
+        for qdq in [true, false] {
+            let l = Linear::fp8(weight(), scale.clone(), qdq);
+            assert_eq!(l.quantizes_input(), qdq);
+            let y = l.forward(&x, n);
+            let xs = if qdq { qdq_rows(&x, inp) } else { x.clone() };
+            for t in 0..n {
+                for r in 0..out {
+                    let want: f64 = (0..inp)
+                        .map(|j| {
+                            f64::from(xs[t * inp + j])
+                                * f64::from(decode(codes[r * inp + j]))
+                                * f64::from(scale[r])
+                        })
+                        .sum();
+                    let got = f64::from(y[t * out + r]);
+                    assert!(
+                        (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                        "{got} {want}"
+                    );
+                }
+                let alone = l.forward(&x[t * inp..(t + 1) * inp], 1);
+                assert_eq!(alone, &y[t * out..(t + 1) * out], "row {t} alone");
+            }
+            if qdq {
+                assert_eq!(l.forward_prequantized(&xs, n), y);
+            }
+        }
     }
 
     #[test]

@@ -48,6 +48,17 @@ pub struct Linear {
     in_dim: usize,
     out_dim: usize,
     pub(crate) layout: Layout,
+    /// FP8 weights (e4m3, `OutIn`): their scales, and how inputs are taken.
+    fp8: Option<Fp8Weight>,
+}
+
+/// What an FP8 weight needs besides its codes (`FP8.md` §3).
+#[derive(Debug, Clone)]
+struct Fp8Weight {
+    /// Per output row: `W[r, :] = f32(code) · scale[r]`.
+    scale: std::sync::Arc<[f32]>,
+    /// Inputs are quantize-dequantized per row first (W8A8); false: weight-only.
+    qdq_input: bool,
 }
 
 impl Linear {
@@ -63,7 +74,42 @@ impl Linear {
             in_dim,
             out_dim,
             layout,
+            fp8: None,
         }
+    }
+
+    /// An FP8 (e4m3) weight `[out, in]` with one scale per output row; `qdq_input`: inputs
+    /// are quantized per token (W8A8, compressed-tensors' dynamic activations). The caller
+    /// has checked the shapes.
+    pub fn fp8(weight: Tensor, scale: Vec<f32>, qdq_input: bool) -> Self {
+        assert_eq!(weight.dtype, DType::F8E4M3, "an FP8 weight");
+        let mut l = Self::new(weight, Layout::OutIn);
+        assert_eq!(scale.len(), l.out_dim, "one scale per output row");
+        l.fp8 = Some(Fp8Weight {
+            scale: scale.into(),
+            qdq_input,
+        });
+        l
+    }
+
+    /// Whether the weight is FP8.
+    pub fn is_fp8(&self) -> bool {
+        self.fp8.is_some()
+    }
+
+    /// Whether inputs are quantized to FP8 per token before the product (W8A8).
+    pub fn quantizes_input(&self) -> bool {
+        self.fp8.as_ref().is_some_and(|f| f.qdq_input)
+    }
+
+    /// `forward` for inputs already quantize-dequantized per row (`fp8::qdq_rows`), for a
+    /// layer that `quantizes_input`: the same bits as `forward` on the rows before.
+    pub fn forward_prequantized(&self, x: &[f32], t: usize) -> Vec<f32> {
+        let f = self.fp8.as_ref().expect("an FP8 layer");
+        let mut y = vec![0.0; t * self.out_dim];
+        WEIGHT_BYTES_READ.fetch_add(self.size_bytes() as u64, Ordering::Relaxed);
+        crate::fp8::matmul(self.weight.bytes(), &f.scale, x, t, &mut y);
+        y
     }
 
     pub fn in_dim(&self) -> usize {
@@ -74,8 +120,9 @@ impl Linear {
         self.out_dim
     }
 
+    /// Bytes of the weight as held (FP8: codes and f32 scales).
     pub fn size_bytes(&self) -> usize {
-        self.weight.size_bytes()
+        self.weight.size_bytes() + self.fp8.as_ref().map_or(0, |f| 4 * f.scale.len())
     }
 
     /// `x` is `[t, in]` row-major; returns `[t, out]`.
@@ -98,6 +145,17 @@ impl Linear {
             return;
         }
         WEIGHT_BYTES_READ.fetch_add(self.size_bytes() as u64, Ordering::Relaxed);
+        if let Some(f) = &self.fp8 {
+            let quantized;
+            let x = if f.qdq_input {
+                quantized = crate::fp8::qdq_rows(x, self.in_dim);
+                &quantized
+            } else {
+                x
+            };
+            crate::fp8::matmul(self.weight.bytes(), &f.scale, x, t, y);
+            return;
+        }
         match self.bf16_bits() {
             Some(w) => self.forward_bf16(w, x, t, y),
             // Other dtypes (rare for Llama 4) go one token at a time through `gemm`.

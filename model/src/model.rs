@@ -17,7 +17,7 @@ use crate::config::TextConfig;
 use crate::cuda::CudaBackend;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{BlockPool, KvCache};
-use crate::linear::{Layout, Linear};
+use crate::linear::Linear;
 use crate::moe::{ExpertRunner, Experts, Mlp, Moe, PendingExperts, Route, RoutedBatch};
 use crate::vision::{ImageError, Pixels, VisionConfig, VisionModel};
 
@@ -271,6 +271,7 @@ impl Model {
             } else {
                 FeedForward::Dense(Mlp::load(
                     src,
+                    c.quantization.as_ref(),
                     &format!("{p}.feed_forward"),
                     h,
                     c.intermediate_size_mlp,
@@ -286,10 +287,13 @@ impl Model {
         Ok(Self {
             embed: src.tensor_shaped("model.embed_tokens.weight", &[c.vocab_size, h])?,
             norm: vector("model.norm.weight")?,
-            lm_head: Linear::new(
-                src.tensor_shaped("lm_head.weight", &[c.vocab_size, h])?,
-                Layout::OutIn,
-            ),
+            lm_head: crate::quant::linear(
+                src,
+                c.quantization.as_ref(),
+                "lm_head",
+                c.vocab_size,
+                h,
+            )?,
             layers,
             config,
             micro_batch_min_tokens: MICRO_BATCH_MIN_TOKENS,

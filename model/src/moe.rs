@@ -14,9 +14,10 @@ use rayon::prelude::*;
 use crate::checkpoint::{Tensor, WeightSource};
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
-use crate::fp8::{self, Fp8Linear};
+use crate::fp8;
 use crate::linear::{Layout, Linear};
 use crate::norm::{sigmoid, silu};
+use crate::quant::{self, Quantization};
 
 /// `down(silu(gate(x)) ⊙ up(x))` with `nn.Linear` weights.
 #[derive(Debug, Clone)]
@@ -27,17 +28,22 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn load(src: &dyn WeightSource, prefix: &str, hidden: usize, inter: usize) -> Result<Self> {
-        let lin = |name: &str, shape: [usize; 2]| -> Result<Linear> {
-            Ok(Linear::new(
-                src.tensor_shaped(&format!("{prefix}.{name}.weight"), &shape)?,
-                Layout::OutIn,
-            ))
+    /// `{prefix}.{gate,up,down}_proj`, each bf16 or FP8 as the checkpoint's
+    /// `quantization_config` (`q`) says.
+    pub fn load(
+        src: &dyn WeightSource,
+        q: Option<&Quantization>,
+        prefix: &str,
+        hidden: usize,
+        inter: usize,
+    ) -> Result<Self> {
+        let lin = |name: &str, out: usize, inp: usize| {
+            quant::linear(src, q, &format!("{prefix}.{name}"), out, inp)
         };
         Ok(Self {
-            gate: lin("gate_proj", [inter, hidden])?,
-            up: lin("up_proj", [inter, hidden])?,
-            down: lin("down_proj", [hidden, inter])?,
+            gate: lin("gate_proj", inter, hidden)?,
+            up: lin("up_proj", inter, hidden)?,
+            down: lin("down_proj", hidden, inter)?,
         })
     }
 
@@ -188,43 +194,13 @@ pub fn expert_swiglu(gate_up: &Tensor, down: &Tensor, u: &[f32], n: usize) -> Ve
     Linear::new(down.clone(), Layout::InOut).forward(&act, n)
 }
 
-/// One projection of an unfused expert: bf16 (`nn.Linear` orientation) or FP8 with its
-/// per-row scales.
-#[derive(Debug, Clone)]
-pub enum ExpertLinear {
-    Dense(Linear),
-    Fp8(Fp8Linear),
-}
-
-impl ExpertLinear {
-    fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
-        match self {
-            Self::Dense(l) => l.forward(x, n),
-            Self::Fp8(l) => l.forward(x, n),
-        }
-    }
-
-    fn size_bytes(&self) -> usize {
-        match self {
-            Self::Dense(l) => l.size_bytes(),
-            Self::Fp8(l) => l.size_bytes(),
-        }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Self::Dense(l) => l.weight.bytes(),
-            Self::Fp8(l) => l.weight.bytes(),
-        }
-    }
-}
-
-/// One expert of an unfused checkpoint (`experts.{e}.{gate,up,down}_proj`).
+/// One expert of an unfused checkpoint (`experts.{e}.{gate,up,down}_proj`), each
+/// projection bf16 or FP8.
 #[derive(Debug, Clone)]
 pub struct ExpertWeights {
-    pub gate: ExpertLinear,
-    pub up: ExpertLinear,
-    pub down: ExpertLinear,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
 }
 
 impl ExpertWeights {
@@ -232,53 +208,34 @@ impl ExpertWeights {
     /// quantize-dequantized rows can be computed before they reach this expert (the fp8
     /// wire) and taken as they are.
     pub fn takes_quantized_inputs(&self) -> bool {
-        let w8a8 = |l: &ExpertLinear| matches!(l, ExpertLinear::Fp8(f) if f.qdq_input);
-        w8a8(&self.gate) && w8a8(&self.up)
+        self.gate.quantizes_input() && self.up.quantizes_input()
     }
 
-    /// The SwiGLU over scaled inputs `u` (`[n, hidden]`). FP8 projections see their input
-    /// quantize-dequantized per row (`fp8`): gate and up share one, down takes its own.
-    /// `quantized`: `u` is already that of gate and up (see `takes_quantized_inputs`).
+    /// The SwiGLU over scaled inputs `u` (`[n, hidden]`). W8A8 projections see their input
+    /// quantize-dequantized per row: gate and up the same one (computed once here), down its
+    /// own. `quantized`: `u` is already that of gate and up (see `takes_quantized_inputs`).
     fn swiglu(&self, u: &[f32], n: usize, quantized: bool) -> Vec<f32> {
         if n == 0 {
             // A group of no rows (the wire allows one): nothing to compute.
             return Vec::new();
         }
-        let hidden = u.len() / n;
-        let quantize = |l: &ExpertLinear, x: &[f32], width: usize| match l {
-            ExpertLinear::Fp8(f) if f.qdq_input => Some(fp8::qdq_rows(x, width)),
-            ExpertLinear::Fp8(_) => None,
-            ExpertLinear::Dense(_) => None,
+        let (gate, up) = if quantized || self.takes_quantized_inputs() {
+            let q;
+            let x = if quantized {
+                u
+            } else {
+                q = fp8::qdq_rows(u, u.len() / n);
+                &q
+            };
+            (
+                self.gate.forward_prequantized(x, n),
+                self.up.forward_prequantized(x, n),
+            )
+        } else {
+            (self.gate.forward(u, n), self.up.forward(u, n))
         };
-        if quantized {
-            debug_assert!(self.takes_quantized_inputs());
-            let gate = self.gate.forward(u, n);
-            let up = self.up.forward(u, n);
-            return self.finish(&gate, &up, n, quantize);
-        }
-        let uq = quantize(&self.gate, u, hidden);
-        let gate = self.gate.forward(uq.as_deref().unwrap_or(u), n);
-        // gate and up quantize the same input: one scale, computed once.
-        let uq_up = match (&self.up, &uq) {
-            (ExpertLinear::Fp8(f), Some(q)) if f.qdq_input => Some(q.clone()),
-            _ => quantize(&self.up, u, hidden),
-        };
-        let up = self.up.forward(uq_up.as_deref().unwrap_or(u), n);
-        self.finish(&gate, &up, n, quantize)
-    }
-
-    /// `down(silu(gate) · up)`, down's input quantized by `quantize` when it is W8A8.
-    fn finish(
-        &self,
-        gate: &[f32],
-        up: &[f32],
-        n: usize,
-        quantize: impl Fn(&ExpertLinear, &[f32], usize) -> Option<Vec<f32>>,
-    ) -> Vec<f32> {
-        let act: Vec<f32> = gate.iter().zip(up).map(|(g, u)| silu(*g) * u).collect();
-        let inter = act.len() / n.max(1);
-        let aq = quantize(&self.down, &act, inter);
-        self.down.forward(aq.as_deref().unwrap_or(&act), n)
+        let act: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| silu(*g) * u).collect();
+        self.down.forward(&act, n)
     }
 
     fn size_bytes(&self) -> usize {
@@ -347,7 +304,7 @@ impl Experts {
             Self::Unfused(list) => {
                 let w = &list[e];
                 for l in [&w.gate, &w.up, &w.down] {
-                    touch(l.bytes());
+                    touch(l.weight.bytes());
                 }
             }
         }
@@ -449,7 +406,13 @@ impl Moe {
             } else {
                 None
             },
-            shared: Mlp::load(src, &format!("{p}.shared_expert"), h, c.intermediate_size)?,
+            shared: Mlp::load(
+                src,
+                c.quantization.as_ref(),
+                &format!("{p}.shared_expert"),
+                h,
+                c.intermediate_size,
+            )?,
             hidden: h,
             num_experts: e,
         })
@@ -506,14 +469,13 @@ impl Experts {
         (0..e)
             .map(|x| {
                 let lin = |name: &str, out: usize, inp: usize| {
-                    let module = format!("{p}.{x}.{name}");
-                    let qdq = c
-                        .quantization
-                        .as_ref()
-                        .is_some_and(|q| q.dynamic_activations);
-                    let l = expert_linear(src, &module, out, inp, qdq)?;
-                    check_declared(c, &module, &l)?;
-                    Ok::<_, ModelError>(l)
+                    quant::linear(
+                        src,
+                        c.quantization.as_ref(),
+                        &format!("{p}.{x}.{name}"),
+                        out,
+                        inp,
+                    )
                 };
                 Ok(ExpertWeights {
                     gate: lin("gate_proj", i, h)?,
@@ -526,78 +488,6 @@ impl Experts {
     }
 }
 
-/// An expert projection must be FP8 exactly when the checkpoint's `quantization_config`
-/// says it is (targeted, not ignored): a mismatch is a broken checkpoint, not a guess.
-fn check_declared(c: &TextConfig, module: &str, l: &ExpertLinear) -> Result<()> {
-    let declared = c.quantization.as_ref().map(|q| !q.is_ignored(module));
-    let fp8 = matches!(l, ExpertLinear::Fp8(_));
-    match declared {
-        Some(d) if d != fp8 => Err(ModelError::Quantized {
-            name: format!("{module}.weight"),
-            reason: if fp8 {
-                "is FP8 but quantization_config.ignore lists its module".into()
-            } else {
-                "is not FP8 but quantization_config does not ignore its module".into()
-            },
-        }),
-        None if fp8 => Err(ModelError::Quantized {
-            name: format!("{module}.weight"),
-            reason: "is FP8 but config.json has no quantization_config".into(),
-        }),
-        _ => Ok(()),
-    }
-}
-
-/// One unfused expert projection `{prefix}.weight` `[out, in]`: FP8 with
-/// `{prefix}.weight_scale` (`[out, 1]` or `[out]`, bf16/f16/f32), or a plain bf16 weight.
-fn expert_linear(
-    src: &dyn WeightSource,
-    prefix: &str,
-    out: usize,
-    inp: usize,
-    qdq_input: bool,
-) -> Result<ExpertLinear> {
-    let name = format!("{prefix}.weight");
-    let Some(weight) = src.fp8_tensor(&name)? else {
-        return Ok(ExpertLinear::Dense(Linear::new(
-            src.tensor_shaped(&name, &[out, inp])?,
-            Layout::OutIn,
-        )));
-    };
-    if weight.shape != [out, inp] {
-        return Err(ModelError::TensorShape {
-            name,
-            expected: vec![out, inp],
-            got: weight.shape,
-        });
-    }
-    let scale_name = format!("{prefix}.weight_scale");
-    let scale = match src.tensor(&scale_name) {
-        Ok(t) => t,
-        Err(ModelError::MissingTensor { .. }) => {
-            return Err(ModelError::Quantized {
-                name,
-                reason: format!("is FP8 but the checkpoint has no `{scale_name}`"),
-            })
-        }
-        Err(e) => return Err(e),
-    };
-    if scale.shape != [out, 1] && scale.shape != [out] {
-        return Err(ModelError::TensorShape {
-            name: scale_name,
-            expected: vec![out, 1],
-            got: scale.shape,
-        });
-    }
-    Ok(ExpertLinear::Fp8(Fp8Linear {
-        weight,
-        scale: scale.to_f32_vec(),
-        out_dim: out,
-        in_dim: inp,
-        qdq_input,
-    }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -605,17 +495,15 @@ mod tests {
     #[test]
     fn an_empty_group_of_fp8_experts_computes_nothing() {
         let fp8 = |out: usize, inp: usize| {
-            ExpertLinear::Fp8(Fp8Linear {
-                weight: Tensor::from_bytes(
+            Linear::fp8(
+                Tensor::from_bytes(
                     crate::checkpoint::DType::F8E4M3,
                     vec![out, inp],
                     vec![0x38; out * inp],
                 ),
-                scale: vec![1.0; out],
-                out_dim: out,
-                in_dim: inp,
-                qdq_input: true,
-            })
+                vec![1.0; out],
+                true,
+            )
         };
         let experts = Experts::Unfused(vec![ExpertWeights {
             gate: fp8(2, 3),

@@ -4,40 +4,88 @@
 //!
 //! Accepted: `quant_method: compressed-tensors`, `format: float-quantized`, config groups
 //! whose weights are 8-bit float per output channel (symmetric) and whose input activations
-//! are 8-bit float, per token, dynamic (or absent: weight-only). The `ignore` list names
-//! modules kept in bf16, literally or as `re:` patterns.
+//! are 8-bit float, per token, dynamic (or absent: weight-only). `targets` name the modules
+//! quantized (`Linear`: every linear module) and the `ignore` list those kept in bf16,
+//! literally or as `re:` patterns.
 
 use serde_json::{Map, Value};
 
+use crate::checkpoint::WeightSource;
 use crate::error::{ModelError, Result};
+use crate::linear::{Layout, Linear};
 
 /// A validated compressed-tensors FP8 configuration.
 #[derive(Debug, Clone)]
 pub struct Quantization {
+    /// Modules the config groups quantize (`targets`; `Linear` is every linear module).
+    targets: Vec<Modules>,
     /// Modules left unquantized: literal names and `re:` patterns.
-    ignore: Vec<Ignored>,
+    ignore: Vec<Modules>,
     /// Input activations are quantize-dequantized per token (W8A8); false: weight-only.
     pub dynamic_activations: bool,
 }
 
+/// A `targets` or `ignore` entry: a module name, a `re:` pattern, or the `Linear` class.
 #[derive(Debug, Clone)]
-enum Ignored {
+enum Modules {
     Name(String),
     Pattern(regex::Regex),
+    AnyLinear,
+}
+
+impl Modules {
+    fn parse(s: &str, field: &str) -> Result<Self> {
+        match s.strip_prefix("re:") {
+            Some(p) => regex::Regex::new(p)
+                .map(Modules::Pattern)
+                .map_err(|e| invalid(field, format!("`{s}`: {e}"))),
+            None if s == "Linear" => Ok(Modules::AnyLinear),
+            None => Ok(Modules::Name(s.to_owned())),
+        }
+    }
+
+    /// Whether linear module `name` (with or without the `language_model.` prefix) matches.
+    fn matches(&self, name: &str) -> bool {
+        let full = format!("language_model.{name}");
+        match self {
+            Modules::Name(n) => n == name || *n == full,
+            Modules::Pattern(p) => p.is_match(name) || p.is_match(&full),
+            Modules::AnyLinear => true,
+        }
+    }
+
+    fn key(&self) -> String {
+        match self {
+            Modules::Name(n) => n.clone(),
+            Modules::Pattern(p) => format!("re:{}", p.as_str()),
+            Modules::AnyLinear => "Linear".into(),
+        }
+    }
+}
+
+/// A list of `targets` or `ignore` entries (absent or null: empty).
+fn modules(v: Option<&Value>, field: &str) -> Result<Vec<Modules>> {
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|v| {
+                let s = v
+                    .as_str()
+                    .ok_or_else(|| invalid(field, "not a list of strings".into()))?;
+                Modules::parse(s, field)
+            })
+            .collect(),
+        Some(_) => Err(invalid(field, "not a list".into())),
+    }
 }
 
 impl PartialEq for Quantization {
     fn eq(&self, other: &Self) -> bool {
-        let key = |q: &Self| -> Vec<String> {
-            q.ignore
-                .iter()
-                .map(|i| match i {
-                    Ignored::Name(n) => n.clone(),
-                    Ignored::Pattern(p) => format!("re:{}", p.as_str()),
-                })
-                .collect()
-        };
-        key(self) == key(other) && self.dynamic_activations == other.dynamic_activations
+        let key = |l: &[Modules]| -> Vec<String> { l.iter().map(Modules::key).collect() };
+        key(&self.targets) == key(&other.targets)
+            && key(&self.ignore) == key(&other.ignore)
+            && self.dynamic_activations == other.dynamic_activations
     }
 }
 
@@ -83,8 +131,14 @@ impl Quantization {
             .filter(|g| !g.is_empty())
             .ok_or_else(|| invalid("config_groups", "missing or empty".into()))?;
         let mut dynamic = None;
+        let mut targets = Vec::new();
         for (name, g) in groups {
             let field = |k: &str| format!("config_groups.{name}.{k}");
+            match g.get("targets") {
+                // compressed-tensors always writes targets; without them, every Linear.
+                None | Some(Value::Null) => targets.push(Modules::AnyLinear),
+                t => targets.extend(modules(t, &field("targets"))?),
+            }
             let weights = g
                 .get("weights")
                 .and_then(Value::as_object)
@@ -114,25 +168,9 @@ impl Quantization {
             }
             dynamic = Some(acts);
         }
-        let ignore = match q.get("ignore") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(list)) => list
-                .iter()
-                .map(|v| {
-                    let s = v
-                        .as_str()
-                        .ok_or_else(|| invalid("ignore", "not a list of strings".into()))?;
-                    match s.strip_prefix("re:") {
-                        Some(p) => regex::Regex::new(p)
-                            .map(Ignored::Pattern)
-                            .map_err(|e| invalid("ignore", format!("`{s}`: {e}"))),
-                        None => Ok(Ignored::Name(s.to_owned())),
-                    }
-                })
-                .collect::<Result<_>>()?,
-            Some(_) => return Err(invalid("ignore", "not a list".into())),
-        };
+        let ignore = modules(q.get("ignore"), "ignore")?;
         Ok(Some(Self {
+            targets,
             ignore,
             dynamic_activations: dynamic.unwrap_or(false),
         }))
@@ -141,11 +179,76 @@ impl Quantization {
     /// Whether module `name` (as the checkpoint names it, with or without the
     /// `language_model.` prefix) is left unquantized.
     pub fn is_ignored(&self, name: &str) -> bool {
-        let full = format!("language_model.{name}");
-        self.ignore.iter().any(|i| match i {
-            Ignored::Name(n) => n == name || *n == full,
-            Ignored::Pattern(p) => p.is_match(name) || p.is_match(&full),
-        })
+        self.ignore.iter().any(|i| i.matches(name))
+    }
+
+    /// Whether linear module `name` is quantized: a config group targets it and `ignore`
+    /// does not list it.
+    pub fn is_quantized(&self, name: &str) -> bool {
+        self.targets.iter().any(|t| t.matches(name)) && !self.is_ignored(name)
+    }
+}
+
+/// Linear module `module` (`{module}.weight`, `[out, in]`, `nn.Linear` orientation) as the
+/// checkpoint stores it: FP8 e4m3 with `{module}.weight_scale` (`[out, 1]` or `[out]`,
+/// bf16/f16/f32), or bf16. It must be FP8 exactly when `quantization_config` says so
+/// (targeted, not ignored): a mismatch is a broken checkpoint, not a guess.
+pub(crate) fn linear(
+    src: &dyn WeightSource,
+    q: Option<&Quantization>,
+    module: &str,
+    out: usize,
+    inp: usize,
+) -> Result<Linear> {
+    let name = format!("{module}.weight");
+    let l = match src.fp8_tensor(&name)? {
+        None => Linear::new(src.tensor_shaped(&name, &[out, inp])?, Layout::OutIn),
+        Some(weight) => {
+            if weight.shape != [out, inp] {
+                return Err(ModelError::TensorShape {
+                    name,
+                    expected: vec![out, inp],
+                    got: weight.shape,
+                });
+            }
+            let scale_name = format!("{module}.weight_scale");
+            let scale = match src.tensor(&scale_name) {
+                Ok(t) => t,
+                Err(ModelError::MissingTensor { .. }) => {
+                    return Err(ModelError::Quantized {
+                        name,
+                        reason: format!("is FP8 but the checkpoint has no `{scale_name}`"),
+                    })
+                }
+                Err(e) => return Err(e),
+            };
+            if scale.shape != [out, 1] && scale.shape != [out] {
+                return Err(ModelError::TensorShape {
+                    name: scale_name,
+                    expected: vec![out, 1],
+                    got: scale.shape,
+                });
+            }
+            let qdq = q.is_some_and(|q| q.dynamic_activations);
+            Linear::fp8(weight, scale.to_f32_vec(), qdq)
+        }
+    };
+    let declared = q.map(|q| q.is_quantized(module));
+    match declared {
+        Some(d) if d != l.is_fp8() => Err(ModelError::Quantized {
+            name,
+            reason: if l.is_fp8() {
+                "is FP8 but quantization_config leaves its module unquantized (ignore, targets)"
+                    .into()
+            } else {
+                "is not FP8 but quantization_config quantizes its module (targets, ignore)".into()
+            },
+        }),
+        None if l.is_fp8() => Err(ModelError::Quantized {
+            name,
+            reason: "is FP8 but config.json has no quantization_config".into(),
+        }),
+        _ => Ok(l),
     }
 }
 
@@ -197,7 +300,15 @@ mod tests {
         assert!(q.is_ignored("lm_head"));
         assert!(q.is_ignored("model.layers.0.self_attn.q_proj"));
         assert!(!q.is_ignored("model.layers.1.feed_forward.experts.3.gate_proj"));
+        assert!(q.is_quantized("model.layers.1.feed_forward.experts.3.gate_proj"));
+        assert!(!q.is_quantized("lm_head"));
         assert!(parse(Value::Null).unwrap().is_none());
+        // Targets by pattern: only what they match is quantized.
+        let mut narrow = good();
+        narrow["config_groups"]["group_0"]["targets"] = json!(["re:.*experts.*"]);
+        let q = parse(narrow).unwrap().unwrap();
+        assert!(q.is_quantized("model.layers.1.feed_forward.experts.3.gate_proj"));
+        assert!(!q.is_quantized("model.layers.1.feed_forward.shared_expert.gate_proj"));
     }
 
     #[test]

@@ -406,6 +406,135 @@ fn partly_bf16_experts_load_and_compute_as_bf16() {
     assert!(logits(&mixed).iter().all(|v| v.is_finite()));
 }
 
+/// Logits of a batch of prompts run together, and of each run alone (concatenated).
+fn together_and_alone(m: &Model, inputs: &[Vec<u32>]) -> (Vec<f32>, Vec<f32>) {
+    let run = |batch: &[Vec<u32>]| {
+        let mut caches: Vec<_> = batch.iter().map(|_| m.new_cache()).collect();
+        let mut seqs: Vec<Sequence> = caches
+            .iter_mut()
+            .zip(batch)
+            .map(|(c, t)| Sequence::new(c, t))
+            .collect();
+        m.forward(&mut seqs, LogitRows::All).unwrap().logits
+    };
+    let alone = inputs
+        .iter()
+        .flat_map(|i| run(std::slice::from_ref(i)))
+        .collect();
+    (run(inputs), alone)
+}
+
+/// An FP8 Linear outside the experts (the format allows any). Weight-only, with scales that
+/// are powers of two (so `f32(code) · scale` is a bf16 value too), it computes what the bf16
+/// model with those dequantized weights computes, up to f32 summation order. W8A8, quantized
+/// like the experts (`fp8::quantize_linear`) and no longer ignored, it loads and is
+/// batch-invariant; left in the ignore list, or bf16 where the config quantizes it, it is a
+/// clear error naming the tensor.
+#[test]
+fn an_fp8_attention_projection_loads_and_runs() {
+    use expertmesh_model::{fp8, DType, Tensor, TextConfig, WeightSource};
+    let q = "model.layers.0.self_attn.q_proj";
+    let prompts = |dir: &Path| -> Vec<Vec<u32>> {
+        Reference::load(dir).json["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c.get("image").is_none())
+            .map(|c| ids(&c["input_ids"]))
+            .collect()
+    };
+
+    // Weight-only q_proj in the bf16 model.
+    let (bf16, mut json) = in_memory(&fixture("tiny-scout"));
+    let w = bf16.tensor(&format!("{q}.weight")).unwrap();
+    let (out, inp) = (w.shape[0], w.shape[1]);
+    let v = w.to_f32_vec();
+    let (mut codes, mut scales, mut dequantized) = (Vec::new(), Vec::new(), Vec::new());
+    for row in v.chunks_exact(inp) {
+        let absmax = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let scale = 2f32.powi((absmax / 448.0).log2().ceil() as i32);
+        for x in row {
+            let c = fp8::encode(x / scale);
+            codes.push(c);
+            dequantized.push(fp8::decode(c) * scale);
+        }
+        scales.push(scale);
+    }
+    let mut fp8_weights = bf16.clone();
+    fp8_weights.insert(
+        format!("{q}.weight"),
+        Tensor::from_bytes(DType::F8E4M3, vec![out, inp], codes),
+    );
+    fp8_weights.insert(
+        format!("{q}.weight_scale"),
+        Tensor::bf16_from_f32(vec![out, 1], &scales),
+    );
+    let mut as_bf16 = bf16.clone();
+    as_bf16.insert(
+        format!("{q}.weight"),
+        Tensor::bf16_from_f32(vec![out, inp], &dequantized),
+    );
+    assert_eq!(
+        as_bf16.tensor(&format!("{q}.weight")).unwrap().to_f32_vec(),
+        dequantized,
+        "powers-of-two scales keep the dequantized weights exact in bf16"
+    );
+    let reference = Model::from_source(TextConfig::from_json(&json).unwrap(), &as_bf16).unwrap();
+    json["quantization_config"] = serde_json::json!({
+        "quant_method": "compressed-tensors", "format": "float-quantized",
+        "config_groups": {"group_0": {"targets": [format!("re:.*layers\\.0\\.self_attn\\.q_proj$")],
+            "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": true}}},
+        "ignore": []});
+    let weight_only =
+        Model::from_source(TextConfig::from_json(&json).unwrap(), &fp8_weights).unwrap();
+    let inputs = prompts(&fixture("tiny-scout-fp8"));
+    let (got, _) = together_and_alone(&weight_only, &inputs);
+    let (want, _) = together_and_alone(&reference, &inputs);
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst < 1e-4,
+        "weight-only FP8 q_proj: {worst:.2e} from its bf16 twin"
+    );
+
+    // W8A8 q_proj in the FP8 model.
+    let dir = fixture("tiny-scout-fp8");
+    let (weights, json) = in_memory(&dir);
+    let (codes, scale) = fp8::quantize_linear(&weights.tensor(&format!("{q}.weight")).unwrap());
+    let mut quantized = weights.clone();
+    quantized.insert(format!("{q}.weight"), codes);
+    quantized.insert(format!("{q}.weight_scale"), scale);
+    let mut listed = json.clone();
+    listed["quantization_config"]["ignore"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|m| !m.as_str().unwrap().ends_with("layers.0.self_attn.q_proj"));
+    let config = TextConfig::from_json(&listed).unwrap();
+    let model = Model::from_source(config.clone(), &quantized).unwrap();
+    let (together, alone) = together_and_alone(&model, &inputs);
+    assert!(together == alone, "a token's logits depend on its batch");
+    assert!(together.iter().all(|v| v.is_finite()));
+
+    // Quantized but still ignored; bf16 but no longer ignored.
+    let err = Model::from_source(TextConfig::from_json(&json).unwrap(), &quantized)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("{q}.weight")) && err.contains("ignore"),
+        "{err}"
+    );
+    let err = Model::from_source(config, &weights)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("{q}.weight")) && err.contains("is not FP8"),
+        "{err}"
+    );
+}
+
 /// The FP8 twin of a synthetic model (`synthetic::to_fp8`, what `bench decode --fp8`
 /// measures) loads with every expert unfused and FP8, and stays close to its bf16 source.
 #[test]

@@ -211,7 +211,16 @@ impl CudaBackend {
             )));
         }
         let s = &stream;
-        let up = |l: &Linear| DeviceWeight::upload(s, &l.weight, l.layout).map_err(dev);
+        let up = |l: &Linear| {
+            if l.is_fp8() {
+                return Err(ModelError::Device(
+                    "FP8 linear weights are not supported on the GPU yet; serve this \
+                     checkpoint with --device cpu"
+                        .into(),
+                ));
+            }
+            DeviceWeight::upload(s, &l.weight, l.layout).map_err(dev)
+        };
         let vector = |v: &[f32]| s.clone_htod(v).map_err(driver);
         let mlp = |m: &Mlp| -> Result<GpuMlp> {
             Ok(GpuMlp {
