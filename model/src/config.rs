@@ -235,7 +235,7 @@ impl TextConfig {
         self.is_moe_layer(layer)
             && (0..self.num_local_experts).all(|e| {
                 ["gate_proj", "up_proj"].iter().all(|p| {
-                    !q.is_ignored(&format!(
+                    q.is_quantized(&format!(
                         "model.layers.{layer}.feed_forward.experts.{e}.{p}"
                     ))
                 })
