@@ -458,10 +458,22 @@ impl Experts {
         let (e, h, i) = (c.num_local_experts, c.hidden_size, c.intermediate_size);
         match src.tensor_shaped(&format!("{p}.gate_up_proj"), &[e, h, 2 * i]) {
             Ok(gate_up) => {
+                let module = format!("{p}.0.gate_proj");
+                if c.quantization
+                    .as_ref()
+                    .is_some_and(|q| q.is_quantized(&module))
+                {
+                    return Err(ModelError::Quantized {
+                        name: format!("{p}.gate_up_proj"),
+                        reason: format!(
+                            "is a fused bf16 tensor but quantization_config quantizes `{module}`"
+                        ),
+                    });
+                }
                 return Ok(Self::Fused {
                     gate_up,
                     down: src.tensor_shaped(&format!("{p}.down_proj"), &[e, i, h])?,
-                })
+                });
             }
             Err(ModelError::MissingTensor { .. }) => {}
             Err(other) => return Err(other),

@@ -311,6 +311,17 @@ fn broken_fp8_checkpoints_are_refused_by_name() {
         .to_string();
     assert!(err.contains(q), "{err}");
 
+    // A bf16 checkpoint (fused experts) whose config says its experts are FP8.
+    let (bf16, mut bf16_json) = in_memory(&fixture("tiny-scout"));
+    bf16_json["quantization_config"] = json["quantization_config"].clone();
+    bf16_json["quantization_config"]["ignore"] = Value::Array(Vec::new());
+    bf16_json["quantization_config"]["config_groups"]["group_0"]["targets"] =
+        serde_json::json!(["re:.*experts.*"]);
+    let err = Model::from_source(TextConfig::from_json(&bf16_json).unwrap(), &bf16)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("gate_up_proj"), "{err}");
+
     for (field, value) in [
         ("format", "pack-quantized"),
         ("format", "naive-quantized"),
