@@ -1,4 +1,4 @@
-//! FP8 (e4m3fn) experts on the CPU: W8A8 with per-token dynamic activation scales, the
+//! FP8 (e4m3fn) weights on the CPU: W8A8 with per-token dynamic activation scales, the
 //! arithmetic of `../shared/fixtures/FP8.md` §3 with one scale per row (what the checkpoint
 //! declares, `input_activations.strategy: token`, and what vLLM computes).
 //!
@@ -6,10 +6,9 @@
 //! - An input row `x` is quantize-dequantized: `s = absmax(x) / 448` in f32 (`2^-23` when
 //!   the row is all zero), `q = e4m3_rne(clamp(x / s, ±448))`, value `f32(q) · s`.
 //! - `y_r = Σ_j xq_j · (f32(w_rj) · scale_r)` (the product is exact: the reference's
-//!   dequantized weight), each (row, token) sum in one fixed order
-//!   (eight lanes, then a fixed tree), so a token's bits never depend on its batch.
-
-use rayon::prelude::*;
+//!   dequantized weight), widened and multiplied in one pass by the same fused kernels as
+//!   bf16 (`kernels`, through `Linear`), each (row, token) sum in one fixed order, so a
+//!   token's bits never depend on its batch.
 
 /// The largest finite e4m3fn value.
 pub const E4M3_MAX: f32 = 448.0;
@@ -173,64 +172,6 @@ pub fn quantize_fused_expert(
         ("up_proj", uw, us),
         ("down_proj", dw, ds),
     ]
-}
-
-/// `y = x · Wᵀ` for an FP8 weight `w` (`[out, in]` e4m3 codes) with per-output-row
-/// `scale`, over rows `x` (`[n, in]`, already quantize-dequantized when the layer is W8A8)
-/// into `y` (`[n, out]`). Every (feature, token) dot product is the same sequence of
-/// operations whatever `n` is (batch invariance).
-pub(crate) fn matmul(w: &[u8], scale: &[f32], x: &[f32], n: usize, y: &mut [f32]) {
-    let out = scale.len();
-    let inp = w.len() / out.max(1);
-    assert_eq!(x.len(), n * inp, "input shape");
-    assert_eq!(y.len(), n * out, "output shape");
-    let lut = &*DECODE;
-    // Output features in blocks over the cores.
-    const BLOCK: usize = 16;
-    let columns: Vec<Vec<f32>> = (0..out.div_ceil(BLOCK))
-        .into_par_iter()
-        .map(|b| {
-            let rows = b * BLOCK..((b + 1) * BLOCK).min(out);
-            let mut col = vec![0.0f32; rows.len() * n];
-            let mut widened = vec![0.0f32; inp];
-            for (i, r) in rows.enumerate() {
-                // `f32(w) · scale` is exact (4 + at most 8 significant bits): the
-                // reference's dequantized weight, bit for bit.
-                let s = scale[r];
-                for (v, &c) in widened.iter_mut().zip(&w[r * inp..(r + 1) * inp]) {
-                    *v = lut[c as usize] * s;
-                }
-                for (t, xt) in x.chunks_exact(inp).enumerate() {
-                    col[i * n + t] = dot(&widened, xt);
-                }
-            }
-            col
-        })
-        .collect();
-    for (b, col) in columns.iter().enumerate() {
-        let width = col.len() / n.max(1);
-        for i in 0..width {
-            for t in 0..n {
-                y[t * out + b * BLOCK + i] = col[i * n + t];
-            }
-        }
-    }
-}
-
-/// A dot product in one fixed order: eight lane sums, then a fixed tree.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
-        }
-    }
-    let mut tail = 0.0f32;
-    for j in chunks * 8..a.len() {
-        tail += a[j] * b[j];
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 #[cfg(test)]

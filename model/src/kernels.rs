@@ -1,6 +1,7 @@
-//! Fused bf16 matrix-vector kernels for single-token products (see `Linear::gemv_bf16`).
-//! Each is written once in portable Rust and compiled twice: for the baseline target and
-//! for AVX2 + FMA, chosen at run time, where the loops become 8-lane widen-and-FMA code.
+//! Fused widen-and-multiply kernels for the weight products (see `Linear::forward_into`):
+//! bf16 weights, and FP8 (e4m3) weights with one scale per row. Each is written once in
+//! portable Rust and compiled twice: for the baseline target and for AVX2 + FMA, chosen at
+//! run time, where the loops become 8-lane widen-and-FMA code.
 #![allow(unsafe_code)]
 
 /// Lanes of independent accumulators per row: two AVX registers.
@@ -9,15 +10,61 @@ const LANES: usize = 16;
 /// How far ahead of the current element each row's weights are prefetched.
 const PREFETCH_AHEAD: usize = 512;
 
+/// A weight element the dot kernels widen to f32 on the fly.
+pub trait Weight: Copy + Send + Sync {
+    /// Rows carry a scale (`w[r, k] = widen(code) · scale[r]`).
+    const SCALED: bool;
+    fn widen(self) -> f32;
+}
+
+/// bf16 bits: widening is a shift.
+impl Weight for u16 {
+    const SCALED: bool = false;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        widen(self)
+    }
+}
+
+/// e4m3fn codes. The code's exponent and mantissa bits, put where f32 keeps them and
+/// scaled by 2^120 (the bias difference), give every value exactly, subnormals included;
+/// the sign is carried over; the NaN codes (0x7F, 0xFF) stay NaN. Branch-free, so that the
+/// loops vectorise.
+impl Weight for u8 {
+    const SCALED: bool = true;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        let c = u32::from(self);
+        let magnitude = f32::from_bits((c & 0x7F) << 20) * f32::from_bits(0x7B80_0000);
+        let v = f32::from_bits(magnitude.to_bits() | ((c & 0x80) << 24));
+        if c & 0x7F == 0x7F {
+            f32::NAN
+        } else {
+            v
+        }
+    }
+}
+
+/// Row `r`'s weight `k` as f32: widened, times the row's scale for scaled weights (exact
+/// for e4m3 × bf16 scales: at most 4 + 8 significant bits).
+#[inline(always)]
+fn weight<W: Weight>(b: W, scale: f32) -> f32 {
+    if W::SCALED {
+        b.widen() * scale
+    } else {
+        b.widen()
+    }
+}
+
 /// Hints the cache to fetch `w[i]` soon. Out-of-range indices are skipped.
 #[inline(always)]
-fn prefetch(w: &[u16], i: usize) {
+fn prefetch<W>(w: &[W], i: usize) {
     #[cfg(target_arch = "x86_64")]
     if let Some(p) = w.get(i) {
         // SAFETY: a prefetch is only a hint; it never faults and `p` is a valid reference.
         unsafe {
             core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-                (p as *const u16).cast::<i8>(),
+                (p as *const W).cast::<i8>(),
             )
         };
     }
@@ -28,14 +75,25 @@ fn widen(bits: u16) -> f32 {
     f32::from_bits(u32::from(bits) << 16)
 }
 
-/// `y[r] = Σ_k w[r, k] · x[k]` for the rows of `w` (`[y.len(), x.len()]`, bf16 bits).
-pub fn dot_rows(w: &[u16], x: &[f32], y: &mut [f32]) {
+/// The scale of row `r` (1 for unscaled weights, which take no scales).
+#[inline(always)]
+fn row_scale<W: Weight>(scale: &[f32], r: usize) -> f32 {
+    if W::SCALED {
+        scale[r]
+    } else {
+        1.0
+    }
+}
+
+/// `y[r] = Σ_k w[r, k] · x[k]` for the rows of `w` (`[y.len(), x.len()]`); scaled weights
+/// take `scale` (`[y.len()]`), bf16 ones an empty slice.
+pub fn dot_rows<W: Weight>(w: &[W], scale: &[f32], x: &[f32], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-        return unsafe { dot_rows_avx2(w, x, y) };
+        return unsafe { dot_rows_avx2(w, scale, x, y) };
     }
-    dot_rows_generic(w, x, y)
+    dot_rows_generic(w, scale, x, y)
 }
 
 /// `y[j] = Σ_k x[k] · w[k, j0 + j]` over a `[x.len(), cols]` bf16 matrix (the "x @ W"
@@ -99,59 +157,68 @@ fn axpy_rows_multi_generic(w: &[u16], cols: usize, j0: usize, x: &[f32], t: usiz
 /// Each weight row is widened once for all tokens, and every (row, token) dot product is
 /// computed in exactly the order `dot_rows` uses for that token alone: a token's output
 /// never depends on which other tokens share the batch.
-pub fn dot_rows_multi(w: &[u16], x: &[f32], t: usize, yt: &mut [f32]) {
+pub fn dot_rows_multi<W: Weight>(w: &[W], scale: &[f32], x: &[f32], t: usize, yt: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-        return unsafe { dot_rows_multi_avx2(w, x, t, yt) };
+        return unsafe { dot_rows_multi_avx2(w, scale, x, t, yt) };
     }
-    dot_rows_multi_generic(w, x, t, yt)
+    dot_rows_multi_generic(w, scale, x, t, yt)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_rows_multi_avx2(w: &[u16], x: &[f32], t: usize, yt: &mut [f32]) {
-    dot_rows_multi_generic(w, x, t, yt)
+unsafe fn dot_rows_multi_avx2<W: Weight>(
+    w: &[W],
+    scale: &[f32],
+    x: &[f32],
+    t: usize,
+    yt: &mut [f32],
+) {
+    dot_rows_multi_generic(w, scale, x, t, yt)
 }
 
 /// Tokens sharing one widened weight chunk.
 const TOKENS: usize = 4;
 
 #[inline(always)]
-fn dot_rows_multi_generic(w: &[u16], x: &[f32], t: usize, yt: &mut [f32]) {
+fn dot_rows_multi_generic<W: Weight>(w: &[W], scale: &[f32], x: &[f32], t: usize, yt: &mut [f32]) {
     let k = x.len() / t.max(1);
     let rows = yt.len() / t.max(1);
     assert!(
         w.len() >= rows * k && x.len() == t * k,
         "shapes do not match"
     );
-    for (row, out) in w.chunks_exact(k).zip(yt.chunks_exact_mut(t)) {
+    assert!(!W::SCALED || scale.len() >= rows, "one scale per row");
+    for (r, (row, out)) in w.chunks_exact(k).zip(yt.chunks_exact_mut(t)).enumerate() {
+        let s = row_scale::<W>(scale, r);
         let mut i0 = 0;
         while i0 + TOKENS <= t {
-            dot_tokens::<TOKENS>(
+            dot_tokens::<W, TOKENS>(
                 row,
+                s,
                 &x[i0 * k..(i0 + TOKENS) * k],
                 &mut out[i0..i0 + TOKENS],
             );
             i0 += TOKENS;
         }
         while i0 < t {
-            dot_tokens::<1>(row, &x[i0 * k..(i0 + 1) * k], &mut out[i0..i0 + 1]);
+            dot_tokens::<W, 1>(row, s, &x[i0 * k..(i0 + 1) * k], &mut out[i0..i0 + 1]);
             i0 += 1;
         }
     }
 }
 
-/// Dot products of one weight row with `N` tokens (`x` is `[N, k]`).
+/// Dot products of one weight row (scale `s`) with `N` tokens (`x` is `[N, k]`).
 #[inline(always)]
-fn dot_tokens<const N: usize>(row: &[u16], x: &[f32], out: &mut [f32]) {
+fn dot_tokens<W: Weight, const N: usize>(row: &[W], s: f32, x: &[f32], out: &mut [f32]) {
     let k = row.len();
     let chunks = k / LANES;
     let mut acc = [[0.0f32; LANES]; N];
     for c in 0..chunks {
         let mut wv = [0.0f32; LANES];
         for (v, &b) in wv.iter_mut().zip(&row[c * LANES..(c + 1) * LANES]) {
-            *v = widen(b);
+            *v = weight(b, s);
         }
         for (j, a) in acc.iter_mut().enumerate() {
             let xv = &x[j * k + c * LANES..j * k + (c + 1) * LANES];
@@ -163,7 +230,7 @@ fn dot_tokens<const N: usize>(row: &[u16], x: &[f32], out: &mut [f32]) {
     for (j, a) in acc.iter().enumerate() {
         let mut sum: f32 = a.iter().sum();
         for i in chunks * LANES..k {
-            sum = widen(row[i]).mul_add(x[j * k + i], sum);
+            sum = weight(row[i], s).mul_add(x[j * k + i], sum);
         }
         out[j] = sum;
     }
@@ -171,8 +238,8 @@ fn dot_tokens<const N: usize>(row: &[u16], x: &[f32], out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_rows_avx2(w: &[u16], x: &[f32], y: &mut [f32]) {
-    dot_rows_generic(w, x, y)
+unsafe fn dot_rows_avx2<W: Weight>(w: &[W], scale: &[f32], x: &[f32], y: &mut [f32]) {
+    dot_rows_generic(w, scale, x, y)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -186,12 +253,15 @@ unsafe fn axpy_rows_avx2(w: &[u16], cols: usize, j0: usize, x: &[f32], y: &mut [
 const ROWS: usize = 2;
 
 #[inline(always)]
-fn dot_rows_generic(w: &[u16], x: &[f32], y: &mut [f32]) {
+fn dot_rows_generic<W: Weight>(w: &[W], scale: &[f32], x: &[f32], y: &mut [f32]) {
     let k = x.len();
     assert_eq!(w.len(), y.len() * k, "weight rows do not match");
+    assert!(!W::SCALED || scale.len() >= y.len(), "one scale per row");
     let mut y_groups = y.chunks_exact_mut(ROWS);
     let mut w_groups = w.chunks_exact(ROWS * k);
+    let mut r0 = 0;
     for (out, rows) in (&mut y_groups).zip(&mut w_groups) {
+        let s: [f32; ROWS] = std::array::from_fn(|r| row_scale::<W>(scale, r0 + r));
         let mut acc = [[0.0f32; LANES]; ROWS];
         let mut c = 0;
         while c + LANES <= k {
@@ -202,7 +272,7 @@ fn dot_rows_generic(w: &[u16], x: &[f32], y: &mut [f32]) {
             for (r, a) in acc.iter_mut().enumerate() {
                 let wv = &rows[r * k + c..r * k + c + LANES];
                 for i in 0..LANES {
-                    a[i] = widen(wv[i]).mul_add(xv[i], a[i]);
+                    a[i] = weight(wv[i], s[r]).mul_add(xv[i], a[i]);
                 }
             }
             c += LANES;
@@ -210,29 +280,32 @@ fn dot_rows_generic(w: &[u16], x: &[f32], y: &mut [f32]) {
         for (r, a) in acc.iter().enumerate() {
             let mut sum: f32 = a.iter().sum();
             for i in c..k {
-                sum = widen(rows[r * k + i]).mul_add(x[i], sum);
+                sum = weight(rows[r * k + i], s[r]).mul_add(x[i], sum);
             }
             out[r] = sum;
         }
+        r0 += ROWS;
     }
     for (out, row) in y_groups
         .into_remainder()
         .iter_mut()
         .zip(w_groups.remainder().chunks_exact(k))
     {
+        let s = row_scale::<W>(scale, r0);
         let mut acc = [0.0f32; LANES];
         let mut wc = row.chunks_exact(LANES);
         let mut xc = x.chunks_exact(LANES);
         for (wv, xv) in (&mut wc).zip(&mut xc) {
             for i in 0..LANES {
-                acc[i] = widen(wv[i]).mul_add(xv[i], acc[i]);
+                acc[i] = weight(wv[i], s).mul_add(xv[i], acc[i]);
             }
         }
         let mut sum: f32 = acc.iter().sum();
         for (wv, xv) in wc.remainder().iter().zip(xc.remainder()) {
-            sum = widen(*wv).mul_add(*xv, sum);
+            sum = weight(*wv, s).mul_add(*xv, sum);
         }
         *out = sum;
+        r0 += 1;
     }
 }
 
@@ -264,9 +337,9 @@ mod tests {
             .collect();
         let x: Vec<f32> = (0..k).map(|i| (i % 7) as f32 * 0.25).collect();
         let mut y = vec![0.0; rows];
-        dot_rows(&w, &x, &mut y);
+        dot_rows(&w, &[], &x, &mut y);
         let mut yg = vec![0.0; rows];
-        dot_rows_generic(&w, &x, &mut yg);
+        dot_rows_generic(&w, &[], &x, &mut yg);
         for r in 0..rows {
             let expected: f32 = (0..k).map(|i| widen(w[r * k + i]) * x[i]).sum();
             assert!((y[r] - expected).abs() < 1e-4 && (yg[r] - expected).abs() < 1e-4);
@@ -274,10 +347,10 @@ mod tests {
         // The multi-token dot kernel gives each token's single-token result, bit for bit.
         let xs3: Vec<f32> = (0..7 * k).map(|i| (i % 13) as f32 * 0.37 - 2.0).collect();
         let mut yt = vec![0.0; rows * 7];
-        dot_rows_multi(&w, &xs3, 7, &mut yt);
+        dot_rows_multi(&w, &[], &xs3, 7, &mut yt);
         for i in 0..7 {
             let mut alone = vec![0.0; rows];
-            dot_rows(&w, &xs3[i * k..(i + 1) * k], &mut alone);
+            dot_rows(&w, &[], &xs3[i * k..(i + 1) * k], &mut alone);
             for r in 0..rows {
                 assert_eq!(yt[r * 7 + i], alone[r], "row {r}, token {i}");
             }
@@ -298,6 +371,44 @@ mod tests {
         for (j, v) in ya.iter().enumerate() {
             let expected: f32 = (0..rows).map(|r| xs[r] * widen(w[r * k + 2 + j])).sum();
             assert!((v - expected).abs() < 1e-4, "{v} vs {expected}");
+        }
+    }
+
+    #[test]
+    fn e4m3_widening_matches_the_table_and_scaled_rows() {
+        for c in 0..=255u8 {
+            let (got, want) = (Weight::widen(c), crate::fp8::decode(c));
+            if want.is_nan() {
+                assert!(got.is_nan(), "code {c:#x}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "code {c:#x}");
+            }
+        }
+        // Scaled FP8 rows: the same as the rows dequantized first, one token or several.
+        let (rows, k) = (5, 41);
+        let w: Vec<u8> = (0..rows * k).map(|i| (i * 29 % 251) as u8 & 0x7E).collect();
+        let scale: Vec<f32> = (0..rows).map(|r| 0.5 + r as f32 * 0.25).collect();
+        let x: Vec<f32> = (0..3 * k).map(|i| (i % 9) as f32 * 0.1 - 0.4).collect();
+        let mut y = vec![0.0; rows];
+        dot_rows(&w, &scale, &x[..k], &mut y);
+        for r in 0..rows {
+            let want: f32 = (0..k)
+                .map(|i| crate::fp8::decode(w[r * k + i]) * scale[r] * x[i])
+                .sum();
+            assert!(
+                (y[r] - want).abs() <= 1e-4 * want.abs().max(1.0),
+                "{} {want}",
+                y[r]
+            );
+        }
+        let mut yt = vec![0.0; rows * 3];
+        dot_rows_multi(&w, &scale, &x, 3, &mut yt);
+        for i in 0..3 {
+            let mut alone = vec![0.0; rows];
+            dot_rows(&w, &scale, &x[i * k..(i + 1) * k], &mut alone);
+            for r in 0..rows {
+                assert_eq!(yt[r * 3 + i], alone[r], "row {r}, token {i}");
+            }
         }
     }
 }

@@ -108,7 +108,9 @@ impl Linear {
         let f = self.fp8.as_ref().expect("an FP8 layer");
         let mut y = vec![0.0; t * self.out_dim];
         WEIGHT_BYTES_READ.fetch_add(self.size_bytes() as u64, Ordering::Relaxed);
-        crate::fp8::matmul(self.weight.bytes(), &f.scale, x, t, &mut y);
+        if t > 0 {
+            self.forward_fused(Rows::Fp8(self.weight.bytes(), &f.scale), x, t, &mut y);
+        }
         y
     }
 
@@ -153,11 +155,11 @@ impl Linear {
             } else {
                 x
             };
-            crate::fp8::matmul(self.weight.bytes(), &f.scale, x, t, y);
+            self.forward_fused(Rows::Fp8(self.weight.bytes(), &f.scale), x, t, y);
             return;
         }
         match self.bf16_bits() {
-            Some(w) => self.forward_bf16(w, x, t, y),
+            Some(w) => self.forward_fused(Rows::Bf16(w), x, t, y),
             // Other dtypes (rare for Llama 4) go one token at a time through `gemm`.
             None => {
                 for (xi, yi) in x
@@ -170,8 +172,8 @@ impl Linear {
         }
     }
 
-    /// bf16 weights through the fused kernels, output features split over the cores.
-    fn forward_bf16(&self, w: &[u16], x: &[f32], t: usize, y: &mut [f32]) {
+    /// bf16 or FP8 weights through the fused kernels, output features split over the cores.
+    fn forward_fused(&self, rows: Rows<'_>, x: &[f32], t: usize, y: &mut [f32]) {
         let (in_dim, out_dim) = (self.in_dim, self.out_dim);
         let parts = rayon::current_num_threads().min(out_dim);
         let per_part = out_dim.div_ceil(parts);
@@ -180,13 +182,12 @@ impl Linear {
                 .enumerate()
                 .for_each(|(p, y_part)| {
                     let j0 = p * per_part;
-                    match self.layout {
-                        Layout::OutIn => kernels::dot_rows(
-                            &w[j0 * in_dim..(j0 + y_part.len()) * in_dim],
-                            x,
-                            y_part,
-                        ),
-                        Layout::InOut => kernels::axpy_rows(w, out_dim, j0, x, y_part),
+                    match (self.layout, rows) {
+                        (Layout::OutIn, rows) => rows.dot(j0, in_dim, x, y_part),
+                        (Layout::InOut, Rows::Bf16(w)) => {
+                            kernels::axpy_rows(w, out_dim, j0, x, y_part)
+                        }
+                        (Layout::InOut, Rows::Fp8(..)) => unreachable!("FP8 weights are OutIn"),
                     }
                 });
             return;
@@ -200,11 +201,12 @@ impl Linear {
             .map(|j0| {
                 let n = per_part.min(out_dim - j0);
                 let mut part = vec![0.0f32; t * n];
-                match self.layout {
-                    Layout::OutIn => {
-                        kernels::dot_rows_multi(&w[j0 * in_dim..(j0 + n) * in_dim], x, t, &mut part)
+                match (self.layout, rows) {
+                    (Layout::OutIn, rows) => rows.dot_multi(j0, in_dim, x, t, &mut part),
+                    (Layout::InOut, Rows::Bf16(w)) => {
+                        kernels::axpy_rows_multi(w, out_dim, j0, x, t, &mut part)
                     }
-                    Layout::InOut => kernels::axpy_rows_multi(w, out_dim, j0, x, t, &mut part),
+                    (Layout::InOut, Rows::Fp8(..)) => unreachable!("FP8 weights are OutIn"),
                 }
                 (j0, part)
             })
@@ -293,6 +295,35 @@ impl Linear {
                 for (k, dst) in out.chunks_exact_mut(rows).enumerate() {
                     self.weight.read_f32(k * self.out_dim + j0, dst);
                 }
+            }
+        }
+    }
+}
+
+/// Weight rows the fused kernels read: bf16 bits, or e4m3 codes with per-row scales.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    Bf16(&'a [u16]),
+    Fp8(&'a [u8], &'a [f32]),
+}
+
+impl Rows<'_> {
+    /// Output features `j0..j0 + y.len()` of one token (`OutIn` rows of `k` weights).
+    fn dot(self, j0: usize, k: usize, x: &[f32], y: &mut [f32]) {
+        let n = y.len();
+        match self {
+            Rows::Bf16(w) => kernels::dot_rows(&w[j0 * k..(j0 + n) * k], &[], x, y),
+            Rows::Fp8(w, s) => kernels::dot_rows(&w[j0 * k..(j0 + n) * k], &s[j0..j0 + n], x, y),
+        }
+    }
+
+    /// Output features `j0..` of `t` tokens into `yt` (`[features, t]`).
+    fn dot_multi(self, j0: usize, k: usize, x: &[f32], t: usize, yt: &mut [f32]) {
+        let n = yt.len() / t;
+        match self {
+            Rows::Bf16(w) => kernels::dot_rows_multi(&w[j0 * k..(j0 + n) * k], &[], x, t, yt),
+            Rows::Fp8(w, s) => {
+                kernels::dot_rows_multi(&w[j0 * k..(j0 + n) * k], &s[j0..j0 + n], x, t, yt)
             }
         }
     }
