@@ -36,24 +36,25 @@ pub fn decode(c: u8) -> f32 {
 }
 
 /// f32 → e4m3fn, round to nearest even (subnormals included); saturates at ±448, as the
-/// reference clamps before it casts.
+/// reference clamps before it casts. Integer rounding on the bits (as for bf16), branch-free
+/// so that a row's loop vectorises.
+#[inline]
 pub fn encode(v: f32) -> u8 {
-    let sign = if v.is_sign_negative() { 0x80 } else { 0 };
+    let sign = ((v.to_bits() >> 24) & 0x80) as u8;
     let a = v.abs().min(E4M3_MAX);
-    if a.is_nan() {
-        return 0x7F;
+    // Normal range: keep 3 mantissa bits, rounding the 20 dropped ones to nearest even;
+    // a carry moves into the exponent. Rebias 127 → 7 (the f32 exponent of 2^-6 is 121).
+    let b = a.to_bits();
+    let rounded = (b + 0x7_FFFF + ((b >> 20) & 1)) >> 20;
+    let normal = rounded.wrapping_sub(120 << 3) as u8;
+    // Subnormal range (below 2^-6): steps of 2^-9; 8 is 2^-6, the smallest normal.
+    let subnormal = (a * 512.0).round_ties_even() as u8;
+    let code = if a < 2f32.powi(-6) { subnormal } else { normal };
+    if v.is_nan() {
+        0x7F
+    } else {
+        sign | code
     }
-    if a < 2f32.powi(-6) {
-        // Subnormal: steps of 2^-9 (code 8 is the smallest normal, which is the same value).
-        return sign | (a * 512.0).round_ties_even() as u8;
-    }
-    let mut e = ((a.to_bits() >> 23) & 0xFF) as i32 - 127;
-    let mut m = ((a / 2f32.powi(e) - 1.0) * 8.0).round_ties_even() as i32;
-    if m == 8 {
-        e += 1;
-        m = 0;
-    }
-    sign | (((e + 7) as u8) << 3) | m as u8
 }
 
 /// Quantizes one activation row with its own dynamic scale (`FP8.md` §3.2, per token):
@@ -191,6 +192,42 @@ mod tests {
         }
         assert_eq!(decode(0x7E), 448.0);
         assert_eq!(decode(0x01), 2f32.powi(-9));
+    }
+
+    /// The bit-rounding `encode` equals a plain nearest-even search over every code, for
+    /// every f32 up to 480 on a fine grid and around every midpoint between codes.
+    #[test]
+    fn encoding_is_the_nearest_code_ties_to_even() {
+        let finite: Vec<(u8, f32)> = (0..0x7Fu8).map(|c| (c, decode(c))).collect();
+        let nearest = |a: f32| -> u8 {
+            let a = a.min(E4M3_MAX);
+            let mut best = (0u8, f32::INFINITY);
+            for &(c, v) in &finite {
+                let d = (v - a).abs();
+                if d < best.1 || (d == best.1 && c % 2 == 0) {
+                    best = (c, d);
+                }
+            }
+            best.0
+        };
+        let mut values: Vec<f32> = (0..=480_000).map(|i| i as f32 / 1000.0).collect();
+        values.extend((0..=4096).map(|i| i as f32 * 2f32.powi(-16)));
+        for w in finite.windows(2) {
+            let mid = (w[0].1 + w[1].1) / 2.0;
+            for m in [
+                mid,
+                f32::from_bits(mid.to_bits() - 1),
+                f32::from_bits(mid.to_bits() + 1),
+            ] {
+                values.push(m);
+            }
+        }
+        for a in values {
+            assert_eq!(encode(a), nearest(a), "{a}");
+            assert_eq!(encode(-a), nearest(a) | 0x80, "-{a}");
+        }
+        assert_eq!(encode(f32::NAN), 0x7F);
+        assert_eq!(encode(f32::INFINITY), 0x7E);
     }
 
     #[test]

@@ -12,31 +12,43 @@ const PREFETCH_AHEAD: usize = 512;
 
 /// A weight element the dot kernels widen to f32 on the fly.
 pub trait Weight: Copy + Send + Sync {
-    /// Rows carry a scale (`w[r, k] = widen(code) · scale[r]`).
+    /// Rows carry a scale (`w[r, k] = f32(code) · scale[r]`).
     const SCALED: bool;
-    fn widen(self) -> f32;
+    /// The factor the kernels multiply a row's widened bits by, from the row's scale.
+    fn row_factor(scale: f32) -> f32;
+    /// The weight, from its bits and its row's factor.
+    fn widen(self, factor: f32) -> f32;
 }
 
 /// bf16 bits: widening is a shift.
 impl Weight for u16 {
     const SCALED: bool = false;
+    fn row_factor(_: f32) -> f32 {
+        1.0
+    }
     #[inline(always)]
-    fn widen(self) -> f32 {
+    fn widen(self, _: f32) -> f32 {
         widen(self)
     }
 }
 
-/// e4m3fn codes. The code's exponent and mantissa bits, put where f32 keeps them and
-/// scaled by 2^120 (the bias difference), give every value exactly, subnormals included;
-/// the sign is carried over; the NaN codes (0x7F, 0xFF) stay NaN. Branch-free, so that the
-/// loops vectorise.
+/// 2^120: the bias of f32 exponents (127) less that of e4m3 (7).
+const E4M3_REBIAS: f32 = f32::from_bits(0x7B80_0000);
+
+/// e4m3fn codes. The code's exponent and mantissa bits, put where f32 keeps them, read as
+/// f32 are the value scaled by 2^-120 (subnormals included) with the sign carried over; the
+/// row factor is the row's scale times 2^120, so one multiply gives `f32(code) · scale`
+/// exactly (at most 4 + 8 significant bits; `quant::linear` refuses scales that would
+/// overflow). The NaN codes (0x7F, 0xFF) stay NaN. Branch-free, so that the loops vectorise.
 impl Weight for u8 {
     const SCALED: bool = true;
+    fn row_factor(scale: f32) -> f32 {
+        scale * E4M3_REBIAS
+    }
     #[inline(always)]
-    fn widen(self) -> f32 {
+    fn widen(self, factor: f32) -> f32 {
         let c = u32::from(self);
-        let magnitude = f32::from_bits((c & 0x7F) << 20) * f32::from_bits(0x7B80_0000);
-        let v = f32::from_bits(magnitude.to_bits() | ((c & 0x80) << 24));
+        let v = f32::from_bits(((c & 0x7F) << 20) | ((c & 0x80) << 24)) * factor;
         if c & 0x7F == 0x7F {
             f32::NAN
         } else {
@@ -45,15 +57,10 @@ impl Weight for u8 {
     }
 }
 
-/// Row `r`'s weight `k` as f32: widened, times the row's scale for scaled weights (exact
-/// for e4m3 × bf16 scales: at most 4 + 8 significant bits).
+/// A weight as f32: widened with its row's factor (`Weight::row_factor`).
 #[inline(always)]
-fn weight<W: Weight>(b: W, scale: f32) -> f32 {
-    if W::SCALED {
-        b.widen() * scale
-    } else {
-        b.widen()
-    }
+fn weight<W: Weight>(b: W, factor: f32) -> f32 {
+    b.widen(factor)
 }
 
 /// Hints the cache to fetch `w[i]` soon. Out-of-range indices are skipped.
@@ -75,11 +82,11 @@ fn widen(bits: u16) -> f32 {
     f32::from_bits(u32::from(bits) << 16)
 }
 
-/// The scale of row `r` (1 for unscaled weights, which take no scales).
+/// Row `r`'s factor (`Weight::row_factor`; unscaled weights take no scales).
 #[inline(always)]
 fn row_scale<W: Weight>(scale: &[f32], r: usize) -> f32 {
     if W::SCALED {
-        scale[r]
+        W::row_factor(scale[r])
     } else {
         1.0
     }
@@ -377,7 +384,8 @@ mod tests {
     #[test]
     fn e4m3_widening_matches_the_table_and_scaled_rows() {
         for c in 0..=255u8 {
-            let (got, want) = (Weight::widen(c), crate::fp8::decode(c));
+            let got = c.widen(<u8 as Weight>::row_factor(1.0));
+            let want = crate::fp8::decode(c);
             if want.is_nan() {
                 assert!(got.is_nan(), "code {c:#x}");
             } else {

@@ -229,8 +229,20 @@ pub(crate) fn linear(
                     got: scale.shape,
                 });
             }
+            let scale = scale.to_f32_vec();
+            // The kernels rescale by 2^120 on the way (`kernels::Weight for u8`); scales that
+            // large or not finite are no checkpoint's.
+            if let Some(s) = scale
+                .iter()
+                .find(|s| s.is_nan() || s.abs() >= 2f32.powi(100))
+            {
+                return Err(ModelError::Quantized {
+                    name: scale_name,
+                    reason: format!("holds {s}: a weight scale must be finite and below 2^100"),
+                });
+            }
             let qdq = q.is_some_and(|q| q.dynamic_activations);
-            Linear::fp8(weight, scale.to_f32_vec(), qdq)
+            Linear::fp8(weight, scale, qdq)
         }
     };
     let declared = q.map(|q| q.is_quantized(module));

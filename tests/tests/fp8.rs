@@ -288,6 +288,23 @@ fn broken_fp8_checkpoints_are_refused_by_name() {
         .to_string();
     assert!(err.contains(&format!("{expert}.weight_scale")), "{err}");
 
+    for bad in [f32::INFINITY, f32::NAN, 1e35] {
+        let mut huge = weights.clone();
+        let mut values = vec![0.01; config.intermediate_size];
+        values[1] = bad;
+        huge.insert(
+            format!("{expert}.weight_scale"),
+            Tensor::bf16_from_f32(vec![config.intermediate_size, 1], &values),
+        );
+        let err = Model::from_source(config.clone(), &huge)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("{expert}.weight_scale")),
+            "{bad}: {err}"
+        );
+    }
+
     // An FP8 weight where the config says bf16, and FP8 outside the experts.
     let mut ignored = json.clone();
     ignored["quantization_config"]["ignore"]

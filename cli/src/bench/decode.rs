@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Args;
 use expertmesh_attention_worker::DispatchConfig;
-use expertmesh_model::moe::expert_swiglu;
+use expertmesh_model::moe::{ExpertGroup, Experts};
 use expertmesh_model::sampling::SplitMix64;
 use expertmesh_model::{LogitRows, Model, ModelSource, Sequence, TextConfig, WeightSource};
 
@@ -178,11 +178,7 @@ pub fn run(args: DecodeArgs) -> Result<()> {
         progress,
     )?;
 
-    // The fused-expert SwiGLU rate; FP8 checkpoints have no fused tensors (reported as 0).
-    let (swiglu_tokens, expert_swiglu_gflops) = match config.quantization {
-        Some(_) => (0, 0.0),
-        None => swiglu_gflops(&config, source.as_ref())?,
-    };
+    let (swiglu_tokens, expert_swiglu_gflops) = swiglu_gflops(&config, source.as_ref())?;
     drop(source);
     let cluster = match args.expert_workers {
         Some(n) => {
@@ -285,13 +281,15 @@ fn through_cluster(
     Ok(points)
 }
 
-/// GFLOP/s of one expert's SwiGLU (gate_up, activation, down) over 64 tokens.
+/// GFLOP/s of one expert's SwiGLU (gate and up, activation, down) over 64 tokens, bf16
+/// (fused tensors) or FP8 (per-expert projections) as the checkpoint holds it.
 fn swiglu_gflops(config: &TextConfig, src: &dyn WeightSource) -> Result<(usize, f64)> {
     const TOKENS: usize = 64;
-    let layer = config.moe_layers[0];
-    let p = format!("model.layers.{layer}.feed_forward.experts");
-    let gate_up = src.tensor(&format!("{p}.gate_up_proj"))?.outer(0);
-    let down = src.tensor(&format!("{p}.down_proj"))?.outer(0);
+    let experts = Experts::load(src, config, config.moe_layers[0])?;
+    let group = [ExpertGroup {
+        expert: 0,
+        rows: TOKENS as u32,
+    }];
     let (h, i) = (config.hidden_size, config.intermediate_size);
     let mut rng = SplitMix64::new(7);
     let u: Vec<f32> = (0..TOKENS * h)
@@ -300,7 +298,7 @@ fn swiglu_gflops(config: &TextConfig, src: &dyn WeightSource) -> Result<(usize, 
     let mut times: Vec<Duration> = (0..20)
         .map(|_| {
             let t0 = Instant::now();
-            std::hint::black_box(expert_swiglu(&gate_up, &down, &u, TOKENS));
+            std::hint::black_box(experts.run_groups(&group, &u, h));
             t0.elapsed()
         })
         .collect();
