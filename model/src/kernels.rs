@@ -10,6 +10,86 @@ const LANES: usize = 16;
 /// How far ahead of the current element each row's weights are prefetched.
 const PREFETCH_AHEAD: usize = 512;
 
+/// A public kernel that runs its portable body (`$body`) compiled for the best instruction
+/// set the CPU has, chosen at run time: AVX-512, AVX2 + FMA, or the baseline. Each lane does
+/// the same operations in the same order in every build (the loops are written per lane and
+/// sums are taken lane by lane in source order), so the bits never depend on which build
+/// runs: a cluster of machines with different instruction sets computes what one does.
+macro_rules! kernel {
+    (
+        $(#[$doc:meta])*
+        pub fn $name:ident / $on:ident $(<$g:ident: $bound:path>)? ($($arg:ident: $ty:ty),* $(,)?) => $body:ident
+    ) => {
+        $(#[$doc])*
+        pub fn $name $(<$g: $bound>)? ($($arg: $ty),*) {
+            $on(isa(), $($arg),*)
+        }
+
+        /// The same kernel built for `isa` (at most what the CPU has; see `isa()`).
+        pub fn $on $(<$g: $bound>)? (isa: Isa, $($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx2,fma")]
+                unsafe fn avx512 $(<$g: $bound>)? ($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2 $(<$g: $bound>)? ($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                let isa = isa.min(self::isa());
+                if isa == Isa::Avx512 {
+                    // SAFETY: the CPU supports AVX-512 (F, VL, BW), AVX2 and FMA (`isa()`).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if isa == Isa::Avx2 {
+                    // SAFETY: the CPU supports AVX2 and FMA (`isa()`).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            let _ = isa;
+            $body($($arg),*)
+        }
+    };
+}
+
+/// The instruction set the kernels run with on this CPU, from least to most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    Baseline,
+    Avx2,
+    Avx512,
+}
+
+/// What this CPU offers the kernels (detected once). `EXPERTMESH_ISA=avx2|baseline` asks
+/// for less (to compare builds; never more than the CPU has).
+pub fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        let best = if std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+        {
+            Isa::Avx512
+        } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            Isa::Avx2
+        } else {
+            Isa::Baseline
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let best = Isa::Baseline;
+        let asked = match std::env::var("EXPERTMESH_ISA").as_deref() {
+            Ok("avx2") => Isa::Avx2,
+            Ok("baseline") => Isa::Baseline,
+            _ => Isa::Avx512,
+        };
+        asked.min(best)
+    })
+}
+
 /// A weight element the dot kernels widen to f32 on the fly.
 pub trait Weight: Copy + Send + Sync {
     /// Rows carry a scale (`w[r, k] = f32(code) · scale[r]`).
@@ -92,51 +172,30 @@ fn row_scale<W: Weight>(scale: &[f32], r: usize) -> f32 {
     }
 }
 
-/// `y[r] = Σ_k w[r, k] · x[k]` for the rows of `w` (`[y.len(), x.len()]`); scaled weights
-/// take `scale` (`[y.len()]`), bf16 ones an empty slice.
-pub fn dot_rows<W: Weight>(w: &[W], scale: &[f32], x: &[f32], y: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-        return unsafe { dot_rows_avx2(w, scale, x, y) };
-    }
-    dot_rows_generic(w, scale, x, y)
+kernel! {
+    /// `y[r] = Σ_k w[r, k] · x[k]` for the rows of `w` (`[y.len(), x.len()]`); scaled weights
+    /// take `scale` (`[y.len()]`), bf16 ones an empty slice.
+    pub fn dot_rows / dot_rows_on<W: Weight>(w: &[W], scale: &[f32], x: &[f32], y: &mut [f32]) => dot_rows_generic
 }
 
-/// `y[j] = Σ_k x[k] · w[k, j0 + j]` over a `[x.len(), cols]` bf16 matrix (the "x @ W"
-/// orientation), for the column range `j0..j0 + y.len()`.
-pub fn axpy_rows(w: &[u16], cols: usize, j0: usize, x: &[f32], y: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-        return unsafe { axpy_rows_avx2(w, cols, j0, x, y) };
-    }
-    axpy_rows_generic(w, cols, j0, x, y)
+kernel! {
+    /// `y[j] = Σ_k x[k] · w[k, j0 + j]` over a `[x.len(), cols]` bf16 matrix (the "x @ W"
+    /// orientation), for the column range `j0..j0 + y.len()`.
+    pub fn axpy_rows / axpy_rows_on(w: &[u16], cols: usize, j0: usize, x: &[f32], y: &mut [f32]) => axpy_rows_generic
 }
 
-/// `axpy_rows` for `t` tokens at once: `x` is `[t, k]`, `y` is `[t, y_cols]`. Each token's
-/// result is computed in exactly the order `axpy_rows` uses for it alone, so a token's
-/// output never depends on which other tokens share the call.
-pub fn axpy_rows_multi(w: &[u16], cols: usize, j0: usize, x: &[f32], t: usize, y: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-        return unsafe { axpy_rows_multi_avx2(w, cols, j0, x, t, y) };
-    }
-    axpy_rows_multi_generic(w, cols, j0, x, t, y)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn axpy_rows_multi_avx2(
-    w: &[u16],
-    cols: usize,
-    j0: usize,
-    x: &[f32],
-    t: usize,
-    y: &mut [f32],
-) {
-    axpy_rows_multi_generic(w, cols, j0, x, t, y)
+kernel! {
+    /// `axpy_rows` for `t` tokens at once: `x` is `[t, k]`, `y` is `[t, y_cols]`. Each token's
+    /// result is computed in exactly the order `axpy_rows` uses for it alone, so a token's
+    /// output never depends on which other tokens share the call.
+    pub fn axpy_rows_multi / axpy_rows_multi_on(
+        w: &[u16],
+        cols: usize,
+        j0: usize,
+        x: &[f32],
+        t: usize,
+        y: &mut [f32],
+    ) => axpy_rows_multi_generic
 }
 
 #[inline(always)]
@@ -160,29 +219,18 @@ fn axpy_rows_multi_generic(w: &[u16], cols: usize, j0: usize, x: &[f32], t: usiz
     }
 }
 
-/// `dot_rows` for `t` tokens at once: `x` is `[t, k]` and `yt` is `[rows, t]` (token-minor).
-/// Each weight row is widened once for all tokens, and every (row, token) dot product is
-/// computed in exactly the order `dot_rows` uses for that token alone: a token's output
-/// never depends on which other tokens share the batch.
-pub fn dot_rows_multi<W: Weight>(w: &[W], scale: &[f32], x: &[f32], t: usize, yt: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-        return unsafe { dot_rows_multi_avx2(w, scale, x, t, yt) };
-    }
-    dot_rows_multi_generic(w, scale, x, t, yt)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_rows_multi_avx2<W: Weight>(
-    w: &[W],
-    scale: &[f32],
-    x: &[f32],
-    t: usize,
-    yt: &mut [f32],
-) {
-    dot_rows_multi_generic(w, scale, x, t, yt)
+kernel! {
+    /// `dot_rows` for `t` tokens at once: `x` is `[t, k]` and `yt` is `[rows, t]`
+    /// (token-minor). Each weight row is widened once for all tokens, and every (row, token)
+    /// dot product is computed in exactly the order `dot_rows` uses for that token alone: a
+    /// token's output never depends on which other tokens share the batch.
+    pub fn dot_rows_multi / dot_rows_multi_on<W: Weight>(
+        w: &[W],
+        scale: &[f32],
+        x: &[f32],
+        t: usize,
+        yt: &mut [f32],
+    ) => dot_rows_multi_generic
 }
 
 /// Tokens sharing one widened weight chunk.
@@ -241,18 +289,6 @@ fn dot_tokens<W: Weight, const N: usize>(row: &[W], s: f32, x: &[f32], out: &mut
         }
         out[j] = sum;
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_rows_avx2<W: Weight>(w: &[W], scale: &[f32], x: &[f32], y: &mut [f32]) {
-    dot_rows_generic(w, scale, x, y)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn axpy_rows_avx2(w: &[u16], cols: usize, j0: usize, x: &[f32], y: &mut [f32]) {
-    axpy_rows_generic(w, cols, j0, x, y)
 }
 
 /// Rows handled together: four independent weight streams per core keep more memory
@@ -416,6 +452,89 @@ mod tests {
             dot_rows(&w, &scale, &x[i * k..(i + 1) * k], &mut alone);
             for r in 0..rows {
                 assert_eq!(yt[r * 3 + i], alone[r], "row {r}, token {i}");
+            }
+        }
+    }
+
+    /// For random shapes and batch compositions, every build of every kernel this CPU can
+    /// run (baseline, AVX2, AVX-512) gives each token the bits of the baseline batch-1 dot
+    /// kernel: bf16 and FP8 rows, one token or several, and the "x @ W" kernels likewise
+    /// against their own batch-1 form.
+    #[test]
+    fn every_build_and_batch_gives_the_batch_1_bits() {
+        let mut rng = crate::sampling::SplitMix64::new(42);
+        let mut next = |n: usize| (rng.next_u64() % n as u64) as usize;
+        let isas: Vec<Isa> = [Isa::Baseline, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|&i| i <= isa())
+            .collect();
+        for _ in 0..40 {
+            let (rows, k, t) = (1 + next(9), 1 + next(150), 1 + next(9));
+            let bf16: Vec<u16> = (0..rows * k)
+                .map(|_| half::bf16::from_f32(next(2001) as f32 / 1000.0 - 1.0).to_bits())
+                .collect();
+            let fp8: Vec<u8> = (0..rows * k).map(|_| next(256) as u8 & 0xFE | 1).collect();
+            let scale: Vec<f32> = (0..rows).map(|_| 0.01 + next(100) as f32 * 1e-3).collect();
+            let x: Vec<f32> = (0..t * k)
+                .map(|_| next(4001) as f32 / 1000.0 - 2.0)
+                .collect();
+            let alone = |isa: Isa, i: usize, fp: bool| {
+                let mut y = vec![0.0; rows];
+                let xi = &x[i * k..(i + 1) * k];
+                if fp {
+                    dot_rows_on(isa, &fp8, &scale, xi, &mut y);
+                } else {
+                    dot_rows_on(isa, &bf16, &[], xi, &mut y);
+                }
+                y
+            };
+            for fp in [false, true] {
+                let want: Vec<Vec<f32>> = (0..t).map(|i| alone(Isa::Baseline, i, fp)).collect();
+                for &isa in &isas {
+                    let mut yt = vec![0.0; rows * t];
+                    if fp {
+                        dot_rows_multi_on(isa, &fp8, &scale, &x, t, &mut yt);
+                    } else {
+                        dot_rows_multi_on(isa, &bf16, &[], &x, t, &mut yt);
+                    }
+                    for (i, w) in want.iter().enumerate() {
+                        let got: Vec<u32> = (0..rows).map(|r| yt[r * t + i].to_bits()).collect();
+                        let w: Vec<u32> = w.iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(got, w, "{isa:?} fp8={fp} rows {rows} k {k} token {i}/{t}");
+                        let single: Vec<u32> =
+                            alone(isa, i, fp).iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(single, w, "{isa:?} fp8={fp} batch-1");
+                    }
+                }
+            }
+            // "x @ W": the matrix read as [rows, k] with x of `rows` values per token.
+            let cols = k;
+            let j0 = next(cols);
+            let n = 1 + next(cols - j0);
+            let xa: Vec<f32> = (0..t * rows)
+                .map(|_| next(2001) as f32 / 500.0 - 2.0)
+                .collect();
+            let base: Vec<Vec<u32>> = (0..t)
+                .map(|i| {
+                    let mut y = vec![0.0; n];
+                    axpy_rows_on(
+                        Isa::Baseline,
+                        &bf16,
+                        cols,
+                        j0,
+                        &xa[i * rows..(i + 1) * rows],
+                        &mut y,
+                    );
+                    y.iter().map(|v| v.to_bits()).collect()
+                })
+                .collect();
+            for &isa in &isas {
+                let mut y = vec![0.0; t * n];
+                axpy_rows_multi_on(isa, &bf16, cols, j0, &xa, t, &mut y);
+                for (i, b) in base.iter().enumerate() {
+                    let got: Vec<u32> = y[i * n..(i + 1) * n].iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(&got, b, "{isa:?} x @ W token {i}");
+                }
             }
         }
     }
