@@ -81,7 +81,8 @@ pub struct GenerateArgs {
     /// Send the request to a running attention worker (`up` prints its address).
     #[arg(long)]
     attention_worker: Option<String>,
-    /// Activation dtype on the wire with --expert-workers: f32 (exact) or bf16.
+    /// Activation dtype on the wire with --expert-workers: f32 (exact), bf16 or fp8 (exact
+    /// for FP8 experts).
     #[arg(long, default_value = "f32")]
     wire_dtype: WireDType,
 }

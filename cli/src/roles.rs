@@ -135,7 +135,7 @@ pub struct ExpertWorkerArgs {
 pub struct AttentionWorkerArgs {
     #[command(flatten)]
     worker: WorkerArgs,
-    /// Activation dtype on the wire: f32 (exact) or bf16.
+    /// Activation dtype on the wire: f32 (exact), bf16 (rounded) or fp8 (exact for FP8 experts).
     #[arg(long)]
     wire_dtype: Option<WireDType>,
     /// Time budget of one routed batch, in ms.

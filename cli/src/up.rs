@@ -54,6 +54,10 @@ pub struct UpArgs {
     /// local (every expert in each attention worker; `--expert-workers 0` then runs none).
     #[arg(long, default_value = "grpc")]
     dispatch: expertmesh_dispatch::Transport,
+    /// Routed rows on the wire: f32 (exact), bf16 (half the bytes, rounded) or fp8 (FP8
+    /// experts' rows as e4m3 with a scale per row, exact; f32 for other experts).
+    #[arg(long, default_value = "f32")]
+    wire_dtype: expertmesh_dispatch::WireDType,
 }
 
 pub fn run(args: UpArgs) -> Result<()> {
@@ -75,7 +79,12 @@ pub fn run(args: UpArgs) -> Result<()> {
         data_dir: args.data_dir.clone(),
         expert_capacities: vec![None; args.expert_workers],
         attention_workers: args.attention_workers,
-        attention_args: vec!["--dispatch".into(), args.dispatch.to_string()],
+        attention_args: vec![
+            "--dispatch".into(),
+            args.dispatch.to_string(),
+            "--wire-dtype".into(),
+            args.wire_dtype.to_string(),
+        ],
         http: Some(args.http.clone()),
         api_key: args.api_key.clone(),
         coordinator_args: [

@@ -407,26 +407,13 @@ fn a_killed_expert_worker_without_copies_is_replaced_and_nothing_fails() {
     assert_eq!(text, reference.stdout);
 }
 
-/// `up --expert-workers 0 --dispatch local`: a single-node deployment with no expert worker
-/// serves the OpenAI API (the gateway routes to attention workers that hold every expert
-/// themselves) and gives the single process's greedy text.
-#[test]
-fn up_with_local_dispatch_serves_the_api() {
+/// `up` with `flags` serves the OpenAI API and gives the single process's greedy text.
+fn up_serves_the_single_process_text(model: &str, flags: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let model = fixture("tiny-maverick");
-    let (_up, cluster) = common::start_up(
-        &[
-            "--expert-workers",
-            "0",
-            "--dispatch",
-            "local",
-            "--http",
-            "127.0.0.1:0",
-            "--model",
-            &model,
-        ],
-        &dir.path().join("up.json"),
-    );
+    let model = fixture(model);
+    let mut args = vec!["--http", "127.0.0.1:0", "--model", &model];
+    args.extend_from_slice(flags);
+    let (_up, cluster) = common::start_up(&args, &dir.path().join("up.json"));
     let http = cluster["http"][0].as_str().unwrap().to_owned();
     let ids = [697u32, 318, 676, 661, 546];
     let reply = common::post(
@@ -446,5 +433,29 @@ fn up_with_local_dispatch_serves_the_api() {
         "6",
         "--json",
     ]));
-    assert_eq!(reply["choices"][0]["text"], single["text"], "{reply}");
+    assert_eq!(
+        reply["choices"][0]["text"], single["text"],
+        "{flags:?}: {reply}"
+    );
+}
+
+/// `up --expert-workers 0 --dispatch local`: a single-node deployment with no expert worker
+/// serves the OpenAI API (the gateway routes to attention workers that hold every expert
+/// themselves) and gives the single process's greedy text.
+#[test]
+fn up_with_local_dispatch_serves_the_api() {
+    up_serves_the_single_process_text(
+        "tiny-maverick",
+        &["--expert-workers", "0", "--dispatch", "local"],
+    );
+}
+
+/// `up --wire-dtype fp8` on an FP8 checkpoint: expert workers get the rows in fp8 and the API
+/// gives the single process's text.
+#[test]
+fn up_with_an_fp8_wire_serves_the_api() {
+    up_serves_the_single_process_text(
+        "tiny-maverick-fp8",
+        &["--expert-workers", "2", "--wire-dtype", "fp8"],
+    );
 }

@@ -106,6 +106,16 @@ impl std::str::FromStr for WireDType {
     }
 }
 
+impl std::fmt::Display for WireDType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::Fp8 => "fp8",
+        })
+    }
+}
+
 /// One routed batch: the domain form of `DispatchRequest`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DispatchBatch {
