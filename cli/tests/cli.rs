@@ -208,7 +208,7 @@ fn bench_decode_reports_json() {
         "--model",
         model.to_str().unwrap(),
         "--prompt-tokens",
-        "8",
+        "8,40",
         "--steps",
         "2",
         "--batch",
@@ -218,6 +218,13 @@ fn bench_decode_reports_json() {
     let v = json_out(&out);
     assert!(v["memcpy_gbps"].as_f64().unwrap() > 0.0);
     assert!(v["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+    // One prefill point per length, each with the KV cache's bytes per token.
+    let prefill = v["prefill"].as_array().unwrap();
+    assert_eq!(prefill.len(), 2);
+    assert_eq!(prefill[1]["prompt_tokens"], 40);
+    assert!(prefill
+        .iter()
+        .all(|p| p["kv_bytes_per_token"].as_f64().unwrap() > 0.0));
     let decode = v["decode"].as_array().unwrap();
     assert_eq!(decode.len(), 2);
     assert_eq!(decode[1]["batch"], 3);

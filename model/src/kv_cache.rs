@@ -283,6 +283,16 @@ impl KvCache {
         self.layers.iter().map(LayerCache::blocks).sum()
     }
 
+    /// Bytes of keys and values held, over all layers (f32, whole blocks): RoPE layers keep
+    /// their current chunk only, NoPE layers the whole context.
+    pub fn bytes(&self) -> usize {
+        let bt = self.pool.block_tokens();
+        self.layers
+            .iter()
+            .map(|l| l.blocks() * bt * l.row * 2 * std::mem::size_of::<f32>())
+            .sum()
+    }
+
     /// New blocks that appending `new_tokens` positions takes from the pool at its peak
     /// (RoPE layers give blocks of finished chunks back only after the step).
     pub fn blocks_needed(&self, new_tokens: usize) -> usize {

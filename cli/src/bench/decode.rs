@@ -25,9 +25,11 @@ pub struct DecodeArgs {
     /// Measure this checkpoint instead of the built-in Maverick-shaped random model.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Prompt length before decoding starts.
-    #[arg(long, default_value_t = 128)]
-    prompt_tokens: usize,
+    /// Prompt length before decoding starts; more lengths (comma-separated, e.g.
+    /// 128,8192,32768) add a prefill measurement at each, with the KV cache's bytes per token
+    /// (decode is measured after the first).
+    #[arg(long, value_delimiter = ',', default_value = "128")]
+    prompt_tokens: Vec<usize>,
     /// Decode steps measured per batch size (after 2 warm-up steps).
     #[arg(long, default_value_t = 16)]
     steps: usize,
@@ -75,11 +77,22 @@ struct DecodeReport {
     read_gbps: f64,
     prompt_tokens: usize,
     prefill_tokens_per_s: f64,
+    /// Prefill at each `--prompt-tokens` length.
+    prefill: Vec<PrefillPoint>,
     decode: Vec<DecodePoint>,
     expert_swiglu_tokens: usize,
     expert_swiglu_gflops: f64,
     expert_workers: Option<usize>,
     cluster: Vec<ClusterPoint>,
+}
+
+#[derive(Serialize)]
+struct PrefillPoint {
+    prompt_tokens: usize,
+    tokens_per_s: f64,
+    /// The KV cache after the prompt ÷ its tokens (RoPE layers keep one chunk, NoPE layers
+    /// everything, so this falls with length towards the NoPE layers' share).
+    kv_bytes_per_token: f64,
 }
 
 #[derive(Serialize)]
@@ -97,6 +110,9 @@ struct DecodePoint {
 }
 
 pub fn run(args: DecodeArgs) -> Result<()> {
+    if args.prompt_tokens.is_empty() || args.prompt_tokens.contains(&0) {
+        anyhow::bail!("--prompt-tokens takes lengths of at least one token");
+    }
     if let Some(n) = args.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -170,7 +186,7 @@ pub fn run(args: DecodeArgs) -> Result<()> {
             .collect()
     };
 
-    let (prefill_tokens_per_s, decode) = single_process(
+    let (prefill, decode) = single_process(
         &model,
         &args,
         &mut prompt,
@@ -196,8 +212,9 @@ pub fn run(args: DecodeArgs) -> Result<()> {
         weight_bytes_total,
         memcpy_gbps,
         read_gbps,
-        prompt_tokens: args.prompt_tokens,
-        prefill_tokens_per_s,
+        prompt_tokens: prefill[0].prompt_tokens,
+        prefill_tokens_per_s: prefill[0].tokens_per_s,
+        prefill,
         decode,
         expert_swiglu_tokens: swiglu_tokens,
         expert_swiglu_gflops,
@@ -212,7 +229,8 @@ pub fn run(args: DecodeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Prefill (median of 3) and decode at each batch size of the single process, each step's
+/// Prefill at each prompt length (median of 3 for the first, one run for longer ones) and
+/// decode at each batch size of the single process after the first length, each step's
 /// median against the bandwidth floors `(memcpy, read)` in GB/s.
 fn single_process(
     model: &Model,
@@ -220,22 +238,32 @@ fn single_process(
     prompt: &mut impl FnMut(usize) -> Vec<u32>,
     (memcpy_gbps, read_gbps): (f64, f64),
     progress: impl Fn(&str),
-) -> Result<(f64, Vec<DecodePoint>)> {
-    progress(&format!("prefill: {} tokens, batch 1", args.prompt_tokens));
-    let mut prefill_times = Vec::new();
-    for _ in 0..3 {
-        let p = prompt(args.prompt_tokens);
-        let mut cache = model.new_cache();
-        let t0 = Instant::now();
-        model.forward(&mut [Sequence::new(&mut cache, &p)], LogitRows::Last)?;
-        prefill_times.push(t0.elapsed());
+) -> Result<(Vec<PrefillPoint>, Vec<DecodePoint>)> {
+    let mut prefill = Vec::new();
+    for (i, &n) in args.prompt_tokens.iter().enumerate() {
+        progress(&format!("prefill: {n} tokens, batch 1"));
+        let mut times = Vec::new();
+        let mut kv_bytes = 0;
+        for _ in 0..if i == 0 { 3 } else { 1 } {
+            let p = prompt(n);
+            let mut cache = model.new_cache();
+            let t0 = Instant::now();
+            model.forward(&mut [Sequence::new(&mut cache, &p)], LogitRows::Last)?;
+            times.push(t0.elapsed());
+            kv_bytes = cache.bytes();
+        }
+        prefill.push(PrefillPoint {
+            prompt_tokens: n,
+            tokens_per_s: n as f64 / median(&mut times).as_secs_f64(),
+            kv_bytes_per_token: kv_bytes as f64 / n.max(1) as f64,
+        });
     }
-    let prefill_tokens_per_s = args.prompt_tokens as f64 / median(&mut prefill_times).as_secs_f64();
+    let prompt_tokens = args.prompt_tokens[0];
 
     let mut decode = Vec::new();
     for &batch in &args.batch {
         progress(&format!("decode: batch {batch}, {} steps", args.steps));
-        let prompts: Vec<Vec<u32>> = (0..batch).map(|_| prompt(args.prompt_tokens)).collect();
+        let prompts: Vec<Vec<u32>> = (0..batch).map(|_| prompt(prompt_tokens)).collect();
         let (mut times, bytes) = decode_steps(model, &model.local_experts(), &prompts, args.steps)?;
         let step = median(&mut times).as_secs_f64();
         let floor = bytes as f64 / (memcpy_gbps * 1e9);
@@ -250,7 +278,7 @@ fn single_process(
             ratio_to_read_floor: step / read_floor,
         });
     }
-    Ok((prefill_tokens_per_s, decode))
+    Ok((prefill, decode))
 }
 
 /// The same decode measurement with the experts on `n` expert-worker processes.
@@ -267,7 +295,7 @@ fn through_cluster(
         runtime.block_on(cluster.attach(model_arg, DispatchConfig::default()))?;
     let mut points = Vec::new();
     for (&batch, single) in args.batch.iter().zip(single) {
-        let prompts: Vec<Vec<u32>> = (0..batch).map(|_| prompt(args.prompt_tokens)).collect();
+        let prompts: Vec<Vec<u32>> = (0..batch).map(|_| prompt(args.prompt_tokens[0])).collect();
         let (mut times, _) = decode_steps(&model, &experts, &prompts, args.steps)?;
         let step = median(&mut times).as_secs_f64();
         let tokens_per_s = batch as f64 / step;
@@ -317,10 +345,14 @@ fn print_table(r: &DecodeReport) {
         "memory bandwidth: memcpy {:.1} GB/s, read {:.1} GB/s",
         r.memcpy_gbps, r.read_gbps
     );
-    println!(
-        "prefill: {:.0} tokens/s ({} tokens, batch 1)",
-        r.prefill_tokens_per_s, r.prompt_tokens
-    );
+    for p in &r.prefill {
+        println!(
+            "prefill: {:.0} tokens/s ({} tokens, batch 1), KV cache {:.1} KB/token",
+            p.tokens_per_s,
+            p.prompt_tokens,
+            p.kv_bytes_per_token / 1e3
+        );
+    }
     println!(
         "{:>6} {:>12} {:>10} {:>14} {:>10} {:>9} {:>9}",
         "batch", "tokens/s", "step ms", "weight MB/step", "floor ms", "x floor", "x read"
