@@ -1,9 +1,12 @@
 //! Bad checkpoints, configs and requests each give a typed error that names the file,
 //! tensor or field at fault; nothing panics.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use common::fixture;
 use expertmesh_model::{
     generate, GenerateRequest, Model, ModelError, SafetensorsCheckpoint, SamplingParams,
     WeightSource,
@@ -11,12 +14,6 @@ use expertmesh_model::{
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
-}
 
 /// A writable copy of a fixture.
 fn copy_fixture(name: &str) -> tempfile::TempDir {

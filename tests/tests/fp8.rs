@@ -5,8 +5,11 @@
 //! fall short of the issue's), routers equal, greedy ids equal; incremental decoding and
 //! batching change no bit.
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::path::Path;
+
+use common::{fixture, ids, together_and_alone};
 use expertmesh_model::{
     generate, GenerateRequest, LogitRows, Model, Pixels, SamplingParams, Sequence,
 };
@@ -24,20 +27,6 @@ use serde_json::Value;
 const WORST_BOUND: f32 = 0.1;
 const SHARE_BOUND: f64 = 0.97;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 struct Reference {
     json: Value,
     tensors: Vec<u8>,
@@ -52,6 +41,17 @@ impl Reference {
             .unwrap(),
             tensors: std::fs::read(dir.join("reference_per_token_act.safetensors")).unwrap(),
         }
+    }
+
+    /// The input ids of every text case (the image case left out).
+    fn text_prompts(&self) -> Vec<Vec<u32>> {
+        self.json["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c.get("image").is_none())
+            .map(|c| ids(&c["input_ids"]))
+            .collect()
     }
 
     fn tensor<T>(&self, name: &str, width: usize, f: impl Fn(&[u8]) -> T) -> Option<Vec<T>> {
@@ -199,13 +199,7 @@ fn fp8_is_batch_invariant() {
         let dir = fixture(name);
         let model = Model::load(&dir).unwrap();
         let reference = Reference::load(&dir);
-        let prompts: Vec<Vec<u32>> = reference.json["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|c| c.get("image").is_none())
-            .map(|c| ids(&c["input_ids"]))
-            .collect();
+        let prompts = reference.text_prompts();
         let long = prompts.iter().max_by_key(|p| p.len()).unwrap();
         let mut cache = model.new_cache();
         let full = model
@@ -221,19 +215,14 @@ fn fp8_is_batch_invariant() {
                 .unwrap();
             assert_eq!(one.row(0), full.row(pos), "{name}: position {pos}");
         }
-        let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
-        let mut batch: Vec<Sequence<'_>> = caches
-            .iter_mut()
-            .zip(&prompts)
-            .map(|(c, p)| Sequence::new(c, p))
-            .collect();
-        let together = model.forward(&mut batch, LogitRows::Last).unwrap();
-        for (i, p) in prompts.iter().enumerate() {
-            let mut cache = model.new_cache();
-            let alone = model
-                .forward(&mut [Sequence::new(&mut cache, p)], LogitRows::Last)
-                .unwrap();
-            assert_eq!(together.row(i), alone.row(0), "{name}: sequence {i}");
+        let (together, alone) = together_and_alone(&model, &prompts, LogitRows::Last);
+        let vocab = model.config().vocab_size;
+        for (i, (t, a)) in together
+            .chunks_exact(vocab)
+            .zip(alone.chunks_exact(vocab))
+            .enumerate()
+        {
+            assert_eq!(t, a, "{name}: sequence {i}");
         }
     }
 }
@@ -406,7 +395,9 @@ fn partly_bf16_experts_load_and_compute_as_bf16() {
         let config = TextConfig::from_json(&j).unwrap();
         (Model::from_source(config, &w).unwrap(), w)
     };
-    let input = ids(&Reference::load(&fixture("tiny-scout-fp8")).json["cases"][0]["input_ids"]);
+    let input = Reference::load(&fixture("tiny-scout-fp8"))
+        .text_prompts()
+        .swap_remove(0);
     let logits = |m: &Model| {
         let mut cache = m.new_cache();
         m.forward(&mut [Sequence::new(&mut cache, &input)], LogitRows::All)
@@ -434,24 +425,6 @@ fn partly_bf16_experts_load_and_compute_as_bf16() {
     assert!(logits(&mixed).iter().all(|v| v.is_finite()));
 }
 
-/// Logits of a batch of prompts run together, and of each run alone (concatenated).
-fn together_and_alone(m: &Model, inputs: &[Vec<u32>]) -> (Vec<f32>, Vec<f32>) {
-    let run = |batch: &[Vec<u32>]| {
-        let mut caches: Vec<_> = batch.iter().map(|_| m.new_cache()).collect();
-        let mut seqs: Vec<Sequence> = caches
-            .iter_mut()
-            .zip(batch)
-            .map(|(c, t)| Sequence::new(c, t))
-            .collect();
-        m.forward(&mut seqs, LogitRows::All).unwrap().logits
-    };
-    let alone = inputs
-        .iter()
-        .flat_map(|i| run(std::slice::from_ref(i)))
-        .collect();
-    (run(inputs), alone)
-}
-
 /// An FP8 Linear outside the experts (the format allows any). Weight-only, with scales that
 /// are powers of two (so `f32(code) · scale` is a bf16 value too), it computes what the bf16
 /// model with those dequantized weights computes, up to f32 summation order. W8A8, quantized
@@ -462,15 +435,6 @@ fn together_and_alone(m: &Model, inputs: &[Vec<u32>]) -> (Vec<f32>, Vec<f32>) {
 fn an_fp8_attention_projection_loads_and_runs() {
     use expertmesh_model::{fp8, DType, Tensor, TextConfig, WeightSource};
     let q = "model.layers.0.self_attn.q_proj";
-    let prompts = |dir: &Path| -> Vec<Vec<u32>> {
-        Reference::load(dir).json["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|c| c.get("image").is_none())
-            .map(|c| ids(&c["input_ids"]))
-            .collect()
-    };
 
     // Weight-only q_proj in the bf16 model.
     let (bf16, mut json) = in_memory(&fixture("tiny-scout"));
@@ -515,9 +479,9 @@ fn an_fp8_attention_projection_loads_and_runs() {
         "ignore": []});
     let weight_only =
         Model::from_source(TextConfig::from_json(&json).unwrap(), &fp8_weights).unwrap();
-    let inputs = prompts(&fixture("tiny-scout-fp8"));
-    let (got, _) = together_and_alone(&weight_only, &inputs);
-    let (want, _) = together_and_alone(&reference, &inputs);
+    let inputs = Reference::load(&fixture("tiny-scout-fp8")).text_prompts();
+    let (got, _) = together_and_alone(&weight_only, &inputs, LogitRows::All);
+    let (want, _) = together_and_alone(&reference, &inputs, LogitRows::All);
     let worst = got
         .iter()
         .zip(&want)
@@ -542,7 +506,7 @@ fn an_fp8_attention_projection_loads_and_runs() {
         .retain(|m| !m.as_str().unwrap().ends_with("layers.0.self_attn.q_proj"));
     let config = TextConfig::from_json(&listed).unwrap();
     let model = Model::from_source(config.clone(), &quantized).unwrap();
-    let (together, alone) = together_and_alone(&model, &inputs);
+    let (together, alone) = together_and_alone(&model, &inputs, LogitRows::All);
     assert!(together == alone, "a token's logits depend on its batch");
     assert!(together.iter().all(|v| v.is_finite()));
 

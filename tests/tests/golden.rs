@@ -3,8 +3,11 @@
 //! position within 2e-3, the router's top-1 expert in every MoE layer, greedy
 //! continuations decoded with the KV cache, chat rendering and tokenization.
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::path::Path;
+
+use common::{fixture, ids};
 use expertmesh_model::{
     generate, ChatMessage, ChatTemplate, GenerateRequest, KvCache, LogitRows, Model,
     SamplingParams, Sequence, TextTokenizer,
@@ -13,12 +16,6 @@ use safetensors::SafeTensors;
 use serde_json::Value;
 
 const TOLERANCE: f32 = 2e-3;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
-}
 
 struct Reference {
     cases: Vec<Value>,
@@ -62,14 +59,6 @@ impl Reference {
                 .collect(),
         )
     }
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 fn check_prefill(model: &Model, reference: &Reference, case: &Value) {

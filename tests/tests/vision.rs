@@ -4,8 +4,9 @@
 //! prompt position, router choices and greedy ids equal), and this crate's own
 //! preprocessing and prompt expansion of `test-image.png` against the stored values and ids.
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use common::{fixture, ids};
 use expertmesh_model::vision::{preprocess, ImageLimits, ImageTokens, ProcessorConfig};
 use expertmesh_model::{
     generate, ChatMessage, ChatTemplate, GenerateRequest, LogitRows, Model, Pixels, SamplingParams,
@@ -16,12 +17,6 @@ use serde_json::Value;
 
 const TOLERANCE: f32 = 2e-3;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
-}
-
 struct Case {
     input_ids: Vec<u32>,
     greedy: Vec<u32>,
@@ -30,14 +25,6 @@ struct Case {
     routes: Vec<Vec<i64>>,
     pixel_values: Vec<f32>,
     pixel_shape: Vec<usize>,
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 fn image_case() -> Case {

@@ -1,0 +1,41 @@
+//! What the fixture tests share: where fixtures are, token ids out of reference JSON, and a
+//! batch run together and alone.
+#![allow(dead_code)] // each test binary uses its own part
+
+use std::path::{Path, PathBuf};
+
+use expertmesh_model::{LogitRows, Model, Sequence};
+use serde_json::Value;
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+/// A JSON list of token ids.
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// The `rows` logits of `inputs` run as one batch, and of each run alone (concatenated).
+pub fn together_and_alone(m: &Model, inputs: &[Vec<u32>], rows: LogitRows) -> (Vec<f32>, Vec<f32>) {
+    let run = |batch: &[Vec<u32>]| {
+        let mut caches: Vec<_> = batch.iter().map(|_| m.new_cache()).collect();
+        let mut seqs: Vec<Sequence> = caches
+            .iter_mut()
+            .zip(batch)
+            .map(|(c, t)| Sequence::new(c, t))
+            .collect();
+        m.forward(&mut seqs, rows).unwrap().logits
+    };
+    let alone = inputs
+        .iter()
+        .flat_map(|i| run(std::slice::from_ref(i)))
+        .collect();
+    (run(inputs), alone)
+}
