@@ -83,13 +83,7 @@ impl WireDType {
             WireDType::Bf16 => values
                 .iter_mut()
                 .for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
-            WireDType::Fp8 => {
-                let mut codes = vec![0u8; hidden];
-                for row in values.chunks_exact_mut(hidden.max(1)) {
-                    let scale = fp8::quantize_activations(row, &mut codes);
-                    fp8::dequantize_activations(&codes, scale, row);
-                }
-            }
+            WireDType::Fp8 => fp8::qdq_rows_in_place(values, hidden),
         }
     }
 }

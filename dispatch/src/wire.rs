@@ -24,20 +24,11 @@ pub fn encode_tensor(values: &[f32], rows: usize, hidden: usize, dtype: WireDTyp
         WireDType::Bf16 => data.extend(values.iter().flat_map(|v| bf16_bits(*v).to_le_bytes())),
         WireDType::Fp8 => {
             data.resize(values.len(), 0);
-            scales.reserve(rows * 4);
-            if hidden > 0 {
-                for (codes, row) in data
-                    .chunks_exact_mut(hidden)
-                    .zip(values.chunks_exact(hidden))
-                {
-                    let scale = fp8::quantize_activations(row, codes);
-                    scales.extend(scale.to_le_bytes());
-                }
-            } else {
-                scales.resize(rows * 4, 0);
-                for s in scales.chunks_exact_mut(4) {
-                    s.copy_from_slice(&f32::EPSILON.to_le_bytes());
-                }
+            // Row by row (an empty row, hidden 0, still has its scale).
+            for r in 0..rows {
+                let span = r * hidden..(r + 1) * hidden;
+                let scale = fp8::quantize_activations(&values[span.clone()], &mut data[span]);
+                scales.extend(scale.to_le_bytes());
             }
         }
     }
@@ -116,14 +107,9 @@ pub fn decode_tensor(t: &pb::Tensor) -> Result<(WireDType, usize, usize, Vec<f32
         ),
         WireDType::Fp8 => {
             values.resize(rows * hidden, 0.0);
-            if hidden > 0 {
-                for ((out, codes), scale) in values
-                    .chunks_exact_mut(hidden)
-                    .zip(t.data.chunks_exact(hidden))
-                    .zip(scales)
-                {
-                    fp8::dequantize_activations(codes, scale, out);
-                }
+            for (r, scale) in scales.into_iter().enumerate() {
+                let span = r * hidden..(r + 1) * hidden;
+                fp8::dequantize_activations(&t.data[span.clone()], scale, &mut values[span]);
             }
         }
     }

@@ -79,22 +79,23 @@ pub fn dequantize_activations(codes: &[u8], scale: f32, out: &mut [f32]) {
     }
 }
 
-/// The quantize-dequantized values of one row (per-token dynamic scale).
-pub fn qdq_row(x: &[f32], out: &mut [f32]) {
-    let mut codes = vec![0u8; x.len()];
-    let s = quantize_activations(x, &mut codes);
-    dequantize_activations(&codes, s, out);
+/// Replaces each row of `width` values by its quantize-dequantize (per-token dynamic
+/// scale, `quantize_activations` then `dequantize_activations`).
+pub fn qdq_rows_in_place(values: &mut [f32], width: usize) {
+    if width == 0 {
+        return;
+    }
+    let mut codes = vec![0u8; width];
+    for row in values.chunks_exact_mut(width) {
+        let s = quantize_activations(row, &mut codes);
+        dequantize_activations(&codes, s, row);
+    }
 }
 
 /// `[n, in]` rows, each quantize-dequantized on its own.
 pub fn qdq_rows(x: &[f32], width: usize) -> Vec<f32> {
-    if width == 0 {
-        return x.to_vec();
-    }
-    let mut out = vec![0.0f32; x.len()];
-    for (o, r) in out.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
-        qdq_row(r, o);
-    }
+    let mut out = x.to_vec();
+    qdq_rows_in_place(&mut out, width);
     out
 }
 
@@ -292,11 +293,9 @@ mod tests {
 
     #[test]
     fn qdq_keeps_the_row_max_and_zero_rows() {
-        let mut out = [0.0f32; 3];
-        qdq_row(&[2.0, -1.0, 0.0], &mut out);
+        let out = qdq_rows(&[2.0, -1.0, 0.0], 3);
         assert!((out[0] - 2.0).abs() < 1e-6, "{}", out[0]);
         assert_eq!(out[2], 0.0);
-        qdq_row(&[0.0; 3], &mut out);
-        assert_eq!(out, [0.0; 3]);
+        assert_eq!(qdq_rows(&[0.0; 3], 3), [0.0; 3]);
     }
 }

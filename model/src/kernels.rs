@@ -137,12 +137,6 @@ impl Weight for u8 {
     }
 }
 
-/// A weight as f32: widened with its row's factor (`Weight::row_factor`).
-#[inline(always)]
-fn weight<W: Weight>(b: W, factor: f32) -> f32 {
-    b.widen(factor)
-}
-
 /// Hints the cache to fetch `w[i]` soon. Out-of-range indices are skipped.
 #[inline(always)]
 fn prefetch<W>(w: &[W], i: usize) {
@@ -273,7 +267,7 @@ fn dot_tokens<W: Weight, const N: usize>(row: &[W], s: f32, x: &[f32], out: &mut
     for c in 0..chunks {
         let mut wv = [0.0f32; LANES];
         for (v, &b) in wv.iter_mut().zip(&row[c * LANES..(c + 1) * LANES]) {
-            *v = weight(b, s);
+            *v = b.widen(s);
         }
         for (j, a) in acc.iter_mut().enumerate() {
             let xv = &x[j * k + c * LANES..j * k + (c + 1) * LANES];
@@ -285,7 +279,7 @@ fn dot_tokens<W: Weight, const N: usize>(row: &[W], s: f32, x: &[f32], out: &mut
     for (j, a) in acc.iter().enumerate() {
         let mut sum: f32 = a.iter().sum();
         for i in chunks * LANES..k {
-            sum = weight(row[i], s).mul_add(x[j * k + i], sum);
+            sum = row[i].widen(s).mul_add(x[j * k + i], sum);
         }
         out[j] = sum;
     }
@@ -315,7 +309,7 @@ fn dot_rows_generic<W: Weight>(w: &[W], scale: &[f32], x: &[f32], y: &mut [f32])
             for (r, a) in acc.iter_mut().enumerate() {
                 let wv = &rows[r * k + c..r * k + c + LANES];
                 for i in 0..LANES {
-                    a[i] = weight(wv[i], s[r]).mul_add(xv[i], a[i]);
+                    a[i] = wv[i].widen(s[r]).mul_add(xv[i], a[i]);
                 }
             }
             c += LANES;
@@ -323,7 +317,7 @@ fn dot_rows_generic<W: Weight>(w: &[W], scale: &[f32], x: &[f32], y: &mut [f32])
         for (r, a) in acc.iter().enumerate() {
             let mut sum: f32 = a.iter().sum();
             for i in c..k {
-                sum = weight(rows[r * k + i], s[r]).mul_add(x[i], sum);
+                sum = rows[r * k + i].widen(s[r]).mul_add(x[i], sum);
             }
             out[r] = sum;
         }
@@ -340,12 +334,12 @@ fn dot_rows_generic<W: Weight>(w: &[W], scale: &[f32], x: &[f32], y: &mut [f32])
         let mut xc = x.chunks_exact(LANES);
         for (wv, xv) in (&mut wc).zip(&mut xc) {
             for i in 0..LANES {
-                acc[i] = weight(wv[i], s).mul_add(xv[i], acc[i]);
+                acc[i] = wv[i].widen(s).mul_add(xv[i], acc[i]);
             }
         }
         let mut sum: f32 = acc.iter().sum();
         for (wv, xv) in wc.remainder().iter().zip(xc.remainder()) {
-            sum = weight(*wv, s).mul_add(*xv, sum);
+            sum = wv.widen(s).mul_add(*xv, sum);
         }
         *out = sum;
         r0 += 1;

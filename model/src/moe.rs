@@ -331,7 +331,7 @@ impl Experts {
     }
 
     /// `run_groups` for inputs that are already each row's FP8 quantize-dequantize
-    /// (`fp8::qdq_row`), for experts that `takes_quantized_inputs`: the same bits as
+    /// (`fp8::qdq_rows`), for experts that `takes_quantized_inputs`: the same bits as
     /// `run_groups` on the rows before quantization.
     pub fn run_quantized_groups(
         &self,
