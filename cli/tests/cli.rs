@@ -234,7 +234,7 @@ fn bench_decode_reports_json() {
 
 #[test]
 fn placement_sim_beats_round_robin_and_reads_a_measured_load() {
-    let out = expertmesh(&[
+    let plan = [
         "placement-sim",
         "--workers",
         "8",
@@ -245,7 +245,8 @@ fn placement_sim_beats_round_robin_and_reads_a_measured_load() {
         "--replans",
         "2",
         "--json",
-    ]);
+    ];
+    let out = expertmesh(&plan);
     assert!(
         out.status.success(),
         "{}",
@@ -259,20 +260,7 @@ fn placement_sim_beats_round_robin_and_reads_a_measured_load() {
     assert!(v["baseline_balance"].as_f64().unwrap() > 1.5, "{v}");
     assert!(v["bytes_moved"].as_f64().unwrap() < v["scratch_bytes_moved"].as_f64().unwrap());
     // The same plans of FP8 experts move about half the bytes.
-    let args = [
-        "placement-sim",
-        "--workers",
-        "8",
-        "--redundancy",
-        "16",
-        "--layers",
-        "4",
-        "--replans",
-        "2",
-        "--json",
-        "--expert-dtype",
-        "fp8",
-    ];
+    let args = [&plan[..], &["--expert-dtype", "fp8"]].concat();
     let fp8: Value = serde_json::from_slice(&expertmesh(&args).stdout).unwrap();
     let ratio = fp8["bytes_moved"].as_f64().unwrap() / v["bytes_moved"].as_f64().unwrap();
     assert!((0.5..0.502).contains(&ratio), "{ratio}");

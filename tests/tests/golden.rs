@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{fixture, ids};
+use common::{fixture, ids, together_and_alone};
 use expertmesh_model::{
     generate, ChatMessage, ChatTemplate, GenerateRequest, KvCache, LogitRows, Model,
     SamplingParams, Sequence, TextTokenizer,
@@ -271,22 +271,16 @@ fn batched_forward_equals_single_sequences() {
         .text_cases()
         .map(|c| ids(&c["input_ids"]))
         .collect();
-    let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache()).collect();
-    let mut batch: Vec<Sequence<'_>> = caches
-        .iter_mut()
-        .zip(&prompts)
-        .map(|(cache, p)| Sequence::new(cache, p))
-        .collect();
-    let together = model.forward(&mut batch, LogitRows::Last).unwrap();
-    for (i, p) in prompts.iter().enumerate() {
-        let mut cache = model.new_cache();
-        let alone = model
-            .forward(&mut [Sequence::new(&mut cache, p)], LogitRows::Last)
-            .unwrap();
-        let worst = together
-            .row(i)
+    let (together, alone) = together_and_alone(&model, &prompts, LogitRows::Last);
+    let vocab = model.config().vocab_size;
+    for (i, (t, a)) in together
+        .chunks_exact(vocab)
+        .zip(alone.chunks_exact(vocab))
+        .enumerate()
+    {
+        let worst = t
             .iter()
-            .zip(alone.row(0))
+            .zip(a)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
         assert!(worst == 0.0, "sequence {i} differs by {worst}");
