@@ -1,24 +1,46 @@
 //! Fused widen-and-multiply kernels for the weight products (see `Linear::forward_into`):
-//! bf16 weights, and FP8 (e4m3) weights with one scale per row. Each is written once in
-//! portable Rust and compiled twice: for the baseline target and for AVX2 + FMA, chosen at
-//! run time, where the loops become 8-lane widen-and-FMA code.
+//! bf16 weights, and FP8 (e4m3) weights with one scale per row.
+//!
+//! Every product has one canonical reduction order, fixed by the weight layout alone:
+//! - `[out, in]` rows (`dot_rows*`): `LANES` accumulators over K (lane `i` takes the
+//!   elements `i mod LANES` of the full chunks, in order), the pairwise tree `lane_sum`, then
+//!   the tail element by element;
+//! - `[in, out]` ("x @ W", `axpy_rows*`): one accumulator per output, K ascending.
+//!
+//! Register tiles (rows × tokens, or column chunks × tokens) decide only which products
+//! share a pass over the weights, so a batch-1 call, any tile shape and any batch give a
+//! token the same bits. Each kernel is written once over [`Lanes`] and built three times
+//! (baseline arrays, AVX2 + FMA, AVX-512), chosen at run time; the builds differ in tile
+//! shapes only, never in the per-lane operations.
 #![allow(unsafe_code)]
 
-/// Lanes of independent accumulators per row: two AVX registers.
+/// Lanes of independent accumulators per row: one AVX-512 register, two AVX ones.
 const LANES: usize = 16;
 
 /// How far ahead of the current element each row's weights are prefetched.
 const PREFETCH_AHEAD: usize = 512;
 
-/// A public kernel that runs its portable body (`$body`) compiled for the best instruction
-/// set the CPU has, chosen at run time: AVX-512, AVX2 + FMA, or the baseline. Each lane does
-/// the same operations in the same order in every build (the loops are written per lane and
-/// sums are taken lane by lane in source order), so the bits never depend on which build
-/// runs: a cluster of machines with different instruction sets computes what one does.
+/// A public kernel that runs its portable body (`$body`, or one body per build where they
+/// differ only in tile shape) compiled for the best instruction set the CPU has, chosen at
+/// run time: AVX-512, AVX2 + FMA, or the baseline. Each lane does the same operations in the
+/// same order in every build (the loops are written per lane and sums are taken in one fixed
+/// tree, `lane_sum`), so the bits never depend on which build runs: a cluster of machines
+/// with different instruction sets computes what one does.
 macro_rules! kernel {
     (
         $(#[$doc:meta])*
         pub fn $name:ident / $on:ident $(<$g:ident: $bound:path>)? ($($arg:ident: $ty:ty),* $(,)?) => $body:ident
+    ) => {
+        kernel! {
+            $(#[$doc])*
+            pub fn $name / $on $(<$g: $bound>)? ($($arg: $ty),*)
+                => avx512: $body, avx2: $body, baseline: $body
+        }
+    };
+    (
+        $(#[$doc:meta])*
+        pub fn $name:ident / $on:ident $(<$g:ident: $bound:path>)? ($($arg:ident: $ty:ty),* $(,)?)
+            => avx512: $b512:expr, avx2: $b2:expr, baseline: $b0:expr
     ) => {
         $(#[$doc])*
         pub fn $name $(<$g: $bound>)? ($($arg: $ty),*) {
@@ -31,11 +53,11 @@ macro_rules! kernel {
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx2,fma")]
                 unsafe fn avx512 $(<$g: $bound>)? ($($arg: $ty),*) {
-                    $body($($arg),*)
+                    $b512($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2 $(<$g: $bound>)? ($($arg: $ty),*) {
-                    $body($($arg),*)
+                    $b2($($arg),*)
                 }
                 let isa = isa.min(self::isa());
                 if isa == Isa::Avx512 {
@@ -48,7 +70,7 @@ macro_rules! kernel {
                 }
             }
             let _ = isa;
-            $body($($arg),*)
+            $b0($($arg),*)
         }
     };
 }
@@ -98,6 +120,8 @@ pub trait Weight: Copy + Send + Sync {
     fn row_factor(scale: f32) -> f32;
     /// The weight, from its bits and its row's factor.
     fn widen(self, factor: f32) -> f32;
+    /// `LANES` weights widened at once into one build's registers (`widen` per lane).
+    fn lanes<S: Lanes>(src: &[Self; LANES], factor: f32) -> S;
 }
 
 /// bf16 bits: widening is a shift.
@@ -109,6 +133,10 @@ impl Weight for u16 {
     #[inline(always)]
     fn widen(self, _: f32) -> f32 {
         widen(self)
+    }
+    #[inline(always)]
+    fn lanes<S: Lanes>(src: &[Self; LANES], _: f32) -> S {
+        S::bf16(src)
     }
 }
 
@@ -133,6 +161,250 @@ impl Weight for u8 {
             f32::NAN
         } else {
             v
+        }
+    }
+    #[inline(always)]
+    fn lanes<S: Lanes>(src: &[Self; LANES], factor: f32) -> S {
+        S::e4m3(src, factor)
+    }
+}
+
+/// `LANES` f32 lanes held the way one build holds them: an array (the baseline), two AVX
+/// registers, one AVX-512 register. Every operation is the same per-lane IEEE operation in
+/// each, so a kernel written over `Lanes` gives the same bits in every build.
+pub trait Lanes: Copy {
+    fn zero() -> Self;
+    fn load(x: &[f32; LANES]) -> Self;
+    /// bf16 bits widened (`Weight::widen` for `u16`).
+    fn bf16(w: &[u16; LANES]) -> Self;
+    /// e4m3 codes times their row factor (`Weight::widen` for `u8`).
+    fn e4m3(w: &[u8; LANES], factor: f32) -> Self;
+    /// `self + w · x` per lane, fused (one rounding).
+    fn fma(self, w: Self, x: Self) -> Self;
+    /// The lanes summed in the canonical tree (`lane_sum`).
+    fn sum(self) -> f32;
+    /// Every lane `v`.
+    fn splat(v: f32) -> Self;
+    fn store(self, out: &mut [f32; LANES]);
+}
+
+/// The baseline build's lanes: plain arrays.
+#[derive(Clone, Copy)]
+pub struct Scalar([f32; LANES]);
+
+impl Lanes for Scalar {
+    #[inline(always)]
+    fn zero() -> Self {
+        Self([0.0; LANES])
+    }
+    #[inline(always)]
+    fn load(x: &[f32; LANES]) -> Self {
+        Self(*x)
+    }
+    #[inline(always)]
+    fn bf16(w: &[u16; LANES]) -> Self {
+        Self(std::array::from_fn(|i| widen(w[i])))
+    }
+    #[inline(always)]
+    fn e4m3(w: &[u8; LANES], factor: f32) -> Self {
+        Self(std::array::from_fn(|i| w[i].widen(factor)))
+    }
+    #[inline(always)]
+    fn fma(self, w: Self, x: Self) -> Self {
+        Self(std::array::from_fn(|i| w.0[i].mul_add(x.0[i], self.0[i])))
+    }
+    #[inline(always)]
+    fn sum(self) -> f32 {
+        lane_sum(&self.0)
+    }
+    #[inline(always)]
+    fn splat(v: f32) -> Self {
+        Self([v; LANES])
+    }
+    #[inline(always)]
+    fn store(self, out: &mut [f32; LANES]) {
+        *out = self.0;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub use x86::{Avx2, Avx512};
+
+/// The AVX2 and AVX-512 lanes. Their methods are reached only from kernels built with those
+/// features (`kernel!` runs a build only on a CPU that has it), where they are inlined.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use core::arch::x86_64::*;
+
+    use super::{Lanes, LANES};
+
+    /// Two AVX registers: lanes 0–7 and 8–15.
+    #[derive(Clone, Copy)]
+    pub struct Avx2([__m256; 2]);
+
+    /// One AVX-512 register.
+    #[derive(Clone, Copy)]
+    pub struct Avx512(__m512);
+
+    /// The last steps of the canonical sum from 8 partial sums `h[i] + h[i + 8]`: then
+    /// `+ [i + 4]`, `+ [i + 2]`, `+ [i + 1]`.
+    #[inline(always)]
+    fn sum8(s8: __m256) -> f32 {
+        // SAFETY: only inlined into AVX2 (or AVX-512) builds (see the module doc).
+        unsafe {
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<0b01>(s2, s2));
+            _mm_cvtss_f32(s1)
+        }
+    }
+
+    /// e4m3 codes (as 32-bit lanes) to f32 times `factor`, NaN codes to NaN: the bit moves
+    /// of `Weight::widen` for `u8`.
+    #[inline(always)]
+    fn e4m3_8(c: __m256i, factor: f32) -> __m256 {
+        // SAFETY: only inlined into AVX2 (or AVX-512) builds (see the module doc).
+        unsafe {
+            let mag = _mm256_and_si256(c, _mm256_set1_epi32(0x7F));
+            let sign = _mm256_slli_epi32::<24>(_mm256_and_si256(c, _mm256_set1_epi32(0x80)));
+            let bits = _mm256_or_si256(_mm256_slli_epi32::<20>(mag), sign);
+            let v = _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(factor));
+            let nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7F)));
+            _mm256_blendv_ps(v, _mm256_set1_ps(f32::NAN), nan)
+        }
+    }
+
+    /// 8 bf16 bits widened.
+    #[inline(always)]
+    fn bf16_8(w: &[u16]) -> __m256 {
+        assert!(w.len() >= 8);
+        // SAFETY: AVX2 builds only; `w` holds at least 8 u16 (one unaligned 16-byte load).
+        unsafe {
+            let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(w.as_ptr().cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+        }
+    }
+
+    /// 8 codes as 32-bit lanes.
+    #[inline(always)]
+    fn codes_8(w: &[u8]) -> __m256i {
+        assert!(w.len() >= 8);
+        // SAFETY: AVX2 builds only; `w` holds at least 8 bytes (one unaligned 8-byte load).
+        unsafe { _mm256_cvtepu8_epi32(_mm_loadl_epi64(w.as_ptr().cast())) }
+    }
+
+    impl Lanes for Avx2 {
+        #[inline(always)]
+        fn zero() -> Self {
+            // SAFETY: AVX builds only (see the module doc).
+            unsafe { Self([_mm256_setzero_ps(); 2]) }
+        }
+        #[inline(always)]
+        fn load(x: &[f32; LANES]) -> Self {
+            // SAFETY: AVX builds only; `x` holds 16 floats (two unaligned 8-lane loads).
+            unsafe {
+                Self([
+                    _mm256_loadu_ps(x.as_ptr()),
+                    _mm256_loadu_ps(x.as_ptr().add(8)),
+                ])
+            }
+        }
+        #[inline(always)]
+        fn bf16(w: &[u16; LANES]) -> Self {
+            Self([bf16_8(&w[..8]), bf16_8(&w[8..])])
+        }
+        #[inline(always)]
+        fn e4m3(w: &[u8; LANES], factor: f32) -> Self {
+            Self([
+                e4m3_8(codes_8(&w[..8]), factor),
+                e4m3_8(codes_8(&w[8..]), factor),
+            ])
+        }
+        #[inline(always)]
+        fn fma(self, w: Self, x: Self) -> Self {
+            // SAFETY: FMA builds only (see the module doc).
+            unsafe {
+                Self([
+                    _mm256_fmadd_ps(w.0[0], x.0[0], self.0[0]),
+                    _mm256_fmadd_ps(w.0[1], x.0[1], self.0[1]),
+                ])
+            }
+        }
+        #[inline(always)]
+        fn sum(self) -> f32 {
+            // SAFETY: AVX builds only (see the module doc).
+            sum8(unsafe { _mm256_add_ps(self.0[0], self.0[1]) })
+        }
+        #[inline(always)]
+        fn splat(v: f32) -> Self {
+            // SAFETY: AVX builds only (see the module doc).
+            unsafe { Self([_mm256_set1_ps(v); 2]) }
+        }
+        #[inline(always)]
+        fn store(self, out: &mut [f32; LANES]) {
+            // SAFETY: AVX builds only; `out` holds 16 floats (two unaligned 8-lane stores).
+            unsafe {
+                _mm256_storeu_ps(out.as_mut_ptr(), self.0[0]);
+                _mm256_storeu_ps(out.as_mut_ptr().add(8), self.0[1]);
+            }
+        }
+    }
+
+    impl Lanes for Avx512 {
+        #[inline(always)]
+        fn zero() -> Self {
+            // SAFETY: AVX-512 builds only (see the module doc).
+            unsafe { Self(_mm512_setzero_ps()) }
+        }
+        #[inline(always)]
+        fn load(x: &[f32; LANES]) -> Self {
+            // SAFETY: AVX-512 builds only; `x` holds 16 floats (one unaligned load).
+            unsafe { Self(_mm512_loadu_ps(x.as_ptr())) }
+        }
+        #[inline(always)]
+        fn bf16(w: &[u16; LANES]) -> Self {
+            // SAFETY: AVX-512 builds only; `w` holds 16 u16 (one unaligned 32-byte load).
+            unsafe {
+                let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(w.as_ptr().cast()));
+                Self(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide)))
+            }
+        }
+        #[inline(always)]
+        fn e4m3(w: &[u8; LANES], factor: f32) -> Self {
+            // SAFETY: AVX-512 builds only; `w` holds 16 bytes (one unaligned 16-byte load).
+            unsafe {
+                let c = _mm512_cvtepu8_epi32(_mm_loadu_si128(w.as_ptr().cast()));
+                let mag = _mm512_and_si512(c, _mm512_set1_epi32(0x7F));
+                let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(c, _mm512_set1_epi32(0x80)));
+                let bits = _mm512_or_si512(_mm512_slli_epi32::<20>(mag), sign);
+                let v = _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(factor));
+                let nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7F));
+                Self(_mm512_mask_blend_ps(nan, v, _mm512_set1_ps(f32::NAN)))
+            }
+        }
+        #[inline(always)]
+        fn fma(self, w: Self, x: Self) -> Self {
+            // SAFETY: AVX-512 builds only (see the module doc).
+            unsafe { Self(_mm512_fmadd_ps(w.0, x.0, self.0)) }
+        }
+        #[inline(always)]
+        fn sum(self) -> f32 {
+            // SAFETY: AVX-512 builds only (see the module doc).
+            unsafe {
+                let lo = _mm512_castps512_ps256(self.0);
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self.0)));
+                sum8(_mm256_add_ps(lo, hi))
+            }
+        }
+        #[inline(always)]
+        fn splat(v: f32) -> Self {
+            // SAFETY: AVX-512 builds only (see the module doc).
+            unsafe { Self(_mm512_set1_ps(v)) }
+        }
+        #[inline(always)]
+        fn store(self, out: &mut [f32; LANES]) {
+            // SAFETY: AVX-512 builds only; `out` holds 16 floats (one unaligned store).
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), self.0) }
         }
     }
 }
@@ -169,13 +441,19 @@ fn row_scale<W: Weight>(scale: &[f32], r: usize) -> f32 {
 kernel! {
     /// `y[r] = Σ_k w[r, k] · x[k]` for the rows of `w` (`[y.len(), x.len()]`); scaled weights
     /// take `scale` (`[y.len()]`), bf16 ones an empty slice.
-    pub fn dot_rows / dot_rows_on<W: Weight>(w: &[W], scale: &[f32], x: &[f32], y: &mut [f32]) => dot_rows_generic
+    pub fn dot_rows / dot_rows_on<W: Weight>(w: &[W], scale: &[f32], x: &[f32], y: &mut [f32])
+        => avx512: dot_rows_generic::<Avx512, W, 4>,
+            avx2: dot_rows_generic::<Avx2, W, 2>,
+            baseline: dot_rows_generic::<Scalar, W, 2>
 }
 
 kernel! {
     /// `y[j] = Σ_k x[k] · w[k, j0 + j]` over a `[x.len(), cols]` bf16 matrix (the "x @ W"
     /// orientation), for the column range `j0..j0 + y.len()`.
-    pub fn axpy_rows / axpy_rows_on(w: &[u16], cols: usize, j0: usize, x: &[f32], y: &mut [f32]) => axpy_rows_generic
+    pub fn axpy_rows / axpy_rows_on(w: &[u16], cols: usize, j0: usize, x: &[f32], y: &mut [f32])
+        => avx512: axpy_rows_generic::<Avx512, 8>,
+            avx2: axpy_rows_generic::<Avx2, 4>,
+            baseline: axpy_rows_generic::<Scalar, 1>
 }
 
 kernel! {
@@ -189,28 +467,123 @@ kernel! {
         x: &[f32],
         t: usize,
         y: &mut [f32],
-    ) => axpy_rows_multi_generic
+    ) => avx512: axpy_rows_multi_generic::<Avx512, 4, 4>,
+        avx2: axpy_rows_multi_generic::<Avx2, 2, 2>,
+        baseline: axpy_rows_multi_generic::<Scalar, 1, 4>
 }
 
+/// `axpy_rows_multi` in tiles of `C` lane chunks of columns × `T` tokens (the remainders in
+/// smaller tiles, the last columns one by one). The canonical order of every output: one
+/// accumulator from 0, `fma(w[k, j], x[k], acc)` for k ascending, in every tile shape.
 #[inline(always)]
-fn axpy_rows_multi_generic(w: &[u16], cols: usize, j0: usize, x: &[f32], t: usize, y: &mut [f32]) {
+fn axpy_rows_multi_generic<S: Lanes, const C: usize, const T: usize>(
+    w: &[u16],
+    cols: usize,
+    j0: usize,
+    x: &[f32],
+    t: usize,
+    y: &mut [f32],
+) {
     let k = x.len() / t.max(1);
     let n = y.len() / t.max(1);
-    assert!(w.len() >= k * cols && j0 + n <= cols, "weight shape");
-    y.fill(0.0);
-    let mut row = vec![0.0f32; n];
-    for kk in 0..k {
-        let src = &w[kk * cols + j0..kk * cols + j0 + n];
-        for (r, &b) in row.iter_mut().zip(src) {
-            *r = widen(b);
+    assert!(
+        w.len() >= k * cols && j0 + n <= cols && x.len() == t * k && y.len() == t * n,
+        "weight shape"
+    );
+    let mut j = 0;
+    while j + C * LANES <= n {
+        column_tiles::<S, C, T>(w, cols, j0, j, x, k, t, y);
+        j += C * LANES;
+    }
+    while j + LANES <= n {
+        column_tiles::<S, 1, T>(w, cols, j0, j, x, k, t, y);
+        j += LANES;
+    }
+    for jj in j..n {
+        for i in 0..t {
+            let mut acc = 0.0f32;
+            for kk in 0..k {
+                acc = widen(w[kk * cols + j0 + jj]).mul_add(x[i * k + kk], acc);
+            }
+            y[i * n + jj] = acc;
         }
-        for (y_i, x_i) in y.chunks_exact_mut(n).zip(x.chunks_exact(k)) {
-            let xk = x_i[kk];
-            for (out, &wv) in y_i.iter_mut().zip(&row) {
-                *out = wv.mul_add(xk, *out);
+    }
+}
+
+/// Output columns `j..j + C·LANES` (of the range from `j0`) for every token: tiles of `T`
+/// tokens, then single tokens.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn column_tiles<S: Lanes, const C: usize, const T: usize>(
+    w: &[u16],
+    cols: usize,
+    j0: usize,
+    j: usize,
+    x: &[f32],
+    k: usize,
+    t: usize,
+    y: &mut [f32],
+) {
+    let n = y.len() / t;
+    let mut i0 = 0;
+    while i0 + T <= t {
+        let acc = axpy_tile::<S, C, T>(w, cols, j0 + j, &x[i0 * k..(i0 + T) * k], k);
+        for (i, a) in acc.iter().enumerate() {
+            let row = (i0 + i) * n + j;
+            for (c, v) in a.iter().enumerate() {
+                v.store(
+                    (&mut y[row + c * LANES..row + (c + 1) * LANES])
+                        .try_into()
+                        .expect("a chunk"),
+                );
+            }
+        }
+        i0 += T;
+    }
+    while i0 < t {
+        let acc = axpy_tile::<S, C, 1>(w, cols, j0 + j, &x[i0 * k..(i0 + 1) * k], k);
+        let row = i0 * n + j;
+        for (c, v) in acc[0].iter().enumerate() {
+            v.store(
+                (&mut y[row + c * LANES..row + (c + 1) * LANES])
+                    .try_into()
+                    .expect("a chunk"),
+            );
+        }
+        i0 += 1;
+    }
+}
+
+/// Rows of the matrix ahead of the current one whose tile columns are prefetched.
+const AXPY_PREFETCH_ROWS: usize = 8;
+
+/// Columns `col..col + C·LANES` of `T` tokens (`x` is `[T, k]`), every weight row once.
+#[inline(always)]
+fn axpy_tile<S: Lanes, const C: usize, const T: usize>(
+    w: &[u16],
+    cols: usize,
+    col: usize,
+    x: &[f32],
+    k: usize,
+) -> [[S; C]; T] {
+    let mut acc = [[S::zero(); C]; T];
+    for kk in 0..k {
+        let row = kk * cols + col;
+        for line in (0..C * LANES).step_by(32) {
+            prefetch(w, row + AXPY_PREFETCH_ROWS * cols + line);
+        }
+        let mut wv = [S::zero(); C];
+        for (c, v) in wv.iter_mut().enumerate() {
+            *v = S::bf16(chunk(w, row + c * LANES));
+        }
+        for i in 0..T {
+            let xb = S::splat(x[i * k + kk]);
+            for c in 0..C {
+                acc[i][c] = acc[i][c].fma(wv[c], xb);
             }
         }
     }
+    acc
 }
 
 kernel! {
@@ -224,142 +597,153 @@ kernel! {
         x: &[f32],
         t: usize,
         yt: &mut [f32],
-    ) => dot_rows_multi_generic
+    ) => avx512: dot_rows_multi_generic::<Avx512, W, 4, 4>,
+        avx2: dot_rows_multi_generic::<Avx2, W, 2, 2>,
+        baseline: dot_rows_multi_generic::<Scalar, W, 1, 4>
 }
 
-/// Tokens sharing one widened weight chunk.
-const TOKENS: usize = 4;
-
+/// The canonical sum of one dot product's lane accumulators: halves added pairwise
+/// (`a[i] + a[i + 8]`, then 4, 2, 1), the order a SIMD register's horizontal sum takes.
 #[inline(always)]
-fn dot_rows_multi_generic<W: Weight>(w: &[W], scale: &[f32], x: &[f32], t: usize, yt: &mut [f32]) {
+fn lane_sum(a: &[f32; LANES]) -> f32 {
+    let mut h = *a;
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            h[i] += h[i + width];
+        }
+        width /= 2;
+    }
+    h[0]
+}
+
+/// `dot_rows_multi` in tiles of `R` rows × `T` tokens (the remainders in smaller tiles).
+#[inline(always)]
+fn dot_rows_multi_generic<S: Lanes, W: Weight, const R: usize, const T: usize>(
+    w: &[W],
+    scale: &[f32],
+    x: &[f32],
+    t: usize,
+    yt: &mut [f32],
+) {
     let k = x.len() / t.max(1);
     let rows = yt.len() / t.max(1);
     assert!(
-        w.len() >= rows * k && x.len() == t * k,
+        w.len() >= rows * k && x.len() == t * k && yt.len() == rows * t,
         "shapes do not match"
     );
     assert!(!W::SCALED || scale.len() >= rows, "one scale per row");
-    for (r, (row, out)) in w.chunks_exact(k).zip(yt.chunks_exact_mut(t)).enumerate() {
-        let s = row_scale::<W>(scale, r);
-        let mut i0 = 0;
-        while i0 + TOKENS <= t {
-            dot_tokens::<W, TOKENS>(
-                row,
-                s,
-                &x[i0 * k..(i0 + TOKENS) * k],
-                &mut out[i0..i0 + TOKENS],
-            );
-            i0 += TOKENS;
-        }
-        while i0 < t {
-            dot_tokens::<W, 1>(row, s, &x[i0 * k..(i0 + 1) * k], &mut out[i0..i0 + 1]);
-            i0 += 1;
-        }
-    }
-}
-
-/// Dot products of one weight row (scale `s`) with `N` tokens (`x` is `[N, k]`).
-#[inline(always)]
-fn dot_tokens<W: Weight, const N: usize>(row: &[W], s: f32, x: &[f32], out: &mut [f32]) {
-    let k = row.len();
-    let chunks = k / LANES;
-    let mut acc = [[0.0f32; LANES]; N];
-    for c in 0..chunks {
-        let mut wv = [0.0f32; LANES];
-        for (v, &b) in wv.iter_mut().zip(&row[c * LANES..(c + 1) * LANES]) {
-            *v = b.widen(s);
-        }
-        for (j, a) in acc.iter_mut().enumerate() {
-            let xv = &x[j * k + c * LANES..j * k + (c + 1) * LANES];
-            for i in 0..LANES {
-                a[i] = wv[i].mul_add(xv[i], a[i]);
-            }
-        }
-    }
-    for (j, a) in acc.iter().enumerate() {
-        let mut sum: f32 = a.iter().sum();
-        for i in chunks * LANES..k {
-            sum = row[i].widen(s).mul_add(x[j * k + i], sum);
-        }
-        out[j] = sum;
-    }
-}
-
-/// Rows handled together: four independent weight streams per core keep more memory
-/// requests in flight than one.
-const ROWS: usize = 2;
-
-#[inline(always)]
-fn dot_rows_generic<W: Weight>(w: &[W], scale: &[f32], x: &[f32], y: &mut [f32]) {
-    let k = x.len();
-    assert_eq!(w.len(), y.len() * k, "weight rows do not match");
-    assert!(!W::SCALED || scale.len() >= y.len(), "one scale per row");
-    let mut y_groups = y.chunks_exact_mut(ROWS);
-    let mut w_groups = w.chunks_exact(ROWS * k);
     let mut r0 = 0;
-    for (out, rows) in (&mut y_groups).zip(&mut w_groups) {
-        let s: [f32; ROWS] = std::array::from_fn(|r| row_scale::<W>(scale, r0 + r));
-        let mut acc = [[0.0f32; LANES]; ROWS];
-        let mut c = 0;
-        while c + LANES <= k {
-            for r in 0..ROWS {
-                prefetch(rows, r * k + c + PREFETCH_AHEAD);
-            }
-            let xv = &x[c..c + LANES];
-            for (r, a) in acc.iter_mut().enumerate() {
-                let wv = &rows[r * k + c..r * k + c + LANES];
-                for i in 0..LANES {
-                    a[i] = wv[i].widen(s[r]).mul_add(xv[i], a[i]);
-                }
-            }
-            c += LANES;
-        }
-        for (r, a) in acc.iter().enumerate() {
-            let mut sum: f32 = a.iter().sum();
-            for i in c..k {
-                sum = rows[r * k + i].widen(s[r]).mul_add(x[i], sum);
-            }
-            out[r] = sum;
-        }
-        r0 += ROWS;
+    while r0 + R <= rows {
+        row_tiles::<S, W, R, T>(w, scale, x, k, t, r0, yt);
+        r0 += R;
     }
-    for (out, row) in y_groups
-        .into_remainder()
-        .iter_mut()
-        .zip(w_groups.remainder().chunks_exact(k))
-    {
-        let s = row_scale::<W>(scale, r0);
-        let mut acc = [0.0f32; LANES];
-        let mut wc = row.chunks_exact(LANES);
-        let mut xc = x.chunks_exact(LANES);
-        for (wv, xv) in (&mut wc).zip(&mut xc) {
-            for i in 0..LANES {
-                acc[i] = wv[i].widen(s).mul_add(xv[i], acc[i]);
-            }
-        }
-        let mut sum: f32 = acc.iter().sum();
-        for (wv, xv) in wc.remainder().iter().zip(xc.remainder()) {
-            sum = wv.widen(s).mul_add(*xv, sum);
-        }
-        *out = sum;
+    while r0 < rows {
+        row_tiles::<S, W, 1, T>(w, scale, x, k, t, r0, yt);
         r0 += 1;
     }
 }
 
+/// Rows `r0..r0 + R` for every token: tiles of `T` tokens, then single tokens.
 #[inline(always)]
-fn axpy_rows_generic(w: &[u16], cols: usize, j0: usize, x: &[f32], y: &mut [f32]) {
-    assert!(
-        w.len() >= x.len() * cols && j0 + y.len() <= cols,
-        "weight shape"
-    );
-    y.fill(0.0);
-    let n = y.len();
-    for (k, &xk) in x.iter().enumerate() {
-        let row = &w[k * cols + j0..k * cols + j0 + n];
-        for (out, &wv) in y.iter_mut().zip(row) {
-            *out = widen(wv).mul_add(xk, *out);
+fn row_tiles<S: Lanes, W: Weight, const R: usize, const T: usize>(
+    w: &[W],
+    scale: &[f32],
+    x: &[f32],
+    k: usize,
+    t: usize,
+    r0: usize,
+    yt: &mut [f32],
+) {
+    let s: [f32; R] = std::array::from_fn(|r| row_scale::<W>(scale, r0 + r));
+    let rows: [&[W]; R] = std::array::from_fn(|r| &w[(r0 + r) * k..(r0 + r + 1) * k]);
+    let mut i0 = 0;
+    while i0 + T <= t {
+        let xs: [&[f32]; T] = std::array::from_fn(|j| &x[(i0 + j) * k..(i0 + j + 1) * k]);
+        let out = dot_tile::<S, W, R, T>(&rows, &s, &xs);
+        for (r, o) in out.iter().enumerate() {
+            yt[(r0 + r) * t + i0..(r0 + r) * t + i0 + T].copy_from_slice(o);
+        }
+        i0 += T;
+    }
+    while i0 < t {
+        let out = dot_tile::<S, W, R, 1>(&rows, &s, &[&x[i0 * k..(i0 + 1) * k]]);
+        for (r, o) in out.iter().enumerate() {
+            yt[(r0 + r) * t + i0] = o[0];
+        }
+        i0 += 1;
+    }
+}
+
+/// The dot products of `R` weight rows (factors `s`) with `T` tokens, each in the one
+/// canonical order: `LANES` accumulators over K (lane `i` takes the elements `i mod LANES`
+/// of the full chunks, in order), summed by `lane_sum`, then the tail element by element.
+/// The tile shape decides only which products share a pass over the weights, never a bit.
+#[inline(always)]
+fn dot_tile<S: Lanes, W: Weight, const R: usize, const T: usize>(
+    rows: &[&[W]; R],
+    s: &[f32; R],
+    xs: &[&[f32]; T],
+) -> [[f32; T]; R] {
+    let k = xs[0].len();
+    let chunks = k / LANES;
+    let mut acc = [[S::zero(); T]; R];
+    for c in 0..chunks {
+        let o = c * LANES;
+        let mut wv = [S::zero(); R];
+        for r in 0..R {
+            prefetch(rows[r], o + PREFETCH_AHEAD);
+            wv[r] = W::lanes(chunk(rows[r], o), s[r]);
+        }
+        for j in 0..T {
+            let xv = S::load(chunk(xs[j], o));
+            for r in 0..R {
+                acc[r][j] = acc[r][j].fma(wv[r], xv);
+            }
         }
     }
+    let mut out = [[0.0f32; T]; R];
+    for r in 0..R {
+        for j in 0..T {
+            let mut sum = acc[r][j].sum();
+            for i in chunks * LANES..k {
+                sum = rows[r][i].widen(s[r]).mul_add(xs[j][i], sum);
+            }
+            out[r][j] = sum;
+        }
+    }
+    out
+}
+
+/// The `LANES` elements of `v` from `o`.
+#[inline(always)]
+fn chunk<T>(v: &[T], o: usize) -> &[T; LANES] {
+    v[o..o + LANES].try_into().expect("a full chunk")
+}
+
+/// `dot_rows`: the tiles of `dot_rows_multi` for one token, `R` rows per pass (several
+/// independent weight streams per core keep more memory requests in flight than one).
+#[inline(always)]
+fn dot_rows_generic<S: Lanes, W: Weight, const R: usize>(
+    w: &[W],
+    scale: &[f32],
+    x: &[f32],
+    y: &mut [f32],
+) {
+    assert_eq!(w.len(), y.len() * x.len(), "weight rows do not match");
+    dot_rows_multi_generic::<S, W, R, 1>(w, scale, x, 1, y);
+}
+
+/// `axpy_rows`: the tiles of `axpy_rows_multi` for one token, `C` lane chunks wide.
+#[inline(always)]
+fn axpy_rows_generic<S: Lanes, const C: usize>(
+    w: &[u16],
+    cols: usize,
+    j0: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    axpy_rows_multi_generic::<S, C, 1>(w, cols, j0, x, 1, y);
 }
 
 #[cfg(test)]
@@ -376,7 +760,7 @@ mod tests {
         let mut y = vec![0.0; rows];
         dot_rows(&w, &[], &x, &mut y);
         let mut yg = vec![0.0; rows];
-        dot_rows_generic(&w, &[], &x, &mut yg);
+        dot_rows_generic::<Scalar, u16, 2>(&w, &[], &x, &mut yg);
         for r in 0..rows {
             let expected: f32 = (0..k).map(|i| widen(w[r * k + i]) * x[i]).sum();
             assert!((y[r] - expected).abs() < 1e-4 && (yg[r] - expected).abs() < 1e-4);
