@@ -587,8 +587,8 @@ fn axpy_tile<S: Lanes, const C: usize, const T: usize>(
 }
 
 kernel! {
-    /// `dot_rows` for `t` tokens at once: `x` is `[t, k]` and `yt` is `[rows, t]`
-    /// (token-minor). Each weight row is widened once for all tokens, and every (row, token)
+    /// `dot_rows` for `t` tokens at once: `x` is `[t, k]` and `y` is `[t, rows]`. Each
+    /// weight row is widened once for all tokens, and every (row, token)
     /// dot product is computed in exactly the order `dot_rows` uses for that token alone: a
     /// token's output never depends on which other tokens share the batch.
     pub fn dot_rows_multi / dot_rows_multi_on<W: Weight>(
@@ -596,7 +596,7 @@ kernel! {
         scale: &[f32],
         x: &[f32],
         t: usize,
-        yt: &mut [f32],
+        y: &mut [f32],
     ) => avx512: dot_rows_multi_generic::<Avx512, W, 4, 4>,
         avx2: dot_rows_multi_generic::<Avx2, W, 2, 2>,
         baseline: dot_rows_multi_generic::<Scalar, W, 1, 4>
@@ -624,22 +624,22 @@ fn dot_rows_multi_generic<S: Lanes, W: Weight, const R: usize, const T: usize>(
     scale: &[f32],
     x: &[f32],
     t: usize,
-    yt: &mut [f32],
+    y: &mut [f32],
 ) {
     let k = x.len() / t.max(1);
-    let rows = yt.len() / t.max(1);
+    let rows = y.len() / t.max(1);
     assert!(
-        w.len() >= rows * k && x.len() == t * k && yt.len() == rows * t,
+        w.len() >= rows * k && x.len() == t * k && y.len() == rows * t,
         "shapes do not match"
     );
     assert!(!W::SCALED || scale.len() >= rows, "one scale per row");
     let mut r0 = 0;
     while r0 + R <= rows {
-        row_tiles::<S, W, R, T>(w, scale, x, k, t, r0, yt);
+        row_tiles::<S, W, R, T>(w, scale, x, k, t, r0, y);
         r0 += R;
     }
     while r0 < rows {
-        row_tiles::<S, W, 1, T>(w, scale, x, k, t, r0, yt);
+        row_tiles::<S, W, 1, T>(w, scale, x, k, t, r0, y);
         r0 += 1;
     }
 }
@@ -653,8 +653,9 @@ fn row_tiles<S: Lanes, W: Weight, const R: usize, const T: usize>(
     k: usize,
     t: usize,
     r0: usize,
-    yt: &mut [f32],
+    y: &mut [f32],
 ) {
+    let n = y.len() / t;
     let s: [f32; R] = std::array::from_fn(|r| row_scale::<W>(scale, r0 + r));
     let rows: [&[W]; R] = std::array::from_fn(|r| &w[(r0 + r) * k..(r0 + r + 1) * k]);
     let mut i0 = 0;
@@ -662,14 +663,16 @@ fn row_tiles<S: Lanes, W: Weight, const R: usize, const T: usize>(
         let xs: [&[f32]; T] = std::array::from_fn(|j| &x[(i0 + j) * k..(i0 + j + 1) * k]);
         let out = dot_tile::<S, W, R, T>(&rows, &s, &xs);
         for (r, o) in out.iter().enumerate() {
-            yt[(r0 + r) * t + i0..(r0 + r) * t + i0 + T].copy_from_slice(o);
+            for (j, v) in o.iter().enumerate() {
+                y[(i0 + j) * n + r0 + r] = *v;
+            }
         }
         i0 += T;
     }
     while i0 < t {
         let out = dot_tile::<S, W, R, 1>(&rows, &s, &[&x[i0 * k..(i0 + 1) * k]]);
         for (r, o) in out.iter().enumerate() {
-            yt[(r0 + r) * t + i0] = o[0];
+            y[i0 * n + r0 + r] = o[0];
         }
         i0 += 1;
     }
@@ -773,7 +776,7 @@ mod tests {
             let mut alone = vec![0.0; rows];
             dot_rows(&w, &[], &xs3[i * k..(i + 1) * k], &mut alone);
             for r in 0..rows {
-                assert_eq!(yt[r * 7 + i], alone[r], "row {r}, token {i}");
+                assert_eq!(yt[i * rows + r], alone[r], "row {r}, token {i}");
             }
         }
         // Several tokens at once give each token's single-token result, bit for bit.
@@ -829,7 +832,7 @@ mod tests {
             let mut alone = vec![0.0; rows];
             dot_rows(&w, &scale, &x[i * k..(i + 1) * k], &mut alone);
             for r in 0..rows {
-                assert_eq!(yt[r * 3 + i], alone[r], "row {r}, token {i}");
+                assert_eq!(yt[i * rows + r], alone[r], "row {r}, token {i}");
             }
         }
     }
@@ -876,7 +879,7 @@ mod tests {
                         dot_rows_multi_on(isa, &bf16, &[], &x, t, &mut yt);
                     }
                     for (i, w) in want.iter().enumerate() {
-                        let got: Vec<u32> = (0..rows).map(|r| yt[r * t + i].to_bits()).collect();
+                        let got: Vec<u32> = (0..rows).map(|r| yt[i * rows + r].to_bits()).collect();
                         let w: Vec<u32> = w.iter().map(|v| v.to_bits()).collect();
                         assert_eq!(got, w, "{isa:?} fp8={fp} rows {rows} k {k} token {i}/{t}");
                         let single: Vec<u32> =

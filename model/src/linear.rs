@@ -192,8 +192,8 @@ impl Linear {
                 });
             return;
         }
-        // Each part computes its features for all tokens into its own buffer:
-        // feature-major (`[n, t]`) for OutIn, token-major (`[t, n]`) for InOut.
+        // Each part computes its features for all tokens into its own buffer (`[t, n]`),
+        // whose token rows are then copied into place.
         let pieces: Vec<(usize, Vec<f32>)> = (0..out_dim)
             .step_by(per_part)
             .collect::<Vec<_>>()
@@ -213,19 +213,8 @@ impl Linear {
             .collect();
         for (j0, part) in pieces {
             let n = part.len() / t;
-            match self.layout {
-                Layout::OutIn => {
-                    for (j, col) in part.chunks_exact(t).enumerate() {
-                        for (i, v) in col.iter().enumerate() {
-                            y[i * out_dim + j0 + j] = *v;
-                        }
-                    }
-                }
-                Layout::InOut => {
-                    for (i, src) in part.chunks_exact(n).enumerate() {
-                        y[i * out_dim + j0..i * out_dim + j0 + n].copy_from_slice(src);
-                    }
-                }
+            for (i, src) in part.chunks_exact(n).enumerate() {
+                y[i * out_dim + j0..i * out_dim + j0 + n].copy_from_slice(src);
             }
         }
     }
@@ -317,13 +306,13 @@ impl Rows<'_> {
         }
     }
 
-    /// Output features `j0..` of `t` tokens into `yt` (`[features, t]`).
-    fn dot_multi(self, j0: usize, k: usize, x: &[f32], t: usize, yt: &mut [f32]) {
-        let n = yt.len() / t;
+    /// Output features `j0..` of `t` tokens into `y` (`[t, features]`).
+    fn dot_multi(self, j0: usize, k: usize, x: &[f32], t: usize, y: &mut [f32]) {
+        let n = y.len() / t;
         match self {
-            Rows::Bf16(w) => kernels::dot_rows_multi(&w[j0 * k..(j0 + n) * k], &[], x, t, yt),
+            Rows::Bf16(w) => kernels::dot_rows_multi(&w[j0 * k..(j0 + n) * k], &[], x, t, y),
             Rows::Fp8(w, s) => {
-                kernels::dot_rows_multi(&w[j0 * k..(j0 + n) * k], &s[j0..j0 + n], x, t, yt)
+                kernels::dot_rows_multi(&w[j0 * k..(j0 + n) * k], &s[j0..j0 + n], x, t, y)
             }
         }
     }
