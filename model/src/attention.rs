@@ -5,25 +5,26 @@
 //! asks, apply the weightless RMS qk-norm; on NoPE layers scale q by the temperature
 //! `1 + attn_scale · ln(1 + ⌊(p+1)/floor_scale⌋)`; append k/v to the cache; attend. A query
 //! at absolute position p sees the keys in `[lo(p), p]`, where lo(p) is the start of p's
-//! aligned chunk on RoPE layers and 0 on NoPE layers. Scores and the weighted sum are
-//! `gemm` products per (head, block of queries); masked entries are exact zeros after the
-//! softmax.
+//! aligned chunk on RoPE layers and 0 on NoPE layers. Scores, softmax and the weighted sum
+//! run per (head, block of queries) in `kernels::attend_block`, blocked over the keys;
+//! masked entries weigh an exact zero.
 
 use rayon::prelude::*;
 
 use crate::checkpoint::WeightSource;
 use crate::config::TextConfig;
 use crate::error::Result;
+use crate::kernels;
 use crate::kv_cache::{BlockPool, LayerCache};
-use crate::linear::{gemm_f32, Dims, Linear, Mat, MatRef};
+use crate::linear::Linear;
 use crate::norm::rms_norm_in_place;
 use crate::rope::Rope;
 
-/// Queries handled by one scores product. One: each query's products then span exactly
-/// its visible keys, so its result does not depend on which other queries of its sequence
-/// run in the same step (whole-prompt prefill, chunked prefill and decode agree bit for
-/// bit, and a preempted sequence recomputes exactly what it had).
-const QUERY_BLOCK: usize = 1;
+/// Queries of one head attended together: they share each pass over the keys. Each query's
+/// result is still what it gets alone (`kernels::attend_block`), so whole-prompt prefill,
+/// chunked prefill and decode agree bit for bit, and a preempted sequence recomputes
+/// exactly what it had.
+const QUERY_BLOCK: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -217,35 +218,29 @@ pub fn attend(
     let per_head: Vec<Vec<f32>> = (0..g.heads)
         .into_par_iter()
         .map(|h| {
-            let kv_off = (h / group) * d;
             let mut o = vec![0.0f32; len * d];
             for b0 in (0..len).step_by(QUERY_BLOCK) {
                 let b1 = (b0 + QUERY_BLOCK).min(len);
-                let nb = b1 - b0;
-                let lo_key = g.first_visible(start_pos + b0);
-                let k0 = lo_key - base;
-                let k1 = start_pos + b1 - base;
-                let lk = k1 - k0;
-                let mut s = vec![0.0f32; nb * lk];
-                gemm_f32(
-                    Dims { m: nb, n: lk, k: d },
-                    Mat::new(&mut s, lk, 1),
-                    MatRef::new(&q[b0 * qw + h * d..], qw, 1),
-                    MatRef::new(&keys[k0 * kw + kv_off..], 1, kw),
-                    false,
-                );
-                for (i, row) in s.chunks_exact_mut(lk).enumerate() {
-                    let pos = start_pos + b0 + i;
-                    let lo = g.first_visible(pos) - lo_key;
-                    let hi = pos - lo_key;
-                    masked_softmax(row, lo, hi, scale);
-                }
-                gemm_f32(
-                    Dims { m: nb, n: d, k: lk },
-                    Mat::new(&mut o[b0 * d..b1 * d], d, 1),
-                    MatRef::new(&s, lk, 1),
-                    MatRef::new(&values[k0 * kw + kv_off..], kw, 1),
-                    false,
+                let visible: Vec<(usize, usize)> = (b0..b1)
+                    .map(|i| {
+                        let pos = start_pos + i;
+                        (g.first_visible(pos) - base, pos - base)
+                    })
+                    .collect();
+                kernels::attend_block(
+                    &kernels::HeadBlock {
+                        q: &q[b0 * qw..b1 * qw],
+                        q_stride: qw,
+                        q_off: h * d,
+                        keys,
+                        values,
+                        kv_stride: kw,
+                        kv_off: (h / group) * d,
+                        d,
+                        visible: &visible,
+                        scale,
+                    },
+                    &mut o[b0 * d..b1 * d],
                 );
             }
             o
@@ -256,22 +251,6 @@ pub fn attend(
             out[i * qw + h * d..i * qw + (h + 1) * d].copy_from_slice(src);
         }
     }
-}
-
-/// `softmax(row · scale)` over `row[lo..=hi]`; every other entry becomes 0.
-fn masked_softmax(row: &mut [f32], lo: usize, hi: usize, scale: f32) {
-    let visible = &mut row[lo..=hi];
-    let max = visible
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
-    let mut sum = 0.0;
-    for v in visible.iter_mut() {
-        *v = (*v * scale - max).exp();
-        sum += *v;
-    }
-    visible.iter_mut().for_each(|v| *v /= sum);
-    row[..lo].fill(0.0);
-    row[hi + 1..].fill(0.0);
 }
 
 /// Splits a `[t, width]` buffer into the row ranges of consecutive sequences.
@@ -293,10 +272,70 @@ fn split_rows<'b, S>(
 mod tests {
     use super::*;
 
+    /// Chunked causal GQA attention against a plain f64 softmax, and each query's bits the
+    /// same whether its block attends together or one query at a time (decode).
     #[test]
-    fn masked_softmax_zeroes_outside_the_window() {
-        let mut row = [5.0, 1.0, 1.0, 9.0];
-        masked_softmax(&mut row, 1, 2, 1.0);
-        assert_eq!(row, [0.0, 0.5, 0.5, 0.0]);
+    fn attend_matches_a_plain_softmax_and_each_query_alone() {
+        let g = Geometry {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 20,
+            chunk: Some(24),
+        };
+        let (d, qw, kw) = (g.head_dim, g.heads * g.head_dim, g.kv_heads * g.head_dim);
+        let (base, start_pos, len) = (24, 29, 37);
+        let keys_n = start_pos + len - base;
+        let val = |i: usize, m: f32| ((i * 37 % 101) as f32 / 50.0 - 1.0) * m;
+        let q: Vec<f32> = (0..len * qw).map(|i| val(i, 1.5)).collect();
+        let keys: Vec<f32> = (0..keys_n * kw).map(|i| val(i + 7, 1.0)).collect();
+        let values: Vec<f32> = (0..keys_n * kw).map(|i| val(i + 3, 2.0)).collect();
+        let mut out = vec![0.0f32; len * qw];
+        attend(g, &q, &keys, &values, base, start_pos, &mut out);
+        let scale = 1.0 / (d as f64).sqrt();
+        for i in 0..len {
+            let pos = start_pos + i;
+            let lo = g.first_visible(pos).max(base) - base;
+            for h in 0..g.heads {
+                let kv = (h / 2) * d;
+                let s: Vec<f64> = (lo..=pos - base)
+                    .map(|j| {
+                        (0..d)
+                            .map(|e| (q[i * qw + h * d + e] * keys[j * kw + kv + e]) as f64)
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::MIN, f64::max);
+                let w: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+                let total: f64 = w.iter().sum();
+                for e in 0..d {
+                    let want: f64 = w
+                        .iter()
+                        .enumerate()
+                        .map(|(n, p)| p * values[(lo + n) * kw + kv + e] as f64)
+                        .sum::<f64>()
+                        / total;
+                    let got = out[i * qw + h * d + e] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "query {i} head {h}: {got} vs {want}"
+                    );
+                }
+            }
+            // The query alone, as decode computes it.
+            let mut alone = vec![0.0f32; qw];
+            let keys_to = (pos + 1 - base) * kw;
+            attend(
+                g,
+                &q[i * qw..(i + 1) * qw],
+                &keys[..keys_to],
+                &values[..keys_to],
+                base,
+                pos,
+                &mut alone,
+            );
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&alone), bits(&out[i * qw..(i + 1) * qw]), "query {i}");
+        }
     }
 }

@@ -140,6 +140,22 @@ impl Weight for u16 {
     }
 }
 
+/// f32 values (the attention's keys and values): widening is nothing.
+impl Weight for f32 {
+    const SCALED: bool = false;
+    fn row_factor(_: f32) -> f32 {
+        1.0
+    }
+    #[inline(always)]
+    fn widen(self, _: f32) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn lanes<S: Lanes>(src: &[Self; LANES], _: f32) -> S {
+        S::load(src)
+    }
+}
+
 /// 2^120: the bias of f32 exponents (127) less that of e4m3 (7).
 const E4M3_REBIAS: f32 = f32::from_bits(0x7B80_0000);
 
@@ -450,34 +466,34 @@ kernel! {
 kernel! {
     /// `y[j] = Σ_k x[k] · w[k, j0 + j]` over a `[x.len(), cols]` bf16 matrix (the "x @ W"
     /// orientation), for the column range `j0..j0 + y.len()`.
-    pub fn axpy_rows / axpy_rows_on(w: &[u16], cols: usize, j0: usize, x: &[f32], y: &mut [f32])
-        => avx512: axpy_rows_generic::<Avx512, 8>,
-            avx2: axpy_rows_generic::<Avx2, 4>,
-            baseline: axpy_rows_generic::<Scalar, 1>
+    pub fn axpy_rows / axpy_rows_on<W: Weight>(w: &[W], cols: usize, j0: usize, x: &[f32], y: &mut [f32])
+        => avx512: axpy_rows_generic::<Avx512, W, 8>,
+            avx2: axpy_rows_generic::<Avx2, W, 4>,
+            baseline: axpy_rows_generic::<Scalar, W, 1>
 }
 
 kernel! {
     /// `axpy_rows` for `t` tokens at once: `x` is `[t, k]`, `y` is `[t, y_cols]`. Each token's
     /// result is computed in exactly the order `axpy_rows` uses for it alone, so a token's
     /// output never depends on which other tokens share the call.
-    pub fn axpy_rows_multi / axpy_rows_multi_on(
-        w: &[u16],
+    pub fn axpy_rows_multi / axpy_rows_multi_on<W: Weight>(
+        w: &[W],
         cols: usize,
         j0: usize,
         x: &[f32],
         t: usize,
         y: &mut [f32],
-    ) => avx512: axpy_rows_multi_generic::<Avx512, 4, 4>,
-        avx2: axpy_rows_multi_generic::<Avx2, 2, 2>,
-        baseline: axpy_rows_multi_generic::<Scalar, 1, 4>
+    ) => avx512: axpy_rows_multi_generic::<Avx512, W, 4, 4>,
+        avx2: axpy_rows_multi_generic::<Avx2, W, 2, 2>,
+        baseline: axpy_rows_multi_generic::<Scalar, W, 1, 4>
 }
 
 /// `axpy_rows_multi` in tiles of `C` lane chunks of columns × `T` tokens (the remainders in
 /// smaller tiles, the last columns one by one). The canonical order of every output: one
 /// accumulator from 0, `fma(w[k, j], x[k], acc)` for k ascending, in every tile shape.
 #[inline(always)]
-fn axpy_rows_multi_generic<S: Lanes, const C: usize, const T: usize>(
-    w: &[u16],
+fn axpy_rows_multi_generic<S: Lanes, W: Weight, const C: usize, const T: usize>(
+    w: &[W],
     cols: usize,
     j0: usize,
     x: &[f32],
@@ -492,18 +508,20 @@ fn axpy_rows_multi_generic<S: Lanes, const C: usize, const T: usize>(
     );
     let mut j = 0;
     while j + C * LANES <= n {
-        column_tiles::<S, C, T>(w, cols, j0, j, x, k, t, y);
+        column_tiles::<S, W, C, T>(w, cols, j0, j, x, k, t, y);
         j += C * LANES;
     }
     while j + LANES <= n {
-        column_tiles::<S, 1, T>(w, cols, j0, j, x, k, t, y);
+        column_tiles::<S, W, 1, T>(w, cols, j0, j, x, k, t, y);
         j += LANES;
     }
     for jj in j..n {
         for i in 0..t {
             let mut acc = 0.0f32;
             for kk in 0..k {
-                acc = widen(w[kk * cols + j0 + jj]).mul_add(x[i * k + kk], acc);
+                acc = w[kk * cols + j0 + jj]
+                    .widen(1.0)
+                    .mul_add(x[i * k + kk], acc);
             }
             y[i * n + jj] = acc;
         }
@@ -514,8 +532,8 @@ fn axpy_rows_multi_generic<S: Lanes, const C: usize, const T: usize>(
 /// tokens, then single tokens.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn column_tiles<S: Lanes, const C: usize, const T: usize>(
-    w: &[u16],
+fn column_tiles<S: Lanes, W: Weight, const C: usize, const T: usize>(
+    w: &[W],
     cols: usize,
     j0: usize,
     j: usize,
@@ -527,7 +545,7 @@ fn column_tiles<S: Lanes, const C: usize, const T: usize>(
     let n = y.len() / t;
     let mut i0 = 0;
     while i0 + T <= t {
-        let acc = axpy_tile::<S, C, T>(w, cols, j0 + j, &x[i0 * k..(i0 + T) * k], k);
+        let acc = axpy_tile::<S, W, C, T>(w, cols, j0 + j, &x[i0 * k..(i0 + T) * k], k);
         for (i, a) in acc.iter().enumerate() {
             let row = (i0 + i) * n + j;
             for (c, v) in a.iter().enumerate() {
@@ -541,7 +559,7 @@ fn column_tiles<S: Lanes, const C: usize, const T: usize>(
         i0 += T;
     }
     while i0 < t {
-        let acc = axpy_tile::<S, C, 1>(w, cols, j0 + j, &x[i0 * k..(i0 + 1) * k], k);
+        let acc = axpy_tile::<S, W, C, 1>(w, cols, j0 + j, &x[i0 * k..(i0 + 1) * k], k);
         let row = i0 * n + j;
         for (c, v) in acc[0].iter().enumerate() {
             v.store(
@@ -559,8 +577,8 @@ const AXPY_PREFETCH_ROWS: usize = 8;
 
 /// Columns `col..col + C·LANES` of `T` tokens (`x` is `[T, k]`), every weight row once.
 #[inline(always)]
-fn axpy_tile<S: Lanes, const C: usize, const T: usize>(
-    w: &[u16],
+fn axpy_tile<S: Lanes, W: Weight, const C: usize, const T: usize>(
+    w: &[W],
     cols: usize,
     col: usize,
     x: &[f32],
@@ -574,7 +592,7 @@ fn axpy_tile<S: Lanes, const C: usize, const T: usize>(
         }
         let mut wv = [S::zero(); C];
         for (c, v) in wv.iter_mut().enumerate() {
-            *v = S::bf16(chunk(w, row + c * LANES));
+            *v = W::lanes(chunk(w, row + c * LANES), 1.0);
         }
         for i in 0..T {
             let xb = S::splat(x[i * k + kk]);
@@ -739,14 +757,176 @@ fn dot_rows_generic<S: Lanes, W: Weight, const R: usize>(
 
 /// `axpy_rows`: the tiles of `axpy_rows_multi` for one token, `C` lane chunks wide.
 #[inline(always)]
-fn axpy_rows_generic<S: Lanes, const C: usize>(
-    w: &[u16],
+fn axpy_rows_generic<S: Lanes, W: Weight, const C: usize>(
+    w: &[W],
     cols: usize,
     j0: usize,
     x: &[f32],
     y: &mut [f32],
 ) {
-    axpy_rows_multi_generic::<S, C, 1>(w, cols, j0, x, 1, y);
+    axpy_rows_multi_generic::<S, W, C, 1>(w, cols, j0, x, 1, y);
+}
+
+/// One head's attention for a block of queries (see `attend_block`).
+#[derive(Debug, Clone, Copy)]
+pub struct HeadBlock<'a> {
+    /// The block's queries, `[n, q_stride]`; this head's `d` values start at `q_off`.
+    pub q: &'a [f32],
+    pub q_stride: usize,
+    pub q_off: usize,
+    /// Keys and values, `[keys, kv_stride]`; this head's start at `kv_off`.
+    pub keys: &'a [f32],
+    pub values: &'a [f32],
+    pub kv_stride: usize,
+    pub kv_off: usize,
+    pub d: usize,
+    /// Per query, the key indices it sees (`lo..=hi`).
+    pub visible: &'a [(usize, usize)],
+    /// Scores are multiplied by it before the softmax.
+    pub scale: f32,
+}
+
+kernel! {
+    /// `out[i] = Σ_j p_ij · v_j / Σ_j p_ij` with `p_ij = exp(s_ij − max_j s_ij)` and
+    /// `s_ij = scale · (q_i · k_j)` over query i's visible keys (`HeadBlock`), `out` `[n, d]`.
+    /// Every query's bits are those it gets alone: scores are `dot_rows` products, the max
+    /// and the sum (`LANES` accumulators from the first visible key, `lane_sum`, tail) run
+    /// over its own keys, `exp_canonical` is one fixed formula, and the weighted sum is the
+    /// `axpy_rows` order over the block's keys, where the keys a query does not see weigh
+    /// an exact 0 and add nothing.
+    pub fn attend_block / attend_block_on(h: &HeadBlock<'_>, out: &mut [f32])
+        => avx512: attend_block_generic::<Avx512, 4, 4, 4>,
+            avx2: attend_block_generic::<Avx2, 2, 2, 2>,
+            baseline: attend_block_generic::<Scalar, 1, 4, 1>
+}
+
+/// `attend_block` with key tiles of `R` keys × `T` queries for the scores and `C` lane
+/// chunks of the head for the weighted sum.
+#[inline(always)]
+fn attend_block_generic<S: Lanes, const R: usize, const T: usize, const C: usize>(
+    h: &HeadBlock<'_>,
+    out: &mut [f32],
+) {
+    let (n, d) = (h.visible.len(), h.d);
+    assert_eq!(out.len(), n * d, "one output row per query");
+    if n == 0 {
+        return;
+    }
+    let lo = h.visible.iter().map(|v| v.0).min().expect("a query");
+    let hi = h.visible.iter().map(|v| v.1).max().expect("a query");
+    assert!(
+        h.visible.iter().all(|&(a, b)| a <= b)
+            && (hi + 1) * h.kv_stride <= h.keys.len().min(h.values.len())
+            && h.kv_off + d <= h.kv_stride
+            && h.q_off + d <= h.q_stride
+            && (n - 1) * h.q_stride + h.q_off + d <= h.q.len(),
+        "attention shapes"
+    );
+    let span = hi + 1 - lo;
+    let key = |j: usize| &h.keys[j * h.kv_stride + h.kv_off..j * h.kv_stride + h.kv_off + d];
+    let query = |i: usize| &h.q[i * h.q_stride + h.q_off..i * h.q_stride + h.q_off + d];
+    // Scores, [n, span].
+    let mut p = vec![0.0f32; n * span];
+    let ones = [1.0f32; R];
+    let mut j0 = lo;
+    while j0 <= hi {
+        let rr = (hi + 1 - j0).min(R);
+        let mut i0 = 0;
+        while i0 < n {
+            let tt = (n - i0).min(T);
+            if rr == R && tt == T {
+                let rows: [&[f32]; R] = std::array::from_fn(|r| key(j0 + r));
+                let xs: [&[f32]; T] = std::array::from_fn(|i| query(i0 + i));
+                let s = dot_tile::<S, f32, R, T>(&rows, &ones, &xs);
+                for (r, col) in s.iter().enumerate() {
+                    for (i, v) in col.iter().enumerate() {
+                        p[(i0 + i) * span + j0 + r - lo] = *v;
+                    }
+                }
+            } else {
+                for r in 0..rr {
+                    for i in 0..tt {
+                        let s = dot_tile::<S, f32, 1, 1>(&[key(j0 + r)], &[1.0], &[query(i0 + i)]);
+                        p[(i0 + i) * span + j0 + r - lo] = s[0][0];
+                    }
+                }
+            }
+            i0 += tt;
+        }
+        j0 += rr;
+    }
+    // Softmax weights (unnormalised) over each query's own keys, zero elsewhere.
+    let mut sums = vec![0.0f32; n];
+    for (i, (row, &(a, b))) in p.chunks_exact_mut(span).zip(h.visible).enumerate() {
+        let (a, b) = (a - lo, b - lo);
+        let seen = &mut row[a..=b];
+        let max = seen
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &v| m.max(v * h.scale));
+        for v in seen.iter_mut() {
+            *v = exp_canonical(*v * h.scale - max);
+        }
+        sums[i] = lane_total(seen);
+        row[..a].fill(0.0);
+        row[b + 1..].fill(0.0);
+    }
+    // Weighted sums of the values, then the normalisation.
+    axpy_rows_multi_generic::<S, f32, C, T>(
+        &h.values[lo * h.kv_stride..(hi + 1) * h.kv_stride],
+        h.kv_stride,
+        h.kv_off,
+        &p,
+        n,
+        out,
+    );
+    for (row, s) in out.chunks_exact_mut(d).zip(&sums) {
+        row.iter_mut().for_each(|v| *v /= s);
+    }
+}
+
+/// `Σ v` in the canonical order of a dot product: `LANES` accumulators over the full chunks,
+/// `lane_sum`, then the tail in order.
+#[inline(always)]
+fn lane_total(v: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = v.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    let mut sum = lane_sum(&acc);
+    for x in chunks.remainder() {
+        sum += x;
+    }
+    sum
+}
+
+/// `e^x` in one fixed sequence of IEEE operations (so every build and every vector width
+/// gives the same bits; within 2 ulp of the true value): `x = n·ln 2 + r` with n
+/// nearest-even and r by Cody–Waite, `e^r` by Cephes' degree-7 polynomial, scaled by 2^n.
+/// Below −87.3 (where e^x leaves the normal range) the result is 0.
+#[inline(always)]
+pub fn exp_canonical(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let xc = x.clamp(-87.336_55, 88.0);
+    let n = (xc * LOG2E).round_ties_even();
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xc));
+    let mut p = 1.987_569_1e-4f32;
+    p = p.mul_add(r, 1.398_199_9e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 0.166_666_65);
+    p = p.mul_add(r, 0.5);
+    let er = p.mul_add(r * r, r) + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.336_55 {
+        0.0
+    } else {
+        er * scale
+    }
 }
 
 #[cfg(test)]
@@ -834,6 +1014,49 @@ mod tests {
             for r in 0..rows {
                 assert_eq!(yt[i * rows + r], alone[r], "row {r}, token {i}");
             }
+        }
+    }
+
+    #[test]
+    fn canonical_exp_is_close_and_the_same_in_every_build() {
+        let xs: Vec<f32> = (0..20_000).map(|i| -90.0 + i as f32 * 0.0047).collect();
+        for &x in &xs {
+            let got = exp_canonical(x) as f64;
+            let want = (x as f64).exp();
+            if x < -87.336_55 {
+                assert_eq!(got, 0.0);
+            } else {
+                assert!(
+                    (got - want).abs() <= 3e-7 * want,
+                    "exp({x}) = {got}, not {want}"
+                );
+            }
+        }
+        // Through the attention kernel of each build: the same weights, bit for bit.
+        let d = 16;
+        let keys: Vec<f32> = (0..40 * d).map(|i| (i % 23) as f32 * 0.4 - 4.0).collect();
+        let q: Vec<f32> = (0..3 * d).map(|i| (i % 7) as f32 * 0.9 - 3.0).collect();
+        let visible = [(0, 20), (3, 39), (39, 39)];
+        let block = HeadBlock {
+            q: &q,
+            q_stride: d,
+            q_off: 0,
+            keys: &keys,
+            values: &keys,
+            kv_stride: d,
+            kv_off: 0,
+            d,
+            visible: &visible,
+            scale: 0.7,
+        };
+        let run = |isa: Isa| {
+            let mut out = vec![0.0f32; 3 * d];
+            attend_block_on(isa, &block, &mut out);
+            out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        let base = run(Isa::Baseline);
+        for isa in [Isa::Avx2, Isa::Avx512].into_iter().filter(|&i| i <= isa()) {
+            assert_eq!(run(isa), base, "{isa:?}");
         }
     }
 
