@@ -910,8 +910,9 @@ fn lane_total(v: &[f32]) -> f32 {
 #[inline(always)]
 pub fn exp_canonical(x: f32) -> f32 {
     const LOG2E: f64 = std::f64::consts::LOG2_E;
-    const LN2_HI: f64 = 6.931_471_803_691_238_2e-1;
-    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
+    // fdlibm's split of ln 2: the high part has its low 32 bits zero, so n · LN2_HI is exact.
+    const LN2_HI: f64 = f64::from_bits(0x3FE6_2E42_FEE0_0000);
+    const LN2_LO: f64 = f64::from_bits(0x3DEA_39EF_3579_3C76);
     const LIMIT: f32 = -87.336_55;
     let xd = f64::from(x.clamp(LIMIT, 88.0));
     let n = (xd * LOG2E).round_ties_even();
