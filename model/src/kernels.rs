@@ -199,6 +199,15 @@ pub trait Lanes: Copy {
     fn fma(self, w: Self, x: Self) -> Self;
     /// The lanes summed in the canonical tree (`lane_sum`).
     fn sum(self) -> f32;
+    /// `sum` of 16 registers at once (a build may share the tree's steps between them).
+    #[inline(always)]
+    fn sum16(v: &[Self; 16]) -> [f32; 16] {
+        let mut out = [0.0f32; 16];
+        for (o, x) in out.iter_mut().zip(v) {
+            *o = x.sum();
+        }
+        out
+    }
     /// Every lane `v`.
     fn splat(v: f32) -> Self;
     fn store(self, out: &mut [f32; LANES]);
@@ -410,6 +419,50 @@ mod x86 {
                 let lo = _mm512_castps512_ps256(self.0);
                 let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self.0)));
                 sum8(_mm256_add_ps(lo, hi))
+            }
+        }
+        /// The tree of `lane_sum` for 16 registers, two at a time per step: halves of two
+        /// registers added in one (45 shuffles and adds instead of 16 × 8).
+        #[inline(always)]
+        fn sum16(v: &[Self; 16]) -> [f32; 16] {
+            // SAFETY: AVX-512 builds only (see the module doc).
+            unsafe {
+                // Width 8: u[m] holds v[2m]'s h[i] + h[i + 8] in its low half, v[2m + 1]'s in
+                // its high half.
+                let mut u = [_mm512_setzero_ps(); 8];
+                for (m, u) in u.iter_mut().enumerate() {
+                    let (a, b) = (v[2 * m].0, v[2 * m + 1].0);
+                    *u = _mm512_add_ps(
+                        _mm512_shuffle_f32x4::<0b0100_0100>(a, b),
+                        _mm512_shuffle_f32x4::<0b1110_1110>(a, b),
+                    );
+                }
+                // Width 4: quarter k of w[p] holds v[4p + k]'s four partial sums.
+                let mut w = [_mm512_setzero_ps(); 4];
+                for (p, w) in w.iter_mut().enumerate() {
+                    let (a, b) = (u[2 * p], u[2 * p + 1]);
+                    *w = _mm512_add_ps(
+                        _mm512_shuffle_f32x4::<0b1000_1000>(a, b),
+                        _mm512_shuffle_f32x4::<0b1101_1101>(a, b),
+                    );
+                }
+                // Width 2: quarter k of z[r] holds v[8r + k]'s two, then v[8r + 4 + k]'s.
+                let mut z = [_mm512_setzero_ps(); 2];
+                for (r, z) in z.iter_mut().enumerate() {
+                    let (a, b) = (w[2 * r], w[2 * r + 1]);
+                    *z = _mm512_add_ps(
+                        _mm512_shuffle_ps::<0b0100_0100>(a, b),
+                        _mm512_shuffle_ps::<0b1110_1110>(a, b),
+                    );
+                }
+                // Width 1: lane 4k + m holds v[4m + k]'s sum.
+                let s = _mm512_add_ps(
+                    _mm512_shuffle_ps::<0b1000_1000>(z[0], z[1]),
+                    _mm512_shuffle_ps::<0b1101_1101>(z[0], z[1]),
+                );
+                let mut lanes = [0.0f32; 16];
+                _mm512_storeu_ps(lanes.as_mut_ptr(), s);
+                std::array::from_fn(|i| lanes[4 * (i % 4) + i / 4])
             }
         }
         #[inline(always)]
@@ -724,9 +777,30 @@ fn dot_tile<S: Lanes, W: Weight, const R: usize, const T: usize>(
         }
     }
     let mut out = [[0.0f32; T]; R];
+    let mut sums = [[0.0f32; T]; R];
+    if R * T == 16 {
+        let mut all = [S::zero(); 16];
+        for r in 0..R {
+            for j in 0..T {
+                all[r * T + j] = acc[r][j];
+            }
+        }
+        let s16 = S::sum16(&all);
+        for r in 0..R {
+            for j in 0..T {
+                sums[r][j] = s16[r * T + j];
+            }
+        }
+    } else {
+        for r in 0..R {
+            for j in 0..T {
+                sums[r][j] = acc[r][j].sum();
+            }
+        }
+    }
     for r in 0..R {
         for j in 0..T {
-            let mut sum = acc[r][j].sum();
+            let mut sum = sums[r][j];
             for i in chunks * LANES..k {
                 sum = rows[r][i].widen(s[r]).mul_add(xs[j][i], sum);
             }
@@ -903,7 +977,7 @@ fn lane_total(v: &[f32]) -> f32 {
 }
 
 /// `e^x` in one fixed sequence of IEEE operations, so that every build and every vector
-/// width gives the same bits: evaluated in f64 (`x = n·ln 2 + r`, n nearest-even, r by
+/// width gives the same bits: evaluated in f64 (`x = n·ln 2 + r`, n nearest to x·log2 e, r by
 /// Cody–Waite; `e^r` by its Taylor series to degree 10, relative error below 2e-13) and
 /// rounded once to f32, which is the correctly rounded value but for ties closer than that.
 /// Below −87.3 (where e^x leaves f32's normal range) the result is 0.
@@ -914,8 +988,11 @@ pub fn exp_canonical(x: f32) -> f32 {
     const LN2_HI: f64 = f64::from_bits(0x3FE6_2E42_FEE0_0000);
     const LN2_LO: f64 = f64::from_bits(0x3DEA_39EF_3579_3C76);
     const LIMIT: f32 = -87.336_55;
+    // 1.5 · 2^52: adding it rounds to an integer (nearest-even) in the low mantissa bits.
+    const ROUND: f64 = 6_755_399_441_055_744.0;
     let xd = f64::from(x.clamp(LIMIT, 88.0));
-    let n = (xd * LOG2E).round_ties_even();
+    let shifted = xd.mul_add(LOG2E, ROUND);
+    let n = shifted - ROUND;
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xd));
     let mut p: f64 = 1.0 / 3_628_800.0;
     for c in [
@@ -932,7 +1009,8 @@ pub fn exp_canonical(x: f32) -> f32 {
     ] {
         p = p.mul_add(r, c);
     }
-    let scale = f64::from_bits(((n as i64 + 1023) as u64) << 52);
+    // The low bits of `shifted` are n (two's complement): n + 1023 moved into the exponent.
+    let scale = f64::from_bits(shifted.to_bits().wrapping_add(1023) << 52);
     if x < LIMIT {
         0.0
     } else {
