@@ -917,6 +917,15 @@ fn attend_block_generic<S: Lanes, const R: usize, const T: usize, const C: usize
                         p[(i0 + i) * span + j0 + r - lo] = *v;
                     }
                 }
+            } else if rr == R {
+                // Fewer queries than a tile (decode): R keys at a time for each.
+                let rows: [&[f32]; R] = std::array::from_fn(|r| key(j0 + r));
+                for i in i0..i0 + tt {
+                    let s = dot_tile::<S, f32, R, 1>(&rows, &ones, &[query(i)]);
+                    for (r, v) in s.iter().enumerate() {
+                        p[i * span + j0 + r - lo] = v[0];
+                    }
+                }
             } else {
                 for r in 0..rr {
                     for i in 0..tt {
