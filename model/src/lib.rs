@@ -39,6 +39,7 @@ pub mod error;
 mod forward;
 pub mod fp8;
 pub mod generate;
+pub mod hot;
 pub mod kernels;
 pub mod kv_cache;
 pub mod linear;

@@ -178,18 +178,21 @@ impl Linear {
         let parts = rayon::current_num_threads().min(out_dim);
         let per_part = out_dim.div_ceil(parts);
         if t == 1 {
-            y.par_chunks_mut(per_part)
-                .enumerate()
-                .for_each(|(p, y_part)| {
-                    let j0 = p * per_part;
-                    match (self.layout, rows) {
-                        (Layout::OutIn, rows) => rows.dot(j0, in_dim, x, y_part),
-                        (Layout::InOut, Rows::Bf16(w)) => {
-                            kernels::axpy_rows(w, out_dim, j0, x, y_part)
-                        }
-                        (Layout::InOut, Rows::Fp8(..)) => unreachable!("FP8 weights are OutIn"),
+            // One token: a few hundred µs of streaming at most, on the hot helpers (waking a
+            // sleeping rayon worker can cost as much).
+            let parts: Vec<std::sync::Mutex<&mut [f32]>> =
+                y.chunks_mut(per_part).map(std::sync::Mutex::new).collect();
+            crate::hot::run(parts.len(), &|p| {
+                let mut y_part = parts[p].lock().unwrap_or_else(|e| e.into_inner());
+                let j0 = p * per_part;
+                match (self.layout, rows) {
+                    (Layout::OutIn, rows) => rows.dot(j0, in_dim, x, &mut y_part),
+                    (Layout::InOut, Rows::Bf16(w)) => {
+                        kernels::axpy_rows(w, out_dim, j0, x, &mut y_part)
                     }
-                });
+                    (Layout::InOut, Rows::Fp8(..)) => unreachable!("FP8 weights are OutIn"),
+                }
+            });
             return;
         }
         // Each part computes its features for all tokens into its own buffer (`[t, n]`),

@@ -1,0 +1,179 @@
+//! A small pool of threads that stay hot between the products of a decode step.
+//!
+//! A one-token product reads a few MB of weights in ~100 µs; waking a sleeping rayon
+//! worker for it can cost as much (measured on 2-core VMs: a 2 MB `dot_rows` split over
+//! two threads ran at half the speed of one thread). The helpers here spin (yielding) for
+//! a while after each job before they sleep, so the products of one step find them awake.
+//! A job is a part count and a function of the part index; parts are taken from a shared
+//! counter (which thread runs a part never changes what it computes). One job runs at a
+//! time; a caller that finds the pool busy runs its parts itself.
+#![allow(unsafe_code)]
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long an idle helper keeps polling for the next job before it sleeps.
+const SPIN: Duration = Duration::from_micros(300);
+
+/// The function of a job with its borrow erased (see `run`).
+type PartFn = *const (dyn Fn(usize) + Sync + 'static);
+
+struct Job {
+    f: PartFn,
+    parts: usize,
+    next: AtomicUsize,
+    remaining: AtomicUsize,
+}
+
+// SAFETY: `f` points to a `Sync` closure that `run` keeps alive until every part has
+// finished (it waits for `remaining == 0`); after that no part index is handed out, so the
+// pointer is never dereferenced again by a thread holding an old `Job`.
+unsafe impl Send for Job {}
+unsafe impl Sync for Job {}
+
+impl Job {
+    /// Takes and runs parts until none is left.
+    fn work(&self) {
+        loop {
+            let p = self.next.fetch_add(1, Ordering::Relaxed);
+            if p >= self.parts {
+                return;
+            }
+            // SAFETY: part `p` is not finished, so `run` has not returned and `f` is alive.
+            unsafe { (*self.f)(p) };
+            self.remaining.fetch_sub(1, Ordering::Release);
+        }
+    }
+}
+
+struct Pool {
+    helpers: usize,
+    generation: AtomicUsize,
+    job: Mutex<Option<Arc<Job>>>,
+    busy: AtomicBool,
+    sleep: Mutex<()>,
+    wake: Condvar,
+}
+
+fn pool() -> &'static Pool {
+    static POOL: OnceLock<&'static Pool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let helpers = rayon::current_num_threads().saturating_sub(1);
+        let pool: &'static Pool = Box::leak(Box::new(Pool {
+            helpers,
+            generation: AtomicUsize::new(0),
+            job: Mutex::new(None),
+            busy: AtomicBool::new(false),
+            sleep: Mutex::new(()),
+            wake: Condvar::new(),
+        }));
+        for i in 0..helpers {
+            let spawned = std::thread::Builder::new()
+                .name(format!("expertmesh-hot-{i}"))
+                .spawn(move || helper(pool));
+            if spawned.is_err() {
+                // Without helpers the callers run every part themselves.
+                break;
+            }
+        }
+        pool
+    })
+}
+
+fn helper(pool: &'static Pool) {
+    let mut seen = pool.generation.load(Ordering::Acquire);
+    loop {
+        let since = Instant::now();
+        let mut spins = 0u32;
+        while pool.generation.load(Ordering::Acquire) == seen {
+            spins += 1;
+            if spins.is_multiple_of(64) {
+                if since.elapsed() > SPIN {
+                    let guard = pool.sleep.lock().unwrap_or_else(|e| e.into_inner());
+                    if pool.generation.load(Ordering::Acquire) == seen {
+                        // Bounded, as a guard: `run` notifies under the same lock.
+                        let _ = pool.wake.wait_timeout(guard, Duration::from_millis(5));
+                    }
+                } else {
+                    std::thread::yield_now();
+                }
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        seen = pool.generation.load(Ordering::Acquire);
+        let job = pool.job.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(job) = job {
+            job.work();
+        }
+    }
+}
+
+/// Runs `f(0)`, …, `f(parts - 1)` on this thread and the hot helpers, returning when all
+/// are done.
+pub fn run(parts: usize, f: &(dyn Fn(usize) + Sync)) {
+    let pool = pool();
+    if parts <= 1 || pool.helpers == 0 || pool.busy.swap(true, Ordering::Acquire) {
+        (0..parts).for_each(f);
+        return;
+    }
+    // SAFETY: only the lifetime is erased; this function does not return before every
+    // part has run (`remaining == 0` below), and `Job::work` hands out no part after that.
+    let erased: PartFn = unsafe {
+        std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), PartFn>(
+            f as *const (dyn Fn(usize) + Sync),
+        )
+    };
+    let job = Arc::new(Job {
+        f: erased,
+        parts,
+        next: AtomicUsize::new(0),
+        remaining: AtomicUsize::new(parts),
+    });
+    *pool.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(job.clone());
+    pool.generation.fetch_add(1, Ordering::Release);
+    // A helper between its check and its wait holds `sleep`: taking it here means every
+    // helper either sees the new generation or is waiting and gets the notification.
+    drop(pool.sleep.lock().unwrap_or_else(|e| e.into_inner()));
+    pool.wake.notify_all();
+    job.work();
+    let mut spins = 0u32;
+    while job.remaining.load(Ordering::Acquire) != 0 {
+        spins += 1;
+        if spins.is_multiple_of(64) {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+    *pool.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    pool.busy.store(false, Ordering::Release);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use super::*;
+
+    /// Every part runs exactly once, from one caller or several at once (the pool then
+    /// serves one and the others run their own parts).
+    #[test]
+    fn every_part_runs_once() {
+        std::thread::scope(|s| {
+            for c in 0..3u64 {
+                s.spawn(move || {
+                    for round in 0..200u64 {
+                        let parts = 1 + (round % 7) as usize;
+                        let hits: Vec<AtomicU64> = (0..parts).map(|_| AtomicU64::new(0)).collect();
+                        run(parts, &|p| {
+                            hits[p].fetch_add(c + 1, Ordering::Relaxed);
+                        });
+                        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == c + 1));
+                    }
+                });
+            }
+        });
+    }
+}
