@@ -24,6 +24,8 @@ struct Job {
     parts: usize,
     next: AtomicUsize,
     remaining: AtomicUsize,
+    /// A part panicked (its panic is caught where it ran; `run` then panics).
+    panicked: AtomicBool,
 }
 
 // SAFETY: `f` points to a `Sync` closure that `run` keeps alive until every part has
@@ -41,7 +43,11 @@ impl Job {
                 return;
             }
             // SAFETY: part `p` is not finished, so `run` has not returned and `f` is alive.
-            unsafe { (*self.f)(p) };
+            let f = unsafe { &*self.f };
+            // A panicking part still counts as finished, so that no thread waits forever.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(p))).is_err() {
+                self.panicked.store(true, Ordering::Relaxed);
+            }
             self.remaining.fetch_sub(1, Ordering::Release);
         }
     }
@@ -111,7 +117,8 @@ fn helper(pool: &'static Pool) {
 }
 
 /// Runs `f(0)`, …, `f(parts - 1)` on this thread and the hot helpers, returning when all
-/// are done.
+/// are done. A part that panics leaves the pool usable, and this call then panics too (as a
+/// rayon fork would).
 pub fn run(parts: usize, f: &(dyn Fn(usize) + Sync)) {
     let pool = pool();
     if parts <= 1 || pool.helpers == 0 || pool.busy.swap(true, Ordering::Acquire) {
@@ -130,6 +137,7 @@ pub fn run(parts: usize, f: &(dyn Fn(usize) + Sync)) {
         parts,
         next: AtomicUsize::new(0),
         remaining: AtomicUsize::new(parts),
+        panicked: AtomicBool::new(false),
     });
     *pool.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(job.clone());
     pool.generation.fetch_add(1, Ordering::Release);
@@ -149,6 +157,9 @@ pub fn run(parts: usize, f: &(dyn Fn(usize) + Sync)) {
     }
     *pool.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
     pool.busy.store(false, Ordering::Release);
+    if job.panicked.load(Ordering::Relaxed) {
+        panic!("a part of a parallel product panicked");
+    }
 }
 
 #[cfg(test)]
@@ -156,6 +167,24 @@ mod tests {
     use std::sync::atomic::AtomicU64;
 
     use super::*;
+
+    /// A panicking part reaches the caller, and the pool keeps serving jobs.
+    #[test]
+    fn a_panicking_part_reaches_the_caller_and_the_pool_goes_on() {
+        let caught = std::panic::catch_unwind(|| {
+            run(4, &|p| {
+                if p == 3 {
+                    panic!("part 3");
+                }
+            })
+        });
+        assert!(caught.is_err());
+        let done = AtomicU64::new(0);
+        run(4, &|_| {
+            done.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(done.load(Ordering::Relaxed), 4);
+    }
 
     /// Every part runs exactly once, from one caller or several at once (the pool then
     /// serves one and the others run their own parts).
