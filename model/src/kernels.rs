@@ -253,10 +253,11 @@ impl Lanes for Scalar {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub use x86::{Avx2, Avx512};
+use x86::{Avx2, Avx512};
 
 /// The AVX2 and AVX-512 lanes. Their methods are reached only from kernels built with those
-/// features (`kernel!` runs a build only on a CPU that has it), where they are inlined.
+/// features (`kernel!` runs a build only on a CPU that has it), where they are inlined; the
+/// types stay private to this module, so nothing else can call them on a CPU without them.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use core::arch::x86_64::*;
