@@ -1,0 +1,238 @@
+//! Attention of one head over a block of queries, blocked over the keys, in the kernels'
+//! canonical orders (see the parent module).
+
+use super::*;
+
+/// One head's attention for a block of queries (see `attend_block`).
+#[derive(Debug, Clone, Copy)]
+pub struct HeadBlock<'a> {
+    /// The block's queries, `[n, q_stride]`; this head's `d` values start at `q_off`.
+    pub q: &'a [f32],
+    pub q_stride: usize,
+    pub q_off: usize,
+    /// Keys and values, `[keys, kv_stride]`; this head's start at `kv_off`.
+    pub keys: &'a [f32],
+    pub values: &'a [f32],
+    pub kv_stride: usize,
+    pub kv_off: usize,
+    pub d: usize,
+    /// Per query, the key indices it sees (`lo..=hi`).
+    pub visible: &'a [(usize, usize)],
+    /// Scores are multiplied by it before the softmax.
+    pub scale: f32,
+}
+
+kernel! {
+    /// `out[i] = Σ_j p_ij · v_j / Σ_j p_ij` with `p_ij = exp(s_ij − max_j s_ij)` and
+    /// `s_ij = scale · (q_i · k_j)` over query i's visible keys (`HeadBlock`), `out` `[n, d]`.
+    /// Every query's bits are those it gets alone: scores are `dot_rows` products, the max
+    /// and the sum (`LANES` accumulators from the first visible key, `lane_sum`, tail) run
+    /// over its own keys, `exp_canonical` is one fixed formula, and the weighted sum is the
+    /// `axpy_rows` order over the block's keys, where the keys a query does not see weigh
+    /// an exact 0 and add nothing.
+    pub fn attend_block / attend_block_on(h: &HeadBlock<'_>, out: &mut [f32])
+        => avx512: attend_block_generic::<Avx512, 4, 4, 4>,
+            avx2: attend_block_generic::<Avx2, 2, 2, 2>,
+            baseline: attend_block_generic::<Scalar, 1, 4, 1>
+}
+
+/// `attend_block` with key tiles of `R` keys × `T` queries for the scores and `C` lane
+/// chunks of the head for the weighted sum.
+#[inline(always)]
+fn attend_block_generic<S: Lanes, const R: usize, const T: usize, const C: usize>(
+    h: &HeadBlock<'_>,
+    out: &mut [f32],
+) {
+    let (n, d) = (h.visible.len(), h.d);
+    assert_eq!(out.len(), n * d, "one output row per query");
+    if n == 0 {
+        return;
+    }
+    let lo = h.visible.iter().map(|v| v.0).min().expect("a query");
+    let hi = h.visible.iter().map(|v| v.1).max().expect("a query");
+    assert!(
+        h.visible.iter().all(|&(a, b)| a <= b)
+            && (hi + 1) * h.kv_stride <= h.keys.len().min(h.values.len())
+            && h.kv_off + d <= h.kv_stride
+            && h.q_off + d <= h.q_stride
+            && (n - 1) * h.q_stride + h.q_off + d <= h.q.len(),
+        "attention shapes"
+    );
+    let span = hi + 1 - lo;
+    let key = |j: usize| &h.keys[j * h.kv_stride + h.kv_off..j * h.kv_stride + h.kv_off + d];
+    let query = |i: usize| &h.q[i * h.q_stride + h.q_off..i * h.q_stride + h.q_off + d];
+    // Scores, [n, span].
+    let mut p = vec![0.0f32; n * span];
+    let ones = [1.0f32; R];
+    let mut j0 = lo;
+    while j0 <= hi {
+        let rr = (hi + 1 - j0).min(R);
+        let mut i0 = 0;
+        while i0 < n {
+            let tt = (n - i0).min(T);
+            if rr == R && tt == T {
+                let rows: [&[f32]; R] = std::array::from_fn(|r| key(j0 + r));
+                let xs: [&[f32]; T] = std::array::from_fn(|i| query(i0 + i));
+                let s = dot_tile::<S, f32, R, T>(&rows, &ones, &xs);
+                for (r, col) in s.iter().enumerate() {
+                    for (i, v) in col.iter().enumerate() {
+                        p[(i0 + i) * span + j0 + r - lo] = *v;
+                    }
+                }
+            } else if rr == R {
+                // Fewer queries than a tile (decode): R keys at a time for each.
+                let rows: [&[f32]; R] = std::array::from_fn(|r| key(j0 + r));
+                for i in i0..i0 + tt {
+                    let s = dot_tile::<S, f32, R, 1>(&rows, &ones, &[query(i)]);
+                    for (r, v) in s.iter().enumerate() {
+                        p[i * span + j0 + r - lo] = v[0];
+                    }
+                }
+            } else {
+                for r in 0..rr {
+                    for i in 0..tt {
+                        let s = dot_tile::<S, f32, 1, 1>(&[key(j0 + r)], &[1.0], &[query(i0 + i)]);
+                        p[(i0 + i) * span + j0 + r - lo] = s[0][0];
+                    }
+                }
+            }
+            i0 += tt;
+        }
+        j0 += rr;
+    }
+    // Softmax weights (unnormalised) over each query's own keys, zero elsewhere.
+    let mut sums = vec![0.0f32; n];
+    for (i, (row, &(a, b))) in p.chunks_exact_mut(span).zip(h.visible).enumerate() {
+        let (a, b) = (a - lo, b - lo);
+        let seen = &mut row[a..=b];
+        let max = seen
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &v| m.max(v * h.scale));
+        for v in seen.iter_mut() {
+            *v = exp_canonical(*v * h.scale - max);
+        }
+        sums[i] = lane_total(seen);
+        row[..a].fill(0.0);
+        row[b + 1..].fill(0.0);
+    }
+    // Weighted sums of the values, then the normalisation.
+    axpy_rows_multi_generic::<S, f32, C, T>(
+        &h.values[lo * h.kv_stride..(hi + 1) * h.kv_stride],
+        h.kv_stride,
+        h.kv_off,
+        &p,
+        n,
+        out,
+    );
+    for (row, s) in out.chunks_exact_mut(d).zip(&sums) {
+        row.iter_mut().for_each(|v| *v /= s);
+    }
+}
+
+/// `Σ v` in the canonical order of a dot product: `LANES` accumulators over the full chunks,
+/// `lane_sum`, then the tail in order.
+#[inline(always)]
+fn lane_total(v: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = v.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    let mut sum = lane_sum(&acc);
+    for x in chunks.remainder() {
+        sum += x;
+    }
+    sum
+}
+
+/// `e^x` in one fixed sequence of IEEE operations, so that every build and every vector
+/// width gives the same bits: evaluated in f64 (`x = n·ln 2 + r`, n nearest to x·log2 e, r by
+/// Cody–Waite; `e^r` by its Taylor series to degree 10, relative error below 2e-13) and
+/// rounded once to f32, which is the correctly rounded value but for ties closer than that.
+/// Below −87.3 (where e^x leaves f32's normal range) the result is 0.
+#[inline(always)]
+pub fn exp_canonical(x: f32) -> f32 {
+    const LOG2E: f64 = std::f64::consts::LOG2_E;
+    // fdlibm's split of ln 2: the high part has its low 32 bits zero, so n · LN2_HI is exact.
+    const LN2_HI: f64 = f64::from_bits(0x3FE6_2E42_FEE0_0000);
+    const LN2_LO: f64 = f64::from_bits(0x3DEA_39EF_3579_3C76);
+    const LIMIT: f32 = -87.336_55;
+    // 1.5 · 2^52: adding it rounds to an integer (nearest-even) in the low mantissa bits.
+    const ROUND: f64 = 6_755_399_441_055_744.0;
+    let xd = f64::from(x.clamp(LIMIT, 88.0));
+    let shifted = xd.mul_add(LOG2E, ROUND);
+    let n = shifted - ROUND;
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xd));
+    let mut p: f64 = 1.0 / 3_628_800.0;
+    for c in [
+        1.0 / 362_880.0,
+        1.0 / 40_320.0,
+        1.0 / 5_040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = p.mul_add(r, c);
+    }
+    // The low bits of `shifted` are n (two's complement): n + 1023 moved into the exponent.
+    let scale = f64::from_bits(shifted.to_bits().wrapping_add(1023) << 52);
+    if x < LIMIT {
+        0.0
+    } else {
+        (p * scale) as f32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_exp_is_close_and_the_same_in_every_build() {
+        let xs: Vec<f32> = (0..20_000).map(|i| -90.0 + i as f32 * 0.0047).collect();
+        for &x in &xs {
+            let got = exp_canonical(x) as f64;
+            let want = (x as f64).exp();
+            if x < -87.336_55 {
+                assert_eq!(got, 0.0);
+            } else {
+                assert!(
+                    (got - want).abs() <= 3e-7 * want,
+                    "exp({x}) = {got}, not {want}"
+                );
+            }
+        }
+        // Through the attention kernel of each build: the same weights, bit for bit.
+        let d = 16;
+        let keys: Vec<f32> = (0..40 * d).map(|i| (i % 23) as f32 * 0.4 - 4.0).collect();
+        let q: Vec<f32> = (0..3 * d).map(|i| (i % 7) as f32 * 0.9 - 3.0).collect();
+        let visible = [(0, 20), (3, 39), (39, 39)];
+        let block = HeadBlock {
+            q: &q,
+            q_stride: d,
+            q_off: 0,
+            keys: &keys,
+            values: &keys,
+            kv_stride: d,
+            kv_off: 0,
+            d,
+            visible: &visible,
+            scale: 0.7,
+        };
+        let run = |isa: Isa| {
+            let mut out = vec![0.0f32; 3 * d];
+            attend_block_on(isa, &block, &mut out);
+            out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        let base = run(Isa::Baseline);
+        for isa in [Isa::Avx2, Isa::Avx512].into_iter().filter(|&i| i <= isa()) {
+            assert_eq!(run(isa), base, "{isa:?}");
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! How each build of the kernels holds `LANES` f32 lanes (see the parent module).
+#![allow(unsafe_code)]
+
+use super::{lane_sum, widen, Weight, LANES};
+
+/// `LANES` f32 lanes held the way one build holds them: an array (the baseline), two AVX
+/// registers, one AVX-512 register. Every operation is the same per-lane IEEE operation in
+/// each, so a kernel written over `Lanes` gives the same bits in every build.
+pub trait Lanes: Copy {
+    fn zero() -> Self;
+    fn load(x: &[f32; LANES]) -> Self;
+    /// bf16 bits widened (`Weight::widen` for `u16`).
+    fn bf16(w: &[u16; LANES]) -> Self;
+    /// e4m3 codes times their row factor (`Weight::widen` for `u8`).
+    fn e4m3(w: &[u8; LANES], factor: f32) -> Self;
+    /// `self + w · x` per lane, fused (one rounding).
+    fn fma(self, w: Self, x: Self) -> Self;
+    /// The lanes summed in the canonical tree (`lane_sum`).
+    fn sum(self) -> f32;
+    /// `sum` of 16 registers at once (a build may share the tree's steps between them).
+    #[inline(always)]
+    fn sum16(v: &[Self; 16]) -> [f32; 16] {
+        let mut out = [0.0f32; 16];
+        for (o, x) in out.iter_mut().zip(v) {
+            *o = x.sum();
+        }
+        out
+    }
+    /// Every lane `v`.
+    fn splat(v: f32) -> Self;
+    fn store(self, out: &mut [f32; LANES]);
+}
+
+/// The baseline build's lanes: plain arrays.
+#[derive(Clone, Copy)]
+pub struct Scalar([f32; LANES]);
+
+impl Lanes for Scalar {
+    #[inline(always)]
+    fn zero() -> Self {
+        Self([0.0; LANES])
+    }
+    #[inline(always)]
+    fn load(x: &[f32; LANES]) -> Self {
+        Self(*x)
+    }
+    #[inline(always)]
+    fn bf16(w: &[u16; LANES]) -> Self {
+        Self(std::array::from_fn(|i| widen(w[i])))
+    }
+    #[inline(always)]
+    fn e4m3(w: &[u8; LANES], factor: f32) -> Self {
+        Self(std::array::from_fn(|i| w[i].widen(factor)))
+    }
+    #[inline(always)]
+    fn fma(self, w: Self, x: Self) -> Self {
+        Self(std::array::from_fn(|i| w.0[i].mul_add(x.0[i], self.0[i])))
+    }
+    #[inline(always)]
+    fn sum(self) -> f32 {
+        lane_sum(&self.0)
+    }
+    #[inline(always)]
+    fn splat(v: f32) -> Self {
+        Self([v; LANES])
+    }
+    #[inline(always)]
+    fn store(self, out: &mut [f32; LANES]) {
+        *out = self.0;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) use x86::{Avx2, Avx512};
+
+/// The AVX2 and AVX-512 lanes. Their methods are reached only from kernels built with those
+/// features (`kernel!` runs a build only on a CPU that has it), where they are inlined; the
+/// types stay private to this module, so nothing else can call them on a CPU without them.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use core::arch::x86_64::*;
+
+    use super::Lanes;
+    use crate::kernels::LANES;
+
+    /// Two AVX registers: lanes 0–7 and 8–15.
+    #[derive(Clone, Copy)]
+    pub struct Avx2([__m256; 2]);
+
+    /// One AVX-512 register.
+    #[derive(Clone, Copy)]
+    pub struct Avx512(__m512);
+
+    /// The last steps of the canonical sum from 8 partial sums `h[i] + h[i + 8]`: then
+    /// `+ [i + 4]`, `+ [i + 2]`, `+ [i + 1]`.
+    #[inline(always)]
+    fn sum8(s8: __m256) -> f32 {
+        // SAFETY: only inlined into AVX2 (or AVX-512) builds (see the module doc).
+        unsafe {
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<0b01>(s2, s2));
+            _mm_cvtss_f32(s1)
+        }
+    }
+
+    /// e4m3 codes (as 32-bit lanes) to f32 times `factor`, NaN codes to NaN: the bit moves
+    /// of `Weight::widen` for `u8`.
+    #[inline(always)]
+    fn e4m3_8(c: __m256i, factor: f32) -> __m256 {
+        // SAFETY: only inlined into AVX2 (or AVX-512) builds (see the module doc).
+        unsafe {
+            let mag = _mm256_and_si256(c, _mm256_set1_epi32(0x7F));
+            let sign = _mm256_slli_epi32::<24>(_mm256_and_si256(c, _mm256_set1_epi32(0x80)));
+            let bits = _mm256_or_si256(_mm256_slli_epi32::<20>(mag), sign);
+            let v = _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(factor));
+            let nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7F)));
+            _mm256_blendv_ps(v, _mm256_set1_ps(f32::NAN), nan)
+        }
+    }
+
+    /// 8 bf16 bits widened.
+    #[inline(always)]
+    fn bf16_8(w: &[u16]) -> __m256 {
+        assert!(w.len() >= 8);
+        // SAFETY: AVX2 builds only; `w` holds at least 8 u16 (one unaligned 16-byte load).
+        unsafe {
+            let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(w.as_ptr().cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+        }
+    }
+
+    /// 8 codes as 32-bit lanes.
+    #[inline(always)]
+    fn codes_8(w: &[u8]) -> __m256i {
+        assert!(w.len() >= 8);
+        // SAFETY: AVX2 builds only; `w` holds at least 8 bytes (one unaligned 8-byte load).
+        unsafe { _mm256_cvtepu8_epi32(_mm_loadl_epi64(w.as_ptr().cast())) }
+    }
+
+    impl Lanes for Avx2 {
+        #[inline(always)]
+        fn zero() -> Self {
+            // SAFETY: AVX builds only (see the module doc).
+            unsafe { Self([_mm256_setzero_ps(); 2]) }
+        }
+        #[inline(always)]
+        fn load(x: &[f32; LANES]) -> Self {
+            // SAFETY: AVX builds only; `x` holds 16 floats (two unaligned 8-lane loads).
+            unsafe {
+                Self([
+                    _mm256_loadu_ps(x.as_ptr()),
+                    _mm256_loadu_ps(x.as_ptr().add(8)),
+                ])
+            }
+        }
+        #[inline(always)]
+        fn bf16(w: &[u16; LANES]) -> Self {
+            Self([bf16_8(&w[..8]), bf16_8(&w[8..])])
+        }
+        #[inline(always)]
+        fn e4m3(w: &[u8; LANES], factor: f32) -> Self {
+            Self([
+                e4m3_8(codes_8(&w[..8]), factor),
+                e4m3_8(codes_8(&w[8..]), factor),
+            ])
+        }
+        #[inline(always)]
+        fn fma(self, w: Self, x: Self) -> Self {
+            // SAFETY: FMA builds only (see the module doc).
+            unsafe {
+                Self([
+                    _mm256_fmadd_ps(w.0[0], x.0[0], self.0[0]),
+                    _mm256_fmadd_ps(w.0[1], x.0[1], self.0[1]),
+                ])
+            }
+        }
+        #[inline(always)]
+        fn sum(self) -> f32 {
+            // SAFETY: AVX builds only (see the module doc).
+            sum8(unsafe { _mm256_add_ps(self.0[0], self.0[1]) })
+        }
+        #[inline(always)]
+        fn splat(v: f32) -> Self {
+            // SAFETY: AVX builds only (see the module doc).
+            unsafe { Self([_mm256_set1_ps(v); 2]) }
+        }
+        #[inline(always)]
+        fn store(self, out: &mut [f32; LANES]) {
+            // SAFETY: AVX builds only; `out` holds 16 floats (two unaligned 8-lane stores).
+            unsafe {
+                _mm256_storeu_ps(out.as_mut_ptr(), self.0[0]);
+                _mm256_storeu_ps(out.as_mut_ptr().add(8), self.0[1]);
+            }
+        }
+    }
+
+    impl Lanes for Avx512 {
+        #[inline(always)]
+        fn zero() -> Self {
+            // SAFETY: AVX-512 builds only (see the module doc).
+            unsafe { Self(_mm512_setzero_ps()) }
+        }
+        #[inline(always)]
+        fn load(x: &[f32; LANES]) -> Self {
+            // SAFETY: AVX-512 builds only; `x` holds 16 floats (one unaligned load).
+            unsafe { Self(_mm512_loadu_ps(x.as_ptr())) }
+        }
+        #[inline(always)]
+        fn bf16(w: &[u16; LANES]) -> Self {
+            // SAFETY: AVX-512 builds only; `w` holds 16 u16 (one unaligned 32-byte load).
+            unsafe {
+                let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(w.as_ptr().cast()));
+                Self(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide)))
+            }
+        }
+        #[inline(always)]
+        fn e4m3(w: &[u8; LANES], factor: f32) -> Self {
+            // SAFETY: AVX-512 builds only; `w` holds 16 bytes (one unaligned 16-byte load).
+            unsafe {
+                let c = _mm512_cvtepu8_epi32(_mm_loadu_si128(w.as_ptr().cast()));
+                let mag = _mm512_and_si512(c, _mm512_set1_epi32(0x7F));
+                let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(c, _mm512_set1_epi32(0x80)));
+                let bits = _mm512_or_si512(_mm512_slli_epi32::<20>(mag), sign);
+                let v = _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(factor));
+                let nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7F));
+                Self(_mm512_mask_blend_ps(nan, v, _mm512_set1_ps(f32::NAN)))
+            }
+        }
+        #[inline(always)]
+        fn fma(self, w: Self, x: Self) -> Self {
+            // SAFETY: AVX-512 builds only (see the module doc).
+            unsafe { Self(_mm512_fmadd_ps(w.0, x.0, self.0)) }
+        }
+        #[inline(always)]
+        fn sum(self) -> f32 {
+            // SAFETY: AVX-512 builds only (see the module doc).
+            unsafe {
+                let lo = _mm512_castps512_ps256(self.0);
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self.0)));
+                sum8(_mm256_add_ps(lo, hi))
+            }
+        }
+        /// The tree of `lane_sum` for 16 registers, two at a time per step: halves of two
+        /// registers added in one (45 shuffles and adds instead of 16 × 8).
+        #[inline(always)]
+        fn sum16(v: &[Self; 16]) -> [f32; 16] {
+            // SAFETY: AVX-512 builds only (see the module doc).
+            unsafe {
+                // Width 8: u[m] holds v[2m]'s h[i] + h[i + 8] in its low half, v[2m + 1]'s in
+                // its high half.
+                let mut u = [_mm512_setzero_ps(); 8];
+                for (m, u) in u.iter_mut().enumerate() {
+                    let (a, b) = (v[2 * m].0, v[2 * m + 1].0);
+                    *u = _mm512_add_ps(
+                        _mm512_shuffle_f32x4::<0b0100_0100>(a, b),
+                        _mm512_shuffle_f32x4::<0b1110_1110>(a, b),
+                    );
+                }
+                // Width 4: quarter k of w[p] holds v[4p + k]'s four partial sums.
+                let mut w = [_mm512_setzero_ps(); 4];
+                for (p, w) in w.iter_mut().enumerate() {
+                    let (a, b) = (u[2 * p], u[2 * p + 1]);
+                    *w = _mm512_add_ps(
+                        _mm512_shuffle_f32x4::<0b1000_1000>(a, b),
+                        _mm512_shuffle_f32x4::<0b1101_1101>(a, b),
+                    );
+                }
+                // Width 2: quarter k of z[r] holds v[8r + k]'s two, then v[8r + 4 + k]'s.
+                let mut z = [_mm512_setzero_ps(); 2];
+                for (r, z) in z.iter_mut().enumerate() {
+                    let (a, b) = (w[2 * r], w[2 * r + 1]);
+                    *z = _mm512_add_ps(
+                        _mm512_shuffle_ps::<0b0100_0100>(a, b),
+                        _mm512_shuffle_ps::<0b1110_1110>(a, b),
+                    );
+                }
+                // Width 1: lane 4k + m holds v[4m + k]'s sum.
+                let s = _mm512_add_ps(
+                    _mm512_shuffle_ps::<0b1000_1000>(z[0], z[1]),
+                    _mm512_shuffle_ps::<0b1101_1101>(z[0], z[1]),
+                );
+                let mut lanes = [0.0f32; 16];
+                _mm512_storeu_ps(lanes.as_mut_ptr(), s);
+                std::array::from_fn(|i| lanes[4 * (i % 4) + i / 4])
+            }
+        }
+        #[inline(always)]
+        fn splat(v: f32) -> Self {
+            // SAFETY: AVX-512 builds only (see the module doc).
+            unsafe { Self(_mm512_set1_ps(v)) }
+        }
+        #[inline(always)]
+        fn store(self, out: &mut [f32; LANES]) {
+            // SAFETY: AVX-512 builds only; `out` holds 16 floats (one unaligned store).
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), self.0) }
+        }
+    }
+}
