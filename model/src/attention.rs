@@ -9,6 +9,8 @@
 //! run per (head, block of queries) in `kernels::attend_block`, blocked over the keys;
 //! masked entries weigh an exact zero.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use crate::checkpoint::WeightSource;
@@ -110,6 +112,7 @@ impl Attention {
         let (qw, kw) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
 
         let mut row = 0;
+        let seqs_len = seqs.len();
         let mut pieces = Vec::with_capacity(seqs.len());
         for s in seqs.iter_mut() {
             let rows = row..row + s.len;
@@ -122,20 +125,33 @@ impl Attention {
         let q_chunks = split_rows(&mut q, &pieces, qw);
         let k_chunks = split_rows(&mut k, &pieces, kw);
         let out_chunks = split_rows(&mut attn, &pieces, qw);
-        pieces
-            .into_par_iter()
+        type Piece<'p, 's> = (
+            (
+                ((&'p mut SeqSlice<'s>, Range<usize>), &'p mut [f32]),
+                &'p mut [f32],
+            ),
+            &'p mut [f32],
+        );
+        let one = |((((s, rows), q), k), out): Piece<'_, '_>| {
+            self.position_encode(q, k, s.start_pos);
+            s.cache
+                .append(s.pool, k, &v[rows.start * kw..rows.end * kw]);
+            let lo = self.first_visible(s.start_pos);
+            let end = s.start_pos + s.len;
+            let (keys, values) = s.cache.gather(s.pool.block_tokens(), lo, end);
+            attend(self.geometry(), q, &keys, &values, lo, s.start_pos, out);
+        };
+        let work = pieces
+            .into_iter()
             .zip(q_chunks)
             .zip(k_chunks)
-            .zip(out_chunks)
-            .for_each(|((((s, rows), q), k), out)| {
-                self.position_encode(q, k, s.start_pos);
-                s.cache
-                    .append(s.pool, k, &v[rows.start * kw..rows.end * kw]);
-                let lo = self.first_visible(s.start_pos);
-                let end = s.start_pos + s.len;
-                let (keys, values) = s.cache.gather(s.pool.block_tokens(), lo, end);
-                attend(self.geometry(), q, &keys, &values, lo, s.start_pos, out);
-            });
+            .zip(out_chunks);
+        if seqs_len == 1 {
+            // One sequence: no rayon fork (its heads split below).
+            work.for_each(one);
+        } else {
+            work.collect::<Vec<_>>().into_par_iter().for_each(one);
+        }
         self.o.forward(&attn, t)
     }
 
@@ -215,40 +231,51 @@ pub fn attend(
     let len = q.len() / qw;
     let group = g.heads / g.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
-    let per_head: Vec<Vec<f32>> = (0..g.heads)
-        .into_par_iter()
-        .map(|h| {
-            let mut o = vec![0.0f32; len * d];
-            for b0 in (0..len).step_by(QUERY_BLOCK) {
-                let b1 = (b0 + QUERY_BLOCK).min(len);
-                let visible: Vec<(usize, usize)> = (b0..b1)
-                    .map(|i| {
-                        let pos = start_pos + i;
-                        (g.first_visible(pos) - base, pos - base)
-                    })
-                    .collect();
-                kernels::attend_block(
-                    &kernels::HeadBlock {
-                        q: &q[b0 * qw..b1 * qw],
-                        q_stride: qw,
-                        q_off: h * d,
-                        keys,
-                        values,
-                        kv_stride: kw,
-                        kv_off: (h / group) * d,
-                        d,
-                        visible: &visible,
-                        scale,
-                    },
-                    &mut o[b0 * d..b1 * d],
-                );
-            }
-            o
-        })
-        .collect();
-    for (h, o) in per_head.iter().enumerate() {
-        for (i, src) in o.chunks_exact(d).enumerate() {
-            out[i * qw + h * d..i * qw + (h + 1) * d].copy_from_slice(src);
+    // One unit per (KV head, block of queries): the `group` query heads that read the
+    // same keys share each pass over them.
+    let blocks = len.div_ceil(QUERY_BLOCK);
+    let unit = |u: usize| {
+        let (kv, b0) = (u / blocks, (u % blocks) * QUERY_BLOCK);
+        let b1 = (b0 + QUERY_BLOCK).min(len);
+        let visible: Vec<(usize, usize)> = (b0..b1)
+            .map(|i| {
+                let pos = start_pos + i;
+                (g.first_visible(pos) - base, pos - base)
+            })
+            .collect();
+        let mut o = vec![0.0f32; (b1 - b0) * group * d];
+        kernels::attend_block(
+            &kernels::HeadBlock {
+                q: &q[b0 * qw..b1 * qw],
+                q_stride: qw,
+                q_off: kv * group * d,
+                heads: group,
+                keys,
+                values,
+                kv_stride: kw,
+                kv_off: kv * d,
+                d,
+                visible: &visible,
+                scale,
+            },
+            &mut o,
+        );
+        o
+    };
+    let units = g.kv_heads * blocks;
+    // Decode on the driving thread: the units go to the hot helpers (a rayon fork would
+    // wake sleeping workers for a few µs of work); otherwise to rayon.
+    let done: Vec<Vec<f32>> = if len < QUERY_BLOCK && crate::hot::off_rayon() {
+        crate::hot::map(units, unit)
+    } else {
+        (0..units).into_par_iter().map(unit).collect()
+    };
+    let width = group * d;
+    for (u, o) in done.iter().enumerate() {
+        let (kv, b0) = (u / blocks, (u % blocks) * QUERY_BLOCK);
+        for (i, src) in o.chunks_exact(width).enumerate() {
+            let at = (b0 + i) * qw + kv * width;
+            out[at..at + width].copy_from_slice(src);
         }
     }
 }

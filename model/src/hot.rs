@@ -162,6 +162,30 @@ pub fn run(parts: usize, f: &(dyn Fn(usize) + Sync)) {
     }
 }
 
+/// `f(0)`, …, `f(parts - 1)` through `run`, in part order.
+pub fn map<T: Send>(parts: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let slots: Vec<Mutex<Option<T>>> = (0..parts).map(|_| Mutex::new(None)).collect();
+    run(parts, &|p| {
+        let value = f(p);
+        *slots[p].lock().unwrap_or_else(|e| e.into_inner()) = Some(value);
+    });
+    slots
+        .into_iter()
+        .map(|s| {
+            s.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .expect("every part ran")
+        })
+        .collect()
+}
+
+/// Whether this thread drives the work itself (it is no rayon worker): small parallel
+/// steps then go to the hot helpers; a rayon worker already shares the cores with its
+/// siblings and runs them in place.
+pub fn off_rayon() -> bool {
+    rayon::current_thread_index().is_none()
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicU64;
@@ -184,6 +208,12 @@ mod tests {
             done.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(done.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn map_keeps_part_order() {
+        assert_eq!(map(5, |p| p * p), vec![0, 1, 4, 9, 16]);
+        assert!(map(0, |p| p).is_empty());
     }
 
     /// Every part runs exactly once, from one caller or several at once (the pool then

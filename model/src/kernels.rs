@@ -310,7 +310,15 @@ fn column_tiles<S: Lanes, W: Weight, const C: usize, const T: usize>(
     let n = y.len() / t;
     let mut i0 = 0;
     while i0 + T <= t {
-        let acc = axpy_tile::<S, W, C, T>(w, cols, j0 + j, &x[i0 * k..(i0 + T) * k], k);
+        let acc = axpy_tile::<S, W, C, T>(
+            w,
+            cols,
+            j0 + j,
+            &x[i0 * k..(i0 + T) * k],
+            k,
+            k,
+            [[S::zero(); C]; T],
+        );
         for (i, a) in acc.iter().enumerate() {
             let row = (i0 + i) * n + j;
             for (c, v) in a.iter().enumerate() {
@@ -324,7 +332,15 @@ fn column_tiles<S: Lanes, W: Weight, const C: usize, const T: usize>(
         i0 += T;
     }
     while i0 < t {
-        let acc = axpy_tile::<S, W, C, 1>(w, cols, j0 + j, &x[i0 * k..(i0 + 1) * k], k);
+        let acc = axpy_tile::<S, W, C, 1>(
+            w,
+            cols,
+            j0 + j,
+            &x[i0 * k..(i0 + 1) * k],
+            k,
+            k,
+            [[S::zero(); C]; 1],
+        );
         let row = i0 * n + j;
         for (c, v) in acc[0].iter().enumerate() {
             v.store(
@@ -340,16 +356,18 @@ fn column_tiles<S: Lanes, W: Weight, const C: usize, const T: usize>(
 /// Rows of the matrix ahead of the current one whose tile columns are prefetched.
 const AXPY_PREFETCH_ROWS: usize = 8;
 
-/// Columns `col..col + C·LANES` of `T` tokens (`x` is `[T, k]`), every weight row once.
+/// Columns `col..col + C·LANES` of `T` tokens (token `i`'s `k` inputs from `x[i·xs]`),
+/// every weight row once, continuing the accumulators `acc`.
 #[inline(always)]
 fn axpy_tile<S: Lanes, W: Weight, const C: usize, const T: usize>(
     w: &[W],
     cols: usize,
     col: usize,
     x: &[f32],
+    xs: usize,
     k: usize,
+    mut acc: [[S; C]; T],
 ) -> [[S; C]; T] {
-    let mut acc = [[S::zero(); C]; T];
     for kk in 0..k {
         let row = kk * cols + col;
         for line in (0..C * LANES).step_by(32) {
@@ -360,7 +378,7 @@ fn axpy_tile<S: Lanes, W: Weight, const C: usize, const T: usize>(
             *v = W::lanes(chunk(w, row + c * LANES), 1.0);
         }
         for i in 0..T {
-            let xb = S::splat(x[i * k + kk]);
+            let xb = S::splat(x[i * xs + kk]);
             for c in 0..C {
                 acc[i][c] = acc[i][c].fma(wv[c], xb);
             }
@@ -416,16 +434,31 @@ fn dot_rows_multi_generic<S: Lanes, W: Weight, const R: usize, const T: usize>(
         "shapes do not match"
     );
     assert!(!W::SCALED || scale.len() >= rows, "one scale per row");
-    let mut r0 = 0;
-    while r0 + R <= rows {
-        row_tiles::<S, W, R, T>(w, scale, x, k, t, r0, y);
-        r0 += R;
-    }
-    while r0 < rows {
-        row_tiles::<S, W, 1, T>(w, scale, x, k, t, r0, y);
-        r0 += 1;
+    // Blocks of tokens whose inputs stay in the core's cache while every row passes over
+    // them (a long prompt's inputs would otherwise stream from memory once per row tile).
+    let block = (X_BLOCK_BYTES / (4 * k.max(1))).max(1).next_multiple_of(T);
+    let mut t0 = 0;
+    while t0 < t {
+        let tn = block.min(t - t0);
+        let (x, y) = (
+            &x[t0 * k..(t0 + tn) * k],
+            &mut y[t0 * rows..(t0 + tn) * rows],
+        );
+        let mut r0 = 0;
+        while r0 + R <= rows {
+            row_tiles::<S, W, R, T>(w, scale, x, k, tn, r0, y);
+            r0 += R;
+        }
+        while r0 < rows {
+            row_tiles::<S, W, 1, T>(w, scale, x, k, tn, r0, y);
+            r0 += 1;
+        }
+        t0 += tn;
     }
 }
+
+/// The inputs one token block of `dot_rows_multi` holds (a share of a core's L2).
+const X_BLOCK_BYTES: usize = 512 * 1024;
 
 /// Rows `r0..r0 + R` for every token: tiles of `T` tokens, then single tokens.
 #[inline(always)]
@@ -657,7 +690,12 @@ mod tests {
             .filter(|&i| i <= isa())
             .collect();
         for _ in 0..40 {
-            let (rows, k, t) = (1 + next(9), 1 + next(150), 1 + next(9));
+            let (rows, k) = (1 + next(9), 1 + next(150));
+            // Now and then more tokens than one cache block of `dot_rows_multi` holds.
+            let t = match next(4) {
+                0 => X_BLOCK_BYTES / (4 * k) + 1 + next(300),
+                _ => 1 + next(9),
+            };
             let bf16: Vec<u16> = (0..rows * k)
                 .map(|_| half::bf16::from_f32(next(2001) as f32 / 1000.0 - 1.0).to_bits())
                 .collect();
@@ -727,3 +765,4 @@ mod tests {
         }
     }
 }
+

@@ -52,7 +52,12 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &[f32], t: usize) -> Vec<f32> {
-        let (mut g, u) = rayon::join(|| self.gate.forward(x, t), || self.up.forward(x, t));
+        let (mut g, u) = if t == 1 {
+            // One token: each product splits over the hot helpers (see `Linear`).
+            (self.gate.forward(x, t), self.up.forward(x, t))
+        } else {
+            rayon::join(|| self.gate.forward(x, t), || self.up.forward(x, t))
+        };
         g.iter_mut().zip(&u).for_each(|(g, u)| *g = silu(*g) * u);
         self.down.forward(&g, t)
     }
@@ -356,21 +361,24 @@ impl Experts {
             row += g.rows as usize;
         }
         assert_eq!(row * hidden, inputs.len(), "inputs do not match the groups");
-        let outputs: Vec<Vec<f32>> = groups
-            .par_iter()
-            .zip(&starts)
-            .map(|(g, &start)| {
-                let (e, n) = (g.expert as usize, g.rows as usize);
-                let u = &inputs[start * hidden..(start + n) * hidden];
-                match self {
-                    Self::Fused { gate_up, down } => {
-                        assert!(!quantized, "bf16 experts take f32 inputs");
-                        expert_swiglu(&gate_up.outer(e), &down.outer(e), u, n)
-                    }
-                    Self::Unfused(list) => list[e].swiglu(u, n, quantized),
+        let one = |(g, &start): (&ExpertGroup, &usize)| {
+            let (e, n) = (g.expert as usize, g.rows as usize);
+            let u = &inputs[start * hidden..(start + n) * hidden];
+            match self {
+                Self::Fused { gate_up, down } => {
+                    assert!(!quantized, "bf16 experts take f32 inputs");
+                    expert_swiglu(&gate_up.outer(e), &down.outer(e), u, n)
                 }
-            })
-            .collect();
+                Self::Unfused(list) => list[e].swiglu(u, n, quantized),
+            }
+        };
+        // One expert (a decode step's only token): its products split over the cores
+        // themselves, with no rayon fork around them.
+        let outputs: Vec<Vec<f32>> = if groups.len() == 1 {
+            groups.iter().zip(&starts).map(one).collect()
+        } else {
+            groups.par_iter().zip(&starts).map(one).collect()
+        };
         outputs.concat()
     }
 }

@@ -1,15 +1,19 @@
-//! Attention of one head over a block of queries, blocked over the keys, in the kernels'
-//! canonical orders (see the parent module).
+//! Attention of the query heads that share one KV head over a block of queries, blocked
+//! over the keys, in the kernels' canonical orders (see the parent module).
+
+use std::cell::RefCell;
 
 use super::*;
 
-/// One head's attention for a block of queries (see `attend_block`).
+/// The query heads of one KV head for a block of queries (see `attend_block`).
 #[derive(Debug, Clone, Copy)]
 pub struct HeadBlock<'a> {
-    /// The block's queries, `[n, q_stride]`; this head's `d` values start at `q_off`.
+    /// The block's queries, `[n, q_stride]`; the `heads` heads (`d` values each) that share
+    /// this KV head lie one after the other from `q_off`.
     pub q: &'a [f32],
     pub q_stride: usize,
     pub q_off: usize,
+    pub heads: usize,
     /// Keys and values, `[keys, kv_stride]`; this head's start at `kv_off`.
     pub keys: &'a [f32],
     pub values: &'a [f32],
@@ -24,28 +28,39 @@ pub struct HeadBlock<'a> {
 
 kernel! {
     /// `out[i] = Σ_j p_ij · v_j / Σ_j p_ij` with `p_ij = exp(s_ij − max_j s_ij)` and
-    /// `s_ij = scale · (q_i · k_j)` over query i's visible keys (`HeadBlock`), `out` `[n, d]`.
-    /// Every query's bits are those it gets alone: scores are `dot_rows` products, the max
-    /// and the sum (`LANES` accumulators from the first visible key, `lane_sum`, tail) run
-    /// over its own keys, `exp_canonical` is one fixed formula, and the weighted sum is the
-    /// `axpy_rows` order over the block's keys, where the keys a query does not see weigh
-    /// an exact 0 and add nothing.
+    /// `s_ij = scale · (q_i · k_j)` over query i's visible keys (`HeadBlock`), for each of
+    /// the block's heads: `out` is `[n, heads·d]`. Every (query, head)'s bits are those it
+    /// gets alone: scores are `dot_rows` products, the max and the sum (`LANES`
+    /// accumulators from the first visible key, `lane_sum`, tail) run over its own keys,
+    /// `exp_canonical` is one fixed formula, and the weighted sum is the `axpy_rows` order
+    /// over the block's keys (one accumulator per output, keys ascending, carried from one
+    /// chunk of keys to the next), where the keys a query does not see weigh an exact 0
+    /// and add nothing.
     pub fn attend_block / attend_block_on(h: &HeadBlock<'_>, out: &mut [f32])
         => avx512: attend_block_generic::<Avx512, 4, 4, 4>,
             avx2: attend_block_generic::<Avx2, 2, 2, 2>,
             baseline: attend_block_generic::<Scalar, 1, 4, 1>
 }
 
-/// `attend_block` with key tiles of `R` keys × `T` queries for the scores and `C` lane
+/// Keys whose values one pass of the weighted sum holds in cache for every query row.
+const KEY_CHUNK: usize = 64;
+
+thread_local! {
+    /// The scores of the block being computed on this thread, kept between blocks.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `attend_block` with key tiles of `R` keys × `T` query rows for the scores and `C` lane
 /// chunks of the head for the weighted sum.
 #[inline(always)]
 fn attend_block_generic<S: Lanes, const R: usize, const T: usize, const C: usize>(
     h: &HeadBlock<'_>,
     out: &mut [f32],
 ) {
-    let (n, d) = (h.visible.len(), h.d);
-    assert_eq!(out.len(), n * d, "one output row per query");
-    if n == 0 {
+    let (n, d, heads) = (h.visible.len(), h.d, h.heads);
+    let rows = n * heads;
+    assert_eq!(out.len(), rows * d, "one output row per query and head");
+    if rows == 0 {
         return;
     }
     let lo = h.visible.iter().map(|v| v.0).min().expect("a query");
@@ -54,78 +69,188 @@ fn attend_block_generic<S: Lanes, const R: usize, const T: usize, const C: usize
         h.visible.iter().all(|&(a, b)| a <= b)
             && (hi + 1) * h.kv_stride <= h.keys.len().min(h.values.len())
             && h.kv_off + d <= h.kv_stride
-            && h.q_off + d <= h.q_stride
-            && (n - 1) * h.q_stride + h.q_off + d <= h.q.len(),
+            && h.q_off + heads * d <= h.q_stride
+            && (n - 1) * h.q_stride + h.q_off + heads * d <= h.q.len(),
         "attention shapes"
     );
     let span = hi + 1 - lo;
     let key = |j: usize| &h.keys[j * h.kv_stride + h.kv_off..j * h.kv_stride + h.kv_off + d];
-    let query = |i: usize| &h.q[i * h.q_stride + h.q_off..i * h.q_stride + h.q_off + d];
-    // Scores, [n, span].
-    let mut p = vec![0.0f32; n * span];
-    let ones = [1.0f32; R];
-    let mut j0 = lo;
-    while j0 <= hi {
-        let rr = (hi + 1 - j0).min(R);
-        let mut i0 = 0;
-        while i0 < n {
-            let tt = (n - i0).min(T);
-            if rr == R && tt == T {
-                let rows: [&[f32]; R] = std::array::from_fn(|r| key(j0 + r));
-                let xs: [&[f32]; T] = std::array::from_fn(|i| query(i0 + i));
-                let s = dot_tile::<S, f32, R, T>(&rows, &ones, &xs);
-                for (r, col) in s.iter().enumerate() {
-                    for (i, v) in col.iter().enumerate() {
-                        p[(i0 + i) * span + j0 + r - lo] = *v;
+    // Row r is query r / heads, head r % heads.
+    let query = |r: usize| {
+        let o = (r / heads) * h.q_stride + h.q_off + (r % heads) * d;
+        &h.q[o..o + d]
+    };
+    // Taken out and put back rather than borrowed in a closure: a closure would not be
+    // compiled for this function's instruction set.
+    let mut p = SCORES.take();
+    {
+        // Scores, [rows, span].
+        p.clear();
+        p.resize(rows * span, 0.0);
+        let ones = [1.0f32; R];
+        let mut j0 = lo;
+        while j0 <= hi {
+            let rr = (hi + 1 - j0).min(R);
+            let mut i0 = 0;
+            while i0 < rows {
+                let tt = (rows - i0).min(T);
+                if rr == R && tt == T {
+                    let keys: [&[f32]; R] = std::array::from_fn(|r| key(j0 + r));
+                    let xs: [&[f32]; T] = std::array::from_fn(|i| query(i0 + i));
+                    let s = dot_tile::<S, f32, R, T>(&keys, &ones, &xs);
+                    for (r, col) in s.iter().enumerate() {
+                        for (i, v) in col.iter().enumerate() {
+                            p[(i0 + i) * span + j0 + r - lo] = *v;
+                        }
+                    }
+                } else if rr == R {
+                    // Fewer rows than a tile: R keys at a time for each.
+                    let keys: [&[f32]; R] = std::array::from_fn(|r| key(j0 + r));
+                    for i in i0..i0 + tt {
+                        let s = dot_tile::<S, f32, R, 1>(&keys, &ones, &[query(i)]);
+                        for (r, v) in s.iter().enumerate() {
+                            p[i * span + j0 + r - lo] = v[0];
+                        }
+                    }
+                } else {
+                    for r in 0..rr {
+                        for i in i0..i0 + tt {
+                            let s = dot_tile::<S, f32, 1, 1>(&[key(j0 + r)], &[1.0], &[query(i)]);
+                            p[i * span + j0 + r - lo] = s[0][0];
+                        }
                     }
                 }
-            } else if rr == R {
-                // Fewer queries than a tile (decode): R keys at a time for each.
-                let rows: [&[f32]; R] = std::array::from_fn(|r| key(j0 + r));
-                for i in i0..i0 + tt {
-                    let s = dot_tile::<S, f32, R, 1>(&rows, &ones, &[query(i)]);
-                    for (r, v) in s.iter().enumerate() {
-                        p[i * span + j0 + r - lo] = v[0];
-                    }
-                }
-            } else {
-                for r in 0..rr {
-                    for i in 0..tt {
-                        let s = dot_tile::<S, f32, 1, 1>(&[key(j0 + r)], &[1.0], &[query(i0 + i)]);
-                        p[(i0 + i) * span + j0 + r - lo] = s[0][0];
-                    }
-                }
+                i0 += tt;
             }
-            i0 += tt;
+            j0 += rr;
         }
-        j0 += rr;
-    }
-    // Softmax weights (unnormalised) over each query's own keys, zero elsewhere.
-    let mut sums = vec![0.0f32; n];
-    for (i, (row, &(a, b))) in p.chunks_exact_mut(span).zip(h.visible).enumerate() {
-        let (a, b) = (a - lo, b - lo);
-        let seen = &mut row[a..=b];
-        let max = seen
-            .iter()
-            .fold(f32::NEG_INFINITY, |m, &v| m.max(v * h.scale));
-        for v in seen.iter_mut() {
-            *v = exp_canonical(*v * h.scale - max);
+        // Softmax weights (unnormalised) over each row's own keys, zero elsewhere.
+        let mut sums = vec![0.0f32; rows];
+        for (r, row) in p.chunks_exact_mut(span).enumerate() {
+            let (a, b) = h.visible[r / heads];
+            let (a, b) = (a - lo, b - lo);
+            let seen = &mut row[a..=b];
+            let max = seen
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &v| m.max(v * h.scale));
+            for v in seen.iter_mut() {
+                *v = exp_canonical(*v * h.scale - max);
+            }
+            sums[r] = lane_total(seen);
+            row[..a].fill(0.0);
+            row[b + 1..].fill(0.0);
         }
-        sums[i] = lane_total(seen);
-        row[..a].fill(0.0);
-        row[b + 1..].fill(0.0);
+        // Weighted sums of the values, then the normalisation.
+        out.fill(0.0);
+        let values = &h.values[lo * h.kv_stride..(hi + 1) * h.kv_stride];
+        let mut k0 = 0;
+        while k0 < span {
+            let kn = KEY_CHUNK.min(span - k0);
+            weigh_values::<S, C, T>(
+                &values[k0 * h.kv_stride..],
+                h.kv_stride,
+                h.kv_off,
+                &p[k0..],
+                span,
+                kn,
+                rows,
+                out,
+            );
+            k0 += kn;
+        }
+        for (row, s) in out.chunks_exact_mut(d).zip(&sums) {
+            row.iter_mut().for_each(|v| *v /= s);
+        }
     }
-    // Weighted sums of the values, then the normalisation.
-    axpy_rows_multi_generic::<S, f32, C, T>(
-        &h.values[lo * h.kv_stride..(hi + 1) * h.kv_stride],
-        h.kv_stride,
-        h.kv_off,
-        &p,
-        n,
-        out,
-    );
-    for (row, s) in out.chunks_exact_mut(d).zip(&sums) {
-        row.iter_mut().for_each(|v| *v /= s);
+    SCORES.set(p);
+}
+
+/// `out[r] += Σ_{kk < k} x[r·xs + kk] · values[kk]` (the head's `d` values of each key
+/// from `off`) for the `rows` rows of `out` (`[rows, d]`), each output in one chain over
+/// the keys in order: the `axpy_rows` order, continued from what `out` holds.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn weigh_values<S: Lanes, const C: usize, const T: usize>(
+    values: &[f32],
+    stride: usize,
+    off: usize,
+    x: &[f32],
+    xs: usize,
+    k: usize,
+    rows: usize,
+    out: &mut [f32],
+) {
+    let d = out.len() / rows;
+    let mut j = 0;
+    while j + C * LANES <= d {
+        value_tiles::<S, C, T>(values, stride, off, j, x, xs, k, rows, out);
+        j += C * LANES;
+    }
+    while j + LANES <= d {
+        value_tiles::<S, 1, T>(values, stride, off, j, x, xs, k, rows, out);
+        j += LANES;
+    }
+    for jj in j..d {
+        for r in 0..rows {
+            let mut acc = out[r * d + jj];
+            for kk in 0..k {
+                acc = values[kk * stride + off + jj].mul_add(x[r * xs + kk], acc);
+            }
+            out[r * d + jj] = acc;
+        }
+    }
+}
+
+/// Columns `j..j + C·LANES` of `weigh_values`: tiles of `T` rows, then single rows.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn value_tiles<S: Lanes, const C: usize, const T: usize>(
+    values: &[f32],
+    stride: usize,
+    off: usize,
+    j: usize,
+    x: &[f32],
+    xs: usize,
+    k: usize,
+    rows: usize,
+    out: &mut [f32],
+) {
+    let mut r0 = 0;
+    while r0 + T <= rows {
+        value_tile::<S, C, T>(values, stride, off, j, &x[r0 * xs..], xs, k, r0, rows, out);
+        r0 += T;
+    }
+    while r0 < rows {
+        value_tile::<S, C, 1>(values, stride, off, j, &x[r0 * xs..], xs, k, r0, rows, out);
+        r0 += 1;
+    }
+}
+
+/// Rows `r0..r0 + T` of `value_tiles`: their accumulators come from `out` and go back.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn value_tile<S: Lanes, const C: usize, const T: usize>(
+    values: &[f32],
+    stride: usize,
+    off: usize,
+    j: usize,
+    x: &[f32],
+    xs: usize,
+    k: usize,
+    r0: usize,
+    rows: usize,
+    out: &mut [f32],
+) {
+    let d = out.len() / rows;
+    let at = |r: usize, c: usize| (r0 + r) * d + j + c * LANES;
+    let acc: [[S; C]; T] =
+        std::array::from_fn(|r| std::array::from_fn(|c| S::load(chunk(out, at(r, c)))));
+    let acc = axpy_tile::<S, f32, C, T>(values, stride, off + j, x, xs, k, acc);
+    for (r, a) in acc.iter().enumerate() {
+        for (c, v) in a.iter().enumerate() {
+            let o = at(r, c);
+            v.store((&mut out[o..o + LANES]).try_into().expect("a chunk"));
+        }
     }
 }
 
@@ -217,6 +342,7 @@ mod tests {
             q: &q,
             q_stride: d,
             q_off: 0,
+            heads: 1,
             keys: &keys,
             values: &keys,
             kv_stride: d,
