@@ -18,7 +18,6 @@
 const LANES: usize = 16;
 
 /// How far ahead of the current element each row's weights are prefetched.
-const PREFETCH_AHEAD: usize = 512;
 
 /// A public kernel that runs its portable body (`$body`, or one body per build where they
 /// differ only in tile shape) compiled for the best instruction set the CPU has, chosen at
@@ -474,10 +473,16 @@ fn row_tiles<S: Lanes, W: Weight, const R: usize, const T: usize>(
     let n = y.len() / t;
     let s: [f32; R] = std::array::from_fn(|r| row_scale::<W>(scale, r0 + r));
     let rows: [&[W]; R] = std::array::from_fn(|r| &w[(r0 + r) * k..(r0 + r + 1) * k]);
+    // The rows of the next tile, fetched into the cache while this one computes (empty
+    // past the last row).
+    let next: [&[W]; R] = std::array::from_fn(|r| {
+        let at = ((r0 + R + r) * k).min(n * k).min(w.len());
+        &w[at..((r0 + R + r + 1) * k).min(n * k).min(w.len())]
+    });
     let mut i0 = 0;
     while i0 + T <= t {
         let xs: [&[f32]; T] = std::array::from_fn(|j| &x[(i0 + j) * k..(i0 + j + 1) * k]);
-        let out = dot_tile::<S, W, R, T>(&rows, &s, &xs);
+        let out = dot_tile::<S, W, R, T>(&rows, &next, &s, &xs);
         for (r, o) in out.iter().enumerate() {
             for (j, v) in o.iter().enumerate() {
                 y[(i0 + j) * n + r0 + r] = *v;
@@ -486,7 +491,7 @@ fn row_tiles<S: Lanes, W: Weight, const R: usize, const T: usize>(
         i0 += T;
     }
     while i0 < t {
-        let out = dot_tile::<S, W, R, 1>(&rows, &s, &[&x[i0 * k..(i0 + 1) * k]]);
+        let out = dot_tile::<S, W, R, 1>(&rows, &next, &s, &[&x[i0 * k..(i0 + 1) * k]]);
         for (r, o) in out.iter().enumerate() {
             y[i0 * n + r0 + r] = o[0];
         }
@@ -501,6 +506,7 @@ fn row_tiles<S: Lanes, W: Weight, const R: usize, const T: usize>(
 #[inline(always)]
 fn dot_tile<S: Lanes, W: Weight, const R: usize, const T: usize>(
     rows: &[&[W]; R],
+    next: &[&[W]; R],
     s: &[f32; R],
     xs: &[&[f32]; T],
 ) -> [[f32; T]; R] {
@@ -511,7 +517,7 @@ fn dot_tile<S: Lanes, W: Weight, const R: usize, const T: usize>(
         let o = c * LANES;
         let mut wv = [S::zero(); R];
         for r in 0..R {
-            prefetch(rows[r], o + PREFETCH_AHEAD);
+            prefetch(next[r], o);
             wv[r] = W::lanes(chunk(rows[r], o), s[r]);
         }
         for j in 0..T {
@@ -765,4 +771,3 @@ mod tests {
         }
     }
 }
-

@@ -97,7 +97,7 @@ fn attend_block_generic<S: Lanes, const R: usize, const T: usize, const C: usize
                 if rr == R && tt == T {
                     let keys: [&[f32]; R] = std::array::from_fn(|r| key(j0 + r));
                     let xs: [&[f32]; T] = std::array::from_fn(|i| query(i0 + i));
-                    let s = dot_tile::<S, f32, R, T>(&keys, &ones, &xs);
+                    let s = dot_tile::<S, f32, R, T>(&keys, &[&[]; R], &ones, &xs);
                     for (r, col) in s.iter().enumerate() {
                         for (i, v) in col.iter().enumerate() {
                             p[(i0 + i) * span + j0 + r - lo] = *v;
@@ -107,7 +107,7 @@ fn attend_block_generic<S: Lanes, const R: usize, const T: usize, const C: usize
                     // Fewer rows than a tile: R keys at a time for each.
                     let keys: [&[f32]; R] = std::array::from_fn(|r| key(j0 + r));
                     for i in i0..i0 + tt {
-                        let s = dot_tile::<S, f32, R, 1>(&keys, &ones, &[query(i)]);
+                        let s = dot_tile::<S, f32, R, 1>(&keys, &[&[]; R], &ones, &[query(i)]);
                         for (r, v) in s.iter().enumerate() {
                             p[i * span + j0 + r - lo] = v[0];
                         }
@@ -115,7 +115,12 @@ fn attend_block_generic<S: Lanes, const R: usize, const T: usize, const C: usize
                 } else {
                     for r in 0..rr {
                         for i in i0..i0 + tt {
-                            let s = dot_tile::<S, f32, 1, 1>(&[key(j0 + r)], &[1.0], &[query(i)]);
+                            let s = dot_tile::<S, f32, 1, 1>(
+                                &[key(j0 + r)],
+                                &[&[]],
+                                &[1.0],
+                                &[query(i)],
+                            );
                             p[i * span + j0 + r - lo] = s[0][0];
                         }
                     }
