@@ -6,7 +6,7 @@
 //! `1 + attn_scale · ln(1 + ⌊(p+1)/floor_scale⌋)`; append k/v to the cache; attend. A query
 //! at absolute position p sees the keys in `[lo(p), p]`, where lo(p) is the start of p's
 //! aligned chunk on RoPE layers and 0 on NoPE layers. Scores, softmax and the weighted sum
-//! run per (head, block of queries) in `kernels::attend_block`, blocked over the keys;
+//! run per (KV head, block of queries) in `kernels::attend_block`, blocked over the keys;
 //! masked entries weigh an exact zero.
 
 use std::ops::Range;
@@ -22,10 +22,10 @@ use crate::linear::Linear;
 use crate::norm::rms_norm_in_place;
 use crate::rope::Rope;
 
-/// Queries of one head attended together: they share each pass over the keys. Each query's
-/// result is still what it gets alone (`kernels::attend_block`), so whole-prompt prefill,
-/// chunked prefill and decode agree bit for bit, and a preempted sequence recomputes
-/// exactly what it had.
+/// Queries attended together (with the query heads of one KV head): they share each pass
+/// over the keys. Each query's result is still what it gets alone (`kernels::attend_block`),
+/// so whole-prompt prefill, chunked prefill and decode agree bit for bit, and a preempted
+/// sequence recomputes exactly what it had.
 const QUERY_BLOCK: usize = 16;
 
 #[derive(Debug, Clone)]

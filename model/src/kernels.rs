@@ -17,8 +17,6 @@
 /// Lanes of independent accumulators per row: one AVX-512 register, two AVX ones.
 const LANES: usize = 16;
 
-/// How far ahead of the current element each row's weights are prefetched.
-
 /// A public kernel that runs its portable body (`$body`, or one body per build where they
 /// differ only in tile shape) compiled for the best instruction set the CPU has, chosen at
 /// run time: AVX-512, AVX2 + FMA, or the baseline. Each lane does the same operations in the
