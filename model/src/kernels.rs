@@ -220,7 +220,7 @@ kernel! {
     /// `y[r] = Σ_k w[r, k] · x[k]` for the rows of `w` (`[y.len(), x.len()]`); scaled weights
     /// take `scale` (`[y.len()]`), bf16 ones an empty slice.
     pub fn dot_rows / dot_rows_on<W: Weight>(w: &[W], scale: &[f32], x: &[f32], y: &mut [f32])
-        => avx512: dot_rows_generic::<Avx512, W, 4>,
+        => avx512: dot_rows_generic::<Avx512, W, 8>,
             avx2: dot_rows_generic::<Avx2, W, 2>,
             baseline: dot_rows_generic::<Scalar, W, 2>
 }
