@@ -9,8 +9,6 @@
 //! run per (KV head, block of queries) in `kernels::attend_block`, blocked over the keys;
 //! masked entries weigh an exact zero.
 
-use std::ops::Range;
-
 use rayon::prelude::*;
 
 use crate::checkpoint::WeightSource;
@@ -112,7 +110,6 @@ impl Attention {
         let (qw, kw) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
 
         let mut row = 0;
-        let seqs_len = seqs.len();
         let mut pieces = Vec::with_capacity(seqs.len());
         for s in seqs.iter_mut() {
             let rows = row..row + s.len;
@@ -125,14 +122,14 @@ impl Attention {
         let q_chunks = split_rows(&mut q, &pieces, qw);
         let k_chunks = split_rows(&mut k, &pieces, kw);
         let out_chunks = split_rows(&mut attn, &pieces, qw);
-        type Piece<'p, 's> = (
-            (
-                ((&'p mut SeqSlice<'s>, Range<usize>), &'p mut [f32]),
-                &'p mut [f32],
-            ),
-            &'p mut [f32],
-        );
-        let one = |((((s, rows), q), k), out): Piece<'_, '_>| {
+        // One sequence (decode of one request) stays on this thread; its heads split in
+        // `attend`.
+        let work = pieces
+            .into_iter()
+            .zip(q_chunks)
+            .zip(k_chunks)
+            .zip(out_chunks);
+        crate::hot::map_items(work.collect(), |((((s, rows), q), k), out)| {
             self.position_encode(q, k, s.start_pos);
             s.cache
                 .append(s.pool, k, &v[rows.start * kw..rows.end * kw]);
@@ -140,18 +137,7 @@ impl Attention {
             let end = s.start_pos + s.len;
             let (keys, values) = s.cache.gather(s.pool.block_tokens(), lo, end);
             attend(self.geometry(), q, &keys, &values, lo, s.start_pos, out);
-        };
-        let work = pieces
-            .into_iter()
-            .zip(q_chunks)
-            .zip(k_chunks)
-            .zip(out_chunks);
-        if seqs_len == 1 {
-            // One sequence: no rayon fork (its heads split below).
-            work.for_each(one);
-        } else {
-            work.collect::<Vec<_>>().into_par_iter().for_each(one);
-        }
+        });
         self.o.forward(&attn, t)
     }
 

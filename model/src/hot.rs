@@ -179,6 +179,16 @@ pub fn map<T: Send>(parts: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
         .collect()
 }
 
+/// `f` over `items`, in order: a single item runs on this thread (a rayon fork from
+/// outside the pool would wake a worker and block this thread for it), more go to rayon.
+pub fn map_items<I: Send, R: Send>(items: Vec<I>, f: impl Fn(I) -> R + Sync + Send) -> Vec<R> {
+    use rayon::prelude::*;
+    match items.len() {
+        0 | 1 => items.into_iter().map(f).collect(),
+        _ => items.into_par_iter().map(f).collect(),
+    }
+}
+
 /// Whether this thread drives the work itself (it is no rayon worker): small parallel
 /// steps then go to the hot helpers; a rayon worker already shares the cores with its
 /// siblings and runs them in place.

@@ -263,27 +263,50 @@ fn axpy_rows_multi_generic<S: Lanes, W: Weight, const C: usize, const T: usize>(
     y: &mut [f32],
 ) {
     let k = x.len() / t.max(1);
+    assert_eq!(x.len(), t * k, "inputs shape");
+    axpy_columns::<S, W, C, T>(w, cols, j0, x, k, k, t, y, false);
+}
+
+/// `axpy_rows_multi` where token `i`'s `k` inputs are `x[i·xs..i·xs + k]`; with
+/// `accumulate` every output's chain continues from what `y` holds, so consecutive calls
+/// over consecutive ranges of K give the bits of one call over all of it.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn axpy_columns<S: Lanes, W: Weight, const C: usize, const T: usize>(
+    w: &[W],
+    cols: usize,
+    j0: usize,
+    x: &[f32],
+    xs: usize,
+    k: usize,
+    t: usize,
+    y: &mut [f32],
+    accumulate: bool,
+) {
     let n = y.len() / t.max(1);
     assert!(
-        w.len() >= k * cols && j0 + n <= cols && x.len() == t * k && y.len() == t * n,
+        w.len() >= k * cols
+            && j0 + n <= cols
+            && (t == 0 || (t - 1) * xs + k <= x.len())
+            && y.len() == t * n,
         "weight shape"
     );
     let mut j = 0;
     while j + C * LANES <= n {
-        column_tiles::<S, W, C, T>(w, cols, j0, j, x, k, t, y);
+        column_tiles::<S, W, C, T>(w, cols, j0, j, x, xs, k, t, y, accumulate);
         j += C * LANES;
     }
     while j + LANES <= n {
-        column_tiles::<S, W, 1, T>(w, cols, j0, j, x, k, t, y);
+        column_tiles::<S, W, 1, T>(w, cols, j0, j, x, xs, k, t, y, accumulate);
         j += LANES;
     }
     for jj in j..n {
         for i in 0..t {
-            let mut acc = 0.0f32;
+            let mut acc = if accumulate { y[i * n + jj] } else { 0.0 };
             for kk in 0..k {
                 acc = w[kk * cols + j0 + jj]
                     .widen(1.0)
-                    .mul_add(x[i * k + kk], acc);
+                    .mul_add(x[i * xs + kk], acc);
             }
             y[i * n + jj] = acc;
         }
@@ -300,53 +323,52 @@ fn column_tiles<S: Lanes, W: Weight, const C: usize, const T: usize>(
     j0: usize,
     j: usize,
     x: &[f32],
+    xs: usize,
     k: usize,
     t: usize,
     y: &mut [f32],
+    accumulate: bool,
 ) {
-    let n = y.len() / t;
     let mut i0 = 0;
     while i0 + T <= t {
-        let acc = axpy_tile::<S, W, C, T>(
-            w,
-            cols,
-            j0 + j,
-            &x[i0 * k..(i0 + T) * k],
-            k,
-            k,
-            [[S::zero(); C]; T],
-        );
-        for (i, a) in acc.iter().enumerate() {
-            let row = (i0 + i) * n + j;
-            for (c, v) in a.iter().enumerate() {
-                v.store(
-                    (&mut y[row + c * LANES..row + (c + 1) * LANES])
-                        .try_into()
-                        .expect("a chunk"),
-                );
-            }
-        }
+        column_tile::<S, W, C, T>(w, cols, j0 + j, j, x, xs, k, i0, t, y, accumulate);
         i0 += T;
     }
     while i0 < t {
-        let acc = axpy_tile::<S, W, C, 1>(
-            w,
-            cols,
-            j0 + j,
-            &x[i0 * k..(i0 + 1) * k],
-            k,
-            k,
-            [[S::zero(); C]; 1],
-        );
-        let row = i0 * n + j;
-        for (c, v) in acc[0].iter().enumerate() {
-            v.store(
-                (&mut y[row + c * LANES..row + (c + 1) * LANES])
-                    .try_into()
-                    .expect("a chunk"),
-            );
-        }
+        column_tile::<S, W, C, 1>(w, cols, j0 + j, j, x, xs, k, i0, t, y, accumulate);
         i0 += 1;
+    }
+}
+
+/// Tokens `i0..i0 + T` of `column_tiles`: their accumulators start at 0 or, with
+/// `accumulate`, at what `y` holds, and are stored back there.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn column_tile<S: Lanes, W: Weight, const C: usize, const T: usize>(
+    w: &[W],
+    cols: usize,
+    col: usize,
+    j: usize,
+    x: &[f32],
+    xs: usize,
+    k: usize,
+    i0: usize,
+    t: usize,
+    y: &mut [f32],
+    accumulate: bool,
+) {
+    let n = y.len() / t;
+    let at = |i: usize, c: usize| (i0 + i) * n + j + c * LANES;
+    let acc: [[S; C]; T] = match accumulate {
+        true => std::array::from_fn(|i| std::array::from_fn(|c| S::load(chunk(y, at(i, c))))),
+        false => [[S::zero(); C]; T],
+    };
+    let acc = axpy_tile::<S, W, C, T>(w, cols, col, &x[i0 * xs..], xs, k, acc);
+    for (i, a) in acc.iter().enumerate() {
+        for (c, v) in a.iter().enumerate() {
+            let o = at(i, c);
+            v.store((&mut y[o..o + LANES]).try_into().expect("a chunk"));
+        }
     }
 }
 

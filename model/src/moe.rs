@@ -9,8 +9,6 @@
 
 use std::collections::BTreeMap;
 
-use rayon::prelude::*;
-
 use crate::checkpoint::{Tensor, WeightSource};
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
@@ -361,7 +359,10 @@ impl Experts {
             row += g.rows as usize;
         }
         assert_eq!(row * hidden, inputs.len(), "inputs do not match the groups");
-        let one = |(g, &start): (&ExpertGroup, &usize)| {
+        // One expert (a decode step's only token) runs on this thread: its products split
+        // over the cores themselves.
+        let work: Vec<_> = groups.iter().zip(&starts).collect();
+        let outputs = crate::hot::map_items(work, |(g, &start)| {
             let (e, n) = (g.expert as usize, g.rows as usize);
             let u = &inputs[start * hidden..(start + n) * hidden];
             match self {
@@ -371,14 +372,7 @@ impl Experts {
                 }
                 Self::Unfused(list) => list[e].swiglu(u, n, quantized),
             }
-        };
-        // One expert (a decode step's only token): its products split over the cores
-        // themselves, with no rayon fork around them.
-        let outputs: Vec<Vec<f32>> = if groups.len() == 1 {
-            groups.iter().zip(&starts).map(one).collect()
-        } else {
-            groups.par_iter().zip(&starts).map(one).collect()
-        };
+        });
         outputs.concat()
     }
 }

@@ -146,12 +146,11 @@ fn attend_block_generic<S: Lanes, const R: usize, const T: usize, const C: usize
             row[b + 1..].fill(0.0);
         }
         // Weighted sums of the values, then the normalisation.
-        out.fill(0.0);
         let values = &h.values[lo * h.kv_stride..(hi + 1) * h.kv_stride];
         let mut k0 = 0;
         while k0 < span {
             let kn = KEY_CHUNK.min(span - k0);
-            weigh_values::<S, C, T>(
+            axpy_columns::<S, f32, C, T>(
                 &values[k0 * h.kv_stride..],
                 h.kv_stride,
                 h.kv_off,
@@ -160,6 +159,7 @@ fn attend_block_generic<S: Lanes, const R: usize, const T: usize, const C: usize
                 kn,
                 rows,
                 out,
+                k0 > 0,
             );
             k0 += kn;
         }
@@ -168,95 +168,6 @@ fn attend_block_generic<S: Lanes, const R: usize, const T: usize, const C: usize
         }
     }
     SCORES.set(p);
-}
-
-/// `out[r] += Σ_{kk < k} x[r·xs + kk] · values[kk]` (the head's `d` values of each key
-/// from `off`) for the `rows` rows of `out` (`[rows, d]`), each output in one chain over
-/// the keys in order: the `axpy_rows` order, continued from what `out` holds.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn weigh_values<S: Lanes, const C: usize, const T: usize>(
-    values: &[f32],
-    stride: usize,
-    off: usize,
-    x: &[f32],
-    xs: usize,
-    k: usize,
-    rows: usize,
-    out: &mut [f32],
-) {
-    let d = out.len() / rows;
-    let mut j = 0;
-    while j + C * LANES <= d {
-        value_tiles::<S, C, T>(values, stride, off, j, x, xs, k, rows, out);
-        j += C * LANES;
-    }
-    while j + LANES <= d {
-        value_tiles::<S, 1, T>(values, stride, off, j, x, xs, k, rows, out);
-        j += LANES;
-    }
-    for jj in j..d {
-        for r in 0..rows {
-            let mut acc = out[r * d + jj];
-            for kk in 0..k {
-                acc = values[kk * stride + off + jj].mul_add(x[r * xs + kk], acc);
-            }
-            out[r * d + jj] = acc;
-        }
-    }
-}
-
-/// Columns `j..j + C·LANES` of `weigh_values`: tiles of `T` rows, then single rows.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn value_tiles<S: Lanes, const C: usize, const T: usize>(
-    values: &[f32],
-    stride: usize,
-    off: usize,
-    j: usize,
-    x: &[f32],
-    xs: usize,
-    k: usize,
-    rows: usize,
-    out: &mut [f32],
-) {
-    let mut r0 = 0;
-    while r0 + T <= rows {
-        value_tile::<S, C, T>(values, stride, off, j, &x[r0 * xs..], xs, k, r0, rows, out);
-        r0 += T;
-    }
-    while r0 < rows {
-        value_tile::<S, C, 1>(values, stride, off, j, &x[r0 * xs..], xs, k, r0, rows, out);
-        r0 += 1;
-    }
-}
-
-/// Rows `r0..r0 + T` of `value_tiles`: their accumulators come from `out` and go back.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn value_tile<S: Lanes, const C: usize, const T: usize>(
-    values: &[f32],
-    stride: usize,
-    off: usize,
-    j: usize,
-    x: &[f32],
-    xs: usize,
-    k: usize,
-    r0: usize,
-    rows: usize,
-    out: &mut [f32],
-) {
-    let d = out.len() / rows;
-    let at = |r: usize, c: usize| (r0 + r) * d + j + c * LANES;
-    let acc: [[S; C]; T] =
-        std::array::from_fn(|r| std::array::from_fn(|c| S::load(chunk(out, at(r, c)))));
-    let acc = axpy_tile::<S, f32, C, T>(values, stride, off + j, x, xs, k, acc);
-    for (r, a) in acc.iter().enumerate() {
-        for (c, v) in a.iter().enumerate() {
-            let o = at(r, c);
-            v.store((&mut out[o..o + LANES]).try_into().expect("a chunk"));
-        }
-    }
 }
 
 /// `Σ v` in the canonical order of a dot product: `LANES` accumulators over the full chunks,
