@@ -66,6 +66,7 @@ pub async fn connect(
     let client = CoordinatorClient::new(coordinator)?;
     let (connector, views) = match dispatch.transport {
         Transport::Grpc => (Connector::Grpc, client.watch()),
+        Transport::Tcp => (Connector::Framed, client.watch()),
         Transport::Local => {
             let shard = Arc::new(ExpertShard::with_device(
                 &config,

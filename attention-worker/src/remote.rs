@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use expertmesh_coordinator::{ClusterView, CoordinatorClient};
 use expertmesh_dispatch::{
-    Dispatch, DispatchBatch, DispatchError, GrpcDispatch, Transport, WireDType,
+    Dispatch, DispatchBatch, DispatchError, FramedDispatch, GrpcDispatch, Transport, WireDType,
 };
 use expertmesh_expert_worker::NodeError;
 use expertmesh_model::moe::{ExpertRunner, PendingExperts, RoutedBatch};
@@ -38,8 +38,9 @@ pub struct DispatchConfig {
     pub wire_dtype: WireDType,
     /// Re-sends after `WrongEpoch`.
     pub epoch_retries: usize,
-    /// How routed batches travel: `grpc` to expert workers, `local` to the experts this
-    /// process holds (no sockets), `nccl` between GPU ranks.
+    /// How routed batches travel: `grpc` to expert workers, `tcp` to the same workers as
+    /// framed messages over plain TCP (gRPC staying the control plane), `local` to the
+    /// experts this process holds (no sockets), `nccl` between GPU ranks.
     pub transport: Transport,
 }
 
@@ -76,6 +77,8 @@ impl Default for DispatchConfig {
 pub enum Connector {
     /// A gRPC stream per worker address.
     Grpc,
+    /// A framed TCP connection per worker address.
+    Framed,
     /// Every worker id is this process's own shard (`--dispatch local`).
     Local(Arc<dyn Dispatch>),
     /// Any other `Dispatch` by worker address: test doubles (`FaultyDispatch`).
@@ -92,6 +95,7 @@ impl Connector {
     pub fn connect(&self, address: &str) -> Arc<dyn Dispatch> {
         match self {
             Connector::Grpc => GrpcDispatch::new(address),
+            Connector::Framed => FramedDispatch::new(address),
             Connector::Local(d) => d.clone(),
             Connector::Custom(make) => make(address),
         }

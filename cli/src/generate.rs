@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use expertmesh_attention_worker::DispatchConfig;
-use expertmesh_dispatch::WireDType;
+use expertmesh_dispatch::{Transport, WireDType};
 use expertmesh_model::vision::preprocess;
 use expertmesh_model::{
     config::generation_eos_ids, generate, generate_with, ChatMessage, ChatTemplate,
@@ -85,6 +85,10 @@ pub struct GenerateArgs {
     /// for FP8 experts).
     #[arg(long, default_value = "f32")]
     wire_dtype: WireDType,
+    /// How routed rows reach the expert workers with --expert-workers: grpc, or tcp (framed
+    /// messages over plain TCP to the same ports).
+    #[arg(long, default_value = "grpc")]
+    dispatch: Transport,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -182,8 +186,12 @@ fn through_cluster(
     let model_arg = args.model.display().to_string();
     let cluster = LocalCluster::start(&ClusterSpec::expert_workers(&model_arg, n))?;
     let runtime = tokio::runtime::Runtime::new()?;
+    if !matches!(args.dispatch, Transport::Grpc | Transport::Tcp) {
+        bail!("generate --expert-workers dispatches over grpc or tcp");
+    }
     let dispatch = DispatchConfig {
         wire_dtype: args.wire_dtype,
+        transport: args.dispatch,
         ..DispatchConfig::default()
     };
     let (model, experts) = runtime.block_on(cluster.attach(&model_arg, dispatch))?;

@@ -50,8 +50,9 @@ pub struct UpArgs {
     /// bf16 (tensor cores, activations rounded).
     #[arg(long, default_value = "f32")]
     gemm: expertmesh_model::GemmPrecision,
-    /// How the attention workers reach the routed experts: grpc (the expert workers) or
-    /// local (every expert in each attention worker; `--expert-workers 0` then runs none).
+    /// How the attention workers reach the routed experts: grpc (the expert workers), tcp
+    /// (the same workers, framed messages over plain TCP) or local (every expert in each
+    /// attention worker; `--expert-workers 0` then runs none).
     #[arg(long, default_value = "grpc")]
     dispatch: expertmesh_dispatch::Transport,
     /// Routed rows on the wire: f32 (exact), bf16 (half the bytes, rounded) or fp8 (FP8

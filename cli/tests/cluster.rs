@@ -82,6 +82,31 @@ fn clusters_of_1_to_4_expert_workers_equal_the_single_process() {
     }
 }
 
+/// Framed TCP dispatch (`--dispatch tcp`, to the expert workers' same ports) gives the
+/// single process's tokens and logits bit for bit, in f32 and, for FP8 experts, in fp8.
+#[test]
+fn tcp_dispatch_clusters_equal_the_single_process() {
+    for (model, wire) in [("tiny-maverick", "f32"), ("tiny-maverick-fp8", "fp8")] {
+        let (single, single_logits) = run_generate(model, &[]);
+        let (cluster, cluster_logits) = run_generate(
+            model,
+            &[
+                "--expert-workers",
+                "2",
+                "--dispatch",
+                "tcp",
+                "--wire-dtype",
+                wire,
+            ],
+        );
+        assert_eq!(cluster, single, "{model}, {wire} over framed tcp");
+        assert!(
+            cluster_logits == single_logits,
+            "{model}, {wire} over framed tcp: logits differ"
+        );
+    }
+}
+
 /// FP8 experts (compressed-tensors checkpoints) held and computed by expert workers give
 /// the single process's tokens and logits, bit for bit, with f32 and with fp8 on the wire
 /// (the experts' own input quantization, done before the trip). A bf16 model asked for fp8
@@ -447,6 +472,16 @@ fn up_with_local_dispatch_serves_the_api() {
     up_serves_the_single_process_text(
         "tiny-maverick",
         &["--expert-workers", "0", "--dispatch", "local"],
+    );
+}
+
+/// `up --dispatch tcp`: the attention worker reaches the expert workers over framed TCP and
+/// the API gives the single process's text.
+#[test]
+fn up_with_tcp_dispatch_serves_the_api() {
+    up_serves_the_single_process_text(
+        "tiny-maverick",
+        &["--expert-workers", "2", "--dispatch", "tcp"],
     );
 }
 

@@ -7,17 +7,22 @@
 //! - [`local::InProcessDispatch`]: straight into an [`Answer`] in this process (an expert
 //!   worker's batcher), with the wire path's dtype rounding — no sockets;
 //! - [`grpc::GrpcDispatch`]: a long-lived bidirectional stream to a remote worker;
+//! - [`framed::FramedDispatch`]: length-prefixed frames over a plain TCP (or Unix) socket
+//!   to the same port, the tensor bytes written once and read in place ([`frame`]);
 //! - `nccl::NcclDispatch` (feature `cuda`): the rows through NCCL between GPU ranks;
 //! - [`fault::FaultyDispatch`]: a test double that drops, delays, hangs or answers
 //!   `WrongEpoch`/`Unavailable` as scripted, around any other.
 //!
-//! [`Transport`] names them for config (`--dispatch local|grpc|nccl`). All of them pass one
+//! [`Transport`] names them for config (`--dispatch local|grpc|tcp|nccl`). All of them pass one
 //! conformance suite (`expert-worker/tests/conformance.rs`); the expert worker's
 //! [`Answer`] is what the in-process and NCCL transports deliver to, and what its gRPC
 //! server calls.
 
 pub mod fault;
+pub mod frame;
+pub mod framed;
 pub mod grpc;
+mod link;
 pub mod local;
 #[cfg(feature = "cuda")]
 pub mod nccl;
@@ -29,6 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use fault::{Fault, FaultyDispatch};
+pub use framed::FramedDispatch;
 pub use grpc::GrpcDispatch;
 pub use local::InProcessDispatch;
 
@@ -80,9 +86,7 @@ impl WireDType {
     pub fn carry(self, values: &mut [f32], hidden: usize) {
         match self {
             WireDType::F32 => {}
-            WireDType::Bf16 => values
-                .iter_mut()
-                .for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+            WireDType::Bf16 => expertmesh_model::kernels::round_bf16(values),
             WireDType::Fp8 => fp8::qdq_rows_in_place(values, hidden),
         }
     }
@@ -181,6 +185,9 @@ pub enum Transport {
     /// gRPC streams to expert workers (the default).
     #[default]
     Grpc,
+    /// Framed messages over plain TCP to the expert workers' same port, gRPC staying the
+    /// control plane.
+    Tcp,
     /// NCCL between GPU ranks (feature `cuda`), gRPC staying the control path.
     Nccl,
 }
@@ -191,8 +198,11 @@ impl std::str::FromStr for Transport {
         match s {
             "local" => Ok(Self::Local),
             "grpc" => Ok(Self::Grpc),
+            "tcp" => Ok(Self::Tcp),
             "nccl" => Ok(Self::Nccl),
-            other => Err(format!("`{other}` is not a transport (local, grpc, nccl)")),
+            other => Err(format!(
+                "`{other}` is not a transport (local, grpc, tcp, nccl)"
+            )),
         }
     }
 }
@@ -202,6 +212,7 @@ impl std::fmt::Display for Transport {
         f.write_str(match self {
             Self::Local => "local",
             Self::Grpc => "grpc",
+            Self::Tcp => "tcp",
             Self::Nccl => "nccl",
         })
     }

@@ -2,11 +2,12 @@
 //! before use: dtype × shape against the byte length, row counts against the tensor,
 //! sizes against caps. Nothing a sender writes becomes an allocation size unchecked.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use bytes::Bytes;
-use expertmesh_model::fp8;
 use expertmesh_model::moe::ExpertGroup;
+use expertmesh_model::{fp8, kernels};
 use expertmesh_proto::v1::{self as pb, dispatch_error::Kind};
 
 use crate::{DispatchBatch, DispatchError, WireDType};
@@ -17,21 +18,56 @@ pub const TIMEOUT_MAX: Duration = Duration::from_secs(600);
 /// Encodes f32 values as a wire tensor of shape `[rows, hidden]`. In fp8 each row is
 /// quantized with its own scale (`fp8::quantize_activations`).
 pub fn encode_tensor(values: &[f32], rows: usize, hidden: usize, dtype: WireDType) -> pb::Tensor {
-    let mut data = Vec::with_capacity(values.len() * dtype.size_bytes());
+    encode_values(Cow::Borrowed(values), rows, hidden, dtype)
+}
+
+/// As [`encode_tensor`]; owned f32 values travel as they are (on little-endian hosts), with
+/// no copy at all: the tensor's bytes are the vector's.
+pub fn encode_values(
+    values: Cow<'_, [f32]>,
+    rows: usize,
+    hidden: usize,
+    dtype: WireDType,
+) -> pb::Tensor {
     let mut scales = Vec::new();
-    match dtype {
-        WireDType::F32 => data.extend(values.iter().flat_map(|v| v.to_le_bytes())),
-        WireDType::Bf16 => data.extend(values.iter().flat_map(|v| bf16_bits(*v).to_le_bytes())),
+    let little = cfg!(target_endian = "little");
+    let data = match dtype {
+        WireDType::F32 if little => match values {
+            Cow::Owned(v) => Bytes::from_owner(Floats(v)),
+            Cow::Borrowed(v) => Bytes::copy_from_slice(bytemuck::cast_slice(v)),
+        },
+        WireDType::F32 => Bytes::from(
+            values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        ),
+        WireDType::Bf16 if little => {
+            let mut halves = vec![0u16; values.len()];
+            kernels::to_bf16(&values, &mut halves);
+            Bytes::from_owner(Halves(halves))
+        }
+        WireDType::Bf16 => {
+            let mut halves = vec![0u16; values.len()];
+            kernels::to_bf16(&values, &mut halves);
+            Bytes::from(
+                halves
+                    .iter()
+                    .flat_map(|h| h.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            )
+        }
         WireDType::Fp8 => {
-            data.resize(values.len(), 0);
+            let mut codes = vec![0u8; values.len()];
             // Row by row (an empty row, hidden 0, still has its scale).
             for r in 0..rows {
                 let span = r * hidden..(r + 1) * hidden;
-                let scale = fp8::quantize_activations(&values[span.clone()], &mut data[span]);
+                let scale = fp8::quantize_activations(&values[span.clone()], &mut codes[span]);
                 scales.extend(scale.to_le_bytes());
             }
+            Bytes::from(codes)
         }
-    }
+    };
     pb::Tensor {
         dtype: match dtype {
             WireDType::F32 => pb::DType::DtypeF32,
@@ -39,19 +75,27 @@ pub fn encode_tensor(values: &[f32], rows: usize, hidden: usize, dtype: WireDTyp
             WireDType::Fp8 => pb::DType::DtypeFp8E4m3,
         } as i32,
         shape: vec![rows as u64, hidden as u64],
-        data: Bytes::from(data),
+        data,
         scales,
     }
 }
 
-/// f32 → bf16 bits, rounding to nearest even (as `half::bf16::from_f32`, branch-free for
-/// finite values so that the loop vectorises).
-fn bf16_bits(v: f32) -> u16 {
-    let b = v.to_bits();
-    if v.is_nan() {
-        return ((b >> 16) as u16) | 0x0040;
+/// f32 values owned as tensor bytes.
+struct Floats(Vec<f32>);
+
+impl AsRef<[u8]> for Floats {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
     }
-    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// bf16 bits (little-endian) owned as tensor bytes.
+struct Halves(Vec<u16>);
+
+impl AsRef<[u8]> for Halves {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
 }
 
 /// Decodes a 2-D wire tensor, checking dtype, shape and byte length.
@@ -93,26 +137,42 @@ pub fn decode_tensor(t: &pb::Tensor) -> Result<(WireDType, usize, usize, Vec<f32
         }
         _ => Vec::new(),
     };
-    let mut values = Vec::with_capacity(rows * hidden);
-    match dtype {
-        WireDType::F32 => values.extend(
-            t.data
+    // Aligned little-endian bytes (the framed transport's receive buffer) are read as whole
+    // values; otherwise byte by byte. Collected from slice iterators: no zeroing first.
+    let little = cfg!(target_endian = "little");
+    let values: Vec<f32> = match dtype {
+        WireDType::F32 => match bytemuck::try_cast_slice::<u8, f32>(&t.data) {
+            Ok(floats) if little => floats.to_vec(),
+            _ => t
+                .data
                 .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        ),
-        WireDType::Bf16 => values.extend(
-            t.data
-                .chunks_exact(2)
-                .map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)),
-        ),
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        },
+        WireDType::Bf16 => {
+            let mut values = vec![0.0f32; rows * hidden];
+            match bytemuck::try_cast_slice::<u8, u16>(&t.data) {
+                Ok(halves) if little => kernels::from_bf16(halves, &mut values),
+                _ => {
+                    let halves: Vec<u16> = t
+                        .data
+                        .chunks_exact(2)
+                        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                        .collect();
+                    kernels::from_bf16(&halves, &mut values);
+                }
+            }
+            values
+        }
         WireDType::Fp8 => {
-            values.resize(rows * hidden, 0.0);
+            let mut values = vec![0.0f32; rows * hidden];
             for (r, scale) in scales.into_iter().enumerate() {
                 let span = r * hidden..(r + 1) * hidden;
                 fp8::dequantize_activations(&t.data[span.clone()], scale, &mut values[span]);
             }
+            values
         }
-    }
+    };
     Ok((dtype, rows, hidden, values))
 }
 
@@ -143,20 +203,44 @@ fn decode_scales(bytes: &[u8], rows: usize) -> Result<Vec<f32>, DispatchError> {
 impl From<&DispatchBatch> for pb::DispatchRequest {
     fn from(b: &DispatchBatch) -> Self {
         pb::DispatchRequest {
-            epoch: b.epoch,
-            layer: b.layer,
-            batch_id: b.batch_id,
-            timeout_ms: b.timeout.as_millis().min(u128::from(u32::MAX)) as u32,
-            groups: b
-                .groups
-                .iter()
-                .map(|g| pb::ExpertGroup {
-                    expert: g.expert,
-                    rows: g.rows,
-                })
-                .collect(),
             activations: Some(encode_tensor(&b.activations, b.rows(), b.hidden, b.dtype)),
+            ..request_header(b)
         }
+    }
+}
+
+/// The owned form: f32 activations become the message's bytes without a copy.
+impl From<DispatchBatch> for pb::DispatchRequest {
+    fn from(mut b: DispatchBatch) -> Self {
+        let values = std::mem::take(&mut b.activations);
+        pb::DispatchRequest {
+            activations: Some(encode_values(
+                Cow::Owned(values),
+                b.rows(),
+                b.hidden,
+                b.dtype,
+            )),
+            ..request_header(&b)
+        }
+    }
+}
+
+/// A batch's request without its activations.
+pub fn request_header(b: &DispatchBatch) -> pb::DispatchRequest {
+    pb::DispatchRequest {
+        epoch: b.epoch,
+        layer: b.layer,
+        batch_id: b.batch_id,
+        timeout_ms: b.timeout.as_millis().min(u128::from(u32::MAX)) as u32,
+        groups: b
+            .groups
+            .iter()
+            .map(|g| pb::ExpertGroup {
+                expert: g.expert,
+                rows: g.rows,
+            })
+            .collect(),
+        activations: None,
     }
 }
 
@@ -207,15 +291,15 @@ impl TryFrom<pb::DispatchRequest> for DispatchBatch {
 /// A reply carrying outputs, in the dtype that answers the request's (`WireDType::reply`).
 pub fn reply_ok(
     batch_id: u64,
-    outputs: &[f32],
+    outputs: Vec<f32>,
     rows: usize,
     hidden: usize,
     dtype: WireDType,
 ) -> pb::DispatchReply {
     pb::DispatchReply {
         batch_id,
-        result: Some(pb::dispatch_reply::Result::Outputs(encode_tensor(
-            outputs,
+        result: Some(pb::dispatch_reply::Result::Outputs(encode_values(
+            Cow::Owned(outputs),
             rows,
             hidden,
             dtype.reply(),
@@ -224,7 +308,17 @@ pub fn reply_ok(
 }
 
 pub fn reply_err(batch_id: u64, e: &DispatchError) -> pb::DispatchReply {
-    let kind = match e {
+    pb::DispatchReply {
+        batch_id,
+        result: Some(pb::dispatch_reply::Result::Error(pb::DispatchError {
+            kind: Some(error_kind(e)),
+        })),
+    }
+}
+
+/// The wire form of an error's kind.
+pub fn error_kind(e: &DispatchError) -> Kind {
+    match e {
         DispatchError::WrongEpoch { current } => {
             Kind::WrongEpoch(pb::WrongEpoch { current: *current })
         }
@@ -246,12 +340,6 @@ pub fn reply_err(batch_id: u64, e: &DispatchError) -> pb::DispatchReply {
             reason: reason.clone(),
         }),
         DispatchError::DeadlineExceeded => Kind::DeadlineExceeded(pb::DeadlineExceeded {}),
-    };
-    pb::DispatchReply {
-        batch_id,
-        result: Some(pb::dispatch_reply::Result::Error(pb::DispatchError {
-            kind: Some(kind),
-        })),
     }
 }
 
@@ -385,7 +473,7 @@ mod tests {
         // The all-zero row keeps its zeros (scale = f32::EPSILON).
         assert_eq!(&got.activations[2..4], &[0.0, 0.0]);
         assert_eq!(WireDType::Fp8.row_bytes(2), 6);
-        let ok = reply_ok(1, &[0.1, 0.2], 1, 2, WireDType::Fp8);
+        let ok = reply_ok(1, vec![0.1, 0.2], 1, 2, WireDType::Fp8);
         let Some(pb::dispatch_reply::Result::Outputs(t)) = &ok.result else {
             panic!("outputs")
         };
@@ -429,34 +517,8 @@ mod tests {
     }
 
     #[test]
-    fn bf16_rounding_matches_half() {
-        for v in [
-            0.0f32,
-            -0.0,
-            1.0,
-            1.0 + 1.0 / 256.0,
-            1.0 + 3.0 / 256.0,
-            -3.3e38,
-            3.39e38,
-            1e-40,
-            f32::INFINITY,
-            f32::NAN,
-            0.1,
-            -7.77,
-        ] {
-            let ours = bf16_bits(v);
-            let theirs = half::bf16::from_f32(v).to_bits();
-            if v.is_nan() {
-                assert!(half::bf16::from_bits(ours).is_nan());
-            } else {
-                assert_eq!(ours, theirs, "{v}");
-            }
-        }
-    }
-
-    #[test]
     fn replies_round_trip() {
-        let ok = reply_ok(1, &[1.5, 2.5], 1, 2, WireDType::Bf16);
+        let ok = reply_ok(1, vec![1.5, 2.5], 1, 2, WireDType::Bf16);
         assert_eq!(decode_reply(ok.clone(), 1, 2).unwrap(), vec![1.5, 2.5]);
         assert!(matches!(
             decode_reply(ok, 2, 2),

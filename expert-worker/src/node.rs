@@ -203,10 +203,14 @@ pub async fn run(
     ));
 
     let id = Arc::new(AtomicU64::new(worker_id));
-    let server = ExpertServer::new(Batcher::spawn(shard, config.batcher), id);
+    let batcher = Batcher::spawn(shard, config.batcher);
+    // One port for both data paths: framed dispatch connections are answered by the same
+    // batcher, gRPC ones by the service.
+    let incoming = expertmesh_dispatch::framed::incoming(listener, Arc::new(batcher.clone()));
+    let server = ExpertServer::new(batcher, id);
     expertmesh_proto::server_builder()
         .add_service(server.into_service())
-        .serve_with_incoming_shutdown(expertmesh_proto::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }

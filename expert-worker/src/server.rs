@@ -66,7 +66,7 @@ impl ExpertService for ExpertServer {
                         Ok(batch) => {
                             let (rows, hidden, dtype) = (batch.rows(), batch.hidden, batch.dtype);
                             match batcher.submit(batch).await {
-                                Ok(out) => reply_ok(id, &out, rows, hidden, dtype),
+                                Ok(out) => reply_ok(id, out, rows, hidden, dtype),
                                 Err(e) => reply_err(id, &e),
                             }
                         }

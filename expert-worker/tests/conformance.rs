@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use expertmesh_dispatch::{
-    Dispatch, DispatchBatch, DispatchError, Fault, FaultyDispatch, GrpcDispatch, InProcessDispatch,
-    WireDType,
+    framed, Dispatch, DispatchBatch, DispatchError, Fault, FaultyDispatch, FramedDispatch,
+    GrpcDispatch, InProcessDispatch, WireDType,
 };
 use expertmesh_expert_worker::{Assignment, Batcher, BatcherConfig, ExpertServer, ExpertShard};
 use expertmesh_model::moe::{ExpertGroup, Experts};
@@ -105,19 +105,43 @@ fn faulty(f: &Fixture) -> FaultyDispatch {
     FaultyDispatch::new(Arc::new(InProcessDispatch::new(batcher)))
 }
 
-async fn grpc(f: &Fixture, config: BatcherConfig) -> Box<dyn Dispatch> {
+/// An expert worker's port as its node serves it: gRPC and framed dispatch on one listener,
+/// told apart by their first bytes.
+async fn worker_port(f: &Fixture, config: BatcherConfig) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = ExpertServer::new(
-        Batcher::spawn(f.shard(), config),
-        Arc::new(AtomicU64::new(1)),
-    );
+    let batcher = Batcher::spawn(f.shard(), config);
+    let incoming = framed::incoming(listener, Arc::new(batcher.clone()));
+    let server = ExpertServer::new(batcher, Arc::new(AtomicU64::new(1)));
     tokio::spawn(
         expertmesh_proto::server_builder()
             .add_service(server.into_service())
-            .serve_with_incoming(expertmesh_proto::incoming(listener)),
+            .serve_with_incoming(incoming),
     );
-    Box::new(GrpcDispatch::new(addr.to_string()))
+    addr.to_string()
+}
+
+async fn grpc(f: &Fixture, config: BatcherConfig) -> Box<dyn Dispatch> {
+    Box::new(GrpcDispatch::new(worker_port(f, config).await))
+}
+
+async fn tcp(f: &Fixture, config: BatcherConfig) -> Box<dyn Dispatch> {
+    Box::new(FramedDispatch::new(worker_port(f, config).await))
+}
+
+/// Framed dispatch over a Unix socket (co-located workers).
+async fn unix(f: &Fixture, config: BatcherConfig) -> Box<dyn Dispatch> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "expertmesh-conformance-{}-{}.sock",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let batcher = Arc::new(Batcher::spawn(f.shard(), config));
+    tokio::spawn(framed::serve_unix(listener, batcher));
+    Box::new(FramedDispatch::new(format!("unix:{}", path.display())))
 }
 
 async fn conformance(f: &Fixture, d: &dyn Dispatch) {
@@ -292,16 +316,30 @@ async fn grpc_conforms() {
     conformance(&f, grpc(&f, BatcherConfig::default()).await.as_ref()).await;
 }
 
-/// The same suite with FP8 experts (where `--wire-dtype fp8` is exact), both transports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framed_tcp_conforms() {
+    let f = Fixture::new();
+    conformance(&f, tcp(&f, BatcherConfig::default()).await.as_ref()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framed_unix_conforms() {
+    let f = Fixture::new();
+    conformance(&f, unix(&f, BatcherConfig::default()).await.as_ref()).await;
+}
+
+/// The same suite with FP8 experts (where `--wire-dtype fp8` is exact), every transport.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fp8_experts_conform() {
     let f = Fixture::fp8();
     assert!(f.config.experts_take_fp8_inputs(1));
-    conformance(&f, in_process(&f, BatcherConfig::default()).await.as_ref()).await;
-    conformance(&f, grpc(&f, BatcherConfig::default()).await.as_ref()).await;
+    let c = BatcherConfig::default();
+    conformance(&f, in_process(&f, c).await.as_ref()).await;
+    conformance(&f, grpc(&f, c).await.as_ref()).await;
+    conformance(&f, tcp(&f, c).await.as_ref()).await;
 }
 
-/// With a batching window longer than the deadline, the batch times out (both paths).
+/// With a batching window longer than the deadline, the batch times out (every path).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlines_are_enforced() {
     let f = Fixture::new();
@@ -309,7 +347,11 @@ async fn deadlines_are_enforced() {
         window_us: 300_000,
         ..BatcherConfig::default()
     };
-    for d in [in_process(&f, slow).await, grpc(&f, slow).await] {
+    for d in [
+        in_process(&f, slow).await,
+        grpc(&f, slow).await,
+        tcp(&f, slow).await,
+    ] {
         let mut b = batch(&[(0, 1)], WireDType::F32, 1);
         b.timeout = Duration::from_millis(20);
         let started = std::time::Instant::now();
@@ -318,46 +360,97 @@ async fn deadlines_are_enforced() {
     }
 }
 
-/// A worker that goes away turns into `Unavailable` at once, not a hang. The server runs
-/// on its own runtime; dropping the runtime kills its connections as a dead process would.
+/// A worker that goes away turns into `Unavailable` at once, not a hang, for both socket
+/// transports. The server runs on its own runtime; dropping the runtime kills its
+/// connections as a dead process would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_worker_gone_is_unavailable() {
-    let f = Fixture::new();
-    let shard = f.shard();
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (stop, stopped) = std::sync::mpsc::channel::<()>();
-    let server_thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            addr_tx.send(listener.local_addr().unwrap()).unwrap();
-            let server = ExpertServer::new(
-                Batcher::spawn(shard, BatcherConfig::default()),
-                Arc::new(AtomicU64::new(1)),
-            );
-            tokio::spawn(
-                expertmesh_proto::server_builder()
-                    .add_service(server.into_service())
-                    .serve_with_incoming(expertmesh_proto::incoming(listener)),
-            );
+async fn worker_gone_is_unavailable() {
+    type Client = fn(String) -> Arc<dyn Dispatch>;
+    let clients: [Client; 2] = [
+        |a| GrpcDispatch::new(a) as Arc<dyn Dispatch>,
+        |a| FramedDispatch::new(a) as Arc<dyn Dispatch>,
+    ];
+    for client in clients {
+        let f = Fixture::new();
+        let shard = f.shard();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let server_thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async {
+                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                let batcher = Batcher::spawn(shard, BatcherConfig::default());
+                let incoming = framed::incoming(listener, Arc::new(batcher.clone()));
+                let server = ExpertServer::new(batcher, Arc::new(AtomicU64::new(1)));
+                tokio::spawn(
+                    expertmesh_proto::server_builder()
+                        .add_service(server.into_service())
+                        .serve_with_incoming(incoming),
+                );
+            });
+            let _ = stopped.recv();
+            rt.shutdown_timeout(Duration::from_millis(100));
         });
-        let _ = stopped.recv();
-        rt.shutdown_timeout(Duration::from_millis(100));
-    });
-    let addr = addr_rx.recv().unwrap();
-    let d = GrpcDispatch::new(addr.to_string());
-    assert!(d
-        .dispatch(batch(&[(0, 1)], WireDType::F32, 1))
-        .await
-        .is_ok());
-    stop.send(()).unwrap();
-    server_thread.join().unwrap();
-    let started = std::time::Instant::now();
-    let mut b = batch(&[(0, 1)], WireDType::F32, 2);
-    b.timeout = Duration::from_secs(10);
-    let err = d.dispatch(b).await.unwrap_err();
-    assert!(matches!(err, DispatchError::Unavailable(_)), "{err:?}");
-    assert!(started.elapsed() < Duration::from_secs(5));
+        let addr = addr_rx.recv().unwrap();
+        let d = client(addr.to_string());
+        assert!(d
+            .dispatch(batch(&[(0, 1)], WireDType::F32, 1))
+            .await
+            .is_ok());
+        stop.send(()).unwrap();
+        server_thread.join().unwrap();
+        let started = std::time::Instant::now();
+        let mut b = batch(&[(0, 1)], WireDType::F32, 2);
+        b.timeout = Duration::from_secs(10);
+        let err = d.dispatch(b).await.unwrap_err();
+        assert!(matches!(err, DispatchError::Unavailable(_)), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}
+
+/// Hostile bytes on a worker's port: after the framed magic, a frame over the cap, one
+/// whose header does not fit, one whose header does not decode; each closes that connection
+/// (no allocation of the claimed size, no panic), and the port keeps serving both protocols.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_frames_close_only_their_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = Fixture::new();
+    let addr = worker_port(&f, BatcherConfig::default()).await;
+    let mut garbage_header = vec![];
+    garbage_header.extend(12u32.to_le_bytes());
+    garbage_header.extend(8u32.to_le_bytes());
+    garbage_header.extend([0xff; 8]);
+    let hostile: [Vec<u8>; 4] = [
+        u32::MAX.to_le_bytes().to_vec(),
+        [8u32.to_le_bytes(), 9u32.to_le_bytes(), [0; 4]].concat(),
+        garbage_header,
+        b"not a protocol at all, longer than the HTTP/2 preface".to_vec(),
+    ];
+    for (i, bytes) in hostile.into_iter().enumerate() {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        if bytes.starts_with(b"not") {
+            s.write_all(&bytes).await.unwrap();
+        } else {
+            s.write_all(&expertmesh_dispatch::frame::MAGIC)
+                .await
+                .unwrap();
+            s.write_all(&bytes).await.unwrap();
+        }
+        let mut sink = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await;
+        assert!(read.is_ok(), "the worker closes hostile connection {i}");
+    }
+    let b = batch(&[(0, 2)], WireDType::F32, 3);
+    let exact = f.experts().run_groups(&b.groups, &b.activations, 64);
+    assert_eq!(
+        FramedDispatch::new(addr.clone())
+            .dispatch(b.clone())
+            .await
+            .unwrap(),
+        exact
+    );
+    assert_eq!(GrpcDispatch::new(addr).dispatch(b).await.unwrap(), exact);
 }
 
 /// The NCCL implementation on one GPU (a single-rank group): the group's unique id is offered

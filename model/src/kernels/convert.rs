@@ -1,0 +1,107 @@
+//! The data path's activation conversions (f32 ⇄ bf16 on the wire), built per instruction
+//! set like the products. The arithmetic is element-wise and the same in every build, so
+//! the bits never depend on the build; only the width of the loop does.
+
+use super::*;
+
+kernel! {
+    /// `out[i]` = the bf16 bits of `values[i]`, rounded to nearest even (a NaN stays a quiet
+    /// NaN), as `half::bf16::from_f32` gives them.
+    pub fn to_bf16 / to_bf16_on(values: &[f32], out: &mut [u16]) => to_bf16_portable
+}
+
+kernel! {
+    /// `out[i]` = the bf16 bits `halves[i]` widened to f32 (exact).
+    pub fn from_bf16 / from_bf16_on(halves: &[u16], out: &mut [f32]) => from_bf16_portable
+}
+
+kernel! {
+    /// Each value rounded to bf16 in place (`from_bf16(to_bf16(v))`): what a trip as bf16
+    /// does to it.
+    pub fn round_bf16 / round_bf16_on(values: &mut [f32]) => round_bf16_portable
+}
+
+#[inline(always)]
+fn round_bf16_portable(values: &mut [f32]) {
+    for v in values.iter_mut() {
+        *v = f32::from_bits(u32::from(bf16_bits(*v)) << 16);
+    }
+}
+
+#[inline(always)]
+fn to_bf16_portable(values: &[f32], out: &mut [u16]) {
+    assert_eq!(values.len(), out.len(), "one bf16 per value");
+    for (o, v) in out.iter_mut().zip(values) {
+        *o = bf16_bits(*v);
+    }
+}
+
+#[inline(always)]
+fn from_bf16_portable(halves: &[u16], out: &mut [f32]) {
+    assert_eq!(halves.len(), out.len(), "one value per bf16");
+    for (o, h) in out.iter_mut().zip(halves) {
+        *o = f32::from_bits(u32::from(*h) << 16);
+    }
+}
+
+/// f32 → bf16 bits, rounding to nearest even; a select rather than a branch for NaN, so
+/// that the loops over it vectorise.
+#[inline(always)]
+fn bf16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let quiet_nan = ((b >> 16) as u16) | 0x0040;
+    if v.is_nan() {
+        quiet_nan
+    } else {
+        rounded
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every build rounds as `half` does, on edge cases and on a sweep of bit patterns.
+    #[test]
+    fn every_build_rounds_as_half_does() {
+        let mut values = vec![
+            0.0f32,
+            -0.0,
+            1.0,
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            -3.3e38,
+            3.39e38,
+            1e-40,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            0.1,
+            -7.77,
+        ];
+        values.extend((0..100_000u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761))));
+        for isa in [Isa::Baseline, Isa::Avx2, Isa::Avx512] {
+            let mut bits = vec![0u16; values.len()];
+            to_bf16_on(isa, &values, &mut bits);
+            for (v, b) in values.iter().zip(&bits) {
+                let theirs = half::bf16::from_f32(*v);
+                if v.is_nan() {
+                    assert!(half::bf16::from_bits(*b).is_nan(), "{isa:?}");
+                } else {
+                    assert_eq!(*b, theirs.to_bits(), "{isa:?} {v}");
+                }
+            }
+            let mut back = vec![0.0f32; bits.len()];
+            from_bf16_on(isa, &bits, &mut back);
+            for (b, w) in bits.iter().zip(&back) {
+                assert_eq!(w.to_bits(), half::bf16::from_bits(*b).to_f32().to_bits());
+            }
+            let mut rounded = values.clone();
+            round_bf16_on(isa, &mut rounded);
+            for (r, w) in rounded.iter().zip(&back) {
+                assert!(r.to_bits() == w.to_bits() || (r.is_nan() && w.is_nan()));
+            }
+        }
+    }
+}
