@@ -187,5 +187,10 @@ pub fn worker_load(engine: &EngineStats, dispatch: &DispatchStats) -> pb::Worker
         num_experts: dispatch.num_experts as u32,
         dispatches: get(&dispatch.dispatches),
         dispatch_seconds: get(&dispatch.dispatch_nanos) as f64 / 1e9,
+        step_seconds: get(&engine.step_nanos) as f64 / 1e9,
+        forward_seconds: get(&engine.forward_nanos) as f64 / 1e9,
+        expert_wait_seconds: get(&dispatch.wait_nanos) as f64 / 1e9,
+        routed_batches: get(&dispatch.routed_batches),
+        routed_batch_seconds: get(&dispatch.routed_batch_nanos) as f64 / 1e9,
     }
 }

@@ -117,6 +117,14 @@ pub struct DispatchStats {
     /// Pieces sent (one routed batch to one worker) and their total round-trip time.
     pub dispatches: AtomicU64,
     pub dispatch_nanos: AtomicU64,
+    /// Routed batches (every piece of one MoE layer's batch) and their time from the start
+    /// to the last answer.
+    pub routed_batches: AtomicU64,
+    pub routed_batch_nanos: AtomicU64,
+    /// Time the engine spent blocked waiting for routed batches' answers: the part of
+    /// `routed_batch_nanos` not hidden behind its own work (the shared expert, the other
+    /// micro-batch).
+    pub wait_nanos: AtomicU64,
 }
 
 impl DispatchStats {
@@ -128,6 +136,9 @@ impl DispatchStats {
                 .collect(),
             dispatches: AtomicU64::new(0),
             dispatch_nanos: AtomicU64::new(0),
+            routed_batches: AtomicU64::new(0),
+            routed_batch_nanos: AtomicU64::new(0),
+            wait_nanos: AtomicU64::new(0),
         }
     }
 }
@@ -221,11 +232,24 @@ impl ExpertRunner for RemoteExperts {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let router = self.router.clone();
         let layer = batch.layer;
+        let stats = self.router.stats.clone();
         self.router.runtime.spawn(async move {
-            let _ = tx.send(router.run(batch).await);
+            let started = std::time::Instant::now();
+            let answer = router.run(batch).await;
+            let nanos = started.elapsed().as_nanos() as u64;
+            router.stats.routed_batches.fetch_add(1, Ordering::Relaxed);
+            router
+                .stats
+                .routed_batch_nanos
+                .fetch_add(nanos, Ordering::Relaxed);
+            let _ = tx.send(answer);
         });
         Ok(PendingExperts::later(move || {
-            rx.recv().unwrap_or_else(|_| {
+            let waiting = std::time::Instant::now();
+            let answer = rx.recv();
+            let nanos = waiting.elapsed().as_nanos() as u64;
+            stats.wait_nanos.fetch_add(nanos, Ordering::Relaxed);
+            answer.unwrap_or_else(|_| {
                 Err(ModelError::ExpertsUnavailable {
                     layer,
                     kind: ExpertsFailure::Unreachable,

@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use expertmesh_model::kv_cache::BlockPool;
 use expertmesh_model::moe::ExpertRunner;
@@ -88,6 +88,10 @@ pub struct EngineStats {
     pub kv_blocks_total: AtomicU64,
     pub tokens_generated: AtomicU64,
     pub preemptions: AtomicU64,
+    /// Time in steps (planning, the forward pass, sampling, handing tokens on), in ns.
+    pub step_nanos: AtomicU64,
+    /// Time in the forward pass alone, in ns.
+    pub forward_nanos: AtomicU64,
 }
 
 impl EngineStats {
@@ -233,8 +237,11 @@ impl Scheduler {
             while let Ok(job) = rx.try_recv() {
                 self.accept(job);
             }
+            let started = Instant::now();
             self.step(runner);
             self.publish();
+            let nanos = started.elapsed().as_nanos() as u64;
+            self.stats.step_nanos.fetch_add(nanos, Ordering::Relaxed);
         }
     }
 
@@ -376,7 +383,11 @@ impl Scheduler {
                     batch.push(seq);
                 }
             }
-            self.model.forward_with(&mut batch, rows, runner)
+            let started = Instant::now();
+            let result = self.model.forward_with(&mut batch, rows, runner);
+            let nanos = started.elapsed().as_nanos() as u64;
+            self.stats.forward_nanos.fetch_add(nanos, Ordering::Relaxed);
+            result
         };
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let out = match result {

@@ -161,6 +161,33 @@ impl Metrics {
             (n + l.dispatches, t + l.dispatch_seconds)
         });
         let _ = writeln!(out, "expertmesh_dispatch_round_trip_seconds_sum {secs}\nexpertmesh_dispatch_round_trip_seconds_count {n}");
+        let (n, secs) = loads.values().fold((0, 0.0), |(n, t), l| {
+            (n + l.routed_batches, t + l.routed_batch_seconds)
+        });
+        let _ = writeln!(out, "# HELP expertmesh_routed_batch_seconds One MoE layer's routed batch, from its start to its last answer.\n# TYPE expertmesh_routed_batch_seconds summary\nexpertmesh_routed_batch_seconds_sum {secs}\nexpertmesh_routed_batch_seconds_count {n}");
+        let timers: [Gauge; 3] = [
+            (
+                "expertmesh_engine_step_seconds_total",
+                "Engine time in steps: planning, the forward pass, sampling, handing tokens on.",
+                |l| l.step_seconds,
+            ),
+            (
+                "expertmesh_engine_forward_seconds_total",
+                "Engine time in the forward pass.",
+                |l| l.forward_seconds,
+            ),
+            (
+                "expertmesh_engine_expert_wait_seconds_total",
+                "Engine time blocked waiting for routed experts' answers (not hidden).",
+                |l| l.expert_wait_seconds,
+            ),
+        ];
+        for (name, help, get) in timers {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (id, l) in loads {
+                let _ = writeln!(out, "{name}{{worker=\"{id}\"}} {}", get(l));
+            }
+        }
         let _ = writeln!(out, "# HELP expertmesh_routed_tokens_total Tokens routed to each expert.\n# TYPE expertmesh_routed_tokens_total counter");
         let mut routed: BTreeMap<(usize, usize), u64> = BTreeMap::new();
         for l in loads.values() {

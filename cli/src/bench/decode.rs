@@ -264,7 +264,8 @@ fn single_process(
     for &batch in &args.batch {
         progress(&format!("decode: batch {batch}, {} steps", args.steps));
         let prompts: Vec<Vec<u32>> = (0..batch).map(|_| prompt(prompt_tokens)).collect();
-        let (mut times, bytes) = decode_steps(model, &model.local_experts(), &prompts, args.steps)?;
+        let run = decode_steps(model, &model.local_experts(), &prompts, args.steps)?;
+        let (mut times, bytes) = (run.steps, run.weight_bytes);
         let step = median(&mut times).as_secs_f64();
         let floor = bytes as f64 / (memcpy_gbps * 1e9);
         let read_floor = bytes as f64 / (read_gbps * 1e9);
@@ -296,7 +297,7 @@ fn through_cluster(
     let mut points = Vec::new();
     for (&batch, single) in args.batch.iter().zip(single) {
         let prompts: Vec<Vec<u32>> = (0..batch).map(|_| prompt(args.prompt_tokens[0])).collect();
-        let (mut times, _) = decode_steps(&model, &experts, &prompts, args.steps)?;
+        let mut times = decode_steps(&model, &experts, &prompts, args.steps)?.steps;
         let step = median(&mut times).as_secs_f64();
         let tokens_per_s = batch as f64 / step;
         points.push(ClusterPoint {

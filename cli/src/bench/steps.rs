@@ -11,21 +11,33 @@ use expertmesh_model::sampling::argmax;
 use expertmesh_model::{KvCache, LogitRows, Model, Sequence};
 use rayon::prelude::*;
 
+/// What [`decode_steps`] measured.
+pub(crate) struct DecodeRun {
+    /// The prefill of every prompt, in one batch.
+    pub prefill: Duration,
+    /// Each measured decode step (after two unmeasured ones).
+    pub steps: Vec<Duration>,
+    /// The median weight bytes read per step.
+    pub weight_bytes: u64,
+}
+
 /// Prefills every prompt in one batch, then decodes `steps` greedy steps for all of them
-/// together. Returns each measured step's time and the median weight bytes per step.
+/// together (two more first, not measured).
 pub(crate) fn decode_steps(
     model: &Model,
     runner: &dyn ExpertRunner,
     prompts: &[Vec<u32>],
     steps: usize,
-) -> Result<(Vec<Duration>, u64)> {
+) -> Result<DecodeRun> {
     let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache()).collect();
     let mut batch: Vec<Sequence<'_>> = caches
         .iter_mut()
         .zip(prompts)
         .map(|(cache, p)| Sequence::new(cache, p))
         .collect();
+    let t0 = Instant::now();
     let out = model.forward_with(&mut batch, LogitRows::Last, runner)?;
+    let prefill = t0.elapsed();
     let mut next: Vec<[u32; 1]> = (0..prompts.len()).map(|i| [argmax(out.row(i))]).collect();
     let mut times = Vec::new();
     let mut bytes = Vec::new();
@@ -58,7 +70,11 @@ pub(crate) fn decode_steps(
         next = (0..prompts.len()).map(|i| [argmax(out.row(i))]).collect();
     }
     bytes.sort_unstable();
-    Ok((times, bytes[bytes.len() / 2]))
+    Ok(DecodeRun {
+        prefill,
+        steps: times,
+        weight_bytes: bytes[bytes.len() / 2],
+    })
 }
 
 /// (memcpy GB/s counting bytes copied, read-only GB/s), both cores, medians of 5.
