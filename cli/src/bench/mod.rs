@@ -3,7 +3,8 @@
 //!
 //! - [`decode`]: single-process decode and prefill against this machine's memory bandwidth
 //!   (and, with `--expert-workers`, through a local cluster as a ratio to it);
-//! - [`dispatch`]: one dispatch round trip over loopback gRPC against a raw TCP echo;
+//! - [`dispatch`]: one dispatch round trip over loopback through each transport against raw
+//!   TCP and Unix echoes;
 //! - [`serve`]: streams through the OpenAI API of a local cluster;
 //! - [`image`]: image prefill (vision tower + merged prefill) against text prefill of the
 //!   same token count;
@@ -27,7 +28,8 @@ pub(crate) use steps::{decode_steps, median};
 pub enum BenchCommand {
     /// Decode tokens/s at several batch sizes after a prompt, against the bandwidth floor.
     Decode(decode::DecodeArgs),
-    /// One dispatch round trip over loopback gRPC against a raw TCP echo of the same bytes.
+    /// One dispatch round trip over loopback through each transport against raw TCP and Unix
+    /// echoes of the same bytes.
     Dispatch(dispatch::DispatchArgs),
     /// Resident memory of an expert worker holding every expert of each checkpoint given
     /// (a bf16 one and its FP8 copy side by side).
