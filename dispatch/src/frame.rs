@@ -207,28 +207,9 @@ impl Frame {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
-    use expertmesh_model::moe::ExpertGroup;
-
     use super::*;
     use crate::wire::decode_reply;
-
-    fn batch(dtype: WireDType) -> DispatchBatch {
-        DispatchBatch {
-            epoch: 3,
-            layer: 1,
-            batch_id: 9,
-            timeout: Duration::from_millis(500),
-            groups: vec![
-                ExpertGroup { expert: 2, rows: 1 },
-                ExpertGroup { expert: 5, rows: 2 },
-            ],
-            hidden: 2,
-            dtype,
-            activations: vec![1.0, -2.5, 3.0, 0.0, 5.0, 1e-3],
-        }
-    }
+    use crate::wire::tests::batch;
 
     async fn read_one(bytes: &[u8]) -> Result<Option<Frame>, FrameError> {
         let mut r = bytes;

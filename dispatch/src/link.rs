@@ -132,6 +132,15 @@ impl<C: Connect> Link<C> {
         Ok(c)
     }
 
+    /// Forgets `connection` (the next dispatch opens a new one), unless another dispatch
+    /// already replaced it.
+    async fn drop_connection(&self, connection: &Arc<Connection<C::Message>>) {
+        let mut guard = self.connection.lock().await;
+        if guard.as_ref().is_some_and(|c| Arc::ptr_eq(c, connection)) {
+            *guard = None;
+        }
+    }
+
     fn closed(&self, why: &str) -> DispatchError {
         DispatchError::Unavailable(format!("{}: {why}", self.address))
     }
@@ -146,19 +155,19 @@ impl<C: Connect> Link<C> {
             let (rows, hidden) = (batch.rows(), batch.hidden);
             let message = self.connect.encode(batch)?;
             let Some(rx) = connection.waiters.insert(id, rows, hidden) else {
-                *self.connection.lock().await = None;
+                self.drop_connection(&connection).await;
                 return Err(self.closed("connection closed"));
             };
             if connection.tx.send(message).await.is_err() {
                 connection.waiters.forget(id);
-                *self.connection.lock().await = None;
+                self.drop_connection(&connection).await;
                 return Err(self.closed("connection closed"));
             }
             let result = rx
                 .await
                 .unwrap_or_else(|_| Err(self.closed("connection closed")));
             if matches!(result, Err(DispatchError::Unavailable(_))) {
-                *self.connection.lock().await = None;
+                self.drop_connection(&connection).await;
             }
             result
         };

@@ -381,11 +381,12 @@ pub fn decode_reply(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn request() -> pb::DispatchRequest {
-        let batch = DispatchBatch {
+    /// A batch of three rows of two values in two groups (the wire and frame tests' sample).
+    pub(crate) fn batch(dtype: WireDType) -> DispatchBatch {
+        DispatchBatch {
             epoch: 3,
             layer: 1,
             batch_id: 9,
@@ -395,10 +396,13 @@ mod tests {
                 ExpertGroup { expert: 5, rows: 2 },
             ],
             hidden: 2,
-            dtype: WireDType::F32,
+            dtype,
             activations: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
-        };
-        pb::DispatchRequest::from(&batch)
+        }
+    }
+
+    fn request() -> pb::DispatchRequest {
+        pb::DispatchRequest::from(&batch(WireDType::F32))
     }
 
     #[test]
