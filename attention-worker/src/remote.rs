@@ -38,9 +38,10 @@ pub struct DispatchConfig {
     pub wire_dtype: WireDType,
     /// Re-sends after `WrongEpoch`.
     pub epoch_retries: usize,
-    /// How routed batches travel: `grpc` to expert workers, `tcp` to the same workers as
-    /// framed messages over plain TCP (gRPC staying the control plane), `local` to the
-    /// experts this process holds (no sockets), `nccl` between GPU ranks.
+    /// How routed batches travel: `tcp` (the default) to expert workers as framed messages
+    /// over plain TCP (gRPC staying the control plane), `grpc` to the same workers over gRPC
+    /// streams, `local` to the experts this process holds (no sockets), `nccl` between GPU
+    /// ranks.
     pub transport: Transport,
 }
 
@@ -67,7 +68,7 @@ impl Default for DispatchConfig {
             timeout_ms: 10_000,
             wire_dtype: WireDType::F32,
             epoch_retries: 3,
-            transport: Transport::Grpc,
+            transport: Transport::Tcp,
         }
     }
 }

@@ -85,9 +85,9 @@ pub struct GenerateArgs {
     /// for FP8 experts).
     #[arg(long, default_value = "f32")]
     wire_dtype: WireDType,
-    /// How routed rows reach the expert workers with --expert-workers: grpc, or tcp (framed
-    /// messages over plain TCP to the same ports).
-    #[arg(long, default_value = "grpc")]
+    /// How routed rows reach the expert workers with --expert-workers: tcp (framed messages
+    /// over plain TCP), or grpc (streams to the same ports).
+    #[arg(long, default_value = "tcp")]
     dispatch: Transport,
 }
 

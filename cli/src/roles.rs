@@ -141,9 +141,9 @@ pub struct AttentionWorkerArgs {
     /// Time budget of one routed batch, in ms.
     #[arg(long)]
     dispatch_timeout_ms: Option<u64>,
-    /// How routed batches travel: grpc (to expert workers), tcp (to the same workers as
-    /// framed messages over plain TCP), local (every expert in this process, no sockets: a
-    /// single-node deployment), nccl (GPU ranks).
+    /// How routed batches travel: tcp (the default; to expert workers as framed messages over
+    /// plain TCP), grpc (to the same workers over gRPC streams), local (every expert in this
+    /// process, no sockets: a single-node deployment), nccl (GPU ranks).
     #[arg(long)]
     dispatch: Option<Transport>,
 }

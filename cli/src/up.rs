@@ -50,10 +50,10 @@ pub struct UpArgs {
     /// bf16 (tensor cores, activations rounded).
     #[arg(long, default_value = "f32")]
     gemm: expertmesh_model::GemmPrecision,
-    /// How the attention workers reach the routed experts: grpc (the expert workers), tcp
-    /// (the same workers, framed messages over plain TCP) or local (every expert in each
-    /// attention worker; `--expert-workers 0` then runs none).
-    #[arg(long, default_value = "grpc")]
+    /// How the attention workers reach the routed experts: tcp (the expert workers, framed
+    /// messages over plain TCP), grpc (the same workers over gRPC streams) or local (every
+    /// expert in each attention worker; `--expert-workers 0` then runs none).
+    #[arg(long, default_value = "tcp")]
     dispatch: expertmesh_dispatch::Transport,
     /// Routed rows on the wire: f32 (exact), bf16 (half the bytes, rounded) or fp8 (FP8
     /// experts' rows as e4m3 with a scale per row, exact; f32 for other experts).

@@ -182,11 +182,11 @@ pub enum Transport {
     /// In this process, to experts this process holds: a single-node deployment without
     /// sockets.
     Local,
-    /// gRPC streams to expert workers (the default).
-    #[default]
+    /// gRPC streams to expert workers.
     Grpc,
     /// Framed messages over plain TCP to the expert workers' same port, gRPC staying the
-    /// control plane.
+    /// control plane (the default: `bench dispatch` and `bench serve` measure it faster).
+    #[default]
     Tcp,
     /// NCCL between GPU ranks (feature `cuda`), gRPC staying the control path.
     Nccl,

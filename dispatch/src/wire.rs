@@ -42,21 +42,13 @@ pub fn encode_values(
                 .flat_map(|v| v.to_le_bytes())
                 .collect::<Vec<u8>>(),
         ),
-        WireDType::Bf16 if little => {
-            let mut halves = vec![0u16; values.len()];
-            kernels::to_bf16(&values, &mut halves);
-            Bytes::from_owner(Halves(halves))
-        }
-        WireDType::Bf16 => {
-            let mut halves = vec![0u16; values.len()];
-            kernels::to_bf16(&values, &mut halves);
-            Bytes::from(
-                halves
-                    .iter()
-                    .flat_map(|h| h.to_le_bytes())
-                    .collect::<Vec<u8>>(),
-            )
-        }
+        WireDType::Bf16 if little => Bytes::from_owner(Halves(kernels::to_bf16_vec(&values))),
+        WireDType::Bf16 => Bytes::from(
+            kernels::to_bf16_vec(&values)
+                .iter()
+                .flat_map(|h| h.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        ),
         WireDType::Fp8 => {
             let mut codes = vec![0u8; values.len()];
             // Row by row (an empty row, hidden 0, still has its scale).
@@ -149,21 +141,17 @@ pub fn decode_tensor(t: &pb::Tensor) -> Result<(WireDType, usize, usize, Vec<f32
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect(),
         },
-        WireDType::Bf16 => {
-            let mut values = vec![0.0f32; rows * hidden];
-            match bytemuck::try_cast_slice::<u8, u16>(&t.data) {
-                Ok(halves) if little => kernels::from_bf16(halves, &mut values),
-                _ => {
-                    let halves: Vec<u16> = t
-                        .data
-                        .chunks_exact(2)
-                        .map(|b| u16::from_le_bytes([b[0], b[1]]))
-                        .collect();
-                    kernels::from_bf16(&halves, &mut values);
-                }
+        WireDType::Bf16 => match bytemuck::try_cast_slice::<u8, u16>(&t.data) {
+            Ok(halves) if little => kernels::from_bf16_vec(halves),
+            _ => {
+                let halves: Vec<u16> = t
+                    .data
+                    .chunks_exact(2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                    .collect();
+                kernels::from_bf16_vec(&halves)
             }
-            values
-        }
+        },
         WireDType::Fp8 => {
             let mut values = vec![0.0f32; rows * hidden];
             for (r, scale) in scales.into_iter().enumerate() {

@@ -41,6 +41,10 @@ impl Default for BatcherConfig {
 
 type Reply = oneshot::Sender<Result<Vec<f32>, DispatchError>>;
 
+/// Input values (rows × hidden) up to which a lone batch is computed on the batching task
+/// itself: 4 rows of Maverick's 5120.
+const INLINE_VALUES_MAX: usize = 4 * 5120;
+
 struct QueuedBatch {
     batch: DispatchBatch,
     deadline: Instant,
@@ -160,12 +164,26 @@ async fn process(shard: &Arc<ExpertShard>, layer: u32, dtype: WireDType, jobs: V
         let job = live.pop().expect("one job");
         let worker = shard.clone();
         let QueuedBatch { batch, reply, .. } = job;
-        let result = tokio::task::spawn_blocking(move || {
-            worker.compute(layer, &batch.groups, &batch.activations, dtype)
-        })
-        .await
-        .map_err(|e| DispatchError::Unavailable(format!("expert computation failed: {e}")))
-        .and_then(|r| r);
+        let result = if batch.activations.len() <= INLINE_VALUES_MAX {
+            // A few rows (decode at small batch): microseconds of work, computed here
+            // rather than paying two thread hand-offs for it. A panic fails the batch, as
+            // it does on the blocking pool, and leaves the batcher running.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                worker.compute(layer, &batch.groups, &batch.activations, dtype)
+            }))
+            .unwrap_or_else(|_| {
+                Err(DispatchError::Unavailable(
+                    "expert computation failed: it panicked".into(),
+                ))
+            })
+        } else {
+            tokio::task::spawn_blocking(move || {
+                worker.compute(layer, &batch.groups, &batch.activations, dtype)
+            })
+            .await
+            .map_err(|e| DispatchError::Unavailable(format!("expert computation failed: {e}")))
+            .and_then(|r| r)
+        };
         let _ = reply.send(result);
         return;
     }

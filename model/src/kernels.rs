@@ -615,7 +615,10 @@ fn axpy_rows_generic<S: Lanes, W: Weight, const C: usize>(
 mod attend;
 pub use attend::{attend_block, attend_block_on, exp_canonical, HeadBlock};
 mod convert;
-pub use convert::{from_bf16, from_bf16_on, round_bf16, round_bf16_on, to_bf16, to_bf16_on};
+pub use convert::{
+    from_bf16, from_bf16_on, from_bf16_vec, round_bf16, round_bf16_on, to_bf16, to_bf16_on,
+    to_bf16_vec,
+};
 
 #[cfg(test)]
 mod tests {

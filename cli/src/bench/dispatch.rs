@@ -246,14 +246,14 @@ async fn measure(args: &DispatchArgs) -> Result<Report> {
         // the machine's drifts touch every figure alike; medians after the warm-up.
         let (mut compute, mut tcp, mut unix) = (Vec::new(), Vec::new(), Vec::new());
         let mut times: Vec<Vec<Duration>> = vec![Vec::new(); chosen.len()];
-        let buffers = (vec![7u8; payload], vec![0u8; payload]);
+        let (sent, mut echoed) = (vec![7u8; payload], vec![0u8; payload]);
         for round in 0..WARM_UP + args.iterations {
             let t0 = Instant::now();
             let out = compute_shard.compute(1, &batch.groups, &batch.activations, batch.dtype)?;
             let c = t0.elapsed();
             std::hint::black_box(out);
-            let t = echo(&mut tcp_echo, &buffers.0, &mut buffers.1.clone()).await?;
-            let u = echo(&mut unix_echo, &buffers.0, &mut buffers.1.clone()).await?;
+            let t = echo(&mut tcp_echo, &sent, &mut echoed).await?;
+            let u = echo(&mut unix_echo, &sent, &mut echoed).await?;
             let mut each = Vec::with_capacity(chosen.len());
             for (_, client, _) in &chosen {
                 each.push(round_trip(client.as_ref(), &batch).await?);

@@ -37,8 +37,8 @@ pub struct ServeArgs {
     rounds: usize,
     #[arg(long, default_value_t = 2)]
     expert_workers: usize,
-    /// How the attention worker reaches the expert workers: grpc or tcp (framed).
-    #[arg(long, default_value = "grpc")]
+    /// How the attention worker reaches the expert workers: tcp (framed) or grpc.
+    #[arg(long, default_value = "tcp")]
     dispatch: expertmesh_dispatch::Transport,
     #[arg(long)]
     json: bool,
