@@ -1,18 +1,27 @@
 //! Response shaping: a request's token events become text ([`Tokens`]: stop ids, stop
 //! strings, the token deadline, latency metrics), then one OpenAI JSON body ([`collect`]) or
 //! a stream of server-sent events ([`stream_events`], through a bounded channel: a slow
-//! client slows its own request, never the gateway's memory), with usage counts.
+//! client slows its own request, never the gateway's memory; each chunk serialized once from
+//! borrowed fields, and the events queued when the connection can take more written
+//! together), with usage counts.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::response::sse::{Event as SseEvent, Sse};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use bytes::Bytes;
 use expertmesh_proto::v1 as pb;
+use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio_stream::Stream;
 
 use crate::error::ApiError;
 use crate::request::ValidRequest;
@@ -198,25 +207,123 @@ pub async fn collect(
     .into_response())
 }
 
-/// One streamed chunk: a piece of text and/or the finish reason.
-fn chunk(app: &App, job: &Completion, piece: Option<&str>, finish: Option<&str>) -> Value {
+/// One streamed chunk as OpenAI shapes it, serialized straight from borrowed fields (no JSON
+/// tree per token).
+#[derive(Serialize)]
+struct StreamChunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    /// One choice, or none in the closing usage chunk.
+    choices: &'a [StreamChoice<'a>],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<&'a Value>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum StreamChoice<'a> {
+    Chat {
+        index: u32,
+        delta: Delta<'a>,
+        logprobs: Option<()>,
+        finish_reason: Option<&'a str>,
+    },
+    Text {
+        index: u32,
+        text: &'a str,
+        logprobs: Option<()>,
+        finish_reason: Option<&'a str>,
+    },
+}
+
+/// A chat chunk's delta: `{}`, `{"content": …}`, or the first chunk's role.
+#[derive(Serialize)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+}
+
+/// One server-sent event, rendered: `data: <json>` and the blank line.
+fn sse_event(data: &impl Serialize) -> Bytes {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"data: ");
+    serde_json::to_writer(&mut out, data).expect("chunks serialize to JSON");
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+/// One streamed chunk: a piece of text and/or the finish reason (`role` on the first chat
+/// chunk); `usage` makes the closing usage chunk, which has no choice.
+fn chunk(
+    app: &App,
+    job: &Completion,
+    piece: Option<&str>,
+    finish: Option<&str>,
+    role: bool,
+    usage: Option<&Value>,
+) -> Bytes {
     let chat = job.valid.chat;
     let choice = if chat {
-        let delta = match piece {
-            Some(p) => json!({"content": p}),
-            None => json!({}),
-        };
-        json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+        StreamChoice::Chat {
+            index: 0,
+            delta: Delta {
+                role: role.then_some("assistant"),
+                content: if role { Some("") } else { piece },
+            },
+            logprobs: None,
+            finish_reason: finish,
+        }
     } else {
-        json!({"index": 0, "text": piece.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+        StreamChoice::Text {
+            index: 0,
+            text: piece.unwrap_or(""),
+            logprobs: None,
+            finish_reason: finish,
+        }
     };
-    json!({
-        "id": job.id,
-        "object": if chat { "chat.completion.chunk" } else { "text_completion" },
-        "created": now_s(),
-        "model": app.validator.model_name,
-        "choices": [choice],
+    let choices = [choice];
+    sse_event(&StreamChunk {
+        id: &job.id,
+        object: if chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        },
+        created: now_s(),
+        model: &app.validator.model_name,
+        choices: if usage.is_some() { &[] } else { &choices },
+        usage,
     })
+}
+
+/// The events of one response as its body: every event already queued goes out in one
+/// write (a slow reader, or several tokens at once, costs one write, not one each).
+struct Batched(mpsc::Receiver<Bytes>);
+
+impl Stream for Batched {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let first = match self.0.poll_recv(cx) {
+            Poll::Ready(Some(b)) => b,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        let Ok(second) = self.0.try_recv() else {
+            return Poll::Ready(Some(Ok(first)));
+        };
+        let mut all = Vec::with_capacity(first.len() + second.len());
+        all.extend_from_slice(&first);
+        all.extend_from_slice(&second);
+        while let Ok(more) = self.0.try_recv() {
+            all.extend_from_slice(&more);
+        }
+        Poll::Ready(Some(Ok(Bytes::from(all))))
+    }
 }
 
 /// The answer as server-sent events: a role chunk (chat), a chunk per token, a final chunk
@@ -228,29 +335,21 @@ pub fn stream_events(
     stream: tonic::Streaming<pb::GenerateEvent>,
     permit: OwnedSemaphorePermit,
 ) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(EVENTS_BUFFERED);
+    let (tx, rx) = mpsc::channel::<Bytes>(EVENTS_BUFFERED);
     tokio::spawn(async move {
         let _permit = permit;
-        let send = |v: Value| {
+        let send = |event: Bytes| {
             let tx = tx.clone();
-            async move {
-                tx.send(Ok(SseEvent::default().data(v.to_string())))
-                    .await
-                    .is_ok()
-            }
+            async move { tx.send(event).await.is_ok() }
         };
-        if job.valid.chat {
-            let mut first = chunk(&app, &job, Some(""), None);
-            first["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
-            if !send(first).await {
-                return;
-            }
+        if job.valid.chat && !send(chunk(&app, &job, None, None, true, None)).await {
+            return;
         }
         let mut tokens = Tokens::new(&app, &job, stream);
         loop {
             match tokens.next().await {
                 Ok(Next::Text(p)) => {
-                    if !send(chunk(&app, &job, Some(&p), None)).await {
+                    if !send(chunk(&app, &job, Some(&p), None, false, None)).await {
                         return; // the client went away
                     }
                 }
@@ -261,23 +360,89 @@ pub fn stream_events(
                 }) => {
                     drop(tokens);
                     let piece = (!rest.is_empty()).then_some(rest.as_str());
-                    let _ = send(chunk(&app, &job, piece, Some(finish))).await;
+                    let _ = send(chunk(&app, &job, piece, Some(finish), false, None)).await;
                     let usage = usage(&app, &job, count);
                     if job.valid.request.include_usage {
-                        let mut last = chunk(&app, &job, None, None);
-                        last["choices"] = json!([]);
-                        last["usage"] = usage;
-                        let _ = send(last).await;
+                        let _ = send(chunk(&app, &job, None, None, false, Some(&usage))).await;
                     }
                     break;
                 }
                 Err(e) => {
-                    let _ = send(e.body()).await;
+                    let _ = send(sse_event(&e.body())).await;
                     break;
                 }
             }
         }
-        let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+        let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
     });
-    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx)).into_response()
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(Batched(rx)))
+        .expect("static headers are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt;
+
+    #[test]
+    fn chunks_have_the_openai_shape() {
+        let choice = [StreamChoice::Chat {
+            index: 0,
+            delta: Delta {
+                role: None,
+                content: Some("hi"),
+            },
+            logprobs: None,
+            finish_reason: None,
+        }];
+        let c = StreamChunk {
+            id: "chatcmpl-1",
+            object: "chat.completion.chunk",
+            created: 7,
+            model: "m",
+            choices: &choice,
+            usage: None,
+        };
+        let event = sse_event(&c);
+        let text = std::str::from_utf8(&event).unwrap();
+        let json = text
+            .strip_prefix("data: ")
+            .unwrap()
+            .strip_suffix("\n\n")
+            .unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(json).unwrap(),
+            json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7,
+                   "model": "m", "choices": [{"index": 0, "delta": {"content": "hi"},
+                   "logprobs": null, "finish_reason": null}]})
+        );
+        let usage = json!({"prompt_tokens": 1});
+        let last = StreamChunk {
+            choices: &[],
+            usage: Some(&usage),
+            ..c
+        };
+        let v: Value =
+            serde_json::from_slice(&sse_event(&last)[6..]).expect("the usage chunk is JSON");
+        assert_eq!(v["choices"], json!([]));
+        assert_eq!(v["usage"], usage);
+    }
+
+    /// Events already queued leave in one body chunk, in order; one alone is not copied.
+    #[tokio::test]
+    async fn queued_events_are_written_together() {
+        let (tx, rx) = mpsc::channel(8);
+        for e in ["a", "b", "c"] {
+            tx.send(Bytes::from(e)).await.unwrap();
+        }
+        let mut body = Batched(rx);
+        assert_eq!(body.next().await.unwrap().unwrap(), Bytes::from("abc"));
+        tx.send(Bytes::from("d")).await.unwrap();
+        drop(tx);
+        assert_eq!(body.next().await.unwrap().unwrap(), Bytes::from("d"));
+        assert!(body.next().await.is_none());
+    }
 }
