@@ -9,16 +9,16 @@
 //! ```
 //!
 //! `body_len` counts everything after itself. The tensor bytes come first so that they sit
-//! at offset 4 of the received body, aligned for reading them as f32 or bf16 in place. Everything is checked before
-//! use: `body_len` against [`FRAME_BYTES_MAX`], `header_len` against the body, the header
-//! must carry its tensor's bytes in the frame (none inside the protobuf), and the tensor
-//! then goes through the same checks as a gRPC message ([`crate::wire`]).
+//! at offset 4 of the received body, aligned for reading them as f32 or bf16 in place.
+//! Everything is checked before use: `body_len` against [`FRAME_BYTES_MAX`], `header_len`
+//! against the body, the tensor's bytes in the frame or in the protobuf but not both, and
+//! the tensor then goes through the same checks as a gRPC message ([`crate::wire`]).
+
+use std::io::IoSlice;
 
 use bytes::{Bytes, BytesMut};
 use expertmesh_proto::v1 as pb;
 use prost::Message;
-use std::io::IoSlice;
-
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::wire;
@@ -141,7 +141,8 @@ pub struct Frame {
 }
 
 /// Reads the next frame; `None` at a clean end of the connection (between frames). The
-/// buffer grows with the bytes that arrive, so a length that lies costs no memory.
+/// buffer is reserved at the stated length (at most [`FRAME_BYTES_MAX`]), but only the pages
+/// the bytes arrive in are touched: a length that lies costs address space, not memory.
 pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, FrameError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
