@@ -105,6 +105,9 @@ struct ExpertArgs {
     concurrency: usize,
     #[arg(long, default_value = "bf16")]
     dtype: WireDType,
+    /// How batches reach the workers: tcp (framed, the attention workers' default) or grpc.
+    #[arg(long, default_value = "tcp")]
+    dispatch: expertmesh_dispatch::Transport,
     #[arg(long)]
     json: bool,
 }
@@ -222,6 +225,7 @@ async fn experts(a: ExpertArgs) -> Result<()> {
         duration: Duration::from_secs_f64(a.duration),
         concurrency: a.concurrency,
         dtype: a.dtype,
+        transport: a.dispatch,
         seed: 0,
     })
     .await

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use expertmesh_coordinator::CoordinatorClient;
-use expertmesh_dispatch::{Dispatch, DispatchBatch, GrpcDispatch, WireDType};
+use expertmesh_dispatch::{
+    Dispatch, DispatchBatch, FramedDispatch, GrpcDispatch, Transport, WireDType,
+};
 use expertmesh_model::moe::ExpertGroup;
 use expertmesh_model::sampling::{mix64, SplitMix64};
 use expertmesh_model::ModelSource;
@@ -29,6 +31,8 @@ pub struct ExpertLoad {
     /// Batches in flight at once.
     pub concurrency: usize,
     pub dtype: WireDType,
+    /// How batches reach the workers: tcp (framed) or grpc.
+    pub transport: Transport,
     pub seed: u64,
 }
 
@@ -80,14 +84,20 @@ pub async fn run(cfg: ExpertLoad) -> Result<ExpertReport, String> {
         .ok_or("the model has no MoE layer")? as u32;
     let cdf = zipf_cdf(experts, cfg.skew);
     let owners: Vec<u64> = view.placement.experts.iter().map(|r| r[0]).collect();
-    let clients: BTreeMap<u64, (String, Arc<GrpcDispatch>)> = view
+    if !matches!(cfg.transport, Transport::Tcp | Transport::Grpc) {
+        return Err(format!(
+            "the expert tier is loaded over tcp or grpc, not {}",
+            cfg.transport
+        ));
+    }
+    let clients: BTreeMap<u64, (String, Arc<dyn Dispatch>)> = view
         .members
         .iter()
         .filter(|m| owners.contains(&m.id))
         .map(|m| {
             (
                 m.id,
-                (m.address.clone(), GrpcDispatch::new(m.address.clone())),
+                (m.address.clone(), connect(cfg.transport, &m.address)),
             )
         })
         .collect();
@@ -186,9 +196,17 @@ fn zipf_cdf(experts: usize, skew: f64) -> Vec<f64> {
         .collect()
 }
 
+/// The client of one worker over `transport` (tcp or grpc, checked by the caller).
+fn connect(transport: Transport, address: &str) -> Arc<dyn Dispatch> {
+    match transport {
+        Transport::Grpc => GrpcDispatch::new(address),
+        _ => FramedDispatch::new(address),
+    }
+}
+
 /// Per worker: batches answered, tokens, failures and round-trip percentiles.
 fn figures(
-    clients: &BTreeMap<u64, (String, Arc<GrpcDispatch>)>,
+    clients: &BTreeMap<u64, (String, Arc<dyn Dispatch>)>,
     samples: &[Sample],
 ) -> Vec<WorkerFigures> {
     clients
