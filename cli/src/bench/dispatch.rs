@@ -225,20 +225,50 @@ async fn measure(args: &DispatchArgs) -> Result<Report> {
             None,
         ),
     ];
-    let mut tcp_echo = TcpStream::connect(&tcp_echo_server().await?).await?;
+    let tcp_echo = TcpStream::connect(&tcp_echo_server().await?).await?;
     tcp_echo.set_nodelay(true)?;
     let echo_socket = socket.with_extension("echo.sock");
-    let mut unix_echo = unix_echo_server(&echo_socket).await?;
-
+    let mut rig = Rig {
+        compute: compute_shard,
+        clients,
+        counted,
+        tcp_echo,
+        unix_echo: unix_echo_server(&echo_socket).await?,
+    };
     let mut points = Vec::new();
     for &n in &args.tokens {
+        points.push(rig.point(args, n).await?);
+    }
+    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&echo_socket);
+    Ok(Report {
+        hidden: h,
+        dtype: args.dtype,
+        iterations: args.iterations,
+        points,
+    })
+}
+
+/// What one size's measurement runs against: the shard computed directly, the transports'
+/// clients, the proxy's byte counter and the two echo connections.
+struct Rig {
+    compute: Arc<ExpertShard>,
+    clients: [Client; 4],
+    counted: Arc<AtomicU64>,
+    tcp_echo: TcpStream,
+    unix_echo: tokio::net::UnixStream,
+}
+
+impl Rig {
+    /// Batches of `n` tokens through each chosen transport.
+    async fn point(&mut self, args: &DispatchArgs, n: usize) -> Result<Point> {
+        let h = args.hidden;
         let batch = batch(n, h, args.dtype);
-        let mut transports = Vec::new();
-        let mut wire = Vec::new();
         // The echo carries the same bytes as the request and the reply, half each way.
         let per_token = args.dtype.row_bytes(h) + args.dtype.reply().row_bytes(h);
         let payload = n * per_token / 2;
-        let chosen: Vec<&Client> = clients
+        let chosen: Vec<&Client> = self
+            .clients
             .iter()
             .filter(|(name, ..)| args.transports.iter().any(|t| t == name))
             .collect();
@@ -249,11 +279,13 @@ async fn measure(args: &DispatchArgs) -> Result<Report> {
         let (sent, mut echoed) = (vec![7u8; payload], vec![0u8; payload]);
         for round in 0..WARM_UP + args.iterations {
             let t0 = Instant::now();
-            let out = compute_shard.compute(1, &batch.groups, &batch.activations, batch.dtype)?;
+            let out = self
+                .compute
+                .compute(1, &batch.groups, &batch.activations, batch.dtype)?;
             let c = t0.elapsed();
             std::hint::black_box(out);
-            let t = echo(&mut tcp_echo, &sent, &mut echoed).await?;
-            let u = echo(&mut unix_echo, &sent, &mut echoed).await?;
+            let t = echo(&mut self.tcp_echo, &sent, &mut echoed).await?;
+            let u = echo(&mut self.unix_echo, &sent, &mut echoed).await?;
             let mut each = Vec::with_capacity(chosen.len());
             for (_, client, _) in &chosen {
                 each.push(round_trip(client.as_ref(), &batch).await?);
@@ -275,13 +307,12 @@ async fn measure(args: &DispatchArgs) -> Result<Report> {
             .iter()
             .position(|(name, ..)| *name == "local")
             .map(|i| p50s[i]);
+        let (mut transports, mut wire) = (Vec::new(), Vec::new());
         for ((name, _, counting), t) in chosen.iter().zip(times.iter_mut()) {
             let (p50, p99) = percentiles(t);
             if let Some(counting) = counting {
-                wire.push((
-                    name.to_string(),
-                    wire_bytes(counting.as_ref(), &batch, &counted).await?,
-                ));
+                let bytes = wire_bytes(counting.as_ref(), &batch, &self.counted).await?;
+                wire.push((name.to_string(), bytes));
             }
             let floor = if *name == "unix" { u50 } else { t50 };
             transports.push(TransportPoint {
@@ -293,7 +324,7 @@ async fn measure(args: &DispatchArgs) -> Result<Report> {
                 beyond_local_ratio_p50: local_p50.map(|l| (p50 - l) / floor),
             });
         }
-        points.push(Point {
+        Ok(Point {
             tokens: n,
             payload_bytes_per_token: per_token,
             wire_bytes_per_token: wire,
@@ -303,16 +334,8 @@ async fn measure(args: &DispatchArgs) -> Result<Report> {
             unix_echo_p99_us: u99,
             compute_p50_us: c50,
             transports,
-        });
+        })
     }
-    let _ = std::fs::remove_file(&socket);
-    let _ = std::fs::remove_file(&echo_socket);
-    Ok(Report {
-        hidden: h,
-        dtype: args.dtype,
-        iterations: args.iterations,
-        points,
-    })
 }
 
 /// One length-prefixed echo of `out` (the same number of bytes back into `back`).

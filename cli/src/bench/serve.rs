@@ -95,34 +95,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }
     };
     progress("single-process rates at each batch size (the same work, and decode alone)");
-    let baseline = {
-        let model = Model::from_source(source.config()?, source.weights()?.as_ref())?;
-        let vocab = model.config().vocab_size as u64;
-        let mut rng = SplitMix64::new(9);
-        let mut rates = Vec::new();
-        for &c in &args.concurrency {
-            let prompts: Vec<Vec<u32>> = (0..c)
-                .map(|_| {
-                    (0..args.prompt_tokens)
-                        .map(|_| (rng.next_u64() % vocab) as u32)
-                        .collect()
-                })
-                .collect();
-            // The same work `rounds` times, as the streams do it: medians.
-            let steps = args.max_tokens.saturating_sub(1).max(1);
-            let (mut works, mut decodes) = (Vec::new(), Vec::new());
-            for _ in 0..args.rounds.max(3) {
-                let run = decode_steps(&model, &model.local_experts(), &prompts, steps)?;
-                decodes.push(median(&mut run.steps.clone()));
-                works.push(run.prefill + run.steps.iter().sum::<Duration>());
-            }
-            rates.push((
-                (c * (steps + 1)) as f64 / median(&mut works).as_secs_f64(),
-                c as f64 / median(&mut decodes).as_secs_f64(),
-            ));
-        }
-        rates
-    };
+    let baseline = single_process_rates(&args, &source)?;
     progress(&format!(
         "starting a cluster: coordinator + HTTP, {} expert workers, 1 attention worker",
         args.expert_workers
@@ -174,6 +147,44 @@ pub fn run(args: ServeArgs) -> Result<()> {
         );
         return Ok(());
     }
+    print_levels(&args, &levels);
+    Ok(())
+}
+
+/// For each concurrency: the single process's output tokens/s on the same work as the
+/// streams (prompts prefilled together, then decoded to `max_tokens`), and its pure decode
+/// tokens/s; medians of several runs.
+fn single_process_rates(args: &ServeArgs, source: &ModelSource) -> Result<Vec<(f64, f64)>> {
+    let model = Model::from_source(source.config()?, source.weights()?.as_ref())?;
+    let vocab = model.config().vocab_size as u64;
+    let mut rng = SplitMix64::new(9);
+    let mut rates = Vec::new();
+    for &c in &args.concurrency {
+        let prompts: Vec<Vec<u32>> = (0..c)
+            .map(|_| {
+                (0..args.prompt_tokens)
+                    .map(|_| (rng.next_u64() % vocab) as u32)
+                    .collect()
+            })
+            .collect();
+        // The same work `rounds` times, as the streams do it: medians.
+        let steps = args.max_tokens.saturating_sub(1).max(1);
+        let (mut works, mut decodes) = (Vec::new(), Vec::new());
+        for _ in 0..args.rounds.max(3) {
+            let run = decode_steps(&model, &model.local_experts(), &prompts, steps)?;
+            decodes.push(median(&mut run.steps.clone()));
+            works.push(run.prefill + run.steps.iter().sum::<Duration>());
+        }
+        rates.push((
+            (c * (steps + 1)) as f64 / median(&mut works).as_secs_f64(),
+            c as f64 / median(&mut decodes).as_secs_f64(),
+        ));
+    }
+    Ok(rates)
+}
+
+/// The levels as two tables: served against the single process, and the step breakdown.
+fn print_levels(args: &ServeArgs, levels: &[Level]) {
     println!(
         "served through the API with --dispatch {}; single: the single process on the same \
          work; decode: its decode steps alone",
@@ -193,7 +204,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         "decode tok/s",
         "ratio"
     );
-    for l in &levels {
+    for l in levels {
         println!(
             "{:>6} {:>9} {:>10.1} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>12.1} {:>7.2} {:>12.1} {:>7.2}",
             l.concurrency,
@@ -222,7 +233,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         "routed batch",
         "hidden"
     );
-    for l in &levels {
+    for l in levels {
         if let Some(b) = l.steps {
             println!(
                 "{:>6} {:>7.0} {:>8.2} {:>8.2} {:>12.2} {:>8.2} {:>7.2} {:>13.2} {:>6.0}%",
@@ -238,7 +249,6 @@ pub fn run(args: ServeArgs) -> Result<()> {
             );
         }
     }
-    Ok(())
 }
 
 /// The attention workers' timers as `/metrics` shows them (summed over workers).
