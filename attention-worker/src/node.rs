@@ -65,8 +65,7 @@ pub async fn connect(
     let model = Arc::new(model);
     let client = CoordinatorClient::new(coordinator)?;
     let (connector, views) = match dispatch.transport {
-        Transport::Grpc => (Connector::Grpc, client.watch()),
-        Transport::Tcp => (Connector::Framed, client.watch()),
+        t @ (Transport::Grpc | Transport::Tcp) => (Connector::Socket(t), client.watch()),
         Transport::Local => {
             let shard = Arc::new(ExpertShard::with_device(
                 &config,

@@ -16,9 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use expertmesh_coordinator::{ClusterView, CoordinatorClient};
-use expertmesh_dispatch::{
-    Dispatch, DispatchBatch, DispatchError, FramedDispatch, GrpcDispatch, Transport, WireDType,
-};
+use expertmesh_dispatch::{Dispatch, DispatchBatch, DispatchError, Transport, WireDType};
 use expertmesh_expert_worker::NodeError;
 use expertmesh_model::moe::{ExpertRunner, PendingExperts, RoutedBatch};
 use expertmesh_model::{ExpertsFailure, ModelError, Result, TextConfig};
@@ -76,10 +74,8 @@ impl Default for DispatchConfig {
 /// Makes the `Dispatch` that reaches one expert worker: the one place a transport is
 /// chosen.
 pub enum Connector {
-    /// A gRPC stream per worker address.
-    Grpc,
-    /// A framed TCP connection per worker address.
-    Framed,
+    /// A connection per worker address over a socket transport (grpc or tcp).
+    Socket(Transport),
     /// Every worker id is this process's own shard (`--dispatch local`).
     Local(Arc<dyn Dispatch>),
     /// Any other `Dispatch` by worker address: test doubles (`FaultyDispatch`).
@@ -95,8 +91,9 @@ type Client = (String, Arc<dyn Dispatch>);
 impl Connector {
     pub fn connect(&self, address: &str) -> Arc<dyn Dispatch> {
         match self {
-            Connector::Grpc => GrpcDispatch::new(address),
-            Connector::Framed => FramedDispatch::new(address),
+            Connector::Socket(t) => t
+                .client(address)
+                .expect("Connector::Socket holds a socket transport"),
             Connector::Local(d) => d.clone(),
             Connector::Custom(make) => make(address),
         }

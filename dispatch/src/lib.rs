@@ -192,6 +192,19 @@ pub enum Transport {
     Nccl,
 }
 
+impl Transport {
+    /// A client of the worker at `address` over this transport: the one place a socket
+    /// transport is made from its name. `None` for `local` and `nccl`, which do not reach a
+    /// worker by its address.
+    pub fn client(self, address: &str) -> Option<Arc<dyn Dispatch>> {
+        match self {
+            Transport::Grpc => Some(GrpcDispatch::new(address)),
+            Transport::Tcp => Some(FramedDispatch::new(address)),
+            Transport::Local | Transport::Nccl => None,
+        }
+    }
+}
+
 impl std::str::FromStr for Transport {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -8,9 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use expertmesh_coordinator::CoordinatorClient;
-use expertmesh_dispatch::{
-    Dispatch, DispatchBatch, FramedDispatch, GrpcDispatch, Transport, WireDType,
-};
+use expertmesh_dispatch::{Dispatch, DispatchBatch, Transport, WireDType};
 use expertmesh_model::moe::ExpertGroup;
 use expertmesh_model::sampling::{mix64, SplitMix64};
 use expertmesh_model::ModelSource;
@@ -97,7 +95,12 @@ pub async fn run(cfg: ExpertLoad) -> Result<ExpertReport, String> {
         .map(|m| {
             (
                 m.id,
-                (m.address.clone(), connect(cfg.transport, &m.address)),
+                (
+                    m.address.clone(),
+                    cfg.transport
+                        .client(&m.address)
+                        .expect("checked: a socket transport"),
+                ),
             )
         })
         .collect();
@@ -194,14 +197,6 @@ fn zipf_cdf(experts: usize, skew: f64) -> Vec<f64> {
             Some(*acc)
         })
         .collect()
-}
-
-/// The client of one worker over `transport` (tcp or grpc, checked by the caller).
-fn connect(transport: Transport, address: &str) -> Arc<dyn Dispatch> {
-    match transport {
-        Transport::Grpc => GrpcDispatch::new(address),
-        _ => FramedDispatch::new(address),
-    }
 }
 
 /// Per worker: batches answered, tokens, failures and round-trip percentiles.
