@@ -440,7 +440,7 @@ impl Scheduler {
         if seq.generated >= seq.request.max_new_tokens {
             return Some(FinishReason::Length);
         }
-        let id = seq.sampler.sample(logits);
+        let id = seq.sampler.sample(logits, seq.tokens.len());
         seq.tokens.push(id);
         seq.generated += 1;
         seq.send(Event::Token(id));

@@ -1,7 +1,9 @@
 //! The backend seam: what the gateway needs of the cluster ([`Cluster`]: its state and its
 //! workers' load), which attention worker takes a request (the most free KV blocks, lowest
-//! id on ties), one lazily connected channel per worker address, and the `Generate` call
-//! that starts a request's token stream.
+//! id on ties, none that already failed it), one lazily connected channel per worker
+//! address (HTTP/2 keepalive pings: a worker that dies silently is noticed within
+//! [`KEEPALIVE_TIMEOUT`] of a missed ping), and the `Generate` call that starts (or resumes)
+//! a request's token stream.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,6 +16,21 @@ use tonic::transport::Channel;
 
 use crate::error::ApiError;
 use crate::request::ValidRequest;
+use crate::stream::Break;
+
+/// How often the gateway pings each attention worker's connection.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// A ping unanswered this long breaks the connection, and every stream on it.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a request could not be started.
+#[derive(Debug)]
+pub enum StartFailure {
+    /// No attention worker can take it (none usable, or all of them failed it).
+    NoWorker(ApiError),
+    /// The worker at this address refused or failed it.
+    Worker(String, Break),
+}
 
 /// What the gateway needs of the cluster: its state and its workers' load.
 pub trait Cluster: Send + Sync + 'static {
@@ -70,8 +87,9 @@ impl Backend {
         )
     }
 
-    /// The attention worker with the most free KV blocks (lowest id on ties).
-    fn pick_worker(&self) -> Result<String, ApiError> {
+    /// The attention worker with the most free KV blocks (lowest id on ties), among those
+    /// not in `avoid`.
+    fn pick_worker(&self, avoid: &[String]) -> Result<String, ApiError> {
         let view = self.cluster.view();
         if let Some(reason) = &view.unservable {
             if usable_workers(&view).next().is_none() {
@@ -82,6 +100,7 @@ impl Backend {
         }
         let loads = self.cluster.loads();
         usable_workers(&view)
+            .filter(|m| !avoid.contains(&m.address))
             .max_by_key(|m| {
                 (
                     loads.get(&m.id).map_or(0, |l| l.free_kv_blocks),
@@ -99,21 +118,29 @@ impl Backend {
         }
         let c = expertmesh_proto::endpoint(address, Duration::from_secs(3))
             .map_err(|e| ApiError::Internal(e.to_string()))?
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .connect_lazy();
         channels.insert(address.to_owned(), c.clone());
         Ok(c)
     }
 
-    /// Starts `job` on an attention worker: its stream of token events.
+    /// Starts `job` on an attention worker not in `avoid`, resumed after the tokens it
+    /// already `generated` (its prompt followed by them, the rest of its budget): the
+    /// worker's address and its stream of token events.
     pub async fn generate(
         &self,
         job: &ValidRequest,
-    ) -> Result<tonic::Streaming<pb::GenerateEvent>, ApiError> {
-        let channel = self.channel(&self.pick_worker()?)?;
+        generated: &[u32],
+        avoid: &[String],
+    ) -> Result<(String, tonic::Streaming<pb::GenerateEvent>), StartFailure> {
+        let address = self.pick_worker(avoid).map_err(StartFailure::NoWorker)?;
+        let channel = self.channel(&address).map_err(StartFailure::NoWorker)?;
         let r = &job.request;
         let request = pb::GenerateRequest {
-            input_ids: job.prompt.clone(),
-            max_tokens: job.max_tokens as u32,
+            input_ids: [&job.prompt[..], generated].concat(),
+            max_tokens: job.max_tokens.saturating_sub(generated.len()) as u32,
             temperature: r.temperature,
             top_p: r.top_p,
             top_k: r.top_k as u32,
@@ -123,7 +150,10 @@ impl Backend {
             images: job.images.clone(),
         };
         let mut client = AttentionServiceClient::new(channel);
-        Ok(client.generate(request).await?.into_inner())
+        match client.generate(request).await {
+            Ok(r) => Ok((address, r.into_inner())),
+            Err(s) => Err(StartFailure::Worker(address, Break::Status(s))),
+        }
     }
 }
 
@@ -194,7 +224,7 @@ mod tests {
                 ..ClusterView::default()
             };
             let backend = Backend::new(Arc::new(Fixed(view)), Vec::new());
-            let got = backend.pick_worker();
+            let got = backend.pick_worker(&[]);
             match want {
                 Ok(address) => {
                     assert_eq!(got.unwrap(), address, "{name}");

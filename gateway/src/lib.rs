@@ -8,8 +8,10 @@
 //!   model's tokenizer and chat template, the context limit);
 //! - [`backend`]: the cluster seam, the choice of attention worker (most free KV blocks),
 //!   one channel per worker and the `AttentionService.Generate` stream;
-//! - [`response`]: tokens to text with stop strings applied ([`text`]), one JSON response
-//!   or server-sent events over a bounded channel, usage counts.
+//! - [`stream`]: a request's tokens as text with stop strings applied ([`text`]), migrated
+//!   to another attention worker when its worker fails;
+//! - [`response`]: one JSON response or server-sent events over a bounded channel, usage
+//!   counts.
 //!
 //! A client that disconnects drops the stream, which cancels the request on the worker.
 //! Errors take OpenAI's shape ([`error`]); `/metrics` speaks Prometheus ([`metrics`]).
@@ -22,6 +24,7 @@ pub mod openai;
 pub mod request;
 pub mod response;
 pub mod routes;
+pub mod stream;
 pub mod text;
 
 use std::future::Future;

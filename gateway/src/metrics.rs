@@ -47,6 +47,7 @@ struct State {
     ttft: Histogram,
     itl: Histogram,
     in_flight: i64,
+    migrations: u64,
 }
 
 /// A per-worker gauge: name, help, and how to read it from a worker's load.
@@ -68,6 +69,11 @@ impl Metrics {
         let mut s = self.state.lock().expect("metrics lock");
         s.prompt_tokens += prompt as u64;
         s.completion_tokens += completion as u64;
+    }
+
+    /// A request moved to another attention worker.
+    pub fn migration(&self) {
+        self.state.lock().expect("metrics lock").migrations += 1;
     }
 
     pub fn first_token(&self, seconds: f64) {
@@ -107,6 +113,7 @@ impl Metrics {
             s.prompt_tokens
         );
         let _ = writeln!(out, "# TYPE expertmesh_completion_tokens_total counter\nexpertmesh_completion_tokens_total {}", s.completion_tokens);
+        let _ = writeln!(out, "# HELP expertmesh_request_migrations_total Requests moved to another attention worker after theirs failed.\n# TYPE expertmesh_request_migrations_total counter\nexpertmesh_request_migrations_total {}", s.migrations);
         let _ = writeln!(
             out,
             "# TYPE expertmesh_requests_in_flight gauge\nexpertmesh_requests_in_flight {}",

@@ -1,5 +1,5 @@
-//! Response shaping: a request's token events become text ([`Tokens`]: stop ids, stop
-//! strings, the token deadline, latency metrics), then one OpenAI JSON body ([`collect`]) or
+//! Response shaping: a request's text ([`Tokens`], which also migrates it off a failed
+//! worker) becomes one OpenAI JSON body ([`collect`]) or
 //! a stream of server-sent events ([`stream_events`], through a bounded channel: a slow
 //! client slows its own request, never the gateway's memory; each chunk serialized once from
 //! borrowed fields, and the events queued when the connection can take more written
@@ -7,7 +7,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -17,7 +17,6 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use expertmesh_proto::v1 as pb;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -25,7 +24,7 @@ use tokio_stream::Stream;
 
 use crate::error::ApiError;
 use crate::request::ValidRequest;
-use crate::text::{Piece, StopText};
+use crate::stream::{Next, Started, Tokens};
 use crate::App;
 
 /// SSE events buffered toward one client before its request waits.
@@ -35,122 +34,6 @@ const EVENTS_BUFFERED: usize = 64;
 pub struct Completion {
     pub id: String,
     pub valid: ValidRequest,
-}
-
-/// What the token stream gave next.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Next {
-    /// Text to send (possibly empty: one per token, so a client's count equals the usage).
-    Text(String),
-    /// The end: tokens generated, OpenAI's finish reason, text held back until now.
-    End {
-        tokens: usize,
-        finish: &'static str,
-        rest: String,
-    },
-}
-
-/// One request's token events as text.
-pub struct Tokens<'a> {
-    stream: tonic::Streaming<pb::GenerateEvent>,
-    text: StopText<'a>,
-    app: &'a App,
-    patience: Duration,
-    started: Instant,
-    last: Instant,
-    tokens: usize,
-    /// Set when a stop string ended the text: the next call ends.
-    stopped: bool,
-}
-
-impl<'a> Tokens<'a> {
-    pub fn new(
-        app: &'a App,
-        job: &Completion,
-        stream: tonic::Streaming<pb::GenerateEvent>,
-    ) -> Self {
-        let now = Instant::now();
-        Self {
-            stream,
-            text: StopText::new(
-                app.validator.tokenizer.as_ref(),
-                job.valid.request.stop.clone(),
-            ),
-            app,
-            patience: Duration::from_millis(app.config.token_timeout_ms),
-            started: now,
-            last: now,
-            tokens: 0,
-            stopped: false,
-        }
-    }
-
-    /// The next piece of text, or the end. Dropping `self` (after a stop string, or when the
-    /// client leaves) drops the stream, which ends the request on the worker.
-    pub async fn next(&mut self) -> Result<Next, ApiError> {
-        if self.stopped {
-            return Ok(self.end("stop", String::new()));
-        }
-        loop {
-            let patience = self.patience;
-            let event = tokio::time::timeout(patience, self.stream.message())
-                .await
-                .map_err(|_| {
-                    ApiError::Unavailable(format!(
-                        "the attention worker sent nothing for {patience:?}"
-                    ))
-                })??;
-            let Some(event) = event else {
-                let rest = self.text.finish();
-                return Ok(self.end("length", rest));
-            };
-            match event.event {
-                Some(pb::generate_event::Event::Token(t)) => return Ok(self.token(t.id)),
-                Some(pb::generate_event::Event::Finished(f)) => {
-                    let finish = if f.reason == pb::FinishReason::Stop as i32 {
-                        "stop"
-                    } else {
-                        "length"
-                    };
-                    // Text still held back (an incomplete character) goes with the end.
-                    let rest = self.text.finish();
-                    return Ok(self.end(finish, rest));
-                }
-                Some(pb::generate_event::Event::PromptLogits(_)) | None => {}
-            }
-        }
-    }
-
-    fn token(&mut self, id: u32) -> Next {
-        let now = Instant::now();
-        let metrics = &self.app.metrics;
-        if self.tokens == 0 {
-            metrics.first_token((now - self.started).as_secs_f64());
-        } else {
-            metrics.inter_token((now - self.last).as_secs_f64());
-        }
-        self.last = now;
-        self.tokens += 1;
-        // A stop id has no text.
-        if self.app.backend.stop_ids.contains(&id) {
-            return Next::Text(String::new());
-        }
-        match self.text.push(id) {
-            Piece::Text(s) => Next::Text(s),
-            Piece::Stopped(s) => {
-                self.stopped = true;
-                Next::Text(s)
-            }
-        }
-    }
-
-    fn end(&self, finish: &'static str, rest: String) -> Next {
-        Next::End {
-            tokens: self.tokens,
-            finish,
-            rest,
-        }
-    }
 }
 
 fn now_s() -> u64 {
@@ -168,13 +51,9 @@ fn usage(app: &App, job: &Completion, completion: usize) -> Value {
 }
 
 /// The whole answer as one JSON body.
-pub async fn collect(
-    app: &App,
-    job: Completion,
-    stream: tonic::Streaming<pb::GenerateEvent>,
-) -> Result<Response, ApiError> {
+pub async fn collect(app: &App, job: Completion, started: Started) -> Result<Response, ApiError> {
     let mut out = String::new();
-    let mut tokens = Tokens::new(app, &job, stream);
+    let mut tokens = Tokens::new(app, &job, started);
     let (count, finish) = loop {
         match tokens.next().await? {
             Next::Text(s) => out.push_str(&s),
@@ -332,7 +211,7 @@ impl Stream for Batched {
 pub fn stream_events(
     app: Arc<App>,
     job: Completion,
-    stream: tonic::Streaming<pb::GenerateEvent>,
+    started: Started,
     permit: OwnedSemaphorePermit,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Bytes>(EVENTS_BUFFERED);
@@ -345,7 +224,7 @@ pub fn stream_events(
         if job.valid.chat && !send(chunk(&app, &job, None, None, true, None)).await {
             return;
         }
-        let mut tokens = Tokens::new(&app, &job, stream);
+        let mut tokens = Tokens::new(&app, &job, started);
         loop {
             match tokens.next().await {
                 Ok(Next::Text(p)) => {

@@ -21,6 +21,7 @@ use crate::error::ApiError;
 use crate::images::{self, image_error};
 use crate::openai::CompletionRequest;
 use crate::response::{collect, stream_events, Completion};
+use crate::stream;
 use crate::App;
 use expertmesh_model::ImageError;
 
@@ -159,11 +160,11 @@ async fn complete(
         id: format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" }),
         valid,
     };
-    let stream = app.backend.generate(&job.valid).await?;
+    let started = stream::start(&app, &job).await?;
     if job.valid.request.stream {
-        Ok(stream_events(app, job, stream, permit))
+        Ok(stream_events(app, job, started, permit))
     } else {
-        let r = collect(&app, job, stream).await;
+        let r = collect(&app, job, started).await;
         drop(permit);
         r
     }

@@ -58,7 +58,7 @@ pub fn generate_with(
     let sampling = req.sampling.validate()?;
     let mut cache = model.new_cache();
     model.check_tokens(&cache, &req.prompt, req.max_new_tokens)?;
-    let mut sampler = Sampler::new(sampling);
+    let sampler = Sampler::new(sampling);
     let mut output_ids = Vec::new();
     let mut prompt_logits = None;
     if req.max_new_tokens == 0 && !req.prompt_logits {
@@ -84,7 +84,7 @@ pub fn generate_with(
     }
     let mut finish_reason = FinishReason::Length;
     while output_ids.len() < req.max_new_tokens {
-        let id = sampler.sample(&last);
+        let id = sampler.sample(&last, req.prompt.len() + output_ids.len());
         output_ids.push(id);
         on_token(id);
         if req.stop_ids.contains(&id) {

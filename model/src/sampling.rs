@@ -1,6 +1,11 @@
 //! Choosing the next token: greedy, or temperature with top-k and top-p from a seeded
 //! generator, in the order transformers' logits processors apply them (temperature, top-k,
 //! top-p).
+//!
+//! The random draw for a token is a pure function of the seed and the token's position in
+//! its sequence ([`SplitMix64::at`]), not of how many draws came before: a request resumed
+//! elsewhere as prompt + the tokens already generated (the gateway's migration off a dead
+//! attention worker) draws exactly what the uninterrupted one would have.
 
 use crate::error::{ModelError, Result};
 
@@ -65,8 +70,21 @@ impl SplitMix64 {
 
     /// Uniform in [0, 1).
     pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        unit(self.next_u64())
     }
+
+    /// The `index`-th draw (from 0) of the generator seeded with `seed`, uniform in [0, 1),
+    /// without drawing the ones before it: SplitMix64's state is a counter.
+    pub fn at(seed: u64, index: u64) -> f64 {
+        unit(mix64(seed.wrapping_add(
+            index.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        )))
+    }
+}
+
+/// 53 random bits as a uniform value in [0, 1).
+fn unit(bits: u64) -> f64 {
+    (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// The SplitMix64 finaliser: a good 64-bit hash of `z`.
@@ -91,18 +109,16 @@ pub fn argmax(logits: &[f32]) -> u32 {
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
-    rng: SplitMix64,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        Self {
-            params,
-            rng: SplitMix64::new(params.seed),
-        }
+        Self { params }
     }
 
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    /// The token at `position` of its sequence (prompt included), from the logits of the
+    /// one before it.
+    pub fn sample(&self, logits: &[f32], position: usize) -> u32 {
         if self.params.is_greedy() {
             return argmax(logits);
         }
@@ -137,7 +153,7 @@ impl Sampler {
             let kept: f64 = probs.iter().sum();
             probs.iter_mut().for_each(|p| *p /= kept);
         }
-        let mut u = self.rng.next_f64();
+        let mut u = SplitMix64::at(self.params.seed, position as u64);
         for (&id, &p) in order.iter().zip(&probs) {
             if u < p {
                 return id;
@@ -163,18 +179,18 @@ mod tests {
 
     #[test]
     fn greedy_takes_the_first_maximum() {
-        let mut s = Sampler::new(SamplingParams::default());
-        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]), 1);
+        let s = Sampler::new(SamplingParams::default());
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], 0), 1);
     }
 
     #[test]
     fn top_k_one_is_greedy_and_seeds_repeat() {
         let logits = [0.0, 1.0, 0.5, 0.9];
-        let mut s = Sampler::new(params(1.0, 1.0, 1, 7));
-        assert!((0..50).all(|_| s.sample(&logits) == 1));
+        let s = Sampler::new(params(1.0, 1.0, 1, 7));
+        assert!((0..50).all(|p| s.sample(&logits, p) == 1));
         let draw = |seed| {
-            let mut s = Sampler::new(params(1.0, 1.0, 0, seed));
-            (0..20).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+            let s = Sampler::new(params(1.0, 1.0, 0, seed));
+            (0..20).map(|p| s.sample(&logits, p)).collect::<Vec<_>>()
         };
         assert_eq!(draw(3), draw(3));
         assert_ne!(draw(3), draw(4));
@@ -184,9 +200,22 @@ mod tests {
     fn top_p_cuts_the_tail() {
         // Probabilities ~ [0.64, 0.24, 0.09, 0.03]: top_p 0.7 keeps the first two.
         let logits = [3.0, 2.0, 1.0, 0.0];
-        let mut s = Sampler::new(params(1.0, 0.7, 0, 1));
-        let seen: std::collections::BTreeSet<u32> = (0..500).map(|_| s.sample(&logits)).collect();
+        let s = Sampler::new(params(1.0, 0.7, 0, 1));
+        let seen: std::collections::BTreeSet<u32> =
+            (0..500).map(|p| s.sample(&logits, p)).collect();
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![0, 1]);
+    }
+
+    /// A draw depends on the seed and the position only: the draws of the stream, taken at
+    /// any position first, and so a sequence resumed at position p draws what it would have.
+    #[test]
+    fn draws_are_a_function_of_seed_and_position() {
+        let mut stream = SplitMix64::new(11);
+        let drawn: Vec<f64> = (0..100).map(|_| stream.next_f64()).collect();
+        for p in [99, 0, 57, 3] {
+            assert_eq!(SplitMix64::at(11, p as u64), drawn[p], "position {p}");
+        }
+        assert_ne!(SplitMix64::at(12, 5), drawn[5]);
     }
 
     #[test]

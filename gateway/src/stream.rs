@@ -1,0 +1,276 @@
+//! A request's tokens as text, whichever attention worker produces them ([`Tokens`]).
+//!
+//! The gateway keeps what it needs to start a request again: the prompt, the sampling
+//! parameters and every token already generated. When the worker's stream breaks (the
+//! connection fails, the stream ends without finishing, or the worker is silent past the
+//! token deadline), the request migrates: it is resubmitted to another attention worker as
+//! prompt + generated tokens with the remaining budget, and the client's text simply goes
+//! on. The engine is batch-invariant and a sampled draw is a function of the seed and the
+//! position (`expertmesh_model::sampling`), so the migrated request produces the very tokens
+//! the uninterrupted one would have. Whether a break migrates is [`migrates`], a pure
+//! function; a request migrates at most [`MIGRATIONS_MAX`] times and never back to a
+//! worker that failed it.
+
+use std::time::{Duration, Instant};
+
+use expertmesh_proto::v1 as pb;
+
+use crate::backend::StartFailure;
+use crate::error::ApiError;
+use crate::response::Completion;
+use crate::text::{Piece, StopText};
+use crate::App;
+
+/// Workers a request may be started on or moved to after its first, at most.
+pub const MIGRATIONS_MAX: usize = 3;
+
+/// What the token stream gave next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Text to send (possibly empty: one per token, so a client's count equals the usage).
+    Text(String),
+    /// The end: tokens generated, OpenAI's finish reason, text held back until now.
+    End {
+        tokens: usize,
+        finish: &'static str,
+        rest: String,
+    },
+}
+
+/// How a worker's stream broke.
+#[derive(Debug)]
+pub enum Break {
+    /// The worker (or the connection to it) answered with a status.
+    Status(tonic::Status),
+    /// The stream ended without a finish event: the worker went away.
+    Ended,
+    /// Nothing for the token deadline.
+    Silent(Duration),
+}
+
+/// Whether a request whose stream broke this way moves to another worker: every break but
+/// one the request caused itself (an invalid request would fail anywhere).
+pub fn migrates(b: &Break) -> bool {
+    match b {
+        Break::Status(s) => s.code() != tonic::Code::InvalidArgument,
+        Break::Ended | Break::Silent(_) => true,
+    }
+}
+
+impl Break {
+    fn into_error(self) -> ApiError {
+        match self {
+            Break::Status(s) => s.into(),
+            Break::Ended => ApiError::Unavailable("the attention worker went away".into()),
+            Break::Silent(d) => {
+                ApiError::Unavailable(format!("the attention worker sent nothing for {d:?}"))
+            }
+        }
+    }
+}
+
+/// A request started on a worker, before its first token.
+pub struct Started {
+    worker: String,
+    stream: tonic::Streaming<pb::GenerateEvent>,
+    /// Workers that could not take it.
+    failed: Vec<String>,
+}
+
+/// Starts `job` on an attention worker (another one when the first cannot take it); a
+/// failure here is the response's status.
+pub async fn start(app: &App, job: &Completion) -> Result<Started, ApiError> {
+    let mut failed = Vec::new();
+    let (worker, stream) = resubmit(app, job, &[], &mut failed, None).await?;
+    Ok(Started {
+        worker,
+        stream,
+        failed,
+    })
+}
+
+/// Starts `job` after its `generated` tokens on a worker not in `failed`, trying others
+/// while workers fail it in a way that [`migrates`] (each added to `failed`), up to
+/// [`MIGRATIONS_MAX`] failures in all. `last` is the break that asked for it, if any.
+async fn resubmit(
+    app: &App,
+    job: &Completion,
+    generated: &[u32],
+    failed: &mut Vec<String>,
+    mut last: Option<Break>,
+) -> Result<(String, tonic::Streaming<pb::GenerateEvent>), ApiError> {
+    loop {
+        if let Some(b) = last.take() {
+            if !migrates(&b) || failed.len() > MIGRATIONS_MAX {
+                return Err(b.into_error());
+            }
+            last = Some(b);
+        }
+        match app.backend.generate(&job.valid, generated, failed).await {
+            Ok(started) => return Ok(started),
+            Err(StartFailure::Worker(worker, b)) => {
+                failed.push(worker);
+                last = Some(b);
+            }
+            // With nobody left, the last worker's failure says more than "nobody".
+            Err(StartFailure::NoWorker(e)) => return Err(last.map_or(e, Break::into_error)),
+        }
+    }
+}
+
+/// One request's token events as text, migrating off workers that fail it.
+pub struct Tokens<'a> {
+    app: &'a App,
+    job: &'a Completion,
+    stream: tonic::Streaming<pb::GenerateEvent>,
+    /// The worker the stream comes from.
+    worker: String,
+    /// Workers that failed this request (never picked again for it).
+    failed: Vec<String>,
+    /// Every token generated so far, stop ids included: what a migration resubmits.
+    generated: Vec<u32>,
+    text: StopText<'a>,
+    patience: Duration,
+    started: Instant,
+    last: Instant,
+    /// Set when a stop string ended the text: the next call ends.
+    stopped: bool,
+}
+
+impl<'a> Tokens<'a> {
+    /// The text of `job`, from the worker it was [`start`]ed on.
+    pub fn new(app: &'a App, job: &'a Completion, started: Started) -> Self {
+        let now = Instant::now();
+        Self {
+            app,
+            job,
+            stream: started.stream,
+            worker: started.worker,
+            failed: started.failed,
+            generated: Vec::new(),
+            text: StopText::new(
+                app.validator.tokenizer.as_ref(),
+                job.valid.request.stop.clone(),
+            ),
+            patience: Duration::from_millis(app.config.token_timeout_ms),
+            started: now,
+            last: now,
+            stopped: false,
+        }
+    }
+
+    /// The next piece of text, or the end. Dropping `self` (after a stop string, or when the
+    /// client leaves) drops the stream, which ends the request on the worker.
+    pub async fn next(&mut self) -> Result<Next, ApiError> {
+        if self.stopped {
+            return Ok(self.end("stop", String::new()));
+        }
+        loop {
+            let event = match tokio::time::timeout(self.patience, self.stream.message()).await {
+                Err(_) => Err(Break::Silent(self.patience)),
+                Ok(Err(status)) => Err(Break::Status(status)),
+                Ok(Ok(None)) => Err(Break::Ended),
+                Ok(Ok(Some(event))) => Ok(event),
+            };
+            let event = match event {
+                Ok(e) => e,
+                Err(b) => {
+                    if let Some(end) = self.migrate(b).await? {
+                        return Ok(end);
+                    }
+                    continue;
+                }
+            };
+            match event.event {
+                Some(pb::generate_event::Event::Token(t)) => return Ok(self.token(t.id)),
+                Some(pb::generate_event::Event::Finished(f)) => {
+                    let finish = if f.reason == pb::FinishReason::Stop as i32 {
+                        "stop"
+                    } else {
+                        "length"
+                    };
+                    // Text still held back (an incomplete character) goes with the end.
+                    let rest = self.text.finish();
+                    return Ok(self.end(finish, rest));
+                }
+                Some(pb::generate_event::Event::PromptLogits(_)) | None => {}
+            }
+        }
+    }
+
+    /// Moves the request to another worker after `b`; the end instead when nothing is left
+    /// to generate (the worker died between the last token and its finish event).
+    async fn migrate(&mut self, b: Break) -> Result<Option<Next>, ApiError> {
+        let valid = &self.job.valid;
+        let ended_by_stop = self
+            .generated
+            .last()
+            .is_some_and(|id| self.app.backend.stop_ids.contains(id));
+        if ended_by_stop || self.generated.len() >= valid.max_tokens {
+            let finish = if ended_by_stop { "stop" } else { "length" };
+            let rest = self.text.finish();
+            return Ok(Some(self.end(finish, rest)));
+        }
+        self.failed.push(std::mem::take(&mut self.worker));
+        self.app.metrics.migration();
+        let (worker, stream) =
+            resubmit(self.app, self.job, &self.generated, &mut self.failed, Some(b)).await?;
+        self.worker = worker;
+        self.stream = stream;
+        Ok(None)
+    }
+
+    fn token(&mut self, id: u32) -> Next {
+        let now = Instant::now();
+        let metrics = &self.app.metrics;
+        if self.generated.is_empty() {
+            metrics.first_token((now - self.started).as_secs_f64());
+        } else {
+            metrics.inter_token((now - self.last).as_secs_f64());
+        }
+        self.last = now;
+        self.generated.push(id);
+        // A stop id has no text.
+        if self.app.backend.stop_ids.contains(&id) {
+            return Next::Text(String::new());
+        }
+        match self.text.push(id) {
+            Piece::Text(s) => Next::Text(s),
+            Piece::Stopped(s) => {
+                self.stopped = true;
+                Next::Text(s)
+            }
+        }
+    }
+
+    fn end(&self, finish: &'static str, rest: String) -> Next {
+        Next::End {
+            tokens: self.generated.len(),
+            finish,
+            rest,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_requests_own_faults_stay_put() {
+        use tonic::{Code, Status};
+        let cases = [
+            (Break::Status(Status::invalid_argument("too long")), false),
+            (Break::Status(Status::unavailable("connection refused")), true),
+            (Break::Status(Status::unknown("error reading a body")), true),
+            (Break::Status(Status::internal("h2 protocol error")), true),
+            (Break::Status(Status::resource_exhausted("queue full")), true),
+            (Break::Status(Status::new(Code::DeadlineExceeded, "")), true),
+            (Break::Ended, true),
+            (Break::Silent(Duration::from_secs(1)), true),
+        ];
+        for (b, want) in cases {
+            assert_eq!(migrates(&b), want, "{b:?}");
+        }
+    }
+}
