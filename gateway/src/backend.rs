@@ -145,7 +145,11 @@ impl Backend {
             top_p: r.top_p,
             top_k: r.top_k as u32,
             seed: r.seed,
-            stop_ids: self.stop_ids.clone(),
+            stop_ids: if r.ignore_eos {
+                Vec::new()
+            } else {
+                self.stop_ids.clone()
+            },
             prompt_logits: false,
             images: job.images.clone(),
         };

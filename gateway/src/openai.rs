@@ -31,6 +31,9 @@ pub struct CompletionRequest {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Generate past the model's end-of-sequence tokens (vLLM's `ignore_eos`): only
+    /// `max_tokens` and stop strings end the text.
+    pub ignore_eos: bool,
     /// The chat's image URLs (`image_url` parts), in the order of their placeholders.
     pub images: Vec<String>,
 }
@@ -79,11 +82,8 @@ impl CompletionRequest {
             Some(_) => return Err(ApiError::bad("top_k must be -1, 0 or positive", "top_k")),
         };
         let seed = opt_int(obj, "seed")?.unwrap_or(0) as u64;
-        let stream = match obj.get("stream") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(ApiError::bad("stream must be a boolean", "stream")),
-        };
+        let stream = opt_bool(obj, "stream")?;
+        let ignore_eos = opt_bool(obj, "ignore_eos")?;
         let include_usage = obj
             .get("stream_options")
             .and_then(|o| o.get("include_usage"))
@@ -105,8 +105,18 @@ impl CompletionRequest {
             stop: stop(obj)?,
             stream,
             include_usage,
+            ignore_eos,
             images,
         })
+    }
+}
+
+/// A boolean field, false when absent.
+fn opt_bool(obj: &Map<String, Value>, field: &str) -> Result<bool, ApiError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(ApiError::bad(format!("{field} must be a boolean"), field)),
     }
 }
 

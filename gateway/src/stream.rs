@@ -202,10 +202,7 @@ impl<'a> Tokens<'a> {
     /// to generate (the worker died between the last token and its finish event).
     async fn migrate(&mut self, b: Break) -> Result<Option<Next>, ApiError> {
         let valid = &self.job.valid;
-        let ended_by_stop = self
-            .generated
-            .last()
-            .is_some_and(|id| self.app.backend.stop_ids.contains(id));
+        let ended_by_stop = self.generated.last().is_some_and(|id| self.is_stop(*id));
         if ended_by_stop || self.generated.len() >= valid.max_tokens {
             let finish = if ended_by_stop { "stop" } else { "length" };
             let rest = self.text.finish();
@@ -213,8 +210,14 @@ impl<'a> Tokens<'a> {
         }
         self.failed.push(std::mem::take(&mut self.worker));
         self.app.metrics.migration();
-        let (worker, stream) =
-            resubmit(self.app, self.job, &self.generated, &mut self.failed, Some(b)).await?;
+        let (worker, stream) = resubmit(
+            self.app,
+            self.job,
+            &self.generated,
+            &mut self.failed,
+            Some(b),
+        )
+        .await?;
         self.worker = worker;
         self.stream = stream;
         Ok(None)
@@ -231,7 +234,7 @@ impl<'a> Tokens<'a> {
         self.last = now;
         self.generated.push(id);
         // A stop id has no text.
-        if self.app.backend.stop_ids.contains(&id) {
+        if self.is_stop(id) {
             return Next::Text(String::new());
         }
         match self.text.push(id) {
@@ -241,6 +244,12 @@ impl<'a> Tokens<'a> {
                 Next::Text(s)
             }
         }
+    }
+
+    /// Whether `id` ended the generation (the model's end ids, unless the request ignores
+    /// them).
+    fn is_stop(&self, id: u32) -> bool {
+        !self.job.valid.request.ignore_eos && self.app.backend.stop_ids.contains(&id)
     }
 
     fn end(&self, finish: &'static str, rest: String) -> Next {
@@ -261,10 +270,16 @@ mod tests {
         use tonic::{Code, Status};
         let cases = [
             (Break::Status(Status::invalid_argument("too long")), false),
-            (Break::Status(Status::unavailable("connection refused")), true),
+            (
+                Break::Status(Status::unavailable("connection refused")),
+                true,
+            ),
             (Break::Status(Status::unknown("error reading a body")), true),
             (Break::Status(Status::internal("h2 protocol error")), true),
-            (Break::Status(Status::resource_exhausted("queue full")), true),
+            (
+                Break::Status(Status::resource_exhausted("queue full")),
+                true,
+            ),
             (Break::Status(Status::new(Code::DeadlineExceeded, "")), true),
             (Break::Ended, true),
             (Break::Silent(Duration::from_secs(1)), true),
