@@ -84,11 +84,14 @@ pub fn up_file() -> PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join("expertmesh-up.json"))
 }
 
-/// Writes the up file, readable by this user only (it holds the join token).
-pub fn write_up_file(cluster: &LocalCluster) -> Result<PathBuf> {
+/// Writes the up file, readable by this user only (it holds the join token): the
+/// coordinators, `api` (the front door's address), each coordinator's gateway (`http`),
+/// the join token and `up`'s pid.
+pub fn write_up_file(cluster: &LocalCluster, api: &str) -> Result<PathBuf> {
     let path = up_file();
     let body = json!({
         "coordinators": cluster.coordinator_addresses(),
+        "api": api,
         "http": cluster.http,
         "join_token": cluster.join_token,
         "pid": std::process::id(),

@@ -2,10 +2,14 @@
 //! workers and attention workers as separate processes on loopback — until Ctrl-C. It
 //! writes the coordinators' addresses where `expertmesh admin` finds them. When a child
 //! dies, `up` says so and keeps the others running.
+//!
+//! The API's address (`--http`) is `up`'s own: a front door (`expertmesh_gateway::front`)
+//! over every coordinator's gateway, so the printed URL serves while any coordinator lives,
+//! and a stream whose gateway dies is resumed on another.
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 
 use crate::cluster::{ClusterSpec, LocalCluster};
@@ -74,6 +78,11 @@ pub fn run(args: UpArgs) -> Result<()> {
     }
     args.device.check()?;
     let runtime = tokio::runtime::Runtime::new()?;
+    // The public port first: a port in use fails before any process starts.
+    let front = runtime
+        .block_on(tokio::net::TcpListener::bind(&args.http))
+        .with_context(|| format!("listening on {}", args.http))?;
+    let api = front.local_addr()?;
     let mut cluster = LocalCluster::start(&ClusterSpec {
         model: args.model.clone(),
         coordinators: args.coordinators,
@@ -86,7 +95,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             "--wire-dtype".into(),
             args.wire_dtype.to_string(),
         ],
-        http: Some(args.http.clone()),
+        http: Some("127.0.0.1:0".into()),
         api_key: args.api_key.clone(),
         coordinator_args: [
             "--min-replicas".into(),
@@ -110,10 +119,16 @@ pub fn run(args: UpArgs) -> Result<()> {
         "expertmesh cluster up: model {}, placement epoch {}",
         args.model, view.placement.epoch
     );
-    let up_file = crate::admin::write_up_file(&cluster)?;
+    runtime.spawn(expertmesh_gateway::front::serve(
+        front,
+        cluster.http.clone(),
+        expertmesh_gateway::GatewayConfig::default().body_max_bytes,
+        std::future::pending(),
+    ));
+    let up_file = crate::admin::write_up_file(&cluster, &api.to_string())?;
     for (i, c) in cluster.coordinators.iter().enumerate() {
         let http = match cluster.http.get(i) {
-            Some(h) => format!(", HTTP {h}"),
+            Some(h) => format!(", gateway {h}"),
             None => String::new(),
         };
         println!(
@@ -133,8 +148,13 @@ pub fn run(args: UpArgs) -> Result<()> {
         };
         println!("  {role:<30} {} (pid {})", m.address, m.pid);
     }
-    if let Some(http) = cluster.http.first() {
-        println!("  OpenAI-compatible API      http://{http}/v1");
+    {
+        let http = api;
+        println!(
+            "  OpenAI-compatible API      http://{http}/v1 (in front of {} gateway{})",
+            cluster.http.len(),
+            if cluster.http.len() == 1 { "" } else { "s" }
+        );
         println!(
             "try: curl http://{http}/v1/chat/completions -H 'Content-Type: application/json' \\\n       -d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 16}}'"
         );

@@ -211,3 +211,178 @@ fn a_killed_attention_worker_fails_no_request() {
     let after = post(&http, "/v1/completions", &requests[0]).unwrap();
     assert_eq!(after["choices"][0]["text"], expected[0]["text"]);
 }
+
+/// What the clients of [`under_load`] saw.
+#[derive(Default)]
+struct Tally {
+    ok: usize,
+    failed: Vec<String>,
+    /// The longest silence inside one streamed answer.
+    stall: Duration,
+}
+
+/// `clients` threads sending requests through `api` until `until`: streamed and whole in
+/// turn, greedy, each prompt's text checked against `expected` (prompt, text).
+fn under_load(
+    api: &str,
+    clients: usize,
+    until: Instant,
+    expected: &[(Vec<u32>, String)],
+) -> Vec<std::thread::JoinHandle<Tally>> {
+    (0..clients)
+        .map(|c| {
+            let (api, expected) = (api.to_owned(), expected.to_vec());
+            std::thread::spawn(move || {
+                let mut tally = Tally::default();
+                let mut i = c;
+                while Instant::now() < until {
+                    let (prompt, want) = &expected[i % expected.len()];
+                    let mut r = json!({"prompt": prompt, "max_tokens": MAX_TOKENS,
+                                       "temperature": 0});
+                    let got = if i % 2 == 0 {
+                        r["stream"] = json!(true);
+                        let (tx, _rx) = mpsc::channel();
+                        stream(&api, "/v1/completions", &r, tx).map(|s| {
+                            tally.stall = tally.stall.max(s.gap_max);
+                            s.text
+                        })
+                    } else {
+                        post(&api, "/v1/completions", &r)
+                            .map(|v| v["choices"][0]["text"].as_str().unwrap_or("").to_owned())
+                    };
+                    match got {
+                        Ok(text) if text == *want => tally.ok += 1,
+                        Ok(text) => tally
+                            .failed
+                            .push(format!("{prompt:?}: {text:?} != {want:?}")),
+                        Err(e) => tally.failed.push(e),
+                    }
+                    i += 1;
+                }
+                tally
+            })
+        })
+        .collect()
+}
+
+const MAX_TOKENS: u32 = 48;
+
+/// The single process's greedy text for each of a few prompts.
+fn single_process_texts(model: &str) -> Vec<(Vec<u32>, String)> {
+    (0..4u32)
+        .map(|k| {
+            let prompt: Vec<u32> = (10 * k + 1..10 * k + 20).collect();
+            let ids = prompt
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            let out = common::json_out(&common::expertmesh(&[
+                "generate",
+                "--model",
+                model,
+                "--input-ids",
+                &ids,
+                "--max-tokens",
+                &MAX_TOKENS.to_string(),
+                "--json",
+            ]));
+            (prompt, out["text"].as_str().unwrap().to_owned())
+        })
+        .collect()
+}
+
+/// The pid of the first live worker of `role` in `status`.
+fn worker_pid(status: &Value, role: &str) -> u64 {
+    status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["role"] == role && w["status"] == "alive")
+        .unwrap_or_else(|| panic!("no live {role}: {status}"))["pid"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Through `up`'s one URL, 8 clients for 26 s while, 6 s apart, an expert worker, an
+/// attention worker and the leader coordinator (whose gateway the front door uses first)
+/// are killed with `kill -9`: no request fails, and every text is the single process's.
+#[test]
+fn nothing_fails_while_a_node_of_each_role_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::fixture("tiny-maverick").display().to_string();
+    let expected = single_process_texts(&model);
+    let (_up, cluster) = start_up(
+        &[
+            "--http",
+            "127.0.0.1:0",
+            "--model",
+            &model,
+            "--coordinators",
+            "3",
+            "--expert-workers",
+            "3",
+            "--attention-workers",
+            "2",
+            "--replicas",
+            "2",
+            "--lease-ms",
+            "2000",
+        ],
+        &dir.path().join("up.json"),
+    );
+    let coordinators = cluster["coordinators"].as_str().unwrap().to_owned();
+    let api = cluster["api"].as_str().unwrap().to_owned();
+    let status = wait_status(&coordinators, "a settled cluster", |v| {
+        v["leader"].is_u64()
+            && v["workers"].as_array().unwrap().len() == 5
+            && v["pending_epoch"].is_null()
+    });
+    let started = Instant::now();
+    let clients = under_load(&api, 8, started + Duration::from_secs(26), &expected);
+    let at = |s: u64| {
+        let t = started + Duration::from_secs(s);
+        std::thread::sleep(t.saturating_duration_since(Instant::now()));
+    };
+    at(6);
+    kill9(worker_pid(&status, "expert-worker"));
+    eprintln!("6 s: kill -9 of an expert worker");
+    at(12);
+    kill9(worker_pid(&status, "attention-worker"));
+    eprintln!("12 s: kill -9 of an attention worker");
+    at(18);
+    let now = wait_status(&coordinators, "a leader", |v| v["leader"].is_u64());
+    let leader = now["leader"].as_u64().unwrap();
+    let pid = now["coordinators"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"].as_u64() == Some(leader))
+        .unwrap()["pid"]
+        .as_u64()
+        .unwrap();
+    let killed = Instant::now();
+    kill9(pid);
+    wait_status(&coordinators, "a new leader", |v| {
+        v["leader"].as_u64().is_some_and(|l| l != leader)
+    });
+    eprintln!(
+        "18 s: kill -9 of leader coordinator {leader}; a new leader {:.0} ms later",
+        killed.elapsed().as_secs_f64() * 1e3
+    );
+    let mut all = Tally::default();
+    for c in clients {
+        let t = c.join().unwrap();
+        all.ok += t.ok;
+        all.failed.extend(t.failed);
+        all.stall = all.stall.max(t.stall);
+    }
+    eprintln!(
+        "{} requests answered, {} failed; longest stall inside a stream {:.0} ms",
+        all.ok,
+        all.failed.len(),
+        all.stall.as_secs_f64() * 1e3
+    );
+    assert!(all.failed.is_empty(), "failed: {:#?}", all.failed);
+    assert!(all.ok >= 50, "only {} requests in 26 s", all.ok);
+}

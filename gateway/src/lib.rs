@@ -13,11 +13,15 @@
 //! - [`response`]: one JSON response or server-sent events over a bounded channel, usage
 //!   counts.
 //!
+//! [`front`] is the front door that `expertmesh up` puts in front of every coordinator's
+//! gateway: one URL that outlives any of them, streams resumed across them.
+//!
 //! A client that disconnects drops the stream, which cancels the request on the worker.
 //! Errors take OpenAI's shape ([`error`]); `/metrics` speaks Prometheus ([`metrics`]).
 
 pub mod backend;
 pub mod error;
+pub mod front;
 pub mod images;
 pub mod metrics;
 pub mod openai;

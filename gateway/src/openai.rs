@@ -34,6 +34,13 @@ pub struct CompletionRequest {
     /// Generate past the model's end-of-sequence tokens (vLLM's `ignore_eos`): only
     /// `max_tokens` and stop strings end the text.
     pub ignore_eos: bool,
+    /// Put each choice's token ids beside its text (vLLM's `return_token_ids`; in a stream,
+    /// each chunk carries the ids of its tokens).
+    pub return_token_ids: bool,
+    /// Tokens this request already generated before the gateway that streamed them went
+    /// away (an expertmesh extension, sent by a front door resuming the stream): it goes on
+    /// after them, its text starting after theirs, its usage counting them.
+    pub resume_token_ids: Vec<u32>,
     /// The chat's image URLs (`image_url` parts), in the order of their placeholders.
     pub images: Vec<String>,
 }
@@ -84,6 +91,22 @@ impl CompletionRequest {
         let seed = opt_int(obj, "seed")?.unwrap_or(0) as u64;
         let stream = opt_bool(obj, "stream")?;
         let ignore_eos = opt_bool(obj, "ignore_eos")?;
+        let return_token_ids = opt_bool(obj, "return_token_ids")?;
+        let resume_token_ids = match obj.get("resume_token_ids") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => ids(a).ok_or_else(|| {
+                ApiError::bad(
+                    "resume_token_ids must be a list of token ids",
+                    "resume_token_ids",
+                )
+            })?,
+            Some(_) => {
+                return Err(ApiError::bad(
+                    "resume_token_ids must be a list of token ids",
+                    "resume_token_ids",
+                ))
+            }
+        };
         let include_usage = obj
             .get("stream_options")
             .and_then(|o| o.get("include_usage"))
@@ -106,6 +129,8 @@ impl CompletionRequest {
             stream,
             include_usage,
             ignore_eos,
+            return_token_ids,
+            resume_token_ids,
             images,
         })
     }

@@ -61,6 +61,17 @@ impl Validator {
                 .map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
         }
         let max_tokens = self.max_tokens(prompt.len(), request.max_tokens, chat)?;
+        let resumed = &request.resume_token_ids;
+        if resumed.len() > max_tokens {
+            return Err(ApiError::bad(
+                format!(
+                    "{} resumed tokens are more than max_tokens {max_tokens}",
+                    resumed.len()
+                ),
+                "resume_token_ids",
+            ));
+        }
+        self.check_vocabulary(resumed, "resume_token_ids")?;
         Ok(ValidRequest {
             chat,
             prompt,
@@ -102,6 +113,17 @@ impl Validator {
         Ok(max_tokens)
     }
 
+    fn check_vocabulary(&self, ids: &[u32], field: &str) -> Result<(), ApiError> {
+        let vocab = self.config.vocab_size;
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            Some(id) => Err(ApiError::bad(
+                format!("token id {id} is outside the vocabulary of {vocab}"),
+                field,
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn tokenizer(&self) -> Result<&TextTokenizer, ApiError> {
         self.tokenizer
             .as_ref()
@@ -112,13 +134,7 @@ impl Validator {
         let internal = |e: expertmesh_model::ModelError| ApiError::Internal(e.to_string());
         let ids = match prompt {
             Prompt::Ids(ids) => {
-                let vocab = self.config.vocab_size;
-                if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
-                    return Err(ApiError::bad(
-                        format!("token id {id} is outside the vocabulary of {vocab}"),
-                        "prompt",
-                    ));
-                }
+                self.check_vocabulary(ids, "prompt")?;
                 ids.clone()
             }
             Prompt::Text(text) => {

@@ -52,11 +52,14 @@ fn usage(app: &App, job: &Completion, completion: usize) -> Value {
 
 /// The whole answer as one JSON body.
 pub async fn collect(app: &App, job: Completion, started: Started) -> Result<Response, ApiError> {
-    let mut out = String::new();
+    let (mut out, mut ids) = (String::new(), Vec::new());
     let mut tokens = Tokens::new(app, &job, started);
     let (count, finish) = loop {
         match tokens.next().await? {
-            Next::Text(s) => out.push_str(&s),
+            Next::Token { id, text } => {
+                out.push_str(&text);
+                ids.push(id);
+            }
             Next::End {
                 tokens,
                 finish,
@@ -69,12 +72,15 @@ pub async fn collect(app: &App, job: Completion, started: Started) -> Result<Res
     };
     drop(tokens);
     let chat = job.valid.chat;
-    let choice = if chat {
+    let mut choice = if chat {
         json!({"index": 0, "message": {"role": "assistant", "content": out},
                "logprobs": null, "finish_reason": finish})
     } else {
         json!({"index": 0, "text": out, "logprobs": null, "finish_reason": finish})
     };
+    if job.valid.request.return_token_ids {
+        choice["token_ids"] = json!(ids);
+    }
     Ok(Json(json!({
         "id": job.id,
         "object": if chat { "chat.completion" } else { "text_completion" },
@@ -108,12 +114,16 @@ enum StreamChoice<'a> {
         delta: Delta<'a>,
         logprobs: Option<()>,
         finish_reason: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        token_ids: Option<&'a [u32]>,
     },
     Text {
         index: u32,
         text: &'a str,
         logprobs: Option<()>,
         finish_reason: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        token_ids: Option<&'a [u32]>,
     },
 }
 
@@ -135,16 +145,29 @@ fn sse_event(data: &impl Serialize) -> Bytes {
     Bytes::from(out)
 }
 
-/// One streamed chunk: a piece of text and/or the finish reason (`role` on the first chat
-/// chunk); `usage` makes the closing usage chunk, which has no choice.
-fn chunk(
-    app: &App,
-    job: &Completion,
-    piece: Option<&str>,
-    finish: Option<&str>,
+/// What one streamed chunk carries.
+#[derive(Default)]
+struct Content<'a> {
+    /// A piece of text.
+    piece: Option<&'a str>,
+    /// The token ids behind it (when the request asked for them).
+    token_ids: Option<&'a [u32]>,
+    finish: Option<&'a str>,
+    /// The first chat chunk, which names the role.
     role: bool,
-    usage: Option<&Value>,
-) -> Bytes {
+    /// The closing usage chunk, which has no choice.
+    usage: Option<&'a Value>,
+}
+
+/// One streamed chunk.
+fn chunk(app: &App, job: &Completion, c: Content<'_>) -> Bytes {
+    let Content {
+        piece,
+        token_ids,
+        finish,
+        role,
+        usage,
+    } = c;
     let chat = job.valid.chat;
     let choice = if chat {
         StreamChoice::Chat {
@@ -155,6 +178,7 @@ fn chunk(
             },
             logprobs: None,
             finish_reason: finish,
+            token_ids,
         }
     } else {
         StreamChoice::Text {
@@ -162,6 +186,7 @@ fn chunk(
             text: piece.unwrap_or(""),
             logprobs: None,
             finish_reason: finish,
+            token_ids,
         }
     };
     let choices = [choice];
@@ -221,14 +246,25 @@ pub fn stream_events(
             let tx = tx.clone();
             async move { tx.send(event).await.is_ok() }
         };
-        if job.valid.chat && !send(chunk(&app, &job, None, None, true, None)).await {
+        let role = Content {
+            role: true,
+            ..Content::default()
+        };
+        if job.valid.chat && !send(chunk(&app, &job, role)).await {
             return;
         }
+        let with_ids = job.valid.request.return_token_ids;
         let mut tokens = Tokens::new(&app, &job, started);
         loop {
             match tokens.next().await {
-                Ok(Next::Text(p)) => {
-                    if !send(chunk(&app, &job, Some(&p), None, false, None)).await {
+                Ok(Next::Token { id, text }) => {
+                    let id = [id];
+                    let c = Content {
+                        piece: Some(&text),
+                        token_ids: with_ids.then_some(&id[..]),
+                        ..Content::default()
+                    };
+                    if !send(chunk(&app, &job, c)).await {
                         return; // the client went away
                     }
                 }
@@ -238,11 +274,20 @@ pub fn stream_events(
                     rest,
                 }) => {
                     drop(tokens);
-                    let piece = (!rest.is_empty()).then_some(rest.as_str());
-                    let _ = send(chunk(&app, &job, piece, Some(finish), false, None)).await;
+                    let end = Content {
+                        piece: (!rest.is_empty()).then_some(rest.as_str()),
+                        token_ids: with_ids.then_some(&[][..]),
+                        finish: Some(finish),
+                        ..Content::default()
+                    };
+                    let _ = send(chunk(&app, &job, end)).await;
                     let usage = usage(&app, &job, count);
                     if job.valid.request.include_usage {
-                        let _ = send(chunk(&app, &job, None, None, false, Some(&usage))).await;
+                        let last = Content {
+                            usage: Some(&usage),
+                            ..Content::default()
+                        };
+                        let _ = send(chunk(&app, &job, last)).await;
                     }
                     break;
                 }
@@ -276,6 +321,7 @@ mod tests {
             },
             logprobs: None,
             finish_reason: None,
+            token_ids: None,
         }];
         let c = StreamChunk {
             id: "chatcmpl-1",

@@ -27,8 +27,9 @@ pub const MIGRATIONS_MAX: usize = 3;
 /// What the token stream gave next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Next {
-    /// Text to send (possibly empty: one per token, so a client's count equals the usage).
-    Text(String),
+    /// A token and the text it releases (possibly empty: one per token, so a client's count
+    /// equals the usage).
+    Token { id: u32, text: String },
     /// The end: tokens generated, OpenAI's finish reason, text held back until now.
     End {
         tokens: usize,
@@ -72,21 +73,46 @@ impl Break {
 /// A request started on a worker, before its first token.
 pub struct Started {
     worker: String,
-    stream: tonic::Streaming<pb::GenerateEvent>,
+    stream: Option<tonic::Streaming<pb::GenerateEvent>>,
     /// Workers that could not take it.
     failed: Vec<String>,
 }
 
-/// Starts `job` on an attention worker (another one when the first cannot take it); a
-/// failure here is the response's status.
+/// Starts `job` on an attention worker (another one when the first cannot take it), after
+/// the tokens it resumes from; a failure here is the response's status.
 pub async fn start(app: &App, job: &Completion) -> Result<Started, ApiError> {
     let mut failed = Vec::new();
-    let (worker, stream) = resubmit(app, job, &[], &mut failed, None).await?;
+    let resumed = &job.valid.request.resume_token_ids;
+    if finish_of(app, job, resumed).is_some() {
+        return Ok(Started {
+            worker: String::new(),
+            stream: None,
+            failed,
+        });
+    }
+    let (worker, stream) = resubmit(app, job, resumed, &mut failed, None).await?;
     Ok(Started {
         worker,
-        stream,
+        stream: Some(stream),
         failed,
     })
+}
+
+/// Why a request that generated `generated` is over without another token, if it is: its
+/// last token ended it (a stop id, unless it ignores them), or its budget is spent.
+fn finish_of(app: &App, job: &Completion, generated: &[u32]) -> Option<&'static str> {
+    if generated.last().is_some_and(|&id| is_stop(app, job, id)) {
+        Some("stop")
+    } else if generated.len() >= job.valid.max_tokens {
+        Some("length")
+    } else {
+        None
+    }
+}
+
+/// Whether `id` ends `job` (the model's end ids, unless the request ignores them).
+fn is_stop(app: &App, job: &Completion, id: u32) -> bool {
+    !job.valid.request.ignore_eos && app.backend.stop_ids.contains(&id)
 }
 
 /// Starts `job` after its `generated` tokens on a worker not in `failed`, trying others
@@ -122,7 +148,8 @@ async fn resubmit(
 pub struct Tokens<'a> {
     app: &'a App,
     job: &'a Completion,
-    stream: tonic::Streaming<pb::GenerateEvent>,
+    /// `None` when the request was already complete when it was resumed.
+    stream: Option<tonic::Streaming<pb::GenerateEvent>>,
     /// The worker the stream comes from.
     worker: String,
     /// Workers that failed this request (never picked again for it).
@@ -138,10 +165,11 @@ pub struct Tokens<'a> {
 }
 
 impl<'a> Tokens<'a> {
-    /// The text of `job`, from the worker it was [`start`]ed on.
+    /// The text of `job`, from the worker it was [`start`]ed on. Tokens it resumes from
+    /// are replayed into the stop-string state, their text not given again.
     pub fn new(app: &'a App, job: &'a Completion, started: Started) -> Self {
         let now = Instant::now();
-        Self {
+        let mut tokens = Self {
             app,
             job,
             stream: started.stream,
@@ -156,7 +184,14 @@ impl<'a> Tokens<'a> {
             started: now,
             last: now,
             stopped: false,
+        };
+        for &id in &job.valid.request.resume_token_ids {
+            tokens.generated.push(id);
+            if !is_stop(app, job, id) {
+                tokens.stopped |= matches!(tokens.text.push(id), Piece::Stopped(_));
+            }
         }
+        tokens
     }
 
     /// The next piece of text, or the end. Dropping `self` (after a stop string, or when the
@@ -166,7 +201,12 @@ impl<'a> Tokens<'a> {
             return Ok(self.end("stop", String::new()));
         }
         loop {
-            let event = match tokio::time::timeout(self.patience, self.stream.message()).await {
+            let Some(stream) = self.stream.as_mut() else {
+                let finish = finish_of(self.app, self.job, &self.generated).unwrap_or("length");
+                let rest = self.text.finish();
+                return Ok(self.end(finish, rest));
+            };
+            let event = match tokio::time::timeout(self.patience, stream.message()).await {
                 Err(_) => Err(Break::Silent(self.patience)),
                 Ok(Err(status)) => Err(Break::Status(status)),
                 Ok(Ok(None)) => Err(Break::Ended),
@@ -201,10 +241,7 @@ impl<'a> Tokens<'a> {
     /// Moves the request to another worker after `b`; the end instead when nothing is left
     /// to generate (the worker died between the last token and its finish event).
     async fn migrate(&mut self, b: Break) -> Result<Option<Next>, ApiError> {
-        let valid = &self.job.valid;
-        let ended_by_stop = self.generated.last().is_some_and(|id| self.is_stop(*id));
-        if ended_by_stop || self.generated.len() >= valid.max_tokens {
-            let finish = if ended_by_stop { "stop" } else { "length" };
+        if let Some(finish) = finish_of(self.app, self.job, &self.generated) {
             let rest = self.text.finish();
             return Ok(Some(self.end(finish, rest)));
         }
@@ -219,14 +256,14 @@ impl<'a> Tokens<'a> {
         )
         .await?;
         self.worker = worker;
-        self.stream = stream;
+        self.stream = Some(stream);
         Ok(None)
     }
 
     fn token(&mut self, id: u32) -> Next {
         let now = Instant::now();
         let metrics = &self.app.metrics;
-        if self.generated.is_empty() {
+        if self.generated.len() == self.job.valid.request.resume_token_ids.len() {
             metrics.first_token((now - self.started).as_secs_f64());
         } else {
             metrics.inter_token((now - self.last).as_secs_f64());
@@ -234,22 +271,18 @@ impl<'a> Tokens<'a> {
         self.last = now;
         self.generated.push(id);
         // A stop id has no text.
-        if self.is_stop(id) {
-            return Next::Text(String::new());
-        }
-        match self.text.push(id) {
-            Piece::Text(s) => Next::Text(s),
-            Piece::Stopped(s) => {
-                self.stopped = true;
-                Next::Text(s)
+        let text = if is_stop(self.app, self.job, id) {
+            String::new()
+        } else {
+            match self.text.push(id) {
+                Piece::Text(s) => s,
+                Piece::Stopped(s) => {
+                    self.stopped = true;
+                    s
+                }
             }
-        }
-    }
-
-    /// Whether `id` ended the generation (the model's end ids, unless the request ignores
-    /// them).
-    fn is_stop(&self, id: u32) -> bool {
-        !self.job.valid.request.ignore_eos && self.app.backend.stop_ids.contains(&id)
+        };
+        Next::Token { id, text }
     }
 
     fn end(&self, finish: &'static str, rest: String) -> Next {

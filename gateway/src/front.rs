@@ -1,0 +1,417 @@
+//! The front door: one HTTP address in front of several gateways (one per coordinator), so
+//! that the API outlives any coordinator. `expertmesh up` serves it on its public port; a
+//! real deployment puts a load balancer with health checks in the same place.
+//!
+//! Every request is read whole (bounded) and sent to a gateway, the one that answered last
+//! first; a gateway that cannot be reached, or fails before its answer is complete, is left
+//! for the next one. Completions are pure functions of their request (greedy, or sampled
+//! from a seed), so trying again elsewhere gives the same answer:
+//!
+//! - an answer that is not streamed is read whole before it is passed on, and tried again
+//!   on the next gateway when the gateway dies on the way;
+//! - a streamed completion is resumed: the front door asks for each chunk's token ids
+//!   (`return_token_ids`), and when its gateway dies mid-stream it sends the same request to
+//!   another gateway with the tokens the client already has (`resume_token_ids`). That
+//!   gateway continues after them (the migration of `stream.rs`), and the client's stream
+//!   goes on: the resumed stream's role chunk is dropped, its chunks keep the first id, and
+//!   the token ids are taken out again unless the client asked for them.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// How long a gateway may take to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a gateway may be silent in the middle of an answer (its own token deadline
+/// bounds a request's silence before this).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(150);
+/// Largest answer read whole, and largest single event of a stream.
+const ANSWER_BYTES_MAX: usize = 64 << 20;
+/// Events buffered toward one client.
+const EVENTS_BUFFERED: usize = 64;
+
+/// The gateways behind the door.
+pub struct Front {
+    gateways: Vec<String>,
+    /// The gateway that answered last: tried first.
+    preferred: AtomicUsize,
+    client: Client<HttpConnector, Full<Bytes>>,
+    body_max_bytes: usize,
+}
+
+/// Serves the front door for `gateways` (`host:port` each) on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    gateways: Vec<String>,
+    body_max_bytes: usize,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    assert!(
+        !gateways.is_empty(),
+        "a front door needs a gateway behind it"
+    );
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    connector.set_nodelay(true);
+    let front = Arc::new(Front {
+        gateways,
+        preferred: AtomicUsize::new(0),
+        client: Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector),
+        body_max_bytes,
+    });
+    let router = Router::new().fallback(handle).with_state(front);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Why a gateway gave no (complete) answer.
+type Failure = String;
+
+async fn handle(State(front): State<Arc<Front>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, front.body_max_bytes).await else {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!(
+                "the request body is larger than {} bytes",
+                front.body_max_bytes
+            ),
+        );
+    };
+    let path = parts.uri.path().to_owned();
+    let completion = parts.method == Method::POST
+        && (path == "/v1/completions" || path == "/v1/chat/completions");
+    let streamed = completion
+        .then(|| serde_json::from_slice::<Value>(&body).ok())
+        .flatten()
+        .filter(|v| v.get("stream") == Some(&Value::Bool(true)));
+    let target = Target {
+        method: parts.method,
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), |p| p.to_string()),
+        headers: forwarded(&parts.headers),
+    };
+    match streamed {
+        Some(request) => resume_stream(front, target, request).await,
+        None => whole(&front, &target, body).await,
+    }
+}
+
+/// Where a request goes on each gateway, and its headers.
+struct Target {
+    method: Method,
+    path_and_query: String,
+    headers: HeaderMap,
+}
+
+/// The headers passed on either way: all but those of one hop and the length (bodies are
+/// sent and passed on whole or re-framed).
+fn forwarded(headers: &HeaderMap) -> HeaderMap {
+    let mut h = headers.clone();
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::CONTENT_LENGTH,
+        header::HOST,
+        header::UPGRADE,
+        header::TE,
+    ] {
+        h.remove(name);
+    }
+    h.remove("keep-alive");
+    h
+}
+
+/// An error in OpenAI's shape, from the front door itself.
+fn error(status: StatusCode, message: &str) -> Response {
+    let body = json!({"error": {"message": message, "type": "server_error", "param": null,
+                                "code": "service_unavailable"}});
+    (status, axum::Json(body)).into_response()
+}
+
+impl Front {
+    /// The gateways in the order to try them: the preferred one first.
+    fn order(&self) -> impl Iterator<Item = usize> + '_ {
+        let first = self.preferred.load(Ordering::Relaxed);
+        (0..self.gateways.len()).map(move |i| (first + i) % self.gateways.len())
+    }
+
+    /// Sends `body` to gateway `g`: its answer's head and body, once the head is in.
+    async fn send(
+        &self,
+        g: usize,
+        target: &Target,
+        body: Bytes,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, Failure> {
+        let uri = format!("http://{}{}", self.gateways[g], target.path_and_query);
+        let mut request = hyper::Request::builder()
+            .method(target.method.clone())
+            .uri(&uri)
+            .body(Full::new(body))
+            .map_err(|e| e.to_string())?;
+        *request.headers_mut() = target.headers.clone();
+        tokio::time::timeout(IDLE_TIMEOUT, self.client.request(request))
+            .await
+            .map_err(|_| format!("{}: no answer", self.gateways[g]))?
+            .map_err(|e| format!("{}: {e}", self.gateways[g]))
+    }
+}
+
+/// Passes on the first answer a gateway gives whole, trying each gateway once.
+async fn whole(front: &Front, target: &Target, body: Bytes) -> Response {
+    let mut why = Vec::new();
+    for g in front.order() {
+        let answer = match front.send(g, target, body.clone()).await {
+            Ok(a) => a,
+            Err(e) => {
+                why.push(e);
+                continue;
+            }
+        };
+        let (parts, incoming) = answer.into_parts();
+        let read = tokio::time::timeout(
+            IDLE_TIMEOUT,
+            http_body_util::Limited::new(incoming, ANSWER_BYTES_MAX).collect(),
+        )
+        .await;
+        match read {
+            Ok(Ok(collected)) => {
+                front.preferred.store(g, Ordering::Relaxed);
+                let mut response = Response::new(Body::from(collected.to_bytes()));
+                *response.status_mut() = parts.status;
+                *response.headers_mut() = forwarded(&parts.headers);
+                return response;
+            }
+            Ok(Err(e)) => why.push(format!("{}: {e}", front.gateways[g])),
+            Err(_) => why.push(format!("{}: the answer stalled", front.gateways[g])),
+        }
+    }
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("no gateway answered: {}", why.join("; ")),
+    )
+}
+
+/// A streamed completion, resumed on another gateway whenever its gateway dies.
+async fn resume_stream(front: Arc<Front>, target: Target, mut request: Value) -> Response {
+    let asked_ids = request.get("return_token_ids") == Some(&Value::Bool(true));
+    request["return_token_ids"] = Value::Bool(true);
+    let body = Bytes::from(request.to_string());
+    // The first answer: an error status passes to the client as it is.
+    let mut why = Vec::new();
+    let mut first = None;
+    for g in front.order() {
+        match front.send(g, &target, body.clone()).await {
+            Ok(a) if a.status() == StatusCode::OK => {
+                first = Some((g, a));
+                break;
+            }
+            Ok(a) => {
+                let (parts, incoming) = a.into_parts();
+                if let Ok(Ok(c)) = tokio::time::timeout(
+                    IDLE_TIMEOUT,
+                    http_body_util::Limited::new(incoming, ANSWER_BYTES_MAX).collect(),
+                )
+                .await
+                {
+                    let mut response = Response::new(Body::from(c.to_bytes()));
+                    *response.status_mut() = parts.status;
+                    *response.headers_mut() = forwarded(&parts.headers);
+                    return response;
+                }
+                why.push(format!("{}: the error answer broke off", front.gateways[g]));
+            }
+            Err(e) => why.push(e),
+        }
+    }
+    let Some((g, answer)) = first else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("no gateway answered: {}", why.join("; ")),
+        );
+    };
+    front.preferred.store(g, Ordering::Relaxed);
+    let headers = forwarded(answer.headers());
+    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(EVENTS_BUFFERED);
+    let mut resumed = Resumed {
+        request,
+        asked_ids,
+        emitted: Vec::new(),
+        id: None,
+        attempt: 0,
+    };
+    tokio::spawn(async move {
+        let mut answer = answer.into_body();
+        let mut gateway = g;
+        loop {
+            match resumed.pump(&mut answer, &tx).await {
+                Pumped::Done | Pumped::ClientGone => return,
+                Pumped::Broken(why) => eprintln!(
+                    "front door: the stream from {} broke off ({why}); resuming it after {} \
+                     tokens",
+                    front.gateways[gateway],
+                    resumed.emitted.len()
+                ),
+            }
+            // The gateway died mid-stream: the same request elsewhere, after what the
+            // client has.
+            match resumed.reopen(&front, &target, gateway).await {
+                Some((g, a)) => {
+                    gateway = g;
+                    answer = a.into_body();
+                }
+                None => {
+                    let e = json!({"error": {"message": "every gateway failed this stream",
+                        "type": "server_error", "param": null, "code": "service_unavailable"}});
+                    let _ = tx.send(Ok(Bytes::from(format!("data: {e}\n\n")))).await;
+                    let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+                    return;
+                }
+            }
+        }
+    });
+    let mut response = Response::new(Body::from_stream(ReceiverStream::new(rx)));
+    *response.headers_mut() = headers;
+    response
+}
+
+/// How pumping one gateway's stream ended.
+enum Pumped {
+    /// `[DONE]` passed on.
+    Done,
+    ClientGone,
+    /// The gateway's stream broke off (why).
+    Broken(String),
+}
+
+/// A streamed completion's state across gateways.
+struct Resumed {
+    request: Value,
+    asked_ids: bool,
+    /// The token ids the client has (from the chunks passed on).
+    emitted: Vec<u32>,
+    /// The id of the first gateway's chunks, kept by every later one.
+    id: Option<Value>,
+    /// Gateways tried after the first.
+    attempt: usize,
+}
+
+impl Resumed {
+    /// The same request on another gateway (the next ones after `failed` first), after the
+    /// tokens emitted so far; `None` when every gateway has been tried twice.
+    async fn reopen(
+        &mut self,
+        front: &Front,
+        target: &Target,
+        failed: usize,
+    ) -> Option<(usize, hyper::Response<hyper::body::Incoming>)> {
+        let n = front.gateways.len();
+        self.request["resume_token_ids"] = json!(self.emitted);
+        let body = Bytes::from(self.request.to_string());
+        while self.attempt < 2 * n {
+            self.attempt += 1;
+            let g = (failed + self.attempt) % n;
+            if let Ok(a) = front.send(g, target, body.clone()).await {
+                if a.status() == StatusCode::OK {
+                    front.preferred.store(g, Ordering::Relaxed);
+                    return Some((g, a));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    /// Passes one gateway's events to the client until `[DONE]`, the client leaves, or the
+    /// stream breaks off.
+    async fn pump(
+        &mut self,
+        answer: &mut hyper::body::Incoming,
+        tx: &mpsc::Sender<Result<Bytes, Infallible>>,
+    ) -> Pumped {
+        let mut pending = BytesMut::new();
+        loop {
+            let frame = match tokio::time::timeout(IDLE_TIMEOUT, answer.frame()).await {
+                Err(_) => return Pumped::Broken("the stream stalled".into()),
+                Ok(None) => return Pumped::Broken("the stream ended before [DONE]".into()),
+                Ok(Some(Err(e))) => return Pumped::Broken(e.to_string()),
+                Ok(Some(Ok(f))) => f,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            if pending.len() > ANSWER_BYTES_MAX {
+                return Pumped::Broken("an event too large".into());
+            }
+            let mut out = BytesMut::new();
+            let mut done = false;
+            while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+                let event = pending.split_to(end + 2);
+                if let Some(e) = self.event(&event[..end]) {
+                    out.extend_from_slice(&e);
+                }
+                if &event[..end] == b"data: [DONE]" {
+                    done = true;
+                    break;
+                }
+            }
+            if !out.is_empty() && tx.send(Ok(out.freeze())).await.is_err() {
+                return Pumped::ClientGone;
+            }
+            if done {
+                return Pumped::Done;
+            }
+        }
+    }
+
+    /// One event as the client gets it (`None`: dropped).
+    fn event(&mut self, event: &[u8]) -> Option<Bytes> {
+        let pass = || Some(Bytes::from([event, b"\n\n"].concat()));
+        let Some(data) = event.strip_prefix(b"data: ") else {
+            return pass();
+        };
+        let Ok(mut chunk) = serde_json::from_slice::<Value>(data) else {
+            return pass(); // `[DONE]`, or not JSON: as it is
+        };
+        if chunk.get("error").is_some() {
+            return pass();
+        }
+        if let Some(choice) = chunk.get_mut("choices").and_then(|c| c.get_mut(0)) {
+            if self.attempt > 0 && choice["delta"].get("role").is_some() {
+                return None; // the client has its role chunk already
+            }
+            if let Some(ids) = choice.get("token_ids").and_then(Value::as_array) {
+                self.emitted
+                    .extend(ids.iter().filter_map(|v| v.as_u64().map(|id| id as u32)));
+            }
+            if !self.asked_ids {
+                if let Some(o) = choice.as_object_mut() {
+                    o.remove("token_ids");
+                }
+            }
+        }
+        match &self.id {
+            Some(id) => chunk["id"] = id.clone(),
+            None => self.id = chunk.get("id").cloned(),
+        }
+        Some(Bytes::from(format!("data: {chunk}\n\n")))
+    }
+}
