@@ -142,7 +142,7 @@ pub async fn run(
     };
     let (listener, bound) = bind(&config.worker.listen).await?;
     on_listening(bound);
-    client
+    let id = client
         .join(
             &Registration {
                 role: Role::AttentionWorker,
@@ -161,15 +161,42 @@ pub async fn run(
             load,
         )
         .await?;
+    let drained = drained(client.watch(), id, engine.clone());
     expertmesh_proto::server_builder()
         .add_service(
             AttentionServer::new(model, engine)
                 .with_images(source.processor_config()?, config.images)
                 .into_service(),
         )
-        .serve_with_incoming_shutdown(expertmesh_proto::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(expertmesh_proto::incoming(listener), async {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = drained => eprintln!("attention worker {id}: drained, stopping"),
+            }
+        })
         .await?;
     Ok(())
+}
+
+/// Completes once the cluster has this worker (`id`) draining and its engine, told to
+/// drain, has let go of every request (they resume on other attention workers).
+async fn drained(mut views: watch::Receiver<Option<Arc<ClusterView>>>, id: u64, engine: Engine) {
+    loop {
+        let draining = views
+            .borrow_and_update()
+            .as_ref()
+            .is_some_and(|v| v.members.iter().any(|m| m.id == id && m.draining));
+        if draining {
+            break;
+        }
+        if views.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+    engine.drain();
+    while !engine.drained() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The load an attention worker reports with its heartbeat.

@@ -11,7 +11,7 @@
 //! samples its next token and streams it out.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -106,7 +106,12 @@ pub enum SubmitError {
     Overloaded(usize),
     #[error("the engine has stopped")]
     Stopped,
+    #[error("the attention worker is draining")]
+    Draining,
 }
+
+/// What a drained request is told: the cluster's fault, so the gateway moves it on.
+const DRAINED: &str = "the attention worker is draining: the request moves to another";
 
 struct Submission {
     request: GenerateRequest,
@@ -120,6 +125,8 @@ pub struct Engine {
     tx: SyncSender<Submission>,
     stats: Arc<EngineStats>,
     queue_max: usize,
+    /// Set once: no new request, the running ones failed as `Unavailable` (to migrate).
+    draining: Arc<AtomicBool>,
 }
 
 impl Engine {
@@ -135,11 +142,13 @@ impl Engine {
         stats
             .kv_blocks_total
             .store(config.kv_blocks as u64, Ordering::Relaxed);
+        let draining = Arc::new(AtomicBool::new(false));
         let mut scheduler = Scheduler {
             model,
             pool,
             config,
             stats: stats.clone(),
+            draining: draining.clone(),
             waiting: VecDeque::new(),
             running: Vec::new(),
         };
@@ -151,11 +160,26 @@ impl Engine {
             tx,
             stats,
             queue_max: config.queue_max,
+            draining,
         }
     }
 
     pub fn stats(&self) -> &Arc<EngineStats> {
         &self.stats
+    }
+
+    /// Drains the engine: new requests are refused, and the queued and running ones end as
+    /// `Unavailable` at the next step, which the gateway answers by resuming them on
+    /// another attention worker.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a drained engine has let go of every request.
+    pub fn drained(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+            && self.stats.running.load(Ordering::Relaxed) == 0
+            && self.stats.waiting.load(Ordering::Relaxed) == 0
     }
 
     /// Queues a request (checked by the caller); events arrive on the returned stream.
@@ -172,6 +196,9 @@ impl Engine {
         request: GenerateRequest,
         images: ImageRows,
     ) -> Result<mpsc::Receiver<Event>, SubmitError> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(SubmitError::Draining);
+        }
         // Room for every event the request can produce, so the engine never waits on a
         // slow client: tokens, prompt logits, the end.
         let (events, rx) = mpsc::channel(request.max_new_tokens + 3);
@@ -219,6 +246,7 @@ struct Scheduler {
     pool: Arc<BlockPool>,
     config: SchedulerConfig,
     stats: Arc<EngineStats>,
+    draining: Arc<AtomicBool>,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
 }
@@ -237,12 +265,28 @@ impl Scheduler {
             while let Ok(job) = rx.try_recv() {
                 self.accept(job);
             }
+            if self.draining.load(Ordering::Relaxed) {
+                self.let_go();
+                continue;
+            }
             let started = Instant::now();
             self.step(runner);
             self.publish();
             let nanos = started.elapsed().as_nanos() as u64;
             self.stats.step_nanos.fetch_add(nanos, Ordering::Relaxed);
         }
+    }
+
+    /// Ends every request as `Unavailable` (the engine is draining); their caches go back.
+    fn let_go(&mut self) {
+        let failure = Failure {
+            fault: Fault::Unavailable,
+            message: DRAINED.into(),
+        };
+        for seq in self.running.drain(..).chain(self.waiting.drain(..)) {
+            seq.send(Event::Failed(failure.clone()));
+        }
+        self.publish();
     }
 
     fn accept(&mut self, job: Submission) {

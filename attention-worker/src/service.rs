@@ -181,7 +181,7 @@ impl AttentionService for AttentionServer {
             .submit_with(req, image_rows)
             .map_err(|e| match e {
                 SubmitError::Overloaded(_) => Status::resource_exhausted(e.to_string()),
-                SubmitError::Stopped => Status::unavailable(e.to_string()),
+                SubmitError::Stopped | SubmitError::Draining => Status::unavailable(e.to_string()),
             })?;
         let stream = ReceiverStream::new(rx).map(move |e| event(e, rows, vocab));
         Ok(Response::new(Box::pin(stream)))

@@ -32,7 +32,10 @@ pub enum AdminCommand {
         #[arg(long)]
         id: u64,
     },
-    /// Move an expert worker's experts to the others; returns once it holds none.
+    /// Drain a worker. An expert worker's experts move to the others (returns once it holds
+    /// none); an attention worker takes no new request, hands its running ones to the other
+    /// attention workers (they resume there) and stops (returns once the cluster sees it
+    /// gone).
     Drain {
         #[command(flatten)]
         target: Target,
@@ -322,6 +325,27 @@ async fn drain(client: &CoordinatorClient, worker: u64, timeout_s: u64) -> Resul
     client.drain(worker).await?;
     loop {
         let view = client.state().await?;
+        let attention = view
+            .members
+            .iter()
+            .find(|m| m.id == worker)
+            .filter(|m| m.role == Role::AttentionWorker);
+        if let Some(m) = attention {
+            // It hands its requests to the others and stops; the cluster sees it gone
+            // after one lease.
+            if !m.alive {
+                println!(
+                    "attention worker {worker} handed off its requests and stopped ({:.1} s)",
+                    started.elapsed().as_secs_f64()
+                );
+                return Ok(());
+            }
+            if started.elapsed().as_secs() >= timeout_s {
+                bail!("attention worker {worker} is still alive after {timeout_s} s");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        }
         if view.placement.experts_of(worker).is_empty() && view.pending.is_none() {
             println!(
                 "worker {worker} drained in {:.1} s (placement epoch {}); it can be stopped",

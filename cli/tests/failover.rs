@@ -116,17 +116,17 @@ fn metric(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
 }
 
-/// The pid of an attention worker (of `status`) running two sequences or more (the
-/// reference requests before ran one at a time: a load report of theirs is not mistaken for
-/// the streams), once one does.
-fn busy_attention_worker(http: &str, status: &Value) -> u64 {
+/// The status entry of an attention worker (of `status`) running two sequences or more
+/// (the reference requests before ran one at a time: a load report of theirs is not
+/// mistaken for the streams), once one does.
+fn busy_attention_worker(http: &str, status: &Value) -> Value {
     let give_up = Instant::now() + Duration::from_secs(30);
     loop {
         let text = metrics(http);
         for w in status["workers"].as_array().unwrap() {
             let series = format!("expertmesh_running_sequences{{worker=\"{}\"}}", w["id"]);
             if w["role"] == "attention-worker" && metric(&text, &series).unwrap_or(0.0) >= 2.0 {
-                return w["pid"].as_u64().unwrap();
+                return w.clone();
             }
         }
         assert!(
@@ -142,6 +142,39 @@ fn busy_attention_worker(http: &str, status: &Value) -> u64 {
 /// one the undisturbed cluster gave for the same request.
 #[test]
 fn a_killed_attention_worker_fails_no_request() {
+    streams_survive("kill -9", |worker, _| {
+        kill9(worker["pid"].as_u64().unwrap())
+    });
+}
+
+/// `admin drain` of the attention worker that streams the requests: it takes no new one,
+/// its streams resume on the other attention worker with the same texts, and it stops.
+#[test]
+fn a_drained_attention_worker_hands_its_streams_over_and_stops() {
+    streams_survive("admin drain", |worker, coordinators| {
+        let id = worker["id"].to_string();
+        let out = common::expertmesh(&["admin", "drain", &id, "--coordinators", coordinators]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
+        let status = wait_status(coordinators, "the drained worker gone", |v| {
+            v["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|w| w["id"] == worker["id"] && w["status"] == "dead")
+        });
+        assert!(status["workers"].is_array());
+    });
+}
+
+/// Streams from two attention workers while `disrupt` (named `what`) is done to the busy
+/// one (given its status entry and the coordinators): every stream ends as the undisturbed
+/// cluster's does, some of them having migrated.
+fn streams_survive(what: &str, disrupt: impl FnOnce(&Value, &str)) {
     let dir = tempfile::tempdir().unwrap();
     let model = common::fixture("tiny-maverick").display().to_string();
     let (_up, cluster) = start_up(
@@ -175,12 +208,12 @@ fn a_killed_attention_worker_fails_no_request() {
             std::thread::spawn(move || stream(&http, "/v1/completions", &r, first))
         })
         .collect();
-    // Kill an attention worker that reports running sequences (its load, as the gateway
-    // sees it through the coordinator).
+    // Disrupt an attention worker that reports running sequences (its load, as the
+    // gateway sees it through the coordinator).
     first_rx.recv_timeout(Duration::from_secs(60)).unwrap();
     let victim = busy_attention_worker(&http, &status);
-    let killed = Instant::now();
-    kill9(victim);
+    let disrupted = Instant::now();
+    disrupt(&victim, &coordinators);
     let mut stall = Duration::ZERO;
     for (i, (c, want)) in clients.into_iter().zip(&expected).enumerate() {
         let got = c
@@ -198,16 +231,17 @@ fn a_killed_attention_worker_fails_no_request() {
     let migrations = metric(&metrics(&http), "expertmesh_request_migrations_total")
         .expect("the migrations counter");
     eprintln!(
-        "kill -9 of attention worker (pid {victim}): {migrations} requests migrated, longest \
-         stall a client saw {:.0} ms, all done {:.0} ms after the kill",
+        "{what} of attention worker {}: {migrations} requests migrated, longest stall a \
+         client saw {:.0} ms, all done {:.0} ms after",
+        victim["id"],
         stall.as_secs_f64() * 1e3,
-        killed.elapsed().as_secs_f64() * 1e3
+        disrupted.elapsed().as_secs_f64() * 1e3
     );
     assert!(
         migrations >= 1.0,
-        "no request was streaming from the killed worker"
+        "no request was streaming from the disrupted worker"
     );
-    // New requests go to the survivor.
+    // New requests go to the other worker.
     let after = post(&http, "/v1/completions", &requests[0]).unwrap();
     assert_eq!(after["choices"][0]["text"], expected[0]["text"]);
 }

@@ -365,8 +365,10 @@ impl Machine {
         let member = self
             .members
             .iter_mut()
-            .find(|m| m.id == worker_id && m.alive && m.role == Role::ExpertWorker)
+            .find(|m| m.id == worker_id && m.alive)
             .ok_or(Rejected::UnknownWorker(worker_id))?;
+        // An expert worker's copies move off it (the placement controller); an attention
+        // worker gets no new requests, hands its running ones to the others and stops.
         member.draining = true;
         Ok(worker_id)
     }

@@ -47,13 +47,14 @@ impl Cluster for Coordinator {
     }
 }
 
-/// The live attention workers that can serve now: all of them when the expert placement is
-/// servable, else those that hold every routed expert themselves (`--dispatch local`).
+/// The live attention workers that can serve now (not draining): all of them when the
+/// expert placement is servable, else those that hold every routed expert themselves
+/// (`--dispatch local`).
 fn usable_workers(view: &ClusterView) -> impl Iterator<Item = &Member> {
     let placed = view.unservable.is_none();
-    view.members
-        .iter()
-        .filter(move |m| m.role == Role::AttentionWorker && m.alive && (placed || m.holds_experts))
+    view.members.iter().filter(move |m| {
+        m.role == Role::AttentionWorker && m.alive && !m.draining && (placed || m.holds_experts)
+    })
 }
 
 /// The attention workers, as the gateway reaches them.
