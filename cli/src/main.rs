@@ -40,6 +40,8 @@ enum Command {
     ExpertWorker(roles::ExpertWorkerArgs),
     /// Run an attention worker.
     AttentionWorker(roles::AttentionWorkerArgs),
+    /// Run the API's front door over several gateways (streams resumed across them).
+    Front(roles::FrontArgs),
     /// Inspect and change a running cluster.
     Admin {
         #[command(subcommand)]
@@ -73,6 +75,7 @@ fn main() -> ExitCode {
         Command::Coordinator(args) => roles::coordinator(args),
         Command::ExpertWorker(args) => roles::expert_worker(args),
         Command::AttentionWorker(args) => roles::attention_worker(args),
+        Command::Front(args) => roles::front(args),
         Command::Admin { which } => admin::run(which),
         Command::PlacementSim(args) => placement_sim::run(args),
         Command::Loadgen(cmd) => loadgen::run(*cmd),

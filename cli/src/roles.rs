@@ -1,4 +1,4 @@
-//! The role subcommands: `coordinator`, `expert-worker`, `attention-worker`. Each takes a
+//! The role subcommands: `coordinator`, `expert-worker`, `attention-worker`, `front`. Each takes a
 //! TOML config (`--config`, examples in `deploy/`) overridden by flags, validates it, prints
 //! `LISTENING <address>` as its first line on stdout once bound, and runs until SIGINT or
 //! SIGTERM.
@@ -157,6 +157,38 @@ fn load<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> Result
             toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))
         }
     }
+}
+
+/// `expertmesh front`: the API's front door over several gateways (what `up` runs on its
+/// public port), for deployments that want one URL without a load balancer.
+#[derive(Args, Debug)]
+pub struct FrontArgs {
+    /// Where the front door listens.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: String,
+    /// The gateways behind it (each coordinator's `--http`), `HOST:PORT` comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    gateways: Vec<String>,
+    /// Largest request body taken, in bytes.
+    #[arg(long, default_value_t = GatewayConfig::default().body_max_bytes)]
+    body_max_bytes: usize,
+}
+
+pub fn front(args: FrontArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        announce(listener.local_addr()?);
+        expertmesh_gateway::front::serve(
+            listener,
+            args.gateways,
+            args.body_max_bytes,
+            shutdown_signal(),
+        )
+        .await
+        .context("serving the front door")
+    })
 }
 
 fn announce(addr: SocketAddr) {

@@ -4,10 +4,11 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use common::{kill9, post, start_up, wait_status};
+use common::{kill9, post, start, start_up, wait_status, Role};
 use serde_json::{json, Value};
 
 /// What a streamed completion gave: its text and finish reason, and the longest silence
@@ -16,6 +17,8 @@ struct Streamed {
     text: String,
     finish: String,
     gap_max: Duration,
+    /// When the longest silence ended.
+    gap_end: Instant,
 }
 
 /// POSTs a streaming request (HTTP/1.0: the body is the raw event stream), signals `first`
@@ -42,13 +45,16 @@ fn stream(
     }
     let (mut text, mut finish) = (String::new(), None);
     let (mut last, mut gap_max, mut signalled) = (None::<Instant>, Duration::ZERO, false);
+    let mut gap_end = Instant::now();
     for line in lines {
         let line = line.map_err(|e| format!("after {text:?}: {e}"))?;
         let Some(data) = line.strip_prefix("data: ") else {
             continue;
         };
         if let Some(t) = last {
-            gap_max = gap_max.max(t.elapsed());
+            if t.elapsed() > gap_max {
+                (gap_max, gap_end) = (t.elapsed(), Instant::now());
+            }
         }
         last = Some(Instant::now());
         if data == "[DONE]" {
@@ -79,6 +85,7 @@ fn stream(
         text,
         finish,
         gap_max,
+        gap_end,
     })
 }
 
@@ -251,25 +258,25 @@ fn streams_survive(what: &str, disrupt: impl FnOnce(&Value, &str)) {
 struct Tally {
     ok: usize,
     failed: Vec<String>,
-    /// The longest silence inside one streamed answer.
-    stall: Duration,
+    /// The longest silence inside each streamed answer, and when it ended.
+    stalls: Vec<(Instant, Duration)>,
 }
 
-/// `clients` threads sending requests through `api` until `until`: streamed and whole in
-/// turn, greedy, each prompt's text checked against `expected` (prompt, text).
+/// `clients` threads sending requests through `api` until `stop` is set: streamed and
+/// whole in turn, greedy, each prompt's text checked against `expected` (prompt, text).
 fn under_load(
     api: &str,
     clients: usize,
-    until: Instant,
+    stop: &Arc<AtomicBool>,
     expected: &[(Vec<u32>, String)],
 ) -> Vec<std::thread::JoinHandle<Tally>> {
     (0..clients)
         .map(|c| {
-            let (api, expected) = (api.to_owned(), expected.to_vec());
+            let (api, expected, stop) = (api.to_owned(), expected.to_vec(), stop.clone());
             std::thread::spawn(move || {
                 let mut tally = Tally::default();
                 let mut i = c;
-                while Instant::now() < until {
+                while !stop.load(Ordering::Relaxed) {
                     let (prompt, want) = &expected[i % expected.len()];
                     let mut r = json!({"prompt": prompt, "max_tokens": MAX_TOKENS,
                                        "temperature": 0});
@@ -277,7 +284,7 @@ fn under_load(
                         r["stream"] = json!(true);
                         let (tx, _rx) = mpsc::channel();
                         stream(&api, "/v1/completions", &r, tx).map(|s| {
-                            tally.stall = tally.stall.max(s.gap_max);
+                            tally.stalls.push((s.gap_end, s.gap_max));
                             s.text
                         })
                     } else {
@@ -373,17 +380,22 @@ fn nothing_fails_while_a_node_of_each_role_dies() {
             && v["pending_epoch"].is_null()
     });
     let started = Instant::now();
-    let clients = under_load(&api, 8, started + Duration::from_secs(26), &expected);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = under_load(&api, 8, &stop, &expected);
     let at = |s: u64| {
         let t = started + Duration::from_secs(s);
         std::thread::sleep(t.saturating_duration_since(Instant::now()));
     };
+    let mut events = vec![(started, "the start".to_owned())];
     at(6);
     kill9(worker_pid(&status, "expert-worker"));
-    eprintln!("6 s: kill -9 of an expert worker");
+    events.push((Instant::now(), "kill -9 of an expert worker (6 s)".into()));
     at(12);
     kill9(worker_pid(&status, "attention-worker"));
-    eprintln!("12 s: kill -9 of an attention worker");
+    events.push((
+        Instant::now(),
+        "kill -9 of an attention worker (12 s)".into(),
+    ));
     at(18);
     let now = wait_status(&coordinators, "a leader", |v| v["leader"].is_u64());
     let leader = now["leader"].as_u64().unwrap();
@@ -397,6 +409,10 @@ fn nothing_fails_while_a_node_of_each_role_dies() {
         .unwrap();
     let killed = Instant::now();
     kill9(pid);
+    events.push((
+        killed,
+        format!("kill -9 of leader coordinator {leader} (18 s)"),
+    ));
     wait_status(&coordinators, "a new leader", |v| {
         v["leader"].as_u64().is_some_and(|l| l != leader)
     });
@@ -404,19 +420,228 @@ fn nothing_fails_while_a_node_of_each_role_dies() {
         "18 s: kill -9 of leader coordinator {leader}; a new leader {:.0} ms later",
         killed.elapsed().as_secs_f64() * 1e3
     );
+    at(26);
+    let all = finish(&stop, clients, &events);
+    assert!(all.ok >= 50, "only {} requests in 26 s", all.ok);
+}
+
+/// Stops the clients and sums what they saw; prints, after each of `events` (when, what),
+/// the longest silence a stream saw before the next event; asserts that nothing failed.
+fn finish(
+    stop: &AtomicBool,
+    clients: Vec<std::thread::JoinHandle<Tally>>,
+    events: &[(Instant, String)],
+) -> Tally {
+    stop.store(true, Ordering::Relaxed);
     let mut all = Tally::default();
     for c in clients {
         let t = c.join().unwrap();
         all.ok += t.ok;
         all.failed.extend(t.failed);
-        all.stall = all.stall.max(t.stall);
+        all.stalls.extend(t.stalls);
     }
-    eprintln!(
-        "{} requests answered, {} failed; longest stall inside a stream {:.0} ms",
-        all.ok,
-        all.failed.len(),
-        all.stall.as_secs_f64() * 1e3
-    );
+    for (i, (at, what)) in events.iter().enumerate() {
+        let next = events.get(i + 1).map(|e| e.0);
+        let longest = all
+            .stalls
+            .iter()
+            .filter(|(end, _)| end >= at && next.is_none_or(|n| *end < n))
+            .map(|s| s.1)
+            .max()
+            .unwrap_or_default();
+        eprintln!(
+            "after {what}: longest silence inside a stream {:.0} ms",
+            longest.as_secs_f64() * 1e3
+        );
+    }
+    eprintln!("{} requests answered, {} failed", all.ok, all.failed.len());
     assert!(all.failed.is_empty(), "failed: {:#?}", all.failed);
-    assert!(all.ok >= 50, "only {} requests in 26 s", all.ok);
+    all
+}
+
+/// Free loopback ports (bound and released).
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// The status entry of the worker whose process is `pid`.
+fn member(coordinators: &str, pid: u32) -> Value {
+    common::admin_status(coordinators)["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["pid"].as_u64() == Some(u64::from(pid)))
+        .unwrap_or_else(|| panic!("no worker with pid {pid}"))
+        .clone()
+}
+
+/// Every process of a cluster (3 coordinators with their gateways, 3 expert workers with
+/// two copies of every expert, 2 attention workers, a front door) restarted one at a time
+/// under load: expert workers killed, attention workers drained, coordinators killed, each
+/// started again and back in the cluster before the next. No request fails.
+#[test]
+fn a_rolling_restart_of_every_process_fails_no_request() {
+    let model = common::fixture("tiny-maverick").display().to_string();
+    let expected = single_process_texts(&model);
+    let data = tempfile::tempdir().unwrap();
+    let ports = free_ports(6);
+    let peers: Vec<String> = (0..3)
+        .map(|i| format!("{}=127.0.0.1:{}", i + 1, ports[i]))
+        .collect();
+    let peers = peers.join(",");
+    let gateways: Vec<String> = (3..6).map(|i| format!("127.0.0.1:{}", ports[i])).collect();
+    let coordinator_args = |i: usize| -> Vec<String> {
+        let dir = data.path().join(format!("c{i}")).display().to_string();
+        [
+            "coordinator",
+            "--id",
+            &(i + 1).to_string(),
+            "--listen",
+            &format!("127.0.0.1:{}", ports[i]),
+            "--peers",
+            &peers,
+            "--data-dir",
+            &dir,
+            "--model",
+            &model,
+            "--http",
+            &gateways[i],
+            "--lease-ms",
+            "2000",
+            "--min-replicas",
+            "2",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let start_args = |a: &[String]| start(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut coordinators: Vec<Role> = (0..3).map(|i| start_args(&coordinator_args(i))).collect();
+    let list = (0..3)
+        .map(|i| format!("127.0.0.1:{}", ports[i]))
+        .collect::<Vec<_>>()
+        .join(",");
+    let worker = |role: &str| {
+        start(&[
+            role,
+            "--coordinator",
+            &list,
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            &model,
+        ])
+    };
+    let mut experts: Vec<Role> = (0..3).map(|_| worker("expert-worker")).collect();
+    let mut attention: Vec<Role> = (0..2).map(|_| worker("attention-worker")).collect();
+    let front = start(&[
+        "front",
+        "--listen",
+        "127.0.0.1:0",
+        "--gateways",
+        &gateways.join(","),
+    ]);
+    // Settled: a leader, nothing pending, every coordinator answering, three expert
+    // workers holding experts and two attention workers alive, among them `new` (a pid)
+    // and not `old`.
+    let settled = |what: &str, old: Option<u32>, new: Option<u32>| {
+        wait_status(&list, what, |v| {
+            let workers = v["workers"].as_array().unwrap();
+            let live = |w: &&Value| w["status"] == "alive";
+            let count = |role: &str| {
+                workers
+                    .iter()
+                    .filter(live)
+                    .filter(|w| w["role"] == role)
+                    .filter(|w| role == "attention-worker" || w["experts"].as_u64() > Some(0))
+                    .count()
+            };
+            let has = |pid: u32| {
+                workers
+                    .iter()
+                    .filter(live)
+                    .any(|w| w["pid"].as_u64() == Some(u64::from(pid)))
+            };
+            v["leader"].is_u64()
+                && v["pending_epoch"].is_null()
+                && v["unservable"].is_null()
+                && count("expert-worker") == 3
+                && count("attention-worker") == 2
+                && old.is_none_or(|p| !has(p))
+                && new.is_none_or(has)
+                && v["coordinators"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|c| c["state"] != "unreachable")
+        })
+    };
+    settled("a settled cluster", None, None);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = under_load(&front.address, 8, &stop, &expected);
+    let mut events = vec![(Instant::now(), "the start".to_owned())];
+    std::thread::sleep(Duration::from_secs(2));
+    for (i, e) in experts.iter_mut().enumerate() {
+        let t = Instant::now();
+        let old = e.child.id();
+        let _ = e.child.kill();
+        let _ = e.child.wait();
+        events.push((t, format!("kill -9 of expert worker {}", i + 1)));
+        *e = worker("expert-worker");
+        settled("a new expert worker placed", Some(old), Some(e.child.id()));
+        eprintln!(
+            "expert worker {} replaced in {:.1} s",
+            i + 1,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    for (i, a) in attention.iter_mut().enumerate() {
+        let t = Instant::now();
+        let old = a.child.id();
+        let id = member(&list, old)["id"].to_string();
+        events.push((t, format!("admin drain of attention worker {}", i + 1)));
+        let out = common::expertmesh(&["admin", "drain", &id, "--coordinators", &list]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let exit = a.child.wait().unwrap();
+        assert!(exit.success(), "the drained worker exited with {exit}");
+        *a = worker("attention-worker");
+        settled("a new attention worker", Some(old), Some(a.child.id()));
+        eprintln!(
+            "attention worker {} drained and replaced in {:.1} s",
+            i + 1,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    for (i, c) in coordinators.iter_mut().enumerate() {
+        let t = Instant::now();
+        let _ = c.child.kill();
+        let _ = c.child.wait();
+        events.push((t, format!("kill -9 of coordinator {}", i + 1)));
+        // Seen down, then back.
+        wait_status(&list, "the coordinator seen down", |v| {
+            v["coordinators"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["state"] == "unreachable")
+        });
+        *c = start_args(&coordinator_args(i));
+        settled("the coordinator back in the group", None, None);
+        eprintln!(
+            "coordinator {} restarted in {:.1} s",
+            i + 1,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let all = finish(&stop, clients, &events);
+    assert!(all.ok >= 50, "only {} requests", all.ok);
 }
