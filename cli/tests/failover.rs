@@ -154,6 +154,33 @@ fn a_killed_attention_worker_fails_no_request() {
     });
 }
 
+/// `kill -STOP` of the attention worker that streams the requests: it says nothing, its
+/// connections stay open, and the gateway's keepalive pings find it out within about a
+/// second and a half (long before any lease or token deadline); the streams go on elsewhere.
+#[test]
+fn a_frozen_attention_worker_fails_no_request() {
+    let mut frozen = None;
+    let stall = streams_survive("kill -STOP", |worker, _| {
+        let pid = worker["pid"].as_u64().unwrap();
+        signal("-STOP", pid);
+        frozen = Some(pid);
+    });
+    // A stopped process still dies of SIGKILL.
+    kill9(frozen.unwrap());
+    assert!(
+        stall < Duration::from_secs(5),
+        "the frozen worker was noticed only after {stall:?}"
+    );
+}
+
+fn signal(which: &str, pid: u64) {
+    let status = std::process::Command::new("kill")
+        .args([which, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
 /// `admin drain` of the attention worker that streams the requests: it takes no new one,
 /// its streams resume on the other attention worker with the same texts, and it stops.
 #[test]
@@ -181,7 +208,7 @@ fn a_drained_attention_worker_hands_its_streams_over_and_stops() {
 /// Streams from two attention workers while `disrupt` (named `what`) is done to the busy
 /// one (given its status entry and the coordinators): every stream ends as the undisturbed
 /// cluster's does, some of them having migrated.
-fn streams_survive(what: &str, disrupt: impl FnOnce(&Value, &str)) {
+fn streams_survive(what: &str, disrupt: impl FnOnce(&Value, &str)) -> Duration {
     let dir = tempfile::tempdir().unwrap();
     let model = common::fixture("tiny-maverick").display().to_string();
     let (_up, cluster) = start_up(
@@ -251,6 +278,7 @@ fn streams_survive(what: &str, disrupt: impl FnOnce(&Value, &str)) {
     // New requests go to the other worker.
     let after = post(&http, "/v1/completions", &requests[0]).unwrap();
     assert_eq!(after["choices"][0]["text"], expected[0]["text"]);
+    stall
 }
 
 /// What the clients of [`under_load`] saw.

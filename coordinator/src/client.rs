@@ -86,8 +86,10 @@ impl CoordinatorClient {
         let clients = addresses
             .iter()
             .map(|a| {
+                // Pinged: a coordinator that dies silently breaks the watch stream within
+                // a heartbeat or two, and the next coordinator is watched.
                 Ok(CoordinatorServiceClient::new(
-                    expertmesh_proto::endpoint(a, CONNECT_TIMEOUT)
+                    expertmesh_proto::watched_endpoint(a, CONNECT_TIMEOUT)
                         .map_err(|e| ClientError::Unreachable {
                             address: a.clone(),
                             reason: e.to_string(),

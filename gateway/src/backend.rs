@@ -1,13 +1,13 @@
 //! The backend seam: what the gateway needs of the cluster ([`Cluster`]: its state and its
 //! workers' load), which attention worker takes a request (the most free KV blocks, lowest
 //! id on ties, none that already failed it), one lazily connected channel per worker
-//! address (HTTP/2 keepalive pings: a worker that dies silently is noticed within
-//! [`KEEPALIVE_TIMEOUT`] of a missed ping), and the `Generate` call that starts (or resumes)
-//! a request's token stream.
+//! address (pinged: a worker that dies silently is noticed within
+//! `expertmesh_proto::KEEPALIVE_INTERVAL` + `KEEPALIVE_TIMEOUT`, and its streams migrate),
+//! and the `Generate` call that starts (or resumes) a request's token stream.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use expertmesh_coordinator::{ClusterView, Coordinator, Member, Role};
 use expertmesh_proto::v1 as pb;
@@ -18,10 +18,8 @@ use crate::error::ApiError;
 use crate::request::ValidRequest;
 use crate::stream::Break;
 
-/// How often the gateway pings each attention worker's connection.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
-/// A ping unanswered this long breaks the connection, and every stream on it.
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a worker that failed a request is passed over for new ones.
+const SUSPECT_FOR: Duration = Duration::from_secs(10);
 
 /// Why a request could not be started.
 #[derive(Debug)]
@@ -62,6 +60,10 @@ pub struct Backend {
     pub cluster: Arc<dyn Cluster>,
     /// One channel per worker address (connected on first use).
     channels: Mutex<HashMap<String, Channel>>,
+    /// Workers that failed a request lately, and when: new requests go elsewhere while
+    /// another worker can take them, until [`SUSPECT_FOR`] has passed (the cluster declares
+    /// a dead worker dead only after a lease).
+    suspects: Mutex<HashMap<String, Instant>>,
     /// Ids that end generation (sent with every request).
     pub stop_ids: Vec<u32>,
 }
@@ -71,6 +73,7 @@ impl Backend {
         Self {
             cluster,
             channels: Mutex::new(HashMap::new()),
+            suspects: Mutex::new(HashMap::new()),
             stop_ids,
         }
     }
@@ -88,8 +91,15 @@ impl Backend {
         )
     }
 
+    /// Marks the worker at `address` as having just failed a request.
+    pub fn suspect(&self, address: &str) {
+        let mut suspects = self.suspects.lock().expect("suspects lock");
+        suspects.retain(|_, since| since.elapsed() < SUSPECT_FOR);
+        suspects.insert(address.to_owned(), Instant::now());
+    }
+
     /// The attention worker with the most free KV blocks (lowest id on ties), among those
-    /// not in `avoid`.
+    /// not in `avoid`; a suspect only when nothing else is left.
     fn pick_worker(&self, avoid: &[String]) -> Result<String, ApiError> {
         let view = self.cluster.view();
         if let Some(reason) = &view.unservable {
@@ -100,10 +110,17 @@ impl Backend {
             }
         }
         let loads = self.cluster.loads();
+        let suspects = self.suspects.lock().expect("suspects lock").clone();
+        let trusted = |m: &Member| {
+            suspects
+                .get(&m.address)
+                .is_none_or(|since| since.elapsed() >= SUSPECT_FOR)
+        };
         usable_workers(&view)
             .filter(|m| !avoid.contains(&m.address))
             .max_by_key(|m| {
                 (
+                    trusted(m),
                     loads.get(&m.id).map_or(0, |l| l.free_kv_blocks),
                     std::cmp::Reverse(m.id),
                 )
@@ -117,11 +134,8 @@ impl Backend {
         if let Some(c) = channels.get(address) {
             return Ok(c.clone());
         }
-        let c = expertmesh_proto::endpoint(address, Duration::from_secs(3))
+        let c = expertmesh_proto::watched_endpoint(address, Duration::from_secs(3))
             .map_err(|e| ApiError::Internal(e.to_string()))?
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
             .connect_lazy();
         channels.insert(address.to_owned(), c.clone());
         Ok(c)
@@ -241,5 +255,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A worker that just failed a request is passed over for new ones while another can
+    /// take them, and still taken when it is the only one.
+    #[test]
+    fn suspects_are_the_last_choice() {
+        let view = ClusterView {
+            members: vec![attention(1, true, false), attention(2, true, false)],
+            ..ClusterView::default()
+        };
+        let backend = Backend::new(Arc::new(Fixed(view)), Vec::new());
+        assert_eq!(backend.pick_worker(&[]).unwrap(), "a1:1");
+        backend.suspect("a1:1");
+        assert_eq!(backend.pick_worker(&[]).unwrap(), "a2:1");
+        backend.suspect("a2:1");
+        assert!(backend.pick_worker(&[]).is_ok());
+        assert_eq!(backend.pick_worker(&["a2:1".into()]).unwrap(), "a1:1");
     }
 }

@@ -415,3 +415,60 @@ impl Resumed {
         Some(Bytes::from(format!("data: {chunk}\n\n")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resumed(asked_ids: bool) -> Resumed {
+        Resumed {
+            request: json!({}),
+            asked_ids,
+            emitted: Vec::new(),
+            id: None,
+            attempt: 0,
+        }
+    }
+
+    fn data(event: Option<Bytes>) -> Value {
+        let e = event.expect("passed on");
+        let text = std::str::from_utf8(&e).unwrap();
+        serde_json::from_str(text.strip_prefix("data: ").unwrap().trim_end()).unwrap()
+    }
+
+    /// The client sees one stream: token ids gathered (and taken out unless asked for),
+    /// the first gateway's id kept, the resumed stream's role chunk dropped.
+    #[test]
+    fn a_resumed_stream_reads_as_one() {
+        let mut r = resumed(false);
+        let role = br#"data: {"id":"a-1","choices":[{"delta":{"role":"assistant","content":""},"token_ids":[]}]}"#;
+        assert_eq!(
+            data(r.event(role))["choices"][0]["delta"]["role"],
+            "assistant"
+        );
+        let token = br#"data: {"id":"a-1","choices":[{"delta":{"content":"hi"},"token_ids":[7]}]}"#;
+        let out = data(r.event(token));
+        assert_eq!(out["choices"][0].get("token_ids"), None);
+        assert_eq!(r.emitted, vec![7]);
+        // The gateway died; another one answers the same request after token 7.
+        r.attempt = 1;
+        let role_again = br#"data: {"id":"b-9","choices":[{"delta":{"role":"assistant","content":""},"token_ids":[]}]}"#;
+        assert!(r.event(role_again).is_none());
+        let next =
+            br#"data: {"id":"b-9","choices":[{"delta":{"content":" there"},"token_ids":[8]}]}"#;
+        let out = data(r.event(next));
+        assert_eq!(out["id"], "a-1");
+        assert_eq!(out["choices"][0]["delta"]["content"], " there");
+        assert_eq!(r.emitted, vec![7, 8]);
+        assert_eq!(
+            r.event(b"data: [DONE]").unwrap(),
+            Bytes::from("data: [DONE]\n\n")
+        );
+        // Ids stay when the client asked for them.
+        let mut asked = resumed(true);
+        assert_eq!(
+            data(asked.event(token))["choices"][0]["token_ids"],
+            json!([7])
+        );
+    }
+}

@@ -135,6 +135,9 @@ async fn resubmit(
         match app.backend.generate(&job.valid, generated, failed).await {
             Ok(started) => return Ok(started),
             Err(StartFailure::Worker(worker, b)) => {
+                if migrates(&b) {
+                    app.backend.suspect(&worker);
+                }
                 failed.push(worker);
                 last = Some(b);
             }
@@ -245,6 +248,10 @@ impl<'a> Tokens<'a> {
             let rest = self.text.finish();
             return Ok(Some(self.end(finish, rest)));
         }
+        if !migrates(&b) {
+            return Err(b.into_error());
+        }
+        self.app.backend.suspect(&self.worker);
         self.failed.push(std::mem::take(&mut self.worker));
         self.app.metrics.migration();
         let (worker, stream) = resubmit(

@@ -32,6 +32,25 @@ pub fn server_builder() -> tonic::transport::Server {
         .tcp_nodelay(true)
 }
 
+/// How often a long-lived client connection (to a coordinator, or the gateway's to an
+/// attention worker) pings its peer, and how long an unanswered ping may wait before the
+/// connection, and every stream on it, is broken: a peer that dies without a word (a
+/// machine gone, a cable cut) is noticed within [`KEEPALIVE_INTERVAL`] +
+/// [`KEEPALIVE_TIMEOUT`], not at the next request's deadline.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// [`endpoint`] with keepalive pings ([`KEEPALIVE_INTERVAL`]), idle or not.
+pub fn watched_endpoint(
+    address: &str,
+    connect_timeout: std::time::Duration,
+) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+    Ok(endpoint(address, connect_timeout)?
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true))
+}
+
 /// How every expertmesh client dials `address` (`host:port`).
 pub fn endpoint(
     address: &str,
