@@ -15,6 +15,8 @@ use serde_json::{json, Value};
 /// between two events after the first.
 struct Streamed {
     text: String,
+    /// The token ids, when the request asked for them (`return_token_ids`).
+    ids: Vec<u64>,
     finish: String,
     gap_max: Duration,
     /// When the longest silence ended.
@@ -43,7 +45,7 @@ fn stream(
     if !status.contains(" 200") {
         return Err(status);
     }
-    let (mut text, mut finish) = (String::new(), None);
+    let (mut text, mut finish, mut ids) = (String::new(), None, Vec::new());
     let (mut last, mut gap_max, mut signalled) = (None::<Instant>, Duration::ZERO, false);
     let mut gap_end = Instant::now();
     for line in lines {
@@ -72,6 +74,9 @@ fn stream(
             .or(choice["delta"]["content"].as_str())
             .unwrap_or("");
         text.push_str(piece);
+        if let Some(got) = choice["token_ids"].as_array() {
+            ids.extend(got.iter().filter_map(Value::as_u64));
+        }
         if !piece.is_empty() && !signalled {
             signalled = true;
             let _ = first.send(());
@@ -83,6 +88,7 @@ fn stream(
     let finish = finish.ok_or_else(|| format!("no finish reason after {text:?}"))?;
     Ok(Streamed {
         text,
+        ids,
         finish,
         gap_max,
         gap_end,
@@ -99,7 +105,8 @@ fn requests() -> Vec<Value> {
             } else {
                 json!({"temperature": 0})
             };
-            let mut r = json!({"prompt": prompt, "max_tokens": 1500, "ignore_eos": true});
+            let mut r = json!({"prompt": prompt, "max_tokens": 1500, "ignore_eos": true,
+                               "return_token_ids": true});
             r.as_object_mut()
                 .unwrap()
                 .extend(sampling.as_object().unwrap().clone());
@@ -255,6 +262,9 @@ fn streams_survive(what: &str, disrupt: impl FnOnce(&Value, &str)) -> Duration {
             .unwrap()
             .unwrap_or_else(|e| panic!("request {i} failed: {e}"));
         assert_eq!(got.text, want["text"].as_str().unwrap(), "request {i}");
+        // Token for token, sampled ones included.
+        let want_ids: Vec<u64> = serde_json::from_value(want["token_ids"].clone()).unwrap();
+        assert_eq!(got.ids, want_ids, "request {i}");
         assert_eq!(
             got.finish,
             want["finish_reason"].as_str().unwrap(),
