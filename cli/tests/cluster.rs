@@ -8,26 +8,11 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{expertmesh, ids_arg, reference_case, root, start};
+use common::{expertmesh, ids_arg, reference_case, root, start, start_worker};
 use serde_json::Value;
 
 fn fixture(name: &str) -> String {
     common::fixture(name).display().to_string()
-}
-
-/// Starts a role of the cluster whose coordinator is at `coordinator`.
-fn start_worker(role: &str, coordinator: &str, model: &str, extra: &[&str]) -> common::Role {
-    let mut args = vec![
-        role,
-        "--coordinator",
-        coordinator,
-        "--listen",
-        "127.0.0.1:0",
-        "--model",
-        model,
-    ];
-    args.extend_from_slice(extra);
-    start(&args)
 }
 
 fn long_case(model: &str) -> (String, usize) {

@@ -604,17 +604,7 @@ fn a_rolling_restart_of_every_process_fails_no_request() {
         .map(|i| format!("127.0.0.1:{}", ports[i]))
         .collect::<Vec<_>>()
         .join(",");
-    let worker = |role: &str| {
-        start(&[
-            role,
-            "--coordinator",
-            &list,
-            "--listen",
-            "127.0.0.1:0",
-            "--model",
-            &model,
-        ])
-    };
+    let worker = |role: &str| common::start_worker(role, &list, &model, &[]);
     let mut experts: Vec<Role> = (0..3).map(|_| worker("expert-worker")).collect();
     let mut attention: Vec<Role> = (0..2).map(|_| worker("attention-worker")).collect();
     let front = start(&[

@@ -209,15 +209,7 @@ fn coordinators_come_back_from_disk_and_refuse_a_damaged_log() {
             .collect()
     };
     let coordinators = start_all();
-    let worker = common::start(&[
-        "expert-worker",
-        "--coordinator",
-        &list,
-        "--listen",
-        "127.0.0.1:0",
-        "--model",
-        &model,
-    ]);
+    let worker = common::start_worker("expert-worker", &list, &model, &[]);
     let before = wait_status(&list, "the worker placed", |v| {
         v["workers"].as_array().unwrap().len() == 1 && v["placement_epoch"] == 1
     });

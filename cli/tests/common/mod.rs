@@ -97,6 +97,22 @@ pub fn start(args: &[&str]) -> Role {
     Role { child, address }
 }
 
+/// Starts a worker of `role` (`expert-worker`, `attention-worker`) against `coordinator`
+/// (one address or a comma-separated list) on a free loopback port, with `extra` flags.
+pub fn start_worker(role: &str, coordinator: &str, model: &str, extra: &[&str]) -> Role {
+    let mut args = vec![
+        role,
+        "--coordinator",
+        coordinator,
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        model,
+    ];
+    args.extend_from_slice(extra);
+    start(&args)
+}
+
 /// A single coordinator with its raft storage in a fresh temporary directory (removed when
 /// the returned guard drops).
 pub fn start_coordinator(model: &str) -> (Role, tempfile::TempDir) {
