@@ -453,6 +453,7 @@ impl Router {
             };
             let stats = self.stats.clone();
             let sent = client.dispatch(dispatch);
+            let mut views = self.views.clone();
             let in_flight = self.in_flight.clone();
             let (worker, rows) = (p.worker, p.rows());
             *in_flight
@@ -464,7 +465,15 @@ impl Router {
                 p,
                 tokio::spawn(async move {
                     let t0 = tokio::time::Instant::now();
-                    let out = sent.await;
+                    // A worker that froze (or lost its network) keeps the connection open
+                    // and never answers: once the cluster declares it dead, its piece goes
+                    // to another copy instead of waiting out the batch's deadline.
+                    let out = tokio::select! {
+                        out = sent => out,
+                        why = declared_dead(&mut views, worker) => {
+                            Err(DispatchError::Unavailable(why))
+                        }
+                    };
                     if let Some(n) = in_flight.lock().expect("in-flight lock").get_mut(&worker) {
                         *n = n.saturating_sub(rows);
                     }
@@ -496,6 +505,26 @@ impl Router {
         match routing::worst(errors) {
             Some(e) => Err(e),
             None => Ok(out),
+        }
+    }
+}
+
+/// Completes once the cluster declares `worker` dead (its lease ran out without a
+/// heartbeat), with why; never while it is alive.
+async fn declared_dead(
+    views: &mut watch::Receiver<Option<Arc<ClusterView>>>,
+    worker: u64,
+) -> String {
+    loop {
+        let dead = views
+            .borrow_and_update()
+            .as_ref()
+            .is_some_and(|v| v.members.iter().any(|m| m.id == worker && !m.alive));
+        if dead {
+            return format!("expert worker {worker} was declared dead with a batch unanswered");
+        }
+        if views.changed().await.is_err() {
+            return std::future::pending().await;
         }
     }
 }
