@@ -383,13 +383,18 @@ fn worker_pid(status: &Value, role: &str) -> u64 {
         .unwrap()
 }
 
-/// A node `kill -9`'d under load.
+/// A node `kill -9`'d (or frozen with `kill -STOP`) under load.
 #[derive(Clone, Copy, Debug)]
 enum Victim {
     ExpertWorker,
     AttentionWorker,
     /// The leader coordinator (whose gateway the front door uses first, as it started first).
     Leader,
+    /// Frozen, not killed: its connections stay open and nothing answers on them.
+    FrozenExpertWorker,
+    FrozenAttentionWorker,
+    /// Coordinator 1, whose gateway the front door uses first.
+    FrozenFirstCoordinator,
 }
 
 /// Through `up`'s one URL, 8 clients for 26 s while, 6 s apart, an expert worker, an
@@ -414,6 +419,18 @@ fn nothing_fails_while_an_expert_worker_dies() {
 #[test]
 fn nothing_fails_while_the_leader_coordinator_dies() {
     nothing_fails_while(&[Victim::Leader]);
+}
+
+/// The same with a node of each role frozen (`kill -STOP`) instead: nothing is reset, the
+/// silence itself must be noticed (the lease for the expert worker, keepalive pings for the
+/// attention worker, the front door's probes for the gateway).
+#[test]
+fn nothing_fails_while_a_node_of_each_role_freezes() {
+    nothing_fails_while(&[
+        Victim::FrozenExpertWorker,
+        Victim::FrozenAttentionWorker,
+        Victim::FrozenFirstCoordinator,
+    ]);
 }
 
 /// `up --coordinators 3 --expert-workers 3 --attention-workers 2 --replicas 2`, 8 clients
@@ -457,17 +474,42 @@ fn nothing_fails_while(victims: &[Victim]) {
         std::thread::sleep(t.saturating_duration_since(Instant::now()));
     };
     let mut events = vec![(started, "the start".to_owned())];
+    let mut frozen = Vec::new();
+    let mut freeze = |pid: u64| {
+        signal("-STOP", pid);
+        frozen.push(pid);
+    };
     for (i, victim) in victims.iter().enumerate() {
         let second = 6 * (i as u64 + 1);
         at(second);
         let what = match victim {
+            Victim::FrozenExpertWorker => {
+                freeze(worker_pid(&status, "expert-worker"));
+                "an expert worker frozen".to_owned()
+            }
+            Victim::FrozenAttentionWorker => {
+                freeze(worker_pid(&status, "attention-worker"));
+                "an attention worker frozen".to_owned()
+            }
+            Victim::FrozenFirstCoordinator => {
+                let first = status["coordinators"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|c| c["id"] == 1)
+                    .unwrap()["pid"]
+                    .as_u64()
+                    .unwrap();
+                freeze(first);
+                "coordinator 1 frozen".to_owned()
+            }
             Victim::ExpertWorker => {
                 kill9(worker_pid(&status, "expert-worker"));
-                "an expert worker".to_owned()
+                "kill -9 of an expert worker".to_owned()
             }
             Victim::AttentionWorker => {
                 kill9(worker_pid(&status, "attention-worker"));
-                "an attention worker".to_owned()
+                "kill -9 of an attention worker".to_owned()
             }
             Victim::Leader => {
                 let now = wait_status(&coordinators, "a leader", |v| v["leader"].is_u64());
@@ -489,14 +531,16 @@ fn nothing_fails_while(victims: &[Victim]) {
                     "a new leader {:.0} ms after the kill of leader coordinator {leader}",
                     killed.elapsed().as_secs_f64() * 1e3
                 );
-                format!("leader coordinator {leader}")
+                format!("kill -9 of leader coordinator {leader}")
             }
         };
-        events.push((Instant::now(), format!("kill -9 of {what} ({second} s)")));
+        events.push((Instant::now(), format!("{what} ({second} s)")));
     }
     let end = 6 * victims.len() as u64 + 8;
     at(end);
     let all = finish(&stop, clients, &events);
+    // A stopped process still dies of SIGKILL.
+    frozen.into_iter().for_each(kill9);
     assert!(
         all.ok >= 2 * end as usize,
         "only {} requests in {end} s",

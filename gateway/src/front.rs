@@ -15,9 +15,15 @@
 //!   gateway continues after them (the migration of `stream.rs`), and the client's stream
 //!   goes on: the resumed stream's role chunk is dropped, its chunks keep the first id, and
 //!   the token ids are taken out again unless the client asked for them.
+//!
+//! A gateway that hangs (its process frozen, its machine unreachable) accepts connections
+//! or holds them open without answering. The front door probes each gateway's `/health`
+//! every [`PROBE_INTERVAL`]; one that gives no HTTP answer within [`PROBE_TIMEOUT`] is
+//! passed over for new requests, and the requests waiting on it leave it at once (whole
+//! answers tried on the next gateway, streams resumed), until it answers again.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +37,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 /// How long a gateway may take to accept a connection.
@@ -43,6 +49,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(150);
 const ANSWER_BYTES_MAX: usize = 64 << 20;
 /// Events buffered toward one client.
 const EVENTS_BUFFERED: usize = 64;
+/// How often each gateway is probed, and how long a probe may wait for any HTTP answer.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The gateways behind the door.
 pub struct Front {
@@ -51,6 +60,10 @@ pub struct Front {
     preferred: AtomicUsize,
     client: Client<HttpConnector, Full<Bytes>>,
     body_max_bytes: usize,
+    /// Per gateway: whether its last probe got an answer.
+    alive: Vec<AtomicBool>,
+    /// Bumped whenever a gateway stops answering its probes (requests waiting on it leave).
+    lost: watch::Sender<u64>,
 }
 
 /// Serves the front door for `gateways` (`host:port` each) on `listener` until `shutdown`.
@@ -68,15 +81,52 @@ pub async fn serve(
     connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
     connector.set_nodelay(true);
     let front = Arc::new(Front {
+        alive: gateways.iter().map(|_| AtomicBool::new(true)).collect(),
         gateways,
         preferred: AtomicUsize::new(0),
         client: Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector),
         body_max_bytes,
+        lost: watch::channel(0).0,
     });
+    let probing = tokio::spawn(probe(front.clone()));
     let router = Router::new().fallback(handle).with_state(front);
-    axum::serve(listener, router)
+    let served = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    probing.abort();
+    served
+}
+
+/// Probes every gateway's `/health` forever, keeping `alive` and `lost` up to date.
+async fn probe(front: Arc<Front>) {
+    let mut ticks = tokio::time::interval(PROBE_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let mut round = tokio::task::JoinSet::new();
+        for g in 0..front.gateways.len() {
+            let front = front.clone();
+            round.spawn(async move {
+                let request = hyper::Request::get(format!("http://{}/health", front.gateways[g]))
+                    .body(Full::new(Bytes::new()))
+                    .expect("a valid probe");
+                // Any HTTP answer (a 503 included) shows the gateway's process is there.
+                let answered = matches!(
+                    tokio::time::timeout(PROBE_TIMEOUT, front.client.request(request)).await,
+                    Ok(Ok(_))
+                );
+                let was = front.alive[g].swap(answered, Ordering::Relaxed);
+                if was && !answered {
+                    eprintln!(
+                        "front door: gateway {} stopped answering",
+                        front.gateways[g]
+                    );
+                    front.lost.send_modify(|n| *n += 1);
+                }
+            });
+        }
+        while round.join_next().await.is_some() {}
+    }
 }
 
 /// Why a gateway gave no (complete) answer.
@@ -147,10 +197,28 @@ fn error(status: StatusCode, message: &str) -> Response {
 }
 
 impl Front {
-    /// The gateways in the order to try them: the preferred one first.
-    fn order(&self) -> impl Iterator<Item = usize> + '_ {
+    /// The gateways in the order to try them: those answering their probes first, from the
+    /// preferred one on.
+    fn order(&self) -> Vec<usize> {
         let first = self.preferred.load(Ordering::Relaxed);
-        (0..self.gateways.len()).map(move |i| (first + i) % self.gateways.len())
+        let n = self.gateways.len();
+        let mut order: Vec<usize> = (0..n).map(|i| (first + i) % n).collect();
+        order.sort_by_key(|&g| !self.alive[g].load(Ordering::Relaxed));
+        order
+    }
+
+    /// Completes once gateway `g` stops answering its probes; never when it had already
+    /// stopped (then it was chosen because none answers, and it has its own timeouts).
+    async fn lost(&self, g: usize) {
+        let mut lost = self.lost.subscribe();
+        if !self.alive[g].load(Ordering::Relaxed) {
+            return std::future::pending().await;
+        }
+        while self.alive[g].load(Ordering::Relaxed) {
+            if lost.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// Sends `body` to gateway `g`: its answer's head and body, once the head is in.
@@ -178,35 +246,43 @@ impl Front {
 async fn whole(front: &Front, target: &Target, body: Bytes) -> Response {
     let mut why = Vec::new();
     for g in front.order() {
-        let answer = match front.send(g, target, body.clone()).await {
-            Ok(a) => a,
-            Err(e) => {
-                why.push(e);
-                continue;
-            }
+        let answered = tokio::select! {
+            a = answer_whole(front, g, target, body.clone()) => a,
+            _ = front.lost(g) => Err(format!("{}: stopped answering", front.gateways[g])),
         };
-        let (parts, incoming) = answer.into_parts();
-        let read = tokio::time::timeout(
-            IDLE_TIMEOUT,
-            http_body_util::Limited::new(incoming, ANSWER_BYTES_MAX).collect(),
-        )
-        .await;
-        match read {
-            Ok(Ok(collected)) => {
+        match answered {
+            Ok(response) => {
                 front.preferred.store(g, Ordering::Relaxed);
-                let mut response = Response::new(Body::from(collected.to_bytes()));
-                *response.status_mut() = parts.status;
-                *response.headers_mut() = forwarded(&parts.headers);
                 return response;
             }
-            Ok(Err(e)) => why.push(format!("{}: {e}", front.gateways[g])),
-            Err(_) => why.push(format!("{}: the answer stalled", front.gateways[g])),
+            Err(e) => why.push(e),
         }
     }
     error(
         StatusCode::SERVICE_UNAVAILABLE,
         &format!("no gateway answered: {}", why.join("; ")),
     )
+}
+
+/// Gateway `g`'s whole answer to `body`, read to its end.
+async fn answer_whole(
+    front: &Front,
+    g: usize,
+    target: &Target,
+    body: Bytes,
+) -> Result<Response, Failure> {
+    let (parts, incoming) = front.send(g, target, body).await?.into_parts();
+    let collected = tokio::time::timeout(
+        IDLE_TIMEOUT,
+        http_body_util::Limited::new(incoming, ANSWER_BYTES_MAX).collect(),
+    )
+    .await
+    .map_err(|_| format!("{}: the answer stalled", front.gateways[g]))?
+    .map_err(|e| format!("{}: {e}", front.gateways[g]))?;
+    let mut response = Response::new(Body::from(collected.to_bytes()));
+    *response.status_mut() = parts.status;
+    *response.headers_mut() = forwarded(&parts.headers);
+    Ok(response)
 }
 
 /// A streamed completion, resumed on another gateway whenever its gateway dies.
@@ -218,7 +294,11 @@ async fn resume_stream(front: Arc<Front>, target: Target, mut request: Value) ->
     let mut why = Vec::new();
     let mut first = None;
     for g in front.order() {
-        match front.send(g, &target, body.clone()).await {
+        let sent = tokio::select! {
+            a = front.send(g, &target, body.clone()) => a,
+            _ = front.lost(g) => Err(format!("{}: stopped answering", front.gateways[g])),
+        };
+        match sent {
             Ok(a) if a.status() == StatusCode::OK => {
                 first = Some((g, a));
                 break;
@@ -261,7 +341,11 @@ async fn resume_stream(front: Arc<Front>, target: Target, mut request: Value) ->
         let mut answer = answer.into_body();
         let mut gateway = g;
         loop {
-            match resumed.pump(&mut answer, &tx).await {
+            let pumped = tokio::select! {
+                p = resumed.pump(&mut answer, &tx) => p,
+                _ = front.lost(gateway) => Pumped::Broken("the gateway stopped answering".into()),
+            };
+            match pumped {
                 Pumped::Done | Pumped::ClientGone => return,
                 Pumped::Broken(why) => eprintln!(
                     "front door: the stream from {} broke off ({why}); resuming it after {} \
@@ -314,8 +398,9 @@ struct Resumed {
 }
 
 impl Resumed {
-    /// The same request on another gateway (the next ones after `failed` first), after the
-    /// tokens emitted so far; `None` when every gateway has been tried twice.
+    /// The same request on another gateway (those answering their probes first, the next
+    /// ones after `failed` first among them), after the tokens emitted so far; `None` when
+    /// every gateway has been tried twice.
     async fn reopen(
         &mut self,
         front: &Front,
@@ -327,12 +412,21 @@ impl Resumed {
         let body = Bytes::from(self.request.to_string());
         while self.attempt < 2 * n {
             self.attempt += 1;
-            let g = (failed + self.attempt) % n;
-            if let Ok(a) = front.send(g, target, body.clone()).await {
-                if a.status() == StatusCode::OK {
-                    front.preferred.store(g, Ordering::Relaxed);
-                    return Some((g, a));
-                }
+            let mut g = (failed + self.attempt) % n;
+            if !front.alive[g].load(Ordering::Relaxed) {
+                // Skip to the next gateway that answers its probes, if any does.
+                g = (1..=n)
+                    .map(|i| (g + i) % n)
+                    .find(|&h| h != failed && front.alive[h].load(Ordering::Relaxed))
+                    .unwrap_or(g);
+            }
+            let sent = tokio::select! {
+                a = front.send(g, target, body.clone()) => a.ok(),
+                _ = front.lost(g) => None,
+            };
+            if let Some(a) = sent.filter(|a| a.status() == StatusCode::OK) {
+                front.preferred.store(g, Ordering::Relaxed);
+                return Some((g, a));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
