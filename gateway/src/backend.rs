@@ -91,6 +91,14 @@ impl Backend {
         )
     }
 
+    /// The ids that end `job`: the model's end ids (unless it ignores them) and its own
+    /// `stop_token_ids`.
+    pub fn stop_ids_of(&self, job: &ValidRequest) -> Vec<u32> {
+        let r = &job.request;
+        let model: &[u32] = if r.ignore_eos { &[] } else { &self.stop_ids };
+        model.iter().chain(&r.stop_token_ids).copied().collect()
+    }
+
     /// Marks the worker at `address` as having just failed a request.
     pub fn suspect(&self, address: &str) {
         let mut suspects = self.suspects.lock().expect("suspects lock");
@@ -160,11 +168,7 @@ impl Backend {
             top_p: r.top_p,
             top_k: r.top_k as u32,
             seed: r.seed,
-            stop_ids: if r.ignore_eos {
-                Vec::new()
-            } else {
-                self.stop_ids.clone()
-            },
+            stop_ids: self.stop_ids_of(job),
             prompt_logits: false,
             images: job.images.clone(),
         };

@@ -37,6 +37,9 @@ pub struct CompletionRequest {
     /// Put each choice's token ids beside its text (vLLM's `return_token_ids`; in a stream,
     /// each chunk carries the ids of its tokens).
     pub return_token_ids: bool,
+    /// Token ids that end the text besides the model's own end ids (vLLM's
+    /// `stop_token_ids`; they apply with `ignore_eos` too).
+    pub stop_token_ids: Vec<u32>,
     /// Tokens this request already generated before the gateway that streamed them went
     /// away (an expertmesh extension, sent by a front door resuming the stream): it goes on
     /// after them, its text starting after theirs, its usage counting them.
@@ -92,6 +95,7 @@ impl CompletionRequest {
         let stream = opt_bool(obj, "stream")?;
         let ignore_eos = opt_bool(obj, "ignore_eos")?;
         let return_token_ids = opt_bool(obj, "return_token_ids")?;
+        let stop_token_ids = opt_ids(obj, "stop_token_ids")?;
         let resume_token_ids = match obj.get("resume_token_ids") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Array(a)) => ids(a).ok_or_else(|| {
@@ -130,10 +134,53 @@ impl CompletionRequest {
             include_usage,
             ignore_eos,
             return_token_ids,
+            stop_token_ids,
             resume_token_ids,
             images,
         })
     }
+}
+
+/// A list of token ids, empty when absent.
+fn opt_ids(obj: &Map<String, Value>, field: &str) -> Result<Vec<u32>, ApiError> {
+    let bad = || ApiError::bad(format!("{field} must be a list of token ids"), field);
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(a)) => ids(a).ok_or_else(bad),
+        Some(_) => Err(bad()),
+    }
+}
+
+/// The prompt of a `/tokenize` body: `messages` (rendered by the chat template, with the
+/// generation prompt) or `prompt`, as vLLM takes them; images are not tokenized there.
+pub fn tokenize_request(body: &[u8]) -> Result<Prompt, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad(format!("the body is not valid JSON: {e}"), "body"))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| ApiError::bad("the body must be a JSON object", "body"))?;
+    if obj.contains_key("messages") {
+        let mut images = Vec::new();
+        let messages = messages(obj, &mut images)?;
+        if !images.is_empty() {
+            return Err(ApiError::bad("images are not tokenized here", "messages"));
+        }
+        return Ok(Prompt::Chat(messages));
+    }
+    prompt(obj)
+}
+
+/// The token ids of a `/detokenize` body (`tokens`).
+pub fn detokenize_request(body: &[u8]) -> Result<Vec<u32>, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad(format!("the body is not valid JSON: {e}"), "body"))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| ApiError::bad("the body must be a JSON object", "body"))?;
+    if !obj.contains_key("tokens") {
+        return Err(ApiError::bad("tokens is required", "tokens"));
+    }
+    opt_ids(obj, "tokens")
 }
 
 /// A boolean field, false when absent.
@@ -299,16 +346,41 @@ fn messages(
         .enumerate()
         .map(|(i, m)| {
             let field = format!("messages[{i}]");
-            let role = m
-                .get("role")
-                .and_then(Value::as_str)
-                .ok_or_else(|| ApiError::bad(format!("{field}.role must be a string"), &field))?;
+            let role_field = format!("{field}.role");
+            let role = match m.get("role").and_then(Value::as_str) {
+                Some(r @ ("system" | "user" | "assistant" | "tool")) => r,
+                // OpenAI's newer name for the system prompt, as vLLM maps it.
+                Some("developer") => "system",
+                Some(r) => {
+                    return Err(ApiError::bad(
+                        format!(
+                            "{role_field} `{r}` is not one of system, developer, user, \
+                             assistant, tool"
+                        ),
+                        &role_field,
+                    ))
+                }
+                None => {
+                    return Err(ApiError::bad(
+                        format!("{role_field} must be a string"),
+                        &role_field,
+                    ))
+                }
+            };
             let content = match m.get("content") {
                 Some(Value::String(s)) => Value::String(s.clone()),
                 Some(Value::Array(list)) if list.iter().all(Value::is_object) => {
                     parts(list, &field, images)?
                 }
-                Some(Value::Null) | None => Value::String(String::new()),
+                // Only an assistant turn (one that called tools) may come without content.
+                Some(Value::Null) | None if role == "assistant" => Value::String(String::new()),
+                Some(Value::Null) | None => {
+                    let content = format!("{field}.content");
+                    return Err(ApiError::bad(
+                        format!("{content} is required for a {role} message"),
+                        &content,
+                    ));
+                }
                 Some(_) => {
                     return Err(ApiError::bad(
                         format!("{field}.content must be a string or a list of parts"),
@@ -352,6 +424,12 @@ mod tests {
                 r#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}"#,
                 true,
             ),
+            (
+                r#"{"messages": [{"role": "developer", "content": "be brief"},
+                    {"role": "user", "content": "hi"}, {"role": "assistant", "content": null},
+                    {"role": "tool", "content": "42"}], "user": "u-1", "stop_token_ids": [7]}"#,
+                true,
+            ),
         ];
         for (body, chat) in ok {
             assert!(parse(body, chat).is_ok(), "{body}");
@@ -365,6 +443,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(with_images.images, vec!["data:a", "data:b"]);
+        let developer = parse(
+            r#"{"messages": [{"role": "developer", "content": "x"}], "stop_token_ids": [7, 9]}"#,
+            true,
+        )
+        .unwrap();
+        let Prompt::Chat(m) = &developer.prompt else {
+            panic!("a chat")
+        };
+        assert_eq!(m[0].role, "system");
+        assert_eq!(developer.stop_token_ids, vec![7, 9]);
         let Prompt::Chat(m) = &with_images.prompt else {
             panic!("a chat")
         };
@@ -398,9 +486,33 @@ mod tests {
                 false,
                 "resume_token_ids",
             ),
+            (
+                r#"{"prompt": "x", "stop_token_ids": ["a"]}"#,
+                false,
+                "stop_token_ids",
+            ),
             (r#"{"messages": []}"#, true, "messages"),
+            (
+                r#"{"messages": [{"role": "hacker", "content": "hi"}]}"#,
+                true,
+                "messages[0].role",
+            ),
+            (
+                r#"{"messages": [{"role": "user"}]}"#,
+                true,
+                "messages[0].content",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": {"text": "hi"}}]}"#,
+                true,
+                "messages[0]",
+            ),
             (r#"{"messages": "hi"}"#, true, "messages"),
-            (r#"{"messages": [{"content": "hi"}]}"#, true, "messages[0]"),
+            (
+                r#"{"messages": [{"content": "hi"}]}"#,
+                true,
+                "messages[0].role",
+            ),
             (r#"{"prompt": "x", "model": 3}"#, false, "model"),
             (
                 r#"{"prompt": [{"type": "image_url", "image_url": {"url": "data:,"}}]}"#,

@@ -36,6 +36,9 @@ pub struct ValidRequest {
     pub images: Vec<Vec<u8>>,
 }
 
+/// Stop token ids one request may name.
+const STOP_TOKEN_IDS_MAX: usize = 64;
+
 impl Validator {
     /// Validates a parsed request whose images (`request.images`, resolved and checked by
     /// `images::load`) are `images`.
@@ -72,6 +75,13 @@ impl Validator {
             ));
         }
         self.check_vocabulary(resumed, "resume_token_ids")?;
+        self.check_vocabulary(&request.stop_token_ids, "stop_token_ids")?;
+        if request.stop_token_ids.len() > STOP_TOKEN_IDS_MAX {
+            return Err(ApiError::bad(
+                format!("at most {STOP_TOKEN_IDS_MAX} stop_token_ids"),
+                "stop_token_ids",
+            ));
+        }
         Ok(ValidRequest {
             chat,
             prompt,
@@ -113,7 +123,7 @@ impl Validator {
         Ok(max_tokens)
     }
 
-    fn check_vocabulary(&self, ids: &[u32], field: &str) -> Result<(), ApiError> {
+    pub fn check_vocabulary(&self, ids: &[u32], field: &str) -> Result<(), ApiError> {
         let vocab = self.config.vocab_size;
         match ids.iter().find(|&&id| id as usize >= vocab) {
             Some(id) => Err(ApiError::bad(
@@ -130,7 +140,8 @@ impl Validator {
             .ok_or_else(|| ApiError::bad("this model has no tokenizer: send token ids", "prompt"))
     }
 
-    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, ApiError> {
+    /// The token ids of `prompt` (a chat rendered with the generation prompt).
+    pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, ApiError> {
         let internal = |e: expertmesh_model::ModelError| ApiError::Internal(e.to_string());
         let ids = match prompt {
             Prompt::Ids(ids) => {

@@ -19,7 +19,7 @@ use serde_json::json;
 
 use crate::error::ApiError;
 use crate::images::{self, image_error};
-use crate::openai::CompletionRequest;
+use crate::openai::{self, CompletionRequest};
 use crate::response::{collect, stream_events, Completion};
 use crate::stream;
 use crate::App;
@@ -31,6 +31,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/tokenize", post(tokenize))
+        .route("/v1/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/v1/detokenize", post(detokenize))
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
@@ -85,9 +89,47 @@ async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
         return e.into_response();
     }
     Json(json!({"object": "list", "data": [{
-        "id": app.validator.model_name, "object": "model", "created": 0, "owned_by": "expertmesh"
+        "id": app.validator.model_name, "object": "model", "created": 0, "owned_by": "expertmesh",
+        "max_model_len": app.validator.config.max_position_embeddings,
     }]}))
     .into_response()
+}
+
+/// vLLM's `/tokenize`: `prompt` (text or ids) or `messages` (rendered by the chat template
+/// with the generation prompt) → `{"count", "max_model_len", "tokens"}`.
+async fn tokenize(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    let answer = async {
+        authorize(&app, &headers)?;
+        let bytes = read_body(body, app.config.body_max_bytes).await?;
+        let prompt = openai::tokenize_request(&bytes)?;
+        let tokens = app.validator.tokenize(&prompt)?;
+        Ok::<_, ApiError>(Json(json!({
+            "count": tokens.len(),
+            "max_model_len": app.validator.config.max_position_embeddings,
+            "tokens": tokens,
+        })))
+    };
+    answer.await.into_response()
+}
+
+/// vLLM's `/detokenize`: `{"tokens": [...]}` → `{"prompt": text}`.
+async fn detokenize(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    let answer = async {
+        authorize(&app, &headers)?;
+        let bytes = read_body(body, app.config.body_max_bytes).await?;
+        let tokens = openai::detokenize_request(&bytes)?;
+        app.validator.check_vocabulary(&tokens, "tokens")?;
+        let tokenizer = app
+            .validator
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| ApiError::bad("this model has no tokenizer", "tokens"))?;
+        let prompt = tokenizer
+            .decode(&tokens)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok::<_, ApiError>(Json(json!({ "prompt": prompt })))
+    };
+    answer.await.into_response()
 }
 
 async fn health(State(app): State<Arc<App>>) -> Response {

@@ -110,9 +110,11 @@ fn finish_of(app: &App, job: &Completion, generated: &[u32]) -> Option<&'static 
     }
 }
 
-/// Whether `id` ends `job` (the model's end ids, unless the request ignores them).
+/// Whether `id` ends `job` (the model's end ids, unless the request ignores them, and its
+/// own `stop_token_ids`).
 fn is_stop(app: &App, job: &Completion, id: u32) -> bool {
-    !job.valid.request.ignore_eos && app.backend.stop_ids.contains(&id)
+    let r = &job.valid.request;
+    r.stop_token_ids.contains(&id) || (!r.ignore_eos && app.backend.stop_ids.contains(&id))
 }
 
 /// Starts `job` after its `generated` tokens on a worker not in `failed`, trying others

@@ -155,6 +155,56 @@ def test_stop_strings(client):
     assert text == "artbeats"
 
 
+def test_stop_token_ids_and_token_ids(server):
+    case = CASES["short"]
+    body = {"prompt": case["input_ids"], "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True}
+    status, r = raw(server, "/v1/completions", json.dumps(body).encode())
+    assert status == 200, r
+    ids = r["choices"][0]["token_ids"]
+    assert ids == case["greedy_new_ids"][:len(ids)] and len(ids) == 8
+    k = ids.index(ids[2])
+    status, r = raw(server, "/v1/completions",
+                    json.dumps({**body, "stop_token_ids": [ids[2]]}).encode())
+    assert status == 200, r
+    assert r["choices"][0]["finish_reason"] == "stop"
+    assert r["choices"][0]["token_ids"] == ids[:k + 1]
+
+
+def test_tokenize_and_detokenize_like_vllm(server):
+    status, r = raw(server, "/tokenize", json.dumps({"prompt": "How many experts?"}).encode())
+    assert status == 200, r
+    assert r["count"] == len(r["tokens"]) and r["max_model_len"] == 4096
+    status, back = raw(server, "/detokenize", json.dumps({"tokens": r["tokens"]}).encode())
+    assert status == 200 and back["prompt"].endswith("How many experts?"), back
+    chat = {"messages": [{"role": "user", "content": "How many experts?"}]}
+    status, t = raw(server, "/v1/tokenize", json.dumps(chat).encode())
+    assert status == 200, t
+    # The count is what a chat completion of the same messages reports as its prompt.
+    status, c = raw(server, "/v1/chat/completions", json.dumps({**chat, "max_tokens": 1}).encode())
+    assert status == 200 and c["usage"]["prompt_tokens"] == t["count"], (t, c)
+    status, bad = raw(server, "/detokenize", json.dumps({"tokens": [10**7]}).encode())
+    assert status == 400 and bad["error"]["param"] == "tokens"
+
+
+def test_messages_are_validated_like_vllm(client, server):
+    cases = [
+        ([{"role": "hacker", "content": "hi"}], "messages[0].role"),
+        ([{"role": "user"}], "messages[0].content"),
+        ([{"role": "user", "content": {"text": "hi"}}], "messages[0]"),
+    ]
+    for messages, param in cases:
+        status, payload = raw(server, "/v1/chat/completions",
+                              json.dumps({"messages": messages, "max_tokens": 2}).encode())
+        assert status == 400 and payload["error"]["param"] == param, (messages, payload)
+    r = client.chat.completions.create(
+        model="tiny-maverick", max_tokens=2, user="u-1",
+        messages=[{"role": "developer", "content": "Be brief."},
+                  {"role": "user", "content": "hi"}])
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert client.models.list().data[0].model_extra["max_model_len"] == 4096
+
+
 def test_concurrent_requests_equal_their_runs_alone(client, server):
     prompts = [CASES["long"]["input_ids"][: 1 + (i * 29) % 84] for i in range(32)]
     lengths = [2 + i % 11 for i in range(32)]
