@@ -40,6 +40,8 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::error::ApiError;
+
 /// How long a gateway may take to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a gateway may be silent in the middle of an answer (its own token deadline
@@ -135,13 +137,7 @@ type Failure = String;
 async fn handle(State(front): State<Arc<Front>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let Ok(body) = axum::body::to_bytes(body, front.body_max_bytes).await else {
-        return error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!(
-                "the request body is larger than {} bytes",
-                front.body_max_bytes
-            ),
-        );
+        return ApiError::TooLarge(front.body_max_bytes).into_response();
     };
     let path = parts.uri.path().to_owned();
     let completion = parts.method == Method::POST
@@ -189,11 +185,9 @@ fn forwarded(headers: &HeaderMap) -> HeaderMap {
     h
 }
 
-/// An error in OpenAI's shape, from the front door itself.
-fn error(status: StatusCode, message: &str) -> Response {
-    let body = json!({"error": {"message": message, "type": "server_error", "param": null,
-                                "code": "service_unavailable"}});
-    (status, axum::Json(body)).into_response()
+/// The front door's own 503, in OpenAI's shape.
+fn unavailable(message: &str) -> Response {
+    ApiError::Unavailable(message.to_owned()).into_response()
 }
 
 impl Front {
@@ -258,10 +252,7 @@ async fn whole(front: &Front, target: &Target, body: Bytes) -> Response {
             Err(e) => why.push(e),
         }
     }
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        &format!("no gateway answered: {}", why.join("; ")),
-    )
+    unavailable(&format!("no gateway answered: {}", why.join("; ")))
 }
 
 /// Gateway `g`'s whole answer to `body`, read to its end.
@@ -322,10 +313,7 @@ async fn resume_stream(front: Arc<Front>, target: Target, mut request: Value) ->
         }
     }
     let Some((g, answer)) = first else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("no gateway answered: {}", why.join("; ")),
-        );
+        return unavailable(&format!("no gateway answered: {}", why.join("; ")));
     };
     front.preferred.store(g, Ordering::Relaxed);
     let headers = forwarded(answer.headers());
@@ -362,8 +350,7 @@ async fn resume_stream(front: Arc<Front>, target: Target, mut request: Value) ->
                     answer = a.into_body();
                 }
                 None => {
-                    let e = json!({"error": {"message": "every gateway failed this stream",
-                        "type": "server_error", "param": null, "code": "service_unavailable"}});
+                    let e = ApiError::Unavailable("every gateway failed this stream".into()).body();
                     let _ = tx.send(Ok(Bytes::from(format!("data: {e}\n\n")))).await;
                     let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
                     return;
