@@ -484,7 +484,12 @@ impl Scheduler {
         if seq.generated >= seq.request.max_new_tokens {
             return Some(FinishReason::Length);
         }
-        let id = seq.sampler.sample(logits, seq.tokens.len());
+        let id = seq.sampler.next(
+            logits,
+            seq.tokens.len(),
+            seq.generated,
+            &seq.request.stop_ids,
+        );
         seq.tokens.push(id);
         seq.generated += 1;
         seq.send(Event::Token(id));

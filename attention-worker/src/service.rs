@@ -125,6 +125,7 @@ fn request(r: &pb::GenerateRequest) -> GenerateRequest {
             top_p: if r.top_p == 0.0 { 1.0 } else { r.top_p },
             top_k: r.top_k as usize,
             seed: r.seed,
+            min_tokens: r.min_tokens as usize,
         },
         stop_ids: r.stop_ids.clone(),
         prompt_logits: r.prompt_logits,

@@ -111,6 +111,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             top_p: args.top_p,
             top_k: args.top_k,
             seed: args.seed,
+            min_tokens: 0,
         },
         stop_ids: stop_ids.clone(),
         prompt_logits: args.dump_logits.is_some(),
@@ -226,6 +227,7 @@ fn through_attention_worker(
                 stop_ids: request.stop_ids.clone(),
                 prompt_logits: request.prompt_logits,
                 images: images.to_vec(),
+                min_tokens: request.sampling.min_tokens as u32,
             })
             .await
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?

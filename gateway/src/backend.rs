@@ -171,6 +171,7 @@ impl Backend {
             stop_ids: self.stop_ids_of(job),
             prompt_logits: false,
             images: job.images.clone(),
+            min_tokens: r.min_tokens.saturating_sub(generated.len()) as u32,
         };
         let mut client = AttentionServiceClient::new(channel);
         match client.generate(request).await {

@@ -40,6 +40,9 @@ pub struct CompletionRequest {
     /// Token ids that end the text besides the model's own end ids (vLLM's
     /// `stop_token_ids`; they apply with `ignore_eos` too).
     pub stop_token_ids: Vec<u32>,
+    /// Stop ids (the model's and `stop_token_ids`) cannot end the text before this many
+    /// tokens (vLLM's `min_tokens`; stop strings still can).
+    pub min_tokens: usize,
     /// Tokens this request already generated before the gateway that streamed them went
     /// away (an expertmesh extension, sent by a front door resuming the stream): it goes on
     /// after them, its text starting after theirs, its usage counting them.
@@ -96,6 +99,11 @@ impl CompletionRequest {
         let ignore_eos = opt_bool(obj, "ignore_eos")?;
         let return_token_ids = opt_bool(obj, "return_token_ids")?;
         let stop_token_ids = opt_ids(obj, "stop_token_ids")?;
+        let min_tokens = match opt_int(obj, "min_tokens")? {
+            None => 0,
+            Some(n) if n >= 0 => n as usize,
+            Some(_) => return Err(ApiError::bad("min_tokens must be 0 or more", "min_tokens")),
+        };
         let resume_token_ids = match obj.get("resume_token_ids") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Array(a)) => ids(a).ok_or_else(|| {
@@ -135,6 +143,7 @@ impl CompletionRequest {
             ignore_eos,
             return_token_ids,
             stop_token_ids,
+            min_tokens,
             resume_token_ids,
             images,
         })
@@ -491,6 +500,7 @@ mod tests {
                 false,
                 "stop_token_ids",
             ),
+            (r#"{"prompt": "x", "min_tokens": -1}"#, false, "min_tokens"),
             (r#"{"messages": []}"#, true, "messages"),
             (
                 r#"{"messages": [{"role": "hacker", "content": "hi"}]}"#,

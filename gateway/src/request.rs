@@ -76,6 +76,15 @@ impl Validator {
         }
         self.check_vocabulary(resumed, "resume_token_ids")?;
         self.check_vocabulary(&request.stop_token_ids, "stop_token_ids")?;
+        if request.min_tokens > max_tokens {
+            return Err(ApiError::bad(
+                format!(
+                    "min_tokens {} is over max_tokens {max_tokens}",
+                    request.min_tokens
+                ),
+                "min_tokens",
+            ));
+        }
         if request.stop_token_ids.len() > STOP_TOKEN_IDS_MAX {
             return Err(ApiError::bad(
                 format!("at most {STOP_TOKEN_IDS_MAX} stop_token_ids"),

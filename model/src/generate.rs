@@ -84,7 +84,12 @@ pub fn generate_with(
     }
     let mut finish_reason = FinishReason::Length;
     while output_ids.len() < req.max_new_tokens {
-        let id = sampler.sample(&last, req.prompt.len() + output_ids.len());
+        let id = sampler.next(
+            &last,
+            req.prompt.len() + output_ids.len(),
+            output_ids.len(),
+            &req.stop_ids,
+        );
         output_ids.push(id);
         on_token(id);
         if req.stop_ids.contains(&id) {

@@ -19,6 +19,8 @@ pub struct SamplingParams {
     /// Keep the `top_k` most likely tokens (0 = off).
     pub top_k: usize,
     pub seed: u64,
+    /// Stop ids cannot end the text before this many tokens (vLLM's `min_tokens`).
+    pub min_tokens: usize,
 }
 
 impl Default for SamplingParams {
@@ -28,6 +30,7 @@ impl Default for SamplingParams {
             top_p: 1.0,
             top_k: 0,
             seed: 0,
+            min_tokens: 0,
         }
     }
 }
@@ -116,6 +119,21 @@ impl Sampler {
         Self { params }
     }
 
+    /// The token at `position` of its sequence, the `generated`-th (from 0) of its request:
+    /// `stop_ids` are barred while fewer than `min_tokens` have been generated.
+    pub fn next(&self, logits: &[f32], position: usize, generated: usize, stop_ids: &[u32]) -> u32 {
+        if generated >= self.params.min_tokens || stop_ids.is_empty() {
+            return self.sample(logits, position);
+        }
+        let mut barred = logits.to_vec();
+        for &id in stop_ids {
+            if let Some(l) = barred.get_mut(id as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        self.sample(&barred, position)
+    }
+
     /// The token at `position` of its sequence (prompt included), from the logits of the
     /// one before it.
     pub fn sample(&self, logits: &[f32], position: usize) -> u32 {
@@ -174,6 +192,7 @@ mod tests {
             top_p,
             top_k,
             seed,
+            min_tokens: 0,
         }
     }
 
@@ -216,6 +235,19 @@ mod tests {
             assert_eq!(SplitMix64::at(11, p as u64), drawn[p], "position {p}");
         }
         assert_ne!(SplitMix64::at(12, 5), drawn[5]);
+    }
+
+    #[test]
+    fn stop_ids_wait_for_min_tokens() {
+        let logits = [0.0, 5.0, 1.0];
+        let s = Sampler::new(SamplingParams {
+            min_tokens: 2,
+            ..SamplingParams::default()
+        });
+        assert_eq!(s.next(&logits, 9, 0, &[1]), 2);
+        assert_eq!(s.next(&logits, 10, 1, &[1]), 2);
+        assert_eq!(s.next(&logits, 11, 2, &[1]), 1);
+        assert_eq!(s.next(&logits, 9, 0, &[]), 1);
     }
 
     #[test]

@@ -169,6 +169,12 @@ def test_stop_token_ids_and_token_ids(server):
     assert status == 200, r
     assert r["choices"][0]["finish_reason"] == "stop"
     assert r["choices"][0]["token_ids"] == ids[:k + 1]
+    # min_tokens bars the stop ids until that many tokens are out.
+    status, r = raw(server, "/v1/completions",
+                    json.dumps({**body, "stop_token_ids": [ids[2]], "min_tokens": 8}).encode())
+    assert status == 200, r
+    assert r["choices"][0]["finish_reason"] == "length"
+    assert len(r["choices"][0]["token_ids"]) == 8 and ids[2] not in r["choices"][0]["token_ids"]
 
 
 def test_tokenize_and_detokenize_like_vllm(server):
