@@ -47,6 +47,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a gateway may be silent in the middle of an answer (its own token deadline
 /// bounds a request's silence before this).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(150);
+/// How long a whole (not streamed) answer may take: its head comes only with its end, after
+/// the whole generation (a hung gateway is found by the probes long before).
+const WHOLE_ANSWER_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Largest answer read whole, and largest single event of a stream.
 const ANSWER_BYTES_MAX: usize = 64 << 20;
 /// Events buffered toward one client.
@@ -215,12 +218,14 @@ impl Front {
         }
     }
 
-    /// Sends `body` to gateway `g`: its answer's head and body, once the head is in.
+    /// Sends `body` to gateway `g`: its answer's head and body, once the head is in (within
+    /// `patience`).
     async fn send(
         &self,
         g: usize,
         target: &Target,
         body: Bytes,
+        patience: Duration,
     ) -> Result<hyper::Response<hyper::body::Incoming>, Failure> {
         let uri = format!("http://{}{}", self.gateways[g], target.path_and_query);
         let mut request = hyper::Request::builder()
@@ -229,7 +234,7 @@ impl Front {
             .body(Full::new(body))
             .map_err(|e| e.to_string())?;
         *request.headers_mut() = target.headers.clone();
-        tokio::time::timeout(IDLE_TIMEOUT, self.client.request(request))
+        tokio::time::timeout(patience, self.client.request(request))
             .await
             .map_err(|_| format!("{}: no answer", self.gateways[g]))?
             .map_err(|e| format!("{}: {e}", self.gateways[g]))
@@ -262,14 +267,22 @@ async fn answer_whole(
     target: &Target,
     body: Bytes,
 ) -> Result<Response, Failure> {
-    let (parts, incoming) = front.send(g, target, body).await?.into_parts();
+    let answer = front.send(g, target, body, WHOLE_ANSWER_TIMEOUT).await?;
+    read_whole(answer)
+        .await
+        .map_err(|e| format!("{}: {e}", front.gateways[g]))
+}
+
+/// An answer read to its end (bounded), as the response passed on.
+async fn read_whole(answer: hyper::Response<hyper::body::Incoming>) -> Result<Response, Failure> {
+    let (parts, incoming) = answer.into_parts();
     let collected = tokio::time::timeout(
         IDLE_TIMEOUT,
         http_body_util::Limited::new(incoming, ANSWER_BYTES_MAX).collect(),
     )
     .await
-    .map_err(|_| format!("{}: the answer stalled", front.gateways[g]))?
-    .map_err(|e| format!("{}: {e}", front.gateways[g]))?;
+    .map_err(|_| "the answer stalled".to_string())?
+    .map_err(|e| e.to_string())?;
     let mut response = Response::new(Body::from(collected.to_bytes()));
     *response.status_mut() = parts.status;
     *response.headers_mut() = forwarded(&parts.headers);
@@ -286,7 +299,7 @@ async fn resume_stream(front: Arc<Front>, target: Target, mut request: Value) ->
     let mut first = None;
     for g in front.order() {
         let sent = tokio::select! {
-            a = front.send(g, &target, body.clone()) => a,
+            a = front.send(g, &target, body.clone(), IDLE_TIMEOUT) => a,
             _ = front.lost(g) => Err(format!("{}: stopped answering", front.gateways[g])),
         };
         match sent {
@@ -294,21 +307,10 @@ async fn resume_stream(front: Arc<Front>, target: Target, mut request: Value) ->
                 first = Some((g, a));
                 break;
             }
-            Ok(a) => {
-                let (parts, incoming) = a.into_parts();
-                if let Ok(Ok(c)) = tokio::time::timeout(
-                    IDLE_TIMEOUT,
-                    http_body_util::Limited::new(incoming, ANSWER_BYTES_MAX).collect(),
-                )
-                .await
-                {
-                    let mut response = Response::new(Body::from(c.to_bytes()));
-                    *response.status_mut() = parts.status;
-                    *response.headers_mut() = forwarded(&parts.headers);
-                    return response;
-                }
-                why.push(format!("{}: the error answer broke off", front.gateways[g]));
-            }
+            Ok(a) => match read_whole(a).await {
+                Ok(response) => return response,
+                Err(e) => why.push(format!("{}: {e}", front.gateways[g])),
+            },
             Err(e) => why.push(e),
         }
     }
@@ -408,7 +410,7 @@ impl Resumed {
                     .unwrap_or(g);
             }
             let sent = tokio::select! {
-                a = front.send(g, target, body.clone()) => a.ok(),
+                a = front.send(g, target, body.clone(), IDLE_TIMEOUT) => a.ok(),
                 _ = front.lost(g) => None,
             };
             if let Some(a) = sent.filter(|a| a.status() == StatusCode::OK) {
