@@ -659,8 +659,8 @@ fn a_rolling_restart_of_every_process_fails_no_request() {
         &gateways.join(","),
     ]);
     // Settled: a leader, nothing pending, every coordinator answering, three expert
-    // workers holding experts and two attention workers alive, among them `new` (a pid)
-    // and not `old`.
+    // workers holding two copies of every expert between them and two attention workers
+    // alive, among them `new` (a pid) and not `old`.
     let settled = |what: &str, old: Option<u32>, new: Option<u32>| {
         wait_status(&list, what, |v| {
             let workers = v["workers"].as_array().unwrap();
@@ -679,9 +679,16 @@ fn a_rolling_restart_of_every_process_fails_no_request() {
                     .filter(live)
                     .any(|w| w["pid"].as_u64() == Some(u64::from(pid)))
             };
+            // Every expert back to two copies (128 experts), so that the next kill leaves one.
+            let copies: u64 = workers
+                .iter()
+                .filter(live)
+                .filter_map(|w| w["experts"].as_u64())
+                .sum();
             v["leader"].is_u64()
                 && v["pending_epoch"].is_null()
                 && v["unservable"].is_null()
+                && copies >= 2 * 128
                 && count("expert-worker") == 3
                 && count("attention-worker") == 2
                 && old.is_none_or(|p| !has(p))
