@@ -118,7 +118,7 @@ impl Backend {
             }
         }
         let loads = self.cluster.loads();
-        let suspects = self.suspects.lock().expect("suspects lock").clone();
+        let suspects = self.suspects.lock().expect("suspects lock");
         let trusted = |m: &Member| {
             suspects
                 .get(&m.address)
