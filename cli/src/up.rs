@@ -83,7 +83,31 @@ pub fn run(args: UpArgs) -> Result<()> {
         .block_on(tokio::net::TcpListener::bind(&args.http))
         .with_context(|| format!("listening on {}", args.http))?;
     let api = front.local_addr()?;
-    let mut cluster = LocalCluster::start(&ClusterSpec {
+    let mut cluster = LocalCluster::start(&spec(&args))?;
+    let view = runtime.block_on(cluster.ready(Duration::from_secs(120)))?;
+    println!(
+        "expertmesh cluster up: model {}, placement epoch {}",
+        args.model, view.placement.epoch
+    );
+    runtime.spawn(expertmesh_gateway::front::serve(
+        front,
+        cluster.http.clone(),
+        expertmesh_gateway::GatewayConfig::default().body_max_bytes,
+        std::future::pending(),
+    ));
+    let up_file = crate::admin::write_up_file(&cluster, &api.to_string())?;
+    print_cluster(&args, &cluster, &view, api, &up_file);
+    runtime.block_on(supervise(&mut cluster));
+    eprintln!("stopping the cluster");
+    drop(cluster);
+    let _ = std::fs::remove_file(&up_file);
+    Ok(())
+}
+
+/// The cluster `args` asks for; the coordinators' gateways on free ports (the public one is
+/// the front door's).
+fn spec(args: &UpArgs) -> ClusterSpec {
+    ClusterSpec {
         model: args.model.clone(),
         coordinators: args.coordinators,
         data_dir: args.data_dir.clone(),
@@ -113,19 +137,17 @@ pub fn run(args: UpArgs) -> Result<()> {
         .collect(),
         device: args.device,
         gemm: args.gemm,
-    })?;
-    let view = runtime.block_on(cluster.ready(Duration::from_secs(120)))?;
-    println!(
-        "expertmesh cluster up: model {}, placement epoch {}",
-        args.model, view.placement.epoch
-    );
-    runtime.spawn(expertmesh_gateway::front::serve(
-        front,
-        cluster.http.clone(),
-        expertmesh_gateway::GatewayConfig::default().body_max_bytes,
-        std::future::pending(),
-    ));
-    let up_file = crate::admin::write_up_file(&cluster, &api.to_string())?;
+    }
+}
+
+/// Where each process listens, the API's URL and commands to try.
+fn print_cluster(
+    args: &UpArgs,
+    cluster: &LocalCluster,
+    view: &expertmesh_coordinator::ClusterView,
+    api: std::net::SocketAddr,
+    up_file: &std::path::Path,
+) {
     for (i, c) in cluster.coordinators.iter().enumerate() {
         let http = match cluster.http.get(i) {
             Some(h) => format!(", gateway {h}"),
@@ -148,17 +170,14 @@ pub fn run(args: UpArgs) -> Result<()> {
         };
         println!("  {role:<30} {} (pid {})", m.address, m.pid);
     }
-    {
-        let http = api;
-        println!(
-            "  OpenAI-compatible API      http://{http}/v1 (in front of {} gateway{})",
-            cluster.http.len(),
-            if cluster.http.len() == 1 { "" } else { "s" }
-        );
-        println!(
-            "try: curl http://{http}/v1/chat/completions -H 'Content-Type: application/json' \\\n       -d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 16}}'"
-        );
-    }
+    println!(
+        "  OpenAI-compatible API      http://{api}/v1 (in front of {} gateway{})",
+        cluster.http.len(),
+        if cluster.http.len() == 1 { "" } else { "s" }
+    );
+    println!(
+        "try: curl http://{api}/v1/chat/completions -H 'Content-Type: application/json' \\\n       -d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 16}}'"
+    );
     if let Some(a) = cluster.attention_workers.first() {
         println!(
             " or: expertmesh generate --model {} --attention-worker {} --prompt \"Hello\" --max-tokens 16",
@@ -170,25 +189,23 @@ pub fn run(args: UpArgs) -> Result<()> {
         up_file.display()
     );
     println!("Ctrl-C stops everything.");
+}
+
+/// Until Ctrl-C: says when a child exits, and keeps the others running.
+async fn supervise(cluster: &mut LocalCluster) {
     let mut exited = std::collections::HashSet::new();
-    runtime.block_on(async {
-        loop {
-            tokio::select! {
-                _ = crate::roles::shutdown_signal() => break,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                    for p in cluster.processes_mut() {
-                        if let Ok(Some(status)) = p.child.try_wait() {
-                            if exited.insert(p.child.id()) {
-                                eprintln!("{} at {} exited ({status}); the others keep running", p.role, p.address);
-                            }
+    loop {
+        tokio::select! {
+            _ = crate::roles::shutdown_signal() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                for p in cluster.processes_mut() {
+                    if let Ok(Some(status)) = p.child.try_wait() {
+                        if exited.insert(p.child.id()) {
+                            eprintln!("{} at {} exited ({status}); the others keep running", p.role, p.address);
                         }
                     }
                 }
             }
         }
-    });
-    eprintln!("stopping the cluster");
-    drop(cluster);
-    let _ = std::fs::remove_file(&up_file);
-    Ok(())
+    }
 }
