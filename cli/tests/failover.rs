@@ -194,13 +194,7 @@ fn signal(which: &str, pid: u64) {
 fn a_drained_attention_worker_hands_its_streams_over_and_stops() {
     streams_survive("admin drain", |worker, coordinators| {
         let id = worker["id"].to_string();
-        let out = common::expertmesh(&["admin", "drain", &id, "--coordinators", coordinators]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
+        admin_drain(coordinators, &id);
         let status = wait_status(coordinators, "the drained worker gone", |v| {
             v["workers"]
                 .as_array()
@@ -210,6 +204,17 @@ fn a_drained_attention_worker_hands_its_streams_over_and_stops() {
         });
         assert!(status["workers"].is_array());
     });
+}
+
+/// `admin drain ID` against `coordinators`, which must succeed; prints what it says.
+fn admin_drain(coordinators: &str, id: &str) {
+    let out = common::expertmesh(&["admin", "drain", id, "--coordinators", coordinators]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
 }
 
 /// Streams from two attention workers while `disrupt` (named `what`) is done to the busy
@@ -724,12 +729,7 @@ fn a_rolling_restart_of_every_process_fails_no_request() {
         let old = a.child.id();
         let id = member(&list, old)["id"].to_string();
         events.push((t, format!("admin drain of attention worker {}", i + 1)));
-        let out = common::expertmesh(&["admin", "drain", &id, "--coordinators", &list]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        admin_drain(&list, &id);
         let exit = a.child.wait().unwrap();
         assert!(exit.success(), "the drained worker exited with {exit}");
         *a = worker("attention-worker");
