@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use expertmesh_model::kv_cache::BlockPool;
 use expertmesh_model::moe::ExpertRunner;
 use expertmesh_model::{
-    Fault, FinishReason, GenerateRequest, ImageRows, KvCache, LogitRows, Model, ModelError,
-    Sampler, Sequence,
+    logprobs, prompt_logprobs, Fault, FinishReason, GenerateRequest, ImageRows, KvCache, LogitRows,
+    Model, ModelError, Sampler, Sequence, TokenLogprobs,
 };
 use tokio::sync::mpsc;
 
@@ -54,7 +54,11 @@ impl Default for SchedulerConfig {
 /// What a request's stream carries.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Token(u32),
+    /// A token, with its log-probabilities when the request asked for them.
+    Token(u32, Option<TokenLogprobs>),
+    /// The prompt's tokens' log-probabilities from the second on, when asked for: sent once
+    /// the prompt is prefilled, before the first token.
+    PromptLogprobs(Vec<TokenLogprobs>),
     /// `[prompt positions, vocab]`, sent before `Finished` when asked for.
     PromptLogits(Vec<f32>),
     Finished(FinishReason),
@@ -200,8 +204,8 @@ impl Engine {
             return Err(SubmitError::Draining);
         }
         // Room for every event the request can produce, so the engine never waits on a
-        // slow client: tokens, prompt logits, the end.
-        let (events, rx) = mpsc::channel(request.max_new_tokens + 3);
+        // slow client: tokens, prompt logits and logprobs, the end.
+        let (events, rx) = mpsc::channel(request.max_new_tokens + 4);
         self.tx
             .try_send(Submission {
                 request,
@@ -226,6 +230,8 @@ struct Seq {
     generated: usize,
     cache: Option<KvCache>,
     prompt_logits: Option<Vec<f32>>,
+    /// Collected while the prompt is prefilled when asked for; `None` once sent.
+    prompt_logprobs: Option<Vec<TokenLogprobs>>,
     events: mpsc::Sender<Event>,
 }
 
@@ -290,11 +296,13 @@ impl Scheduler {
     }
 
     fn accept(&mut self, job: Submission) {
-        let sampler = Sampler::new(job.request.sampling);
+        let r = &job.request;
+        let sampler = Sampler::with_adjust(r.sampling, r.adjust.clone(), r.prompt.len());
         self.waiting.push_back(Seq {
             tokens: job.request.prompt.clone(),
             images: job.images,
             prompt_logits: job.request.prompt_logits.then(Vec::new),
+            prompt_logprobs: job.request.prompt_logprobs.map(|_| Vec::new()),
             request: job.request,
             sampler,
             generated: 0,
@@ -393,18 +401,22 @@ impl Scheduler {
     fn preempt_newest(&mut self) {
         let mut seq = self.running.pop().expect("at least two running");
         seq.cache = None;
+        // Recollected from the start when the prompt is recomputed.
         if seq.prompt_logits.is_some() {
-            // Recollected from the start when the prompt is recomputed.
             seq.prompt_logits = Some(Vec::new());
+        }
+        if seq.prompt_logprobs.is_some() {
+            seq.prompt_logprobs = Some(Vec::new());
         }
         self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
         self.waiting.push_front(seq);
     }
 
     fn run_batch(&mut self, plan: &[(usize, usize)], runner: &dyn ExpertRunner) {
-        let want_all = plan
-            .iter()
-            .any(|&(i, _)| self.running[i].prompt_logits.is_some());
+        let want_all = plan.iter().any(|&(i, _)| {
+            let s = &self.running[i];
+            s.prompt_logits.is_some() || s.prompt_logprobs.is_some()
+        });
         let rows = if want_all {
             LogitRows::All
         } else {
@@ -461,9 +473,24 @@ impl Scheduler {
                     logits.extend_from_slice(&out.logits[row * vocab..row * vocab + take]);
                 }
             }
+            if let (Some(lps), Some(top)) =
+                (seq.prompt_logprobs.as_mut(), seq.request.prompt_logprobs)
+            {
+                // Row k is position `from + k`, which predicts the token after it.
+                let from = seq.cache.as_ref().map_or(0, |c| c.next_pos) - n;
+                let prompt = &seq.request.prompt;
+                if want_all && from == lps.len() && from + 1 < prompt.len() {
+                    let upto = (from + n).min(prompt.len() - 1);
+                    let rows = &out.logits[row * vocab..(row + upto - from) * vocab];
+                    lps.extend(prompt_logprobs(rows, vocab, &prompt[from..=upto], top));
+                }
+            }
             row += rows_of_seq;
             if seq.pending() > 0 {
                 continue; // a prefill chunk that did not finish the prompt
+            }
+            if let Some(lps) = seq.prompt_logprobs.take() {
+                seq.send(Event::PromptLogprobs(lps));
             }
             if let Some(reason) = Self::advance(seq, last) {
                 if let Some(logits) = seq.prompt_logits.take() {
@@ -484,15 +511,13 @@ impl Scheduler {
         if seq.generated >= seq.request.max_new_tokens {
             return Some(FinishReason::Length);
         }
-        let id = seq.sampler.next(
-            logits,
-            seq.tokens.len(),
-            seq.generated,
-            &seq.request.stop_ids,
-        );
+        let id = seq
+            .sampler
+            .next(logits, &seq.tokens, seq.generated, &seq.request.stop_ids);
+        let lp = seq.request.logprobs.map(|top| logprobs(logits, id, top));
         seq.tokens.push(id);
         seq.generated += 1;
-        seq.send(Event::Token(id));
+        seq.send(Event::Token(id, lp));
         if seq.request.stop_ids.contains(&id) {
             Some(FinishReason::Stop)
         } else if seq.generated >= seq.request.max_new_tokens {

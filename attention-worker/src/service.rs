@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use expertmesh_model::vision::preprocess;
 use expertmesh_model::{
-    Fault, FinishReason, GenerateRequest, ImageError, ImageLimits, ImageRows, Model, ModelError,
-    ProcessorConfig, SamplingParams,
+    Adjust, Fault, FinishReason, GenerateRequest, ImageError, ImageLimits, ImageRows, Model,
+    ModelError, ProcessorConfig, SamplingParams, TokenLogprobs,
 };
 use expertmesh_proto::v1 as pb;
 use expertmesh_proto::v1::attention_service_server::{AttentionService, AttentionServiceServer};
@@ -130,13 +130,42 @@ fn request(r: &pb::GenerateRequest) -> GenerateRequest {
         stop_ids: r.stop_ids.clone(),
         prompt_logits: r.prompt_logits,
         images: Vec::new(),
+        adjust: Adjust {
+            repetition_penalty: if r.repetition_penalty == 0.0 {
+                1.0
+            } else {
+                r.repetition_penalty
+            },
+            presence_penalty: r.presence_penalty,
+            frequency_penalty: r.frequency_penalty,
+            logit_bias: r.logit_bias.iter().map(|b| (b.id, b.bias)).collect(),
+            resumed: r.resumed_tokens as usize,
+        },
+        logprobs: r.logprobs.map(|n| n as usize),
+        prompt_logprobs: r.prompt_logprobs.map(|n| n as usize),
+    }
+}
+
+/// Log-probabilities as the wire carries them.
+pub fn logprobs_message(lp: TokenLogprobs) -> pb::TokenLogprobs {
+    let (top_ids, top_logprobs) = lp.top.into_iter().unzip();
+    pb::TokenLogprobs {
+        logprob: lp.logprob,
+        top_ids,
+        top_logprobs,
     }
 }
 
 fn event(e: Event, prompt_rows: u64, vocab: u64) -> Result<pb::GenerateEvent, Status> {
     use pb::generate_event::Event as E;
     let event = match e {
-        Event::Token(id) => E::Token(pb::GenerateToken { id }),
+        Event::Token(id, lp) => E::Token(pb::GenerateToken {
+            id,
+            logprobs: lp.map(logprobs_message),
+        }),
+        Event::PromptLogprobs(lps) => E::PromptLogprobs(pb::PromptLogprobs {
+            positions: lps.into_iter().map(logprobs_message).collect(),
+        }),
         Event::PromptLogits(logits) => E::PromptLogits(expertmesh_dispatch::wire::encode_tensor(
             &logits,
             prompt_rows as usize,
@@ -166,8 +195,12 @@ impl AttentionService for AttentionServer {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let mut r = r.into_inner();
         let images = std::mem::take(&mut r.images);
+        if r.logit_bias.len() > expertmesh_model::sampling::LOGIT_BIAS_MAX {
+            return Err(Status::invalid_argument("too many logit_bias entries"));
+        }
         let req = request(&r);
-        req.sampling.validate().map_err(|e| status(&e))?;
+        req.validate(self.model.config().vocab_size)
+            .map_err(|e| status(&e))?;
         self.model
             .check_tokens(&self.model.new_cache(), &req.prompt, req.max_new_tokens)
             .map_err(|e| status(&e))?;

@@ -1,6 +1,7 @@
 //! The continuous-batching engine against the single-request engine: concurrent requests
 //! of mixed lengths, chunked prefill and preemption by recompute each give exactly the
-//! tokens a request gives alone, and the batch really is shared.
+//! tokens (and logprobs, penalties and biases applied) a request gives alone, and the batch
+//! really is shared.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -9,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use expertmesh_attention_worker::{Engine, Event, SchedulerConfig};
 use expertmesh_model::{
-    generate, FinishReason, GenerateRequest, LocalExperts, Model, SamplingParams,
+    generate, Adjust, FinishReason, GenerateRequest, LocalExperts, Model, SamplingParams,
+    TokenLogprobs,
 };
 
 fn model() -> Arc<Model> {
@@ -17,28 +19,62 @@ fn model() -> Arc<Model> {
     Arc::new(Model::load(&dir).unwrap())
 }
 
-/// 32 requests: prompt lengths 1 to 94, 3 to 17 new tokens, greedy.
+/// 32 requests: prompt lengths 1 to 94, 3 to 17 new tokens; greedy, or sampled with
+/// penalties and a bias; a quarter each with logprobs and the prompt's logprobs.
 fn requests() -> Vec<GenerateRequest> {
     (0..32)
-        .map(|i| GenerateRequest {
-            prompt: (0..1 + (i * 29) % 94)
-                .map(|j| ((j * 7 + i * 13) % 690) as u32)
-                .collect(),
-            max_new_tokens: 3 + i % 15,
-            sampling: SamplingParams::default(),
-            stop_ids: Vec::new(),
-            prompt_logits: false,
-            images: Vec::new(),
+        .map(|i| {
+            let adjusted = i % 4 >= 2;
+            GenerateRequest {
+                prompt: (0..1 + (i * 29) % 94)
+                    .map(|j| ((j * 7 + i * 13) % 690) as u32)
+                    .collect(),
+                max_new_tokens: 3 + i % 15,
+                sampling: SamplingParams {
+                    temperature: if adjusted { 0.8 } else { 0.0 },
+                    seed: i as u64,
+                    ..SamplingParams::default()
+                },
+                adjust: if adjusted {
+                    Adjust {
+                        repetition_penalty: 1.3,
+                        presence_penalty: 0.2,
+                        frequency_penalty: 0.5,
+                        logit_bias: vec![(5, 3.0)],
+                        resumed: 0,
+                    }
+                } else {
+                    Adjust::default()
+                },
+                logprobs: (i % 2 == 1).then_some(3),
+                prompt_logprobs: (i % 4 == 1 || i % 4 == 3).then_some(2),
+                ..Default::default()
+            }
         })
         .collect()
 }
 
-fn collect(mut rx: tokio::sync::mpsc::Receiver<Event>) -> (Vec<u32>, FinishReason) {
-    let mut ids = Vec::new();
+/// What one request's stream gave.
+#[derive(Debug, Default, PartialEq)]
+struct Output {
+    ids: Vec<u32>,
+    logprobs: Vec<TokenLogprobs>,
+    prompt_logprobs: Option<Vec<TokenLogprobs>>,
+}
+
+fn collect(mut rx: tokio::sync::mpsc::Receiver<Event>) -> (Output, FinishReason) {
+    let mut out = Output::default();
     loop {
         match rx.blocking_recv().expect("the stream ends with Finished") {
-            Event::Token(id) => ids.push(id),
-            Event::Finished(reason) => return (ids, reason),
+            Event::Token(id, lp) => {
+                out.ids.push(id);
+                out.logprobs.extend(lp);
+            }
+            Event::PromptLogprobs(lps) => {
+                assert!(out.ids.is_empty(), "the prompt's logprobs come first");
+                out.prompt_logprobs = Some(lps);
+            }
+            Event::Finished(reason) => return (out, reason),
             Event::PromptLogits(_) => {}
             Event::Failed(f) => panic!("request failed: {}", f.message),
         }
@@ -47,7 +83,7 @@ fn collect(mut rx: tokio::sync::mpsc::Receiver<Event>) -> (Vec<u32>, FinishReaso
 
 fn run_concurrently(
     config: SchedulerConfig,
-) -> (Vec<Vec<u32>>, Arc<expertmesh_attention_worker::EngineStats>) {
+) -> (Vec<Output>, Arc<expertmesh_attention_worker::EngineStats>) {
     let model = model();
     let engine = Engine::spawn(model.clone(), LocalExperts(model), config);
     let streams: Vec<_> = requests()
@@ -58,11 +94,18 @@ fn run_concurrently(
     (outputs, engine.stats().clone())
 }
 
-fn alone() -> Vec<Vec<u32>> {
+fn alone() -> Vec<Output> {
     let model = model();
     requests()
         .iter()
-        .map(|r| generate(&model, r, |_| {}).unwrap().output_ids)
+        .map(|r| {
+            let out = generate(&model, r, |_| {}).unwrap();
+            Output {
+                ids: out.output_ids,
+                logprobs: out.logprobs,
+                prompt_logprobs: out.prompt_logprobs,
+            }
+        })
         .collect()
 }
 
@@ -124,6 +167,7 @@ fn a_dropped_stream_cancels_its_request() {
             stop_ids: Vec::new(),
             prompt_logits: false,
             images: Vec::new(),
+            ..Default::default()
         })
         .unwrap();
     let give_up = Instant::now() + Duration::from_secs(10);
@@ -191,12 +235,13 @@ fn image_requests_survive_chunked_prefill_and_preemption() {
                 stop_ids: Vec::new(),
                 prompt_logits: false,
                 images: Vec::new(),
+                ..Default::default()
             };
             image_streams.push(engine.submit_with(request, rows.clone()).unwrap());
         }
     }
     for rx in image_streams {
-        assert_eq!(collect(rx).0, greedy);
+        assert_eq!(collect(rx).0.ids, greedy);
     }
     let expected = alone();
     for (rx, want) in text_streams.into_iter().zip(expected) {

@@ -116,6 +116,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         stop_ids: stop_ids.clone(),
         prompt_logits: args.dump_logits.is_some(),
         images: images.iter().map(|i| i.pixels.clone()).collect(),
+        ..Default::default()
     };
     let encoded: Vec<Vec<u8>> = images.into_iter().map(|i| i.bytes).collect();
 
@@ -228,6 +229,7 @@ fn through_attention_worker(
                 prompt_logits: request.prompt_logits,
                 images: images.to_vec(),
                 min_tokens: request.sampling.min_tokens as u32,
+                ..Default::default()
             })
             .await
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?
@@ -245,6 +247,7 @@ fn through_attention_worker(
                     output_ids.push(t.id);
                     on_token(t.id);
                 }
+                Some(pb::generate_event::Event::PromptLogprobs(_)) => {}
                 Some(pb::generate_event::Event::PromptLogits(t)) => {
                     prompt_logits = Some(
                         t.data
@@ -263,6 +266,8 @@ fn through_attention_worker(
                         output_ids,
                         finish_reason,
                         prompt_logits,
+                        logprobs: Vec::new(),
+                        prompt_logprobs: None,
                     });
                 }
                 None => bail!("an empty event from the attention worker"),

@@ -21,6 +21,17 @@ use crate::stream::Break;
 /// How long a worker that failed a request is passed over for new ones.
 const SUSPECT_FOR: Duration = Duration::from_secs(10);
 
+/// One choice's start (or restart) beyond what its request says.
+#[derive(Debug, Clone, Copy)]
+pub struct Resume<'a> {
+    /// The choice's seed (`response::choice_seed`).
+    pub seed: u64,
+    /// The tokens it already generated.
+    pub generated: &'a [u32],
+    /// Whether the prompt's logprobs are still wanted.
+    pub prompt_logprobs: bool,
+}
+
 /// Why a request could not be started.
 #[derive(Debug)]
 pub enum StartFailure {
@@ -149,29 +160,44 @@ impl Backend {
         Ok(c)
     }
 
-    /// Starts `job` on an attention worker not in `avoid`, resumed after the tokens it
-    /// already `generated` (its prompt followed by them, the rest of its budget): the
-    /// worker's address and its stream of token events.
+    /// Starts one choice of `job` on an attention worker not in `avoid`, resumed after the
+    /// tokens it already generated (its prompt followed by them, the rest of its budget):
+    /// the worker's address and its stream of token events.
     pub async fn generate(
         &self,
         job: &ValidRequest,
-        generated: &[u32],
+        choice: Resume<'_>,
         avoid: &[String],
     ) -> Result<(String, tonic::Streaming<pb::GenerateEvent>), StartFailure> {
         let address = self.pick_worker(avoid).map_err(StartFailure::NoWorker)?;
         let channel = self.channel(&address).map_err(StartFailure::NoWorker)?;
         let r = &job.request;
+        let generated = choice.generated;
         let request = pb::GenerateRequest {
             input_ids: [&job.prompt[..], generated].concat(),
             max_tokens: job.max_tokens.saturating_sub(generated.len()) as u32,
             temperature: r.temperature,
             top_p: r.top_p,
             top_k: r.top_k as u32,
-            seed: r.seed,
+            seed: choice.seed,
             stop_ids: self.stop_ids_of(job),
             prompt_logits: false,
             images: job.images.clone(),
             min_tokens: r.min_tokens.saturating_sub(generated.len()) as u32,
+            logprobs: r.logprobs.map(|k| k as u32),
+            prompt_logprobs: choice
+                .prompt_logprobs
+                .then_some(r.logprobs.unwrap_or(0) as u32),
+            repetition_penalty: r.adjust.repetition_penalty,
+            presence_penalty: r.adjust.presence_penalty,
+            frequency_penalty: r.adjust.frequency_penalty,
+            logit_bias: r
+                .adjust
+                .logit_bias
+                .iter()
+                .map(|&(id, bias)| pb::LogitBias { id, bias })
+                .collect(),
+            resumed_tokens: generated.len() as u32,
         };
         let mut client = AttentionServiceClient::new(channel);
         match client.generate(request).await {

@@ -23,6 +23,7 @@ pub mod backend;
 pub mod error;
 pub mod front;
 pub mod images;
+pub mod logprobs;
 pub mod metrics;
 pub mod openai;
 pub mod request;

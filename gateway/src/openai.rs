@@ -3,12 +3,15 @@
 
 use serde_json::{Map, Value};
 
-use expertmesh_model::ChatMessage;
+use expertmesh_model::sampling::{LOGIT_BIAS_MAX, TOP_LOGPROBS_MAX};
+use expertmesh_model::{Adjust, ChatMessage};
 
 use crate::error::ApiError;
 
 /// Stop strings accepted per request at most (OpenAI's limit).
 const STOP_MAX: usize = 4;
+/// Choices one request may ask for (`n`).
+pub const CHOICES_MAX: usize = 16;
 
 /// What the prompt is.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +52,16 @@ pub struct CompletionRequest {
     pub resume_token_ids: Vec<u32>,
     /// The chat's image URLs (`image_url` parts), in the order of their placeholders.
     pub images: Vec<String>,
+    /// Choices to generate (`n`), each with its own draws.
+    pub n: usize,
+    /// Each generated token's log-probability with this many alternatives: chat's
+    /// `logprobs` + `top_logprobs`, completions' `logprobs`.
+    pub logprobs: Option<usize>,
+    /// The prompt goes before each choice's text (completions' `echo`), with its tokens'
+    /// log-probabilities when `logprobs` is asked for.
+    pub echo: bool,
+    /// Penalties and `logit_bias` (token ids checked against the vocabulary later).
+    pub adjust: Adjust,
 }
 
 impl CompletionRequest {
@@ -65,15 +78,35 @@ impl CompletionRequest {
         } else {
             prompt(obj)?
         };
-        if let Some(n) = opt_int(obj, "n")? {
-            if n != 1 {
-                return Err(ApiError::bad("only n = 1 is supported", "n"));
+        let n = match opt_int(obj, "n")? {
+            None => 1,
+            Some(n) if (1..=CHOICES_MAX as i64).contains(&n) => n as usize,
+            Some(_) => {
+                return Err(ApiError::bad(
+                    format!("n must be between 1 and {CHOICES_MAX}"),
+                    "n",
+                ))
+            }
+        };
+        if let Some(best_of) = opt_int(obj, "best_of")? {
+            if best_of != n as i64 {
+                return Err(ApiError::bad(
+                    "best_of other than n is not supported",
+                    "best_of",
+                ));
             }
         }
+        let echo = !chat && opt_bool(obj, "echo")?;
+        let logprobs = logprobs(obj, chat)?;
         let max_tokens =
             match opt_int(obj, "max_completion_tokens")?.or(opt_int(obj, "max_tokens")?) {
+                // The prompt's logprobs alone, as lm-eval-harness asks for them.
+                Some(0) if echo => Some(0),
                 Some(n) if n < 1 => {
-                    return Err(ApiError::bad("max_tokens must be at least 1", "max_tokens"))
+                    return Err(ApiError::bad(
+                        "max_tokens must be at least 1 (0 only with echo)",
+                        "max_tokens",
+                    ))
                 }
                 Some(n) => Some(n as usize),
                 None => None,
@@ -146,8 +179,84 @@ impl CompletionRequest {
             min_tokens,
             resume_token_ids,
             images,
+            n,
+            logprobs,
+            echo,
+            adjust: adjust(obj)?,
         })
     }
+}
+
+/// How many alternatives each token's log-probability comes with, if asked for: chat's
+/// `logprobs` (a boolean) with `top_logprobs`, completions' `logprobs` (a count).
+fn logprobs(obj: &Map<String, Value>, chat: bool) -> Result<Option<usize>, ApiError> {
+    let range = |field: &str, v: Option<i64>| match v {
+        Some(k) if !(0..=TOP_LOGPROBS_MAX as i64).contains(&k) => Err(ApiError::bad(
+            format!("{field} must be between 0 and {TOP_LOGPROBS_MAX}"),
+            field,
+        )),
+        v => Ok(v.map(|k| k as usize)),
+    };
+    if !chat {
+        return range("logprobs", opt_int(obj, "logprobs")?);
+    }
+    let top = range("top_logprobs", opt_int(obj, "top_logprobs")?)?;
+    match (opt_bool(obj, "logprobs")?, top) {
+        (true, top) => Ok(Some(top.unwrap_or(0))),
+        (false, Some(t)) if t > 0 => Err(ApiError::bad(
+            "top_logprobs needs logprobs: true",
+            "top_logprobs",
+        )),
+        (false, _) => Ok(None),
+    }
+}
+
+/// The penalties and `logit_bias` (OpenAI's `{"token id": bias}`), each range-checked.
+fn adjust(obj: &Map<String, Value>) -> Result<Adjust, ApiError> {
+    let mut a = Adjust::default();
+    if let Some(r) = opt_num(obj, "repetition_penalty")? {
+        if !(r > 0.0 && r <= 2.0) {
+            return Err(ApiError::bad(
+                "repetition_penalty must be in (0, 2]",
+                "repetition_penalty",
+            ));
+        }
+        a.repetition_penalty = r as f32;
+    }
+    for (field, slot) in [
+        ("presence_penalty", &mut a.presence_penalty),
+        ("frequency_penalty", &mut a.frequency_penalty),
+    ] {
+        if let Some(v) = opt_num(obj, field)? {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(ApiError::bad(
+                    format!("{field} must be between -2 and 2"),
+                    field,
+                ));
+            }
+            *slot = v as f32;
+        }
+    }
+    let bad = |why: String| Err(ApiError::bad(why, "logit_bias"));
+    match obj.get("logit_bias") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(map)) => {
+            if map.len() > LOGIT_BIAS_MAX {
+                return bad(format!("logit_bias takes at most {LOGIT_BIAS_MAX} entries"));
+            }
+            for (id, bias) in map {
+                let Ok(id) = id.parse::<u32>() else {
+                    return bad(format!("logit_bias key `{id}` is not a token id"));
+                };
+                match bias.as_f64() {
+                    Some(b) if (-100.0..=100.0).contains(&b) => a.logit_bias.push((id, b as f32)),
+                    _ => return bad(format!("logit_bias of {id} must be between -100 and 100")),
+                }
+            }
+        }
+        Some(_) => return bad("logit_bias must be an object of token ids to biases".into()),
+    }
+    Ok(a)
 }
 
 /// A list of token ids, empty when absent.
@@ -443,6 +552,32 @@ mod tests {
         for (body, chat) in ok {
             assert!(parse(body, chat).is_ok(), "{body}");
         }
+        let full = parse(
+            r#"{"prompt": [1], "n": 3, "best_of": 3, "logprobs": 2, "echo": true, "max_tokens": 0,
+                "presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.2,
+                "logit_bias": {"7": -100, "9": 2.5}}"#,
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            (full.n, full.logprobs, full.echo, full.max_tokens),
+            (3, Some(2), true, Some(0))
+        );
+        let mut bias = full.adjust.logit_bias.clone();
+        bias.sort_by_key(|b| b.0);
+        assert_eq!(bias, vec![(7, -100.0), (9, 2.5)]);
+        assert_eq!(full.adjust.repetition_penalty, 1.2);
+        let chat = parse(
+            r#"{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 5}"#,
+            true,
+        )
+        .unwrap();
+        assert_eq!(chat.logprobs, Some(5));
+        let chat = parse(
+            r#"{"messages": [{"role": "user", "content": "x"}], "logprobs": false}"#,
+            true,
+        );
+        assert_eq!(chat.unwrap().logprobs, None);
         let with_images = parse(
             r#"{"messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": "data:a", "detail": "high"}},
@@ -476,7 +611,58 @@ mod tests {
             (r#"{"prompt": "x", "max_tokens": "3"}"#, false, "max_tokens"),
             (r#"{"prompt": "x", "temperature": 3}"#, false, "temperature"),
             (r#"{"prompt": "x", "top_p": 0}"#, false, "top_p"),
-            (r#"{"prompt": "x", "n": 2}"#, false, "n"),
+            (r#"{"prompt": "x", "n": 0}"#, false, "n"),
+            (r#"{"prompt": "x", "n": 17}"#, false, "n"),
+            (r#"{"prompt": "x", "n": 2, "best_of": 3}"#, false, "best_of"),
+            (r#"{"prompt": "x", "logprobs": 21}"#, false, "logprobs"),
+            (r#"{"prompt": "x", "logprobs": true}"#, false, "logprobs"),
+            (
+                r#"{"prompt": "x", "max_tokens": 0, "echo": false}"#,
+                false,
+                "max_tokens",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "x"}], "logprobs": 2}"#,
+                true,
+                "logprobs",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}"#,
+                true,
+                "top_logprobs",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "x"}], "logprobs": true,
+                    "top_logprobs": 21}"#,
+                true,
+                "top_logprobs",
+            ),
+            (
+                r#"{"prompt": "x", "presence_penalty": 2.5}"#,
+                false,
+                "presence_penalty",
+            ),
+            (
+                r#"{"prompt": "x", "frequency_penalty": "1"}"#,
+                false,
+                "frequency_penalty",
+            ),
+            (
+                r#"{"prompt": "x", "repetition_penalty": 0}"#,
+                false,
+                "repetition_penalty",
+            ),
+            (
+                r#"{"prompt": "x", "logit_bias": {"a": 1}}"#,
+                false,
+                "logit_bias",
+            ),
+            (
+                r#"{"prompt": "x", "logit_bias": {"5": 101}}"#,
+                false,
+                "logit_bias",
+            ),
+            (r#"{"prompt": "x", "logit_bias": [1]}"#, false, "logit_bias"),
             (r#"{"prompt": "x", "stop": ["", "a"]}"#, false, "stop"),
             (r#"{"prompt": "x", "stream": "yes"}"#, false, "stream"),
             (r#"{"prompt": "x", "ignore_eos": 1}"#, false, "ignore_eos"),

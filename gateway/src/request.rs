@@ -75,7 +75,15 @@ impl Validator {
             ));
         }
         self.check_vocabulary(resumed, "resume_token_ids")?;
+        if !resumed.is_empty() && request.n > 1 {
+            return Err(ApiError::bad(
+                "a stream with n > 1 cannot be resumed",
+                "resume_token_ids",
+            ));
+        }
         self.check_vocabulary(&request.stop_token_ids, "stop_token_ids")?;
+        let biased: Vec<u32> = request.adjust.logit_bias.iter().map(|b| b.0).collect();
+        self.check_vocabulary(&biased, "logit_bias")?;
         if request.min_tokens > max_tokens {
             return Err(ApiError::bad(
                 format!(
@@ -123,7 +131,8 @@ impl Validator {
             None if chat => room,
             None => self.completion_tokens_default.min(room),
         };
-        if max_tokens == 0 {
+        // Only an echo asks for 0 (`openai::CompletionRequest::parse`).
+        if max_tokens == 0 && asked != Some(0) {
             return Err(ApiError::bad(
                 format!("the prompt fills the context of {context} tokens"),
                 "prompt",

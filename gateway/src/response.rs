@@ -23,6 +23,8 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_stream::Stream;
 
 use crate::error::ApiError;
+use crate::logprobs::Logprobs;
+use crate::openai::Prompt;
 use crate::request::ValidRequest;
 use crate::stream::{Next, Started, Tokens};
 use crate::App;
@@ -50,15 +52,61 @@ fn usage(app: &App, job: &Completion, completion: usize) -> Value {
            "total_tokens": prompt + completion})
 }
 
-/// The whole answer as one JSON body.
-pub async fn collect(app: &App, job: Completion, started: Started) -> Result<Response, ApiError> {
+/// The prompt as an echo gives it back: the request's own text, or its ids decoded.
+fn prompt_text(app: &App, job: &Completion) -> String {
+    match &job.valid.request.prompt {
+        Prompt::Text(s) => s.clone(),
+        _ => app
+            .validator
+            .tokenizer
+            .as_ref()
+            .and_then(|t| t.decode(&job.valid.prompt).ok())
+            .unwrap_or_default(),
+    }
+}
+
+/// A choice's log-probabilities, when its request asked for them.
+fn new_logprobs<'a>(app: &'a App, job: &Completion) -> Option<Logprobs<'a>> {
+    job.valid
+        .request
+        .logprobs
+        .map(|_| Logprobs::new(app.validator.tokenizer.as_ref(), job.valid.chat))
+}
+
+/// One choice's whole answer: its JSON and how many tokens it generated.
+async fn collect_choice(
+    app: &App,
+    job: &Completion,
+    started: Started,
+) -> Result<(Value, usize), ApiError> {
     let (mut out, mut ids) = (String::new(), Vec::new());
-    let mut tokens = Tokens::new(app, &job, started);
+    let mut logprobs = new_logprobs(app, job);
+    let echo = job.valid.request.echo;
+    if echo {
+        out.push_str(&prompt_text(app, job));
+    }
+    let mut tokens = Tokens::new(app, job, started);
+    let index = tokens.index();
+    let mut first = true;
     let (count, finish) = loop {
-        match tokens.next().await? {
-            Next::Token { id, text } => {
+        let next = tokens.next().await?;
+        if std::mem::take(&mut first) && echo {
+            if let Some(l) = logprobs.as_mut() {
+                let lps = tokens.take_prompt_logprobs().unwrap_or_default();
+                l.prompt(&job.valid.prompt, &lps);
+            }
+        }
+        match next {
+            Next::Token {
+                id,
+                text,
+                logprobs: lp,
+            } => {
                 out.push_str(&text);
                 ids.push(id);
+                if let (Some(l), Some(lp)) = (logprobs.as_mut(), lp) {
+                    l.token(id, &lp);
+                }
             }
             Next::End {
                 tokens,
@@ -71,22 +119,35 @@ pub async fn collect(app: &App, job: Completion, started: Started) -> Result<Res
         }
     };
     drop(tokens);
-    let chat = job.valid.chat;
-    let mut choice = if chat {
-        json!({"index": 0, "message": {"role": "assistant", "content": out},
-               "logprobs": null, "finish_reason": finish})
+    let logprobs = logprobs.as_mut().map_or(Value::Null, Logprobs::take);
+    let mut choice = if job.valid.chat {
+        json!({"index": index, "message": {"role": "assistant", "content": out},
+               "logprobs": logprobs, "finish_reason": finish})
     } else {
-        json!({"index": 0, "text": out, "logprobs": null, "finish_reason": finish})
+        json!({"index": index, "text": out, "logprobs": logprobs, "finish_reason": finish})
     };
     if job.valid.request.return_token_ids {
         choice["token_ids"] = json!(ids);
     }
+    Ok((choice, count))
+}
+
+/// The whole answer as one JSON body, its choices generated side by side.
+pub async fn collect(
+    app: &App,
+    job: Completion,
+    started: Vec<Started>,
+) -> Result<Response, ApiError> {
+    let each = started.into_iter().map(|s| collect_choice(app, &job, s));
+    let choices = futures_util::future::try_join_all(each).await?;
+    let count = choices.iter().map(|c| c.1).sum();
+    let chat = job.valid.chat;
     Ok(Json(json!({
         "id": job.id,
         "object": if chat { "chat.completion" } else { "text_completion" },
         "created": now_s(),
         "model": app.validator.model_name,
-        "choices": [choice],
+        "choices": choices.into_iter().map(|c| c.0).collect::<Vec<_>>(),
         "usage": usage(app, &job, count),
     }))
     .into_response())
@@ -110,17 +171,17 @@ struct StreamChunk<'a> {
 #[serde(untagged)]
 enum StreamChoice<'a> {
     Chat {
-        index: u32,
+        index: usize,
         delta: Delta<'a>,
-        logprobs: Option<()>,
+        logprobs: Option<&'a Value>,
         finish_reason: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         token_ids: Option<&'a [u32]>,
     },
     Text {
-        index: u32,
+        index: usize,
         text: &'a str,
-        logprobs: Option<()>,
+        logprobs: Option<&'a Value>,
         finish_reason: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         token_ids: Option<&'a [u32]>,
@@ -148,6 +209,10 @@ fn sse_event(data: &impl Serialize) -> Bytes {
 /// What one streamed chunk carries.
 #[derive(Default)]
 struct Content<'a> {
+    /// Which choice.
+    index: usize,
+    /// The log-probabilities of its tokens (when the request asked for them).
+    logprobs: Option<&'a Value>,
     /// A piece of text.
     piece: Option<&'a str>,
     /// The token ids behind it (when the request asked for them).
@@ -162,6 +227,8 @@ struct Content<'a> {
 /// One streamed chunk.
 fn chunk(app: &App, job: &Completion, c: Content<'_>) -> Bytes {
     let Content {
+        index,
+        logprobs,
         piece,
         token_ids,
         finish,
@@ -171,20 +238,20 @@ fn chunk(app: &App, job: &Completion, c: Content<'_>) -> Bytes {
     let chat = job.valid.chat;
     let choice = if chat {
         StreamChoice::Chat {
-            index: 0,
+            index,
             delta: Delta {
                 role: role.then_some("assistant"),
                 content: if role { Some("") } else { piece },
             },
-            logprobs: None,
+            logprobs,
             finish_reason: finish,
             token_ids,
         }
     } else {
         StreamChoice::Text {
-            index: 0,
+            index,
             text: piece.unwrap_or(""),
-            logprobs: None,
+            logprobs,
             finish_reason: finish,
             token_ids,
         }
@@ -230,72 +297,133 @@ impl Stream for Batched {
     }
 }
 
-/// The answer as server-sent events: a role chunk (chat), a chunk per token, a final chunk
-/// with the finish reason, usage when asked for, then `[DONE]`; an error mid-stream is an
-/// error object, then `[DONE]`. `permit` is held until the stream ends.
+/// Why a streamed choice stopped early.
+enum Cut {
+    /// The request failed: the error goes to the client.
+    Failed(ApiError),
+    /// The client went away.
+    Gone,
+}
+
+/// One choice's chunks, sent as its tokens come: the echoed prompt first (completions'
+/// `echo`), a chunk per token, the final chunk with its finish reason. The tokens it
+/// generated.
+async fn stream_choice(
+    app: &App,
+    job: &Completion,
+    started: Started,
+    tx: &mpsc::Sender<Bytes>,
+) -> Result<usize, Cut> {
+    let send = |event: Bytes| async move { tx.send(event).await.map_err(|_| Cut::Gone) };
+    let with_ids = job.valid.request.return_token_ids;
+    let mut logprobs = new_logprobs(app, job);
+    let mut tokens = Tokens::new(app, job, started);
+    let index = tokens.index();
+    let mut echo = job.valid.request.echo && job.valid.request.resume_token_ids.is_empty();
+    loop {
+        let next = tokens.next().await.map_err(Cut::Failed)?;
+        if std::mem::take(&mut echo) {
+            let text = prompt_text(app, job);
+            let lp = logprobs.as_mut().map(|l| {
+                let lps = tokens.take_prompt_logprobs().unwrap_or_default();
+                l.prompt(&job.valid.prompt, &lps);
+                l.take()
+            });
+            let c = Content {
+                index,
+                piece: Some(&text),
+                logprobs: lp.as_ref(),
+                token_ids: with_ids.then_some(&job.valid.prompt[..]),
+                ..Content::default()
+            };
+            send(chunk(app, job, c)).await?;
+        }
+        match next {
+            Next::Token {
+                id,
+                text,
+                logprobs: lp,
+            } => {
+                let lp = match (logprobs.as_mut(), lp) {
+                    (Some(l), Some(lp)) => {
+                        l.token(id, &lp);
+                        Some(l.take())
+                    }
+                    _ => None,
+                };
+                let id = [id];
+                let c = Content {
+                    index,
+                    piece: Some(&text),
+                    logprobs: lp.as_ref(),
+                    token_ids: with_ids.then_some(&id[..]),
+                    ..Content::default()
+                };
+                send(chunk(app, job, c)).await?;
+            }
+            Next::End {
+                tokens: count,
+                finish,
+                rest,
+            } => {
+                drop(tokens);
+                let end = Content {
+                    index,
+                    piece: (!rest.is_empty()).then_some(rest.as_str()),
+                    token_ids: with_ids.then_some(&[][..]),
+                    finish: Some(finish),
+                    ..Content::default()
+                };
+                send(chunk(app, job, end)).await?;
+                return Ok(count);
+            }
+        }
+    }
+}
+
+/// The answer as server-sent events: a role chunk per choice (chat), the choices' chunks as
+/// their tokens come (side by side, each with its `index`), usage when asked for, then
+/// `[DONE]`; an error mid-stream is an error object, then `[DONE]`. `permit` is held until
+/// the stream ends.
 pub fn stream_events(
     app: Arc<App>,
     job: Completion,
-    started: Started,
+    started: Vec<Started>,
     permit: OwnedSemaphorePermit,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Bytes>(EVENTS_BUFFERED);
     tokio::spawn(async move {
         let _permit = permit;
-        let send = |event: Bytes| {
-            let tx = tx.clone();
-            async move { tx.send(event).await.is_ok() }
-        };
-        let role = Content {
-            role: true,
-            ..Content::default()
-        };
-        if job.valid.chat && !send(chunk(&app, &job, role)).await {
-            return;
-        }
-        let with_ids = job.valid.request.return_token_ids;
-        let mut tokens = Tokens::new(&app, &job, started);
-        loop {
-            match tokens.next().await {
-                Ok(Next::Token { id, text }) => {
-                    let id = [id];
-                    let c = Content {
-                        piece: Some(&text),
-                        token_ids: with_ids.then_some(&id[..]),
-                        ..Content::default()
-                    };
-                    if !send(chunk(&app, &job, c)).await {
-                        return; // the client went away
-                    }
-                }
-                Ok(Next::End {
-                    tokens: count,
-                    finish,
-                    rest,
-                }) => {
-                    drop(tokens);
-                    let end = Content {
-                        piece: (!rest.is_empty()).then_some(rest.as_str()),
-                        token_ids: with_ids.then_some(&[][..]),
-                        finish: Some(finish),
-                        ..Content::default()
-                    };
-                    let _ = send(chunk(&app, &job, end)).await;
-                    let usage = usage(&app, &job, count);
-                    if job.valid.request.include_usage {
-                        let last = Content {
-                            usage: Some(&usage),
-                            ..Content::default()
-                        };
-                        let _ = send(chunk(&app, &job, last)).await;
-                    }
-                    break;
-                }
-                Err(e) => {
-                    let _ = send(sse_event(&e.body())).await;
-                    break;
+        if job.valid.chat {
+            for index in 0..started.len() {
+                let role = Content {
+                    index,
+                    role: true,
+                    ..Content::default()
+                };
+                if tx.send(chunk(&app, &job, role)).await.is_err() {
+                    return;
                 }
             }
+        }
+        let each = started
+            .into_iter()
+            .map(|s| stream_choice(&app, &job, s, &tx));
+        match futures_util::future::try_join_all(each).await {
+            Ok(counts) => {
+                let usage = usage(&app, &job, counts.iter().sum());
+                if job.valid.request.include_usage {
+                    let last = Content {
+                        usage: Some(&usage),
+                        ..Content::default()
+                    };
+                    let _ = tx.send(chunk(&app, &job, last)).await;
+                }
+            }
+            Err(Cut::Failed(e)) => {
+                let _ = tx.send(sse_event(&e.body())).await;
+            }
+            Err(Cut::Gone) => return,
         }
         let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
     });

@@ -202,7 +202,7 @@ async fn complete(
         id: format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" }),
         valid,
     };
-    let started = stream::start(&app, &job).await?;
+    let started = stream::start_all(&app, &job).await?;
     if job.valid.request.stream {
         Ok(stream_events(app, job, started, permit))
     } else {

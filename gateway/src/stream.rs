@@ -13,9 +13,11 @@
 
 use std::time::{Duration, Instant};
 
+use expertmesh_model::sampling::mix64;
+use expertmesh_model::TokenLogprobs;
 use expertmesh_proto::v1 as pb;
 
-use crate::backend::StartFailure;
+use crate::backend::{Resume, StartFailure};
 use crate::error::ApiError;
 use crate::response::Completion;
 use crate::text::{Piece, StopText};
@@ -25,11 +27,15 @@ use crate::App;
 pub const MIGRATIONS_MAX: usize = 3;
 
 /// What the token stream gave next.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub enum Next {
     /// A token and the text it releases (possibly empty: one per token, so a client's count
-    /// equals the usage).
-    Token { id: u32, text: String },
+    /// equals the usage), with its log-probabilities when the request asked for them.
+    Token {
+        id: u32,
+        text: String,
+        logprobs: Option<TokenLogprobs>,
+    },
     /// The end: tokens generated, OpenAI's finish reason, text held back until now.
     End {
         tokens: usize,
@@ -70,32 +76,65 @@ impl Break {
     }
 }
 
-/// A request started on a worker, before its first token.
+/// The seed of a request's `index`-th choice: the request's own for the first, so that
+/// `n = 1` draws what it always did; a hash of it and the index for the others (seed + i
+/// would replay the first choice's draws one position along).
+pub fn choice_seed(seed: u64, index: usize) -> u64 {
+    if index == 0 {
+        seed
+    } else {
+        mix64(seed ^ mix64(index as u64))
+    }
+}
+
+/// One choice of a request started on a worker, before its first token.
 pub struct Started {
+    index: usize,
     worker: String,
     stream: Option<tonic::Streaming<pb::GenerateEvent>>,
     /// Workers that could not take it.
     failed: Vec<String>,
 }
 
-/// Starts `job` on an attention worker (another one when the first cannot take it), after
-/// the tokens it resumes from; a failure here is the response's status.
-pub async fn start(app: &App, job: &Completion) -> Result<Started, ApiError> {
+/// Whether `job`'s prompt log-probabilities are asked for (an echo with logprobs, not yet
+/// given: a resumed stream gave them before).
+pub fn wants_prompt_logprobs(job: &Completion) -> bool {
+    let r = &job.valid.request;
+    r.echo && r.logprobs.is_some() && r.resume_token_ids.is_empty()
+}
+
+/// Starts choice `index` of `job` on an attention worker (another one when the first cannot
+/// take it), after the tokens it resumes from; a failure here is the response's status.
+pub async fn start(app: &App, job: &Completion, index: usize) -> Result<Started, ApiError> {
     let mut failed = Vec::new();
     let resumed = &job.valid.request.resume_token_ids;
-    if finish_of(app, job, resumed).is_some() {
+    let prompt_logprobs = wants_prompt_logprobs(job);
+    if finish_of(app, job, resumed).is_some() && !prompt_logprobs {
         return Ok(Started {
+            index,
             worker: String::new(),
             stream: None,
             failed,
         });
     }
-    let (worker, stream) = resubmit(app, job, resumed, &mut failed, None).await?;
+    let choice = Resume {
+        seed: choice_seed(job.valid.request.seed, index),
+        generated: resumed,
+        prompt_logprobs,
+    };
+    let (worker, stream) = resubmit(app, job, choice, &mut failed, None).await?;
     Ok(Started {
+        index,
         worker,
         stream: Some(stream),
         failed,
     })
+}
+
+/// Starts every choice of `job`; the first failure is the response's status.
+pub async fn start_all(app: &App, job: &Completion) -> Result<Vec<Started>, ApiError> {
+    let starts = (0..job.valid.request.n).map(|i| start(app, job, i));
+    futures_util::future::try_join_all(starts).await
 }
 
 /// Why a request that generated `generated` is over without another token, if it is: its
@@ -117,13 +156,13 @@ fn is_stop(app: &App, job: &Completion, id: u32) -> bool {
     r.stop_token_ids.contains(&id) || (!r.ignore_eos && app.backend.stop_ids.contains(&id))
 }
 
-/// Starts `job` after its `generated` tokens on a worker not in `failed`, trying others
-/// while workers fail it in a way that [`migrates`] (each added to `failed`), up to
-/// [`MIGRATIONS_MAX`] failures in all. `last` is the break that asked for it, if any.
+/// Starts a choice of `job` after the tokens it generated on a worker not in `failed`,
+/// trying others while workers fail it in a way that [`migrates`] (each added to `failed`),
+/// up to [`MIGRATIONS_MAX`] failures in all. `last` is the break that asked for it, if any.
 async fn resubmit(
     app: &App,
     job: &Completion,
-    generated: &[u32],
+    choice: Resume<'_>,
     failed: &mut Vec<String>,
     mut last: Option<Break>,
 ) -> Result<(String, tonic::Streaming<pb::GenerateEvent>), ApiError> {
@@ -134,7 +173,7 @@ async fn resubmit(
             }
             last = Some(b);
         }
-        match app.backend.generate(&job.valid, generated, failed).await {
+        match app.backend.generate(&job.valid, choice, failed).await {
             Ok(started) => return Ok(started),
             Err(StartFailure::Worker(worker, b)) => {
                 if migrates(&b) {
@@ -149,10 +188,14 @@ async fn resubmit(
     }
 }
 
-/// One request's token events as text, migrating off workers that fail it.
+/// One choice's token events as text, migrating off workers that fail it.
 pub struct Tokens<'a> {
     app: &'a App,
     job: &'a Completion,
+    /// Which choice of the request (`n`).
+    index: usize,
+    /// The prompt's log-probabilities, once the worker sent them (when asked for).
+    prompt_logprobs: Option<Vec<TokenLogprobs>>,
     /// `None` when the request was already complete when it was resumed.
     stream: Option<tonic::Streaming<pb::GenerateEvent>>,
     /// The worker the stream comes from.
@@ -177,6 +220,8 @@ impl<'a> Tokens<'a> {
         let mut tokens = Self {
             app,
             job,
+            index: started.index,
+            prompt_logprobs: None,
             stream: started.stream,
             worker: started.worker,
             failed: started.failed,
@@ -197,6 +242,17 @@ impl<'a> Tokens<'a> {
             }
         }
         tokens
+    }
+
+    /// Which choice of the request this is.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The prompt's log-probabilities (from its second token), once the worker sent them:
+    /// before the first token, when [`wants_prompt_logprobs`]. Taken once.
+    pub fn take_prompt_logprobs(&mut self) -> Option<Vec<TokenLogprobs>> {
+        self.prompt_logprobs.take()
     }
 
     /// The next piece of text, or the end. Dropping `self` (after a stop string, or when the
@@ -227,7 +283,15 @@ impl<'a> Tokens<'a> {
                 }
             };
             match event.event {
-                Some(pb::generate_event::Event::Token(t)) => return Ok(self.token(t.id)),
+                Some(pb::generate_event::Event::Token(t)) => {
+                    return Ok(self.token(t.id, t.logprobs.map(token_logprobs)))
+                }
+                Some(pb::generate_event::Event::PromptLogprobs(p)) => {
+                    let mut lps: Vec<TokenLogprobs> =
+                        p.positions.into_iter().map(token_logprobs).collect();
+                    lps.truncate(self.job.valid.prompt.len().saturating_sub(1));
+                    self.prompt_logprobs = Some(lps);
+                }
                 Some(pb::generate_event::Event::Finished(f)) => {
                     let finish = if f.reason == pb::FinishReason::Stop as i32 {
                         "stop"
@@ -246,9 +310,12 @@ impl<'a> Tokens<'a> {
     /// Moves the request to another worker after `b`; the end instead when nothing is left
     /// to generate (the worker died between the last token and its finish event).
     async fn migrate(&mut self, b: Break) -> Result<Option<Next>, ApiError> {
+        let prompt_logprobs = wants_prompt_logprobs(self.job) && self.prompt_logprobs.is_none();
         if let Some(finish) = finish_of(self.app, self.job, &self.generated) {
-            let rest = self.text.finish();
-            return Ok(Some(self.end(finish, rest)));
+            if !prompt_logprobs {
+                let rest = self.text.finish();
+                return Ok(Some(self.end(finish, rest)));
+            }
         }
         if !migrates(&b) {
             return Err(b.into_error());
@@ -256,20 +323,19 @@ impl<'a> Tokens<'a> {
         self.app.backend.suspect(&self.worker);
         self.failed.push(std::mem::take(&mut self.worker));
         self.app.metrics.migration();
-        let (worker, stream) = resubmit(
-            self.app,
-            self.job,
-            &self.generated,
-            &mut self.failed,
-            Some(b),
-        )
-        .await?;
+        let choice = Resume {
+            seed: choice_seed(self.job.valid.request.seed, self.index),
+            generated: &self.generated,
+            prompt_logprobs,
+        };
+        let (worker, stream) =
+            resubmit(self.app, self.job, choice, &mut self.failed, Some(b)).await?;
         self.worker = worker;
         self.stream = Some(stream);
         Ok(None)
     }
 
-    fn token(&mut self, id: u32) -> Next {
+    fn token(&mut self, id: u32, logprobs: Option<TokenLogprobs>) -> Next {
         let now = Instant::now();
         let metrics = &self.app.metrics;
         if self.generated.len() == self.job.valid.request.resume_token_ids.len() {
@@ -291,7 +357,7 @@ impl<'a> Tokens<'a> {
                 }
             }
         };
-        Next::Token { id, text }
+        Next::Token { id, text, logprobs }
     }
 
     fn end(&self, finish: &'static str, rest: String) -> Next {
@@ -303,9 +369,25 @@ impl<'a> Tokens<'a> {
     }
 }
 
+/// Log-probabilities off the wire (a worker's alternatives paired as far as both lists go).
+fn token_logprobs(t: pb::TokenLogprobs) -> TokenLogprobs {
+    TokenLogprobs {
+        logprob: t.logprob,
+        top: t.top_ids.into_iter().zip(t.top_logprobs).collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn choices_draw_apart() {
+        assert_eq!(choice_seed(42, 0), 42);
+        let seeds: std::collections::BTreeSet<u64> = (0..16).map(|i| choice_seed(42, i)).collect();
+        assert_eq!(seeds.len(), 16);
+        assert_ne!(choice_seed(42, 1), choice_seed(43, 1));
+    }
 
     #[test]
     fn only_the_requests_own_faults_stay_put() {

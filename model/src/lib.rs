@@ -58,10 +58,12 @@ pub use checkpoint::{DType, InMemoryWeights, SafetensorsCheckpoint, Tensor, Weig
 pub use config::TextConfig;
 pub use device::{Device, GemmPrecision};
 pub use error::{ExpertsFailure, Fault, ModelError, Result};
-pub use generate::{generate, generate_with, FinishReason, GenerateOutput, GenerateRequest};
+pub use generate::{
+    generate, generate_with, prompt_logprobs, FinishReason, GenerateOutput, GenerateRequest,
+};
 pub use kv_cache::KvCache;
 pub use model::{Forward, ImageRows, LocalExperts, LogitRows, Model, Sequence};
-pub use sampling::{Sampler, SamplingParams};
+pub use sampling::{logprobs, Adjust, Sampler, SamplingParams, TokenLogprobs};
 pub use source::ModelSource;
 pub use tokenizer::{ChatMessage, ChatTemplate, DetokenizeStream, TextTokenizer};
 pub use vision::{ImageError, ImageLimits, ImageTokens, Pixels, ProcessorConfig, VisionConfig};

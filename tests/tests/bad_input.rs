@@ -182,6 +182,7 @@ fn bad_requests_are_typed_errors() {
         stop_ids: Vec::new(),
         prompt_logits: false,
         images: Vec::new(),
+        ..Default::default()
     };
     let vocab = model.config().vocab_size as u32;
     let err = generate(&model, &request(vec![1, vocab], 4), |_| {}).unwrap_err();

@@ -160,6 +160,7 @@ fn check_fixture(name: &str) {
                 stop_ids: Vec::new(),
                 prompt_logits: false,
                 images,
+                ..Default::default()
             },
             |_| {},
         )

@@ -105,6 +105,7 @@ fn check_greedy(model: &Model, case: &Value) {
             stop_ids: Vec::new(),
             prompt_logits: false,
             images: Vec::new(),
+            ..Default::default()
         },
         |_| {},
     )

@@ -113,6 +113,7 @@ fn check_model(model: &Model, case: &Case, pixels: Pixels) {
             stop_ids: Vec::new(),
             prompt_logits: false,
             images: vec![pixels],
+            ..Default::default()
         },
         |_| {},
     )
