@@ -481,7 +481,14 @@ impl Resumed {
             if self.attempt > 0 && choice["delta"].get("role").is_some() {
                 return None; // the client has its role chunk already
             }
-            if let Some(ids) = choice.get("token_ids").and_then(Value::as_array) {
+            // Only a single choice is resumed (`n` > 1 streams are not): its ids are the
+            // first choice's.
+            let first = choice.get("index").and_then(Value::as_u64).unwrap_or(0) == 0;
+            if let Some(ids) = choice
+                .get("token_ids")
+                .and_then(Value::as_array)
+                .filter(|_| first)
+            {
                 self.emitted
                     .extend(ids.iter().filter_map(|v| v.as_u64().map(|id| id as u32)));
             }

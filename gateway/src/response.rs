@@ -333,7 +333,8 @@ async fn stream_choice(
                 index,
                 piece: Some(&text),
                 logprobs: lp.as_ref(),
-                token_ids: with_ids.then_some(&job.valid.prompt[..]),
+                // The ids are the generated tokens' alone (what a resumed stream counts).
+                token_ids: with_ids.then_some(&[][..]),
                 ..Content::default()
             };
             send(chunk(app, job, c)).await?;

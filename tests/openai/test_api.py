@@ -4,6 +4,7 @@ by the official `openai` Python client, plus raw HTTP for what the client cannot
 import base64
 import http.server
 import json
+import math
 import os
 import struct
 import zlib
@@ -503,3 +504,144 @@ def test_image_urls_are_fetched_when_allowed():
         images.shutdown()
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def reference_logits(case):
+    """The case's prompt logits from the fixture's reference.safetensors, as rows."""
+    path = ROOT / "tests/fixtures/tiny-maverick/reference.safetensors"
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    entry = json.loads(data[8:8 + n])[f"{case}.logits"]
+    rows, vocab = entry["shape"]
+    start, end = entry["data_offsets"]
+    flat = struct.unpack(f"<{rows * vocab}f", data[8 + n + start:8 + n + end])
+    return [flat[r * vocab:(r + 1) * vocab] for r in range(rows)]
+
+
+def log_softmax(row):
+    m = max(row)
+    lse = m + math.log(sum(math.exp(v - m) for v in row))
+    return [v - lse for v in row]
+
+
+@pytest.mark.parametrize("max_tokens", [0, 1])
+def test_echo_logprobs_are_the_references_like_lm_eval_asks(client, max_tokens):
+    # lm-eval-harness's loglikelihood request: token ids, echo, logprobs=1, temperature 0.
+    case = CASES["long"]
+    ids = case["input_ids"]
+    r = client.completions.create(model="tiny-maverick", prompt=ids, echo=True,
+                                  max_tokens=max_tokens, logprobs=1, temperature=0, seed=1234)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + max_tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    ref = [log_softmax(row) for row in reference_logits("long")]
+    for i in range(1, len(ids)):
+        assert abs(lp.token_logprobs[i] - ref[i - 1][ids[i]]) < 5e-3, i
+        # The legacy shape's alternatives hold the top one and the token itself.
+        assert max(lp.top_logprobs[i].values()) >= lp.token_logprobs[i]
+    if max_tokens:
+        # The greedy continuation is the top alternative (lm-eval's is_greedy).
+        assert r.choices[0].text.startswith(client.post(
+            "/detokenize", body={"tokens": ids}, cast_to=object)["prompt"])
+        first = case["greedy_new_ids"][0]
+        assert abs(lp.token_logprobs[-1] - ref[-1][first]) < 5e-3
+        assert lp.token_logprobs[-1] == max(lp.top_logprobs[-1].values())
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    assert r.usage.completion_tokens == max_tokens
+
+
+def test_chat_logprobs_streamed_and_not(client):
+    kwargs = dict(model="tiny-maverick", messages=[{"role": "user", "content": "Why experts?"}],
+                  max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    whole = client.chat.completions.create(**kwargs)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens
+    for e in content:
+        assert len(e.top_logprobs) == 3
+        # Greedy: the chosen token is the most likely one.
+        assert e.logprob == e.top_logprobs[0].logprob
+        assert e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob
+        assert bytes(e.bytes) == e.token.encode()
+    streamed = []
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.content
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    plain = client.chat.completions.create(**{**kwargs, "logprobs": False, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None
+
+
+def test_streamed_completion_logprobs_with_echo(client):
+    kwargs = dict(model="tiny-maverick", prompt="The cluster grows", max_tokens=5,
+                  temperature=0.8, seed=3, logprobs=2, echo=True)
+    whole = client.completions.create(**kwargs).choices[0]
+    tokens, lps, offsets, text = [], [], [], ""
+    for chunk in client.completions.create(**kwargs, stream=True):
+        for c in chunk.choices:
+            text += c.text
+            if c.logprobs:
+                tokens += c.logprobs.tokens
+                lps += c.logprobs.token_logprobs
+                offsets += c.logprobs.text_offset
+    assert text == whole.text and text.startswith("The cluster grows")
+    assert tokens == whole.logprobs.tokens and lps == whole.logprobs.token_logprobs
+    assert offsets == whole.logprobs.text_offset
+
+
+def test_n_choices_are_seeded_and_streamed_alike(client):
+    kwargs = dict(model="tiny-maverick", prompt="Experts move", max_tokens=10,
+                  temperature=1.5, seed=7)
+    one = client.completions.create(**kwargs)
+    many = client.completions.create(**kwargs, n=3)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert many.choices[0].text == one.choices[0].text, "choice 0 draws what n=1 draws"
+    assert len({c.text for c in many.choices}) > 1
+    assert many.usage.completion_tokens == 30 and many.usage.prompt_tokens == one.usage.prompt_tokens
+    texts = ["", "", ""]
+    for chunk in client.completions.create(**kwargs, n=3, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [c.text for c in many.choices]
+    chat = client.chat.completions.create(
+        model="tiny-maverick", messages=[{"role": "user", "content": "hi"}], n=2,
+        max_tokens=4, temperature=1.0, seed=1)
+    assert [c.index for c in chat.choices] == [0, 1]
+
+
+def test_penalties_and_logit_bias_change_the_greedy_text(client):
+    case = CASES["short"]
+    ids, greedy = case["input_ids"], case["greedy_new_ids"]
+    kwargs = dict(model="tiny-maverick", prompt=ids, max_tokens=len(greedy), temperature=0)
+
+    def tokens(extra=None, **fields):
+        extra = {"return_token_ids": True, "ignore_eos": True, **(extra or {})}
+        r = client.completions.create(**kwargs, **fields, extra_body=extra)
+        return r.choices[0].model_extra["token_ids"]
+
+    assert tokens() == greedy
+    # The reference repeats 556 three times: a frequency penalty breaks the run.
+    assert tokens(frequency_penalty=2.0)[:2] == greedy[:2]
+    assert tokens(frequency_penalty=2.0) != greedy
+    assert tokens(presence_penalty=2.0) != greedy
+    assert tokens({"repetition_penalty": 2.0}) != greedy
+    assert tokens(logit_bias={str(greedy[0]): -100})[0] != greedy[0]
+    assert tokens(logit_bias={"5": 100}) == [5] * len(greedy)
+
+
+def test_new_fields_are_validated(server):
+    cases = [
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"prompt": "x", "n": 17}, "n"),
+        ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+        ({"prompt": "x", "logit_bias": {"999999": 1}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"5": 200}}, "logit_bias"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ]
+    for body, param in cases:
+        status, payload = raw(server, "/v1/completions", json.dumps(body).encode())
+        assert status == 400 and payload["error"]["param"] == param, (body, payload)
+    status, payload = raw(server, "/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}).encode())
+    assert status == 400 and payload["error"]["param"] == "top_logprobs"
+    with urllib.request.urlopen(server + "/health", timeout=10) as r:
+        assert r.status == 200
