@@ -19,5 +19,5 @@ pub mod service;
 
 pub use node::{connect, run, AttentionWorkerConfig, NodeError};
 pub use remote::{DispatchConfig, RemoteExperts};
-pub use scheduler::{Engine, EngineStats, Event, Failure, SchedulerConfig, SubmitError};
+pub use scheduler::{Engine, EngineStats, Event, Failure, Prepared, SchedulerConfig, SubmitError};
 pub use service::AttentionServer;

@@ -166,6 +166,7 @@ pub async fn run(
         .add_service(
             AttentionServer::new(model, engine)
                 .with_images(source.processor_config()?, config.images)
+                .with_grammars(source.grammars()?)
                 .into_service(),
         )
         .serve_with_incoming_shutdown(expertmesh_proto::incoming(listener), async {

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use expertmesh_model::kv_cache::BlockPool;
 use expertmesh_model::moe::ExpertRunner;
 use expertmesh_model::{
-    logprobs, prompt_logprobs, Fault, FinishReason, GenerateRequest, ImageRows, KvCache, LogitRows,
-    Model, ModelError, Sampler, Sequence, TokenLogprobs,
+    logprobs, prompt_logprobs, Constraint, Fault, FinishReason, GenerateRequest, ImageRows,
+    KvCache, LogitRows, Model, ModelError, Sampler, Sequence, TokenLogprobs, TokenMask,
 };
 use tokio::sync::mpsc;
 
@@ -119,8 +119,52 @@ const DRAINED: &str = "the attention worker is draining: the request moves to an
 
 struct Submission {
     request: GenerateRequest,
-    images: ImageRows,
+    prepared: Prepared,
     events: mpsc::Sender<Event>,
+}
+
+/// What a request brings beyond its ids, worked out once before the engine takes it.
+#[derive(Default)]
+pub struct Prepared {
+    /// The vision rows of the prompt's `<|patch|>` tokens (`Model::encode_images`, one per
+    /// `<|patch|>` of the prompt, checked by the caller); none for text.
+    pub images: ImageRows,
+    /// The request's grammar, compiled, past the tokens it resumes after (structured
+    /// outputs).
+    pub constraint: Option<Constraint>,
+}
+
+/// A sequence's grammar: the mask of its next token, or that mask being computed on a
+/// rayon thread while the engine runs the step's forward pass (it is needed only when the
+/// sequence samples).
+enum Grammar {
+    Ready(Constraint, TokenMask),
+    Computing(std::sync::mpsc::Receiver<Result<(Constraint, TokenMask), ModelError>>),
+}
+
+impl Grammar {
+    /// Starts computing the mask that follows `constraint`'s state.
+    fn after(mut constraint: Constraint) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rayon::spawn(move || {
+            let _ = tx.send(constraint.mask().map(|m| (constraint, m)));
+        });
+        Self::Computing(rx)
+    }
+
+    /// The constraint and its mask, waiting for the mask if it is still being computed.
+    fn ready(&mut self) -> Result<(&mut Constraint, &TokenMask), ModelError> {
+        if let Self::Computing(rx) = self {
+            let (c, m) = rx.recv().map_err(|_| ModelError::Grammar {
+                reason: "the mask computation panicked".into(),
+            })??;
+            *self = Self::Ready(c, m);
+        }
+        match self {
+            Self::Ready(c, m) => Ok((c, m)),
+            Self::Computing(_) => unreachable!("just made ready"),
+        }
+    }
 }
 
 /// Handle to a running engine.
@@ -189,16 +233,15 @@ impl Engine {
     /// Queues a request (checked by the caller); events arrive on the returned stream.
     /// Dropping the receiver cancels the request.
     pub fn submit(&self, request: GenerateRequest) -> Result<mpsc::Receiver<Event>, SubmitError> {
-        self.submit_with(request, ImageRows::default())
+        self.submit_with(request, Prepared::default())
     }
 
-    /// `submit` for a prompt with images, whose vision rows (`Model::encode_images`, one
-    /// per `<|patch|>` of the prompt, checked by the caller) were computed once, before:
-    /// chunked prefill and recompute after preemption take them from the request.
+    /// `submit` for a request with images or a grammar, `prepared` once, before: chunked
+    /// prefill and recompute after preemption take the rows from the request.
     pub fn submit_with(
         &self,
         request: GenerateRequest,
-        images: ImageRows,
+        prepared: Prepared,
     ) -> Result<mpsc::Receiver<Event>, SubmitError> {
         if self.draining.load(Ordering::Relaxed) {
             return Err(SubmitError::Draining);
@@ -209,7 +252,7 @@ impl Engine {
         self.tx
             .try_send(Submission {
                 request,
-                images,
+                prepared,
                 events,
             })
             .map_err(|e| match e {
@@ -232,6 +275,8 @@ struct Seq {
     prompt_logits: Option<Vec<f32>>,
     /// Collected while the prompt is prefilled when asked for; `None` once sent.
     prompt_logprobs: Option<Vec<TokenLogprobs>>,
+    /// Structured outputs: where the sequence stands in its grammar.
+    grammar: Option<Grammar>,
     events: mpsc::Sender<Event>,
 }
 
@@ -300,7 +345,8 @@ impl Scheduler {
         let sampler = Sampler::with_adjust(r.sampling, r.adjust.clone(), r.prompt.len());
         self.waiting.push_back(Seq {
             tokens: job.request.prompt.clone(),
-            images: job.images,
+            images: job.prepared.images,
+            grammar: job.prepared.constraint.map(Grammar::after),
             prompt_logits: job.request.prompt_logits.then(Vec::new),
             prompt_logprobs: job.request.prompt_logprobs.map(|_| Vec::new()),
             request: job.request,
@@ -492,12 +538,19 @@ impl Scheduler {
             if let Some(lps) = seq.prompt_logprobs.take() {
                 seq.send(Event::PromptLogprobs(lps));
             }
-            if let Some(reason) = Self::advance(seq, last) {
-                if let Some(logits) = seq.prompt_logits.take() {
-                    seq.send(Event::PromptLogits(logits));
+            match Self::advance(seq, last) {
+                Ok(None) => {}
+                Ok(Some(reason)) => {
+                    if let Some(logits) = seq.prompt_logits.take() {
+                        seq.send(Event::PromptLogits(logits));
+                    }
+                    seq.send(Event::Finished(reason));
+                    done.push(i);
                 }
-                seq.send(Event::Finished(reason));
-                done.push(i);
+                Err(e) => {
+                    seq.send(Event::Failed(Failure::from(&e)));
+                    done.push(i);
+                }
             }
             self.stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
         }
@@ -506,24 +559,41 @@ impl Scheduler {
         }
     }
 
-    /// Samples one token; returns why the sequence ends, if it does.
-    fn advance(seq: &mut Seq, logits: &[f32]) -> Option<FinishReason> {
+    /// Samples one token; returns why the sequence ends, if it does (a grammar that failed
+    /// ends it with its error).
+    fn advance(seq: &mut Seq, logits: &[f32]) -> Result<Option<FinishReason>, ModelError> {
         if seq.generated >= seq.request.max_new_tokens {
-            return Some(FinishReason::Length);
+            return Ok(Some(FinishReason::Length));
         }
-        let id = seq
-            .sampler
-            .next(logits, &seq.tokens, seq.generated, &seq.request.stop_ids);
+        let (constraint, mask) = match seq.grammar.as_mut() {
+            Some(g) => g.ready().map(|(c, m)| (Some(c), Some(m)))?,
+            None => (None, None),
+        };
+        let id = seq.sampler.next(
+            logits,
+            &seq.tokens,
+            seq.generated,
+            &seq.request.stop_ids,
+            mask,
+        );
+        let mut complete = false;
+        if let Some(c) = constraint {
+            c.consume(id)?;
+            complete = c.is_done();
+        }
+        if let Some(Grammar::Ready(c, _)) = seq.grammar.take() {
+            seq.grammar = (!complete).then(|| Grammar::after(c));
+        }
         let lp = seq.request.logprobs.map(|top| logprobs(logits, id, top));
         seq.tokens.push(id);
         seq.generated += 1;
         seq.send(Event::Token(id, lp));
-        if seq.request.stop_ids.contains(&id) {
+        Ok(if seq.request.stop_ids.contains(&id) || complete {
             Some(FinishReason::Stop)
         } else if seq.generated >= seq.request.max_new_tokens {
             Some(FinishReason::Length)
         } else {
             None
-        }
+        })
     }
 }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use expertmesh_model::vision::preprocess;
 use expertmesh_model::{
-    Adjust, Fault, FinishReason, GenerateRequest, ImageError, ImageLimits, ImageRows, Model,
-    ModelError, ProcessorConfig, SamplingParams, TokenLogprobs,
+    Adjust, Constraint, Fault, FinishReason, GenerateRequest, GrammarSpec, Grammars, ImageError,
+    ImageLimits, ImageRows, Model, ModelError, ProcessorConfig, SamplingParams, TokenLogprobs,
 };
 use expertmesh_proto::v1 as pb;
 use expertmesh_proto::v1::attention_service_server::{AttentionService, AttentionServiceServer};
@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
-use crate::scheduler::{Engine, Event, SubmitError};
+use crate::scheduler::{Engine, Event, Prepared, SubmitError};
 
 pub struct AttentionServer {
     model: Arc<Model>,
@@ -29,6 +29,8 @@ pub struct AttentionServer {
     /// One vision-tower run at a time: it uses every core, and waiting requests hold
     /// only their encoded bytes meanwhile.
     vision: Arc<Semaphore>,
+    /// Structured outputs' compiler (none for a model without a tokenizer).
+    grammars: Option<Grammars>,
 }
 
 impl AttentionServer {
@@ -39,7 +41,38 @@ impl AttentionServer {
             processor: ProcessorConfig::default(),
             limits: ImageLimits::default(),
             vision: Arc::new(Semaphore::new(1)),
+            grammars: None,
         }
+    }
+
+    /// Serves structured outputs with this model's grammar compiler.
+    pub fn with_grammars(self, grammars: Option<Grammars>) -> Self {
+        Self { grammars, ..self }
+    }
+
+    /// Compiles a request's grammar off the async threads and moves it past the tokens the
+    /// request resumes after (the last `resumed` of its prompt).
+    async fn constraint(&self, req: &GenerateRequest) -> Result<Option<Constraint>, Status> {
+        let Some(spec) = req.grammar.clone() else {
+            return Ok(None);
+        };
+        let grammars = self.grammars.clone().ok_or_else(|| {
+            status(&ModelError::Grammar {
+                reason: "this model has no tokenizer".into(),
+            })
+        })?;
+        let resumed = req.prompt[req.prompt.len().saturating_sub(req.adjust.resumed)..].to_vec();
+        tokio::task::spawn_blocking(move || -> Result<Constraint, ModelError> {
+            let mut c = grammars.compile(&spec)?;
+            for id in resumed {
+                c.consume(id)?;
+            }
+            Ok(c)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("compiling the grammar failed: {e}")))?
+        .map(Some)
+        .map_err(|e| status(&e))
     }
 
     /// How this model's images become tiles, and the bounds on them.
@@ -143,7 +176,20 @@ fn request(r: &pb::GenerateRequest) -> GenerateRequest {
         },
         logprobs: r.logprobs.map(|n| n as usize),
         prompt_logprobs: r.prompt_logprobs.map(|n| n as usize),
+        grammar: r.grammar.as_ref().and_then(grammar_spec),
     }
+}
+
+/// A grammar off the wire (an empty one: none).
+fn grammar_spec(g: &pb::Grammar) -> Option<GrammarSpec> {
+    use pb::grammar::Kind;
+    Some(match g.kind.as_ref()? {
+        Kind::JsonObject(_) => GrammarSpec::JsonObject,
+        Kind::JsonSchema(s) => GrammarSpec::JsonSchema(s.clone()),
+        Kind::Regex(r) => GrammarSpec::Regex(r.clone()),
+        Kind::Choice(c) => GrammarSpec::Choice(c.items.clone()),
+        Kind::Lark(l) => GrammarSpec::Lark(l.clone()),
+    })
 }
 
 /// Log-probabilities as the wire carries them.
@@ -208,11 +254,18 @@ impl AttentionService for AttentionServer {
             return Err(status(&ModelError::EmptyPrompt));
         }
         let image_rows = self.encode_images(&req.prompt, images).await?;
+        let constraint = self.constraint(&req).await?;
         let rows = req.prompt.len() as u64;
         let vocab = self.model.config().vocab_size as u64;
         let rx = self
             .engine
-            .submit_with(req, image_rows)
+            .submit_with(
+                req,
+                Prepared {
+                    images: image_rows,
+                    constraint,
+                },
+            )
             .map_err(|e| match e {
                 SubmitError::Overloaded(_) => Status::resource_exhausted(e.to_string()),
                 SubmitError::Stopped | SubmitError::Draining => Status::unavailable(e.to_string()),

@@ -237,7 +237,11 @@ fn image_requests_survive_chunked_prefill_and_preemption() {
                 images: Vec::new(),
                 ..Default::default()
             };
-            image_streams.push(engine.submit_with(request, rows.clone()).unwrap());
+            let prepared = expertmesh_attention_worker::Prepared {
+                images: rows.clone(),
+                constraint: None,
+            };
+            image_streams.push(engine.submit_with(request, prepared).unwrap());
         }
     }
     for rx in image_streams {
@@ -250,5 +254,63 @@ fn image_requests_survive_chunked_prefill_and_preemption() {
     assert!(
         engine.stats().preemptions.load(Ordering::Relaxed) > 0,
         "no preemption happened"
+    );
+}
+
+/// A request with a grammar samples only what it allows, the mask computed beside the
+/// forward pass, and ends when the grammar is complete; a request resumed after some of
+/// its tokens (a migration) ends the same way from where it was.
+#[test]
+fn grammars_constrain_what_is_sampled() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-maverick");
+    let model = model();
+    let grammars = expertmesh_model::Grammars::from_dir(&dir, 768, &[698]).unwrap();
+    let tokenizer = expertmesh_model::TextTokenizer::from_dir(&dir).unwrap();
+    let spec = expertmesh_model::GrammarSpec::Regex("(ab|cd)[0-9]{3}".into());
+    let engine = Engine::spawn(
+        model.clone(),
+        LocalExperts(model),
+        SchedulerConfig::default(),
+    );
+    let run = |prompt: Vec<u32>, resumed: &[u32]| {
+        let mut constraint = grammars.compile(&spec).unwrap();
+        for &id in resumed {
+            constraint.consume(id).unwrap();
+        }
+        let request = GenerateRequest {
+            prompt: [&prompt[..], resumed].concat(),
+            max_new_tokens: 40,
+            sampling: SamplingParams {
+                temperature: 1.0,
+                seed: 5,
+                ..SamplingParams::default()
+            },
+            stop_ids: vec![698],
+            adjust: Adjust {
+                resumed: resumed.len(),
+                ..Adjust::default()
+            },
+            ..Default::default()
+        };
+        let prepared = expertmesh_attention_worker::Prepared {
+            constraint: Some(constraint),
+            ..Default::default()
+        };
+        collect(engine.submit_with(request, prepared).unwrap())
+    };
+    let prompt: Vec<u32> = (1..20).collect();
+    let (whole, reason) = run(prompt.clone(), &[]);
+    assert_eq!(reason, FinishReason::Stop);
+    let text = tokenizer.decode(&whole.ids).unwrap();
+    let re = regex::Regex::new("^(ab|cd)[0-9]{3}$").unwrap();
+    assert!(
+        re.is_match(text.trim_end_matches("<|end_of_text|>")),
+        "{text:?}"
+    );
+    let (rest, _) = run(prompt, &whole.ids[..1]);
+    assert_eq!(
+        rest.ids,
+        whole.ids[1..],
+        "resumed after a token, the same draws"
     );
 }

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use expertmesh_coordinator::{ClusterView, Coordinator, Member, Role};
+use expertmesh_model::GrammarSpec;
 use expertmesh_proto::v1 as pb;
 use expertmesh_proto::v1::attention_service_client::AttentionServiceClient;
 use tonic::transport::Channel;
@@ -198,6 +199,7 @@ impl Backend {
                 .map(|&(id, bias)| pb::LogitBias { id, bias })
                 .collect(),
             resumed_tokens: generated.len() as u32,
+            grammar: r.grammar.as_ref().map(|(g, _)| grammar_message(g)),
         };
         let mut client = AttentionServiceClient::new(channel);
         match client.generate(request).await {
@@ -205,6 +207,19 @@ impl Backend {
             Err(s) => Err(StartFailure::Worker(address, Break::Status(s))),
         }
     }
+}
+
+/// A grammar as the wire carries it.
+fn grammar_message(g: &GrammarSpec) -> pb::Grammar {
+    use pb::grammar::Kind;
+    let kind = match g {
+        GrammarSpec::JsonObject => Kind::JsonObject(true),
+        GrammarSpec::JsonSchema(s) => Kind::JsonSchema(s.clone()),
+        GrammarSpec::Regex(r) => Kind::Regex(r.clone()),
+        GrammarSpec::Choice(c) => Kind::Choice(pb::Choices { items: c.clone() }),
+        GrammarSpec::Lark(l) => Kind::Lark(l.clone()),
+    };
+    pb::Grammar { kind: Some(kind) }
 }
 
 #[cfg(test)]

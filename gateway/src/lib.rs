@@ -140,6 +140,7 @@ pub async fn serve(
             model_path: config.model.clone(),
             completion_tokens_default: config.completion_tokens_default,
             vision,
+            grammars: source.grammars()?,
         },
         backend: Backend::new(cluster, stop_ids),
         metrics: Metrics::default(),

@@ -4,7 +4,7 @@
 use serde_json::{Map, Value};
 
 use expertmesh_model::sampling::{LOGIT_BIAS_MAX, TOP_LOGPROBS_MAX};
-use expertmesh_model::{Adjust, ChatMessage};
+use expertmesh_model::{Adjust, ChatMessage, GrammarSpec};
 
 use crate::error::ApiError;
 
@@ -62,6 +62,8 @@ pub struct CompletionRequest {
     pub echo: bool,
     /// Penalties and `logit_bias` (token ids checked against the vocabulary later).
     pub adjust: Adjust,
+    /// What the output must match, and the field that asked for it (structured outputs).
+    pub grammar: Option<(GrammarSpec, &'static str)>,
 }
 
 impl CompletionRequest {
@@ -183,8 +185,102 @@ impl CompletionRequest {
             logprobs,
             echo,
             adjust: adjust(obj)?,
+            grammar: grammar(obj)?,
         })
     }
+}
+
+/// The structured output asked for: OpenAI's `response_format` (`json_object`, or
+/// `json_schema` with its `schema`), or vLLM's `structured_outputs` (`json`, `regex`,
+/// `choice`, `grammar`) and its older `guided_json`, `guided_regex`, `guided_choice`,
+/// `guided_grammar`; at most one. Grammars are Lark (llguidance's dialect).
+fn grammar(obj: &Map<String, Value>) -> Result<Option<(GrammarSpec, &'static str)>, ApiError> {
+    let schema = |v: &Value, field: &str| match v {
+        Value::Object(_) => Ok(GrammarSpec::JsonSchema(v.to_string())),
+        Value::String(s) => Ok(GrammarSpec::JsonSchema(s.clone())),
+        _ => Err(ApiError::bad(
+            format!("{field} must be a JSON schema"),
+            field,
+        )),
+    };
+    let text = |v: &Value, field: &str| {
+        v.as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| ApiError::bad(format!("{field} must be a string"), field))
+    };
+    let choice = |v: &Value, field: &str| {
+        v.as_array()
+            .filter(|a| !a.is_empty())
+            .and_then(|a| a.iter().map(|c| c.as_str().map(str::to_owned)).collect())
+            .map(GrammarSpec::Choice)
+            .ok_or_else(|| ApiError::bad(format!("{field} must be a list of strings"), field))
+    };
+    let mut found: Vec<(GrammarSpec, &'static str)> = Vec::new();
+    match obj.get("response_format") {
+        None | Some(Value::Null) => {}
+        Some(rf) => {
+            const F: &str = "response_format";
+            match rf.get("type").and_then(Value::as_str) {
+                Some("text") => {}
+                Some("json_object") => found.push((GrammarSpec::JsonObject, F)),
+                Some("json_schema") => {
+                    let s = rf
+                        .get("json_schema")
+                        .and_then(|j| j.get("schema"))
+                        .ok_or_else(|| ApiError::bad("json_schema.schema is required", F))?;
+                    found.push((schema(s, F)?, F));
+                }
+                _ => {
+                    return Err(ApiError::bad(
+                        "response_format.type must be text, json_object or json_schema",
+                        F,
+                    ))
+                }
+            }
+        }
+    }
+    const GUIDED: [&str; 4] = [
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+    ];
+    for field in GUIDED {
+        let Some(v) = obj.get(field).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let spec = match field {
+            "guided_json" => schema(v, field)?,
+            "guided_regex" => GrammarSpec::Regex(text(v, field)?),
+            "guided_choice" => choice(v, field)?,
+            _ => GrammarSpec::Lark(text(v, field)?),
+        };
+        found.push((spec, field));
+    }
+    if let Some(so) = obj.get("structured_outputs").filter(|v| !v.is_null()) {
+        const F: &str = "structured_outputs";
+        let so = so
+            .as_object()
+            .ok_or_else(|| ApiError::bad("structured_outputs must be an object", F))?;
+        for (key, v) in so.iter().filter(|(_, v)| !v.is_null()) {
+            let spec = match key.as_str() {
+                "json" => schema(v, F)?,
+                "regex" => GrammarSpec::Regex(text(v, F)?),
+                "choice" => choice(v, F)?,
+                "grammar" => GrammarSpec::Lark(text(v, F)?),
+                "json_object" if v == &Value::Bool(true) => GrammarSpec::JsonObject,
+                _ => continue,
+            };
+            found.push((spec, F));
+        }
+    }
+    if found.len() > 1 {
+        return Err(ApiError::bad(
+            "at most one structured output (response_format, structured_outputs, guided_*)",
+            found[1].1,
+        ));
+    }
+    Ok(found.pop())
 }
 
 /// How many alternatives each token's log-probability comes with, if asked for: chat's

@@ -3,7 +3,9 @@
 //! through the template, or token ids checked against the vocabulary), `max_tokens` fitted
 //! to the context — or a 400/404 naming the field.
 
-use expertmesh_model::{ChatTemplate, ImageError, ImageTokens, TextConfig, TextTokenizer};
+use expertmesh_model::{
+    ChatTemplate, GrammarSpec, Grammars, ImageError, ImageTokens, TextConfig, TextTokenizer,
+};
 
 use crate::error::ApiError;
 use crate::images::{image_error, LoadedImage};
@@ -22,6 +24,9 @@ pub struct Validator {
     pub completion_tokens_default: usize,
     /// For a model with a vision tower: its image tokens and the rows one tile yields.
     pub vision: Option<(ImageTokens, usize)>,
+    /// Structured outputs' compiler (none for a model without a tokenizer): a grammar is
+    /// compiled here once, so that one that cannot be is a 400 before a worker sees it.
+    pub grammars: Option<Grammars>,
 }
 
 /// A request that passed every check, tokenized, ready to send.
@@ -139,6 +144,19 @@ impl Validator {
             ));
         }
         Ok(max_tokens)
+    }
+
+    /// Compiles a request's grammar (off the async threads): a 400 naming `field` and what
+    /// llguidance found wrong.
+    pub async fn check_grammar(&self, spec: &GrammarSpec, field: &str) -> Result<(), ApiError> {
+        let grammars = self.grammars.clone().ok_or_else(|| {
+            ApiError::bad("this model has no tokenizer: no structured outputs", field)
+        })?;
+        let spec = spec.clone();
+        tokio::task::spawn_blocking(move || grammars.compile(&spec).map(drop))
+            .await
+            .map_err(|e| ApiError::Internal(format!("compiling the grammar: {e}")))?
+            .map_err(|e| ApiError::bad(e.to_string(), field))
     }
 
     pub fn check_vocabulary(&self, ids: &[u32], field: &str) -> Result<(), ApiError> {

@@ -197,6 +197,9 @@ async fn complete(
         .map_err(|_| ApiError::Overloaded("too many requests in flight".into()))?;
     let images = images::load(&request.images, &app.config.images, &app.processor).await?;
     let valid = app.validator.validate(request, chat, images)?;
+    if let Some((spec, field)) = &valid.request.grammar {
+        app.validator.check_grammar(spec, field).await?;
+    }
     let n = app.next_id.fetch_add(1, Ordering::Relaxed);
     let job = Completion {
         id: format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" }),

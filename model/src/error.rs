@@ -64,6 +64,8 @@ pub enum ModelError {
     Device(String),
     #[error("invalid sampling parameter `{field}`: {reason}")]
     Sampling { field: &'static str, reason: String },
+    #[error("structured output: {reason}")]
+    Grammar { reason: String },
     #[error(transparent)]
     Image(#[from] crate::vision::ImageError),
     #[error("the prompt holds {placeholders} image placeholders for {images} images")]
@@ -124,6 +126,7 @@ impl ModelError {
             | Self::ContextExceeded { .. }
             | Self::EmptyPrompt
             | Self::Sampling { .. }
+            | Self::Grammar { .. }
             | Self::Image(_)
             | Self::ImageCount { .. }
             | Self::ImageRows { .. }

@@ -2,6 +2,7 @@
 //! time with the KV cache until a stop id or the token budget.
 
 use crate::error::{ModelError, Result};
+use crate::grammar::GrammarSpec;
 use crate::model::{LogitRows, Model, Sequence};
 use crate::moe::ExpertRunner;
 use crate::sampling::{logprobs, Adjust, Sampler, SamplingParams, TokenLogprobs, TOP_LOGPROBS_MAX};
@@ -26,6 +27,9 @@ pub struct GenerateRequest {
     pub logprobs: Option<usize>,
     /// Each prompt token's log-probability (after the first) with this many alternatives.
     pub prompt_logprobs: Option<usize>,
+    /// What the output must match (structured outputs); the engine that serves the
+    /// request compiles it (`grammar::Grammars`).
+    pub grammar: Option<GrammarSpec>,
 }
 
 impl GenerateRequest {
@@ -101,6 +105,11 @@ pub fn generate_with(
 ) -> Result<GenerateOutput> {
     let vocab = model.config().vocab_size;
     req.validate(vocab)?;
+    if req.grammar.is_some() {
+        return Err(ModelError::Grammar {
+            reason: "structured outputs are served by the engine (`expertmesh up`)".into(),
+        });
+    }
     let mut cache = model.new_cache();
     model.check_tokens(&cache, &req.prompt, req.max_new_tokens)?;
     let mut sampler = Sampler::with_adjust(req.sampling, req.adjust.clone(), req.prompt.len());
@@ -134,7 +143,7 @@ pub fn generate_with(
     }
     let mut tokens = req.prompt.clone();
     while out.output_ids.len() < req.max_new_tokens {
-        let id = sampler.next(&last, &tokens, out.output_ids.len(), &req.stop_ids);
+        let id = sampler.next(&last, &tokens, out.output_ids.len(), &req.stop_ids, None);
         if let Some(top) = req.logprobs {
             out.logprobs.push(logprobs(&last, id, top));
         }

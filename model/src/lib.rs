@@ -39,6 +39,7 @@ pub mod error;
 mod forward;
 pub mod fp8;
 pub mod generate;
+pub mod grammar;
 pub mod hot;
 pub mod kernels;
 pub mod kv_cache;
@@ -61,6 +62,7 @@ pub use error::{ExpertsFailure, Fault, ModelError, Result};
 pub use generate::{
     generate, generate_with, prompt_logprobs, FinishReason, GenerateOutput, GenerateRequest,
 };
+pub use grammar::{Constraint, GrammarSpec, Grammars, TokenMask};
 pub use kv_cache::KvCache;
 pub use model::{Forward, ImageRows, LocalExperts, LogitRows, Model, Sequence};
 pub use sampling::{logprobs, Adjust, Sampler, SamplingParams, TokenLogprobs};

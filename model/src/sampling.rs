@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 
 use crate::error::{ModelError, Result};
+use crate::grammar::TokenMask;
 
 /// Entries of `logit_bias` one request may carry.
 pub const LOGIT_BIAS_MAX: usize = 1024;
@@ -264,21 +265,34 @@ impl Sampler {
     }
 
     /// The token after `tokens` (the sequence so far, prompt included), the `generated`-th
-    /// (from 0) of this run: `stop_ids` are barred while fewer than `min_tokens` have been
-    /// generated, then the request's [`Adjust`]ments apply.
+    /// (from 0) of this run: only tokens `allowed` by the request's grammar (if it has one),
+    /// `stop_ids` barred while fewer than `min_tokens` have been generated (unless the
+    /// grammar allows nothing else), then the request's [`Adjust`]ments apply.
     pub fn next(
         &mut self,
         logits: &[f32],
         tokens: &[u32],
         generated: usize,
         stop_ids: &[u32],
+        allowed: Option<&TokenMask>,
     ) -> u32 {
-        let bar = generated < self.params.min_tokens && !stop_ids.is_empty();
+        let only_stops =
+            |m: &TokenMask| m.count() <= stop_ids.iter().filter(|&&id| m.allows(id)).count();
+        let bar = generated < self.params.min_tokens
+            && !stop_ids.is_empty()
+            && !allowed.is_some_and(only_stops);
         let penalize = self.adjust.penalizes();
-        if !bar && !penalize && self.adjust.logit_bias.is_empty() {
+        if !bar && !penalize && self.adjust.logit_bias.is_empty() && allowed.is_none() {
             return self.sample(logits, tokens.len());
         }
         let mut adjusted = logits.to_vec();
+        if let Some(mask) = allowed {
+            for (id, l) in adjusted.iter_mut().enumerate() {
+                if !mask.allows(id as u32) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
         if bar {
             for &id in stop_ids {
                 if let Some(l) = adjusted.get_mut(id as usize) {
@@ -431,15 +445,15 @@ mod tests {
             min_tokens: 2,
             ..SamplingParams::default()
         });
-        assert_eq!(s.next(&logits, &[0; 9], 0, &[1]), 2);
-        assert_eq!(s.next(&logits, &[0; 10], 1, &[1]), 2);
-        assert_eq!(s.next(&logits, &[0; 11], 2, &[1]), 1);
-        assert_eq!(s.next(&logits, &[0; 9], 0, &[]), 1);
+        assert_eq!(s.next(&logits, &[0; 9], 0, &[1], None), 2);
+        assert_eq!(s.next(&logits, &[0; 10], 1, &[1], None), 2);
+        assert_eq!(s.next(&logits, &[0; 11], 2, &[1], None), 1);
+        assert_eq!(s.next(&logits, &[0; 9], 0, &[], None), 1);
     }
 
     fn adjusted(adjust: Adjust, prompt_len: usize, tokens: &[u32], logits: &[f32]) -> u32 {
         let mut s = Sampler::with_adjust(SamplingParams::default(), adjust, prompt_len);
-        s.next(logits, tokens, 0, &[])
+        s.next(logits, tokens, 0, &[], None)
     }
 
     /// Greedy picks under each adjustment, against hand-computed logits.
@@ -541,7 +555,7 @@ mod tests {
         let logits = [3.0, 1.5, 0.0];
         let mut tokens = vec![2];
         for _ in 0..4 {
-            let id = s.next(&logits, &tokens, 0, &[]);
+            let id = s.next(&logits, &tokens, 0, &[], None);
             tokens.push(id);
         }
         // 0 (3.0), 0 (3 − 1 = 2.0), 1 (1.5 > 3 − 2), 0 (1.0 > 1.5 − 1).

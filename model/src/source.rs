@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use crate::checkpoint::{SafetensorsCheckpoint, WeightSource};
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
+use crate::grammar::Grammars;
 use crate::synthetic::SyntheticSpec;
 use crate::vision::{ProcessorConfig, VisionConfig};
 
@@ -52,6 +53,17 @@ impl ModelSource {
     }
 
     /// How images become tiles (the processor's config, or the class defaults).
+    /// The grammar compiler for structured outputs: none for a model without a tokenizer.
+    pub fn grammars(&self) -> Result<Option<Grammars>> {
+        match self {
+            Self::Dir(d) if d.join("tokenizer.json").exists() => {
+                let config = self.config()?;
+                Grammars::from_dir(d, config.vocab_size, &config.eos_token_ids).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
     pub fn processor_config(&self) -> Result<ProcessorConfig> {
         match self {
             Self::Dir(d) => ProcessorConfig::from_dir(d),

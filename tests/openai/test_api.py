@@ -645,3 +645,66 @@ def test_new_fields_are_validated(server):
     assert status == 400 and payload["error"]["param"] == "top_logprobs"
     with urllib.request.urlopen(server + "/health", timeout=10) as r:
         assert r.status == 200
+
+
+SCHEMA = {"type": "object", "additionalProperties": False,
+          "required": ["name", "experts", "ok", "tags"],
+          "properties": {"name": {"type": "string", "maxLength": 12},
+                         "experts": {"type": "integer", "minimum": 0, "maximum": 128},
+                         "ok": {"type": "boolean"},
+                         "tags": {"type": "array", "maxItems": 2,
+                                  "items": {"enum": ["moe", "dense"]}}}}
+
+
+def fits(v):
+    return (isinstance(v, dict) and set(v) == set(SCHEMA["required"])
+            and isinstance(v["name"], str) and len(v["name"]) <= 12
+            and type(v["experts"]) is int and 0 <= v["experts"] <= 128
+            and type(v["ok"]) is bool and len(v["tags"]) <= 2
+            and all(t in ("moe", "dense") for t in v["tags"]))
+
+
+def test_a_json_schema_from_random_weights_parses_and_fits(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "cluster", "schema": SCHEMA, "strict": True}}
+    for seed in range(3):
+        kwargs = dict(model="tiny-maverick", messages=[{"role": "user", "content": "json"}],
+                      max_tokens=200, temperature=1.0, seed=seed, response_format=fmt)
+        r = client.chat.completions.create(**kwargs)
+        assert r.choices[0].finish_reason == "stop"
+        assert fits(json.loads(r.choices[0].message.content)), r.choices[0].message.content
+        streamed = "".join(c.choices[0].delta.content or "" for c in
+                           client.chat.completions.create(**kwargs, stream=True) if c.choices)
+        assert streamed == r.choices[0].message.content
+
+
+def test_json_object_regex_and_choice(client):
+    r = client.completions.create(model="tiny-maverick", prompt="x", max_tokens=300, temperature=1.0,
+                                  seed=2, extra_body={"response_format": {"type": "json_object"}})
+    assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].text), dict)
+    for seed in range(3):
+        r = client.completions.create(model="tiny-maverick", prompt="x", max_tokens=20, temperature=1.0,
+                                      seed=seed, extra_body={"structured_outputs": {"regex": "[a-z]{3}-[0-9]{2}"}})
+        assert re.fullmatch("[a-z]{3}-[0-9]{2}", r.choices[0].text), r.choices[0].text
+        choices = ["yes", "no", 'maybe "so"']
+        r = client.completions.create(model="tiny-maverick", prompt="x", max_tokens=20, temperature=1.0,
+                                      seed=seed, extra_body={"guided_choice": choices})
+        assert r.choices[0].text in choices and r.choices[0].finish_reason == "stop"
+
+
+def test_grammars_that_do_not_compile_are_400s_naming_the_field(server):
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
+    cases = [
+        ({"response_format": {"type": "json_schema", "json_schema": {
+            "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}},
+         "response_format", "nonsense"),
+        ({"response_format": {"type": "xml"}}, "response_format", "type"),
+        ({"structured_outputs": {"regex": "("}}, "structured_outputs", "regex"),
+        ({"guided_choice": []}, "guided_choice", "list"),
+        ({"guided_json": {"type": "object"}, "guided_regex": "a"}, "guided_regex", "at most one"),
+    ]
+    for extra, param, word in cases:
+        status, payload = raw(server, "/v1/chat/completions", json.dumps({**chat, **extra}).encode())
+        assert status == 400, (extra, payload)
+        assert payload["error"]["param"] == param and word in payload["error"]["message"], payload
+    with urllib.request.urlopen(server + "/health", timeout=10) as r:
+        assert r.status == 200
