@@ -335,8 +335,8 @@ fn prompt_ids(
             .collect();
         parts.push(serde_json::json!({"type": "text", "text": text}));
         let message = ChatMessage {
-            role: "user".into(),
             content: serde_json::Value::Array(parts),
+            ..ChatMessage::new("user", "")
         };
         let rendered = template.render(&[message], true)?;
         let vision = VisionConfig::from_dir(&args.model, config.hidden_size)?

@@ -37,6 +37,9 @@ pub struct CoordinatorArgs {
     /// Let the HTTP API fetch http:// image URLs (by default only data: URLs are taken).
     #[arg(long)]
     allow_image_urls: bool,
+    /// A Jinja chat template for the HTTP API, instead of the model's.
+    #[arg(long)]
+    chat_template: Option<String>,
     /// This coordinator's raft id.
     #[arg(long)]
     id: Option<u64>,
@@ -236,6 +239,9 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         config.api_key = args.api_key;
     }
     config.allow_image_urls |= args.allow_image_urls;
+    if args.chat_template.is_some() {
+        config.chat_template = args.chat_template;
+    }
     if let Some(v) = args.id {
         config.id = v;
         if args.data_dir.is_none() && config.data_dir == CoordinatorConfig::default().data_dir {
@@ -295,6 +301,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
                     allow_image_urls: config.allow_image_urls,
                     ..ImageConfig::default()
                 },
+                chat_template: config.chat_template.clone(),
                 ..GatewayConfig::default()
             };
             let cluster: Arc<dyn Cluster> = Arc::new(coordinator.clone());

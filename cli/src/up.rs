@@ -38,6 +38,10 @@ pub struct UpArgs {
     /// Let the HTTP API fetch http:// image URLs (by default only data: URLs are taken).
     #[arg(long)]
     allow_image_urls: bool,
+    /// A Jinja chat template for the HTTP API, instead of the model's (vLLM's
+    /// `--chat-template`).
+    #[arg(long)]
+    chat_template: Option<String>,
     /// Copies of every expert, on distinct expert workers.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
@@ -133,6 +137,11 @@ fn spec(args: &UpArgs) -> ClusterSpec {
         .chain(
             args.allow_image_urls
                 .then(|| "--allow-image-urls".to_string()),
+        )
+        .chain(
+            args.chat_template
+                .iter()
+                .flat_map(|t| ["--chat-template".to_string(), t.clone()]),
         )
         .collect(),
         device: args.device,

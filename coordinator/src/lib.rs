@@ -45,6 +45,8 @@ pub struct CoordinatorConfig {
     pub api_key: Option<String>,
     /// Let the HTTP API fetch `http://` image URLs (off: `data:` URLs only).
     pub allow_image_urls: bool,
+    /// A Jinja chat template the HTTP API uses instead of the model's.
+    pub chat_template: Option<String>,
     /// This coordinator's raft id (1, 2, ...).
     pub id: u64,
     /// The initial coordinators as `ID=HOST:PORT`, this one included; empty means a
@@ -78,6 +80,7 @@ impl Default for CoordinatorConfig {
             http: None,
             api_key: None,
             allow_image_urls: false,
+            chat_template: None,
             id: 1,
             peers: Vec::new(),
             data_dir: "expertmesh-data/coordinator-1".into(),

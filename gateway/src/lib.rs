@@ -31,8 +31,10 @@ pub mod response;
 pub mod routes;
 pub mod stream;
 pub mod text;
+pub mod tools;
 
 use std::future::Future;
+use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
@@ -67,6 +69,8 @@ pub struct GatewayConfig {
     pub token_timeout_ms: u64,
     /// How images are taken (data: URLs always; http:// URLs when allowed) and bounded.
     pub images: ImageConfig,
+    /// A Jinja chat template used instead of the model's (vLLM's `--chat-template`).
+    pub chat_template: Option<String>,
 }
 
 impl Default for GatewayConfig {
@@ -81,6 +85,7 @@ impl Default for GatewayConfig {
             completion_tokens_default: 16,
             token_timeout_ms: 120_000,
             images: ImageConfig::default(),
+            chat_template: None,
         }
     }
 }
@@ -119,7 +124,7 @@ pub async fn serve(
     let (tokenizer, template, stop_ids, model_name) = match &source {
         ModelSource::Dir(dir) => (
             Some(TextTokenizer::from_dir(dir)?),
-            ChatTemplate::from_dir(dir)?,
+            ChatTemplate::from_dir_with(dir, config.chat_template.as_deref().map(Path::new))?,
             generation_eos_ids(dir)?.unwrap_or_else(|| model_config.eos_token_ids.clone()),
             dir.file_name()
                 .map(|n| n.to_string_lossy().into_owned())

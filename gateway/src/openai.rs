@@ -7,6 +7,7 @@ use expertmesh_model::sampling::{LOGIT_BIAS_MAX, TOP_LOGPROBS_MAX};
 use expertmesh_model::{Adjust, ChatMessage, GrammarSpec};
 
 use crate::error::ApiError;
+use crate::tools::Tools;
 
 /// Stop strings accepted per request at most (OpenAI's limit).
 const STOP_MAX: usize = 4;
@@ -62,8 +63,11 @@ pub struct CompletionRequest {
     pub echo: bool,
     /// Penalties and `logit_bias` (token ids checked against the vocabulary later).
     pub adjust: Adjust,
-    /// What the output must match, and the field that asked for it (structured outputs).
+    /// What the output must match, and the field that asked for it (structured outputs, or
+    /// a tool call that `tool_choice` requires).
     pub grammar: Option<(GrammarSpec, &'static str)>,
+    /// The functions a chat may call.
+    pub tools: Option<Tools>,
 }
 
 impl CompletionRequest {
@@ -99,6 +103,17 @@ impl CompletionRequest {
             }
         }
         let echo = !chat && opt_bool(obj, "echo")?;
+        let tools = if chat { Tools::parse(obj)? } else { None };
+        let mut grammar = grammar(obj)?;
+        if let Some(forced) = tools.as_ref().and_then(Tools::grammar) {
+            if grammar.is_some() {
+                return Err(ApiError::bad(
+                    "a required tool call and a structured output cannot be combined",
+                    "tool_choice",
+                ));
+            }
+            grammar = Some((forced, "tool_choice"));
+        }
         let logprobs = logprobs(obj, chat)?;
         let max_tokens =
             match opt_int(obj, "max_completion_tokens")?.or(opt_int(obj, "max_tokens")?) {
@@ -185,7 +200,8 @@ impl CompletionRequest {
             logprobs,
             echo,
             adjust: adjust(obj)?,
-            grammar: grammar(obj)?,
+            grammar,
+            tools,
         })
     }
 }
@@ -605,9 +621,57 @@ fn messages(
             Ok(ChatMessage {
                 role: role.to_owned(),
                 content,
+                tool_calls: tool_calls(m, role, &field)?,
+                tool_call_id: match (role, m.get("tool_call_id")) {
+                    ("tool", Some(Value::String(id))) => Some(id.clone()),
+                    ("tool", Some(_)) => {
+                        let f = format!("{field}.tool_call_id");
+                        return Err(ApiError::bad(format!("{f} must be a string"), &f));
+                    }
+                    _ => None,
+                },
             })
         })
         .collect()
+}
+
+/// An assistant message's `tool_calls`, checked: each `{id, type: "function", function:
+/// {name, arguments}}` with the arguments a JSON text, which the template gets parsed (as
+/// the checkpoints' templates expect).
+fn tool_calls(m: &Value, role: &str, field: &str) -> Result<Option<Value>, ApiError> {
+    let f = format!("{field}.tool_calls");
+    let list = match m.get("tool_calls") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(list)) if role == "assistant" => list,
+        Some(_) => {
+            return Err(ApiError::bad(
+                format!("{f} must be a list, on an assistant message"),
+                &f,
+            ))
+        }
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for (j, call) in list.iter().enumerate() {
+        let bad = || ApiError::bad(format!("{f}[{j}] must be a function call"), &f);
+        let function = call.get("function").ok_or_else(bad)?;
+        let name = function
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(bad)?;
+        let arguments: Value = match function.get("arguments") {
+            Some(Value::String(a)) => serde_json::from_str(a).map_err(|_| {
+                ApiError::bad(format!("{f}[{j}].function.arguments is not JSON"), &f)
+            })?,
+            Some(a @ Value::Object(_)) => a.clone(),
+            _ => return Err(bad()),
+        };
+        out.push(serde_json::json!({
+            "id": call.get("id").cloned().unwrap_or(Value::Null),
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }));
+    }
+    Ok(Some(Value::Array(out)))
 }
 
 #[cfg(test)]

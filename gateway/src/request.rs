@@ -60,7 +60,8 @@ impl Validator {
                 )));
             }
         }
-        let mut prompt = self.tokenize(&request.prompt)?;
+        let tools = request.tools.as_ref().map(|t| &t.list);
+        let mut prompt = self.tokenize_with_tools(&request.prompt, tools)?;
         if !images.is_empty() {
             let (tokens, per_tile) = self.vision.ok_or(image_error(ImageError::NoVision))?;
             let grids: Vec<(usize, usize)> = images.iter().map(|i| i.grid).collect();
@@ -178,6 +179,15 @@ impl Validator {
 
     /// The token ids of `prompt` (a chat rendered with the generation prompt).
     pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, ApiError> {
+        self.tokenize_with_tools(prompt, None)
+    }
+
+    /// `tokenize`, a chat rendered with the functions it may call.
+    pub fn tokenize_with_tools(
+        &self,
+        prompt: &Prompt,
+        tools: Option<&serde_json::Value>,
+    ) -> Result<Vec<u32>, ApiError> {
         let internal = |e: expertmesh_model::ModelError| ApiError::Internal(e.to_string());
         let ids = match prompt {
             Prompt::Ids(ids) => {
@@ -199,7 +209,7 @@ impl Validator {
                     .as_ref()
                     .ok_or_else(|| ApiError::bad("this model has no chat template", "messages"))?;
                 let rendered = template
-                    .render(messages, true)
+                    .render_with_tools(messages, tools, true)
                     .map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
                 self.tokenizer()?
                     .encode(&rendered, false)

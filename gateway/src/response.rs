@@ -27,7 +27,9 @@ use crate::logprobs::Logprobs;
 use crate::openai::Prompt;
 use crate::request::ValidRequest;
 use crate::stream::{Next, Started, Tokens};
+use crate::tools::{may_be_call, parse_calls};
 use crate::App;
+use expertmesh_model::sampling::mix64;
 
 /// SSE events buffered toward one client before its request waits.
 const EVENTS_BUFFERED: usize = 64;
@@ -63,6 +65,23 @@ fn prompt_text(app: &App, job: &Completion) -> String {
             .and_then(|t| t.decode(&job.valid.prompt).ok())
             .unwrap_or_default(),
     }
+}
+
+/// The tool calls in a chat choice's whole text, as OpenAI's `tool_calls` list (each with
+/// its position, a fresh id, and the function's name and arguments), when the request reads
+/// calls and the text is calls of its functions.
+fn calls_in(job: &Completion, choice: usize, text: &str) -> Option<Value> {
+    let tools = job.valid.request.tools.as_ref().filter(|t| t.parsed())?;
+    let calls = parse_calls(text, &tools.names)?;
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let calls = calls.into_iter().enumerate().map(|(i, c)| {
+        let id = mix64(stamp ^ mix64(((choice as u64) << 32) | i as u64));
+        json!({"id": format!("call_{id:016x}"), "type": "function",
+               "function": {"name": c.name, "arguments": c.arguments}})
+    });
+    Some(Value::Array(calls.collect()))
 }
 
 /// A choice's log-probabilities, when its request asked for them.
@@ -121,8 +140,15 @@ async fn collect_choice(
     drop(tokens);
     let logprobs = logprobs.as_mut().map_or(Value::Null, Logprobs::take);
     let mut choice = if job.valid.chat {
-        json!({"index": index, "message": {"role": "assistant", "content": out},
-               "logprobs": logprobs, "finish_reason": finish})
+        let (message, finish) = match calls_in(job, index, &out) {
+            Some(calls) => (
+                json!({"role": "assistant", "content": null, "tool_calls": calls}),
+                "tool_calls",
+            ),
+            None => (json!({"role": "assistant", "content": out}), finish),
+        };
+        json!({"index": index, "message": message, "logprobs": logprobs,
+               "finish_reason": finish})
     } else {
         json!({"index": index, "text": out, "logprobs": logprobs, "finish_reason": finish})
     };
@@ -195,6 +221,8 @@ struct Delta<'a> {
     role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<&'a Value>,
 }
 
 /// One server-sent event, rendered: `data: <json>` and the blank line.
@@ -220,6 +248,8 @@ struct Content<'a> {
     finish: Option<&'a str>,
     /// The first chat chunk, which names the role.
     role: bool,
+    /// The calls the answer made (chat with tools), in one delta.
+    tool_calls: Option<&'a Value>,
     /// The closing usage chunk, which has no choice.
     usage: Option<&'a Value>,
 }
@@ -233,6 +263,7 @@ fn chunk(app: &App, job: &Completion, c: Content<'_>) -> Bytes {
         token_ids,
         finish,
         role,
+        tool_calls,
         usage,
     } = c;
     let chat = job.valid.chat;
@@ -242,6 +273,7 @@ fn chunk(app: &App, job: &Completion, c: Content<'_>) -> Bytes {
             delta: Delta {
                 role: role.then_some("assistant"),
                 content: if role { Some("") } else { piece },
+                tool_calls,
             },
             logprobs,
             finish_reason: finish,
@@ -320,6 +352,11 @@ async fn stream_choice(
     let mut tokens = Tokens::new(app, job, started);
     let index = tokens.index();
     let mut echo = job.valid.request.echo && job.valid.request.resume_token_ids.is_empty();
+    // With tools, text that may still be a call is held back until it is clearly not one
+    // (then it streams) or the answer ends (then it is the calls, or text after all).
+    let reads_calls = job.valid.request.tools.as_ref().is_some_and(|t| t.parsed())
+        && job.valid.request.resume_token_ids.is_empty();
+    let mut held = reads_calls.then(String::new);
     loop {
         let next = tokens.next().await.map_err(Cut::Failed)?;
         if std::mem::take(&mut echo) {
@@ -353,9 +390,20 @@ async fn stream_choice(
                     _ => None,
                 };
                 let id = [id];
+                let piece = match held.as_mut() {
+                    Some(h) => {
+                        h.push_str(&text);
+                        if may_be_call(h) {
+                            String::new()
+                        } else {
+                            held.take().expect("held")
+                        }
+                    }
+                    None => text,
+                };
                 let c = Content {
                     index,
-                    piece: Some(&text),
+                    piece: Some(&piece),
                     logprobs: lp.as_ref(),
                     token_ids: with_ids.then_some(&id[..]),
                     ..Content::default()
@@ -368,6 +416,29 @@ async fn stream_choice(
                 rest,
             } => {
                 drop(tokens);
+                let mut rest = rest;
+                let mut finish = finish;
+                let mut calls = None;
+                if let Some(mut h) = held.take() {
+                    h.push_str(&rest);
+                    // A stream's deltas say which call each is.
+                    calls = calls_in(job, index, &h).map(|mut calls| {
+                        for (i, c) in calls.as_array_mut().into_iter().flatten().enumerate() {
+                            c["index"] = json!(i);
+                        }
+                        calls
+                    });
+                    rest = if calls.is_some() { String::new() } else { h };
+                }
+                if calls.is_some() {
+                    finish = "tool_calls";
+                    let c = Content {
+                        index,
+                        tool_calls: calls.as_ref(),
+                        ..Content::default()
+                    };
+                    send(chunk(app, job, c)).await?;
+                }
                 let end = Content {
                     index,
                     piece: (!rest.is_empty()).then_some(rest.as_str()),
@@ -447,6 +518,7 @@ mod tests {
             delta: Delta {
                 role: None,
                 content: Some("hi"),
+                tool_calls: None,
             },
             logprobs: None,
             finish_reason: None,

@@ -102,11 +102,17 @@ impl DetokenizeStream {
 }
 
 /// One chat message. `content` is a string or a list of typed parts
-/// (`{"type": "text", "text": ...}`, `{"type": "image"}`), as in OpenAI's API.
+/// (`{"type": "text", "text": ...}`, `{"type": "image"}`), as in OpenAI's API; an assistant
+/// turn that called tools has its `tool_calls`, a tool's answer the `tool_call_id` it
+/// answers (both as OpenAI spells them, for the template to render).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ChatMessage {
     pub role: String,
     pub content: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -114,6 +120,8 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: Value::String(content.into()),
+            tool_calls: None,
+            tool_call_id: None,
         }
     }
 }
@@ -131,6 +139,12 @@ impl ChatTemplate {
     /// list of named templates, "default" preferred) or from `chat_template.jinja`.
     /// Returns `None` when the model has no template.
     pub fn from_dir(dir: &Path) -> Result<Option<Self>> {
+        Self::from_dir_with(dir, None)
+    }
+
+    /// `from_dir`, with the template read from `template` instead when given (vLLM's
+    /// `--chat-template`); the special tokens still come from the model directory.
+    pub fn from_dir_with(dir: &Path, template: Option<&Path>) -> Result<Option<Self>> {
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = if cfg_path.exists() {
             let text =
@@ -143,7 +157,12 @@ impl ChatTemplate {
             Value::Null
         };
         let jinja_path = dir.join("chat_template.jinja");
+        let given = match template {
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| ModelError::io(p, e))?),
+            None => None,
+        };
         let source = match cfg.get("chat_template") {
+            _ if given.is_some() => given,
             Some(Value::String(s)) => Some(s.clone()),
             Some(Value::Array(list)) => list
                 .iter()
@@ -199,6 +218,17 @@ impl ChatTemplate {
     /// Renders a conversation; with `add_generation_prompt` it ends with the assistant
     /// header, ready for the model to answer.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// `render` with the functions the model may call (OpenAI's `tools` list), which the
+    /// template places as the checkpoint's does (a template without tools ignores them).
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         if messages.is_empty() {
             return Err(ModelError::Template {
                 reason: "the conversation has no messages".into(),
@@ -212,6 +242,7 @@ impl ChatTemplate {
             })?;
         tmpl.render(context! {
             messages => messages,
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,

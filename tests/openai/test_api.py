@@ -708,3 +708,103 @@ def test_grammars_that_do_not_compile_are_400s_naming_the_field(server):
         assert payload["error"]["param"] == param and word in payload["error"]["message"], payload
     with urllib.request.urlopen(server + "/health", timeout=10) as r:
         assert r.status == 200
+
+
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city.",
+        "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "days"],
+                       "properties": {"city": {"enum": ["Paris", "Oslo"]},
+                                      "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}},
+    {"type": "function", "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "additionalProperties": False, "required": ["tz"],
+                       "properties": {"tz": {"enum": ["CET", "UTC"]}}}}},
+]
+
+
+@pytest.fixture(scope="module")
+def tools_client():
+    # The fixture's own template has no tools: this one renders them as Llama 4's does.
+    proc, base = start_cluster("--chat-template", str(ROOT / "tests/fixtures/llama4-tools.jinja"))
+    yield openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60), base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def call_fits(call):
+    args = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        return args["city"] in ("Paris", "Oslo") and 1 <= args["days"] <= 7 and len(args) == 2
+    return call.function.name == "get_time" and args == {"tz": args["tz"]} and args["tz"] in ("CET", "UTC")
+
+
+def test_forced_tool_calls_from_random_weights_are_valid_calls(tools_client):
+    client, _ = tools_client
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    for seed in range(3):
+        kwargs = dict(model="tiny-maverick", messages=messages, tools=TOOLS, tool_choice="required",
+                      max_tokens=120, temperature=1.0, seed=seed)
+        r = client.chat.completions.create(**kwargs)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert choice.message.tool_calls and all(call_fits(c) for c in choice.message.tool_calls)
+        assert len({c.id for c in choice.message.tool_calls}) == len(choice.message.tool_calls)
+        streamed, finish = [], None
+        for chunk in client.chat.completions.create(**kwargs, stream=True):
+            delta = chunk.choices[0].delta
+            assert not delta.content
+            streamed += delta.tool_calls or []
+            finish = chunk.choices[0].finish_reason or finish
+        assert finish == "tool_calls"
+        assert [(c.function.name, c.function.arguments) for c in streamed] == \
+            [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+    named = client.chat.completions.create(
+        model="tiny-maverick", messages=messages, tools=TOOLS, max_tokens=60, temperature=1.0,
+        tool_choice={"type": "function", "function": {"name": "get_time"}})
+    calls = named.choices[0].message.tool_calls
+    assert len(calls) == 1 and calls[0].function.name == "get_time" and call_fits(calls[0])
+    single = client.chat.completions.create(
+        model="tiny-maverick", messages=messages, tools=TOOLS, tool_choice="required",
+        parallel_tool_calls=False, max_tokens=120, temperature=1.0, seed=4)
+    assert len(single.choices[0].message.tool_calls) == 1
+
+
+def test_tool_results_go_back_through_the_template(tools_client):
+    client, _ = tools_client
+    messages = [{"role": "user", "content": "Time?"}]
+    r = client.chat.completions.create(
+        model="tiny-maverick", messages=messages, tools=TOOLS, max_tokens=40, temperature=1.0,
+        tool_choice={"type": "function", "function": {"name": "get_time"}})
+    call = r.choices[0].message.tool_calls[0]
+    follow = messages + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump(exclude_none=True)]},
+        {"role": "tool", "tool_call_id": call.id, "content": "12:00"}]
+    answer = client.chat.completions.create(model="tiny-maverick", messages=follow, tools=TOOLS,
+                                            max_tokens=8, temperature=0, tool_choice="none")
+    # The call and its result are in the prompt: more tokens than the question alone.
+    assert answer.usage.prompt_tokens > r.usage.prompt_tokens
+    assert answer.choices[0].message.tool_calls is None
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    # With "auto", text that is not a call stays text.
+    auto = client.chat.completions.create(model="tiny-maverick", messages=messages, tools=TOOLS,
+                                          max_tokens=8, temperature=0)
+    assert auto.choices[0].message.tool_calls is None and isinstance(auto.choices[0].message.content, str)
+
+
+def test_tool_requests_are_validated(tools_client):
+    _, base = tools_client
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
+    cases = [
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0]"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+         "tool_choice"),
+        ({"messages": [{"role": "tool", "content": "1", "tool_call_id": 5}]}, "messages[0].tool_call_id"),
+        ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}]},
+         "messages[0].tool_calls"),
+    ]
+    for extra, param in cases:
+        status, payload = raw(base, "/v1/chat/completions", json.dumps({**chat, **extra}).encode())
+        assert status == 400 and payload["error"]["param"] == param, (extra, payload)
