@@ -96,6 +96,10 @@ pub struct EngineStats {
     pub step_nanos: AtomicU64,
     /// Time in the forward pass alone, in ns.
     pub forward_nanos: AtomicU64,
+    /// Tokens run through the forward pass (prompt chunks and decode tokens).
+    pub tokens_forwarded: AtomicU64,
+    /// Choices that took another choice's prompt instead of prefilling it.
+    pub forks: AtomicU64,
 }
 
 impl EngineStats {
@@ -199,6 +203,7 @@ impl Engine {
             draining: draining.clone(),
             waiting: VecDeque::new(),
             running: Vec::new(),
+            parked: Vec::new(),
         };
         std::thread::Builder::new()
             .name("expertmesh-engine".into())
@@ -277,10 +282,22 @@ struct Seq {
     prompt_logprobs: Option<Vec<TokenLogprobs>>,
     /// Structured outputs: where the sequence stands in its grammar.
     grammar: Option<Grammar>,
+    /// The request's choices share this key (`GenerateRequest::prompt_group`): the first
+    /// to prefill the prompt lends its cache to the others.
+    group: Option<u64>,
+    /// The logits after the prompt, kept while other choices may still fork this one.
+    prompt_last: Option<Arc<Vec<f32>>>,
     events: mpsc::Sender<Event>,
 }
 
 impl Seq {
+    /// Whether `other` is a choice of the same request: it can take this one's prompt.
+    fn shares_prompt_with(&self, other: &Seq) -> bool {
+        self.group.is_some()
+            && self.group == other.group
+            && self.request.prompt == other.request.prompt
+    }
+
     fn pending(&self) -> usize {
         self.tokens.len() - self.cache.as_ref().map_or(0, |c| c.next_pos)
     }
@@ -300,6 +317,8 @@ struct Scheduler {
     draining: Arc<AtomicBool>,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
+    /// Choices waiting for another choice of their request to prefill the prompt they share.
+    parked: Vec<Seq>,
 }
 
 impl Scheduler {
@@ -334,7 +353,13 @@ impl Scheduler {
             fault: Fault::Unavailable,
             message: DRAINED.into(),
         };
-        for seq in self.running.drain(..).chain(self.waiting.drain(..)) {
+        let parked = self.parked.drain(..);
+        for seq in self
+            .running
+            .drain(..)
+            .chain(self.waiting.drain(..))
+            .chain(parked)
+        {
             seq.send(Event::Failed(failure.clone()));
         }
         self.publish();
@@ -343,7 +368,12 @@ impl Scheduler {
     fn accept(&mut self, job: Submission) {
         let r = &job.request;
         let sampler = Sampler::with_adjust(r.sampling, r.adjust.clone(), r.prompt.len());
-        self.waiting.push_back(Seq {
+        // Choices share a prompt's cache only when nothing else is read off its prefill.
+        let group = r
+            .prompt_group
+            .filter(|_| job.prepared.images.rows.is_empty() && !r.prompt_logits)
+            .filter(|_| r.prompt_logprobs.is_none());
+        let seq = Seq {
             tokens: job.request.prompt.clone(),
             images: job.prepared.images,
             grammar: job.prepared.constraint.map(Grammar::after),
@@ -353,16 +383,81 @@ impl Scheduler {
             sampler,
             generated: 0,
             cache: None,
+            group,
+            prompt_last: None,
             events: job.events,
-        });
+        };
+        self.place(seq);
+    }
+
+    /// Where a new sequence goes: forked off a running choice of its request that has
+    /// prefilled the prompt, parked while one is prefilling it, else to wait its turn.
+    fn place(&mut self, seq: Seq) {
+        if seq.group.is_none() {
+            return self.waiting.push_back(seq);
+        }
+        let prefilled = self
+            .running
+            .iter()
+            .find(|l| l.shares_prompt_with(&seq) && l.prompt_last.is_some());
+        if let Some(leader) = prefilled {
+            let logits = leader.prompt_last.clone().expect("checked");
+            let cache = leader.cache.as_ref();
+            let fork = cache.and_then(|c| self.model.fork_cache(c, seq.request.prompt.len()));
+            if let Some(cache) = fork {
+                return self.start_fork(seq, cache, &logits);
+            }
+        } else if self
+            .running
+            .iter()
+            .chain(&self.waiting)
+            .any(|l| l.shares_prompt_with(&seq))
+        {
+            return self.parked.push(seq);
+        }
+        self.waiting.push_back(seq);
+    }
+
+    /// A choice whose prompt is in `cache` (forked): samples its first token from the
+    /// prompt's `logits`, then runs like any other.
+    fn start_fork(&mut self, mut seq: Seq, cache: KvCache, logits: &[f32]) {
+        seq.cache = Some(cache);
+        self.stats.forks.fetch_add(1, Ordering::Relaxed);
+        self.stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
+        match Self::advance(&mut seq, logits) {
+            Ok(None) => self.running.push(seq),
+            Ok(Some(reason)) => seq.send(Event::Finished(reason)),
+            Err(e) => seq.send(Event::Failed(Failure::from(&e))),
+        }
+    }
+
+    /// Parked choices whose request has no choice left that will prefill their prompt
+    /// (it ended, or was preempted) wait their own turn.
+    fn unpark_orphans(&mut self) {
+        let mut k = 0;
+        while k < self.parked.len() {
+            let p = &self.parked[k];
+            let lead =
+                self.running.iter().chain(&self.waiting).any(|l| {
+                    l.shares_prompt_with(p) && l.prompt_last.is_none() && l.generated == 0
+                });
+            if lead {
+                k += 1;
+            } else {
+                let seq = self.parked.swap_remove(k);
+                self.waiting.push_back(seq);
+            }
+        }
     }
 
     fn publish(&self) {
         let s = &self.stats;
         s.running
             .store(self.running.len() as u64, Ordering::Relaxed);
-        s.waiting
-            .store(self.waiting.len() as u64, Ordering::Relaxed);
+        s.waiting.store(
+            (self.waiting.len() + self.parked.len()) as u64,
+            Ordering::Relaxed,
+        );
         s.kv_blocks_used
             .store(self.pool.used() as u64, Ordering::Relaxed);
     }
@@ -376,6 +471,8 @@ impl Scheduler {
     fn step(&mut self, runner: &dyn ExpertRunner) {
         self.running.retain(|s| !s.events.is_closed());
         self.waiting.retain(|s| !s.events.is_closed());
+        self.parked.retain(|s| !s.events.is_closed());
+        self.unpark_orphans();
         // Admission by free blocks, keeping one block per layer for each running decoder.
         let layers = self.model.config().num_hidden_layers;
         while self.running.len() < self.config.running_max {
@@ -447,6 +544,7 @@ impl Scheduler {
     fn preempt_newest(&mut self) {
         let mut seq = self.running.pop().expect("at least two running");
         seq.cache = None;
+        seq.prompt_last = None;
         // Recollected from the start when the prompt is recomputed.
         if seq.prompt_logits.is_some() {
             seq.prompt_logits = Some(Vec::new());
@@ -492,6 +590,10 @@ impl Scheduler {
             result
         };
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let tokens: usize = plan.iter().map(|&(_, n)| n).sum();
+        self.stats
+            .tokens_forwarded
+            .fetch_add(tokens as u64, Ordering::Relaxed);
         let out = match result {
             Ok(out) => out,
             Err(e) => {
@@ -508,6 +610,7 @@ impl Scheduler {
         let vocab = self.model.config().vocab_size;
         let mut row = 0;
         let mut done = Vec::new();
+        let mut forked = Vec::new();
         for &(i, n) in plan {
             let seq = &mut self.running[i];
             let rows_of_seq = if want_all { n } else { 1 };
@@ -538,6 +641,25 @@ impl Scheduler {
             if let Some(lps) = seq.prompt_logprobs.take() {
                 seq.send(Event::PromptLogprobs(lps));
             }
+            if seq.group.is_some() && seq.generated == 0 {
+                // The prompt is in: the request's other choices fork it from here on.
+                let logits = Arc::new(last.to_vec());
+                let prompt = seq.request.prompt.len();
+                let mut k = 0;
+                while k < self.parked.len() {
+                    if !self.parked[k].shares_prompt_with(seq) {
+                        k += 1;
+                        continue;
+                    }
+                    let f = self.parked.swap_remove(k);
+                    let cache = seq.cache.as_ref().expect("running sequences have a cache");
+                    match self.model.fork_cache(cache, prompt) {
+                        Some(c) => forked.push((f, c, logits.clone())),
+                        None => self.waiting.push_back(f),
+                    }
+                }
+                seq.prompt_last = Some(logits);
+            }
             match Self::advance(seq, last) {
                 Ok(None) => {}
                 Ok(Some(reason)) => {
@@ -556,6 +678,9 @@ impl Scheduler {
         }
         for i in done.into_iter().rev() {
             self.running.remove(i);
+        }
+        for (seq, cache, logits) in forked {
+            self.start_fork(seq, cache, &logits);
         }
     }
 

@@ -177,6 +177,7 @@ fn request(r: &pb::GenerateRequest) -> GenerateRequest {
         logprobs: r.logprobs.map(|n| n as usize),
         prompt_logprobs: r.prompt_logprobs.map(|n| n as usize),
         grammar: r.grammar.as_ref().and_then(grammar_spec),
+        prompt_group: (r.prompt_group != 0).then_some(r.prompt_group),
     }
 }
 

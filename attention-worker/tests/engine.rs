@@ -314,3 +314,75 @@ fn grammars_constrain_what_is_sampled() {
         "resumed after a token, the same draws"
     );
 }
+
+/// The choices of one request (`n`): the prompt is prefilled once and its cache shared
+/// (full blocks shared, the partial one copied), yet each choice gives exactly what it
+/// gives alone; a choice that arrives after another has started decoding forks it too, and
+/// every block comes back.
+#[test]
+fn choices_share_their_prompt_and_still_equal_their_runs_alone() {
+    let model = model();
+    let prompt: Vec<u32> = (0..45).map(|j| (j * 11 + 3) % 690).collect();
+    let choice = |seed: u64, group: Option<u64>| GenerateRequest {
+        prompt: prompt.clone(),
+        max_new_tokens: 12,
+        sampling: SamplingParams {
+            temperature: 1.0,
+            seed,
+            ..SamplingParams::default()
+        },
+        logprobs: Some(2),
+        prompt_group: group,
+        ..Default::default()
+    };
+    let alone: Vec<Output> = (0..4)
+        .map(|seed| {
+            let out = generate(&model, &choice(seed, None), |_| {}).unwrap();
+            Output {
+                ids: out.output_ids,
+                logprobs: out.logprobs,
+                prompt_logprobs: None,
+            }
+        })
+        .collect();
+    let config = SchedulerConfig {
+        token_budget: 16,
+        block_tokens: 4,
+        ..SchedulerConfig::default()
+    };
+    let engine = Engine::spawn(model.clone(), LocalExperts(model), config);
+    let streams: Vec<_> = (0..3)
+        .map(|seed| engine.submit(choice(seed, Some(77))).unwrap())
+        .collect();
+    let mut got: Vec<Output> = streams.into_iter().map(|rx| collect(rx).0).collect();
+    // A late choice: the first three are done, so it prefills alone (nothing to fork).
+    got.push(collect(engine.submit(choice(3, Some(77))).unwrap()).0);
+    assert_eq!(got, alone);
+    // A choice that comes while another is decoding forks from the prompt it kept.
+    let long = GenerateRequest {
+        max_new_tokens: 200,
+        ..choice(0, Some(78))
+    };
+    let mut first = engine.submit(long).unwrap();
+    let Event::Token(id, _) = first.blocking_recv().unwrap() else {
+        panic!("a token first")
+    };
+    let second = collect(engine.submit(choice(1, Some(78))).unwrap()).0;
+    assert_eq!(second, alone[1]);
+    let (rest, _) = collect(first);
+    assert_eq!([&[id][..], &rest.ids[..11]].concat(), alone[0].ids);
+    let stats = engine.stats();
+    assert_eq!(stats.forks.load(Ordering::Relaxed), 3);
+    // One prefill of 45 tokens for the three, one for the late one, and the decode steps.
+    let forwarded = stats.tokens_forwarded.load(Ordering::Relaxed);
+    assert_eq!(
+        forwarded,
+        3 * 45 + 4 * 11 + 199 + 11,
+        "tokens run through the model"
+    );
+    let give_up = Instant::now() + Duration::from_secs(5);
+    while stats.kv_blocks_used.load(Ordering::Relaxed) != 0 {
+        assert!(Instant::now() < give_up, "blocks leaked");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

@@ -31,6 +31,11 @@ pub struct Resume<'a> {
     pub generated: &'a [u32],
     /// Whether the prompt's logprobs are still wanted.
     pub prompt_logprobs: bool,
+    /// The key the request's choices share (`n` > 1; 0: none): a worker that serves
+    /// several prefills their prompt once.
+    pub group: u64,
+    /// The worker to prefer (the one the request's first choice went to), if usable.
+    pub prefer: Option<&'a str>,
 }
 
 /// Why a request could not be started.
@@ -149,6 +154,18 @@ impl Backend {
             .ok_or_else(|| ApiError::Unavailable("no attention worker is available".into()))
     }
 
+    /// Whether the worker at `address` can take requests now and is not a suspect.
+    fn usable(&self, address: &str) -> bool {
+        let view = self.cluster.view();
+        let fresh = self
+            .suspects
+            .lock()
+            .expect("suspects lock")
+            .get(address)
+            .is_none_or(|since| since.elapsed() >= SUSPECT_FOR);
+        fresh && usable_workers(&view).any(|m| m.address == address)
+    }
+
     fn channel(&self, address: &str) -> Result<Channel, ApiError> {
         let mut channels = self.channels.lock().expect("channels lock");
         if let Some(c) = channels.get(address) {
@@ -170,7 +187,10 @@ impl Backend {
         choice: Resume<'_>,
         avoid: &[String],
     ) -> Result<(String, tonic::Streaming<pb::GenerateEvent>), StartFailure> {
-        let address = self.pick_worker(avoid).map_err(StartFailure::NoWorker)?;
+        let address = match choice.prefer {
+            Some(p) if !avoid.iter().any(|a| a == p) && self.usable(p) => p.to_owned(),
+            _ => self.pick_worker(avoid).map_err(StartFailure::NoWorker)?,
+        };
         let channel = self.channel(&address).map_err(StartFailure::NoWorker)?;
         let r = &job.request;
         let generated = choice.generated;
@@ -200,6 +220,7 @@ impl Backend {
                 .collect(),
             resumed_tokens: generated.len() as u32,
             grammar: r.grammar.as_ref().map(|(g, _)| grammar_message(g)),
+            prompt_group: choice.group,
         };
         let mut client = AttentionServiceClient::new(channel);
         match client.generate(request).await {

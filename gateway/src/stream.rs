@@ -90,6 +90,8 @@ pub fn choice_seed(seed: u64, index: usize) -> u64 {
 /// One choice of a request started on a worker, before its first token.
 pub struct Started {
     index: usize,
+    /// The key the request's choices share (0: none).
+    group: u64,
     worker: String,
     stream: Option<tonic::Streaming<pb::GenerateEvent>>,
     /// Workers that could not take it.
@@ -103,15 +105,35 @@ pub fn wants_prompt_logprobs(job: &Completion) -> bool {
     r.echo && r.logprobs.is_some() && r.resume_token_ids.is_empty()
 }
 
-/// Starts choice `index` of `job` on an attention worker (another one when the first cannot
-/// take it), after the tokens it resumes from; a failure here is the response's status.
-pub async fn start(app: &App, job: &Completion, index: usize) -> Result<Started, ApiError> {
+/// The key `job`'s choices share on a worker (nonzero, from its id), or 0 for one choice.
+fn prompt_group(job: &Completion) -> u64 {
+    if job.valid.request.n < 2 {
+        return 0;
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let id = job.id.bytes().fold(stamp, |h, b| mix64(h ^ u64::from(b)));
+    id.max(1)
+}
+
+/// Starts choice `index` of `job` on an attention worker (`prefer` when it can take it,
+/// another one when the first cannot), after the tokens it resumes from; a failure here is
+/// the response's status.
+pub async fn start(
+    app: &App,
+    job: &Completion,
+    index: usize,
+    group: u64,
+    prefer: Option<&str>,
+) -> Result<Started, ApiError> {
     let mut failed = Vec::new();
     let resumed = &job.valid.request.resume_token_ids;
     let prompt_logprobs = wants_prompt_logprobs(job);
     if finish_of(app, job, resumed).is_some() && !prompt_logprobs {
         return Ok(Started {
             index,
+            group,
             worker: String::new(),
             stream: None,
             failed,
@@ -121,20 +143,29 @@ pub async fn start(app: &App, job: &Completion, index: usize) -> Result<Started,
         seed: choice_seed(job.valid.request.seed, index),
         generated: resumed,
         prompt_logprobs,
+        group,
+        prefer,
     };
     let (worker, stream) = resubmit(app, job, choice, &mut failed, None).await?;
     Ok(Started {
         index,
+        group,
         worker,
         stream: Some(stream),
         failed,
     })
 }
 
-/// Starts every choice of `job`; the first failure is the response's status.
+/// Starts every choice of `job`: the first, then the others on its worker (where they
+/// share its prompt's cache); the first failure is the response's status.
 pub async fn start_all(app: &App, job: &Completion) -> Result<Vec<Started>, ApiError> {
-    let starts = (0..job.valid.request.n).map(|i| start(app, job, i));
-    futures_util::future::try_join_all(starts).await
+    let group = prompt_group(job);
+    let first = start(app, job, 0, group, None).await?;
+    let prefer = Some(first.worker.as_str()).filter(|w| !w.is_empty());
+    let others = (1..job.valid.request.n).map(|i| start(app, job, i, group, prefer));
+    let mut all = futures_util::future::try_join_all(others).await?;
+    all.insert(0, first);
+    Ok(all)
 }
 
 /// Why a request that generated `generated` is over without another token, if it is: its
@@ -194,6 +225,8 @@ pub struct Tokens<'a> {
     job: &'a Completion,
     /// Which choice of the request (`n`).
     index: usize,
+    /// The key the request's choices share (0: none).
+    group: u64,
     /// The prompt's log-probabilities, once the worker sent them (when asked for).
     prompt_logprobs: Option<Vec<TokenLogprobs>>,
     /// `None` when the request was already complete when it was resumed.
@@ -221,6 +254,7 @@ impl<'a> Tokens<'a> {
             app,
             job,
             index: started.index,
+            group: started.group,
             prompt_logprobs: None,
             stream: started.stream,
             worker: started.worker,
@@ -327,6 +361,8 @@ impl<'a> Tokens<'a> {
             seed: choice_seed(self.job.valid.request.seed, self.index),
             generated: &self.generated,
             prompt_logprobs,
+            group: self.group,
+            prefer: None,
         };
         let (worker, stream) =
             resubmit(self.app, self.job, choice, &mut self.failed, Some(b)).await?;

@@ -30,6 +30,9 @@ pub struct GenerateRequest {
     /// What the output must match (structured outputs); the engine that serves the
     /// request compiles it (`grammar::Grammars`).
     pub grammar: Option<GrammarSpec>,
+    /// The choices of one request (`n`) carry the same key: an engine that serves several
+    /// of them prefills their prompt once and shares its cache.
+    pub prompt_group: Option<u64>,
 }
 
 impl GenerateRequest {

@@ -7,6 +7,11 @@
 //! ones to the pool; NoPE layers attend to the whole context and keep every block
 //! (transformers' "hybrid" cache). A scheduler admits and preempts sequences by the pool's
 //! free blocks ([`KvCache::blocks_needed`]).
+//!
+//! Sequences with the same prompt (the choices of one request) share its blocks: a
+//! [`KvCache::fork`] holds the same full blocks (counted once in the pool, given back when
+//! the last holder lets go) and a copy of the partly filled one, so nobody ever writes a
+//! shared block.
 
 use std::sync::{Arc, Mutex};
 
@@ -150,8 +155,9 @@ pub struct LayerCache {
     pub len: usize,
     /// f32 values per position of keys (and of values): kv_heads × head_dim.
     row: usize,
-    /// Each block: keys `[block_tokens, row]` then values `[block_tokens, row]`.
-    blocks: Vec<Block>,
+    /// Each block: keys `[block_tokens, row]` then values `[block_tokens, row]`; shared
+    /// with forks only while full.
+    blocks: Vec<Arc<Block>>,
 }
 
 impl LayerCache {
@@ -179,9 +185,11 @@ impl LayerCache {
         for (kr, vr) in k.chunks_exact(row).zip(v.chunks_exact(row)) {
             let slot = self.len % bt;
             if slot == 0 && self.len / bt == self.blocks.len() {
-                self.blocks.push(pool.take(2 * bt * row));
+                self.blocks.push(Arc::new(pool.take(2 * bt * row)));
             }
-            let block = &mut self.blocks[self.len / bt].data;
+            let block = &mut Arc::get_mut(&mut self.blocks[self.len / bt])
+                .expect("a block being written is this sequence's alone: forks copy partial ones")
+                .data;
             block[slot * row..(slot + 1) * row].copy_from_slice(kr);
             block[(bt + slot) * row..(bt + slot + 1) * row].copy_from_slice(vr);
             self.len += 1;
@@ -196,7 +204,7 @@ impl LayerCache {
             .map(|_| {
                 let slot = self.len % bt;
                 if slot == 0 && self.len / bt == self.blocks.len() {
-                    self.blocks.push(pool.take(0));
+                    self.blocks.push(Arc::new(pool.take(0)));
                 }
                 let id = self.blocks[self.len / bt].id as usize;
                 self.len += 1;
@@ -239,14 +247,41 @@ impl LayerCache {
             return;
         }
         let whole = ((pos - self.start_pos) / bt).min(self.blocks.len());
-        pool.give_back(self.blocks.drain(..whole));
+        pool.give_back(self.blocks.drain(..whole).filter_map(Arc::into_inner));
         self.start_pos += whole * bt;
         self.len -= (whole * bt).min(self.len);
     }
 
     fn release(&mut self, pool: &BlockPool) {
-        pool.give_back(self.blocks.drain(..));
+        pool.give_back(self.blocks.drain(..).filter_map(Arc::into_inner));
         self.len = 0;
+    }
+
+    /// This layer's positions before `upto`, for another sequence: the full blocks shared,
+    /// the partly filled one copied. `None` when they are not all here from `need_from` on.
+    fn fork(&self, pool: &BlockPool, upto: usize, need_from: usize) -> Option<Self> {
+        let bt = pool.block_tokens();
+        if self.start_pos > need_from.min(upto) || self.start_pos + self.len < upto {
+            return None;
+        }
+        let kept = upto - self.start_pos;
+        let (full, part) = (kept / bt, kept % bt);
+        let mut blocks: Vec<Arc<Block>> = self.blocks[..full].to_vec();
+        if part > 0 {
+            let row = self.row;
+            let mut copy = pool.take(2 * bt * row);
+            let from = &self.blocks[full].data;
+            copy.data[..part * row].copy_from_slice(&from[..part * row]);
+            copy.data[bt * row..(bt + part) * row]
+                .copy_from_slice(&from[bt * row..(bt + part) * row]);
+            blocks.push(Arc::new(copy));
+        }
+        Some(Self {
+            start_pos: self.start_pos,
+            len: kept,
+            row: self.row,
+            blocks,
+        })
     }
 }
 
@@ -276,6 +311,37 @@ impl KvCache {
     /// Layer `l`'s cache and the pool its blocks come from.
     pub fn layer_mut(&mut self, l: usize) -> (&BlockPool, &mut LayerCache) {
         (&self.pool, &mut self.layers[l])
+    }
+
+    /// A cache of this one's first `upto` positions for another sequence with the same
+    /// prompt: full blocks shared, partly filled ones copied (host pools only; a device
+    /// pool's blocks are not shared). `need_from[l]` is the first position layer `l` must
+    /// still hold (a chunked layer's chunk start); `None` when a layer has dropped it, or
+    /// the pool cannot give the copies.
+    pub fn fork(&self, upto: usize, need_from: &[usize]) -> Option<KvCache> {
+        if self.pool.is_device() || upto > self.next_pos || need_from.len() != self.layers.len() {
+            return None;
+        }
+        let bt = self.pool.block_tokens();
+        let copies = self
+            .layers
+            .iter()
+            .filter(|l| (upto.saturating_sub(l.start_pos)) % bt != 0)
+            .count();
+        if copies > self.pool.available() {
+            return None;
+        }
+        let layers = self
+            .layers
+            .iter()
+            .zip(need_from)
+            .map(|(l, &from)| l.fork(&self.pool, upto, from))
+            .collect::<Option<Vec<_>>>()?;
+        Some(KvCache {
+            layers,
+            next_pos: upto,
+            pool: self.pool.clone(),
+        })
     }
 
     /// Blocks held, over all layers.

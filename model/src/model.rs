@@ -340,6 +340,24 @@ impl Model {
         self.new_cache_in(self.compute.default_pool())
     }
 
+    /// A cache for another sequence with the same first `upto` tokens as `cache` (the
+    /// choices of one request): their blocks shared ([`KvCache::fork`]); `None` when
+    /// `cache` no longer holds them all (a chunked layer moved past their chunk) or its
+    /// pool does not share.
+    pub fn fork_cache(&self, cache: &KvCache, upto: usize) -> Option<KvCache> {
+        let c = &self.config;
+        let need_from: Vec<usize> = (0..c.num_hidden_layers)
+            .map(|l| {
+                if c.rope_layers[l] {
+                    upto - upto % c.attention_chunk_size
+                } else {
+                    0
+                }
+            })
+            .collect();
+        cache.fork(upto, &need_from)
+    }
+
     /// A bounded block pool where this model's caches can live (on the device for a GPU).
     pub fn new_pool(&self, block_tokens: usize, blocks: usize) -> Arc<BlockPool> {
         with_backend!(&self.compute, b => b.new_pool(block_tokens, blocks))
