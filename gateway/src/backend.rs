@@ -205,7 +205,11 @@ impl Backend {
             prompt_logits: false,
             images: job.images.clone(),
             min_tokens: r.min_tokens.saturating_sub(generated.len()) as u32,
-            logprobs: r.logprobs.map(|k| k as u32),
+            // best_of ranks choices by their tokens' logprobs.
+            logprobs: r
+                .logprobs
+                .or((r.best_of > r.n).then_some(0))
+                .map(|k| k as u32),
             prompt_logprobs: choice
                 .prompt_logprobs
                 .then_some(r.logprobs.unwrap_or(0) as u32),

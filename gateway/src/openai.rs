@@ -53,8 +53,11 @@ pub struct CompletionRequest {
     pub resume_token_ids: Vec<u32>,
     /// The chat's image URLs (`image_url` parts), in the order of their placeholders.
     pub images: Vec<String>,
-    /// Choices to generate (`n`), each with its own draws.
+    /// Choices to return (`n`), each with its own draws.
     pub n: usize,
+    /// Choices to generate (`best_of`, at least `n`): the `n` with the highest cumulative
+    /// logprob are returned, as vLLM ranks them.
+    pub best_of: usize,
     /// Each generated token's log-probability with this many alternatives: chat's
     /// `logprobs` + `top_logprobs`, completions' `logprobs`.
     pub logprobs: Option<usize>,
@@ -94,13 +97,18 @@ impl CompletionRequest {
                 ))
             }
         };
-        if let Some(best_of) = opt_int(obj, "best_of")? {
-            if best_of != n as i64 {
+        let best_of = match opt_int(obj, "best_of")? {
+            None => n,
+            Some(b) if !chat && (n as i64..=CHOICES_MAX as i64).contains(&b) => b as usize,
+            Some(_) => {
                 return Err(ApiError::bad(
-                    "best_of other than n is not supported",
+                    format!("best_of must be between n and {CHOICES_MAX} (completions only)"),
                     "best_of",
-                ));
+                ))
             }
+        };
+        if best_of > n && opt_bool(obj, "stream")? {
+            return Err(ApiError::bad("best_of cannot be streamed", "best_of"));
         }
         let echo = !chat && opt_bool(obj, "echo")?;
         let tools = if chat { Tools::parse(obj)? } else { None };
@@ -197,6 +205,7 @@ impl CompletionRequest {
             resume_token_ids,
             images,
             n,
+            best_of,
             logprobs,
             echo,
             adjust: adjust(obj)?,
@@ -382,8 +391,9 @@ fn opt_ids(obj: &Map<String, Value>, field: &str) -> Result<Vec<u32>, ApiError> 
 }
 
 /// The prompt of a `/tokenize` body: `messages` (rendered by the chat template, with the
-/// generation prompt) or `prompt`, as vLLM takes them; images are not tokenized there.
-pub fn tokenize_request(body: &[u8]) -> Result<Prompt, ApiError> {
+/// generation prompt and the `tools` given) or `prompt`, as vLLM takes them; images are not
+/// tokenized there.
+pub fn tokenize_request(body: &[u8]) -> Result<(Prompt, Option<Tools>), ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad(format!("the body is not valid JSON: {e}"), "body"))?;
     let obj = value
@@ -395,9 +405,9 @@ pub fn tokenize_request(body: &[u8]) -> Result<Prompt, ApiError> {
         if !images.is_empty() {
             return Err(ApiError::bad("images are not tokenized here", "messages"));
         }
-        return Ok(Prompt::Chat(messages));
+        return Ok((Prompt::Chat(messages), Tools::parse(obj)?));
     }
-    prompt(obj)
+    Ok((prompt(obj)?, None))
 }
 
 /// The token ids of a `/detokenize` body (`tokens`).
@@ -773,7 +783,18 @@ mod tests {
             (r#"{"prompt": "x", "top_p": 0}"#, false, "top_p"),
             (r#"{"prompt": "x", "n": 0}"#, false, "n"),
             (r#"{"prompt": "x", "n": 17}"#, false, "n"),
-            (r#"{"prompt": "x", "n": 2, "best_of": 3}"#, false, "best_of"),
+            (r#"{"prompt": "x", "n": 2, "best_of": 1}"#, false, "best_of"),
+            (r#"{"prompt": "x", "best_of": 17}"#, false, "best_of"),
+            (
+                r#"{"prompt": "x", "best_of": 2, "stream": true}"#,
+                false,
+                "best_of",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "x"}], "best_of": 2}"#,
+                true,
+                "best_of",
+            ),
             (r#"{"prompt": "x", "logprobs": 21}"#, false, "logprobs"),
             (r#"{"prompt": "x", "logprobs": true}"#, false, "logprobs"),
             (

@@ -81,7 +81,7 @@ impl Validator {
             ));
         }
         self.check_vocabulary(resumed, "resume_token_ids")?;
-        if !resumed.is_empty() && request.n > 1 {
+        if !resumed.is_empty() && request.best_of > 1 {
             return Err(ApiError::bad(
                 "a stream with n > 1 cannot be resumed",
                 "resume_token_ids",

@@ -92,12 +92,14 @@ fn new_logprobs<'a>(app: &'a App, job: &Completion) -> Option<Logprobs<'a>> {
         .map(|_| Logprobs::new(app.validator.tokenizer.as_ref(), job.valid.chat))
 }
 
-/// One choice's whole answer: its JSON and how many tokens it generated.
+/// One choice's whole answer: its JSON, how many tokens it generated, and their
+/// cumulative logprob (when the worker sent logprobs).
 async fn collect_choice(
     app: &App,
     job: &Completion,
     started: Started,
-) -> Result<(Value, usize), ApiError> {
+) -> Result<(Value, usize, f64), ApiError> {
+    let mut cumulative = 0.0;
     let (mut out, mut ids) = (String::new(), Vec::new());
     let mut logprobs = new_logprobs(app, job);
     let echo = job.valid.request.echo;
@@ -123,6 +125,7 @@ async fn collect_choice(
             } => {
                 out.push_str(&text);
                 ids.push(id);
+                cumulative += lp.as_ref().map_or(0.0, |l| f64::from(l.logprob));
                 if let (Some(l), Some(lp)) = (logprobs.as_mut(), lp) {
                     l.token(id, &lp);
                 }
@@ -155,7 +158,7 @@ async fn collect_choice(
     if job.valid.request.return_token_ids {
         choice["token_ids"] = json!(ids);
     }
-    Ok((choice, count))
+    Ok((choice, count, cumulative))
 }
 
 /// The whole answer as one JSON body, its choices generated side by side.
@@ -165,8 +168,17 @@ pub async fn collect(
     started: Vec<Started>,
 ) -> Result<Response, ApiError> {
     let each = started.into_iter().map(|s| collect_choice(app, &job, s));
-    let choices = futures_util::future::try_join_all(each).await?;
+    let mut choices = futures_util::future::try_join_all(each).await?;
+    // Usage counts every token generated, best_of's discarded choices included.
     let count = choices.iter().map(|c| c.1).sum();
+    let n = job.valid.request.n;
+    if choices.len() > n {
+        choices.sort_by(|a, b| b.2.total_cmp(&a.2));
+        choices.truncate(n);
+        for (i, c) in choices.iter_mut().enumerate() {
+            c.0["index"] = json!(i);
+        }
+    }
     let chat = job.valid.chat;
     Ok(Json(json!({
         "id": job.id,

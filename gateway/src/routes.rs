@@ -101,8 +101,10 @@ async fn tokenize(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -
     let answer = async {
         authorize(&app, &headers)?;
         let bytes = read_body(body, app.config.body_max_bytes).await?;
-        let prompt = openai::tokenize_request(&bytes)?;
-        let tokens = app.validator.tokenize(&prompt)?;
+        let (prompt, tools) = openai::tokenize_request(&bytes)?;
+        let tokens = app
+            .validator
+            .tokenize_with_tools(&prompt, tools.as_ref().map(|t| &t.list))?;
         Ok::<_, ApiError>(Json(json!({
             "count": tokens.len(),
             "max_model_len": app.validator.config.max_position_embeddings,

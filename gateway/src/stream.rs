@@ -107,7 +107,7 @@ pub fn wants_prompt_logprobs(job: &Completion) -> bool {
 
 /// The key `job`'s choices share on a worker (nonzero, from its id), or 0 for one choice.
 fn prompt_group(job: &Completion) -> u64 {
-    if job.valid.request.n < 2 {
+    if job.valid.request.best_of < 2 {
         return 0;
     }
     let stamp = std::time::SystemTime::now()
@@ -162,7 +162,7 @@ pub async fn start_all(app: &App, job: &Completion) -> Result<Vec<Started>, ApiE
     let group = prompt_group(job);
     let first = start(app, job, 0, group, None).await?;
     let prefer = Some(first.worker.as_str()).filter(|w| !w.is_empty());
-    let others = (1..job.valid.request.n).map(|i| start(app, job, i, group, prefer));
+    let others = (1..job.valid.request.best_of).map(|i| start(app, job, i, group, prefer));
     let mut all = futures_util::future::try_join_all(others).await?;
     all.insert(0, first);
     Ok(all)

@@ -808,3 +808,28 @@ def test_tool_requests_are_validated(tools_client):
     for extra, param in cases:
         status, payload = raw(base, "/v1/chat/completions", json.dumps({**chat, **extra}).encode())
         assert status == 400 and payload["error"]["param"] == param, (extra, payload)
+
+
+def test_best_of_returns_the_most_likely_choices(client):
+    kwargs = dict(model="tiny-maverick", prompt="Experts move", max_tokens=8, temperature=1.0,
+                  seed=11, logprobs=0)
+    many = client.completions.create(**kwargs, n=4)
+    ranked = sorted(many.choices, key=lambda c: -sum(c.logprobs.token_logprobs))
+    best = client.completions.create(**kwargs, n=2, best_of=4)
+    assert [c.text for c in best.choices] == [c.text for c in ranked[:2]]
+    assert [c.index for c in best.choices] == [0, 1]
+    assert best.usage.completion_tokens == many.usage.completion_tokens
+    plain = client.completions.create(**{**kwargs, "logprobs": None}, best_of=4)
+    assert plain.choices[0].text == ranked[0].text and plain.choices[0].logprobs is None
+
+
+def test_tokenize_renders_tools_like_the_chat(tools_client):
+    client, base = tools_client
+    messages = [{"role": "user", "content": "Time?"}]
+    status, body = raw(base, "/tokenize", json.dumps({"messages": messages, "tools": TOOLS}).encode())
+    assert status == 200
+    r = client.chat.completions.create(model="tiny-maverick", messages=messages, tools=TOOLS,
+                                       max_tokens=1, tool_choice="none")
+    assert body["count"] == r.usage.prompt_tokens
+    status, plain = raw(base, "/tokenize", json.dumps({"messages": messages}).encode())
+    assert plain["count"] < body["count"]
