@@ -421,6 +421,10 @@ impl Scheduler {
     /// A choice whose prompt is in `cache` (forked): samples its first token from the
     /// prompt's `logits`, then runs like any other.
     fn start_fork(&mut self, mut seq: Seq, cache: KvCache, logits: &[f32]) {
+        if self.running.len() >= self.config.running_max {
+            // No room to run it now: it waits and prefills in its turn.
+            return self.waiting.push_back(seq);
+        }
         seq.cache = Some(cache);
         self.stats.forks.fetch_add(1, Ordering::Relaxed);
         self.stats.tokens_generated.fetch_add(1, Ordering::Relaxed);

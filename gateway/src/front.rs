@@ -228,16 +228,26 @@ impl Front {
         patience: Duration,
     ) -> Result<hyper::Response<hyper::body::Incoming>, Failure> {
         let uri = format!("http://{}{}", self.gateways[g], target.path_and_query);
-        let mut request = hyper::Request::builder()
-            .method(target.method.clone())
-            .uri(&uri)
-            .body(Full::new(body))
-            .map_err(|e| e.to_string())?;
-        *request.headers_mut() = target.headers.clone();
-        tokio::time::timeout(patience, self.client.request(request))
-            .await
-            .map_err(|_| format!("{}: no answer", self.gateways[g]))?
-            .map_err(|e| format!("{}: {e}", self.gateways[g]))
+        let started = tokio::time::Instant::now();
+        // A pooled connection to a gateway process that has since been restarted fails
+        // at once (`SendRequest`); the second try opens a fresh one.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut request = hyper::Request::builder()
+                .method(target.method.clone())
+                .uri(&uri)
+                .body(Full::new(body.clone()))
+                .map_err(|e| e.to_string())?;
+            *request.headers_mut() = target.headers.clone();
+            let left = patience.saturating_sub(started.elapsed());
+            match tokio::time::timeout(left, self.client.request(request)).await {
+                Err(_) => return Err(format!("{}: no answer", self.gateways[g])),
+                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Err(e)) if tries < 2 && !e.is_connect() => continue,
+                Ok(Err(e)) => return Err(format!("{}: {e}", self.gateways[g])),
+            }
+        }
     }
 }
 
@@ -345,8 +355,18 @@ async fn resume_stream(front: Arc<Front>, target: Target, mut request: Value) ->
                 ),
             }
             // The gateway died mid-stream: the same request elsewhere, after what the
-            // client has.
-            match resumed.reopen(&front, &target, gateway).await {
+            // client has; several choices' streams interleave and are not resumed.
+            let several = resumed
+                .request
+                .get("n")
+                .and_then(Value::as_u64)
+                .unwrap_or(1)
+                > 1;
+            let reopened = match several {
+                true => None,
+                false => resumed.reopen(&front, &target, gateway).await,
+            };
+            match reopened {
                 Some((g, a)) => {
                     gateway = g;
                     answer = a.into_body();

@@ -53,6 +53,9 @@ struct Point {
     wire_bytes_per_token: Vec<(String, f64)>,
     tcp_echo_p50_us: f64,
     tcp_echo_p99_us: f64,
+    /// The same echo served by a thread of its own with blocking I/O (a peer outside the
+    /// client's runtime, as a remote worker is).
+    tcp_thread_echo_p50_us: f64,
     unix_echo_p50_us: f64,
     unix_echo_p99_us: f64,
     /// The expert worker's compute for the batch alone (p50), included in each transport's
@@ -71,6 +74,8 @@ struct TransportPoint {
     ratio_p50: f64,
     /// (p50 − compute p50) ÷ the echo p50: the transport's own cost against the floor.
     transport_ratio_p50: f64,
+    /// (p50 − compute p50) ÷ the thread echo's p50 (TCP transports).
+    transport_ratio_thread_p50: f64,
     /// (p50 − the in-process dispatch's p50) ÷ the echo p50: what the socket adds to the
     /// same batcher, compute and dtype rounding in this process.
     beyond_local_ratio_p50: Option<f64>,
@@ -101,19 +106,22 @@ pub fn run(args: DispatchArgs) -> Result<()> {
     );
     println!(
         "interleaved rounds; x echo -c: (p50 - compute) / echo p50 of the same socket kind (TCP; \
-         Unix for unix); x echo -local: (p50 - local p50) / echo p50"
+         Unix for unix); x echo -local: (p50 - local p50) / echo p50; thr: the TCP echo served \
+         by a thread of its own"
     );
     println!(
-        "{:>7} {:>11} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>10} {:>13} {:>9}",
+        "{:>7} {:>11} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>10} {:>9} {:>13} {:>9}",
         "tokens",
         "payload B/t",
         "wire B/t",
         "TCP echo",
+        "thr echo",
         "Unix echo",
         "compute",
         "transport",
         "p50",
         "x echo -c",
+        "x thr -c",
         "x echo -local",
         "p99"
     );
@@ -126,18 +134,19 @@ pub fn run(args: DispatchArgs) -> Result<()> {
                 .map_or(String::from("-"), |(_, w)| format!("{w:.0}"));
             if i == 0 {
                 print!(
-                    "{:>7} {:>11} {:>9} {:>7.0}us {:>7.0}us {:>5.0}us",
+                    "{:>7} {:>11} {:>9} {:>7.0}us {:>7.0}us {:>7.0}us {:>5.0}us",
                     p.tokens,
                     p.payload_bytes_per_token,
                     wire,
                     p.tcp_echo_p50_us,
+                    p.tcp_thread_echo_p50_us,
                     p.unix_echo_p50_us,
                     p.compute_p50_us
                 );
             } else {
                 print!(
-                    "{:>7} {:>11} {:>9} {:>9} {:>9} {:>7}",
-                    "", "", wire, "", "", ""
+                    "{:>7} {:>11} {:>9} {:>9} {:>9} {:>9} {:>7}",
+                    "", "", wire, "", "", "", ""
                 );
             }
             let beyond_local = t
@@ -145,8 +154,13 @@ pub fn run(args: DispatchArgs) -> Result<()> {
                 .filter(|_| t.name != "local")
                 .map_or(String::from("-"), |r| format!("{r:.2}"));
             println!(
-                " {:>9} {:>7.0}us {:>10.2} {:>13} {:>7.0}us",
-                t.name, t.p50_us, t.transport_ratio_p50, beyond_local, t.p99_us
+                " {:>9} {:>7.0}us {:>10.2} {:>9.2} {:>13} {:>7.0}us",
+                t.name,
+                t.p50_us,
+                t.transport_ratio_p50,
+                t.transport_ratio_thread_p50,
+                beyond_local,
+                t.p99_us
             );
         }
     }
@@ -227,12 +241,15 @@ async fn measure(args: &DispatchArgs) -> Result<Report> {
     ];
     let tcp_echo = TcpStream::connect(&tcp_echo_server().await?).await?;
     tcp_echo.set_nodelay(true)?;
+    let thread_echo = TcpStream::connect(&tcp_echo_thread()?).await?;
+    thread_echo.set_nodelay(true)?;
     let echo_socket = socket.with_extension("echo.sock");
     let mut rig = Rig {
         compute: compute_shard,
         clients,
         counted,
         tcp_echo,
+        thread_echo,
         unix_echo: unix_echo_server(&echo_socket).await?,
     };
     let mut points = Vec::new();
@@ -256,6 +273,7 @@ struct Rig {
     clients: [Client; 4],
     counted: Arc<AtomicU64>,
     tcp_echo: TcpStream,
+    thread_echo: TcpStream,
     unix_echo: tokio::net::UnixStream,
 }
 
@@ -275,6 +293,7 @@ impl Rig {
         // Interleaved rounds (compute, both echoes, each transport once per round), so that
         // the machine's drifts touch every figure alike; medians after the warm-up.
         let (mut compute, mut tcp, mut unix) = (Vec::new(), Vec::new(), Vec::new());
+        let mut thread = Vec::new();
         let mut times: Vec<Vec<Duration>> = vec![Vec::new(); chosen.len()];
         let (sent, mut echoed) = (vec![7u8; payload], vec![0u8; payload]);
         for round in 0..WARM_UP + args.iterations {
@@ -285,6 +304,7 @@ impl Rig {
             let c = t0.elapsed();
             std::hint::black_box(out);
             let t = echo(&mut self.tcp_echo, &sent, &mut echoed).await?;
+            let th = echo(&mut self.thread_echo, &sent, &mut echoed).await?;
             let u = echo(&mut self.unix_echo, &sent, &mut echoed).await?;
             let mut each = Vec::with_capacity(chosen.len());
             for (_, client, _) in &chosen {
@@ -293,6 +313,7 @@ impl Rig {
             if round >= WARM_UP {
                 compute.push(c);
                 tcp.push(t);
+                thread.push(th);
                 unix.push(u);
                 for (all, one) in times.iter_mut().zip(each) {
                     all.push(one);
@@ -302,6 +323,7 @@ impl Rig {
         let (c50, _) = percentiles(&mut compute);
         let (t50, t99) = percentiles(&mut tcp);
         let (u50, u99) = percentiles(&mut unix);
+        let (th50, _) = percentiles(&mut thread);
         let p50s: Vec<f64> = times.iter_mut().map(|t| percentiles(t).0).collect();
         let local_p50 = chosen
             .iter()
@@ -321,6 +343,7 @@ impl Rig {
                 p99_us: p99,
                 ratio_p50: p50 / floor,
                 transport_ratio_p50: (p50 - c50) / floor,
+                transport_ratio_thread_p50: (p50 - c50) / if *name == "unix" { u50 } else { th50 },
                 beyond_local_ratio_p50: local_p50.map(|l| (p50 - l) / floor),
             });
         }
@@ -330,6 +353,7 @@ impl Rig {
             wire_bytes_per_token: wire,
             tcp_echo_p50_us: t50,
             tcp_echo_p99_us: t99,
+            tcp_thread_echo_p50_us: th50,
             unix_echo_p50_us: u50,
             unix_echo_p99_us: u99,
             compute_p50_us: c50,
@@ -463,6 +487,36 @@ async fn tcp_echo_server() -> Result<String> {
         while let Ok((s, _)) = listener.accept().await {
             let _ = s.set_nodelay(true);
             tokio::spawn(echo_loop(s));
+        }
+    });
+    Ok(addr)
+}
+
+/// Echoes length-prefixed messages over TCP from a thread of its own per connection, with
+/// blocking reads and writes: a peer that does not share the client's runtime threads.
+fn tcp_echo_thread() -> Result<String> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            let _ = s.set_nodelay(true);
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut len = [0u8; 8];
+                while s.read_exact(&mut len).is_ok() {
+                    // Bounded by what this benchmark sends (512 × 5120 × 4 bytes).
+                    let n = (u64::from_le_bytes(len) as usize).min(64 << 20);
+                    buf.resize(n, 0);
+                    if s.read_exact(&mut buf).is_err()
+                        || s.write_all(&len).is_err()
+                        || s.write_all(&buf).is_err()
+                    {
+                        return;
+                    }
+                }
+            });
         }
     });
     Ok(addr)
