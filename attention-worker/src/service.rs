@@ -16,7 +16,6 @@ use expertmesh_proto::v1::attention_service_server::{AttentionService, Attention
 use expertmesh_proto::MAX_MESSAGE_BYTES;
 use tokio::sync::Semaphore;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use crate::scheduler::{Engine, Event, Prepared, SubmitError};
@@ -203,6 +202,26 @@ pub fn logprobs_message(lp: TokenLogprobs) -> pb::TokenLogprobs {
     }
 }
 
+/// Prompt positions per `PromptLogprobs` message: a long prompt's logprobs go out in
+/// pieces well under the message cap (20 alternatives are ~150 bytes a position).
+const PROMPT_LOGPROBS_PER_MESSAGE: usize = 4096;
+
+/// The stream messages of one engine event (a long prompt's logprobs in several).
+fn events(e: Event, prompt_rows: u64, vocab: u64) -> Vec<Result<pb::GenerateEvent, Status>> {
+    use pb::generate_event::Event as E;
+    let Event::PromptLogprobs(lps) = e else {
+        return vec![event(e, prompt_rows, vocab)];
+    };
+    let mut out = Vec::with_capacity(lps.len().div_ceil(PROMPT_LOGPROBS_PER_MESSAGE).max(1));
+    let mut lps = lps.into_iter().map(logprobs_message).peekable();
+    while out.is_empty() || lps.peek().is_some() {
+        let positions = lps.by_ref().take(PROMPT_LOGPROBS_PER_MESSAGE).collect();
+        let piece = E::PromptLogprobs(pb::PromptLogprobs { positions });
+        out.push(Ok(pb::GenerateEvent { event: Some(piece) }));
+    }
+    out
+}
+
 fn event(e: Event, prompt_rows: u64, vocab: u64) -> Result<pb::GenerateEvent, Status> {
     use pb::generate_event::Event as E;
     let event = match e {
@@ -271,7 +290,40 @@ impl AttentionService for AttentionServer {
                 SubmitError::Overloaded(_) => Status::resource_exhausted(e.to_string()),
                 SubmitError::Stopped | SubmitError::Draining => Status::unavailable(e.to_string()),
             })?;
-        let stream = ReceiverStream::new(rx).map(move |e| event(e, rows, vocab));
+        let stream = futures_util::StreamExt::flat_map(ReceiverStream::new(rx), move |e| {
+            futures_util::stream::iter(events(e, rows, vocab))
+        });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A long prompt's logprobs leave in pieces under the message cap, in order; an empty
+    /// list (a one-token prompt) is still one message.
+    #[test]
+    fn prompt_logprobs_go_out_in_pieces() {
+        let lp = |i: usize| TokenLogprobs {
+            logprob: -(i as f32),
+            top: vec![(1, -0.5); 20],
+        };
+        let all: Vec<TokenLogprobs> = (0..10_000).map(lp).collect();
+        let out = events(Event::PromptLogprobs(all), 1, 8);
+        let sizes: Vec<usize> = out
+            .iter()
+            .map(|e| match &e.as_ref().unwrap().event {
+                Some(pb::generate_event::Event::PromptLogprobs(p)) => p.positions.len(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(sizes, vec![4096, 4096, 1808]);
+        let Some(pb::generate_event::Event::PromptLogprobs(last)) = &out[2].as_ref().unwrap().event
+        else {
+            unreachable!()
+        };
+        assert_eq!(last.positions[1807].logprob, -9999.0);
+        assert_eq!(events(Event::PromptLogprobs(Vec::new()), 1, 8).len(), 1);
     }
 }

@@ -358,7 +358,9 @@ fn choices_share_their_prompt_and_still_equal_their_runs_alone() {
     // A late choice: the first three are done, so it prefills alone (nothing to fork).
     got.push(collect(engine.submit(choice(3, Some(77))).unwrap()).0);
     assert_eq!(got, alone);
-    // A choice that comes while another is decoding forks from the prompt it kept.
+    // A choice that comes while another is decoding forks from the prompt it kept, if that
+    // one's chunked layers still hold the prompt's last chunk (8 positions here: a timing
+    // matter, so either way; `KvCache::fork`'s unit test pins both cases).
     let long = GenerateRequest {
         max_new_tokens: 200,
         ..choice(0, Some(78))
@@ -372,12 +374,15 @@ fn choices_share_their_prompt_and_still_equal_their_runs_alone() {
     let (rest, _) = collect(first);
     assert_eq!([&[id][..], &rest.ids[..11]].concat(), alone[0].ids);
     let stats = engine.stats();
-    assert_eq!(stats.forks.load(Ordering::Relaxed), 3);
-    // One prefill of 45 tokens for the three, one for the late one, and the decode steps.
+    let forks = stats.forks.load(Ordering::Relaxed);
+    assert!(forks == 2 || forks == 3, "{forks} forks");
+    // One prefill of 45 tokens for the three, one for the late one, one for the long one
+    // (and one for its sibling if it did not fork), and the decode steps.
     let forwarded = stats.tokens_forwarded.load(Ordering::Relaxed);
+    let prefills = 6 - forks;
     assert_eq!(
         forwarded,
-        3 * 45 + 4 * 11 + 199 + 11,
+        prefills * 45 + 4 * 11 + 199 + 11,
         "tokens run through the model"
     );
     let give_up = Instant::now() + Duration::from_secs(5);

@@ -226,7 +226,8 @@ impl Backend {
             grammar: r.grammar.as_ref().map(|(g, _)| grammar_message(g)),
             prompt_group: choice.group,
         };
-        let mut client = AttentionServiceClient::new(channel);
+        let mut client = AttentionServiceClient::new(channel)
+            .max_decoding_message_size(expertmesh_proto::MAX_MESSAGE_BYTES);
         match client.generate(request).await {
             Ok(r) => Ok((address, r.into_inner())),
             Err(s) => Err(StartFailure::Worker(address, Break::Status(s))),

@@ -321,10 +321,10 @@ impl<'a> Tokens<'a> {
                     return Ok(self.token(t.id, t.logprobs.map(token_logprobs)))
                 }
                 Some(pb::generate_event::Event::PromptLogprobs(p)) => {
-                    let mut lps: Vec<TokenLogprobs> =
-                        p.positions.into_iter().map(token_logprobs).collect();
+                    // Several messages for a long prompt, in order.
+                    let lps = self.prompt_logprobs.get_or_insert_with(Vec::new);
+                    lps.extend(p.positions.into_iter().map(token_logprobs));
                     lps.truncate(self.job.valid.prompt.len().saturating_sub(1));
-                    self.prompt_logprobs = Some(lps);
                 }
                 Some(pb::generate_event::Event::Finished(f)) => {
                     let finish = if f.reason == pb::FinishReason::Stop as i32 {
@@ -344,7 +344,16 @@ impl<'a> Tokens<'a> {
     /// Moves the request to another worker after `b`; the end instead when nothing is left
     /// to generate (the worker died between the last token and its finish event).
     async fn migrate(&mut self, b: Break) -> Result<Option<Next>, ApiError> {
-        let prompt_logprobs = wants_prompt_logprobs(self.job) && self.prompt_logprobs.is_none();
+        // The prompt's logprobs come in several messages: a break among them asks again.
+        let whole = self.job.valid.prompt.len().saturating_sub(1);
+        let prompt_logprobs = wants_prompt_logprobs(self.job)
+            && self
+                .prompt_logprobs
+                .as_ref()
+                .is_none_or(|l| l.len() < whole);
+        if prompt_logprobs {
+            self.prompt_logprobs = None;
+        }
         if let Some(finish) = finish_of(self.app, self.job, &self.generated) {
             if !prompt_logprobs {
                 let rest = self.text.finish();

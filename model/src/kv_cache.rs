@@ -414,6 +414,49 @@ mod tests {
         assert_eq!(pool.available(), 8);
     }
 
+    /// A fork shares the full blocks before its end (counted once) and copies the partial
+    /// one; either side writes on without touching the other; the blocks come back when
+    /// the last holder goes. A layer that dropped positions the fork needs refuses it.
+    #[test]
+    fn forks_share_full_blocks_and_copy_the_partial_one() {
+        let pool = BlockPool::new(4, Some(16));
+        let mut a = KvCache::new(2, 1, pool.clone());
+        let rows =
+            |from: usize, n: usize| -> Vec<f32> { (from..from + n).map(|i| i as f32).collect() };
+        for l in 0..2 {
+            a.layers[l].append(&pool, &rows(0, 11), &rows(100, 11));
+        }
+        a.next_pos = 11;
+        assert_eq!(pool.used(), 6);
+        // The first 6 positions: one full block shared, the partial second one copied.
+        let mut b = a.fork(6, &[0, 0]).unwrap();
+        assert_eq!((b.next_pos, b.blocks(), pool.used()), (6, 4, 8));
+        for l in 0..2 {
+            b.layers[l].append(&pool, &[-1.0], &[-2.0]);
+            assert_eq!(
+                b.layers[l].gather(4, 0, 7).0,
+                [rows(0, 6), vec![-1.0]].concat()
+            );
+            assert_eq!(a.layers[l].gather(4, 0, 11), (rows(0, 11), rows(100, 11)));
+        }
+        drop(a);
+        assert_eq!(
+            pool.used(),
+            4,
+            "the shared blocks stay while the fork holds them"
+        );
+        drop(b);
+        assert_eq!(pool.used(), 0);
+        // A chunked layer that has let go of positions before 8 cannot give positions 6..
+        let mut c = KvCache::new(1, 1, pool.clone());
+        c.layers[0].append(&pool, &rows(0, 10), &rows(0, 10));
+        c.next_pos = 10;
+        c.layers[0].drop_before(&pool, 8);
+        assert!(c.fork(9, &[8]).is_some());
+        assert!(c.fork(9, &[4]).is_none());
+        assert!(c.fork(11, &[8]).is_none(), "past what it holds");
+    }
+
     /// A device pool hands out ids below its capacity and slots inside those blocks; freed
     /// ids come back.
     #[test]
