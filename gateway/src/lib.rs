@@ -20,6 +20,7 @@
 //! Errors take OpenAI's shape ([`error`]); `/metrics` speaks Prometheus ([`metrics`]).
 
 pub mod backend;
+pub mod decoding;
 pub mod error;
 pub mod front;
 pub mod images;

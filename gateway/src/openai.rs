@@ -3,9 +3,9 @@
 
 use serde_json::{Map, Value};
 
-use expertmesh_model::sampling::{LOGIT_BIAS_MAX, TOP_LOGPROBS_MAX};
 use expertmesh_model::{Adjust, ChatMessage, GrammarSpec};
 
+use crate::decoding::{adjust, grammar, logprobs};
 use crate::error::ApiError;
 use crate::tools::Tools;
 
@@ -215,171 +215,6 @@ impl CompletionRequest {
     }
 }
 
-/// The structured output asked for: OpenAI's `response_format` (`json_object`, or
-/// `json_schema` with its `schema`), or vLLM's `structured_outputs` (`json`, `regex`,
-/// `choice`, `grammar`) and its older `guided_json`, `guided_regex`, `guided_choice`,
-/// `guided_grammar`; at most one. Grammars are Lark (llguidance's dialect).
-fn grammar(obj: &Map<String, Value>) -> Result<Option<(GrammarSpec, &'static str)>, ApiError> {
-    let schema = |v: &Value, field: &str| match v {
-        Value::Object(_) => Ok(GrammarSpec::JsonSchema(v.to_string())),
-        Value::String(s) => Ok(GrammarSpec::JsonSchema(s.clone())),
-        _ => Err(ApiError::bad(
-            format!("{field} must be a JSON schema"),
-            field,
-        )),
-    };
-    let text = |v: &Value, field: &str| {
-        v.as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| ApiError::bad(format!("{field} must be a string"), field))
-    };
-    let choice = |v: &Value, field: &str| {
-        v.as_array()
-            .filter(|a| !a.is_empty())
-            .and_then(|a| a.iter().map(|c| c.as_str().map(str::to_owned)).collect())
-            .map(GrammarSpec::Choice)
-            .ok_or_else(|| ApiError::bad(format!("{field} must be a list of strings"), field))
-    };
-    let mut found: Vec<(GrammarSpec, &'static str)> = Vec::new();
-    match obj.get("response_format") {
-        None | Some(Value::Null) => {}
-        Some(rf) => {
-            const F: &str = "response_format";
-            match rf.get("type").and_then(Value::as_str) {
-                Some("text") => {}
-                Some("json_object") => found.push((GrammarSpec::JsonObject, F)),
-                Some("json_schema") => {
-                    let s = rf
-                        .get("json_schema")
-                        .and_then(|j| j.get("schema"))
-                        .ok_or_else(|| ApiError::bad("json_schema.schema is required", F))?;
-                    found.push((schema(s, F)?, F));
-                }
-                _ => {
-                    return Err(ApiError::bad(
-                        "response_format.type must be text, json_object or json_schema",
-                        F,
-                    ))
-                }
-            }
-        }
-    }
-    const GUIDED: [&str; 4] = [
-        "guided_json",
-        "guided_regex",
-        "guided_choice",
-        "guided_grammar",
-    ];
-    for field in GUIDED {
-        let Some(v) = obj.get(field).filter(|v| !v.is_null()) else {
-            continue;
-        };
-        let spec = match field {
-            "guided_json" => schema(v, field)?,
-            "guided_regex" => GrammarSpec::Regex(text(v, field)?),
-            "guided_choice" => choice(v, field)?,
-            _ => GrammarSpec::Lark(text(v, field)?),
-        };
-        found.push((spec, field));
-    }
-    if let Some(so) = obj.get("structured_outputs").filter(|v| !v.is_null()) {
-        const F: &str = "structured_outputs";
-        let so = so
-            .as_object()
-            .ok_or_else(|| ApiError::bad("structured_outputs must be an object", F))?;
-        for (key, v) in so.iter().filter(|(_, v)| !v.is_null()) {
-            let spec = match key.as_str() {
-                "json" => schema(v, F)?,
-                "regex" => GrammarSpec::Regex(text(v, F)?),
-                "choice" => choice(v, F)?,
-                "grammar" => GrammarSpec::Lark(text(v, F)?),
-                "json_object" if v == &Value::Bool(true) => GrammarSpec::JsonObject,
-                _ => continue,
-            };
-            found.push((spec, F));
-        }
-    }
-    if found.len() > 1 {
-        return Err(ApiError::bad(
-            "at most one structured output (response_format, structured_outputs, guided_*)",
-            found[1].1,
-        ));
-    }
-    Ok(found.pop())
-}
-
-/// How many alternatives each token's log-probability comes with, if asked for: chat's
-/// `logprobs` (a boolean) with `top_logprobs`, completions' `logprobs` (a count).
-fn logprobs(obj: &Map<String, Value>, chat: bool) -> Result<Option<usize>, ApiError> {
-    let range = |field: &str, v: Option<i64>| match v {
-        Some(k) if !(0..=TOP_LOGPROBS_MAX as i64).contains(&k) => Err(ApiError::bad(
-            format!("{field} must be between 0 and {TOP_LOGPROBS_MAX}"),
-            field,
-        )),
-        v => Ok(v.map(|k| k as usize)),
-    };
-    if !chat {
-        return range("logprobs", opt_int(obj, "logprobs")?);
-    }
-    let top = range("top_logprobs", opt_int(obj, "top_logprobs")?)?;
-    match (opt_bool(obj, "logprobs")?, top) {
-        (true, top) => Ok(Some(top.unwrap_or(0))),
-        (false, Some(t)) if t > 0 => Err(ApiError::bad(
-            "top_logprobs needs logprobs: true",
-            "top_logprobs",
-        )),
-        (false, _) => Ok(None),
-    }
-}
-
-/// The penalties and `logit_bias` (OpenAI's `{"token id": bias}`), each range-checked.
-fn adjust(obj: &Map<String, Value>) -> Result<Adjust, ApiError> {
-    let mut a = Adjust::default();
-    if let Some(r) = opt_num(obj, "repetition_penalty")? {
-        if !(r > 0.0 && r <= 2.0) {
-            return Err(ApiError::bad(
-                "repetition_penalty must be in (0, 2]",
-                "repetition_penalty",
-            ));
-        }
-        a.repetition_penalty = r as f32;
-    }
-    for (field, slot) in [
-        ("presence_penalty", &mut a.presence_penalty),
-        ("frequency_penalty", &mut a.frequency_penalty),
-    ] {
-        if let Some(v) = opt_num(obj, field)? {
-            if !(-2.0..=2.0).contains(&v) {
-                return Err(ApiError::bad(
-                    format!("{field} must be between -2 and 2"),
-                    field,
-                ));
-            }
-            *slot = v as f32;
-        }
-    }
-    let bad = |why: String| Err(ApiError::bad(why, "logit_bias"));
-    match obj.get("logit_bias") {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(map)) => {
-            if map.len() > LOGIT_BIAS_MAX {
-                return bad(format!("logit_bias takes at most {LOGIT_BIAS_MAX} entries"));
-            }
-            for (id, bias) in map {
-                let Ok(id) = id.parse::<u32>() else {
-                    return bad(format!("logit_bias key `{id}` is not a token id"));
-                };
-                match bias.as_f64() {
-                    Some(b) if (-100.0..=100.0).contains(&b) => a.logit_bias.push((id, b as f32)),
-                    _ => return bad(format!("logit_bias of {id} must be between -100 and 100")),
-                }
-            }
-        }
-        Some(_) => return bad("logit_bias must be an object of token ids to biases".into()),
-    }
-    Ok(a)
-}
-
 /// A list of token ids, empty when absent.
 fn opt_ids(obj: &Map<String, Value>, field: &str) -> Result<Vec<u32>, ApiError> {
     let bad = || ApiError::bad(format!("{field} must be a list of token ids"), field);
@@ -424,7 +259,7 @@ pub fn detokenize_request(body: &[u8]) -> Result<Vec<u32>, ApiError> {
 }
 
 /// A boolean field, false when absent.
-fn opt_bool(obj: &Map<String, Value>, field: &str) -> Result<bool, ApiError> {
+pub(crate) fn opt_bool(obj: &Map<String, Value>, field: &str) -> Result<bool, ApiError> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
@@ -432,7 +267,7 @@ fn opt_bool(obj: &Map<String, Value>, field: &str) -> Result<bool, ApiError> {
     }
 }
 
-fn opt_num(obj: &Map<String, Value>, field: &str) -> Result<Option<f64>, ApiError> {
+pub(crate) fn opt_num(obj: &Map<String, Value>, field: &str) -> Result<Option<f64>, ApiError> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => v
@@ -443,7 +278,7 @@ fn opt_num(obj: &Map<String, Value>, field: &str) -> Result<Option<f64>, ApiErro
     }
 }
 
-fn opt_int(obj: &Map<String, Value>, field: &str) -> Result<Option<i64>, ApiError> {
+pub(crate) fn opt_int(obj: &Map<String, Value>, field: &str) -> Result<Option<i64>, ApiError> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => v
