@@ -208,18 +208,18 @@ const PROMPT_LOGPROBS_PER_MESSAGE: usize = 4096;
 
 /// The stream messages of one engine event (a long prompt's logprobs in several).
 fn events(e: Event, prompt_rows: u64, vocab: u64) -> Vec<Result<pb::GenerateEvent, Status>> {
-    use pb::generate_event::Event as E;
     let Event::PromptLogprobs(lps) = e else {
         return vec![event(e, prompt_rows, vocab)];
     };
     let mut out = Vec::with_capacity(lps.len().div_ceil(PROMPT_LOGPROBS_PER_MESSAGE).max(1));
-    let mut lps = lps.into_iter().map(logprobs_message).peekable();
-    while out.is_empty() || lps.peek().is_some() {
-        let positions = lps.by_ref().take(PROMPT_LOGPROBS_PER_MESSAGE).collect();
-        let piece = E::PromptLogprobs(pb::PromptLogprobs { positions });
-        out.push(Ok(pb::GenerateEvent { event: Some(piece) }));
+    let mut lps = lps.into_iter().peekable();
+    loop {
+        let piece = lps.by_ref().take(PROMPT_LOGPROBS_PER_MESSAGE).collect();
+        out.push(event(Event::PromptLogprobs(piece), prompt_rows, vocab));
+        if lps.peek().is_none() {
+            return out;
+        }
     }
-    out
 }
 
 fn event(e: Event, prompt_rows: u64, vocab: u64) -> Result<pb::GenerateEvent, Status> {

@@ -587,21 +587,6 @@ fn finish(
     all
 }
 
-/// Whether the gateway at `http` answers `/health` with 200.
-fn gateway_healthy(http: &str) -> bool {
-    use std::io::Read;
-    let Ok(mut s) = std::net::TcpStream::connect(http) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let asked = write!(
-        s,
-        "GET /health HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n"
-    );
-    let mut reply = String::new();
-    asked.is_ok() && s.read_to_string(&mut reply).is_ok() && reply.starts_with("HTTP/1.1 200")
-}
-
 /// Free loopback ports (bound and released).
 fn free_ports(n: usize) -> Vec<u16> {
     let held: Vec<std::net::TcpListener> = (0..n)
@@ -773,7 +758,7 @@ fn a_rolling_restart_of_every_process_fails_no_request() {
         // Its gateway serving again, before the next coordinator goes (the group's status
         // can read settled before the new process even listens).
         let give_up = Instant::now() + Duration::from_secs(60);
-        while !gateway_healthy(&gateways[i]) {
+        while !common::healthy(&gateways[i]) {
             assert!(
                 Instant::now() < give_up,
                 "gateway {} did not come back",

@@ -48,20 +48,7 @@ fn loadgen_against_up() {
         .unwrap());
     let give_up = Instant::now() + Duration::from_secs(60);
     // Ready when /health says so (the coordinator's HTTP port opens before workers join).
-    let healthy = || {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(&http) else {
-            return false;
-        };
-        let _ = write!(
-            s,
-            "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        );
-        let mut reply = String::new();
-        let _ = s.read_to_string(&mut reply);
-        reply.starts_with("HTTP/1.1 200")
-    };
-    while !healthy() {
+    while !common::healthy(&http) {
         assert!(Instant::now() < give_up, "up did not become healthy");
         std::thread::sleep(Duration::from_millis(100));
     }

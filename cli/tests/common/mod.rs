@@ -164,6 +164,21 @@ pub fn wait_status(coordinators: &str, what: &str, done: impl Fn(&Value) -> bool
     }
 }
 
+/// Whether the HTTP API at `http` answers `/health` with 200.
+pub fn healthy(http: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(http) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    let asked = write!(
+        s,
+        "GET /health HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n"
+    );
+    let mut reply = String::new();
+    asked.is_ok() && s.read_to_string(&mut reply).is_ok() && reply.starts_with("HTTP/1.1 200")
+}
+
 /// POSTs a JSON body over HTTP/1.1 and returns the parsed JSON reply (or why there is none).
 pub fn post(http: &str, path: &str, body: &Value) -> Result<Value, String> {
     use std::io::{Read, Write};
