@@ -1,6 +1,6 @@
-//! How a request body asks to decode, beyond its prompt and length: the log-probabilities
-//! it wants, the penalties and `logit_bias` on its logits, and the structured output its
-//! text must match. Each field is range-checked here; a bad one is a 400 naming it.
+//! How a request body asks to decode, beyond its prompt and length: how many choices, the
+//! log-probabilities it wants, the penalties and `logit_bias` on its logits, and the
+//! grammar its text must match. Each field is range-checked here; a bad one is a 400 naming it.
 
 use serde_json::{Map, Value};
 
@@ -8,13 +8,62 @@ use expertmesh_model::sampling::{LOGIT_BIAS_MAX, TOP_LOGPROBS_MAX};
 use expertmesh_model::{Adjust, GrammarSpec};
 
 use crate::error::ApiError;
-use crate::openai::{opt_bool, opt_int, opt_num};
+use crate::openai::{opt_bool, opt_int, opt_num, CHOICES_MAX};
+use crate::tools::Tools;
+
+/// How many choices to return and to generate: `n`, and `best_of` (completions, not
+/// streamed, at least `n`).
+pub fn choices(obj: &Map<String, Value>, chat: bool) -> Result<(usize, usize), ApiError> {
+    let n = match opt_int(obj, "n")? {
+        None => 1,
+        Some(n) if (1..=CHOICES_MAX as i64).contains(&n) => n as usize,
+        Some(_) => {
+            return Err(ApiError::bad(
+                format!("n must be between 1 and {CHOICES_MAX}"),
+                "n",
+            ))
+        }
+    };
+    let best_of = match opt_int(obj, "best_of")? {
+        None => n,
+        Some(b) if !chat && (n as i64..=CHOICES_MAX as i64).contains(&b) => b as usize,
+        Some(_) => {
+            return Err(ApiError::bad(
+                format!("best_of must be between n and {CHOICES_MAX} (completions only)"),
+                "best_of",
+            ))
+        }
+    };
+    if best_of > n && opt_bool(obj, "stream")? {
+        return Err(ApiError::bad("best_of cannot be streamed", "best_of"));
+    }
+    Ok((n, best_of))
+}
+
+/// What the output must match and the field that asked: a structured output, or the
+/// grammar `tools` force a call with (`tool_choice` required or named); not both.
+pub fn grammar(
+    obj: &Map<String, Value>,
+    tools: Option<&Tools>,
+) -> Result<Option<(GrammarSpec, &'static str)>, ApiError> {
+    let asked = structured_output(obj)?;
+    match tools.and_then(Tools::grammar) {
+        Some(_) if asked.is_some() => Err(ApiError::bad(
+            "a required tool call and a structured output cannot be combined",
+            "tool_choice",
+        )),
+        Some(forced) => Ok(Some((forced, "tool_choice"))),
+        None => Ok(asked),
+    }
+}
 
 /// The structured output asked for: OpenAI's `response_format` (`json_object`, or
 /// `json_schema` with its `schema`), or vLLM's `structured_outputs` (`json`, `regex`,
 /// `choice`, `grammar`) and its older `guided_json`, `guided_regex`, `guided_choice`,
 /// `guided_grammar`; at most one. Grammars are Lark (llguidance's dialect).
-pub fn grammar(obj: &Map<String, Value>) -> Result<Option<(GrammarSpec, &'static str)>, ApiError> {
+fn structured_output(
+    obj: &Map<String, Value>,
+) -> Result<Option<(GrammarSpec, &'static str)>, ApiError> {
     let schema = |v: &Value, field: &str| match v {
         Value::Object(_) => Ok(GrammarSpec::JsonSchema(v.to_string())),
         Value::String(s) => Ok(GrammarSpec::JsonSchema(s.clone())),

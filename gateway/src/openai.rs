@@ -5,7 +5,7 @@ use serde_json::{Map, Value};
 
 use expertmesh_model::{Adjust, ChatMessage, GrammarSpec};
 
-use crate::decoding::{adjust, grammar, logprobs};
+use crate::decoding::{adjust, choices, grammar, logprobs};
 use crate::error::ApiError;
 use crate::tools::Tools;
 
@@ -87,41 +87,10 @@ impl CompletionRequest {
         } else {
             prompt(obj)?
         };
-        let n = match opt_int(obj, "n")? {
-            None => 1,
-            Some(n) if (1..=CHOICES_MAX as i64).contains(&n) => n as usize,
-            Some(_) => {
-                return Err(ApiError::bad(
-                    format!("n must be between 1 and {CHOICES_MAX}"),
-                    "n",
-                ))
-            }
-        };
-        let best_of = match opt_int(obj, "best_of")? {
-            None => n,
-            Some(b) if !chat && (n as i64..=CHOICES_MAX as i64).contains(&b) => b as usize,
-            Some(_) => {
-                return Err(ApiError::bad(
-                    format!("best_of must be between n and {CHOICES_MAX} (completions only)"),
-                    "best_of",
-                ))
-            }
-        };
-        if best_of > n && opt_bool(obj, "stream")? {
-            return Err(ApiError::bad("best_of cannot be streamed", "best_of"));
-        }
+        let (n, best_of) = choices(obj, chat)?;
         let echo = !chat && opt_bool(obj, "echo")?;
         let tools = if chat { Tools::parse(obj)? } else { None };
-        let mut grammar = grammar(obj)?;
-        if let Some(forced) = tools.as_ref().and_then(Tools::grammar) {
-            if grammar.is_some() {
-                return Err(ApiError::bad(
-                    "a required tool call and a structured output cannot be combined",
-                    "tool_choice",
-                ));
-            }
-            grammar = Some((forced, "tool_choice"));
-        }
+        let grammar = grammar(obj, tools.as_ref())?;
         let logprobs = logprobs(obj, chat)?;
         let max_tokens =
             match opt_int(obj, "max_completion_tokens")?.or(opt_int(obj, "max_tokens")?) {

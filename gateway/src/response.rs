@@ -26,10 +26,9 @@ use crate::error::ApiError;
 use crate::logprobs::Logprobs;
 use crate::openai::Prompt;
 use crate::request::ValidRequest;
-use crate::stream::{Next, Started, Tokens};
+use crate::stream::{fresh_key, Next, Started, Tokens};
 use crate::tools::{may_be_call, parse_calls};
 use crate::App;
-use expertmesh_model::sampling::mix64;
 
 /// SSE events buffered toward one client before its request waits.
 const EVENTS_BUFFERED: usize = 64;
@@ -73,15 +72,23 @@ fn prompt_text(app: &App, job: &Completion) -> String {
 fn calls_in(job: &Completion, choice: usize, text: &str) -> Option<Value> {
     let tools = job.valid.request.tools.as_ref().filter(|t| t.parsed())?;
     let calls = parse_calls(text, &tools.names)?;
-    let stamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
     let calls = calls.into_iter().enumerate().map(|(i, c)| {
-        let id = mix64(stamp ^ mix64(((choice as u64) << 32) | i as u64));
+        let id = fresh_key(((choice as u64) << 32) | i as u64);
         json!({"id": format!("call_{id:016x}"), "type": "function",
                "function": {"name": c.name, "arguments": c.arguments}})
     });
     Some(Value::Array(calls.collect()))
+}
+
+/// The echoed prompt's tokens into a choice's `logprobs`, with the figures the worker sent
+/// before its first event.
+fn echo_logprobs(job: &Completion, tokens: &mut Tokens<'_>, logprobs: Option<&mut Logprobs<'_>>) {
+    if let Some(l) = logprobs {
+        l.prompt(
+            &job.valid.prompt,
+            &tokens.take_prompt_logprobs().unwrap_or_default(),
+        );
+    }
 }
 
 /// A choice's log-probabilities, when its request asked for them.
@@ -112,10 +119,7 @@ async fn collect_choice(
     let (count, finish) = loop {
         let next = tokens.next().await?;
         if std::mem::take(&mut first) && echo {
-            if let Some(l) = logprobs.as_mut() {
-                let lps = tokens.take_prompt_logprobs().unwrap_or_default();
-                l.prompt(&job.valid.prompt, &lps);
-            }
+            echo_logprobs(job, &mut tokens, logprobs.as_mut());
         }
         match next {
             Next::Token {
@@ -373,11 +377,8 @@ async fn stream_choice(
         let next = tokens.next().await.map_err(Cut::Failed)?;
         if std::mem::take(&mut echo) {
             let text = prompt_text(app, job);
-            let lp = logprobs.as_mut().map(|l| {
-                let lps = tokens.take_prompt_logprobs().unwrap_or_default();
-                l.prompt(&job.valid.prompt, &lps);
-                l.take()
-            });
+            echo_logprobs(job, &mut tokens, logprobs.as_mut());
+            let lp = logprobs.as_mut().map(Logprobs::take);
             let c = Content {
                 index,
                 piece: Some(&text),

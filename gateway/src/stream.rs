@@ -110,11 +110,16 @@ fn prompt_group(job: &Completion) -> u64 {
     if job.valid.request.best_of < 2 {
         return 0;
     }
+    fresh_key(job.id.bytes().fold(0, |h, b| mix64(h ^ u64::from(b)))).max(1)
+}
+
+/// A key unlikely to repeat: the clock's nanoseconds mixed with `salt` (request and tool-call
+/// ids are in it).
+pub fn fresh_key(salt: u64) -> u64 {
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    let id = job.id.bytes().fold(stamp, |h, b| mix64(h ^ u64::from(b)));
-    id.max(1)
+    mix64(stamp ^ mix64(salt))
 }
 
 /// Starts choice `index` of `job` on an attention worker (`prefer` when it can take it,
