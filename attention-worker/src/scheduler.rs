@@ -290,7 +290,41 @@ struct Seq {
     events: mpsc::Sender<Event>,
 }
 
+/// Takes out of `parked` the choices that share `leader`'s prompt.
+fn take_sharing(parked: &mut Vec<Seq>, leader: &Seq) -> Vec<Seq> {
+    let (sharing, others) = std::mem::take(parked)
+        .into_iter()
+        .partition(|p| p.shares_prompt_with(leader));
+    *parked = others;
+    sharing
+}
+
 impl Seq {
+    /// Keeps what the request reads off its prefill from `rows`, the logits of the `n`
+    /// positions this step ran (`[n, vocab]`, ending at the cache's next position): the
+    /// prompt's logits, its tokens' logprobs.
+    fn collect_prompt_rows(&mut self, rows: &[f32], vocab: usize) {
+        let n = rows.len() / vocab;
+        let prompt = &self.request.prompt;
+        if let Some(logits) = self.prompt_logits.as_mut() {
+            if logits.len() < prompt.len() * vocab {
+                let take = (prompt.len() * vocab - logits.len()).min(n * vocab);
+                logits.extend_from_slice(&rows[..take]);
+            }
+        }
+        if let (Some(lps), Some(top)) =
+            (self.prompt_logprobs.as_mut(), self.request.prompt_logprobs)
+        {
+            // Row k is position `from + k`, which predicts the token after it.
+            let from = self.cache.as_ref().map_or(0, |c| c.next_pos) - n;
+            if from == lps.len() && from + 1 < prompt.len() {
+                let upto = (from + n).min(prompt.len() - 1);
+                let rows = &rows[..(upto - from) * vocab];
+                lps.extend(prompt_logprobs(rows, vocab, &prompt[from..=upto], top));
+            }
+        }
+    }
+
     /// Whether `other` is a choice of the same request: it can take this one's prompt.
     fn shares_prompt_with(&self, other: &Seq) -> bool {
         self.group.is_some()
@@ -619,24 +653,8 @@ impl Scheduler {
             let seq = &mut self.running[i];
             let rows_of_seq = if want_all { n } else { 1 };
             let last = &out.logits[(row + rows_of_seq - 1) * vocab..(row + rows_of_seq) * vocab];
-            if let Some(logits) = seq.prompt_logits.as_mut() {
-                let prompt = seq.request.prompt.len();
-                if want_all && logits.len() < prompt * vocab {
-                    let take = (prompt * vocab - logits.len()).min(n * vocab);
-                    logits.extend_from_slice(&out.logits[row * vocab..row * vocab + take]);
-                }
-            }
-            if let (Some(lps), Some(top)) =
-                (seq.prompt_logprobs.as_mut(), seq.request.prompt_logprobs)
-            {
-                // Row k is position `from + k`, which predicts the token after it.
-                let from = seq.cache.as_ref().map_or(0, |c| c.next_pos) - n;
-                let prompt = &seq.request.prompt;
-                if want_all && from == lps.len() && from + 1 < prompt.len() {
-                    let upto = (from + n).min(prompt.len() - 1);
-                    let rows = &out.logits[row * vocab..(row + upto - from) * vocab];
-                    lps.extend(prompt_logprobs(rows, vocab, &prompt[from..=upto], top));
-                }
+            if want_all {
+                seq.collect_prompt_rows(&out.logits[row * vocab..(row + n) * vocab], vocab);
             }
             row += rows_of_seq;
             if seq.pending() > 0 {
@@ -648,18 +666,13 @@ impl Scheduler {
             if seq.group.is_some() && seq.generated == 0 {
                 // The prompt is in: the request's other choices fork it from here on.
                 let logits = Arc::new(last.to_vec());
-                let prompt = seq.request.prompt.len();
-                let mut k = 0;
-                while k < self.parked.len() {
-                    if !self.parked[k].shares_prompt_with(seq) {
-                        k += 1;
-                        continue;
-                    }
-                    let f = self.parked.swap_remove(k);
+                let waiting = &mut self.waiting;
+                let parked = take_sharing(&mut self.parked, seq);
+                for f in parked {
                     let cache = seq.cache.as_ref().expect("running sequences have a cache");
-                    match self.model.fork_cache(cache, prompt) {
+                    match self.model.fork_cache(cache, seq.request.prompt.len()) {
                         Some(c) => forked.push((f, c, logits.clone())),
-                        None => self.waiting.push_back(f),
+                        None => waiting.push_back(f),
                     }
                 }
                 seq.prompt_last = Some(logits);
