@@ -40,7 +40,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use expertmesh_model::config::generation_eos_ids;
-use expertmesh_model::{ChatTemplate, ImageTokens, ModelSource, ProcessorConfig, TextTokenizer};
+use expertmesh_model::{
+    ChatTemplate, Grammars, ImageTokens, ModelSource, ProcessorConfig, TextTokenizer,
+};
 use tokio::sync::Semaphore;
 
 use crate::backend::Backend;
@@ -137,6 +139,16 @@ pub async fn serve(
         (Some(v), Some(tok)) => Some((ImageTokens::from_tokenizer(tok)?, v.tokens_per_tile())),
         _ => None,
     };
+    // Structured outputs' compiler, over the tokenizer already loaded.
+    let grammars = match (&source, &tokenizer) {
+        (ModelSource::Dir(dir), Some(tok)) => Some(Grammars::with_tokenizer(
+            dir,
+            tok.clone(),
+            model_config.vocab_size,
+            &model_config.eos_token_ids,
+        )?),
+        _ => None,
+    };
     let app = Arc::new(App {
         validator: Validator {
             tokenizer,
@@ -146,7 +158,7 @@ pub async fn serve(
             model_path: config.model.clone(),
             completion_tokens_default: config.completion_tokens_default,
             vision,
-            grammars: source.grammars()?,
+            grammars,
         },
         backend: Backend::new(cluster, stop_ids),
         metrics: Metrics::default(),

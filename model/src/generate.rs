@@ -39,7 +39,7 @@ impl GenerateRequest {
     /// The checks that need the vocabulary: sampling settings, adjustments, logprobs.
     pub fn validate(&self, vocab: usize) -> Result<()> {
         self.sampling.validate()?;
-        self.adjust.clone().validate(vocab)?;
+        self.adjust.check(vocab)?;
         for (field, top) in [
             ("logprobs", self.logprobs),
             ("prompt_logprobs", self.prompt_logprobs),

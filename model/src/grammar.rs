@@ -123,6 +123,16 @@ impl Grammars {
     /// From the model directory's `tokenizer.json`, for a vocabulary of `vocab` ids whose
     /// end ids are `eos` (the first is the one a complete grammar allows).
     pub fn from_dir(dir: &Path, vocab: usize, eos: &[u32]) -> Result<Self> {
+        Self::with_tokenizer(dir, TextTokenizer::from_dir(dir)?, vocab, eos)
+    }
+
+    /// `from_dir` with the model's tokenizer already loaded (the gateway has it).
+    pub fn with_tokenizer(
+        dir: &Path,
+        tokenizer: TextTokenizer,
+        vocab: usize,
+        eos: &[u32],
+    ) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         let bad = |reason: String| ModelError::Tokenizer {
             path: path.clone(),
@@ -151,10 +161,7 @@ impl Grammars {
         if eos.len() > 1 {
             trie = trie.with_eos_tokens(eos);
         }
-        let env: TokEnv = Arc::new(Env {
-            trie,
-            tokenizer: TextTokenizer::from_dir(dir)?,
-        });
+        let env: TokEnv = Arc::new(Env { trie, tokenizer });
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| bad(e.to_string()))?;
         factory.quiet();
         Ok(Self {

@@ -103,7 +103,8 @@ impl Default for Adjust {
 }
 
 impl Adjust {
-    pub fn validate(self, vocab: usize) -> Result<Self> {
+    /// Checks every adjustment against its range (ids against a vocabulary of `vocab`).
+    pub fn check(&self, vocab: usize) -> Result<()> {
         let bad = |field, reason: String| Err(ModelError::Sampling { field, reason });
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
             return bad(
@@ -139,7 +140,7 @@ impl Adjust {
                 return bad("logit_bias", format!("{bias} is not in [-100, 100]"));
             }
         }
-        Ok(self)
+        Ok(())
     }
 
     fn penalizes(&self) -> bool {
@@ -565,7 +566,7 @@ mod tests {
     #[test]
     fn adjustments_are_checked() {
         let ok = Adjust::default();
-        assert!(ok.clone().validate(4).is_ok());
+        assert!(ok.check(4).is_ok());
         let bad = [
             Adjust {
                 repetition_penalty: 0.0,
@@ -593,7 +594,7 @@ mod tests {
             },
         ];
         for a in bad {
-            assert!(a.clone().validate(4).is_err(), "{a:?}");
+            assert!(a.check(4).is_err(), "{a:?}");
         }
     }
 

@@ -11,6 +11,7 @@ use serde_json::Value;
 use crate::error::{ModelError, Result};
 
 /// The model's tokenizer.
+#[derive(Clone)]
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
