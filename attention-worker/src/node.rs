@@ -219,5 +219,9 @@ pub fn worker_load(engine: &EngineStats, dispatch: &DispatchStats) -> pb::Worker
         expert_wait_seconds: get(&dispatch.wait_nanos) as f64 / 1e9,
         routed_batches: get(&dispatch.routed_batches),
         routed_batch_seconds: get(&dispatch.routed_batch_nanos) as f64 / 1e9,
+        prefix_queried_tokens: get(&engine.prefix_queried_tokens),
+        prefix_hit_tokens: get(&engine.prefix_hit_tokens),
+        prefix_evicted_blocks: get(&engine.prefix_evicted_blocks),
+        prefix_cached_blocks: get(&engine.prefix_cached_blocks),
     }
 }

@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use expertmesh_model::kv_cache::BlockPool;
 use expertmesh_model::moe::ExpertRunner;
 use expertmesh_model::{
-    logprobs, prompt_logprobs, Constraint, Fault, FinishReason, GenerateRequest, ImageRows,
-    KvCache, LogitRows, Model, ModelError, Sampler, Sequence, TokenLogprobs, TokenMask,
+    logprobs, prompt_logprobs, ChainKey, Constraint, Fault, FinishReason, GenerateRequest,
+    ImageRows, KvCache, LogitRows, Model, ModelError, PrefixCache, Sampler, Sequence,
+    TokenLogprobs, TokenMask,
 };
 use tokio::sync::mpsc;
 
@@ -37,6 +38,9 @@ pub struct SchedulerConfig {
     /// KV blocks in the pool (each holds `block_tokens` positions of one layer).
     pub kv_blocks: usize,
     pub block_tokens: usize,
+    /// Keep the full KV blocks of computed prompts for later requests that begin the same
+    /// way (prefix caching; host pools only).
+    pub prefix_cache: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -47,6 +51,7 @@ impl Default for SchedulerConfig {
             queue_max: 256,
             kv_blocks: 16384,
             block_tokens: 16,
+            prefix_cache: true,
         }
     }
 }
@@ -100,6 +105,12 @@ pub struct EngineStats {
     pub tokens_forwarded: AtomicU64,
     /// Choices that took another choice's prompt instead of prefilling it.
     pub forks: AtomicU64,
+    /// Prefix caching: tokens of the sequences admitted, those of them taken from cached
+    /// blocks, blocks the cache holds, and blocks it has given up.
+    pub prefix_queried_tokens: AtomicU64,
+    pub prefix_hit_tokens: AtomicU64,
+    pub prefix_cached_blocks: AtomicU64,
+    pub prefix_evicted_blocks: AtomicU64,
 }
 
 impl EngineStats {
@@ -195,7 +206,12 @@ impl Engine {
             .kv_blocks_total
             .store(config.kv_blocks as u64, Ordering::Relaxed);
         let draining = Arc::new(AtomicBool::new(false));
+        let prefix = config
+            .prefix_cache
+            .then(|| PrefixCache::new(pool.clone(), model.config()))
+            .flatten();
         let mut scheduler = Scheduler {
+            prefix,
             model,
             pool,
             config,
@@ -287,6 +303,10 @@ struct Seq {
     group: Option<u64>,
     /// The logits after the prompt, kept while other choices may still fork this one.
     prompt_last: Option<Arc<Vec<f32>>>,
+    /// Prefix caching: the names of the token blocks so far, and how many of them are
+    /// published.
+    chain: Vec<ChainKey>,
+    published: usize,
     events: mpsc::Sender<Event>,
 }
 
@@ -332,6 +352,37 @@ impl Seq {
             && self.request.prompt == other.request.prompt
     }
 
+    /// The cache of the longest cached prefix of the sequence, when it reads nothing off
+    /// its prompt's prefill (prompt logits and logprobs need every position computed).
+    fn cached_prefix(&mut self, prefix: &mut PrefixCache, patch: u32) -> Option<KvCache> {
+        if self.prompt_logits.is_some() || self.prompt_logprobs.is_some() {
+            return None;
+        }
+        let blocks = self.tokens.len() / prefix.block_tokens();
+        let (tokens, images) = (&self.tokens, &self.images);
+        prefix.extend(&mut self.chain, tokens, blocks, |from, to| {
+            images.chunk(tokens, patch, from, to)
+        });
+        prefix.lookup(&self.chain, self.tokens.len())
+    }
+
+    /// Publishes the full blocks of the sequence's cache not published yet.
+    fn keep_prefix(&mut self, prefix: &mut PrefixCache, patch: u32) {
+        let Some(cache) = self.cache.as_ref() else {
+            return;
+        };
+        let full = cache.next_pos / prefix.block_tokens();
+        if full <= self.published {
+            return;
+        }
+        let (tokens, images) = (&self.tokens, &self.images);
+        prefix.extend(&mut self.chain, tokens, full, |from, to| {
+            images.chunk(tokens, patch, from, to)
+        });
+        prefix.publish(&self.chain[..full], cache);
+        self.published = full;
+    }
+
     fn pending(&self) -> usize {
         self.tokens.len() - self.cache.as_ref().map_or(0, |c| c.next_pos)
     }
@@ -344,6 +395,8 @@ impl Seq {
 }
 
 struct Scheduler {
+    /// Computed prefixes kept for later requests (`None`: off, or a device pool).
+    prefix: Option<PrefixCache>,
     model: Arc<Model>,
     pool: Arc<BlockPool>,
     config: SchedulerConfig,
@@ -419,6 +472,8 @@ impl Scheduler {
             cache: None,
             group,
             prompt_last: None,
+            chain: Vec::new(),
+            published: 0,
             events: job.events,
         };
         self.place(seq);
@@ -498,12 +553,26 @@ impl Scheduler {
         );
         s.kv_blocks_used
             .store(self.pool.used() as u64, Ordering::Relaxed);
+        if let Some(p) = &self.prefix {
+            s.prefix_cached_blocks
+                .store(p.blocks() as u64, Ordering::Relaxed);
+            s.prefix_evicted_blocks
+                .store(p.evicted(), Ordering::Relaxed);
+        }
     }
 
-    /// Blocks a sequence's whole pending prompt takes in a fresh cache.
-    fn prompt_blocks(&self, seq: &Seq) -> usize {
-        let layers = self.model.config().num_hidden_layers;
-        layers * seq.tokens.len().div_ceil(self.pool.block_tokens())
+    /// The `<|patch|>` token id (none for a model without vision).
+    fn patch(&self) -> u32 {
+        self.model
+            .vision()
+            .map_or(u32::MAX, |v| v.config().image_token_id)
+    }
+
+    /// Frees `blocks` in the pool if evicting cached prefixes can.
+    fn make_room(&mut self, blocks: usize) {
+        if let Some(p) = self.prefix.as_mut() {
+            p.make_room(blocks);
+        }
     }
 
     fn step(&mut self, runner: &dyn ExpertRunner) {
@@ -511,27 +580,44 @@ impl Scheduler {
         self.waiting.retain(|s| !s.events.is_closed());
         self.parked.retain(|s| !s.events.is_closed());
         self.unpark_orphans();
-        // Admission by free blocks, keeping one block per layer for each running decoder.
+        // Admission by free blocks, keeping one block per layer for each running decoder;
+        // a cached prefix of the prompt needs none of its own.
         let layers = self.model.config().num_hidden_layers;
+        let patch = self.patch();
         while self.running.len() < self.config.running_max {
-            let Some(next) = self.waiting.front() else {
+            let Some(next) = self.waiting.front_mut() else {
                 break;
             };
             let reserve = self.running.len() * layers;
-            let need = self.prompt_blocks(next);
+            let whole = layers * next.tokens.len().div_ceil(self.pool.block_tokens());
+            let cached = self
+                .prefix
+                .as_mut()
+                .and_then(|p| next.cached_prefix(p, patch));
+            let need = cached
+                .as_ref()
+                .map_or(whole, |c| c.blocks_needed(next.tokens.len() - c.next_pos));
+            self.make_room(need + reserve);
             if need + reserve > self.pool.available() && !self.running.is_empty() {
                 break;
             }
-            if need > self.config.kv_blocks {
+            if whole > self.config.kv_blocks {
                 let seq = self.waiting.pop_front().expect("front exists");
                 seq.send(Event::Failed(Failure::from(&ModelError::KvCacheFull {
-                    needed: need,
+                    needed: whole,
                     available: self.config.kv_blocks,
                 })));
                 continue;
             }
             let mut seq = self.waiting.pop_front().expect("front exists");
-            seq.cache = Some(self.model.new_cache_in(self.pool.clone()));
+            let s = &self.stats;
+            if let Some(c) = &cached {
+                s.prefix_hit_tokens
+                    .fetch_add(c.next_pos as u64, Ordering::Relaxed);
+            }
+            s.prefix_queried_tokens
+                .fetch_add(seq.tokens.len() as u64, Ordering::Relaxed);
+            seq.cache = Some(cached.unwrap_or_else(|| self.model.new_cache_in(self.pool.clone())));
             self.running.push(seq);
         }
         if self.running.is_empty() {
@@ -548,6 +634,7 @@ impl Scheduler {
                         .map_or(0, |c| c.blocks_needed(n))
                 })
                 .sum();
+            self.make_room(needed);
             if needed <= self.pool.available() || self.running.len() == 1 {
                 break plan;
             }
@@ -583,6 +670,7 @@ impl Scheduler {
         let mut seq = self.running.pop().expect("at least two running");
         seq.cache = None;
         seq.prompt_last = None;
+        seq.published = 0;
         // Recollected from the start when the prompt is recomputed.
         if seq.prompt_logits.is_some() {
             seq.prompt_logits = Some(Vec::new());
@@ -604,10 +692,7 @@ impl Scheduler {
         } else {
             LogitRows::Last
         };
-        let patch = self
-            .model
-            .vision()
-            .map_or(u32::MAX, |v| v.config().image_token_id);
+        let patch = self.patch();
         let result = {
             let mut planned = plan.iter().peekable();
             let mut batch: Vec<Sequence<'_>> = Vec::with_capacity(plan.len());
@@ -645,6 +730,11 @@ impl Scheduler {
                 return;
             }
         };
+        if let Some(p) = self.prefix.as_mut() {
+            for &(i, _) in plan {
+                self.running[i].keep_prefix(p, patch);
+            }
+        }
         let vocab = self.model.config().vocab_size;
         let mut row = 0;
         let mut done = Vec::new();

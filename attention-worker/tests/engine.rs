@@ -81,6 +81,12 @@ fn collect(mut rx: tokio::sync::mpsc::Receiver<Event>) -> (Output, FinishReason)
     }
 }
 
+/// KV blocks in use beyond those the prefix cache keeps.
+fn held_by_sequences(stats: &expertmesh_attention_worker::EngineStats) -> u64 {
+    stats.kv_blocks_used.load(Ordering::Relaxed)
+        - stats.prefix_cached_blocks.load(Ordering::Relaxed)
+}
+
 fn run_concurrently(
     config: SchedulerConfig,
 ) -> (Vec<Output>, Arc<expertmesh_attention_worker::EngineStats>) {
@@ -127,7 +133,7 @@ fn concurrent_requests_equal_their_runs_alone_and_share_steps() {
     );
     // The last stream ends just before its sequence is retired; give the engine a moment.
     let give_up = Instant::now() + Duration::from_secs(5);
-    while stats.kv_blocks_used.load(Ordering::Relaxed) != 0 {
+    while held_by_sequences(&stats) != 0 {
         assert!(Instant::now() < give_up, "blocks leaked");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -177,7 +183,7 @@ fn a_dropped_stream_cancels_its_request() {
     }
     drop(rx);
     while engine.stats().running.load(Ordering::Relaxed) != 0
-        || engine.stats().kv_blocks_used.load(Ordering::Relaxed) != 0
+        || held_by_sequences(engine.stats()) != 0
     {
         assert!(Instant::now() < give_up, "the request kept running");
         std::thread::sleep(Duration::from_millis(5));
@@ -345,9 +351,12 @@ fn choices_share_their_prompt_and_still_equal_their_runs_alone() {
             }
         })
         .collect();
+    // Forks alone (the prefix cache would serve the late choices too, and the count of
+    // tokens run below is the forks').
     let config = SchedulerConfig {
         token_budget: 16,
         block_tokens: 4,
+        prefix_cache: false,
         ..SchedulerConfig::default()
     };
     let engine = Engine::spawn(model.clone(), LocalExperts(model), config);
@@ -386,8 +395,100 @@ fn choices_share_their_prompt_and_still_equal_their_runs_alone() {
         "tokens run through the model"
     );
     let give_up = Instant::now() + Duration::from_secs(5);
-    while stats.kv_blocks_used.load(Ordering::Relaxed) != 0 {
+    while held_by_sequences(stats) != 0 {
         assert!(Instant::now() < give_up, "blocks leaked");
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Prefix caching: prompts that begin like earlier ones (the same prompt again, prefixes
+/// ending inside and across blocks and the fixture's 8-token chunks, a follow-up turn that
+/// resends the first turn's answer) take the cached blocks, and give exactly the tokens and
+/// logprobs they give computed from scratch. A pool too small to keep everything evicts,
+/// and still nothing changes.
+#[test]
+fn cached_prefixes_change_nothing() {
+    let model = model();
+    let base: Vec<u32> = (0..100).map(|j| ((j * 11 + 5) % 690) as u32).collect();
+    let mut prompts: Vec<Vec<u32>> = vec![base.clone(), base.clone()];
+    for (cut, tail) in [(15, 1), (16, 2), (17, 3), (33, 4), (64, 5), (99, 6)] {
+        prompts.push([&base[..cut], &[600 + tail, 601, 602][..]].concat());
+    }
+    let request = |prompt: Vec<u32>, i: usize| GenerateRequest {
+        prompt,
+        max_new_tokens: 6,
+        sampling: SamplingParams {
+            temperature: if i.is_multiple_of(2) { 0.0 } else { 0.7 },
+            seed: i as u64,
+            ..SamplingParams::default()
+        },
+        logprobs: Some(3),
+        ..Default::default()
+    };
+    // The follow-up turn: the first prompt, its answer, more text.
+    let first = generate(&model, &request(base.clone(), 0), |_| {}).unwrap();
+    prompts.push([&base[..], &first.output_ids[..], &[5, 6, 7, 8, 9][..]].concat());
+    // Unrelated prompts between them, for the small pool to run out.
+    let fillers: Vec<Vec<u32>> = (0..prompts.len())
+        .map(|i| {
+            (0..90)
+                .map(|j| ((j * 13 + i * 31 + 1) % 690) as u32)
+                .collect()
+        })
+        .collect();
+    let expect = |prompts: &[Vec<u32>]| -> Vec<Output> {
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let out = generate(&model, &request(p.clone(), i), |_| {}).unwrap();
+                Output {
+                    ids: out.output_ids,
+                    logprobs: out.logprobs,
+                    prompt_logprobs: None,
+                }
+            })
+            .collect()
+    };
+    let interleaved: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(&fillers)
+        .flat_map(|(p, f)| [p.clone(), f.clone()])
+        .collect();
+    let big_pool = SchedulerConfig::default().kv_blocks;
+    for (kv_blocks, prompts) in [(big_pool, prompts), (4 * 16, interleaved)] {
+        let expected = expect(&prompts);
+        let config = SchedulerConfig {
+            kv_blocks,
+            block_tokens: 8,
+            token_budget: 40,
+            ..SchedulerConfig::default()
+        };
+        let engine = Engine::spawn(model.clone(), LocalExperts(model.clone()), config);
+        // One at a time, so that each finds the ones before it cached.
+        for (i, (p, want)) in prompts.iter().zip(&expected).enumerate() {
+            let got = collect(engine.submit(request(p.clone(), i)).unwrap()).0;
+            assert_eq!(&got, want, "prompt {i} (pool of {kv_blocks} blocks)");
+        }
+        let stats = engine.stats();
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let (hit, queried) = (
+            get(&stats.prefix_hit_tokens),
+            get(&stats.prefix_queried_tokens),
+        );
+        let evicted = get(&stats.prefix_evicted_blocks);
+        eprintln!(
+            "pool {kv_blocks}: {hit} of {queried} prompt tokens cached, {evicted} blocks evicted"
+        );
+        if kv_blocks != big_pool {
+            assert!(evicted > 0, "a small pool evicts");
+            assert!(hit > 0);
+        } else {
+            // The same prompt again: 96 of its 100 tokens (12 blocks of 8, one token left
+            // to compute); the cuts: 8, 16, 16, 32, 64, 96; the follow-up: the first turn's
+            // 100 + 6 tokens, less the partial block (104).
+            assert_eq!(hit, 96 + 8 + 16 + 16 + 32 + 64 + 96 + 104);
+            assert_eq!(evicted, 0);
+        }
     }
 }

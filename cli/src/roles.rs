@@ -149,6 +149,10 @@ pub struct AttentionWorkerArgs {
     /// process, no sockets: a single-node deployment), nccl (GPU ranks).
     #[arg(long)]
     dispatch: Option<Transport>,
+    /// Recompute every prompt from its start: no KV blocks kept for later requests that
+    /// begin the same way (prefix caching is on by default).
+    #[arg(long)]
+    no_prefix_cache: bool,
 }
 
 fn load<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> Result<T> {
@@ -363,6 +367,7 @@ pub fn attention_worker(args: AttentionWorkerArgs) -> Result<()> {
     if let Some(v) = args.dispatch {
         config.dispatch.transport = v;
     }
+    config.scheduler.prefix_cache &= !args.no_prefix_cache;
     let config = config.validate()?;
     runtime()?.block_on(async {
         expertmesh_attention_worker::run(config, announce, shutdown_signal()).await?;

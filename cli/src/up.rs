@@ -67,6 +67,9 @@ pub struct UpArgs {
     /// experts' rows as e4m3 with a scale per row, exact; f32 for other experts).
     #[arg(long, default_value = "f32")]
     wire_dtype: expertmesh_dispatch::WireDType,
+    /// Recompute every prompt from its start (no prefix caching on the attention workers).
+    #[arg(long)]
+    no_prefix_cache: bool,
 }
 
 pub fn run(args: UpArgs) -> Result<()> {
@@ -122,7 +125,13 @@ fn spec(args: &UpArgs) -> ClusterSpec {
             args.dispatch.to_string(),
             "--wire-dtype".into(),
             args.wire_dtype.to_string(),
-        ],
+        ]
+        .into_iter()
+        .chain(
+            args.no_prefix_cache
+                .then(|| "--no-prefix-cache".to_string()),
+        )
+        .collect(),
         http: Some("127.0.0.1:0".into()),
         api_key: args.api_key.clone(),
         coordinator_args: [

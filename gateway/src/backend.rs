@@ -1,6 +1,7 @@
 //! The backend seam: what the gateway needs of the cluster ([`Cluster`]: its state and its
-//! workers' load), which attention worker takes a request (the most free KV blocks, lowest
-//! id on ties, none that already failed it), one lazily connected channel per worker
+//! workers' load), which attention worker takes a request (the one that was sent its
+//! longest prefix unless it is overloaded ([`crate::affinity`]), else the most free KV
+//! blocks, lowest id on ties; none that already failed it), one lazily connected channel per worker
 //! address (pinged: a worker that dies silently is noticed within
 //! `expertmesh_proto::KEEPALIVE_INTERVAL` + `KEEPALIVE_TIMEOUT`, and its streams migrate),
 //! and the `Generate` call that starts (or resumes) a request's token stream.
@@ -15,6 +16,7 @@ use expertmesh_proto::v1 as pb;
 use expertmesh_proto::v1::attention_service_client::AttentionServiceClient;
 use tonic::transport::Channel;
 
+use crate::affinity::{self, Candidate, PrefixRoutes};
 use crate::error::ApiError;
 use crate::request::ValidRequest;
 use crate::stream::Break;
@@ -81,6 +83,8 @@ pub struct Backend {
     /// another worker can take them, until [`SUSPECT_FOR`] has passed (the cluster declares
     /// a dead worker dead only after a lease).
     suspects: Mutex<HashMap<String, Instant>>,
+    /// Where prompts went lately (prefix-aware routing).
+    routes: Mutex<PrefixRoutes>,
     /// Ids that end generation (sent with every request).
     pub stop_ids: Vec<u32>,
 }
@@ -91,6 +95,7 @@ impl Backend {
             cluster,
             channels: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
+            routes: Mutex::default(),
             stop_ids,
         }
     }
@@ -123,9 +128,11 @@ impl Backend {
         suspects.insert(address.to_owned(), Instant::now());
     }
 
-    /// The attention worker with the most free KV blocks (lowest id on ties), among those
-    /// not in `avoid`; a suspect only when nothing else is left.
-    fn pick_worker(&self, avoid: &[String]) -> Result<String, ApiError> {
+    /// The attention worker for a prompt named by `chain` (`affinity::chain`), among those
+    /// not in `avoid`: the one sent its longest prefix unless it is overloaded, else the
+    /// one with the most free KV blocks (lowest id on ties); a suspect only when nothing
+    /// else is left.
+    fn pick_worker(&self, avoid: &[String], chain: &[u64]) -> Result<String, ApiError> {
         let view = self.cluster.view();
         if let Some(reason) = &view.unservable {
             if usable_workers(&view).next().is_none() {
@@ -141,6 +148,17 @@ impl Backend {
                 .get(&m.address)
                 .is_none_or(|since| since.elapsed() >= SUSPECT_FOR)
         };
+        let candidates: Vec<Candidate<'_>> = usable_workers(&view)
+            .filter(|m| !avoid.contains(&m.address) && trusted(m))
+            .map(|m| Candidate {
+                address: &m.address,
+                load: loads.get(&m.id).map_or(0, |l| l.running + l.waiting),
+            })
+            .collect();
+        let routes = self.routes.lock().expect("routes lock");
+        if let Some(holder) = routes.holder(chain, &candidates) {
+            return Ok(holder.to_owned());
+        }
         usable_workers(&view)
             .filter(|m| !avoid.contains(&m.address))
             .max_by_key(|m| {
@@ -187,15 +205,23 @@ impl Backend {
         choice: Resume<'_>,
         avoid: &[String],
     ) -> Result<(String, tonic::Streaming<pb::GenerateEvent>), StartFailure> {
+        let generated = choice.generated;
+        let input_ids = [&job.prompt[..], generated].concat();
+        let chain = affinity::chain(&input_ids);
         let address = match choice.prefer {
             Some(p) if !avoid.iter().any(|a| a == p) && self.usable(p) => p.to_owned(),
-            _ => self.pick_worker(avoid).map_err(StartFailure::NoWorker)?,
+            _ => self
+                .pick_worker(avoid, &chain)
+                .map_err(StartFailure::NoWorker)?,
         };
+        self.routes
+            .lock()
+            .expect("routes lock")
+            .record(&chain, &address);
         let channel = self.channel(&address).map_err(StartFailure::NoWorker)?;
         let r = &job.request;
-        let generated = choice.generated;
         let request = pb::GenerateRequest {
-            input_ids: [&job.prompt[..], generated].concat(),
+            input_ids,
             max_tokens: job.max_tokens.saturating_sub(generated.len()) as u32,
             temperature: r.temperature,
             top_p: r.top_p,
@@ -315,7 +341,7 @@ mod tests {
                 ..ClusterView::default()
             };
             let backend = Backend::new(Arc::new(Fixed(view)), Vec::new());
-            let got = backend.pick_worker(&[]);
+            let got = backend.pick_worker(&[], &[]);
             match want {
                 Ok(address) => {
                     assert_eq!(got.unwrap(), address, "{name}");
@@ -338,11 +364,11 @@ mod tests {
             ..ClusterView::default()
         };
         let backend = Backend::new(Arc::new(Fixed(view)), Vec::new());
-        assert_eq!(backend.pick_worker(&[]).unwrap(), "a1:1");
+        assert_eq!(backend.pick_worker(&[], &[]).unwrap(), "a1:1");
         backend.suspect("a1:1");
-        assert_eq!(backend.pick_worker(&[]).unwrap(), "a2:1");
+        assert_eq!(backend.pick_worker(&[], &[]).unwrap(), "a2:1");
         backend.suspect("a2:1");
-        assert!(backend.pick_worker(&[]).is_ok());
-        assert_eq!(backend.pick_worker(&["a2:1".into()]).unwrap(), "a1:1");
+        assert!(backend.pick_worker(&[], &[]).is_ok());
+        assert_eq!(backend.pick_worker(&["a2:1".into()], &[]).unwrap(), "a1:1");
     }
 }

@@ -6,8 +6,9 @@
 //! - [`routes`]: the routes and handlers (auth, body cap, permits, metrics per request);
 //! - [`openai`] parses a body, [`request`] validates it into a typed `ValidRequest` (the
 //!   model's tokenizer and chat template, the context limit);
-//! - [`backend`]: the cluster seam, the choice of attention worker (most free KV blocks),
-//!   one channel per worker and the `AttentionService.Generate` stream;
+//! - [`backend`]: the cluster seam, the choice of attention worker (the holder of the
+//!   prompt's prefix, [`affinity`], else the most free KV blocks), one channel per worker
+//!   and the `AttentionService.Generate` stream;
 //! - [`stream`]: a request's tokens as text with stop strings applied ([`text`]), migrated
 //!   to another attention worker when its worker fails;
 //! - [`response`]: one JSON response or server-sent events over a bounded channel, usage
@@ -19,6 +20,7 @@
 //! A client that disconnects drops the stream, which cancels the request on the worker.
 //! Errors take OpenAI's shape ([`error`]); `/metrics` speaks Prometheus ([`metrics`]).
 
+pub mod affinity;
 pub mod backend;
 pub mod decoding;
 pub mod error;

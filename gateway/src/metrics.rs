@@ -172,6 +172,48 @@ impl Metrics {
             (n + l.routed_batches, t + l.routed_batch_seconds)
         });
         let _ = writeln!(out, "# HELP expertmesh_routed_batch_seconds One MoE layer's routed batch, from its start to its last answer.\n# TYPE expertmesh_routed_batch_seconds summary\nexpertmesh_routed_batch_seconds_sum {secs}\nexpertmesh_routed_batch_seconds_count {n}");
+        let (queried, hit) = loads.values().fold((0, 0), |(q, h), l| {
+            (q + l.prefix_queried_tokens, h + l.prefix_hit_tokens)
+        });
+        let rate = if queried == 0 {
+            0.0
+        } else {
+            hit as f64 / queried as f64
+        };
+        let _ = writeln!(out, "# HELP expertmesh_prefix_cache_hit_rate Share of admitted prompt tokens taken from cached KV blocks, every attention worker since it started.\n# TYPE expertmesh_prefix_cache_hit_rate gauge\nexpertmesh_prefix_cache_hit_rate {rate}");
+        let prefix: [Gauge; 4] = [
+            (
+                "expertmesh_prefix_cache_queried_tokens_total",
+                "Prompt tokens of the sequences admitted.",
+                |l| l.prefix_queried_tokens as f64,
+            ),
+            (
+                "expertmesh_prefix_cache_hit_tokens_total",
+                "Prompt tokens taken from cached KV blocks instead of computed.",
+                |l| l.prefix_hit_tokens as f64,
+            ),
+            (
+                "expertmesh_prefix_cache_evicted_blocks_total",
+                "Cached KV blocks given up for room.",
+                |l| l.prefix_evicted_blocks as f64,
+            ),
+            (
+                "expertmesh_prefix_cache_blocks",
+                "KV blocks the prefix cache holds.",
+                |l| l.prefix_cached_blocks as f64,
+            ),
+        ];
+        for (name, help, get) in prefix {
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (id, l) in loads {
+                let _ = writeln!(out, "{name}{{worker=\"{id}\"}} {}", get(l));
+            }
+        }
         let timers: [Gauge; 3] = [
             (
                 "expertmesh_engine_step_seconds_total",

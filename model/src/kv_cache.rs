@@ -53,7 +53,7 @@ struct PoolState {
 
 /// One block of a layer's cache: its id and, in a host pool, its keys then values.
 #[derive(Debug)]
-struct Block {
+pub(crate) struct Block {
     id: u32,
     data: Box<[f32]>,
 }
@@ -133,7 +133,7 @@ impl BlockPool {
         Block { id, data }
     }
 
-    fn give_back(&self, blocks: impl IntoIterator<Item = Block>) {
+    pub(crate) fn give_back(&self, blocks: impl IntoIterator<Item = Block>) {
         let mut s = self.state.lock().expect("pool lock");
         for b in blocks {
             s.used -= 1;
@@ -161,7 +161,7 @@ pub struct LayerCache {
 }
 
 impl LayerCache {
-    fn new(row: usize) -> Self {
+    pub(crate) fn new(row: usize) -> Self {
         Self {
             start_pos: 0,
             len: 0,
@@ -172,6 +172,30 @@ impl LayerCache {
 
     pub fn blocks(&self) -> usize {
         self.blocks.len()
+    }
+
+    /// The block of absolute positions `j·bt..(j+1)·bt`, shared, when it is full and held.
+    pub(crate) fn full_block(&self, bt: usize, j: usize) -> Option<Arc<Block>> {
+        let first = self.start_pos / bt;
+        if j < first || (j + 1) * bt > self.start_pos + self.len {
+            return None;
+        }
+        self.blocks.get(j - first).cloned()
+    }
+
+    /// A layer cache of full shared `blocks` from `start_pos` on (a cached prefix).
+    pub(crate) fn of_blocks(
+        start_pos: usize,
+        row: usize,
+        blocks: Vec<Arc<Block>>,
+        bt: usize,
+    ) -> Self {
+        Self {
+            start_pos,
+            len: blocks.len() * bt,
+            row,
+            blocks,
+        }
     }
 
     /// Blocks held once `n` more positions are appended (blocks of `bt` positions).
@@ -306,6 +330,19 @@ impl KvCache {
 
     pub fn pool(&self) -> &Arc<BlockPool> {
         &self.pool
+    }
+
+    /// A cache made of `layers` whose next position is `next_pos` (a cached prefix).
+    pub(crate) fn of_layers(
+        layers: Vec<LayerCache>,
+        next_pos: usize,
+        pool: Arc<BlockPool>,
+    ) -> Self {
+        Self {
+            layers,
+            next_pos,
+            pool,
+        }
     }
 
     /// Layer `l`'s cache and the pool its blocks come from.

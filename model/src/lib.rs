@@ -17,6 +17,7 @@
 //! - [`vision`] is the image path: preprocessing, prompt expansion and the vision tower,
 //!   whose rows replace the `<|patch|>` embeddings (`Sequence::patches`).
 //! - [`generate`] is the prefill-then-decode loop with [`sampling`].
+//! - [`prefix_cache`] keeps the KV blocks of computed prefixes for the requests that share them.
 //! - [`synthetic`] builds random models of any shape in memory, for benchmarks.
 //! - `cuda` (cargo feature `cuda`; an uninhabited stub without it) is the GPU backend behind
 //!   [`Model::to_device`]: weights on the device in bf16, cuBLAS products, NVRTC kernels and
@@ -47,6 +48,7 @@ pub mod linear;
 pub mod model;
 pub mod moe;
 pub mod norm;
+pub mod prefix_cache;
 pub mod quant;
 pub mod rope;
 pub mod sampling;
@@ -65,6 +67,7 @@ pub use generate::{
 pub use grammar::{Constraint, GrammarSpec, Grammars, TokenMask};
 pub use kv_cache::KvCache;
 pub use model::{Forward, ImageRows, LocalExperts, LogitRows, Model, Sequence};
+pub use prefix_cache::{ChainKey, PrefixCache};
 pub use sampling::{logprobs, Adjust, Sampler, SamplingParams, TokenLogprobs};
 pub use source::ModelSource;
 pub use tokenizer::{ChatMessage, ChatTemplate, DetokenizeStream, TextTokenizer};
