@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use expertmesh_dispatch::WireDType;
 use expertmesh_loadgen::experts::{parse_skew, ExpertLoad};
-use expertmesh_loadgen::workload::read_dataset;
+use expertmesh_loadgen::workload::{read_dataset, SharedPrefix};
 use expertmesh_loadgen::{plot, Endpoint, Lengths, Report, Run, Shape, Workload};
 
 #[derive(Args, Debug)]
@@ -26,6 +26,13 @@ pub struct LoadgenCommand {
 enum LoadgenMode {
     /// Synthetic dispatch batches straight to the expert workers.
     Experts(ExpertArgs),
+}
+
+/// What synthetic prompts share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum WorkloadKind {
+    Synthetic,
+    SharedPrefix,
 }
 
 #[derive(Args, Debug)]
@@ -64,6 +71,16 @@ struct LoadgenArgs {
     /// A JSONL dataset of prompts (`prompt`, `messages`, or ShareGPT `conversations`).
     #[arg(long)]
     dataset: Option<PathBuf>,
+    /// What synthetic prompts share: nothing (`synthetic`), or a prefix per group
+    /// (`shared-prefix`: a system prompt or a RAG context before each request's own part).
+    #[arg(long, value_enum, default_value_t = WorkloadKind::Synthetic)]
+    workload: WorkloadKind,
+    /// `shared-prefix`: words (or token ids) of the shared prefix.
+    #[arg(long, default_value_t = 2048)]
+    prefix_len: usize,
+    /// `shared-prefix`: distinct prefixes; request i takes prefix i mod this.
+    #[arg(long, default_value_t = 1)]
+    prefix_groups: u64,
     /// Use the chat API.
     #[arg(long)]
     chat: bool,
@@ -154,6 +171,9 @@ async fn http(args: LoadgenArgs) -> Result<()> {
         Duration::from_secs_f64(args.timeout),
     )
     .map_err(anyhow::Error::msg)?;
+    if args.workload == WorkloadKind::SharedPrefix && args.dataset.is_some() {
+        bail!("--workload shared-prefix draws synthetic prompts: it takes no --dataset");
+    }
     let workload = Arc::new(Workload {
         model: args.model.clone(),
         chat: args.chat,
@@ -167,6 +187,10 @@ async fn http(args: LoadgenArgs) -> Result<()> {
             .map(read_dataset)
             .transpose()
             .map_err(anyhow::Error::msg)?,
+        shared_prefix: (args.workload == WorkloadKind::SharedPrefix).then_some(SharedPrefix {
+            len: args.prefix_len,
+            groups: args.prefix_groups,
+        }),
         seed: args.seed,
     });
     let duration = match (args.duration, args.requests) {

@@ -16,6 +16,10 @@
 //!   goes on: the resumed stream's role chunk is dropped, its chunks keep the first id, and
 //!   the token ids are taken out again unless the client asked for them.
 //!
+//! When every gateway fails a request at once (restarts under way, connections being made
+//! again), the front door goes round them again, [`RETRY_PAUSE`] apart, for up to
+//! [`RETRY_FOR`] before it answers 503.
+//!
 //! A gateway that hangs (its process frozen, its machine unreachable) accepts connections
 //! or holds them open without answering. The front door probes each gateway's `/health`
 //! every [`PROBE_INTERVAL`]; one that gives no HTTP answer within [`PROBE_TIMEOUT`] is
@@ -57,6 +61,10 @@ const EVENTS_BUFFERED: usize = 64;
 /// How often each gateway is probed, and how long a probe may wait for any HTTP answer.
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a request keeps trying while every gateway fails it (restarts under way,
+/// connections being made again): rounds over all of them, [`RETRY_PAUSE`] apart.
+const RETRY_FOR: Duration = Duration::from_secs(5);
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 /// The gateways behind the door.
 pub struct Front {
@@ -245,29 +253,67 @@ impl Front {
                 Err(_) => return Err(format!("{}: no answer", self.gateways[g])),
                 Ok(Ok(answer)) => return Ok(answer),
                 Ok(Err(e)) if tries < 2 && !e.is_connect() => continue,
-                Ok(Err(e)) => return Err(format!("{}: {e}", self.gateways[g])),
+                Ok(Err(e)) => return Err(format!("{}: {}", self.gateways[g], causes(&e))),
             }
         }
     }
 }
 
-/// Passes on the first answer a gateway gives whole, trying each gateway once.
-async fn whole(front: &Front, target: &Target, body: Bytes) -> Response {
-    let mut why = Vec::new();
-    for g in front.order() {
-        let answered = tokio::select! {
-            a = answer_whole(front, g, target, body.clone()) => a,
-            _ = front.lost(g) => Err(format!("{}: stopped answering", front.gateways[g])),
-        };
-        match answered {
-            Ok(response) => {
-                front.preferred.store(g, Ordering::Relaxed);
-                return response;
-            }
-            Err(e) => why.push(e),
-        }
+/// An error and its causes, the way hyper's terse errors need to be read
+/// ("client error (Connect): tcp connect error: Connection refused (os error 111)").
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
     }
-    unavailable(&format!("no gateway answered: {}", why.join("; ")))
+    out
+}
+
+/// `attempt` on every gateway in turn ([`Front::order`]) until one succeeds, in rounds
+/// [`RETRY_PAUSE`] apart for [`RETRY_FOR`] while they all fail; the last round's failures
+/// otherwise.
+async fn first_success<T, A>(
+    front: &Front,
+    mut attempt: impl FnMut(usize) -> A,
+) -> Result<T, Vec<Failure>>
+where
+    A: std::future::Future<Output = Result<T, Failure>>,
+{
+    let started = tokio::time::Instant::now();
+    loop {
+        let mut why = Vec::new();
+        for g in front.order() {
+            match attempt(g).await {
+                Ok(t) => {
+                    front.preferred.store(g, Ordering::Relaxed);
+                    return Ok(t);
+                }
+                Err(e) => why.push(e),
+            }
+        }
+        if started.elapsed() + RETRY_PAUSE >= RETRY_FOR {
+            return Err(why);
+        }
+        tokio::time::sleep(RETRY_PAUSE).await;
+    }
+}
+
+/// Passes on the first answer a gateway gives whole.
+async fn whole(front: &Front, target: &Target, body: Bytes) -> Response {
+    let answered = first_success(front, |g| {
+        let body = body.clone();
+        async move {
+            tokio::select! {
+                a = answer_whole(front, g, target, body) => a,
+                _ = front.lost(g) => Err(format!("{}: stopped answering", front.gateways[g])),
+            }
+        }
+    })
+    .await;
+    answered.unwrap_or_else(|why| unavailable(&format!("no gateway answered: {}", why.join("; "))))
 }
 
 /// Gateway `g`'s whole answer to `body`, read to its end.
@@ -305,29 +351,28 @@ async fn resume_stream(front: Arc<Front>, target: Target, mut request: Value) ->
     request["return_token_ids"] = Value::Bool(true);
     let body = Bytes::from(request.to_string());
     // The first answer: an error status passes to the client as it is.
-    let mut why = Vec::new();
-    let mut first = None;
-    for g in front.order() {
-        let sent = tokio::select! {
-            a = front.send(g, &target, body.clone(), IDLE_TIMEOUT) => a,
-            _ = front.lost(g) => Err(format!("{}: stopped answering", front.gateways[g])),
-        };
-        match sent {
-            Ok(a) if a.status() == StatusCode::OK => {
-                first = Some((g, a));
-                break;
+    let first = first_success(&front, |g| {
+        let (front, target, body) = (&front, &target, body.clone());
+        async move {
+            let sent = tokio::select! {
+                a = front.send(g, target, body, IDLE_TIMEOUT) => a,
+                _ = front.lost(g) => Err(format!("{}: stopped answering", front.gateways[g])),
+            }?;
+            if sent.status() == StatusCode::OK {
+                return Ok(Ok((g, sent)));
             }
-            Ok(a) => match read_whole(a).await {
-                Ok(response) => return response,
-                Err(e) => why.push(format!("{}: {e}", front.gateways[g])),
-            },
-            Err(e) => why.push(e),
+            match read_whole(sent).await {
+                Ok(response) => Ok(Err(response)),
+                Err(e) => Err(format!("{}: {e}", front.gateways[g])),
+            }
         }
-    }
-    let Some((g, answer)) = first else {
-        return unavailable(&format!("no gateway answered: {}", why.join("; ")));
+    })
+    .await;
+    let (g, answer) = match first {
+        Ok(Ok(streaming)) => streaming,
+        Ok(Err(passed_on)) => return passed_on,
+        Err(why) => return unavailable(&format!("no gateway answered: {}", why.join("; "))),
     };
-    front.preferred.store(g, Ordering::Relaxed);
     let headers = forwarded(answer.headers());
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(EVENTS_BUFFERED);
     let mut resumed = Resumed {

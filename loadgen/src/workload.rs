@@ -1,6 +1,7 @@
-//! What the load generator sends: synthetic prompts of drawn lengths, or prompts from a
-//! JSONL dataset (plain `{"prompt": ...}` lines or ShareGPT conversations), as completion
-//! or chat requests. Request i of a run is drawn from a generator seeded with (seed, i), so
+//! What the load generator sends: synthetic prompts of drawn lengths (optionally after a
+//! prefix shared by a group of requests: a long system prompt, a RAG context), or prompts
+//! from a JSONL dataset (plain `{"prompt": ...}` lines or ShareGPT conversations), as
+//! completion or chat requests. Request i of a run is drawn from a generator seeded with (seed, i), so
 //! the same seed sends the same sequence of requests.
 
 use std::path::Path;
@@ -126,6 +127,14 @@ pub fn read_dataset(path: &Path) -> Result<Vec<DatasetPrompt>, String> {
     Ok(out)
 }
 
+/// Synthetic prompts that begin alike: request i starts with the prefix of group
+/// `i % groups`, `len` words (or token ids) long, then its own drawn part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedPrefix {
+    pub len: usize,
+    pub groups: u64,
+}
+
 /// How requests are built.
 #[derive(Debug, Clone)]
 pub struct Workload {
@@ -137,6 +146,8 @@ pub struct Workload {
     /// Synthetic prompts as token ids below this (completions only); text otherwise.
     pub token_ids_below: Option<u32>,
     pub dataset: Option<Vec<DatasetPrompt>>,
+    /// A prefix shared by groups of synthetic prompts.
+    pub shared_prefix: Option<SharedPrefix>,
     pub seed: u64,
 }
 
@@ -160,16 +171,25 @@ impl Workload {
                 DatasetPrompt::Chat(m) => chat_messages = Some(m.clone()),
             },
             None => {
-                let words: Vec<&str> = (0..prompt_len)
-                    .map(|k| WORDS[(mix64(i ^ k as u64) % WORDS.len() as u64) as usize])
+                // The group's prefix, drawn from the group alone.
+                let (prefix_len, group) = self
+                    .shared_prefix
+                    .map_or((0, 0), |p| (p.len, i % p.groups.max(1)));
+                let group_key = mix64(self.seed ^ mix64(group) ^ 0x5ba7ed);
+                let words: Vec<&str> = (0..prefix_len)
+                    .map(|k| mix64(group_key ^ k as u64))
+                    .chain((0..prompt_len).map(|k| mix64(i ^ k as u64)))
+                    .map(|h| WORDS[(h % WORDS.len() as u64) as usize])
                     .collect();
                 let text = words.join(" ");
                 match (self.chat, self.token_ids_below) {
                     (true, _) => chat_messages = Some(vec![("user".into(), text)]),
                     (false, Some(v)) => {
                         chat_messages = None;
-                        let ids: Vec<u32> = (0..prompt_len)
-                            .map(|_| (rng.next_u64() % u64::from(v)) as u32)
+                        let mut shared = SplitMix64::new(group_key);
+                        let ids: Vec<u32> = (0..prefix_len)
+                            .map(|_| (shared.next_u64() % u64::from(v)) as u32)
+                            .chain((0..prompt_len).map(|_| (rng.next_u64() % u64::from(v)) as u32))
                             .collect();
                         prompt_value = json!(ids);
                     }
@@ -280,6 +300,7 @@ mod tests {
             output_lengths: Lengths::Uniform(1, 9),
             token_ids_below: Some(500),
             dataset: None,
+            shared_prefix: None,
             seed: 3,
         };
         assert_eq!(w.request(5), w.request(5));
@@ -287,5 +308,36 @@ mod tests {
         let (path, body) = w.request(1);
         assert_eq!(path, "/v1/completions");
         assert!(body["prompt"].as_array().unwrap().len() >= 4);
+    }
+
+    /// Shared prefixes: requests of one group begin with the same `len` ids (or words),
+    /// other groups with others, and each goes on with its own part.
+    #[test]
+    fn shared_prefixes_are_shared_within_a_group_only() {
+        for token_ids_below in [Some(500), None] {
+            let w = Workload {
+                model: None,
+                chat: false,
+                stream: false,
+                prompt_lengths: Lengths::Fixed(6),
+                output_lengths: Lengths::Fixed(1),
+                token_ids_below,
+                dataset: None,
+                shared_prefix: Some(SharedPrefix { len: 40, groups: 2 }),
+                seed: 9,
+            };
+            let prompt = |i| -> Vec<String> {
+                let p = &w.request(i).1["prompt"];
+                match p.as_array() {
+                    Some(ids) => ids.iter().map(|x| x.to_string()).collect(),
+                    None => p.as_str().unwrap().split(' ').map(str::to_owned).collect(),
+                }
+            };
+            let (a, b, c) = (prompt(0), prompt(2), prompt(1));
+            assert_eq!(a.len(), 46);
+            assert_eq!(a[..40], b[..40], "same group, same prefix");
+            assert_ne!(a[40..], b[40..], "each its own part");
+            assert_ne!(a[..40], c[..40], "another group");
+        }
     }
 }

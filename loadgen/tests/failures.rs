@@ -75,6 +75,7 @@ fn run(address: String, requests: u64, timeout: Duration) -> Run {
             output_lengths: Lengths::Fixed(3),
             token_ids_below: None,
             dataset: None,
+            shared_prefix: None,
             seed: 1,
         }),
         shape: Shape::Closed { concurrency: 2 },

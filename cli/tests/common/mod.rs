@@ -76,13 +76,31 @@ impl Drop for Role {
     }
 }
 
+/// Where a role's stderr goes: a file per process under `$EXPERTMESH_TEST_LOGS` when that
+/// is set (to read after a failure), else nowhere.
+fn role_stderr(args: &[&str]) -> Stdio {
+    let Some(dir) = std::env::var_os("EXPERTMESH_TEST_LOGS") else {
+        return Stdio::null();
+    };
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!(
+        "{}-{n}-{}.log",
+        std::process::id(),
+        args.first().unwrap_or(&"role")
+    );
+    let _ = std::fs::create_dir_all(&dir);
+    std::fs::File::create(std::path::Path::new(&dir).join(name))
+        .map_or_else(|_| Stdio::null(), Stdio::from)
+}
+
 /// Starts `expertmesh <args>` and waits for its `LISTENING` line.
 pub fn start(args: &[&str]) -> Role {
     let mut child = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
         .args(args)
         .current_dir(root())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(role_stderr(args))
         .spawn()
         .unwrap();
     let mut line = String::new();
