@@ -6,6 +6,8 @@
 //! - [`dispatch`]: one dispatch round trip over loopback through each transport against raw
 //!   TCP and Unix echoes;
 //! - [`serve`]: streams through the OpenAI API of a local cluster;
+//! - [`prefix`]: time to first token of requests sharing a long prefix, with prefix caching
+//!   and without it;
 //! - [`image`]: image prefill (vision tower + merged prefill) against text prefill of the
 //!   same token count;
 //! - [`gpu`]: the Maverick expert shard on a GPU against a dense GEMM and the copy bandwidth;
@@ -16,6 +18,7 @@ mod dispatch;
 mod gpu;
 mod image;
 mod memory;
+mod prefix;
 mod serve;
 mod steps;
 
@@ -38,6 +41,9 @@ pub enum BenchCommand {
     Image(image::ImageArgs),
     /// Streams through the OpenAI API of a local cluster at several concurrency levels.
     Serve(serve::ServeArgs),
+    /// Time to first token of requests sharing a long prefix through a local cluster, with
+    /// prefix caching and with `--no-prefix-cache`, in one run.
+    Prefix(prefix::PrefixArgs),
     /// One MoE layer's expert shard at Maverick size on a GPU: grouped cuBLAS GEMMs against
     /// a dense GEMM of the same FLOPs and a device-to-device copy (a `--features cuda` build).
     GpuExperts(gpu::GpuExpertsArgs),
@@ -51,5 +57,6 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::GpuExperts(a) => gpu::run(a),
         BenchCommand::Image(args) => image::run(args),
         BenchCommand::Serve(args) => serve::run(args),
+        BenchCommand::Prefix(args) => prefix::run(args),
     }
 }
