@@ -261,6 +261,57 @@ fn image_requests_survive_chunked_prefill_and_preemption() {
         engine.stats().preemptions.load(Ordering::Relaxed) > 0,
         "no preemption happened"
     );
+    // The image request again, alone: its blocks come from the prefix cache, patches
+    // included, and give the same ids. With other vision rows for the same ids, only the
+    // blocks before the first patch are the same prefix.
+    let hits = || engine.stats().prefix_hit_tokens.load(Ordering::Relaxed) as usize;
+    let image_request = || GenerateRequest {
+        prompt: prompt.clone(),
+        max_new_tokens: greedy.len(),
+        ..Default::default()
+    };
+    // (Twice: the small pool may have evicted the earlier ones' blocks.)
+    let mut before = 0;
+    for _ in 0..2 {
+        before = hits();
+        let prepared = expertmesh_attention_worker::Prepared {
+            images: rows.clone(),
+            constraint: None,
+        };
+        let again = collect(engine.submit_with(image_request(), prepared).unwrap()).0;
+        assert_eq!(again.ids, greedy);
+    }
+    let bt = config.block_tokens;
+    assert_eq!(
+        hits() - before,
+        (prompt.len() - 1) / bt * bt,
+        "the whole prompt cached"
+    );
+    let patch = model_patch_id(&dir);
+    let first_patch = prompt.iter().position(|&t| t == patch).unwrap();
+    let mut other = rows.clone();
+    other.rows.iter_mut().for_each(|v| *v *= 0.5);
+    let before = hits();
+    let prepared = expertmesh_attention_worker::Prepared {
+        images: other,
+        constraint: None,
+    };
+    collect(engine.submit_with(image_request(), prepared).unwrap());
+    assert_eq!(
+        hits() - before,
+        first_patch / bt * bt,
+        "text before the image only"
+    );
+}
+
+/// The `<|patch|>` id of the fixture's vision config.
+fn model_patch_id(dir: &Path) -> u32 {
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    config["image_token_index"]
+        .as_u64()
+        .or_else(|| config["vision_config"]["image_token_id"].as_u64())
+        .expect("the fixture names its patch token") as u32
 }
 
 /// A request with a grammar samples only what it allows, the mask computed beside the
