@@ -2,13 +2,16 @@
 //!
 //! The engine thread owns every sequence. Each step it takes new requests, drops those whose
 //! client went away, admits waiting sequences while the block pool has room for their
-//! prompt, and builds one batch: one token for every decoding sequence, then prompt chunks
-//! of prefilling sequences up to the step's token budget (chunked prefill, so a long prompt
-//! never stalls decoding). If the step's KV blocks are not free, the most recently admitted
+//! prompt (a prompt that begins like one computed before starts from the cached blocks of
+//! that prefix, `expertmesh_model::prefix_cache`, and cached blocks are evicted for room
+//! before anything is preempted), and builds one batch: one token for every decoding
+//! sequence, then prompt chunks of prefilling sequences up to the step's token budget
+//! (chunked prefill, so a long prompt never stalls decoding). If the step's KV blocks are not free, the most recently admitted
 //! sequence is preempted: its blocks go back to the pool and it is recomputed later from its
 //! prompt and the tokens it already produced (exact, since a token's result does not depend
-//! on its batch). After the forward pass every sequence whose tokens are all in its cache
-//! samples its next token and streams it out.
+//! on its batch). After the forward pass each sequence publishes its newly full blocks to
+//! the prefix cache, and every sequence whose tokens are all in its cache samples its next
+//! token and streams it out.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
