@@ -15,6 +15,7 @@ pub mod node;
 pub mod remote;
 pub mod routing;
 pub mod scheduler;
+mod sequence;
 pub mod service;
 
 pub use node::{connect, run, AttentionWorkerConfig, NodeError};
