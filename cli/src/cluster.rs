@@ -163,6 +163,17 @@ impl ClusterSpec {
             gemm: expertmesh_model::GemmPrecision::F32,
         }
     }
+
+    /// A coordinator serving the HTTP API on a free port, `n` expert workers and one
+    /// attention worker started with `attention_args` (what the serving benchmarks load).
+    pub fn serving(model: &str, n: usize, attention_args: Vec<String>) -> Self {
+        Self {
+            attention_workers: 1,
+            attention_args,
+            http: Some("127.0.0.1:0".into()),
+            ..Self::expert_workers(model, n)
+        }
+    }
 }
 
 /// `n` free loopback ports (bound and released: another process could take one first,

@@ -115,15 +115,6 @@ fn requests() -> Vec<Value> {
         .collect()
 }
 
-fn metrics(http: &str) -> String {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect(http).unwrap();
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {http}\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text
-}
-
 /// The value of the series `name` (its full name, labels included).
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -136,7 +127,7 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 fn busy_attention_worker(http: &str, status: &Value) -> Value {
     let give_up = Instant::now() + Duration::from_secs(30);
     loop {
-        let text = metrics(http);
+        let text = common::metrics(http);
         for w in status["workers"].as_array().unwrap() {
             let series = format!("expertmesh_running_sequences{{worker=\"{}\"}}", w["id"]);
             if w["role"] == "attention-worker" && metric(&text, &series).unwrap_or(0.0) >= 2.0 {
@@ -277,8 +268,11 @@ fn streams_survive(what: &str, disrupt: impl FnOnce(&Value, &str)) -> Duration {
         );
         stall = stall.max(got.gap_max);
     }
-    let migrations = metric(&metrics(&http), "expertmesh_request_migrations_total")
-        .expect("the migrations counter");
+    let migrations = metric(
+        &common::metrics(&http),
+        "expertmesh_request_migrations_total",
+    )
+    .expect("the migrations counter");
     eprintln!(
         "{what} of attention worker {}: {migrations} requests migrated, longest stall a \
          client saw {:.0} ms, all done {:.0} ms after",

@@ -4,18 +4,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-
-fn metrics(http: &str) -> String {
-    let mut s = std::net::TcpStream::connect(http).unwrap();
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {http}\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text
-}
 
 /// Every series of `name` (labels included) and its value.
 fn series(text: &str, name: &str) -> Vec<(String, f64)> {
@@ -37,7 +29,7 @@ fn wait_metric(
 ) -> Vec<(String, f64)> {
     let give_up = Instant::now() + Duration::from_secs(30);
     loop {
-        let s = series(&metrics(http), name);
+        let s = series(&common::metrics(http), name);
         if done(&s) {
             return s;
         }
@@ -136,6 +128,6 @@ fn a_shared_prefix_goes_to_its_holder_and_changes_no_token() {
             assert_eq!(*value, 0.0, "the other worker got a follow-up: {hits:?}");
         }
     }
-    let rate = series(&metrics(&http), "expertmesh_prefix_cache_hit_rate");
+    let rate = series(&common::metrics(&http), "expertmesh_prefix_cache_hit_rate");
     assert!(rate[0].1 > 0.0, "{rate:?}");
 }

@@ -53,6 +53,22 @@ struct State {
 /// A per-worker gauge: name, help, and how to read it from a worker's load.
 type Gauge = (&'static str, &'static str, fn(&WorkerLoad) -> f64);
 
+/// One series per attention worker for each of `series` (name, help, value): counters when
+/// the name ends in `_total`, gauges otherwise.
+fn per_worker(out: &mut String, series: &[Gauge], loads: &BTreeMap<u64, WorkerLoad>) {
+    for (name, help, get) in series {
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (id, l) in loads {
+            let _ = writeln!(out, "{name}{{worker=\"{id}\"}} {}", get(l));
+        }
+    }
+}
+
 /// The gateway's counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -157,12 +173,7 @@ impl Metrics {
                 |l| l.steps as f64,
             ),
         ];
-        for (name, help, get) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-            for (id, l) in loads {
-                let _ = writeln!(out, "{name}{{worker=\"{id}\"}} {}", get(l));
-            }
-        }
+        per_worker(&mut out, &gauges, loads);
         let _ = writeln!(out, "# HELP expertmesh_dispatch_round_trip_seconds Routed batches sent to expert workers.\n# TYPE expertmesh_dispatch_round_trip_seconds summary");
         let (n, secs) = loads.values().fold((0, 0.0), |(n, t), l| {
             (n + l.dispatches, t + l.dispatch_seconds)
@@ -203,17 +214,7 @@ impl Metrics {
                 |l| l.prefix_cached_blocks as f64,
             ),
         ];
-        for (name, help, get) in prefix {
-            let kind = if name.ends_with("_total") {
-                "counter"
-            } else {
-                "gauge"
-            };
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (id, l) in loads {
-                let _ = writeln!(out, "{name}{{worker=\"{id}\"}} {}", get(l));
-            }
-        }
+        per_worker(&mut out, &prefix, loads);
         let timers: [Gauge; 3] = [
             (
                 "expertmesh_engine_step_seconds_total",
@@ -231,12 +232,7 @@ impl Metrics {
                 |l| l.expert_wait_seconds,
             ),
         ];
-        for (name, help, get) in timers {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (id, l) in loads {
-                let _ = writeln!(out, "{name}{{worker=\"{id}\"}} {}", get(l));
-            }
-        }
+        per_worker(&mut out, &timers, loads);
         let _ = writeln!(out, "# HELP expertmesh_routed_tokens_total Tokens routed to each expert.\n# TYPE expertmesh_routed_tokens_total counter");
         let mut routed: BTreeMap<(usize, usize), u64> = BTreeMap::new();
         for l in loads.values() {

@@ -130,22 +130,12 @@ async fn measure(
     label: &str,
     workload: &Arc<Workload>,
 ) -> Result<Measured> {
-    let cluster = LocalCluster::start(&ClusterSpec {
-        model: args.model.clone(),
-        coordinators: 1,
-        data_dir: None,
-        expert_capacities: vec![None; args.expert_workers],
-        attention_workers: 1,
-        attention_args: (!cached)
-            .then(|| "--no-prefix-cache".to_owned())
-            .into_iter()
-            .collect(),
-        http: Some("127.0.0.1:0".into()),
-        api_key: None,
-        coordinator_args: Vec::new(),
-        device: expertmesh_model::Device::Cpu,
-        gemm: expertmesh_model::GemmPrecision::F32,
-    })?;
+    let no_cache = (!cached).then(|| "--no-prefix-cache".to_owned());
+    let cluster = LocalCluster::start(&ClusterSpec::serving(
+        &args.model,
+        args.expert_workers,
+        no_cache.into_iter().collect(),
+    ))?;
     cluster.ready(Duration::from_secs(300)).await?;
     let http = cluster
         .http

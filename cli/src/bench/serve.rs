@@ -100,19 +100,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         "starting a cluster: coordinator + HTTP, {} expert workers, 1 attention worker",
         args.expert_workers
     ));
-    let cluster = LocalCluster::start(&ClusterSpec {
-        model: args.model.clone(),
-        coordinators: 1,
-        data_dir: None,
-        expert_capacities: vec![None; args.expert_workers],
-        attention_workers: 1,
-        attention_args: vec!["--dispatch".into(), args.dispatch.to_string()],
-        http: Some("127.0.0.1:0".into()),
-        api_key: None,
-        coordinator_args: Vec::new(),
-        device: expertmesh_model::Device::Cpu,
-        gemm: expertmesh_model::GemmPrecision::F32,
-    })?;
+    let cluster = LocalCluster::start(&ClusterSpec::serving(
+        &args.model,
+        args.expert_workers,
+        vec!["--dispatch".into(), args.dispatch.to_string()],
+    ))?;
     let http = cluster
         .http
         .first()

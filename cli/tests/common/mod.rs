@@ -197,6 +197,16 @@ pub fn healthy(http: &str) -> bool {
     asked.is_ok() && s.read_to_string(&mut reply).is_ok() && reply.starts_with("HTTP/1.1 200")
 }
 
+/// The Prometheus text of `http`'s `/metrics`.
+pub fn metrics(http: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(http).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {http}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
+}
+
 /// POSTs a JSON body over HTTP/1.1 and returns the parsed JSON reply (or why there is none).
 pub fn post(http: &str, path: &str, body: &Value) -> Result<Value, String> {
     use std::io::{Read, Write};
