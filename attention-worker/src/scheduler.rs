@@ -6,10 +6,10 @@
 //! that prefix, `expertmesh_model::prefix_cache`, and cached blocks are evicted for room
 //! before anything is preempted), and builds one batch: one token for every decoding
 //! sequence, then prompt chunks of prefilling sequences up to the step's token budget
-//! (chunked prefill, so a long prompt never stalls decoding). If the step's KV blocks are not free, the most recently admitted
-//! sequence is preempted: its blocks go back to the pool and it is recomputed later from its
-//! prompt and the tokens it already produced (exact, since a token's result does not depend
-//! on its batch). After the forward pass each sequence publishes its newly full blocks to
+//! (chunked prefill, so a long prompt never stalls decoding). If the step's KV blocks are
+//! not free, the most recently admitted sequence is preempted: its blocks go back to the
+//! pool and it is recomputed later from its prompt and the tokens it already produced
+//! (exact, since a token's result does not depend on its batch). After the forward pass each sequence publishes its newly full blocks to
 //! the prefix cache, and every sequence whose tokens are all in its cache samples its next
 //! token and streams it out.
 
@@ -97,6 +97,7 @@ pub struct EngineStats {
     pub steps: AtomicU64,
     pub running: AtomicU64,
     pub waiting: AtomicU64,
+    /// KV blocks held by sequences; blocks only the prefix cache holds count as free.
     pub kv_blocks_used: AtomicU64,
     pub kv_blocks_total: AtomicU64,
     pub tokens_generated: AtomicU64,
@@ -412,8 +413,10 @@ impl Scheduler {
             (self.waiting.len() + self.parked.len()) as u64,
             Ordering::Relaxed,
         );
+        // Blocks only the prefix cache holds are free for the asking (evicted on demand).
+        let evictable = self.prefix.as_ref().map_or(0, PrefixCache::evictable);
         s.kv_blocks_used
-            .store(self.pool.used() as u64, Ordering::Relaxed);
+            .store((self.pool.used() - evictable) as u64, Ordering::Relaxed);
         if let Some(p) = &self.prefix {
             s.prefix_cached_blocks
                 .store(p.blocks() as u64, Ordering::Relaxed);

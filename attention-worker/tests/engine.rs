@@ -81,10 +81,10 @@ fn collect(mut rx: tokio::sync::mpsc::Receiver<Event>) -> (Output, FinishReason)
     }
 }
 
-/// KV blocks in use beyond those the prefix cache keeps.
+/// KV blocks held by sequences (the prefix cache's own count as free: they are evicted on
+/// demand).
 fn held_by_sequences(stats: &expertmesh_attention_worker::EngineStats) -> u64 {
     stats.kv_blocks_used.load(Ordering::Relaxed)
-        - stats.prefix_cached_blocks.load(Ordering::Relaxed)
 }
 
 fn run_concurrently(

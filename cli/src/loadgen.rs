@@ -10,6 +10,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use expertmesh_dispatch::WireDType;
 use expertmesh_loadgen::experts::{parse_skew, ExpertLoad};
+use expertmesh_loadgen::html::Figure;
+use expertmesh_loadgen::slo::Slo;
 use expertmesh_loadgen::workload::{read_dataset, SharedPrefix};
 use expertmesh_loadgen::{plot, Endpoint, Lengths, Report, Run, Shape, Workload};
 
@@ -50,14 +52,15 @@ struct LoadgenArgs {
     /// Open loop: Poisson arrivals at this many requests per second.
     #[arg(long)]
     rate: Option<f64>,
-    /// Seconds to send for (default 10 unless --requests).
-    #[arg(long)]
+    /// How long to send for: 30s, 2m, 1h, 500ms or plain seconds (default 10s unless
+    /// --requests).
+    #[arg(long, value_parser = seconds)]
     duration: Option<f64>,
     /// Requests to send in all.
     #[arg(long)]
     requests: Option<u64>,
-    /// Seconds at the start whose requests the figures leave out.
-    #[arg(long, default_value_t = 0.0)]
+    /// Time at the start whose requests the figures leave out (30s, 1m, ...).
+    #[arg(long, value_parser = seconds, default_value = "0")]
     warmup: f64,
     /// Prompt lengths (words, or token ids with --token-ids-below): fixed:N, uniform:A-B, normal:M,SD.
     #[arg(long, default_value = "fixed:32")]
@@ -92,15 +95,44 @@ struct LoadgenArgs {
     /// Run several levels in turn: concurrency=1,4,16,64 or rate=1,2,4.
     #[arg(long)]
     sweep: Option<String>,
-    /// Per-request timeout in seconds.
-    #[arg(long, default_value_t = 300.0)]
+    /// Per-request timeout (300s, 5m, ...).
+    #[arg(long, value_parser = seconds, default_value = "300")]
     timeout: f64,
-    /// Write the report(s) as JSON here.
+    /// Service-level objectives for goodput: ttft_ms=N,tpot_ms=N,e2e_ms=N (any of them;
+    /// itl_ms is tpot_ms: a request's mean time per output token after the first).
+    #[arg(long)]
+    slo: Option<Slo>,
+    /// Write the report(s) as JSON here (with `vllm bench serve`'s result keys).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Write PNG plots into this directory.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Write one self-contained HTML page here: the table, the plots, the JSON.
+    #[arg(long)]
+    html: Option<PathBuf>,
+}
+
+/// A duration as seconds: `30s`, `2m`, `1h`, `500ms`, `1.5s` or a plain number of seconds.
+fn seconds(s: &str) -> Result<f64, String> {
+    let s = s.trim();
+    let (number, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let scale = match unit {
+        "ms" => 1e-3,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("`{s}`: a duration is N followed by ms, s, m or h")),
+    };
+    match number.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v * scale),
+        _ => Err(format!(
+            "`{s}`: a duration is a number ≥ 0 and a unit (30s, 2m)"
+        )),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -211,33 +243,89 @@ async fn http(args: LoadgenArgs) -> Result<()> {
         }
         .execute()
         .await;
+        let mut report = report;
+        if let Some(slo) = args.slo {
+            report.apply_slo(slo);
+        }
         reports.push(report);
     }
     print!("{}", Report::table(&reports));
     if let Some(out) = &args.out {
         let json = if reports.len() == 1 {
-            serde_json::to_string_pretty(&reports[0])?
+            serde_json::to_string_pretty(&reports[0].to_json())?
         } else {
-            serde_json::to_string_pretty(&reports)?
+            let all: Vec<_> = reports.iter().map(Report::to_json).collect();
+            serde_json::to_string_pretty(&all)?
         };
         std::fs::write(out, json).with_context(|| format!("writing {}", out.display()))?;
     }
-    if let Some(dir) = &args.plot {
-        std::fs::create_dir_all(dir)?;
-        let last = reports.last().expect("at least one level");
-        plot::latency(last, &dir.join("latency.png")).map_err(anyhow::Error::msg)?;
-        plot::timeline(last, &dir.join("timeline.png")).map_err(anyhow::Error::msg)?;
-        if reports.len() > 1 {
-            plot::sweep(&reports, &dir.join("sweep.png")).map_err(anyhow::Error::msg)?;
+    let plots = match (&args.plot, &args.html) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, Some(_)) => {
+            Some(std::env::temp_dir().join(format!("expertmesh-loadgen-{}", std::process::id())))
         }
-        // expertmesh targets also show where the load went.
-        if let Ok(page) = endpoint.get("/metrics").await {
-            let _ = plot::expert_heatmap(&page, &dir.join("experts.png"));
-            let _ = plot::worker_load(&page, &dir.join("workers.png"));
+        (None, None) => None,
+    };
+    if let Some(dir) = &plots {
+        let drawn = draw_plots(&reports, &endpoint, dir).await?;
+        if let Some(html) = &args.html {
+            let figures = drawn
+                .into_iter()
+                .map(|(caption, path)| {
+                    let png = std::fs::read(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    Ok(Figure { caption, png })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let page = expertmesh_loadgen::html::page(
+                &format!("expertmesh loadgen: {url}"),
+                &reports,
+                &figures,
+            );
+            std::fs::write(html, page).with_context(|| format!("writing {}", html.display()))?;
+            eprintln!("report page {}", html.display());
         }
-        eprintln!("plots in {}", dir.display());
+        if args.plot.is_some() {
+            eprintln!("plots in {}", dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
     Ok(())
+}
+
+/// Draws the plots of a run into `dir`: (caption, file) of each drawn.
+async fn draw_plots(
+    reports: &[Report],
+    endpoint: &Endpoint,
+    dir: &std::path::Path,
+) -> Result<Vec<(String, PathBuf)>> {
+    std::fs::create_dir_all(dir)?;
+    let last = reports.last().expect("at least one level");
+    let mut drawn = Vec::new();
+    let latency = dir.join("latency.png");
+    plot::latency(last, &latency).map_err(anyhow::Error::msg)?;
+    drawn.push(("Latency distributions (last level)".to_owned(), latency));
+    let timeline = dir.join("timeline.png");
+    plot::timeline(last, &timeline).map_err(anyhow::Error::msg)?;
+    drawn.push(("Throughput over time (last level)".to_owned(), timeline));
+    if reports.len() > 1 {
+        let sweep = dir.join("sweep.png");
+        plot::sweep(reports, &sweep).map_err(anyhow::Error::msg)?;
+        drawn.push(("The sweep: throughput against latency".to_owned(), sweep));
+    }
+    // expertmesh targets also show where the load went.
+    if let Ok(page) = endpoint.get("/metrics").await {
+        let experts = dir.join("experts.png");
+        if plot::expert_heatmap(&page, &experts).is_ok() {
+            drawn.push(("Routed tokens per expert".to_owned(), experts));
+        }
+        let workers = dir.join("workers.png");
+        if plot::worker_load(&page, &workers).is_ok() {
+            drawn.push(("Load per worker".to_owned(), workers));
+        }
+    }
+    Ok(drawn)
 }
 
 async fn experts(a: ExpertArgs) -> Result<()> {

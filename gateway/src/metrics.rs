@@ -159,7 +159,7 @@ impl Metrics {
             ),
             (
                 "expertmesh_kv_blocks_used",
-                "KV cache blocks in use.",
+                "KV cache blocks held by sequences (those only the prefix cache holds count as free).",
                 |l| (l.total_kv_blocks - l.free_kv_blocks) as f64,
             ),
             (

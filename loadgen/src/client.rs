@@ -38,6 +38,8 @@ pub struct Outcome {
     pub client_tokens: usize,
     /// `usage.completion_tokens` reported by the server, when it reported usage.
     pub usage_tokens: Option<usize>,
+    /// `usage.prompt_tokens`, when reported.
+    pub prompt_tokens: Option<usize>,
 }
 
 /// Where requests go.
@@ -183,6 +185,7 @@ impl Endpoint {
                 serde_json::from_slice(&dechunk(&raw[body_at..])).map_err(|_| Failure::Protocol)?;
             let n = v["usage"]["completion_tokens"].as_u64().map(|n| n as usize);
             outcome.usage_tokens = n;
+            outcome.prompt_tokens = v["usage"]["prompt_tokens"].as_u64().map(|n| n as usize);
             outcome.client_tokens = n.unwrap_or(0);
             outcome.ttft = Some(started.elapsed());
         }
@@ -214,6 +217,9 @@ impl Endpoint {
             }
             if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                 outcome.usage_tokens = Some(n as usize);
+            }
+            if let Some(n) = v["usage"]["prompt_tokens"].as_u64() {
+                outcome.prompt_tokens = Some(n as usize);
             }
             let Some(choice) = v["choices"].get(0) else {
                 continue;

@@ -3,15 +3,18 @@
 //! Load generation against any OpenAI-compatible endpoint (expertmesh, vLLM, SGLang): a
 //! [`workload`] draws requests (synthetic lengths or a JSONL dataset, seeded), the
 //! [`runner`] sends them as a closed or open loop through the small HTTP [`client`], and the
-//! [`report`] turns what came back into counts, throughput and latency percentiles, printed
-//! as a table, written as JSON, and drawn as PNG [`plot`]s. [`experts`] loads the expert
+//! [`report`] turns what came back into counts, throughput, latency percentiles and goodput
+//! against an [`slo`], printed as a table, written as JSON (with `vllm bench serve`'s keys),
+//! drawn as PNG [`plot`]s and put on one self-contained [`html`] page. [`experts`] loads the expert
 //! tier alone, straight over the dispatch protocol.
 
 pub mod client;
 pub mod experts;
+pub mod html;
 pub mod plot;
 pub mod report;
 pub mod runner;
+pub mod slo;
 pub mod workload;
 
 pub use client::{Endpoint, Failure, Outcome};

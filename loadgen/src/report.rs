@@ -1,15 +1,21 @@
-//! Figures of a run: counts, throughput, latency percentiles, and a per-second timeline.
+//! Figures of a run: counts, throughput, latency percentiles, goodput against an SLO, and
+//! a per-second timeline; as JSON, with the keys of `vllm bench serve`'s result file beside
+//! its own so that tools built for vLLM's results read it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Serialize;
+use serde_json::{json, Value};
 
 use crate::client::{Failure, Outcome};
+use crate::slo::{Goodput, RequestTimes, Slo};
 
-/// p50, p90, p99 and max of a latency, in milliseconds.
+/// Mean, standard deviation, p50, p90, p99 and max of a latency, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Percentiles {
+    pub mean: f64,
+    pub std: f64,
     pub p50: f64,
     pub p90: f64,
     pub p99: f64,
@@ -24,7 +30,16 @@ impl Percentiles {
         values.sort_unstable();
         let at =
             |q: f64| values[((values.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3;
+        let n = values.len() as f64;
+        let mean = values.iter().map(|v| v.as_secs_f64() * 1e3).sum::<f64>() / n;
+        let var = values
+            .iter()
+            .map(|v| (v.as_secs_f64() * 1e3 - mean).powi(2))
+            .sum::<f64>()
+            / n;
         Self {
+            mean,
+            std: var.sqrt(),
             p50: at(0.5),
             p90: at(0.9),
             p99: at(0.99),
@@ -58,9 +73,16 @@ pub struct Report {
     pub duration_s: f64,
     pub requests_per_s: f64,
     pub output_tokens_per_s: f64,
+    /// Prompt tokens as the server's usage reports them (0 where it reported none).
+    pub input_tokens: usize,
     pub ttft_ms: Percentiles,
     pub itl_ms: Percentiles,
+    /// Per request: the mean time per output token after the first.
+    pub tpot_ms: Percentiles,
     pub e2e_ms: Percentiles,
+    /// The requests that met the run's SLO, when it has one ([`Report::apply_slo`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub goodput: Option<Goodput>,
     pub timeline: Vec<Second>,
     /// Raw samples for plots (not written to JSON).
     #[serde(skip)]
@@ -74,6 +96,8 @@ pub struct Samples {
     pub e2e: Vec<Duration>,
     /// (start, e2e) per request.
     pub starts: Vec<(Duration, Duration)>,
+    /// What an SLO looks at, per request.
+    pub requests: Vec<RequestTimes>,
 }
 
 impl Report {
@@ -94,7 +118,19 @@ impl Report {
             match rec {
                 Ok(o) if o.started >= warmup => {
                     r.requests_ok += 1;
-                    r.output_tokens += o.usage_tokens.unwrap_or(o.client_tokens);
+                    let tokens = o.usage_tokens.unwrap_or(o.client_tokens);
+                    r.output_tokens += tokens;
+                    r.input_tokens += o.prompt_tokens.unwrap_or(0);
+                    let tpot = o
+                        .ttft
+                        .filter(|_| tokens >= 2)
+                        .map(|first| o.e2e.saturating_sub(first) / (tokens - 1) as u32);
+                    s.requests.push(RequestTimes {
+                        ttft: o.ttft,
+                        tpot,
+                        e2e: o.e2e,
+                        output_tokens: tokens,
+                    });
                     r.client_counted_tokens += o.client_tokens;
                     s.ttft.extend(o.ttft);
                     s.itl.extend(o.gaps.iter().copied());
@@ -135,6 +171,8 @@ impl Report {
         r.output_tokens_per_s = r.output_tokens as f64 / r.duration_s;
         r.ttft_ms = Percentiles::of(&mut s.ttft);
         r.itl_ms = Percentiles::of(&mut s.itl);
+        r.tpot_ms =
+            Percentiles::of(&mut s.requests.iter().filter_map(|q| q.tpot).collect::<Vec<_>>());
         r.e2e_ms = Percentiles::of(&mut s.e2e);
         r.timeline = seconds
             .into_iter()
@@ -147,6 +185,46 @@ impl Report {
             .collect();
         r.samples = s;
         r
+    }
+
+    /// Counts the requests that met `slo` (goodput).
+    pub fn apply_slo(&mut self, slo: Slo) {
+        self.goodput = Some(Goodput::of(slo, &self.samples.requests, self.duration_s));
+    }
+
+    /// The report as JSON: its own fields, and beside them the keys of `vllm bench serve`'s
+    /// result file (`completed`, `request_throughput`, `mean_/median_/std_/p99_ttft_ms`, the
+    /// same for `tpot`, `itl` and `e2el`, `request_goodput` with an SLO).
+    pub fn to_json(&self) -> Value {
+        let mut v = serde_json::to_value(self).expect("a report is plain data");
+        let o = v.as_object_mut().expect("a report is an object");
+        o.insert("completed".into(), json!(self.requests_ok));
+        o.insert("failed".into(), json!(self.requests_failed));
+        o.insert("duration".into(), json!(self.duration_s));
+        o.insert("total_input_tokens".into(), json!(self.input_tokens));
+        o.insert("total_output_tokens".into(), json!(self.output_tokens));
+        o.insert("request_throughput".into(), json!(self.requests_per_s));
+        o.insert("output_throughput".into(), json!(self.output_tokens_per_s));
+        o.insert(
+            "total_token_throughput".into(),
+            json!((self.input_tokens + self.output_tokens) as f64 / self.duration_s),
+        );
+        for (name, p) in [
+            ("ttft", &self.ttft_ms),
+            ("tpot", &self.tpot_ms),
+            ("itl", &self.itl_ms),
+            ("e2el", &self.e2e_ms),
+        ] {
+            o.insert(format!("mean_{name}_ms"), json!(p.mean));
+            o.insert(format!("median_{name}_ms"), json!(p.p50));
+            o.insert(format!("std_{name}_ms"), json!(p.std));
+            o.insert(format!("p90_{name}_ms"), json!(p.p90));
+            o.insert(format!("p99_{name}_ms"), json!(p.p99));
+        }
+        if let Some(g) = &self.goodput {
+            o.insert("request_goodput".into(), json!(g.request_goodput));
+        }
+        v
     }
 
     /// The table printed at the end of a run or sweep.
@@ -177,6 +255,16 @@ impl Report {
             );
             for (kind, n) in &r.failures {
                 out += &format!("{:<16} failed: {kind} × {n}\n", "");
+            }
+            if let Some(g) = &r.goodput {
+                out += &format!(
+                    "{:<16} goodput: {:.2} req/s, {:.1} tok/s ({:.0}% of the requests met {})\n",
+                    "",
+                    g.request_goodput,
+                    g.output_goodput,
+                    g.met_share * 100.0,
+                    serde_json::to_string(&g.slo).unwrap_or_default()
+                );
             }
         }
         out

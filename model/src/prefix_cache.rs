@@ -115,6 +115,16 @@ impl PrefixCache {
         self.evicted
     }
 
+    /// Blocks that evicting would give back to the pool now: those no running sequence
+    /// holds too.
+    pub fn evictable(&self) -> usize {
+        self.entries
+            .values()
+            .flat_map(|e| e.blocks.iter().flatten())
+            .filter(|b| Arc::strong_count(b) == 1)
+            .count()
+    }
+
     /// Extends `chain` (the names of `tokens`' full blocks so far) to the first `blocks`
     /// blocks; `rows(from, to)` gives the vision rows of the image patches among
     /// `tokens[from..to]` (empty for text).
@@ -393,7 +403,9 @@ mod tests {
         }
         assert_eq!((prefix.blocks(), pool.available()), (6, 0));
         // `a` used again: `b` is older, and its last block goes first.
+        assert_eq!(prefix.evictable(), 6);
         let held = prefix.lookup(&chain_of(&prefix, &a), 13).unwrap();
+        assert_eq!(prefix.evictable(), 3, "a's blocks are held");
         prefix.make_room(1);
         assert_eq!(
             (prefix.blocks(), prefix.evicted(), pool.available()),
