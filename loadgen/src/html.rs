@@ -117,7 +117,7 @@ mod tests {
             .unwrap();
         assert_eq!(back, png);
         assert!(
-            html.contains("\"completed\": 7"),
+            html.contains("&quot;completed&quot;: 7"),
             "the vLLM keys in the JSON"
         );
     }

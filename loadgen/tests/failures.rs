@@ -112,3 +112,77 @@ async fn silence_and_refusal_are_timeouts_and_connect_errors() {
     assert_eq!(report.failures.get("connect"), Some(&3));
     assert_eq!(report.requests_ok, 0);
 }
+
+/// Streams three tokens to every request, the first after 20 ms for even requests and after
+/// 400 ms for odd ones, the others 10 ms apart.
+async fn paced_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let n = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let n = n.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut got = Vec::new();
+                while !String::from_utf8_lossy(&got).contains("\"stream\"") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => got.extend_from_slice(&buf[..k]),
+                    }
+                }
+                let first = if n.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
+                    20
+                } else {
+                    400
+                };
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n";
+                let _ = s.write_all(head.as_bytes()).await;
+                tokio::time::sleep(Duration::from_millis(first)).await;
+                for t in ["a", "b", "c"] {
+                    let event = format!("data: {{\"choices\":[{{\"index\":0,\"text\":\"{t}\",\"finish_reason\":null}}]}}\n\n");
+                    let _ = s.write_all(event.as_bytes()).await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let tail = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":3,\"total_tokens\":7}}\n\ndata: [DONE]\n\n";
+                let _ = s.write_all(tail.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Goodput against a server of known latencies: half the requests have their first token
+/// after 20 ms, half after 400 ms; with a 200 ms TTFT objective, half meet it. The JSON
+/// carries vLLM's result keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goodput_counts_the_requests_within_the_slo() {
+    let addr = paced_server().await;
+    let mut report = run(addr, 8, Duration::from_secs(10)).execute().await;
+    assert_eq!(report.requests_ok, 8);
+    report.apply_slo("ttft_ms=200,tpot_ms=100".parse().unwrap());
+    let goodput = report.goodput.unwrap();
+    assert_eq!(goodput.requests_met, 4);
+    assert_eq!(goodput.met_share, 0.5);
+    assert!((goodput.request_goodput - 4.0 / report.duration_s).abs() < 1e-9);
+    // Three tokens 10 ms apart: a mean time per output token after the first of ~10 ms.
+    assert!(
+        report.tpot_ms.p50 >= 9.0 && report.tpot_ms.p50 < 100.0,
+        "{:?}",
+        report.tpot_ms
+    );
+    let json = report.to_json();
+    assert_eq!(json["completed"], 8);
+    assert_eq!(json["total_input_tokens"], 32);
+    assert_eq!(json["total_output_tokens"], 24);
+    for key in [
+        "median_ttft_ms",
+        "p99_tpot_ms",
+        "mean_itl_ms",
+        "std_e2el_ms",
+        "request_goodput",
+    ] {
+        assert!(json[key].as_f64().is_some(), "{key} missing: {json}");
+    }
+    assert!(json["median_ttft_ms"].as_f64().unwrap() >= 20.0);
+}
