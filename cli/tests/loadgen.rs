@@ -55,6 +55,7 @@ fn loadgen_against_up() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("report.json");
     let plots = dir.path().join("plots");
+    let page = dir.path().join("report.html");
     let url = format!("http://{http}/v1");
     let run = common::expertmesh(&[
         "loadgen",
@@ -63,9 +64,11 @@ fn loadgen_against_up() {
         "--concurrency",
         "4",
         "--duration",
-        "3",
+        "3s",
         "--warmup",
-        "0.5",
+        "500ms",
+        "--slo",
+        "ttft_ms=60000,tpot_ms=60000",
         "--prompt-len",
         "uniform:4-40",
         "--output-len",
@@ -76,6 +79,8 @@ fn loadgen_against_up() {
         out.to_str().unwrap(),
         "--plot",
         plots.to_str().unwrap(),
+        "--html",
+        page.to_str().unwrap(),
     ]);
     assert!(
         run.status.success(),
@@ -101,6 +106,13 @@ fn loadgen_against_up() {
     for png in ["latency.png", "timeline.png", "experts.png", "workers.png"] {
         assert_png(&plots.join(png));
     }
+    // Goodput against a generous SLO: every request; vLLM's result keys beside ours.
+    assert_eq!(r["goodput"]["requests_met"], r["requests_ok"], "{r}");
+    assert_eq!(r["completed"], r["requests_ok"]);
+    assert!(r["request_goodput"].as_f64().unwrap() > 0.0);
+    assert!(r["median_tpot_ms"].as_f64().unwrap() > 0.0);
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.contains("<table>") && html.matches("data:image/png;base64,").count() == 4);
     // A sweep writes one report per level and the throughput-latency curve.
     let run = common::expertmesh(&[
         "loadgen",
@@ -111,6 +123,12 @@ fn loadgen_against_up() {
         "--requests",
         "6",
         "--chat",
+        "--workload",
+        "shared-prefix",
+        "--prefix-len",
+        "64",
+        "--prefix-groups",
+        "2",
         "--out",
         out.to_str().unwrap(),
         "--plot",

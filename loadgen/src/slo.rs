@@ -6,8 +6,9 @@
 //! An objective bounds one per-request figure: the time to the first token (`ttft_ms`), the
 //! mean time per output token after the first (`tpot_ms`, also spelt `itl_ms`: a request's
 //! mean inter-token latency), or the whole request (`e2e_ms`). A request meets the SLO when
-//! it meets every objective given; one that cannot be measured against an objective (no
-//! token, or a single one for `tpot_ms`) meets it only if nothing bounds that figure.
+//! it meets every objective given. A request of one token has no time per output token:
+//! it meets any `tpot_ms` (vLLM counts its TPOT as 0); one with no first token meets no
+//! `ttft_ms`.
 
 use std::time::Duration;
 
@@ -74,8 +75,9 @@ impl Slo {
             (Some(b), Some(d)) => d.as_secs_f64() * 1e3 <= b,
             (Some(_), None) => false,
         };
+        let tpot = r.tpot.or((r.output_tokens <= 1).then_some(Duration::ZERO));
         within(self.ttft_ms, r.ttft)
-            && within(self.tpot_ms, r.tpot)
+            && within(self.tpot_ms, tpot)
             && within(self.e2e_ms, Some(r.e2e))
     }
 }
@@ -153,15 +155,15 @@ mod tests {
             request(100, Some(20), 900, 10),  // meets all
             request(600, Some(20), 900, 10),  // first token too late
             request(100, Some(80), 900, 10),  // too slow per token
-            request(100, None, 150, 1),       // one token: no tpot
+            request(100, None, 150, 1),       // one token: meets any tpot
             request(100, Some(20), 3000, 50), // too long in all
         ];
         let slo: Slo = "ttft_ms=500,tpot_ms=50,e2e_ms=2000".parse().unwrap();
         let g = Goodput::of(slo, &requests, 2.0);
-        assert_eq!(g.requests_met, 1);
-        assert_eq!((g.request_goodput, g.output_goodput), (0.5, 5.0));
-        assert_eq!(g.met_share, 0.2);
-        // Without a tpot bound, the one-token request meets the others.
+        assert_eq!(g.requests_met, 2);
+        assert_eq!((g.request_goodput, g.output_goodput), (1.0, 5.5));
+        assert_eq!(g.met_share, 0.4);
+        // Without a tpot bound, the slow one per token meets the others too.
         let slo: Slo = "ttft_ms=500,e2e_ms=2000".parse().unwrap();
         assert_eq!(Goodput::of(slo, &requests, 2.0).requests_met, 3);
     }
