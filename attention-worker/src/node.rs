@@ -136,6 +136,12 @@ pub async fn run(
     let dispatch_stats = experts.stats().clone();
     let engine = Engine::spawn(model.clone(), experts, config.scheduler);
     let engine_stats = engine.stats().clone();
+    let (e, d) = (engine_stats.clone(), dispatch_stats.clone());
+    expertmesh_expert_worker::node::serve_metrics(
+        config.worker.metrics.as_deref(),
+        Arc::new(move || render_metrics(&e, &d)),
+    )
+    .await?;
     let load = move || Beat {
         load: Some(worker_load(&engine_stats, &dispatch_stats)),
         prepared_epoch: 0,
@@ -224,4 +230,120 @@ pub fn worker_load(engine: &EngineStats, dispatch: &DispatchStats) -> pb::Worker
         prefix_evicted_blocks: get(&engine.prefix_evicted_blocks),
         prefix_cached_blocks: get(&engine.prefix_cached_blocks),
     }
+}
+
+/// The attention worker's figures as Prometheus text (its `/metrics`): the engine's steps
+/// and where their time went, its sequences and KV blocks, the prefix cache, and the
+/// routed batches it dispatched.
+pub fn render_metrics(engine: &EngineStats, dispatch: &DispatchStats) -> String {
+    use expertmesh_proto::metrics::write_family;
+    let l = worker_load(engine, dispatch);
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+    let mut out = String::new();
+    let figures = [
+        (
+            "expertmesh_engine_steps_total",
+            "Batched forward steps.",
+            l.steps as f64,
+        ),
+        (
+            "expertmesh_engine_step_seconds_total",
+            "Time in steps: planning, the forward pass, sampling, handing tokens on.",
+            l.step_seconds,
+        ),
+        (
+            "expertmesh_engine_forward_seconds_total",
+            "Time in the forward pass.",
+            l.forward_seconds,
+        ),
+        (
+            "expertmesh_engine_expert_wait_seconds_total",
+            "Time blocked waiting for routed experts' answers.",
+            l.expert_wait_seconds,
+        ),
+        (
+            "expertmesh_engine_tokens_forwarded_total",
+            "Tokens run through the model (prompt chunks and decode tokens).",
+            get(&engine.tokens_forwarded),
+        ),
+        (
+            "expertmesh_engine_tokens_generated_total",
+            "Tokens sampled.",
+            l.tokens_generated as f64,
+        ),
+        (
+            "expertmesh_engine_preemptions_total",
+            "Sequences preempted for KV blocks.",
+            get(&engine.preemptions),
+        ),
+        (
+            "expertmesh_engine_forks_total",
+            "Choices that took another choice's prompt.",
+            get(&engine.forks),
+        ),
+        (
+            "expertmesh_running_sequences",
+            "Sequences in the running batch.",
+            l.running as f64,
+        ),
+        (
+            "expertmesh_queue_depth",
+            "Requests waiting for admission.",
+            l.waiting as f64,
+        ),
+        (
+            "expertmesh_kv_blocks_used",
+            "KV blocks held by sequences (those only the prefix cache holds count as free).",
+            (l.total_kv_blocks - l.free_kv_blocks) as f64,
+        ),
+        (
+            "expertmesh_kv_blocks_total",
+            "KV blocks in the pool.",
+            l.total_kv_blocks as f64,
+        ),
+        (
+            "expertmesh_prefix_cache_queried_tokens_total",
+            "Prompt tokens of the sequences admitted.",
+            l.prefix_queried_tokens as f64,
+        ),
+        (
+            "expertmesh_prefix_cache_hit_tokens_total",
+            "Prompt tokens taken from cached KV blocks.",
+            l.prefix_hit_tokens as f64,
+        ),
+        (
+            "expertmesh_prefix_cache_evicted_blocks_total",
+            "Cached KV blocks given up for room.",
+            l.prefix_evicted_blocks as f64,
+        ),
+        (
+            "expertmesh_prefix_cache_blocks",
+            "KV blocks the prefix cache holds.",
+            l.prefix_cached_blocks as f64,
+        ),
+        (
+            "expertmesh_dispatches_total",
+            "Pieces of routed batches sent to expert workers.",
+            l.dispatches as f64,
+        ),
+        (
+            "expertmesh_dispatch_seconds_total",
+            "Their round trips, in all.",
+            l.dispatch_seconds,
+        ),
+        (
+            "expertmesh_routed_batches_total",
+            "Routed batches (every piece of one MoE layer's batch).",
+            l.routed_batches as f64,
+        ),
+        (
+            "expertmesh_routed_batch_seconds_total",
+            "Their time from the start to the last answer, in all.",
+            l.routed_batch_seconds,
+        ),
+    ];
+    for (name, help, value) in figures {
+        write_family(&mut out, name, help, &[(String::new(), value)]);
+    }
+    out
 }

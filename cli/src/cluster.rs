@@ -106,6 +106,8 @@ pub struct LocalCluster {
     remove_data: bool,
     /// What workers present to register (`expertmesh expert-worker --join-token`).
     pub join_token: String,
+    /// Each process's `/metrics` address by pid, when the spec asked for them.
+    pub metrics: std::collections::BTreeMap<u32, String>,
 }
 
 impl Drop for LocalCluster {
@@ -143,6 +145,8 @@ pub struct ClusterSpec {
     /// Where both kinds of worker compute, and how a GPU computes products.
     pub device: expertmesh_model::Device,
     pub gemm: expertmesh_model::GemmPrecision,
+    /// Give every process a `/metrics` endpoint on a free loopback port.
+    pub metrics: bool,
 }
 
 impl ClusterSpec {
@@ -161,6 +165,7 @@ impl ClusterSpec {
             coordinator_args: Vec::new(),
             device: expertmesh_model::Device::Cpu,
             gemm: expertmesh_model::GemmPrecision::F32,
+            metrics: false,
         }
     }
 
@@ -224,7 +229,16 @@ impl LocalCluster {
             data_dir: data_dir.clone(),
             remove_data,
             join_token: token.clone(),
+            metrics: std::collections::BTreeMap::new(),
         };
+        // A free port per process for its `/metrics`, when asked for.
+        let processes = n + spec.expert_capacities.len() + spec.attention_workers;
+        let mut metrics_ports = match spec.metrics {
+            true => free_ports(processes)?,
+            false => Vec::new(),
+        }
+        .into_iter()
+        .map(|p| format!("127.0.0.1:{p}"));
         for (i, port) in ports.iter().enumerate() {
             let id = i + 1;
             let mut args: Vec<String> = vec![
@@ -257,8 +271,13 @@ impl LocalCluster {
                 args.extend(["--api-key".into(), k.clone()]);
             }
             args.extend(spec.coordinator_args.iter().cloned());
+            let metrics = metrics_ports.next();
+            args.extend(metrics.iter().flat_map(|m| ["--metrics".into(), m.clone()]));
             let (process, more) =
                 spawn_reading("coordinator", &args, 1 + usize::from(spec.http.is_some()))?;
+            if let Some(m) = metrics {
+                cluster.metrics.insert(process.child.id(), m);
+            }
             if let Some(http) = more.first().and_then(|l| l.strip_prefix("HTTP ")) {
                 cluster.http.push(http.to_owned());
             }
@@ -282,15 +301,30 @@ impl LocalCluster {
                 Some(c) => vec!["--capacity".into(), c.to_string()],
                 None => Vec::new(),
             };
-            cluster
-                .expert_workers
-                .push(spawn("expert-worker", &worker("expert-worker", &extra))?);
+            let metrics = metrics_ports.next();
+            let extra: Vec<String> = extra
+                .into_iter()
+                .chain(metrics.iter().flat_map(|m| ["--metrics".into(), m.clone()]))
+                .collect();
+            let process = spawn("expert-worker", &worker("expert-worker", &extra))?;
+            if let Some(m) = metrics {
+                cluster.metrics.insert(process.child.id(), m);
+            }
+            cluster.expert_workers.push(process);
         }
         for _ in 0..spec.attention_workers {
-            let args = worker("attention-worker", &spec.attention_args);
-            cluster
-                .attention_workers
-                .push(spawn("attention-worker", &args)?);
+            let metrics = metrics_ports.next();
+            let extra: Vec<String> = spec
+                .attention_args
+                .iter()
+                .cloned()
+                .chain(metrics.iter().flat_map(|m| ["--metrics".into(), m.clone()]))
+                .collect();
+            let process = spawn("attention-worker", &worker("attention-worker", &extra))?;
+            if let Some(m) = metrics {
+                cluster.metrics.insert(process.child.id(), m);
+            }
+            cluster.attention_workers.push(process);
         }
         Ok(cluster)
     }

@@ -31,6 +31,9 @@ pub struct CoordinatorArgs {
     /// Serve the OpenAI-compatible HTTP API here, in this process.
     #[arg(long)]
     http: Option<String>,
+    /// Serve the coordinator's Prometheus text at /metrics on this address.
+    #[arg(long)]
+    metrics: Option<String>,
     /// Require this API key on HTTP requests.
     #[arg(long)]
     api_key: Option<String>,
@@ -92,6 +95,9 @@ pub struct WorkerArgs {
     listen: Option<String>,
     #[arg(long)]
     model: Option<String>,
+    /// Serve Prometheus text at /metrics on this address.
+    #[arg(long)]
+    metrics: Option<String>,
 }
 
 impl WorkerArgs {
@@ -114,6 +120,9 @@ impl WorkerArgs {
         }
         if let Some(v) = self.model {
             c.model = v;
+        }
+        if self.metrics.is_some() {
+            c.metrics = self.metrics;
         }
     }
 }
@@ -236,6 +245,9 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     if let Some(v) = args.model {
         config.model = v;
     }
+    if args.metrics.is_some() {
+        config.metrics = args.metrics;
+    }
     if args.http.is_some() {
         config.http = args.http;
     }
@@ -287,6 +299,17 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         let (coordinator, raft_loop) = Coordinator::start(node)
             .with_context(|| format!("opening the raft storage in {}", config.data_dir))?;
         announce(listener.local_addr()?);
+        if let Some(address) = &config.metrics {
+            let metrics_listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("listening on {address}"))?;
+            let metered = coordinator.clone();
+            tokio::spawn(expertmesh_proto::metrics::serve_metrics(
+                metrics_listener,
+                Arc::new(move || expertmesh_coordinator::metrics::render(&metered)),
+                shutdown_signal(),
+            ));
+        }
         if let Some(http) = &config.http {
             let http_listener = tokio::net::TcpListener::bind(http)
                 .await

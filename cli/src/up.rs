@@ -155,6 +155,7 @@ fn spec(args: &UpArgs) -> ClusterSpec {
         .collect(),
         device: args.device,
         gemm: args.gemm,
+        metrics: true,
     }
 }
 
@@ -166,16 +167,23 @@ fn print_cluster(
     api: std::net::SocketAddr,
     up_file: &std::path::Path,
 ) {
+    let metrics = |pid: u32| {
+        cluster
+            .metrics
+            .get(&pid)
+            .map_or(String::new(), |m| format!(", metrics http://{m}/metrics"))
+    };
     for (i, c) in cluster.coordinators.iter().enumerate() {
         let http = match cluster.http.get(i) {
             Some(h) => format!(", gateway {h}"),
             None => String::new(),
         };
+        let pid = c.child.id();
         println!(
-            "  {:<30} {} (pid {}{http})",
+            "  {:<30} {} (pid {pid}{http}{})",
             format!("coordinator {}", i + 1),
             c.address,
-            c.child.id()
+            metrics(pid)
         );
     }
     for m in &view.members {
@@ -186,7 +194,12 @@ fn print_cluster(
             }
             expertmesh_coordinator::Role::AttentionWorker => format!("attention worker {}", m.id),
         };
-        println!("  {role:<30} {} (pid {})", m.address, m.pid);
+        println!(
+            "  {role:<30} {} (pid {}{})",
+            m.address,
+            m.pid,
+            metrics(m.pid)
+        );
     }
     println!(
         "  OpenAI-compatible API      http://{api}/v1 (in front of {} gateway{})",

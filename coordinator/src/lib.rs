@@ -13,6 +13,7 @@
 
 pub mod client;
 pub mod machine;
+pub mod metrics;
 pub mod node;
 pub mod placement;
 pub mod replica;
@@ -70,6 +71,9 @@ pub struct CoordinatorConfig {
     pub redundancy: usize,
     /// Re-plan on its own when max worker load exceeds the mean by this many percent.
     pub rebalance_percent: u32,
+    /// Serve Prometheus text at `/metrics` on this address (the raft replica and the
+    /// cluster state; the gateway's own `/metrics` is on `http`).
+    pub metrics: Option<String>,
 }
 
 impl Default for CoordinatorConfig {
@@ -92,6 +96,7 @@ impl Default for CoordinatorConfig {
             min_replicas: 1,
             redundancy: 0,
             rebalance_percent: 25,
+            metrics: None,
         }
     }
 }

@@ -6,7 +6,8 @@
 //! whose deadline passed while queued is answered `DeadlineExceeded` without computing.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use expertmesh_model::moe::ExpertGroup;
@@ -51,28 +52,57 @@ struct QueuedBatch {
     reply: Reply,
 }
 
+/// What the batcher has done since it started (the expert worker's `/metrics`).
+#[derive(Debug, Default)]
+pub struct BatcherStats {
+    /// Dispatches queued, refused for a full queue, and answered `DeadlineExceeded`
+    /// because their deadline passed while queued.
+    pub dispatches: AtomicU64,
+    pub refused: AtomicU64,
+    pub expired: AtomicU64,
+    /// Computations (one per layer of a merged batch) and the dispatches they merged.
+    pub computations: AtomicU64,
+    pub merged_dispatches: AtomicU64,
+    /// Per layer: (computations, their time in ns, rows).
+    pub layers: Mutex<BTreeMap<u32, (u64, u64, u64)>>,
+    /// Rows per expert, every layer together.
+    pub expert_rows: Mutex<BTreeMap<u32, u64>>,
+}
+
 /// Handle to the batching task of one shard.
 #[derive(Clone)]
 pub struct Batcher {
     tx: mpsc::Sender<QueuedBatch>,
     shard: Arc<ExpertShard>,
     queue_max: usize,
+    stats: Arc<BatcherStats>,
 }
 
 impl Batcher {
     /// Starts the batching task on the current tokio runtime.
     pub fn spawn(shard: Arc<ExpertShard>, config: BatcherConfig) -> Self {
         let (tx, rx) = mpsc::channel(config.queue_max.max(1));
-        tokio::spawn(run(rx, shard.clone(), config));
+        let stats = Arc::new(BatcherStats::default());
+        tokio::spawn(run(rx, shard.clone(), config, stats.clone()));
         Self {
             tx,
             shard,
             queue_max: config.queue_max,
+            stats,
         }
     }
 
     pub fn shard(&self) -> &Arc<ExpertShard> {
         &self.shard
+    }
+
+    pub fn stats(&self) -> &Arc<BatcherStats> {
+        &self.stats
+    }
+
+    /// Dispatches waiting in the queue now.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
     }
 
     /// Checks, queues and awaits one batch, within its own timeout.
@@ -87,13 +117,17 @@ impl Batcher {
                 reply,
             })
             .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => DispatchError::Overloaded {
-                    queued: self.queue_max as u32,
-                },
+                mpsc::error::TrySendError::Full(_) => {
+                    self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    DispatchError::Overloaded {
+                        queued: self.queue_max as u32,
+                    }
+                }
                 mpsc::error::TrySendError::Closed(_) => {
                     DispatchError::Unavailable("the expert worker is shutting down".into())
                 }
             })?;
+        self.stats.dispatches.fetch_add(1, Ordering::Relaxed);
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(DispatchError::Unavailable("the batch was dropped".into())),
@@ -109,7 +143,12 @@ impl Answer for Batcher {
     }
 }
 
-async fn run(mut rx: mpsc::Receiver<QueuedBatch>, shard: Arc<ExpertShard>, config: BatcherConfig) {
+async fn run(
+    mut rx: mpsc::Receiver<QueuedBatch>,
+    shard: Arc<ExpertShard>,
+    config: BatcherConfig,
+    stats: Arc<BatcherStats>,
+) {
     while let Some(first) = rx.recv().await {
         let mut rows = first.batch.rows();
         let mut jobs = vec![first];
@@ -136,17 +175,53 @@ async fn run(mut rx: mpsc::Receiver<QueuedBatch>, shard: Arc<ExpertShard>, confi
         }
         for ((layer, fp8), jobs) in by_layer {
             let dtype = if fp8 { WireDType::Fp8 } else { WireDType::F32 };
-            process(&shard, layer, dtype, jobs).await;
+            stats.count(layer, &jobs);
+            let started = std::time::Instant::now();
+            let expired = process(&shard, layer, dtype, jobs).await;
+            let nanos = started.elapsed().as_nanos() as u64;
+            stats.expired.fetch_add(expired as u64, Ordering::Relaxed);
+            let mut layers = stats.layers.lock().expect("stats lock");
+            let entry = layers.entry(layer).or_default();
+            entry.0 += 1;
+            entry.1 += nanos;
         }
     }
 }
 
-/// Merges the live jobs of one layer into one group per expert, computes, and answers each.
-async fn process(shard: &Arc<ExpertShard>, layer: u32, dtype: WireDType, jobs: Vec<QueuedBatch>) {
+impl BatcherStats {
+    /// Counts the dispatches of one layer about to be computed together.
+    fn count(&self, layer: u32, jobs: &[QueuedBatch]) {
+        self.computations.fetch_add(1, Ordering::Relaxed);
+        self.merged_dispatches
+            .fetch_add(jobs.len() as u64, Ordering::Relaxed);
+        let rows: usize = jobs.iter().map(|j| j.batch.rows()).sum();
+        self.layers
+            .lock()
+            .expect("stats lock")
+            .entry(layer)
+            .or_default()
+            .2 += rows as u64;
+        let mut experts = self.expert_rows.lock().expect("stats lock");
+        for g in jobs.iter().flat_map(|j| &j.batch.groups) {
+            *experts.entry(g.expert).or_default() += u64::from(g.rows);
+        }
+    }
+}
+
+/// Merges the live jobs of one layer into one group per expert, computes, and answers each;
+/// returns how many had expired while queued.
+async fn process(
+    shard: &Arc<ExpertShard>,
+    layer: u32,
+    dtype: WireDType,
+    jobs: Vec<QueuedBatch>,
+) -> usize {
     let now = Instant::now();
     let mut live = Vec::with_capacity(jobs.len());
+    let mut expired = 0;
     for job in jobs {
         if job.deadline <= now {
+            expired += 1;
             let _ = job.reply.send(Err(DispatchError::DeadlineExceeded));
         } else if let Err(e) = shard.check(&job.batch) {
             // The assignment may have changed while the job was queued.
@@ -156,7 +231,7 @@ async fn process(shard: &Arc<ExpertShard>, layer: u32, dtype: WireDType, jobs: V
         }
     }
     if live.is_empty() {
-        return;
+        return expired;
     }
     let hidden = shard.hidden();
     if let [_] = live[..] {
@@ -185,7 +260,7 @@ async fn process(shard: &Arc<ExpertShard>, layer: u32, dtype: WireDType, jobs: V
             .and_then(|r| r)
         };
         let _ = reply.send(result);
-        return;
+        return expired;
     }
     // expert → (job, first row in that job, rows)
     let mut plan: BTreeMap<u32, Vec<(usize, usize, usize)>> = BTreeMap::new();
@@ -223,7 +298,7 @@ async fn process(shard: &Arc<ExpertShard>, layer: u32, dtype: WireDType, jobs: V
                 for job in live {
                     let _ = job.reply.send(Err(e.clone()));
                 }
-                return;
+                return expired;
             }
             Err(e) => {
                 for job in live {
@@ -231,7 +306,7 @@ async fn process(shard: &Arc<ExpertShard>, layer: u32, dtype: WireDType, jobs: V
                         "expert computation failed: {e}"
                     ))));
                 }
-                return;
+                return expired;
             }
         };
     let mut results: Vec<Vec<f32>> = live
@@ -249,4 +324,81 @@ async fn process(shard: &Arc<ExpertShard>, layer: u32, dtype: WireDType, jobs: V
     for (job, out) in live.into_iter().zip(results) {
         let _ = job.reply.send(Ok(out));
     }
+    expired
+}
+
+/// The batcher's figures as Prometheus text (the expert worker's `/metrics`).
+pub fn render_metrics(batcher: &Batcher) -> String {
+    use expertmesh_proto::metrics::write_family;
+    let s = &batcher.stats;
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+    let one = |v: f64| vec![(String::new(), v)];
+    let mut out = String::new();
+    for (name, help, value) in [
+        (
+            "expertmesh_expert_dispatches_total",
+            "Dispatches queued.",
+            get(&s.dispatches),
+        ),
+        (
+            "expertmesh_expert_dispatches_refused_total",
+            "Dispatches refused: the queue was full.",
+            get(&s.refused),
+        ),
+        (
+            "expertmesh_expert_dispatches_expired_total",
+            "Dispatches whose deadline passed while queued.",
+            get(&s.expired),
+        ),
+        (
+            "expertmesh_expert_computations_total",
+            "Merged computations (one per layer of a batch).",
+            get(&s.computations),
+        ),
+        (
+            "expertmesh_expert_merged_dispatches_total",
+            "Dispatches the computations merged (their ratio is the batching window's fill).",
+            get(&s.merged_dispatches),
+        ),
+        (
+            "expertmesh_expert_queue_depth",
+            "Dispatches waiting now.",
+            batcher.queued() as f64,
+        ),
+    ] {
+        write_family(&mut out, name, help, &one(value));
+    }
+    let layers = s.layers.lock().expect("stats lock").clone();
+    let per_layer = |f: fn(&(u64, u64, u64)) -> f64| -> Vec<(String, f64)> {
+        layers
+            .iter()
+            .map(|(l, v)| (format!("layer=\"{l}\""), f(v)))
+            .collect()
+    };
+    write_family(
+        &mut out,
+        "expertmesh_expert_compute_seconds_total",
+        "Time computing merged batches, per layer.",
+        &per_layer(|v| v.1 as f64 / 1e9),
+    );
+    write_family(
+        &mut out,
+        "expertmesh_expert_rows_total",
+        "Rows computed, per layer.",
+        &per_layer(|v| v.2 as f64),
+    );
+    let experts: Vec<(String, f64)> = s
+        .expert_rows
+        .lock()
+        .expect("stats lock")
+        .iter()
+        .map(|(e, n)| (format!("expert=\"{e}\""), *n as f64))
+        .collect();
+    write_family(
+        &mut out,
+        "expertmesh_expert_rows_by_expert_total",
+        "Rows computed, per expert (every layer).",
+        &experts,
+    );
+    out
 }

@@ -35,6 +35,8 @@ pub struct WorkerConfig {
     pub heartbeat_interval_ms: u64,
     /// How long to keep trying to reach the coordinator at start-up, in ms.
     pub register_patience_ms: u64,
+    /// Serve Prometheus text at `/metrics` on this address.
+    pub metrics: Option<String>,
 }
 
 impl Default for WorkerConfig {
@@ -49,6 +51,7 @@ impl Default for WorkerConfig {
             gemm: expertmesh_model::GemmPrecision::F32,
             heartbeat_interval_ms: 1000,
             register_patience_ms: 30_000,
+            metrics: None,
         }
     }
 }
@@ -150,6 +153,23 @@ pub async fn bind(address: &str) -> Result<(tokio::net::TcpListener, SocketAddr)
     Ok((listener, bound))
 }
 
+/// Serves `render()`'s Prometheus text at `/metrics` on `address` (a worker's `metrics`
+/// setting), when it has one, for as long as the process runs.
+pub async fn serve_metrics(
+    address: Option<&str>,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+) -> Result<(), NodeError> {
+    if let Some(address) = address {
+        let (listener, _) = bind(address).await?;
+        tokio::spawn(expertmesh_proto::metrics::serve_metrics(
+            listener,
+            render,
+            std::future::pending(),
+        ));
+    }
+    Ok(())
+}
+
 /// Runs an expert worker until `shutdown` completes. `on_listening` gets the bound address
 /// before the worker registers.
 pub async fn run(
@@ -204,6 +224,12 @@ pub async fn run(
 
     let id = Arc::new(AtomicU64::new(worker_id));
     let batcher = Batcher::spawn(shard, config.batcher);
+    let metered = batcher.clone();
+    serve_metrics(
+        config.worker.metrics.as_deref(),
+        Arc::new(move || crate::batcher::render_metrics(&metered)),
+    )
+    .await?;
     // One port for both data paths: framed dispatch connections are answered by the same
     // batcher, gRPC ones by the service.
     let incoming = expertmesh_dispatch::framed::incoming(listener, Arc::new(batcher.clone()));

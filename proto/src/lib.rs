@@ -4,6 +4,12 @@
 //! Generated types stay here. Each role crate converts them to its domain types once, with
 //! `TryFrom` and a typed error for every missing or out-of-range field.
 
+//!
+//! Beside them, what every role shares on the network: the gRPC server and endpoint
+//! settings, and the `/metrics` endpoint ([`metrics`]).
+
+pub mod metrics;
+
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("expertmesh.v1");

@@ -242,6 +242,12 @@ impl Drop for Kill {
 /// Starts `expertmesh up <args>` with its up file at `up_file`, waits until it is ready and
 /// returns it with the file's contents.
 pub fn start_up(args: &[&str], up_file: &Path) -> (Kill, Value) {
+    let (up, cluster, _) = start_up_printing(args, up_file);
+    (up, cluster)
+}
+
+/// `start_up`, with the lines `up` printed before it was ready.
+pub fn start_up_printing(args: &[&str], up_file: &Path) -> (Kill, Value, Vec<String>) {
     let mut up = Kill(
         bin()
             .arg("up")
@@ -252,13 +258,16 @@ pub fn start_up(args: &[&str], up_file: &Path) -> (Kill, Value) {
             .spawn()
             .unwrap(),
     );
+    let mut printed = Vec::new();
     for line in BufReader::new(up.0.stdout.take().unwrap()).lines() {
-        if line.unwrap().starts_with("Ctrl-C") {
+        let line = line.unwrap();
+        if line.starts_with("Ctrl-C") {
             break;
         }
+        printed.push(line);
     }
     let cluster = serde_json::from_slice(&std::fs::read(up_file).unwrap()).unwrap();
-    (up, cluster)
+    (up, cluster, printed)
 }
 
 /// `kill -9 pid`.
