@@ -40,3 +40,41 @@ fn unknown_fields_are_rejected() {
     let err = toml::from_str::<ExpertWorkerConfig>("capacty = 3").unwrap_err();
     assert!(err.to_string().contains("capacty"), "{err}");
 }
+
+/// The Grafana dashboard parses, and every metric it queries is one a role serves (its name
+/// appears in a renderer's source).
+#[test]
+fn the_dashboard_queries_metrics_the_roles_serve() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("grafana/expertmesh.json")).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let sources: String = [
+        "gateway/src/metrics.rs",
+        "attention-worker/src/node.rs",
+        "expert-worker/src/batcher.rs",
+        "coordinator/src/metrics.rs",
+    ]
+    .iter()
+    .map(|f| std::fs::read_to_string(root.join(f)).unwrap())
+    .collect();
+    let mut names = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            for (i, _) in expr.match_indices("expertmesh_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                let base = name.strip_suffix("_bucket").unwrap_or(&name);
+                assert!(
+                    sources.contains(base),
+                    "{base} (panel {}) is served by no role",
+                    panel["title"]
+                );
+                names += 1;
+            }
+        }
+    }
+    assert!(names > 30, "{names} metric references");
+}
