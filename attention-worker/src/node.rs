@@ -178,7 +178,7 @@ pub async fn run(
         .serve_with_incoming_shutdown(expertmesh_proto::incoming(listener), async {
             tokio::select! {
                 _ = shutdown => {}
-                _ = drained => eprintln!("attention worker {id}: drained, stopping"),
+                _ = drained => tracing::info!("attention worker {id}: drained, stopping"),
             }
         })
         .await?;

@@ -364,7 +364,7 @@ impl Router {
                     pause,
                 } => {
                     if let SendError::NoCopy(expert) = error {
-                        eprintln!(
+                        tracing::warn!(
                             "expert {expert}: no reachable copy under epoch {epoch}; waiting for a new placement"
                         );
                     }
@@ -381,7 +381,9 @@ impl Router {
                     let address = view.member(worker).map_or("?", |m| m.address.as_str());
                     trouble =
                         format!(" (expert worker {worker} at {address} is unreachable: {reason})");
-                    eprintln!("expert worker {worker} unreachable ({reason}); routing around it");
+                    tracing::warn!(
+                        "expert worker {worker} unreachable ({reason}); routing around it"
+                    );
                     self.suspects
                         .lock()
                         .expect("suspects lock")

@@ -259,6 +259,13 @@ impl AttentionService for AttentionServer {
         &self,
         r: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        // The gateway's trace context: this request's lines here carry its trace id.
+        let trace_id = r
+            .metadata()
+            .get(expertmesh_proto::trace::TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(expertmesh_proto::trace::TraceParent::parse)
+            .map_or_else(String::new, |t| t.trace_id_hex());
         let mut r = r.into_inner();
         let images = std::mem::take(&mut r.images);
         if r.logit_bias.len() > expertmesh_model::sampling::LOGIT_BIAS_MAX {
@@ -277,6 +284,12 @@ impl AttentionService for AttentionServer {
         let constraint = self.constraint(&req).await?;
         let rows = req.prompt.len() as u64;
         let vocab = self.model.config().vocab_size as u64;
+        tracing::info!(
+            trace_id,
+            prompt_tokens = req.prompt.len(),
+            max_tokens = req.max_new_tokens,
+            "generate"
+        );
         let rx = self
             .engine
             .submit_with(
@@ -290,7 +303,18 @@ impl AttentionService for AttentionServer {
                 SubmitError::Overloaded(_) => Status::resource_exhausted(e.to_string()),
                 SubmitError::Stopped | SubmitError::Draining => Status::unavailable(e.to_string()),
             })?;
+        let mut generated = 0usize;
         let stream = futures_util::StreamExt::flat_map(ReceiverStream::new(rx), move |e| {
+            match &e {
+                Event::Token(..) => generated += 1,
+                Event::Finished(reason) => {
+                    tracing::info!(trace_id, generated, reason = ?reason, "finished");
+                }
+                Event::Failed(f) => {
+                    tracing::warn!(trace_id, generated, reason = %f.message, "failed");
+                }
+                _ => {}
+            }
             futures_util::stream::iter(events(e, rows, vocab))
         });
         Ok(Response::new(Box::pin(stream)))

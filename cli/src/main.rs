@@ -10,6 +10,7 @@ mod bench;
 mod cluster;
 mod generate;
 mod loadgen;
+mod logging;
 mod placement_sim;
 mod quantize;
 mod roles;
@@ -22,6 +23,10 @@ mod up;
     about = "Serve Llama 4 with experts spread over machines"
 )]
 struct Cli {
+    /// Log lines as text or as one JSON object per line (filtered by RUST_LOG; `up` passes
+    /// it to every process it starts).
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -60,6 +65,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    logging::init(cli.log_format);
     if std::env::var_os(cluster::PARENT_WATCH_ENV).is_some() {
         // Started by `up` (or another local cluster): leave with the parent.
         std::thread::spawn(|| {
@@ -84,7 +90,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            match cli.log_format {
+                logging::LogFormat::Text => eprintln!("error: {e:#}"),
+                logging::LogFormat::Json => tracing::error!("{e:#}"),
+            }
             ExitCode::FAILURE
         }
     }

@@ -336,13 +336,15 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
                 let served =
                     expertmesh_gateway::serve(gateway, cluster, http_listener, shutdown_signal());
                 if let Err(e) = served.await {
-                    eprintln!("gateway: {e}");
+                    tracing::error!("gateway: {e}");
                 }
             });
         }
-        eprintln!(
+        tracing::info!(
             "coordinator {}: model {source} ({} experts), raft storage in {}",
-            config.id, model.num_local_experts, config.data_dir
+            config.id,
+            model.num_local_experts,
+            config.data_dir
         );
         tokio::select! {
             served = expertmesh_coordinator::serve(coordinator, listener, shutdown_signal()) => {

@@ -105,7 +105,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     let up_file = crate::admin::write_up_file(&cluster, &api.to_string())?;
     print_cluster(&args, &cluster, &view, api, &up_file);
     runtime.block_on(supervise(&mut cluster));
-    eprintln!("stopping the cluster");
+    tracing::info!("stopping the cluster");
     drop(cluster);
     let _ = std::fs::remove_file(&up_file);
     Ok(())
@@ -232,7 +232,7 @@ async fn supervise(cluster: &mut LocalCluster) {
                 for p in cluster.processes_mut() {
                     if let Ok(Some(status)) = p.child.try_wait() {
                         if exited.insert(p.child.id()) {
-                            eprintln!("{} at {} exited ({status}); the others keep running", p.role, p.address);
+                            tracing::warn!("{} at {} exited ({status}); the others keep running", p.role, p.address);
                         }
                     }
                 }

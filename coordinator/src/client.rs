@@ -332,7 +332,7 @@ impl CoordinatorClient {
                         // Said once: the coordinators no longer count this worker.
                         if status.code() == tonic::Code::NotFound && !declared_dead {
                             declared_dead = true;
-                            eprintln!("worker {worker_id}: {}", status.message());
+                            tracing::warn!("worker {worker_id}: {}", status.message());
                         }
                     }
                 }

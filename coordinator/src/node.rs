@@ -152,7 +152,7 @@ pub(crate) fn start(
     };
     let storage = DiskStorage::open(&config.data_dir, &voters)?;
     for note in &storage.notes {
-        eprintln!("coordinator {}: {note}", config.id);
+        tracing::info!("coordinator {}: {note}", config.id);
     }
     let mut replica = Replica::open(config.id, storage, config.timing)?;
     if replica.voters() == [config.id] {
@@ -241,7 +241,7 @@ impl RaftLoop {
                 }
             }
             if let Err(e) = self.round() {
-                eprintln!("coordinator {}: storage failed: {e}", self.config.id);
+                tracing::error!("coordinator {}: storage failed: {e}", self.config.id);
                 return e;
             }
         }
@@ -358,9 +358,10 @@ impl RaftLoop {
         if is_leader && !was_leader {
             self.leader_since = Some(Instant::now());
             self.marking.clear();
-            eprintln!(
+            tracing::info!(
                 "coordinator {}: leader for term {}",
-                self.config.id, status.term
+                self.config.id,
+                status.term
             );
         } else if !is_leader && was_leader {
             self.leader_since = None;
@@ -414,7 +415,7 @@ impl RaftLoop {
             silent_members(Instant::now(), since, machine, &heard, &self.marking)
         };
         for worker_id in silent {
-            eprintln!(
+            tracing::warn!(
                 "coordinator {}: worker {worker_id} missed its {lease_ms} ms lease; marking it dead",
                 self.config.id
             );

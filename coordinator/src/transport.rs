@@ -24,7 +24,7 @@ pub(crate) async fn peer_sender(
     inputs: mpsc::Sender<Input>,
 ) {
     let Ok(endpoint) = expertmesh_proto::endpoint(&address, PEER_CONNECT_TIMEOUT) else {
-        eprintln!("coordinator {from}: bad address {address:?} for coordinator {to}");
+        tracing::warn!("coordinator {from}: bad address {address:?} for coordinator {to}");
         return;
     };
     let mut client =

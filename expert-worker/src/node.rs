@@ -283,14 +283,12 @@ async fn follow_placement(
                 .await
                 .unwrap_or(0);
             if count > 0 {
-                // One write, so lines from workers sharing a terminal do not interleave.
-                let line = format!(
-                    "expert worker {worker_id}: loaded {count} experts ({:.1} MB) for epoch {} in {:.0} ms\n",
+                tracing::info!(
+                    "expert worker {worker_id}: loaded {count} experts ({:.1} MB) for epoch {} in {:.0} ms",
                     bytes as f64 / 1e6,
                     pending.epoch,
                     started.elapsed().as_secs_f64() * 1000.0
                 );
-                let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             }
             prepared.fetch_max(pending.epoch, Ordering::Relaxed);
         });

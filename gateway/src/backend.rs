@@ -254,6 +254,14 @@ impl Backend {
         };
         let mut client = AttentionServiceClient::new(channel)
             .max_decoding_message_size(expertmesh_proto::MAX_MESSAGE_BYTES);
+        let mut request = tonic::Request::new(request);
+        if let Some(t) = job.trace {
+            if let Ok(v) = t.to_string().parse() {
+                request
+                    .metadata_mut()
+                    .insert(expertmesh_proto::trace::TRACEPARENT, v);
+            }
+        }
         match client.generate(request).await {
             Ok(r) => Ok((address, r.into_inner())),
             Err(s) => Err(StartFailure::Worker(address, Break::Status(s))),

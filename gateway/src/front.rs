@@ -130,7 +130,7 @@ async fn probe(front: Arc<Front>) {
                 );
                 let was = front.alive[g].swap(answered, Ordering::Relaxed);
                 if was && !answered {
-                    eprintln!(
+                    tracing::warn!(
                         "front door: gateway {} stopped answering",
                         front.gateways[g]
                     );
@@ -392,7 +392,7 @@ async fn resume_stream(front: Arc<Front>, target: Target, mut request: Value) ->
             };
             match pumped {
                 Pumped::Done | Pumped::ClientGone => return,
-                Pumped::Broken(why) => eprintln!(
+                Pumped::Broken(why) => tracing::warn!(
                     "front door: the stream from {} broke off ({why}); resuming it after {} \
                      tokens",
                     front.gateways[gateway],

@@ -39,6 +39,8 @@ pub struct ValidRequest {
     pub request: CompletionRequest,
     /// The images' encoded bytes, in prompt order.
     pub images: Vec<Vec<u8>>,
+    /// The request's trace context as this gateway passes it on (its span the parent).
+    pub trace: Option<expertmesh_proto::trace::TraceParent>,
 }
 
 /// Stop token ids one request may name.
@@ -111,6 +113,7 @@ impl Validator {
             max_tokens,
             request,
             images: images.into_iter().map(|i| i.bytes).collect(),
+            trace: None,
         })
     }
 

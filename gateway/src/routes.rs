@@ -169,10 +169,20 @@ async fn handle(app: Arc<App>, headers: HeaderMap, body: Body, chat: bool) -> Re
         "completions"
     };
     app.metrics.in_flight(1);
-    let response = match complete(app.clone(), headers, body, chat).await {
+    // The request's trace: the caller's (`traceparent`), else a new one. Every line of this
+    // request here, and the attention worker's, carry its `trace_id`.
+    let trace = headers
+        .get(expertmesh_proto::trace::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(expertmesh_proto::trace::TraceParent::parse)
+        .unwrap_or_else(expertmesh_proto::trace::TraceParent::start);
+    let span = tracing::info_span!("request", trace_id = %trace.trace_id_hex(), endpoint);
+    let completed = complete(app.clone(), headers, body, chat, trace);
+    let response = match tracing::Instrument::instrument(completed, span.clone()).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
+    span.in_scope(|| tracing::info!(status = response.status().as_u16(), "answered"));
     app.metrics.in_flight(-1);
     app.metrics.request(endpoint, response.status().as_u16());
     response
@@ -183,6 +193,7 @@ async fn complete(
     headers: HeaderMap,
     body: Body,
     chat: bool,
+    trace: expertmesh_proto::trace::TraceParent,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
     let bytes = read_body(body, app.config.body_max_bytes).await?;
@@ -198,7 +209,8 @@ async fn complete(
         .try_acquire_owned()
         .map_err(|_| ApiError::Overloaded("too many requests in flight".into()))?;
     let images = images::load(&request.images, &app.config.images, &app.processor).await?;
-    let valid = app.validator.validate(request, chat, images)?;
+    let mut valid = app.validator.validate(request, chat, images)?;
+    valid.trace = Some(trace.child(expertmesh_proto::trace::TraceParent::new_span_id()));
     if let Some((spec, field)) = &valid.request.grammar {
         app.validator.check_grammar(spec, field).await?;
     }
@@ -207,6 +219,13 @@ async fn complete(
         id: format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" }),
         valid,
     };
+    tracing::info!(
+        request_id = %job.id,
+        prompt_tokens = job.valid.prompt.len(),
+        max_tokens = job.valid.max_tokens,
+        stream = job.valid.request.stream,
+        "request"
+    );
     let started = stream::start_all(&app, &job).await?;
     if job.valid.request.stream {
         Ok(stream_events(app, job, started, permit))

@@ -6,9 +6,11 @@
 
 //!
 //! Beside them, what every role shares on the network: the gRPC server and endpoint
-//! settings, and the `/metrics` endpoint ([`metrics`]).
+//! settings, the `/metrics` endpoint ([`metrics`]) and the W3C trace context carried from
+//! the HTTP API to the workers ([`trace`]).
 
 pub mod metrics;
+pub mod trace;
 
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod v1 {

@@ -178,7 +178,7 @@ impl Controller {
         // for a while (the new plan replaces the pending one).
         for m in machine.members.iter().filter(|m| m.alive) {
             if gains(m.id) && !loaded(m.id) {
-                eprintln!(
+                tracing::warn!(
                     "coordinator {}: worker {} did not load its experts for epoch {} in {:.1} s; planning without it",
                     self.id,
                     m.id,
@@ -267,7 +267,7 @@ impl Controller {
         let plan = match planned {
             Ok(p) => p,
             Err(e) => {
-                eprintln!("coordinator {}: cannot re-plan ({reason}): {e}", self.id);
+                tracing::warn!("coordinator {}: cannot re-plan ({reason}): {e}", self.id);
                 return None;
             }
         };
@@ -277,7 +277,7 @@ impl Controller {
             return None;
         }
         let epoch = machine.placement.epoch + 1;
-        eprintln!(
+        tracing::info!(
             "coordinator {}: re-planning ({reason}): epoch {epoch} adds {} and drops {} expert copies",
             self.id,
             plan.added.len(),
