@@ -77,6 +77,10 @@ fn every_role_serves_metrics_that_move_under_load() {
         if label.starts_with("coordinator") {
             assert_eq!(a["expertmesh_raft_is_leader"], 1.0, "{label}: {a:?}");
             assert!(a["expertmesh_placement_epoch"] >= 1.0, "{label}: {a:?}");
+            assert!(
+                a["expertmesh_raft_leader_changes_total"] >= 1.0,
+                "{label}: {a:?}"
+            );
         } else if label.starts_with("expert worker") {
             assert!(
                 moved("expertmesh_expert_dispatches_total"),

@@ -1,5 +1,6 @@
 //! A coordinator's `/metrics` (`coordinator --metrics ADDR`): its raft replica (term, commit
-//! and applied index, the apply lag, whether it leads and whom it follows) and the cluster
+//! and applied index, the apply lag, whether it leads, whom it follows and how often that
+//! changed) and the cluster
 //! state it has applied (placement epoch, a placement pending, workers by role and state,
 //! whether the cluster can serve).
 
@@ -45,6 +46,11 @@ pub fn render(coordinator: &Coordinator) -> String {
             "expertmesh_raft_leader_id",
             "The leader this replica knows (0: none).",
             status.leader as f64,
+        ),
+        (
+            "expertmesh_raft_leader_changes_total",
+            "Times this replica saw the leader change.",
+            coordinator.leader_changes() as f64,
         ),
         (
             "expertmesh_placement_epoch",

@@ -117,6 +117,8 @@ pub(crate) struct Shared {
     pub load_window: Mutex<LoadWindow>,
     /// The pending epoch each expert worker reports it has loaded.
     pub prepared: Mutex<HashMap<u64, u64>>,
+    /// Times this replica saw the group's leader change (to a known one).
+    pub leader_changes: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -171,6 +173,7 @@ pub(crate) fn start(
         loads: Mutex::new(HashMap::new()),
         load_window: Mutex::new(LoadWindow::default()),
         prepared: Mutex::new(HashMap::new()),
+        leader_changes: std::sync::atomic::AtomicU64::new(0),
     });
     let (inputs, rx) = mpsc::channel(INPUT_QUEUE);
     let driver = RaftLoop {
@@ -384,7 +387,14 @@ impl RaftLoop {
         self.proposals.retain(|_, reply| !reply.is_closed());
         self.pending_reads.retain(|_, reply| !reply.is_closed());
         self.reads.retain(|(_, reply)| !reply.is_closed());
-        *self.shared.status.lock().expect("status lock") = status;
+        let mut known = self.shared.status.lock().expect("status lock");
+        if status.leader != 0 && status.leader != known.leader {
+            self.shared
+                .leader_changes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        *known = status;
+        drop(known);
         Ok(())
     }
 

@@ -70,6 +70,13 @@ impl Coordinator {
         self.shared.loads.lock().expect("loads lock").clone()
     }
 
+    /// Times this replica saw the group's leader change.
+    pub fn leader_changes(&self) -> u64 {
+        self.shared
+            .leader_changes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn status(&self) -> RaftStatus {
         *self.shared.status.lock().expect("status lock")
     }

@@ -64,7 +64,8 @@ ROWS = [
     ("Coordinators", [
         ("Raft term and leader", "short",
          [("max(expertmesh_raft_term)", "term"),
-          ("max(expertmesh_raft_leader_id)", "leader id")]),
+          ("max(expertmesh_raft_leader_id)", "leader id"),
+          ("max(increase(expertmesh_raft_leader_changes_total[10m]))", "leader changes (10 min)")]),
         ("Commit index and apply lag", "short",
          [("expertmesh_raft_commit_index", "commit {{instance}}"),
           ("expertmesh_raft_apply_lag", "apply lag {{instance}}")]),
