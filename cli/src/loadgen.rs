@@ -12,7 +12,7 @@ use expertmesh_dispatch::WireDType;
 use expertmesh_loadgen::experts::{parse_skew, ExpertLoad};
 use expertmesh_loadgen::html::Figure;
 use expertmesh_loadgen::slo::Slo;
-use expertmesh_loadgen::workload::{read_dataset, SharedPrefix};
+use expertmesh_loadgen::workload::{read_dataset, read_trace, SharedPrefix};
 use expertmesh_loadgen::{plot, Endpoint, Lengths, Report, Run, Shape, Workload};
 
 #[derive(Args, Debug)]
@@ -74,6 +74,14 @@ struct LoadgenArgs {
     /// A JSONL dataset of prompts (`prompt`, `messages`, or ShareGPT `conversations`).
     #[arg(long)]
     dataset: Option<PathBuf>,
+    /// Replay a recorded trace: JSONL of `timestamp` (ms), `input_length`, `output_length`
+    /// (a Mooncake trace, say): each request at its time, with its lengths (synthetic
+    /// prompts).
+    #[arg(long, conflicts_with_all = ["rate", "concurrency", "sweep", "dataset"])]
+    trace: Option<PathBuf>,
+    /// Replay the trace this many times faster.
+    #[arg(long, default_value_t = 1.0, requires = "trace")]
+    trace_speedup: f64,
     /// What synthetic prompts share: nothing (`synthetic`), or a prefix per group
     /// (`shared-prefix`: a system prompt or a RAG context before each request's own part).
     #[arg(long, value_enum, default_value_t = WorkloadKind::Synthetic)]
@@ -187,6 +195,11 @@ fn levels(args: &LoadgenArgs) -> Result<Vec<Shape>> {
             })
             .collect();
     }
+    if args.trace.is_some() {
+        return Ok(vec![Shape::Replay {
+            speedup: args.trace_speedup,
+        }]);
+    }
     Ok(vec![match args.rate {
         Some(rate) => Shape::Open { rate },
         None => Shape::Closed {
@@ -223,10 +236,17 @@ async fn http(args: LoadgenArgs) -> Result<()> {
             len: args.prefix_len,
             groups: args.prefix_groups,
         }),
+        replay: args
+            .trace
+            .as_deref()
+            .map(read_trace)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
         seed: args.seed,
     });
+    // A replayed trace runs to its end unless told otherwise.
     let duration = match (args.duration, args.requests) {
-        (None, None) => Some(Duration::from_secs(10)),
+        (None, None) if args.trace.is_none() => Some(Duration::from_secs(10)),
         (d, _) => d.map(Duration::from_secs_f64),
     };
     let mut reports = Vec::new();

@@ -1,5 +1,6 @@
-//! Drives load: a closed loop of N concurrent clients, or an open loop of Poisson
-//! arrivals at a rate, for a duration or a number of requests, with a live progress line.
+//! Drives load: a closed loop of N concurrent clients, an open loop of Poisson arrivals at
+//! a rate, or the arrivals of a recorded trace (the workload's `replay`), for a duration or
+//! a number of requests, with a live progress line.
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -21,6 +22,8 @@ pub enum Shape {
     Closed { concurrency: usize },
     /// Poisson arrivals at `rate` requests per second.
     Open { rate: f64 },
+    /// The arrivals of the workload's replayed trace, `speedup` times faster.
+    Replay { speedup: f64 },
 }
 
 impl Shape {
@@ -28,6 +31,7 @@ impl Shape {
         match self {
             Shape::Closed { concurrency } => format!("concurrency={concurrency}"),
             Shape::Open { rate } => format!("rate={rate}"),
+            Shape::Replay { speedup } => format!("replay x{speedup}"),
         }
     }
 }
@@ -57,7 +61,14 @@ struct Shared {
 
 impl Run {
     fn more(&self, i: u64, t0: Instant) -> bool {
-        self.requests.is_none_or(|n| i < n) && self.duration.is_none_or(|d| t0.elapsed() < d)
+        let replayed = self
+            .workload
+            .replay
+            .as_ref()
+            .is_none_or(|t| i < t.len() as u64);
+        replayed
+            && self.requests.is_none_or(|n| i < n)
+            && self.duration.is_none_or(|d| t0.elapsed() < d)
     }
 
     /// Runs the load and reports on it.
@@ -95,15 +106,23 @@ impl Run {
                     let _ = c.await;
                 }
             }
-            Shape::Open { rate } => {
+            Shape::Open { .. } | Shape::Replay { .. } => {
                 let mut rng = SplitMix64::new(run.workload.seed ^ 0x5eed);
                 let in_flight = Arc::new(AtomicUsize::new(0));
                 let mut tasks = Vec::new();
                 let mut at = Duration::ZERO;
                 let mut i = 0;
                 while run.more(i, t0) {
-                    let gap = -(1.0 - rng.next_f64()).ln() / rate.max(1e-9);
-                    at += Duration::from_secs_f64(gap);
+                    at = match (run.shape, &run.workload.replay) {
+                        (Shape::Replay { speedup }, Some(trace)) => {
+                            trace[i as usize].at.div_f64(speedup.max(1e-9))
+                        }
+                        (Shape::Open { rate }, _) => {
+                            let gap = -(1.0 - rng.next_f64()).ln() / rate.max(1e-9);
+                            at + Duration::from_secs_f64(gap)
+                        }
+                        _ => at,
+                    };
                     tokio::time::sleep_until(tokio::time::Instant::from_std(t0 + at)).await;
                     if !run.more(i, t0) {
                         break;

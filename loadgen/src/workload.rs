@@ -135,6 +135,53 @@ pub struct SharedPrefix {
     pub groups: u64,
 }
 
+/// One request of a recorded trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceEntry {
+    /// When it arrives, from the trace's first request.
+    pub at: std::time::Duration,
+    pub input_tokens: usize,
+    pub output_tokens: usize,
+}
+
+/// Reads a trace to replay: JSONL of `timestamp` (ms) and `input_length` / `output_length`
+/// (Mooncake's names; `input_tokens` / `output_tokens` too), in any order; times become
+/// offsets from the first request. Errors name the line.
+pub fn read_trace(path: &Path) -> Result<Vec<TraceEntry>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut entries: Vec<(f64, usize, usize)> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |why: &str| format!("{}:{}: {why}", path.display(), i + 1);
+        let v: Value = serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
+        let field = |names: &[&str]| names.iter().find_map(|n| v.get(*n).and_then(Value::as_f64));
+        let at = field(&["timestamp"]).ok_or_else(|| bad("no timestamp"))?;
+        let input =
+            field(&["input_length", "input_tokens"]).ok_or_else(|| bad("no input_length"))?;
+        let output =
+            field(&["output_length", "output_tokens"]).ok_or_else(|| bad("no output_length"))?;
+        if !(at.is_finite() && at >= 0.0 && input >= 0.0 && output >= 0.0) {
+            return Err(bad("times and lengths are numbers ≥ 0"));
+        }
+        entries.push((at, input as usize, output as usize));
+    }
+    if entries.is_empty() {
+        return Err(format!("{}: no requests", path.display()));
+    }
+    entries.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let first = entries[0].0;
+    Ok(entries
+        .into_iter()
+        .map(|(at, input_tokens, output_tokens)| TraceEntry {
+            at: std::time::Duration::from_secs_f64((at - first) / 1e3),
+            input_tokens,
+            output_tokens,
+        })
+        .collect())
+}
+
 /// How requests are built.
 #[derive(Debug, Clone)]
 pub struct Workload {
@@ -148,6 +195,9 @@ pub struct Workload {
     pub dataset: Option<Vec<DatasetPrompt>>,
     /// A prefix shared by groups of synthetic prompts.
     pub shared_prefix: Option<SharedPrefix>,
+    /// A recorded trace to replay: request i has entry i's lengths (and arrives at its time
+    /// under `Shape::Replay`).
+    pub replay: Option<Vec<TraceEntry>>,
     pub seed: u64,
 }
 
@@ -155,8 +205,11 @@ impl Workload {
     /// The API path and JSON body of request `i`.
     pub fn request(&self, i: u64) -> (&'static str, Value) {
         let mut rng = SplitMix64::new(mix64(self.seed ^ mix64(i)));
-        let max_tokens = self.output_lengths.draw(&mut rng);
-        let prompt_len = self.prompt_lengths.draw(&mut rng);
+        let mut max_tokens = self.output_lengths.draw(&mut rng);
+        let mut prompt_len = self.prompt_lengths.draw(&mut rng);
+        if let Some(e) = self.replay.as_ref().and_then(|t| t.get(i as usize)) {
+            (prompt_len, max_tokens) = (e.input_tokens.max(1), e.output_tokens.max(1));
+        }
         let chat_messages: Option<Vec<(String, String)>>;
         let mut prompt_value = Value::Null;
         match &self.dataset {
@@ -301,6 +354,7 @@ mod tests {
             token_ids_below: Some(500),
             dataset: None,
             shared_prefix: None,
+            replay: None,
             seed: 3,
         };
         assert_eq!(w.request(5), w.request(5));
@@ -324,6 +378,7 @@ mod tests {
                 token_ids_below,
                 dataset: None,
                 shared_prefix: Some(SharedPrefix { len: 40, groups: 2 }),
+                replay: None,
                 seed: 9,
             };
             let prompt = |i| -> Vec<String> {
@@ -339,5 +394,59 @@ mod tests {
             assert_ne!(a[40..], b[40..], "each its own part");
             assert_ne!(a[..40], c[..40], "another group");
         }
+    }
+
+    /// A trace replays in time order with its lengths; bad lines are named.
+    #[test]
+    fn traces_read_in_time_order_and_set_the_lengths() {
+        let dir = std::env::temp_dir().join(format!("emlg-trace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("t.jsonl");
+        std::fs::write(
+            &p,
+            concat!(
+                "{\"timestamp\": 5000, \"input_length\": 7, \"output_length\": 2}\n",
+                "{\"timestamp\": 1000, \"input_tokens\": 30, \"output_tokens\": 4, \"hash_ids\": [1]}\n",
+            ),
+        )
+        .unwrap();
+        let t = read_trace(&p).unwrap();
+        assert_eq!(
+            t,
+            vec![
+                TraceEntry {
+                    at: std::time::Duration::ZERO,
+                    input_tokens: 30,
+                    output_tokens: 4
+                },
+                TraceEntry {
+                    at: std::time::Duration::from_secs(4),
+                    input_tokens: 7,
+                    output_tokens: 2
+                },
+            ]
+        );
+        let w = Workload {
+            model: None,
+            chat: false,
+            stream: false,
+            prompt_lengths: Lengths::Fixed(3),
+            output_lengths: Lengths::Fixed(9),
+            token_ids_below: Some(100),
+            dataset: None,
+            shared_prefix: None,
+            replay: Some(t),
+            seed: 1,
+        };
+        let (_, body) = w.request(1);
+        assert_eq!(
+            (
+                body["prompt"].as_array().unwrap().len(),
+                body["max_tokens"].as_u64()
+            ),
+            (7, Some(2))
+        );
+        std::fs::write(&p, "{\"timestamp\": 1, \"input_length\": 3}\n").unwrap();
+        assert!(read_trace(&p).unwrap_err().contains(":1: no output_length"));
     }
 }

@@ -76,6 +76,7 @@ fn run(address: String, requests: u64, timeout: Duration) -> Run {
             token_ids_below: None,
             dataset: None,
             shared_prefix: None,
+            replay: None,
             seed: 1,
         }),
         shape: Shape::Closed { concurrency: 2 },
@@ -185,4 +186,37 @@ async fn goodput_counts_the_requests_within_the_slo() {
         assert!(json[key].as_f64().is_some(), "{key} missing: {json}");
     }
     assert!(json["median_ttft_ms"].as_f64().unwrap() >= 20.0);
+}
+
+/// A replayed trace sends each request at its time (here twice as fast), with its lengths,
+/// and stops at the trace's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_replays_at_its_times() {
+    let addr = paced_server().await;
+    let trace: Vec<expertmesh_loadgen::workload::TraceEntry> = [0u64, 300, 600, 900]
+        .iter()
+        .map(|&ms| expertmesh_loadgen::workload::TraceEntry {
+            at: Duration::from_millis(ms),
+            input_tokens: 5,
+            output_tokens: 3,
+        })
+        .collect();
+    let mut r = run(addr, 100, Duration::from_secs(10));
+    r.requests = None;
+    r.shape = Shape::Replay { speedup: 2.0 };
+    r.workload = Arc::new(Workload {
+        replay: Some(trace),
+        ..(*r.workload).clone()
+    });
+    let report = r.execute().await;
+    assert_eq!(report.requests_ok, 4, "the trace's requests, no more");
+    let mut starts: Vec<Duration> = report.samples.starts.iter().map(|s| s.0).collect();
+    starts.sort();
+    for (got, want_ms) in starts.iter().zip([0u64, 150, 300, 450]) {
+        let want = Duration::from_millis(want_ms);
+        assert!(
+            *got >= want && *got < want + Duration::from_millis(100),
+            "{starts:?}"
+        );
+    }
 }

@@ -66,6 +66,7 @@ pub fn run(args: PrefixArgs) -> Result<()> {
             len: args.prefix_tokens,
             groups: args.prefix_groups,
         }),
+        replay: None,
         seed: 7,
     });
     let runtime = tokio::runtime::Runtime::new()?;
