@@ -95,6 +95,10 @@ struct LoadgenArgs {
     /// Use the chat API.
     #[arg(long)]
     chat: bool,
+    /// Multi-turn conversations of this many user turns (chat): each turn sends the whole
+    /// history, the server's answers included (requests then count turns).
+    #[arg(long, default_value_t = 1, requires = "chat")]
+    turns: usize,
     /// Ask for whole responses instead of streams.
     #[arg(long)]
     no_stream: bool,
@@ -242,6 +246,7 @@ async fn http(args: LoadgenArgs) -> Result<()> {
             .map(read_trace)
             .transpose()
             .map_err(anyhow::Error::msg)?,
+        turns: args.turns.max(1),
         seed: args.seed,
     });
     // A replayed trace runs to its end unless told otherwise.

@@ -123,6 +123,8 @@ fn loadgen_against_up() {
         "--requests",
         "6",
         "--chat",
+        "--turns",
+        "2",
         "--workload",
         "shared-prefix",
         "--prefix-len",

@@ -40,6 +40,8 @@ pub struct Outcome {
     pub usage_tokens: Option<usize>,
     /// `usage.prompt_tokens`, when reported.
     pub prompt_tokens: Option<usize>,
+    /// The text generated (a multi-turn conversation sends it back as the assistant's turn).
+    pub text: String,
 }
 
 /// Where requests go.
@@ -188,6 +190,11 @@ impl Endpoint {
             outcome.prompt_tokens = v["usage"]["prompt_tokens"].as_u64().map(|n| n as usize);
             outcome.client_tokens = n.unwrap_or(0);
             outcome.ttft = Some(started.elapsed());
+            let choice = &v["choices"][0];
+            let text = choice["message"]["content"]
+                .as_str()
+                .or(choice["text"].as_str());
+            outcome.text = text.unwrap_or_default().to_owned();
         }
         Ok(())
     }
@@ -224,6 +231,10 @@ impl Endpoint {
             let Some(choice) = v["choices"].get(0) else {
                 continue;
             };
+            let piece = choice["delta"]["content"]
+                .as_str()
+                .or(choice["text"].as_str());
+            outcome.text.push_str(piece.unwrap_or_default());
             if !choice["finish_reason"].is_null() {
                 continue;
             }

@@ -61,13 +61,15 @@ struct Shared {
 
 impl Run {
     fn more(&self, i: u64, t0: Instant) -> bool {
+        // In a multi-turn run, i counts conversations of `turns` requests.
+        let per = self.workload.turns.max(1) as u64;
         let replayed = self
             .workload
             .replay
             .as_ref()
             .is_none_or(|t| i < t.len() as u64);
         replayed
-            && self.requests.is_none_or(|n| i < n)
+            && self.requests.is_none_or(|n| i * per < n)
             && self.duration.is_none_or(|d| t0.elapsed() < d)
     }
 
@@ -156,14 +158,46 @@ impl Run {
     }
 }
 
+/// Request `i`, or, in a multi-turn run, conversation `i`: its turns one after another, each
+/// sending the answers before it.
 async fn one(run: &Run, shared: &Shared, i: u64, t0: Instant) {
-    let (path, body) = run.workload.request(i);
+    let turns = run.workload.turns.max(1);
+    if turns == 1 {
+        let (path, body) = run.workload.request(i);
+        send(run, shared, path, &body, t0).await;
+        return;
+    }
+    let mut history: Vec<(String, String)> = Vec::new();
+    for t in 0..turns {
+        let (path, body) = run.workload.turn(i, t, &history);
+        let Some(answer) = send(run, shared, path, &body, t0).await else {
+            return;
+        };
+        let asked = body["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .and_then(|m| m["content"].as_str())
+            .unwrap_or_default()
+            .to_owned();
+        history.push((asked, answer));
+    }
+}
+
+/// Sends one request and records it; the text it got, when it succeeded.
+async fn send(
+    run: &Run,
+    shared: &Shared,
+    path: &str,
+    body: &serde_json::Value,
+    t0: Instant,
+) -> Option<String> {
     let started = t0.elapsed();
     let rec = run
         .endpoint
-        .send(path, &body, run.workload.stream, t0)
+        .send(path, body, run.workload.stream, t0)
         .await
         .map_err(|f| (started, f));
+    let text = rec.as_ref().ok().map(|o| o.text.clone());
     match &rec {
         Ok(o) => {
             shared.ok.fetch_add(1, Ordering::Relaxed);
@@ -176,6 +210,7 @@ async fn one(run: &Run, shared: &Shared, i: u64, t0: Instant) {
         }
     }
     shared.records.lock().expect("records lock").push(rec);
+    text
 }
 
 /// Once a second: requests done / failed, throughput over the last second, p50 TTFT so far.

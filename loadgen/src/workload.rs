@@ -198,10 +198,46 @@ pub struct Workload {
     /// A recorded trace to replay: request i has entry i's lengths (and arrives at its time
     /// under `Shape::Replay`).
     pub replay: Option<Vec<TraceEntry>>,
+    /// User turns per conversation (chat): turn t > 0 sends the whole history, the answers
+    /// the server gave included, and a new user message. 1: independent requests.
+    pub turns: usize,
     pub seed: u64,
 }
 
 impl Workload {
+    /// The body of turn `turn` of conversation `conversation`, after `history` (each earlier
+    /// turn's user message and the answer it got): the conversation's first request, then
+    /// the history and a new user message of drawn length.
+    pub fn turn(
+        &self,
+        conversation: u64,
+        turn: usize,
+        history: &[(String, String)],
+    ) -> (&'static str, Value) {
+        let (path, mut body) = self.request(conversation);
+        if turn == 0 {
+            return (path, body);
+        }
+        let key = mix64(self.seed ^ mix64(conversation) ^ mix64(turn as u64 + 0x7a11));
+        let mut rng = SplitMix64::new(key);
+        let words: Vec<&str> = (0..self.prompt_lengths.draw(&mut rng))
+            .map(|k| WORDS[(mix64(key ^ k as u64) % WORDS.len() as u64) as usize])
+            .collect();
+        let mut messages: Vec<Value> = history
+            .iter()
+            .flat_map(|(user, answer)| {
+                [
+                    json!({"role": "user", "content": user}),
+                    json!({"role": "assistant", "content": answer}),
+                ]
+            })
+            .collect();
+        messages.push(json!({"role": "user", "content": words.join(" ")}));
+        body["messages"] = Value::Array(messages);
+        body.as_object_mut().map(|o| o.remove("prompt"));
+        ("/v1/chat/completions", body)
+    }
+
     /// The API path and JSON body of request `i`.
     pub fn request(&self, i: u64) -> (&'static str, Value) {
         let mut rng = SplitMix64::new(mix64(self.seed ^ mix64(i)));
@@ -355,6 +391,7 @@ mod tests {
             dataset: None,
             shared_prefix: None,
             replay: None,
+            turns: 1,
             seed: 3,
         };
         assert_eq!(w.request(5), w.request(5));
@@ -379,6 +416,7 @@ mod tests {
                 dataset: None,
                 shared_prefix: Some(SharedPrefix { len: 40, groups: 2 }),
                 replay: None,
+                turns: 1,
                 seed: 9,
             };
             let prompt = |i| -> Vec<String> {
@@ -436,6 +474,7 @@ mod tests {
             dataset: None,
             shared_prefix: None,
             replay: Some(t),
+            turns: 1,
             seed: 1,
         };
         let (_, body) = w.request(1);

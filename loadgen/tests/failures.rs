@@ -77,6 +77,7 @@ fn run(address: String, requests: u64, timeout: Duration) -> Run {
             dataset: None,
             shared_prefix: None,
             replay: None,
+            turns: 1,
             seed: 1,
         }),
         shape: Shape::Closed { concurrency: 2 },
@@ -219,4 +220,68 @@ async fn a_trace_replays_at_its_times() {
             "{starts:?}"
         );
     }
+}
+
+/// Multi-turn conversations: each turn sends the history, the server's earlier answers as
+/// the assistant's turns, then a new user message; turns count as requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversations_send_their_history_back() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let bodies = Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    let seen = bodies.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = vec![0u8; 65536];
+                let body = loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => got.extend_from_slice(&buf[..k]),
+                    }
+                    let text = String::from_utf8_lossy(&got).to_string();
+                    if let Some((_, body)) = text.split_once("\r\n\r\n") {
+                        if let Ok(v) = serde_json::from_str::<serde_json::Value>(body) {
+                            break v;
+                        }
+                    }
+                };
+                let turn = body["messages"].as_array().map_or(0, Vec::len) / 2;
+                seen.lock().unwrap().push(body);
+                let mut events = String::new();
+                for piece in ["answer ", &turn.to_string()] {
+                    events += &format!("data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{piece}\"}},\"finish_reason\":null}}]}}\n\n");
+                }
+                events += "data: [DONE]\n\n";
+                let reply =
+                    format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n{events}");
+                let _ = s.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    let mut r = run(addr, 6, Duration::from_secs(10));
+    r.shape = Shape::Closed { concurrency: 1 };
+    r.workload = Arc::new(Workload {
+        chat: true,
+        turns: 3,
+        ..(*r.workload).clone()
+    });
+    let report = r.execute().await;
+    assert_eq!(report.requests_ok, 6, "two conversations of three turns");
+    let bodies = bodies.lock().unwrap();
+    for (k, body) in bodies.iter().enumerate() {
+        let messages = body["messages"].as_array().unwrap();
+        let turn = k % 3;
+        assert_eq!(messages.len(), 2 * turn + 1, "{body}");
+        for (t, answer) in messages.iter().skip(1).step_by(2).enumerate() {
+            assert_eq!(answer["role"], "assistant");
+            assert_eq!(answer["content"], format!("answer {t}"));
+        }
+        // The same first message for every turn of a conversation.
+        let first = &bodies[k - turn]["messages"][0];
+        assert_eq!(&messages[0], first);
+    }
+    assert_ne!(bodies[0]["messages"][0], bodies[3]["messages"][0]);
 }

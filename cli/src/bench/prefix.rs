@@ -67,6 +67,7 @@ pub fn run(args: PrefixArgs) -> Result<()> {
             groups: args.prefix_groups,
         }),
         replay: None,
+        turns: 1,
         seed: 7,
     });
     let runtime = tokio::runtime::Runtime::new()?;
