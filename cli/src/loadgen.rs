@@ -11,6 +11,7 @@ use clap::{Args, Subcommand};
 use expertmesh_dispatch::WireDType;
 use expertmesh_loadgen::experts::{parse_skew, ExpertLoad};
 use expertmesh_loadgen::html::Figure;
+use expertmesh_loadgen::repeat::Summary;
 use expertmesh_loadgen::slo::Slo;
 use expertmesh_loadgen::workload::{read_dataset, read_trace, SharedPrefix};
 use expertmesh_loadgen::{plot, Endpoint, Lengths, Report, Run, Shape, Workload};
@@ -104,6 +105,10 @@ struct LoadgenArgs {
     no_stream: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Run each level this many times: the table and JSON add each figure's mean and 95%
+    /// confidence interval over the runs.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
     /// Run several levels in turn: concurrency=1,4,16,64 or rate=1,2,4.
     #[arg(long)]
     sweep: Option<String>,
@@ -255,32 +260,48 @@ async fn http(args: LoadgenArgs) -> Result<()> {
         (d, _) => d.map(Duration::from_secs_f64),
     };
     let mut reports = Vec::new();
+    let mut summaries = Vec::new();
+    let repeat = args.repeat.max(1);
     for shape in levels(&args)? {
-        eprintln!("load: {} against {url}", shape.label());
-        let report = Run {
-            endpoint: endpoint.clone(),
-            workload: workload.clone(),
-            shape,
-            duration,
-            requests: args.requests,
-            warmup: Duration::from_secs_f64(args.warmup),
-            progress: true,
+        let mut runs = Vec::new();
+        for k in 0..repeat {
+            let run = if repeat > 1 {
+                format!(" (run {} of {repeat})", k + 1)
+            } else {
+                String::new()
+            };
+            eprintln!("load: {} against {url}{run}", shape.label());
+            let mut report = Run {
+                endpoint: endpoint.clone(),
+                workload: workload.clone(),
+                shape,
+                duration,
+                requests: args.requests,
+                warmup: Duration::from_secs_f64(args.warmup),
+                progress: true,
+            }
+            .execute()
+            .await;
+            if let Some(slo) = args.slo {
+                report.apply_slo(slo);
+            }
+            runs.push(report);
         }
-        .execute()
-        .await;
-        let mut report = report;
-        if let Some(slo) = args.slo {
-            report.apply_slo(slo);
-        }
-        reports.push(report);
+        summaries.push(Summary::of(&shape.label(), &runs));
+        reports.extend(runs);
     }
     print!("{}", Report::table(&reports));
+    if repeat > 1 {
+        summaries.iter().for_each(|s| print!("{}", s.line()));
+    }
     if let Some(out) = &args.out {
-        let json = if reports.len() == 1 {
-            serde_json::to_string_pretty(&reports[0].to_json())?
-        } else {
-            let all: Vec<_> = reports.iter().map(Report::to_json).collect();
-            serde_json::to_string_pretty(&all)?
+        let all: Vec<_> = reports.iter().map(Report::to_json).collect();
+        let json = match (reports.len(), repeat) {
+            (1, _) => serde_json::to_string_pretty(&all[0])?,
+            (_, 1) => serde_json::to_string_pretty(&all)?,
+            _ => serde_json::to_string_pretty(
+                &serde_json::json!({"runs": all, "summaries": summaries}),
+            )?,
         };
         std::fs::write(out, json).with_context(|| format!("writing {}", out.display()))?;
     }

@@ -151,6 +151,38 @@ fn loadgen_against_up() {
         table.contains("concurrency=1") && table.contains("concurrency=3"),
         "{table}"
     );
+    // Repeated runs: each figure's mean and confidence interval over them.
+    let run = common::expertmesh(&[
+        "loadgen",
+        "--url",
+        &url,
+        "--requests",
+        "4",
+        "--concurrency",
+        "2",
+        "--repeat",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(r["runs"].as_array().unwrap().len(), 3);
+    let s = &r["summaries"][0];
+    assert_eq!(s["runs"], 3);
+    assert!(
+        s["output_tokens_per_s"]["mean"].as_f64().unwrap() > 0.0,
+        "{s}"
+    );
+    assert!(
+        s["output_tokens_per_s"]["ci95"].as_f64().unwrap() >= 0.0,
+        "{s}"
+    );
+    assert!(String::from_utf8_lossy(&run.stdout).contains("over 3 runs (mean ± 95% CI)"));
 }
 
 /// `loadgen experts` drives the expert tier alone and reports per worker.
