@@ -9,9 +9,9 @@
 //! (chunked prefill, so a long prompt never stalls decoding). If the step's KV blocks are
 //! not free, the most recently admitted sequence is preempted: its blocks go back to the
 //! pool and it is recomputed later from its prompt and the tokens it already produced
-//! (exact, since a token's result does not depend on its batch). After the forward pass each sequence publishes its newly full blocks to
-//! the prefix cache, and every sequence whose tokens are all in its cache samples its next
-//! token and streams it out.
+//! (exact, since a token's result does not depend on its batch). After the forward pass
+//! each sequence publishes its newly full blocks to the prefix cache, and every sequence
+//! whose tokens are all in its cache samples its next token and streams it out.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

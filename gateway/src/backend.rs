@@ -1,10 +1,11 @@
 //! The backend seam: what the gateway needs of the cluster ([`Cluster`]: its state and its
 //! workers' load), which attention worker takes a request (the one that was sent its
 //! longest prefix unless it is overloaded ([`crate::affinity`]), else the most free KV
-//! blocks, lowest id on ties; none that already failed it), one lazily connected channel per worker
-//! address (pinged: a worker that dies silently is noticed within
+//! blocks, lowest id on ties; none that already failed it), one lazily connected channel
+//! per worker address (pinged: a worker that dies silently is noticed within
 //! `expertmesh_proto::KEEPALIVE_INTERVAL` + `KEEPALIVE_TIMEOUT`, and its streams migrate),
-//! and the `Generate` call that starts (or resumes) a request's token stream.
+//! and the `Generate` call that starts (or resumes) a request's token stream (its trace
+//! context in the call's metadata).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

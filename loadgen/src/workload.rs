@@ -1,7 +1,8 @@
 //! What the load generator sends: synthetic prompts of drawn lengths (optionally after a
-//! prefix shared by a group of requests: a long system prompt, a RAG context), or prompts
-//! from a JSONL dataset (plain `{"prompt": ...}` lines or ShareGPT conversations), as
-//! completion or chat requests. Request i of a run is drawn from a generator seeded with (seed, i), so
+//! prefix shared by a group of requests: a long system prompt, a RAG context), the lengths
+//! of a recorded trace, or prompts from a JSONL dataset (plain `{"prompt": ...}` lines or
+//! ShareGPT conversations), as completion or chat requests, one by one or as multi-turn
+//! conversations. Request i of a run is drawn from a generator seeded with (seed, i), so
 //! the same seed sends the same sequence of requests.
 
 use std::path::Path;
