@@ -458,6 +458,7 @@ impl Router {
             let mut views = self.views.clone();
             let in_flight = self.in_flight.clone();
             let (worker, rows) = (p.worker, p.rows());
+            let (epoch, layer) = (view.placement.epoch, batch.layer);
             *in_flight
                 .lock()
                 .expect("in-flight lock")
@@ -482,6 +483,15 @@ impl Router {
                     stats.dispatches.fetch_add(1, Ordering::Relaxed);
                     let nanos = t0.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
                     stats.dispatch_nanos.fetch_add(nanos, Ordering::Relaxed);
+                    tracing::debug!(
+                        epoch,
+                        layer,
+                        worker,
+                        rows,
+                        micros = nanos / 1000,
+                        ok = out.is_ok(),
+                        "dispatch"
+                    );
                     out
                 }),
             ));

@@ -180,6 +180,12 @@ async fn run(
             let expired = process(&shard, layer, dtype, jobs).await;
             let nanos = started.elapsed().as_nanos() as u64;
             stats.expired.fetch_add(expired as u64, Ordering::Relaxed);
+            tracing::debug!(
+                layer,
+                expired,
+                micros = nanos / 1000,
+                "computed a merged batch"
+            );
             let mut layers = stats.layers.lock().expect("stats lock");
             let entry = layers.entry(layer).or_default();
             entry.0 += 1;
