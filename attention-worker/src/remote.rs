@@ -452,6 +452,7 @@ impl Router {
                 hidden: h,
                 dtype: self.wire_dtype(batch.layer),
                 activations,
+                traces: batch.traces.clone(),
             };
             let stats = self.stats.clone();
             let sent = client.dispatch(dispatch);

@@ -567,6 +567,7 @@ impl Scheduler {
                     let from = cache.next_pos;
                     let mut seq = Sequence::new(cache, &s.tokens[from..from + n]);
                     seq.patches = s.images.chunk(&s.tokens, patch, from, from + n);
+                    seq.trace = s.request.trace.unwrap_or(0);
                     batch.push(seq);
                 }
             }

@@ -177,6 +177,7 @@ fn request(r: &pb::GenerateRequest) -> GenerateRequest {
         prompt_logprobs: r.prompt_logprobs.map(|n| n as usize),
         grammar: r.grammar.as_ref().and_then(grammar_spec),
         prompt_group: (r.prompt_group != 0).then_some(r.prompt_group),
+        trace: None,
     }
 }
 
@@ -260,18 +261,19 @@ impl AttentionService for AttentionServer {
         r: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         // The gateway's trace context: this request's lines here carry its trace id.
-        let trace_id = r
+        let trace = r
             .metadata()
             .get(expertmesh_proto::trace::TRACEPARENT)
             .and_then(|v| v.to_str().ok())
-            .and_then(expertmesh_proto::trace::TraceParent::parse)
-            .map_or_else(String::new, |t| t.trace_id_hex());
+            .and_then(expertmesh_proto::trace::TraceParent::parse);
+        let trace_id = trace.map_or_else(String::new, |t| t.trace_id_hex());
         let mut r = r.into_inner();
         let images = std::mem::take(&mut r.images);
         if r.logit_bias.len() > expertmesh_model::sampling::LOGIT_BIAS_MAX {
             return Err(Status::invalid_argument("too many logit_bias entries"));
         }
-        let req = request(&r);
+        let mut req = request(&r);
+        req.trace = trace.map(|t| t.trace_id);
         req.validate(self.model.config().vocab_size)
             .map_err(|e| status(&e))?;
         self.model

@@ -1,6 +1,6 @@
 //! `up --log-format json`: every line every process writes is one JSON object, and a
-//! request's `traceparent` reaches the lines of the gateway and of the attention worker
-//! that served it.
+//! request's `traceparent` reaches the lines of the gateway, of the attention worker that
+//! served it, and of the expert workers that computed its rows.
 
 mod common;
 
@@ -18,7 +18,7 @@ fn a_traceparent_reaches_every_process_that_serves_the_request() {
         common::bin()
             .args(["up", "--http", "127.0.0.1:0", "--log-format", "json"])
             .env("EXPERTMESH_UP_FILE", dir.path().join("up.json"))
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,expertmesh_expert_worker=debug")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -59,7 +59,12 @@ fn a_traceparent_reaches_every_process_that_serves_the_request() {
                     && (l["trace_id"] == trace || l["span"]["trace_id"] == trace)
             })
         };
-        if traced("request") && traced("generate") && traced("finished") {
+        // The expert workers' merged batches name the requests whose rows they computed.
+        let expert_line = lines.iter().any(|l| {
+            l["message"] == "computed a merged batch"
+                && l["traces"].as_str().is_some_and(|t| t.contains(trace))
+        });
+        if traced("request") && traced("generate") && traced("finished") && expert_line {
             assert!(lines
                 .iter()
                 .all(|l| l["level"].is_string() && l["timestamp"].is_string()));

@@ -127,6 +127,9 @@ pub struct DispatchBatch {
     pub dtype: WireDType,
     /// `[Σ rows, hidden]`, group after group.
     pub activations: Vec<f32>,
+    /// The trace ids of the requests whose rows these are (log lines only; at most
+    /// [`wire::TRACES_MAX`] travel).
+    pub traces: Vec<u128>,
 }
 
 impl DispatchBatch {

@@ -14,6 +14,8 @@ use crate::{DispatchBatch, DispatchError, WireDType};
 
 /// Longest time budget a request may ask for.
 pub const TIMEOUT_MAX: Duration = Duration::from_secs(600);
+/// Trace ids one batch may name (a step's requests, at most).
+pub const TRACES_MAX: usize = 256;
 
 /// Encodes f32 values as a wire tensor of shape `[rows, hidden]`. In fp8 each row is
 /// quantized with its own scale (`fp8::quantize_activations`).
@@ -229,6 +231,12 @@ pub fn request_header(b: &DispatchBatch) -> pb::DispatchRequest {
             })
             .collect(),
         activations: None,
+        trace_ids: b
+            .traces
+            .iter()
+            .take(TRACES_MAX)
+            .map(|t| t.to_be_bytes().to_vec())
+            .collect(),
     }
 }
 
@@ -263,6 +271,18 @@ impl TryFrom<pb::DispatchRequest> for DispatchBatch {
                 "timeout_ms must be positive".into(),
             ));
         }
+        if r.trace_ids.len() > TRACES_MAX {
+            return Err(DispatchError::BadRequest(format!(
+                "{} trace ids (at most {TRACES_MAX})",
+                r.trace_ids.len()
+            )));
+        }
+        let traces = r
+            .trace_ids
+            .iter()
+            .map(|t| <[u8; 16]>::try_from(t.as_slice()).map(u128::from_be_bytes))
+            .collect::<Result<Vec<u128>, _>>()
+            .map_err(|_| DispatchError::BadRequest("a trace id is not 16 bytes".into()))?;
         Ok(DispatchBatch {
             epoch: r.epoch,
             layer: r.layer,
@@ -272,6 +292,7 @@ impl TryFrom<pb::DispatchRequest> for DispatchBatch {
             hidden,
             dtype,
             activations,
+            traces,
         })
     }
 }
@@ -386,6 +407,7 @@ pub(crate) mod tests {
             hidden: 2,
             dtype,
             activations: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            traces: Vec::new(),
         }
     }
 
@@ -445,6 +467,31 @@ pub(crate) mod tests {
             DispatchBatch::try_from(r),
             Err(DispatchError::ShapeMismatch { .. })
         ));
+        // Trace ids: 16 bytes each, at most TRACES_MAX.
+        let mut r = request();
+        r.trace_ids = vec![vec![1; 15]];
+        assert!(matches!(
+            DispatchBatch::try_from(r),
+            Err(DispatchError::BadRequest(_))
+        ));
+        let mut r = request();
+        r.trace_ids = vec![vec![1; 16]; TRACES_MAX + 1];
+        assert!(matches!(
+            DispatchBatch::try_from(r),
+            Err(DispatchError::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn trace_ids_travel_with_the_batch() {
+        let mut b = DispatchBatch::try_from(request()).unwrap();
+        b.traces = vec![1, u128::MAX, 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736];
+        let back = DispatchBatch::try_from(pb::DispatchRequest::from(&b)).unwrap();
+        assert_eq!(back.traces, b.traces);
+        // More than the cap: the first TRACES_MAX travel.
+        b.traces = (0..TRACES_MAX as u128 + 10).collect();
+        let back = DispatchBatch::try_from(pb::DispatchRequest::from(&b)).unwrap();
+        assert_eq!(back.traces.len(), TRACES_MAX);
     }
 
     /// fp8 rows arrive as each row's quantize-dequantize (`WireDType::carry`), in a

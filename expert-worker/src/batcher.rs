@@ -176,14 +176,23 @@ async fn run(
         for ((layer, fp8), jobs) in by_layer {
             let dtype = if fp8 { WireDType::Fp8 } else { WireDType::F32 };
             stats.count(layer, &jobs);
+            // The requests whose rows these are, for the line below (when it is written).
+            let traces = tracing::enabled!(tracing::Level::DEBUG).then(|| trace_list(&jobs));
+            let (dispatches, rows) = (
+                jobs.len(),
+                jobs.iter().map(|j| j.batch.rows()).sum::<usize>(),
+            );
             let started = std::time::Instant::now();
             let expired = process(&shard, layer, dtype, jobs).await;
             let nanos = started.elapsed().as_nanos() as u64;
             stats.expired.fetch_add(expired as u64, Ordering::Relaxed);
             tracing::debug!(
                 layer,
+                dispatches,
+                rows,
                 expired,
                 micros = nanos / 1000,
+                traces = traces.as_deref().unwrap_or_default(),
                 "computed a merged batch"
             );
             let mut layers = stats.layers.lock().expect("stats lock");
@@ -192,6 +201,18 @@ async fn run(
             entry.1 += nanos;
         }
     }
+}
+
+/// The distinct trace ids of `jobs`, as W3C writes them, comma-separated.
+fn trace_list(jobs: &[QueuedBatch]) -> String {
+    let ids: std::collections::BTreeSet<u128> = jobs
+        .iter()
+        .flat_map(|j| j.batch.traces.iter().copied())
+        .collect();
+    ids.iter()
+        .map(|t| format!("{t:032x}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl BatcherStats {

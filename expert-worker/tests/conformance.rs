@@ -90,6 +90,7 @@ fn batch(groups: &[(u32, u32)], dtype: WireDType, seed: u32) -> DispatchBatch {
                 ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0
             })
             .collect(),
+        traces: vec![u128::from(seed) + 1],
     }
 }
 

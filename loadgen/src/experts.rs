@@ -148,6 +148,7 @@ pub async fn run(cfg: ExpertLoad) -> Result<ExpertReport, String> {
                                 hidden,
                                 dtype: cfg.dtype,
                                 activations: activations[..rows * hidden].to_vec(),
+                                traces: Vec::new(),
                             };
                             let d = clients[&w].1.dispatch(batch);
                             async move {

@@ -172,6 +172,12 @@ fn layer_start<B: Backend>(
         groups,
         hidden: model.config().hidden_size,
         inputs,
+        traces: mb
+            .seqs
+            .iter()
+            .map(|s| s.trace)
+            .filter(|&t| t != 0)
+            .collect(),
     })?;
     Ok(Some(InFlight {
         routes,

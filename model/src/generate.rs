@@ -33,6 +33,9 @@ pub struct GenerateRequest {
     /// The choices of one request (`n`) carry the same key: an engine that serves several
     /// of them prefills their prompt once and shares its cache.
     pub prompt_group: Option<u64>,
+    /// The request's W3C trace id, when it has one: the dispatches that carry its rows name
+    /// it, so the expert workers' lines can be found by it.
+    pub trace: Option<u128>,
 }
 
 impl GenerateRequest {

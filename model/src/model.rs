@@ -47,6 +47,8 @@ pub struct Sequence<'a> {
     /// for the patch tokens it holds ([`ImageRows::chunk`]); generated ones keep their
     /// text embedding, as in transformers.
     pub patches: &'a [f32],
+    /// The trace id of the request the sequence serves (0: none), passed on with its rows.
+    pub trace: u128,
 }
 
 impl<'a> Sequence<'a> {
@@ -56,6 +58,7 @@ impl<'a> Sequence<'a> {
             cache,
             tokens,
             patches: &[],
+            trace: 0,
         }
     }
 }

@@ -120,6 +120,8 @@ pub struct RoutedBatch {
     pub hidden: usize,
     /// `[Σ rows, hidden]`, group after group.
     pub inputs: Vec<f32>,
+    /// The trace ids of the requests whose rows these are (for the expert side's lines).
+    pub traces: Vec<u128>,
 }
 
 impl RoutedBatch {
@@ -589,6 +591,7 @@ mod tests {
                 groups,
                 hidden: 1,
                 inputs: routed_inputs(&[x], 1, &routes, &order),
+                traces: Vec::new(),
             })
             .unwrap();
         let y = moe.combine(&[x], 1, &order, pending).unwrap();

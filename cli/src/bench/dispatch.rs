@@ -436,6 +436,7 @@ fn batch(n: usize, h: usize, dtype: WireDType) -> DispatchBatch {
         hidden: h,
         dtype,
         activations: (0..n * h).map(|i| (i % 97) as f32 / 97.0).collect(),
+        traces: Vec::new(),
     }
 }
 
