@@ -71,6 +71,12 @@ fn every_role_serves_metrics_that_move_under_load() {
         common::post(http, "/v1/completions", &body).unwrap();
     }
     let after = scrape();
+    // The worker that joined second loaded the experts a re-plan moved to it.
+    let loaded: f64 = after
+        .iter()
+        .filter_map(|m| m.get("expertmesh_expert_loaded_bytes_total"))
+        .sum();
+    assert!(loaded > 0.0, "no expert bytes were moved by a placement");
     for (((label, _), b), a) in endpoints.iter().zip(&before).zip(&after) {
         let moved =
             |name: &str| a.get(name).copied().unwrap_or(0.0) > b.get(name).copied().unwrap_or(0.0);
@@ -86,6 +92,7 @@ fn every_role_serves_metrics_that_move_under_load() {
                 moved("expertmesh_expert_dispatches_total"),
                 "{label}: {b:?} -> {a:?}"
             );
+
             assert!(a
                 .keys()
                 .any(|k| k.starts_with("expertmesh_expert_compute_seconds_total{layer=")));

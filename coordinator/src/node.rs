@@ -173,7 +173,8 @@ pub(crate) fn start(
         loads: Mutex::new(HashMap::new()),
         load_window: Mutex::new(LoadWindow::default()),
         prepared: Mutex::new(HashMap::new()),
-        leader_changes: std::sync::atomic::AtomicU64::new(0),
+        // A replica that starts knowing a leader (a group of one) has seen one change.
+        leader_changes: std::sync::atomic::AtomicU64::new(u64::from(replica.status().leader != 0)),
     });
     let (inputs, rx) = mpsc::channel(INPUT_QUEUE);
     let driver = RaftLoop {

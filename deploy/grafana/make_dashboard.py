@@ -60,6 +60,8 @@ ROWS = [
          [("sum by (expert) (rate(expertmesh_expert_rows_by_expert_total[1m]))", "expert {{expert}}")]),
         ("Rows per second per layer", "short",
          [("sum by (layer) (rate(expertmesh_expert_rows_total[1m]))", "layer {{layer}}")]),
+        ("Expert bytes moved by placements", "bytes",
+         [("increase(expertmesh_expert_loaded_bytes_total[10m])", "{{instance}} (10 min)")]),
     ]),
     ("Coordinators", [
         ("Raft term and leader", "short",

@@ -392,6 +392,11 @@ pub fn render_metrics(batcher: &Batcher) -> String {
             "Dispatches waiting now.",
             batcher.queued() as f64,
         ),
+        (
+            "expertmesh_expert_loaded_bytes_total",
+            "Expert bytes made resident by placements (what re-plans moved here).",
+            batcher.shard().loaded_bytes() as f64,
+        ),
     ] {
         write_family(&mut out, name, help, &one(value));
     }

@@ -40,6 +40,8 @@ pub struct ExpertShard {
     assignment: RwLock<Assignments>,
     batches_served: AtomicU64,
     rows_served: AtomicU64,
+    /// Expert bytes made resident by placements (what re-plans moved here).
+    loaded_bytes: AtomicU64,
     /// The experts on a GPU (`--device cuda:N`), fed from the same mapped tensors.
     #[cfg(feature = "cuda")]
     gpu: Option<expertmesh_model::cuda::experts::GpuExperts>,
@@ -86,6 +88,7 @@ impl ExpertShard {
             assignment: RwLock::new(Assignments::default()),
             batches_served: AtomicU64::new(0),
             rows_served: AtomicU64::new(0),
+            loaded_bytes: AtomicU64::new(0),
             #[cfg(feature = "cuda")]
             gpu,
         })
@@ -140,7 +143,13 @@ impl ExpertShard {
                 let _ = l;
             }
         }
+        self.loaded_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         bytes
+    }
+
+    /// Expert bytes made resident by placements since the worker started.
+    pub fn loaded_bytes(&self) -> u64 {
+        self.loaded_bytes.load(Ordering::Relaxed)
     }
 
     pub fn served(&self) -> (u64, u64) {
