@@ -300,36 +300,33 @@ impl LocalCluster {
             args.extend_from_slice(extra);
             args
         };
+        // A worker of `role` with `extra` flags (and its `/metrics` port, when asked for).
+        let mut start_worker = |role: &'static str, mut extra: Vec<String>| -> Result<Process> {
+            let metrics = metrics_ports.next();
+            extra.extend(metrics.iter().flat_map(|m| ["--metrics".into(), m.clone()]));
+            let process = spawn(role, &worker(role, &extra))?;
+            if let Some(m) = metrics {
+                cluster.metrics.insert(process.child.id(), m);
+            }
+            Ok(process)
+        };
+        let mut expert_workers = Vec::new();
         for capacity in &spec.expert_capacities {
             let extra: Vec<String> = match capacity {
                 Some(c) => vec!["--capacity".into(), c.to_string()],
                 None => Vec::new(),
             };
-            let metrics = metrics_ports.next();
-            let extra: Vec<String> = extra
-                .into_iter()
-                .chain(metrics.iter().flat_map(|m| ["--metrics".into(), m.clone()]))
-                .collect();
-            let process = spawn("expert-worker", &worker("expert-worker", &extra))?;
-            if let Some(m) = metrics {
-                cluster.metrics.insert(process.child.id(), m);
-            }
-            cluster.expert_workers.push(process);
+            expert_workers.push(start_worker("expert-worker", extra)?);
         }
+        let mut attention_workers = Vec::new();
         for _ in 0..spec.attention_workers {
-            let metrics = metrics_ports.next();
-            let extra: Vec<String> = spec
-                .attention_args
-                .iter()
-                .cloned()
-                .chain(metrics.iter().flat_map(|m| ["--metrics".into(), m.clone()]))
-                .collect();
-            let process = spawn("attention-worker", &worker("attention-worker", &extra))?;
-            if let Some(m) = metrics {
-                cluster.metrics.insert(process.child.id(), m);
-            }
-            cluster.attention_workers.push(process);
+            attention_workers.push(start_worker(
+                "attention-worker",
+                spec.attention_args.clone(),
+            )?);
         }
+        cluster.expert_workers = expert_workers;
+        cluster.attention_workers = attention_workers;
         Ok(cluster)
     }
 

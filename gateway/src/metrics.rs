@@ -53,19 +53,14 @@ struct State {
 /// A per-worker gauge: name, help, and how to read it from a worker's load.
 type Gauge = (&'static str, &'static str, fn(&WorkerLoad) -> f64);
 
-/// One series per attention worker for each of `series` (name, help, value): counters when
-/// the name ends in `_total`, gauges otherwise.
+/// One series per attention worker for each of `series` (name, help, value).
 fn per_worker(out: &mut String, series: &[Gauge], loads: &BTreeMap<u64, WorkerLoad>) {
     for (name, help, get) in series {
-        let kind = if name.ends_with("_total") {
-            "counter"
-        } else {
-            "gauge"
-        };
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (id, l) in loads {
-            let _ = writeln!(out, "{name}{{worker=\"{id}\"}} {}", get(l));
-        }
+        let samples: Vec<(String, f64)> = loads
+            .iter()
+            .map(|(id, l)| (format!("worker=\"{id}\""), get(l)))
+            .collect();
+        expertmesh_proto::metrics::write_family(out, name, help, &samples);
     }
 }
 

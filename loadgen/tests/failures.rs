@@ -10,6 +10,25 @@ use expertmesh_loadgen::{Endpoint, Lengths, Run, Shape, Workload};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+/// Reads one request (the load generator's: a head, then a JSON body) and returns its body;
+/// `None` when the client leaves first.
+async fn read_request(s: &mut tokio::net::TcpStream) -> Option<serde_json::Value> {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(k) => got.extend_from_slice(&buf[..k]),
+        }
+        let text = String::from_utf8_lossy(&got);
+        if let Some((_, body)) = text.split_once("\r\n\r\n") {
+            if let Ok(v) = serde_json::from_str(body) {
+                return Some(v);
+            }
+        }
+    }
+}
+
 /// Serves request i: 503 when i % 3 == 0, 429 when i % 3 == 1, otherwise a stream of
 /// three tokens with usage. `silent` servers read the request and never answer.
 async fn server(silent: bool) -> String {
@@ -20,16 +39,8 @@ async fn server(silent: bool) -> String {
         while let Ok((mut s, _)) = listener.accept().await {
             let n = n.clone();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                let mut got = Vec::new();
-                while !String::from_utf8_lossy(&got).contains("\"stream\"") {
-                    let Ok(k) = s.read(&mut buf).await else {
-                        return;
-                    };
-                    if k == 0 {
-                        return;
-                    }
-                    got.extend_from_slice(&buf[..k]);
+                if read_request(&mut s).await.is_none() {
+                    return;
                 }
                 if silent {
                     tokio::time::sleep(Duration::from_secs(30)).await;
@@ -125,13 +136,8 @@ async fn paced_server() -> String {
         while let Ok((mut s, _)) = listener.accept().await {
             let n = n.clone();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                let mut got = Vec::new();
-                while !String::from_utf8_lossy(&got).contains("\"stream\"") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(k) => got.extend_from_slice(&buf[..k]),
-                    }
+                if read_request(&mut s).await.is_none() {
+                    return;
                 }
                 let first = if n.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
                     20
@@ -234,19 +240,8 @@ async fn conversations_send_their_history_back() {
         while let Ok((mut s, _)) = listener.accept().await {
             let seen = seen.clone();
             tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut buf = vec![0u8; 65536];
-                let body = loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(k) => got.extend_from_slice(&buf[..k]),
-                    }
-                    let text = String::from_utf8_lossy(&got).to_string();
-                    if let Some((_, body)) = text.split_once("\r\n\r\n") {
-                        if let Ok(v) = serde_json::from_str::<serde_json::Value>(body) {
-                            break v;
-                        }
-                    }
+                let Some(body) = read_request(&mut s).await else {
+                    return;
                 };
                 let turn = body["messages"].as_array().map_or(0, Vec::len) / 2;
                 seen.lock().unwrap().push(body);
