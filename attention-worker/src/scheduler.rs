@@ -432,10 +432,19 @@ impl Scheduler {
             .map_or(u32::MAX, |v| v.config().image_token_id)
     }
 
-    /// Frees `blocks` in the pool if evicting cached prefixes can.
-    fn make_room(&mut self, blocks: usize) {
-        if let Some(p) = self.prefix.as_mut() {
-            p.make_room(blocks);
+    /// Whether the pool has `blocks` free, evicting cached prefixes for them when that frees
+    /// enough (and only then: a cache is not emptied for a request that would still wait).
+    fn make_room(&mut self, blocks: usize) -> bool {
+        let available = self.pool.available();
+        if available >= blocks {
+            return true;
+        }
+        match self.prefix.as_mut() {
+            Some(p) if available.saturating_add(p.evictable()) >= blocks => {
+                p.make_room(blocks);
+                self.pool.available() >= blocks
+            }
+            _ => false,
         }
     }
 
@@ -461,8 +470,7 @@ impl Scheduler {
             let need = cached
                 .as_ref()
                 .map_or(whole, |c| c.blocks_needed(next.tokens.len() - c.next_pos));
-            self.make_room(need + reserve);
-            if need + reserve > self.pool.available() && !self.running.is_empty() {
+            if !self.make_room(need + reserve) && !self.running.is_empty() {
                 break;
             }
             if whole > self.config.kv_blocks {
@@ -498,8 +506,7 @@ impl Scheduler {
                         .map_or(0, |c| c.blocks_needed(n))
                 })
                 .sum();
-            self.make_room(needed);
-            if needed <= self.pool.available() || self.running.len() == 1 {
+            if self.make_room(needed) || self.running.len() == 1 {
                 break plan;
             }
             self.preempt_newest();
