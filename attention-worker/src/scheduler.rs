@@ -433,18 +433,11 @@ impl Scheduler {
     }
 
     /// Whether the pool has `blocks` free, evicting cached prefixes for them when that frees
-    /// enough (and only then: a cache is not emptied for a request that would still wait).
+    /// enough (`PrefixCache::make_room`).
     fn make_room(&mut self, blocks: usize) -> bool {
-        let available = self.pool.available();
-        if available >= blocks {
-            return true;
-        }
         match self.prefix.as_mut() {
-            Some(p) if available.saturating_add(p.evictable()) >= blocks => {
-                p.make_room(blocks);
-                self.pool.available() >= blocks
-            }
-            _ => false,
+            Some(p) => p.make_room(blocks),
+            None => self.pool.available() >= blocks,
         }
     }
 

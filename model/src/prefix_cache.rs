@@ -17,9 +17,9 @@
 //! block, and a block goes back to the pool when its last holder lets go.
 //!
 //! Entries are evicted least recently used first, and of those touched together the tail
-//! of a chain before its head, when the pool needs blocks ([`PrefixCache::make_room`]): the
-//! scheduler evicts before it preempts. An evicted block still held by a running sequence
-//! goes back when that sequence lets go.
+//! of a chain before its head, when the pool needs blocks and eviction can free enough
+//! ([`PrefixCache::make_room`]): the scheduler evicts before it preempts. Entries whose
+//! blocks running sequences all hold are passed over: evicting them would free nothing.
 //!
 //! The cache lives on the host pool only: a device pool's blocks are not shared.
 
@@ -244,19 +244,42 @@ impl PrefixCache {
         }
     }
 
-    /// Evicts entries until the pool has `blocks` free, or nothing is left to evict.
-    pub fn make_room(&mut self, blocks: usize) {
-        while self.pool.available() < blocks {
-            let Some((_, _, key)) = self.order.pop_first() else {
-                return;
-            };
-            let entry = self.entries.remove(&key).expect("ordered entries exist");
+    /// Whether the pool has `blocks` free, evicting entries (least recently used first, of
+    /// those that free a block) for them when that frees enough — and only then: the cache is
+    /// not emptied for a request that would wait anyway.
+    pub fn make_room(&mut self, blocks: usize) -> bool {
+        let available = self.pool.available();
+        if available >= blocks {
+            return true;
+        }
+        if available.saturating_add(self.evictable()) < blocks {
+            return false;
+        }
+        // Least recently used first, passing over entries that would free nothing (a running
+        // sequence holds all their blocks: they are in use).
+        let frees = |e: &Entry| e.blocks.iter().flatten().any(|b| Arc::strong_count(b) == 1);
+        let victims: Vec<(u64, Reverse<u32>, ChainKey)> = self
+            .order
+            .iter()
+            .filter(|(_, _, key)| frees(&self.entries[key]))
+            .copied()
+            .collect();
+        for victim in victims {
+            if self.pool.available() >= blocks {
+                break;
+            }
+            self.order.remove(&victim);
+            let entry = self
+                .entries
+                .remove(&victim.2)
+                .expect("ordered entries exist");
             let held: Vec<Arc<Block>> = entry.blocks.into_iter().flatten().collect();
             self.blocks -= held.len();
             self.evicted += held.len() as u64;
             self.pool
                 .give_back(held.into_iter().filter_map(Arc::into_inner));
         }
+        self.pool.available() >= blocks
     }
 
     /// Gives every block back.
@@ -389,7 +412,8 @@ mod tests {
     }
 
     /// The pool runs out: the least recently used chain goes first, its tail before its
-    /// head; blocks a running sequence holds come back only when it lets go.
+    /// head; entries a running sequence holds are passed over (they would free nothing) and
+    /// come back only when it lets go; nothing is evicted when eviction cannot free enough.
     #[test]
     fn eviction_frees_the_least_recently_used_tail_first() {
         let c = config(&[false], 8);
@@ -406,7 +430,10 @@ mod tests {
         assert_eq!(prefix.evictable(), 6);
         let held = prefix.lookup(&chain_of(&prefix, &a), 13).unwrap();
         assert_eq!(prefix.evictable(), 3, "a's blocks are held");
-        prefix.make_room(1);
+        // Four blocks cannot be freed while `a`'s are held: nothing is evicted for them.
+        assert!(!prefix.make_room(4));
+        assert_eq!((prefix.blocks(), prefix.evicted()), (6, 0));
+        assert!(prefix.make_room(1));
         assert_eq!(
             (prefix.blocks(), prefix.evicted(), pool.available()),
             (5, 1, 1)
@@ -416,11 +443,13 @@ mod tests {
             8,
             "b's head is still here"
         );
-        // Everything evicted: what `held` shares stays until it is dropped.
-        prefix.make_room(6);
-        assert_eq!((prefix.blocks(), pool.available()), (0, 3));
+        // All that can go: `b`'s blocks; what `held` shares stays until it is dropped.
+        assert!(prefix.make_room(3));
+        assert_eq!((prefix.blocks(), pool.available()), (3, 3));
         drop(held);
-        assert_eq!(pool.available(), 6);
+        assert_eq!(prefix.evictable(), 3);
+        assert!(prefix.make_room(6));
+        assert_eq!((prefix.blocks(), pool.available()), (0, 6));
     }
 
     /// Image patches are part of a block's name: the same token ids with other vision rows
