@@ -225,35 +225,7 @@ async fn http(args: LoadgenArgs) -> Result<()> {
         Duration::from_secs_f64(args.timeout),
     )
     .map_err(anyhow::Error::msg)?;
-    if args.workload == WorkloadKind::SharedPrefix && args.dataset.is_some() {
-        bail!("--workload shared-prefix draws synthetic prompts: it takes no --dataset");
-    }
-    let workload = Arc::new(Workload {
-        model: args.model.clone(),
-        chat: args.chat,
-        stream: !args.no_stream,
-        prompt_lengths: args.prompt_len,
-        output_lengths: args.output_len,
-        token_ids_below: args.token_ids_below,
-        dataset: args
-            .dataset
-            .as_deref()
-            .map(read_dataset)
-            .transpose()
-            .map_err(anyhow::Error::msg)?,
-        shared_prefix: (args.workload == WorkloadKind::SharedPrefix).then_some(SharedPrefix {
-            len: args.prefix_len,
-            groups: args.prefix_groups,
-        }),
-        replay: args
-            .trace
-            .as_deref()
-            .map(read_trace)
-            .transpose()
-            .map_err(anyhow::Error::msg)?,
-        turns: args.turns.max(1),
-        seed: args.seed,
-    });
+    let workload = Arc::new(workload(&args)?);
     // A replayed trace runs to its end unless told otherwise.
     let duration = match (args.duration, args.requests) {
         (None, None) if args.trace.is_none() => Some(Duration::from_secs(10)),
@@ -295,15 +267,7 @@ async fn http(args: LoadgenArgs) -> Result<()> {
         summaries.iter().for_each(|s| print!("{}", s.line()));
     }
     if let Some(out) = &args.out {
-        let all: Vec<_> = reports.iter().map(Report::to_json).collect();
-        let json = match (reports.len(), repeat) {
-            (1, _) => serde_json::to_string_pretty(&all[0])?,
-            (_, 1) => serde_json::to_string_pretty(&all)?,
-            _ => serde_json::to_string_pretty(
-                &serde_json::json!({"runs": all, "summaries": summaries}),
-            )?,
-        };
-        std::fs::write(out, json).with_context(|| format!("writing {}", out.display()))?;
+        write_json(out, &reports, &summaries, repeat)?;
     }
     let plots = match (&args.plot, &args.html) {
         (Some(dir), _) => Some(dir.clone()),
@@ -337,6 +301,59 @@ async fn http(args: LoadgenArgs) -> Result<()> {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+    Ok(())
+}
+
+/// What the run sends, as the flags describe it.
+fn workload(args: &LoadgenArgs) -> Result<Workload> {
+    if args.workload == WorkloadKind::SharedPrefix && args.dataset.is_some() {
+        bail!("--workload shared-prefix draws synthetic prompts: it takes no --dataset");
+    }
+    Ok(Workload {
+        model: args.model.clone(),
+        chat: args.chat,
+        stream: !args.no_stream,
+        prompt_lengths: args.prompt_len,
+        output_lengths: args.output_len,
+        token_ids_below: args.token_ids_below,
+        dataset: args
+            .dataset
+            .as_deref()
+            .map(read_dataset)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+        shared_prefix: (args.workload == WorkloadKind::SharedPrefix).then_some(SharedPrefix {
+            len: args.prefix_len,
+            groups: args.prefix_groups,
+        }),
+        replay: args
+            .trace
+            .as_deref()
+            .map(read_trace)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+        turns: args.turns.max(1),
+        seed: args.seed,
+    })
+}
+
+/// The report(s) as JSON at `out`: one level's object, every level's list, or with repeated
+/// runs every run and each level's summary.
+fn write_json(
+    out: &std::path::Path,
+    reports: &[Report],
+    summaries: &[Summary],
+    repeat: usize,
+) -> Result<()> {
+    let all: Vec<_> = reports.iter().map(Report::to_json).collect();
+    let json = match (reports.len(), repeat) {
+        (1, _) => serde_json::to_string_pretty(&all[0])?,
+        (_, 1) => serde_json::to_string_pretty(&all)?,
+        _ => {
+            serde_json::to_string_pretty(&serde_json::json!({"runs": all, "summaries": summaries}))?
+        }
+    };
+    std::fs::write(out, json).with_context(|| format!("writing {}", out.display()))?;
     Ok(())
 }
 
