@@ -237,55 +237,62 @@ pub async fn shutdown_signal() {
     }
 }
 
-pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
-    let mut config: CoordinatorConfig = load(args.config.as_deref())?;
-    if let Some(v) = args.listen {
-        config.listen = v;
-    }
-    if let Some(v) = args.model {
-        config.model = v;
-    }
-    if args.metrics.is_some() {
-        config.metrics = args.metrics;
-    }
-    if args.http.is_some() {
-        config.http = args.http;
-    }
-    if args.api_key.is_some() {
-        config.api_key = args.api_key;
-    }
-    config.allow_image_urls |= args.allow_image_urls;
-    if args.chat_template.is_some() {
-        config.chat_template = args.chat_template;
-    }
-    if let Some(v) = args.id {
-        config.id = v;
-        if args.data_dir.is_none() && config.data_dir == CoordinatorConfig::default().data_dir {
-            config.data_dir = format!("expertmesh-data/coordinator-{v}");
+impl CoordinatorArgs {
+    /// Overrides the config file's settings with the flags given.
+    fn apply(self, c: &mut CoordinatorConfig) {
+        if let Some(v) = self.listen {
+            c.listen = v;
+        }
+        if let Some(v) = self.model {
+            c.model = v;
+        }
+        if self.metrics.is_some() {
+            c.metrics = self.metrics;
+        }
+        if self.http.is_some() {
+            c.http = self.http;
+        }
+        if self.api_key.is_some() {
+            c.api_key = self.api_key;
+        }
+        c.allow_image_urls |= self.allow_image_urls;
+        if self.chat_template.is_some() {
+            c.chat_template = self.chat_template;
+        }
+        if let Some(v) = self.id {
+            c.id = v;
+            if self.data_dir.is_none() && c.data_dir == CoordinatorConfig::default().data_dir {
+                c.data_dir = format!("expertmesh-data/coordinator-{v}");
+            }
+        }
+        if let Some(v) = self.peers {
+            c.peers = v;
+        }
+        if let Some(v) = self.data_dir {
+            c.data_dir = v;
+        }
+        c.join |= self.join;
+        if self.join_token.is_some() {
+            c.join_token = self.join_token;
+        }
+        if let Some(v) = self.lease_ms {
+            c.lease_ms = v;
+        }
+        if let Some(v) = self.min_replicas {
+            c.min_replicas = v;
+        }
+        if let Some(v) = self.redundancy {
+            c.redundancy = v;
+        }
+        if let Some(v) = self.rebalance_percent {
+            c.rebalance_percent = v;
         }
     }
-    if let Some(v) = args.peers {
-        config.peers = v;
-    }
-    if let Some(v) = args.data_dir {
-        config.data_dir = v;
-    }
-    config.join |= args.join;
-    if args.join_token.is_some() {
-        config.join_token = args.join_token;
-    }
-    if let Some(v) = args.lease_ms {
-        config.lease_ms = v;
-    }
-    if let Some(v) = args.min_replicas {
-        config.min_replicas = v;
-    }
-    if let Some(v) = args.redundancy {
-        config.redundancy = v;
-    }
-    if let Some(v) = args.rebalance_percent {
-        config.rebalance_percent = v;
-    }
+}
+
+pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    let mut config: CoordinatorConfig = load(args.config.as_deref())?;
+    args.apply(&mut config);
     let source: ModelSource = config.model.parse()?;
     let model = source
         .config()
