@@ -207,6 +207,50 @@ fn join_token() -> String {
     format!("{:x}{:x}", nanos, std::process::id())
 }
 
+/// The flags of coordinator `i` (0-based, listening on `port`) of a local cluster whose
+/// group is `peers` (`ID=HOST:PORT`).
+fn coordinator_args(
+    spec: &ClusterSpec,
+    i: usize,
+    port: u16,
+    peers: &[String],
+    data_dir: &std::path::Path,
+    token: &str,
+) -> Vec<String> {
+    let id = i + 1;
+    let mut args: Vec<String> = vec![
+        "coordinator".into(),
+        "--id".into(),
+        id.to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--peers".into(),
+        peers.join(","),
+        "--data-dir".into(),
+        data_dir
+            .join(format!("coordinator-{id}"))
+            .display()
+            .to_string(),
+        "--model".into(),
+        spec.model.clone(),
+        "--join-token".into(),
+        token.to_owned(),
+    ];
+    if let Some(h) = &spec.http {
+        let h = if i == 0 {
+            h.clone()
+        } else {
+            "127.0.0.1:0".into()
+        };
+        args.extend(["--http".into(), h]);
+    }
+    if let Some(k) = &spec.api_key {
+        args.extend(["--api-key".into(), k.clone()]);
+    }
+    args.extend(spec.coordinator_args.iter().cloned());
+    args
+}
+
 impl LocalCluster {
     pub fn start(spec: &ClusterSpec) -> Result<Self> {
         let model = spec.model.clone();
@@ -243,38 +287,8 @@ impl LocalCluster {
         }
         .into_iter()
         .map(|p| format!("127.0.0.1:{p}"));
-        for (i, port) in ports.iter().enumerate() {
-            let id = i + 1;
-            let mut args: Vec<String> = vec![
-                "coordinator".into(),
-                "--id".into(),
-                id.to_string(),
-                "--listen".into(),
-                format!("127.0.0.1:{port}"),
-                "--peers".into(),
-                peers.join(","),
-                "--data-dir".into(),
-                data_dir
-                    .join(format!("coordinator-{id}"))
-                    .display()
-                    .to_string(),
-                "--model".into(),
-                model.clone(),
-                "--join-token".into(),
-                token.clone(),
-            ];
-            if let Some(h) = &spec.http {
-                let h = if i == 0 {
-                    h.clone()
-                } else {
-                    "127.0.0.1:0".into()
-                };
-                args.extend(["--http".into(), h]);
-            }
-            if let Some(k) = &spec.api_key {
-                args.extend(["--api-key".into(), k.clone()]);
-            }
-            args.extend(spec.coordinator_args.iter().cloned());
+        for (i, &port) in ports.iter().enumerate() {
+            let mut args = coordinator_args(spec, i, port, &peers, &data_dir, &token);
             let metrics = metrics_ports.next();
             args.extend(metrics.iter().flat_map(|m| ["--metrics".into(), m.clone()]));
             let (process, more) =
