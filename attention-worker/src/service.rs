@@ -267,6 +267,12 @@ impl AttentionService for AttentionServer {
             .and_then(|v| v.to_str().ok())
             .and_then(expertmesh_proto::trace::TraceParent::parse);
         let trace_id = trace.map_or_else(String::new, |t| t.trace_id_hex());
+        // The request's span here: from admission to its last event (exported with
+        // `--otlp-endpoint`, as a child of the gateway's).
+        let span = tracing::info_span!("generate", trace_id);
+        if let Some(t) = &trace {
+            expertmesh_proto::trace::join(&span, t);
+        }
         let mut r = r.into_inner();
         let images = std::mem::take(&mut r.images);
         if r.logit_bias.len() > expertmesh_model::sampling::LOGIT_BIAS_MAX {
@@ -286,12 +292,14 @@ impl AttentionService for AttentionServer {
         let constraint = self.constraint(&req).await?;
         let rows = req.prompt.len() as u64;
         let vocab = self.model.config().vocab_size as u64;
-        tracing::info!(
-            trace_id,
-            prompt_tokens = req.prompt.len(),
-            max_tokens = req.max_new_tokens,
-            "generate"
-        );
+        span.in_scope(|| {
+            tracing::info!(
+                trace_id,
+                prompt_tokens = req.prompt.len(),
+                max_tokens = req.max_new_tokens,
+                "generate"
+            );
+        });
         let rx = self
             .engine
             .submit_with(
@@ -309,12 +317,12 @@ impl AttentionService for AttentionServer {
         let stream = futures_util::StreamExt::flat_map(ReceiverStream::new(rx), move |e| {
             match &e {
                 Event::Token(..) => generated += 1,
-                Event::Finished(reason) => {
+                Event::Finished(reason) => span.in_scope(|| {
                     tracing::info!(trace_id, generated, reason = ?reason, "finished");
-                }
-                Event::Failed(f) => {
+                }),
+                Event::Failed(f) => span.in_scope(|| {
                     tracing::warn!(trace_id, generated, reason = %f.message, "failed");
-                }
+                }),
                 _ => {}
             }
             futures_util::stream::iter(events(e, rows, vocab))

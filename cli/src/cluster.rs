@@ -52,10 +52,7 @@ fn spawn_reading(
     let exe = std::env::current_exe().context("finding the expertmesh binary")?;
     let mut child = Command::new(exe)
         .args(args)
-        .args([
-            "--log-format".to_owned(),
-            crate::logging::format().to_string(),
-        ])
+        .args(crate::logging::telemetry().args())
         .env(PARENT_WATCH_ENV, "1")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

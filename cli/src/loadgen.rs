@@ -1,6 +1,6 @@
 //! `expertmesh loadgen`: load against an OpenAI-compatible endpoint (or, with `experts`,
 //! against the expert tier alone), with a live progress line, a report table, JSON and
-//! PNG plots. The work is in `expertmesh-loadgen`; this parses flags.
+//! SVG plots. The work is in `expertmesh-loadgen`; this parses flags.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -122,7 +122,7 @@ struct LoadgenArgs {
     /// Write the report(s) as JSON here (with `vllm bench serve`'s result keys).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Write PNG plots into this directory.
+    /// Write SVG plots into this directory.
     #[arg(long)]
     plot: Option<PathBuf>,
     /// Write one self-contained HTML page here: the table, the plots, the JSON.
@@ -277,16 +277,8 @@ async fn http(args: LoadgenArgs) -> Result<()> {
         (None, None) => None,
     };
     if let Some(dir) = &plots {
-        let drawn = draw_plots(&reports, &endpoint, dir).await?;
+        let figures = draw_plots(&reports, &endpoint, dir).await?;
         if let Some(html) = &args.html {
-            let figures = drawn
-                .into_iter()
-                .map(|(caption, path)| {
-                    let png = std::fs::read(&path)
-                        .with_context(|| format!("reading {}", path.display()))?;
-                    Ok(Figure { caption, png })
-                })
-                .collect::<Result<Vec<_>>>()?;
             let page = expertmesh_loadgen::html::page(
                 &format!("expertmesh loadgen: {url}"),
                 &reports,
@@ -357,38 +349,64 @@ fn write_json(
     Ok(())
 }
 
-/// Draws the plots of a run into `dir`: (caption, file) of each drawn.
+/// Draws the plots of a run as SVG files into `dir`; each drawn, with its caption.
 async fn draw_plots(
     reports: &[Report],
     endpoint: &Endpoint,
     dir: &std::path::Path,
-) -> Result<Vec<(String, PathBuf)>> {
+) -> Result<Vec<Figure>> {
     std::fs::create_dir_all(dir)?;
     let last = reports.last().expect("at least one level");
-    let mut drawn = Vec::new();
-    let latency = dir.join("latency.png");
-    plot::latency(last, &latency).map_err(anyhow::Error::msg)?;
-    drawn.push(("Latency distributions (last level)".to_owned(), latency));
-    let timeline = dir.join("timeline.png");
-    plot::timeline(last, &timeline).map_err(anyhow::Error::msg)?;
-    drawn.push(("Throughput over time (last level)".to_owned(), timeline));
+    let mut drawn = vec![
+        (
+            "latency",
+            "Latency distributions (last level)",
+            plot::latency(last),
+        ),
+        (
+            "timeline",
+            "Throughput over time (last level)",
+            plot::timeline(last),
+        ),
+    ];
     if reports.len() > 1 {
-        let sweep = dir.join("sweep.png");
-        plot::sweep(reports, &sweep).map_err(anyhow::Error::msg)?;
-        drawn.push(("The sweep: throughput against latency".to_owned(), sweep));
+        drawn.push((
+            "sweep",
+            "The sweep: end-to-end latency against throughput",
+            plot::sweep(reports),
+        ));
+        drawn.push((
+            "pareto",
+            "The sweep's Pareto curve: tokens/s per user against total tokens/s",
+            plot::pareto(reports),
+        ));
     }
-    // expertmesh targets also show where the load went.
+    // expertmesh targets also show where the load went; other servers have no such metrics.
     if let Ok(page) = endpoint.get("/metrics").await {
-        let experts = dir.join("experts.png");
-        if plot::expert_heatmap(&page, &experts).is_ok() {
-            drawn.push(("Routed tokens per expert".to_owned(), experts));
-        }
-        let workers = dir.join("workers.png");
-        if plot::worker_load(&page, &workers).is_ok() {
-            drawn.push(("Load per worker".to_owned(), workers));
+        for (name, caption, svg) in [
+            (
+                "experts",
+                "Routed tokens per expert",
+                plot::expert_heatmap(&page),
+            ),
+            ("workers", "Load per worker", plot::worker_load(&page)),
+        ] {
+            if svg.is_ok() {
+                drawn.push((name, caption, svg));
+            }
         }
     }
-    Ok(drawn)
+    let mut figures = Vec::new();
+    for (name, caption, svg) in drawn {
+        let svg = svg.map_err(anyhow::Error::msg)?;
+        let path = dir.join(format!("{name}.svg"));
+        std::fs::write(&path, &svg).with_context(|| format!("writing {}", path.display()))?;
+        figures.push(Figure {
+            caption: caption.to_owned(),
+            svg,
+        });
+    }
+    Ok(figures)
 }
 
 async fn experts(a: ExpertArgs) -> Result<()> {

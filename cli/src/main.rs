@@ -27,6 +27,10 @@ struct Cli {
     /// it to every process it starts).
     #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text)]
     log_format: logging::LogFormat,
+    /// Export spans over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317); off when
+    /// not given. `up` passes it to every process it starts.
+    #[arg(long, global = true, value_name = "URL")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -63,14 +67,36 @@ enum Command {
     },
 }
 
+impl Command {
+    /// The `service.name` this process's spans are exported under.
+    fn service(&self) -> &'static str {
+        match self {
+            Self::Coordinator(_) => "expertmesh-coordinator",
+            Self::ExpertWorker(_) => "expertmesh-expert-worker",
+            Self::AttentionWorker(_) => "expertmesh-attention-worker",
+            Self::Front(_) => "expertmesh-front",
+            Self::Up(_) => "expertmesh-up",
+            _ => "expertmesh",
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    let telemetry = logging::Telemetry {
+        format: cli.log_format,
+        otlp_endpoint: cli.otlp_endpoint.clone(),
+    };
+    if let Err(e) = logging::init(telemetry, cli.command.service()) {
+        eprintln!("error: the OTLP exporter: {e:#}");
+        return ExitCode::FAILURE;
+    }
     if std::env::var_os(cluster::PARENT_WATCH_ENV).is_some() {
         // Started by `up` (or another local cluster): leave with the parent.
         std::thread::spawn(|| {
             let mut sink = Vec::new();
             let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+            logging::flush();
             std::process::exit(0);
         });
     }
@@ -87,6 +113,7 @@ fn main() -> ExitCode {
         Command::Loadgen(cmd) => loadgen::run(*cmd),
         Command::Bench { which } => bench::run(which),
     };
+    logging::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

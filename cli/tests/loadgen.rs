@@ -1,12 +1,14 @@
 //! `expertmesh loadgen` against `expertmesh up` on the tiny model: zero failures, the
-//! client's token count equal to the server's usage, the JSON report's fields, and plots
-//! that are valid PNG images.
+//! client's token count equal to the server's usage, the JSON report's fields, SVG plots,
+//! and an HTML page that a headless Chromium renders with its plots drawn.
 
 mod common;
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use expertmesh_loadgen::plot;
 use serde_json::Value;
 
 fn free_port() -> u16 {
@@ -19,20 +21,86 @@ fn free_port() -> u16 {
 
 use common::Kill as Up;
 
-fn assert_png(path: &std::path::Path) {
-    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+/// An SVG document with something drawn in it.
+fn assert_svg(path: &Path) {
+    let svg = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(
+        svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+        "{}",
+        path.display()
+    );
+    assert!(
+        svg.contains("<rect") || svg.contains("<circle") || svg.contains("<polyline"),
+        "{} is blank",
+        path.display()
+    );
+}
+
+/// A headless Chromium on this machine: CI installs one (`.ci/run`) and sets
+/// `EXPERTMESH_REQUIRE_BROWSER=1`, so there a missing browser fails instead of skipping.
+fn chromium() -> Option<&'static str> {
+    let found = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| {
+            Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    assert!(
+        found.is_some() || std::env::var_os("EXPERTMESH_REQUIRE_BROWSER").is_none(),
+        "no chromium on PATH and EXPERTMESH_REQUIRE_BROWSER is set"
+    );
+    found
+}
+
+/// Opens `page` in headless Chromium and checks in a screenshot that its plots were drawn:
+/// each series colour covers the area of real bars and points, which a broken image or an
+/// SVG the browser refused would not.
+fn assert_renders(page: &Path, dir: &Path) {
+    let Some(browser) = chromium() else {
+        eprintln!("no chromium: the page was not opened in a browser");
+        return;
+    };
+    let shot = dir.join("page.png");
+    let mut child = Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1000,4200",
+            &format!("--screenshot={}", shot.display()),
+            &format!("file://{}", page.display()),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let give_up = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > give_up {
+            let _ = child.kill();
+            panic!("chromium did not finish in 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let file = std::fs::File::open(&shot).expect("chromium wrote no screenshot");
     let mut reader = png::Decoder::new(std::io::BufReader::new(file))
         .read_info()
         .unwrap();
     let mut buf = vec![0; reader.output_buffer_size().unwrap()];
     let info = reader.next_frame(&mut buf).unwrap();
+    let step = info.color_type.samples();
+    let near = |px: &[u8], c: [u8; 3]| (0..3).all(|k| px[k].abs_diff(c[k]) <= 4);
+    let count = |c: [u8; 3]| buf.chunks_exact(step).filter(|px| near(px, c)).count();
+    let [blue, orange] = [plot::BLUE, plot::ORANGE].map(|c| count([c.0, c.1, c.2]));
+    // Histogram bars, the worker bars and the points: thousands of pixels of each colour.
     assert!(
-        info.width >= 100 && info.height >= 100,
-        "{}",
-        path.display()
+        blue > 3000 && orange > 3000,
+        "the plots did not render: {blue} blue and {orange} orange pixels in {}",
+        shot.display()
     );
-    // Something was drawn: not every pixel is white.
-    assert!(buf.iter().any(|&b| b < 200), "{} is blank", path.display());
 }
 
 #[test]
@@ -103,8 +171,8 @@ fn loadgen_against_up() {
         }
         assert!(r[lat]["p50"].as_f64().unwrap() <= r[lat]["max"].as_f64().unwrap());
     }
-    for png in ["latency.png", "timeline.png", "experts.png", "workers.png"] {
-        assert_png(&plots.join(png));
+    for svg in ["latency.svg", "timeline.svg", "experts.svg", "workers.svg"] {
+        assert_svg(&plots.join(svg));
     }
     // Goodput against a generous SLO: every request; vLLM's result keys beside ours.
     assert_eq!(r["goodput"]["requests_met"], r["requests_ok"], "{r}");
@@ -112,7 +180,7 @@ fn loadgen_against_up() {
     assert!(r["request_goodput"].as_f64().unwrap() > 0.0);
     assert!(r["median_tpot_ms"].as_f64().unwrap() > 0.0);
     let html = std::fs::read_to_string(&page).unwrap();
-    assert!(html.contains("<table>") && html.matches("data:image/png;base64,").count() == 4);
+    assert!(html.contains("<table>") && html.matches("data:image/svg+xml;base64,").count() == 4);
     // A sweep writes one report per level and the throughput-latency curve.
     let run = common::expertmesh(&[
         "loadgen",
@@ -135,6 +203,8 @@ fn loadgen_against_up() {
         out.to_str().unwrap(),
         "--plot",
         plots.to_str().unwrap(),
+        "--html",
+        page.to_str().unwrap(),
     ]);
     assert!(
         run.status.success(),
@@ -145,7 +215,11 @@ fn loadgen_against_up() {
     assert_eq!(levels.as_array().unwrap().len(), 2);
     assert_eq!(levels[1]["label"], "concurrency=3");
     assert_eq!(levels[1]["requests_ok"], 6);
-    assert_png(&plots.join("sweep.png"));
+    assert_svg(&plots.join("sweep.svg"));
+    assert_svg(&plots.join("pareto.svg"));
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert_eq!(html.matches("data:image/svg+xml;base64,").count(), 6);
+    assert_renders(&page, dir.path());
     let table = String::from_utf8_lossy(&run.stdout);
     assert!(
         table.contains("concurrency=1") && table.contains("concurrency=3"),

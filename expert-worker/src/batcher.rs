@@ -182,8 +182,18 @@ async fn run(
                 jobs.len(),
                 jobs.iter().map(|j| j.batch.rows()).sum::<usize>(),
             );
+            // A span for the collector (with --otlp-endpoint): in the trace of the first
+            // request with rows here, linked to the others'.
+            let span = if expertmesh_proto::trace::exporting() {
+                let span = tracing::info_span!("expert_batch", layer, dispatches, rows);
+                expertmesh_proto::trace::join_all(&span, traces_of(&jobs));
+                span
+            } else {
+                tracing::Span::none()
+            };
             let started = std::time::Instant::now();
-            let expired = process(&shard, layer, dtype, jobs).await;
+            let expired =
+                tracing::Instrument::instrument(process(&shard, layer, dtype, jobs), span).await;
             let nanos = started.elapsed().as_nanos() as u64;
             stats.expired.fetch_add(expired as u64, Ordering::Relaxed);
             tracing::debug!(
@@ -203,13 +213,17 @@ async fn run(
     }
 }
 
+/// The distinct trace ids of `jobs`.
+fn traces_of(jobs: &[QueuedBatch]) -> std::collections::BTreeSet<u128> {
+    jobs.iter()
+        .flat_map(|j| j.batch.traces.iter().copied())
+        .collect()
+}
+
 /// The distinct trace ids of `jobs`, as W3C writes them, comma-separated.
 fn trace_list(jobs: &[QueuedBatch]) -> String {
-    let ids: std::collections::BTreeSet<u128> = jobs
+    traces_of(jobs)
         .iter()
-        .flat_map(|j| j.batch.traces.iter().copied())
-        .collect();
-    ids.iter()
         .map(|t| format!("{t:032x}"))
         .collect::<Vec<_>>()
         .join(",")

@@ -177,7 +177,9 @@ async fn handle(app: Arc<App>, headers: HeaderMap, body: Body, chat: bool) -> Re
         .and_then(expertmesh_proto::trace::TraceParent::parse)
         .unwrap_or_else(expertmesh_proto::trace::TraceParent::start);
     let span = tracing::info_span!("request", trace_id = %trace.trace_id_hex(), endpoint);
-    let completed = complete(app.clone(), headers, body, chat, trace);
+    // What the attention worker gets: this trace, this span as its parent.
+    let onward = expertmesh_proto::trace::join(&span, &trace);
+    let completed = complete(app.clone(), headers, body, chat, onward);
     let response = match tracing::Instrument::instrument(completed, span.clone()).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -210,7 +212,7 @@ async fn complete(
         .map_err(|_| ApiError::Overloaded("too many requests in flight".into()))?;
     let images = images::load(&request.images, &app.config.images, &app.processor).await?;
     let mut valid = app.validator.validate(request, chat, images)?;
-    valid.trace = Some(trace.child(expertmesh_proto::trace::TraceParent::new_span_id()));
+    valid.trace = Some(trace);
     if let Some((spec, field)) = &valid.request.grammar {
         app.validator.check_grammar(spec, field).await?;
     }

@@ -1,5 +1,5 @@
 //! One self-contained HTML page of a run: the table of every level, the plots inlined as
-//! PNG data URLs, and the JSON of each level — a file to mail or attach, that opens with no
+//! SVG data URLs (as images, so nothing in them runs), and the JSON of each level — a file to mail or attach, that opens with no
 //! server and nothing beside it.
 
 use std::fmt::Write;
@@ -8,10 +8,10 @@ use base64::Engine as _;
 
 use crate::report::{Percentiles, Report};
 
-/// A plot for the page: its caption and its PNG bytes.
+/// A plot for the page: its caption and its SVG document.
 pub struct Figure {
     pub caption: String,
-    pub png: Vec<u8>,
+    pub svg: String,
 }
 
 /// Text made safe inside HTML.
@@ -60,11 +60,11 @@ pub fn page(title: &str, reports: &[Report], figures: &[Figure]) -> String {
     }
     out += "</table>\n";
     for f in figures {
-        let data = base64::engine::general_purpose::STANDARD.encode(&f.png);
+        let data = base64::engine::general_purpose::STANDARD.encode(&f.svg);
         let caption = escape(&f.caption);
         let _ = writeln!(
             out,
-            "<figure><img alt=\"{caption}\" src=\"data:image/png;base64,{data}\">\
+            "<figure><img alt=\"{caption}\" src=\"data:image/svg+xml;base64,{data}\">\
              <figcaption>{caption}</figcaption></figure>"
         );
     }
@@ -85,7 +85,7 @@ pub fn page(title: &str, reports: &[Report], figures: &[Figure]) -> String {
 mod tests {
     use super::*;
 
-    /// The page holds the table, each figure as a PNG that decodes back to its bytes, and
+    /// The page holds the table, each figure as an SVG that decodes back to its text, and
     /// no unescaped markup from a label.
     #[test]
     fn the_page_holds_the_table_and_the_figures() {
@@ -94,13 +94,13 @@ mod tests {
             requests_ok: 7,
             ..Report::default()
         };
-        let png = vec![0x89, b'P', b'N', b'G', 1, 2, 3];
+        let svg = "<svg><rect/></svg>".to_owned();
         let html = page(
             "run & done",
             &[report],
             &[Figure {
                 caption: "latency".into(),
-                png: png.clone(),
+                svg: svg.clone(),
             }],
         );
         assert!(html.starts_with("<!DOCTYPE html>"));
@@ -108,14 +108,14 @@ mod tests {
         assert!(html.contains("<td>c=&lt;4&gt;</td><td>7</td>"));
         assert!(!html.contains("<4>"));
         let data = html
-            .split("data:image/png;base64,")
+            .split("data:image/svg+xml;base64,")
             .nth(1)
             .and_then(|rest| rest.split('"').next())
             .unwrap();
         let back = base64::engine::general_purpose::STANDARD
             .decode(data)
             .unwrap();
-        assert_eq!(back, png);
+        assert_eq!(back, svg.as_bytes());
         assert!(
             html.contains("&quot;completed&quot;: 7"),
             "the vLLM keys in the JSON"

@@ -5,7 +5,7 @@
 //! [`runner`] sends them as a closed or open loop through the small HTTP [`client`], and the
 //! [`report`] turns what came back into counts, throughput, latency percentiles and goodput
 //! against an [`slo`], printed as a table, written as JSON (with `vllm bench serve`'s keys),
-//! drawn as PNG [`plot`]s and put on one self-contained [`html`] page; [`repeat`]ed runs of
+//! drawn as SVG [`plot`]s and put on one self-contained [`html`] page; [`repeat`]ed runs of
 //! a level give each figure's mean and confidence interval. [`experts`] loads the expert
 //! tier alone, straight over the dispatch protocol.
 

@@ -1,359 +1,283 @@
-//! PNG plots of a run, drawn on a plain RGB canvas with a 3×5 pixel font (no font files,
-//! no plotting dependency): latency distributions, throughput and latency over time, the
-//! throughput-latency curve of a sweep, and, from an expertmesh `/metrics` page, the
-//! per-layer × per-expert routed load and per-worker load.
+//! SVG plots of a run, drawn with plotters (text is SVG text the viewer renders: no font
+//! files): latency distributions, throughput and latency over time, the throughput-latency
+//! curve and the Pareto curve of a sweep, and, from an expertmesh `/metrics` page, the
+//! per-layer × per-expert routed load and per-worker load. Each function returns the SVG
+//! document; the caller writes it or puts it on the HTML page.
 
-use std::path::Path;
+use plotters::coord::Shift;
+use plotters::prelude::*;
 
 use crate::report::Report;
 
-type Rgb = [u8; 3];
-const BLACK: Rgb = [20, 20, 20];
-const GREY: Rgb = [200, 200, 200];
-const BLUE: Rgb = [40, 90, 200];
-const ORANGE: Rgb = [230, 120, 30];
+/// The two series colours; fills use them solid, so a rendered page can be checked for them.
+pub const BLUE: RGBColor = RGBColor(40, 90, 200);
+pub const ORANGE: RGBColor = RGBColor(230, 120, 30);
+const FONT: &str = "sans-serif";
 
-struct Canvas {
-    w: usize,
-    h: usize,
-    px: Vec<u8>,
+type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
+type Drawn = Result<(), Box<dyn std::error::Error>>;
+
+/// An SVG of `size` pixels, white, with `draw` run on its drawing area.
+fn svg(size: (u32, u32), draw: impl FnOnce(&Area) -> Drawn) -> Result<String, String> {
+    let mut out = String::new();
+    {
+        let root = SVGBackend::with_string(&mut out, size).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        draw(&root).map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())?;
+    }
+    Ok(out)
 }
 
-impl Canvas {
-    fn new(w: usize, h: usize) -> Self {
-        Self {
-            w,
-            h,
-            px: vec![255; w * h * 3],
-        }
-    }
-
-    fn set(&mut self, x: i64, y: i64, c: Rgb) {
-        if x >= 0 && y >= 0 && (x as usize) < self.w && (y as usize) < self.h {
-            let i = (y as usize * self.w + x as usize) * 3;
-            self.px[i..i + 3].copy_from_slice(&c);
-        }
-    }
-
-    fn rect(&mut self, x0: i64, y0: i64, x1: i64, y1: i64, c: Rgb) {
-        for y in y0.min(y1)..=y0.max(y1) {
-            for x in x0.min(x1)..=x0.max(x1) {
-                self.set(x, y, c);
-            }
-        }
-    }
-
-    fn line(&mut self, (mut x0, mut y0): (i64, i64), (x1, y1): (i64, i64), c: Rgb) {
-        let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
-        let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
-        let mut err = dx + dy;
-        loop {
-            self.set(x0, y0, c);
-            if x0 == x1 && y0 == y1 {
-                return;
-            }
-            let e2 = 2 * err;
-            if e2 >= dy {
-                err += dy;
-                x0 += sx;
-            }
-            if e2 <= dx {
-                err += dx;
-                y0 += sy;
-            }
-        }
-    }
-
-    /// Text in the 3×5 font, scaled ×2, upper-cased.
-    fn text(&mut self, x: i64, y: i64, s: &str, c: Rgb) {
-        for (k, ch) in s.chars().enumerate() {
-            let g = glyph(ch.to_ascii_uppercase());
-            for row in 0..5 {
-                for col in 0..3 {
-                    if g >> (14 - (row * 3 + col)) & 1 == 1 {
-                        let (px, py) = (x + (k as i64) * 8 + col * 2, y + row * 2);
-                        self.rect(px, py, px + 1, py + 1, c);
-                    }
-                }
-            }
-        }
-    }
-
-    fn save(&self, path: &Path) -> Result<(), String> {
-        let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut enc =
-            png::Encoder::new(std::io::BufWriter::new(file), self.w as u32, self.h as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut writer = enc.write_header().map_err(|e| e.to_string())?;
-        writer.write_image_data(&self.px).map_err(|e| e.to_string())
-    }
-}
-
-/// 3×5 glyphs, rows top to bottom, 3 bits each (left bit first).
-fn glyph(c: char) -> u16 {
-    let rows: [u8; 5] = match c {
-        '0' => [7, 5, 5, 5, 7],
-        '1' => [2, 6, 2, 2, 7],
-        '2' => [7, 1, 7, 4, 7],
-        '3' => [7, 1, 7, 1, 7],
-        '4' => [5, 5, 7, 1, 1],
-        '5' => [7, 4, 7, 1, 7],
-        '6' => [7, 4, 7, 5, 7],
-        '7' => [7, 1, 1, 1, 1],
-        '8' => [7, 5, 7, 5, 7],
-        '9' => [7, 5, 7, 1, 7],
-        '.' => [0, 0, 0, 0, 2],
-        '-' => [0, 0, 7, 0, 0],
-        'A' => [2, 5, 7, 5, 5],
-        'B' => [6, 5, 6, 5, 6],
-        'C' => [3, 4, 4, 4, 3],
-        'D' => [6, 5, 5, 5, 6],
-        'E' => [7, 4, 6, 4, 7],
-        'F' => [7, 4, 6, 4, 4],
-        'G' => [3, 4, 5, 5, 3],
-        'H' => [5, 5, 7, 5, 5],
-        'I' => [7, 2, 2, 2, 7],
-        'J' => [1, 1, 1, 5, 2],
-        'K' => [5, 5, 6, 5, 5],
-        'L' => [4, 4, 4, 4, 7],
-        'M' => [5, 7, 7, 5, 5],
-        'N' => [6, 5, 5, 5, 5],
-        'O' => [2, 5, 5, 5, 2],
-        'P' => [6, 5, 6, 4, 4],
-        'Q' => [2, 5, 5, 6, 3],
-        'R' => [6, 5, 6, 5, 5],
-        'S' => [3, 4, 2, 1, 6],
-        'T' => [7, 2, 2, 2, 2],
-        'U' => [5, 5, 5, 5, 7],
-        'V' => [5, 5, 5, 5, 2],
-        'W' => [5, 5, 7, 7, 5],
-        'X' => [5, 5, 2, 5, 5],
-        'Y' => [5, 5, 2, 2, 2],
-        'Z' => [7, 1, 2, 4, 7],
-        '/' => [1, 1, 2, 4, 4],
-        ':' => [0, 2, 0, 2, 0],
-        '=' => [0, 7, 0, 7, 0],
-        '_' => [0, 0, 0, 0, 7],
-        '%' => [5, 1, 2, 4, 5],
-        ',' => [0, 0, 0, 2, 4],
-        _ => [0; 5],
-    };
-    rows.iter().fold(0u16, |acc, r| (acc << 3) | u16::from(*r))
-}
-
-/// A chart panel with axes and min/max labels; maps data to pixels.
-struct Panel {
-    x0: i64,
-    y0: i64,
-    w: i64,
-    h: i64,
-    xmax: f64,
-    ymax: f64,
-}
-
-impl Panel {
-    fn draw(
-        c: &mut Canvas,
-        (x0, y0, w, h): (i64, i64, i64, i64),
-        title: &str,
-        xlabel: &str,
-        xmax: f64,
-        ymax: f64,
-    ) -> Self {
-        let (xmax, ymax) = (xmax.max(1e-9), ymax.max(1e-9));
-        c.text(x0, y0 - 16, title, BLACK);
-        c.line((x0, y0 + h), (x0 + w, y0 + h), BLACK);
-        c.line((x0, y0), (x0, y0 + h), BLACK);
-        for k in 1..4 {
-            let y = y0 + h - h * k / 4;
-            c.line((x0 + 1, y), (x0 + w, y), GREY);
-        }
-        c.text(x0 - 8 * fmt(ymax).len() as i64 - 4, y0, &fmt(ymax), BLACK);
-        c.text(x0 - 12, y0 + h - 8, "0", BLACK);
-        c.text(
-            x0 + w - 8 * fmt(xmax).len() as i64,
-            y0 + h + 6,
-            &fmt(xmax),
-            BLACK,
-        );
-        c.text(
-            x0 + w / 2 - 4 * xlabel.len() as i64,
-            y0 + h + 6,
-            xlabel,
-            BLACK,
-        );
-        Self {
-            x0,
-            y0,
-            w,
-            h,
-            xmax,
-            ymax,
-        }
-    }
-
-    fn at(&self, x: f64, y: f64) -> (i64, i64) {
-        (
-            self.x0 + ((x / self.xmax).clamp(0.0, 1.0) * self.w as f64) as i64,
-            self.y0 + self.h - ((y / self.ymax).clamp(0.0, 1.0) * self.h as f64) as i64,
-        )
-    }
-}
-
-fn fmt(v: f64) -> String {
-    if v >= 100.0 {
-        format!("{v:.0}")
-    } else if v >= 1.0 {
-        format!("{v:.1}")
+/// The upper end of an axis showing values up to `max` (never an empty range).
+fn top(max: f64) -> f64 {
+    if max.is_finite() && max > 0.0 {
+        max * 1.05
     } else {
-        format!("{v:.3}")
+        1.0
     }
 }
 
-fn histogram(
-    c: &mut Canvas,
-    frame: (i64, i64, i64, i64),
-    title: &str,
-    values_ms: &[f64],
-    color: Rgb,
-) {
+fn ms(v: &[std::time::Duration]) -> Vec<f64> {
+    v.iter().map(|d| d.as_secs_f64() * 1e3).collect()
+}
+
+/// A histogram of `values_ms` in 40 bins on `area`.
+fn histogram(area: &Area, title: &str, unit: &str, values_ms: &[f64], color: RGBColor) -> Drawn {
     const BINS: usize = 40;
     let max = values_ms.iter().copied().fold(0.0, f64::max).max(1e-6);
+    let width = max / BINS as f64;
     let mut counts = [0usize; BINS];
     for v in values_ms {
-        counts[((v / max) * (BINS - 1) as f64) as usize] += 1;
+        counts[((v / width) as usize).min(BINS - 1)] += 1;
     }
-    let top = *counts.iter().max().unwrap_or(&1) as f64;
-    let p = Panel::draw(c, frame, title, "MS", max, top);
-    let bw = p.w / BINS as i64;
-    for (i, n) in counts.iter().enumerate() {
-        if *n > 0 {
-            let (_, y) = p.at(0.0, *n as f64);
-            let x = p.x0 + i as i64 * bw + 1;
-            c.rect(x, y, x + bw - 2, p.y0 + p.h - 1, color);
-        }
-    }
+    let most = counts.iter().copied().max().unwrap_or(0) as f64;
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, (FONT, 18))
+        .margin(8)
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..max, 0.0..top(most))?;
+    chart
+        .configure_mesh()
+        .x_desc("ms")
+        .y_desc(unit)
+        .light_line_style(WHITE)
+        .draw()?;
+    chart.draw_series(
+        counts
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| {
+                let x = i as f64 * width;
+                Rectangle::new([(x, 0.0), (x + width * 0.9, *n as f64)], color.filled())
+            }),
+    )?;
+    Ok(())
 }
 
 /// Latency distributions: time to first token, inter-token latency, end to end.
-pub fn latency(report: &Report, path: &Path) -> Result<(), String> {
-    let mut c = Canvas::new(900, 720);
-    let ms =
-        |v: &[std::time::Duration]| v.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>();
+pub fn latency(report: &Report) -> Result<String, String> {
     let s = &report.samples;
-    histogram(
-        &mut c,
-        (90, 40, 780, 160),
-        "TIME TO FIRST TOKEN - REQUESTS PER BIN",
-        &ms(&s.ttft),
-        BLUE,
-    );
-    histogram(
-        &mut c,
-        (90, 270, 780, 160),
-        "INTER-TOKEN LATENCY - TOKENS PER BIN",
-        &ms(&s.itl),
-        ORANGE,
-    );
-    histogram(
-        &mut c,
-        (90, 500, 780, 160),
-        "END TO END - REQUESTS PER BIN",
-        &ms(&s.e2e),
-        BLUE,
-    );
-    c.save(path)
+    svg((900, 780), |root| {
+        let panels = root.split_evenly((3, 1));
+        histogram(
+            &panels[0],
+            "Time to first token",
+            "requests",
+            &ms(&s.ttft),
+            BLUE,
+        )?;
+        histogram(
+            &panels[1],
+            "Inter-token latency",
+            "tokens",
+            &ms(&s.itl),
+            ORANGE,
+        )?;
+        histogram(&panels[2], "End to end", "requests", &ms(&s.e2e), BLUE)
+    })
 }
 
-/// Output tokens/s per second of the run, and each request's end-to-end latency by start.
-pub fn timeline(report: &Report, path: &Path) -> Result<(), String> {
-    let mut c = Canvas::new(900, 520);
-    let t_max = report.timeline.last().map_or(1.0, |s| s.t as f64 + 1.0);
-    let tok_max = report
-        .timeline
-        .iter()
-        .map(|s| s.output_tokens as f64)
-        .fold(0.0, f64::max);
-    let p = Panel::draw(
-        &mut c,
-        (90, 40, 780, 180),
-        "OUTPUT TOKENS/S OVER TIME",
-        "S",
-        t_max,
-        tok_max,
-    );
-    let points: Vec<(i64, i64)> = report
-        .timeline
-        .iter()
-        .map(|s| p.at(s.t as f64 + 0.5, s.output_tokens as f64))
-        .collect();
-    for w in points.windows(2) {
-        c.line(w[0], w[1], BLUE);
-    }
-    let starts = &report.samples.starts;
-    let e2e_max = starts
-        .iter()
-        .map(|(_, e)| e.as_secs_f64() * 1e3)
-        .fold(0.0, f64::max);
-    let span = starts
-        .iter()
-        .map(|(s, _)| s.as_secs_f64())
-        .fold(1.0, f64::max);
-    let p = Panel::draw(
-        &mut c,
-        (90, 300, 780, 180),
-        "END TO END MS BY START TIME",
-        "S",
-        span,
-        e2e_max,
-    );
-    for (s, e) in starts {
-        let (x, y) = p.at(s.as_secs_f64(), e.as_secs_f64() * 1e3);
-        c.rect(x - 1, y - 1, x + 1, y + 1, ORANGE);
-    }
-    c.save(path)
-}
-
-/// A sweep's throughput-latency curve: output tokens/s against p50 and p99 end to end.
-pub fn sweep(reports: &[Report], path: &Path) -> Result<(), String> {
-    let mut c = Canvas::new(900, 520);
-    let x_max = reports
-        .iter()
-        .map(|r| r.output_tokens_per_s)
-        .fold(0.0, f64::max);
-    let y_max = reports.iter().map(|r| r.e2e_ms.p99).fold(0.0, f64::max);
-    let p = Panel::draw(
-        &mut c,
-        (90, 50, 780, 400),
-        "E2E MS P50 BLUE P99 ORANGE BY OUTPUT TOKENS/S",
-        "TOK/S",
-        x_max,
-        y_max,
-    );
-    let p50: fn(&Report) -> f64 = |r| r.e2e_ms.p50;
-    let p99: fn(&Report) -> f64 = |r| r.e2e_ms.p99;
-    for (get, color) in [(p50, BLUE), (p99, ORANGE)] {
-        let pts: Vec<(i64, i64)> = reports
+/// Output tokens/s in each second of the run, and each request's end-to-end latency by its
+/// start.
+pub fn timeline(report: &Report) -> Result<String, String> {
+    svg((900, 560), |root| {
+        let (upper, lower) = root.split_vertically(280);
+        let t_max = report.timeline.last().map_or(1.0, |s| s.t as f64 + 1.0);
+        let tok_max = report
+            .timeline
             .iter()
-            .map(|r| p.at(r.output_tokens_per_s, get(r)))
-            .collect();
-        for w in pts.windows(2) {
-            c.line(w[0], w[1], color);
+            .map(|s| s.output_tokens as f64)
+            .fold(0.0, f64::max);
+        let mut chart = ChartBuilder::on(&upper)
+            .caption("Output tokens/s over time", (FONT, 18))
+            .margin(8)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0.0..t_max, 0.0..top(tok_max))?;
+        chart
+            .configure_mesh()
+            .x_desc("s")
+            .y_desc("tokens/s")
+            .draw()?;
+        let points = report
+            .timeline
+            .iter()
+            .map(|s| (s.t as f64 + 0.5, s.output_tokens as f64));
+        chart.draw_series(LineSeries::new(points.clone(), BLUE.stroke_width(2)))?;
+        chart.draw_series(points.map(|p| Circle::new(p, 3, BLUE.filled())))?;
+        let starts = &report.samples.starts;
+        let span = starts
+            .iter()
+            .map(|(s, _)| s.as_secs_f64())
+            .fold(0.0, f64::max);
+        let e2e_max = starts
+            .iter()
+            .map(|(_, e)| e.as_secs_f64() * 1e3)
+            .fold(0.0, f64::max);
+        let mut chart = ChartBuilder::on(&lower)
+            .caption("End to end by start time", (FONT, 18))
+            .margin(8)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0.0..top(span), 0.0..top(e2e_max))?;
+        chart.configure_mesh().x_desc("s").y_desc("ms").draw()?;
+        chart.draw_series(starts.iter().map(|(s, e)| {
+            Circle::new((s.as_secs_f64(), e.as_secs_f64() * 1e3), 3, ORANGE.filled())
+        }))?;
+        Ok(())
+    })
+}
+
+/// The level's value on a sweep's axis: what follows `=` in its label ("concurrency=4").
+fn level(report: &Report) -> &str {
+    report.label.split('=').nth(1).unwrap_or(&report.label)
+}
+
+/// A sweep's throughput-latency curve: end-to-end p50 and p99 against output tokens/s,
+/// each point named by its level.
+pub fn sweep(reports: &[Report]) -> Result<String, String> {
+    svg((900, 520), |root| {
+        let x_max = reports
+            .iter()
+            .map(|r| r.output_tokens_per_s)
+            .fold(0.0, f64::max);
+        let y_max = reports.iter().map(|r| r.e2e_ms.p99).fold(0.0, f64::max);
+        let mut chart = ChartBuilder::on(root)
+            .caption("End-to-end latency against throughput", (FONT, 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..top(x_max), 0.0..top(y_max))?;
+        chart
+            .configure_mesh()
+            .x_desc("output tokens/s")
+            .y_desc("end to end, ms")
+            .draw()?;
+        let p50: fn(&Report) -> f64 = |r| r.e2e_ms.p50;
+        let p99: fn(&Report) -> f64 = |r| r.e2e_ms.p99;
+        for (name, get, color) in [("p50", p50, BLUE), ("p99", p99, ORANGE)] {
+            let points: Vec<(f64, f64)> = reports
+                .iter()
+                .map(|r| (r.output_tokens_per_s, get(r)))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+                .label(name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
         }
-        for (k, &(x, y)) in pts.iter().enumerate() {
-            c.rect(x - 2, y - 2, x + 2, y + 2, color);
-            if color == BLUE {
-                c.text(
-                    x + 4,
-                    y - 14,
-                    reports[k].label.split('=').nth(1).unwrap_or(""),
-                    BLACK,
-                );
-            }
-        }
+        chart.draw_series(reports.iter().map(|r| {
+            Text::new(
+                level(r).to_owned(),
+                (r.output_tokens_per_s, r.e2e_ms.p50),
+                (FONT, 14),
+            )
+        }))?;
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()?;
+        Ok(())
+    })
+}
+
+/// Tokens per second one user sees at a level: 1000 / the median time per output token.
+pub fn per_user_tokens_per_s(report: &Report) -> f64 {
+    if report.tpot_ms.p50 > 0.0 {
+        1e3 / report.tpot_ms.p50
+    } else {
+        0.0
     }
-    c.save(path)
+}
+
+/// The levels on the Pareto front of (total tokens/s, tokens/s per user): no other level
+/// is at least as good on both and better on one. Indices, by total tokens/s.
+pub fn pareto_front(reports: &[Report]) -> Vec<usize> {
+    let point = |r: &Report| (r.output_tokens_per_s, per_user_tokens_per_s(r));
+    let mut front: Vec<usize> = (0..reports.len())
+        .filter(|&i| {
+            let (a, b) = point(&reports[i]);
+            !reports.iter().any(|o| {
+                let (x, y) = point(o);
+                x >= a && y >= b && (x > a || y > b)
+            })
+        })
+        .collect();
+    front.sort_by(|&i, &j| {
+        reports[i]
+            .output_tokens_per_s
+            .total_cmp(&reports[j].output_tokens_per_s)
+    });
+    front
+}
+
+/// A sweep's Pareto curve: tokens/s per user against total output tokens/s, every level a
+/// point, the front joined.
+pub fn pareto(reports: &[Report]) -> Result<String, String> {
+    svg((900, 520), |root| {
+        let x_max = reports
+            .iter()
+            .map(|r| r.output_tokens_per_s)
+            .fold(0.0, f64::max);
+        let y_max = reports
+            .iter()
+            .map(per_user_tokens_per_s)
+            .fold(0.0, f64::max);
+        let mut chart = ChartBuilder::on(root)
+            .caption("Tokens/s per user against total tokens/s", (FONT, 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..top(x_max), 0.0..top(y_max))?;
+        chart
+            .configure_mesh()
+            .x_desc("output tokens/s, all users")
+            .y_desc("tokens/s per user (1000 / median TPOT)")
+            .draw()?;
+        let at = |r: &Report| (r.output_tokens_per_s, per_user_tokens_per_s(r));
+        let front: Vec<(f64, f64)> = pareto_front(reports)
+            .into_iter()
+            .map(|i| at(&reports[i]))
+            .collect();
+        chart.draw_series(LineSeries::new(front, BLUE.stroke_width(2)))?;
+        chart.draw_series(
+            reports
+                .iter()
+                .map(|r| Circle::new(at(r), 5, ORANGE.filled())),
+        )?;
+        chart.draw_series(
+            reports
+                .iter()
+                .map(|r| Text::new(level(r).to_owned(), at(r), (FONT, 14))),
+        )?;
+        Ok(())
+    })
 }
 
 /// Values of a metric by label set, from a Prometheus text page.
@@ -383,11 +307,22 @@ fn label(labels: &[(String, String)], key: &str) -> Option<usize> {
     labels.iter().find(|(k, _)| k == key)?.1.parse().ok()
 }
 
+/// White to blue as `t` goes from 0 to 1.
+fn heat(t: f64) -> RGBColor {
+    let t = t.clamp(0.0, 1.0);
+    RGBColor(
+        (255.0 - 215.0 * t) as u8,
+        (255.0 - 165.0 * t) as u8,
+        (255.0 - 55.0 * t) as u8,
+    )
+}
+
 /// Routed tokens per MoE layer (rows) and expert (columns) from expertmesh's `/metrics`.
-pub fn expert_heatmap(page: &str, path: &Path) -> Result<(), String> {
+pub fn expert_heatmap(page: &str) -> Result<String, String> {
     let cells: Vec<(usize, usize, f64)> = metric_values(page, "expertmesh_routed_tokens_total")
         .into_iter()
         .filter_map(|(l, v)| Some((label(&l, "moe_layer")?, label(&l, "expert")?, v)))
+        .filter(|(l, e, _)| *l < 1024 && *e < 4096)
         .collect();
     if cells.is_empty() {
         return Err("the target's /metrics has no expertmesh_routed_tokens_total".into());
@@ -395,84 +330,94 @@ pub fn expert_heatmap(page: &str, path: &Path) -> Result<(), String> {
     let layers = cells.iter().map(|c| c.0).max().unwrap_or(0) + 1;
     let experts = cells.iter().map(|c| c.1).max().unwrap_or(0) + 1;
     let max = cells.iter().map(|c| c.2).fold(0.0, f64::max).max(1.0);
-    let cw = (820 / experts).clamp(2, 40) as i64;
-    let ch = (360 / layers).clamp(4, 60) as i64;
-    let mut c = Canvas::new(
-        (cw * experts as i64 + 120) as usize,
-        (ch * layers as i64 + 110) as usize,
-    );
-    c.text(
-        60,
-        12,
-        &format!("ROUTED TOKENS PER MOE LAYER X EXPERT - MAX {}", fmt(max)),
-        BLACK,
-    );
-    for (l, e, v) in cells {
-        let t = v / max;
-        let color = [
-            (255.0 - 215.0 * t) as u8,
-            (255.0 - 165.0 * t) as u8,
-            (255.0 - 55.0 * t) as u8,
-        ];
-        let (x, y) = (60 + e as i64 * cw, 40 + l as i64 * ch);
-        c.rect(x, y, x + cw - 1, y + ch - 1, color);
-    }
-    for l in 0..layers {
-        c.text(20, 40 + l as i64 * ch + ch / 2 - 5, &l.to_string(), BLACK);
-    }
-    c.text(60, 40 + ch * layers as i64 + 8, "EXPERT 0", BLACK);
-    c.save(path)
+    let height = (layers as u32 * 40).clamp(160, 600) + 90;
+    svg((900, height), |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(
+                format!("Routed tokens per MoE layer × expert (darkest = {max:.0})"),
+                (FONT, 18),
+            )
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(50)
+            .build_cartesian_2d(-0.5..experts as f64 - 0.5, -0.5..layers as f64 - 0.5)?;
+        // Cells centred on whole numbers, so each tick names its row or column.
+        let whole = |v: &f64| {
+            if (v - v.round()).abs() < 1e-6 {
+                format!("{v:.0}")
+            } else {
+                String::new()
+            }
+        };
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_desc("expert")
+            .y_desc("MoE layer")
+            .y_labels(layers.min(16))
+            .x_label_formatter(&whole)
+            .y_label_formatter(&whole)
+            .draw()?;
+        chart.draw_series(cells.iter().map(|&(l, e, v)| {
+            let (x, y) = (e as f64 - 0.5, l as f64 - 0.5);
+            Rectangle::new([(x, y), (x + 1.0, y + 1.0)], heat(v / max).filled())
+        }))?;
+        Ok(())
+    })
 }
 
 /// Per-worker load from expertmesh's `/metrics`: running sequences and KV blocks in use.
-pub fn worker_load(page: &str, path: &Path) -> Result<(), String> {
+pub fn worker_load(page: &str) -> Result<String, String> {
     let running = metric_values(page, "expertmesh_running_sequences");
     let kv = metric_values(page, "expertmesh_kv_blocks_used");
     if running.is_empty() && kv.is_empty() {
         return Err("the target's /metrics has no per-worker load".into());
     }
-    let mut c = Canvas::new(900, 440);
-    for (k, (title, values)) in [
-        ("RUNNING SEQUENCES BY WORKER", running),
-        ("KV BLOCKS USED BY WORKER", kv),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let top = values.iter().map(|v| v.1).fold(0.0, f64::max).max(1.0);
-        let p = Panel::draw(
-            &mut c,
-            (90, 40 + 210 * k as i64, 780, 140),
-            title,
-            "WORKER",
-            values.len() as f64,
-            top,
-        );
-        let bw = (p.w / values.len().max(1) as i64).min(120);
-        for (i, (labels, v)) in values.iter().enumerate() {
-            let (_, y) = p.at(0.0, *v);
-            let x = p.x0 + i as i64 * bw + 4;
-            c.rect(
-                x,
-                y,
-                x + bw - 8,
-                p.y0 + p.h - 1,
-                if k == 0 { BLUE } else { ORANGE },
-            );
-            c.text(
-                x,
-                p.y0 + p.h + 6,
-                &label(labels, "worker").unwrap_or(i).to_string(),
-                BLACK,
-            );
+    svg((900, 520), |root| {
+        let panels = root.split_evenly((2, 1));
+        for ((title, values, color), area) in [
+            ("Running sequences by worker", running, BLUE),
+            ("KV blocks used by worker", kv, ORANGE),
+        ]
+        .into_iter()
+        .zip(panels.iter())
+        {
+            let most = values.iter().map(|v| v.1).fold(0.0, f64::max);
+            let names: Vec<String> = values
+                .iter()
+                .enumerate()
+                .map(|(i, (l, _))| label(l, "worker").unwrap_or(i).to_string())
+                .collect();
+            let mut chart = ChartBuilder::on(area)
+                .caption(title, (FONT, 18))
+                .margin(8)
+                .x_label_area_size(36)
+                .y_label_area_size(56)
+                .build_cartesian_2d(-0.5..values.len().max(1) as f64 - 0.5, 0.0..top(most))?;
+            chart
+                .configure_mesh()
+                .disable_x_mesh()
+                .x_desc("worker")
+                .x_labels(values.len().max(1))
+                .x_label_formatter(&|x| {
+                    let whole = (x - x.round()).abs() < 1e-6 && *x >= 0.0;
+                    let name = whole.then(|| names.get(x.round() as usize)).flatten();
+                    name.cloned().unwrap_or_default()
+                })
+                .draw()?;
+            chart.draw_series(values.iter().enumerate().map(|(i, (_, v))| {
+                let x = i as f64;
+                Rectangle::new([(x - 0.35, 0.0), (x + 0.35, *v)], color.filled())
+            }))?;
         }
-    }
-    c.save(path)
+        Ok(())
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::Percentiles;
 
     #[test]
     fn metrics_pages_parse() {
@@ -488,5 +433,50 @@ mod tests {
             (Some(1), Some(3), 7.0)
         );
         assert!(metric_values(page, "expertmesh_kv_blocks").is_empty());
+        let svg = expert_heatmap(page).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("<rect"), "{svg}");
+        assert!(worker_load(page).unwrap().contains("<rect"));
+        assert!(expert_heatmap("").is_err() && worker_load("").is_err());
+    }
+
+    fn level(label: &str, tokens_per_s: f64, tpot_p50: f64) -> Report {
+        Report {
+            label: label.into(),
+            output_tokens_per_s: tokens_per_s,
+            tpot_ms: Percentiles {
+                p50: tpot_p50,
+                ..Percentiles::default()
+            },
+            ..Report::default()
+        }
+    }
+
+    /// The front keeps the levels nothing beats on both axes, ordered by throughput.
+    #[test]
+    fn the_pareto_front_drops_dominated_levels() {
+        let levels = [
+            level("c=1", 50.0, 10.0),  // 100 tok/s per user
+            level("c=4", 160.0, 25.0), // 40 per user
+            level("c=8", 150.0, 50.0), // 20 per user: beaten by c=4 on both
+            level("c=16", 300.0, 50.0),
+        ];
+        assert_eq!(pareto_front(&levels), vec![0, 1, 3]);
+        assert_eq!(per_user_tokens_per_s(&levels[0]), 100.0);
+        let svg = pareto(&levels).unwrap();
+        assert_eq!(svg.matches("<circle").count(), 4, "every level a point");
+    }
+
+    /// Empty reports still draw (axes with a non-empty range), never panic.
+    #[test]
+    fn empty_reports_draw() {
+        let empty = Report::default();
+        for svg in [
+            latency(&empty),
+            timeline(&empty),
+            sweep(std::slice::from_ref(&empty)),
+            pareto(std::slice::from_ref(&empty)),
+        ] {
+            assert!(svg.unwrap().starts_with("<svg"));
+        }
     }
 }

@@ -1,8 +1,80 @@
 //! W3C trace context (`traceparent: 00-<trace id>-<parent id>-<flags>`): accepted on the HTTP
 //! API (or a new trace started), carried to the attention worker in gRPC metadata, so that a
-//! request's log lines in every process carry the same `trace_id`.
+//! request's log lines in every process carry the same `trace_id`. With an OTLP exporter
+//! installed (`--otlp-endpoint`), the spans a request opens in each process join that trace
+//! too ([`join`]), so a collector shows them as one.
 
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Says that this process exports spans (an OTLP exporter is installed): spans that exist
+/// only for the collector are opened then, and not otherwise.
+pub fn set_exporting() {
+    EXPORTING.store(true, Ordering::Relaxed);
+}
+
+/// Whether this process exports spans.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// `trace` as an OpenTelemetry remote span context.
+fn remote(trace: &TraceParent) -> SpanContext {
+    let flags = if trace.sampled {
+        TraceFlags::SAMPLED
+    } else {
+        TraceFlags::default()
+    };
+    SpanContext::new(
+        TraceId::from_bytes(trace.trace_id.to_be_bytes()),
+        SpanId::from_bytes(trace.parent_id.to_be_bytes()),
+        flags,
+        true,
+        TraceState::default(),
+    )
+}
+
+/// Makes `span` (not yet entered) a child of `trace`'s parent span for export, and returns
+/// the context to send on: the same trace, with this span's id as the parent when spans are
+/// exported (a fresh id otherwise). Without an exporter the span is left as it is.
+pub fn join(span: &tracing::Span, trace: &TraceParent) -> TraceParent {
+    let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote(trace)));
+    let own = span.context().span().span_context().span_id();
+    let id = if own == SpanId::INVALID {
+        TraceParent::new_span_id()
+    } else {
+        u64::from_be_bytes(own.to_bytes())
+    };
+    trace.child(id)
+}
+
+/// Puts `span` (not yet entered) in the traces `traces` for export: the first is its parent,
+/// the others links (at most 32 of them). Used where one piece of work serves several
+/// requests (an expert worker's merged batch). Only a trace id travels that far, so the
+/// parent span is named by the trace id's low bits.
+pub fn join_all(span: &tracing::Span, traces: impl IntoIterator<Item = u128>) {
+    const LINKS_MAX: usize = 32;
+    let mut traces = traces.into_iter().filter(|&t| t != 0);
+    let Some(first) = traces.next() else { return };
+    let context = |trace_id: u128| TraceParent {
+        trace_id,
+        parent_id: (trace_id as u64).max(1),
+        sampled: true,
+    };
+    let _ = span.set_parent(
+        opentelemetry::Context::new().with_remote_span_context(remote(&context(first))),
+    );
+    for t in traces.take(LINKS_MAX) {
+        span.add_link(remote(&context(t)));
+    }
+}
 
 /// The metadata key (and HTTP header) that carries a trace context.
 pub const TRACEPARENT: &str = "traceparent";

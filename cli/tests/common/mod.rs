@@ -2,7 +2,7 @@
 //! fixtures' reference cases, and role processes that die with the test.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
@@ -227,6 +227,22 @@ pub fn post(http: &str, path: &str, body: &Value) -> Result<Value, String> {
         return Err(format!("{head}\n{body}"));
     }
     serde_json::from_str(body).map_err(|e| format!("{e}: {body}"))
+}
+
+/// Sends a completion request for `body` to `http` with a `traceparent` header; the raw
+/// HTTP reply.
+pub fn post_traced(http: &str, body: &Value, traceparent: &str) -> String {
+    let body = body.to_string();
+    let mut s = std::net::TcpStream::connect(http).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: {http}\r\ntraceparent: {traceparent}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut s, &mut reply).unwrap();
+    reply
 }
 
 /// A child process killed when dropped.
