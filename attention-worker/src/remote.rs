@@ -465,37 +465,39 @@ impl Router {
                 .expect("in-flight lock")
                 .entry(worker)
                 .or_default() += rows;
-            tasks.push((
-                p,
-                tokio::spawn(async move {
-                    let t0 = tokio::time::Instant::now();
-                    // A worker that froze (or lost its network) keeps the connection open
-                    // and never answers: once the cluster declares it dead, its piece goes
-                    // to another copy instead of waiting out the batch's deadline.
-                    let out = tokio::select! {
-                        out = sent => out,
-                        why = declared_dead(&mut views, worker) => {
-                            Err(DispatchError::Unavailable(why))
-                        }
-                    };
-                    if let Some(n) = in_flight.lock().expect("in-flight lock").get_mut(&worker) {
-                        *n = n.saturating_sub(rows);
+            // A span for the collector (with --otlp-endpoint), in the requests' traces.
+            let span = expertmesh_proto::trace::shared_span(batch.traces.iter().copied(), || {
+                tracing::info_span!("dispatch", epoch, layer, worker, rows)
+            });
+            let task = async move {
+                let t0 = tokio::time::Instant::now();
+                // A worker that froze (or lost its network) keeps the connection open
+                // and never answers: once the cluster declares it dead, its piece goes
+                // to another copy instead of waiting out the batch's deadline.
+                let out = tokio::select! {
+                    out = sent => out,
+                    why = declared_dead(&mut views, worker) => {
+                        Err(DispatchError::Unavailable(why))
                     }
-                    stats.dispatches.fetch_add(1, Ordering::Relaxed);
-                    let nanos = t0.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
-                    stats.dispatch_nanos.fetch_add(nanos, Ordering::Relaxed);
-                    tracing::debug!(
-                        epoch,
-                        layer,
-                        worker,
-                        rows,
-                        micros = nanos / 1000,
-                        ok = out.is_ok(),
-                        "dispatch"
-                    );
-                    out
-                }),
-            ));
+                };
+                if let Some(n) = in_flight.lock().expect("in-flight lock").get_mut(&worker) {
+                    *n = n.saturating_sub(rows);
+                }
+                stats.dispatches.fetch_add(1, Ordering::Relaxed);
+                let nanos = t0.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+                stats.dispatch_nanos.fetch_add(nanos, Ordering::Relaxed);
+                tracing::debug!(
+                    epoch,
+                    layer,
+                    worker,
+                    rows,
+                    micros = nanos / 1000,
+                    ok = out.is_ok(),
+                    "dispatch"
+                );
+                out
+            };
+            tasks.push((p, tokio::spawn(tracing::Instrument::instrument(task, span))));
         }
         let mut out = vec![0.0f32; batch.inputs.len()];
         let mut errors = Vec::new();

@@ -149,7 +149,7 @@ fn spans_of_every_process_reach_an_otlp_collector_in_the_requests_trace() {
     let reply = common::post_traced(http, &body, &format!("00-{trace}-{caller}-01"));
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     // The gateway's span is the caller's child, the attention worker's the gateway's; the
-    // expert workers' batches are in the trace.
+    // attention worker's dispatches and the expert workers' batches are in the trace.
     let give_up = Instant::now() + Duration::from_secs(20);
     loop {
         let got: Vec<Received> = spans.lock().unwrap().clone();
@@ -158,9 +158,10 @@ fn spans_of_every_process_reach_an_otlp_collector_in_the_requests_trace() {
                 .find(|s| s.service == service && s.name == name && s.trace_id == trace)
                 .cloned()
         };
-        if let (Some(request), Some(generate), Some(batch)) = (
+        if let (Some(request), Some(generate), Some(_), Some(batch)) = (
             find("expertmesh-coordinator", "request"),
             find("expertmesh-attention-worker", "generate"),
+            find("expertmesh-attention-worker", "dispatch"),
             find("expertmesh-expert-worker", "expert_batch"),
         ) {
             assert_eq!(request.parent_span_id, caller, "{request:?}");

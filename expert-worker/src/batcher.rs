@@ -184,13 +184,9 @@ async fn run(
             );
             // A span for the collector (with --otlp-endpoint): in the trace of the first
             // request with rows here, linked to the others'.
-            let span = if expertmesh_proto::trace::exporting() {
-                let span = tracing::info_span!("expert_batch", layer, dispatches, rows);
-                expertmesh_proto::trace::join_all(&span, traces_of(&jobs));
-                span
-            } else {
-                tracing::Span::none()
-            };
+            let span = expertmesh_proto::trace::shared_span(traces_of(&jobs), || {
+                tracing::info_span!("expert_batch", layer, dispatches, rows)
+            });
             let started = std::time::Instant::now();
             let expired =
                 tracing::Instrument::instrument(process(&shard, layer, dtype, jobs), span).await;

@@ -176,7 +176,12 @@ async fn handle(app: Arc<App>, headers: HeaderMap, body: Body, chat: bool) -> Re
         .and_then(|v| v.to_str().ok())
         .and_then(expertmesh_proto::trace::TraceParent::parse)
         .unwrap_or_else(expertmesh_proto::trace::TraceParent::start);
-    let span = tracing::info_span!("request", trace_id = %trace.trace_id_hex(), endpoint);
+    let span = tracing::info_span!(
+        "request",
+        trace_id = %trace.trace_id_hex(),
+        endpoint,
+        request_id = tracing::field::Empty
+    );
     // What the attention worker gets: this trace, this span as its parent.
     let onward = expertmesh_proto::trace::join(&span, &trace);
     let completed = complete(app.clone(), headers, body, chat, onward);
@@ -221,6 +226,7 @@ async fn complete(
         id: format!("{}-{n}", if chat { "chatcmpl" } else { "cmpl" }),
         valid,
     };
+    tracing::Span::current().record("request_id", job.id.as_str());
     tracing::info!(
         request_id = %job.id,
         prompt_tokens = job.valid.prompt.len(),

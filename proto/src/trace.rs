@@ -55,25 +55,37 @@ pub fn join(span: &tracing::Span, trace: &TraceParent) -> TraceParent {
     trace.child(id)
 }
 
-/// Puts `span` (not yet entered) in the traces `traces` for export: the first is its parent,
-/// the others links (at most 32 of them). Used where one piece of work serves several
-/// requests (an expert worker's merged batch). Only a trace id travels that far, so the
-/// parent span is named by the trace id's low bits.
-pub fn join_all(span: &tracing::Span, traces: impl IntoIterator<Item = u128>) {
+/// A span for work that serves several requests at once (an attention worker's dispatch, an
+/// expert worker's merged batch), opened by `open` only when spans are exported: in the
+/// trace of the first of `traces` (its parent), linked to the others' (at most 32 links).
+/// Only trace ids travel with a dispatch, so the parent span is named by the trace id's low
+/// bits.
+pub fn shared_span(
+    traces: impl IntoIterator<Item = u128>,
+    open: impl FnOnce() -> tracing::Span,
+) -> tracing::Span {
     const LINKS_MAX: usize = 32;
-    let mut traces = traces.into_iter().filter(|&t| t != 0);
-    let Some(first) = traces.next() else { return };
-    let context = |trace_id: u128| TraceParent {
-        trace_id,
-        parent_id: (trace_id as u64).max(1),
-        sampled: true,
-    };
-    let _ = span.set_parent(
-        opentelemetry::Context::new().with_remote_span_context(remote(&context(first))),
-    );
-    for t in traces.take(LINKS_MAX) {
-        span.add_link(remote(&context(t)));
+    if !exporting() {
+        return tracing::Span::none();
     }
+    let span = open();
+    let traces: std::collections::BTreeSet<u128> = traces.into_iter().filter(|&t| t != 0).collect();
+    let context = |trace_id: u128| {
+        remote(&TraceParent {
+            trace_id,
+            parent_id: (trace_id as u64).max(1),
+            sampled: true,
+        })
+    };
+    let mut traces = traces.into_iter();
+    if let Some(first) = traces.next() {
+        let parent = opentelemetry::Context::new().with_remote_span_context(context(first));
+        let _ = span.set_parent(parent);
+    }
+    for t in traces.take(LINKS_MAX) {
+        span.add_link(context(t));
+    }
+    span
 }
 
 /// The metadata key (and HTTP header) that carries a trace context.
