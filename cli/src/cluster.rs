@@ -37,9 +37,14 @@ impl Drop for Process {
     }
 }
 
-/// Starts `expertmesh <args>` and waits for its `LISTENING` line.
-pub fn spawn(role: &'static str, args: &[String]) -> Result<Process> {
-    Ok(spawn_reading(role, args, 1)?.0)
+/// The environment variable a role reads its join token from (`--join-token` too, but a
+/// command line is visible to every user of the machine in `ps`; the environment is not).
+pub const JOIN_TOKEN_ENV: &str = "EXPERTMESH_JOIN_TOKEN";
+
+/// Starts `expertmesh <args>` with `env` (secrets: the join token, API keys) and waits for
+/// its `LISTENING` line.
+pub fn spawn(role: &'static str, args: &[String], env: &[(&str, String)]) -> Result<Process> {
+    Ok(spawn_reading(role, args, env, 1)?.0)
 }
 
 /// Starts `expertmesh <args>`, waits for its `LISTENING` line and returns the next
@@ -47,6 +52,7 @@ pub fn spawn(role: &'static str, args: &[String]) -> Result<Process> {
 fn spawn_reading(
     role: &'static str,
     args: &[String],
+    env: &[(&str, String)],
     lines: usize,
 ) -> Result<(Process, Vec<String>)> {
     let exe = std::env::current_exe().context("finding the expertmesh binary")?;
@@ -54,6 +60,7 @@ fn spawn_reading(
         .args(args)
         .args(crate::logging::telemetry().args())
         .env(PARENT_WATCH_ENV, "1")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -139,8 +146,8 @@ pub struct ClusterSpec {
     /// Serve the OpenAI-compatible API from the first coordinator at this address (the
     /// others serve it on free ports).
     pub http: Option<String>,
-    /// API key the HTTP API requires.
-    pub api_key: Option<String>,
+    /// The keys the HTTP API requires.
+    pub keys: crate::roles::ApiKeyArgs,
     /// Extra flags for the coordinators (replication, leases).
     pub coordinator_args: Vec<String>,
     /// Where both kinds of worker compute, and how a GPU computes products.
@@ -162,7 +169,7 @@ impl ClusterSpec {
             attention_workers: 0,
             attention_args: Vec::new(),
             http: None,
-            api_key: None,
+            keys: crate::roles::ApiKeyArgs::default(),
             coordinator_args: Vec::new(),
             device: expertmesh_model::Device::Cpu,
             gemm: expertmesh_model::GemmPrecision::F32,
@@ -195,15 +202,6 @@ fn free_ports(n: usize) -> Result<Vec<u16>> {
         .collect()
 }
 
-/// A token only this cluster's workers know.
-fn join_token() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("{:x}{:x}", nanos, std::process::id())
-}
-
 /// The flags of coordinator `i` (0-based, listening on `port`) of a local cluster whose
 /// group is `peers` (`ID=HOST:PORT`).
 fn coordinator_args(
@@ -212,7 +210,6 @@ fn coordinator_args(
     port: u16,
     peers: &[String],
     data_dir: &std::path::Path,
-    token: &str,
 ) -> Vec<String> {
     let id = i + 1;
     let mut args: Vec<String> = vec![
@@ -230,8 +227,6 @@ fn coordinator_args(
             .to_string(),
         "--model".into(),
         spec.model.clone(),
-        "--join-token".into(),
-        token.to_owned(),
     ];
     if let Some(h) = &spec.http {
         let h = if i == 0 {
@@ -241,8 +236,8 @@ fn coordinator_args(
         };
         args.extend(["--http".into(), h]);
     }
-    if let Some(k) = &spec.api_key {
-        args.extend(["--api-key".into(), k.clone()]);
+    if let Some(file) = &spec.keys.api_key_file {
+        args.extend(["--api-key-file".into(), file.clone()]);
     }
     args.extend(spec.coordinator_args.iter().cloned());
     args
@@ -255,11 +250,19 @@ impl LocalCluster {
         let (data_dir, remove_data) = match &spec.data_dir {
             Some(d) => (d.clone(), false),
             None => (
-                std::env::temp_dir().join(format!("expertmesh-up-{}", join_token())),
+                std::env::temp_dir().join(format!(
+                    "expertmesh-up-{}",
+                    &expertmesh_proto::secret::random_token()[..16]
+                )),
                 true,
             ),
         };
-        let token = join_token();
+        // A token only this cluster's workers know, given to them (and the API keys to the
+        // coordinators) in the environment, not on command lines `ps` shows.
+        let token = expertmesh_proto::secret::random_token();
+        let worker_env = [(JOIN_TOKEN_ENV, token.clone())];
+        let mut coordinator_env = spec.keys.env();
+        coordinator_env.extend(worker_env.iter().cloned());
         let ports = free_ports(n)?;
         let peers: Vec<String> = ports
             .iter()
@@ -285,11 +288,15 @@ impl LocalCluster {
         .into_iter()
         .map(|p| format!("127.0.0.1:{p}"));
         for (i, &port) in ports.iter().enumerate() {
-            let mut args = coordinator_args(spec, i, port, &peers, &data_dir, &token);
+            let mut args = coordinator_args(spec, i, port, &peers, &data_dir);
             let metrics = metrics_ports.next();
             args.extend(metrics.iter().flat_map(|m| ["--metrics".into(), m.clone()]));
-            let (process, more) =
-                spawn_reading("coordinator", &args, 1 + usize::from(spec.http.is_some()))?;
+            let (process, more) = spawn_reading(
+                "coordinator",
+                &args,
+                &coordinator_env,
+                1 + usize::from(spec.http.is_some()),
+            )?;
             if let Some(m) = metrics {
                 cluster.metrics.insert(process.child.id(), m);
             }
@@ -303,7 +310,6 @@ impl LocalCluster {
             let mut args: Vec<String> = [role, "--coordinator", &coordinators]
                 .into_iter()
                 .chain(["--listen", "127.0.0.1:0", "--model", &model])
-                .chain(["--join-token", &token])
                 .map(str::to_owned)
                 .chain(["--device".to_owned(), spec.device.to_string()])
                 .chain(["--gemm".to_owned(), spec.gemm.to_string()])
@@ -315,7 +321,7 @@ impl LocalCluster {
         let mut start_worker = |role: &'static str, mut extra: Vec<String>| -> Result<Process> {
             let metrics = metrics_ports.next();
             extra.extend(metrics.iter().flat_map(|m| ["--metrics".into(), m.clone()]));
-            let process = spawn(role, &worker(role, &extra))?;
+            let process = spawn(role, &worker(role, &extra), &worker_env)?;
             if let Some(m) = metrics {
                 cluster.metrics.insert(process.child.id(), m);
             }

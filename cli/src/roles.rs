@@ -34,9 +34,8 @@ pub struct CoordinatorArgs {
     /// Serve the coordinator's Prometheus text at /metrics on this address.
     #[arg(long)]
     metrics: Option<String>,
-    /// Require this API key on HTTP requests.
-    #[arg(long)]
-    api_key: Option<String>,
+    #[command(flatten)]
+    keys: ApiKeyArgs,
     /// Let the HTTP API fetch http:// image URLs (by default only data: URLs are taken).
     #[arg(long)]
     allow_image_urls: bool,
@@ -55,8 +54,9 @@ pub struct CoordinatorArgs {
     /// Start empty and wait to be added to a running group (`admin add-coordinator`).
     #[arg(long)]
     join: bool,
-    /// Workers must present this token to register.
-    #[arg(long)]
+    /// Workers must present this token to register (or set EXPERTMESH_JOIN_TOKEN, which
+    /// `ps` does not show).
+    #[arg(long, env = "EXPERTMESH_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
     /// A worker silent this long (ms) is declared dead.
     #[arg(long)]
@@ -70,6 +70,52 @@ pub struct CoordinatorArgs {
     /// Re-plan on its own when max worker load exceeds the mean by this many percent (0: never).
     #[arg(long)]
     rebalance_percent: Option<u32>,
+}
+
+/// The HTTP API's keys (flags, or the environment, which `ps` does not show).
+#[derive(Args, Debug, Clone, Default)]
+pub struct ApiKeyArgs {
+    /// Require this API key on HTTP requests (repeatable; EXPERTMESH_API_KEYS takes a
+    /// comma-separated list).
+    #[arg(
+        long = "api-key",
+        env = "EXPERTMESH_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+    /// A file of API keys, one per line (`#` comments), read again when it changes.
+    #[arg(long)]
+    pub api_key_file: Option<String>,
+    /// The key `/metrics` on the API port requires when API keys are set.
+    #[arg(long, env = "EXPERTMESH_METRICS_KEY", hide_env_values = true)]
+    pub metrics_key: Option<String>,
+}
+
+impl ApiKeyArgs {
+    fn apply(self, c: &mut CoordinatorConfig) {
+        if !self.api_keys.is_empty() {
+            c.api_keys = self.api_keys;
+        }
+        if self.api_key_file.is_some() {
+            c.api_key_file = self.api_key_file;
+        }
+        if self.metrics_key.is_some() {
+            c.metrics_key = self.metrics_key;
+        }
+    }
+
+    /// The environment that gives a child process these keys (the file as a flag).
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        let mut env = Vec::new();
+        if !self.api_keys.is_empty() {
+            env.push(("EXPERTMESH_API_KEYS", self.api_keys.join(",")));
+        }
+        if let Some(k) = &self.metrics_key {
+            env.push(("EXPERTMESH_METRICS_KEY", k.clone()));
+        }
+        env
+    }
 }
 
 /// What every worker role takes.
@@ -88,8 +134,9 @@ pub struct WorkerArgs {
     /// Coordinator addresses, comma-separated.
     #[arg(long, alias = "coordinators", alias = "join")]
     coordinator: Option<String>,
-    /// The token the coordinators require.
-    #[arg(long)]
+    /// The token the coordinators require (or set EXPERTMESH_JOIN_TOKEN, which `ps` does
+    /// not show).
+    #[arg(long, env = "EXPERTMESH_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
     #[arg(long)]
     listen: Option<String>,
@@ -252,9 +299,7 @@ impl CoordinatorArgs {
         if self.http.is_some() {
             c.http = self.http;
         }
-        if self.api_key.is_some() {
-            c.api_key = self.api_key;
-        }
+        self.keys.apply(c);
         c.allow_image_urls |= self.allow_image_urls;
         if self.chat_template.is_some() {
             c.chat_template = self.chat_template;
@@ -330,7 +375,9 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
             let gateway = GatewayConfig {
                 http: http.clone(),
                 model: config.model.clone(),
-                api_key: config.api_key.clone(),
+                api_keys: config.api_keys.clone(),
+                api_key_file: config.api_key_file.clone(),
+                metrics_key: config.metrics_key.clone(),
                 images: ImageConfig {
                     allow_image_urls: config.allow_image_urls,
                     ..ImageConfig::default()

@@ -32,9 +32,8 @@ pub struct UpArgs {
     /// Where the OpenAI-compatible HTTP API listens.
     #[arg(long, default_value = "127.0.0.1:8000")]
     http: String,
-    /// Require this API key on HTTP requests.
-    #[arg(long)]
-    api_key: Option<String>,
+    #[command(flatten)]
+    keys: crate::roles::ApiKeyArgs,
     /// Let the HTTP API fetch http:// image URLs (by default only data: URLs are taken).
     #[arg(long)]
     allow_image_urls: bool,
@@ -133,7 +132,7 @@ fn spec(args: &UpArgs) -> ClusterSpec {
         )
         .collect(),
         http: Some("127.0.0.1:0".into()),
-        api_key: args.api_key.clone(),
+        keys: args.keys.clone(),
         coordinator_args: [
             "--min-replicas".into(),
             args.replicas.to_string(),

@@ -42,8 +42,14 @@ pub struct CoordinatorConfig {
     pub model: String,
     /// Where the OpenAI-compatible HTTP API listens; none runs no gateway here.
     pub http: Option<String>,
-    /// When set, HTTP requests must carry `Authorization: Bearer <api_key>`.
-    pub api_key: Option<String>,
+    /// When any is set (here or in `api_key_file`), HTTP requests must carry
+    /// `Authorization: Bearer <key>` with one of these keys.
+    pub api_keys: Vec<String>,
+    /// A file of API keys, one per line, read again when it changes.
+    pub api_key_file: Option<String>,
+    /// The key `/metrics` on the HTTP API's port requires (with API keys and no metrics key,
+    /// metrics are served only on `metrics`' own address).
+    pub metrics_key: Option<String>,
     /// Let the HTTP API fetch `http://` image URLs (off: `data:` URLs only).
     pub allow_image_urls: bool,
     /// A Jinja chat template the HTTP API uses instead of the model's.
@@ -82,7 +88,9 @@ impl Default for CoordinatorConfig {
             listen: "127.0.0.1:7000".into(),
             model: "tests/fixtures/tiny-maverick".into(),
             http: None,
-            api_key: None,
+            api_keys: Vec::new(),
+            api_key_file: None,
+            metrics_key: None,
             allow_image_urls: false,
             chat_template: None,
             id: 1,

@@ -269,7 +269,7 @@ impl Machine {
             .settings
             .join_token
             .as_ref()
-            .is_some_and(|t| t != join_token)
+            .is_some_and(|t| !expertmesh_proto::secret::matches(t, join_token))
         {
             return Err(Rejected::JoinToken);
         }

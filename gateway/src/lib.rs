@@ -26,6 +26,7 @@ pub mod decoding;
 pub mod error;
 pub mod front;
 pub mod images;
+pub mod keys;
 pub mod logprobs;
 pub mod metrics;
 pub mod openai;
@@ -50,6 +51,7 @@ use tokio::sync::Semaphore;
 use crate::backend::Backend;
 pub use crate::backend::Cluster;
 use crate::images::ImageConfig;
+use crate::keys::ApiKeys;
 use crate::metrics::Metrics;
 use crate::request::Validator;
 
@@ -61,8 +63,15 @@ pub struct GatewayConfig {
     pub http: String,
     /// The model directory (tokenizer, chat template, config).
     pub model: String,
-    /// When set, requests must carry `Authorization: Bearer <api_key>`.
-    pub api_key: Option<String>,
+    /// When any key is set (here or in `api_key_file`), requests must carry
+    /// `Authorization: Bearer <key>` with one of them.
+    pub api_keys: Vec<String>,
+    /// A file of API keys, one per line (`#` comments), read again when it changes.
+    pub api_key_file: Option<String>,
+    /// The key `/metrics` on the API port requires. With API keys set and no metrics key,
+    /// `/metrics` is not served on the API port (serve it on its own address: the
+    /// coordinator's `--metrics`).
+    pub metrics_key: Option<String>,
     /// Largest request body accepted, in bytes.
     pub body_max_bytes: usize,
     /// Requests in flight at most; more get 429.
@@ -83,7 +92,9 @@ impl Default for GatewayConfig {
         Self {
             http: "127.0.0.1:8000".into(),
             model: "tests/fixtures/tiny-maverick".into(),
-            api_key: None,
+            api_keys: Vec::new(),
+            api_key_file: None,
+            metrics_key: None,
             // Room for a few base64 images (a 20 MiB image is 27 MiB as base64).
             body_max_bytes: 32 << 20,
             requests_max: 512,
@@ -109,6 +120,8 @@ pub struct App {
     pub backend: Backend,
     pub metrics: Metrics,
     pub config: GatewayConfig,
+    /// The keys requests must carry (none: open).
+    pub keys: ApiKeys,
     /// Requests in flight (`requests_max`).
     pub permits: Arc<Semaphore>,
     pub next_id: AtomicU64,
@@ -123,6 +136,16 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
+    let keys = ApiKeys::new(
+        config.api_keys.clone(),
+        config.api_key_file.as_ref().map(Into::into),
+    )
+    .map_err(|e| {
+        GatewayError::Io(std::io::Error::other(format!(
+            "the API key file {}: {e}",
+            config.api_key_file.as_deref().unwrap_or_default()
+        )))
+    })?;
     let source: ModelSource = config.model.parse()?;
     let model_config = source.config()?;
     let processor = source.processor_config()?;
@@ -166,6 +189,7 @@ pub async fn serve(
         metrics: Metrics::default(),
         permits: Arc::new(Semaphore::new(config.requests_max)),
         config,
+        keys,
         next_id: AtomicU64::new(1),
         processor,
     });

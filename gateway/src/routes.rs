@@ -14,6 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use expertmesh_proto::secret;
 use expertmesh_proto::v1 as pb;
 use serde_json::json;
 
@@ -64,19 +65,34 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     Ok(Bytes::from(buf))
 }
 
-/// `Authorization: Bearer <api_key>` when the gateway has a key.
-fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(key) = &app.config.api_key else {
-        return Ok(());
-    };
-    let given = headers
+/// The bearer token of a request, if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(key.as_str()) {
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// `Authorization: Bearer <key>` with one of the API keys, when the gateway has any.
+fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    if !app.keys.required() || bearer(headers).is_some_and(|k| app.keys.allows(k)) {
         Ok(())
     } else {
         Err(ApiError::Unauthorized)
+    }
+}
+
+/// `/metrics` on the API port: open when the API is, else only with the metrics key.
+fn authorize_metrics(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    match &app.config.metrics_key {
+        Some(key) if bearer(headers).is_some_and(|k| secret::matches(key, k)) => Ok(()),
+        Some(_) => Err(ApiError::Unauthorized),
+        None if app.keys.required() => Err(ApiError::NotFound(
+            "/metrics is not served on the API port of a gateway with API keys: set a \
+             metrics key or serve metrics on their own address"
+                .into(),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -145,7 +161,10 @@ async fn health(State(app): State<Arc<App>>) -> Response {
     }
 }
 
-async fn metrics_text(State(app): State<Arc<App>>) -> Response {
+async fn metrics_text(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize_metrics(&app, &headers) {
+        return e.into_response();
+    }
     let loads: BTreeMap<u64, pb::WorkerLoad> = app.backend.cluster.loads().into_iter().collect();
     (
         [("content-type", "text/plain; version=0.0.4")],

@@ -10,6 +10,7 @@
 //! the HTTP API to the workers ([`trace`]).
 
 pub mod metrics;
+pub mod secret;
 pub mod trace;
 
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

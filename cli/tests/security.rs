@@ -1,0 +1,180 @@
+//! Secrets against a real `up`: the join token is long, random, refused when wrong (and
+//! nothing changes), and on no command line and in no log line; API keys (flags, the
+//! environment and a key file read again when it changes) gate the API with OpenAI's 401,
+//! `/health` stays open and `/metrics` takes its own key.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// `GET path` on `http` with an optional bearer key: the status and the body.
+fn get(http: &str, path: &str, key: Option<&str>) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {http}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let status = reply[9..12].parse().unwrap();
+    let body = reply.split_once("\r\n\r\n").map_or("", |p| p.1).to_owned();
+    (status, body)
+}
+
+/// Every process's command line on this machine.
+fn command_lines() -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .collect()
+}
+
+#[test]
+fn a_wrong_join_token_is_refused_and_the_token_is_never_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("up.log");
+    let up_file = dir.path().join("up.json");
+    let mut up = common::Kill(
+        common::bin()
+            .args(["up", "--http", "127.0.0.1:0"])
+            .env("EXPERTMESH_UP_FILE", &up_file)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = up.0.stdout.take().unwrap();
+    let mut printed = String::new();
+    let mut byte = [0u8; 1];
+    while !printed.contains("Ctrl-C") && stdout.read(&mut byte).unwrap() == 1 {
+        printed.push(byte[0] as char);
+    }
+    let cluster: Value = serde_json::from_slice(&std::fs::read(&up_file).unwrap()).unwrap();
+    let token = cluster["join_token"].as_str().unwrap();
+    // 256 bits, as hex.
+    assert_eq!(token.len(), 64, "{token}");
+    assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
+    let coordinators = cluster["coordinators"].as_str().unwrap().to_owned();
+    let before = common::admin_status(&coordinators);
+    let model = common::fixture("tiny-maverick").display().to_string();
+    let mut refused = common::bin()
+        .args(["expert-worker", "--coordinator", &coordinators])
+        .args(["--join-token", &format!("{}0", &token[..63])])
+        .args(["--listen", "127.0.0.1:0", "--model", &model])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let give_up = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = refused.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < give_up, "the refused worker did not exit");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut why = String::new();
+    refused
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut why)
+        .unwrap();
+    assert!(!status.success());
+    assert!(why.contains("wrong join token"), "{why}");
+    let after = common::admin_status(&coordinators);
+    assert_eq!(after["workers"], before["workers"]);
+    assert_eq!(after["placement_epoch"], before["placement_epoch"]);
+    // Not on any command line (the roles get it from their environment), not in the log.
+    let shown: Vec<String> = command_lines()
+        .into_iter()
+        .filter(|c| c.contains(token))
+        .collect();
+    assert!(
+        shown.is_empty(),
+        "the join token is on a command line: {shown:?}"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains(token) && !printed.contains(token),
+        "the join token was logged"
+    );
+}
+
+#[test]
+fn api_keys_gate_the_api_and_a_key_file_is_read_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("keys");
+    std::fs::write(&key_file, "# the team's keys\nfrom-file\n").unwrap();
+    let log = dir.path().join("up.log");
+    let up_file = dir.path().join("up.json");
+    let mut up = common::Kill(
+        common::bin()
+            .args(["up", "--http", "127.0.0.1:0", "--api-key", "flag-key"])
+            .args(["--api-key-file", key_file.to_str().unwrap()])
+            .env("EXPERTMESH_METRICS_KEY", "scraper")
+            .env("EXPERTMESH_UP_FILE", &up_file)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = up.0.stdout.take().unwrap();
+    let mut printed = String::new();
+    let mut byte = [0u8; 1];
+    while !printed.contains("Ctrl-C") && stdout.read(&mut byte).unwrap() == 1 {
+        printed.push(byte[0] as char);
+    }
+    let cluster: Value = serde_json::from_slice(&std::fs::read(&up_file).unwrap()).unwrap();
+    // The front door and a gateway behind it.
+    for http in [
+        cluster["api"].as_str().unwrap(),
+        cluster["http"][0].as_str().unwrap(),
+    ] {
+        for bad in [
+            None,
+            Some("wrong"),
+            Some("flag-ke"),
+            Some("# the team's keys"),
+        ] {
+            let (status, body) = get(http, "/v1/models", bad);
+            assert_eq!(status, 401, "{bad:?}: {body}");
+            let e: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(e["error"]["code"], "invalid_api_key", "{body}");
+        }
+        for good in ["flag-key", "from-file"] {
+            assert_eq!(get(http, "/v1/models", Some(good)).0, 200, "{good}");
+        }
+        assert_eq!(get(http, "/health", None).0, 200);
+    }
+    let gateway = cluster["http"][0].as_str().unwrap();
+    assert_eq!(get(gateway, "/metrics", None).0, 401);
+    assert_eq!(get(gateway, "/metrics", Some("flag-key")).0, 401);
+    let (status, text) = get(gateway, "/metrics", Some("scraper"));
+    assert_eq!(status, 200);
+    assert!(text.contains("expertmesh_requests_total"));
+    // Revoke one key and add another without a restart.
+    std::fs::write(&key_file, "rotated\n").unwrap();
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while get(gateway, "/v1/models", Some("rotated")).0 != 200 {
+        assert!(Instant::now() < give_up, "the new key file was not read");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(get(gateway, "/v1/models", Some("from-file")).0, 401);
+    assert_eq!(get(gateway, "/v1/models", Some("flag-key")).0, 200);
+    drop(up);
+    let text = std::fs::read_to_string(&log).unwrap() + &printed;
+    for key in ["flag-key", "from-file", "rotated", "scraper"] {
+        assert!(!text.contains(key), "{key} was logged");
+    }
+    let shown = command_lines().into_iter().any(|c| c.contains("scraper"));
+    assert!(!shown, "the metrics key is on a command line");
+}
