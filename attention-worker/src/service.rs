@@ -260,6 +260,9 @@ impl AttentionService for AttentionServer {
         &self,
         r: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        // The gateway (in a coordinator's process) and operators' tools.
+        use expertmesh_proto::tls::{self, PeerRole};
+        tls::authorize(&r, &[PeerRole::Coordinator, PeerRole::Admin])?;
         // The gateway's trace context: this request's lines here carry its trace id.
         let trace = r
             .metadata()

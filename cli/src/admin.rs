@@ -97,6 +97,7 @@ pub fn write_up_file(cluster: &LocalCluster, api: &str) -> Result<PathBuf> {
         "api": api,
         "http": cluster.http,
         "join_token": cluster.join_token,
+        "tls_dir": cluster.tls_dir,
         "pid": std::process::id(),
     });
     use std::io::Write;
@@ -126,6 +127,12 @@ impl Target {
                 })?;
                 let v: Value = serde_json::from_str(&text)
                     .with_context(|| format!("parsing {}", path.display()))?;
+                // A cluster with TLS: its admin certificate, unless one was given.
+                if let Some(dir) = v["tls_dir"].as_str() {
+                    if !expertmesh_proto::tls::enabled() {
+                        expertmesh_proto::tls::install(std::path::Path::new(dir))?;
+                    }
+                }
                 v["coordinators"]
                     .as_str()
                     .with_context(|| format!("{} names no coordinators", path.display()))?

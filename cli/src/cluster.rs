@@ -116,6 +116,8 @@ pub struct LocalCluster {
     pub join_token: String,
     /// Each process's `/metrics` address by pid, when the spec asked for them.
     pub metrics: std::collections::BTreeMap<u32, String>,
+    /// With TLS, the admin's certificate directory (`--tls-dir` for `admin` and the like).
+    pub tls_dir: Option<std::path::PathBuf>,
 }
 
 impl Drop for LocalCluster {
@@ -155,6 +157,9 @@ pub struct ClusterSpec {
     pub gemm: expertmesh_model::GemmPrecision,
     /// Give every process a `/metrics` endpoint on a free loopback port.
     pub metrics: bool,
+    /// Mutual TLS on every port: a CA and each role's certificate are made in the data
+    /// directory, and this process takes the admin's.
+    pub tls: bool,
 }
 
 impl ClusterSpec {
@@ -174,6 +179,7 @@ impl ClusterSpec {
             device: expertmesh_model::Device::Cpu,
             gemm: expertmesh_model::GemmPrecision::F32,
             metrics: false,
+            tls: false,
         }
     }
 
@@ -263,6 +269,21 @@ impl LocalCluster {
         let worker_env = [(JOIN_TOKEN_ENV, token.clone())];
         let mut coordinator_env = spec.keys.env();
         coordinator_env.extend(worker_env.iter().cloned());
+        // With TLS: the CA and a certificate per role; this process is the admin.
+        let tls_root = data_dir.join("tls");
+        if spec.tls {
+            crate::certs::local_cluster(&tls_root)?;
+            expertmesh_proto::tls::install(&tls_root.join("admin"))?;
+        }
+        let tls_args = |role: &str| -> Vec<String> {
+            match spec.tls {
+                true => vec![
+                    "--tls-dir".into(),
+                    tls_root.join(role).display().to_string(),
+                ],
+                false => Vec::new(),
+            }
+        };
         let ports = free_ports(n)?;
         let peers: Vec<String> = ports
             .iter()
@@ -278,6 +299,7 @@ impl LocalCluster {
             remove_data,
             join_token: token.clone(),
             metrics: std::collections::BTreeMap::new(),
+            tls_dir: spec.tls.then(|| tls_root.join("admin")),
         };
         // A free port per process for its `/metrics`, when asked for.
         let processes = n + spec.expert_capacities.len() + spec.attention_workers;
@@ -291,6 +313,7 @@ impl LocalCluster {
             let mut args = coordinator_args(spec, i, port, &peers, &data_dir);
             let metrics = metrics_ports.next();
             args.extend(metrics.iter().flat_map(|m| ["--metrics".into(), m.clone()]));
+            args.extend(tls_args("coordinator"));
             let (process, more) = spawn_reading(
                 "coordinator",
                 &args,
@@ -313,6 +336,7 @@ impl LocalCluster {
                 .map(str::to_owned)
                 .chain(["--device".to_owned(), spec.device.to_string()])
                 .chain(["--gemm".to_owned(), spec.gemm.to_string()])
+                .chain(tls_args(role))
                 .collect();
             args.extend_from_slice(extra);
             args

@@ -211,10 +211,14 @@ fn through_attention_worker(
 ) -> Result<GenerateOutput> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        let channel = expertmesh_proto::endpoint(address, Duration::from_secs(5))?
-            .connect()
-            .await
-            .with_context(|| format!("connecting to the attention worker at {address}"))?;
+        let endpoint = expertmesh_proto::endpoint(address, Duration::from_secs(5))?;
+        let channel = expertmesh_proto::tls::connect_channel(
+            endpoint,
+            address,
+            expertmesh_proto::tls::PeerRole::AttentionWorker,
+        )
+        .await
+        .with_context(|| format!("connecting to the attention worker at {address}"))?;
         let mut client = AttentionServiceClient::new(channel)
             .max_decoding_message_size(expertmesh_proto::MAX_MESSAGE_BYTES);
         let mut events = client

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod admin;
 mod bench;
+mod certs;
 mod cluster;
 mod generate;
 mod loadgen;
@@ -27,6 +28,11 @@ struct Cli {
     /// it to every process it starts).
     #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text)]
     log_format: logging::LogFormat,
+    /// Mutual TLS with the certificates in this directory (ca.pem, node.pem, node.key:
+    /// `expertmesh certs issue`): every port served over TLS only, every peer's certificate
+    /// checked. Also EXPERTMESH_TLS_DIR.
+    #[arg(long, global = true, value_name = "DIR", env = "EXPERTMESH_TLS_DIR")]
+    tls_dir: Option<std::path::PathBuf>,
     /// Export spans over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317); off when
     /// not given. `up` passes it to every process it starts.
     #[arg(long, global = true, value_name = "URL")]
@@ -60,6 +66,11 @@ enum Command {
     PlacementSim(placement_sim::PlacementSimArgs),
     /// Load-test an OpenAI-compatible endpoint, or the expert tier (`loadgen experts`).
     Loadgen(Box<loadgen::LoadgenCommand>),
+    /// Make a cluster CA and issue nodes' certificates for mutual TLS.
+    Certs {
+        #[command(subcommand)]
+        which: certs::CertsCommand,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -91,6 +102,12 @@ fn main() -> ExitCode {
         eprintln!("error: the OTLP exporter: {e:#}");
         return ExitCode::FAILURE;
     }
+    if let Some(dir) = &cli.tls_dir {
+        if let Err(e) = expertmesh_proto::tls::install(dir) {
+            eprintln!("error: TLS: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     if std::env::var_os(cluster::PARENT_WATCH_ENV).is_some() {
         // Started by `up` (or another local cluster): leave with the parent.
         std::thread::spawn(|| {
@@ -112,6 +129,7 @@ fn main() -> ExitCode {
         Command::PlacementSim(args) => placement_sim::run(args),
         Command::Loadgen(cmd) => loadgen::run(*cmd),
         Command::Bench { which } => bench::run(which),
+        Command::Certs { which } => certs::run(which),
     };
     logging::flush();
     match result {

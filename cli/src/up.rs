@@ -69,6 +69,10 @@ pub struct UpArgs {
     /// Recompute every prompt from its start (no prefix caching on the attention workers).
     #[arg(long)]
     no_prefix_cache: bool,
+    /// Mutual TLS between every process: a CA and a certificate per role are made in the
+    /// data directory; the up file's `tls_dir` holds the admin's (what `admin` uses).
+    #[arg(long)]
+    tls: bool,
 }
 
 pub fn run(args: UpArgs) -> Result<()> {
@@ -155,6 +159,7 @@ fn spec(args: &UpArgs) -> ClusterSpec {
         device: args.device,
         gemm: args.gemm,
         metrics: true,
+        tls: args.tls,
     }
 }
 

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use expertmesh_proto::tls::{self, PeerRole};
 use expertmesh_proto::v1 as pb;
 use expertmesh_proto::v1::coordinator_service_client::CoordinatorServiceClient;
 use tokio::sync::watch;
@@ -88,15 +89,17 @@ impl CoordinatorClient {
             .map(|a| {
                 // Pinged: a coordinator that dies silently breaks the watch stream within
                 // a heartbeat or two, and the next coordinator is watched.
-                Ok(CoordinatorServiceClient::new(
-                    expertmesh_proto::watched_endpoint(a, CONNECT_TIMEOUT)
-                        .map_err(|e| ClientError::Unreachable {
-                            address: a.clone(),
-                            reason: e.to_string(),
-                        })?
-                        .timeout(CALL_TIMEOUT)
-                        .connect_lazy(),
-                ))
+                let endpoint = expertmesh_proto::watched_endpoint(a, CONNECT_TIMEOUT)
+                    .map_err(|e| ClientError::Unreachable {
+                        address: a.clone(),
+                        reason: e.to_string(),
+                    })?
+                    .timeout(CALL_TIMEOUT);
+                Ok(CoordinatorServiceClient::new(tls::channel(
+                    endpoint,
+                    a,
+                    PeerRole::Coordinator,
+                )))
             })
             .collect::<Result<Vec<_>, ClientError>>()?;
         Ok(Self {

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use expertmesh_proto::tls::{self, PeerRole};
 use expertmesh_proto::v1 as pb;
 use expertmesh_proto::v1::coordinator_service_client::CoordinatorServiceClient;
 use expertmesh_proto::v1::coordinator_service_server::{
@@ -116,9 +117,11 @@ impl Coordinator {
             .ok_or_else(|| Status::unavailable("no coordinator leader is known yet; retry"))?;
         let endpoint = expertmesh_proto::endpoint(&address, Duration::from_secs(1))
             .map_err(|e| Status::unavailable(format!("leader address {address}: {e}")))?;
-        Ok(CoordinatorServiceClient::new(
-            endpoint.timeout(COMMIT_TIMEOUT).connect_lazy(),
-        ))
+        Ok(CoordinatorServiceClient::new(tls::channel(
+            endpoint.timeout(COMMIT_TIMEOUT),
+            &address,
+            PeerRole::Coordinator,
+        )))
     }
 }
 
@@ -146,12 +149,24 @@ impl From<ProposeError> for Status {
     }
 }
 
+/// Who may register, heartbeat and ask for NCCL ids: workers, and coordinators (a follower
+/// forwards to the leader).
+const WORKERS: &[PeerRole] = &[
+    PeerRole::ExpertWorker,
+    PeerRole::AttentionWorker,
+    PeerRole::Coordinator,
+];
+/// Who may change the cluster (drain, rebalance, coordinators): admins, and coordinators
+/// forwarding to the leader.
+const ADMINS: &[PeerRole] = &[PeerRole::Admin, PeerRole::Coordinator];
+
 #[tonic::async_trait]
 impl CoordinatorService for Coordinator {
     async fn register(
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterReply>, Status> {
+        tls::authorize(&request, WORKERS)?;
         let mut r = request.into_inner();
         let role = Role::try_from(r.role).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if r.address.is_empty() || r.address.len() > ADDRESS_MAX {
@@ -189,6 +204,7 @@ impl CoordinatorService for Coordinator {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
+        tls::authorize(&request, WORKERS)?;
         let r = request.into_inner();
         let id = r.worker_id;
         let view = self.view();
@@ -232,8 +248,9 @@ impl CoordinatorService for Coordinator {
 
     async fn get_state(
         &self,
-        _: Request<pb::GetStateRequest>,
+        request: Request<pb::GetStateRequest>,
     ) -> Result<Response<pb::ClusterState>, Status> {
+        tls::authorize(&request, tls::ANY)?;
         self.ask(|reply| Input::Read { reply }, READ_TIMEOUT)
             .await
             .map_err(Status::from)?;
@@ -248,6 +265,7 @@ impl CoordinatorService for Coordinator {
         &self,
         request: Request<pb::WatchStateRequest>,
     ) -> Result<Response<Self::WatchStateStream>, Status> {
+        tls::authorize(&request, tls::ANY)?;
         let after = request.into_inner().after_version;
         let stream = WatchStream::new(self.shared.view.subscribe())
             .filter(move |v| v.version > after)
@@ -259,6 +277,7 @@ impl CoordinatorService for Coordinator {
         &self,
         request: Request<pb::RaftMessages>,
     ) -> Result<Response<pb::RaftAck>, Status> {
+        tls::authorize(&request, &[PeerRole::Coordinator])?;
         let r = request.into_inner();
         if r.messages.len() > RAFT_BATCH_MAX {
             return Err(Status::invalid_argument(format!(
@@ -288,8 +307,9 @@ impl CoordinatorService for Coordinator {
 
     async fn status(
         &self,
-        _: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::CoordinatorStatus>, Status> {
+        tls::authorize(&request, tls::ANY)?;
         let status = self.status();
         let coordinators = self
             .shared
@@ -333,6 +353,7 @@ impl CoordinatorService for Coordinator {
         &self,
         request: Request<pb::ChangeCoordinatorsRequest>,
     ) -> Result<Response<pb::ChangeCoordinatorsReply>, Status> {
+        tls::authorize(&request, ADMINS)?;
         let r = request.into_inner();
         if r.id == 0 {
             return Err(Status::invalid_argument("coordinator ids start at 1"));
@@ -361,6 +382,7 @@ impl CoordinatorService for Coordinator {
         &self,
         request: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainReply>, Status> {
+        tls::authorize(&request, ADMINS)?;
         let r = request.into_inner();
         match self
             .propose(Command::Drain {
@@ -378,6 +400,7 @@ impl CoordinatorService for Coordinator {
         &self,
         request: Request<pb::NcclIdRequest>,
     ) -> Result<Response<pb::NcclIdReply>, Status> {
+        tls::authorize(&request, WORKERS)?;
         let r = request.into_inner();
         if !r.offer.is_empty() {
             let command = Command::NcclId {
@@ -406,6 +429,7 @@ impl CoordinatorService for Coordinator {
         &self,
         request: Request<pb::RebalanceRequest>,
     ) -> Result<Response<pb::RebalanceReply>, Status> {
+        tls::authorize(&request, ADMINS)?;
         if self.status().role == crate::replica::RaftRole::Leader {
             self.inputs
                 .try_send(Input::Rebalance)

@@ -27,10 +27,14 @@ pub(crate) async fn peer_sender(
         tracing::warn!("coordinator {from}: bad address {address:?} for coordinator {to}");
         return;
     };
-    let mut client =
-        CoordinatorServiceClient::new(endpoint.timeout(PEER_RPC_TIMEOUT).connect_lazy())
-            .max_decoding_message_size(expertmesh_proto::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(expertmesh_proto::MAX_MESSAGE_BYTES);
+    let channel = expertmesh_proto::tls::channel(
+        endpoint.timeout(PEER_RPC_TIMEOUT),
+        &address,
+        expertmesh_proto::tls::PeerRole::Coordinator,
+    );
+    let mut client = CoordinatorServiceClient::new(channel)
+        .max_decoding_message_size(expertmesh_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(expertmesh_proto::MAX_MESSAGE_BYTES);
     while let Some(mut batch) = rx.recv().await {
         while let Ok(more) = rx.try_recv() {
             batch.extend(more);

@@ -12,8 +12,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use expertmesh_proto::tls::{permits, Conn, DISPATCHERS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -63,9 +64,10 @@ async fn connect(address: &str) -> std::io::Result<(Reader, Writer)> {
         let (r, w) = tokio::net::UnixStream::connect(path).await?.into_split();
         return Ok((Box::new(r), Box::new(w)));
     }
-    let stream = TcpStream::connect(address).await?;
-    stream.set_nodelay(true)?;
-    let (r, w) = stream.into_split();
+    let stream =
+        expertmesh_proto::tls::connect(address, expertmesh_proto::tls::PeerRole::ExpertWorker)
+            .await?;
+    let (r, w) = tokio::io::split(stream);
     Ok((Box::new(r), Box::new(w)))
 }
 
@@ -159,38 +161,37 @@ where
     }
 }
 
-/// The accepted connections of an expert worker's port (Nagle off): framed dispatch
-/// connections are served here by `answer`; every other one (HTTP/2, i.e. gRPC) is handed
-/// on through the returned stream, for `tonic`'s `serve_with_incoming`. Accepting stops
-/// when that stream is dropped.
+/// The accepted connections of an expert worker's port (Nagle off, over TLS when the
+/// process has it): framed dispatch connections are served here by `answer`; every other
+/// one (HTTP/2, i.e. gRPC) is handed on through the returned stream, for `tonic`'s
+/// `serve_with_incoming`. They are told apart by their first bytes, which the one serving
+/// them reads again. Accepting stops when that stream is dropped.
 pub fn incoming(
     listener: TcpListener,
     answer: Arc<dyn Answer>,
-) -> ReceiverStream<std::io::Result<TcpStream>> {
+) -> ReceiverStream<std::io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(HANDOFF_QUEUE);
+    let mut accepted = expertmesh_proto::tls::incoming(listener);
     tokio::spawn(async move {
         loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
+            let next = tokio::select! {
+                c = tokio_stream::StreamExt::next(&mut accepted) => c,
                 _ = tx.closed() => return,
             };
-            let stream = match accepted {
-                Ok((s, _)) => s,
-                Err(_) => {
-                    // Out of descriptors and the like: back off instead of spinning.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
+            let mut conn = match next {
+                Some(Ok(conn)) => conn,
+                Some(Err(_)) => continue,
+                None => return,
             };
             let (tx, answer) = (tx.clone(), answer.clone());
             tokio::spawn(async move {
-                if stream.set_nodelay(true).is_err() {
-                    return;
-                }
-                match sniff(&stream).await {
-                    Some(true) => serve(stream, answer).await,
+                match conn.sniff(&MAGIC, SNIFF_TIMEOUT).await {
+                    Some(true) if permits(conn.peer(), DISPATCHERS) => serve(conn, answer).await,
+                    Some(true) => {
+                        tracing::warn!("framed dispatch refused: the client's certificate is not a dispatcher's");
+                    }
                     Some(false) => {
-                        let _ = tx.send(Ok(stream)).await;
+                        let _ = tx.send(Ok(conn)).await;
                     }
                     None => {}
                 }
@@ -198,33 +199,6 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
-}
-
-/// Whether the connection starts with [`MAGIC`]; `None` when it closes or shows nothing
-/// within [`SNIFF_TIMEOUT`].
-async fn sniff(stream: &TcpStream) -> Option<bool> {
-    let until = tokio::time::Instant::now() + SNIFF_TIMEOUT;
-    let mut first = [0u8; 4];
-    loop {
-        let n = tokio::time::timeout_at(until, stream.peek(&mut first))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
-        if first[..n] != MAGIC[..n] {
-            return Some(false);
-        }
-        if n == MAGIC.len() {
-            return Some(true);
-        }
-        // A prefix of the magic so far: wait for the rest.
-        if tokio::time::Instant::now() >= until {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
 }
 
 /// Serves framed dispatch on every connection of a Unix socket (co-located workers), until

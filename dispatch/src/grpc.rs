@@ -34,11 +34,15 @@ impl GrpcDispatch {
 
     /// A channel to `address` with connect timeout and message caps.
     pub async fn channel(address: &str) -> Result<Channel, DispatchError> {
-        expertmesh_proto::endpoint(address, CONNECT_TIMEOUT)
-            .map_err(|e| DispatchError::Unavailable(format!("{address}: {e}")))?
-            .connect()
-            .await
-            .map_err(|e| DispatchError::Unavailable(format!("{address}: {e}")))
+        let endpoint = expertmesh_proto::endpoint(address, CONNECT_TIMEOUT)
+            .map_err(|e| DispatchError::Unavailable(format!("{address}: {e}")))?;
+        expertmesh_proto::tls::connect_channel(
+            endpoint,
+            address,
+            expertmesh_proto::tls::PeerRole::ExpertWorker,
+        )
+        .await
+        .map_err(|e| DispatchError::Unavailable(format!("{address}: {e}")))
     }
 }
 

@@ -46,6 +46,7 @@ impl ExpertService for ExpertServer {
         &self,
         request: Request<Streaming<pb::DispatchRequest>>,
     ) -> Result<Response<Self::DispatchStream>, Status> {
+        expertmesh_proto::tls::authorize(&request, expertmesh_proto::tls::DISPATCHERS)?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(REPLY_QUEUE);
         let batcher = self.batcher.clone();
@@ -79,7 +80,11 @@ impl ExpertService for ExpertServer {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoReply>, Status> {
+    async fn info(
+        &self,
+        request: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoReply>, Status> {
+        expertmesh_proto::tls::authorize(&request, expertmesh_proto::tls::ANY)?;
         let shard = self.batcher.shard();
         let a = shard.assignment();
         let (batches, rows) = shard.served();

@@ -190,9 +190,13 @@ impl Backend {
         if let Some(c) = channels.get(address) {
             return Ok(c.clone());
         }
-        let c = expertmesh_proto::watched_endpoint(address, Duration::from_secs(3))
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .connect_lazy();
+        let endpoint = expertmesh_proto::watched_endpoint(address, Duration::from_secs(3))
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let c = expertmesh_proto::tls::channel(
+            endpoint,
+            address,
+            expertmesh_proto::tls::PeerRole::AttentionWorker,
+        );
         channels.insert(address.to_owned(), c.clone());
         Ok(c)
     }

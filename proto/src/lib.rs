@@ -6,11 +6,13 @@
 
 //!
 //! Beside them, what every role shares on the network: the gRPC server and endpoint
-//! settings, the `/metrics` endpoint ([`metrics`]) and the W3C trace context carried from
-//! the HTTP API to the workers ([`trace`]).
+//! settings, mutual TLS between nodes ([`tls`]), the `/metrics` endpoint ([`metrics`]),
+//! secrets ([`secret`]) and the W3C trace context carried from the HTTP API to the workers
+//! ([`trace`]).
 
 pub mod metrics;
 pub mod secret;
+pub mod tls;
 pub mod trace;
 
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
@@ -77,14 +79,9 @@ pub fn endpoint(
 }
 
 /// Accepted connections of `listener` with Nagle's algorithm off (small replies must not
-/// wait for delayed ACKs).
+/// wait for delayed ACKs), over TLS when this process has it ([`tls::incoming`]).
 pub fn incoming(
     listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
-        let s = s?;
-        s.set_nodelay(true)?;
-        Ok(s)
-    })
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<tls::Conn>> {
+    tls::incoming(listener)
 }
