@@ -470,6 +470,18 @@ fn up_with_tcp_dispatch_serves_the_api() {
     );
 }
 
+/// `up --tls`: every process speaks mutual TLS, over gRPC dispatch and over the framed data
+/// path, and the API still gives the single process's text, bit for bit.
+#[test]
+fn up_with_tls_serves_the_single_process_text() {
+    for dispatch in ["grpc", "tcp"] {
+        up_serves_the_single_process_text(
+            "tiny-maverick",
+            &["--tls", "--expert-workers", "2", "--dispatch", dispatch],
+        );
+    }
+}
+
 /// `up --wire-dtype fp8` on an FP8 checkpoint: expert workers get the rows in fp8 and the API
 /// gives the single process's text.
 #[test]

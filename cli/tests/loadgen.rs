@@ -108,7 +108,7 @@ fn loadgen_against_up() {
     let port = free_port();
     let http = format!("127.0.0.1:{port}");
     let _up = Up(Command::new(env!("CARGO_BIN_EXE_expertmesh"))
-        .args(["up", "--http", &http])
+        .args(["up", "--tls", "--http", &http])
         .current_dir(common::root())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

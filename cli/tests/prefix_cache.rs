@@ -58,6 +58,7 @@ fn a_shared_prefix_goes_to_its_holder_and_changes_no_token() {
     let dir = tempfile::tempdir().unwrap();
     let (_up, cluster) = common::start_up(
         &[
+            "--tls",
             "--http",
             "127.0.0.1:0",
             "--model",
