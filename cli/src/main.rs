@@ -33,6 +33,10 @@ struct Cli {
     /// checked. Also EXPERTMESH_TLS_DIR.
     #[arg(long, global = true, value_name = "DIR", env = "EXPERTMESH_TLS_DIR")]
     tls_dir: Option<std::path::PathBuf>,
+    /// Serve cluster ports without TLS even on addresses other machines reach (a role
+    /// refuses to otherwise). Also EXPERTMESH_INSECURE=1.
+    #[arg(long, global = true, env = "EXPERTMESH_INSECURE")]
+    insecure: bool,
     /// Export spans over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317); off when
     /// not given. `up` passes it to every process it starts.
     #[arg(long, global = true, value_name = "URL")]
@@ -102,6 +106,7 @@ fn main() -> ExitCode {
         eprintln!("error: the OTLP exporter: {e:#}");
         return ExitCode::FAILURE;
     }
+    roles::INSECURE.store(cli.insecure, std::sync::atomic::Ordering::Relaxed);
     if let Some(dir) = &cli.tls_dir {
         if let Err(e) = expertmesh_proto::tls::install(dir) {
             eprintln!("error: TLS: {e}");

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use expertmesh_attention_worker::AttentionWorkerConfig;
 use expertmesh_coordinator::{Coordinator, CoordinatorConfig};
@@ -335,9 +335,46 @@ impl CoordinatorArgs {
     }
 }
 
+/// Set by `--insecure`: serve cluster ports without TLS on addresses other machines reach.
+pub static INSECURE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether `listen` (`host:port`) is reachable from this machine only.
+fn loopback_only(listen: &str) -> bool {
+    let host = listen
+        .rsplit_once(':')
+        .map_or(listen, |(h, _)| h)
+        .trim_matches(['[', ']']);
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The production profile: a cluster port (gRPC, raft, dispatch) on an address other
+/// machines reach is served with mutual TLS (`--tls-dir`), or, with `--insecure`, in the
+/// clear after a loud warning; otherwise the role does not start.
+fn check_exposure(role: &str, listen: &str) -> Result<()> {
+    if loopback_only(listen) || expertmesh_proto::tls::enabled() {
+        return Ok(());
+    }
+    if INSECURE.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            "INSECURE: {role} serves {listen} without TLS: anyone who reaches this port can \
+             send raft messages, register workers and dispatch batches. Use --tls-dir."
+        );
+        return Ok(());
+    }
+    bail!(
+        "{role} would listen on {listen}, reachable from other machines, without TLS: give \
+         --tls-dir (certificates from `expertmesh certs`), listen on a loopback address, or \
+         pass --insecure to serve it in the clear"
+    )
+}
+
 pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let mut config: CoordinatorConfig = load(args.config.as_deref())?;
     args.apply(&mut config);
+    check_exposure("the coordinator", &config.listen)?;
     let source: ModelSource = config.model.parse()?;
     let model = source
         .config()
@@ -426,6 +463,7 @@ pub fn expert_worker(args: ExpertWorkerArgs) -> Result<()> {
     if let Some(v) = args.batch_window_us {
         config.batcher.window_us = v;
     }
+    check_exposure("the expert worker", &config.worker.listen)?;
     let config = config.validate()?;
     runtime()?.block_on(async {
         expertmesh_expert_worker::run(config, announce, shutdown_signal()).await?;
@@ -447,9 +485,28 @@ pub fn attention_worker(args: AttentionWorkerArgs) -> Result<()> {
         config.dispatch.transport = v;
     }
     config.scheduler.prefix_cache &= !args.no_prefix_cache;
+    check_exposure("the attention worker", &config.worker.listen)?;
     let config = config.validate()?;
     runtime()?.block_on(async {
         expertmesh_attention_worker::run(config, announce, shutdown_signal()).await?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn loopback_addresses_are_told_apart() {
+        for a in [
+            "127.0.0.1:7000",
+            "127.0.0.5:0",
+            "localhost:80",
+            "[::1]:7000",
+        ] {
+            assert!(super::loopback_only(a), "{a}");
+        }
+        for a in ["0.0.0.0:7000", "[::]:7000", "10.0.0.2:7000", "node1:7000"] {
+            assert!(!super::loopback_only(a), "{a}");
+        }
+    }
 }

@@ -139,7 +139,13 @@ fn spans_of_every_process_reach_an_otlp_collector_in_the_requests_trace() {
     );
     let dir = tempfile::tempdir().unwrap();
     let (_up, cluster) = common::start_up(
-        &["--tls", "--http", "127.0.0.1:0", "--otlp-endpoint", &endpoint],
+        &[
+            "--tls",
+            "--http",
+            "127.0.0.1:0",
+            "--otlp-endpoint",
+            &endpoint,
+        ],
         &dir.path().join("up.json"),
     );
     let http = cluster["http"][0].as_str().unwrap();

@@ -178,3 +178,59 @@ fn api_keys_gate_the_api_and_a_key_file_is_read_again() {
     let shown = command_lines().into_iter().any(|c| c.contains("scraper"));
     assert!(!shown, "the metrics key is on a command line");
 }
+
+/// The production profile: a cluster port on an address other machines reach needs TLS, or
+/// `--insecure` (which says so in the log).
+#[test]
+fn an_exposed_port_without_tls_needs_insecure() {
+    let model = common::fixture("tiny-maverick").display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data").display().to_string();
+    let coordinator = ["coordinator", "--listen", "0.0.0.0:0", "--model", &model];
+    let refused = common::bin()
+        .args(coordinator)
+        .args(["--data-dir", &data])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains("--tls-dir") && why.contains("--insecure"),
+        "{why}"
+    );
+    for role in ["expert-worker", "attention-worker"] {
+        let refused = common::bin()
+            .args([
+                role,
+                "--listen",
+                "0.0.0.0:0",
+                "--coordinator",
+                "127.0.0.1:1",
+            ])
+            .args(["--model", &model])
+            .output()
+            .unwrap();
+        assert!(!refused.status.success());
+        assert!(String::from_utf8_lossy(&refused.stderr).contains("--insecure"));
+    }
+    // With --insecure it starts, warning loudly.
+    let log = dir.path().join("coordinator.log");
+    let mut started = common::Kill(
+        common::bin()
+            .args(coordinator)
+            .args(["--data-dir", &data, "--insecure"])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(started.0.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("LISTENING"), "{line}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("INSECURE"), "{text}");
+}
