@@ -94,7 +94,7 @@ fn certs(args: &[&str]) {
 #[test]
 fn every_port_takes_only_the_clusters_certificates_and_roles() {
     let dir = tempfile::tempdir().unwrap();
-    let (_up, cluster) = common::start_up(
+    let (_up, cluster, printed) = common::start_up_printing(
         &["--tls", "--http", "127.0.0.1:0"],
         &dir.path().join("up.json"),
     );
@@ -233,5 +233,42 @@ fn every_port_takes_only_the_clusters_certificates_and_roles() {
             traces: Vec::new(),
         };
         assert!(framed.dispatch(batch).await.is_err());
+    });
+    // Renewal without a restart: the coordinator's certificate, issued again for 5 days, is
+    // read within seconds (its expiry in /metrics moves) and still serves.
+    let metrics = printed
+        .iter()
+        .find(|l| l.trim_start().starts_with("coordinator"))
+        .and_then(|l| l.split("metrics http://").nth(1))
+        .and_then(|r| r.split('/').next())
+        .unwrap()
+        .to_owned();
+    let expiry = || {
+        common::metrics(&metrics)
+            .lines()
+            .find(|l| l.starts_with("expertmesh_tls_certificate_expiry_seconds{cert=\"node\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap()
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let before = expiry();
+    assert!((before - now - 30.0 * 86400.0).abs() < 7200.0, "{before}");
+    certs(&[
+        "certs", "issue", "--ca", ca.to_str().unwrap(), "--role", "coordinator", "--name",
+        "renewed", "--hosts", "127.0.0.1", "--days", "5", "--out",
+        root.join("coordinator").to_str().unwrap(),
+    ]);
+    let give_up = std::time::Instant::now() + Duration::from_secs(20);
+    while (expiry() - now - 5.0 * 86400.0).abs() > 7200.0 {
+        assert!(std::time::Instant::now() < give_up, "the renewed certificate was not read");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    runtime.block_on(async {
+        let (address, _) = &ports[0];
+        let code = call(Client::Certificate(&ca, &admin), address, PeerRole::Coordinator).await;
+        assert_eq!(code, Code::Ok);
     });
 }

@@ -69,7 +69,7 @@ async fn answer(
     let (method, path) = (parts.next(), parts.next());
     let (status, body) = match (method, path) {
         (Some(b"GET"), Some(p)) if p == b"/metrics" || p.starts_with(b"/metrics?") => {
-            ("200 OK", render())
+            ("200 OK", render() + &crate::tls::render_metrics())
         }
         _ => (
             "404 Not Found",

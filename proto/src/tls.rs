@@ -95,6 +95,9 @@ struct Loaded {
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
     stamp: Vec<Option<SystemTime>>,
+    /// When this node's certificate and the CA's expire (Unix seconds).
+    node_expiry: i64,
+    ca_expiry: i64,
 }
 
 struct State {
@@ -201,11 +204,48 @@ fn load(dir: &Path) -> Result<Loaded, TlsError> {
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs.clone(), key.clone_key())?;
+    let node_expiry = not_after(&certs[0]).map_err(|e| file_error(&cert_path, e))?;
+    let ca_expiry = read_certificates(&ca_path)?
+        .iter()
+        .map(not_after)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(&ca_path, e))?
+        .into_iter()
+        .min()
+        .unwrap_or(i64::MAX);
     Ok(Loaded {
         server: Arc::new(server),
         client: client_config(&ca_path, Some((&cert_path, &key_path)))?,
         stamp,
+        node_expiry,
+        ca_expiry,
     })
+}
+
+/// When `certificate` expires, in Unix seconds.
+pub fn not_after(certificate: &CertificateDer<'_>) -> Result<i64, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(certificate)
+        .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
+/// The TLS metrics of this process (none without TLS): when its certificate and its CA
+/// expire, for an alert well before they do.
+pub fn render_metrics() -> String {
+    let Some(loaded) = current() else {
+        return String::new();
+    };
+    let mut out = String::new();
+    crate::metrics::write_family(
+        &mut out,
+        "expertmesh_tls_certificate_expiry_seconds",
+        "When this node's TLS certificate (cert=\"node\") and its CA (cert=\"ca\") expire, in Unix seconds.",
+        &[
+            ("cert=\"node\"".to_owned(), loaded.node_expiry as f64),
+            ("cert=\"ca\"".to_owned(), loaded.ca_expiry as f64),
+        ],
+    );
+    out
 }
 
 /// Turns TLS on for this process with the files of `dir` (checked now: a missing or bad
