@@ -234,3 +234,55 @@ fn an_exposed_port_without_tls_needs_insecure() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("INSECURE"), "{text}");
 }
+
+/// The HTTP ports' bounds: a client that sends its request head too slowly (slowloris) or
+/// nothing at all is cut off, and a head larger than the cap gets 431.
+#[test]
+fn slow_idle_and_oversized_http_clients_are_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_up, cluster) = common::start_up(&["--http", "127.0.0.1:0"], &dir.path().join("up.json"));
+    for http in [
+        cluster["api"].as_str().unwrap().to_owned(),
+        cluster["http"][0].as_str().unwrap().to_owned(),
+    ] {
+        let opened = Instant::now();
+        let mut slow = std::net::TcpStream::connect(&http).unwrap();
+        let mut idle = std::net::TcpStream::connect(&http).unwrap();
+        // Half a head, then a byte every second.
+        write!(slow, "GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
+        let trickle = std::thread::spawn(move || {
+            for _ in 0..30 {
+                std::thread::sleep(Duration::from_secs(1));
+                if slow.write_all(b"X").is_err() {
+                    return true;
+                }
+            }
+            false
+        });
+        idle.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        // The server closes the idle connection (EOF or reset), well before the 30 s.
+        assert!(matches!(idle.read(&mut buf), Ok(0) | Err(_)));
+        assert!(
+            opened.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            opened.elapsed()
+        );
+        assert!(trickle.join().unwrap(), "the slow client was never cut off");
+        assert!(opened.elapsed() < Duration::from_secs(25));
+        // A head of 100 KiB.
+        let mut big = std::net::TcpStream::connect(&http).unwrap();
+        big.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let filler = "a".repeat(100 << 10);
+        let _ = write!(
+            big,
+            "GET /health HTTP/1.1\r\nHost: x\r\nX-Filler: {filler}\r\n\r\n"
+        );
+        let mut reply = String::new();
+        let _ = big.read_to_string(&mut reply);
+        assert!(reply.starts_with("HTTP/1.1 431"), "{http}: {reply:.80}");
+        // And the port still serves.
+        assert!(common::healthy(&http));
+    }
+}

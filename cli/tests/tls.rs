@@ -257,18 +257,37 @@ fn every_port_takes_only_the_clusters_certificates_and_roles() {
     let before = expiry();
     assert!((before - now - 30.0 * 86400.0).abs() < 7200.0, "{before}");
     certs(&[
-        "certs", "issue", "--ca", ca.to_str().unwrap(), "--role", "coordinator", "--name",
-        "renewed", "--hosts", "127.0.0.1", "--days", "5", "--out",
+        "certs",
+        "issue",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--role",
+        "coordinator",
+        "--name",
+        "renewed",
+        "--hosts",
+        "127.0.0.1",
+        "--days",
+        "5",
+        "--out",
         root.join("coordinator").to_str().unwrap(),
     ]);
     let give_up = std::time::Instant::now() + Duration::from_secs(20);
     while (expiry() - now - 5.0 * 86400.0).abs() > 7200.0 {
-        assert!(std::time::Instant::now() < give_up, "the renewed certificate was not read");
+        assert!(
+            std::time::Instant::now() < give_up,
+            "the renewed certificate was not read"
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     runtime.block_on(async {
         let (address, _) = &ports[0];
-        let code = call(Client::Certificate(&ca, &admin), address, PeerRole::Coordinator).await;
+        let code = call(
+            Client::Certificate(&ca, &admin),
+            address,
+            PeerRole::Coordinator,
+        )
+        .await;
         assert_eq!(code, Code::Ok);
     });
 }

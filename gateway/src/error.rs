@@ -18,6 +18,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("the request body is larger than {0} bytes")]
     TooLarge(usize),
+    #[error("the request body did not arrive within {0} s")]
+    SlowBody(u64),
     #[error("{0}")]
     Overloaded(String),
     #[error("{0}")]
@@ -40,6 +42,7 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -48,7 +51,9 @@ impl ApiError {
 
     fn kind(&self) -> (&'static str, Option<&'static str>) {
         match self {
-            Self::BadRequest { .. } | Self::TooLarge(_) => ("invalid_request_error", None),
+            Self::BadRequest { .. } | Self::TooLarge(_) | Self::SlowBody(_) => {
+                ("invalid_request_error", None)
+            }
             Self::Unauthorized => ("invalid_request_error", Some("invalid_api_key")),
             Self::NotFound(_) => ("invalid_request_error", Some("model_not_found")),
             Self::Overloaded(_) => ("rate_limit_error", Some("rate_limit_exceeded")),

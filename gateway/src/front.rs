@@ -103,9 +103,7 @@ pub async fn serve(
     });
     let probing = tokio::spawn(probe(front.clone()));
     let router = Router::new().fallback(handle).with_state(front);
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let served = crate::http::serve(listener, router, shutdown).await;
     probing.abort();
     served
 }

@@ -25,6 +25,7 @@ pub mod backend;
 pub mod decoding;
 pub mod error;
 pub mod front;
+pub mod http;
 pub mod images;
 pub mod keys;
 pub mod logprobs;
@@ -194,8 +195,6 @@ pub async fn serve(
         processor,
     });
     let router = routes::router(app);
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    http::serve(listener, router, shutdown).await?;
     Ok(())
 }

@@ -42,9 +42,21 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
+/// How long a request body may take to arrive (a client trickling one in holds a request
+/// permit no longer than this).
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Reads a request body of at most `limit` bytes within [`BODY_TIMEOUT`]: 413 beyond the
+/// size, 408 beyond the time.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    tokio::time::timeout(BODY_TIMEOUT, read_body_bytes(body, limit))
+        .await
+        .map_err(|_| ApiError::SlowBody(BODY_TIMEOUT.as_secs()))?
+}
+
 /// Reads a request body of at most `limit` bytes. A larger one is read on (and dropped) up
 /// to `DRAIN_MAX_BYTES`, so that the client, still sending, gets to read the 413.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+async fn read_body_bytes(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     const DRAIN_MAX_BYTES: usize = 64 << 20;
     use tokio_stream::StreamExt;
     let mut stream = body.into_data_stream();
