@@ -149,6 +149,30 @@ impl From<ProposeError> for Status {
     }
 }
 
+/// The raft messages of a `Raft` call to coordinator `me`: at most [`RAFT_BATCH_MAX`], each
+/// decodable, each from the sender and to `me`.
+pub fn decode_raft(r: &pb::RaftMessages, me: u64) -> Result<Vec<raft::eraftpb::Message>, String> {
+    if r.messages.len() > RAFT_BATCH_MAX {
+        return Err(format!(
+            "{} raft messages in one call (at most {RAFT_BATCH_MAX})",
+            r.messages.len()
+        ));
+    }
+    let messages = r
+        .messages
+        .iter()
+        .map(|b| raft::eraftpb::Message::parse_from_bytes(b))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("undecodable raft message: {e}"))?;
+    if let Some(m) = messages.iter().find(|m| m.to != me || m.from != r.from) {
+        return Err(format!(
+            "raft message from {} to {} sent by {} to {me}",
+            m.from, m.to, r.from
+        ));
+    }
+    Ok(messages)
+}
+
 /// Who may register, heartbeat and ask for NCCL ids: workers, and coordinators (a follower
 /// forwards to the leader).
 const WORKERS: &[PeerRole] = &[
@@ -278,28 +302,8 @@ impl CoordinatorService for Coordinator {
         request: Request<pb::RaftMessages>,
     ) -> Result<Response<pb::RaftAck>, Status> {
         tls::authorize(&request, &[PeerRole::Coordinator])?;
-        let r = request.into_inner();
-        if r.messages.len() > RAFT_BATCH_MAX {
-            return Err(Status::invalid_argument(format!(
-                "{} raft messages in one call (at most {RAFT_BATCH_MAX})",
-                r.messages.len()
-            )));
-        }
-        let messages = r
-            .messages
-            .iter()
-            .map(|b| raft::eraftpb::Message::parse_from_bytes(b))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;
-        if let Some(m) = messages
-            .iter()
-            .find(|m| m.to != self.shared.id || m.from != r.from)
-        {
-            return Err(Status::invalid_argument(format!(
-                "raft message from {} to {} sent by {} to {}",
-                m.from, m.to, r.from, self.shared.id
-            )));
-        }
+        let messages =
+            decode_raft(&request.into_inner(), self.shared.id).map_err(Status::invalid_argument)?;
         // A full queue drops them: raft resends.
         let _ = self.inputs.try_send(Input::Raft(messages));
         Ok(Response::new(pb::RaftAck {}))

@@ -134,7 +134,7 @@ pub fn reply_err(batch_id: u64, e: &DispatchError) -> OutFrame {
 }
 
 /// One received frame: its tensor bytes and its header, both slices of one buffer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Frame {
     data: Bytes,
     header: Bytes,
