@@ -158,8 +158,10 @@ pub struct ClusterSpec {
     /// Give every process a `/metrics` endpoint on a free loopback port.
     pub metrics: bool,
     /// Mutual TLS on every port: a CA and each role's certificate are made in the data
-    /// directory, and this process takes the admin's.
+    /// directory (or taken from `tls_root`), and this process takes the admin's.
     pub tls: bool,
+    /// Certificates made before, a directory per role (`--tls-root`).
+    pub tls_root: Option<std::path::PathBuf>,
 }
 
 impl ClusterSpec {
@@ -180,6 +182,7 @@ impl ClusterSpec {
             gemm: expertmesh_model::GemmPrecision::F32,
             metrics: false,
             tls: false,
+            tls_root: None,
         }
     }
 
@@ -270,9 +273,14 @@ impl LocalCluster {
         let mut coordinator_env = spec.keys.env();
         coordinator_env.extend(worker_env.iter().cloned());
         // With TLS: the CA and a certificate per role; this process is the admin.
-        let tls_root = data_dir.join("tls");
+        let tls_root = spec
+            .tls_root
+            .clone()
+            .unwrap_or_else(|| data_dir.join("tls"));
         if spec.tls {
-            crate::certs::local_cluster(&tls_root)?;
+            if spec.tls_root.is_none() {
+                crate::certs::local_cluster(&tls_root)?;
+            }
             expertmesh_proto::tls::install(&tls_root.join("admin"))?;
         }
         let tls_args = |role: &str| -> Vec<String> {

@@ -33,6 +33,12 @@ struct Cli {
     /// checked. Also EXPERTMESH_TLS_DIR.
     #[arg(long, global = true, value_name = "DIR", env = "EXPERTMESH_TLS_DIR")]
     tls_dir: Option<std::path::PathBuf>,
+    /// A directory of certificate directories, one per role (coordinator, expert-worker,
+    /// attention-worker, admin: what `up --tls` makes): this process takes its role's
+    /// (`--tls-dir` wins). `up` given one uses those certificates instead of making new
+    /// ones (and turns TLS on). Also EXPERTMESH_TLS_ROOT.
+    #[arg(long, global = true, value_name = "DIR", env = "EXPERTMESH_TLS_ROOT")]
+    tls_root: Option<std::path::PathBuf>,
     /// Serve cluster ports without TLS even on addresses other machines reach (a role
     /// refuses to otherwise). Also EXPERTMESH_INSECURE=1.
     #[arg(long, global = true, env = "EXPERTMESH_INSECURE")]
@@ -83,6 +89,16 @@ enum Command {
 }
 
 impl Command {
+    /// The role whose certificate this process presents (`--tls-root`).
+    fn tls_role(&self) -> &'static str {
+        match self {
+            Self::Coordinator(_) => "coordinator",
+            Self::ExpertWorker(_) => "expert-worker",
+            Self::AttentionWorker(_) => "attention-worker",
+            _ => "admin",
+        }
+    }
+
     /// The `service.name` this process's spans are exported under.
     fn service(&self) -> &'static str {
         match self {
@@ -107,7 +123,12 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     roles::INSECURE.store(cli.insecure, std::sync::atomic::Ordering::Relaxed);
-    if let Some(dir) = &cli.tls_dir {
+    let tls_dir = cli.tls_dir.clone().or_else(|| {
+        cli.tls_root
+            .as_ref()
+            .map(|root| root.join(cli.command.tls_role()))
+    });
+    if let Some(dir) = &tls_dir {
         if let Err(e) = expertmesh_proto::tls::install(dir) {
             eprintln!("error: TLS: {e}");
             return ExitCode::FAILURE;
@@ -124,7 +145,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
-        Command::Up(args) => up::run(args),
+        Command::Up(args) => up::run(args, cli.tls_root.clone()),
         Command::Quantize(args) => quantize::run(args),
         Command::Coordinator(args) => roles::coordinator(args),
         Command::ExpertWorker(args) => roles::expert_worker(args),

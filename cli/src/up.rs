@@ -75,7 +75,8 @@ pub struct UpArgs {
     tls: bool,
 }
 
-pub fn run(args: UpArgs) -> Result<()> {
+/// Runs `up`; `tls_root` holds certificates to use (`--tls-root`), which implies TLS.
+pub fn run(args: UpArgs, tls_root: Option<std::path::PathBuf>) -> Result<()> {
     let local = args.dispatch == expertmesh_dispatch::Transport::Local;
     if args.attention_workers == 0 || (args.expert_workers == 0 && !local) {
         anyhow::bail!(
@@ -93,7 +94,10 @@ pub fn run(args: UpArgs) -> Result<()> {
         .block_on(tokio::net::TcpListener::bind(&args.http))
         .with_context(|| format!("listening on {}", args.http))?;
     let api = front.local_addr()?;
-    let mut cluster = LocalCluster::start(&spec(&args))?;
+    let mut spec = spec(&args);
+    spec.tls |= tls_root.is_some();
+    spec.tls_root = tls_root;
+    let mut cluster = LocalCluster::start(&spec)?;
     let view = runtime.block_on(cluster.ready(Duration::from_secs(120)))?;
     println!(
         "expertmesh cluster up: model {}, placement epoch {}",
@@ -160,6 +164,7 @@ fn spec(args: &UpArgs) -> ClusterSpec {
         gemm: args.gemm,
         metrics: true,
         tls: args.tls,
+        tls_root: None,
     }
 }
 
@@ -214,8 +219,12 @@ fn print_cluster(
         "try: curl http://{api}/v1/chat/completions -H 'Content-Type: application/json' \\\n       -d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 16}}'"
     );
     if let Some(a) = cluster.attention_workers.first() {
+        let tls = cluster
+            .tls_dir
+            .as_ref()
+            .map_or(String::new(), |d| format!(" --tls-dir {}", d.display()));
         println!(
-            " or: expertmesh generate --model {} --attention-worker {} --prompt \"Hello\" --max-tokens 16",
+            " or: expertmesh generate --model {} --attention-worker {}{tls} --prompt \"Hello\" --max-tokens 16",
             args.model, a.address
         );
     }

@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::Read;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{expertmesh, ids_arg, reference_case, root, start, start_worker};
@@ -127,6 +127,7 @@ fn an_expert_worker_without_experts_changes_nothing() {
     let _empty = start_worker("expert-worker", c, &model, &["--capacity", "0"]);
     let _full = start_worker("expert-worker", c, &model, &[]);
     let attention = start_worker("attention-worker", c, &model, &[]);
+    common::install_tls();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let view = rt.block_on(async {
         let client = expertmesh_coordinator::CoordinatorClient::new(c).unwrap();
@@ -298,7 +299,7 @@ fn a_killed_expert_worker_is_a_clear_error_not_a_hang() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut client = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+    let mut client = common::bin()
         .args([
             "generate",
             "--model",
@@ -391,9 +392,8 @@ fn a_killed_expert_worker_without_copies_is_replaced_and_nothing_fails() {
         "{}",
         String::from_utf8_lossy(&reference.stderr)
     );
-    let mut client = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+    let mut client = common::bin()
         .args(args)
-        .current_dir(root())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -187,7 +187,12 @@ fn an_exposed_port_without_tls_needs_insecure() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data").display().to_string();
     let coordinator = ["coordinator", "--listen", "0.0.0.0:0", "--model", &model];
-    let refused = common::bin()
+    let plain = || {
+        let mut c = common::bin();
+        c.env_remove("EXPERTMESH_TLS_ROOT");
+        c
+    };
+    let refused = plain()
         .args(coordinator)
         .args(["--data-dir", &data])
         .output()
@@ -199,7 +204,7 @@ fn an_exposed_port_without_tls_needs_insecure() {
         "{why}"
     );
     for role in ["expert-worker", "attention-worker"] {
-        let refused = common::bin()
+        let refused = plain()
             .args([
                 role,
                 "--listen",
@@ -216,7 +221,7 @@ fn an_exposed_port_without_tls_needs_insecure() {
     // With --insecure it starts, warning loudly.
     let log = dir.path().join("coordinator.log");
     let mut started = common::Kill(
-        common::bin()
+        plain()
             .args(coordinator)
             .args(["--data-dir", &data, "--insecure"])
             .stdout(Stdio::piped())

@@ -1,5 +1,10 @@
 //! Helpers shared by the process-level tests: paths, running the binary, reading the
 //! fixtures' reference cases, and role processes that die with the test.
+//!
+//! Every process these helpers start speaks mutual TLS: one CA and a certificate per role
+//! are made once per test binary ([`tls_root`]) and handed to each process as
+//! `EXPERTMESH_TLS_ROOT` (`up` gets `--tls`). `EXPERTMESH_TEST_PLAINTEXT=1` runs them in
+//! the clear instead; the OpenAI tests (Python) run `up` in the clear either way.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -21,11 +26,62 @@ pub fn fixture(name: &str) -> PathBuf {
 
 /// Runs `expertmesh <args>` from the repository root.
 pub fn expertmesh(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_expertmesh"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .expect("run expertmesh")
+    bin().args(args).output().expect("run expertmesh")
+}
+
+/// The certificates of this test binary's processes: `ca/` and a directory per role, made
+/// on first use; `None` with `EXPERTMESH_TEST_PLAINTEXT` set.
+pub fn tls_root() -> Option<&'static Path> {
+    static ROOT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        if std::env::var_os("EXPERTMESH_TEST_PLAINTEXT").is_some() {
+            return None;
+        }
+        let dir =
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tls-{}", std::process::id()));
+        let run = |args: &[&str]| {
+            let out = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+                .args(args)
+                .env_remove("EXPERTMESH_TLS_ROOT")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ca = dir.join("ca").display().to_string();
+        run(&["certs", "init", "--out", &ca]);
+        for role in ["coordinator", "expert-worker", "attention-worker", "admin"] {
+            let out = dir.join(role).display().to_string();
+            run(&[
+                "certs",
+                "issue",
+                "--ca",
+                &ca,
+                "--role",
+                role,
+                "--name",
+                role,
+                "--hosts",
+                "127.0.0.1,localhost",
+                "--days",
+                "30",
+                "--out",
+                &out,
+            ]);
+        }
+        Some(dir)
+    })
+    .as_deref()
+}
+
+/// Gives this test process the admin's certificate, for clients it runs itself.
+pub fn install_tls() {
+    if let Some(root) = tls_root() {
+        expertmesh_proto::tls::install(&root.join("admin")).unwrap();
+    }
 }
 
 /// The named case of a fixture's `reference.json`.
@@ -96,9 +152,8 @@ fn role_stderr(args: &[&str]) -> Stdio {
 
 /// Starts `expertmesh <args>` and waits for its `LISTENING` line.
 pub fn start(args: &[&str]) -> Role {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_expertmesh"))
+    let mut child = bin()
         .args(args)
-        .current_dir(root())
         .stdout(Stdio::piped())
         .stderr(role_stderr(args))
         .spawn()
@@ -148,10 +203,14 @@ pub fn start_coordinator(model: &str) -> (Role, tempfile::TempDir) {
     (role, dir)
 }
 
-/// `expertmesh` from the repository root, to be configured further.
+/// `expertmesh` from the repository root, with this binary's certificates, to be
+/// configured further.
 pub fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_expertmesh"));
     c.current_dir(root());
+    if let Some(tls) = tls_root() {
+        c.env("EXPERTMESH_TLS_ROOT", tls);
+    }
     c
 }
 
