@@ -27,6 +27,8 @@ pub enum CertsCommand {
     },
     /// Issue a node's certificate, signed by the CA, into a directory for `--tls-dir`.
     Issue(IssueArgs),
+    /// Print a new join token: 256 bits from the OS's random number generator, as hex.
+    Token,
 }
 
 #[derive(Args, Debug)]
@@ -56,6 +58,7 @@ pub fn run(command: CertsCommand) -> Result<()> {
             init(&out, years)?;
             println!("CA in {}", out.display());
         }
+        CertsCommand::Token => println!("{}", expertmesh_proto::secret::random_token()),
         CertsCommand::Issue(a) => {
             issue(&a.ca, a.role, &a.name, &a.hosts, a.days, &a.out)?;
             println!(

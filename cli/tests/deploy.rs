@@ -21,7 +21,17 @@ fn deploy_examples_parse_and_validate() {
     assert_eq!(c.http.as_deref(), Some("0.0.0.0:8000"));
     let node = c.node("fingerprint".into(), 128).unwrap();
     assert_eq!(node.peers.len(), 3);
-    assert_eq!(node.settings.join_token.as_deref(), Some("change-me"));
+    assert_eq!(
+        node.settings.join_token, None,
+        "the token comes from the environment"
+    );
+    // A join token of fewer than 128 bits (as hex) is refused.
+    let mut short = c.clone();
+    short.join_token = Some("change-me".into());
+    let e = short.node("fingerprint".into(), 128).unwrap_err();
+    assert!(e.to_string().contains("join_token"), "{e}");
+    short.join_token = Some("0".repeat(32));
+    assert!(short.node("fingerprint".into(), 128).is_ok());
     let e: ExpertWorkerConfig = toml::from_str(&read("expert-worker.toml")).unwrap();
     let e = e.validate().unwrap();
     assert_eq!(e.capacity, Some(16));

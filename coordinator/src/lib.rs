@@ -166,6 +166,9 @@ pub fn parse_peers(
     Ok(map)
 }
 
+/// The shortest join token a coordinator takes: 128 bits written as hex.
+pub const JOIN_TOKEN_MIN_CHARS: usize = 32;
+
 impl CoordinatorConfig {
     /// The raft node settings, given the model's identity.
     pub fn node(
@@ -186,6 +189,17 @@ impl CoordinatorConfig {
                     peers.keys().collect::<Vec<_>>()
                 ),
             ));
+        }
+        if let Some(t) = &self.join_token {
+            if t.len() < JOIN_TOKEN_MIN_CHARS {
+                return Err(config_error(
+                    "join_token",
+                    format!(
+                        "must be at least {JOIN_TOKEN_MIN_CHARS} characters (128 bits as hex); \
+                         `expertmesh certs token` prints a new one"
+                    ),
+                ));
+            }
         }
         for (field, value) in [("tick_ms", self.tick_ms), ("lease_ms", self.lease_ms)] {
             if value == 0 {
