@@ -1,7 +1,6 @@
 //! Secrets shared by the roles: join tokens and API keys. A token is 256 bits from the
 //! operating system's CSPRNG; secrets are compared in constant time (the time taken does not
-//! depend on where the first difference is, so a client cannot find a key byte by byte),
-//! and [`Secret`] prints as `<redacted>` in `Debug` so that a logged config shows none.
+//! depend on where the first difference is, so a client cannot find a key byte by byte).
 
 /// A new token: 256 random bits from the OS, as 64 lower-case hex digits.
 pub fn random_token() -> String {
@@ -24,16 +23,6 @@ pub fn matches_any<'a>(keys: impl IntoIterator<Item = &'a str>, given: &str) -> 
         .fold(false, |found, key| matches(key, given) | found)
 }
 
-/// A secret string that never shows in `Debug` output.
-#[derive(Clone, PartialEq, Eq, Default)]
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,6 +40,5 @@ mod tests {
         assert!(matches_any(["x", a.as_str()], &a));
         assert!(!matches_any(["x", "y"], &a));
         assert!(!matches_any([], &a));
-        assert_eq!(format!("{:?}", Secret(a)), "<redacted>");
     }
 }
