@@ -60,6 +60,9 @@ fn spawn_reading(
         .args(args)
         .args(crate::logging::telemetry().args())
         .env(PARENT_WATCH_ENV, "1")
+        // Each process gets its own role's certificate as a flag (or none): a certificate
+        // directory in this process's environment is not theirs.
+        .env_remove("EXPERTMESH_TLS_DIR")
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -30,7 +30,8 @@ struct Cli {
     log_format: logging::LogFormat,
     /// Mutual TLS with the certificates in this directory (ca.pem, node.pem, node.key:
     /// `expertmesh certs issue`): every port served over TLS only, every peer's certificate
-    /// checked. Also EXPERTMESH_TLS_DIR.
+    /// checked. Also EXPERTMESH_TLS_DIR. (`up` ignores it: its cluster's certificates are
+    /// made by `--tls` or taken from `--tls-root`.)
     #[arg(long, global = true, value_name = "DIR", env = "EXPERTMESH_TLS_DIR")]
     tls_dir: Option<std::path::PathBuf>,
     /// A directory of certificate directories, one per role (coordinator, expert-worker,
@@ -123,7 +124,12 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     roles::INSECURE.store(cli.insecure, std::sync::atomic::Ordering::Relaxed);
-    let tls_dir = cli.tls_dir.clone().or_else(|| {
+    // `up` takes the admin's certificate from the cluster it makes (or from --tls-root).
+    let own_dir = match cli.command {
+        Command::Up(_) => None,
+        _ => cli.tls_dir.clone(),
+    };
+    let tls_dir = own_dir.or_else(|| {
         cli.tls_root
             .as_ref()
             .map(|root| root.join(cli.command.tls_role()))
