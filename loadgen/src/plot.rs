@@ -4,6 +4,7 @@
 //! per-layer × per-expert routed load and per-worker load. Each function returns the SVG
 //! document; the caller writes it or puts it on the HTML page.
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -16,6 +17,7 @@ const FONT: &str = "sans-serif";
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
 type Drawn = Result<(), Box<dyn std::error::Error>>;
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
 /// An SVG of `size` pixels, white, with `draw` run on its drawing area.
 fn svg(size: (u32, u32), draw: impl FnOnce(&Area) -> Drawn) -> Result<String, String> {
@@ -42,6 +44,28 @@ fn ms(v: &[std::time::Duration]) -> Vec<f64> {
     v.iter().map(|d| d.as_secs_f64() * 1e3).collect()
 }
 
+/// A chart on `area` titled `title` over `x` × `y`, its axes described and gridded.
+fn axes<'a, 'b>(
+    area: &'a Area<'b>,
+    title: &str,
+    (x_desc, y_desc): (&str, &str),
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+) -> Result<Chart<'a, 'b>, Box<dyn std::error::Error>> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, (FONT, 18))
+        .margin(10)
+        .x_label_area_size(38)
+        .y_label_area_size(58)
+        .build_cartesian_2d(x, y)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .draw()?;
+    Ok(chart)
+}
+
 /// A histogram of `values_ms` in 40 bins on `area`.
 fn histogram(area: &Area, title: &str, unit: &str, values_ms: &[f64], color: RGBColor) -> Drawn {
     const BINS: usize = 40;
@@ -52,18 +76,7 @@ fn histogram(area: &Area, title: &str, unit: &str, values_ms: &[f64], color: RGB
         counts[((v / width) as usize).min(BINS - 1)] += 1;
     }
     let most = counts.iter().copied().max().unwrap_or(0) as f64;
-    let mut chart = ChartBuilder::on(area)
-        .caption(title, (FONT, 18))
-        .margin(8)
-        .x_label_area_size(36)
-        .y_label_area_size(56)
-        .build_cartesian_2d(0.0..max, 0.0..top(most))?;
-    chart
-        .configure_mesh()
-        .x_desc("ms")
-        .y_desc(unit)
-        .light_line_style(WHITE)
-        .draw()?;
+    let mut chart = axes(area, title, ("ms", unit), 0.0..max, 0.0..top(most))?;
     chart.draw_series(
         counts
             .iter()
@@ -111,17 +124,13 @@ pub fn timeline(report: &Report) -> Result<String, String> {
             .iter()
             .map(|s| s.output_tokens as f64)
             .fold(0.0, f64::max);
-        let mut chart = ChartBuilder::on(&upper)
-            .caption("Output tokens/s over time", (FONT, 18))
-            .margin(8)
-            .x_label_area_size(36)
-            .y_label_area_size(56)
-            .build_cartesian_2d(0.0..t_max, 0.0..top(tok_max))?;
-        chart
-            .configure_mesh()
-            .x_desc("s")
-            .y_desc("tokens/s")
-            .draw()?;
+        let mut chart = axes(
+            &upper,
+            "Output tokens/s over time",
+            ("s", "tokens/s"),
+            0.0..t_max,
+            0.0..top(tok_max),
+        )?;
         let points = report
             .timeline
             .iter()
@@ -137,13 +146,13 @@ pub fn timeline(report: &Report) -> Result<String, String> {
             .iter()
             .map(|(_, e)| e.as_secs_f64() * 1e3)
             .fold(0.0, f64::max);
-        let mut chart = ChartBuilder::on(&lower)
-            .caption("End to end by start time", (FONT, 18))
-            .margin(8)
-            .x_label_area_size(36)
-            .y_label_area_size(56)
-            .build_cartesian_2d(0.0..top(span), 0.0..top(e2e_max))?;
-        chart.configure_mesh().x_desc("s").y_desc("ms").draw()?;
+        let mut chart = axes(
+            &lower,
+            "End to end by start time",
+            ("s", "ms"),
+            0.0..top(span),
+            0.0..top(e2e_max),
+        )?;
         chart.draw_series(starts.iter().map(|(s, e)| {
             Circle::new((s.as_secs_f64(), e.as_secs_f64() * 1e3), 3, ORANGE.filled())
         }))?;
@@ -165,17 +174,13 @@ pub fn sweep(reports: &[Report]) -> Result<String, String> {
             .map(|r| r.output_tokens_per_s)
             .fold(0.0, f64::max);
         let y_max = reports.iter().map(|r| r.e2e_ms.p99).fold(0.0, f64::max);
-        let mut chart = ChartBuilder::on(root)
-            .caption("End-to-end latency against throughput", (FONT, 18))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0.0..top(x_max), 0.0..top(y_max))?;
-        chart
-            .configure_mesh()
-            .x_desc("output tokens/s")
-            .y_desc("end to end, ms")
-            .draw()?;
+        let mut chart = axes(
+            root,
+            "End-to-end latency against throughput",
+            ("output tokens/s", "end to end, ms"),
+            0.0..top(x_max),
+            0.0..top(y_max),
+        )?;
         let p50: fn(&Report) -> f64 = |r| r.e2e_ms.p50;
         let p99: fn(&Report) -> f64 = |r| r.e2e_ms.p99;
         for (name, get, color) in [("p50", p50, BLUE), ("p99", p99, ORANGE)] {
@@ -249,17 +254,16 @@ pub fn pareto(reports: &[Report]) -> Result<String, String> {
             .iter()
             .map(per_user_tokens_per_s)
             .fold(0.0, f64::max);
-        let mut chart = ChartBuilder::on(root)
-            .caption("Tokens/s per user against total tokens/s", (FONT, 18))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0.0..top(x_max), 0.0..top(y_max))?;
-        chart
-            .configure_mesh()
-            .x_desc("output tokens/s, all users")
-            .y_desc("tokens/s per user (1000 / median TPOT)")
-            .draw()?;
+        let mut chart = axes(
+            root,
+            "Tokens/s per user against total tokens/s",
+            (
+                "output tokens/s, all users",
+                "tokens/s per user (1000 / median TPOT)",
+            ),
+            0.0..top(x_max),
+            0.0..top(y_max),
+        )?;
         let at = |r: &Report| (r.output_tokens_per_s, per_user_tokens_per_s(r));
         let front: Vec<(f64, f64)> = pareto_front(reports)
             .into_iter()
