@@ -142,11 +142,14 @@ pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Tl
     Ok(certs)
 }
 
-/// The CA certificates of `path` as a root store.
-fn roots(path: &Path) -> Result<Arc<rustls::RootCertStore>, TlsError> {
+/// The CA certificates `cas`, read from `path`, as a root store.
+fn roots(
+    path: &Path,
+    cas: &[CertificateDer<'static>],
+) -> Result<Arc<rustls::RootCertStore>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
-    for ca in read_certificates(path)? {
-        roots.add(ca).map_err(|e| file_error(path, e))?;
+    for ca in cas {
+        roots.add(ca.clone()).map_err(|e| file_error(path, e))?;
     }
     Ok(Arc::new(roots))
 }
@@ -175,14 +178,22 @@ pub fn client_config(
     ca: &Path,
     identity_files: Option<(&Path, &Path)>,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let identity = identity_files
+        .map(|(cert, key)| identity(cert, key))
+        .transpose()?;
+    client_from(roots(ca, &read_certificates(ca)?)?, identity)
+}
+
+/// A client configuration over `roots`, presenting `identity` when given.
+fn client_from(
+    roots: Arc<rustls::RootCertStore>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots(ca)?);
-    Ok(Arc::new(match identity_files {
-        Some((cert, key)) => {
-            let (certs, key) = identity(cert, key)?;
-            builder.with_client_auth_cert(certs, key)?
-        }
+        .with_root_certificates(roots);
+    Ok(Arc::new(match identity {
+        Some((certs, key)) => builder.with_client_auth_cert(certs, key)?,
         None => builder.with_no_client_auth(),
     }))
 }
@@ -191,7 +202,8 @@ pub fn client_config(
 fn load(dir: &Path) -> Result<Loaded, TlsError> {
     let [ca_path, cert_path, key_path] = files(dir);
     let stamp = stamp(dir);
-    let roots = roots(&ca_path)?;
+    let ca_certs = read_certificates(&ca_path)?;
+    let roots = roots(&ca_path, &ca_certs)?;
     let (certs, key) = identity(&cert_path, &key_path)?;
     let provider = provider();
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -205,7 +217,7 @@ fn load(dir: &Path) -> Result<Loaded, TlsError> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs.clone(), key.clone_key())?;
     let node_expiry = not_after(&certs[0]).map_err(|e| file_error(&cert_path, e))?;
-    let ca_expiry = read_certificates(&ca_path)?
+    let ca_expiry = ca_certs
         .iter()
         .map(not_after)
         .collect::<Result<Vec<_>, _>>()
@@ -215,7 +227,7 @@ fn load(dir: &Path) -> Result<Loaded, TlsError> {
         .unwrap_or(i64::MAX);
     Ok(Loaded {
         server: Arc::new(server),
-        client: client_config(&ca_path, Some((&cert_path, &key_path)))?,
+        client: client_from(roots, Some((certs, key)))?,
         stamp,
         node_expiry,
         ca_expiry,
