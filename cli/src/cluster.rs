@@ -255,6 +255,28 @@ fn coordinator_args(
     args
 }
 
+/// With TLS, the directory of the cluster's certificates (a directory per role): the
+/// spec's, or a CA and a certificate per role made in `data_dir`; this process takes the
+/// admin's.
+fn tls_certificates(
+    spec: &ClusterSpec,
+    data_dir: &std::path::Path,
+) -> Result<Option<std::path::PathBuf>> {
+    if !spec.tls {
+        return Ok(None);
+    }
+    let root = match &spec.tls_root {
+        Some(root) => root.clone(),
+        None => {
+            let root = data_dir.join("tls");
+            crate::certs::local_cluster(&root)?;
+            root
+        }
+    };
+    expertmesh_proto::tls::install(&root.join("admin"))?;
+    Ok(Some(root))
+}
+
 impl LocalCluster {
     pub fn start(spec: &ClusterSpec) -> Result<Self> {
         let model = spec.model.clone();
@@ -275,25 +297,17 @@ impl LocalCluster {
         let worker_env = [(JOIN_TOKEN_ENV, token.clone())];
         let mut coordinator_env = spec.keys.env();
         coordinator_env.extend(worker_env.iter().cloned());
-        // With TLS: the CA and a certificate per role; this process is the admin.
-        let tls_root = spec
-            .tls_root
-            .clone()
-            .unwrap_or_else(|| data_dir.join("tls"));
-        if spec.tls {
-            if spec.tls_root.is_none() {
-                crate::certs::local_cluster(&tls_root)?;
-            }
-            expertmesh_proto::tls::install(&tls_root.join("admin"))?;
-        }
+        let tls_root = tls_certificates(spec, &data_dir)?;
         let tls_args = |role: &str| -> Vec<String> {
-            match spec.tls {
-                true => vec![
-                    "--tls-dir".into(),
-                    tls_root.join(role).display().to_string(),
-                ],
-                false => Vec::new(),
-            }
+            tls_root
+                .iter()
+                .flat_map(|root| {
+                    [
+                        "--tls-dir".to_owned(),
+                        root.join(role).display().to_string(),
+                    ]
+                })
+                .collect()
         };
         let ports = free_ports(n)?;
         let peers: Vec<String> = ports
@@ -310,7 +324,7 @@ impl LocalCluster {
             remove_data,
             join_token: token.clone(),
             metrics: std::collections::BTreeMap::new(),
-            tls_dir: spec.tls.then(|| tls_root.join("admin")),
+            tls_dir: tls_root.as_ref().map(|root| root.join("admin")),
         };
         // A free port per process for its `/metrics`, when asked for.
         let processes = n + spec.expert_capacities.len() + spec.attention_workers;
