@@ -37,15 +37,16 @@ fn command_lines() -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn a_wrong_join_token_is_refused_and_the_token_is_never_shown() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("up.log");
-    let up_file = dir.path().join("up.json");
+/// Starts `up` (the command given) with its up file and its log in `dir`, and waits until
+/// it is ready: the process, the up file, the log's path and what `up` printed.
+fn up_logged(
+    up: &mut std::process::Command,
+    dir: &std::path::Path,
+) -> (common::Kill, Value, std::path::PathBuf, String) {
+    let log = dir.join("up.log");
+    let up_file = dir.join("up.json");
     let mut up = common::Kill(
-        common::bin()
-            .args(["up", "--http", "127.0.0.1:0"])
-            .env("EXPERTMESH_UP_FILE", &up_file)
+        up.env("EXPERTMESH_UP_FILE", &up_file)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -57,7 +58,17 @@ fn a_wrong_join_token_is_refused_and_the_token_is_never_shown() {
     while !printed.contains("Ctrl-C") && stdout.read(&mut byte).unwrap() == 1 {
         printed.push(byte[0] as char);
     }
-    let cluster: Value = serde_json::from_slice(&std::fs::read(&up_file).unwrap()).unwrap();
+    let cluster = serde_json::from_slice(&std::fs::read(&up_file).unwrap()).unwrap();
+    (up, cluster, log, printed)
+}
+
+#[test]
+fn a_wrong_join_token_is_refused_and_the_token_is_never_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_up, cluster, log, printed) = up_logged(
+        common::bin().args(["up", "--http", "127.0.0.1:0"]),
+        dir.path(),
+    );
     let token = cluster["join_token"].as_str().unwrap();
     // 256 bits, as hex.
     assert_eq!(token.len(), 64, "{token}");
@@ -114,26 +125,13 @@ fn api_keys_gate_the_api_and_a_key_file_is_read_again() {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("keys");
     std::fs::write(&key_file, "# the team's keys\nfrom-file\n").unwrap();
-    let log = dir.path().join("up.log");
-    let up_file = dir.path().join("up.json");
-    let mut up = common::Kill(
+    let (up, cluster, log, printed) = up_logged(
         common::bin()
             .args(["up", "--http", "127.0.0.1:0", "--api-key", "flag-key"])
             .args(["--api-key-file", key_file.to_str().unwrap()])
-            .env("EXPERTMESH_METRICS_KEY", "scraper")
-            .env("EXPERTMESH_UP_FILE", &up_file)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
+            .env("EXPERTMESH_METRICS_KEY", "scraper"),
+        dir.path(),
     );
-    let mut stdout = up.0.stdout.take().unwrap();
-    let mut printed = String::new();
-    let mut byte = [0u8; 1];
-    while !printed.contains("Ctrl-C") && stdout.read(&mut byte).unwrap() == 1 {
-        printed.push(byte[0] as char);
-    }
-    let cluster: Value = serde_json::from_slice(&std::fs::read(&up_file).unwrap()).unwrap();
     // The front door and a gateway behind it.
     for http in [
         cluster["api"].as_str().unwrap(),
