@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use expertmesh_coordinator::{
-    Beat, ClusterView, CoordinatorClient, Member, Placement, Registration, Role,
+    Beat, ClusterView, CoordinatorClient, Member, Membership, Placement, Registration, Role,
 };
 use expertmesh_dispatch::{InProcessDispatch, Transport};
 use expertmesh_expert_worker::node::bind;
@@ -148,7 +148,7 @@ pub async fn run(
     };
     let (listener, bound) = bind(&config.worker.listen).await?;
     on_listening(bound);
-    let id = client
+    let membership = client
         .join(
             &Registration {
                 role: Role::AttentionWorker,
@@ -167,8 +167,10 @@ pub async fn run(
             load,
         )
         .await?;
-    let drained = drained(client.watch(), id, engine.clone());
+    let drained = drained(client.watch(), membership.clone(), engine.clone());
+    let (_health, health) = expertmesh_proto::health::service();
     expertmesh_proto::server_builder()
+        .add_service(health)
         .add_service(
             AttentionServer::new(model, engine)
                 .with_images(source.processor_config()?, config.images)
@@ -178,17 +180,22 @@ pub async fn run(
         .serve_with_incoming_shutdown(expertmesh_proto::incoming(listener), async {
             tokio::select! {
                 _ = shutdown => {}
-                _ = drained => tracing::info!("attention worker {id}: drained, stopping"),
+                _ = drained => tracing::info!("attention worker {}: drained, stopping", membership.id()),
             }
         })
         .await?;
     Ok(())
 }
 
-/// Completes once the cluster has this worker (`id`) draining and its engine, told to
-/// drain, has let go of every request (they resume on other attention workers).
-async fn drained(mut views: watch::Receiver<Option<Arc<ClusterView>>>, id: u64, engine: Engine) {
+/// Completes once the cluster has this worker draining and its engine, told to drain, has
+/// let go of every request (they resume on other attention workers).
+async fn drained(
+    mut views: watch::Receiver<Option<Arc<ClusterView>>>,
+    membership: Membership,
+    engine: Engine,
+) {
     loop {
+        let id = membership.id();
         let draining = views
             .borrow_and_update()
             .as_ref()

@@ -29,6 +29,20 @@ pub enum CertsCommand {
     Issue(IssueArgs),
     /// Print a new join token: 256 bits from the OS's random number generator, as hex.
     Token,
+    /// Make a whole cluster's material once: a CA, a directory per role for `--tls-dir`
+    /// (`OUT/coordinator`, …, `OUT/admin`; one certificate per role, naming every host given)
+    /// and a join token in `OUT/join-token`. Does nothing when OUT already holds a cluster, so
+    /// an init container may run it on every start.
+    Cluster {
+        #[arg(long)]
+        out: PathBuf,
+        /// Host names and addresses the nodes are reached at, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
+        /// Days the certificates are valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -59,6 +73,17 @@ pub fn run(command: CertsCommand) -> Result<()> {
             println!("CA in {}", out.display());
         }
         CertsCommand::Token => println!("{}", expertmesh_proto::secret::random_token()),
+        CertsCommand::Cluster { out, hosts, days } => {
+            if out.join(JOIN_TOKEN_FILE).exists() {
+                println!("a cluster's certificates are already in {}", out.display());
+            } else {
+                cluster(&out, &hosts, days)?;
+                println!(
+                    "a cluster's certificates and join token in {}",
+                    out.display()
+                );
+            }
+        }
         CertsCommand::Issue(a) => {
             issue(&a.ca, a.role, &a.name, &a.hosts, a.days, &a.out)?;
             println!(
@@ -164,14 +189,28 @@ pub fn issue(
     write(&out.join("ca.pem"), &ca_pem, false)
 }
 
+/// The file `certs cluster` writes the join token to (`--join-token-file`).
+const JOIN_TOKEN_FILE: &str = "join-token";
+
 /// A local cluster's certificates under `root`: the CA in `root/ca`, and a directory per
 /// role (`root/coordinator`, …, `root/admin`) for `--tls-dir`.
 pub fn local_cluster(root: &Path) -> Result<()> {
+    roles(root, &["127.0.0.1".to_owned(), "localhost".to_owned()], 30)
+}
+
+/// `roles`, with a join token in `root/join-token`, written last: it marks the whole.
+fn cluster(root: &Path, hosts: &[String], days: u32) -> Result<()> {
+    roles(root, hosts, days)?;
+    let token = expertmesh_proto::secret::random_token();
+    write(&root.join(JOIN_TOKEN_FILE), &token, true)
+}
+
+/// A CA in `root/ca` and a certificate for every role naming `hosts`, each in `root/<role>`.
+fn roles(root: &Path, hosts: &[String], days: u32) -> Result<()> {
     let ca = root.join("ca");
-    init(&ca, 1)?;
-    let hosts = ["127.0.0.1".to_owned(), "localhost".to_owned()];
+    init(&ca, days.div_ceil(366).max(1))?;
     for role in PeerRole::ALL {
-        issue(&ca, role, role.name(), &hosts, 30, &root.join(role.name()))?;
+        issue(&ca, role, role.name(), hosts, days, &root.join(role.name()))?;
     }
     Ok(())
 }

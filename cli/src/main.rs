@@ -10,6 +10,7 @@ mod bench;
 mod certs;
 mod cluster;
 mod generate;
+mod health;
 mod loadgen;
 mod logging;
 mod placement_sim;
@@ -77,6 +78,8 @@ enum Command {
     PlacementSim(placement_sim::PlacementSimArgs),
     /// Load-test an OpenAI-compatible endpoint, or the expert tier (`loadgen experts`).
     Loadgen(Box<loadgen::LoadgenCommand>),
+    /// Check that nodes answer (grpc.health.v1, or a gateway's /health): for probes.
+    Health(health::HealthArgs),
     /// Make a cluster CA and issue nodes' certificates for mutual TLS.
     Certs {
         #[command(subcommand)]
@@ -152,6 +155,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Up(args) => up::run(args, cli.tls_root.clone()),
+        Command::Health(args) => health::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::Coordinator(args) => roles::coordinator(args),
         Command::ExpertWorker(args) => roles::expert_worker(args),

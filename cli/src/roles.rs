@@ -54,10 +54,9 @@ pub struct CoordinatorArgs {
     /// Start empty and wait to be added to a running group (`admin add-coordinator`).
     #[arg(long)]
     join: bool,
-    /// Workers must present this token to register (or set EXPERTMESH_JOIN_TOKEN, which
-    /// `ps` does not show).
-    #[arg(long, env = "EXPERTMESH_JOIN_TOKEN", hide_env_values = true)]
-    join_token: Option<String>,
+    /// The token workers must present to register.
+    #[command(flatten)]
+    token: JoinTokenArgs,
     /// A worker silent this long (ms) is declared dead.
     #[arg(long)]
     lease_ms: Option<u64>,
@@ -118,6 +117,33 @@ impl ApiKeyArgs {
     }
 }
 
+/// The join token: workers present it, coordinators require it.
+#[derive(Args, Debug)]
+pub struct JoinTokenArgs {
+    /// The join token (or set EXPERTMESH_JOIN_TOKEN, which `ps` does not show).
+    #[arg(long, env = "EXPERTMESH_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// A file holding the join token (`certs cluster` writes one; a mounted Secret).
+    #[arg(
+        long,
+        env = "EXPERTMESH_JOIN_TOKEN_FILE",
+        conflicts_with = "join_token"
+    )]
+    join_token_file: Option<PathBuf>,
+}
+
+impl JoinTokenArgs {
+    /// The token given, read from its file if that is how it was given.
+    fn token(self) -> Result<Option<String>> {
+        let Some(path) = self.join_token_file else {
+            return Ok(self.join_token);
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the join token from {}", path.display()))?;
+        Ok(Some(text.trim().to_owned()))
+    }
+}
+
 /// What every worker role takes.
 #[derive(Args, Debug)]
 pub struct WorkerArgs {
@@ -134,12 +160,15 @@ pub struct WorkerArgs {
     /// Coordinator addresses, comma-separated.
     #[arg(long, alias = "coordinators", alias = "join")]
     coordinator: Option<String>,
-    /// The token the coordinators require (or set EXPERTMESH_JOIN_TOKEN, which `ps` does
-    /// not show).
-    #[arg(long, env = "EXPERTMESH_JOIN_TOKEN", hide_env_values = true)]
-    join_token: Option<String>,
+    /// The token the coordinators require.
+    #[command(flatten)]
+    token: JoinTokenArgs,
     #[arg(long)]
     listen: Option<String>,
+    /// The address other machines dial to reach this worker (its `listen` address by
+    /// default: give the host's name when listening on 0.0.0.0).
+    #[arg(long, env = "EXPERTMESH_ADVERTISE")]
+    advertise: Option<String>,
     #[arg(long)]
     model: Option<String>,
     /// Serve Prometheus text at /metrics on this address.
@@ -149,12 +178,15 @@ pub struct WorkerArgs {
 
 impl WorkerArgs {
     /// Overrides the shared `[worker]` section with the flags given.
-    fn apply(self, c: &mut WorkerConfig) {
+    fn apply(self, c: &mut WorkerConfig) -> Result<()> {
         if let Some(v) = self.coordinator {
             c.coordinator = v;
         }
-        if self.join_token.is_some() {
-            c.join_token = self.join_token;
+        if let Some(token) = self.token.token()? {
+            c.join_token = Some(token);
+        }
+        if self.advertise.is_some() {
+            c.advertise = self.advertise;
         }
         if let Some(v) = self.device {
             c.device = v;
@@ -171,6 +203,7 @@ impl WorkerArgs {
         if self.metrics.is_some() {
             c.metrics = self.metrics;
         }
+        Ok(())
     }
 }
 
@@ -286,7 +319,7 @@ pub async fn shutdown_signal() {
 
 impl CoordinatorArgs {
     /// Overrides the config file's settings with the flags given.
-    fn apply(self, c: &mut CoordinatorConfig) {
+    fn apply(self, c: &mut CoordinatorConfig) -> Result<()> {
         if let Some(v) = self.listen {
             c.listen = v;
         }
@@ -317,8 +350,8 @@ impl CoordinatorArgs {
             c.data_dir = v;
         }
         c.join |= self.join;
-        if self.join_token.is_some() {
-            c.join_token = self.join_token;
+        if let Some(token) = self.token.token()? {
+            c.join_token = Some(token);
         }
         if let Some(v) = self.lease_ms {
             c.lease_ms = v;
@@ -332,6 +365,7 @@ impl CoordinatorArgs {
         if let Some(v) = self.rebalance_percent {
             c.rebalance_percent = v;
         }
+        Ok(())
     }
 }
 
@@ -373,7 +407,7 @@ fn check_exposure(role: &str, listen: &str) -> Result<()> {
 
 pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let mut config: CoordinatorConfig = load(args.config.as_deref())?;
-    args.apply(&mut config);
+    args.apply(&mut config)?;
     check_exposure("the coordinator", &config.listen)?;
     let source: ModelSource = config.model.parse()?;
     let model = source
@@ -453,7 +487,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
 pub fn expert_worker(args: ExpertWorkerArgs) -> Result<()> {
     let mut config: ExpertWorkerConfig = load(args.worker.config.as_deref())?;
     let c = &mut config;
-    args.worker.apply(&mut c.worker);
+    args.worker.apply(&mut c.worker)?;
     if args.capacity.is_some() {
         config.capacity = args.capacity;
     }
@@ -474,7 +508,7 @@ pub fn expert_worker(args: ExpertWorkerArgs) -> Result<()> {
 pub fn attention_worker(args: AttentionWorkerArgs) -> Result<()> {
     let mut config: AttentionWorkerConfig = load(args.worker.config.as_deref())?;
     let c = &mut config;
-    args.worker.apply(&mut c.worker);
+    args.worker.apply(&mut c.worker)?;
     if let Some(v) = args.wire_dtype {
         config.dispatch.wire_dtype = v;
     }

@@ -84,21 +84,30 @@ fn a_wrong_join_token_is_refused_and_the_token_is_never_shown() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let give_up = Instant::now() + Duration::from_secs(60);
+    // Its log is read as it comes (a full pipe would stop the worker) and shown if it hangs.
+    let mut stderr = refused.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut why = String::new();
+        let _ = stderr.read_to_string(&mut why);
+        why
+    });
+    // Registration is refused at once; a worker that only reached no coordinator would give
+    // up after its 30 s of patience.
+    let give_up = Instant::now() + Duration::from_secs(120);
     let status = loop {
         if let Some(status) = refused.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < give_up, "the refused worker did not exit");
+        if Instant::now() > give_up {
+            let _ = refused.kill();
+            panic!(
+                "the refused worker did not exit; its log:\n{}",
+                reader.join().unwrap()
+            );
+        }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let mut why = String::new();
-    refused
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut why)
-        .unwrap();
+    let why = reader.join().unwrap();
     assert!(!status.success());
     assert!(why.contains("wrong join token"), "{why}");
     let after = common::admin_status(&coordinators);

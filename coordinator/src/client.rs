@@ -5,7 +5,7 @@
 //! replica, and only ever moves forward; while no coordinator answers a worker keeps the
 //! last state it had.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,6 +53,27 @@ pub struct Registration {
     pub join_token: Option<String>,
     /// An attention worker that holds every routed expert itself (`--dispatch local`).
     pub holds_experts: bool,
+}
+
+/// A registered worker's place in the cluster: its id, which changes when the worker is
+/// declared dead and registers again.
+#[derive(Clone, Debug)]
+pub struct Membership {
+    id: Arc<AtomicU64>,
+    /// Held while registering again, so that the beats to every coordinator register once.
+    rejoining: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Membership {
+    /// The worker's current id.
+    pub fn id(&self) -> u64 {
+        self.id.load(Ordering::Relaxed)
+    }
+
+    /// The cell the id is kept in, for a server that reports it.
+    pub fn id_cell(&self) -> Arc<AtomicU64> {
+        self.id.clone()
+    }
 }
 
 /// What one heartbeat carries.
@@ -195,21 +216,47 @@ impl CoordinatorClient {
     /// Registers and keeps heartbeating every `heartbeat`, each beat carrying what `beat`
     /// reports: what every worker does on start. Beats come at least three to a lease, whatever
     /// `heartbeat` says, so a worker that is alive is never declared dead for a lease shorter
-    /// than its configured interval.
+    /// than its configured interval. A worker the coordinators declared dead (cut off for
+    /// longer than its lease) registers again, as a new member under a new id: what
+    /// [`Membership::id`] reads from then on.
     pub async fn join(
         &self,
         r: &Registration,
         patience: Duration,
         heartbeat: Duration,
         beat: impl Fn() -> Beat + Send + Sync + 'static,
-    ) -> Result<u64, ClientError> {
+    ) -> Result<Membership, ClientError> {
         let reply = self.admit(r, patience).await?;
+        let membership = Membership {
+            id: Arc::new(AtomicU64::new(reply.worker_id)),
+            rejoining: Arc::new(tokio::sync::Mutex::new(())),
+        };
         self.spawn_heartbeat(
-            reply.worker_id,
+            membership.clone(),
+            r.clone(),
             beat_interval(heartbeat, reply.lease_ms),
             beat,
         );
-        Ok(reply.worker_id)
+        Ok(membership)
+    }
+
+    /// Registers again after `dead` was declared dead, unless another beat already did: the
+    /// coordinators gave this worker a new id, or they keep refusing it (logged).
+    async fn rejoin(&self, membership: &Membership, r: &Registration, dead: u64) {
+        let _one_at_a_time = membership.rejoining.lock().await;
+        if membership.id() != dead {
+            return;
+        }
+        match self.admit(r, STATE_PATIENCE).await {
+            Ok(reply) => {
+                membership.id.store(reply.worker_id, Ordering::Relaxed);
+                tracing::info!(
+                    "worker {dead} was declared dead; registered again as worker {}",
+                    reply.worker_id
+                );
+            }
+            Err(e) => tracing::warn!("worker {dead} was declared dead; registering again: {e}"),
+        }
     }
 
     /// The cluster state, read linearizably from any coordinator.
@@ -303,40 +350,52 @@ impl CoordinatorClient {
         Ok(())
     }
 
-    /// Heartbeats every coordinator every `interval` until the runtime stops.
-    pub fn spawn_heartbeat(
+    /// Heartbeats every coordinator every `interval` until the runtime stops; registers again
+    /// (`rejoin`) when told this worker was declared dead.
+    fn spawn_heartbeat(
         &self,
-        worker_id: u64,
+        membership: Membership,
+        registration: Registration,
         interval: Duration,
         beat: impl Fn() -> Beat + Send + Sync + 'static,
     ) {
         let beat = Arc::new(beat);
+        let registration = Arc::new(registration);
         for client in self.clients.iter() {
             let mut client = client.clone();
             let beat = beat.clone();
+            let this = self.clone();
+            let membership = membership.clone();
+            let registration = registration.clone();
             tokio::spawn(async move {
                 // A fixed rate: a slow answer does not push the next beat later.
                 let mut ticks = tokio::time::interval(interval);
                 ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let mut declared_dead = false;
+                let mut unknown = false;
                 loop {
                     ticks.tick().await;
                     let Beat {
                         load,
                         prepared_epoch,
                     } = beat();
+                    let worker_id = membership.id();
                     let mut beat = tonic::Request::new(pb::HeartbeatRequest {
                         worker_id,
                         load,
                         prepared_epoch,
                     });
                     beat.set_timeout(interval.max(Duration::from_millis(500)));
-                    if let Err(status) = client.heartbeat(beat).await {
-                        // Said once: the coordinators no longer count this worker.
-                        if status.code() == tonic::Code::NotFound && !declared_dead {
-                            declared_dead = true;
-                            tracing::warn!("worker {worker_id}: {}", status.message());
+                    match client.heartbeat(beat).await {
+                        Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                            this.rejoin(&membership, &registration, worker_id).await;
                         }
+                        // Said once: a coordinator does not know this worker (yet: its copy
+                        // of the state may lag the registration).
+                        Err(s) if s.code() == tonic::Code::NotFound && !unknown => {
+                            unknown = true;
+                            tracing::warn!("worker {worker_id}: {}", s.message());
+                        }
+                        _ => {}
                     }
                 }
             });

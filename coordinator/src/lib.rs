@@ -24,7 +24,7 @@ mod transport;
 
 use std::future::Future;
 
-pub use client::{Beat, ClientError, CoordinatorClient, Registration};
+pub use client::{Beat, ClientError, CoordinatorClient, Membership, Registration};
 pub use machine::Settings;
 pub use node::NodeConfig;
 pub use replica::{RaftStatus, ReplicaError, Timing};
@@ -235,7 +235,9 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    let (_health, health) = expertmesh_proto::health::service();
     expertmesh_proto::server_builder()
+        .add_service(health)
         .add_service(coordinator.into_service())
         .serve_with_incoming_shutdown(expertmesh_proto::incoming(listener), shutdown)
         .await

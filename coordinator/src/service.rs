@@ -234,8 +234,9 @@ impl CoordinatorService for Coordinator {
         let view = self.view();
         match view.member(id) {
             None => return Err(Status::not_found(format!("worker {id} is not registered"))),
+            // A distinct code: the worker registers again (a dead id never comes back).
             Some(m) if !m.alive => {
-                return Err(Status::not_found(format!(
+                return Err(Status::failed_precondition(format!(
                     "worker {id} was declared dead; register again"
                 )))
             }

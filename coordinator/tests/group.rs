@@ -228,7 +228,8 @@ async fn a_silent_worker_is_declared_dead_and_its_experts_move() {
             Beat::default,
         )
         .await
-        .unwrap();
+        .unwrap()
+        .id();
     eventually("the silent worker declared dead", || {
         let v = node.coordinator.view();
         v.member(silent).is_some_and(|m| !m.alive)
@@ -265,7 +266,8 @@ async fn a_worker_that_never_loads_its_experts_is_planned_around() {
             },
         )
         .await
-        .unwrap();
+        .unwrap()
+        .id();
     // Heartbeats, but never reports a prepared placement.
     let stuck = client
         .join(
@@ -275,7 +277,8 @@ async fn a_worker_that_never_loads_its_experts_is_planned_around() {
             Beat::default,
         )
         .await
-        .unwrap();
+        .unwrap()
+        .id();
     eventually("a placement prepared for the new worker", || {
         node.coordinator.view().pending.is_some()
     })
@@ -400,6 +403,55 @@ async fn hostile_messages_get_typed_errors_and_change_nothing() {
     assert_eq!(after.members, before.members);
     assert_eq!(after.placement, before.placement);
     assert_eq!(node.coordinator.status().role.name(), "leader");
+    let _ = node.stop.send(());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_declared_dead_registers_again_under_a_new_id() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = scratch("rejoin");
+    let l = listeners(1).await.pop().unwrap();
+    let peers = BTreeMap::from([(1, l.local_addr().unwrap().to_string())]);
+    let node = start(1, l, &peers, &dir, false, 300).await;
+    let client = CoordinatorClient::new(&node.address).unwrap();
+    // Told to stall, its next beat comes 1.5 s late: five leases, as if cut off.
+    let stall = std::sync::Arc::new(AtomicBool::new(false));
+    let stalls = stall.clone();
+    let membership = client
+        .join(
+            &registration(1),
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            move || {
+                if stalls.swap(false, Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(1500));
+                }
+                Beat {
+                    load: None,
+                    prepared_epoch: u64::MAX,
+                }
+            },
+        )
+        .await
+        .unwrap();
+    let first = membership.id();
+    eventually("the worker placed", || {
+        node.coordinator.view().placement.experts_of(first).len() == 8
+    })
+    .await;
+    stall.store(true, Ordering::SeqCst);
+    eventually("the worker registered again", || membership.id() != first).await;
+    let again = membership.id();
+    eventually("its experts placed on the new id", || {
+        let v = node.coordinator.view();
+        v.member(again).is_some_and(|m| m.alive) && v.placement.experts_of(again).len() == 8
+    })
+    .await;
+    // The old id stays dead: nothing is placed on it again.
+    let v = node.coordinator.view();
+    assert!(!v.member(first).unwrap().alive);
+    assert!(v.placement.experts_of(first).is_empty());
     let _ = node.stop.send(());
     let _ = std::fs::remove_dir_all(&dir);
 }

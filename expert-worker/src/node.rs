@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use expertmesh_coordinator::{Beat, ClusterView, CoordinatorClient, Registration, Role};
+use expertmesh_coordinator::{
+    Beat, ClusterView, CoordinatorClient, Membership, Registration, Role,
+};
 use expertmesh_model::ModelSource;
 
 use crate::batcher::{Batcher, BatcherConfig};
@@ -193,7 +195,7 @@ pub async fn run(
     // The pending placement epoch whose experts this worker has loaded, for heartbeats.
     let prepared = Arc::new(AtomicU64::new(0));
     let reported = prepared.clone();
-    let worker_id = client
+    let membership = client
         .join(
             &Registration {
                 role: Role::ExpertWorker,
@@ -215,14 +217,14 @@ pub async fn run(
             },
         )
         .await?;
+    let id = membership.id_cell();
     tokio::spawn(follow_placement(
         client.watch(),
         shard.clone(),
-        worker_id,
+        membership,
         prepared,
     ));
 
-    let id = Arc::new(AtomicU64::new(worker_id));
     let batcher = Batcher::spawn(shard, config.batcher);
     let metered = batcher.clone();
     serve_metrics(
@@ -234,7 +236,9 @@ pub async fn run(
     // batcher, gRPC ones by the service.
     let incoming = expertmesh_dispatch::framed::incoming(listener, Arc::new(batcher.clone()));
     let server = ExpertServer::new(batcher, id);
+    let (_health, health) = expertmesh_proto::health::service();
     expertmesh_proto::server_builder()
+        .add_service(health)
         .add_service(server.into_service())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
@@ -247,7 +251,7 @@ pub async fn run(
 async fn follow_placement(
     mut views: tokio::sync::watch::Receiver<Option<Arc<ClusterView>>>,
     shard: Arc<ExpertShard>,
-    worker_id: u64,
+    membership: Membership,
     prepared: Arc<AtomicU64>,
 ) {
     let mut loading = 0;
@@ -255,6 +259,9 @@ async fn follow_placement(
         let Some(view) = views.borrow_and_update().clone() else {
             continue;
         };
+        // Read each time: a worker declared dead registers again under a new id, and from
+        // then on holds only what the placement gives that id.
+        let worker_id = membership.id();
         if view.unservable.is_none() {
             shard.assign(Assignment {
                 epoch: view.placement.epoch,

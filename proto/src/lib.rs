@@ -10,6 +10,7 @@
 //! secrets ([`secret`]) and the W3C trace context carried from the HTTP API to the workers
 //! ([`trace`]).
 
+pub mod health;
 pub mod metrics;
 pub mod secret;
 pub mod tls;
