@@ -222,6 +222,7 @@ pub fn status_json(reports: &[(String, Option<pb::CoordinatorStatus>)]) -> Value
                     "id": s.id, "address": a, "pid": s.pid, "state": s.raft_state,
                     "term": s.term, "commit_index": s.commit_index,
                     "applied_index": s.applied_index,
+                    "state_version": s.state.as_ref().map(|st| st.version),
                 }),
                 None => json!({
                     "id": known.get(a), "address": a, "pid": null, "state": "unreachable",

@@ -45,6 +45,10 @@ pub struct CoordinatorArgs {
     /// This coordinator's raft id.
     #[arg(long)]
     id: Option<u64>,
+    /// Take the raft id from the host name's ordinal plus one (`coordinator-0` is 1): a
+    /// Kubernetes StatefulSet's pods, which share one command line.
+    #[arg(long, conflicts_with = "id")]
+    id_from_hostname: bool,
     /// The initial coordinators, `ID=HOST:PORT` comma-separated, this one included.
     #[arg(long, value_delimiter = ',')]
     peers: Option<Vec<String>>,
@@ -319,7 +323,10 @@ pub async fn shutdown_signal() {
 
 impl CoordinatorArgs {
     /// Overrides the config file's settings with the flags given.
-    fn apply(self, c: &mut CoordinatorConfig) -> Result<()> {
+    fn apply(mut self, c: &mut CoordinatorConfig) -> Result<()> {
+        if self.id_from_hostname {
+            self.id = Some(id_from_hostname(&hostname()?)?);
+        }
         if let Some(v) = self.listen {
             c.listen = v;
         }
@@ -366,6 +373,26 @@ impl CoordinatorArgs {
             c.rebalance_percent = v;
         }
         Ok(())
+    }
+}
+
+/// This machine's host name (`HOSTNAME`, or the kernel's).
+fn hostname() -> Result<String> {
+    if let Ok(h) = std::env::var("HOSTNAME") {
+        return Ok(h);
+    }
+    Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("reading the host name")?
+        .trim()
+        .to_owned())
+}
+
+/// The raft id of a StatefulSet pod: its name's ordinal (after the last `-`) plus one.
+fn id_from_hostname(host: &str) -> Result<u64> {
+    let ordinal = host.rsplit_once('-').map_or(host, |(_, n)| n);
+    match ordinal.parse::<u64>() {
+        Ok(n) if n < u64::MAX => Ok(n + 1),
+        _ => bail!("--id-from-hostname: {host:?} does not end in -N"),
     }
 }
 
@@ -541,6 +568,18 @@ mod tests {
         }
         for a in ["0.0.0.0:7000", "[::]:7000", "10.0.0.2:7000", "node1:7000"] {
             assert!(!super::loopback_only(a), "{a}");
+        }
+    }
+
+    #[test]
+    fn a_statefulset_pod_name_gives_the_raft_id() {
+        assert_eq!(
+            super::id_from_hostname("expertmesh-coordinator-0").unwrap(),
+            1
+        );
+        assert_eq!(super::id_from_hostname("coordinator-12").unwrap(), 13);
+        for bad in ["coordinator", "coordinator-x", "", "c-18446744073709551615"] {
+            assert!(super::id_from_hostname(bad).is_err(), "{bad}");
         }
     }
 }

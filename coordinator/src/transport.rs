@@ -23,7 +23,11 @@ pub(crate) async fn peer_sender(
     mut rx: mpsc::Receiver<Vec<Message>>,
     inputs: mpsc::Sender<Input>,
 ) {
-    let Ok(endpoint) = expertmesh_proto::endpoint(&address, PEER_CONNECT_TIMEOUT) else {
+    // Pinged: a connection that stops carrying anything (a peer cut off, or back under a
+    // new address while this end still holds the old connection) is dropped within
+    // KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT and dialled again, instead of timing out every
+    // batch on it forever.
+    let Ok(endpoint) = expertmesh_proto::watched_endpoint(&address, PEER_CONNECT_TIMEOUT) else {
         tracing::warn!("coordinator {from}: bad address {address:?} for coordinator {to}");
         return;
     };
@@ -35,6 +39,7 @@ pub(crate) async fn peer_sender(
     let mut client = CoordinatorServiceClient::new(channel)
         .max_decoding_message_size(expertmesh_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(expertmesh_proto::MAX_MESSAGE_BYTES);
+    let mut reachable = true;
     while let Some(mut batch) = rx.recv().await {
         while let Ok(more) = rx.try_recv() {
             batch.extend(more);
@@ -52,7 +57,19 @@ pub(crate) async fn peer_sender(
                 .map(|m| m.write_to_bytes().expect("raft messages encode"))
                 .collect(),
         };
-        let delivered = client.raft(request).await.is_ok();
+        let outcome = client.raft(request).await;
+        let delivered = outcome.is_ok();
+        // Said when the peer stops answering and when it answers again, not per batch.
+        match (&outcome, reachable) {
+            (Err(status), true) => {
+                tracing::warn!(
+                    "coordinator {from}: raft messages to coordinator {to} fail: {status}"
+                );
+            }
+            (Ok(_), false) => tracing::info!("coordinator {from}: coordinator {to} answers again"),
+            _ => {}
+        }
+        reachable = delivered;
         if !delivered || snapshot {
             let _ = inputs.try_send(Input::Sent {
                 to,

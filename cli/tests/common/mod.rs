@@ -7,6 +7,8 @@
 //! the clear instead; the OpenAI tests (Python) run `up` in the clear either way.
 #![allow(dead_code)]
 
+pub mod load;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
