@@ -225,6 +225,12 @@ pub struct ExpertWorkerArgs {
     /// Batching window in µs.
     #[arg(long)]
     batch_window_us: Option<u64>,
+    /// Send experts to peers that fetch them at most this fast (megabits per second).
+    #[arg(long)]
+    migration_mbps: Option<u64>,
+    /// Where experts fetched from peers are kept, when the model directory holds no weights.
+    #[arg(long)]
+    expert_cache: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -533,6 +539,12 @@ pub fn expert_worker(args: ExpertWorkerArgs) -> Result<()> {
     }
     if let Some(v) = args.batch_window_us {
         config.batcher.window_us = v;
+    }
+    if let Some(v) = args.migration_mbps {
+        config.migration_mbps = v;
+    }
+    if args.expert_cache.is_some() {
+        config.expert_cache = args.expert_cache;
     }
     check_exposure("the expert worker", &config.worker.listen)?;
     let config = config.validate()?;

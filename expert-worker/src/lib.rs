@@ -18,6 +18,7 @@ pub mod batcher;
 pub mod node;
 pub mod server;
 pub mod shard;
+pub mod transfer;
 
 pub use batcher::{Batcher, BatcherConfig};
 pub use node::{run, ExpertWorkerConfig, NodeError, WorkerConfig};

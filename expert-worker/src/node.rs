@@ -14,6 +14,7 @@ use expertmesh_model::ModelSource;
 use crate::batcher::{Batcher, BatcherConfig};
 use crate::server::ExpertServer;
 use crate::shard::{Assignment, ExpertShard};
+use crate::transfer::{fetch_expert, ExpertCache};
 
 /// What every worker role is configured with (the `[worker]` section of its TOML): where
 /// the coordinators are, where it listens, the model, where it computes, and its heartbeat.
@@ -84,6 +85,12 @@ pub struct ExpertWorkerConfig {
     /// at what fits, one copy of an expert counted at its checkpoint's size in every MoE
     /// layer — an FP8 expert half a bf16 one. With `capacity` too, the smaller one holds.
     pub expert_memory_mib: Option<u64>,
+    /// The most this worker sends to peers that fetch experts from it, in megabits per
+    /// second (0: no limit).
+    pub migration_mbps: u64,
+    /// Where a worker whose model directory holds no weights keeps the experts it fetches
+    /// from peers (default: a directory in the system's temporary directory).
+    pub expert_cache: Option<String>,
     pub batcher: BatcherConfig,
 }
 
@@ -103,6 +110,8 @@ pub enum NodeError {
     Coordinator(#[from] expertmesh_coordinator::ClientError),
     #[error("serving failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Transfer(#[from] crate::transfer::TransferError),
 }
 
 impl NodeError {
@@ -181,13 +190,35 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     let source: ModelSource = config.worker.model.parse()?;
     let model_config = source.config()?;
-    let weights = source.weights()?;
-    let shard = Arc::new(ExpertShard::with_device(
+    // Without the weights on disk, every expert comes from peers into a cache file.
+    let cache = if has_weights(&source) {
+        None
+    } else {
+        let dir = config.expert_cache.clone().map_or_else(
+            || std::env::temp_dir().join(format!("expertmesh-experts-{}", std::process::id())),
+            std::path::PathBuf::from,
+        );
+        tracing::info!(
+            "expert worker: {source} holds no weights: experts come from peers (cache in {})",
+            dir.display()
+        );
+        Some(Arc::new(ExpertCache::create(&dir, &model_config)?))
+    };
+    let weights: Box<dyn expertmesh_model::WeightSource> = match &cache {
+        None => source.weights()?,
+        Some(c) => Box::new(expertmesh_model::SafetensorsCheckpoint::open(c.dir())?),
+    };
+    let shard = ExpertShard::with_device(
         &model_config,
         weights.as_ref(),
         config.worker.device,
         config.worker.gemm,
-    )?);
+    )?;
+    let shard = Arc::new(if cache.is_some() {
+        shard.weightless()
+    } else {
+        shard
+    });
     let (listener, bound) = bind(&config.worker.listen).await?;
     on_listening(bound);
 
@@ -221,6 +252,7 @@ pub async fn run(
     tokio::spawn(follow_placement(
         client.watch(),
         shard.clone(),
+        cache,
         membership,
         prepared,
     ));
@@ -235,7 +267,7 @@ pub async fn run(
     // One port for both data paths: framed dispatch connections are answered by the same
     // batcher, gRPC ones by the service.
     let incoming = expertmesh_dispatch::framed::incoming(listener, Arc::new(batcher.clone()));
-    let server = ExpertServer::new(batcher, id);
+    let server = ExpertServer::new(batcher, id).with_migration_limit(config.migration_mbps);
     let (_health, health) = expertmesh_proto::health::service();
     expertmesh_proto::server_builder()
         .add_service(health)
@@ -247,10 +279,12 @@ pub async fn run(
 
 /// Follows the cluster state: takes each new placement's assignment, and loads the experts a
 /// pending placement gives this worker before reporting it prepared (the leader commits the
-/// placement once every worker that gains experts is prepared).
+/// placement once every worker that gains experts is prepared). A worker without the
+/// weights (`cache`) fetches them from the peers that hold them instead.
 async fn follow_placement(
     mut views: tokio::sync::watch::Receiver<Option<Arc<ClusterView>>>,
     shard: Arc<ExpertShard>,
+    cache: Option<Arc<ExpertCache>>,
     membership: Membership,
     prepared: Arc<AtomicU64>,
 ) {
@@ -275,20 +309,31 @@ async fn follow_placement(
             continue;
         }
         loading = pending.epoch;
-        let held = shard.assignment().experts;
         let gains: std::collections::BTreeSet<u32> = pending
             .experts_of(worker_id)
             .into_iter()
-            .filter(|e| !held.contains(e))
+            .filter(|&e| !shard.holds(e) || !shard.assignment().experts.contains(&e))
             .collect();
         let shard = shard.clone();
         let prepared = prepared.clone();
+        let cache = cache.clone();
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             let count = gains.len();
-            let bytes = tokio::task::spawn_blocking(move || shard.load(&gains))
-                .await
-                .unwrap_or(0);
+            let bytes = match cache {
+                None => tokio::task::spawn_blocking(move || shard.load(&gains) as u64)
+                    .await
+                    .unwrap_or(0),
+                Some(cache) => match fetch_all(&shard, &cache, &view, worker_id, &gains).await {
+                    Ok(bytes) => {
+                        // What loading does beyond reading (a GPU's copy), from the cache.
+                        let _ = tokio::task::spawn_blocking(move || shard.load(&gains)).await;
+                        bytes
+                    }
+                    // Not prepared: the leader plans around a worker that never is.
+                    Err(e) => return tracing::error!("expert worker {worker_id}: {e}"),
+                },
+            };
             if count > 0 {
                 tracing::info!(
                     "expert worker {worker_id}: loaded {count} experts ({:.1} MB) for epoch {} in {:.0} ms",
@@ -300,4 +345,73 @@ async fn follow_placement(
             prepared.fetch_max(pending.epoch, Ordering::Relaxed);
         });
     }
+}
+
+/// Fetches every expert of `gains` not held yet from the peers that hold it, two at a
+/// time, logging progress; the bytes fetched.
+async fn fetch_all(
+    shard: &Arc<ExpertShard>,
+    cache: &Arc<ExpertCache>,
+    view: &ClusterView,
+    me: u64,
+    gains: &std::collections::BTreeSet<u32>,
+) -> Result<u64, crate::transfer::TransferError> {
+    use tokio_stream::StreamExt;
+    let wanted: Vec<u32> = gains.iter().copied().filter(|&e| !shard.holds(e)).collect();
+    let started = std::time::Instant::now();
+    let mut peers = std::collections::BTreeMap::new();
+    let mut fetches = tokio_stream::iter(wanted.iter().map(|&e| {
+        let sources = crate::transfer::sources_for(view, me, e, &mut peers);
+        let (shard, cache) = (shard.clone(), cache.clone());
+        async move { fetch_expert(&shard, &cache, e, &sources).await }
+    }))
+    .map(tokio::spawn);
+    let (mut done, mut bytes) = (0, 0u64);
+    let mut in_flight = std::collections::VecDeque::new();
+    loop {
+        while in_flight.len() < 2 {
+            match fetches.next().await {
+                Some(task) => in_flight.push_back(task),
+                None => break,
+            }
+        }
+        let Some(task) = in_flight.pop_front() else {
+            break;
+        };
+        let (b, _) = task.await.expect("a fetch task does not panic")?;
+        done += 1;
+        bytes += b;
+        if done % 16 == 0 || done == wanted.len() {
+            tracing::info!(
+                "expert worker {me}: fetched {done}/{} experts from peers ({:.1} MB, {:.1} MB/s)",
+                wanted.len(),
+                bytes as f64 / 1e6,
+                bytes as f64 / 1e6 / started.elapsed().as_secs_f64().max(1e-3)
+            );
+        }
+    }
+    Ok(bytes)
+}
+
+/// Whether the checkpoint's weight files are in its directory (a synthetic model always has
+/// its weights): `model.safetensors`, or every file the shard index names.
+fn has_weights(source: &ModelSource) -> bool {
+    let ModelSource::Dir(dir) = source else {
+        return true;
+    };
+    if dir.join("model.safetensors").exists() {
+        return true;
+    }
+    let Ok(text) = std::fs::read_to_string(dir.join("model.safetensors.index.json")) else {
+        return false;
+    };
+    let Ok(index) = serde_json::from_str::<serde_json::Value>(&text) else {
+        // Unreadable: let the checkpoint loader say why.
+        return true;
+    };
+    index["weight_map"].as_object().is_some_and(|m| {
+        m.values()
+            .filter_map(|f| f.as_str())
+            .all(|f| dir.join(f).exists())
+    })
 }

@@ -1,5 +1,5 @@
 //! The gRPC face of an expert worker: `ExpertService.Dispatch` (a bidirectional stream per
-//! attention worker) and `Info`.
+//! attention worker), `Info`, and `FetchExperts` (experts sent to a peer, `transfer`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::batcher::Batcher;
+use crate::transfer::{expert_chunks, RateLimit};
 use expertmesh_dispatch::wire::{reply_err, reply_ok};
 use expertmesh_dispatch::DispatchBatch;
 
@@ -20,14 +21,29 @@ const REPLY_QUEUE: usize = 64;
 /// Batches in flight per stream; the stream is not read further until one finishes.
 const IN_FLIGHT_PER_STREAM: usize = 256;
 
+/// Chunks buffered per `FetchExperts` stream.
+const CHUNK_QUEUE: usize = 4;
+
 pub struct ExpertServer {
     batcher: Batcher,
     worker_id: Arc<AtomicU64>,
+    /// The pace of every expert this worker sends to peers.
+    migration: Arc<RateLimit>,
 }
 
 impl ExpertServer {
     pub fn new(batcher: Batcher, worker_id: Arc<AtomicU64>) -> Self {
-        Self { batcher, worker_id }
+        Self {
+            batcher,
+            worker_id,
+            migration: Arc::new(RateLimit::new(0)),
+        }
+    }
+
+    /// Sends experts to peers at most this fast (megabits per second; 0: no limit).
+    pub fn with_migration_limit(mut self, megabits_per_second: u64) -> Self {
+        self.migration = Arc::new(RateLimit::new(megabits_per_second));
+        self
     }
 
     /// The tonic service, with message size caps.
@@ -41,6 +57,47 @@ impl ExpertServer {
 #[tonic::async_trait]
 impl ExpertService for ExpertServer {
     type DispatchStream = ReceiverStream<Result<pb::DispatchReply, Status>>;
+    type FetchExpertsStream = ReceiverStream<Result<pb::ExpertChunk, Status>>;
+
+    async fn fetch_experts(
+        &self,
+        request: Request<pb::FetchExpertsRequest>,
+    ) -> Result<Response<Self::FetchExpertsStream>, Status> {
+        expertmesh_proto::tls::authorize(
+            &request,
+            &[
+                expertmesh_proto::tls::PeerRole::ExpertWorker,
+                expertmesh_proto::tls::PeerRole::Admin,
+            ],
+        )?;
+        let shard = self.batcher.shard();
+        let experts = request.into_inner().experts;
+        if experts.len() > shard.num_experts() {
+            return Err(Status::invalid_argument(format!(
+                "{} experts asked for (the model has {})",
+                experts.len(),
+                shard.num_experts()
+            )));
+        }
+        let mut chunks = Vec::new();
+        for &e in &experts {
+            if !shard.holds(e) {
+                return Err(Status::not_found(format!("expert {e} is not held here")));
+            }
+            chunks.push(expert_chunks(shard, e).map_err(|e| Status::unimplemented(e.to_string()))?);
+        }
+        let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
+        let pace = self.migration.clone();
+        tokio::spawn(async move {
+            for chunk in chunks.into_iter().flatten() {
+                pace.take(chunk.data.len()).await;
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
 
     async fn dispatch(
         &self,

@@ -42,6 +42,10 @@ pub struct ExpertShard {
     rows_served: AtomicU64,
     /// Expert bytes made resident by placements (what re-plans moved here).
     loaded_bytes: AtomicU64,
+    /// A worker without the checkpoint (`transfer`): the experts whose bytes have arrived
+    /// from peers and been verified; no other expert is ever computed. `None`: every
+    /// expert is in the mapped checkpoint.
+    fetched: Option<RwLock<BTreeSet<u32>>>,
     /// The experts on a GPU (`--device cuda:N`), fed from the same mapped tensors.
     #[cfg(feature = "cuda")]
     gpu: Option<expertmesh_model::cuda::experts::GpuExperts>,
@@ -89,9 +93,47 @@ impl ExpertShard {
             batches_served: AtomicU64::new(0),
             rows_served: AtomicU64::new(0),
             loaded_bytes: AtomicU64::new(0),
+            fetched: None,
             #[cfg(feature = "cuda")]
             gpu,
         })
+    }
+
+    /// This shard's tensors are a cache that peers fill (`transfer::ExpertCache`): it holds
+    /// no expert until [`ExpertShard::mark_fetched`] says its bytes are verified.
+    pub fn weightless(mut self) -> Self {
+        self.fetched = Some(RwLock::new(BTreeSet::new()));
+        self
+    }
+
+    /// Whether expert `e`'s weights are here to compute with (and to send to a peer).
+    pub fn holds(&self, e: u32) -> bool {
+        (e as usize) < self.num_experts
+            && self
+                .fetched
+                .as_ref()
+                .is_none_or(|f| f.read().expect("fetched lock").contains(&e))
+    }
+
+    /// Whether the shard started without the checkpoint's weights.
+    pub fn is_weightless(&self) -> bool {
+        self.fetched.is_some()
+    }
+
+    /// Expert `e`'s bytes arrived and were verified: it may be computed and sent on.
+    pub fn mark_fetched(&self, e: u32) {
+        if let Some(f) = &self.fetched {
+            f.write().expect("fetched lock").insert(e);
+        }
+    }
+
+    pub fn num_experts(&self) -> usize {
+        self.num_experts
+    }
+
+    /// Every MoE layer's experts, by decoder layer, ascending.
+    pub fn layers(&self) -> &BTreeMap<u32, Experts> {
+        &self.layers
     }
 
     pub fn hidden(&self) -> usize {
@@ -199,7 +241,7 @@ impl ExpertShard {
                     g.expert, self.num_experts
                 )));
             }
-            if !a.experts.contains(&g.expert) {
+            if !a.experts.contains(&g.expert) || !self.holds(g.expert) {
                 return Err(DispatchError::ExpertNotHere {
                     layer: b.layer,
                     expert: g.expert,

@@ -1,0 +1,148 @@
+//! An expert worker that joins without the checkpoint's weights: under load, a third expert
+//! worker starts on a model directory holding only the config, the shard index and the
+//! tokenizer, takes every expert the placement gives it from the two workers that have the
+//! checkpoint (`FetchExperts`), and serves them; then one of those two is killed and the
+//! newcomer also takes the experts only that one had a copy of from the other. No request
+//! fails and every text is the single process's.
+
+mod common;
+
+use std::process::Stdio;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use common::load::{finish, single_process_texts, under_load};
+use common::{bin, kill9, start_up, wait_status, Kill};
+use serde_json::Value;
+
+/// The live expert worker at `address`, from a status.
+fn worker<'a>(v: &'a Value, address: &str) -> Option<&'a Value> {
+    v["workers"]
+        .as_array()?
+        .iter()
+        .find(|w| w["address"] == address && w["status"] == "alive")
+}
+
+#[test]
+fn a_worker_without_weights_takes_its_experts_from_peers_under_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::fixture("tiny-maverick");
+    // The model directory without a single weight file.
+    let weightless = dir.path().join("weightless");
+    std::fs::create_dir(&weightless).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(model.join(f), weightless.join(f)).unwrap();
+    }
+    let model = model.display().to_string();
+    let (_up, cluster) = start_up(
+        &[
+            "--http",
+            "127.0.0.1:0",
+            "--replicas",
+            "2",
+            "--lease-ms",
+            "2000",
+            "--model",
+            &model,
+        ],
+        &dir.path().join("up.json"),
+    );
+    let coordinators = cluster["coordinators"].as_str().unwrap().to_owned();
+    let api = cluster["api"].as_str().unwrap().to_owned();
+    let token = cluster["join_token"].as_str().unwrap().to_owned();
+    wait_status(&coordinators, "two copies of every expert", |v| {
+        v["pending_epoch"].is_null()
+            && v["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|w| w["experts"] == 128)
+                .count()
+                == 2
+    });
+    let expected = single_process_texts(&model);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = under_load(&api, 4, &stop, &expected);
+    let mut events = vec![(Instant::now(), "load".to_owned())];
+
+    let log = dir.path().join("weightless.log");
+    let joined = Instant::now();
+    let mut newcomer = Kill(
+        bin()
+            .args([
+                "expert-worker",
+                "--coordinator",
+                &coordinators,
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--model",
+                weightless.to_str().unwrap(),
+                "--migration-mbps",
+                "400",
+            ])
+            .args(["--expert-cache", dir.path().join("cache").to_str().unwrap()])
+            .env("EXPERTMESH_JOIN_TOKEN", &token)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    events.push((joined, "a weightless expert worker joins".into()));
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(newcomer.0.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let address = line.trim().strip_prefix("LISTENING ").unwrap().to_owned();
+    let placed = wait_status(&coordinators, "the newcomer placed with experts", |v| {
+        v["pending_epoch"].is_null()
+            && worker(v, &address).is_some_and(|w| w["experts"].as_u64() > Some(0))
+    });
+    let held = worker(&placed, &address).unwrap()["experts"]
+        .as_u64()
+        .unwrap();
+    eprintln!(
+        "the weightless worker holds {held} experts, {:.1} s after it started",
+        joined.elapsed().as_secs_f64()
+    );
+    // One of the two workers with the checkpoint dies: the newcomer takes the experts only
+    // it had copies of from the other.
+    let victim = placed["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| {
+            w["role"] == "expert-worker"
+                && w["status"] == "alive"
+                && w["address"] != address.as_str()
+        })
+        .unwrap()
+        .clone();
+    kill9(victim["pid"].as_u64().unwrap());
+    events.push((Instant::now(), "a worker with the checkpoint killed".into()));
+    wait_status(&coordinators, "every expert on the two survivors", |v| {
+        v["pending_epoch"].is_null() && worker(v, &address).is_some_and(|w| w["experts"] == 128)
+    });
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let tally = finish(&stop, clients, &events);
+    assert!(tally.ok > 0);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("holds no weights"), "{text}");
+    assert!(text.contains("experts from peers ("), "{text}");
+    eprintln!(
+        "{}",
+        text.lines()
+            .filter(|l| l.contains("fetched"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

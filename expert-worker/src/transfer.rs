@@ -1,0 +1,509 @@
+//! Experts that travel between workers (`ExpertService.FetchExperts`): a worker started
+//! without the checkpoint's weights (its model directory holds `config.json`, the tokenizer
+//! and the shard index only) takes every expert the placement gives it from the peers that
+//! hold it.
+//!
+//! The receiver keeps what arrives in a cache file laid out as a safetensors file of the
+//! expert tensors at their full shapes, sparse until written ([`ExpertCache`]); the shard maps
+//! it like any checkpoint, so fetched experts are computed exactly as read ones. An expert's
+//! chunks come in one fixed order (MoE layers ascending, gate_up then down, each slice front
+//! to back): the receiver checks every chunk against the next piece it expects (tensor,
+//! offset, length, dtype, shape) and its CRC-32 before writing it, and the whole expert's
+//! CRC-32 and size at the end. Only then is the expert marked held
+//! ([`crate::shard::ExpertShard::mark_fetched`]); a stream that fails or lies leaves it
+//! unheld, and the next holder is asked ([`fetch_expert`]). Senders pace themselves with a
+//! shared [`RateLimit`] so that serving is not starved.
+//!
+//! The CRCs catch corruption on the way and a peer that sends the wrong bytes by mistake;
+//! the peers' identity is mutual TLS's job. Only fused bf16/f32 checkpoints travel so far
+//! (FP8 checkpoints store each expert's projections and scales apart).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use expertmesh_model::moe::Experts;
+use expertmesh_model::TextConfig;
+use expertmesh_proto::v1 as pb;
+use tokio_stream::{Stream, StreamExt};
+
+use crate::shard::ExpertShard;
+
+/// The most bytes of one chunk.
+pub const CHUNK_BYTES: usize = 1 << 20;
+/// How long one expert's transfer from one peer may take before the next peer is asked.
+const EXPERT_DEADLINE: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("the checkpoint cannot travel between workers: {0}")]
+    Unsupported(String),
+    #[error("the expert cache {path}: {source}")]
+    Cache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{peer}: {reason}")]
+    Peer { peer: String, reason: String },
+    #[error("expert {expert} from {peer}: {reason}")]
+    Corrupt {
+        expert: u32,
+        peer: String,
+        reason: String,
+    },
+    #[error("expert {expert}: no holder could send it ({tried})")]
+    NoHolder { expert: u32, tried: String },
+}
+
+/// The safetensors name of a dtype.
+fn dtype_name(d: expertmesh_model::DType) -> &'static str {
+    use expertmesh_model::DType;
+    match d {
+        DType::BF16 => "BF16",
+        DType::F16 => "F16",
+        DType::F32 => "F32",
+        DType::F8E4M3 => "F8_E4M3",
+    }
+}
+
+/// One expert tensor of the cache: where its bytes start in the file, and its shape.
+#[derive(Debug, Clone)]
+struct Slot {
+    name: String,
+    dtype: &'static str,
+    shape: Vec<u64>,
+    file_offset: u64,
+    bytes: u64,
+}
+
+impl Slot {
+    /// The bytes of one expert's slice (the tensor's first dimension is the expert).
+    fn stride(&self) -> u64 {
+        self.bytes / self.shape[0]
+    }
+}
+
+/// The expert tensors of a fused checkpoint, in the order chunks come: MoE layers
+/// ascending, `gate_up_proj` then `down_proj`.
+fn fused_layout(c: &TextConfig) -> Vec<(String, Vec<u64>)> {
+    let (e, h, i) = (
+        c.num_local_experts as u64,
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+    );
+    let mut out = Vec::new();
+    for l in &c.moe_layers {
+        let p = format!("model.layers.{l}.feed_forward.experts");
+        out.push((format!("{p}.gate_up_proj"), vec![e, h, 2 * i]));
+        out.push((format!("{p}.down_proj"), vec![e, i, h]));
+    }
+    out
+}
+
+/// Where fetched experts are written: `dir/model.safetensors`, a safetensors file of every
+/// expert tensor at its full shape whose data stays a hole until written.
+#[derive(Debug)]
+pub struct ExpertCache {
+    dir: PathBuf,
+    file: std::fs::File,
+    slots: Vec<Slot>,
+}
+
+impl ExpertCache {
+    /// Makes the cache for `config`'s experts in `dir` (emptied first). The checkpoint's
+    /// dtype comes from the config (`torch_dtype`; bf16 when it says nothing).
+    pub fn create(dir: &Path, config: &TextConfig) -> Result<Self, TransferError> {
+        if config.quantization.is_some() {
+            return Err(TransferError::Unsupported(
+                "a quantized (FP8) checkpoint stores each expert's projections apart".into(),
+            ));
+        }
+        let dtype = match config.dtype.as_deref() {
+            None | Some("bfloat16") => "BF16",
+            Some("float32") => "F32",
+            Some(other) => {
+                return Err(TransferError::Unsupported(format!("torch_dtype {other}")));
+            }
+        };
+        let size = if dtype == "BF16" { 2 } else { 4 };
+        let io = |source| TransferError::Cache {
+            path: dir.to_owned(),
+            source,
+        };
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut header = serde_json::Map::new();
+        let mut slots = Vec::new();
+        let mut at = 0u64;
+        for (name, shape) in fused_layout(config) {
+            let bytes = shape.iter().product::<u64>() * size;
+            header.insert(
+                name.clone(),
+                serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [at, at + bytes]}),
+            );
+            slots.push(Slot {
+                name,
+                dtype,
+                shape,
+                file_offset: at,
+                bytes,
+            });
+            at += bytes;
+        }
+        let mut head = serde_json::to_vec(&header).expect("a JSON map serializes");
+        // The data starts 8-byte aligned, as safetensors writers leave it.
+        head.resize(head.len().div_ceil(8) * 8, b' ');
+        let data_start = 8 + head.len() as u64;
+        for s in &mut slots {
+            s.file_offset += data_start;
+        }
+        let path = dir.join("model.safetensors");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io)?;
+        file.write_all_at(&(head.len() as u64).to_le_bytes(), 0)
+            .and_then(|()| file.write_all_at(&head, 8))
+            .and_then(|()| file.set_len(data_start + at))
+            .map_err(io)?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            file,
+            slots,
+        })
+    }
+
+    /// The directory to open as the shard's weights.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Bytes of one expert over every MoE layer.
+    pub fn expert_bytes(&self) -> u64 {
+        self.slots.iter().map(Slot::stride).sum()
+    }
+
+    fn write(&self, slot: &Slot, offset: u64, data: &[u8]) -> Result<(), TransferError> {
+        self.file
+            .write_all_at(data, slot.file_offset + offset)
+            .map_err(|source| TransferError::Cache {
+                path: self.dir.clone(),
+                source,
+            })
+    }
+}
+
+/// The chunks of expert `e` as this shard holds it, made one at a time as they are sent.
+pub fn expert_chunks(
+    shard: &ExpertShard,
+    e: u32,
+) -> Result<impl Iterator<Item = pb::ExpertChunk> + Send + 'static, TransferError> {
+    let mut pieces = Vec::new();
+    for (l, experts) in shard.layers() {
+        let Experts::Fused { gate_up, down } = experts else {
+            return Err(TransferError::Unsupported(format!(
+                "layer {l}'s experts are stored apart (FP8)"
+            )));
+        };
+        let p = format!("model.layers.{l}.feed_forward.experts");
+        for (name, t) in [
+            (format!("{p}.gate_up_proj"), gate_up),
+            (format!("{p}.down_proj"), down),
+        ] {
+            let slice = t.outer(e as usize);
+            let base = (e as usize * slice.size_bytes()) as u64;
+            pieces.push((name, t.dtype, t.shape.clone(), base, slice));
+        }
+    }
+    let total: u64 = pieces.iter().map(|p| p.4.size_bytes() as u64).sum();
+    let mut whole = crc32fast::Hasher::new();
+    let mut sent = 0u64;
+    Ok(pieces
+        .into_iter()
+        .flat_map(|(name, dtype, shape, base, slice)| {
+            let len = slice.size_bytes();
+            (0..len.div_ceil(CHUNK_BYTES)).map(move |k| {
+                let from = k * CHUNK_BYTES;
+                let data = slice.bytes()[from..(from + CHUNK_BYTES).min(len)].to_vec();
+                (name.clone(), dtype, shape.clone(), base + from as u64, data)
+            })
+        })
+        .map(move |(tensor, dtype, shape, offset, data)| {
+            whole.update(&data);
+            sent += data.len() as u64;
+            let last = sent == total;
+            pb::ExpertChunk {
+                expert: e,
+                tensor,
+                dtype: dtype_name(dtype).into(),
+                shape: shape.iter().map(|&d| d as u64).collect(),
+                offset,
+                crc32: crc32fast::hash(&data),
+                data,
+                last,
+                expert_crc32: if last { whole.clone().finalize() } else { 0 },
+                expert_bytes: if last { total } else { 0 },
+            }
+        }))
+}
+
+/// A stream of one expert's chunks from a peer.
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ExpertChunk, TransferError>> + Send>>;
+
+/// Where an expert's bytes can come from: a peer worker (over gRPC), or a test's fake.
+#[tonic::async_trait]
+pub trait ExpertSource: Send + Sync {
+    /// Who it is, for logs and errors.
+    fn name(&self) -> String;
+    /// Expert `e`'s chunks, in order.
+    async fn fetch(&self, e: u32) -> Result<ChunkStream, TransferError>;
+}
+
+/// A peer expert worker's `FetchExperts`, over one channel for every expert asked of it.
+pub struct GrpcSource {
+    address: String,
+    channel: tonic::transport::Channel,
+}
+
+impl GrpcSource {
+    /// A source at `address` (connected on first use).
+    pub fn new(address: &str) -> Result<Self, TransferError> {
+        let endpoint = expertmesh_proto::watched_endpoint(address, Duration::from_secs(3))
+            .map_err(|e| TransferError::Peer {
+                peer: address.to_owned(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            address: address.to_owned(),
+            channel: expertmesh_proto::tls::channel(
+                endpoint,
+                address,
+                expertmesh_proto::tls::PeerRole::ExpertWorker,
+            ),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl ExpertSource for GrpcSource {
+    fn name(&self) -> String {
+        self.address.clone()
+    }
+
+    async fn fetch(&self, e: u32) -> Result<ChunkStream, TransferError> {
+        use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
+        let failed = |s: tonic::Status| TransferError::Peer {
+            peer: self.address.clone(),
+            reason: s.to_string(),
+        };
+        let mut request = tonic::Request::new(pb::FetchExpertsRequest { experts: vec![e] });
+        request.set_timeout(EXPERT_DEADLINE);
+        let stream = ExpertServiceClient::new(self.channel.clone())
+            .max_decoding_message_size(expertmesh_proto::MAX_MESSAGE_BYTES)
+            .fetch_experts(request)
+            .await
+            .map_err(failed)?
+            .into_inner();
+        let peer = self.address.clone();
+        Ok(Box::pin(stream.map(move |r| {
+            r.map_err(|s| TransferError::Peer {
+                peer: peer.clone(),
+                reason: s.to_string(),
+            })
+        })))
+    }
+}
+
+/// Takes expert `e` from `stream` into `cache`, checking every chunk against the piece it
+/// must be; the expert's bytes, once all have arrived and been verified.
+pub async fn receive(
+    cache: &ExpertCache,
+    e: u32,
+    peer: &str,
+    mut stream: ChunkStream,
+) -> Result<u64, TransferError> {
+    let corrupt = |reason: String| TransferError::Corrupt {
+        expert: e,
+        peer: peer.to_owned(),
+        reason,
+    };
+    if e as u64 >= cache.slots.first().map_or(0, |s| s.shape[0]) {
+        return Err(corrupt("no such expert".into()));
+    }
+    let mut whole = crc32fast::Hasher::new();
+    let mut got = 0u64;
+    for slot in &cache.slots {
+        let (start, end) = (e as u64 * slot.stride(), (e as u64 + 1) * slot.stride());
+        let mut at = start;
+        while at < end {
+            let chunk = match tokio::time::timeout(EXPERT_DEADLINE, stream.next()).await {
+                Err(_) => return Err(corrupt("the stream stalled".into())),
+                Ok(None) => {
+                    return Err(corrupt(format!(
+                        "the stream ended at {} of {}",
+                        slot.name, at
+                    )))
+                }
+                Ok(Some(chunk)) => chunk?,
+            };
+            let expected = (end - at).min(CHUNK_BYTES as u64);
+            if chunk.expert != e
+                || chunk.tensor != slot.name
+                || chunk.offset != at
+                || chunk.data.len() as u64 != expected
+                || chunk.dtype != slot.dtype
+                || chunk.shape != slot.shape
+            {
+                return Err(corrupt(format!(
+                    "a chunk of {} {:?} at {} ({} bytes) where {} {} at {at} ({expected} bytes) was due",
+                    chunk.tensor,
+                    chunk.shape,
+                    chunk.offset,
+                    chunk.data.len(),
+                    slot.name,
+                    slot.dtype,
+                )));
+            }
+            if crc32fast::hash(&chunk.data) != chunk.crc32 {
+                return Err(corrupt(format!(
+                    "the chunk of {} at {at} fails its CRC",
+                    slot.name
+                )));
+            }
+            cache.write(slot, at, &chunk.data)?;
+            whole.update(&chunk.data);
+            got += expected;
+            at += expected;
+            let last = got == cache.expert_bytes();
+            if chunk.last != last {
+                return Err(corrupt(format!("the last chunk came after {got} bytes")));
+            }
+            if last && (chunk.expert_crc32 != whole.clone().finalize() || chunk.expert_bytes != got)
+            {
+                return Err(corrupt("the whole expert fails its CRC".into()));
+            }
+        }
+    }
+    Ok(got)
+}
+
+/// Fetches expert `e` into `cache` from the first of `sources` that sends it whole and
+/// intact (a failed or corrupt transfer moves on to the next); marks it held in `shard`.
+/// The bytes and who sent them.
+pub async fn fetch_expert(
+    shard: &ExpertShard,
+    cache: &ExpertCache,
+    e: u32,
+    sources: &[Arc<dyn ExpertSource>],
+) -> Result<(u64, String), TransferError> {
+    let mut tried = Vec::new();
+    for source in sources {
+        let peer = source.name();
+        let outcome = match source.fetch(e).await {
+            Ok(stream) => receive(cache, e, &peer, stream).await,
+            Err(err) => Err(err),
+        };
+        match outcome {
+            Ok(bytes) => {
+                shard.mark_fetched(e);
+                return Ok((bytes, peer));
+            }
+            Err(err) => {
+                tracing::warn!("expert {e}: {err}; asking the next holder");
+                tried.push(err.to_string());
+            }
+        }
+    }
+    Err(TransferError::NoHolder {
+        expert: e,
+        tried: tried.join("; "),
+    })
+}
+
+/// A sender's pace: at most `bytes_per_second` over all its transfers, in bursts of at most
+/// one second's worth.
+#[derive(Debug)]
+pub struct RateLimit {
+    bytes_per_second: f64,
+    /// Bytes that may go now, and when that was last worked out.
+    state: Mutex<(f64, tokio::time::Instant)>,
+}
+
+impl RateLimit {
+    /// `megabits_per_second` of 0 means no limit.
+    pub fn new(megabits_per_second: u64) -> Self {
+        Self {
+            bytes_per_second: megabits_per_second as f64 * 1e6 / 8.0,
+            state: Mutex::new((0.0, tokio::time::Instant::now())),
+        }
+    }
+
+    /// Waits until `bytes` more may go.
+    pub async fn take(&self, bytes: usize) {
+        if self.bytes_per_second <= 0.0 {
+            return;
+        }
+        let wait = {
+            let mut s = self.state.lock().expect("rate lock");
+            let now = tokio::time::Instant::now();
+            let refill = now.duration_since(s.1).as_secs_f64() * self.bytes_per_second;
+            s.0 = (s.0 + refill).min(self.bytes_per_second) - bytes as f64;
+            s.1 = now;
+            // In debt: wait until it is paid back.
+            (s.0 < 0.0).then(|| Duration::from_secs_f64(-s.0 / self.bytes_per_second))
+        };
+        if let Some(wait) = wait {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// The peers a weightless worker takes expert `e` from, in the order to ask them: the live
+/// workers whose committed placement holds it (first the one the expert's index picks, to
+/// spread transfers over holders), then every other live expert worker (a worker with the
+/// checkpoint can send any expert). `peers` keeps one source per address across calls.
+pub fn sources_for(
+    view: &expertmesh_coordinator::ClusterView,
+    me: u64,
+    e: u32,
+    peers: &mut BTreeMap<String, Arc<dyn ExpertSource>>,
+) -> Vec<Arc<dyn ExpertSource>> {
+    use expertmesh_coordinator::Role;
+    let live: BTreeMap<u64, &str> = view
+        .members
+        .iter()
+        .filter(|m| m.alive && m.role == Role::ExpertWorker && m.id != me)
+        .map(|m| (m.id, m.address.as_str()))
+        .collect();
+    let mut order: Vec<u64> = live
+        .keys()
+        .copied()
+        .filter(|w| view.placement.experts_of(*w).contains(&e))
+        .collect();
+    if !order.is_empty() {
+        let k = e as usize % order.len();
+        order.rotate_left(k);
+    }
+    let rest: Vec<u64> = live
+        .keys()
+        .filter(|w| !order.contains(w))
+        .copied()
+        .collect();
+    order.extend(rest);
+    order
+        .into_iter()
+        .filter_map(|w| {
+            let address = live[&w];
+            if !peers.contains_key(address) {
+                let source = GrpcSource::new(address).ok()?;
+                peers.insert(address.to_owned(), Arc::new(source));
+            }
+            peers.get(address).cloned()
+        })
+        .collect()
+}

@@ -1,0 +1,196 @@
+//! Experts sent between workers, in one process: a weightless shard fills its cache from
+//! sources that send the tiny fixture's experts, some of them corrupting a chunk, dying
+//! mid-stream or sending a chunk out of place. What is marked held is byte for byte the
+//! checkpoint's; what failed is never held (and never computed); senders keep their pace.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use expertmesh_expert_worker::transfer::{
+    expert_chunks, fetch_expert, receive, ChunkStream, ExpertCache, ExpertSource, RateLimit,
+    TransferError,
+};
+use expertmesh_expert_worker::{Assignment, ExpertShard};
+use expertmesh_model::moe::Experts;
+use expertmesh_model::{ModelSource, TextConfig};
+use expertmesh_proto::v1 as pb;
+
+fn fixture() -> ModelSource {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-maverick");
+    ModelSource::Dir(dir)
+}
+
+/// The fixture's config and a shard over its checkpoint (the sender).
+fn sender() -> (TextConfig, Arc<ExpertShard>) {
+    let source = fixture();
+    let config = source.config().unwrap();
+    let shard = ExpertShard::new(&config, source.weights().unwrap().as_ref()).unwrap();
+    (config, Arc::new(shard))
+}
+
+/// A weightless shard over a fresh cache (the receiver).
+fn receiver(config: &TextConfig, name: &str) -> (ExpertCache, Arc<ExpertShard>) {
+    let dir =
+        std::env::temp_dir().join(format!("expertmesh-transfer-{name}-{}", std::process::id()));
+    let cache = ExpertCache::create(&dir, config).unwrap();
+    let weights = expertmesh_model::SafetensorsCheckpoint::open(cache.dir()).unwrap();
+    let shard = ExpertShard::new(config, &weights).unwrap().weightless();
+    (cache, Arc::new(shard))
+}
+
+/// What can go wrong with a sender.
+#[derive(Clone, Copy)]
+enum Fault {
+    None,
+    /// Flips a byte of this chunk after its CRC was computed.
+    Corrupt(usize),
+    /// The stream ends (as a killed sender's does) after this many chunks.
+    Die(usize),
+    /// This chunk comes with the next chunk's offset.
+    Misplace(usize),
+}
+
+struct FakeSource {
+    shard: Arc<ExpertShard>,
+    fault: Fault,
+}
+
+#[tonic::async_trait]
+impl ExpertSource for FakeSource {
+    fn name(&self) -> String {
+        "fake".into()
+    }
+
+    async fn fetch(&self, e: u32) -> Result<ChunkStream, TransferError> {
+        let mut chunks: Vec<pb::ExpertChunk> = expert_chunks(&self.shard, e)?.collect();
+        match self.fault {
+            Fault::None => {}
+            Fault::Corrupt(k) => chunks[k].data[7] ^= 0x40,
+            Fault::Die(k) => chunks.truncate(k),
+            Fault::Misplace(k) => chunks[k].offset += 1,
+        }
+        Ok(Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok))))
+    }
+}
+
+fn source(shard: &Arc<ExpertShard>, fault: Fault) -> Arc<dyn ExpertSource> {
+    Arc::new(FakeSource {
+        shard: shard.clone(),
+        fault,
+    })
+}
+
+/// Expert `e`'s bytes in every MoE layer of `shard`.
+fn bytes_of(shard: &ExpertShard, e: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    for experts in shard.layers().values() {
+        let Experts::Fused { gate_up, down } = experts else {
+            panic!("the fixture's experts are fused");
+        };
+        out.extend_from_slice(gate_up.outer(e as usize).bytes());
+        out.extend_from_slice(down.outer(e as usize).bytes());
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_fetched_expert_is_the_checkpoints_bytes_whatever_failed_first() {
+    let (config, from) = sender();
+    let (cache, to) = receiver(&config, "failover");
+    assert!(!to.holds(3));
+    let faults = [Fault::Corrupt(2), Fault::Die(3), Fault::Misplace(1)];
+    for (e, fault) in [3u32, 17, 100].into_iter().zip(faults) {
+        let sources = [source(&from, fault), source(&from, Fault::None)];
+        let (bytes, _) = fetch_expert(&to, &cache, e, &sources).await.unwrap();
+        assert_eq!(bytes, cache.expert_bytes());
+        assert!(to.holds(e));
+        assert_eq!(bytes_of(&to, e), bytes_of(&from, e), "expert {e}");
+    }
+    // Only what was fetched is held.
+    assert!(!to.holds(4));
+    let _ = std::fs::remove_dir_all(cache.dir());
+}
+
+#[tokio::test]
+async fn an_expert_no_holder_sends_whole_is_never_held_nor_computed() {
+    let (config, from) = sender();
+    let (cache, to) = receiver(&config, "unheld");
+    let sources = [
+        source(&from, Fault::Corrupt(0)),
+        source(&from, Fault::Die(1)),
+    ];
+    let failed = fetch_expert(&to, &cache, 5, &sources).await.unwrap_err();
+    assert!(
+        matches!(failed, TransferError::NoHolder { expert: 5, .. }),
+        "{failed}"
+    );
+    assert!(failed.to_string().contains("CRC"), "{failed}");
+    assert!(!to.holds(5));
+    // Assigned anyway, a batch for it is refused rather than computed on half its bytes.
+    to.assign(Assignment {
+        epoch: 1,
+        experts: BTreeSet::from([5]),
+    });
+    let layer = *to.layers().keys().next().unwrap();
+    let batch = expertmesh_dispatch::DispatchBatch {
+        epoch: 1,
+        layer,
+        batch_id: 0,
+        timeout: Duration::from_secs(5),
+        hidden: to.hidden(),
+        groups: vec![expertmesh_model::moe::ExpertGroup { expert: 5, rows: 1 }],
+        activations: vec![0.5; to.hidden()],
+        dtype: expertmesh_dispatch::WireDType::F32,
+        traces: Vec::new(),
+    };
+    let refused = to.check(&batch).unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            expertmesh_dispatch::DispatchError::ExpertNotHere { expert: 5, .. }
+        ),
+        "{refused}"
+    );
+    let _ = std::fs::remove_dir_all(cache.dir());
+}
+
+#[tokio::test]
+async fn chunks_for_another_expert_or_past_the_end_are_refused() {
+    let (config, from) = sender();
+    let (cache, _) = receiver(&config, "hostile");
+    // Expert 9's chunks offered as expert 8's.
+    let chunks: Vec<pb::ExpertChunk> = expert_chunks(&from, 9).unwrap().collect();
+    let stream: ChunkStream = Box::pin(tokio_stream::iter(chunks.clone().into_iter().map(Ok)));
+    let wrong = receive(&cache, 8, "hostile", stream).await.unwrap_err();
+    assert!(
+        matches!(wrong, TransferError::Corrupt { expert: 8, .. }),
+        "{wrong}"
+    );
+    // An expert the model does not have.
+    let stream: ChunkStream = Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok)));
+    let past = receive(&cache, 128, "hostile", stream).await.unwrap_err();
+    assert!(past.to_string().contains("no such expert"), "{past}");
+    let _ = std::fs::remove_dir_all(cache.dir());
+}
+
+/// 80 Mbit/s is 10 MB/s: 100 MB of chunks take 10 s (on tokio's clock), within 10%.
+#[tokio::test(start_paused = true)]
+async fn a_sender_keeps_to_its_rate() {
+    let pace = RateLimit::new(80);
+    let started = tokio::time::Instant::now();
+    for _ in 0..100 {
+        pace.take(1_000_000).await;
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(9) && took <= Duration::from_secs(11),
+        "{took:?}"
+    );
+    // No limit: no wait.
+    let free = RateLimit::new(0);
+    let started = tokio::time::Instant::now();
+    free.take(1 << 30).await;
+    assert_eq!(started.elapsed(), Duration::ZERO);
+}
