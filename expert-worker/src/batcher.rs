@@ -407,6 +407,26 @@ pub fn render_metrics(batcher: &Batcher) -> String {
             "Expert bytes made resident by placements (what re-plans moved here).",
             batcher.shard().loaded_bytes() as f64,
         ),
+        (
+            "expertmesh_expert_sent_bytes_total",
+            "Expert bytes sent to peers that fetched them (FetchExperts).",
+            get(&batcher.shard().transfers().sent_bytes),
+        ),
+        (
+            "expertmesh_expert_fetched_bytes_total",
+            "Expert bytes fetched from peers and verified (a worker without the weights).",
+            get(&batcher.shard().transfers().fetched_bytes),
+        ),
+        (
+            "expertmesh_expert_fetches_in_flight",
+            "Experts being fetched from peers now.",
+            get(&batcher.shard().transfers().fetching),
+        ),
+        (
+            "expertmesh_expert_fetches_failed_total",
+            "Transfers from a peer that failed or failed their checks (the next holder was asked).",
+            get(&batcher.shard().transfers().failed),
+        ),
     ] {
         write_family(&mut out, name, help, &one(value));
     }

@@ -347,8 +347,8 @@ async fn follow_placement(
     }
 }
 
-/// Fetches every expert of `gains` not held yet from the peers that hold it, two at a
-/// time, logging progress; the bytes fetched.
+/// Fetches every expert of `gains` not held yet from the peers that hold it,
+/// [`crate::transfer::FETCHES_IN_FLIGHT`] at a time, logging progress; the bytes fetched.
 async fn fetch_all(
     shard: &Arc<ExpertShard>,
     cache: &Arc<ExpertCache>,
@@ -369,7 +369,7 @@ async fn fetch_all(
     let (mut done, mut bytes) = (0, 0u64);
     let mut in_flight = std::collections::VecDeque::new();
     loop {
-        while in_flight.len() < 2 {
+        while in_flight.len() < crate::transfer::FETCHES_IN_FLIGHT {
             match fetches.next().await {
                 Some(task) => in_flight.push_back(task),
                 None => break,

@@ -88,12 +88,18 @@ impl ExpertService for ExpertServer {
         }
         let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
         let pace = self.migration.clone();
+        let shard = shard.clone();
         tokio::spawn(async move {
             for chunk in chunks.into_iter().flatten() {
-                pace.take(chunk.data.len()).await;
+                let bytes = chunk.data.len();
+                pace.take(bytes).await;
                 if tx.send(Ok(chunk)).await.is_err() {
                     return;
                 }
+                shard
+                    .transfers()
+                    .sent_bytes
+                    .fetch_add(bytes as u64, Ordering::Relaxed);
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -46,6 +46,8 @@ pub struct ExpertShard {
     /// from peers and been verified; no other expert is ever computed. `None`: every
     /// expert is in the mapped checkpoint.
     fetched: Option<RwLock<BTreeSet<u32>>>,
+    /// Bytes sent to and fetched from peers.
+    transfers: crate::transfer::TransferStats,
     /// The experts on a GPU (`--device cuda:N`), fed from the same mapped tensors.
     #[cfg(feature = "cuda")]
     gpu: Option<expertmesh_model::cuda::experts::GpuExperts>,
@@ -94,6 +96,7 @@ impl ExpertShard {
             rows_served: AtomicU64::new(0),
             loaded_bytes: AtomicU64::new(0),
             fetched: None,
+            transfers: Default::default(),
             #[cfg(feature = "cuda")]
             gpu,
         })
@@ -125,6 +128,11 @@ impl ExpertShard {
         if let Some(f) = &self.fetched {
             f.write().expect("fetched lock").insert(e);
         }
+    }
+
+    /// What transfers to and from peers have moved.
+    pub fn transfers(&self) -> &crate::transfer::TransferStats {
+        &self.transfers
     }
 
     pub fn num_experts(&self) -> usize {

@@ -34,6 +34,8 @@ use crate::shard::ExpertShard;
 
 /// The most bytes of one chunk.
 pub const CHUNK_BYTES: usize = 1 << 20;
+/// Experts a worker fetches at once (spread over their holders).
+pub const FETCHES_IN_FLIGHT: usize = 8;
 /// How long one expert's transfer from one peer may take before the next peer is asked.
 const EXPERT_DEADLINE: Duration = Duration::from_secs(120);
 
@@ -56,6 +58,19 @@ pub enum TransferError {
     },
     #[error("expert {expert}: no holder could send it ({tried})")]
     NoHolder { expert: u32, tried: String },
+}
+
+/// What a worker's transfers have moved, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct TransferStats {
+    /// Expert bytes sent to peers.
+    pub sent_bytes: std::sync::atomic::AtomicU64,
+    /// Expert bytes received from peers and verified.
+    pub fetched_bytes: std::sync::atomic::AtomicU64,
+    /// Experts being fetched now.
+    pub fetching: std::sync::atomic::AtomicU64,
+    /// Transfers that failed or lied (another holder was asked).
+    pub failed: std::sync::atomic::AtomicU64,
 }
 
 /// The safetensors name of a dtype.
@@ -234,7 +249,10 @@ pub fn expert_chunks(
             })
         })
         .map(move |(tensor, dtype, shape, offset, data)| {
-            whole.update(&data);
+            // One pass over the bytes: the chunk's CRC, folded into the expert's.
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&data);
+            whole.combine(&crc);
             sent += data.len() as u64;
             let last = sent == total;
             pb::ExpertChunk {
@@ -243,8 +261,8 @@ pub fn expert_chunks(
                 dtype: dtype_name(dtype).into(),
                 shape: shape.iter().map(|&d| d as u64).collect(),
                 offset,
-                crc32: crc32fast::hash(&data),
-                data,
+                crc32: crc.finalize(),
+                data: data.into(),
                 last,
                 expert_crc32: if last { whole.clone().finalize() } else { 0 },
                 expert_bytes: if last { total } else { 0 },
@@ -369,14 +387,16 @@ pub async fn receive(
                     slot.dtype,
                 )));
             }
-            if crc32fast::hash(&chunk.data) != chunk.crc32 {
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&chunk.data);
+            if crc.clone().finalize() != chunk.crc32 {
                 return Err(corrupt(format!(
                     "the chunk of {} at {at} fails its CRC",
                     slot.name
                 )));
             }
             cache.write(slot, at, &chunk.data)?;
-            whole.update(&chunk.data);
+            whole.combine(&crc);
             got += expected;
             at += expected;
             let last = got == cache.expert_bytes();
@@ -401,6 +421,9 @@ pub async fn fetch_expert(
     e: u32,
     sources: &[Arc<dyn ExpertSource>],
 ) -> Result<(u64, String), TransferError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let stats = shard.transfers();
+    stats.fetching.fetch_add(1, Relaxed);
     let mut tried = Vec::new();
     for source in sources {
         let peer = source.name();
@@ -411,14 +434,18 @@ pub async fn fetch_expert(
         match outcome {
             Ok(bytes) => {
                 shard.mark_fetched(e);
+                stats.fetching.fetch_sub(1, Relaxed);
+                stats.fetched_bytes.fetch_add(bytes, Relaxed);
                 return Ok((bytes, peer));
             }
             Err(err) => {
+                stats.failed.fetch_add(1, Relaxed);
                 tracing::warn!("expert {e}: {err}; asking the next holder");
                 tried.push(err.to_string());
             }
         }
     }
+    stats.fetching.fetch_sub(1, Relaxed);
     Err(TransferError::NoHolder {
         expert: e,
         tried: tried.join("; "),

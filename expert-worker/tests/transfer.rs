@@ -67,7 +67,11 @@ impl ExpertSource for FakeSource {
         let mut chunks: Vec<pb::ExpertChunk> = expert_chunks(&self.shard, e)?.collect();
         match self.fault {
             Fault::None => {}
-            Fault::Corrupt(k) => chunks[k].data[7] ^= 0x40,
+            Fault::Corrupt(k) => {
+                let mut data = chunks[k].data.to_vec();
+                data[7] ^= 0x40;
+                chunks[k].data = data.into();
+            }
             Fault::Die(k) => chunks.truncate(k),
             Fault::Misplace(k) => chunks[k].offset += 1,
         }
@@ -108,8 +112,13 @@ async fn a_fetched_expert_is_the_checkpoints_bytes_whatever_failed_first() {
         assert!(to.holds(e));
         assert_eq!(bytes_of(&to, e), bytes_of(&from, e), "expert {e}");
     }
-    // Only what was fetched is held.
+    // Only what was fetched is held; /metrics counts it and the failed tries.
     assert!(!to.holds(4));
+    let stats = to.transfers();
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(get(&stats.fetched_bytes), 3 * cache.expert_bytes());
+    assert_eq!(get(&stats.failed), 3);
+    assert_eq!(get(&stats.fetching), 0);
     let _ = std::fs::remove_dir_all(cache.dir());
 }
 

@@ -21,6 +21,7 @@ mod memory;
 mod prefix;
 mod serve;
 mod steps;
+mod transfer;
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -44,6 +45,9 @@ pub enum BenchCommand {
     /// Time to first token of requests sharing a long prefix through a local cluster, with
     /// prefix caching and with `--no-prefix-cache`, in one run.
     Prefix(prefix::PrefixArgs),
+    /// Every expert of a checkpoint fetched from a peer (`FetchExperts`) against raw TCP
+    /// moving the same bytes over loopback.
+    Transfer(transfer::TransferArgs),
     /// One MoE layer's expert shard at Maverick size on a GPU: grouped cuBLAS GEMMs against
     /// a dense GEMM of the same FLOPs and a device-to-device copy (a `--features cuda` build).
     GpuExperts(gpu::GpuExpertsArgs),
@@ -58,5 +62,6 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Image(args) => image::run(args),
         BenchCommand::Serve(args) => serve::run(args),
         BenchCommand::Prefix(args) => prefix::run(args),
+        BenchCommand::Transfer(args) => transfer::run(args),
     }
 }

@@ -1,0 +1,154 @@
+//! `expertmesh bench transfer`: every expert of a checkpoint fetched over loopback from an
+//! expert worker's `FetchExperts` into a weightless shard's cache, as many at a time as a worker
+//! that joins without the checkpoint does, against raw TCP moving the same bytes over
+//! loopback in the same run (1 MiB writes into a reader that discards them). Medians of
+//! `--runs`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use expertmesh_expert_worker::transfer::{
+    fetch_expert, ExpertCache, ExpertSource, GrpcSource, FETCHES_IN_FLIGHT,
+};
+use expertmesh_expert_worker::{Batcher, BatcherConfig, ExpertServer, ExpertShard};
+use expertmesh_model::{ModelSource, SafetensorsCheckpoint};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Args, Debug)]
+pub struct TransferArgs {
+    /// The checkpoint whose experts travel (a fused bf16 one).
+    #[arg(long, default_value = "tests/fixtures/tiny-maverick")]
+    model: String,
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    experts: usize,
+    bytes: u64,
+    fetch_mb_per_s: f64,
+    raw_tcp_mb_per_s: f64,
+    ratio: f64,
+}
+
+pub fn run(args: TransferArgs) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let report = runtime.block_on(measure(&args))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{}: {} experts, {:.1} MB: FetchExperts {:.0} MB/s, raw TCP {:.0} MB/s, ratio {:.2}",
+            report.model,
+            report.experts,
+            report.bytes as f64 / 1e6,
+            report.fetch_mb_per_s,
+            report.raw_tcp_mb_per_s,
+            report.ratio
+        );
+    }
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+async fn measure(args: &TransferArgs) -> Result<Report> {
+    let source: ModelSource = args.model.parse()?;
+    let config = source.config()?;
+    let sender = Arc::new(ExpertShard::new(&config, source.weights()?.as_ref())?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?.to_string();
+    let server = ExpertServer::new(
+        Batcher::spawn(sender, BatcherConfig::default()),
+        Arc::default(),
+    );
+    tokio::spawn(
+        expertmesh_proto::server_builder()
+            .add_service(server.into_service())
+            .serve_with_incoming(expertmesh_proto::incoming(listener)),
+    );
+    let experts = config.num_local_experts;
+    let (mut fetch, mut raw, mut bytes) = (Vec::new(), Vec::new(), 0);
+    for run in 0..args.runs.max(1) {
+        let dir = std::env::temp_dir().join(format!(
+            "expertmesh-bench-transfer-{}-{run}",
+            std::process::id()
+        ));
+        let cache = Arc::new(ExpertCache::create(&dir, &config)?);
+        let weights = SafetensorsCheckpoint::open(cache.dir())?;
+        let receiver = Arc::new(ExpertShard::new(&config, &weights)?.weightless());
+        let peer: Vec<Arc<dyn ExpertSource>> = vec![Arc::new(GrpcSource::new(&address)?)];
+        let started = Instant::now();
+        let mut tasks: tokio::task::JoinSet<
+            Result<(u64, String), expertmesh_expert_worker::transfer::TransferError>,
+        > = tokio::task::JoinSet::new();
+        bytes = 0;
+        for e in 0..experts as u32 {
+            if tasks.len() == FETCHES_IN_FLIGHT {
+                bytes += tasks.join_next().await.expect("a task")??.0;
+            }
+            let (receiver, cache, peer) = (receiver.clone(), cache.clone(), peer.clone());
+            tasks.spawn(async move { fetch_expert(&receiver, &cache, e, &peer).await });
+        }
+        while let Some(done) = tasks.join_next().await {
+            bytes += done??.0;
+        }
+        fetch.push(bytes as f64 / 1e6 / started.elapsed().as_secs_f64());
+        raw.push(raw_tcp(bytes).await?);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let (fetch, raw) = (median(fetch), median(raw));
+    Ok(Report {
+        model: args.model.clone(),
+        experts,
+        bytes,
+        fetch_mb_per_s: fetch,
+        raw_tcp_mb_per_s: raw,
+        ratio: fetch / raw,
+    })
+}
+
+/// MB/s of `bytes` written in 1 MiB pieces over a loopback connection to a reader that
+/// discards them and answers one byte at the end.
+async fn raw_tcp(bytes: u64) -> Result<f64> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let reader = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        while got < bytes {
+            let n = s.read(&mut buf).await?;
+            anyhow::ensure!(n > 0, "the writer hung up");
+            got += n as u64;
+        }
+        s.write_all(&[1]).await?;
+        anyhow::Ok(())
+    });
+    let mut s = tokio::net::TcpStream::connect(address).await?;
+    s.set_nodelay(true)?;
+    let piece = vec![7u8; 1 << 20];
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (bytes - sent).min(piece.len() as u64) as usize;
+        s.write_all(&piece[..n]).await?;
+        sent += n as u64;
+    }
+    let mut done = [0u8; 1];
+    s.read_exact(&mut done).await?;
+    let took = started.elapsed().as_secs_f64();
+    reader.await??;
+    Ok(bytes as f64 / 1e6 / took)
+}
