@@ -38,6 +38,8 @@ pub const CHUNK_BYTES: usize = 1 << 20;
 pub const FETCHES_IN_FLIGHT: usize = 8;
 /// How long one expert's transfer from one peer may take before the next peer is asked.
 const EXPERT_DEADLINE: Duration = Duration::from_secs(120);
+/// How long the next chunk may keep the receiver waiting (a stalled sender is left sooner).
+const CHUNK_DEADLINE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
@@ -128,7 +130,8 @@ pub struct ExpertCache {
 }
 
 impl ExpertCache {
-    /// Makes the cache for `config`'s experts in `dir` (emptied first). The checkpoint's
+    /// Makes the cache for `config`'s experts in `dir` (a previous cache file there is
+    /// replaced; nothing else in `dir` is touched). The checkpoint's
     /// dtype comes from the config (`torch_dtype`; bf16 when it says nothing).
     pub fn create(dir: &Path, config: &TextConfig) -> Result<Self, TransferError> {
         if config.quantization.is_some() {
@@ -148,8 +151,13 @@ impl ExpertCache {
             path: dir.to_owned(),
             source,
         };
-        let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).map_err(io)?;
+        let path = dir.join("model.safetensors");
+        // A previous run's cache: its experts are fetched again (nothing vouches for them).
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
         let mut header = serde_json::Map::new();
         let mut slots = Vec::new();
         let mut at = 0u64;
@@ -175,7 +183,6 @@ impl ExpertCache {
         for s in &mut slots {
             s.file_offset += data_start;
         }
-        let path = dir.join("model.safetensors");
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -359,7 +366,7 @@ pub async fn receive(
         let (start, end) = (e as u64 * slot.stride(), (e as u64 + 1) * slot.stride());
         let mut at = start;
         while at < end {
-            let chunk = match tokio::time::timeout(EXPERT_DEADLINE, stream.next()).await {
+            let chunk = match tokio::time::timeout(CHUNK_DEADLINE, stream.next()).await {
                 Err(_) => return Err(corrupt("the stream stalled".into())),
                 Ok(None) => {
                     return Err(corrupt(format!(
