@@ -16,6 +16,7 @@ use expertmesh_expert_worker::{Assignment, ExpertShard};
 use expertmesh_model::moe::Experts;
 use expertmesh_model::{ModelSource, TextConfig};
 use expertmesh_proto::v1 as pb;
+use tokio_stream::StreamExt;
 
 fn fixture() -> ModelSource {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-maverick");
@@ -50,6 +51,8 @@ enum Fault {
     Die(usize),
     /// This chunk comes with the next chunk's offset.
     Misplace(usize),
+    /// After this many chunks the sender says nothing more, and keeps the stream open.
+    Stall(usize),
 }
 
 struct FakeSource {
@@ -74,6 +77,13 @@ impl ExpertSource for FakeSource {
             }
             Fault::Die(k) => chunks.truncate(k),
             Fault::Misplace(k) => chunks[k].offset += 1,
+            Fault::Stall(k) => {
+                chunks.truncate(k);
+                let sent = tokio_stream::iter(chunks.into_iter().map(Ok));
+                return Ok(Box::pin(sent.chain(tokio_stream::pending::<
+                    Result<pb::ExpertChunk, TransferError>,
+                >())));
+            }
         }
         Ok(Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok))))
     }
@@ -181,6 +191,24 @@ async fn chunks_for_another_expert_or_past_the_end_are_refused() {
     let stream: ChunkStream = Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok)));
     let past = receive(&cache, 128, "hostile", stream).await.unwrap_err();
     assert!(past.to_string().contains("no such expert"), "{past}");
+    let _ = std::fs::remove_dir_all(cache.dir());
+}
+
+/// A sender that stops sending and keeps the stream open is left after 10 s of silence.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_sender_is_left_for_the_next_holder() {
+    let (config, from) = sender();
+    let (cache, to) = receiver(&config, "stall");
+    let started = tokio::time::Instant::now();
+    let sources = [source(&from, Fault::Stall(2)), source(&from, Fault::None)];
+    fetch_expert(&to, &cache, 42, &sources).await.unwrap();
+    assert!(to.holds(42));
+    assert_eq!(bytes_of(&to, 42), bytes_of(&from, 42));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(10) && waited < Duration::from_secs(11),
+        "{waited:?}"
+    );
     let _ = std::fs::remove_dir_all(cache.dir());
 }
 
