@@ -414,27 +414,43 @@ async fn a_worker_declared_dead_registers_again_under_a_new_id() {
     let l = listeners(1).await.pop().unwrap();
     let peers = BTreeMap::from([(1, l.local_addr().unwrap().to_string())]);
     let node = start(1, l, &peers, &dir, false, 300).await;
-    let client = CoordinatorClient::new(&node.address).unwrap();
-    // Told to stall, its next beat comes 1.5 s late: five leases, as if cut off.
+    // Told to stall, its next beat comes 1.5 s late: five leases, as if cut off. The worker
+    // runs on a runtime of its own (a process of its own, stalled), so that the stall does
+    // not also stop the coordinator's failure detector in this one.
     let stall = std::sync::Arc::new(AtomicBool::new(false));
     let stalls = stall.clone();
-    let membership = client
-        .join(
-            &registration(1),
-            Duration::from_secs(10),
-            Duration::from_millis(50),
-            move || {
-                if stalls.swap(false, Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(1500));
-                }
-                Beat {
-                    load: None,
-                    prepared_epoch: u64::MAX,
-                }
-            },
-        )
-        .await
-        .unwrap();
+    let (joined, membership) = tokio::sync::oneshot::channel();
+    let (stop_worker, stopped) = tokio::sync::oneshot::channel::<()>();
+    let address = node.address.clone();
+    let worker = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let client = CoordinatorClient::new(&address).unwrap();
+            let m = client
+                .join(
+                    &registration(1),
+                    Duration::from_secs(10),
+                    Duration::from_millis(50),
+                    move || {
+                        if stalls.swap(false, Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(1500));
+                        }
+                        Beat {
+                            load: None,
+                            prepared_epoch: u64::MAX,
+                        }
+                    },
+                )
+                .await
+                .unwrap();
+            let _ = joined.send(m);
+            let _ = stopped.await;
+        });
+    });
+    let membership = membership.await.unwrap();
     let first = membership.id();
     eventually("the worker placed", || {
         node.coordinator.view().placement.experts_of(first).len() == 8
@@ -452,6 +468,8 @@ async fn a_worker_declared_dead_registers_again_under_a_new_id() {
     let v = node.coordinator.view();
     assert!(!v.member(first).unwrap().alive);
     assert!(v.placement.experts_of(first).is_empty());
+    let _ = stop_worker.send(());
+    worker.join().unwrap();
     let _ = node.stop.send(());
     let _ = std::fs::remove_dir_all(&dir);
 }
