@@ -212,6 +212,15 @@ fn check_target(target: &str, role: &str, ports: &[u64], code: &str) {
     }
 }
 
+/// The ports a worker's `[worker]` section listens on: gRPC, metrics.
+fn worker_ports(w: &expertmesh_expert_worker::WorkerConfig) -> Vec<u64> {
+    [Some(w.listen.as_str()), w.metrics.as_deref()]
+        .into_iter()
+        .flatten()
+        .map(port)
+        .collect()
+}
+
 /// The ports a role's config listens on: gRPC, HTTP, metrics.
 fn config_ports(role: &str, config: &BTreeMap<String, String>) -> Vec<u64> {
     let text = config.get(&format!("{role}.toml"));
@@ -224,21 +233,11 @@ fn config_ports(role: &str, config: &BTreeMap<String, String>) -> Vec<u64> {
         }
         "expert-worker" => {
             let c: ExpertWorkerConfig = toml::from_str(text.unwrap()).unwrap();
-            let c = c.validate().unwrap();
-            [Some(c.worker.listen.as_str()), c.worker.metrics.as_deref()]
-                .into_iter()
-                .flatten()
-                .map(port)
-                .collect()
+            worker_ports(&c.validate().unwrap().worker)
         }
         "attention-worker" => {
             let c: AttentionWorkerConfig = toml::from_str(text.unwrap()).unwrap();
-            let c = c.validate().unwrap();
-            [Some(c.worker.listen.as_str()), c.worker.metrics.as_deref()]
-                .into_iter()
-                .flatten()
-                .map(port)
-                .collect()
+            worker_ports(&c.validate().unwrap().worker)
         }
         _ => Vec::new(),
     }

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::load::free_ports;
 use common::{bin, kill9, post, start_up, wait_status};
 use serde_json::{json, Value};
 
@@ -154,16 +155,6 @@ fn killing_the_leader_loses_nothing_and_stops_nothing() {
     });
     let later = post(&gateway, "/v1/completions", &request).unwrap();
     assert_eq!(later["choices"][0]["text"], expected);
-}
-
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
 }
 
 fn coordinator_args(id: usize, ports: &[u16], data: &Path, model: &str) -> Vec<String> {

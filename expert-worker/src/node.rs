@@ -309,10 +309,11 @@ async fn follow_placement(
             continue;
         }
         loading = pending.epoch;
+        let held = shard.assignment().experts;
         let gains: std::collections::BTreeSet<u32> = pending
             .experts_of(worker_id)
             .into_iter()
-            .filter(|&e| !shard.holds(e) || !shard.assignment().experts.contains(&e))
+            .filter(|&e| !shard.holds(e) || !held.contains(&e))
             .collect();
         let shard = shard.clone();
         let prepared = prepared.clone();
