@@ -402,9 +402,6 @@ fn id_from_hostname(host: &str) -> Result<u64> {
     }
 }
 
-/// How long a coordinator told to stop lets its calls finish.
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// Set by `--insecure`: serve cluster ports without TLS on addresses other machines reach.
 pub static INSECURE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -512,13 +509,6 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
                 served?;
                 Ok(())
             }
-            // A graceful stop waits for every call to end, and workers' state watches never
-            // do: after a short grace the process leaves anyway (they move to another
-            // coordinator).
-            _ = async {
-                shutdown_signal().await;
-                tokio::time::sleep(SHUTDOWN_GRACE).await;
-            } => Ok(()),
             failed = raft_loop => match failed {
                 Ok(e) => Err(anyhow::Error::new(e).context("the raft loop stopped")),
                 Err(e) => Err(anyhow::Error::new(e).context("the raft loop panicked")),

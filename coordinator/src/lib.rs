@@ -229,16 +229,32 @@ impl CoordinatorConfig {
     }
 }
 
-/// Serves `coordinator` on `listener` until `shutdown` completes.
+/// How long a coordinator told to stop lets its calls finish.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Serves `coordinator` on `listener` until `shutdown` completes, and then at most
+/// [`SHUTDOWN_GRACE`] longer: a graceful stop waits for every call to end, and workers'
+/// state watches never do (they move to another coordinator).
 pub async fn serve(
     coordinator: Coordinator,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (_health, health) = expertmesh_proto::health::service();
-    expertmesh_proto::server_builder()
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = expertmesh_proto::server_builder()
         .add_service(health)
         .add_service(coordinator.into_service())
-        .serve_with_incoming_shutdown(expertmesh_proto::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(expertmesh_proto::incoming(listener), async {
+            let _ = stopped.await;
+        });
+    tokio::pin!(server);
+    tokio::select! {
+        served = &mut server => return served,
+        () = shutdown => {}
+    }
+    let _ = stop.send(());
+    tokio::time::timeout(SHUTDOWN_GRACE, server)
         .await
+        .unwrap_or(Ok(()))
 }
