@@ -11,11 +11,13 @@ Data (public domain, from Debian's packages; nothing is downloaded from elsewher
   wamerican    /usr/share/dict/american-english the word list: which headwords to keep, and
                the English-word score of the held-out answers
   apt-get install dict-gcide fortunes wamerican
+  (the committed model: Debian 12's dict-gcide 0.48.5+nmu2, fortunes 1:1.99.1-7.3,
+  wamerican 2020.12.07-2; train-log.json of later runs records the versions)
 
 Python: pip install torch transformers tokenizers safetensors matplotlib
 (torch 2.15, transformers 5.25 made the committed checkpoint).
 
-Usage (the committed model, about 40 minutes on 2 cores):
+Usage (the committed model: 30 minutes on 2 cores, data and references included):
   tools/train_demo_model.py --out models/expertmesh-demo
 
 Writes into --out: a Hugging Face model directory (config.json, bf16 model.safetensors,
@@ -73,6 +75,17 @@ QUESTIONS = [
 SAYINGS = ["Say something wise.", "Tell me a fortune.", "Give me a quote.",
            "Tell me something interesting.", "Share a saying."]
 SYSTEM = "You are a helpful assistant."
+
+
+def package_versions():
+    """The Debian packages the data came from, as dpkg knows them."""
+    import subprocess
+    try:
+        out = subprocess.run(["dpkg-query", "-W", "dict-gcide", "fortunes", "wamerican"],
+                             capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return {}
+    return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
 
 
 def english_words():
@@ -434,7 +447,7 @@ def main():
                        torch=torch.__version__, transformers=__import__("transformers").__version__,
                        data=dict(words=len(senses), conversations=len(convs), sayings=len(fortunes),
                                  held_out_words=len(held), tokens_per_pass=len(stream),
-                                 sources=[GCIDE, FORTUNES, WORDS]),
+                                 sources=[GCIDE, FORTUNES, WORDS], packages=package_versions()),
                        parameters=params, seconds=round(time.time() - t0), steps=log), f)
     print(f"done in {time.time() - t0:.0f}s", flush=True)
     return 0

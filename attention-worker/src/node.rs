@@ -145,6 +145,7 @@ pub async fn run(
     let load = move || Beat {
         load: Some(worker_load(&engine_stats, &dispatch_stats)),
         prepared_epoch: 0,
+        ..Default::default()
     };
     let (listener, bound) = bind(&config.worker.listen).await?;
     on_listening(bound);

@@ -252,6 +252,13 @@ pub fn status_json(reports: &[(String, Option<pb::CoordinatorStatus>)]) -> Value
             })
         })
         .collect();
+    // Workers report their transfers to every replica: the leader's copy, or the freshest.
+    let transfers: Vec<Value> = leader
+        .into_iter()
+        .chain(answered.iter().max_by_key(|s| s.applied_index))
+        .next()
+        .map(|s| s.transfers.iter().map(transfers_json).collect())
+        .unwrap_or_default();
     json!({
         "leader": leader.map(|l| l.id),
         "term": answered.iter().map(|s| s.term).max(),
@@ -262,7 +269,32 @@ pub fn status_json(reports: &[(String, Option<pb::CoordinatorStatus>)]) -> Value
         "unservable": freshest.as_ref().and_then(|v| v.unservable.clone()),
         "coordinators": coordinators,
         "workers": workers,
+        "transfers": transfers,
     })
+}
+
+/// One worker's transfers: those in flight with their rate and ETA, and where its fetched
+/// experts came from.
+fn transfers_json(t: &pb::WorkerTransfers) -> Value {
+    let in_flight: Vec<Value> = t
+        .in_flight
+        .iter()
+        .map(|x| {
+            let secs = x.elapsed_ms as f64 / 1e3;
+            let rate = if secs > 0.0 { x.bytes as f64 / secs } else { 0.0 };
+            let eta = (rate > 0.0).then(|| x.total.saturating_sub(x.bytes) as f64 / rate);
+            json!({
+                "expert": x.expert, "source": x.source, "bytes": x.bytes, "total": x.total,
+                "bytes_per_second": rate, "eta_seconds": eta,
+            })
+        })
+        .collect();
+    let fetched: Vec<Value> = t
+        .fetched
+        .iter()
+        .map(|o| json!({"expert": o.expert, "source": o.source}))
+        .collect();
+    json!({"worker": t.worker_id, "in_flight": in_flight, "fetched": fetched})
 }
 
 async fn status(args: StatusArgs) -> Result<()> {
@@ -324,6 +356,29 @@ async fn status(args: StatusArgs) -> Result<()> {
             show(&w["status"]),
             show(&w["experts"])
         );
+    }
+    for t in v["transfers"].as_array().into_iter().flatten() {
+        let fetched = t["fetched"].as_array().map_or(0, Vec::len);
+        let in_flight = t["in_flight"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+        println!(
+            "worker {}: {fetched} experts taken from peers, {} in flight",
+            show(&t["worker"]),
+            in_flight.len()
+        );
+        for x in in_flight {
+            let mb = |k: &str| x[k].as_f64().unwrap_or(0.0) / 1e6;
+            println!(
+                "  expert {:<4} from {:<22} {:>8.1}/{:.1} MB  {:>8.1} MB/s  ETA {}",
+                show(&x["expert"]),
+                show(&x["source"]),
+                mb("bytes"),
+                mb("total"),
+                mb("bytes_per_second"),
+                x["eta_seconds"]
+                    .as_f64()
+                    .map_or("-".to_owned(), |s| format!("{s:.1} s"))
+            );
+        }
     }
     Ok(())
 }
@@ -395,6 +450,16 @@ async fn experts(client: &CoordinatorClient, as_json: bool, top: usize) -> Resul
     };
     let layers = if layers * e == load.len() { layers } else { 0 };
     let copies: Vec<usize> = view.placement.experts.iter().map(Vec::len).collect();
+    // Copies taken from peers (the rest came from their workers' own checkpoint files).
+    let fetched: Vec<Value> = status
+        .transfers
+        .iter()
+        .flat_map(|t| {
+            t.fetched.iter().map(|o| {
+                json!({"worker": t.worker_id, "expert": o.expert, "source": o.source})
+            })
+        })
+        .collect();
     if as_json {
         let rows: Vec<Value> = (0..layers)
             .map(|l| json!({"moe_layer": l, "load": &load[l * e..(l + 1) * e]}))
@@ -404,6 +469,7 @@ async fn experts(client: &CoordinatorClient, as_json: bool, top: usize) -> Resul
             json!({
                 "placement_epoch": view.placement.epoch,
                 "replicas": view.placement.experts,
+                "fetched": fetched,
                 "layers": rows,
             })
         );
@@ -415,6 +481,19 @@ async fn experts(client: &CoordinatorClient, as_json: bool, top: usize) -> Resul
         view.num_experts,
         copies.iter().sum::<usize>()
     );
+    for t in &status.transfers {
+        let mut from: BTreeMap<&str, usize> = BTreeMap::new();
+        for o in &t.fetched {
+            *from.entry(o.source.as_str()).or_default() += 1;
+        }
+        let from: Vec<String> = from.iter().map(|(s, n)| format!("{n} from {s}")).collect();
+        println!(
+            "worker {}: {} copies taken from peers ({}), the rest from its checkpoint files",
+            t.worker_id,
+            t.fetched.len(),
+            from.join(", ")
+        );
+    }
     if layers == 0 {
         println!("no expert load reported yet");
         return Ok(());
@@ -454,4 +533,43 @@ async fn experts(client: &CoordinatorClient, as_json: bool, top: usize) -> Resul
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transfer_shows_its_rate_and_eta() {
+        let t = pb::WorkerTransfers {
+            worker_id: 3,
+            in_flight: vec![
+                pb::Transfer {
+                    expert: 5,
+                    source: "10.0.0.2:7100".into(),
+                    bytes: 30_000_000,
+                    total: 50_000_000,
+                    elapsed_ms: 2000,
+                },
+                // Not started: no rate, no ETA.
+                pb::Transfer {
+                    expert: 6,
+                    source: "10.0.0.3:7100".into(),
+                    bytes: 0,
+                    total: 50_000_000,
+                    elapsed_ms: 0,
+                },
+            ],
+            fetched: vec![pb::ExpertOrigin {
+                expert: 4,
+                source: "10.0.0.2:7100".into(),
+            }],
+        };
+        let v = transfers_json(&t);
+        assert_eq!(v["worker"], 3);
+        assert_eq!(v["in_flight"][0]["bytes_per_second"], 15e6);
+        assert_eq!(v["in_flight"][0]["eta_seconds"], 20e6 / 15e6);
+        assert_eq!(v["in_flight"][1]["eta_seconds"], Value::Null);
+        assert_eq!(v["fetched"][0], json!({"expert": 4, "source": "10.0.0.2:7100"}));
+    }
 }

@@ -26,7 +26,7 @@ use safetensors::Dtype;
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     /// Model directory (Hugging Face layout).
-    #[arg(long, default_value = "tests/fixtures/tiny-maverick")]
+    #[arg(long, default_value = crate::DEFAULT_MODEL)]
     model: PathBuf,
     /// Where to compute: cpu, or cuda[:N] (a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]

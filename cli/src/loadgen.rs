@@ -157,7 +157,7 @@ struct ExpertArgs {
     #[arg(long)]
     coordinator: String,
     /// The cluster's model: directory or synthetic:bench.
-    #[arg(long, default_value = "tests/fixtures/tiny-maverick")]
+    #[arg(long, default_value = crate::DEFAULT_MODEL)]
     model: String,
     /// Tokens per routed batch.
     #[arg(long, default_value_t = 256)]

@@ -18,6 +18,11 @@ mod quantize;
 mod roles;
 mod up;
 
+/// The model `up`, `generate` and `loadgen` serve when given none: the trained demo model
+/// (`tools/train_demo_model.py`), relative to the repository root where the README's
+/// commands run.
+pub const DEFAULT_MODEL: &str = "models/expertmesh-demo";
+
 #[derive(Parser)]
 #[command(
     name = "expertmesh",

@@ -17,7 +17,7 @@ use crate::cluster::{ClusterSpec, LocalCluster};
 #[derive(Args, Debug)]
 pub struct UpArgs {
     /// Model directory or `synthetic:bench`.
-    #[arg(long, default_value = "tests/fixtures/tiny-maverick")]
+    #[arg(long, default_value = crate::DEFAULT_MODEL)]
     model: String,
     /// Coordinator replicas: 1, 3 or 5.
     #[arg(long, default_value_t = 1)]
@@ -216,7 +216,7 @@ fn print_cluster(
         if cluster.http.len() == 1 { "" } else { "s" }
     );
     println!(
-        "try: curl http://{api}/v1/chat/completions -H 'Content-Type: application/json' \\\n       -d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 16}}'"
+        "try: curl http://{api}/v1/chat/completions -H 'Content-Type: application/json' \\\n       -d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is a lantern?\"}}], \"temperature\": 0}}'"
     );
     if let Some(a) = cluster.attention_workers.first() {
         let tls = cluster

@@ -9,7 +9,7 @@ use serde_json::Value;
 #[test]
 fn generate_json_reproduces_the_greedy_reference() {
     for model in ["tiny-maverick", "tiny-scout"] {
-        let case = reference_case(model, "long");
+        let case = reference_case(&fixture(model), "long");
         let expected = &case["greedy_new_ids"];
         let n = expected.as_array().unwrap().len().to_string();
         let ids = ids_arg(&case["input_ids"]);
@@ -32,9 +32,10 @@ fn generate_json_reproduces_the_greedy_reference() {
     }
 }
 
+/// Without `--model`, the demo model `up` serves (its own tokenizer and references).
 #[test]
 fn generate_tokenizes_prompts_like_transformers() {
-    let case = reference_case("tiny-maverick", "short");
+    let case = reference_case(&common::demo_model(), "short");
     let out = expertmesh(&[
         "generate",
         "--prompt",
@@ -69,8 +70,11 @@ fn generate_tokenizes_prompts_like_transformers() {
 
 #[test]
 fn chat_prompt_has_one_bos_and_the_generation_prompt() {
+    let model = fixture("tiny-maverick");
     let out = expertmesh(&[
         "generate",
+        "--model",
+        model.to_str().unwrap(),
         "--prompt",
         "hi",
         "--chat",
@@ -98,7 +102,7 @@ fn chat_prompt_has_one_bos_and_the_generation_prompt() {
 
 #[test]
 fn dump_logits_matches_the_reference() {
-    let case = reference_case("tiny-scout", "random_ids");
+    let case = reference_case(&fixture("tiny-scout"), "random_ids");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("logits.safetensors");
     let model = fixture("tiny-scout");
@@ -149,7 +153,7 @@ fn stop_ids_end_generation_unless_ignored() {
         r#"{"eos_token_id": [556, 1]}"#,
     )
     .unwrap();
-    let case = reference_case("tiny-maverick", "short");
+    let case = reference_case(&fixture("tiny-maverick"), "short");
     let ids = ids_arg(&case["input_ids"]);
     let model = dir.path().to_str().unwrap();
     let args = [

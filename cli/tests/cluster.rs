@@ -16,7 +16,7 @@ fn fixture(name: &str) -> String {
 }
 
 fn long_case(model: &str) -> (String, usize) {
-    let case = reference_case(model, "long");
+    let case = reference_case(&common::fixture(model), "long");
     (
         ids_arg(&case["input_ids"]),
         case["greedy_new_ids"].as_array().unwrap().len(),
@@ -217,7 +217,7 @@ fn run_image_generate(extra: &[&str]) -> (Value, Vec<u8>) {
 #[test]
 fn image_prompts_through_a_cluster_equal_the_single_process() {
     let (single, single_logits) = run_image_generate(&[]);
-    let reference = reference_case("tiny-maverick", "image");
+    let reference = reference_case(&common::fixture("tiny-maverick"), "image");
     assert_eq!(single["input_ids"], reference["input_ids"]);
     assert_eq!(single["output_ids"], reference["greedy_new_ids"]);
     let (cluster, cluster_logits) = run_image_generate(&["--expert-workers", "2"]);

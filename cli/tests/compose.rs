@@ -247,7 +247,7 @@ fn the_compose_cluster_survives_node_loss_partitions_and_a_rolling_restart() {
         }) && s["pending_epoch"].is_null()
     });
     eprintln!("cluster up and healthy in {}", secs(started.elapsed()));
-    let expected = single_process_texts(&common::fixture("tiny-maverick").display().to_string());
+    let expected = single_process_texts(&common::demo_model().display().to_string());
     // Every expert is on two workers.
     let total: u64 = (1..=3)
         .map(|i| {

@@ -75,7 +75,7 @@ fn a_wrong_join_token_is_refused_and_the_token_is_never_shown() {
     assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
     let coordinators = cluster["coordinators"].as_str().unwrap().to_owned();
     let before = common::admin_status(&coordinators);
-    let model = common::fixture("tiny-maverick").display().to_string();
+    let model = common::demo_model().display().to_string();
     let mut refused = common::bin()
         .args(["expert-worker", "--coordinator", &coordinators])
         .args(["--join-token", &format!("{}0", &token[..63])])

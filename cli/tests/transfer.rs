@@ -132,6 +132,41 @@ fn a_worker_without_weights_takes_its_experts_from_peers_under_load() {
     wait_status(&coordinators, "every expert on the two survivors", |v| {
         v["pending_epoch"].is_null() && worker(v, &address).is_some_and(|w| w["experts"] == 128)
     });
+    // Where its copies came from, as `admin status` and `admin experts` show it: every one
+    // of its 128 from a worker that has the checkpoint.
+    let checkpoint_holders: Vec<&str> = placed["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["role"] == "expert-worker" && w["address"] != address.as_str())
+        .filter_map(|w| w["address"].as_str())
+        .collect();
+    let reported = wait_status(&coordinators, "the newcomer's fetched experts", |v| {
+        let id = worker(v, &address).map(|w| w["id"].clone());
+        v["transfers"].as_array().into_iter().flatten().any(|t| {
+            Some(&t["worker"]) == id.as_ref() && t["fetched"].as_array().map(Vec::len) == Some(128)
+        })
+    });
+    let id = worker(&reported, &address).unwrap()["id"].clone();
+    let experts = common::json_out(
+        &bin()
+            .args(["admin", "experts", "--json", "--coordinators", &coordinators])
+            .output()
+            .unwrap(),
+    );
+    let fetched: Vec<&Value> = experts["fetched"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["worker"] == id)
+        .collect();
+    assert_eq!(fetched.len(), 128, "{experts}");
+    for f in fetched {
+        assert!(
+            checkpoint_holders.contains(&f["source"].as_str().unwrap()),
+            "{f} not from {checkpoint_holders:?}"
+        );
+    }
     std::thread::sleep(std::time::Duration::from_secs(3));
     let tally = finish(&stop, clients, &events);
     assert!(tally.ok > 0);

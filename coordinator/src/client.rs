@@ -83,6 +83,9 @@ pub struct Beat {
     pub load: Option<pb::WorkerLoad>,
     /// An expert worker: the pending placement epoch whose experts it has loaded.
     pub prepared_epoch: u64,
+    /// An expert worker: its transfers in flight, and which of its experts came from peers.
+    pub transfers: Vec<pb::Transfer>,
+    pub fetched: Vec<pb::ExpertOrigin>,
 }
 
 /// Splits a comma-separated coordinator list.
@@ -377,12 +380,16 @@ impl CoordinatorClient {
                     let Beat {
                         load,
                         prepared_epoch,
+                        transfers,
+                        fetched,
                     } = beat();
                     let worker_id = membership.id();
                     let mut beat = tonic::Request::new(pb::HeartbeatRequest {
                         worker_id,
                         load,
                         prepared_epoch,
+                        transfers,
+                        fetched,
                     });
                     beat.set_timeout(interval.max(Duration::from_millis(500)));
                     match client.heartbeat(beat).await {

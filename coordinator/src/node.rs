@@ -117,6 +117,8 @@ pub(crate) struct Shared {
     pub load_window: Mutex<LoadWindow>,
     /// The pending epoch each expert worker reports it has loaded.
     pub prepared: Mutex<HashMap<u64, u64>>,
+    /// What each expert worker last reported of its transfers (not replicated).
+    pub transfers: Mutex<HashMap<u64, pb::WorkerTransfers>>,
     /// Times this replica saw the group's leader change (to a known one).
     pub leader_changes: std::sync::atomic::AtomicU64,
 }
@@ -173,6 +175,7 @@ pub(crate) fn start(
         loads: Mutex::new(HashMap::new()),
         load_window: Mutex::new(LoadWindow::default()),
         prepared: Mutex::new(HashMap::new()),
+        transfers: Mutex::new(HashMap::new()),
         // A replica that starts knowing a leader (a group of one) has seen one change.
         leader_changes: std::sync::atomic::AtomicU64::new(u64::from(replica.status().leader != 0)),
     });

@@ -254,6 +254,22 @@ impl CoordinatorService for Coordinator {
                 .expect("prepared lock")
                 .insert(id, r.prepared_epoch);
         }
+        if !r.transfers.is_empty() || !r.fetched.is_empty() {
+            self.shared.transfers.lock().expect("transfers lock").insert(
+                id,
+                pb::WorkerTransfers {
+                    worker_id: id,
+                    in_flight: r.transfers,
+                    fetched: r.fetched,
+                },
+            );
+        } else {
+            self.shared
+                .transfers
+                .lock()
+                .expect("transfers lock")
+                .remove(&id);
+        }
         if let Some(load) = r.load {
             self.shared
                 .load_window
@@ -338,8 +354,20 @@ impl CoordinatorService for Coordinator {
             .lock()
             .expect("load window lock")
             .matrix();
+        let view = self.view();
+        let mut transfers: Vec<pb::WorkerTransfers> = self
+            .shared
+            .transfers
+            .lock()
+            .expect("transfers lock")
+            .values()
+            .filter(|t| view.member(t.worker_id).is_some_and(|m| m.alive))
+            .cloned()
+            .collect();
+        transfers.sort_by_key(|t| t.worker_id);
         Ok(Response::new(pb::CoordinatorStatus {
             moe_layers: moe_layers as u32,
+            transfers,
             expert_load,
             id: self.shared.id,
             address,
@@ -350,7 +378,7 @@ impl CoordinatorService for Coordinator {
             commit_index: status.commit,
             applied_index: status.applied,
             coordinators,
-            state: Some(pb::ClusterState::from(self.view().as_ref())),
+            state: Some(pb::ClusterState::from(view.as_ref())),
         }))
     }
 

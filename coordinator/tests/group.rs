@@ -263,6 +263,7 @@ async fn a_worker_that_never_loads_its_experts_is_planned_around() {
             || Beat {
                 load: None,
                 prepared_epoch: u64::MAX,
+                ..Default::default()
             },
         )
         .await
@@ -441,6 +442,7 @@ async fn a_worker_declared_dead_registers_again_under_a_new_id() {
                         Beat {
                             load: None,
                             prepared_epoch: u64::MAX,
+                            ..Default::default()
                         }
                     },
                 )

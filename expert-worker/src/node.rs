@@ -226,6 +226,7 @@ pub async fn run(
     // The pending placement epoch whose experts this worker has loaded, for heartbeats.
     let prepared = Arc::new(AtomicU64::new(0));
     let reported = prepared.clone();
+    let beat_shard = shard.clone();
     let membership = client
         .join(
             &Registration {
@@ -242,9 +243,14 @@ pub async fn run(
             },
             Duration::from_millis(config.worker.register_patience_ms),
             Duration::from_millis(config.worker.heartbeat_interval_ms),
-            move || Beat {
-                load: None,
-                prepared_epoch: reported.load(Ordering::Relaxed),
+            move || {
+                let (transfers, fetched) = beat_shard.transfers().report();
+                Beat {
+                    load: None,
+                    prepared_epoch: reported.load(Ordering::Relaxed),
+                    transfers,
+                    fetched,
+                }
             },
         )
         .await?;

@@ -62,7 +62,8 @@ pub enum TransferError {
     NoHolder { expert: u32, tried: String },
 }
 
-/// What a worker's transfers have moved, for `/metrics`.
+/// What a worker's transfers have moved, for `/metrics`, and what they are doing, for its
+/// heartbeat (`admin status`, `admin experts`).
 #[derive(Debug, Default)]
 pub struct TransferStats {
     /// Expert bytes sent to peers.
@@ -73,6 +74,76 @@ pub struct TransferStats {
     pub fetching: std::sync::atomic::AtomicU64,
     /// Transfers that failed or lied (another holder was asked).
     pub failed: std::sync::atomic::AtomicU64,
+    /// The transfers in flight, by expert.
+    active: Mutex<BTreeMap<u32, Active>>,
+    /// Who sent each expert this worker fetched.
+    origins: Mutex<BTreeMap<u32, String>>,
+}
+
+/// One expert being received.
+#[derive(Debug)]
+struct Active {
+    source: String,
+    bytes: Arc<std::sync::atomic::AtomicU64>,
+    total: u64,
+    started: std::time::Instant,
+}
+
+impl TransferStats {
+    /// Starts expert `e`'s transfer from `source`; the counter its verified bytes go to.
+    fn begin(&self, e: u32, source: &str, total: u64) -> Arc<std::sync::atomic::AtomicU64> {
+        let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        self.active.lock().expect("transfers lock").insert(
+            e,
+            Active {
+                source: source.to_owned(),
+                bytes: bytes.clone(),
+                total,
+                started: std::time::Instant::now(),
+            },
+        );
+        bytes
+    }
+
+    /// Ends expert `e`'s transfer; `Some(source)` when it arrived whole from there.
+    fn end(&self, e: u32, arrived_from: Option<&str>) {
+        self.active.lock().expect("transfers lock").remove(&e);
+        if let Some(source) = arrived_from {
+            self.origins
+                .lock()
+                .expect("origins lock")
+                .insert(e, source.to_owned());
+        }
+    }
+
+    /// The transfers in flight and the experts that came from peers, as the heartbeat
+    /// carries them.
+    pub fn report(&self) -> (Vec<pb::Transfer>, Vec<pb::ExpertOrigin>) {
+        let in_flight = self
+            .active
+            .lock()
+            .expect("transfers lock")
+            .iter()
+            .map(|(&expert, a)| pb::Transfer {
+                expert,
+                source: a.source.clone(),
+                bytes: a.bytes.load(std::sync::atomic::Ordering::Relaxed),
+                total: a.total,
+                elapsed_ms: a.started.elapsed().as_millis() as u64,
+            })
+            .collect();
+        let fetched = self
+            .origins
+            .lock()
+            .expect("origins lock")
+            .iter()
+            .map(|(&expert, source)| pb::ExpertOrigin {
+                expert,
+                source: source.clone(),
+            })
+            .collect();
+        (in_flight, fetched)
+    }
 }
 
 /// The safetensors name of a dtype.
@@ -345,12 +416,14 @@ impl ExpertSource for GrpcSource {
 }
 
 /// Takes expert `e` from `stream` into `cache`, checking every chunk against the piece it
-/// must be; the expert's bytes, once all have arrived and been verified.
+/// must be, counting verified bytes in `progress`; the expert's bytes, once all have
+/// arrived and been verified.
 pub async fn receive(
     cache: &ExpertCache,
     e: u32,
     peer: &str,
     mut stream: ChunkStream,
+    progress: &std::sync::atomic::AtomicU64,
 ) -> Result<u64, TransferError> {
     let corrupt = |reason: String| TransferError::Corrupt {
         expert: e,
@@ -405,6 +478,7 @@ pub async fn receive(
             cache.write(slot, at, &chunk.data)?;
             whole.combine(&crc);
             got += expected;
+            progress.store(got, std::sync::atomic::Ordering::Relaxed);
             at += expected;
             let last = got == cache.expert_bytes();
             if chunk.last != last {
@@ -434,10 +508,12 @@ pub async fn fetch_expert(
     let mut tried = Vec::new();
     for source in sources {
         let peer = source.name();
+        let progress = stats.begin(e, &peer, cache.expert_bytes());
         let outcome = match source.fetch(e).await {
-            Ok(stream) => receive(cache, e, &peer, stream).await,
+            Ok(stream) => receive(cache, e, &peer, stream, &progress).await,
             Err(err) => Err(err),
         };
+        stats.end(e, outcome.as_ref().ok().map(|_| peer.as_str()));
         match outcome {
             Ok(bytes) => {
                 shard.mark_fetched(e);

@@ -182,26 +182,51 @@ async fn chunks_for_another_expert_or_past_the_end_are_refused() {
     // Expert 9's chunks offered as expert 8's.
     let chunks: Vec<pb::ExpertChunk> = expert_chunks(&from, 9).unwrap().collect();
     let stream: ChunkStream = Box::pin(tokio_stream::iter(chunks.clone().into_iter().map(Ok)));
-    let wrong = receive(&cache, 8, "hostile", stream).await.unwrap_err();
+    let wrong = receive(&cache, 8, "hostile", stream, &Default::default()).await.unwrap_err();
     assert!(
         matches!(wrong, TransferError::Corrupt { expert: 8, .. }),
         "{wrong}"
     );
     // An expert the model does not have.
     let stream: ChunkStream = Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok)));
-    let past = receive(&cache, 128, "hostile", stream).await.unwrap_err();
+    let past = receive(&cache, 128, "hostile", stream, &Default::default()).await.unwrap_err();
     assert!(past.to_string().contains("no such expert"), "{past}");
     let _ = std::fs::remove_dir_all(cache.dir());
 }
 
-/// A sender that stops sending and keeps the stream open is left after 10 s of silence.
+/// A sender that stops sending and keeps the stream open is left after 10 s of silence; the
+/// transfer shows in the worker's report meanwhile.
 #[tokio::test(start_paused = true)]
 async fn a_stalled_sender_is_left_for_the_next_holder() {
     let (config, from) = sender();
     let (cache, to) = receiver(&config, "stall");
     let started = tokio::time::Instant::now();
     let sources = [source(&from, Fault::Stall(2)), source(&from, Fault::None)];
-    fetch_expert(&to, &cache, 42, &sources).await.unwrap();
+    // During the stall the heartbeat's report shows the transfer, its verified bytes short
+    // of the whole; afterwards only where the expert came from.
+    let during = async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        to.transfers().report()
+    };
+    let (fetched, (in_flight, origins)) =
+        tokio::join!(fetch_expert(&to, &cache, 42, &sources), during);
+    fetched.unwrap();
+    assert!(origins.is_empty());
+    let [t] = &in_flight[..] else {
+        panic!("{in_flight:?}")
+    };
+    assert_eq!((t.expert, t.source.as_str()), (42, "fake"));
+    assert_eq!(t.total, cache.expert_bytes());
+    assert!(t.bytes > 0 && t.bytes < t.total, "{t:?}");
+    let (in_flight, origins) = to.transfers().report();
+    assert!(in_flight.is_empty());
+    assert_eq!(
+        origins,
+        [pb::ExpertOrigin {
+            expert: 42,
+            source: "fake".into()
+        }]
+    );
     assert!(to.holds(42));
     assert_eq!(bytes_of(&to, 42), bytes_of(&from, 42));
     let waited = started.elapsed();

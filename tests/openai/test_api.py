@@ -1,5 +1,6 @@
 """The OpenAI-compatible API of `expertmesh up` (tiny-maverick, 2 expert workers), driven
-by the official `openai` Python client, plus raw HTTP for what the client cannot send."""
+by the official `openai` Python client, plus raw HTTP for what the client cannot send; and
+`up` with no `--model` answering the README's question with the demo model."""
 
 import base64
 import http.server
@@ -32,7 +33,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_cluster(*extra):
+def start_cluster(*extra, model="tests/fixtures/tiny-maverick"):
+    """`up` on `model` (None: the default, the demo model), unless `extra` names one."""
+    if model is not None and "--model" not in extra:
+        extra = ("--model", model, *extra)
     port = free_port()
     proc = subprocess.Popen(
         [BIN, "up", "--http", f"127.0.0.1:{port}", *extra],
@@ -833,3 +837,23 @@ def test_tokenize_renders_tools_like_the_chat(tools_client):
     assert body["count"] == r.usage.prompt_tokens
     status, plain = raw(base, "/tokenize", json.dumps({"messages": messages}).encode())
     assert plain["count"] < body["count"]
+
+
+def test_up_without_a_model_answers_the_readme_question_in_words():
+    """The README's first curl: the demo model's greedy answer, as transformers gave it."""
+    proc, base = start_cluster(model=None)
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["expertmesh-demo"]
+        readme = (ROOT / "README.md").read_text()
+        shown = re.search(r'"content": "(What is a lantern\?)"\}\], "temperature": 0', readme)
+        answer = re.search(r'# \.\.\. "content":"([^"]*)"', readme)
+        assert shown and answer, "the README's first curl and its answer"
+        r = client.chat.completions.create(
+            model="expertmesh-demo", messages=[{"role": "user", "content": shown.group(1)}],
+            temperature=0)
+        assert r.choices[0].message.content == answer.group(1)
+        assert r.choices[0].finish_reason == "stop"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

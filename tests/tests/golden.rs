@@ -1,13 +1,15 @@
 //! The engine against the Hugging Face `transformers` reference outputs stored with the
 //! fixtures (`tests/fixtures/*/reference.{json,safetensors}`): logits at every prompt
 //! position within 2e-3, the router's top-1 expert in every MoE layer, greedy
-//! continuations decoded with the KV cache, chat rendering and tokenization.
+//! continuations decoded with the KV cache, chat rendering and tokenization. The trained demo
+//! model (`models/expertmesh-demo`, written by `tools/train_demo_model.py` with its own
+//! reference outputs) is held to the same checks.
 
 mod common;
 
 use std::path::Path;
 
-use common::{fixture, ids, together_and_alone};
+use common::{demo_model, fixture, ids, together_and_alone};
 use expertmesh_model::{
     generate, ChatMessage, ChatTemplate, GenerateRequest, KvCache, LogitRows, Model,
     SamplingParams, Sequence, TextTokenizer,
@@ -114,9 +116,12 @@ fn check_greedy(model: &Model, case: &Value) {
 }
 
 fn check_fixture(dir: &str) {
-    let dir = fixture(dir);
-    let model = Model::load(&dir).unwrap();
-    let reference = Reference::load(&dir);
+    check_model(&fixture(dir));
+}
+
+fn check_model(dir: &Path) {
+    let model = Model::load(dir).unwrap();
+    let reference = Reference::load(dir);
     assert!(reference.text_cases().count() >= 4);
     for case in reference.text_cases() {
         check_prefill(&model, &reference, case);
@@ -132,6 +137,13 @@ fn tiny_maverick_matches_transformers() {
 #[test]
 fn tiny_scout_matches_transformers() {
     check_fixture("tiny-scout");
+}
+
+/// The demo model's references include greedy answers to chat questions, stopped at
+/// `<|eot|>` as the engine stops them.
+#[test]
+fn demo_model_matches_transformers() {
+    check_model(&demo_model());
 }
 
 /// The same cases on `--device cuda:0` (feature `cuda`; skips with the reason without a GPU):
@@ -160,8 +172,8 @@ fn golden_cases_on_the_gpu() {
 
 #[test]
 fn tokenizer_and_chat_template_match_transformers() {
-    for name in ["tiny-maverick", "tiny-scout"] {
-        let dir = fixture(name);
+    for dir in [fixture("tiny-maverick"), fixture("tiny-scout"), demo_model()] {
+        let name = dir.display();
         let tok = TextTokenizer::from_dir(&dir).unwrap();
         let template = ChatTemplate::from_dir(&dir).unwrap().expect("template");
         let reference = Reference::load(&dir);

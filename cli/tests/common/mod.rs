@@ -26,6 +26,11 @@ pub fn fixture(name: &str) -> PathBuf {
     root().join("tests/fixtures").join(name)
 }
 
+/// The trained demo model, which `up` serves when given no `--model`.
+pub fn demo_model() -> PathBuf {
+    root().join("models/expertmesh-demo")
+}
+
 /// Runs `expertmesh <args>` from the repository root.
 pub fn expertmesh(args: &[&str]) -> Output {
     bin().args(args).output().expect("run expertmesh")
@@ -87,9 +92,9 @@ pub fn install_tls() {
 }
 
 /// The named case of a fixture's `reference.json`.
-pub fn reference_case(model: &str, case: &str) -> Value {
+pub fn reference_case(model: &Path, case: &str) -> Value {
     let json: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture(model).join("reference.json")).unwrap(),
+        &std::fs::read_to_string(model.join("reference.json")).unwrap(),
     )
     .unwrap();
     json["cases"]

@@ -13,6 +13,12 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The trained demo model that `up` serves by default (`models/`, beside the fixtures'
+/// folder's crate).
+pub fn demo_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/expertmesh-demo")
+}
+
 /// A JSON list of token ids.
 pub fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
