@@ -281,7 +281,11 @@ fn transfers_json(t: &pb::WorkerTransfers) -> Value {
         .iter()
         .map(|x| {
             let secs = x.elapsed_ms as f64 / 1e3;
-            let rate = if secs > 0.0 { x.bytes as f64 / secs } else { 0.0 };
+            let rate = if secs > 0.0 {
+                x.bytes as f64 / secs
+            } else {
+                0.0
+            };
             let eta = (rate > 0.0).then(|| x.total.saturating_sub(x.bytes) as f64 / rate);
             json!({
                 "expert": x.expert, "source": x.source, "bytes": x.bytes, "total": x.total,
@@ -455,9 +459,9 @@ async fn experts(client: &CoordinatorClient, as_json: bool, top: usize) -> Resul
         .transfers
         .iter()
         .flat_map(|t| {
-            t.fetched.iter().map(|o| {
-                json!({"worker": t.worker_id, "expert": o.expert, "source": o.source})
-            })
+            t.fetched
+                .iter()
+                .map(|o| json!({"worker": t.worker_id, "expert": o.expert, "source": o.source}))
         })
         .collect();
     if as_json {
@@ -570,6 +574,9 @@ mod tests {
         assert_eq!(v["in_flight"][0]["bytes_per_second"], 15e6);
         assert_eq!(v["in_flight"][0]["eta_seconds"], 20e6 / 15e6);
         assert_eq!(v["in_flight"][1]["eta_seconds"], Value::Null);
-        assert_eq!(v["fetched"][0], json!({"expert": 4, "source": "10.0.0.2:7100"}));
+        assert_eq!(
+            v["fetched"][0],
+            json!({"expert": 4, "source": "10.0.0.2:7100"})
+        );
     }
 }

@@ -150,7 +150,13 @@ fn a_worker_without_weights_takes_its_experts_from_peers_under_load() {
     let id = worker(&reported, &address).unwrap()["id"].clone();
     let experts = common::json_out(
         &bin()
-            .args(["admin", "experts", "--json", "--coordinators", &coordinators])
+            .args([
+                "admin",
+                "experts",
+                "--json",
+                "--coordinators",
+                &coordinators,
+            ])
             .output()
             .unwrap(),
     );

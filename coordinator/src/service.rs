@@ -255,14 +255,18 @@ impl CoordinatorService for Coordinator {
                 .insert(id, r.prepared_epoch);
         }
         if !r.transfers.is_empty() || !r.fetched.is_empty() {
-            self.shared.transfers.lock().expect("transfers lock").insert(
-                id,
-                pb::WorkerTransfers {
-                    worker_id: id,
-                    in_flight: r.transfers,
-                    fetched: r.fetched,
-                },
-            );
+            self.shared
+                .transfers
+                .lock()
+                .expect("transfers lock")
+                .insert(
+                    id,
+                    pb::WorkerTransfers {
+                        worker_id: id,
+                        in_flight: r.transfers,
+                        fetched: r.fetched,
+                    },
+                );
         } else {
             self.shared
                 .transfers

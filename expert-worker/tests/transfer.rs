@@ -182,14 +182,18 @@ async fn chunks_for_another_expert_or_past_the_end_are_refused() {
     // Expert 9's chunks offered as expert 8's.
     let chunks: Vec<pb::ExpertChunk> = expert_chunks(&from, 9).unwrap().collect();
     let stream: ChunkStream = Box::pin(tokio_stream::iter(chunks.clone().into_iter().map(Ok)));
-    let wrong = receive(&cache, 8, "hostile", stream, &Default::default()).await.unwrap_err();
+    let wrong = receive(&cache, 8, "hostile", stream, &Default::default())
+        .await
+        .unwrap_err();
     assert!(
         matches!(wrong, TransferError::Corrupt { expert: 8, .. }),
         "{wrong}"
     );
     // An expert the model does not have.
     let stream: ChunkStream = Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok)));
-    let past = receive(&cache, 128, "hostile", stream, &Default::default()).await.unwrap_err();
+    let past = receive(&cache, 128, "hostile", stream, &Default::default())
+        .await
+        .unwrap_err();
     assert!(past.to_string().contains("no such expert"), "{past}");
     let _ = std::fs::remove_dir_all(cache.dir());
 }

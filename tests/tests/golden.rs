@@ -172,7 +172,11 @@ fn golden_cases_on_the_gpu() {
 
 #[test]
 fn tokenizer_and_chat_template_match_transformers() {
-    for dir in [fixture("tiny-maverick"), fixture("tiny-scout"), demo_model()] {
+    for dir in [
+        fixture("tiny-maverick"),
+        fixture("tiny-scout"),
+        demo_model(),
+    ] {
         let name = dir.display();
         let tok = TextTokenizer::from_dir(&dir).unwrap();
         let template = ChatTemplate::from_dir(&dir).unwrap().expect("template");

@@ -93,10 +93,9 @@ pub fn install_tls() {
 
 /// The named case of a fixture's `reference.json`.
 pub fn reference_case(model: &Path, case: &str) -> Value {
-    let json: Value = serde_json::from_str(
-        &std::fs::read_to_string(model.join("reference.json")).unwrap(),
-    )
-    .unwrap();
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("reference.json")).unwrap())
+            .unwrap();
     json["cases"]
         .as_array()
         .unwrap()
