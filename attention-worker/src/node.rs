@@ -108,6 +108,7 @@ fn local_view(num_experts: usize) -> ClusterView {
             capacity: None,
             draining: false,
             holds_experts: false,
+            weightless: false,
         }],
         placement: Placement {
             epoch: 0,
@@ -162,6 +163,7 @@ pub async fn run(
                 model_fingerprint: source.fingerprint()?,
                 join_token: config.worker.join_token.clone(),
                 holds_experts: config.dispatch.transport == Transport::Local,
+                weightless: false,
             },
             Duration::from_millis(config.worker.register_patience_ms),
             Duration::from_millis(config.worker.heartbeat_interval_ms),

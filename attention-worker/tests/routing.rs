@@ -96,6 +96,7 @@ async fn two_copies(timeout_ms: u64) -> TwoCopies {
         capacity: None,
         draining: false,
         holds_experts: false,
+        weightless: false,
     };
     let view = ClusterView {
         members: vec![member(1, "w1"), member(2, "w2")],

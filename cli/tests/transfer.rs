@@ -167,10 +167,17 @@ fn a_worker_without_weights_takes_its_experts_from_peers_under_load() {
         .filter(|f| f["worker"] == id)
         .collect();
     assert_eq!(fetched.len(), 128, "{experts}");
-    for f in fetched {
+    for f in &fetched {
         assert!(
             checkpoint_holders.contains(&f["source"].as_str().unwrap()),
             "{f} not from {checkpoint_holders:?}"
+        );
+    }
+    // The plan spread the first placement's transfers over both holders.
+    for holder in &checkpoint_holders {
+        assert!(
+            fetched.iter().any(|f| f["source"] == *holder),
+            "nothing came from {holder}: {experts}"
         );
     }
     std::thread::sleep(std::time::Duration::from_secs(3));

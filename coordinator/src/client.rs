@@ -53,6 +53,8 @@ pub struct Registration {
     pub join_token: Option<String>,
     /// An attention worker that holds every routed expert itself (`--dispatch local`).
     pub holds_experts: bool,
+    /// An expert worker without the checkpoint's weight files (it fetches from peers).
+    pub weightless: bool,
 }
 
 /// A registered worker's place in the cluster: its id, which changes when the worker is
@@ -203,6 +205,7 @@ impl CoordinatorClient {
             expert_capacity: r.capacity.unwrap_or(0) as u32,
             has_capacity: r.capacity.is_some(),
             holds_experts: r.holds_experts,
+            weightless: r.weightless,
             pid: std::process::id(),
             model_fingerprint: r.model_fingerprint.clone(),
             request_id: crate::random_u64(),

@@ -84,6 +84,9 @@ pub enum Command {
         /// An attention worker holding every routed expert itself.
         #[serde(default)]
         holds_experts: bool,
+        /// An expert worker without the checkpoint's weight files.
+        #[serde(default)]
+        weightless: bool,
     },
     /// The leader's failure detector: the worker missed its lease.
     MarkDead { worker_id: u64 },
@@ -203,6 +206,7 @@ impl Machine {
                 model_fingerprint,
                 join_token,
                 holds_experts,
+                weightless,
             } => self.register(
                 request_id,
                 Member {
@@ -214,6 +218,7 @@ impl Machine {
                     capacity,
                     draining: false,
                     holds_experts: holds_experts && role == Role::AttentionWorker,
+                    weightless: weightless && role == Role::ExpertWorker,
                 },
                 &model_fingerprint,
                 &join_token,
@@ -528,6 +533,7 @@ mod tests {
             model_fingerprint: fp.into(),
             join_token: token.into(),
             holds_experts: false,
+            weightless: false,
         })
     }
 

@@ -210,6 +210,7 @@ impl CoordinatorService for Coordinator {
             model_fingerprint: r.model_fingerprint.clone(),
             join_token: r.join_token.clone(),
             holds_experts: r.holds_experts,
+            weightless: r.weightless,
         };
         match self.propose(command).await {
             Ok(worker_id) => Ok(Response::new(pb::RegisterReply {

@@ -51,6 +51,10 @@ pub struct Member {
     /// serves whatever the expert placement is.
     #[serde(default)]
     pub holds_experts: bool,
+    /// An expert worker without the checkpoint's weight files: it can send only the experts
+    /// it holds (fetched), and takes what it gains from peers.
+    #[serde(default)]
+    pub weightless: bool,
 }
 
 /// Which worker holds each expert, under which epoch.
@@ -102,6 +106,63 @@ impl ClusterView {
             .filter(|m| m.role == role && m.alive)
             .count()
     }
+
+    /// The transfers of the plan from the committed placement to the pending one (to the
+    /// committed one itself when none is pending): for each expert a weightless worker gains,
+    /// the peer it takes it from, keyed (worker, expert). A worker with the checkpoint's
+    /// files reads what it gains from them and has no entry. The sender is a live holder of
+    /// the expert under the committed placement (any live worker with the files when no
+    /// holder is left), the one with the fewest transfers planned so far, so that transfers
+    /// spread over holders. A pure function of the replicated state: every coordinator and
+    /// worker computes the same plan.
+    pub fn transfer_sources(&self) -> BTreeMap<(u64, u32), u64> {
+        let target = self.pending.as_ref().unwrap_or(&self.placement);
+        let live = |m: &&Member| m.alive && m.role == Role::ExpertWorker;
+        let receivers: Vec<u64> = self
+            .members
+            .iter()
+            .filter(live)
+            .filter(|m| m.weightless)
+            .map(|m| m.id)
+            .collect();
+        let with_files: Vec<u64> = self
+            .members
+            .iter()
+            .filter(live)
+            .filter(|m| !m.weightless)
+            .map(|m| m.id)
+            .collect();
+        let alive: Vec<u64> = self.members.iter().filter(live).map(|m| m.id).collect();
+        let mut busy: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut plan = BTreeMap::new();
+        for (e, copies) in target.experts.iter().enumerate() {
+            let held: &[u64] = self.placement.experts.get(e).map_or(&[], Vec::as_slice);
+            for &w in copies.iter().filter(|w| receivers.contains(w)) {
+                if held.contains(&w) {
+                    continue;
+                }
+                let holders: Vec<u64> = held
+                    .iter()
+                    .copied()
+                    .filter(|h| *h != w && alive.contains(h))
+                    .collect();
+                let candidates = if holders.is_empty() {
+                    &with_files
+                } else {
+                    &holders
+                };
+                if let Some(&from) = candidates
+                    .iter()
+                    .filter(|&&c| c != w)
+                    .min_by_key(|&&c| (busy.get(&c).copied().unwrap_or(0), c))
+                {
+                    *busy.entry(from).or_default() += 1;
+                    plan.insert((w, e as u32), from);
+                }
+            }
+        }
+        plan
+    }
 }
 
 impl From<&ClusterView> for pb::ClusterState {
@@ -124,6 +185,7 @@ impl From<&ClusterView> for pb::ClusterState {
                     expert_capacity: m.capacity.unwrap_or(0) as u32,
                     has_capacity: m.capacity.is_some(),
                     holds_experts: m.holds_experts,
+                    weightless: m.weightless,
                 })
                 .collect(),
             placement: Some(pb::Placement::from(&v.placement)),
@@ -154,6 +216,7 @@ impl TryFrom<pb::ClusterState> for ClusterView {
                     draining: m.status == pb::MemberStatus::Draining as i32,
                     capacity: m.has_capacity.then_some(m.expert_capacity as usize),
                     holds_experts: m.holds_experts,
+                    weightless: m.weightless,
                 })
             })
             .collect::<Result<Vec<_>, StateError>>()?;
@@ -232,4 +295,86 @@ fn check_placement(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: u64, weightless: bool) -> Member {
+        Member {
+            id,
+            role: Role::ExpertWorker,
+            address: format!("127.0.0.1:{}", 7100 + id),
+            pid: 1,
+            alive: true,
+            capacity: None,
+            draining: false,
+            holds_experts: false,
+            weightless,
+        }
+    }
+
+    /// Workers 1 and 2 have the files and every expert; weightless 3 gains experts 0..8.
+    fn view(pending: Vec<Vec<u64>>) -> ClusterView {
+        ClusterView {
+            version: 1,
+            members: vec![member(1, false), member(2, false), member(3, true)],
+            placement: Placement {
+                epoch: 1,
+                experts: vec![vec![1, 2]; 8],
+            },
+            model_fingerprint: String::new(),
+            num_experts: 8,
+            unservable: None,
+            pending: Some(Placement {
+                epoch: 2,
+                experts: pending,
+            }),
+            lease_ms: 1000,
+            nccl_ids: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn transfers_spread_over_live_holders_and_only_weightless_workers_fetch() {
+        // 3 gains all 8; 1 keeps all; 2 keeps only the even ones.
+        let pending = (0..8)
+            .map(|e| {
+                if e % 2 == 0 {
+                    vec![1, 2, 3]
+                } else {
+                    vec![1, 3]
+                }
+            })
+            .collect();
+        let mut v = view(pending);
+        let plan = v.transfer_sources();
+        assert_eq!(plan.len(), 8, "{plan:?}");
+        assert!(plan.keys().all(|(w, _)| *w == 3));
+        let from = |p: &BTreeMap<(u64, u32), u64>, s| p.values().filter(|&&f| f == s).count();
+        assert_eq!((from(&plan, 1), from(&plan, 2)), (4, 4), "{plan:?}");
+        // A dead holder sends nothing: the other one sends all.
+        v.members[1].alive = false;
+        let plan = v.transfer_sources();
+        assert_eq!((plan.len(), from(&plan, 1)), (8, 8), "{plan:?}");
+        // A worker with the files reads what it gains: no transfer for it.
+        v.members[1].alive = true;
+        v.members[2].weightless = false;
+        assert!(v.transfer_sources().is_empty());
+    }
+
+    #[test]
+    fn a_weightless_holder_sends_what_it_holds_and_nothing_else() {
+        // Committed: 3 (weightless) holds expert 0 alone; 1 holds the rest. Pending: 4
+        // (weightless) gains 0 and 1.
+        let mut v = view(vec![vec![3, 4], vec![1, 4]]);
+        v.members.push(member(4, true));
+        v.placement.experts = vec![vec![3], vec![1]];
+        let plan = v.transfer_sources();
+        assert_eq!(plan, BTreeMap::from([((4, 0), 3), ((4, 1), 1)]));
+        // Its only holder dead: a worker with the files sends it.
+        v.members[2].alive = false;
+        assert_eq!(v.transfer_sources()[&(4, 0)], 1);
+    }
 }

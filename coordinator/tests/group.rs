@@ -88,6 +88,7 @@ fn registration(port: u16) -> Registration {
         model_fingerprint: "fp".into(),
         join_token: None,
         holds_experts: false,
+        weightless: false,
     }
 }
 

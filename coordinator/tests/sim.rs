@@ -384,6 +384,7 @@ impl Sim {
                 model_fingerprint: "fp".into(),
                 join_token: String::new(),
                 holds_experts: false,
+                weightless: false,
             },
         )
     }

@@ -240,6 +240,7 @@ pub async fn run(
                 model_fingerprint: source.fingerprint()?,
                 join_token: config.worker.join_token.clone(),
                 holds_experts: false,
+                weightless: shard.is_weightless(),
             },
             Duration::from_millis(config.worker.register_patience_ms),
             Duration::from_millis(config.worker.heartbeat_interval_ms),
@@ -367,8 +368,10 @@ async fn fetch_all(
     let wanted: Vec<u32> = gains.iter().copied().filter(|&e| !shard.holds(e)).collect();
     let started = std::time::Instant::now();
     let mut peers = std::collections::BTreeMap::new();
+    let plan = view.transfer_sources();
     let mut fetches = tokio_stream::iter(wanted.iter().map(|&e| {
-        let sources = crate::transfer::sources_for(view, me, e, &mut peers);
+        let planned = plan.get(&(me, e)).copied();
+        let sources = crate::transfer::sources_for(view, me, e, planned, &mut peers);
         let (shard, cache) = (shard.clone(), cache.clone());
         async move { fetch_expert(&shard, &cache, e, &sources).await }
     }))

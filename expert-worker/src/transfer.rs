@@ -573,14 +573,18 @@ impl RateLimit {
     }
 }
 
-/// The peers a weightless worker takes expert `e` from, in the order to ask them: the live
-/// workers whose committed placement holds it (first the one the expert's index picks, to
-/// spread transfers over holders), then every other live expert worker (a worker with the
-/// checkpoint can send any expert). `peers` keeps one source per address across calls.
+/// The peers a weightless worker takes expert `e` from, in the order to ask them: the one
+/// the plan names (`planned`, from [`ClusterView::transfer_sources`]), then the other live
+/// workers whose committed placement holds it (from the one the expert's index picks), then
+/// every other live expert worker (a worker with the checkpoint can send any expert).
+/// `peers` keeps one source per address across calls.
+///
+/// [`ClusterView::transfer_sources`]: expertmesh_coordinator::ClusterView::transfer_sources
 pub fn sources_for(
     view: &expertmesh_coordinator::ClusterView,
     me: u64,
     e: u32,
+    planned: Option<u64>,
     peers: &mut BTreeMap<String, Arc<dyn ExpertSource>>,
 ) -> Vec<Arc<dyn ExpertSource>> {
     use expertmesh_coordinator::Role;
@@ -605,6 +609,10 @@ pub fn sources_for(
         .copied()
         .collect();
     order.extend(rest);
+    if let Some(at) = planned.and_then(|p| order.iter().position(|&w| w == p)) {
+        let first = order.remove(at);
+        order.insert(0, first);
+    }
     order
         .into_iter()
         .filter_map(|w| {

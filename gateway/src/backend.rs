@@ -313,6 +313,7 @@ mod tests {
             capacity: None,
             draining: false,
             holds_experts,
+            weightless: false,
         }
     }
 

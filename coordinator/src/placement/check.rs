@@ -92,6 +92,7 @@ mod tests {
             capacity,
             draining,
             holds_experts: false,
+            weightless: false,
         }
     }
 

@@ -354,6 +354,7 @@ mod tests {
                     model_fingerprint: "fp".into(),
                     join_token: String::new(),
                     holds_experts: false,
+                    weightless: false,
                 },
             );
         }
