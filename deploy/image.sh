@@ -42,6 +42,8 @@ printf 'root:x:0:0:root:/:/nonexistent\nexpertmesh:x:10001:10001:expertmesh:/var
 printf 'root:x:0:\nexpertmesh:x:10001:\n' > "$rootfs/etc/group"
 printf 'hosts: files dns\n' > "$rootfs/etc/nsswitch.conf"
 cp -r models/expertmesh-demo tests/fixtures/tiny-maverick tests/fixtures/tiny-scout "$rootfs/opt/expertmesh/models/"
+# Readable by the image's user whatever the checkout's modes are.
+chmod -R a+rX "$rootfs/opt/expertmesh/models"
 cp deploy/image/Dockerfile "$context/Dockerfile"
 docker build -q -t "$image" "$context"
 echo "built $image ($(docker image inspect -f '{{.Size}}' "$image" | awk '{ printf "%.0f MB", $1 / 1e6 }'))"
