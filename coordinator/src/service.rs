@@ -255,25 +255,25 @@ impl CoordinatorService for Coordinator {
                 .expect("prepared lock")
                 .insert(id, r.prepared_epoch);
         }
-        if !r.transfers.is_empty() || !r.fetched.is_empty() {
-            self.shared
-                .transfers
-                .lock()
-                .expect("transfers lock")
-                .insert(
+        {
+            // One report per live worker, at most one entry per expert in each list.
+            let mut transfers = self.shared.transfers.lock().expect("transfers lock");
+            transfers.retain(|w, _| view.member(*w).is_some_and(|m| m.alive));
+            let (mut in_flight, mut fetched) = (r.transfers, r.fetched);
+            in_flight.truncate(view.num_experts);
+            fetched.truncate(view.num_experts);
+            if in_flight.is_empty() && fetched.is_empty() {
+                transfers.remove(&id);
+            } else {
+                transfers.insert(
                     id,
                     pb::WorkerTransfers {
                         worker_id: id,
-                        in_flight: r.transfers,
-                        fetched: r.fetched,
+                        in_flight,
+                        fetched,
                     },
                 );
-        } else {
-            self.shared
-                .transfers
-                .lock()
-                .expect("transfers lock")
-                .remove(&id);
+            }
         }
         if let Some(load) = r.load {
             self.shared
