@@ -224,7 +224,7 @@ fn print_cluster(
             .as_ref()
             .map_or(String::new(), |d| format!(" --tls-dir {}", d.display()));
         println!(
-            " or: expertmesh generate --model {} --attention-worker {}{tls} --prompt \"Hello\" --max-tokens 16",
+            " or: expertmesh generate --model {} --attention-worker {}{tls} --chat --prompt \"What is a lantern?\"",
             args.model, a.address
         );
     }
