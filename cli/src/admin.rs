@@ -270,7 +270,20 @@ pub fn status_json(reports: &[(String, Option<pb::CoordinatorStatus>)]) -> Value
         "coordinators": coordinators,
         "workers": workers,
         "transfers": transfers,
+        "planned_transfers": planned_transfers(freshest.as_ref()),
     })
+}
+
+/// The transfers the plan gives weightless workers (while a placement is pending): each
+/// expert a worker gains and the peer it takes it from.
+fn planned_transfers(view: Option<&ClusterView>) -> Vec<Value> {
+    let Some(view) = view.filter(|v| v.pending.is_some()) else {
+        return Vec::new();
+    };
+    view.transfer_sources()
+        .into_iter()
+        .map(|((worker, expert), from)| json!({"worker": worker, "expert": expert, "from": from}))
+        .collect()
 }
 
 /// One worker's transfers: those in flight with their rate and ETA, and where its fetched
@@ -359,6 +372,24 @@ async fn status(args: StatusArgs) -> Result<()> {
             show(&w["role"]),
             show(&w["status"]),
             show(&w["experts"])
+        );
+    }
+    let mut planned: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+    for p in v["planned_transfers"].as_array().into_iter().flatten() {
+        *planned
+            .entry(show(&p["worker"]))
+            .or_default()
+            .entry(show(&p["from"]))
+            .or_default() += 1;
+    }
+    for (worker, from) in &planned {
+        let from: Vec<String> = from
+            .iter()
+            .map(|(w, n)| format!("{n} from worker {w}"))
+            .collect();
+        println!(
+            "worker {worker}: the pending placement has it take {}",
+            from.join(", ")
         );
     }
     for t in v["transfers"].as_array().into_iter().flatten() {
@@ -542,6 +573,57 @@ async fn experts(client: &CoordinatorClient, as_json: bool, top: usize) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// While a placement is pending, the status names each planned transfer's sender.
+    #[test]
+    fn status_lists_the_planned_transfers() {
+        use expertmesh_coordinator::{Member, Placement};
+        let member = |id, weightless| Member {
+            id,
+            role: Role::ExpertWorker,
+            address: format!("127.0.0.1:{}", 7100 + id),
+            pid: 1,
+            alive: true,
+            capacity: None,
+            draining: false,
+            holds_experts: false,
+            weightless,
+        };
+        let mut view = ClusterView {
+            version: 3,
+            members: vec![member(1, false), member(2, false), member(3, true)],
+            placement: Placement {
+                epoch: 1,
+                experts: vec![vec![1, 2]; 4],
+            },
+            model_fingerprint: String::new(),
+            num_experts: 4,
+            unservable: None,
+            pending: None,
+            lease_ms: 1000,
+            nccl_ids: BTreeMap::new(),
+        };
+        let status = |view: &ClusterView| {
+            let s = pb::CoordinatorStatus {
+                raft_state: "leader".into(),
+                state: Some(pb::ClusterState::from(view)),
+                ..Default::default()
+            };
+            status_json(&[("127.0.0.1:7000".into(), Some(s))])
+        };
+        assert_eq!(status(&view)["planned_transfers"], json!([]));
+        view.pending = Some(Placement {
+            epoch: 2,
+            experts: vec![vec![1, 3], vec![2, 3], vec![1, 2], vec![1, 2]],
+        });
+        assert_eq!(
+            status(&view)["planned_transfers"],
+            json!([
+                {"worker": 3, "expert": 0, "from": 1},
+                {"worker": 3, "expert": 1, "from": 2},
+            ])
+        );
+    }
 
     #[test]
     fn a_transfer_shows_its_rate_and_eta() {
