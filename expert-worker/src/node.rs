@@ -214,6 +214,10 @@ pub async fn run(
         config.worker.device,
         config.worker.gemm,
     )?;
+    if let Some(c) = &cache {
+        // Mapped now: the file needs no name any more.
+        c.unlink()?;
+    }
     let shard = Arc::new(if cache.is_some() {
         shard.weightless()
     } else {

@@ -5,7 +5,8 @@
 //!
 //! The receiver keeps what arrives in a cache file laid out as a safetensors file of the
 //! expert tensors at their full shapes, sparse until written ([`ExpertCache`]); the shard maps
-//! it like any checkpoint, so fetched experts are computed exactly as read ones. An expert's
+//! it like any checkpoint, so fetched experts are computed exactly as read ones, and the
+//! file's name is removed once it is mapped (nothing outlives the worker). An expert's
 //! chunks come in one fixed order (MoE layers ascending, gate_up then down, each slice front
 //! to back): the receiver checks every chunk against the next piece it expects (tensor,
 //! offset, length, dtype, shape) and its CRC-32 before writing it, and the whole expert's
@@ -198,6 +199,8 @@ pub struct ExpertCache {
     dir: PathBuf,
     file: std::fs::File,
     slots: Vec<Slot>,
+    /// Whether `create` made the directory (`unlink` then removes it too).
+    made_dir: bool,
 }
 
 impl ExpertCache {
@@ -222,6 +225,7 @@ impl ExpertCache {
             path: dir.to_owned(),
             source,
         };
+        let made_dir = !dir.exists();
         std::fs::create_dir_all(dir).map_err(io)?;
         let path = dir.join("model.safetensors");
         // A previous run's cache: its experts are fetched again (nothing vouches for them).
@@ -268,7 +272,24 @@ impl ExpertCache {
             dir: dir.to_owned(),
             file,
             slots,
+            made_dir,
         })
+    }
+
+    /// Removes the cache file's name (and the directory, when `create` made it) once the
+    /// shard has mapped it: the worker's writes and its map share the file, which the system
+    /// frees when the worker exits, however it exits. Nothing is left on disk.
+    pub fn unlink(&self) -> Result<(), TransferError> {
+        std::fs::remove_file(self.dir.join("model.safetensors")).map_err(|source| {
+            TransferError::Cache {
+                path: self.dir.clone(),
+                source,
+            }
+        })?;
+        if self.made_dir {
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+        Ok(())
     }
 
     /// The directory to open as the shard's weights.

@@ -31,13 +31,16 @@ fn sender() -> (TextConfig, Arc<ExpertShard>) {
     (config, Arc::new(shard))
 }
 
-/// A weightless shard over a fresh cache (the receiver).
+/// A weightless shard over a fresh cache (the receiver), its file's name removed.
 fn receiver(config: &TextConfig, name: &str) -> (ExpertCache, Arc<ExpertShard>) {
     let dir =
         std::env::temp_dir().join(format!("expertmesh-transfer-{name}-{}", std::process::id()));
     let cache = ExpertCache::create(&dir, config).unwrap();
     let weights = expertmesh_model::SafetensorsCheckpoint::open(cache.dir()).unwrap();
     let shard = ExpertShard::new(config, &weights).unwrap().weightless();
+    // As the worker does: what is written after the name is gone still reaches the map.
+    cache.unlink().unwrap();
+    assert!(!cache.dir().exists());
     (cache, Arc::new(shard))
 }
 
