@@ -228,7 +228,8 @@ pub struct ExpertWorkerArgs {
     /// Send experts to peers that fetch them at most this fast (megabits per second).
     #[arg(long)]
     migration_mbps: Option<u64>,
-    /// Where experts fetched from peers are kept, when the model directory holds no weights.
+    /// Where experts fetched from peers are kept, when the model directory holds no weights
+    /// (a file whose name is removed once it is mapped: nothing is left after the worker).
     #[arg(long)]
     expert_cache: Option<String>,
 }
