@@ -90,9 +90,39 @@ struct Active {
     started: std::time::Instant,
 }
 
+/// A transfer in flight in [`TransferStats`]: it leaves the report when dropped, however the
+/// transfer ended (a cancelled one included).
+struct InFlight<'a> {
+    stats: &'a TransferStats,
+    expert: u32,
+    bytes: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl InFlight<'_> {
+    /// The expert arrived whole from `source`.
+    fn arrived(self, source: &str) {
+        self.stats
+            .origins
+            .lock()
+            .expect("origins lock")
+            .insert(self.expert, source.to_owned());
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.stats
+            .active
+            .lock()
+            .expect("transfers lock")
+            .remove(&self.expert);
+    }
+}
+
 impl TransferStats {
-    /// Starts expert `e`'s transfer from `source`; the counter its verified bytes go to.
-    fn begin(&self, e: u32, source: &str, total: u64) -> Arc<std::sync::atomic::AtomicU64> {
+    /// Starts expert `e`'s transfer from `source`; its verified bytes go to the guard's
+    /// counter.
+    fn begin(&self, e: u32, source: &str, total: u64) -> InFlight<'_> {
         let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         self.active.lock().expect("transfers lock").insert(
             e,
@@ -103,17 +133,10 @@ impl TransferStats {
                 started: std::time::Instant::now(),
             },
         );
-        bytes
-    }
-
-    /// Ends expert `e`'s transfer; `Some(source)` when it arrived whole from there.
-    fn end(&self, e: u32, arrived_from: Option<&str>) {
-        self.active.lock().expect("transfers lock").remove(&e);
-        if let Some(source) = arrived_from {
-            self.origins
-                .lock()
-                .expect("origins lock")
-                .insert(e, source.to_owned());
+        InFlight {
+            stats: self,
+            expert: e,
+            bytes,
         }
     }
 
@@ -529,14 +552,14 @@ pub async fn fetch_expert(
     let mut tried = Vec::new();
     for source in sources {
         let peer = source.name();
-        let progress = stats.begin(e, &peer, cache.expert_bytes());
+        let in_flight = stats.begin(e, &peer, cache.expert_bytes());
         let outcome = match source.fetch(e).await {
-            Ok(stream) => receive(cache, e, &peer, stream, &progress).await,
+            Ok(stream) => receive(cache, e, &peer, stream, &in_flight.bytes).await,
             Err(err) => Err(err),
         };
-        stats.end(e, outcome.as_ref().ok().map(|_| peer.as_str()));
         match outcome {
             Ok(bytes) => {
+                in_flight.arrived(&peer);
                 shard.mark_fetched(e);
                 stats.fetching.fetch_sub(1, Relaxed);
                 stats.fetched_bytes.fetch_add(bytes, Relaxed);
