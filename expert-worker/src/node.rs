@@ -249,7 +249,7 @@ pub async fn run(
             Duration::from_millis(config.worker.register_patience_ms),
             Duration::from_millis(config.worker.heartbeat_interval_ms),
             move || {
-                let (transfers, fetched) = beat_shard.transfers().report();
+                let (transfers, fetched) = beat_shard.transfer_report();
                 Beat {
                     load: None,
                     prepared_epoch: reported.load(Ordering::Relaxed),

@@ -16,6 +16,7 @@ use expertmesh_model::moe::{ExpertGroup, Experts};
 use expertmesh_model::{Device, GemmPrecision, ModelError, TextConfig, WeightSource};
 
 use expertmesh_dispatch::{DispatchBatch, DispatchError, WireDType};
+use expertmesh_proto::v1 as pb;
 
 /// The worker's current assignment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -43,9 +44,9 @@ pub struct ExpertShard {
     /// Expert bytes made resident by placements (what re-plans moved here).
     loaded_bytes: AtomicU64,
     /// A worker without the checkpoint (`transfer`): the experts whose bytes have arrived
-    /// from peers and been verified; no other expert is ever computed. `None`: every
-    /// expert is in the mapped checkpoint.
-    fetched: Option<RwLock<BTreeSet<u32>>>,
+    /// from peers and been verified, and the peer each came from; no other expert is ever
+    /// computed. `None`: every expert is in the mapped checkpoint.
+    fetched: Option<RwLock<BTreeMap<u32, String>>>,
     /// Bytes sent to and fetched from peers.
     transfers: crate::transfer::TransferStats,
     /// The experts on a GPU (`--device cuda:N`), fed from the same mapped tensors.
@@ -105,7 +106,7 @@ impl ExpertShard {
     /// This shard's tensors are a cache that peers fill (`transfer::ExpertCache`): it holds
     /// no expert until [`ExpertShard::mark_fetched`] says its bytes are verified.
     pub fn weightless(mut self) -> Self {
-        self.fetched = Some(RwLock::new(BTreeSet::new()));
+        self.fetched = Some(RwLock::new(BTreeMap::new()));
         self
     }
 
@@ -115,7 +116,7 @@ impl ExpertShard {
             && self
                 .fetched
                 .as_ref()
-                .is_none_or(|f| f.read().expect("fetched lock").contains(&e))
+                .is_none_or(|f| f.read().expect("fetched lock").contains_key(&e))
     }
 
     /// Whether the shard started without the checkpoint's weights.
@@ -123,11 +124,30 @@ impl ExpertShard {
         self.fetched.is_some()
     }
 
-    /// Expert `e`'s bytes arrived and were verified: it may be computed and sent on.
-    pub fn mark_fetched(&self, e: u32) {
+    /// Expert `e`'s bytes arrived from `source` and were verified: it may be computed and
+    /// sent on.
+    pub fn mark_fetched(&self, e: u32, source: &str) {
         if let Some(f) = &self.fetched {
-            f.write().expect("fetched lock").insert(e);
+            f.write()
+                .expect("fetched lock")
+                .insert(e, source.to_owned());
         }
+    }
+
+    /// The transfers in flight and the experts that came from peers (with their senders),
+    /// as the heartbeat carries them.
+    pub fn transfer_report(&self) -> (Vec<pb::Transfer>, Vec<pb::ExpertOrigin>) {
+        let fetched = self.fetched.as_ref().map_or_else(Vec::new, |f| {
+            f.read()
+                .expect("fetched lock")
+                .iter()
+                .map(|(&expert, source)| pb::ExpertOrigin {
+                    expert,
+                    source: source.clone(),
+                })
+                .collect()
+        });
+        (self.transfers.in_flight(), fetched)
     }
 
     /// What transfers to and from peers have moved.

@@ -63,8 +63,9 @@ pub enum TransferError {
     NoHolder { expert: u32, tried: String },
 }
 
-/// What a worker's transfers have moved, for `/metrics`, and what they are doing, for its
-/// heartbeat (`admin status`, `admin experts`).
+/// What a worker's transfers have moved, for `/metrics`, and which are in flight, for its
+/// heartbeat (`admin status`; the experts that arrived are the shard's
+/// [`ExpertShard::transfer_report`]).
 #[derive(Debug, Default)]
 pub struct TransferStats {
     /// Expert bytes sent to peers.
@@ -77,8 +78,6 @@ pub struct TransferStats {
     pub failed: std::sync::atomic::AtomicU64,
     /// The transfers in flight, by expert.
     active: Mutex<BTreeMap<u32, Active>>,
-    /// Who sent each expert this worker fetched.
-    origins: Mutex<BTreeMap<u32, String>>,
 }
 
 /// One expert being received.
@@ -96,17 +95,6 @@ struct InFlight<'a> {
     stats: &'a TransferStats,
     expert: u32,
     bytes: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl InFlight<'_> {
-    /// The expert arrived whole from `source`.
-    fn arrived(self, source: &str) {
-        self.stats
-            .origins
-            .lock()
-            .expect("origins lock")
-            .insert(self.expert, source.to_owned());
-    }
 }
 
 impl Drop for InFlight<'_> {
@@ -140,11 +128,9 @@ impl TransferStats {
         }
     }
 
-    /// The transfers in flight and the experts that came from peers, as the heartbeat
-    /// carries them.
-    pub fn report(&self) -> (Vec<pb::Transfer>, Vec<pb::ExpertOrigin>) {
-        let in_flight = self
-            .active
+    /// The transfers in flight, as the heartbeat carries them.
+    pub fn in_flight(&self) -> Vec<pb::Transfer> {
+        self.active
             .lock()
             .expect("transfers lock")
             .iter()
@@ -155,18 +141,7 @@ impl TransferStats {
                 total: a.total,
                 elapsed_ms: a.started.elapsed().as_millis() as u64,
             })
-            .collect();
-        let fetched = self
-            .origins
-            .lock()
-            .expect("origins lock")
-            .iter()
-            .map(|(&expert, source)| pb::ExpertOrigin {
-                expert,
-                source: source.clone(),
-            })
-            .collect();
-        (in_flight, fetched)
+            .collect()
     }
 }
 
@@ -559,8 +534,7 @@ pub async fn fetch_expert(
         };
         match outcome {
             Ok(bytes) => {
-                in_flight.arrived(&peer);
-                shard.mark_fetched(e);
+                shard.mark_fetched(e, &peer);
                 stats.fetching.fetch_sub(1, Relaxed);
                 stats.fetched_bytes.fetch_add(bytes, Relaxed);
                 return Ok((bytes, peer));

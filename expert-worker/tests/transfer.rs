@@ -213,7 +213,7 @@ async fn a_stalled_sender_is_left_for_the_next_holder() {
     // of the whole; afterwards only where the expert came from.
     let during = async {
         tokio::time::sleep(Duration::from_secs(5)).await;
-        to.transfers().report()
+        to.transfer_report()
     };
     let (fetched, (in_flight, origins)) =
         tokio::join!(fetch_expert(&to, &cache, 42, &sources), during);
@@ -225,7 +225,7 @@ async fn a_stalled_sender_is_left_for_the_next_holder() {
     assert_eq!((t.expert, t.source.as_str()), (42, "fake"));
     assert_eq!(t.total, cache.expert_bytes());
     assert!(t.bytes > 0 && t.bytes < t.total, "{t:?}");
-    let (in_flight, origins) = to.transfers().report();
+    let (in_flight, origins) = to.transfer_report();
     assert!(in_flight.is_empty());
     assert_eq!(
         origins,
