@@ -141,11 +141,9 @@ impl ClusterView {
                 if held.contains(&w) {
                     continue;
                 }
-                let holders: Vec<u64> = held
-                    .iter()
-                    .copied()
-                    .filter(|h| *h != w && alive.contains(h))
-                    .collect();
+                // `w` holds none of it, and as a weightless worker has no files.
+                let holders: Vec<u64> =
+                    held.iter().copied().filter(|h| alive.contains(h)).collect();
                 let candidates = if holders.is_empty() {
                     &with_files
                 } else {
@@ -153,7 +151,6 @@ impl ClusterView {
                 };
                 if let Some(&from) = candidates
                     .iter()
-                    .filter(|&&c| c != w)
                     .min_by_key(|&&c| (busy.get(&c).copied().unwrap_or(0), c))
                 {
                     *busy.entry(from).or_default() += 1;
