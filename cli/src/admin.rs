@@ -199,9 +199,14 @@ pub fn status_json(reports: &[(String, Option<pb::CoordinatorStatus>)]) -> Value
         .iter()
         .filter(|s| s.raft_state == "leader")
         .max_by_key(|s| s.term);
-    let freshest: Option<ClusterView> = leader
+    // The leader's figures first, else the replica that has applied the most.
+    let preferred: Vec<&pb::CoordinatorStatus> = leader
         .into_iter()
         .chain(answered.iter().max_by_key(|s| s.applied_index))
+        .copied()
+        .collect();
+    let freshest: Option<ClusterView> = preferred
+        .iter()
         .find_map(|s| s.state.clone())
         .and_then(|s| ClusterView::try_from(s).ok());
     let mut addresses: Vec<String> = reports.iter().map(|(a, _)| a.clone()).collect();
@@ -252,11 +257,9 @@ pub fn status_json(reports: &[(String, Option<pb::CoordinatorStatus>)]) -> Value
             })
         })
         .collect();
-    // Workers report their transfers to every replica: the leader's copy, or the freshest.
-    let transfers: Vec<Value> = leader
-        .into_iter()
-        .chain(answered.iter().max_by_key(|s| s.applied_index))
-        .next()
+    // Workers report their transfers to every replica.
+    let transfers: Vec<Value> = preferred
+        .first()
         .map(|s| s.transfers.iter().map(transfers_json).collect())
         .unwrap_or_default();
     json!({
