@@ -195,7 +195,7 @@ fn fused_layout(c: &TextConfig) -> Vec<(String, Vec<u64>)> {
 #[derive(Debug)]
 pub struct ExpertCache {
     dir: PathBuf,
-    file: std::fs::File,
+    file: Mutex<std::fs::File>,
     slots: Vec<Slot>,
     /// Whether `create` made the directory (`unlink` then removes it too).
     made_dir: bool,
@@ -268,7 +268,7 @@ impl ExpertCache {
             .map_err(io)?;
         Ok(Self {
             dir: dir.to_owned(),
-            file,
+            file: Mutex::new(file),
             slots,
             made_dir,
         })
@@ -301,8 +301,10 @@ impl ExpertCache {
     }
 
     fn write(&self, slot: &Slot, offset: u64, data: &[u8]) -> Result<(), TransferError> {
-        self.file
-            .write_all_at(data, slot.file_offset + offset)
+        // One writer at a time: the filesystem serializes writes to one file anyway (the
+        // inode lock), and a writer left to wait there spins on the core the network needs.
+        let file = self.file.lock().expect("cache file lock");
+        file.write_all_at(data, slot.file_offset + offset)
             .map_err(|source| TransferError::Cache {
                 path: self.dir.clone(),
                 source,
@@ -339,9 +341,12 @@ pub fn expert_chunks(
         .into_iter()
         .flat_map(|(name, dtype, shape, base, slice)| {
             let len = slice.size_bytes();
+            // The chunks are views of the held tensor (the mapped checkpoint or cache):
+            // their bytes are copied once, into the frame.
+            let whole = bytes::Bytes::from_owner(Held(slice));
             (0..len.div_ceil(CHUNK_BYTES)).map(move |k| {
                 let from = k * CHUNK_BYTES;
-                let data = slice.bytes()[from..(from + CHUNK_BYTES).min(len)].to_vec();
+                let data = whole.slice(from..(from + CHUNK_BYTES).min(len));
                 (name.clone(), dtype, shape.clone(), base + from as u64, data)
             })
         })
@@ -359,12 +364,21 @@ pub fn expert_chunks(
                 shape: shape.iter().map(|&d| d as u64).collect(),
                 offset,
                 crc32: crc.finalize(),
-                data: data.into(),
+                data,
                 last,
                 expert_crc32: if last { whole.clone().finalize() } else { 0 },
                 expert_bytes: if last { total } else { 0 },
             }
         }))
+}
+
+/// A held expert tensor's bytes, shared with the chunks that send them.
+struct Held(expertmesh_model::Tensor);
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        self.0.bytes()
+    }
 }
 
 /// A stream of one expert's chunks from a peer.
