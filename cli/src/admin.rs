@@ -269,6 +269,8 @@ pub fn status_json(reports: &[(String, Option<pb::CoordinatorStatus>)]) -> Value
         "placement_epoch": freshest.as_ref().map(|v| v.placement.epoch),
         "pending_epoch": freshest.as_ref().and_then(|v| v.pending.as_ref().map(|p| p.epoch)),
         "state_version": freshest.as_ref().map(|v| v.version),
+        "experts_digested": freshest.as_ref().map(|v| v.expert_digests.len()),
+        "num_experts": freshest.as_ref().map(|v| v.num_experts),
         "unservable": freshest.as_ref().and_then(|v| v.unservable.clone()),
         "coordinators": coordinators,
         "workers": workers,
@@ -337,11 +339,13 @@ async fn status(args: StatusArgs) -> Result<()> {
         other => other.to_string(),
     };
     println!(
-        "leader {}  term {}  commit {}  placement epoch {}{}",
+        "leader {}  term {}  commit {}  placement epoch {}  expert digests {}/{}{}",
         show(&v["leader"]),
         show(&v["term"]),
         show(&v["commit_index"]),
         show(&v["placement_epoch"]),
+        show(&v["experts_digested"]),
+        show(&v["num_experts"]),
         match v["unservable"].as_str() {
             Some(why) => format!("  (cannot serve: {why})"),
             None => String::new(),
@@ -605,6 +609,7 @@ mod tests {
             pending: None,
             lease_ms: 1000,
             nccl_ids: BTreeMap::new(),
+            expert_digests: BTreeMap::from([(0, 1), (2, 3)]),
         };
         let status = |view: &ClusterView| {
             let s = pb::CoordinatorStatus {
@@ -615,6 +620,8 @@ mod tests {
             status_json(&[("127.0.0.1:7000".into(), Some(s))])
         };
         assert_eq!(status(&view)["planned_transfers"], json!([]));
+        assert_eq!(status(&view)["experts_digested"], 2);
+        assert_eq!(status(&view)["num_experts"], 4);
         view.pending = Some(Placement {
             epoch: 2,
             experts: vec![vec![1, 3], vec![2, 3], vec![1, 2], vec![1, 2]],

@@ -56,8 +56,11 @@ fn a_worker_without_weights_takes_its_experts_from_peers_under_load() {
     let coordinators = cluster["coordinators"].as_str().unwrap().to_owned();
     let api = cluster["api"].as_str().unwrap().to_owned();
     let token = cluster["join_token"].as_str().unwrap().to_owned();
-    wait_status(&coordinators, "two copies of every expert", |v| {
+    // The workers with the checkpoint digest their experts; the coordinators record one
+    // digest per expert, which every fetched expert is checked against.
+    wait_status(&coordinators, "two copies of every expert, digested", |v| {
         v["pending_epoch"].is_null()
+            && v["experts_digested"] == 128
             && v["workers"]
                 .as_array()
                 .unwrap()
@@ -186,6 +189,7 @@ fn a_worker_without_weights_takes_its_experts_from_peers_under_load() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("holds no weights"), "{text}");
     assert!(text.contains("experts from peers ("), "{text}");
+    assert!(!text.contains("no digest"), "{text}");
     eprintln!(
         "{}",
         text.lines()

@@ -88,6 +88,8 @@ pub struct Beat {
     /// An expert worker: its transfers in flight, and which of its experts came from peers.
     pub transfers: Vec<pb::Transfer>,
     pub fetched: Vec<pb::ExpertOrigin>,
+    /// An expert worker with the checkpoint's files: digests the cluster state lacks.
+    pub digests: Vec<pb::ExpertDigest>,
 }
 
 /// Splits a comma-separated coordinator list.
@@ -385,6 +387,7 @@ impl CoordinatorClient {
                         prepared_epoch,
                         transfers,
                         fetched,
+                        digests,
                     } = beat();
                     let worker_id = membership.id();
                     let mut beat = tonic::Request::new(pb::HeartbeatRequest {
@@ -393,6 +396,7 @@ impl CoordinatorClient {
                         prepared_epoch,
                         transfers,
                         fetched,
+                        digests,
                     });
                     beat.set_timeout(interval.max(Duration::from_millis(500)));
                     match client.heartbeat(beat).await {

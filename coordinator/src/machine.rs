@@ -99,6 +99,12 @@ pub enum Command {
     /// The NCCL unique id of a group of GPU ranks, offered by its rank 0; the first offer
     /// for a group stands.
     NcclId { group: String, id: Vec<u8> },
+    /// Digests of experts (CRC-32 of their bytes in transfer order) computed by a worker
+    /// from the checkpoint's files; the first recorded for an expert stands.
+    ExpertDigests {
+        worker_id: u64,
+        digests: Vec<(u32, u32)>,
+    },
 }
 
 /// Bytes of an NCCL unique id (`ncclUniqueId`).
@@ -169,6 +175,9 @@ pub struct Machine {
     /// NCCL unique ids by group name.
     #[serde(default)]
     pub nccl_ids: BTreeMap<String, Vec<u8>>,
+    /// Expert → the CRC-32 of its bytes, as a worker with the files first reported it.
+    #[serde(default)]
+    pub expert_digests: BTreeMap<u32, u32>,
 }
 
 impl Machine {
@@ -228,6 +237,9 @@ impl Machine {
             Command::Commit { epoch } => self.commit(epoch),
             Command::NcclId { group, id } => self.nccl_id(group, id),
             Command::Drain { worker_id } => self.drain(worker_id),
+            Command::ExpertDigests { worker_id, digests } => {
+                self.expert_digests(worker_id, digests)
+            }
         }
     }
 
@@ -366,6 +378,45 @@ impl Machine {
         Ok(0)
     }
 
+    /// Records the digests of experts that have none yet; a digest that disagrees with the
+    /// recorded one changes nothing (the answer counts them, for the leader's log).
+    fn expert_digests(
+        &mut self,
+        worker_id: u64,
+        digests: Vec<(u32, u32)>,
+    ) -> Result<u64, Rejected> {
+        let member = self
+            .members
+            .iter()
+            .find(|m| m.id == worker_id && m.alive && m.role == Role::ExpertWorker)
+            .ok_or(Rejected::UnknownWorker(worker_id))?;
+        if member.weightless {
+            return Err(Rejected::Invalid(format!(
+                "worker {worker_id} has no checkpoint files to digest"
+            )));
+        }
+        if digests.len() > self.num_experts {
+            return Err(Rejected::Invalid(format!(
+                "{} digests for {} experts",
+                digests.len(),
+                self.num_experts
+            )));
+        }
+        if let Some((e, _)) = digests
+            .iter()
+            .find(|(e, _)| *e as usize >= self.num_experts)
+        {
+            return Err(Rejected::Invalid(format!("no expert {e}")));
+        }
+        let mut disagreeing = 0;
+        for (e, crc) in digests {
+            if *self.expert_digests.entry(e).or_insert(crc) != crc {
+                disagreeing += 1;
+            }
+        }
+        Ok(disagreeing)
+    }
+
     fn drain(&mut self, worker_id: u64) -> Result<u64, Rejected> {
         let member = self
             .members
@@ -488,6 +539,7 @@ impl Machine {
                 0
             },
             nccl_ids: self.nccl_ids.clone(),
+            expert_digests: self.expert_digests.clone(),
             unservable: if self.initialized {
                 self.unservable.clone()
             } else {
@@ -685,6 +737,55 @@ mod tests {
             }
         )
         .is_err());
+        assert_eq!(Machine::decode(&m.encode()).unwrap(), m);
+    }
+
+    #[test]
+    fn expert_digests_come_from_workers_with_files_and_the_first_stands() {
+        let mut m = Machine::default();
+        init(&mut m, None);
+        let mut join = |id: u64, weightless: bool| {
+            let mut c = register(id, Role::ExpertWorker, "", "fp");
+            if weightless {
+                c = Envelope::encode(Command::Register {
+                    request_id: id,
+                    role: Role::ExpertWorker,
+                    address: "127.0.0.1:9".into(),
+                    capacity: None,
+                    pid: 1,
+                    model_fingerprint: "fp".into(),
+                    join_token: String::new(),
+                    holds_experts: false,
+                    weightless: true,
+                });
+            }
+            m.apply(&c).unwrap()
+        };
+        let (files, other, weightless) = (join(1, false), join(2, false), join(3, true));
+        let digests = |worker_id: u64, digests: &[(u32, u32)]| Command::ExpertDigests {
+            worker_id,
+            digests: digests.to_vec(),
+        };
+        assert_eq!(apply(&mut m, digests(files, &[(0, 10), (3, 13)])), Ok(0));
+        // A second report of expert 3 that disagrees is counted and changes nothing.
+        assert_eq!(apply(&mut m, digests(other, &[(3, 99), (1, 11)])), Ok(1));
+        assert_eq!(
+            m.view().expert_digests,
+            BTreeMap::from([(0, 10), (1, 11), (3, 13)])
+        );
+        let version = m.version;
+        for bad in [
+            digests(weightless, &[(2, 12)]),
+            digests(files, &[(4, 14)]),
+            digests(files, &[(2, 12); 5]),
+        ] {
+            assert!(matches!(apply(&mut m, bad), Err(Rejected::Invalid(_))));
+        }
+        assert_eq!(
+            apply(&mut m, digests(77, &[(2, 12)])),
+            Err(Rejected::UnknownWorker(77))
+        );
+        assert_eq!(m.version, version, "refused reports change nothing");
         assert_eq!(Machine::decode(&m.encode()).unwrap(), m);
     }
 

@@ -121,6 +121,8 @@ pub(crate) struct Shared {
     pub transfers: Mutex<HashMap<u64, pb::WorkerTransfers>>,
     /// Times this replica saw the group's leader change (to a known one).
     pub leader_changes: std::sync::atomic::AtomicU64,
+    /// Whether a proposal of reported expert digests is in flight (one at a time).
+    pub digesting: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -178,6 +180,7 @@ pub(crate) fn start(
         transfers: Mutex::new(HashMap::new()),
         // A replica that starts knowing a leader (a group of one) has seen one change.
         leader_changes: std::sync::atomic::AtomicU64::new(u64::from(replica.status().leader != 0)),
+        digesting: std::sync::atomic::AtomicBool::new(false),
     });
     let (inputs, rx) = mpsc::channel(INPUT_QUEUE);
     let driver = RaftLoop {

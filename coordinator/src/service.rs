@@ -109,6 +109,41 @@ impl Coordinator {
             .await
     }
 
+    /// Proposes the expert digests a worker reports that the state has none for, one
+    /// proposal at a time, without holding up the heartbeat. On a follower the proposal
+    /// fails; the worker reports them again until the state has them.
+    fn record_digests(&self, worker_id: u64, view: &ClusterView, digests: Vec<pb::ExpertDigest>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let new: Vec<(u32, u32)> = digests
+            .into_iter()
+            .take(view.num_experts)
+            .filter(|d| {
+                (d.expert as usize) < view.num_experts
+                    && !view.expert_digests.contains_key(&d.expert)
+            })
+            .map(|d| (d.expert, d.crc32))
+            .collect();
+        if new.is_empty() || self.shared.digesting.swap(true, SeqCst) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let command = Command::ExpertDigests {
+                worker_id,
+                digests: new,
+            };
+            match this.propose(command).await {
+                Ok(0) | Err(ProposeError::NotLeader) => {}
+                Ok(n) => tracing::warn!(
+                    "coordinator {}: worker {worker_id} reported {n} expert digests unlike the recorded ones",
+                    this.shared.id
+                ),
+                Err(e) => tracing::debug!("coordinator {}: expert digests: {e}", this.shared.id),
+            }
+            this.shared.digesting.store(false, SeqCst);
+        });
+    }
+
     /// A client to the leader, when another replica leads.
     fn leader(&self) -> Result<CoordinatorServiceClient<tonic::transport::Channel>, Status> {
         let (_, address) = self
@@ -275,6 +310,7 @@ impl CoordinatorService for Coordinator {
                 );
             }
         }
+        self.record_digests(id, &view, r.digests);
         if let Some(load) = r.load {
             self.shared
                 .load_window

@@ -93,6 +93,9 @@ pub struct ClusterView {
     pub lease_ms: u64,
     /// NCCL unique ids by group (served by the `NcclId` call, not sent with the state).
     pub nccl_ids: BTreeMap<String, Vec<u8>>,
+    /// Expert → the CRC-32 of its bytes in transfer order, as first reported by a worker
+    /// with the checkpoint's files (experts nobody has digested yet are absent).
+    pub expert_digests: BTreeMap<u32, u32>,
 }
 
 impl ClusterView {
@@ -191,6 +194,11 @@ impl From<&ClusterView> for pb::ClusterState {
             num_experts: v.num_experts as u32,
             unservable_reason: v.unservable.clone().unwrap_or_default(),
             lease_ms: v.lease_ms,
+            expert_digests: v
+                .expert_digests
+                .iter()
+                .map(|(&expert, &crc32)| pb::ExpertDigest { expert, crc32 })
+                .collect(),
         }
     }
 }
@@ -226,6 +234,19 @@ impl TryFrom<pb::ClusterState> for ClusterView {
         if unservable.is_none() {
             check_placement(&placement, num_experts, &members)?;
         }
+        if s.expert_digests.len() > num_experts {
+            return Err(StateError(format!(
+                "{} expert digests for {num_experts} experts",
+                s.expert_digests.len()
+            )));
+        }
+        let mut expert_digests = BTreeMap::new();
+        for d in s.expert_digests {
+            if d.expert as usize >= num_experts {
+                return Err(StateError(format!("a digest for expert {}", d.expert)));
+            }
+            expert_digests.insert(d.expert, d.crc32);
+        }
         let pending = s.pending.map(Placement::from);
         if let Some(p) = &pending {
             check_placement(p, num_experts, &members)?;
@@ -240,6 +261,7 @@ impl TryFrom<pb::ClusterState> for ClusterView {
             pending,
             lease_ms: s.lease_ms,
             nccl_ids: BTreeMap::new(),
+            expert_digests,
         })
     }
 }
@@ -330,6 +352,7 @@ mod tests {
             }),
             lease_ms: 1000,
             nccl_ids: BTreeMap::new(),
+            expert_digests: BTreeMap::new(),
         }
     }
 
@@ -373,5 +396,19 @@ mod tests {
         // Its only holder dead: a worker with the files sends it.
         v.members[2].alive = false;
         assert_eq!(v.transfer_sources()[&(4, 0)], 1);
+    }
+
+    #[test]
+    fn expert_digests_cross_the_wire_and_hostile_ones_are_refused() {
+        let mut v = view(vec![vec![1, 2]; 8]);
+        v.expert_digests = BTreeMap::from([(0, 7), (7, u32::MAX)]);
+        let wire = pb::ClusterState::from(&v);
+        assert_eq!(ClusterView::try_from(wire.clone()).unwrap(), v);
+        let digest = |expert| pb::ExpertDigest { expert, crc32: 1 };
+        for bad in [vec![digest(8)], vec![digest(0); 9]] {
+            let mut w = wire.clone();
+            w.expert_digests = bad;
+            assert!(ClusterView::try_from(w).is_err());
+        }
     }
 }

@@ -255,6 +255,7 @@ pub async fn run(
                     prepared_epoch: reported.load(Ordering::Relaxed),
                     transfers,
                     fetched,
+                    digests: beat_shard.transfers().digests.unrecorded(),
                 }
             },
         )
@@ -300,6 +301,7 @@ async fn follow_placement(
     prepared: Arc<AtomicU64>,
 ) {
     let mut loading = 0;
+    let mut digesting: Option<tokio::task::JoinHandle<()>> = None;
     while views.changed().await.is_ok() {
         let Some(view) = views.borrow_and_update().clone() else {
             continue;
@@ -312,6 +314,9 @@ async fn follow_placement(
                 epoch: view.placement.epoch,
                 experts: view.placement.experts_of(worker_id).into_iter().collect(),
             });
+        }
+        if cache.is_none() {
+            digest_experts(&shard, &view, worker_id, &mut digesting);
         }
         let Some(pending) = view.pending.clone() else {
             continue;
@@ -359,6 +364,36 @@ async fn follow_placement(
     }
 }
 
+/// For a worker with the checkpoint's files: notes the expert digests the cluster state has
+/// recorded (logging any expert whose files here differ), and digests the experts the
+/// placement gives this worker (committed or pending) in the background, one pass at a
+/// time, for the heartbeat to report.
+fn digest_experts(
+    shard: &Arc<ExpertShard>,
+    view: &ClusterView,
+    me: u64,
+    digesting: &mut Option<tokio::task::JoinHandle<()>>,
+) {
+    let digests = &shard.transfers().digests;
+    for e in digests.recorded(&view.expert_digests) {
+        tracing::error!(
+            "expert worker {me}: expert {e} in this worker's checkpoint files differs from the digest the coordinators hold"
+        );
+    }
+    if digesting.as_ref().is_some_and(|t| !t.is_finished()) {
+        // The next view digests what this one adds.
+        return;
+    }
+    let mut experts = view.placement.experts_of(me);
+    if let Some(p) = &view.pending {
+        experts.extend(p.experts_of(me));
+    }
+    let shard = shard.clone();
+    *digesting = Some(tokio::task::spawn_blocking(move || {
+        shard.transfers().digests.compute(&shard, experts)
+    }));
+}
+
 /// Fetches every expert of `gains` not held yet from the peers that hold it,
 /// [`crate::transfer::FETCHES_IN_FLIGHT`] at a time, logging progress; the bytes fetched.
 async fn fetch_all(
@@ -373,11 +408,21 @@ async fn fetch_all(
     let started = std::time::Instant::now();
     let mut peers = std::collections::BTreeMap::new();
     let plan = view.transfer_sources();
+    let undigested = wanted
+        .iter()
+        .filter(|e| !view.expert_digests.contains_key(e))
+        .count();
+    if undigested > 0 {
+        tracing::warn!(
+            "expert worker {me}: the coordinators hold no digest of {undigested} of the experts to fetch yet: those are checked against their senders' CRCs only"
+        );
+    }
     let mut fetches = tokio_stream::iter(wanted.iter().map(|&e| {
         let planned = plan.get(&(me, e)).copied();
         let sources = crate::transfer::sources_for(view, me, e, planned, &mut peers);
+        let digest = view.expert_digests.get(&e).copied();
         let (shard, cache) = (shard.clone(), cache.clone());
-        async move { fetch_expert(&shard, &cache, e, &sources).await }
+        async move { fetch_expert(&shard, &cache, e, digest, &sources).await }
     }))
     .map(tokio::spawn);
     let (mut done, mut bytes) = (0, 0u64);

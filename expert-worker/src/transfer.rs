@@ -15,8 +15,10 @@
 //! unheld, and the next holder is asked ([`fetch_expert`]). Senders pace themselves with a
 //! shared [`RateLimit`] so that serving is not starved.
 //!
-//! The CRCs catch corruption on the way and a peer that sends the wrong bytes by mistake;
-//! the peers' identity is mutual TLS's job. Only fused bf16/f32 checkpoints travel so far
+//! The CRCs catch corruption on the way; the coordinators' digest of each expert
+//! ([`expert_digest`], recorded from the workers with the checkpoint's files) catches a peer
+//! whose copy is not the checkpoint's although its CRCs agree with what it sends. The peers'
+//! identity is mutual TLS's job. Only fused bf16/f32 checkpoints travel so far
 //! (FP8 checkpoints store each expert's projections and scales apart).
 
 use std::collections::BTreeMap;
@@ -78,6 +80,62 @@ pub struct TransferStats {
     pub failed: std::sync::atomic::AtomicU64,
     /// The transfers in flight, by expert.
     active: Mutex<BTreeMap<u32, Active>>,
+    /// The digests of experts this worker holds from the checkpoint's files.
+    pub digests: Digests,
+}
+
+/// The digests ([`expert_digest`]) a worker with the checkpoint's files has computed of its
+/// experts, until the cluster state records them (each heartbeat reports the rest).
+#[derive(Debug, Default)]
+pub struct Digests {
+    /// Expert → its digest, and whether the cluster state has one for it.
+    computed: Mutex<BTreeMap<u32, (u32, bool)>>,
+}
+
+impl Digests {
+    /// Digests every expert of `experts` not digested yet (reading all its bytes).
+    pub fn compute(&self, shard: &ExpertShard, experts: impl IntoIterator<Item = u32>) {
+        for e in experts {
+            if self.computed.lock().expect("digests lock").contains_key(&e) {
+                continue;
+            }
+            match expert_digest(shard, e) {
+                Ok(crc) => {
+                    self.computed
+                        .lock()
+                        .expect("digests lock")
+                        .insert(e, (crc, false));
+                }
+                Err(err) => return tracing::debug!("no expert digests: {err}"),
+            }
+        }
+    }
+
+    /// Notes what the cluster state has recorded; the experts whose recorded digest differs
+    /// from the one computed here (this worker's files are not the cluster's checkpoint).
+    pub fn recorded(&self, state: &BTreeMap<u32, u32>) -> Vec<u32> {
+        let mut differ = Vec::new();
+        for (e, (crc, known)) in self.computed.lock().expect("digests lock").iter_mut() {
+            if let Some(&recorded) = state.get(e) {
+                if !*known && recorded != *crc {
+                    differ.push(*e);
+                }
+                *known = true;
+            }
+        }
+        differ
+    }
+
+    /// The digests the cluster state has not recorded yet, as a heartbeat carries them.
+    pub fn unrecorded(&self) -> Vec<pb::ExpertDigest> {
+        self.computed
+            .lock()
+            .expect("digests lock")
+            .iter()
+            .filter(|(_, (_, known))| !known)
+            .map(|(&expert, &(crc32, _))| pb::ExpertDigest { expert, crc32 })
+            .collect()
+    }
 }
 
 /// One expert being received.
@@ -312,11 +370,19 @@ impl ExpertCache {
     }
 }
 
-/// The chunks of expert `e` as this shard holds it, made one at a time as they are sent.
-pub fn expert_chunks(
-    shard: &ExpertShard,
-    e: u32,
-) -> Result<impl Iterator<Item = pb::ExpertChunk> + Send + 'static, TransferError> {
+/// One tensor of an expert as it travels: the cache tensor's name, dtype and full shape,
+/// where the expert's slice starts in it, and the slice.
+struct Piece {
+    tensor: String,
+    dtype: expertmesh_model::DType,
+    shape: Vec<usize>,
+    base: u64,
+    slice: expertmesh_model::Tensor,
+}
+
+/// Expert `e`'s tensors as this shard holds them, in the order they travel (MoE layers
+/// ascending, `gate_up_proj` then `down_proj`).
+fn expert_pieces(shard: &ExpertShard, e: u32) -> Result<Vec<Piece>, TransferError> {
     let mut pieces = Vec::new();
     for (l, experts) in shard.layers() {
         let Experts::Fused { gate_up, down } = experts else {
@@ -325,29 +391,61 @@ pub fn expert_chunks(
             )));
         };
         let p = format!("model.layers.{l}.feed_forward.experts");
-        for (name, t) in [
+        for (tensor, t) in [
             (format!("{p}.gate_up_proj"), gate_up),
             (format!("{p}.down_proj"), down),
         ] {
             let slice = t.outer(e as usize);
-            let base = (e as usize * slice.size_bytes()) as u64;
-            pieces.push((name, t.dtype, t.shape.clone(), base, slice));
+            pieces.push(Piece {
+                tensor,
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                base: (e as usize * slice.size_bytes()) as u64,
+                slice,
+            });
         }
     }
-    let total: u64 = pieces.iter().map(|p| p.4.size_bytes() as u64).sum();
+    Ok(pieces)
+}
+
+/// The CRC-32 of expert `e`'s bytes in the order they travel: what the coordinators record
+/// from workers with the checkpoint's files, and what a fetched expert must match. Reads
+/// every byte of the expert.
+pub fn expert_digest(shard: &ExpertShard, e: u32) -> Result<u32, TransferError> {
+    let mut crc = crc32fast::Hasher::new();
+    for piece in expert_pieces(shard, e)? {
+        crc.update(piece.slice.bytes());
+    }
+    Ok(crc.finalize())
+}
+
+/// The chunks of expert `e` as this shard holds it, made one at a time as they are sent.
+pub fn expert_chunks(
+    shard: &ExpertShard,
+    e: u32,
+) -> Result<impl Iterator<Item = pb::ExpertChunk> + Send + 'static, TransferError> {
+    let pieces = expert_pieces(shard, e)?;
+    let total: u64 = pieces.iter().map(|p| p.slice.size_bytes() as u64).sum();
     let mut whole = crc32fast::Hasher::new();
     let mut sent = 0u64;
     Ok(pieces
         .into_iter()
-        .flat_map(|(name, dtype, shape, base, slice)| {
-            let len = slice.size_bytes();
+        .flat_map(|piece| {
+            let len = piece.slice.size_bytes();
             // The chunks are views of the held tensor (the mapped checkpoint or cache):
             // their bytes are copied once, into the frame.
-            let whole = bytes::Bytes::from_owner(Held(slice));
+            let bytes = bytes::Bytes::from_owner(Held(piece.slice));
+            let (tensor, dtype, shape, base) = (piece.tensor, piece.dtype, piece.shape, piece.base);
             (0..len.div_ceil(CHUNK_BYTES)).map(move |k| {
                 let from = k * CHUNK_BYTES;
-                let data = whole.slice(from..(from + CHUNK_BYTES).min(len));
-                (name.clone(), dtype, shape.clone(), base + from as u64, data)
+                let data = bytes.slice(from..(from + CHUNK_BYTES).min(len));
+                (
+                    tensor.clone(),
+                    dtype,
+                    shape.clone(),
+                    base + from as u64,
+                    data,
+                )
             })
         })
         .map(move |(tensor, dtype, shape, offset, data)| {
@@ -449,11 +547,13 @@ impl ExpertSource for GrpcSource {
 }
 
 /// Takes expert `e` from `stream` into `cache`, checking every chunk against the piece it
-/// must be, counting verified bytes in `progress`; the expert's bytes, once all have
-/// arrived and been verified.
+/// must be and the whole expert against the sender's CRC and `digest` (the coordinators'
+/// record, when they have one), counting verified bytes in `progress`; the expert's bytes,
+/// once all have arrived and been verified.
 pub async fn receive(
     cache: &ExpertCache,
     e: u32,
+    digest: Option<u32>,
     peer: &str,
     mut stream: ChunkStream,
     progress: &std::sync::atomic::AtomicU64,
@@ -521,18 +621,25 @@ pub async fn receive(
             {
                 return Err(corrupt("the whole expert fails its CRC".into()));
             }
+            if last && digest.is_some_and(|d| d != whole.clone().finalize()) {
+                return Err(corrupt(
+                    "the whole expert is not the checkpoint's: its CRC differs from the digest the coordinators hold"
+                        .into(),
+                ));
+            }
         }
     }
     Ok(got)
 }
 
-/// Fetches expert `e` into `cache` from the first of `sources` that sends it whole and
-/// intact (a failed or corrupt transfer moves on to the next); marks it held in `shard`.
-/// The bytes and who sent them.
+/// Fetches expert `e` into `cache` from the first of `sources` that sends it whole, intact
+/// and matching `digest` (a failed or corrupt transfer moves on to the next); marks it
+/// held in `shard`. The bytes and who sent them.
 pub async fn fetch_expert(
     shard: &ExpertShard,
     cache: &ExpertCache,
     e: u32,
+    digest: Option<u32>,
     sources: &[Arc<dyn ExpertSource>],
 ) -> Result<(u64, String), TransferError> {
     use std::sync::atomic::Ordering::Relaxed;
@@ -543,7 +650,7 @@ pub async fn fetch_expert(
         let peer = source.name();
         let in_flight = stats.begin(e, &peer, cache.expert_bytes());
         let outcome = match source.fetch(e).await {
-            Ok(stream) => receive(cache, e, &peer, stream, &in_flight.bytes).await,
+            Ok(stream) => receive(cache, e, digest, &peer, stream, &in_flight.bytes).await,
             Err(err) => Err(err),
         };
         match outcome {

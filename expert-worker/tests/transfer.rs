@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use expertmesh_expert_worker::transfer::{
-    expert_chunks, fetch_expert, receive, ChunkStream, ExpertCache, ExpertSource, RateLimit,
-    TransferError,
+    expert_chunks, expert_digest, fetch_expert, receive, ChunkStream, ExpertCache, ExpertSource,
+    RateLimit, TransferError,
 };
 use expertmesh_expert_worker::{Assignment, ExpertShard};
 use expertmesh_model::moe::Experts;
@@ -56,6 +56,9 @@ enum Fault {
     Misplace(usize),
     /// After this many chunks the sender says nothing more, and keeps the stream open.
     Stall(usize),
+    /// Sends other bytes in this chunk, with CRCs that match them (a peer whose copy is
+    /// not the checkpoint's): only the coordinators' digest can tell.
+    Impostor(usize),
 }
 
 struct FakeSource {
@@ -77,6 +80,17 @@ impl ExpertSource for FakeSource {
                 let mut data = chunks[k].data.to_vec();
                 data[7] ^= 0x40;
                 chunks[k].data = data.into();
+            }
+            Fault::Impostor(k) => {
+                let mut data = chunks[k].data.to_vec();
+                data[7] ^= 0x40;
+                chunks[k].data = data.into();
+                let mut whole = crc32fast::Hasher::new();
+                for c in &mut chunks {
+                    c.crc32 = crc32fast::hash(&c.data);
+                    whole.update(&c.data);
+                }
+                chunks.last_mut().unwrap().expert_crc32 = whole.finalize();
             }
             Fault::Die(k) => chunks.truncate(k),
             Fault::Misplace(k) => chunks[k].offset += 1,
@@ -117,10 +131,18 @@ async fn a_fetched_expert_is_the_checkpoints_bytes_whatever_failed_first() {
     let (config, from) = sender();
     let (cache, to) = receiver(&config, "failover");
     assert!(!to.holds(3));
-    let faults = [Fault::Corrupt(2), Fault::Die(3), Fault::Misplace(1)];
-    for (e, fault) in [3u32, 17, 100].into_iter().zip(faults) {
+    let faults = [
+        Fault::Corrupt(2),
+        Fault::Die(3),
+        Fault::Misplace(1),
+        Fault::Impostor(1),
+    ];
+    for (e, fault) in [3u32, 17, 100, 64].into_iter().zip(faults) {
         let sources = [source(&from, fault), source(&from, Fault::None)];
-        let (bytes, _) = fetch_expert(&to, &cache, e, &sources).await.unwrap();
+        let digest = Some(expert_digest(&from, e).unwrap());
+        let (bytes, _) = fetch_expert(&to, &cache, e, digest, &sources)
+            .await
+            .unwrap();
         assert_eq!(bytes, cache.expert_bytes());
         assert!(to.holds(e));
         assert_eq!(bytes_of(&to, e), bytes_of(&from, e), "expert {e}");
@@ -129,8 +151,8 @@ async fn a_fetched_expert_is_the_checkpoints_bytes_whatever_failed_first() {
     assert!(!to.holds(4));
     let stats = to.transfers();
     let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(get(&stats.fetched_bytes), 3 * cache.expert_bytes());
-    assert_eq!(get(&stats.failed), 3);
+    assert_eq!(get(&stats.fetched_bytes), 4 * cache.expert_bytes());
+    assert_eq!(get(&stats.failed), 4);
     assert_eq!(get(&stats.fetching), 0);
     let _ = std::fs::remove_dir_all(cache.dir());
 }
@@ -142,13 +164,21 @@ async fn an_expert_no_holder_sends_whole_is_never_held_nor_computed() {
     let sources = [
         source(&from, Fault::Corrupt(0)),
         source(&from, Fault::Die(1)),
+        source(&from, Fault::Impostor(0)),
     ];
-    let failed = fetch_expert(&to, &cache, 5, &sources).await.unwrap_err();
+    let digest = Some(expert_digest(&from, 5).unwrap());
+    let failed = fetch_expert(&to, &cache, 5, digest, &sources)
+        .await
+        .unwrap_err();
     assert!(
         matches!(failed, TransferError::NoHolder { expert: 5, .. }),
         "{failed}"
     );
     assert!(failed.to_string().contains("CRC"), "{failed}");
+    assert!(
+        failed.to_string().contains("digest the coordinators hold"),
+        "{failed}"
+    );
     assert!(!to.holds(5));
     // Assigned anyway, a batch for it is refused rather than computed on half its bytes.
     to.assign(Assignment {
@@ -185,7 +215,7 @@ async fn chunks_for_another_expert_or_past_the_end_are_refused() {
     // Expert 9's chunks offered as expert 8's.
     let chunks: Vec<pb::ExpertChunk> = expert_chunks(&from, 9).unwrap().collect();
     let stream: ChunkStream = Box::pin(tokio_stream::iter(chunks.clone().into_iter().map(Ok)));
-    let wrong = receive(&cache, 8, "hostile", stream, &Default::default())
+    let wrong = receive(&cache, 8, None, "hostile", stream, &Default::default())
         .await
         .unwrap_err();
     assert!(
@@ -194,7 +224,7 @@ async fn chunks_for_another_expert_or_past_the_end_are_refused() {
     );
     // An expert the model does not have.
     let stream: ChunkStream = Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok)));
-    let past = receive(&cache, 128, "hostile", stream, &Default::default())
+    let past = receive(&cache, 128, None, "hostile", stream, &Default::default())
         .await
         .unwrap_err();
     assert!(past.to_string().contains("no such expert"), "{past}");
@@ -216,7 +246,7 @@ async fn a_stalled_sender_is_left_for_the_next_holder() {
         to.transfer_report()
     };
     let (fetched, (in_flight, origins)) =
-        tokio::join!(fetch_expert(&to, &cache, 42, &sources), during);
+        tokio::join!(fetch_expert(&to, &cache, 42, None, &sources), during);
     fetched.unwrap();
     assert!(origins.is_empty());
     let [t] = &in_flight[..] else {

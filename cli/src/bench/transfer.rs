@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use expertmesh_expert_worker::transfer::{
-    fetch_expert, ExpertCache, ExpertSource, GrpcSource, FETCHES_IN_FLIGHT,
+    expert_digest, fetch_expert, ExpertCache, ExpertSource, GrpcSource, FETCHES_IN_FLIGHT,
 };
 use expertmesh_expert_worker::{Batcher, BatcherConfig, ExpertServer, ExpertShard};
 use expertmesh_model::{ModelSource, SafetensorsCheckpoint};
@@ -70,7 +70,7 @@ async fn measure(args: &TransferArgs) -> Result<Report> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?.to_string();
     let server = ExpertServer::new(
-        Batcher::spawn(sender, BatcherConfig::default()),
+        Batcher::spawn(sender.clone(), BatcherConfig::default()),
         Arc::default(),
     );
     tokio::spawn(
@@ -79,6 +79,12 @@ async fn measure(args: &TransferArgs) -> Result<Report> {
             .serve_with_incoming(expertmesh_proto::incoming(listener)),
     );
     let experts = config.num_local_experts;
+    // As the coordinators hold them: every fetched expert is checked against its digest.
+    let digests: Arc<Vec<Option<u32>>> = Arc::new(
+        (0..experts as u32)
+            .map(|e| expert_digest(&sender, e).map(Some))
+            .collect::<Result<_, _>>()?,
+    );
     let (mut fetch, mut raw, mut bytes) = (Vec::new(), Vec::new(), 0);
     for run in 0..args.runs.max(1) {
         let dir = std::env::temp_dir().join(format!(
@@ -98,8 +104,15 @@ async fn measure(args: &TransferArgs) -> Result<Report> {
             if tasks.len() == FETCHES_IN_FLIGHT {
                 bytes += tasks.join_next().await.expect("a task")??.0;
             }
-            let (receiver, cache, peer) = (receiver.clone(), cache.clone(), peer.clone());
-            tasks.spawn(async move { fetch_expert(&receiver, &cache, e, &peer).await });
+            let (receiver, cache, peer, digests) = (
+                receiver.clone(),
+                cache.clone(),
+                peer.clone(),
+                digests.clone(),
+            );
+            tasks.spawn(async move {
+                fetch_expert(&receiver, &cache, e, digests[e as usize], &peer).await
+            });
         }
         while let Some(done) = tasks.join_next().await {
             bytes += done??.0;
