@@ -3,7 +3,7 @@
 //! tokenizer, takes every expert the placement gives it from the two workers that have the
 //! checkpoint (`FetchExperts`), and serves them; then one of those two is killed and the
 //! newcomer also takes the experts only that one had a copy of from the other. No request
-//! fails and every text is the single process's.
+//! fails and every text is the single process's. Both for the bf16 checkpoint and the FP8 one.
 
 mod common;
 
@@ -26,8 +26,18 @@ fn worker<'a>(v: &'a Value, address: &str) -> Option<&'a Value> {
 
 #[test]
 fn a_worker_without_weights_takes_its_experts_from_peers_under_load() {
+    joins_without_weights("tiny-maverick");
+}
+
+/// The same with the FP8 checkpoint: its experts travel per projection, codes and scales.
+#[test]
+fn a_worker_without_weights_takes_fp8_experts_from_peers_under_load() {
+    joins_without_weights("tiny-maverick-fp8");
+}
+
+fn joins_without_weights(fixture: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let model = common::fixture("tiny-maverick");
+    let model = common::fixture(fixture);
     // The model directory without a single weight file.
     let weightless = dir.path().join("weightless");
     std::fs::create_dir(&weightless).unwrap();

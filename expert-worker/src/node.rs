@@ -204,13 +204,17 @@ pub async fn run(
         );
         Some(Arc::new(ExpertCache::create(&dir, &model_config)?))
     };
-    let weights: Box<dyn expertmesh_model::WeightSource> = match &cache {
-        None => source.weights()?,
-        Some(c) => Box::new(expertmesh_model::SafetensorsCheckpoint::open(c.dir())?),
+    let files;
+    let weights: &dyn expertmesh_model::WeightSource = match &cache {
+        None => {
+            files = source.weights()?;
+            files.as_ref()
+        }
+        Some(c) => c.weights(),
     };
     let shard = ExpertShard::with_device(
         &model_config,
-        weights.as_ref(),
+        weights,
         config.worker.device,
         config.worker.gemm,
     )?;

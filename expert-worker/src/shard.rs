@@ -6,13 +6,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 /// How long batches routed under the previous epoch are still answered.
 pub const EPOCH_GRACE: Duration = Duration::from_secs(10);
 
-use expertmesh_model::moe::{ExpertGroup, Experts};
+use expertmesh_model::moe::{ExpertGroup, ExpertWeights, Experts};
 use expertmesh_model::{Device, GemmPrecision, ModelError, TextConfig, WeightSource};
 
 use expertmesh_dispatch::{DispatchBatch, DispatchError, WireDType};
@@ -36,8 +36,9 @@ struct Assignments {
 pub struct ExpertShard {
     hidden: usize,
     num_experts: usize,
-    /// Decoder layer index → that MoE layer's fused expert tensors.
-    layers: BTreeMap<u32, Experts>,
+    /// Decoder layer index → that MoE layer's expert tensors. Replaced whole (copy on
+    /// write) when a fetched FP8 expert's scales are read anew; readers hold a snapshot.
+    layers: RwLock<Arc<BTreeMap<u32, Experts>>>,
     assignment: RwLock<Assignments>,
     batches_served: AtomicU64,
     rows_served: AtomicU64,
@@ -91,7 +92,7 @@ impl ExpertShard {
         Ok(Self {
             hidden: config.hidden_size,
             num_experts: config.num_local_experts,
-            layers,
+            layers: RwLock::new(Arc::new(layers)),
             assignment: RwLock::new(Assignments::default()),
             batches_served: AtomicU64::new(0),
             rows_served: AtomicU64::new(0),
@@ -160,8 +161,24 @@ impl ExpertShard {
     }
 
     /// Every MoE layer's experts, by decoder layer, ascending.
-    pub fn layers(&self) -> &BTreeMap<u32, Experts> {
-        &self.layers
+    pub fn layers(&self) -> Arc<BTreeMap<u32, Experts>> {
+        self.layers.read().expect("layers lock").clone()
+    }
+
+    /// Puts in expert `e`'s weights as read again from the checkpoint it came into, layer
+    /// by layer (an unfused checkpoint's experts keep their FP8 scales as values read at
+    /// load, so a fetched one is read anew); layers stored fused are left as they are.
+    pub fn replace_expert(&self, e: u32, weights: BTreeMap<u32, ExpertWeights>) {
+        let mut layers = self.layers.write().expect("layers lock");
+        let mut next = BTreeMap::clone(&layers);
+        for (l, w) in weights {
+            if let Some(Experts::Unfused(list)) = next.get_mut(&l) {
+                if let Some(slot) = list.get_mut(e as usize) {
+                    *slot = w;
+                }
+            }
+        }
+        *layers = Arc::new(next);
     }
 
     pub fn hidden(&self) -> usize {
@@ -171,7 +188,7 @@ impl ExpertShard {
     /// Bytes of one copy of an expert: its weights in every MoE layer, in the checkpoint's
     /// dtype (FP8 codes and scales, or bf16), the largest for a mixed checkpoint.
     pub fn copy_bytes(&self) -> usize {
-        self.layers.values().map(Experts::expert_bytes).sum()
+        self.layers().values().map(Experts::expert_bytes).sum()
     }
 
     pub fn assignment(&self) -> Assignment {
@@ -198,7 +215,7 @@ impl ExpertShard {
     /// Loads `experts` in every MoE layer (see `Experts::load_expert`); returns the bytes.
     pub fn load(&self, experts: &BTreeSet<u32>) -> usize {
         let mut bytes = 0;
-        for (&l, layer) in &self.layers {
+        for (&l, layer) in self.layers().iter() {
             for &e in experts {
                 if (e as usize) >= self.num_experts {
                     continue;
@@ -241,7 +258,7 @@ impl ExpertShard {
                 })
             }
         };
-        if !self.layers.contains_key(&b.layer) {
+        if !self.layers().contains_key(&b.layer) {
             return Err(DispatchError::BadRequest(format!(
                 "layer {} is not a MoE layer",
                 b.layer
@@ -293,7 +310,7 @@ impl ExpertShard {
         if self.gpu.is_some() {
             return false;
         }
-        self.layers[&layer].takes_quantized_inputs(expert as usize)
+        self.layers()[&layer].takes_quantized_inputs(expert as usize)
     }
 
     /// Runs the groups of one layer (checked before) on rows that travelled in `dtype`
@@ -305,7 +322,8 @@ impl ExpertShard {
         inputs: &[f32],
         dtype: WireDType,
     ) -> Result<Vec<f32>, DispatchError> {
-        let experts = &self.layers[&layer];
+        let layers = self.layers();
+        let experts = &layers[&layer];
         if dtype == WireDType::Fp8 {
             let out = experts.run_quantized_groups(groups, inputs, self.hidden);
             self.count(inputs);

@@ -6,9 +6,12 @@
 //! The receiver keeps what arrives in a cache file laid out as a safetensors file of the
 //! expert tensors at their full shapes, sparse until written ([`ExpertCache`]); the shard maps
 //! it like any checkpoint, so fetched experts are computed exactly as read ones, and the
-//! file's name is removed once it is mapped (nothing outlives the worker). An expert's
-//! chunks come in one fixed order (MoE layers ascending, gate_up then down, each slice front
-//! to back): the receiver checks every chunk against the next piece it expects (tensor,
+//! file's name is removed once it is mapped (nothing outlives the worker). An FP8
+//! checkpoint's experts travel per projection: the e4m3 codes as stored and the scales as
+//! the shard holds them (f32, widened exactly), and a fetched one is read anew from the
+//! cache ([`ExpertCache::reread`]). An expert's chunks come in one fixed order (MoE layers
+//! ascending; gate_up then down, or gate, up, down with each weight's scale after it; each
+//! slice front to back): the receiver checks every chunk against the next piece it expects (tensor,
 //! offset, length, dtype, shape) and its CRC-32 before writing it, and the whole expert's
 //! CRC-32 and size at the end. Only then is the expert marked held
 //! ([`crate::shard::ExpertShard::mark_fetched`]); a stream that fails or lies leaves it
@@ -18,8 +21,7 @@
 //! The CRCs catch corruption on the way; the coordinators' digest of each expert
 //! ([`expert_digest`], recorded from the workers with the checkpoint's files) catches a peer
 //! whose copy is not the checkpoint's although its CRCs agree with what it sends. The peers'
-//! identity is mutual TLS's job. Only fused bf16/f32 checkpoints travel so far
-//! (FP8 checkpoints store each expert's projections and scales apart).
+//! identity is mutual TLS's job.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
@@ -28,7 +30,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use expertmesh_model::moe::Experts;
+use expertmesh_model::moe::{ExpertWeights, Experts};
 use expertmesh_model::TextConfig;
 use expertmesh_proto::v1 as pb;
 use tokio_stream::{Stream, StreamExt};
@@ -214,7 +216,8 @@ fn dtype_name(d: expertmesh_model::DType) -> &'static str {
     }
 }
 
-/// One expert tensor of the cache: where its bytes start in the file, and its shape.
+/// One expert tensor of the cache: where its bytes start in the file, its shape, and whose
+/// it is.
 #[derive(Debug, Clone)]
 struct Slot {
     name: String,
@@ -222,18 +225,34 @@ struct Slot {
     shape: Vec<u64>,
     file_offset: u64,
     bytes: u64,
+    /// The expert whose tensor this is (an unfused checkpoint's), or `None` for a fused
+    /// tensor whose first dimension is the expert.
+    expert: Option<u32>,
 }
 
 impl Slot {
-    /// The bytes of one expert's slice (the tensor's first dimension is the expert).
-    fn stride(&self) -> u64 {
-        self.bytes / self.shape[0]
+    /// Where expert `e`'s bytes are in this tensor (`[start, end)`), if anywhere.
+    fn region(&self, e: u32) -> Option<(u64, u64)> {
+        match self.expert {
+            None => {
+                let stride = self.bytes / self.shape[0];
+                (u64::from(e) < self.shape[0])
+                    .then(|| (u64::from(e) * stride, (u64::from(e) + 1) * stride))
+            }
+            Some(x) => (x == e).then_some((0, self.bytes)),
+        }
     }
 }
 
-/// The expert tensors of a fused checkpoint, in the order chunks come: MoE layers
-/// ascending, `gate_up_proj` then `down_proj`.
-fn fused_layout(c: &TextConfig) -> Vec<(String, Vec<u64>)> {
+/// The expert tensors of a checkpoint, in the order their pieces travel (MoE layers
+/// ascending): a fused one's `gate_up_proj` then `down_proj` (every expert in each), or an
+/// unfused one's `experts.{e}.{gate,up,down}_proj.weight`, each FP8 with its
+/// `weight_scale` (as f32, `[out, 1]`) or in the checkpoint's dtype. Name, dtype, shape and
+/// the expert of each.
+fn cache_layout(
+    c: &TextConfig,
+    dtype: &'static str,
+) -> Vec<(String, &'static str, Vec<u64>, Option<u32>)> {
     let (e, h, i) = (
         c.num_local_experts as u64,
         c.hidden_size as u64,
@@ -242,8 +261,33 @@ fn fused_layout(c: &TextConfig) -> Vec<(String, Vec<u64>)> {
     let mut out = Vec::new();
     for l in &c.moe_layers {
         let p = format!("model.layers.{l}.feed_forward.experts");
-        out.push((format!("{p}.gate_up_proj"), vec![e, h, 2 * i]));
-        out.push((format!("{p}.down_proj"), vec![e, i, h]));
+        let Some(q) = &c.quantization else {
+            out.push((format!("{p}.gate_up_proj"), dtype, vec![e, h, 2 * i], None));
+            out.push((format!("{p}.down_proj"), dtype, vec![e, i, h], None));
+            continue;
+        };
+        for x in 0..e as u32 {
+            for (name, rows, cols) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)]
+            {
+                let module = format!("{p}.{x}.{name}");
+                if q.is_quantized(&module) {
+                    out.push((
+                        format!("{module}.weight"),
+                        "F8_E4M3",
+                        vec![rows, cols],
+                        Some(x),
+                    ));
+                    out.push((
+                        format!("{module}.weight_scale"),
+                        "F32",
+                        vec![rows, 1],
+                        Some(x),
+                    ));
+                } else {
+                    out.push((format!("{module}.weight"), dtype, vec![rows, cols], Some(x)));
+                }
+            }
+        }
     }
     out
 }
@@ -257,18 +301,18 @@ pub struct ExpertCache {
     slots: Vec<Slot>,
     /// Whether `create` made the directory (`unlink` then removes it too).
     made_dir: bool,
+    /// The cache as a checkpoint, and the model's config: an unfused expert is read anew
+    /// from it once fetched ([`ExpertCache::reread`]).
+    mapped: expertmesh_model::SafetensorsCheckpoint,
+    config: TextConfig,
 }
 
 impl ExpertCache {
     /// Makes the cache for `config`'s experts in `dir` (a previous cache file there is
-    /// replaced; nothing else in `dir` is touched). The checkpoint's
-    /// dtype comes from the config (`torch_dtype`; bf16 when it says nothing).
+    /// replaced; nothing else in `dir` is touched). The checkpoint's dtype comes from the
+    /// config (`torch_dtype`; bf16 when it says nothing); an FP8 checkpoint's experts are
+    /// FP8 where `quantization_config` says so.
     pub fn create(dir: &Path, config: &TextConfig) -> Result<Self, TransferError> {
-        if config.quantization.is_some() {
-            return Err(TransferError::Unsupported(
-                "a quantized (FP8) checkpoint stores each expert's projections apart".into(),
-            ));
-        }
         let dtype = match config.dtype.as_deref() {
             None | Some("bfloat16") => "BF16",
             Some("float32") => "F32",
@@ -276,7 +320,6 @@ impl ExpertCache {
                 return Err(TransferError::Unsupported(format!("torch_dtype {other}")));
             }
         };
-        let size = if dtype == "BF16" { 2 } else { 4 };
         let io = |source| TransferError::Cache {
             path: dir.to_owned(),
             source,
@@ -292,7 +335,12 @@ impl ExpertCache {
         let mut header = serde_json::Map::new();
         let mut slots = Vec::new();
         let mut at = 0u64;
-        for (name, shape) in fused_layout(config) {
+        for (name, dtype, shape, expert) in cache_layout(config, dtype) {
+            let size = match dtype {
+                "F8_E4M3" => 1,
+                "BF16" => 2,
+                _ => 4,
+            };
             let bytes = shape.iter().product::<u64>() * size;
             header.insert(
                 name.clone(),
@@ -304,6 +352,7 @@ impl ExpertCache {
                 shape,
                 file_offset: at,
                 bytes,
+                expert,
             });
             at += bytes;
         }
@@ -324,12 +373,50 @@ impl ExpertCache {
             .and_then(|()| file.write_all_at(&head, 8))
             .and_then(|()| file.set_len(data_start + at))
             .map_err(io)?;
+        let mapped = expertmesh_model::SafetensorsCheckpoint::open(dir)
+            .map_err(|e| io(std::io::Error::other(e.to_string())))?;
         Ok(Self {
             dir: dir.to_owned(),
             file: Mutex::new(file),
             slots,
             made_dir,
+            mapped,
+            config: config.clone(),
         })
+    }
+
+    /// The cache mapped as a checkpoint, for the shard that computes with it.
+    pub fn weights(&self) -> &expertmesh_model::SafetensorsCheckpoint {
+        &self.mapped
+    }
+
+    /// Expert `e`'s regions of the cache in the order its pieces travel: each tensor and
+    /// the byte range of it that is the expert's.
+    fn regions(&self, e: u32) -> impl Iterator<Item = (&Slot, u64, u64)> {
+        self.slots
+            .iter()
+            .filter_map(move |s| s.region(e).map(|(start, end)| (s, start, end)))
+    }
+
+    /// Expert `e`'s weights in every MoE layer as the cache now holds them, for an unfused
+    /// checkpoint (whose FP8 scales the shard read at load); `None` for a fused one (its
+    /// shard reads the mapped bytes as they are).
+    pub fn reread(&self, e: u32) -> Result<Option<BTreeMap<u32, ExpertWeights>>, TransferError> {
+        if self.config.quantization.is_none() {
+            return Ok(None);
+        }
+        let mut out = BTreeMap::new();
+        for &l in &self.config.moe_layers {
+            let w =
+                ExpertWeights::load(&self.mapped, &self.config, l, e as usize).map_err(|err| {
+                    TransferError::Cache {
+                        path: self.dir.clone(),
+                        source: std::io::Error::other(err.to_string()),
+                    }
+                })?;
+            out.insert(l as u32, w);
+        }
+        Ok(Some(out))
     }
 
     /// Removes the cache file's name (and the directory, when `create` made it) once the
@@ -355,7 +442,7 @@ impl ExpertCache {
 
     /// Bytes of one expert over every MoE layer.
     pub fn expert_bytes(&self) -> u64 {
-        self.slots.iter().map(Slot::stride).sum()
+        self.regions(0).map(|(_, start, end)| end - start).sum()
     }
 
     fn write(&self, slot: &Slot, offset: u64, data: &[u8]) -> Result<(), TransferError> {
@@ -384,13 +471,47 @@ struct Piece {
 /// ascending, `gate_up_proj` then `down_proj`).
 fn expert_pieces(shard: &ExpertShard, e: u32) -> Result<Vec<Piece>, TransferError> {
     let mut pieces = Vec::new();
-    for (l, experts) in shard.layers() {
-        let Experts::Fused { gate_up, down } = experts else {
-            return Err(TransferError::Unsupported(format!(
-                "layer {l}'s experts are stored apart (FP8)"
-            )));
-        };
+    for (l, experts) in shard.layers().iter() {
         let p = format!("model.layers.{l}.feed_forward.experts");
+        let (gate_up, down) = match experts {
+            Experts::Fused { gate_up, down } => (gate_up, down),
+            Experts::Unfused(list) => {
+                let Some(w) = list.get(e as usize) else {
+                    return Err(TransferError::Unsupported(format!("no expert {e}")));
+                };
+                for (name, linear) in [
+                    ("gate_proj", &w.gate),
+                    ("up_proj", &w.up),
+                    ("down_proj", &w.down),
+                ] {
+                    let module = format!("{p}.{e}.{name}");
+                    let weight = linear.weight();
+                    pieces.push(Piece {
+                        tensor: format!("{module}.weight"),
+                        dtype: weight.dtype,
+                        shape: weight.shape.clone(),
+                        base: 0,
+                        slice: weight.clone(),
+                    });
+                    // The scales as the shard holds them: f32, widened exactly from the
+                    // checkpoint's bf16/f16/f32, so the receiver computes the same bits.
+                    if let Some(scale) = linear.fp8_scale() {
+                        pieces.push(Piece {
+                            tensor: format!("{module}.weight_scale"),
+                            dtype: expertmesh_model::DType::F32,
+                            shape: vec![scale.len(), 1],
+                            base: 0,
+                            slice: expertmesh_model::Tensor::from_bytes(
+                                expertmesh_model::DType::F32,
+                                vec![scale.len(), 1],
+                                scale.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                            ),
+                        });
+                    }
+                }
+                continue;
+            }
+        };
         for (tensor, t) in [
             (format!("{p}.gate_up_proj"), gate_up),
             (format!("{p}.down_proj"), down),
@@ -563,13 +684,12 @@ pub async fn receive(
         peer: peer.to_owned(),
         reason,
     };
-    if e as u64 >= cache.slots.first().map_or(0, |s| s.shape[0]) {
+    if e as usize >= cache.config.num_local_experts {
         return Err(corrupt("no such expert".into()));
     }
     let mut whole = crc32fast::Hasher::new();
     let mut got = 0u64;
-    for slot in &cache.slots {
-        let (start, end) = (e as u64 * slot.stride(), (e as u64 + 1) * slot.stride());
+    for (slot, start, end) in cache.regions(e) {
         let mut at = start;
         while at < end {
             let chunk = match tokio::time::timeout(CHUNK_DEADLINE, stream.next()).await {
@@ -653,6 +773,13 @@ pub async fn fetch_expert(
             Ok(stream) => receive(cache, e, digest, &peer, stream, &in_flight.bytes).await,
             Err(err) => Err(err),
         };
+        // An unfused expert is read anew from the cache (its scales were read at load).
+        let outcome = outcome.and_then(|bytes| {
+            if let Some(weights) = cache.reread(e)? {
+                shard.replace_expert(e, weights);
+            }
+            Ok(bytes)
+        });
         match outcome {
             Ok(bytes) => {
                 shard.mark_fetched(e, &peer);

@@ -8,24 +8,26 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use expertmesh_dispatch::WireDType;
 use expertmesh_expert_worker::transfer::{
     expert_chunks, expert_digest, fetch_expert, receive, ChunkStream, ExpertCache, ExpertSource,
     RateLimit, TransferError,
 };
 use expertmesh_expert_worker::{Assignment, ExpertShard};
-use expertmesh_model::moe::Experts;
+use expertmesh_model::moe::{ExpertGroup, Experts};
 use expertmesh_model::{ModelSource, TextConfig};
 use expertmesh_proto::v1 as pb;
 use tokio_stream::StreamExt;
 
-fn fixture() -> ModelSource {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-maverick");
-    ModelSource::Dir(dir)
+/// The tiny bf16 fixture's config and a shard over its checkpoint (the sender).
+fn sender() -> (TextConfig, Arc<ExpertShard>) {
+    sender_of("tiny-maverick")
 }
 
-/// The fixture's config and a shard over its checkpoint (the sender).
-fn sender() -> (TextConfig, Arc<ExpertShard>) {
-    let source = fixture();
+/// A fixture's config and a shard over its checkpoint.
+fn sender_of(fixture: &str) -> (TextConfig, Arc<ExpertShard>) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let source = ModelSource::Dir(dir.join(fixture));
     let config = source.config().unwrap();
     let shard = ExpertShard::new(&config, source.weights().unwrap().as_ref()).unwrap();
     (config, Arc::new(shard))
@@ -36,8 +38,9 @@ fn receiver(config: &TextConfig, name: &str) -> (ExpertCache, Arc<ExpertShard>) 
     let dir =
         std::env::temp_dir().join(format!("expertmesh-transfer-{name}-{}", std::process::id()));
     let cache = ExpertCache::create(&dir, config).unwrap();
-    let weights = expertmesh_model::SafetensorsCheckpoint::open(cache.dir()).unwrap();
-    let shard = ExpertShard::new(config, &weights).unwrap().weightless();
+    let shard = ExpertShard::new(config, cache.weights())
+        .unwrap()
+        .weightless();
     // As the worker does: what is written after the name is gone still reaches the map.
     cache.unlink().unwrap();
     assert!(!cache.dir().exists());
@@ -205,6 +208,42 @@ async fn an_expert_no_holder_sends_whole_is_never_held_nor_computed() {
         ),
         "{refused}"
     );
+    let _ = std::fs::remove_dir_all(cache.dir());
+}
+
+/// An FP8 checkpoint's experts travel per projection (e4m3 codes, then the scales as f32):
+/// a fetched one is read anew and computes the sender's bits.
+#[tokio::test]
+async fn fp8_experts_travel_and_compute_the_senders_bits() {
+    let (config, from) = sender_of("tiny-maverick-fp8");
+    let (cache, to) = receiver(&config, "fp8");
+    for e in [0u32, 77, 127] {
+        let sources = [source(&from, Fault::Corrupt(1)), source(&from, Fault::None)];
+        let digest = expert_digest(&from, e).unwrap();
+        fetch_expert(&to, &cache, e, Some(digest), &sources)
+            .await
+            .unwrap();
+        assert!(to.holds(e));
+        assert_eq!(expert_digest(&to, e).unwrap(), digest, "expert {e}");
+    }
+    assert!(!to.holds(1));
+    let hidden = to.hidden();
+    let groups = [(0, 2), (77, 1), (127, 3)].map(|(expert, rows)| ExpertGroup { expert, rows });
+    let inputs: Vec<f32> = (0..6 * hidden)
+        .map(|i| (i * 37 % 101) as f32 / 50.0 - 1.0)
+        .collect();
+    for &layer in from.layers().keys() {
+        let want = from
+            .compute(layer, &groups, &inputs, WireDType::F32)
+            .unwrap();
+        assert!(want.iter().any(|&v| v != 0.0));
+        let got = to.compute(layer, &groups, &inputs, WireDType::F32).unwrap();
+        assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "layer {layer}"
+        );
+    }
     let _ = std::fs::remove_dir_all(cache.dir());
 }
 

@@ -92,6 +92,16 @@ impl Linear {
         l
     }
 
+    /// The weight as stored (FP8 codes for an FP8 weight).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// An FP8 weight's scale per output row.
+    pub fn fp8_scale(&self) -> Option<&[f32]> {
+        self.fp8.as_ref().map(|f| &f.scale[..])
+    }
+
     /// Whether the weight is FP8.
     pub fn is_fp8(&self) -> bool {
         self.fp8.is_some()

@@ -483,24 +483,31 @@ impl Experts {
             Err(other) => return Err(other),
         }
         (0..e)
-            .map(|x| {
-                let lin = |name: &str, out: usize, inp: usize| {
-                    quant::linear(
-                        src,
-                        c.quantization.as_ref(),
-                        &format!("{p}.{x}.{name}"),
-                        out,
-                        inp,
-                    )
-                };
-                Ok(ExpertWeights {
-                    gate: lin("gate_proj", i, h)?,
-                    up: lin("up_proj", i, h)?,
-                    down: lin("down_proj", h, i)?,
-                })
-            })
+            .map(|x| ExpertWeights::load(src, c, layer, x))
             .collect::<Result<Vec<_>>>()
             .map(Self::Unfused)
+    }
+}
+
+impl ExpertWeights {
+    /// Expert `e` of MoE layer `layer` in an unfused checkpoint
+    /// (`experts.{e}.{gate,up,down}_proj`, each FP8 with its `weight_scale` or bf16).
+    pub fn load(src: &dyn WeightSource, c: &TextConfig, layer: usize, e: usize) -> Result<Self> {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let lin = |name: &str, out: usize, inp: usize| {
+            quant::linear(
+                src,
+                c.quantization.as_ref(),
+                &format!("model.layers.{layer}.feed_forward.experts.{e}.{name}"),
+                out,
+                inp,
+            )
+        };
+        Ok(Self {
+            gate: lin("gate_proj", i, h)?,
+            up: lin("up_proj", i, h)?,
+            down: lin("down_proj", h, i)?,
+        })
     }
 }
 

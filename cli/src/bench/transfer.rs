@@ -13,13 +13,13 @@ use expertmesh_expert_worker::transfer::{
     expert_digest, fetch_expert, ExpertCache, ExpertSource, GrpcSource, FETCHES_IN_FLIGHT,
 };
 use expertmesh_expert_worker::{Batcher, BatcherConfig, ExpertServer, ExpertShard};
-use expertmesh_model::{ModelSource, SafetensorsCheckpoint};
+use expertmesh_model::ModelSource;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Args, Debug)]
 pub struct TransferArgs {
-    /// The checkpoint whose experts travel (a fused bf16 one).
+    /// The checkpoint whose experts travel.
     #[arg(long, default_value = "tests/fixtures/tiny-maverick")]
     model: String,
     #[arg(long, default_value_t = 3)]
@@ -92,8 +92,7 @@ async fn measure(args: &TransferArgs) -> Result<Report> {
             std::process::id()
         ));
         let cache = Arc::new(ExpertCache::create(&dir, &config)?);
-        let weights = SafetensorsCheckpoint::open(cache.dir())?;
-        let receiver = Arc::new(ExpertShard::new(&config, &weights)?.weightless());
+        let receiver = Arc::new(ExpertShard::new(&config, cache.weights())?.weightless());
         let peer: Vec<Arc<dyn ExpertSource>> = vec![Arc::new(GrpcSource::new(&address)?)];
         let started = Instant::now();
         let mut tasks: tokio::task::JoinSet<
