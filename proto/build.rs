@@ -14,7 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["."])?;
     tonic_prost_build::configure()
         .bytes(".expertmesh.v1.Tensor.data")
-        .bytes(".expertmesh.v1.ExpertChunk.data")
+        .bytes(".expertmesh.v1.WeightChunk.data")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -13,12 +13,17 @@
 //! in `expertmesh-dispatch`; this crate is the answering side: the [`Batcher`] is the
 //! seam's `Answer` (what the in-process and NCCL transports deliver to) and the
 //! [`ExpertServer`] puts it behind gRPC.
+//!
+//! A worker without the checkpoint's weights takes its experts from peers ([`transfer`]);
+//! the chunked, checked transfer of weights into a mapped file is [`weight_file`], which
+//! attention workers use for their dense weights too.
 
 pub mod batcher;
 pub mod node;
 pub mod server;
 pub mod shard;
 pub mod transfer;
+pub mod weight_file;
 
 pub use batcher::{Batcher, BatcherConfig};
 pub use node::{run, ExpertWorkerConfig, NodeError, WorkerConfig};

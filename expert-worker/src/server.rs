@@ -57,7 +57,7 @@ impl ExpertServer {
 #[tonic::async_trait]
 impl ExpertService for ExpertServer {
     type DispatchStream = ReceiverStream<Result<pb::DispatchReply, Status>>;
-    type FetchExpertsStream = ReceiverStream<Result<pb::ExpertChunk, Status>>;
+    type FetchExpertsStream = ReceiverStream<Result<pb::WeightChunk, Status>>;
 
     async fn fetch_experts(
         &self,

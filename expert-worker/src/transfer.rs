@@ -24,7 +24,6 @@
 //! identity is mutual TLS's job.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -36,15 +35,13 @@ use expertmesh_proto::v1 as pb;
 use tokio_stream::{Stream, StreamExt};
 
 use crate::shard::ExpertShard;
+use crate::weight_file::{Piece, TensorSpec, WeightFile};
 
-/// The most bytes of one chunk.
-pub const CHUNK_BYTES: usize = 1 << 20;
+pub use crate::weight_file::CHUNK_BYTES;
 /// Experts a worker fetches at once (spread over their holders).
 pub const FETCHES_IN_FLIGHT: usize = 8;
 /// How long one expert's transfer from one peer may take before the next peer is asked.
 const EXPERT_DEADLINE: Duration = Duration::from_secs(120);
-/// How long the next chunk may keep the receiver waiting (a stalled sender is left sooner).
-const CHUNK_DEADLINE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
@@ -57,9 +54,9 @@ pub enum TransferError {
     },
     #[error("{peer}: {reason}")]
     Peer { peer: String, reason: String },
-    #[error("expert {expert} from {peer}: {reason}")]
+    #[error("{what} from {peer}: {reason}")]
     Corrupt {
-        expert: u32,
+        what: String,
         peer: String,
         reason: String,
     },
@@ -205,65 +202,34 @@ impl TransferStats {
     }
 }
 
-/// The safetensors name of a dtype.
-fn dtype_name(d: expertmesh_model::DType) -> &'static str {
-    use expertmesh_model::DType;
-    match d {
-        DType::BF16 => "BF16",
-        DType::F16 => "F16",
-        DType::F32 => "F32",
-        DType::F8E4M3 => "F8_E4M3",
-    }
-}
-
-/// One expert tensor of the cache: where its bytes start in the file, its shape, and whose
-/// it is.
-#[derive(Debug, Clone)]
-struct Slot {
-    name: String,
-    dtype: &'static str,
-    shape: Vec<u64>,
-    file_offset: u64,
-    bytes: u64,
-    /// The expert whose tensor this is (an unfused checkpoint's), or `None` for a fused
-    /// tensor whose first dimension is the expert.
-    expert: Option<u32>,
-}
-
-impl Slot {
-    /// Where expert `e`'s bytes are in this tensor (`[start, end)`), if anywhere.
-    fn region(&self, e: u32) -> Option<(u64, u64)> {
-        match self.expert {
-            None => {
-                let stride = self.bytes / self.shape[0];
-                (u64::from(e) < self.shape[0])
-                    .then(|| (u64::from(e) * stride, (u64::from(e) + 1) * stride))
-            }
-            Some(x) => (x == e).then_some((0, self.bytes)),
-        }
-    }
-}
-
 /// The expert tensors of a checkpoint, in the order their pieces travel (MoE layers
 /// ascending): a fused one's `gate_up_proj` then `down_proj` (every expert in each), or an
 /// unfused one's `experts.{e}.{gate,up,down}_proj.weight`, each FP8 with its
 /// `weight_scale` (as f32, `[out, 1]`) or in the checkpoint's dtype. Name, dtype, shape and
 /// the expert of each.
-fn cache_layout(
-    c: &TextConfig,
-    dtype: &'static str,
-) -> Vec<(String, &'static str, Vec<u64>, Option<u32>)> {
+fn cache_layout(c: &TextConfig, dtype: &'static str) -> Vec<TensorSpec> {
     let (e, h, i) = (
         c.num_local_experts as u64,
         c.hidden_size as u64,
         c.intermediate_size as u64,
     );
+    let spec = |name, dtype, shape, expert| TensorSpec {
+        name,
+        dtype,
+        shape,
+        expert,
+    };
     let mut out = Vec::new();
     for l in &c.moe_layers {
         let p = format!("model.layers.{l}.feed_forward.experts");
         let Some(q) = &c.quantization else {
-            out.push((format!("{p}.gate_up_proj"), dtype, vec![e, h, 2 * i], None));
-            out.push((format!("{p}.down_proj"), dtype, vec![e, i, h], None));
+            out.push(spec(
+                format!("{p}.gate_up_proj"),
+                dtype,
+                vec![e, h, 2 * i],
+                None,
+            ));
+            out.push(spec(format!("{p}.down_proj"), dtype, vec![e, i, h], None));
             continue;
         };
         for x in 0..e as u32 {
@@ -271,20 +237,25 @@ fn cache_layout(
             {
                 let module = format!("{p}.{x}.{name}");
                 if q.is_quantized(&module) {
-                    out.push((
+                    out.push(spec(
                         format!("{module}.weight"),
                         "F8_E4M3",
                         vec![rows, cols],
                         Some(x),
                     ));
-                    out.push((
+                    out.push(spec(
                         format!("{module}.weight_scale"),
                         "F32",
                         vec![rows, 1],
                         Some(x),
                     ));
                 } else {
-                    out.push((format!("{module}.weight"), dtype, vec![rows, cols], Some(x)));
+                    out.push(spec(
+                        format!("{module}.weight"),
+                        dtype,
+                        vec![rows, cols],
+                        Some(x),
+                    ));
                 }
             }
         }
@@ -292,18 +263,13 @@ fn cache_layout(
     out
 }
 
-/// Where fetched experts are written: `dir/model.safetensors`, a safetensors file of every
-/// expert tensor at its full shape whose data stays a hole until written.
+/// Where fetched experts are written: a [`WeightFile`] of every expert tensor at its full
+/// shape, sparse until written.
 #[derive(Debug)]
 pub struct ExpertCache {
-    dir: PathBuf,
-    file: Mutex<std::fs::File>,
-    slots: Vec<Slot>,
-    /// Whether `create` made the directory (`unlink` then removes it too).
-    made_dir: bool,
-    /// The cache as a checkpoint, and the model's config: an unfused expert is read anew
-    /// from it once fetched ([`ExpertCache::reread`]).
-    mapped: expertmesh_model::SafetensorsCheckpoint,
+    file: WeightFile,
+    /// The model's config: an unfused expert is read anew from the file once fetched
+    /// ([`ExpertCache::reread`]).
     config: TextConfig,
 }
 
@@ -320,82 +286,15 @@ impl ExpertCache {
                 return Err(TransferError::Unsupported(format!("torch_dtype {other}")));
             }
         };
-        let io = |source| TransferError::Cache {
-            path: dir.to_owned(),
-            source,
-        };
-        let made_dir = !dir.exists();
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let path = dir.join("model.safetensors");
-        // A previous run's cache: its experts are fetched again (nothing vouches for them).
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
-            _ => {}
-        }
-        let mut header = serde_json::Map::new();
-        let mut slots = Vec::new();
-        let mut at = 0u64;
-        for (name, dtype, shape, expert) in cache_layout(config, dtype) {
-            let size = match dtype {
-                "F8_E4M3" => 1,
-                "BF16" => 2,
-                _ => 4,
-            };
-            let bytes = shape.iter().product::<u64>() * size;
-            header.insert(
-                name.clone(),
-                serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [at, at + bytes]}),
-            );
-            slots.push(Slot {
-                name,
-                dtype,
-                shape,
-                file_offset: at,
-                bytes,
-                expert,
-            });
-            at += bytes;
-        }
-        let mut head = serde_json::to_vec(&header).expect("a JSON map serializes");
-        // The data starts 8-byte aligned, as safetensors writers leave it.
-        head.resize(head.len().div_ceil(8) * 8, b' ');
-        let data_start = 8 + head.len() as u64;
-        for s in &mut slots {
-            s.file_offset += data_start;
-        }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io)?;
-        file.write_all_at(&(head.len() as u64).to_le_bytes(), 0)
-            .and_then(|()| file.write_all_at(&head, 8))
-            .and_then(|()| file.set_len(data_start + at))
-            .map_err(io)?;
-        let mapped = expertmesh_model::SafetensorsCheckpoint::open(dir)
-            .map_err(|e| io(std::io::Error::other(e.to_string())))?;
         Ok(Self {
-            dir: dir.to_owned(),
-            file: Mutex::new(file),
-            slots,
-            made_dir,
-            mapped,
+            file: WeightFile::create(dir, cache_layout(config, dtype))?,
             config: config.clone(),
         })
     }
 
     /// The cache mapped as a checkpoint, for the shard that computes with it.
     pub fn weights(&self) -> &expertmesh_model::SafetensorsCheckpoint {
-        &self.mapped
-    }
-
-    /// Expert `e`'s regions of the cache in the order its pieces travel: each tensor and
-    /// the byte range of it that is the expert's.
-    fn regions(&self, e: u32) -> impl Iterator<Item = (&Slot, u64, u64)> {
-        self.slots
-            .iter()
-            .filter_map(move |s| s.region(e).map(|(start, end)| (s, start, end)))
+        self.file.weights()
     }
 
     /// Expert `e`'s weights in every MoE layer as the cache now holds them, for an unfused
@@ -407,64 +306,35 @@ impl ExpertCache {
         }
         let mut out = BTreeMap::new();
         for &l in &self.config.moe_layers {
-            let w =
-                ExpertWeights::load(&self.mapped, &self.config, l, e as usize).map_err(|err| {
-                    TransferError::Cache {
-                        path: self.dir.clone(),
-                        source: std::io::Error::other(err.to_string()),
-                    }
-                })?;
+            let w = ExpertWeights::load(self.weights(), &self.config, l, e as usize).map_err(
+                |err| TransferError::Cache {
+                    path: self.dir().to_owned(),
+                    source: std::io::Error::other(err.to_string()),
+                },
+            )?;
             out.insert(l as u32, w);
         }
         Ok(Some(out))
     }
 
-    /// Removes the cache file's name (and the directory, when `create` made it) once the
-    /// shard has mapped it: the worker's writes and its map share the file, which the system
-    /// frees when the worker exits, however it exits. Nothing is left on disk.
+    /// Removes the cache file's name once the shard has mapped it ([`WeightFile::unlink`]).
     pub fn unlink(&self) -> Result<(), TransferError> {
-        std::fs::remove_file(self.dir.join("model.safetensors")).map_err(|source| {
-            TransferError::Cache {
-                path: self.dir.clone(),
-                source,
-            }
-        })?;
-        if self.made_dir {
-            let _ = std::fs::remove_dir(&self.dir);
-        }
-        Ok(())
+        self.file.unlink()
     }
 
-    /// The directory to open as the shard's weights.
+    /// The directory the cache file is in.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.file.dir()
     }
 
     /// Bytes of one expert over every MoE layer.
     pub fn expert_bytes(&self) -> u64 {
-        self.regions(0).map(|(_, start, end)| end - start).sum()
+        self.file
+            .expert_regions(0)
+            .iter()
+            .map(|(_, start, end)| end - start)
+            .sum()
     }
-
-    fn write(&self, slot: &Slot, offset: u64, data: &[u8]) -> Result<(), TransferError> {
-        // One writer at a time: the filesystem serializes writes to one file anyway (the
-        // inode lock), and a writer left to wait there spins on the core the network needs.
-        let file = self.file.lock().expect("cache file lock");
-        file.write_all_at(data, slot.file_offset + offset)
-            .map_err(|source| TransferError::Cache {
-                path: self.dir.clone(),
-                source,
-            })
-    }
-}
-
-/// One tensor of an expert as it travels: the cache tensor's name, dtype and full shape,
-/// where the expert's slice starts in it, and the slice.
-struct Piece {
-    tensor: String,
-    dtype: expertmesh_model::DType,
-    shape: Vec<usize>,
-    base: u64,
-    slice: expertmesh_model::Tensor,
 }
 
 /// Expert `e`'s tensors as this shard holds them, in the order they travel (MoE layers
@@ -491,7 +361,7 @@ fn expert_pieces(shard: &ExpertShard, e: u32) -> Result<Vec<Piece>, TransferErro
                         dtype: weight.dtype,
                         shape: weight.shape.clone(),
                         base: 0,
-                        slice: weight.clone(),
+                        bytes: weight.clone(),
                     });
                     // The scales as the shard holds them: f32, widened exactly from the
                     // checkpoint's bf16/f16/f32, so the receiver computes the same bits.
@@ -501,7 +371,7 @@ fn expert_pieces(shard: &ExpertShard, e: u32) -> Result<Vec<Piece>, TransferErro
                             dtype: expertmesh_model::DType::F32,
                             shape: vec![scale.len(), 1],
                             base: 0,
-                            slice: expertmesh_model::Tensor::from_bytes(
+                            bytes: expertmesh_model::Tensor::from_bytes(
                                 expertmesh_model::DType::F32,
                                 vec![scale.len(), 1],
                                 scale.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -522,7 +392,7 @@ fn expert_pieces(shard: &ExpertShard, e: u32) -> Result<Vec<Piece>, TransferErro
                 dtype: t.dtype,
                 shape: t.shape.clone(),
                 base: (e as usize * slice.size_bytes()) as u64,
-                slice,
+                bytes: slice,
             });
         }
     }
@@ -535,7 +405,7 @@ fn expert_pieces(shard: &ExpertShard, e: u32) -> Result<Vec<Piece>, TransferErro
 pub fn expert_digest(shard: &ExpertShard, e: u32) -> Result<u32, TransferError> {
     let mut crc = crc32fast::Hasher::new();
     for piece in expert_pieces(shard, e)? {
-        crc.update(piece.slice.bytes());
+        crc.update(piece.bytes.bytes());
     }
     Ok(crc.finalize())
 }
@@ -544,64 +414,12 @@ pub fn expert_digest(shard: &ExpertShard, e: u32) -> Result<u32, TransferError> 
 pub fn expert_chunks(
     shard: &ExpertShard,
     e: u32,
-) -> Result<impl Iterator<Item = pb::ExpertChunk> + Send + 'static, TransferError> {
-    let pieces = expert_pieces(shard, e)?;
-    let total: u64 = pieces.iter().map(|p| p.slice.size_bytes() as u64).sum();
-    let mut whole = crc32fast::Hasher::new();
-    let mut sent = 0u64;
-    Ok(pieces
-        .into_iter()
-        .flat_map(|piece| {
-            let len = piece.slice.size_bytes();
-            // The chunks are views of the held tensor (the mapped checkpoint or cache):
-            // their bytes are copied once, into the frame.
-            let bytes = bytes::Bytes::from_owner(Held(piece.slice));
-            let (tensor, dtype, shape, base) = (piece.tensor, piece.dtype, piece.shape, piece.base);
-            (0..len.div_ceil(CHUNK_BYTES)).map(move |k| {
-                let from = k * CHUNK_BYTES;
-                let data = bytes.slice(from..(from + CHUNK_BYTES).min(len));
-                (
-                    tensor.clone(),
-                    dtype,
-                    shape.clone(),
-                    base + from as u64,
-                    data,
-                )
-            })
-        })
-        .map(move |(tensor, dtype, shape, offset, data)| {
-            // One pass over the bytes: the chunk's CRC, folded into the expert's.
-            let mut crc = crc32fast::Hasher::new();
-            crc.update(&data);
-            whole.combine(&crc);
-            sent += data.len() as u64;
-            let last = sent == total;
-            pb::ExpertChunk {
-                expert: e,
-                tensor,
-                dtype: dtype_name(dtype).into(),
-                shape: shape.iter().map(|&d| d as u64).collect(),
-                offset,
-                crc32: crc.finalize(),
-                data,
-                last,
-                expert_crc32: if last { whole.clone().finalize() } else { 0 },
-                expert_bytes: if last { total } else { 0 },
-            }
-        }))
-}
-
-/// A held expert tensor's bytes, shared with the chunks that send them.
-struct Held(expertmesh_model::Tensor);
-
-impl AsRef<[u8]> for Held {
-    fn as_ref(&self) -> &[u8] {
-        self.0.bytes()
-    }
+) -> Result<impl Iterator<Item = pb::WeightChunk> + Send + 'static, TransferError> {
+    Ok(crate::weight_file::chunks(expert_pieces(shard, e)?, e))
 }
 
 /// A stream of one expert's chunks from a peer.
-pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ExpertChunk, TransferError>> + Send>>;
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::WeightChunk, TransferError>> + Send>>;
 
 /// Where an expert's bytes can come from: a peer worker (over gRPC), or a test's fake.
 #[tonic::async_trait]
@@ -679,75 +497,30 @@ pub async fn receive(
     mut stream: ChunkStream,
     progress: &std::sync::atomic::AtomicU64,
 ) -> Result<u64, TransferError> {
-    let corrupt = |reason: String| TransferError::Corrupt {
-        expert: e,
-        peer: peer.to_owned(),
-        reason,
-    };
+    let what = format!("expert {e}");
     if e as usize >= cache.config.num_local_experts {
-        return Err(corrupt("no such expert".into()));
+        return Err(TransferError::Corrupt {
+            what,
+            peer: peer.to_owned(),
+            reason: "no such expert".into(),
+        });
     }
-    let mut whole = crc32fast::Hasher::new();
-    let mut got = 0u64;
-    for (slot, start, end) in cache.regions(e) {
-        let mut at = start;
-        while at < end {
-            let chunk = match tokio::time::timeout(CHUNK_DEADLINE, stream.next()).await {
-                Err(_) => return Err(corrupt("the stream stalled".into())),
-                Ok(None) => {
-                    return Err(corrupt(format!(
-                        "the stream ended at {} of {}",
-                        slot.name, at
-                    )))
-                }
-                Ok(Some(chunk)) => chunk?,
-            };
-            let expected = (end - at).min(CHUNK_BYTES as u64);
-            if chunk.expert != e
-                || chunk.tensor != slot.name
-                || chunk.offset != at
-                || chunk.data.len() as u64 != expected
-                || chunk.dtype != slot.dtype
-                || chunk.shape != slot.shape
-            {
-                return Err(corrupt(format!(
-                    "a chunk of {} {:?} at {} ({} bytes) where {} {} at {at} ({expected} bytes) was due",
-                    chunk.tensor,
-                    chunk.shape,
-                    chunk.offset,
-                    chunk.data.len(),
-                    slot.name,
-                    slot.dtype,
-                )));
-            }
-            let mut crc = crc32fast::Hasher::new();
-            crc.update(&chunk.data);
-            if crc.clone().finalize() != chunk.crc32 {
-                return Err(corrupt(format!(
-                    "the chunk of {} at {at} fails its CRC",
-                    slot.name
-                )));
-            }
-            cache.write(slot, at, &chunk.data)?;
-            whole.combine(&crc);
-            got += expected;
-            progress.store(got, std::sync::atomic::Ordering::Relaxed);
-            at += expected;
-            let last = got == cache.expert_bytes();
-            if chunk.last != last {
-                return Err(corrupt(format!("the last chunk came after {got} bytes")));
-            }
-            if last && (chunk.expert_crc32 != whole.clone().finalize() || chunk.expert_bytes != got)
-            {
-                return Err(corrupt("the whole expert fails its CRC".into()));
-            }
-            if last && digest.is_some_and(|d| d != whole.clone().finalize()) {
-                return Err(corrupt(
-                    "the whole expert is not the checkpoint's: its CRC differs from the digest the coordinators hold"
-                        .into(),
-                ));
-            }
-        }
+    let regions = cache.file.expert_regions(e);
+    let (whole, got) = crate::weight_file::receive(
+        &cache.file,
+        &regions,
+        e,
+        (&what, peer),
+        &mut stream,
+        progress,
+    )
+    .await?;
+    if digest.is_some_and(|d| d != whole.finalize()) {
+        return Err(TransferError::Corrupt {
+            what,
+            peer: peer.to_owned(),
+            reason: "the whole expert is not the checkpoint's: its CRC differs from the digest the coordinators hold".into(),
+        });
     }
     Ok(got)
 }

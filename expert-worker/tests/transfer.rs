@@ -76,7 +76,7 @@ impl ExpertSource for FakeSource {
     }
 
     async fn fetch(&self, e: u32) -> Result<ChunkStream, TransferError> {
-        let mut chunks: Vec<pb::ExpertChunk> = expert_chunks(&self.shard, e)?.collect();
+        let mut chunks: Vec<pb::WeightChunk> = expert_chunks(&self.shard, e)?.collect();
         match self.fault {
             Fault::None => {}
             Fault::Corrupt(k) => {
@@ -93,7 +93,7 @@ impl ExpertSource for FakeSource {
                     c.crc32 = crc32fast::hash(&c.data);
                     whole.update(&c.data);
                 }
-                chunks.last_mut().unwrap().expert_crc32 = whole.finalize();
+                chunks.last_mut().unwrap().whole_crc32 = whole.finalize();
             }
             Fault::Die(k) => chunks.truncate(k),
             Fault::Misplace(k) => chunks[k].offset += 1,
@@ -101,7 +101,7 @@ impl ExpertSource for FakeSource {
                 chunks.truncate(k);
                 let sent = tokio_stream::iter(chunks.into_iter().map(Ok));
                 return Ok(Box::pin(sent.chain(tokio_stream::pending::<
-                    Result<pb::ExpertChunk, TransferError>,
+                    Result<pb::WeightChunk, TransferError>,
                 >())));
             }
         }
@@ -252,13 +252,13 @@ async fn chunks_for_another_expert_or_past_the_end_are_refused() {
     let (config, from) = sender();
     let (cache, _) = receiver(&config, "hostile");
     // Expert 9's chunks offered as expert 8's.
-    let chunks: Vec<pb::ExpertChunk> = expert_chunks(&from, 9).unwrap().collect();
+    let chunks: Vec<pb::WeightChunk> = expert_chunks(&from, 9).unwrap().collect();
     let stream: ChunkStream = Box::pin(tokio_stream::iter(chunks.clone().into_iter().map(Ok)));
     let wrong = receive(&cache, 8, None, "hostile", stream, &Default::default())
         .await
         .unwrap_err();
     assert!(
-        matches!(wrong, TransferError::Corrupt { expert: 8, .. }),
+        matches!(&wrong, TransferError::Corrupt { what, .. } if what == "expert 8"),
         "{wrong}"
     );
     // An expert the model does not have.

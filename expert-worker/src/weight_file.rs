@@ -1,0 +1,347 @@
+//! Weights on their way between workers, whatever they are (an expert's slices, an attention
+//! worker's dense tensors): the sender cuts tensors into [`pb::WeightChunk`]s ([`chunks`]);
+//! the receiver writes them into a [`WeightFile`], a safetensors file laid out in advance
+//! whose data stays a hole until written, checking each chunk against the piece due next
+//! (tensor, offset, length, dtype, shape) and its CRC-32 before writing it, and the whole
+//! set's CRC-32 and size at the end ([`receive`]). The file is mapped as a checkpoint, so
+//! what arrives is computed exactly as what is read from a model directory.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use expertmesh_model::{DType, SafetensorsCheckpoint, Tensor};
+use expertmesh_proto::v1 as pb;
+use tokio_stream::StreamExt;
+
+use crate::transfer::{ChunkStream, TransferError};
+
+/// The most bytes of one chunk.
+pub const CHUNK_BYTES: usize = 1 << 20;
+/// How long the next chunk may keep the receiver waiting (a stalled sender is left sooner).
+const CHUNK_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The safetensors name of a dtype.
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "BF16",
+        DType::F16 => "F16",
+        DType::F32 => "F32",
+        DType::F8E4M3 => "F8_E4M3",
+    }
+}
+
+/// Bytes per element of a safetensors dtype the engine reads.
+pub fn dtype_bytes(name: &str) -> Option<u64> {
+    match name {
+        "F8_E4M3" => Some(1),
+        "BF16" | "F16" => Some(2),
+        "F32" => Some(4),
+        _ => None,
+    }
+}
+
+/// One tensor of a weight file: its name, dtype, whole shape, and whose it is (an
+/// unfused checkpoint's expert tensor: that expert; a fused expert tensor, whose first
+/// dimension is the expert, or a dense tensor: `None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: &'static str,
+    pub shape: Vec<u64>,
+    pub expert: Option<u32>,
+}
+
+/// A tensor of the file and where its bytes are.
+#[derive(Debug, Clone)]
+pub struct Slot {
+    pub spec: TensorSpec,
+    file_offset: u64,
+    bytes: u64,
+}
+
+impl Slot {
+    /// Where expert `e`'s bytes are in this tensor (`[start, end)`), if anywhere.
+    fn expert_region(&self, e: u32) -> Option<(u64, u64)> {
+        match self.spec.expert {
+            None => {
+                let experts = self.spec.shape[0];
+                let stride = self.bytes / experts;
+                (u64::from(e) < experts)
+                    .then(|| (u64::from(e) * stride, (u64::from(e) + 1) * stride))
+            }
+            Some(x) => (x == e).then_some((0, self.bytes)),
+        }
+    }
+}
+
+/// A piece of a tensor as it travels: the file tensor's name, dtype and whole shape, where
+/// the piece starts in it, and its bytes.
+pub struct Piece {
+    pub tensor: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub base: u64,
+    pub bytes: Tensor,
+}
+
+/// A held tensor's bytes, shared with the chunks that send them.
+struct Held(Tensor);
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        self.0.bytes()
+    }
+}
+
+/// `pieces` as chunks of at most [`CHUNK_BYTES`], made one at a time as they are sent, the
+/// last with the CRC-32 and size of them all; `expert` is the expert they are (0 for dense
+/// weights).
+pub fn chunks(pieces: Vec<Piece>, expert: u32) -> impl Iterator<Item = pb::WeightChunk> + Send {
+    let total: u64 = pieces.iter().map(|p| p.bytes.size_bytes() as u64).sum();
+    let mut whole = crc32fast::Hasher::new();
+    let mut sent = 0u64;
+    pieces
+        .into_iter()
+        .flat_map(|piece| {
+            let len = piece.bytes.size_bytes();
+            // The chunks are views of the held tensor (the mapped checkpoint or cache):
+            // their bytes are copied once, into the frame.
+            let bytes = bytes::Bytes::from_owner(Held(piece.bytes));
+            let (tensor, dtype, shape, base) = (piece.tensor, piece.dtype, piece.shape, piece.base);
+            (0..len.div_ceil(CHUNK_BYTES)).map(move |k| {
+                let from = k * CHUNK_BYTES;
+                let data = bytes.slice(from..(from + CHUNK_BYTES).min(len));
+                (
+                    tensor.clone(),
+                    dtype,
+                    shape.clone(),
+                    base + from as u64,
+                    data,
+                )
+            })
+        })
+        .map(move |(tensor, dtype, shape, offset, data)| {
+            // One pass over the bytes: the chunk's CRC, folded into the whole's.
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&data);
+            whole.combine(&crc);
+            sent += data.len() as u64;
+            let last = sent == total;
+            pb::WeightChunk {
+                expert,
+                tensor,
+                dtype: dtype_name(dtype).into(),
+                shape: shape.iter().map(|&d| d as u64).collect(),
+                offset,
+                crc32: crc.finalize(),
+                data,
+                last,
+                whole_crc32: if last { whole.clone().finalize() } else { 0 },
+                whole_bytes: if last { total } else { 0 },
+            }
+        })
+}
+
+/// `dir/model.safetensors`: a safetensors file of the given tensors at their whole shapes,
+/// sparse until written, and mapped.
+#[derive(Debug)]
+pub struct WeightFile {
+    dir: PathBuf,
+    file: Mutex<std::fs::File>,
+    slots: Vec<Slot>,
+    /// Whether `create` made the directory (`unlink` then removes it too).
+    made_dir: bool,
+    mapped: SafetensorsCheckpoint,
+}
+
+impl WeightFile {
+    /// Makes the file for `tensors` in `dir` (a previous file there is replaced; nothing
+    /// else in `dir` is touched) and maps it.
+    pub fn create(dir: &Path, tensors: Vec<TensorSpec>) -> Result<Self, TransferError> {
+        let io = |source| TransferError::Cache {
+            path: dir.to_owned(),
+            source,
+        };
+        let made_dir = !dir.exists();
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let path = dir.join("model.safetensors");
+        // A previous run's file: its weights are fetched again (nothing vouches for them).
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+        let mut header = serde_json::Map::new();
+        let mut slots = Vec::new();
+        let mut at = 0u64;
+        for spec in tensors {
+            let size = dtype_bytes(spec.dtype).expect("the layout's dtypes are the engine's");
+            let bytes = spec.shape.iter().product::<u64>() * size;
+            header.insert(
+                spec.name.clone(),
+                serde_json::json!({"dtype": spec.dtype, "shape": spec.shape, "data_offsets": [at, at + bytes]}),
+            );
+            slots.push(Slot {
+                spec,
+                file_offset: at,
+                bytes,
+            });
+            at += bytes;
+        }
+        let mut head = serde_json::to_vec(&header).expect("a JSON map serializes");
+        // The data starts 8-byte aligned, as safetensors writers leave it.
+        head.resize(head.len().div_ceil(8) * 8, b' ');
+        let data_start = 8 + head.len() as u64;
+        for s in &mut slots {
+            s.file_offset += data_start;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io)?;
+        file.write_all_at(&(head.len() as u64).to_le_bytes(), 0)
+            .and_then(|()| file.write_all_at(&head, 8))
+            .and_then(|()| file.set_len(data_start + at))
+            .map_err(io)?;
+        let mapped = SafetensorsCheckpoint::open(dir)
+            .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            file: Mutex::new(file),
+            slots,
+            made_dir,
+            mapped,
+        })
+    }
+
+    /// The file mapped as a checkpoint.
+    pub fn weights(&self) -> &SafetensorsCheckpoint {
+        &self.mapped
+    }
+
+    /// The directory the file is in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Expert `e`'s regions of the file in the order its pieces travel: each tensor and the
+    /// byte range of it that is the expert's.
+    pub fn expert_regions(&self, e: u32) -> Vec<(&Slot, u64, u64)> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.expert_region(e).map(|(start, end)| (s, start, end)))
+            .collect()
+    }
+
+    /// Every tensor of the file, whole, in the order they were laid out.
+    pub fn all_regions(&self) -> Vec<(&Slot, u64, u64)> {
+        self.slots.iter().map(|s| (s, 0, s.bytes)).collect()
+    }
+
+    /// Removes the file's name (and the directory, when `create` made it) once what uses it
+    /// has mapped it: the writes and the map share the file, which the system frees when the
+    /// worker exits, however it exits. Nothing is left on disk.
+    pub fn unlink(&self) -> Result<(), TransferError> {
+        std::fs::remove_file(self.dir.join("model.safetensors")).map_err(|source| {
+            TransferError::Cache {
+                path: self.dir.clone(),
+                source,
+            }
+        })?;
+        if self.made_dir {
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+        Ok(())
+    }
+
+    fn write(&self, slot: &Slot, offset: u64, data: &[u8]) -> Result<(), TransferError> {
+        // One writer at a time: the filesystem serializes writes to one file anyway (the
+        // inode lock), and a writer left to wait there spins on the core the network needs.
+        let file = self.file.lock().expect("weight file lock");
+        file.write_all_at(data, slot.file_offset + offset)
+            .map_err(|source| TransferError::Cache {
+                path: self.dir.clone(),
+                source,
+            })
+    }
+}
+
+/// Takes `regions` of `file` from `stream`, in order, checking every chunk against the piece
+/// it must be (of `expert`, 0 for dense weights) and its CRC, counting verified bytes in
+/// `progress`, and the whole against the sender's CRC. The whole's CRC and bytes, once all
+/// has arrived and been verified; `what` names it in errors.
+pub async fn receive(
+    file: &WeightFile,
+    regions: &[(&Slot, u64, u64)],
+    expert: u32,
+    (what, peer): (&str, &str),
+    stream: &mut ChunkStream,
+    progress: &std::sync::atomic::AtomicU64,
+) -> Result<(crc32fast::Hasher, u64), TransferError> {
+    let corrupt = |reason: String| TransferError::Corrupt {
+        what: what.to_owned(),
+        peer: peer.to_owned(),
+        reason,
+    };
+    let total: u64 = regions.iter().map(|(_, start, end)| end - start).sum();
+    let mut whole = crc32fast::Hasher::new();
+    let mut got = 0u64;
+    for &(slot, start, end) in regions {
+        let spec = &slot.spec;
+        let mut at = start;
+        while at < end {
+            let chunk = match tokio::time::timeout(CHUNK_DEADLINE, stream.next()).await {
+                Err(_) => return Err(corrupt("the stream stalled".into())),
+                Ok(None) => {
+                    return Err(corrupt(format!(
+                        "the stream ended at {} of {}",
+                        spec.name, at
+                    )))
+                }
+                Ok(Some(chunk)) => chunk?,
+            };
+            let expected = (end - at).min(CHUNK_BYTES as u64);
+            if chunk.expert != expert
+                || chunk.tensor != spec.name
+                || chunk.offset != at
+                || chunk.data.len() as u64 != expected
+                || chunk.dtype != spec.dtype
+                || chunk.shape != spec.shape
+            {
+                return Err(corrupt(format!(
+                    "a chunk of {} {:?} at {} ({} bytes) where {} {} at {at} ({expected} bytes) was due",
+                    chunk.tensor,
+                    chunk.shape,
+                    chunk.offset,
+                    chunk.data.len(),
+                    spec.name,
+                    spec.dtype,
+                )));
+            }
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&chunk.data);
+            if crc.clone().finalize() != chunk.crc32 {
+                return Err(corrupt(format!(
+                    "the chunk of {} at {at} fails its CRC",
+                    spec.name
+                )));
+            }
+            file.write(slot, at, &chunk.data)?;
+            whole.combine(&crc);
+            got += expected;
+            progress.store(got, std::sync::atomic::Ordering::Relaxed);
+            at += expected;
+            let last = got == total;
+            if chunk.last != last {
+                return Err(corrupt(format!("the last chunk came after {got} bytes")));
+            }
+            if last && (chunk.whole_crc32 != whole.clone().finalize() || chunk.whole_bytes != got) {
+                return Err(corrupt(format!("the whole of {what} fails its CRC")));
+            }
+        }
+    }
+    Ok((whole, got))
+}
