@@ -11,6 +11,7 @@
 //! the single process. Replica choice and what a failure leads to are the pure functions of
 //! [`routing`]; the transport is chosen once, from config ([`remote::Connector`]).
 
+pub mod dense;
 pub mod node;
 pub mod remote;
 pub mod routing;

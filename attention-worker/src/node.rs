@@ -10,15 +10,18 @@ use expertmesh_coordinator::{
 };
 use expertmesh_dispatch::{InProcessDispatch, Transport};
 use expertmesh_expert_worker::node::bind;
+use expertmesh_expert_worker::node::has_weights;
+use expertmesh_expert_worker::weight_file::WeightFile;
 pub use expertmesh_expert_worker::NodeError;
 use expertmesh_expert_worker::{Assignment, Batcher, BatcherConfig, ExpertShard, WorkerConfig};
-use expertmesh_model::{ImageLimits, Model, ModelSource};
+use expertmesh_model::{ImageLimits, Model, ModelSource, SafetensorsCheckpoint, WeightSource};
 use tokio::sync::watch;
 
 use std::sync::atomic::Ordering;
 
 use expertmesh_proto::v1 as pb;
 
+use crate::dense::{DenseSource, DenseWeights, GrpcDenseSource};
 use crate::remote::{Connector, DispatchConfig, DispatchStats, RemoteExperts};
 use crate::scheduler::{Engine, EngineStats, SchedulerConfig};
 use crate::service::AttentionServer;
@@ -45,34 +48,38 @@ impl AttentionWorkerConfig {
 /// The worker id the routed experts have under `--dispatch local`: this process.
 pub const LOCAL_WORKER: u64 = 0;
 
-/// Loads the model without its routed experts and connects them through the coordinator:
+/// Loads the model without its routed experts (from `weights`, else `source`'s files) and
+/// connects them through the coordinator:
 /// what an attention worker, and `generate --expert-workers`, run on. The transport comes
 /// from `dispatch.transport`: `grpc` reaches the expert workers the placement names; `local`
 /// holds every routed expert in this process, behind the same seam (an in-process shard and
 /// its batcher, one fixed placement), with no expert workers and no sockets.
 pub async fn connect(
     source: &ModelSource,
+    weights: Option<&dyn WeightSource>,
     coordinator: &str,
     dispatch: DispatchConfig,
     (device, gemm): (expertmesh_model::Device, expertmesh_model::GemmPrecision),
 ) -> Result<(Arc<Model>, RemoteExperts, CoordinatorClient), NodeError> {
     dispatch.validate()?;
     let config = source.config()?;
-    let weights = source.weights()?;
-    let mut model = Model::without_experts(config.clone(), weights.as_ref())?;
-    model.load_vision(source.vision_config()?, weights.as_ref())?;
+    let files;
+    let weights = match weights {
+        Some(w) => w,
+        None => {
+            files = source.weights()?;
+            files.as_ref()
+        }
+    };
+    let mut model = Model::without_experts(config.clone(), weights)?;
+    model.load_vision(source.vision_config()?, weights)?;
     model.to_device_with(device, gemm)?;
     let model = Arc::new(model);
     let client = CoordinatorClient::new(coordinator)?;
     let (connector, views) = match dispatch.transport {
         t @ (Transport::Grpc | Transport::Tcp) => (Connector::Socket(t), client.watch()),
         Transport::Local => {
-            let shard = Arc::new(ExpertShard::with_device(
-                &config,
-                weights.as_ref(),
-                device,
-                gemm,
-            )?);
+            let shard = Arc::new(ExpertShard::with_device(&config, weights, device, gemm)?);
             let everything = Assignment {
                 epoch: 0,
                 experts: (0..config.num_local_experts as u32).collect(),
@@ -127,13 +134,37 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     config.worker.device.check()?;
     let source: ModelSource = config.worker.model.parse()?;
+    // Without the weights on disk, the dense weights come from another attention worker.
+    let fetched = if has_weights(&source) {
+        None
+    } else {
+        Some(fetch_dense_weights(&config, &source).await?)
+    };
     let (model, experts, client) = connect(
         &source,
+        fetched.as_ref().map(|f| f.weights() as &dyn WeightSource),
         &config.worker.coordinator,
         config.dispatch,
         (config.worker.device, config.worker.gemm),
     )
     .await?;
+    if let Some(f) = &fetched {
+        // Loaded: the file needs no name any more.
+        f.unlink()?;
+    }
+    // What this worker sends to attention workers that start without the weights, and, when
+    // they are its own files, their digest for the coordinators to record.
+    let dense = match (&fetched, &source) {
+        (Some(f), _) => Some(f.shared_weights()),
+        (None, ModelSource::Dir(d)) => SafetensorsCheckpoint::open(d).ok().map(Arc::new),
+        (None, ModelSource::Synthetic(_)) => None,
+    }
+    .map(DenseWeights::new);
+    let dense_digest = Arc::new(std::sync::OnceLock::new());
+    if let (None, Some(dense)) = (&fetched, dense.clone()) {
+        let digest = dense_digest.clone();
+        tokio::task::spawn_blocking(move || digest.set(dense.digest()));
+    }
     let dispatch_stats = experts.stats().clone();
     let engine = Engine::spawn(model.clone(), experts, config.scheduler);
     let engine_stats = engine.stats().clone();
@@ -146,6 +177,7 @@ pub async fn run(
     let load = move || Beat {
         load: Some(worker_load(&engine_stats, &dispatch_stats)),
         prepared_epoch: 0,
+        dense_digest: dense_digest.get().copied(),
         ..Default::default()
     };
     let (listener, bound) = bind(&config.worker.listen).await?;
@@ -178,6 +210,7 @@ pub async fn run(
             AttentionServer::new(model, engine)
                 .with_images(source.processor_config()?, config.images)
                 .with_grammars(source.grammars()?)
+                .with_dense_weights(dense)
                 .into_service(),
         )
         .serve_with_incoming_shutdown(expertmesh_proto::incoming(listener), async {
@@ -188,6 +221,63 @@ pub async fn run(
         })
         .await?;
     Ok(())
+}
+
+/// Takes the dense weights from a live attention worker into a file in the temporary
+/// directory, checked against the digest the coordinators hold (waiting up to the register
+/// patience for one to be recorded and for a sender to be up).
+async fn fetch_dense_weights(
+    config: &AttentionWorkerConfig,
+    source: &ModelSource,
+) -> Result<WeightFile, NodeError> {
+    if config.dispatch.transport == Transport::Local {
+        return Err(NodeError::config(
+            "dispatch.transport",
+            "local needs the routed experts' files: a worker without the weights takes its dense weights from peers and its experts from expert workers",
+        ));
+    }
+    let client = CoordinatorClient::new(&config.worker.coordinator)?;
+    let mut views = client.watch();
+    let give_up =
+        tokio::time::Instant::now() + Duration::from_millis(config.worker.register_patience_ms);
+    let view = loop {
+        let view = views.borrow_and_update().clone();
+        let senders = view.as_ref().map_or(0, |v| v.count(Role::AttentionWorker));
+        let ready = view.as_ref().is_some_and(|v| v.dense_digest.is_some());
+        if senders > 0 && (ready || tokio::time::Instant::now() >= give_up) {
+            break view.expect("a view with senders");
+        }
+        match tokio::time::timeout_at(give_up, views.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) if senders == 0 => {
+                return Err(crate::dense::no_sender().into());
+            }
+            _ => {}
+        }
+    };
+    let sources: Vec<Arc<dyn DenseSource>> = view
+        .members
+        .iter()
+        .filter(|m| m.alive && !m.draining && m.role == Role::AttentionWorker)
+        .map(|m| Arc::new(GrpcDenseSource::new(&m.address)) as Arc<dyn DenseSource>)
+        .collect();
+    if view.dense_digest.is_none() {
+        tracing::warn!(
+            "attention worker: the coordinators hold no digest of the dense weights yet: they are checked against their sender's CRCs only"
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("expertmesh-dense-{}", std::process::id()));
+    tracing::info!(
+        "attention worker: {source} holds no weights: the dense weights come from peers (file in {})",
+        dir.display()
+    );
+    let started = std::time::Instant::now();
+    let (file, peer) = crate::dense::fetch_dense(&dir, &sources, view.dense_digest).await?;
+    tracing::info!(
+        "attention worker: took the dense weights from {peer} in {:.0} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(file)
 }
 
 /// Completes once the cluster has this worker draining and its engine, told to drain, has

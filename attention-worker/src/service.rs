@@ -30,7 +30,13 @@ pub struct AttentionServer {
     vision: Arc<Semaphore>,
     /// Structured outputs' compiler (none for a model without a tokenizer).
     grammars: Option<Grammars>,
+    /// The dense weights this worker sends to attention workers that start without them
+    /// (none when its model is not a checkpoint's files).
+    dense: Option<crate::dense::DenseWeights>,
 }
+
+/// Parts of the dense weights queued to a receiver at most (each at most a 1 MiB chunk).
+const DENSE_PARTS_QUEUE: usize = 4;
 
 impl AttentionServer {
     pub fn new(model: Arc<Model>, engine: Engine) -> Self {
@@ -41,12 +47,18 @@ impl AttentionServer {
             limits: ImageLimits::default(),
             vision: Arc::new(Semaphore::new(1)),
             grammars: None,
+            dense: None,
         }
     }
 
     /// Serves structured outputs with this model's grammar compiler.
     pub fn with_grammars(self, grammars: Option<Grammars>) -> Self {
         Self { grammars, ..self }
+    }
+
+    /// Sends these dense weights to attention workers that start without them.
+    pub fn with_dense_weights(self, dense: Option<crate::dense::DenseWeights>) -> Self {
+        Self { dense, ..self }
     }
 
     /// Compiles a request's grammar off the async threads and moves it past the tokens the
@@ -255,6 +267,30 @@ impl AttentionService for AttentionServer {
     type GenerateStream = std::pin::Pin<
         Box<dyn tokio_stream::Stream<Item = Result<pb::GenerateEvent, Status>> + Send>,
     >;
+
+    type FetchDenseWeightsStream = ReceiverStream<Result<pb::DenseWeightsPart, Status>>;
+
+    async fn fetch_dense_weights(
+        &self,
+        r: Request<pb::FetchDenseWeightsRequest>,
+    ) -> Result<Response<Self::FetchDenseWeightsStream>, Status> {
+        use expertmesh_proto::tls::{self, PeerRole};
+        tls::authorize(&r, &[PeerRole::AttentionWorker, PeerRole::Admin])?;
+        let Some(dense) = self.dense.clone() else {
+            return Err(Status::unimplemented(
+                "this attention worker's weights are not a checkpoint's files",
+            ));
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(DENSE_PARTS_QUEUE);
+        tokio::spawn(async move {
+            for part in dense.parts() {
+                if tx.send(Ok(part)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
 
     async fn generate(
         &self,

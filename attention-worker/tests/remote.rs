@@ -51,6 +51,7 @@ async fn micro_batched_remote_forward_equals_local() {
     }
     let (remote_model, experts, _) = connect(
         &source,
+        None,
         &coordinator_addr,
         DispatchConfig::default(),
         Default::default(),

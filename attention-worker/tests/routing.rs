@@ -46,7 +46,7 @@ async fn local_dispatch_equals_the_single_process() {
         ..DispatchConfig::default()
     };
     // No coordinator is reached: `local` routes under its own fixed placement.
-    let (model, experts, _) = connect(&source, "127.0.0.1:1", dispatch, Default::default())
+    let (model, experts, _) = connect(&source, None, "127.0.0.1:1", dispatch, Default::default())
         .await
         .unwrap();
     let single = Model::load(Path::new(&dir)).unwrap();

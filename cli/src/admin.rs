@@ -271,6 +271,7 @@ pub fn status_json(reports: &[(String, Option<pb::CoordinatorStatus>)]) -> Value
         "state_version": freshest.as_ref().map(|v| v.version),
         "experts_digested": freshest.as_ref().map(|v| v.expert_digests.len()),
         "num_experts": freshest.as_ref().map(|v| v.num_experts),
+        "dense_digested": freshest.as_ref().map(|v| v.dense_digest.is_some()),
         "unservable": freshest.as_ref().and_then(|v| v.unservable.clone()),
         "coordinators": coordinators,
         "workers": workers,
@@ -610,6 +611,7 @@ mod tests {
             lease_ms: 1000,
             nccl_ids: BTreeMap::new(),
             expert_digests: BTreeMap::from([(0, 1), (2, 3)]),
+            dense_digest: None,
         };
         let status = |view: &ClusterView| {
             let s = pb::CoordinatorStatus {
@@ -622,6 +624,7 @@ mod tests {
         assert_eq!(status(&view)["planned_transfers"], json!([]));
         assert_eq!(status(&view)["experts_digested"], 2);
         assert_eq!(status(&view)["num_experts"], 4);
+        assert_eq!(status(&view)["dense_digested"], false);
         view.pending = Some(Placement {
             epoch: 2,
             experts: vec![vec![1, 3], vec![2, 3], vec![1, 2], vec![1, 2]],

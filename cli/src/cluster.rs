@@ -457,6 +457,7 @@ impl LocalCluster {
         let source: ModelSource = model.parse()?;
         let (model, experts, _) = connect(
             &source,
+            None,
             &self.coordinator_addresses(),
             dispatch,
             Default::default(),

@@ -4,6 +4,7 @@
 //! checkpoint (`FetchExperts`), and serves them; then one of those two is killed and the
 //! newcomer also takes the experts only that one had a copy of from the other. No request
 //! fails and every text is the single process's. Both for the bf16 checkpoint and the FP8 one.
+//! An attention worker without the weights likewise takes its dense weights from a peer.
 
 mod common;
 
@@ -207,4 +208,97 @@ fn joins_without_weights(fixture: &str) {
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+/// An attention worker started on a model directory without weight files takes its dense
+/// weights from the running attention worker (checked against the digest the coordinators
+/// recorded from it); once that one is killed, the newcomer serves every request with the
+/// single process's texts.
+#[test]
+fn an_attention_worker_without_weights_takes_its_dense_weights_from_a_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::fixture("tiny-maverick");
+    let weightless = dir.path().join("weightless");
+    std::fs::create_dir(&weightless).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(model.join(f), weightless.join(f)).unwrap();
+    }
+    let model = model.display().to_string();
+    let (_up, cluster) = start_up(
+        &[
+            "--http",
+            "127.0.0.1:0",
+            "--lease-ms",
+            "1000",
+            "--model",
+            &model,
+        ],
+        &dir.path().join("up.json"),
+    );
+    let coordinators = cluster["coordinators"].as_str().unwrap().to_owned();
+    let api = cluster["api"].as_str().unwrap().to_owned();
+    let token = cluster["join_token"].as_str().unwrap().to_owned();
+    let attention = |v: &Value| -> Vec<Value> {
+        v["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["role"] == "attention-worker" && w["status"] == "alive")
+            .cloned()
+            .collect()
+    };
+    let ready = wait_status(&coordinators, "the dense weights digested", |v| {
+        v["dense_digested"] == true && attention(v).len() == 1
+    });
+    let first = attention(&ready)[0].clone();
+    let log = dir.path().join("newcomer.log");
+    let mut newcomer = Kill(
+        bin()
+            .args([
+                "attention-worker",
+                "--coordinator",
+                &coordinators,
+                "--listen",
+                "127.0.0.1:0",
+                "--model",
+                weightless.to_str().unwrap(),
+            ])
+            .env("EXPERTMESH_JOIN_TOKEN", &token)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(newcomer.0.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let address = line.trim().strip_prefix("LISTENING ").unwrap().to_owned();
+    wait_status(&coordinators, "the newcomer registered", |v| {
+        attention(v)
+            .iter()
+            .any(|w| w["address"] == address.as_str())
+    });
+    kill9(first["pid"].as_u64().unwrap());
+    wait_status(&coordinators, "only the newcomer left", |v| {
+        let alive = attention(v);
+        alive.len() == 1 && alive[0]["address"] == address.as_str()
+    });
+    let expected = single_process_texts(&model);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = under_load(&api, 2, &stop, &expected);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let tally = finish(&stop, clients, &[(Instant::now(), "load".into())]);
+    assert!(tally.ok > 0);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("the dense weights come from peers"), "{text}");
+    assert!(text.contains("took the dense weights from"), "{text}");
+    assert!(!text.contains("no digest"), "{text}");
 }

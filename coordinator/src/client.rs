@@ -90,6 +90,9 @@ pub struct Beat {
     pub fetched: Vec<pb::ExpertOrigin>,
     /// An expert worker with the checkpoint's files: digests the cluster state lacks.
     pub digests: Vec<pb::ExpertDigest>,
+    /// An attention worker with the checkpoint's files: its dense weights' digest, while the
+    /// cluster state has none.
+    pub dense_digest: Option<u32>,
 }
 
 /// Splits a comma-separated coordinator list.
@@ -388,6 +391,7 @@ impl CoordinatorClient {
                         transfers,
                         fetched,
                         digests,
+                        dense_digest,
                     } = beat();
                     let worker_id = membership.id();
                     let mut beat = tonic::Request::new(pb::HeartbeatRequest {
@@ -397,6 +401,8 @@ impl CoordinatorClient {
                         transfers,
                         fetched,
                         digests,
+                        dense_digest: dense_digest.unwrap_or(0),
+                        has_dense_digest: dense_digest.is_some(),
                     });
                     beat.set_timeout(interval.max(Duration::from_millis(500)));
                     match client.heartbeat(beat).await {

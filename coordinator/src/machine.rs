@@ -105,6 +105,9 @@ pub enum Command {
         worker_id: u64,
         digests: Vec<(u32, u32)>,
     },
+    /// The digest of the dense weights, computed by an attention worker from the
+    /// checkpoint's files; the first recorded stands.
+    DenseDigest { worker_id: u64, crc32: u32 },
 }
 
 /// Bytes of an NCCL unique id (`ncclUniqueId`).
@@ -178,6 +181,9 @@ pub struct Machine {
     /// Expert → the CRC-32 of its bytes, as a worker with the files first reported it.
     #[serde(default)]
     pub expert_digests: BTreeMap<u32, u32>,
+    /// The dense weights' digest, as an attention worker with the files first reported it.
+    #[serde(default)]
+    pub dense_digest: Option<u32>,
 }
 
 impl Machine {
@@ -240,6 +246,7 @@ impl Machine {
             Command::ExpertDigests { worker_id, digests } => {
                 self.expert_digests(worker_id, digests)
             }
+            Command::DenseDigest { worker_id, crc32 } => self.record_dense_digest(worker_id, crc32),
         }
     }
 
@@ -417,6 +424,19 @@ impl Machine {
         Ok(disagreeing)
     }
 
+    /// Records the dense weights' digest when there is none yet; the answer is 1 when one
+    /// that disagrees was recorded before.
+    fn record_dense_digest(&mut self, worker_id: u64, crc32: u32) -> Result<u64, Rejected> {
+        if !self
+            .members
+            .iter()
+            .any(|m| m.id == worker_id && m.alive && m.role == Role::AttentionWorker)
+        {
+            return Err(Rejected::UnknownWorker(worker_id));
+        }
+        Ok(u64::from(*self.dense_digest.get_or_insert(crc32) != crc32))
+    }
+
     fn drain(&mut self, worker_id: u64) -> Result<u64, Rejected> {
         let member = self
             .members
@@ -540,6 +560,7 @@ impl Machine {
             },
             nccl_ids: self.nccl_ids.clone(),
             expert_digests: self.expert_digests.clone(),
+            dense_digest: self.dense_digest,
             unservable: if self.initialized {
                 self.unservable.clone()
             } else {
@@ -786,6 +807,25 @@ mod tests {
             Err(Rejected::UnknownWorker(77))
         );
         assert_eq!(m.version, version, "refused reports change nothing");
+        assert_eq!(Machine::decode(&m.encode()).unwrap(), m);
+    }
+
+    #[test]
+    fn the_dense_digest_comes_from_an_attention_worker_and_the_first_stands() {
+        let mut m = Machine::default();
+        init(&mut m, None);
+        let attention = m
+            .apply(&register(1, Role::AttentionWorker, "", "fp"))
+            .unwrap();
+        let expert = m.apply(&register(2, Role::ExpertWorker, "", "fp")).unwrap();
+        let dense = |worker_id, crc32| Command::DenseDigest { worker_id, crc32 };
+        assert_eq!(
+            apply(&mut m, dense(expert, 5)),
+            Err(Rejected::UnknownWorker(expert))
+        );
+        assert_eq!(apply(&mut m, dense(attention, 5)), Ok(0));
+        assert_eq!(apply(&mut m, dense(attention, 6)), Ok(1));
+        assert_eq!(m.view().dense_digest, Some(5));
         assert_eq!(Machine::decode(&m.encode()).unwrap(), m);
     }
 

@@ -109,10 +109,16 @@ impl Coordinator {
             .await
     }
 
-    /// Proposes the expert digests a worker reports that the state has none for, one
-    /// proposal at a time, without holding up the heartbeat. On a follower the proposal
-    /// fails; the worker reports them again until the state has them.
-    fn record_digests(&self, worker_id: u64, view: &ClusterView, digests: Vec<pb::ExpertDigest>) {
+    /// Proposes the expert digests (or the dense digest) a worker reports that the state has
+    /// none for, one proposal at a time, without holding up the heartbeat. On a follower the
+    /// proposal fails; the worker reports them again until the state has them.
+    fn record_digests(
+        &self,
+        worker_id: u64,
+        view: &ClusterView,
+        digests: Vec<pb::ExpertDigest>,
+        dense: Option<u32>,
+    ) {
         use std::sync::atomic::Ordering::SeqCst;
         let new: Vec<(u32, u32)> = digests
             .into_iter()
@@ -123,19 +129,23 @@ impl Coordinator {
             })
             .map(|d| (d.expert, d.crc32))
             .collect();
-        if new.is_empty() || self.shared.digesting.swap(true, SeqCst) {
+        let command = match dense {
+            Some(crc32) => Command::DenseDigest { worker_id, crc32 },
+            None if new.is_empty() => return,
+            None => Command::ExpertDigests {
+                worker_id,
+                digests: new,
+            },
+        };
+        if self.shared.digesting.swap(true, SeqCst) {
             return;
         }
         let this = self.clone();
         tokio::spawn(async move {
-            let command = Command::ExpertDigests {
-                worker_id,
-                digests: new,
-            };
             match this.propose(command).await {
                 Ok(0) | Err(ProposeError::NotLeader) => {}
                 Ok(n) => tracing::warn!(
-                    "coordinator {}: worker {worker_id} reported {n} expert digests unlike the recorded ones",
+                    "coordinator {}: worker {worker_id} reported {n} digests unlike the recorded ones",
                     this.shared.id
                 ),
                 Err(e) => tracing::debug!("coordinator {}: expert digests: {e}", this.shared.id),
@@ -310,7 +320,8 @@ impl CoordinatorService for Coordinator {
                 );
             }
         }
-        self.record_digests(id, &view, r.digests);
+        let dense = (r.has_dense_digest && view.dense_digest.is_none()).then_some(r.dense_digest);
+        self.record_digests(id, &view, r.digests, dense);
         if let Some(load) = r.load {
             self.shared
                 .load_window

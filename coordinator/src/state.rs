@@ -96,6 +96,9 @@ pub struct ClusterView {
     /// Expert → the CRC-32 of its bytes in transfer order, as first reported by a worker
     /// with the checkpoint's files (experts nobody has digested yet are absent).
     pub expert_digests: BTreeMap<u32, u32>,
+    /// The dense weights' digest (every tensor but the routed experts), as first reported
+    /// by an attention worker with the checkpoint's files.
+    pub dense_digest: Option<u32>,
 }
 
 impl ClusterView {
@@ -199,6 +202,8 @@ impl From<&ClusterView> for pb::ClusterState {
                 .iter()
                 .map(|(&expert, &crc32)| pb::ExpertDigest { expert, crc32 })
                 .collect(),
+            dense_digest: v.dense_digest.unwrap_or(0),
+            has_dense_digest: v.dense_digest.is_some(),
         }
     }
 }
@@ -262,6 +267,7 @@ impl TryFrom<pb::ClusterState> for ClusterView {
             lease_ms: s.lease_ms,
             nccl_ids: BTreeMap::new(),
             expert_digests,
+            dense_digest: s.has_dense_digest.then_some(s.dense_digest),
         })
     }
 }
@@ -353,6 +359,7 @@ mod tests {
             lease_ms: 1000,
             nccl_ids: BTreeMap::new(),
             expert_digests: BTreeMap::new(),
+            dense_digest: None,
         }
     }
 
@@ -402,6 +409,7 @@ mod tests {
     fn expert_digests_cross_the_wire_and_hostile_ones_are_refused() {
         let mut v = view(vec![vec![1, 2]; 8]);
         v.expert_digests = BTreeMap::from([(0, 7), (7, u32::MAX)]);
+        v.dense_digest = Some(0);
         let wire = pb::ClusterState::from(&v);
         assert_eq!(ClusterView::try_from(wire.clone()).unwrap(), v);
         let digest = |expert| pb::ExpertDigest { expert, crc32: 1 };

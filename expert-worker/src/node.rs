@@ -260,6 +260,7 @@ pub async fn run(
                     transfers,
                     fetched,
                     digests: beat_shard.transfers().digests.unrecorded(),
+                    dense_digest: None,
                 }
             },
         )
@@ -458,7 +459,7 @@ async fn fetch_all(
 
 /// Whether the checkpoint's weight files are in its directory (a synthetic model always has
 /// its weights): `model.safetensors`, or every file the shard index names.
-fn has_weights(source: &ModelSource) -> bool {
+pub fn has_weights(source: &ModelSource) -> bool {
     let ModelSource::Dir(dir) = source else {
         return true;
     };

@@ -60,8 +60,8 @@ pub enum TransferError {
         peer: String,
         reason: String,
     },
-    #[error("expert {expert}: no holder could send it ({tried})")]
-    NoHolder { expert: u32, tried: String },
+    #[error("{what}: no holder could send it ({tried})")]
+    NoHolder { what: String, tried: String },
 }
 
 /// What a worker's transfers have moved, for `/metrics`, and which are in flight, for its
@@ -569,7 +569,7 @@ pub async fn fetch_expert(
     }
     stats.fetching.fetch_sub(1, Relaxed);
     Err(TransferError::NoHolder {
-        expert: e,
+        what: format!("expert {e}"),
         tried: tried.join("; "),
     })
 }

@@ -153,7 +153,7 @@ pub struct WeightFile {
     slots: Vec<Slot>,
     /// Whether `create` made the directory (`unlink` then removes it too).
     made_dir: bool,
-    mapped: SafetensorsCheckpoint,
+    mapped: std::sync::Arc<SafetensorsCheckpoint>,
 }
 
 impl WeightFile {
@@ -207,7 +207,8 @@ impl WeightFile {
             .and_then(|()| file.set_len(data_start + at))
             .map_err(io)?;
         let mapped = SafetensorsCheckpoint::open(dir)
-            .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+            .map_err(|e| io(std::io::Error::other(e.to_string())))?
+            .into();
         Ok(Self {
             dir: dir.to_owned(),
             file: Mutex::new(file),
@@ -220,6 +221,11 @@ impl WeightFile {
     /// The file mapped as a checkpoint.
     pub fn weights(&self) -> &SafetensorsCheckpoint {
         &self.mapped
+    }
+
+    /// The same, to keep beyond the file's handle.
+    pub fn shared_weights(&self) -> std::sync::Arc<SafetensorsCheckpoint> {
+        self.mapped.clone()
     }
 
     /// The directory the file is in.

@@ -227,6 +227,11 @@ impl InMemoryWeights {
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.tensors.keys()
     }
+
+    /// The tensor stored under exactly `name` (as `names` gives it), whatever its dtype.
+    pub fn stored(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
 }
 
 impl WeightSource for InMemoryWeights {
@@ -348,6 +353,11 @@ impl SafetensorsCheckpoint {
 
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.tensors.keys()
+    }
+
+    /// The tensor stored under exactly `name` (as `names` gives it), whatever its dtype.
+    pub fn stored(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
     }
 }
 
