@@ -116,6 +116,7 @@ fn local_view(num_experts: usize) -> ClusterView {
             draining: false,
             holds_experts: false,
             weightless: false,
+            backup: 0,
         }],
         placement: Placement {
             epoch: 0,
@@ -196,6 +197,7 @@ pub async fn run(
                 join_token: config.worker.join_token.clone(),
                 holds_experts: config.dispatch.transport == Transport::Local,
                 weightless: false,
+                backup: 0,
             },
             Duration::from_millis(config.worker.register_patience_ms),
             Duration::from_millis(config.worker.heartbeat_interval_ms),

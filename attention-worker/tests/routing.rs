@@ -97,6 +97,7 @@ async fn two_copies(timeout_ms: u64) -> TwoCopies {
         draining: false,
         holds_experts: false,
         weightless: false,
+        backup: 0,
     };
     let view = ClusterView {
         members: vec![member(1, "w1"), member(2, "w2")],

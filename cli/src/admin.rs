@@ -253,6 +253,7 @@ pub fn status_json(reports: &[(String, Option<pb::CoordinatorStatus>)]) -> Value
                         (true, false) => "alive",
                     },
                     "experts": v.placement.experts_of(m.id).len(),
+                    "backups": v.backups.iter().filter(|b| b.contains(&m.id)).count(),
                 })
             })
         })
@@ -368,18 +369,19 @@ async fn status(args: StatusArgs) -> Result<()> {
         );
     }
     println!(
-        "{:<4} {:<22} {:<8} {:<17} {:<6} {:>7}",
-        "ID", "WORKER", "PID", "ROLE", "STATUS", "EXPERTS"
+        "{:<4} {:<22} {:<8} {:<17} {:<6} {:>7} {:>7}",
+        "ID", "WORKER", "PID", "ROLE", "STATUS", "EXPERTS", "BACKUPS"
     );
     for w in v["workers"].as_array().into_iter().flatten() {
         println!(
-            "{:<4} {:<22} {:<8} {:<17} {:<6} {:>7}",
+            "{:<4} {:<22} {:<8} {:<17} {:<6} {:>7} {:>7}",
             show(&w["id"]),
             show(&w["address"]),
             show(&w["pid"]),
             show(&w["role"]),
             show(&w["status"]),
-            show(&w["experts"])
+            show(&w["experts"]),
+            show(&w["backups"])
         );
     }
     let mut planned: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
@@ -596,6 +598,7 @@ mod tests {
             draining: false,
             holds_experts: false,
             weightless,
+            backup: 0,
         };
         let mut view = ClusterView {
             version: 3,
@@ -612,6 +615,7 @@ mod tests {
             nccl_ids: BTreeMap::new(),
             expert_digests: BTreeMap::from([(0, 1), (2, 3)]),
             dense_digest: None,
+            backups: vec![vec![3], vec![], vec![], vec![3]],
         };
         let status = |view: &ClusterView| {
             let s = pb::CoordinatorStatus {
@@ -625,6 +629,7 @@ mod tests {
         assert_eq!(status(&view)["experts_digested"], 2);
         assert_eq!(status(&view)["num_experts"], 4);
         assert_eq!(status(&view)["dense_digested"], false);
+        assert_eq!(status(&view)["workers"][2]["backups"], 2);
         view.pending = Some(Placement {
             epoch: 2,
             experts: vec![vec![1, 3], vec![2, 3], vec![1, 2], vec![1, 2]],

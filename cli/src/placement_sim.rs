@@ -146,6 +146,7 @@ fn simulate(
             redundancy: r,
             current,
             tolerance: args.tolerance,
+            warm: &[],
         })?
         .experts)
     };

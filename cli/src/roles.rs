@@ -232,6 +232,11 @@ pub struct ExpertWorkerArgs {
     /// (a file whose name is removed once it is mapped: nothing is left after the worker).
     #[arg(long)]
     expert_cache: Option<String>,
+    /// Keep this many experts in host memory as backups, not served: the coordinators spread
+    /// them so that every expert has one off its primary workers, and a failure's
+    /// re-placement takes lost copies from them first.
+    #[arg(long)]
+    expert_backup: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -536,6 +541,9 @@ pub fn expert_worker(args: ExpertWorkerArgs) -> Result<()> {
     }
     if args.expert_cache.is_some() {
         config.expert_cache = args.expert_cache;
+    }
+    if let Some(n) = args.expert_backup {
+        config.expert_backup = n;
     }
     check_exposure("the expert worker", &config.worker.listen)?;
     let config = config.validate()?;

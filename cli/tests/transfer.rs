@@ -4,7 +4,8 @@
 //! checkpoint (`FetchExperts`), and serves them; then one of those two is killed and the
 //! newcomer also takes the experts only that one had a copy of from the other. No request
 //! fails and every text is the single process's. Both for the bf16 checkpoint and the FP8 one.
-//! An attention worker without the weights likewise takes its dense weights from a peer.
+//! The newcomer also keeps 16 backup experts in memory. An attention worker without the
+//! weights likewise takes its dense weights from a peer.
 
 mod common;
 
@@ -101,6 +102,8 @@ fn joins_without_weights(fixture: &str) {
                 weightless.to_str().unwrap(),
                 "--migration-mbps",
                 "400",
+                "--expert-backup",
+                "16",
             ])
             .args(["--expert-cache", dir.path().join("cache").to_str().unwrap()])
             .env("EXPERTMESH_JOIN_TOKEN", &token)
@@ -124,6 +127,11 @@ fn joins_without_weights(fixture: &str) {
     let held = worker(&placed, &address).unwrap()["experts"]
         .as_u64()
         .unwrap();
+    // It also keeps 16 experts it does not serve in memory (the only worker offering
+    // backups), fetched like the rest.
+    wait_status(&coordinators, "the newcomer's backups", |v| {
+        worker(v, &address).is_some_and(|w| w["backups"] == 16)
+    });
     eprintln!(
         "the weightless worker holds {held} experts, {:.1} s after it started",
         joined.elapsed().as_secs_f64()
@@ -201,6 +209,7 @@ fn joins_without_weights(fixture: &str) {
     assert!(text.contains("holds no weights"), "{text}");
     assert!(text.contains("experts from peers ("), "{text}");
     assert!(!text.contains("no digest"), "{text}");
+    assert!(text.contains("backup experts in memory"), "{text}");
     eprintln!(
         "{}",
         text.lines()

@@ -55,6 +55,8 @@ pub struct Registration {
     pub holds_experts: bool,
     /// An expert worker without the checkpoint's weight files (it fetches from peers).
     pub weightless: bool,
+    /// An expert worker's host-memory backup slots (`--expert-backup`).
+    pub backup: usize,
 }
 
 /// A registered worker's place in the cluster: its id, which changes when the worker is
@@ -211,6 +213,7 @@ impl CoordinatorClient {
             has_capacity: r.capacity.is_some(),
             holds_experts: r.holds_experts,
             weightless: r.weightless,
+            expert_backup: r.backup as u32,
             pid: std::process::id(),
             model_fingerprint: r.model_fingerprint.clone(),
             request_id: crate::random_u64(),

@@ -87,6 +87,9 @@ pub enum Command {
         /// An expert worker without the checkpoint's weight files.
         #[serde(default)]
         weightless: bool,
+        /// An expert worker's backup slots (`--expert-backup`).
+        #[serde(default)]
+        backup: usize,
     },
     /// The leader's failure detector: the worker missed its lease.
     MarkDead { worker_id: u64 },
@@ -184,6 +187,10 @@ pub struct Machine {
     /// The dense weights' digest, as an attention worker with the files first reported it.
     #[serde(default)]
     pub dense_digest: Option<u32>,
+    /// `backups[e]`: the worker keeping expert e in host memory, not served; planned after
+    /// every applied command ([`crate::placement::backups::plan_backups`]).
+    #[serde(default)]
+    pub backups: Vec<Vec<u64>>,
 }
 
 impl Machine {
@@ -198,6 +205,7 @@ impl Machine {
             )));
         }
         let answer = self.apply_command(envelope.command)?;
+        self.plan_backups();
         self.version += 1;
         Ok(answer)
     }
@@ -222,6 +230,7 @@ impl Machine {
                 join_token,
                 holds_experts,
                 weightless,
+                backup,
             } => self.register(
                 request_id,
                 Member {
@@ -234,6 +243,11 @@ impl Machine {
                     draining: false,
                     holds_experts: holds_experts && role == Role::AttentionWorker,
                     weightless: weightless && role == Role::ExpertWorker,
+                    backup: if role == Role::ExpertWorker {
+                        backup.min(self.num_experts)
+                    } else {
+                        0
+                    },
                 },
                 &model_fingerprint,
                 &join_token,
@@ -458,6 +472,23 @@ impl Machine {
         })
     }
 
+    /// Plans the host-memory backups over the placement (pending, else current): the live,
+    /// non-draining expert workers that offer backup slots.
+    fn plan_backups(&mut self) {
+        let slots: BTreeMap<u64, usize> = self
+            .members
+            .iter()
+            .filter(|m| m.role == Role::ExpertWorker && m.alive && !m.draining && m.backup > 0)
+            .map(|m| (m.id, m.backup))
+            .collect();
+        if slots.is_empty() {
+            self.backups.clear();
+            return;
+        }
+        let experts = &self.pending.as_ref().unwrap_or(&self.placement).experts;
+        self.backups = crate::placement::backups::plan_backups(experts, &slots, &self.backups);
+    }
+
     /// The expert workers a plan may use: live and not draining (the draining ones too
     /// when nothing else is left).
     pub fn plannable_workers(&self) -> Vec<WorkerSlots> {
@@ -532,6 +563,7 @@ impl Machine {
             redundancy: 0,
             current: &experts,
             tolerance: 0.0,
+            warm: &self.backups,
         }) {
             Ok(p) => {
                 self.placement = Placement {
@@ -561,6 +593,7 @@ impl Machine {
             nccl_ids: self.nccl_ids.clone(),
             expert_digests: self.expert_digests.clone(),
             dense_digest: self.dense_digest,
+            backups: self.backups.clone(),
             unservable: if self.initialized {
                 self.unservable.clone()
             } else {
@@ -607,6 +640,7 @@ mod tests {
             join_token: token.into(),
             holds_experts: false,
             weightless: false,
+            backup: 0,
         })
     }
 
@@ -778,6 +812,7 @@ mod tests {
                     join_token: String::new(),
                     holds_experts: false,
                     weightless: true,
+                    backup: 0,
                 });
             }
             m.apply(&c).unwrap()
@@ -807,6 +842,57 @@ mod tests {
             Err(Rejected::UnknownWorker(77))
         );
         assert_eq!(m.version, version, "refused reports change nothing");
+        assert_eq!(Machine::decode(&m.encode()).unwrap(), m);
+    }
+
+    #[test]
+    fn every_expert_has_a_backup_off_its_workers_and_a_lost_copy_goes_to_it() {
+        let mut m = Machine::default();
+        init(&mut m, None);
+        for id in 1..=3 {
+            apply(
+                &mut m,
+                Command::Register {
+                    request_id: id,
+                    role: Role::ExpertWorker,
+                    address: format!("127.0.0.1:{id}"),
+                    capacity: None,
+                    pid: 1,
+                    model_fingerprint: "fp".into(),
+                    join_token: String::new(),
+                    holds_experts: false,
+                    weightless: false,
+                    backup: 2,
+                },
+            )
+            .unwrap();
+        }
+        let placed = m.placement.experts.clone();
+        assert_eq!(m.backups.len(), 4);
+        for (e, b) in m.backups.iter().enumerate() {
+            assert_eq!(b.len(), 1, "expert {e}");
+            assert!(
+                !placed[e].contains(&b[0]),
+                "expert {e} backed up on its worker"
+            );
+        }
+        // The worker with the most experts dies: each of its experts goes to its backup.
+        let victim = (1..=3)
+            .max_by_key(|&w| m.placement.experts_of(w).len())
+            .unwrap();
+        let lost = m.placement.experts_of(victim);
+        let backups = m.backups.clone();
+        apply(&mut m, Command::MarkDead { worker_id: victim }).unwrap();
+        for e in lost {
+            assert_eq!(
+                m.placement.experts[e as usize], backups[e as usize],
+                "expert {e}"
+            );
+        }
+        // The backups follow: none on the dead worker, none on an expert's own worker.
+        for (e, b) in m.backups.iter().enumerate() {
+            assert!(!b.contains(&victim) && !m.placement.experts[e].iter().any(|w| b.contains(w)));
+        }
         assert_eq!(Machine::decode(&m.encode()).unwrap(), m);
     }
 

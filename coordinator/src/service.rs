@@ -256,6 +256,7 @@ impl CoordinatorService for Coordinator {
             join_token: r.join_token.clone(),
             holds_experts: r.holds_experts,
             weightless: r.weightless,
+            backup: r.expert_backup as usize,
         };
         match self.propose(command).await {
             Ok(worker_id) => Ok(Response::new(pb::RegisterReply {

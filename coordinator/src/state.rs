@@ -55,6 +55,10 @@ pub struct Member {
     /// it holds (fetched), and takes what it gains from peers.
     #[serde(default)]
     pub weightless: bool,
+    /// An expert worker: experts it keeps in host memory as backups, not served
+    /// (`--expert-backup`).
+    #[serde(default)]
+    pub backup: usize,
 }
 
 /// Which worker holds each expert, under which epoch.
@@ -99,6 +103,8 @@ pub struct ClusterView {
     /// The dense weights' digest (every tensor but the routed experts), as first reported
     /// by an attention worker with the checkpoint's files.
     pub dense_digest: Option<u32>,
+    /// `backups[e]`: the worker keeping expert e in host memory, not served.
+    pub backups: Vec<Vec<u64>>,
 }
 
 impl ClusterView {
@@ -189,6 +195,7 @@ impl From<&ClusterView> for pb::ClusterState {
                     has_capacity: m.capacity.is_some(),
                     holds_experts: m.holds_experts,
                     weightless: m.weightless,
+                    expert_backup: m.backup as u32,
                 })
                 .collect(),
             placement: Some(pb::Placement::from(&v.placement)),
@@ -204,6 +211,11 @@ impl From<&ClusterView> for pb::ClusterState {
                 .collect(),
             dense_digest: v.dense_digest.unwrap_or(0),
             has_dense_digest: v.dense_digest.is_some(),
+            backups: v
+                .backups
+                .iter()
+                .map(|w| pb::ExpertReplicas { workers: w.clone() })
+                .collect(),
         }
     }
 }
@@ -227,6 +239,7 @@ impl TryFrom<pb::ClusterState> for ClusterView {
                     capacity: m.has_capacity.then_some(m.expert_capacity as usize),
                     holds_experts: m.holds_experts,
                     weightless: m.weightless,
+                    backup: m.expert_backup as usize,
                 })
             })
             .collect::<Result<Vec<_>, StateError>>()?;
@@ -252,6 +265,18 @@ impl TryFrom<pb::ClusterState> for ClusterView {
             }
             expert_digests.insert(d.expert, d.crc32);
         }
+        if s.backups.len() > num_experts {
+            return Err(StateError(format!(
+                "backups for {} experts of {num_experts}",
+                s.backups.len()
+            )));
+        }
+        let backups: Vec<Vec<u64>> = s.backups.into_iter().map(|r| r.workers).collect();
+        if backups.iter().any(|b| b.len() > members.len()) {
+            return Err(StateError(
+                "an expert backed up more times than there are members".into(),
+            ));
+        }
         let pending = s.pending.map(Placement::from);
         if let Some(p) = &pending {
             check_placement(p, num_experts, &members)?;
@@ -268,6 +293,7 @@ impl TryFrom<pb::ClusterState> for ClusterView {
             nccl_ids: BTreeMap::new(),
             expert_digests,
             dense_digest: s.has_dense_digest.then_some(s.dense_digest),
+            backups,
         })
     }
 }
@@ -337,6 +363,7 @@ mod tests {
             draining: false,
             holds_experts: false,
             weightless,
+            backup: 0,
         }
     }
 
@@ -360,6 +387,7 @@ mod tests {
             nccl_ids: BTreeMap::new(),
             expert_digests: BTreeMap::new(),
             dense_digest: None,
+            backups: Vec::new(),
         }
     }
 
@@ -410,6 +438,7 @@ mod tests {
         let mut v = view(vec![vec![1, 2]; 8]);
         v.expert_digests = BTreeMap::from([(0, 7), (7, u32::MAX)]);
         v.dense_digest = Some(0);
+        v.backups = vec![vec![3], vec![], vec![1]];
         let wire = pb::ClusterState::from(&v);
         assert_eq!(ClusterView::try_from(wire.clone()).unwrap(), v);
         let digest = |expert| pb::ExpertDigest { expert, crc32: 1 };

@@ -89,6 +89,7 @@ fn registration(port: u16) -> Registration {
         join_token: None,
         holds_experts: false,
         weightless: false,
+        backup: 0,
     }
 }
 

@@ -385,6 +385,8 @@ impl Sim {
                 join_token: String::new(),
                 holds_experts: false,
                 weightless: false,
+                // Backups are planned on every replica as commands apply: they must agree.
+                backup: 1,
             },
         )
     }

@@ -91,6 +91,10 @@ pub struct ExpertWorkerConfig {
     /// Where a worker whose model directory holds no weights keeps the experts it fetches
     /// from peers (default: a directory in the system's temporary directory).
     pub expert_cache: Option<String>,
+    /// Experts this worker keeps in host memory as backups, not served (the coordinators
+    /// choose them so that every expert has one off its primary workers; a failure's
+    /// re-placement takes a lost copy from a backup first). 0: none.
+    pub expert_backup: usize,
     pub batcher: BatcherConfig,
 }
 
@@ -249,6 +253,7 @@ pub async fn run(
                 join_token: config.worker.join_token.clone(),
                 holds_experts: false,
                 weightless: shard.is_weightless(),
+                backup: config.expert_backup,
             },
             Duration::from_millis(config.worker.register_patience_ms),
             Duration::from_millis(config.worker.heartbeat_interval_ms),
@@ -307,6 +312,7 @@ async fn follow_placement(
 ) {
     let mut loading = 0;
     let mut digesting: Option<tokio::task::JoinHandle<()>> = None;
+    let mut backups = std::collections::BTreeSet::new();
     while views.changed().await.is_ok() {
         let Some(view) = views.borrow_and_update().clone() else {
             continue;
@@ -323,6 +329,7 @@ async fn follow_placement(
         if cache.is_none() {
             digest_experts(&shard, &view, worker_id, &mut digesting);
         }
+        keep_backups(&shard, cache.as_ref(), &view, worker_id, &mut backups);
         let Some(pending) = view.pending.clone() else {
             continue;
         };
@@ -367,6 +374,48 @@ async fn follow_placement(
             prepared.fetch_max(pending.epoch, Ordering::Relaxed);
         });
     }
+}
+
+/// Keeps the experts the cluster state makes this worker's backups in host memory, each
+/// once: a worker with the files reads their pages in; a weightless one fetches them from
+/// peers (held, and served only once a placement gives them to it). Backups it no longer
+/// has stay where they are (pages the system may evict; a weightless worker's cache).
+fn keep_backups(
+    shard: &Arc<ExpertShard>,
+    cache: Option<&Arc<ExpertCache>>,
+    view: &Arc<ClusterView>,
+    me: u64,
+    kept: &mut std::collections::BTreeSet<u32>,
+) {
+    let wanted: std::collections::BTreeSet<u32> = view
+        .backups
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.contains(&me))
+        .map(|(e, _)| e as u32)
+        .collect();
+    let new: std::collections::BTreeSet<u32> = wanted.difference(kept).copied().collect();
+    *kept = wanted;
+    if new.is_empty() {
+        return;
+    }
+    let (shard, cache, view) = (shard.clone(), cache.cloned(), view.clone());
+    tokio::spawn(async move {
+        let count = new.len();
+        let bytes = match cache {
+            None => tokio::task::spawn_blocking(move || shard.warm(&new))
+                .await
+                .unwrap_or(0) as u64,
+            Some(cache) => match fetch_all(&shard, &cache, &view, me, &new).await {
+                Ok(bytes) => bytes,
+                Err(e) => return tracing::warn!("expert worker {me}: backups: {e}"),
+            },
+        };
+        tracing::info!(
+            "expert worker {me}: keeping {count} more backup experts in memory ({:.1} MB)",
+            bytes as f64 / 1e6
+        );
+    });
 }
 
 /// For a worker with the checkpoint's files: notes the expert digests the cluster state has

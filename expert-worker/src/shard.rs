@@ -234,6 +234,22 @@ impl ExpertShard {
         bytes
     }
 
+    /// Reads `experts`' pages into memory in every MoE layer (host-memory backups, not
+    /// served); the bytes.
+    pub fn warm(&self, experts: &BTreeSet<u32>) -> usize {
+        let layers = self.layers();
+        experts
+            .iter()
+            .filter(|&&e| (e as usize) < self.num_experts)
+            .map(|&e| {
+                layers
+                    .values()
+                    .map(|l| l.load_expert(e as usize))
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
     /// Expert bytes made resident by placements since the worker started.
     pub fn loaded_bytes(&self) -> u64 {
         self.loaded_bytes.load(Ordering::Relaxed)

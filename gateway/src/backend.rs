@@ -314,6 +314,7 @@ mod tests {
             draining: false,
             holds_experts,
             weightless: false,
+            backup: 0,
         }
     }
 

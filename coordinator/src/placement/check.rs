@@ -93,6 +93,7 @@ mod tests {
             draining,
             holds_experts: false,
             weightless: false,
+            backup: 0,
         }
     }
 

@@ -263,6 +263,7 @@ impl Controller {
             redundancy: machine.settings.redundancy,
             current: &machine.placement.experts,
             tolerance: 0.02,
+            warm: &machine.backups,
         });
         let plan = match planned {
             Ok(p) => p,
@@ -355,6 +356,7 @@ mod tests {
                     join_token: String::new(),
                     holds_experts: false,
                     weightless: false,
+                    backup: 0,
                 },
             );
         }

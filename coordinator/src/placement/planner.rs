@@ -8,7 +8,8 @@
 //! 2. **Keep.** Every copy the current placement has on a worker that is still in the plan
 //!    stays (up to the new count and the worker's slots): kept copies cost no bytes.
 //! 3. **Place.** Missing copies, heaviest first, go to the least-loaded worker with a free
-//!    slot that does not hold that expert yet (copies of one expert never share a worker).
+//!    slot that does not hold that expert yet (copies of one expert never share a worker),
+//!    a worker that holds the expert warm (a host-memory backup) before any other.
 //! 4. **Repair.** While the most loaded worker is more than `tolerance` above the mean, the
 //!    single move or swap of copies that lowers it most is applied; each one moves one or two
 //!    experts' bytes, so the plan stops as soon as the balance is good enough.
@@ -36,6 +37,9 @@ pub struct PlanInput<'a> {
     pub current: &'a [Vec<u64>],
     /// Repair stops once max worker load ≤ (1 + tolerance) × mean.
     pub tolerance: f64,
+    /// `warm[e]`: workers that keep a backup of expert e in host memory (may be empty or
+    /// shorter than the expert count): a missing copy goes to one of them first.
+    pub warm: &'a [Vec<u64>],
 }
 
 /// A placement and how it differs from the current one.
@@ -125,9 +129,20 @@ pub fn plan(input: PlanInput<'_>) -> Result<Plan, PlacementError> {
         .collect();
     missing.sort_by(|&a, &b| cmp_f64(share(b, &count), share(a, &count)).then(a.cmp(&b)));
     for e in missing {
+        let warm = |i: usize| {
+            input
+                .warm
+                .get(e)
+                .is_some_and(|ws| ws.contains(&workers[i].id))
+        };
         let target = (0..workers.len())
             .filter(|&i| used[i] < slots[i] && !held[e].contains(&i))
-            .min_by(|&a, &b| cmp_f64(worker_load[a], worker_load[b]).then(a.cmp(&b)));
+            .min_by(|&a, &b| {
+                warm(b)
+                    .cmp(&warm(a))
+                    .then(cmp_f64(worker_load[a], worker_load[b]))
+                    .then(a.cmp(&b))
+            });
         match target {
             Some(i) => {
                 held[e].insert(i);
@@ -354,6 +369,7 @@ mod tests {
             redundancy,
             current,
             tolerance: 0.01,
+            warm: &[],
         }
     }
 
@@ -506,6 +522,28 @@ mod tests {
         );
         let b = balance(&after.experts, &load, &ids(&five));
         assert!(b < 1.05, "balance {b}");
+    }
+
+    #[test]
+    fn a_lost_copy_goes_to_the_worker_that_keeps_it_warm() {
+        // Four experts, one copy each on workers 1..=4, loads equal. Worker 4 dies: its
+        // expert 3 would go to the least-loaded survivor (1, by id); worker 3 keeps a backup
+        // of it, so it goes there, though 3 is no less loaded.
+        let load = vec![1.0; 4];
+        let current = vec![vec![1], vec![2], vec![3], vec![4]];
+        let three: Vec<_> = (1..=3).map(|i| w(i, None)).collect();
+        let mut cold = input(&three, &load, &current, 1, 0);
+        cold.tolerance = 1.0;
+        assert_eq!(plan(cold).unwrap().experts[3], vec![1]);
+        let warm = vec![vec![], vec![], vec![], vec![3]];
+        let with_backup = PlanInput {
+            warm: &warm,
+            ..cold
+        };
+        let p = plan(with_backup).unwrap();
+        check(&p, &three);
+        assert_eq!(p.experts[3], vec![3]);
+        assert_eq!(p.added, vec![(3, 3)]);
     }
 
     #[test]
