@@ -81,6 +81,8 @@ pub struct TransferStats {
     active: Mutex<BTreeMap<u32, Active>>,
     /// The digests of experts this worker holds from the checkpoint's files.
     pub digests: Digests,
+    /// Per expert, the turn to fetch it (one fetch of an expert at a time).
+    turns: Mutex<BTreeMap<u32, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// The digests ([`expert_digest`]) a worker with the checkpoint's files has computed of its
@@ -183,6 +185,16 @@ impl TransferStats {
             expert: e,
             bytes,
         }
+    }
+
+    /// Expert `e`'s fetching turn (at most one per expert of the model, kept).
+    fn expert_turn(&self, e: u32) -> Arc<tokio::sync::Mutex<()>> {
+        self.turns
+            .lock()
+            .expect("turns lock")
+            .entry(e)
+            .or_default()
+            .clone()
     }
 
     /// The transfers in flight, as the heartbeat carries them.
@@ -527,7 +539,7 @@ pub async fn receive(
 
 /// Fetches expert `e` into `cache` from the first of `sources` that sends it whole, intact
 /// and matching `digest` (a failed or corrupt transfer moves on to the next); marks it
-/// held in `shard`. The bytes and who sent them.
+/// held in `shard`. The bytes and who sent them (none when it was held already).
 pub async fn fetch_expert(
     shard: &ExpertShard,
     cache: &ExpertCache,
@@ -537,6 +549,13 @@ pub async fn fetch_expert(
 ) -> Result<(u64, String), TransferError> {
     use std::sync::atomic::Ordering::Relaxed;
     let stats = shard.transfers();
+    // One fetch of an expert at a time (a placement's gains and the backups may both want
+    // it): a second one finds it held, and a held expert's bytes are never written again.
+    let turn = stats.expert_turn(e);
+    let _turn = turn.lock().await;
+    if shard.holds(e) {
+        return Ok((0, String::new()));
+    }
     stats.fetching.fetch_add(1, Relaxed);
     let mut tried = Vec::new();
     for source in sources {

@@ -211,6 +211,30 @@ async fn an_expert_no_holder_sends_whole_is_never_held_nor_computed() {
     let _ = std::fs::remove_dir_all(cache.dir());
 }
 
+/// Two fetches of one expert at once (a placement's gain and a backup): one moves its
+/// bytes, the other finds it held; nothing is written twice.
+#[tokio::test]
+async fn an_expert_is_fetched_once_however_many_ask() {
+    let (config, from) = sender();
+    let (cache, to) = receiver(&config, "once");
+    let sources = [source(&from, Fault::None)];
+    let digest = Some(expert_digest(&from, 9).unwrap());
+    let (a, b) = tokio::join!(
+        fetch_expert(&to, &cache, 9, digest, &sources),
+        fetch_expert(&to, &cache, 9, digest, &sources)
+    );
+    let mut moved = [a.unwrap().0, b.unwrap().0];
+    moved.sort();
+    assert_eq!(moved, [0, cache.expert_bytes()]);
+    let fetched = to
+        .transfers()
+        .fetched_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(fetched, cache.expert_bytes());
+    assert_eq!(bytes_of(&to, 9), bytes_of(&from, 9));
+    let _ = std::fs::remove_dir_all(cache.dir());
+}
+
 /// An FP8 checkpoint's experts travel per projection (e4m3 codes, then the scales as f32):
 /// a fetched one is read anew and computes the sender's bits.
 #[tokio::test]
