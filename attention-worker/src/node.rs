@@ -251,10 +251,9 @@ async fn fetch_dense_weights(
         }
         match tokio::time::timeout_at(give_up, views.changed()).await {
             Ok(Ok(())) => {}
-            Ok(Err(_)) | Err(_) if senders == 0 => {
-                return Err(crate::dense::no_sender().into());
-            }
-            _ => {}
+            // Out of patience, or no more views: go with the senders there are.
+            _ if senders > 0 => break view.expect("a view with senders"),
+            _ => return Err(crate::dense::no_sender().into()),
         }
     };
     let sources: Vec<Arc<dyn DenseSource>> = view
