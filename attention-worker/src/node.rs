@@ -141,9 +141,16 @@ pub async fn run(
     } else {
         Some(fetch_dense_weights(&config, &source).await?)
     };
+    // The checkpoint the model loads from (opened once), which is also what this worker
+    // sends to attention workers that start without the weights.
+    let checkpoint = match (&fetched, &source) {
+        (Some(f), _) => Some(f.shared_weights()),
+        (None, ModelSource::Dir(d)) => Some(Arc::new(SafetensorsCheckpoint::open(d)?)),
+        (None, ModelSource::Synthetic(_)) => None,
+    };
     let (model, experts, client) = connect(
         &source,
-        fetched.as_ref().map(|f| f.weights() as &dyn WeightSource),
+        checkpoint.as_deref().map(|c| c as &dyn WeightSource),
         &config.worker.coordinator,
         config.dispatch,
         (config.worker.device, config.worker.gemm),
@@ -153,14 +160,8 @@ pub async fn run(
         // Loaded: the file needs no name any more.
         f.unlink()?;
     }
-    // What this worker sends to attention workers that start without the weights, and, when
-    // they are its own files, their digest for the coordinators to record.
-    let dense = match (&fetched, &source) {
-        (Some(f), _) => Some(f.shared_weights()),
-        (None, ModelSource::Dir(d)) => SafetensorsCheckpoint::open(d).ok().map(Arc::new),
-        (None, ModelSource::Synthetic(_)) => None,
-    }
-    .map(DenseWeights::new);
+    let dense = checkpoint.map(DenseWeights::new);
+    // When the weights are this worker's own files, their digest for the coordinators.
     let dense_digest = Arc::new(std::sync::OnceLock::new());
     if let (None, Some(dense)) = (&fetched, dense.clone()) {
         let digest = dense_digest.clone();
