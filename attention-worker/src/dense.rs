@@ -224,13 +224,7 @@ impl DenseSource for GrpcDenseSource {
             .await
             .map_err(|s| failed(s.to_string()))?
             .into_inner();
-        let peer = self.address.clone();
-        Ok(Box::pin(stream.map(move |r| {
-            r.map_err(|s| TransferError::Peer {
-                peer: peer.clone(),
-                reason: s.to_string(),
-            })
-        })))
+        Ok(weight_file::from_peer(&self.address, stream))
     }
 }
 

@@ -32,7 +32,7 @@ use std::time::Duration;
 use expertmesh_model::moe::{ExpertWeights, Experts};
 use expertmesh_model::TextConfig;
 use expertmesh_proto::v1 as pb;
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::Stream;
 
 use crate::shard::ExpertShard;
 use crate::weight_file::{Piece, TensorSpec, WeightFile};
@@ -487,13 +487,7 @@ impl ExpertSource for GrpcSource {
             .await
             .map_err(failed)?
             .into_inner();
-        let peer = self.address.clone();
-        Ok(Box::pin(stream.map(move |r| {
-            r.map_err(|s| TransferError::Peer {
-                peer: peer.clone(),
-                reason: s.to_string(),
-            })
-        })))
+        Ok(crate::weight_file::from_peer(&self.address, stream))
     }
 }
 

@@ -275,6 +275,20 @@ impl WeightFile {
     }
 }
 
+/// A peer's server stream with its errors as [`TransferError::Peer`]s naming the peer.
+pub fn from_peer<T: Send + 'static>(
+    peer: &str,
+    stream: tonic::Streaming<T>,
+) -> std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, TransferError>> + Send>> {
+    let peer = peer.to_owned();
+    Box::pin(stream.map(move |r| {
+        r.map_err(|s| TransferError::Peer {
+            peer: peer.clone(),
+            reason: s.to_string(),
+        })
+    }))
+}
+
 /// Takes `regions` of `file` from `stream`, in order, checking every chunk against the piece
 /// it must be (of `expert`, 0 for dense weights) and its CRC, counting verified bytes in
 /// `progress`, and the whole against the sender's CRC. The whole's CRC and bytes, once all
