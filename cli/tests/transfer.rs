@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -26,6 +27,45 @@ fn worker<'a>(v: &'a Value, address: &str) -> Option<&'a Value> {
         .find(|w| w["address"] == address && w["status"] == "alive")
 }
 
+/// A copy of `model`'s directory in `dir` without a single weight file: the config, the
+/// shard index and the tokenizer.
+fn weightless_copy(model: &Path, dir: &Path) -> PathBuf {
+    let weightless = dir.join("weightless");
+    std::fs::create_dir(&weightless).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(model.join(f), weightless.join(f)).unwrap();
+    }
+    weightless
+}
+
+/// Starts `expertmesh <args>` on a free loopback port, joining with `token`, its log in
+/// `log`: the process (killed when dropped) and the address it listens on.
+fn join(args: &[&str], token: &str, log: &Path) -> (Kill, String) {
+    let mut role = Kill(
+        bin()
+            .args(args)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("EXPERTMESH_JOIN_TOKEN", token)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(role.0.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let address = line.trim().strip_prefix("LISTENING ").unwrap().to_owned();
+    (role, address)
+}
+
 #[test]
 fn a_worker_without_weights_takes_its_experts_from_peers_under_load() {
     joins_without_weights("tiny-maverick");
@@ -40,17 +80,7 @@ fn a_worker_without_weights_takes_fp8_experts_from_peers_under_load() {
 fn joins_without_weights(fixture: &str) {
     let dir = tempfile::tempdir().unwrap();
     let model = common::fixture(fixture);
-    // The model directory without a single weight file.
-    let weightless = dir.path().join("weightless");
-    std::fs::create_dir(&weightless).unwrap();
-    for f in [
-        "config.json",
-        "model.safetensors.index.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ] {
-        std::fs::copy(model.join(f), weightless.join(f)).unwrap();
-    }
+    let weightless = weightless_copy(&model, dir.path());
     let model = model.display().to_string();
     let (_up, cluster) = start_up(
         &[
@@ -88,38 +118,24 @@ fn joins_without_weights(fixture: &str) {
 
     let log = dir.path().join("weightless.log");
     let joined = Instant::now();
-    let mut newcomer = Kill(
-        bin()
-            .args([
-                "expert-worker",
-                "--coordinator",
-                &coordinators,
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .args([
-                "--model",
-                weightless.to_str().unwrap(),
-                "--migration-mbps",
-                "400",
-                "--expert-backup",
-                "16",
-            ])
-            .args(["--expert-cache", dir.path().join("cache").to_str().unwrap()])
-            .env("EXPERTMESH_JOIN_TOKEN", &token)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
+    let (_newcomer, address) = join(
+        &[
+            "expert-worker",
+            "--coordinator",
+            &coordinators,
+            "--model",
+            weightless.to_str().unwrap(),
+            "--migration-mbps",
+            "400",
+            "--expert-backup",
+            "16",
+            "--expert-cache",
+            dir.path().join("cache").to_str().unwrap(),
+        ],
+        &token,
+        &log,
     );
     events.push((joined, "a weightless expert worker joins".into()));
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(newcomer.0.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let address = line.trim().strip_prefix("LISTENING ").unwrap().to_owned();
     let placed = wait_status(&coordinators, "the newcomer placed with experts", |v| {
         v["pending_epoch"].is_null()
             && worker(v, &address).is_some_and(|w| w["experts"].as_u64() > Some(0))
@@ -227,16 +243,7 @@ fn joins_without_weights(fixture: &str) {
 fn an_attention_worker_without_weights_takes_its_dense_weights_from_a_peer() {
     let dir = tempfile::tempdir().unwrap();
     let model = common::fixture("tiny-maverick");
-    let weightless = dir.path().join("weightless");
-    std::fs::create_dir(&weightless).unwrap();
-    for f in [
-        "config.json",
-        "model.safetensors.index.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ] {
-        std::fs::copy(model.join(f), weightless.join(f)).unwrap();
-    }
+    let weightless = weightless_copy(&model, dir.path());
     let model = model.display().to_string();
     let (_up, cluster) = start_up(
         &[
@@ -266,30 +273,17 @@ fn an_attention_worker_without_weights_takes_its_dense_weights_from_a_peer() {
     });
     let first = attention(&ready)[0].clone();
     let log = dir.path().join("newcomer.log");
-    let mut newcomer = Kill(
-        bin()
-            .args([
-                "attention-worker",
-                "--coordinator",
-                &coordinators,
-                "--listen",
-                "127.0.0.1:0",
-                "--model",
-                weightless.to_str().unwrap(),
-            ])
-            .env("EXPERTMESH_JOIN_TOKEN", &token)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
+    let (_newcomer, address) = join(
+        &[
+            "attention-worker",
+            "--coordinator",
+            &coordinators,
+            "--model",
+            weightless.to_str().unwrap(),
+        ],
+        &token,
+        &log,
     );
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(newcomer.0.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let address = line.trim().strip_prefix("LISTENING ").unwrap().to_owned();
     wait_status(&coordinators, "the newcomer registered", |v| {
         attention(v)
             .iter()
