@@ -2,7 +2,7 @@
 //! be made; the pure [`planner`] and host-memory [`backups`]; the expert [`load`] window it plans from; the one
 //! validity [`check`] of a placement; and the leader's [`controller`] (with the failure
 //! detector) that turns state, reports and time into the next `Prepare`, `Commit` or
-//! `MarkDead`. The replicated machine (`machine.rs`) applies those commands; epochs are the
+//! `MarkDead`. The replicated machine (`machine/mod.rs`) applies those commands; epochs are the
 //! machine's (`Placement::epoch`: a `Prepare` names the next one, a `Commit` makes it
 //! current, a worker lost without another copy bumps it at once).
 
