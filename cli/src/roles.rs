@@ -232,6 +232,10 @@ pub struct ExpertWorkerArgs {
     /// (a file whose name is removed once it is mapped: nothing is left after the worker).
     #[arg(long)]
     expert_cache: Option<String>,
+    /// How experts are fetched from peers when the model directory holds no weights: `tcp`
+    /// (framed, on the peers' port; the default) or `grpc` (`FetchExperts`).
+    #[arg(long)]
+    transfer: Option<Transport>,
     /// Keep this many experts in host memory as backups, not served: the coordinators spread
     /// them so that every expert has one off its primary workers, and a failure's
     /// re-placement takes lost copies from them first.
@@ -541,6 +545,9 @@ pub fn expert_worker(args: ExpertWorkerArgs) -> Result<()> {
     }
     if args.expert_cache.is_some() {
         config.expert_cache = args.expert_cache;
+    }
+    if let Some(t) = args.transfer {
+        config.transfer = t;
     }
     if let Some(n) = args.expert_backup {
         config.expert_backup = n;

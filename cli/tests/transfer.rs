@@ -68,16 +68,18 @@ fn join(args: &[&str], token: &str, log: &Path) -> (Kill, String) {
 
 #[test]
 fn a_worker_without_weights_takes_its_experts_from_peers_under_load() {
-    joins_without_weights("tiny-maverick");
+    joins_without_weights("tiny-maverick", "tcp");
 }
 
-/// The same with the FP8 checkpoint: its experts travel per projection, codes and scales.
+/// The same with the FP8 checkpoint, over gRPC: its experts travel per projection, codes and
+/// scales.
 #[test]
 fn a_worker_without_weights_takes_fp8_experts_from_peers_under_load() {
-    joins_without_weights("tiny-maverick-fp8");
+    joins_without_weights("tiny-maverick-fp8", "grpc");
 }
 
-fn joins_without_weights(fixture: &str) {
+/// `fixture`'s experts go to a weightless worker over `transport`.
+fn joins_without_weights(fixture: &str, transport: &str) {
     let dir = tempfile::tempdir().unwrap();
     let model = common::fixture(fixture);
     let weightless = weightless_copy(&model, dir.path());
@@ -131,6 +133,8 @@ fn joins_without_weights(fixture: &str) {
             "16",
             "--expert-cache",
             dir.path().join("cache").to_str().unwrap(),
+            "--transfer",
+            transport,
         ],
         &token,
         &log,
@@ -222,7 +226,10 @@ fn joins_without_weights(fixture: &str) {
     let tally = finish(&stop, clients, &events);
     assert!(tally.ok > 0);
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("holds no weights"), "{text}");
+    assert!(
+        text.contains(&format!("experts come from peers over {transport}")),
+        "{text}"
+    );
     assert!(text.contains("experts from peers ("), "{text}");
     assert!(!text.contains("no digest"), "{text}");
     assert!(text.contains("backup experts in memory"), "{text}");

@@ -59,7 +59,8 @@ pub struct OutFrame {
 }
 
 impl OutFrame {
-    fn new(data: Bytes, header: &impl Message) -> Result<Self, DispatchError> {
+    /// A frame of `data` and the message `header` that says what it is.
+    pub fn new(data: Bytes, header: &impl Message) -> Result<Self, DispatchError> {
         let header = header.encode_to_vec();
         let body = 4 + data.len() + header.len();
         if body > FRAME_BYTES_MAX {
@@ -181,6 +182,11 @@ pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, Fram
 }
 
 impl Frame {
+    /// Its header as a message of another protocol carried in frames, and its tensor bytes.
+    pub fn into_message<M: Message + Default>(self) -> Result<(M, Bytes), FrameError> {
+        Ok((M::decode(self.header)?, self.data))
+    }
+
     /// The request it carries, with the tensor bytes put back in place (no copy).
     pub fn into_request(self) -> Result<pb::DispatchRequest, FrameError> {
         let mut r = pb::DispatchRequest::decode(self.header)?;

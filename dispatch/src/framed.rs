@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use expertmesh_proto::tls::{permits, Conn, DISPATCHERS};
+use expertmesh_proto::tls::{permits, Conn, PeerRole, DISPATCHERS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
@@ -168,14 +168,30 @@ where
     }
 }
 
+/// Serving one connection of a [`Protocol`].
+pub type ServeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Another plain-socket protocol a port serves beside framed dispatch and gRPC: its
+/// connections start with its own magic (the expert worker's framed `FetchExperts`).
+#[derive(Clone)]
+pub struct Protocol {
+    pub magic: [u8; 4],
+    /// The certificate roles it serves, under TLS.
+    pub roles: &'static [PeerRole],
+    /// Serves one connection, from its magic on.
+    pub serve: Arc<dyn Fn(Conn) -> ServeFuture + Send + Sync>,
+}
+
 /// The accepted connections of an expert worker's port (Nagle off, over TLS when the
-/// process has it): framed dispatch connections are served here by `answer`; every other
-/// one (HTTP/2, i.e. gRPC) is handed on through the returned stream, for `tonic`'s
-/// `serve_with_incoming`. They are told apart by their first bytes, which the one serving
-/// them reads again. Accepting stops when that stream is dropped.
+/// process has it): framed dispatch connections are served here by `answer`, those of
+/// `others` by theirs; every other one (HTTP/2, i.e. gRPC) is handed on through the
+/// returned stream, for `tonic`'s `serve_with_incoming`. They are told apart by their first
+/// bytes, which the one serving them reads again. Accepting stops when that stream is
+/// dropped.
 pub fn incoming(
     listener: TcpListener,
     answer: Arc<dyn Answer>,
+    others: Vec<Protocol>,
 ) -> ReceiverStream<std::io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(HANDOFF_QUEUE);
     let mut accepted = expertmesh_proto::tls::incoming(listener);
@@ -190,18 +206,36 @@ pub fn incoming(
                 Some(Err(_)) => continue,
                 None => return,
             };
-            let (tx, answer) = (tx.clone(), answer.clone());
+            let (tx, answer, others) = (tx.clone(), answer.clone(), others.clone());
             tokio::spawn(async move {
                 match conn.sniff(&MAGIC, SNIFF_TIMEOUT).await {
-                    Some(true) if permits(conn.peer(), DISPATCHERS) => serve(conn, answer).await,
+                    Some(true) if permits(conn.peer(), DISPATCHERS) => {
+                        return serve(conn, answer).await
+                    }
                     Some(true) => {
-                        tracing::warn!("framed dispatch refused: the client's certificate is not a dispatcher's");
+                        return tracing::warn!(
+                        "framed dispatch refused: the client's certificate is not a dispatcher's"
+                    )
                     }
-                    Some(false) => {
-                        let _ = tx.send(Ok(conn)).await;
-                    }
-                    None => {}
+                    Some(false) => {}
+                    None => return,
                 }
+                for other in &others {
+                    match conn.sniff(&other.magic, SNIFF_TIMEOUT).await {
+                        Some(true) if permits(conn.peer(), other.roles) => {
+                            return (other.serve)(conn).await
+                        }
+                        Some(true) => {
+                            return tracing::warn!(
+                                "a framed connection refused: the client's certificate is not one of {:?}",
+                                other.roles
+                            )
+                        }
+                        Some(false) => {}
+                        None => return,
+                    }
+                }
+                let _ = tx.send(Ok(conn)).await;
             });
         }
     });

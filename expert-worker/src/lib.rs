@@ -14,11 +14,13 @@
 //! seam's `Answer` (what the in-process and NCCL transports deliver to) and the
 //! [`ExpertServer`] puts it behind gRPC.
 //!
-//! A worker without the checkpoint's weights takes its experts from peers ([`transfer`]);
+//! A worker without the checkpoint's weights takes its experts from peers ([`transfer`], over
+//! gRPC or the port's framed form, [`framed_fetch`]);
 //! the chunked, checked transfer of weights into a mapped file is [`weight_file`], which
 //! attention workers use for their dense weights too.
 
 pub mod batcher;
+pub mod framed_fetch;
 pub mod node;
 pub mod server;
 pub mod shard;

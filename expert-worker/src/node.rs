@@ -9,6 +9,7 @@ use std::time::Duration;
 use expertmesh_coordinator::{
     Beat, ClusterView, CoordinatorClient, Membership, Registration, Role,
 };
+use expertmesh_dispatch::Transport;
 use expertmesh_model::ModelSource;
 
 use crate::batcher::{Batcher, BatcherConfig};
@@ -91,6 +92,9 @@ pub struct ExpertWorkerConfig {
     /// Where a worker whose model directory holds no weights keeps the experts it fetches
     /// from peers (default: a directory in the system's temporary directory).
     pub expert_cache: Option<String>,
+    /// How such a worker fetches experts from peers: `tcp` (the default: framed, on the
+    /// peers' port, `crate::framed_fetch`) or `grpc` (`ExpertService.FetchExperts`).
+    pub transfer: Transport,
     /// Experts this worker keeps in host memory as backups, not served (the coordinators
     /// choose them so that every expert has one off its primary workers; a failure's
     /// re-placement takes a lost copy from a backup first). 0: none.
@@ -137,6 +141,12 @@ impl ExpertWorkerConfig {
             if value == 0 {
                 return Err(NodeError::config(field, "must be positive"));
             }
+        }
+        if !matches!(self.transfer, Transport::Tcp | Transport::Grpc) {
+            return Err(NodeError::config(
+                "transfer",
+                format!("is {}: experts travel over tcp or grpc", self.transfer),
+            ));
         }
         Ok(Self { worker, ..self })
     }
@@ -203,7 +213,8 @@ pub async fn run(
             std::path::PathBuf::from,
         );
         tracing::info!(
-            "expert worker: {source} holds no weights: experts come from peers (cache in {})",
+            "expert worker: {source} holds no weights: experts come from peers over {} (cache in {})",
+            config.transfer,
             dir.display()
         );
         Some(Arc::new(ExpertCache::create(&dir, &model_config)?))
@@ -271,10 +282,14 @@ pub async fn run(
         )
         .await?;
     let id = membership.id_cell();
+    let fetching = cache.map(|cache| Fetching {
+        cache,
+        transport: config.transfer,
+    });
     tokio::spawn(follow_placement(
         client.watch(),
         shard.clone(),
-        cache,
+        fetching,
         membership,
         prepared,
     ));
@@ -286,10 +301,15 @@ pub async fn run(
         Arc::new(move || crate::batcher::render_metrics(&metered)),
     )
     .await?;
-    // One port for both data paths: framed dispatch connections are answered by the same
-    // batcher, gRPC ones by the service.
-    let incoming = expertmesh_dispatch::framed::incoming(listener, Arc::new(batcher.clone()));
-    let server = ExpertServer::new(batcher, id).with_migration_limit(config.migration_mbps);
+    // One port for every data path: framed dispatch connections are answered by the same
+    // batcher, framed expert fetches by the shard at the service's pace, gRPC ones by the
+    // service.
+    let server = ExpertServer::new(batcher.clone(), id).with_migration_limit(config.migration_mbps);
+    let incoming = expertmesh_dispatch::framed::incoming(
+        listener,
+        Arc::new(batcher),
+        vec![server.framed_fetch()],
+    );
     let (_health, health) = expertmesh_proto::health::service();
     expertmesh_proto::server_builder()
         .add_service(health)
@@ -302,11 +322,11 @@ pub async fn run(
 /// Follows the cluster state: takes each new placement's assignment, and loads the experts a
 /// pending placement gives this worker before reporting it prepared (the leader commits the
 /// placement once every worker that gains experts is prepared). A worker without the
-/// weights (`cache`) fetches them from the peers that hold them instead.
+/// weights (`fetching`) fetches them from the peers that hold them instead.
 async fn follow_placement(
     mut views: tokio::sync::watch::Receiver<Option<Arc<ClusterView>>>,
     shard: Arc<ExpertShard>,
-    cache: Option<Arc<ExpertCache>>,
+    fetching: Option<Fetching>,
     membership: Membership,
     prepared: Arc<AtomicU64>,
 ) {
@@ -326,10 +346,10 @@ async fn follow_placement(
                 experts: view.placement.experts_of(worker_id).into_iter().collect(),
             });
         }
-        if cache.is_none() {
+        if fetching.is_none() {
             digest_experts(&shard, &view, worker_id, &mut digesting);
         }
-        keep_backups(&shard, cache.as_ref(), &view, worker_id, &mut backups);
+        keep_backups(&shard, fetching.as_ref(), &view, worker_id, &mut backups);
         let Some(pending) = view.pending.clone() else {
             continue;
         };
@@ -345,15 +365,15 @@ async fn follow_placement(
             .collect();
         let shard = shard.clone();
         let prepared = prepared.clone();
-        let cache = cache.clone();
+        let fetching = fetching.clone();
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             let count = gains.len();
-            let bytes = match cache {
+            let bytes = match fetching {
                 None => tokio::task::spawn_blocking(move || shard.load(&gains) as u64)
                     .await
                     .unwrap_or(0),
-                Some(cache) => match fetch_all(&shard, &cache, &view, worker_id, &gains).await {
+                Some(f) => match fetch_all(&shard, &f, &view, worker_id, &gains).await {
                     Ok(bytes) => {
                         // What loading does beyond reading (a GPU's copy), from the cache.
                         let _ = tokio::task::spawn_blocking(move || shard.load(&gains)).await;
@@ -382,7 +402,7 @@ async fn follow_placement(
 /// has stay where they are (pages the system may evict; a weightless worker's cache).
 fn keep_backups(
     shard: &Arc<ExpertShard>,
-    cache: Option<&Arc<ExpertCache>>,
+    fetching: Option<&Fetching>,
     view: &Arc<ClusterView>,
     me: u64,
     kept: &mut std::collections::BTreeSet<u32>,
@@ -399,14 +419,14 @@ fn keep_backups(
     if new.is_empty() {
         return;
     }
-    let (shard, cache, view) = (shard.clone(), cache.cloned(), view.clone());
+    let (shard, fetching, view) = (shard.clone(), fetching.cloned(), view.clone());
     tokio::spawn(async move {
         let count = new.len();
-        let bytes = match cache {
+        let bytes = match fetching {
             None => tokio::task::spawn_blocking(move || shard.warm(&new))
                 .await
                 .unwrap_or(0) as u64,
-            Some(cache) => match fetch_all(&shard, &cache, &view, me, &new).await {
+            Some(f) => match fetch_all(&shard, &f, &view, me, &new).await {
                 Ok(bytes) => bytes,
                 Err(e) => return tracing::warn!("expert worker {me}: backups: {e}"),
             },
@@ -448,11 +468,18 @@ fn digest_experts(
     }));
 }
 
+/// How a weightless worker takes experts from peers: into its cache, over its transport.
+#[derive(Clone)]
+struct Fetching {
+    cache: Arc<ExpertCache>,
+    transport: Transport,
+}
+
 /// Fetches every expert of `gains` not held yet from the peers that hold it,
 /// [`crate::transfer::FETCHES_IN_FLIGHT`] at a time, logging progress; the bytes fetched.
 async fn fetch_all(
     shard: &Arc<ExpertShard>,
-    cache: &Arc<ExpertCache>,
+    fetching: &Fetching,
     view: &ClusterView,
     me: u64,
     gains: &std::collections::BTreeSet<u32>,
@@ -473,9 +500,10 @@ async fn fetch_all(
     }
     let mut fetches = tokio_stream::iter(wanted.iter().map(|&e| {
         let planned = plan.get(&(me, e)).copied();
-        let sources = crate::transfer::sources_for(view, me, e, planned, &mut peers);
+        let sources =
+            crate::transfer::sources_for(view, me, e, planned, fetching.transport, &mut peers);
         let digest = view.expert_digests.get(&e).copied();
-        let (shard, cache) = (shard.clone(), cache.clone());
+        let (shard, cache) = (shard.clone(), fetching.cache.clone());
         async move { fetch_expert(&shard, &cache, e, digest, &sources).await }
     }))
     .map(tokio::spawn);

@@ -12,7 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::batcher::Batcher;
-use crate::transfer::{expert_chunks, RateLimit};
+use crate::transfer::{chunks_to_send, RateLimit, Refusal};
 use expertmesh_dispatch::wire::{reply_err, reply_ok};
 use expertmesh_dispatch::DispatchBatch;
 
@@ -46,6 +46,12 @@ impl ExpertServer {
         self
     }
 
+    /// `FetchExperts` over the port's plain-socket form ([`crate::framed_fetch`]), at the
+    /// same pace as over gRPC.
+    pub fn framed_fetch(&self) -> expertmesh_dispatch::framed::Protocol {
+        crate::framed_fetch::protocol(self.batcher.shard().clone(), self.migration.clone())
+    }
+
     /// The tonic service, with message size caps.
     pub fn into_service(self) -> ExpertServiceServer<Self> {
         ExpertServiceServer::new(self)
@@ -71,26 +77,16 @@ impl ExpertService for ExpertServer {
             ],
         )?;
         let shard = self.batcher.shard();
-        let experts = request.into_inner().experts;
-        if experts.len() > shard.num_experts() {
-            return Err(Status::invalid_argument(format!(
-                "{} experts asked for (the model has {})",
-                experts.len(),
-                shard.num_experts()
-            )));
-        }
-        let mut chunks = Vec::new();
-        for &e in &experts {
-            if !shard.holds(e) {
-                return Err(Status::not_found(format!("expert {e} is not held here")));
-            }
-            chunks.push(expert_chunks(shard, e).map_err(|e| Status::unimplemented(e.to_string()))?);
-        }
+        let chunks = chunks_to_send(shard, &request.into_inner().experts).map_err(|r| match r {
+            Refusal::TooMany { .. } => Status::invalid_argument(r.to_string()),
+            Refusal::NotHeld(_) => Status::not_found(r.to_string()),
+            Refusal::Unsupported(_) => Status::unimplemented(r.to_string()),
+        })?;
         let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
         let pace = self.migration.clone();
         let shard = shard.clone();
         tokio::spawn(async move {
-            for chunk in chunks.into_iter().flatten() {
+            for chunk in chunks {
                 let bytes = chunk.data.len();
                 pace.take(bytes).await;
                 if tx.send(Ok(chunk)).await.is_err() {

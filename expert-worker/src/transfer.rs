@@ -29,6 +29,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use expertmesh_dispatch::Transport;
 use expertmesh_model::moe::{ExpertWeights, Experts};
 use expertmesh_model::TextConfig;
 use expertmesh_proto::v1 as pb;
@@ -41,7 +42,7 @@ pub use crate::weight_file::CHUNK_BYTES;
 /// Experts a worker fetches at once (spread over their holders).
 pub const FETCHES_IN_FLIGHT: usize = 8;
 /// How long one expert's transfer from one peer may take before the next peer is asked.
-const EXPERT_DEADLINE: Duration = Duration::from_secs(120);
+pub(crate) const EXPERT_DEADLINE: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
@@ -422,12 +423,55 @@ pub fn expert_digest(shard: &ExpertShard, e: u32) -> Result<u32, TransferError> 
     Ok(crc.finalize())
 }
 
+/// Why a worker will not send the experts asked of it.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("{asked} experts asked for (the model has {experts})")]
+    TooMany { asked: usize, experts: usize },
+    #[error("expert {0} is not held here")]
+    NotHeld(u32),
+    #[error(transparent)]
+    Unsupported(TransferError),
+}
+
+/// The chunks of `experts`, one after another, as this shard sends them (made one at a time
+/// as they go); refused whole when one of them is not held here.
+pub fn chunks_to_send(
+    shard: &ExpertShard,
+    experts: &[u32],
+) -> Result<impl Iterator<Item = pb::WeightChunk> + Send + 'static, Refusal> {
+    if experts.len() > shard.num_experts() {
+        return Err(Refusal::TooMany {
+            asked: experts.len(),
+            experts: shard.num_experts(),
+        });
+    }
+    let mut chunks = Vec::new();
+    for &e in experts {
+        if !shard.holds(e) {
+            return Err(Refusal::NotHeld(e));
+        }
+        chunks.push(expert_chunks(shard, e).map_err(Refusal::Unsupported)?);
+    }
+    Ok(chunks.into_iter().flatten())
+}
+
 /// The chunks of expert `e` as this shard holds it, made one at a time as they are sent.
 pub fn expert_chunks(
     shard: &ExpertShard,
     e: u32,
 ) -> Result<impl Iterator<Item = pb::WeightChunk> + Send + 'static, TransferError> {
     Ok(crate::weight_file::chunks(expert_pieces(shard, e)?, e))
+}
+
+/// The peer expert worker at `address` as a source over `transport`: `grpc`
+/// ([`GrpcSource`]) or, for any other, the port's framed form
+/// ([`crate::framed_fetch::FramedSource`]).
+pub fn source(transport: Transport, address: &str) -> Result<Arc<dyn ExpertSource>, TransferError> {
+    Ok(match transport {
+        Transport::Grpc => Arc::new(GrpcSource::new(address)?),
+        _ => Arc::new(crate::framed_fetch::FramedSource::new(address)),
+    })
 }
 
 /// A stream of one expert's chunks from a peer.
@@ -628,8 +672,8 @@ impl RateLimit {
 /// The peers a weightless worker takes expert `e` from, in the order to ask them: the one
 /// the plan names (`planned`, from [`ClusterView::transfer_sources`]), then the other live
 /// workers whose committed placement holds it (from the one the expert's index picks), then
-/// every other live expert worker (a worker with the checkpoint can send any expert).
-/// `peers` keeps one source per address across calls.
+/// every other live expert worker (a worker with the checkpoint can send any expert), each
+/// over `transport` ([`source`]). `peers` keeps one source per address across calls.
 ///
 /// [`ClusterView::transfer_sources`]: expertmesh_coordinator::ClusterView::transfer_sources
 pub fn sources_for(
@@ -637,6 +681,7 @@ pub fn sources_for(
     me: u64,
     e: u32,
     planned: Option<u64>,
+    transport: Transport,
     peers: &mut BTreeMap<String, Arc<dyn ExpertSource>>,
 ) -> Vec<Arc<dyn ExpertSource>> {
     use expertmesh_coordinator::Role;
@@ -670,8 +715,7 @@ pub fn sources_for(
         .filter_map(|w| {
             let address = live[&w];
             if !peers.contains_key(address) {
-                let source = GrpcSource::new(address).ok()?;
-                peers.insert(address.to_owned(), Arc::new(source));
+                peers.insert(address.to_owned(), source(transport, address).ok()?);
             }
             peers.get(address).cloned()
         })

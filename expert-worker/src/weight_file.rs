@@ -140,6 +140,7 @@ pub fn chunks(pieces: Vec<Piece>, expert: u32) -> impl Iterator<Item = pb::Weigh
                 last,
                 whole_crc32: if last { whole.clone().finalize() } else { 0 },
                 whole_bytes: if last { total } else { 0 },
+                refused: String::new(),
             }
         })
 }

@@ -112,7 +112,7 @@ async fn worker_port(f: &Fixture, config: BatcherConfig) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let batcher = Batcher::spawn(f.shard(), config);
-    let incoming = framed::incoming(listener, Arc::new(batcher.clone()));
+    let incoming = framed::incoming(listener, Arc::new(batcher.clone()), Vec::new());
     let server = ExpertServer::new(batcher, Arc::new(AtomicU64::new(1)));
     tokio::spawn(
         expertmesh_proto::server_builder()
@@ -382,7 +382,7 @@ async fn worker_gone_is_unavailable() {
                 let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
                 let batcher = Batcher::spawn(shard, BatcherConfig::default());
-                let incoming = framed::incoming(listener, Arc::new(batcher.clone()));
+                let incoming = framed::incoming(listener, Arc::new(batcher.clone()), Vec::new());
                 let server = ExpertServer::new(batcher, Arc::new(AtomicU64::new(1)));
                 tokio::spawn(
                     expertmesh_proto::server_builder()

@@ -343,9 +343,17 @@ impl Conn {
     /// `patience`. The bytes read are served again to whoever reads the connection.
     pub async fn sniff(&mut self, magic: &[u8], patience: Duration) -> Option<bool> {
         let until = tokio::time::Instant::now() + patience;
-        while self.prefix.len() < magic.len() {
+        loop {
+            // What has been read may already tell (an earlier sniff for another magic).
+            let seen = self.prefix.len().min(magic.len());
+            if self.prefix[..seen] != magic[..seen] {
+                return Some(false);
+            }
+            if seen == magic.len() {
+                return Some(true);
+            }
             let mut byte = [0u8; 64];
-            let want = magic.len() - self.prefix.len();
+            let want = magic.len() - seen;
             let n = tokio::time::timeout_at(until, self.io.read(&mut byte[..want]))
                 .await
                 .ok()?
@@ -354,11 +362,7 @@ impl Conn {
                 return None;
             }
             self.prefix.extend_from_slice(&byte[..n]);
-            if self.prefix[..] != magic[..self.prefix.len()] {
-                return Some(false);
-            }
         }
-        Some(true)
     }
 }
 

@@ -1,16 +1,18 @@
 //! `expertmesh bench transfer`: every expert of a checkpoint fetched over loopback from an
-//! expert worker's `FetchExperts` into a weightless shard's cache, as many at a time as a worker
-//! that joins without the checkpoint does, against raw TCP moving the same bytes over
-//! loopback in the same run (1 MiB writes into a reader that discards them). Medians of
-//! `--runs`.
+//! expert worker into a weightless shard's cache, as many at a time as a worker that joins
+//! without the checkpoint does, over each transport (the port's framed form, gRPC's
+//! `FetchExperts`), against raw TCP moving the same bytes over loopback in the same run
+//! (1 MiB writes into a reader that discards them). The transports and the baseline take
+//! turns; medians of `--runs`.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use expertmesh_dispatch::Transport;
 use expertmesh_expert_worker::transfer::{
-    expert_digest, fetch_expert, ExpertCache, ExpertSource, GrpcSource, FETCHES_IN_FLIGHT,
+    expert_digest, fetch_expert, ExpertCache, ExpertSource, TransferError, FETCHES_IN_FLIGHT,
 };
 use expertmesh_expert_worker::{Batcher, BatcherConfig, ExpertServer, ExpertShard};
 use expertmesh_model::ModelSource;
@@ -24,6 +26,9 @@ pub struct TransferArgs {
     model: String,
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// The transports measured, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "tcp,grpc")]
+    transport: Vec<Transport>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -34,8 +39,15 @@ struct Report {
     model: String,
     experts: usize,
     bytes: u64,
-    fetch_mb_per_s: f64,
     raw_tcp_mb_per_s: f64,
+    transports: Vec<TransportReport>,
+}
+
+#[derive(Serialize)]
+struct TransportReport {
+    transport: String,
+    fetch_mb_per_s: f64,
+    /// The median of each run's fetch rate over the same run's raw TCP rate.
     ratio: f64,
 }
 
@@ -46,14 +58,18 @@ pub fn run(args: TransferArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "{}: {} experts, {:.1} MB: FetchExperts {:.0} MB/s, raw TCP {:.0} MB/s, ratio {:.2}",
+            "{}: {} experts, {:.1} MB; raw TCP {:.0} MB/s",
             report.model,
             report.experts,
             report.bytes as f64 / 1e6,
-            report.fetch_mb_per_s,
             report.raw_tcp_mb_per_s,
-            report.ratio
         );
+        for t in &report.transports {
+            println!(
+                "  {:>4}: {:.0} MB/s, ratio {:.2}",
+                t.transport, t.fetch_mb_per_s, t.ratio
+            );
+        }
     }
     Ok(())
 }
@@ -69,14 +85,17 @@ async fn measure(args: &TransferArgs) -> Result<Report> {
     let sender = Arc::new(ExpertShard::new(&config, source.weights()?.as_ref())?);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?.to_string();
-    let server = ExpertServer::new(
-        Batcher::spawn(sender.clone(), BatcherConfig::default()),
-        Arc::default(),
+    let batcher = Batcher::spawn(sender.clone(), BatcherConfig::default());
+    let server = ExpertServer::new(batcher.clone(), Arc::default());
+    let incoming = expertmesh_dispatch::framed::incoming(
+        listener,
+        Arc::new(batcher),
+        vec![server.framed_fetch()],
     );
     tokio::spawn(
         expertmesh_proto::server_builder()
             .add_service(server.into_service())
-            .serve_with_incoming(expertmesh_proto::incoming(listener)),
+            .serve_with_incoming(incoming),
     );
     let experts = config.num_local_experts;
     // As the coordinators hold them: every fetched expert is checked against its digest.
@@ -85,50 +104,75 @@ async fn measure(args: &TransferArgs) -> Result<Report> {
             .map(|e| expert_digest(&sender, e).map(Some))
             .collect::<Result<_, _>>()?,
     );
-    let (mut fetch, mut raw, mut bytes) = (Vec::new(), Vec::new(), 0);
-    for run in 0..args.runs.max(1) {
-        let dir = std::env::temp_dir().join(format!(
-            "expertmesh-bench-transfer-{}-{run}",
-            std::process::id()
-        ));
-        let cache = Arc::new(ExpertCache::create(&dir, &config)?);
-        let receiver = Arc::new(ExpertShard::new(&config, cache.weights())?.weightless());
-        let peer: Vec<Arc<dyn ExpertSource>> = vec![Arc::new(GrpcSource::new(&address)?)];
-        let started = Instant::now();
-        let mut tasks: tokio::task::JoinSet<
-            Result<(u64, String), expertmesh_expert_worker::transfer::TransferError>,
-        > = tokio::task::JoinSet::new();
-        bytes = 0;
-        for e in 0..experts as u32 {
-            if tasks.len() == FETCHES_IN_FLIGHT {
-                bytes += tasks.join_next().await.expect("a task")??.0;
-            }
-            let (receiver, cache, peer, digests) = (
-                receiver.clone(),
-                cache.clone(),
-                peer.clone(),
-                digests.clone(),
-            );
-            tasks.spawn(async move {
-                fetch_expert(&receiver, &cache, e, digests[e as usize], &peer).await
-            });
+    let runs = args.runs.max(1);
+    let (mut rates, mut raw, mut bytes) = (vec![Vec::new(); args.transport.len()], Vec::new(), 0);
+    for run in 0..runs {
+        for (t, &transport) in args.transport.iter().enumerate() {
+            let dir = std::env::temp_dir().join(format!(
+                "expertmesh-bench-transfer-{}-{run}-{transport}",
+                std::process::id()
+            ));
+            let cache = Arc::new(ExpertCache::create(&dir, &config)?);
+            let receiver = Arc::new(ExpertShard::new(&config, cache.weights())?.weightless());
+            let peer = vec![expertmesh_expert_worker::transfer::source(
+                transport, &address,
+            )?];
+            let started = Instant::now();
+            bytes = fetch_every_expert(&receiver, &cache, &digests, &peer).await?;
+            rates[t].push(bytes as f64 / 1e6 / started.elapsed().as_secs_f64());
+            let _ = std::fs::remove_dir_all(&dir);
         }
-        while let Some(done) = tasks.join_next().await {
-            bytes += done??.0;
-        }
-        fetch.push(bytes as f64 / 1e6 / started.elapsed().as_secs_f64());
         raw.push(raw_tcp(bytes).await?);
-        let _ = std::fs::remove_dir_all(&dir);
+        eprintln!("run {}/{runs} done", run + 1);
     }
-    let (fetch, raw) = (median(fetch), median(raw));
+    let transports = args
+        .transport
+        .iter()
+        .zip(rates)
+        .map(|(t, r)| TransportReport {
+            transport: t.to_string(),
+            ratio: median(r.iter().zip(&raw).map(|(f, w)| f / w).collect()),
+            fetch_mb_per_s: median(r),
+        })
+        .collect();
     Ok(Report {
         model: args.model.clone(),
         experts,
         bytes,
-        fetch_mb_per_s: fetch,
-        raw_tcp_mb_per_s: raw,
-        ratio: fetch / raw,
+        raw_tcp_mb_per_s: median(raw),
+        transports,
     })
+}
+
+/// Fetches every expert into `receiver`'s `cache` from `peer`, [`FETCHES_IN_FLIGHT`] at a
+/// time; the bytes fetched.
+async fn fetch_every_expert(
+    receiver: &Arc<ExpertShard>,
+    cache: &Arc<ExpertCache>,
+    digests: &Arc<Vec<Option<u32>>>,
+    peer: &[Arc<dyn ExpertSource>],
+) -> Result<u64> {
+    let mut tasks: tokio::task::JoinSet<Result<(u64, String), TransferError>> =
+        tokio::task::JoinSet::new();
+    let mut bytes = 0;
+    for e in 0..digests.len() as u32 {
+        if tasks.len() == FETCHES_IN_FLIGHT {
+            bytes += tasks.join_next().await.expect("a task")??.0;
+        }
+        let (receiver, cache, peer, digests) = (
+            receiver.clone(),
+            cache.clone(),
+            peer.to_vec(),
+            digests.clone(),
+        );
+        tasks.spawn(
+            async move { fetch_expert(&receiver, &cache, e, digests[e as usize], &peer).await },
+        );
+    }
+    while let Some(done) = tasks.join_next().await {
+        bytes += done??.0;
+    }
+    Ok(bytes)
 }
 
 /// MB/s of `bytes` written in 1 MiB pieces over a loopback connection to a reader that
