@@ -219,11 +219,32 @@ pub fn logprobs_message(lp: TokenLogprobs) -> pb::TokenLogprobs {
 /// pieces well under the message cap (20 alternatives are ~150 bytes a position).
 const PROMPT_LOGPROBS_PER_MESSAGE: usize = 4096;
 
-/// The stream messages of one engine event (a long prompt's logprobs in several).
-fn events(e: Event, prompt_rows: u64, vocab: u64) -> Vec<Result<pb::GenerateEvent, Status>> {
-    let Event::PromptLogprobs(lps) = e else {
-        return vec![event(e, prompt_rows, vocab)];
-    };
+/// The stream messages of one engine event: one for a token (without allocating a list per
+/// token), a long prompt's logprobs in several.
+fn events(
+    e: Event,
+    prompt_rows: u64,
+    vocab: u64,
+) -> impl Iterator<Item = Result<pb::GenerateEvent, Status>> {
+    // An empty vector allocates nothing.
+    match e {
+        Event::PromptLogprobs(lps) => {
+            None.into_iter()
+                .chain(prompt_logprobs(lps, prompt_rows, vocab))
+        }
+        e => Some(event(e, prompt_rows, vocab))
+            .into_iter()
+            .chain(Vec::new()),
+    }
+}
+
+/// A long prompt's logprobs as messages of at most [`PROMPT_LOGPROBS_PER_MESSAGE`]
+/// positions (one, empty, for a one-token prompt).
+fn prompt_logprobs(
+    lps: Vec<TokenLogprobs>,
+    prompt_rows: u64,
+    vocab: u64,
+) -> Vec<Result<pb::GenerateEvent, Status>> {
     let mut out = Vec::with_capacity(lps.len().div_ceil(PROMPT_LOGPROBS_PER_MESSAGE).max(1));
     let mut lps = lps.into_iter().peekable();
     loop {
@@ -383,7 +404,7 @@ mod tests {
             top: vec![(1, -0.5); 20],
         };
         let all: Vec<TokenLogprobs> = (0..10_000).map(lp).collect();
-        let out = events(Event::PromptLogprobs(all), 1, 8);
+        let out: Vec<_> = events(Event::PromptLogprobs(all), 1, 8).collect();
         let sizes: Vec<usize> = out
             .iter()
             .map(|e| match &e.as_ref().unwrap().event {
@@ -397,6 +418,7 @@ mod tests {
             unreachable!()
         };
         assert_eq!(last.positions[1807].logprob, -9999.0);
-        assert_eq!(events(Event::PromptLogprobs(Vec::new()), 1, 8).len(), 1);
+        assert_eq!(events(Event::PromptLogprobs(Vec::new()), 1, 8).count(), 1);
+        assert_eq!(events(Event::Token(5, None), 1, 8).count(), 1);
     }
 }
