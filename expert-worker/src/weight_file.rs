@@ -8,7 +8,6 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use expertmesh_model::{DType, SafetensorsCheckpoint, Tensor};
@@ -150,7 +149,9 @@ pub fn chunks(pieces: Vec<Piece>, expert: u32) -> impl Iterator<Item = pb::Weigh
 #[derive(Debug)]
 pub struct WeightFile {
     dir: PathBuf,
-    file: Mutex<std::fs::File>,
+    file: std::sync::Arc<std::fs::File>,
+    /// One writer at a time (see [`WeightFile::write`]).
+    writing: tokio::sync::Mutex<()>,
     slots: Vec<Slot>,
     /// Whether `create` made the directory (`unlink` then removes it too).
     made_dir: bool,
@@ -212,7 +213,8 @@ impl WeightFile {
             .into();
         Ok(Self {
             dir: dir.to_owned(),
-            file: Mutex::new(file),
+            file: std::sync::Arc::new(file),
+            writing: tokio::sync::Mutex::new(()),
             slots,
             made_dir,
             mapped,
@@ -264,11 +266,21 @@ impl WeightFile {
         Ok(())
     }
 
-    fn write(&self, slot: &Slot, offset: u64, data: &[u8]) -> Result<(), TransferError> {
+    async fn write(
+        &self,
+        slot: &Slot,
+        offset: u64,
+        data: bytes::Bytes,
+    ) -> Result<(), TransferError> {
         // One writer at a time: the filesystem serializes writes to one file anyway (the
         // inode lock), and a writer left to wait there spins on the core the network needs.
-        let file = self.file.lock().expect("weight file lock");
-        file.write_all_at(data, slot.file_offset + offset)
+        // The others wait here without holding a runtime thread, and the write itself runs
+        // off the runtime, so the transfers keep reading their sockets meanwhile.
+        let _turn = self.writing.lock().await;
+        let (file, at) = (self.file.clone(), slot.file_offset + offset);
+        tokio::task::spawn_blocking(move || file.write_all_at(&data, at))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
             .map_err(|source| TransferError::Cache {
                 path: self.dir.clone(),
                 source,
@@ -350,7 +362,7 @@ pub async fn receive(
                     spec.name
                 )));
             }
-            file.write(slot, at, &chunk.data)?;
+            file.write(slot, at, chunk.data).await?;
             whole.combine(&crc);
             got += expected;
             progress.store(got, std::sync::atomic::Ordering::Relaxed);
