@@ -304,12 +304,8 @@ pub async fn run(
     // One port for every data path: framed dispatch connections are answered by the same
     // batcher, framed expert fetches by the shard at the service's pace, gRPC ones by the
     // service.
-    let server = ExpertServer::new(batcher.clone(), id).with_migration_limit(config.migration_mbps);
-    let incoming = expertmesh_dispatch::framed::incoming(
-        listener,
-        Arc::new(batcher),
-        vec![server.framed_fetch()],
-    );
+    let server = ExpertServer::new(batcher, id).with_migration_limit(config.migration_mbps);
+    let incoming = server.incoming(listener);
     let (_health, health) = expertmesh_proto::health::service();
     expertmesh_proto::server_builder()
         .add_service(health)

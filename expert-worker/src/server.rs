@@ -52,6 +52,33 @@ impl ExpertServer {
         crate::framed_fetch::protocol(self.batcher.shard().clone(), self.migration.clone())
     }
 
+    /// The connections of this worker's port: framed dispatch (answered by the batcher) and
+    /// framed fetches are served here; the rest (gRPC) come out for `tonic`'s
+    /// `serve_with_incoming`, with [`ExpertServer::into_service`].
+    pub fn incoming(
+        &self,
+        listener: tokio::net::TcpListener,
+    ) -> ReceiverStream<std::io::Result<expertmesh_proto::tls::Conn>> {
+        expertmesh_dispatch::framed::incoming(
+            listener,
+            Arc::new(self.batcher.clone()),
+            vec![self.framed_fetch()],
+        )
+    }
+
+    /// Serves this worker's port on `listener` (every protocol of [`ExpertServer::incoming`],
+    /// gRPC with this service alone: no health service, no shutdown but the listener's end),
+    /// as benchmarks and tests serve a shard.
+    pub fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+    ) -> impl std::future::Future<Output = Result<(), tonic::transport::Error>> {
+        let incoming = self.incoming(listener);
+        expertmesh_proto::server_builder()
+            .add_service(self.into_service())
+            .serve_with_incoming(incoming)
+    }
+
     /// The tonic service, with message size caps.
     pub fn into_service(self) -> ExpertServiceServer<Self> {
         ExpertServiceServer::new(self)

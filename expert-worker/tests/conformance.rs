@@ -112,13 +112,7 @@ async fn worker_port(f: &Fixture, config: BatcherConfig) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let batcher = Batcher::spawn(f.shard(), config);
-    let incoming = framed::incoming(listener, Arc::new(batcher.clone()), Vec::new());
-    let server = ExpertServer::new(batcher, Arc::new(AtomicU64::new(1)));
-    tokio::spawn(
-        expertmesh_proto::server_builder()
-            .add_service(server.into_service())
-            .serve_with_incoming(incoming),
-    );
+    tokio::spawn(ExpertServer::new(batcher, Arc::new(AtomicU64::new(1))).serve(listener));
     addr.to_string()
 }
 
@@ -382,12 +376,8 @@ async fn worker_gone_is_unavailable() {
                 let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
                 let batcher = Batcher::spawn(shard, BatcherConfig::default());
-                let incoming = framed::incoming(listener, Arc::new(batcher.clone()), Vec::new());
-                let server = ExpertServer::new(batcher, Arc::new(AtomicU64::new(1)));
                 tokio::spawn(
-                    expertmesh_proto::server_builder()
-                        .add_service(server.into_service())
-                        .serve_with_incoming(incoming),
+                    ExpertServer::new(batcher, Arc::new(AtomicU64::new(1))).serve(listener),
                 );
             });
             let _ = stopped.recv();

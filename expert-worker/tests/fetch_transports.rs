@@ -34,17 +34,7 @@ async fn serve(shard: &Arc<ExpertShard>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
     let batcher = Batcher::spawn(shard.clone(), BatcherConfig::default());
-    let server = ExpertServer::new(batcher.clone(), Arc::default());
-    let incoming = expertmesh_dispatch::framed::incoming(
-        listener,
-        Arc::new(batcher),
-        vec![server.framed_fetch()],
-    );
-    tokio::spawn(
-        expertmesh_proto::server_builder()
-            .add_service(server.into_service())
-            .serve_with_incoming(incoming),
-    );
+    tokio::spawn(ExpertServer::new(batcher, Arc::default()).serve(listener));
     address
 }
 

@@ -201,13 +201,7 @@ async fn measure(args: &DispatchArgs) -> Result<Report> {
     let server_addr = listener.local_addr()?;
     // The worker's port as an expert worker serves it: gRPC and framed TCP on one listener.
     let batcher = Batcher::spawn(shard, BatcherConfig::default());
-    let incoming = framed::incoming(listener, Arc::new(batcher.clone()), Vec::new());
-    let server = ExpertServer::new(batcher.clone(), Arc::default());
-    tokio::spawn(
-        expertmesh_proto::server_builder()
-            .add_service(server.into_service())
-            .serve_with_incoming(incoming),
-    );
+    tokio::spawn(ExpertServer::new(batcher.clone(), Arc::default()).serve(listener));
     let socket = std::env::temp_dir().join(format!("expertmesh-bench-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&socket);
     tokio::spawn(framed::serve_unix(

@@ -86,17 +86,7 @@ async fn measure(args: &TransferArgs) -> Result<Report> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?.to_string();
     let batcher = Batcher::spawn(sender.clone(), BatcherConfig::default());
-    let server = ExpertServer::new(batcher.clone(), Arc::default());
-    let incoming = expertmesh_dispatch::framed::incoming(
-        listener,
-        Arc::new(batcher),
-        vec![server.framed_fetch()],
-    );
-    tokio::spawn(
-        expertmesh_proto::server_builder()
-            .add_service(server.into_service())
-            .serve_with_incoming(incoming),
-    );
+    tokio::spawn(ExpertServer::new(batcher, Arc::default()).serve(listener));
     let experts = config.num_local_experts;
     // As the coordinators hold them: every fetched expert is checked against its digest.
     let digests: Arc<Vec<Option<u32>>> = Arc::new(
