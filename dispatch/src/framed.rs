@@ -209,37 +209,38 @@ pub fn incoming(
             let (tx, answer, others) = (tx.clone(), answer.clone(), others.clone());
             tokio::spawn(async move {
                 match conn.sniff(&MAGIC, SNIFF_TIMEOUT).await {
-                    Some(true) if permits(conn.peer(), DISPATCHERS) => {
-                        return serve(conn, answer).await
-                    }
+                    Some(true) if permits(conn.peer(), DISPATCHERS) => serve(conn, answer).await,
                     Some(true) => {
-                        return tracing::warn!(
-                        "framed dispatch refused: the client's certificate is not a dispatcher's"
-                    )
+                        tracing::warn!("framed dispatch refused: the client's certificate is not a dispatcher's");
                     }
-                    Some(false) => {}
-                    None => return,
-                }
-                for other in &others {
-                    match conn.sniff(&other.magic, SNIFF_TIMEOUT).await {
-                        Some(true) if permits(conn.peer(), other.roles) => {
-                            return (other.serve)(conn).await
+                    Some(false) => match sniff_others(&mut conn, &others).await {
+                        Some(Some(p)) if permits(conn.peer(), p.roles) => (p.serve)(conn).await,
+                        Some(Some(p)) => tracing::warn!(
+                            "a framed connection refused: the client's certificate is not one of {:?}",
+                            p.roles
+                        ),
+                        Some(None) => {
+                            let _ = tx.send(Ok(conn)).await;
                         }
-                        Some(true) => {
-                            return tracing::warn!(
-                                "a framed connection refused: the client's certificate is not one of {:?}",
-                                other.roles
-                            )
-                        }
-                        Some(false) => {}
-                        None => return,
-                    }
+                        None => {}
+                    },
+                    None => {}
                 }
-                let _ = tx.send(Ok(conn)).await;
             });
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Which of `others` the connection's first bytes are (`Some(None)`: none of them); `None`
+/// when it closes or shows too little.
+async fn sniff_others<'a>(conn: &mut Conn, others: &'a [Protocol]) -> Option<Option<&'a Protocol>> {
+    for other in others {
+        if conn.sniff(&other.magic, SNIFF_TIMEOUT).await? {
+            return Some(Some(other));
+        }
+    }
+    Some(None)
 }
 
 /// Serves framed dispatch on every connection of a Unix socket (co-located workers), until
