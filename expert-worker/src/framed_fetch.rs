@@ -15,7 +15,9 @@
 //!
 //! The fetcher keeps a connection for its next expert once one has arrived whole (or was
 //! refused); a connection whose transfer failed is closed. A holder closes connections that
-//! stay idle; a fetcher does not reuse one that has waited long.
+//! stay idle; a fetcher does not reuse one that has waited long, and asks again on a new
+//! connection when a kept one fails before the first frame of its answer (the holder
+//! restarted).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -48,6 +50,8 @@ const KEPT_CONNECTIONS: usize = crate::transfer::FETCHES_IN_FLIGHT;
 /// How long one frame may take to be written (a fetcher that stops reading is left).
 const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 const CONNECT_DEADLINE: Duration = Duration::from_secs(3);
+/// How long the first frame of an answer may take (as long as any chunk may).
+const FIRST_FRAME_DEADLINE: Duration = Duration::from_secs(10);
 /// Chunks read ahead of the receiver's checks and writes.
 const CHUNKS_AHEAD: usize = 4;
 
@@ -138,16 +142,15 @@ impl FramedSource {
         }
     }
 
-    /// A kept connection that has not waited too long, or a new one.
-    async fn connection(&self) -> std::io::Result<Box<dyn Io>> {
-        let kept = {
-            let mut kept = self.kept.lock().expect("kept connections lock");
-            kept.retain(|(_, since)| since.elapsed() < IDLE_FETCHER);
-            kept.pop()
-        };
-        if let Some((conn, _)) = kept {
-            return Ok(conn);
-        }
+    /// A kept connection that has not waited too long.
+    fn kept(&self) -> Option<Box<dyn Io>> {
+        let mut kept = self.kept.lock().expect("kept connections lock");
+        kept.retain(|(_, since)| since.elapsed() < IDLE_FETCHER);
+        kept.pop().map(|(conn, _)| conn)
+    }
+
+    /// A new connection, its magic written.
+    async fn connect(&self) -> std::io::Result<Box<dyn Io>> {
         tokio::time::timeout(CONNECT_DEADLINE, async {
             let mut conn =
                 expertmesh_proto::tls::connect(&self.address, PeerRole::ExpertWorker).await?;
@@ -167,16 +170,38 @@ enum Ended {
     Broken(Option<String>),
 }
 
-/// Reads one fetch's chunks from `conn` into `tx`.
+/// Asks `conn` for expert `e`; the first frame of the answer.
+async fn ask(conn: &mut Box<dyn Io>, e: u32) -> Result<frame::Frame, String> {
+    write(
+        conn,
+        Bytes::new(),
+        &pb::FetchExpertsRequest { experts: vec![e] },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(FIRST_FRAME_DEADLINE, frame::read(conn)).await {
+        Err(_) => Err(format!("nothing came within {FIRST_FRAME_DEADLINE:?}")),
+        Ok(Ok(Some(f))) => Ok(f),
+        Ok(Ok(None)) => Err("the holder closed the connection".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+    }
+}
+
+/// Reads one fetch's chunks from `conn`, `first` already read, into `tx`.
 async fn read_chunks(
     conn: &mut Box<dyn Io>,
+    first: frame::Frame,
     tx: &mpsc::Sender<Result<pb::WeightChunk, TransferError>>,
 ) -> Ended {
+    let mut next = Some(first);
     loop {
-        let frame = match frame::read(conn).await {
-            Ok(Some(f)) => f,
-            Ok(None) => return Ended::Broken(Some("the holder closed the connection".into())),
-            Err(e) => return Ended::Broken(Some(e.to_string())),
+        let frame = match next.take() {
+            Some(f) => f,
+            None => match frame::read(conn).await {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ended::Broken(Some("the holder closed the connection".into())),
+                Err(e) => return Ended::Broken(Some(e.to_string())),
+            },
         };
         let (mut chunk, data) = match frame.into_message::<pb::WeightChunk>() {
             Ok(message) => message,
@@ -211,19 +236,25 @@ impl ExpertSource for FramedSource {
             peer: self.address.clone(),
             reason,
         };
-        let mut conn = self.connection().await.map_err(|e| peer(e.to_string()))?;
-        write(
-            &mut conn,
-            Bytes::new(),
-            &pb::FetchExpertsRequest { experts: vec![e] },
-        )
-        .await
-        .map_err(|e| peer(e.to_string()))?;
+        // A kept connection the holder has closed meanwhile (it restarted) fails at once:
+        // then once more on a new one.
+        let asked_kept = match self.kept() {
+            Some(mut conn) => ask(&mut conn, e).await.ok().map(|first| (conn, first)),
+            None => None,
+        };
+        let (mut conn, first) = match asked_kept {
+            Some(asked) => asked,
+            None => {
+                let mut conn = self.connect().await.map_err(|e| peer(e.to_string()))?;
+                let first = ask(&mut conn, e).await.map_err(peer)?;
+                (conn, first)
+            }
+        };
         let (tx, rx) = mpsc::channel(CHUNKS_AHEAD);
         let (address, kept) = (self.address.clone(), self.kept.clone());
         tokio::spawn(async move {
             let ended = tokio::select! {
-                ended = tokio::time::timeout(EXPERT_DEADLINE, read_chunks(&mut conn, &tx)) => {
+                ended = tokio::time::timeout(EXPERT_DEADLINE, read_chunks(&mut conn, first, &tx)) => {
                     ended.unwrap_or_else(|_| Ended::Broken(Some(format!(
                         "expert {e} took longer than {EXPERT_DEADLINE:?}"
                     ))))

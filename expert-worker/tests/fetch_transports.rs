@@ -128,11 +128,14 @@ async fn a_refusal_is_an_error_and_the_framed_connection_goes_on() {
     }
 }
 
-/// A holder speaking the framed protocol that answers a fetch with `reply` (the bytes after
-/// the request), then hangs up.
-async fn hostile_holder(reply: Vec<u8>) -> String {
+/// A holder speaking the framed protocol that answers the first fetch of each connection
+/// with the bytes `reply` makes of its request, then hangs up; its address.
+async fn fake_holder(
+    reply: impl Fn(pb::FetchExpertsRequest) -> Vec<u8> + Send + Sync + 'static,
+) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
+    let reply = Arc::new(reply);
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             let reply = reply.clone();
@@ -140,12 +143,18 @@ async fn hostile_holder(reply: Vec<u8>) -> String {
                 let mut magic = [0u8; 4];
                 s.read_exact(&mut magic).await.unwrap();
                 assert_eq!(magic, MAGIC);
-                frame::read(&mut s).await.unwrap().unwrap();
-                let _ = s.write_all(&reply).await;
+                let request = frame::read(&mut s).await.unwrap().unwrap();
+                let (request, _) = request.into_message().unwrap();
+                let _ = s.write_all(&reply(request)).await;
             });
         }
     });
     address
+}
+
+/// A holder that answers with `reply` whatever is asked.
+async fn hostile_holder(reply: Vec<u8>) -> String {
+    fake_holder(move |_| reply.clone()).await
 }
 
 /// The frame of `chunk` with `data` as the frame's bytes.
@@ -270,4 +279,34 @@ async fn a_hostile_fetcher_is_cut_off_and_the_holder_goes_on() {
         .await
         .unwrap();
     assert_eq!(got, cache.expert_bytes());
+}
+
+/// A holder that answers one fetch per connection (`holder`'s experts, as the port sends
+/// them) and then closes it, as a holder that restarted between two fetches looks to a
+/// fetcher that kept the connection.
+async fn one_fetch_holder(holder: Arc<ExpertShard>) -> String {
+    fake_holder(move |request| {
+        let chunks =
+            expertmesh_expert_worker::transfer::chunks_to_send(&holder, &request.experts).unwrap();
+        chunks
+            .flat_map(|mut chunk| {
+                let data = std::mem::take(&mut chunk.data);
+                OutFrame::new(data, &chunk).unwrap().to_vec()
+            })
+            .collect()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_kept_connection_the_holder_closed_is_replaced() {
+    let (config, from) = holder();
+    let address = one_fetch_holder(from.clone()).await;
+    let (cache, _) = receiver(&config, "kept-closed");
+    let source = FramedSource::new(&address);
+    for e in [3, 4, 5] {
+        let digest = expert_digest(&from, e).unwrap();
+        let got = receive_one(&source, &cache, e, digest).await.unwrap();
+        assert_eq!(got, cache.expert_bytes(), "expert {e}");
+    }
 }
