@@ -227,22 +227,13 @@ fn an_exposed_port_without_tls_needs_insecure() {
     }
     // With --insecure it starts, warning loudly.
     let log = dir.path().join("coordinator.log");
-    let mut started = common::Kill(
-        plain()
-            .args(coordinator)
-            .args(["--data-dir", &data, "--insecure"])
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(started.0.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert!(line.starts_with("LISTENING"), "{line}");
+    let mut command = plain();
+    command
+        .args(coordinator)
+        .args(["--data-dir", &data, "--insecure"])
+        .stderr(std::fs::File::create(&log).unwrap());
+    // It listens: `listening` fails on any other first line.
+    let _started = common::listening(command);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("INSECURE"), "{text}");
 }

@@ -10,13 +10,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
 use common::load::{finish, single_process_texts, under_load};
-use common::{bin, kill9, start_up, wait_status, Kill};
+use common::{bin, kill9, start_up, wait_status};
 use serde_json::Value;
 
 /// The live expert worker at `address`, from a status.
@@ -45,24 +44,15 @@ fn weightless_copy(model: &Path, dir: &Path) -> PathBuf {
 
 /// Starts `expertmesh <args>` on a free loopback port, joining with `token`, its log in
 /// `log`: the process (killed when dropped) and the address it listens on.
-fn join(args: &[&str], token: &str, log: &Path) -> (Kill, String) {
-    let mut role = Kill(
-        bin()
-            .args(args)
-            .args(["--listen", "127.0.0.1:0"])
-            .env("EXPERTMESH_JOIN_TOKEN", token)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(role.0.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let address = line.trim().strip_prefix("LISTENING ").unwrap().to_owned();
+fn join(args: &[&str], token: &str, log: &Path) -> (common::Role, String) {
+    let mut command = bin();
+    command
+        .args(args)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("EXPERTMESH_JOIN_TOKEN", token)
+        .stderr(std::fs::File::create(log).unwrap());
+    let role = common::listening(command);
+    let address = role.address.clone();
     (role, address)
 }
 

@@ -158,12 +158,14 @@ fn role_stderr(args: &[&str]) -> Stdio {
 
 /// Starts `expertmesh <args>` and waits for its `LISTENING` line.
 pub fn start(args: &[&str]) -> Role {
-    let mut child = bin()
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(role_stderr(args))
-        .spawn()
-        .unwrap();
+    let mut command = bin();
+    command.args(args).stderr(role_stderr(args));
+    listening(command)
+}
+
+/// Starts `command` (its stdout read here) and waits for its `LISTENING` line.
+pub fn listening(mut command: Command) -> Role {
+    let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -171,7 +173,7 @@ pub fn start(args: &[&str]) -> Role {
     let address = line
         .trim()
         .strip_prefix("LISTENING ")
-        .unwrap_or_else(|| panic!("{args:?} printed {line:?}"))
+        .unwrap_or_else(|| panic!("{command:?} printed {line:?}"))
         .to_owned();
     Role { child, address }
 }

@@ -342,12 +342,16 @@ impl Machine {
         Ok(id)
     }
 
-    fn mark_dead(&mut self, worker_id: u64) -> Result<u64, Rejected> {
-        let member = self
-            .members
+    /// The live member `worker_id`.
+    fn live_member_mut(&mut self, worker_id: u64) -> Result<&mut Member, Rejected> {
+        self.members
             .iter_mut()
             .find(|m| m.id == worker_id && m.alive)
-            .ok_or(Rejected::UnknownWorker(worker_id))?;
+            .ok_or(Rejected::UnknownWorker(worker_id))
+    }
+
+    fn mark_dead(&mut self, worker_id: u64) -> Result<u64, Rejected> {
+        let member = self.live_member_mut(worker_id)?;
         member.alive = false;
         if member.role == Role::ExpertWorker {
             self.ensure_servable();
@@ -382,11 +386,7 @@ impl Machine {
     }
 
     fn drain(&mut self, worker_id: u64) -> Result<u64, Rejected> {
-        let member = self
-            .members
-            .iter_mut()
-            .find(|m| m.id == worker_id && m.alive)
-            .ok_or(Rejected::UnknownWorker(worker_id))?;
+        let member = self.live_member_mut(worker_id)?;
         // An expert worker's copies move off it (the placement controller); an attention
         // worker gets no new requests, hands its running ones to the others and stops.
         member.draining = true;
