@@ -62,6 +62,11 @@ pub enum ModelError {
     NoLocalExperts,
     #[error("device: {0}")]
     Device(String),
+    #[error("cannot hold {bytes} bytes of weights in memory: {source}")]
+    Memory {
+        bytes: usize,
+        source: std::io::Error,
+    },
     #[error("invalid sampling parameter `{field}`: {reason}")]
     Sampling { field: &'static str, reason: String },
     #[error("structured output: {reason}")]

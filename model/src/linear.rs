@@ -97,6 +97,11 @@ impl Linear {
         &self.weight
     }
 
+    /// The weight's tensor, to move its bytes (`checkpoint::make_resident`).
+    pub(crate) fn weight_mut(&mut self) -> &mut Tensor {
+        &mut self.weight
+    }
+
     /// An FP8 weight's scale per output row.
     pub fn fp8_scale(&self) -> Option<&[f32]> {
         self.fp8.as_ref().map(|f| &f.scale[..])

@@ -132,6 +132,8 @@ pub struct Model {
     compute: Compute,
     /// The vision tower, for a multimodal checkpoint that has one.
     vision: Option<Arc<VisionModel>>,
+    /// The dense weights were copied into huge-page memory (`to_device(Cpu)`).
+    resident: bool,
 }
 
 /// Batches of at least this many tokens (and two sequences) run as two micro-batches.
@@ -302,6 +304,7 @@ impl Model {
             micro_batch_min_tokens: MICRO_BATCH_MIN_TOKENS,
             compute: Compute::Cpu,
             vision: None,
+            resident: false,
         })
     }
 
@@ -311,7 +314,9 @@ impl Model {
 
     /// Moves the computation to `device`: for `cuda:N`, every dense weight is copied to the
     /// GPU (the routed experts follow on first use) and later forward passes run there, f32
-    /// products over the bf16 weights. Errors without CUDA in the build or the machine.
+    /// products over the bf16 weights. Errors without CUDA in the build or the machine. For
+    /// `cpu`, the dense weights are copied once into huge-page memory
+    /// (`checkpoint::make_resident`; the same bits, faster to stream).
     pub fn to_device(&mut self, device: crate::Device) -> Result<()> {
         self.to_device_with(device, crate::GemmPrecision::F32)
     }
@@ -323,6 +328,10 @@ impl Model {
         precision: crate::GemmPrecision,
     ) -> Result<()> {
         device.check()?;
+        if device == crate::Device::Cpu && !self.resident {
+            crate::checkpoint::make_resident(&mut self.dense_weights_mut())?;
+            self.resident = true;
+        }
         self.compute = match device {
             crate::Device::Cpu => Compute::Cpu,
             crate::Device::Cuda(n) => {
@@ -330,6 +339,29 @@ impl Model {
             }
         };
         Ok(())
+    }
+
+    /// Every weight a token reads whatever its route: the attention's, the dense and shared
+    /// MLPs', the routers' and the output head's (not the embedding, read a row at a time,
+    /// nor the routed experts, which stay where their source keeps them: a worker holds a
+    /// share of them and loads them on demand).
+    fn dense_weights_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut out = Vec::new();
+        for layer in &mut self.layers {
+            let a = &mut layer.attention;
+            let mut linears = vec![&mut a.q, &mut a.k, &mut a.v, &mut a.o];
+            let mlp = match &mut layer.feed_forward {
+                FeedForward::Dense(mlp) => mlp,
+                FeedForward::Moe(moe) => {
+                    linears.push(&mut moe.router);
+                    &mut moe.shared
+                }
+            };
+            linears.extend([&mut mlp.gate, &mut mlp.up, &mut mlp.down]);
+            out.extend(linears.into_iter().map(Linear::weight_mut));
+        }
+        out.push(self.lm_head.weight_mut());
+        out
     }
 
     /// Where forward passes run.

@@ -278,6 +278,33 @@ fn incremental_decoding_equals_full_recomputation() {
     }
 }
 
+/// `to_device(Cpu)` copies the dense weights into huge-page memory: every logit keeps its
+/// bits (the products read the same bytes, only from elsewhere), FP8 weights included.
+#[test]
+fn resident_weights_give_the_mapped_bits() {
+    for name in ["tiny-maverick", "tiny-maverick-fp8"] {
+        let mapped = Model::load(&fixture(name)).unwrap();
+        let mut resident = mapped.clone();
+        resident.to_device(expertmesh_model::Device::Cpu).unwrap();
+        let reference = Reference::load(&fixture(name));
+        for case in reference.text_cases() {
+            let input = ids(&case["input_ids"]);
+            let logits = |model: &Model| {
+                let mut cache = model.new_cache();
+                let out = model
+                    .forward(&mut [Sequence::new(&mut cache, &input)], LogitRows::All)
+                    .unwrap();
+                out.logits.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+            };
+            assert!(
+                logits(&mapped) == logits(&resident),
+                "{name}: {}",
+                case["name"]
+            );
+        }
+    }
+}
+
 /// A batch of sequences (split into two micro-batches) gives each one exactly what it
 /// gives alone.
 #[test]
