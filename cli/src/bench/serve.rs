@@ -147,7 +147,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
 /// streams (prompts prefilled together, then decoded to `max_tokens`), and its pure decode
 /// tokens/s; medians of several runs.
 fn single_process_rates(args: &ServeArgs, source: &ModelSource) -> Result<Vec<(f64, f64)>> {
-    let model = Model::from_source(source.config()?, source.weights()?.as_ref())?;
+    let mut model = Model::from_source(source.config()?, source.weights()?.as_ref())?;
+    // As the cluster's attention worker holds its weights (`to_device`).
+    model.to_device(expertmesh_model::Device::Cpu)?;
     let vocab = model.config().vocab_size as u64;
     let mut rng = SplitMix64::new(9);
     let mut rates = Vec::new();
