@@ -15,12 +15,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use expertmesh_expert_worker::transfer::{ChunkStream, TransferError};
+use expertmesh_expert_worker::transfer::{ChunkStream, RateLimit, TransferError};
 use expertmesh_expert_worker::weight_file::{self, dtype_bytes, Piece, TensorSpec, WeightFile};
 use expertmesh_model::SafetensorsCheckpoint;
 use expertmesh_proto::v1 as pb;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
+/// Parts of the dense weights queued to a receiver at most (each at most a 1 MiB chunk).
+const DENSE_PARTS_QUEUE: usize = 4;
 /// Tensors a manifest may list at most.
 pub const DENSE_TENSORS_MAX: usize = 200_000;
 /// Bytes the dense weights may take at most (Maverick's are ~14 GB in bf16).
@@ -93,6 +96,30 @@ impl DenseWeights {
         std::iter::once(pb::dense_weights_part::Part::Manifest(manifest))
             .chain(chunks.map(pb::dense_weights_part::Part::Chunk))
             .map(|part| pb::DenseWeightsPart { part: Some(part) })
+    }
+
+    /// `FetchDenseWeights`'s stream: [`parts`](Self::parts) through a bounded queue, each
+    /// chunk once `pace` lets its bytes go (the sender's `--migration-mbps`: what it spares
+    /// from serving).
+    pub fn send(
+        &self,
+        pace: Arc<RateLimit>,
+    ) -> ReceiverStream<Result<pb::DenseWeightsPart, tonic::Status>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(DENSE_PARTS_QUEUE);
+        let parts = self.parts();
+        tokio::spawn(async move {
+            for part in parts {
+                let bytes = match &part.part {
+                    Some(pb::dense_weights_part::Part::Chunk(c)) => c.data.len(),
+                    _ => 0,
+                };
+                pace.take(bytes).await;
+                if tx.send(Ok(part)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        ReceiverStream::new(rx)
     }
 
     /// The digest of the dense weights ([`dense_digest`]); reads every byte.

@@ -35,6 +35,9 @@ pub struct AttentionWorkerConfig {
     pub scheduler: SchedulerConfig,
     /// Bounds on a request's images (the gateway applies the same ones first).
     pub images: ImageLimits,
+    /// The most this worker sends to attention workers that fetch the dense weights from it,
+    /// in megabits per second (0: no limit).
+    pub migration_mbps: u64,
 }
 
 impl AttentionWorkerConfig {
@@ -214,6 +217,7 @@ pub async fn run(
                 .with_images(source.processor_config()?, config.images)
                 .with_grammars(source.grammars()?)
                 .with_dense_weights(dense)
+                .with_migration_mbps(config.migration_mbps)
                 .into_service(),
         )
         .serve_with_incoming_shutdown(expertmesh_proto::incoming(listener), async {

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use expertmesh_expert_worker::transfer::RateLimit;
 use expertmesh_model::vision::preprocess;
 use expertmesh_model::{
     Adjust, Constraint, Fault, FinishReason, GenerateRequest, GrammarSpec, Grammars, ImageError,
@@ -33,10 +34,9 @@ pub struct AttentionServer {
     /// The dense weights this worker sends to attention workers that start without them
     /// (none when its model is not a checkpoint's files).
     dense: Option<crate::dense::DenseWeights>,
+    /// The pace of the dense weights this worker sends (`--migration-mbps`; 0: none).
+    migration: Arc<RateLimit>,
 }
-
-/// Parts of the dense weights queued to a receiver at most (each at most a 1 MiB chunk).
-const DENSE_PARTS_QUEUE: usize = 4;
 
 impl AttentionServer {
     pub fn new(model: Arc<Model>, engine: Engine) -> Self {
@@ -48,6 +48,15 @@ impl AttentionServer {
             vision: Arc::new(Semaphore::new(1)),
             grammars: None,
             dense: None,
+            migration: Arc::new(RateLimit::new(0)),
+        }
+    }
+
+    /// Sends dense weights to peers at most this fast (megabits per second; 0: no limit).
+    pub fn with_migration_mbps(self, megabits_per_second: u64) -> Self {
+        Self {
+            migration: Arc::new(RateLimit::new(megabits_per_second)),
+            ..self
         }
     }
 
@@ -302,15 +311,7 @@ impl AttentionService for AttentionServer {
                 "this attention worker's weights are not a checkpoint's files",
             ));
         };
-        let (tx, rx) = tokio::sync::mpsc::channel(DENSE_PARTS_QUEUE);
-        tokio::spawn(async move {
-            for part in dense.parts() {
-                if tx.send(Ok(part)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(dense.send(self.migration.clone())))
     }
 
     async fn generate(

@@ -5,6 +5,9 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_stream::StreamExt;
 
 use expertmesh_attention_worker::dense::{
     check_manifest, fetch_dense, receive_dense, DenseSource, DenseWeights, PartStream,
@@ -179,6 +182,49 @@ fn hostile_manifests_are_refused() {
         assert!(
             check_manifest(pb::DenseManifest { tensors: bad }).is_err(),
             "accepted"
+        );
+    }
+}
+
+/// The sender keeps to its `--migration-mbps`: the tiny checkpoint's dense weights at a rate
+/// that makes them a ~10 s transfer (on tokio's clock) arrive within 10% of that, whole and in
+/// order; with no limit they go at once.
+#[tokio::test(start_paused = true)]
+async fn a_sender_keeps_to_its_rate() {
+    use expertmesh_expert_worker::transfer::RateLimit;
+    let dense = dense();
+    let want: Vec<pb::DenseWeightsPart> = dense.parts().collect();
+    let bytes: usize = want
+        .iter()
+        .map(|p| match &p.part {
+            Some(pb::dense_weights_part::Part::Chunk(c)) => c.data.len(),
+            _ => 0,
+        })
+        .sum();
+    let mbps = ((bytes * 8) as f64 / 10e6).round().max(1.0) as u64;
+    let expected = Duration::from_secs_f64((bytes * 8) as f64 / (mbps as f64 * 1e6));
+    assert!(
+        expected >= Duration::from_secs(5),
+        "{bytes} bytes is too little to time"
+    );
+    for (limit, window) in [
+        (mbps, expected.mul_f64(0.9)..=expected.mul_f64(1.1)),
+        (0, Duration::ZERO..=Duration::ZERO),
+    ] {
+        let started = tokio::time::Instant::now();
+        let got: Vec<pb::DenseWeightsPart> = dense
+            .send(Arc::new(RateLimit::new(limit)))
+            .map(|p| p.unwrap())
+            .collect()
+            .await;
+        let took = started.elapsed();
+        assert!(
+            window.contains(&took),
+            "{limit} Mbit/s: {took:?} for {bytes} bytes"
+        );
+        assert!(
+            got == want,
+            "{limit} Mbit/s: the parts as `parts` gives them"
         );
     }
 }

@@ -262,6 +262,10 @@ pub struct AttentionWorkerArgs {
     /// begin the same way (prefix caching is on by default).
     #[arg(long)]
     no_prefix_cache: bool,
+    /// Send the dense weights to attention workers that fetch them at most this fast
+    /// (megabits per second).
+    #[arg(long)]
+    migration_mbps: Option<u64>,
 }
 
 fn load<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> Result<T> {
@@ -574,6 +578,9 @@ pub fn attention_worker(args: AttentionWorkerArgs) -> Result<()> {
         config.dispatch.transport = v;
     }
     config.scheduler.prefix_cache &= !args.no_prefix_cache;
+    if let Some(v) = args.migration_mbps {
+        config.migration_mbps = v;
+    }
     check_exposure("the attention worker", &config.worker.listen)?;
     let config = config.validate()?;
     runtime()?.block_on(async {
