@@ -9,9 +9,9 @@
 //!
 //! Register tiles (rows × tokens, or column chunks × tokens) decide only which products
 //! share a pass over the weights, so a batch-1 call, any tile shape and any batch give a
-//! token the same bits. Each kernel is written once over [`Lanes`] and built three times
-//! (baseline arrays, AVX2 + FMA, AVX-512), chosen at run time; the builds differ in tile
-//! shapes only, never in the per-lane operations.
+//! token the same bits. Each kernel is written once over [`Lanes`] and built for baseline
+//! arrays, AVX2 + FMA and AVX-512 (x86-64, chosen at run time) and NEON (aarch64); the builds
+//! differ in tile shapes only, never in the per-lane operations.
 #![allow(unsafe_code)]
 
 /// Lanes of independent accumulators per row: one AVX-512 register, two AVX ones.
@@ -19,7 +19,7 @@ const LANES: usize = 16;
 
 /// A public kernel that runs its portable body (`$body`, or one body per build where they
 /// differ only in tile shape) compiled for the best instruction set the CPU has, chosen at
-/// run time: AVX-512, AVX2 + FMA, or the baseline. Each lane does the same operations in the
+/// run time: AVX-512, AVX2 + FMA, or the baseline; NEON on aarch64. Each lane does the same operations in the
 /// same order in every build (the loops are written per lane and sums are taken in one fixed
 /// tree, `lane_sum`), so the bits never depend on which build runs: a cluster of machines
 /// with different instruction sets computes what one does.
@@ -31,13 +31,13 @@ macro_rules! kernel {
         kernel! {
             $(#[$doc])*
             pub fn $name / $on $(<$g: $bound>)? ($($arg: $ty),*)
-                => avx512: $body, avx2: $body, baseline: $body
+                => avx512: $body, avx2: $body, neon: $body, baseline: $body
         }
     };
     (
         $(#[$doc:meta])*
         pub fn $name:ident / $on:ident $(<$g:ident: $bound:path>)? ($($arg:ident: $ty:ty),* $(,)?)
-            => avx512: $b512:expr, avx2: $b2:expr, baseline: $b0:expr
+            => avx512: $b512:expr, avx2: $b2:expr, neon: $bn:expr, baseline: $b0:expr
     ) => {
         $(#[$doc])*
         pub fn $name $(<$g: $bound>)? ($($arg: $ty),*) {
@@ -66,6 +66,10 @@ macro_rules! kernel {
                     return unsafe { avx2($($arg),*) };
                 }
             }
+            #[cfg(target_arch = "aarch64")]
+            if isa.min(self::isa()) == Isa::Neon {
+                return $bn($($arg),*);
+            }
             let _ = isa;
             $b0($($arg),*)
         }
@@ -76,8 +80,21 @@ macro_rules! kernel {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     Baseline,
+    /// aarch64's (always there).
+    Neon,
     Avx2,
     Avx512,
+}
+
+/// Every build of the kernels this CPU runs, the baseline first (the property tests compare
+/// them).
+pub fn builds() -> Vec<Isa> {
+    [Isa::Baseline, Isa::Neon, Isa::Avx2, Isa::Avx512]
+        .into_iter()
+        .filter(|&i| {
+            i == Isa::Baseline || (i <= isa() && (i == Isa::Neon) == cfg!(target_arch = "aarch64"))
+        })
+        .collect()
 }
 
 /// What this CPU offers the kernels (detected once). `EXPERTMESH_ISA=avx2|baseline` asks
@@ -98,7 +115,9 @@ pub fn isa() -> Isa {
         } else {
             Isa::Baseline
         };
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(target_arch = "aarch64")]
+        let best = Isa::Neon;
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         let best = Isa::Baseline;
         let asked = match std::env::var("EXPERTMESH_ISA").as_deref() {
             Ok("avx2") => Isa::Avx2,
@@ -183,6 +202,8 @@ impl Weight for u8 {
 }
 
 mod lanes;
+#[cfg(target_arch = "aarch64")]
+use lanes::Neon;
 #[cfg(target_arch = "x86_64")]
 use lanes::{Avx2, Avx512};
 pub use lanes::{Lanes, Scalar};
@@ -190,6 +211,8 @@ pub use lanes::{Lanes, Scalar};
 /// Hints the cache to fetch `w[i]` soon. Out-of-range indices are skipped.
 #[inline(always)]
 fn prefetch<W>(w: &[W], i: usize) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (w, i);
     #[cfg(target_arch = "x86_64")]
     if let Some(p) = w.get(i) {
         // SAFETY: a prefetch is only a hint; it never faults and `p` is a valid reference.
@@ -222,6 +245,7 @@ kernel! {
     pub fn dot_rows / dot_rows_on<W: Weight>(w: &[W], scale: &[f32], x: &[f32], y: &mut [f32])
         => avx512: dot_rows_generic::<Avx512, W, 1>,
             avx2: dot_rows_generic::<Avx2, W, 1>,
+            neon: dot_rows_generic::<Neon, W, 1>,
             baseline: dot_rows_generic::<Scalar, W, 2>
 }
 
@@ -231,6 +255,7 @@ kernel! {
     pub fn axpy_rows / axpy_rows_on<W: Weight>(w: &[W], cols: usize, j0: usize, x: &[f32], y: &mut [f32])
         => avx512: axpy_rows_generic::<Avx512, W, 16>,
             avx2: axpy_rows_generic::<Avx2, W, 16>,
+            neon: axpy_rows_generic::<Neon, W, 16>,
             baseline: axpy_rows_generic::<Scalar, W, 16>
 }
 
@@ -247,6 +272,7 @@ kernel! {
         y: &mut [f32],
     ) => avx512: axpy_rows_multi_generic::<Avx512, W, 4, 4>,
         avx2: axpy_rows_multi_generic::<Avx2, W, 2, 2>,
+        neon: axpy_rows_multi_generic::<Neon, W, 1, 4>,
         baseline: axpy_rows_multi_generic::<Scalar, W, 1, 4>
 }
 
@@ -419,6 +445,7 @@ kernel! {
         y: &mut [f32],
     ) => avx512: dot_rows_multi_generic::<Avx512, W, 4, 4>,
         avx2: dot_rows_multi_generic::<Avx2, W, 2, 2>,
+        neon: dot_rows_multi_generic::<Neon, W, 1, 4>,
         baseline: dot_rows_multi_generic::<Scalar, W, 1, 4>
 }
 
@@ -750,10 +777,7 @@ mod tests {
     fn every_build_and_batch_gives_the_batch_1_bits() {
         let mut rng = crate::sampling::SplitMix64::new(42);
         let mut next = |n: usize| (rng.next_u64() % n as u64) as usize;
-        let isas: Vec<Isa> = [Isa::Baseline, Isa::Avx2, Isa::Avx512]
-            .into_iter()
-            .filter(|&i| i <= isa())
-            .collect();
+        let isas = builds();
         for _ in 0..40 {
             // Now and then more rows than one block of `axpy_rows` (the K of its "x @ W").
             let rows = match next(3) {

@@ -39,6 +39,7 @@ kernel! {
     pub fn attend_block / attend_block_on(h: &HeadBlock<'_>, out: &mut [f32])
         => avx512: attend_block_generic::<Avx512, 4, 4, 4>,
             avx2: attend_block_generic::<Avx2, 2, 2, 2>,
+            neon: attend_block_generic::<Neon, 1, 4, 1>,
             baseline: attend_block_generic::<Scalar, 1, 4, 1>
 }
 
@@ -273,7 +274,7 @@ mod tests {
             out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         };
         let base = run(Isa::Baseline);
-        for isa in [Isa::Avx2, Isa::Avx512].into_iter().filter(|&i| i <= isa()) {
+        for isa in super::builds() {
             assert_eq!(run(isa), base, "{isa:?}");
         }
     }

@@ -103,7 +103,7 @@ mod tests {
             -7.77,
         ];
         values.extend((0..100_000u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761))));
-        for isa in [Isa::Baseline, Isa::Avx2, Isa::Avx512] {
+        for isa in super::builds() {
             let mut bits = Vec::with_capacity(values.len());
             to_bf16_on(isa, &values, &mut bits.spare_capacity_mut()[..values.len()]);
             // SAFETY: every element was written (the kernel asserts the lengths).

@@ -4,7 +4,7 @@
 use super::{lane_sum, widen, Weight, LANES};
 
 /// `LANES` f32 lanes held the way one build holds them: an array (the baseline), two AVX
-/// registers, one AVX-512 register. Every operation is the same per-lane IEEE operation in
+/// registers, one AVX-512 register, four NEON registers. Every operation is the same per-lane IEEE operation in
 /// each, so a kernel written over `Lanes` gives the same bits in every build.
 pub trait Lanes: Copy {
     fn zero() -> Self;
@@ -297,3 +297,92 @@ mod x86 {
         }
     }
 }
+
+/// The NEON build (aarch64, where NEON is always present): four 4-lane registers, lane `i` in
+/// register `i / 4`.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::{Lanes, LANES};
+    use core::arch::aarch64::*;
+
+    #[derive(Clone, Copy)]
+    pub struct Neon([float32x4_t; 4]);
+
+    // SAFETY (every block below): NEON is part of the aarch64 baseline, so its intrinsics are
+    // always available; loads and stores touch exactly the `LANES` elements their arrays hold.
+    impl Lanes for Neon {
+        #[inline(always)]
+        fn zero() -> Self {
+            unsafe { Self([vdupq_n_f32(0.0); 4]) }
+        }
+        #[inline(always)]
+        fn load(x: &[f32; LANES]) -> Self {
+            unsafe { Self(std::array::from_fn(|i| vld1q_f32(x.as_ptr().add(4 * i)))) }
+        }
+        #[inline(always)]
+        fn bf16(w: &[u16; LANES]) -> Self {
+            unsafe {
+                Self(std::array::from_fn(|i| {
+                    vreinterpretq_f32_u32(vshll_n_u16::<16>(vld1_u16(w.as_ptr().add(4 * i))))
+                }))
+            }
+        }
+        #[inline(always)]
+        fn e4m3(w: &[u8; LANES], factor: f32) -> Self {
+            unsafe {
+                let bytes = vld1q_u8(w.as_ptr());
+                let halves = [vmovl_u8(vget_low_u8(bytes)), vmovl_u8(vget_high_u8(bytes))];
+                Self(std::array::from_fn(|i| {
+                    let h = halves[i / 2];
+                    let c = if i % 2 == 0 {
+                        vmovl_u16(vget_low_u16(h))
+                    } else {
+                        vmovl_u16(vget_high_u16(h))
+                    };
+                    // The bit moves of `Weight::widen` for `u8`.
+                    let mag = vandq_u32(c, vdupq_n_u32(0x7F));
+                    let sign = vshlq_n_u32::<24>(vandq_u32(c, vdupq_n_u32(0x80)));
+                    let bits = vorrq_u32(vshlq_n_u32::<20>(mag), sign);
+                    let v = vmulq_f32(vreinterpretq_f32_u32(bits), vdupq_n_f32(factor));
+                    let nan = vceqq_u32(mag, vdupq_n_u32(0x7F));
+                    vbslq_f32(nan, vdupq_n_f32(f32::NAN), v)
+                }))
+            }
+        }
+        #[inline(always)]
+        fn fma(self, w: Self, x: Self) -> Self {
+            unsafe {
+                Self(std::array::from_fn(|i| {
+                    vfmaq_f32(self.0[i], w.0[i], x.0[i])
+                }))
+            }
+        }
+        #[inline(always)]
+        fn sum(self) -> f32 {
+            // `lane_sum`'s tree: lanes i + 8 (registers 2, 3 onto 0, 1), i + 4, i + 2, i + 1.
+            unsafe {
+                let s8 = [
+                    vaddq_f32(self.0[0], self.0[2]),
+                    vaddq_f32(self.0[1], self.0[3]),
+                ];
+                let s4 = vaddq_f32(s8[0], s8[1]);
+                let s2 = vadd_f32(vget_low_f32(s4), vget_high_f32(s4));
+                vget_lane_f32::<0>(s2) + vget_lane_f32::<1>(s2)
+            }
+        }
+        #[inline(always)]
+        fn splat(v: f32) -> Self {
+            unsafe { Self([vdupq_n_f32(v); 4]) }
+        }
+        #[inline(always)]
+        fn store(self, out: &mut [f32; LANES]) {
+            unsafe {
+                for (i, r) in self.0.iter().enumerate() {
+                    vst1q_f32(out.as_mut_ptr().add(4 * i), *r);
+                }
+            }
+        }
+    }
+}
+#[cfg(target_arch = "aarch64")]
+pub use neon::Neon;
