@@ -308,19 +308,20 @@ mod neon {
     #[derive(Clone, Copy)]
     pub struct Neon([float32x4_t; 4]);
 
-    // SAFETY (every block below): NEON is part of the aarch64 baseline, so its intrinsics are
-    // always available; loads and stores touch exactly the `LANES` elements their arrays hold.
     impl Lanes for Neon {
         #[inline(always)]
         fn zero() -> Self {
+            // SAFETY: NEON is always there on aarch64.
             unsafe { Self([vdupq_n_f32(0.0); 4]) }
         }
         #[inline(always)]
         fn load(x: &[f32; LANES]) -> Self {
+            // SAFETY: NEON is always there on aarch64; the pointer covers `LANES` elements.
             unsafe { Self(std::array::from_fn(|i| vld1q_f32(x.as_ptr().add(4 * i)))) }
         }
         #[inline(always)]
         fn bf16(w: &[u16; LANES]) -> Self {
+            // SAFETY: NEON is always there on aarch64; the pointer covers `LANES` elements.
             unsafe {
                 Self(std::array::from_fn(|i| {
                     vreinterpretq_f32_u32(vshll_n_u16::<16>(vld1_u16(w.as_ptr().add(4 * i))))
@@ -329,6 +330,7 @@ mod neon {
         }
         #[inline(always)]
         fn e4m3(w: &[u8; LANES], factor: f32) -> Self {
+            // SAFETY: NEON is always there on aarch64; the pointer covers `LANES` elements.
             unsafe {
                 let bytes = vld1q_u8(w.as_ptr());
                 let halves = [vmovl_u8(vget_low_u8(bytes)), vmovl_u8(vget_high_u8(bytes))];
@@ -351,6 +353,7 @@ mod neon {
         }
         #[inline(always)]
         fn fma(self, w: Self, x: Self) -> Self {
+            // SAFETY: NEON is always there on aarch64.
             unsafe {
                 Self(std::array::from_fn(|i| {
                     vfmaq_f32(self.0[i], w.0[i], x.0[i])
@@ -360,6 +363,7 @@ mod neon {
         #[inline(always)]
         fn sum(self) -> f32 {
             // `lane_sum`'s tree: lanes i + 8 (registers 2, 3 onto 0, 1), i + 4, i + 2, i + 1.
+            // SAFETY: NEON is always there on aarch64.
             unsafe {
                 let s8 = [
                     vaddq_f32(self.0[0], self.0[2]),
@@ -372,10 +376,12 @@ mod neon {
         }
         #[inline(always)]
         fn splat(v: f32) -> Self {
+            // SAFETY: NEON is always there on aarch64.
             unsafe { Self([vdupq_n_f32(v); 4]) }
         }
         #[inline(always)]
         fn store(self, out: &mut [f32; LANES]) {
+            // SAFETY: NEON is always there on aarch64; the pointer covers `LANES` elements.
             unsafe {
                 for (i, r) in self.0.iter().enumerate() {
                     vst1q_f32(out.as_mut_ptr().add(4 * i), *r);
