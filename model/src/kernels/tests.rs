@@ -1,0 +1,176 @@
+//! The kernels against plain sums and against each other: every build and batch shape gives
+//! a token the bits of the baseline batch-1 kernel.
+use super::*;
+
+#[test]
+fn both_kernels_match_plain_sums() {
+    let (rows, k) = (7, 37);
+    let w: Vec<u16> = (0..rows * k)
+        .map(|i| half::bf16::from_f32((i % 11) as f32 - 5.0).to_bits())
+        .collect();
+    let x: Vec<f32> = (0..k).map(|i| (i % 7) as f32 * 0.25).collect();
+    let mut y = vec![0.0; rows];
+    dot_rows(&w, &[], &x, &mut y);
+    let mut yg = vec![0.0; rows];
+    dot_rows_generic::<Scalar, u16, 2>(&w, &[], &x, &mut yg);
+    for r in 0..rows {
+        let expected: f32 = (0..k).map(|i| widen(w[r * k + i]) * x[i]).sum();
+        assert!((y[r] - expected).abs() < 1e-4 && (yg[r] - expected).abs() < 1e-4);
+    }
+    // The multi-token dot kernel gives each token's single-token result, bit for bit.
+    let xs3: Vec<f32> = (0..7 * k).map(|i| (i % 13) as f32 * 0.37 - 2.0).collect();
+    let mut yt = vec![0.0; rows * 7];
+    dot_rows_multi(&w, &[], &xs3, 7, &mut yt);
+    for i in 0..7 {
+        let mut alone = vec![0.0; rows];
+        dot_rows(&w, &[], &xs3[i * k..(i + 1) * k], &mut alone);
+        for r in 0..rows {
+            assert_eq!(yt[i * rows + r], alone[r], "row {r}, token {i}");
+        }
+    }
+    // Several tokens at once give each token's single-token result, bit for bit.
+    let xs2: Vec<f32> = (0..2 * rows).map(|i| (i % 5) as f32 - 2.25).collect();
+    let mut y2 = vec![0.0; 2 * 4];
+    axpy_rows_multi(&w, k, 3, &xs2, 2, &mut y2);
+    for i in 0..2 {
+        let mut alone = vec![0.0; 4];
+        axpy_rows(&w, k, 3, &xs2[i * rows..(i + 1) * rows], &mut alone);
+        assert_eq!(&y2[i * 4..(i + 1) * 4], &alone[..]);
+    }
+    // The same matrix read as [k', cols] with k' = rows: columns 2..5.
+    let xs: Vec<f32> = (0..rows).map(|i| i as f32 - 1.5).collect();
+    let mut ya = vec![0.0; 3];
+    axpy_rows(&w, k, 2, &xs, &mut ya);
+    for (j, v) in ya.iter().enumerate() {
+        let expected: f32 = (0..rows).map(|r| xs[r] * widen(w[r * k + 2 + j])).sum();
+        assert!((v - expected).abs() < 1e-4, "{v} vs {expected}");
+    }
+}
+
+#[test]
+fn e4m3_widening_matches_the_table_and_scaled_rows() {
+    for c in 0..=255u8 {
+        let got = c.widen(<u8 as Weight>::row_factor(1.0));
+        let want = crate::fp8::decode(c);
+        if want.is_nan() {
+            assert!(got.is_nan(), "code {c:#x}");
+        } else {
+            assert_eq!(got.to_bits(), want.to_bits(), "code {c:#x}");
+        }
+    }
+    // Scaled FP8 rows: the same as the rows dequantized first, one token or several.
+    let (rows, k) = (5, 41);
+    let w: Vec<u8> = (0..rows * k).map(|i| (i * 29 % 251) as u8 & 0x7E).collect();
+    let scale: Vec<f32> = (0..rows).map(|r| 0.5 + r as f32 * 0.25).collect();
+    let x: Vec<f32> = (0..3 * k).map(|i| (i % 9) as f32 * 0.1 - 0.4).collect();
+    let mut y = vec![0.0; rows];
+    dot_rows(&w, &scale, &x[..k], &mut y);
+    for r in 0..rows {
+        let want: f32 = (0..k)
+            .map(|i| crate::fp8::decode(w[r * k + i]) * scale[r] * x[i])
+            .sum();
+        assert!(
+            (y[r] - want).abs() <= 1e-4 * want.abs().max(1.0),
+            "{} {want}",
+            y[r]
+        );
+    }
+    let mut yt = vec![0.0; rows * 3];
+    dot_rows_multi(&w, &scale, &x, 3, &mut yt);
+    for i in 0..3 {
+        let mut alone = vec![0.0; rows];
+        dot_rows(&w, &scale, &x[i * k..(i + 1) * k], &mut alone);
+        for r in 0..rows {
+            assert_eq!(yt[i * rows + r], alone[r], "row {r}, token {i}");
+        }
+    }
+}
+
+/// For random shapes and batch compositions, every build of every kernel this CPU can
+/// run (baseline, AVX2, AVX-512) gives each token the bits of the baseline batch-1 dot
+/// kernel: bf16 and FP8 rows, one token or several, and the "x @ W" kernels likewise
+/// against their own batch-1 form.
+#[test]
+fn every_build_and_batch_gives_the_batch_1_bits() {
+    let mut rng = crate::sampling::SplitMix64::new(42);
+    let mut next = |n: usize| (rng.next_u64() % n as u64) as usize;
+    let isas = builds();
+    for _ in 0..40 {
+        // Now and then more rows than one block of `axpy_rows` (the K of its "x @ W").
+        let rows = match next(3) {
+            0 => 17 + next(40),
+            _ => 1 + next(9),
+        };
+        let k = 1 + next(150);
+        // Now and then more tokens than one cache block of `dot_rows_multi` holds.
+        let t = match next(4) {
+            0 => X_BLOCK_BYTES / (4 * k) + 1 + next(300),
+            _ => 1 + next(9),
+        };
+        let bf16: Vec<u16> = (0..rows * k)
+            .map(|_| half::bf16::from_f32(next(2001) as f32 / 1000.0 - 1.0).to_bits())
+            .collect();
+        let fp8: Vec<u8> = (0..rows * k).map(|_| next(256) as u8 & 0xFE | 1).collect();
+        let scale: Vec<f32> = (0..rows).map(|_| 0.01 + next(100) as f32 * 1e-3).collect();
+        let x: Vec<f32> = (0..t * k)
+            .map(|_| next(4001) as f32 / 1000.0 - 2.0)
+            .collect();
+        let alone = |isa: Isa, i: usize, fp: bool| {
+            let mut y = vec![0.0; rows];
+            let xi = &x[i * k..(i + 1) * k];
+            if fp {
+                dot_rows_on(isa, &fp8, &scale, xi, &mut y);
+            } else {
+                dot_rows_on(isa, &bf16, &[], xi, &mut y);
+            }
+            y
+        };
+        for fp in [false, true] {
+            let want: Vec<Vec<f32>> = (0..t).map(|i| alone(Isa::Baseline, i, fp)).collect();
+            for &isa in &isas {
+                let mut yt = vec![0.0; rows * t];
+                if fp {
+                    dot_rows_multi_on(isa, &fp8, &scale, &x, t, &mut yt);
+                } else {
+                    dot_rows_multi_on(isa, &bf16, &[], &x, t, &mut yt);
+                }
+                for (i, w) in want.iter().enumerate() {
+                    let got: Vec<u32> = (0..rows).map(|r| yt[i * rows + r].to_bits()).collect();
+                    let w: Vec<u32> = w.iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(got, w, "{isa:?} fp8={fp} rows {rows} k {k} token {i}/{t}");
+                    let single: Vec<u32> = alone(isa, i, fp).iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(single, w, "{isa:?} fp8={fp} batch-1");
+                }
+            }
+        }
+        // "x @ W": the matrix read as [rows, k] with x of `rows` values per token.
+        let cols = k;
+        let j0 = next(cols);
+        let n = 1 + next(cols - j0);
+        let xa: Vec<f32> = (0..t * rows)
+            .map(|_| next(2001) as f32 / 500.0 - 2.0)
+            .collect();
+        let base: Vec<Vec<u32>> = (0..t)
+            .map(|i| {
+                let mut y = vec![0.0; n];
+                axpy_rows_on(
+                    Isa::Baseline,
+                    &bf16,
+                    cols,
+                    j0,
+                    &xa[i * rows..(i + 1) * rows],
+                    &mut y,
+                );
+                y.iter().map(|v| v.to_bits()).collect()
+            })
+            .collect();
+        for &isa in &isas {
+            let mut y = vec![0.0; t * n];
+            axpy_rows_multi_on(isa, &bf16, cols, j0, &xa, t, &mut y);
+            for (i, b) in base.iter().enumerate() {
+                let got: Vec<u32> = y[i * n..(i + 1) * n].iter().map(|v| v.to_bits()).collect();
+                assert_eq!(&got, b, "{isa:?} x @ W token {i}");
+            }
+        }
+    }
+}
