@@ -174,11 +174,12 @@ pub async fn run(
     let engine = Engine::spawn(model.clone(), experts, config.scheduler);
     let engine_stats = engine.stats().clone();
     let (e, d) = (engine_stats.clone(), dispatch_stats.clone());
+    let metrics =
+        expertmesh_expert_worker::node::bind_metrics(config.worker.metrics.as_deref()).await?;
     expertmesh_expert_worker::node::serve_metrics(
-        config.worker.metrics.as_deref(),
+        metrics,
         Arc::new(move || render_metrics(&e, &d)),
-    )
-    .await?;
+    );
     let load = move || Beat {
         load: Some(worker_load(&engine_stats, &dispatch_stats)),
         prepared_epoch: 0,

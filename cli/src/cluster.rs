@@ -17,6 +17,30 @@ use expertmesh_model::{Model, ModelSource};
 /// How long a child may take to bind its port (model loading included).
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The exit status of a process that could not listen because its port was taken
+/// (EADDRINUSE's number on Linux).
+pub const EXIT_PORT_TAKEN: u8 = 98;
+
+/// How many times a local cluster is started on fresh ports before a taken port is an error.
+const START_ATTEMPTS: usize = 4;
+
+/// A child could not listen: a port this process had found free for it was taken before the
+/// child bound it (by another process's outgoing connection, say).
+#[derive(Debug)]
+pub struct PortTaken(&'static str);
+
+impl std::fmt::Display for PortTaken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} could not listen: its port was taken meanwhile",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for PortTaken {}
+
 /// The variable that tells a child to exit when its stdin closes (see `main`).
 pub const PARENT_WATCH_ENV: &str = "EXPERTMESH_EXIT_WITH_PARENT";
 
@@ -91,7 +115,7 @@ fn spawn_reading(
     match rx.recv_timeout(START_TIMEOUT) {
         Ok(line) => match line.trim().strip_prefix("LISTENING ") {
             Some(addr) => process.address = addr.to_owned(),
-            None => bail!("{role} exited before listening"),
+            None => return Err(exited_before_listening(role, process.child.wait())),
         },
         Err(_) => bail!("{role} did not start listening within {START_TIMEOUT:?}"),
     }
@@ -103,6 +127,31 @@ fn spawn_reading(
         }
     }
     Ok((process, more))
+}
+
+/// Why `role` stopped before listening, given how it exited.
+fn exited_before_listening(
+    role: &'static str,
+    status: std::io::Result<std::process::ExitStatus>,
+) -> anyhow::Error {
+    match status {
+        Ok(s) if s.code() == Some(EXIT_PORT_TAKEN.into()) => PortTaken(role).into(),
+        _ => anyhow::anyhow!("{role} exited before listening"),
+    }
+}
+
+/// `start()`, again while it fails on a taken port, `attempts` times at most.
+fn again_if_ports_taken<T>(attempts: usize, mut start: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut attempt = 1;
+    loop {
+        match start() {
+            Err(e) if attempt < attempts && e.is::<PortTaken>() => {
+                tracing::warn!("{e}: starting the cluster again on other ports");
+                attempt += 1;
+            }
+            started => return started,
+        }
+    }
 }
 
 /// The coordinators and their workers.
@@ -201,8 +250,8 @@ impl ClusterSpec {
     }
 }
 
-/// `n` free loopback ports (bound and released: another process could take one first,
-/// which makes a coordinator fail to start with a clear error).
+/// `n` free loopback ports (bound and released: another process could take one first; the
+/// child then exits with `EXIT_PORT_TAKEN` and `LocalCluster::start` starts again).
 fn free_ports(n: usize) -> Result<Vec<u16>> {
     let listeners = (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
@@ -278,7 +327,14 @@ fn tls_certificates(
 }
 
 impl LocalCluster {
+    /// Starts the cluster `spec` asks for. The ports it picks are free when picked but
+    /// released until each child binds its own: when another process took one meanwhile,
+    /// the cluster is stopped and started again on fresh ones.
     pub fn start(spec: &ClusterSpec) -> Result<Self> {
+        again_if_ports_taken(START_ATTEMPTS, || Self::start_once(spec))
+    }
+
+    fn start_once(spec: &ClusterSpec) -> Result<Self> {
         let model = spec.model.clone();
         let n = spec.coordinators.max(1);
         let (data_dir, remove_data) = match &spec.data_dir {
@@ -476,5 +532,55 @@ impl LocalCluster {
             .iter_mut()
             .chain(self.expert_workers.iter_mut())
             .chain(self.attention_workers.iter_mut())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exit(code: u8) -> std::io::Result<std::process::ExitStatus> {
+        Command::new("sh")
+            .args(["-c", &format!("exit {code}")])
+            .status()
+    }
+
+    #[test]
+    fn a_taken_port_is_told_from_other_failures() {
+        let taken = exited_before_listening("coordinator", exit(EXIT_PORT_TAKEN));
+        assert!(taken.is::<PortTaken>(), "{taken}");
+        let other = exited_before_listening("coordinator", exit(1));
+        assert!(!other.is::<PortTaken>());
+        assert_eq!(other.to_string(), "coordinator exited before listening");
+    }
+
+    #[test]
+    fn only_taken_ports_start_the_cluster_again() {
+        // Taken twice, then started: the third attempt's result.
+        let mut tries = 0;
+        let started = again_if_ports_taken(4, || {
+            tries += 1;
+            match tries {
+                1 | 2 => Err(PortTaken("coordinator").into()),
+                _ => Ok(tries),
+            }
+        });
+        assert_eq!(started.unwrap(), 3);
+        // Taken every time: the last attempt's error.
+        let mut tries = 0;
+        let taken = again_if_ports_taken(4, || -> Result<()> {
+            tries += 1;
+            Err(PortTaken("expert-worker").into())
+        });
+        assert!(taken.unwrap_err().is::<PortTaken>());
+        assert_eq!(tries, 4);
+        // Any other failure: at once.
+        let mut tries = 0;
+        let failed = again_if_ports_taken(4, || -> Result<()> {
+            tries += 1;
+            bail!("no model here")
+        });
+        assert_eq!(failed.unwrap_err().to_string(), "no model here");
+        assert_eq!(tries, 1);
     }
 }

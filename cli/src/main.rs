@@ -180,7 +180,20 @@ fn main() -> ExitCode {
                 logging::LogFormat::Text => eprintln!("error: {e:#}"),
                 logging::LogFormat::Json => tracing::error!("{e:#}"),
             }
-            ExitCode::FAILURE
+            if port_taken(&e) {
+                ExitCode::from(cluster::EXIT_PORT_TAKEN)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
+}
+
+/// Whether `e` comes from a port another process holds.
+fn port_taken(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)
+    })
 }

@@ -466,13 +466,19 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
+        // The metrics port too: a taken one stops the coordinator before it announces.
+        let metrics_listener = match &config.metrics {
+            Some(address) => Some(
+                tokio::net::TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("listening on {address}"))?,
+            ),
+            None => None,
+        };
         let (coordinator, raft_loop) = Coordinator::start(node)
             .with_context(|| format!("opening the raft storage in {}", config.data_dir))?;
         announce(listener.local_addr()?);
-        if let Some(address) = &config.metrics {
-            let metrics_listener = tokio::net::TcpListener::bind(address)
-                .await
-                .with_context(|| format!("listening on {address}"))?;
+        if let Some(metrics_listener) = metrics_listener {
             let metered = coordinator.clone();
             tokio::spawn(expertmesh_proto::metrics::serve_metrics(
                 metrics_listener,

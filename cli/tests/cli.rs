@@ -203,6 +203,40 @@ fn errors_are_clear_and_exit_nonzero() {
     }
 }
 
+/// A role whose port (its own or its metrics') is taken exits with the status `up` starts
+/// its cluster again on: 98, EADDRINUSE.
+#[test]
+fn a_taken_port_exits_with_its_own_status() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let model = fixture("tiny-maverick").display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let coordinator = [
+        "coordinator",
+        "--id",
+        "1",
+        "--model",
+        &model,
+        "--data-dir",
+        &data,
+    ];
+    for extra in [["--listen", &taken], ["--metrics", &taken]] {
+        let mut args = coordinator.to_vec();
+        args.extend(extra);
+        if extra[0] == "--metrics" {
+            args.extend(["--listen", "127.0.0.1:0"]);
+        }
+        let out = expertmesh(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(98), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("listening on {taken}")),
+            "{stderr}"
+        );
+    }
+}
+
 #[test]
 fn bench_decode_reports_json() {
     let model = fixture("tiny-scout");

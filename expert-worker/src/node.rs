@@ -178,21 +178,30 @@ pub async fn bind(address: &str) -> Result<(tokio::net::TcpListener, SocketAddr)
     Ok((listener, bound))
 }
 
-/// Serves `render()`'s Prometheus text at `/metrics` on `address` (a worker's `metrics`
-/// setting), when it has one, for as long as the process runs.
-pub async fn serve_metrics(
+/// Binds a worker's `metrics` address, when it has one: before the worker announces its
+/// own port, so that a taken port stops the worker before anyone relies on it.
+pub async fn bind_metrics(
     address: Option<&str>,
+) -> Result<Option<tokio::net::TcpListener>, NodeError> {
+    Ok(match address {
+        Some(address) => Some(bind(address).await?.0),
+        None => None,
+    })
+}
+
+/// Serves `render()`'s Prometheus text at `/metrics` on `listener` (from `bind_metrics`),
+/// when there is one, for as long as the process runs.
+pub fn serve_metrics(
+    listener: Option<tokio::net::TcpListener>,
     render: Arc<dyn Fn() -> String + Send + Sync>,
-) -> Result<(), NodeError> {
-    if let Some(address) = address {
-        let (listener, _) = bind(address).await?;
+) {
+    if let Some(listener) = listener {
         tokio::spawn(expertmesh_proto::metrics::serve_metrics(
             listener,
             render,
             std::future::pending(),
         ));
     }
-    Ok(())
 }
 
 /// Runs an expert worker until `shutdown` completes. `on_listening` gets the bound address
@@ -242,6 +251,7 @@ pub async fn run(
     } else {
         shard
     });
+    let metrics = bind_metrics(config.worker.metrics.as_deref()).await?;
     let (listener, bound) = bind(&config.worker.listen).await?;
     on_listening(bound);
 
@@ -297,10 +307,9 @@ pub async fn run(
     let batcher = Batcher::spawn(shard, config.batcher);
     let metered = batcher.clone();
     serve_metrics(
-        config.worker.metrics.as_deref(),
+        metrics,
         Arc::new(move || crate::batcher::render_metrics(&metered)),
-    )
-    .await?;
+    );
     // One port for every data path: framed dispatch connections are answered by the same
     // batcher, framed expert fetches by the shard at the service's pace, gRPC ones by the
     // service.

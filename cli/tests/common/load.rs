@@ -209,12 +209,38 @@ pub fn finish(
     all
 }
 
-/// Free loopback ports (bound and released).
+/// Free loopback ports for processes a test starts, and may start again, on fixed ports.
+/// They are drawn below the system's ephemeral range, where `bind(…:0)` and outgoing
+/// connections take their ports from: between this check and a process binding one (or
+/// binding it again after a restart), no connection can take it, whatever else runs.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+    use std::hash::BuildHasher;
+    const FLOOR: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low < FLOOR + 1_000 {
+        // No room below the range here: bound and released.
+        let held: Vec<std::net::TcpListener> = (0..n)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        return held
+            .iter()
+            .map(|l| l.local_addr().unwrap().port())
+            .collect();
+    }
+    let random = std::collections::hash_map::RandomState::new();
+    let mut ports = Vec::with_capacity(n);
+    let mut draw = 0u64;
+    while ports.len() < n {
+        assert!(draw < 10_000, "no free port below {ephemeral_low}");
+        let span = u64::from(ephemeral_low - FLOOR);
+        let port = (u64::from(FLOOR) + random.hash_one(draw) % span) as u16;
+        draw += 1;
+        if !ports.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    ports
 }

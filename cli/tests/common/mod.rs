@@ -330,24 +330,40 @@ pub fn start_up(args: &[&str], up_file: &Path) -> (Kill, Value) {
 }
 
 /// `start_up`, with the lines `up` printed before it was ready.
+/// Its log (the cluster's processes' stderr) goes next to the up file, and is shown when
+/// `up` stops before it is ready.
 pub fn start_up_printing(args: &[&str], up_file: &Path) -> (Kill, Value, Vec<String>) {
+    let log = up_file.with_extension("log");
     let mut up = Kill(
         bin()
             .arg("up")
             .args(args)
             .env("EXPERTMESH_UP_FILE", up_file)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),
     );
     let mut printed = Vec::new();
+    let mut ready = false;
     for line in BufReader::new(up.0.stdout.take().unwrap()).lines() {
         let line = line.unwrap();
         if line.starts_with("Ctrl-C") {
+            ready = true;
             break;
         }
         printed.push(line);
+    }
+    if !ready {
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        panic!(
+            "`up {}` stopped before it was ready ({:?}); its log ends:\n{}",
+            args.join(" "),
+            up.0.wait(),
+            tail.join("\n")
+        );
     }
     let cluster = serde_json::from_slice(&std::fs::read(up_file).unwrap()).unwrap();
     (up, cluster, printed)
