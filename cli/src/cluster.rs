@@ -115,7 +115,11 @@ fn spawn_reading(
     match rx.recv_timeout(START_TIMEOUT) {
         Ok(line) => match line.trim().strip_prefix("LISTENING ") {
             Some(addr) => process.address = addr.to_owned(),
-            None => return Err(exited_before_listening(role, process.child.wait())),
+            None => {
+                // Its stdout ended: it is exiting (or said something else; it is killed then).
+                let status = exit_status(&mut process.child, Duration::from_secs(5));
+                return Err(exited_before_listening(role, status));
+            }
         },
         Err(_) => bail!("{role} did not start listening within {START_TIMEOUT:?}"),
     }
@@ -129,13 +133,25 @@ fn spawn_reading(
     Ok((process, more))
 }
 
+/// How `child` exited, if it does within `patience`.
+fn exit_status(child: &mut Child, patience: Duration) -> Option<std::process::ExitStatus> {
+    let give_up = Instant::now() + patience;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < give_up => std::thread::sleep(Duration::from_millis(10)),
+            _ => return None,
+        }
+    }
+}
+
 /// Why `role` stopped before listening, given how it exited.
 fn exited_before_listening(
     role: &'static str,
-    status: std::io::Result<std::process::ExitStatus>,
+    status: Option<std::process::ExitStatus>,
 ) -> anyhow::Error {
     match status {
-        Ok(s) if s.code() == Some(EXIT_PORT_TAKEN.into()) => PortTaken(role).into(),
+        Some(s) if s.code() == Some(EXIT_PORT_TAKEN.into()) => PortTaken(role).into(),
         _ => anyhow::anyhow!("{role} exited before listening"),
     }
 }
@@ -539,10 +555,12 @@ impl LocalCluster {
 mod tests {
     use super::*;
 
-    fn exit(code: u8) -> std::io::Result<std::process::ExitStatus> {
-        Command::new("sh")
+    fn exit(code: u8) -> Option<std::process::ExitStatus> {
+        let mut child = Command::new("sh")
             .args(["-c", &format!("exit {code}")])
-            .status()
+            .spawn()
+            .unwrap();
+        exit_status(&mut child, Duration::from_secs(10))
     }
 
     #[test]
@@ -552,6 +570,13 @@ mod tests {
         let other = exited_before_listening("coordinator", exit(1));
         assert!(!other.is::<PortTaken>());
         assert_eq!(other.to_string(), "coordinator exited before listening");
+        // One that goes on running: no status, not a taken port (the caller kills it).
+        let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+        let status = exit_status(&mut sleeper, Duration::from_millis(50));
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        assert!(status.is_none());
+        assert!(!exited_before_listening("coordinator", status).is::<PortTaken>());
     }
 
     #[test]
