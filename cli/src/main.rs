@@ -103,6 +103,10 @@ impl Command {
         match self {
             Self::Coordinator(_) => "coordinator",
             Self::ExpertWorker(_) => "expert-worker",
+            // Both its ends are expert workers: one sends experts, the other fetches them.
+            Self::Bench {
+                which: bench::BenchCommand::Transfer(_),
+            } => "expert-worker",
             Self::AttentionWorker(_) => "attention-worker",
             _ => "admin",
         }

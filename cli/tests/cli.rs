@@ -271,6 +271,32 @@ fn bench_decode_reports_json() {
 }
 
 #[test]
+fn bench_transfer_reports_json() {
+    let model = fixture("tiny-maverick");
+    let out = expertmesh(&[
+        "bench",
+        "transfer",
+        "--model",
+        model.to_str().unwrap(),
+        "--runs",
+        "1",
+        "--json",
+    ]);
+    let v = json_out(&out);
+    assert_eq!(v["experts"], 128);
+    assert!(v["bytes"].as_u64().unwrap() > 0);
+    for baseline in ["raw_tcp_mb_per_s", "raw_tcp_landed_mb_per_s"] {
+        assert!(v[baseline].as_f64().unwrap() > 0.0, "{v}");
+    }
+    let transports = v["transports"].as_array().unwrap();
+    assert_eq!(transports.len(), 2);
+    for t in transports {
+        assert!(t["ratio"].as_f64().unwrap() > 0.0, "{t}");
+        assert!(t["ratio_to_landed"].as_f64().unwrap() > 0.0, "{t}");
+    }
+}
+
+#[test]
 fn placement_sim_beats_round_robin_and_reads_a_measured_load() {
     let plan = [
         "placement-sim",

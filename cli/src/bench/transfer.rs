@@ -2,8 +2,9 @@
 //! expert worker into a weightless shard's cache, as many at a time as a worker that joins
 //! without the checkpoint does, over each transport (the port's framed form, gRPC's
 //! `FetchExperts`), against raw TCP moving the same bytes over loopback in the same run
-//! (1 MiB writes into a reader that discards them). The transports and the baseline take
-//! turns; medians of `--runs`.
+//! (1 MiB writes into a reader that discards them), and against the same with the reader
+//! writing them into a new file (what keeping the bytes costs any receiver). The transports
+//! and the baselines take turns; medians of `--runs`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -40,6 +41,8 @@ struct Report {
     experts: usize,
     bytes: u64,
     raw_tcp_mb_per_s: f64,
+    /// Raw TCP whose reader writes the bytes into a new file, as a receiver must keep them.
+    raw_tcp_landed_mb_per_s: f64,
     transports: Vec<TransportReport>,
 }
 
@@ -49,6 +52,9 @@ struct TransportReport {
     fetch_mb_per_s: f64,
     /// The median of each run's fetch rate over the same run's raw TCP rate.
     ratio: f64,
+    /// The same over the same run's landed raw TCP rate: what the protocol and its checks
+    /// cost beyond keeping the bytes.
+    ratio_to_landed: f64,
 }
 
 pub fn run(args: TransferArgs) -> Result<()> {
@@ -58,16 +64,17 @@ pub fn run(args: TransferArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "{}: {} experts, {:.1} MB; raw TCP {:.0} MB/s",
+            "{}: {} experts, {:.1} MB; raw TCP {:.0} MB/s, landed in a file {:.0} MB/s",
             report.model,
             report.experts,
             report.bytes as f64 / 1e6,
             report.raw_tcp_mb_per_s,
+            report.raw_tcp_landed_mb_per_s,
         );
         for t in &report.transports {
             println!(
-                "  {:>4}: {:.0} MB/s, ratio {:.2}",
-                t.transport, t.fetch_mb_per_s, t.ratio
+                "  {:>4}: {:.0} MB/s, ratio {:.2} (to landed {:.2})",
+                t.transport, t.fetch_mb_per_s, t.ratio, t.ratio_to_landed
             );
         }
     }
@@ -95,7 +102,12 @@ async fn measure(args: &TransferArgs) -> Result<Report> {
             .collect::<Result<_, _>>()?,
     );
     let runs = args.runs.max(1);
-    let (mut rates, mut raw, mut bytes) = (vec![Vec::new(); args.transport.len()], Vec::new(), 0);
+    let (mut rates, mut raw, mut landed) = (
+        vec![Vec::new(); args.transport.len()],
+        Vec::new(),
+        Vec::new(),
+    );
+    let mut bytes = 0;
     for run in 0..runs {
         for (t, &transport) in args.transport.iter().enumerate() {
             let dir = std::env::temp_dir().join(format!(
@@ -112,7 +124,12 @@ async fn measure(args: &TransferArgs) -> Result<Report> {
             rates[t].push(bytes as f64 / 1e6 / started.elapsed().as_secs_f64());
             let _ = std::fs::remove_dir_all(&dir);
         }
-        raw.push(raw_tcp(bytes).await?);
+        raw.push(raw_tcp(bytes, None).await?);
+        let landing = std::env::temp_dir().join(format!(
+            "expertmesh-bench-transfer-{}-{run}-raw",
+            std::process::id()
+        ));
+        landed.push(raw_tcp(bytes, Some(landing)).await?);
         eprintln!("run {}/{runs} done", run + 1);
     }
     let transports = args
@@ -122,6 +139,7 @@ async fn measure(args: &TransferArgs) -> Result<Report> {
         .map(|(t, r)| TransportReport {
             transport: t.to_string(),
             ratio: median(r.iter().zip(&raw).map(|(f, w)| f / w).collect()),
+            ratio_to_landed: median(r.iter().zip(&landed).map(|(f, w)| f / w).collect()),
             fetch_mb_per_s: median(r),
         })
         .collect();
@@ -130,6 +148,7 @@ async fn measure(args: &TransferArgs) -> Result<Report> {
         experts,
         bytes,
         raw_tcp_mb_per_s: median(raw),
+        raw_tcp_landed_mb_per_s: median(landed),
         transports,
     })
 }
@@ -166,18 +185,31 @@ async fn fetch_every_expert(
 }
 
 /// MB/s of `bytes` written in 1 MiB pieces over a loopback connection to a reader that
-/// discards them and answers one byte at the end.
-async fn raw_tcp(bytes: u64) -> Result<f64> {
+/// discards them, or with `land`, writes each read at its offset into a new file there (what
+/// any receiver pays to keep the bytes, before a protocol or a check), and answers one byte
+/// at the end.
+async fn raw_tcp(bytes: u64, land: Option<std::path::PathBuf>) -> Result<f64> {
+    use std::os::unix::fs::FileExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let reader = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await?;
+        let file = land
+            .as_ref()
+            .map(|path| std::fs::File::create_new(path).context("the landing file"))
+            .transpose()?;
         let mut buf = vec![0u8; 1 << 20];
         let mut got = 0u64;
         while got < bytes {
             let n = s.read(&mut buf).await?;
             anyhow::ensure!(n > 0, "the writer hung up");
+            if let Some(file) = &file {
+                file.write_all_at(&buf[..n], got)?;
+            }
             got += n as u64;
+        }
+        if let Some(path) = &land {
+            std::fs::remove_file(path)?;
         }
         s.write_all(&[1]).await?;
         anyhow::Ok(())
