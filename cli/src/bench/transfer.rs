@@ -110,10 +110,7 @@ async fn measure(args: &TransferArgs) -> Result<Report> {
     let mut bytes = 0;
     for run in 0..runs {
         for (t, &transport) in args.transport.iter().enumerate() {
-            let dir = std::env::temp_dir().join(format!(
-                "expertmesh-bench-transfer-{}-{run}-{transport}",
-                std::process::id()
-            ));
+            let dir = scratch(&format!("{run}-{transport}"));
             let cache = Arc::new(ExpertCache::create(&dir, &config)?);
             let receiver = Arc::new(ExpertShard::new(&config, cache.weights())?.weightless());
             let peer = vec![expertmesh_expert_worker::transfer::source(
@@ -125,11 +122,7 @@ async fn measure(args: &TransferArgs) -> Result<Report> {
             let _ = std::fs::remove_dir_all(&dir);
         }
         raw.push(raw_tcp(bytes, None).await?);
-        let landing = std::env::temp_dir().join(format!(
-            "expertmesh-bench-transfer-{}-{run}-raw",
-            std::process::id()
-        ));
-        landed.push(raw_tcp(bytes, Some(landing)).await?);
+        landed.push(raw_tcp(bytes, Some(scratch(&format!("{run}-raw")))).await?);
         eprintln!("run {}/{runs} done", run + 1);
     }
     let transports = args
@@ -151,6 +144,15 @@ async fn measure(args: &TransferArgs) -> Result<Report> {
         raw_tcp_landed_mb_per_s: median(landed),
         transports,
     })
+}
+
+/// A path of this run's own in the temporary directory, where the caches and the landed
+/// baseline's file go.
+fn scratch(what: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "expertmesh-bench-transfer-{}-{what}",
+        std::process::id()
+    ))
 }
 
 /// Fetches every expert into `receiver`'s `cache` from `peer`, [`FETCHES_IN_FLIGHT`] at a
