@@ -92,7 +92,7 @@ impl DenseWeights {
         let manifest = pb::DenseManifest {
             tensors: self.manifest().iter().map(wire_tensor).collect(),
         };
-        let chunks = weight_file::chunks(self.pieces().collect(), 0);
+        let chunks = weight_file::chunks(self.pieces().collect(), 0, None);
         std::iter::once(pb::dense_weights_part::Part::Manifest(manifest))
             .chain(chunks.map(pb::dense_weights_part::Part::Chunk))
             .map(|part| pb::DenseWeightsPart { part: Some(part) })
@@ -290,7 +290,7 @@ pub async fn receive_dense(
         Err(e) => Err(e),
     }));
     let regions = file.all_regions();
-    let (whole, _) = weight_file::receive(
+    let whole = weight_file::receive(
         &file,
         &regions,
         0,
@@ -298,7 +298,8 @@ pub async fn receive_dense(
         &mut chunks,
         progress,
     )
-    .await?;
+    .await?
+    .whole;
     if digest.is_some_and(|d| d != dense_digest(&manifest, &whole)) {
         return Err(corrupt(
             "they are not the checkpoint's: their digest differs from the one the coordinators hold".into(),

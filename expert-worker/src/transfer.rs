@@ -36,6 +36,7 @@ use expertmesh_proto::v1 as pb;
 use tokio_stream::Stream;
 
 use crate::shard::ExpertShard;
+pub use crate::weight_file::Arrived;
 use crate::weight_file::{Piece, TensorSpec, WeightFile};
 
 pub use crate::weight_file::CHUNK_BYTES;
@@ -84,6 +85,10 @@ pub struct TransferStats {
     pub digests: Digests,
     /// Per expert, the turn to fetch it (one fetch of an expert at a time).
     turns: Mutex<BTreeMap<u32, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per expert held here, the CRC-32 of each chunk it travels in, from when its bytes
+    /// were digested or arrived ([`crate::weight_file::chunk_crcs`]): sending reads them
+    /// from here instead of working them out again.
+    chunk_crcs: Mutex<BTreeMap<u32, Arc<[u32]>>>,
 }
 
 /// The digests ([`expert_digest`]) a worker with the checkpoint's files has computed of its
@@ -186,6 +191,23 @@ impl TransferStats {
             expert: e,
             bytes,
         }
+    }
+
+    /// Keeps expert `e`'s chunk CRCs for sending it.
+    fn keep_chunk_crcs(&self, e: u32, crcs: Vec<u32>) {
+        self.chunk_crcs
+            .lock()
+            .expect("chunk CRCs lock")
+            .insert(e, crcs.into());
+    }
+
+    /// Expert `e`'s chunk CRCs, when they are known.
+    fn chunk_crcs(&self, e: u32) -> Option<Arc<[u32]>> {
+        self.chunk_crcs
+            .lock()
+            .expect("chunk CRCs lock")
+            .get(&e)
+            .cloned()
     }
 
     /// Expert `e`'s fetching turn (at most one per expert of the model, kept).
@@ -414,13 +436,11 @@ fn expert_pieces(shard: &ExpertShard, e: u32) -> Result<Vec<Piece>, TransferErro
 
 /// The CRC-32 of expert `e`'s bytes in the order they travel: what the coordinators record
 /// from workers with the checkpoint's files, and what a fetched expert must match. Reads
-/// every byte of the expert.
+/// every byte of the expert once, and keeps each chunk's CRC for sending it.
 pub fn expert_digest(shard: &ExpertShard, e: u32) -> Result<u32, TransferError> {
-    let mut crc = crc32fast::Hasher::new();
-    for piece in expert_pieces(shard, e)? {
-        crc.update(piece.bytes.bytes());
-    }
-    Ok(crc.finalize())
+    let (crcs, whole) = crate::weight_file::chunk_crcs(&expert_pieces(shard, e)?);
+    shard.transfers().keep_chunk_crcs(e, crcs);
+    Ok(whole)
 }
 
 /// Why a worker will not send the experts asked of it.
@@ -461,7 +481,11 @@ pub fn expert_chunks(
     shard: &ExpertShard,
     e: u32,
 ) -> Result<impl Iterator<Item = pb::WeightChunk> + Send + 'static, TransferError> {
-    Ok(crate::weight_file::chunks(expert_pieces(shard, e)?, e))
+    Ok(crate::weight_file::chunks(
+        expert_pieces(shard, e)?,
+        e,
+        shard.transfers().chunk_crcs(e),
+    ))
 }
 
 /// The peer expert worker at `address` as a source over `transport`: `grpc`
@@ -537,8 +561,8 @@ impl ExpertSource for GrpcSource {
 
 /// Takes expert `e` from `stream` into `cache`, checking every chunk against the piece it
 /// must be and the whole expert against the sender's CRC and `digest` (the coordinators'
-/// record, when they have one), counting verified bytes in `progress`; the expert's bytes,
-/// once all have arrived and been verified.
+/// record, when they have one), counting verified bytes in `progress`; what arrived, once
+/// all of it has and has been verified.
 pub async fn receive(
     cache: &ExpertCache,
     e: u32,
@@ -546,7 +570,7 @@ pub async fn receive(
     peer: &str,
     mut stream: ChunkStream,
     progress: &std::sync::atomic::AtomicU64,
-) -> Result<u64, TransferError> {
+) -> Result<Arrived, TransferError> {
     let what = format!("expert {e}");
     if e as usize >= cache.config.num_local_experts {
         return Err(TransferError::Corrupt {
@@ -556,7 +580,7 @@ pub async fn receive(
         });
     }
     let regions = cache.file.expert_regions(e);
-    let (whole, got) = crate::weight_file::receive(
+    let arrived = crate::weight_file::receive(
         &cache.file,
         &regions,
         e,
@@ -565,14 +589,14 @@ pub async fn receive(
         progress,
     )
     .await?;
-    if digest.is_some_and(|d| d != whole.finalize()) {
+    if digest.is_some_and(|d| d != arrived.whole.clone().finalize()) {
         return Err(TransferError::Corrupt {
             what,
             peer: peer.to_owned(),
             reason: "the whole expert is not the checkpoint's: its CRC differs from the digest the coordinators hold".into(),
         });
     }
-    Ok(got)
+    Ok(arrived)
 }
 
 /// Fetches expert `e` into `cache` from the first of `sources` that sends it whole, intact
@@ -604,14 +628,17 @@ pub async fn fetch_expert(
             Err(err) => Err(err),
         };
         // An unfused expert is read anew from the cache (its scales were read at load).
-        let outcome = outcome.and_then(|bytes| {
+        let outcome = outcome.and_then(|arrived| {
             if let Some(weights) = cache.reread(e)? {
                 shard.replace_expert(e, weights);
             }
-            Ok(bytes)
+            Ok(arrived)
         });
         match outcome {
-            Ok(bytes) => {
+            Ok(Arrived {
+                bytes, chunk_crcs, ..
+            }) => {
+                stats.keep_chunk_crcs(e, chunk_crcs);
                 shard.mark_fetched(e, &peer);
                 stats.fetching.fetch_sub(1, Relaxed);
                 stats.fetched_bytes.fetch_add(bytes, Relaxed);

@@ -94,38 +94,81 @@ impl AsRef<[u8]> for Held {
     }
 }
 
+/// Where each chunk of a piece of `len` bytes starts and ends in it, in the order they
+/// travel: [`CHUNK_BYTES`] each, the last what is left.
+fn chunk_spans(len: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    (0..len.div_ceil(CHUNK_BYTES)).map(move |k| k * CHUNK_BYTES..((k + 1) * CHUNK_BYTES).min(len))
+}
+
+/// The CRC-32 of every chunk of `pieces` in the order [`chunks`] sends them, and of them
+/// all: what a holder works out once (the whole is the expert's digest) and sends with the
+/// chunks thereafter, so that sending reads each byte once, to copy it, and the fetcher's
+/// check covers the bytes from when they were digested to when they land.
+pub fn chunk_crcs(pieces: &[Piece]) -> (Vec<u32>, u32) {
+    let mut whole = crc32fast::Hasher::new();
+    let crcs = pieces
+        .iter()
+        .flat_map(|p| {
+            let bytes = p.bytes.bytes();
+            chunk_spans(bytes.len()).map(move |span| &bytes[span])
+        })
+        .map(|chunk| {
+            let crc = crc32fast::hash(chunk);
+            fold(&mut whole, crc, chunk.len());
+            crc
+        })
+        .collect();
+    (crcs, whole.finalize())
+}
+
+/// Folds a chunk of `len` bytes whose CRC-32 is `crc` into the CRC of the whole before it.
+fn fold(whole: &mut crc32fast::Hasher, crc: u32, len: usize) {
+    whole.combine(&crc32fast::Hasher::new_with_initial_len(crc, len as u64));
+}
+
 /// `pieces` as chunks of at most [`CHUNK_BYTES`], made one at a time as they are sent, the
 /// last with the CRC-32 and size of them all; `expert` is the expert they are (0 for dense
-/// weights).
-pub fn chunks(pieces: Vec<Piece>, expert: u32) -> impl Iterator<Item = pb::WeightChunk> + Send {
+/// weights). `known` is every chunk's CRC as [`chunk_crcs`] gave it when the holder digested
+/// the same bytes (each chunk's is worked out as it goes when there are none, or not one per
+/// chunk).
+pub fn chunks(
+    pieces: Vec<Piece>,
+    expert: u32,
+    known: Option<std::sync::Arc<[u32]>>,
+) -> impl Iterator<Item = pb::WeightChunk> + Send {
     let total: u64 = pieces.iter().map(|p| p.bytes.size_bytes() as u64).sum();
+    let count: usize = pieces
+        .iter()
+        .map(|p| p.bytes.size_bytes().div_ceil(CHUNK_BYTES))
+        .sum();
+    let known = known.filter(|k| k.len() == count);
     let mut whole = crc32fast::Hasher::new();
     let mut sent = 0u64;
     pieces
         .into_iter()
         .flat_map(|piece| {
-            let len = piece.bytes.size_bytes();
             // The chunks are views of the held tensor (the mapped checkpoint or cache):
             // their bytes are copied once, into the frame.
+            let spans = chunk_spans(piece.bytes.size_bytes());
             let bytes = bytes::Bytes::from_owner(Held(piece.bytes));
             let (tensor, dtype, shape, base) = (piece.tensor, piece.dtype, piece.shape, piece.base);
-            (0..len.div_ceil(CHUNK_BYTES)).map(move |k| {
-                let from = k * CHUNK_BYTES;
-                let data = bytes.slice(from..(from + CHUNK_BYTES).min(len));
+            spans.map(move |span| {
                 (
                     tensor.clone(),
                     dtype,
                     shape.clone(),
-                    base + from as u64,
-                    data,
+                    base + span.start as u64,
+                    bytes.slice(span),
                 )
             })
         })
-        .map(move |(tensor, dtype, shape, offset, data)| {
-            // One pass over the bytes: the chunk's CRC, folded into the whole's.
-            let mut crc = crc32fast::Hasher::new();
-            crc.update(&data);
-            whole.combine(&crc);
+        .enumerate()
+        .map(move |(i, (tensor, dtype, shape, offset, data))| {
+            let crc = match &known {
+                Some(k) => k[i],
+                None => crc32fast::hash(&data),
+            };
+            fold(&mut whole, crc, data.len());
             sent += data.len() as u64;
             let last = sent == total;
             pb::WeightChunk {
@@ -134,7 +177,7 @@ pub fn chunks(pieces: Vec<Piece>, expert: u32) -> impl Iterator<Item = pb::Weigh
                 dtype: dtype_name(dtype).into(),
                 shape: shape.iter().map(|&d| d as u64).collect(),
                 offset,
-                crc32: crc.finalize(),
+                crc32: crc,
                 data,
                 last,
                 whole_crc32: if last { whole.clone().finalize() } else { 0 },
@@ -304,8 +347,8 @@ pub fn from_peer<T: Send + 'static>(
 
 /// Takes `regions` of `file` from `stream`, in order, checking every chunk against the piece
 /// it must be (of `expert`, 0 for dense weights) and its CRC, counting verified bytes in
-/// `progress`, and the whole against the sender's CRC. The whole's CRC and bytes, once all
-/// has arrived and been verified; `what` names it in errors.
+/// `progress`, and the whole against the sender's CRC: what arrived, once all has and has been
+/// verified; `what` names it in errors.
 pub async fn receive(
     file: &WeightFile,
     regions: &[(&Slot, u64, u64)],
@@ -313,7 +356,7 @@ pub async fn receive(
     (what, peer): (&str, &str),
     stream: &mut ChunkStream,
     progress: &std::sync::atomic::AtomicU64,
-) -> Result<(crc32fast::Hasher, u64), TransferError> {
+) -> Result<Arrived, TransferError> {
     let corrupt = |reason: String| TransferError::Corrupt {
         what: what.to_owned(),
         peer: peer.to_owned(),
@@ -322,6 +365,7 @@ pub async fn receive(
     let total: u64 = regions.iter().map(|(_, start, end)| end - start).sum();
     let mut whole = crc32fast::Hasher::new();
     let mut got = 0u64;
+    let mut chunk_crcs = Vec::new();
     for &(slot, start, end) in regions {
         let spec = &slot.spec;
         let mut at = start;
@@ -364,6 +408,7 @@ pub async fn receive(
             }
             file.write(slot, at, chunk.data).await?;
             whole.combine(&crc);
+            chunk_crcs.push(chunk.crc32);
             got += expected;
             progress.store(got, std::sync::atomic::Ordering::Relaxed);
             at += expected;
@@ -376,5 +421,68 @@ pub async fn receive(
             }
         }
     }
-    Ok((whole, got))
+    Ok(Arrived {
+        whole,
+        bytes: got,
+        chunk_crcs,
+    })
+}
+
+/// What [`receive`] took in: the whole's CRC-32, its bytes, and each chunk's CRC-32 in order
+/// (what [`chunk_crcs`] gives for the same bytes, for sending them on).
+#[derive(Debug)]
+pub struct Arrived {
+    pub whole: crc32fast::Hasher,
+    pub bytes: u64,
+    pub chunk_crcs: Vec<u32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pieces of `lens` bytes, every byte different from its neighbours.
+    fn pieces(lens: &[usize]) -> Vec<Piece> {
+        lens.iter()
+            .enumerate()
+            .map(|(i, &len)| Piece {
+                tensor: format!("t{i}"),
+                dtype: DType::BF16,
+                shape: vec![len / 2],
+                base: 0,
+                bytes: Tensor::from_bytes(
+                    DType::BF16,
+                    vec![len / 2],
+                    (0..len).map(|b| (b * 31 + i * 7 + b / 251) as u8).collect(),
+                ),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn kept_chunk_crcs_are_what_sending_works_out_and_fold_into_the_whole() {
+        // Pieces of several chunks, one of less than a chunk, one cut mid-chunk.
+        let lens = [2 * CHUNK_BYTES + 10, 4096, CHUNK_BYTES];
+        let (crcs, whole) = chunk_crcs(&pieces(&lens));
+        let all: Vec<u8> = pieces(&lens)
+            .iter()
+            .flat_map(|p| p.bytes.bytes().to_vec())
+            .collect();
+        assert_eq!(whole, crc32fast::hash(&all));
+        assert_eq!(crcs.len(), 3 + 1 + 1);
+        let anew: Vec<pb::WeightChunk> = chunks(pieces(&lens), 4, None).collect();
+        let kept: Vec<pb::WeightChunk> =
+            chunks(pieces(&lens), 4, Some(crcs.clone().into())).collect();
+        assert_eq!(kept, anew);
+        assert_eq!(anew.iter().map(|c| c.crc32).collect::<Vec<_>>(), crcs);
+        let last = anew.last().unwrap();
+        assert_eq!(
+            (last.whole_crc32, last.whole_bytes),
+            (whole, all.len() as u64)
+        );
+        // CRCs that are not one per chunk are not used.
+        let short: Vec<pb::WeightChunk> =
+            chunks(pieces(&lens), 4, Some(crcs[1..].into())).collect();
+        assert_eq!(short, anew);
+    }
 }

@@ -57,7 +57,9 @@ async fn receive_one(
     digest: u32,
 ) -> Result<u64, TransferError> {
     let stream = source.fetch(e).await?;
-    receive(cache, e, Some(digest), "holder", stream, &AtomicU64::new(0)).await
+    receive(cache, e, Some(digest), "holder", stream, &AtomicU64::new(0))
+        .await
+        .map(|arrived| arrived.bytes)
 }
 
 #[tokio::test]

@@ -211,6 +211,39 @@ async fn an_expert_no_holder_sends_whole_is_never_held_nor_computed() {
     let _ = std::fs::remove_dir_all(cache.dir());
 }
 
+/// A holder sends the chunk CRCs it worked out with the digest (or, for an expert it
+/// fetched, the ones it checked on arrival) instead of reading the bytes again for them:
+/// the chunks are those worked out anew, and a fetched expert travels on from its fetcher.
+#[tokio::test]
+async fn kept_chunk_crcs_send_the_chunks_worked_out_anew() {
+    let (config, from) = sender();
+    // Not digested yet: each chunk's CRC is worked out as it goes.
+    let anew: Vec<pb::WeightChunk> = expert_chunks(&from, 12).unwrap().collect();
+    let digest = expert_digest(&from, 12).unwrap();
+    assert_eq!(digest, crc32fast::hash(&bytes_of(&from, 12)));
+    let kept: Vec<pb::WeightChunk> = expert_chunks(&from, 12).unwrap().collect();
+    assert_eq!(kept, anew);
+    let (cache, to) = receiver(&config, "onward");
+    fetch_expert(&to, &cache, 12, Some(digest), &[source(&from, Fault::None)])
+        .await
+        .unwrap();
+    let onward: Vec<pb::WeightChunk> = expert_chunks(&to, 12).unwrap().collect();
+    assert_eq!(onward, anew);
+    let (third_cache, third) = receiver(&config, "onward-third");
+    fetch_expert(
+        &third,
+        &third_cache,
+        12,
+        Some(digest),
+        &[source(&to, Fault::None)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(bytes_of(&third, 12), bytes_of(&from, 12));
+    let _ = std::fs::remove_dir_all(cache.dir());
+    let _ = std::fs::remove_dir_all(third_cache.dir());
+}
+
 /// Two fetches of one expert at once (a placement's gain and a backup): one moves its
 /// bytes, the other finds it held; nothing is written twice.
 #[tokio::test]
