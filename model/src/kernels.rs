@@ -208,20 +208,20 @@ use lanes::Neon;
 use lanes::{Avx2, Avx512};
 pub use lanes::{Lanes, Scalar};
 
-/// Hints the cache to fetch `w[i]` soon. Out-of-range indices are skipped.
+/// Hints the cache to fetch `w[i]` soon. Branch-free: an index past the end (the rows after
+/// the last) hints at an address nothing reads, which a prefetch never faults on.
 #[inline(always)]
 fn prefetch<W>(w: &[W], i: usize) {
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (w, i);
     #[cfg(target_arch = "x86_64")]
-    if let Some(p) = w.get(i) {
-        // SAFETY: a prefetch is only a hint; it never faults and `p` is a valid reference.
-        unsafe {
-            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-                (p as *const W).cast::<i8>(),
-            )
-        };
-    }
+    // SAFETY: a prefetch is only a hint; it never faults, whatever the address, and the
+    // pointer is never dereferenced.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+            w.as_ptr().wrapping_add(i).cast::<i8>(),
+        )
+    };
 }
 
 #[inline(always)]
@@ -444,7 +444,7 @@ kernel! {
         t: usize,
         y: &mut [f32],
     ) => avx512: dot_rows_multi_generic::<Avx512, W, 4, 4>,
-        avx2: dot_rows_multi_generic::<Avx2, W, 2, 2>,
+        avx2: dot_rows_multi_generic::<Avx2, W, 3, 2>,
         neon: dot_rows_multi_generic::<Neon, W, 1, 4>,
         baseline: dot_rows_multi_generic::<Scalar, W, 1, 4>
 }
@@ -559,16 +559,19 @@ fn dot_tile<S: Lanes, W: Weight, const R: usize, const T: usize>(
 ) -> [[f32; T]; R] {
     let k = xs[0].len();
     let chunks = k / LANES;
+    // Every row and input as exactly `chunks` full chunks: the loop below indexes them
+    // without a bounds check.
+    let wc: [&[[W; LANES]]; R] = std::array::from_fn(|r| &rows[r].as_chunks().0[..chunks]);
+    let xc: [&[[f32; LANES]]; T] = std::array::from_fn(|j| &xs[j].as_chunks().0[..chunks]);
     let mut acc = [[S::zero(); T]; R];
     for c in 0..chunks {
-        let o = c * LANES;
         let mut wv = [S::zero(); R];
         for r in 0..R {
-            prefetch(next[r], o);
-            wv[r] = W::lanes(chunk(rows[r], o), s[r]);
+            prefetch(next[r], c * LANES);
+            wv[r] = W::lanes(&wc[r][c], s[r]);
         }
         for j in 0..T {
-            let xv = S::load(chunk(xs[j], o));
+            let xv = S::load(&xc[j][c]);
             for r in 0..R {
                 acc[r][j] = acc[r][j].fma(wv[r], xv);
             }
