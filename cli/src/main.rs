@@ -112,6 +112,18 @@ impl Command {
         }
     }
 
+    /// The role whose certificate this process's servers present instead (`--tls-root`),
+    /// for a process that runs both ends of a link: `bench dispatch` serves as an expert
+    /// worker and dispatches as an operator's tool.
+    fn tls_server_role(&self) -> Option<&'static str> {
+        match self {
+            Self::Bench {
+                which: bench::BenchCommand::Dispatch(_),
+            } => Some("expert-worker"),
+            _ => None,
+        }
+    }
+
     /// The `service.name` this process's spans are exported under.
     fn service(&self) -> &'static str {
         match self {
@@ -141,16 +153,27 @@ fn main() -> ExitCode {
         Command::Up(_) => None,
         _ => cli.tls_dir.clone(),
     };
-    let tls_dir = own_dir.or_else(|| {
-        cli.tls_root
-            .as_ref()
-            .map(|root| root.join(cli.command.tls_role()))
-    });
-    if let Some(dir) = &tls_dir {
-        if let Err(e) = expertmesh_proto::tls::install(dir) {
-            eprintln!("error: TLS: {e}");
+    let installed = match (own_dir, &cli.tls_root) {
+        (Some(_), _) if cli.command.tls_server_role().is_some() => {
+            eprintln!(
+                "error: TLS: this command serves and dispatches in one process, with a certificate \
+                 for each end: give --tls-root (a certificate directory per role), not --tls-dir"
+            );
             return ExitCode::FAILURE;
         }
+        (Some(dir), _) => Some(expertmesh_proto::tls::install(&dir)),
+        (None, Some(root)) => {
+            let client = root.join(cli.command.tls_role());
+            Some(match cli.command.tls_server_role() {
+                Some(server) => expertmesh_proto::tls::install_split(&root.join(server), &client),
+                None => expertmesh_proto::tls::install(&client),
+            })
+        }
+        (None, None) => None,
+    };
+    if let Some(Err(e)) = installed {
+        eprintln!("error: TLS: {e}");
+        return ExitCode::FAILURE;
     }
     if std::env::var_os(cluster::PARENT_WATCH_ENV).is_some() {
         // Started by `up` (or another local cluster): leave with the parent.

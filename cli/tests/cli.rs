@@ -296,6 +296,35 @@ fn bench_transfer_reports_json() {
     }
 }
 
+/// One process runs both ends of the dispatch link: under TLS (as every process of these
+/// tests) its server presents the expert worker's certificate and its clients the admin's.
+#[test]
+fn bench_dispatch_reports_json() {
+    let out = expertmesh(&[
+        "bench",
+        "dispatch",
+        "--hidden",
+        "64",
+        "--tokens",
+        "1,4",
+        "--iterations",
+        "3",
+        "--transports",
+        "grpc,tcp",
+        "--json",
+    ]);
+    let v = json_out(&out);
+    let points = v["points"].as_array().unwrap();
+    assert_eq!(points.len(), 2, "{v}");
+    for p in points {
+        let transports = p["transports"].as_array().unwrap();
+        assert_eq!(transports.len(), 2, "{p}");
+        for t in transports {
+            assert!(t["p50_us"].as_f64().unwrap() > 0.0, "{t}");
+        }
+    }
+}
+
 #[test]
 fn placement_sim_beats_round_robin_and_reads_a_measured_load() {
     let plan = [

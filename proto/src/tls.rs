@@ -102,6 +102,9 @@ struct Loaded {
 
 struct State {
     dir: PathBuf,
+    /// Where the certificate this process presents as a client is, when not in `dir`
+    /// ([`install_split`]).
+    client_dir: Option<PathBuf>,
     loaded: RwLock<Loaded>,
     checked: Mutex<Instant>,
 }
@@ -263,13 +266,46 @@ pub fn render_metrics() -> String {
 /// Turns TLS on for this process with the files of `dir` (checked now: a missing or bad
 /// file is an error here, not at the first connection). Once per process.
 pub fn install(dir: &Path) -> Result<(), TlsError> {
-    let loaded = load(dir)?;
+    install_state(dir, None)
+}
+
+/// [`install`] for a process that runs both ends of one link (`expertmesh bench dispatch`:
+/// an expert worker's server and an attention worker's clients): its servers present the
+/// certificate of `server_dir`, its clients that of `client_dir` (both checked against the
+/// CA of `server_dir`'s `ca.pem`; `client_dir`'s must be the same CA's).
+pub fn install_split(server_dir: &Path, client_dir: &Path) -> Result<(), TlsError> {
+    install_state(server_dir, Some(client_dir))
+}
+
+fn install_state(dir: &Path, client_dir: Option<&Path>) -> Result<(), TlsError> {
+    let loaded = load_split(dir, client_dir)?;
     let _ = STATE.set(State {
         dir: dir.to_owned(),
+        client_dir: client_dir.map(Path::to_owned),
         loaded: RwLock::new(loaded),
         checked: Mutex::new(Instant::now()),
     });
     Ok(())
+}
+
+/// [`load`] of `dir`, with the client configuration of `client_dir` when given.
+fn load_split(dir: &Path, client_dir: Option<&Path>) -> Result<Loaded, TlsError> {
+    let mut loaded = load(dir)?;
+    if let Some(other) = client_dir {
+        let client = load(other)?;
+        loaded.client = client.client;
+        loaded.stamp.extend(client.stamp);
+    }
+    Ok(loaded)
+}
+
+/// When the files of `dir` (and of `client_dir`) last changed.
+fn stamps(dir: &Path, client_dir: Option<&Path>) -> Vec<Option<SystemTime>> {
+    let mut all = stamp(dir);
+    if let Some(other) = client_dir {
+        all.extend(stamp(other));
+    }
+    all
 }
 
 /// Whether this process speaks TLS.
@@ -294,8 +330,9 @@ fn current() -> Option<Loaded> {
         }
         due
     };
-    if due && stamp(&state.dir) != state.loaded.read().expect("tls lock").stamp {
-        match load(&state.dir) {
+    let client_dir = state.client_dir.as_deref();
+    if due && stamps(&state.dir, client_dir) != state.loaded.read().expect("tls lock").stamp {
+        match load_split(&state.dir, client_dir) {
             Ok(loaded) => {
                 tracing::info!(dir = %state.dir.display(), "TLS certificates read again");
                 *state.loaded.write().expect("tls lock") = loaded;
@@ -305,7 +342,7 @@ fn current() -> Option<Loaded> {
                     "TLS certificates changed but do not load ({e}); keeping the ones before"
                 );
                 // Do not try again until they change again.
-                state.loaded.write().expect("tls lock").stamp = stamp(&state.dir);
+                state.loaded.write().expect("tls lock").stamp = stamps(&state.dir, client_dir);
             }
         }
     }
