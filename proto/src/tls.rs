@@ -270,9 +270,10 @@ pub fn install(dir: &Path) -> Result<(), TlsError> {
 }
 
 /// [`install`] for a process that runs both ends of one link (`expertmesh bench dispatch`:
-/// an expert worker's server and an attention worker's clients): its servers present the
-/// certificate of `server_dir`, its clients that of `client_dir` (both checked against the
-/// CA of `server_dir`'s `ca.pem`; `client_dir`'s must be the same CA's).
+/// an expert worker's server and an operator's dispatching clients): its servers present
+/// the certificate of `server_dir` and trust that directory's CA, its clients present the
+/// certificate of `client_dir` and trust that directory's CA. Both are read again when
+/// they change, as [`install`]'s are.
 pub fn install_split(server_dir: &Path, client_dir: &Path) -> Result<(), TlsError> {
     install_state(server_dir, Some(client_dir))
 }
