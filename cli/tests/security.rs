@@ -76,9 +76,13 @@ fn a_wrong_join_token_is_refused_and_the_token_is_never_shown() {
     let coordinators = cluster["coordinators"].as_str().unwrap().to_owned();
     let before = common::admin_status(&coordinators);
     let model = common::demo_model().display().to_string();
+    // The token with its last digit changed (one ending in 0 must not stay itself).
+    let last = if token.ends_with('0') { '1' } else { '0' };
+    let wrong = format!("{}{last}", &token[..63]);
+    assert_ne!(wrong, token);
     let mut refused = common::bin()
         .args(["expert-worker", "--coordinator", &coordinators])
-        .args(["--join-token", &format!("{}0", &token[..63])])
+        .args(["--join-token", &wrong])
         .args(["--listen", "127.0.0.1:0", "--model", &model])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
