@@ -96,7 +96,7 @@ impl AsRef<[u8]> for Held {
 
 /// Where each chunk of a piece of `len` bytes starts and ends in it, in the order they
 /// travel: [`CHUNK_BYTES`] each, the last what is left.
-fn chunk_spans(len: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+fn chunk_spans(len: usize) -> impl ExactSizeIterator<Item = std::ops::Range<usize>> {
     (0..len.div_ceil(CHUNK_BYTES)).map(move |k| k * CHUNK_BYTES..((k + 1) * CHUNK_BYTES).min(len))
 }
 
@@ -139,7 +139,7 @@ pub fn chunks(
     let total: u64 = pieces.iter().map(|p| p.bytes.size_bytes() as u64).sum();
     let count: usize = pieces
         .iter()
-        .map(|p| p.bytes.size_bytes().div_ceil(CHUNK_BYTES))
+        .map(|p| chunk_spans(p.bytes.size_bytes()).len())
         .sum();
     let known = known.filter(|k| k.len() == count);
     let mut whole = crc32fast::Hasher::new();
@@ -480,6 +480,13 @@ mod tests {
             (last.whole_crc32, last.whole_bytes),
             (whole, all.len() as u64)
         );
+        // Kept CRCs are what is sent, not worked out again: ones that no longer match the
+        // bytes (memory changed since the digest) go out as kept, for the fetcher to refuse.
+        let stale: Vec<u32> = crcs.iter().map(|c| c ^ 1).collect();
+        let sent: Vec<u32> = chunks(pieces(&lens), 4, Some(stale.clone().into()))
+            .map(|c| c.crc32)
+            .collect();
+        assert_eq!(sent, stale);
         // CRCs that are not one per chunk are not used.
         let short: Vec<pb::WeightChunk> =
             chunks(pieces(&lens), 4, Some(crcs[1..].into())).collect();
