@@ -121,7 +121,9 @@ fn helper(pool: &'static Pool) {
 /// rayon fork would).
 pub fn run(parts: usize, f: &(dyn Fn(usize) + Sync)) {
     let pool = pool();
-    if parts <= 1 || pool.helpers == 0 || pool.busy.swap(true, Ordering::Acquire) {
+    // A rayon worker shares the cores with its siblings already: waking a helper too would
+    // put more threads than cores on them (and leave the helper spinning after).
+    if parts <= 1 || pool.helpers == 0 || !off_rayon() || pool.busy.swap(true, Ordering::Acquire) {
         (0..parts).for_each(f);
         return;
     }

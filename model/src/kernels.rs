@@ -253,7 +253,7 @@ kernel! {
     /// `y[j] = Σ_k x[k] · w[k, j0 + j]` over a `[x.len(), cols]` bf16 matrix (the "x @ W"
     /// orientation), for the column range `j0..j0 + y.len()`.
     pub fn axpy_rows / axpy_rows_on<W: Weight>(w: &[W], cols: usize, j0: usize, x: &[f32], y: &mut [f32])
-        => avx512: axpy_rows_generic::<Avx512, W, 16>,
+        => avx512: axpy_rows_generic::<Avx512, W, 8>,
             avx2: axpy_rows_generic::<Avx2, W, 16>,
             neon: axpy_rows_generic::<Neon, W, 16>,
             baseline: axpy_rows_generic::<Scalar, W, 16>
@@ -340,7 +340,7 @@ fn axpy_columns<S: Lanes, W: Weight, const C: usize, const T: usize>(
 }
 
 /// Output columns `j..j + C·LANES` (of the range from `j0`) for every token: tiles of `T`
-/// tokens, then single tokens.
+/// tokens, then pairs, then single tokens.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn column_tiles<S: Lanes, W: Weight, const C: usize, const T: usize>(
@@ -359,6 +359,11 @@ fn column_tiles<S: Lanes, W: Weight, const C: usize, const T: usize>(
     while i0 + T <= t {
         column_tile::<S, W, C, T>(w, cols, j0 + j, j, x, xs, k, i0, t, y, accumulate);
         i0 += T;
+    }
+    // Pairs before singles: an expert's two or three tokens share each pass over its rows.
+    while T > 2 && i0 + 2 <= t {
+        column_tile::<S, W, C, 2>(w, cols, j0 + j, j, x, xs, k, i0, t, y, accumulate);
+        i0 += 2;
     }
     while i0 < t {
         column_tile::<S, W, C, 1>(w, cols, j0 + j, j, x, xs, k, i0, t, y, accumulate);
@@ -506,7 +511,7 @@ fn dot_rows_multi_generic<S: Lanes, W: Weight, const R: usize, const T: usize>(
 /// The inputs one token block of `dot_rows_multi` holds (a share of a core's L2).
 const X_BLOCK_BYTES: usize = 512 * 1024;
 
-/// Rows `r0..r0 + R` for every token: tiles of `T` tokens, then single tokens.
+/// Rows `r0..r0 + R` for every token: tiles of `T` tokens, then pairs, then single tokens.
 #[inline(always)]
 fn row_tiles<S: Lanes, W: Weight, const R: usize, const T: usize>(
     w: &[W],
@@ -528,21 +533,40 @@ fn row_tiles<S: Lanes, W: Weight, const R: usize, const T: usize>(
     });
     let mut i0 = 0;
     while i0 + T <= t {
-        let xs: [&[f32]; T] = std::array::from_fn(|j| &x[(i0 + j) * k..(i0 + j + 1) * k]);
-        let out = dot_tile::<S, W, R, T>(&rows, &next, &s, &xs);
-        for (r, o) in out.iter().enumerate() {
-            for (j, v) in o.iter().enumerate() {
-                y[(i0 + j) * n + r0 + r] = *v;
-            }
-        }
+        token_tile::<S, W, R, T>(&rows, &next, &s, x, k, i0, n, r0, y);
         i0 += T;
     }
+    // Pairs before singles (`t` of 2 or 3, or the last of a longer batch).
+    while T > 2 && i0 + 2 <= t {
+        token_tile::<S, W, R, 2>(&rows, &next, &s, x, k, i0, n, r0, y);
+        i0 += 2;
+    }
     while i0 < t {
-        let out = dot_tile::<S, W, R, 1>(&rows, &next, &s, &[&x[i0 * k..(i0 + 1) * k]]);
-        for (r, o) in out.iter().enumerate() {
-            y[i0 * n + r0 + r] = o[0];
-        }
+        token_tile::<S, W, R, 1>(&rows, &next, &s, x, k, i0, n, r0, y);
         i0 += 1;
+    }
+}
+
+/// Tokens `i0..i0 + T` of `row_tiles`, stored into `y` (`[t, n]`) at rows `r0..r0 + R`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn token_tile<S: Lanes, W: Weight, const R: usize, const T: usize>(
+    rows: &[&[W]; R],
+    next: &[&[W]; R],
+    s: &[f32; R],
+    x: &[f32],
+    k: usize,
+    i0: usize,
+    n: usize,
+    r0: usize,
+    y: &mut [f32],
+) {
+    let xs: [&[f32]; T] = std::array::from_fn(|j| &x[(i0 + j) * k..(i0 + j + 1) * k]);
+    let out = dot_tile::<S, W, R, T>(rows, next, s, &xs);
+    for (r, o) in out.iter().enumerate() {
+        for (j, v) in o.iter().enumerate() {
+            y[(i0 + j) * n + r0 + r] = *v;
+        }
     }
 }
 
@@ -636,8 +660,11 @@ fn dot_rows_generic<S: Lanes, W: Weight, const R: usize>(
 /// accumulator per chunk, carried in `y` from block to block): the rows stream in order, as
 /// one sequential read per core, where register tiles of columns (`axpy_rows_multi`) read
 /// each row in pieces far apart (an expert's 1024 × 1024 slice per core, 2-core EPYC VM:
-/// ~22 against ~19 GB/s, medians of 6). Every output's chain is the canonical one (from 0, `fma`
-/// for k ascending), so the bits are `axpy_rows_multi`'s for one token.
+/// ~22 against ~19 GB/s, medians of 6). AVX-512 takes blocks of 8 rows: on a 2-core AMD EPYC
+/// (Zen 4) VM, one token through 16 experts' 1024 × 1024 slices ran at ~14 GB/s against ~10
+/// with 16 (`examples/kernel_tiles.rs`; 4 and 32 were slower still). Every output's chain is
+/// the canonical one (from 0, `fma` for k ascending), so the bits are `axpy_rows_multi`'s for
+/// one token, whatever the block.
 #[inline(always)]
 fn axpy_rows_generic<S: Lanes, W: Weight, const KB: usize>(
     w: &[W],

@@ -1,0 +1,84 @@
+//! Single-thread throughput of the weight-product kernels on this CPU, every build it has
+//! (the tile shapes are chosen from figures like these):
+//!
+//!     cargo run --release -p expertmesh-model --example kernel_tiles
+//!
+//! Prints GFLOP/s (multi-token products: compute-bound) and GB/s of weights (one token:
+//! bandwidth-bound), medians of 7 runs.
+use std::time::Instant;
+
+use expertmesh_model::kernels::{self, Isa};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Seconds per call, median of 7 after a warm-up.
+fn time(mut f: impl FnMut()) -> f64 {
+    f();
+    median(
+        (0..7)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+fn main() {
+    let (rows, k) = (2048, 1024);
+    let w: Vec<u16> = (0..rows * k).map(|i| 0x3F80 ^ (i as u16 & 0x7F)).collect();
+    for isa in kernels::builds()
+        .into_iter()
+        .filter(|&i| i != Isa::Baseline)
+    {
+        for t in [4, 32, 128] {
+            let x: Vec<f32> = (0..t * k).map(|i| (i % 13) as f32 * 0.1).collect();
+            let mut y = vec![0.0f32; t * rows];
+            let s = time(|| kernels::dot_rows_multi_on(isa, &w, &[], &x, t, &mut y));
+            let gflops = 2.0 * (rows * k * t) as f64 / s / 1e9;
+            println!("{isa:?} dot_rows_multi {rows}x{k}, {t:>3} tokens: {gflops:6.1} GFLOP/s");
+            let mut y = vec![0.0f32; t * k];
+            let s =
+                time(|| kernels::axpy_rows_multi_on(isa, &w, k, 0, &x[..t * rows / 2], t, &mut y));
+            let gflops = 2.0 * (rows / 2 * k * t) as f64 / s / 1e9;
+            println!(
+                "{isa:?} axpy_rows_multi {}x{k}, {t:>3} tokens: {gflops:6.1} GFLOP/s",
+                rows / 2
+            );
+        }
+        // One token over a matrix larger than the caches: weight bytes per second.
+        let (big_rows, big_k) = (16384, 1024);
+        let big: Vec<u16> = (0..big_rows * big_k).map(|i| i as u16 & 0x3FFF).collect();
+        let x: Vec<f32> = (0..big_k).map(|i| (i % 13) as f32 * 0.1).collect();
+        let mut y = vec![0.0f32; big_rows];
+        let s = time(|| kernels::dot_rows_on(isa, &big, &[], &x, &mut y));
+        println!(
+            "{isa:?} dot_rows {big_rows}x{big_k}, 1 token: {:6.1} GB/s",
+            (big.len() * 2) as f64 / s / 1e9
+        );
+        let xk: Vec<f32> = (0..big_rows).map(|i| (i % 13) as f32 * 0.1).collect();
+        let mut y = vec![0.0f32; big_k];
+        let s = time(|| kernels::axpy_rows_on(isa, &big, big_k, 0, &xk, &mut y));
+        println!(
+            "{isa:?} axpy_rows {big_rows}x{big_k}, 1 token: {:6.1} GB/s",
+            (big.len() * 2) as f64 / s / 1e9
+        );
+        // One token through each of 16 experts' [1024, 1024] slices in turn (a decode step's
+        // routed experts: each matrix read once, from memory).
+        let e = 1024 * 1024;
+        let xe = &xk[..1024];
+        let s = time(|| {
+            for m in big.chunks_exact(e) {
+                kernels::axpy_rows_on(isa, m, 1024, 0, xe, &mut y);
+            }
+        });
+        println!(
+            "{isa:?} axpy_rows 16 x 1024x1024, 1 token: {:6.1} GB/s",
+            (big.len() * 2) as f64 / s / 1e9
+        );
+    }
+}
