@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use crate::checkpoint::WeightSource;
 use crate::config::TextConfig;
 use crate::error::Result;
-use crate::kernels;
+use crate::kernels::{self, KvRows};
 use crate::kv_cache::{BlockPool, LayerCache};
 use crate::linear::Linear;
 use crate::norm::rms_norm_in_place;
@@ -135,8 +135,13 @@ impl Attention {
                 .append(s.pool, k, &v[rows.start * kw..rows.end * kw]);
             let lo = self.first_visible(s.start_pos);
             let end = s.start_pos + s.len;
-            let (keys, values) = s.cache.gather(s.pool.block_tokens(), lo, end);
-            attend(self.geometry(), q, &keys, &values, lo, s.start_pos, out);
+            let bt = s.pool.block_tokens();
+            let (keys, values, first) = s.cache.rows(bt, lo, end);
+            let (keys, values) = (
+                KvRows::paged(&keys, bt, first, kw),
+                KvRows::paged(&values, bt, first, kw),
+            );
+            attend_rows(self.geometry(), q, keys, values, lo, s.start_pos, out);
         });
         self.o.forward(&attn, t)
     }
@@ -208,6 +213,23 @@ pub fn attend(
     q: &[f32],
     keys: &[f32],
     values: &[f32],
+    base: usize,
+    start_pos: usize,
+    out: &mut [f32],
+) {
+    let kw = g.kv_heads * g.head_dim;
+    let (keys, values) = (&[keys], &[values]);
+    let (keys, values) = (KvRows::contiguous(keys, kw), KvRows::contiguous(values, kw));
+    attend_rows(g, q, keys, values, base, start_pos, out);
+}
+
+/// `attend` over keys and values where they lie (a paged cache's blocks, `KvRows`): the
+/// same bits as over one contiguous copy of them.
+pub fn attend_rows(
+    g: Geometry,
+    q: &[f32],
+    keys: KvRows<'_>,
+    values: KvRows<'_>,
     base: usize,
     start_pos: usize,
     out: &mut [f32],
@@ -284,6 +306,54 @@ fn split_rows<'b, S>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Attention over a paged cache's blocks where they lie gives the bits of attention over
+    /// one contiguous copy of the same positions: blocks of 4 positions (far fewer than a
+    /// chunk of keys of the weighted sum), from a position inside a block, over more keys
+    /// than one such chunk (up to 128, and 72 in the second attention chunk), for blocks of
+    /// queries and for one.
+    #[test]
+    fn paged_rows_give_the_bits_of_a_contiguous_copy() {
+        let g = Geometry {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+            chunk: Some(128),
+        };
+        let kw = g.kv_heads * g.head_dim;
+        let pool = BlockPool::new(4, Some(64));
+        let mut cache = crate::kv_cache::KvCache::new(1, kw, pool.clone());
+        let positions = 200;
+        let val = |i: usize, m: f32| ((i * 37 % 101) as f32 / 50.0 - 1.0) * m;
+        let k: Vec<f32> = (0..positions * kw).map(|i| val(i + 7, 1.0)).collect();
+        let v: Vec<f32> = (0..positions * kw).map(|i| val(i + 3, 2.0)).collect();
+        let layer = &mut cache.layers[0];
+        layer.append(&pool, &k, &v);
+        for (from, start_pos, len) in [(0, 100, 28), (0, 127, 1), (125, 190, 10), (126, 199, 1)] {
+            let qw = g.heads * g.head_dim;
+            let q: Vec<f32> = (0..len * qw).map(|i| val(i, 1.5)).collect();
+            let (keys, values) = layer.gather(4, from, start_pos + len);
+            let mut want = vec![0.0f32; len * qw];
+            attend(g, &q, &keys, &values, from, start_pos, &mut want);
+            let (keys, values, first) = layer.rows(4, from, start_pos + len);
+            let mut got = vec![0.0f32; len * qw];
+            let (keys, values) = (
+                KvRows::paged(&keys, 4, first, kw),
+                KvRows::paged(&values, 4, first, kw),
+            );
+            assert!(
+                keys.len() >= start_pos + len - from,
+                "every position readable"
+            );
+            attend_rows(g, &q, keys, values, from, start_pos, &mut got);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&got),
+                bits(&want),
+                "from {from}, queries {start_pos}..+{len}"
+            );
+        }
+    }
 
     /// Chunked causal GQA attention against a plain f64 softmax, and each query's bits the
     /// same whether its block attends together or one query at a time (decode).

@@ -704,7 +704,7 @@ fn axpy_rows_generic<S: Lanes, W: Weight, const KB: usize>(
 }
 
 mod attend;
-pub use attend::{attend_block, attend_block_on, exp_canonical, HeadBlock};
+pub use attend::{attend_block, attend_block_on, exp_canonical, HeadBlock, KvRows};
 mod convert;
 pub use convert::{
     from_bf16, from_bf16_on, from_bf16_vec, round_bf16, round_bf16_on, to_bf16, to_bf16_on,

@@ -242,6 +242,22 @@ impl LayerCache {
         self.blocks.iter().map(|b| b.id)
     }
 
+    /// Positions `from..to` (absolute) where they lie, for attention to read in place: the
+    /// keys and the values (`[bt, row]` each) of every block from the one holding `from`,
+    /// and `from`'s row in the first.
+    pub fn rows(&self, bt: usize, from: usize, to: usize) -> (Vec<&[f32]>, Vec<&[f32]>, usize) {
+        assert!(
+            from >= self.start_pos && from < to && to <= self.start_pos + self.len,
+            "range not cached"
+        );
+        let (a, b) = (from - self.start_pos, to - self.start_pos);
+        let blocks = &self.blocks[a / bt..b.div_ceil(bt)];
+        let half = bt * self.row;
+        let keys = blocks.iter().map(|x| &x.data[..half]).collect();
+        let values = blocks.iter().map(|x| &x.data[half..2 * half]).collect();
+        (keys, values, a % bt)
+    }
+
     /// Copies positions `from..to` (absolute) into contiguous keys and values.
     pub fn gather(&self, bt: usize, from: usize, to: usize) -> (Vec<f32>, Vec<f32>) {
         assert!(

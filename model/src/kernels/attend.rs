@@ -14,9 +14,9 @@ pub struct HeadBlock<'a> {
     pub q_stride: usize,
     pub q_off: usize,
     pub heads: usize,
-    /// Keys and values, `[keys, kv_stride]`; this head's start at `kv_off`.
-    pub keys: &'a [f32],
-    pub values: &'a [f32],
+    /// Keys and values, rows of `kv_stride`; this head's start at `kv_off`.
+    pub keys: KvRows<'a>,
+    pub values: KvRows<'a>,
     pub kv_stride: usize,
     pub kv_off: usize,
     pub d: usize,
@@ -24,6 +24,80 @@ pub struct HeadBlock<'a> {
     pub visible: &'a [(usize, usize)],
     /// Scores are multiplied by it before the softmax.
     pub scale: f32,
+}
+
+/// Rows of keys (or values) indexed from 0, as a paged cache holds them: in blocks of
+/// `block_tokens` rows, the first row at `first` in the first block. One contiguous run is
+/// a single block (`contiguous`). Read where they lie: copying a sequence's cache into one
+/// run for every layer and step cost more than the attention itself.
+#[derive(Debug, Clone, Copy)]
+pub struct KvRows<'a> {
+    blocks: &'a [&'a [f32]],
+    block_tokens: usize,
+    first: usize,
+    stride: usize,
+}
+
+impl<'a> KvRows<'a> {
+    /// Rows of `stride` values in blocks of `block_tokens` rows (each block at least that
+    /// long but the last), row 0 at row `first` of `blocks[0]`.
+    pub fn paged(
+        blocks: &'a [&'a [f32]],
+        block_tokens: usize,
+        first: usize,
+        stride: usize,
+    ) -> Self {
+        assert!(
+            block_tokens > 0 && first < block_tokens && stride > 0,
+            "kv rows"
+        );
+        Self {
+            blocks,
+            block_tokens,
+            first,
+            stride,
+        }
+    }
+
+    /// One run of rows (`run` is a one-element array: `&[keys]`): one block, as long as
+    /// the next power of two (rows are found with a shift; `run` still bounds them).
+    pub fn contiguous(run: &'a [&'a [f32]; 1], stride: usize) -> Self {
+        let rows = (run[0].len() / stride.max(1)).max(1);
+        Self::paged(run, rows.next_power_of_two(), 0, stride.max(1))
+    }
+
+    /// How many rows the blocks hold from row 0 (a last block's rows not written yet
+    /// included: callers read only the rows they know).
+    pub fn len(&self) -> usize {
+        let Some((last, whole)) = self.blocks.split_last() else {
+            return 0;
+        };
+        (whole.len() * self.block_tokens + (last.len() / self.stride).min(self.block_tokens))
+            .saturating_sub(self.first)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Row `j` and the rows after it in the same block (how many rows that is, with it).
+    #[inline(always)]
+    fn run(&self, j: usize) -> (&'a [f32], usize) {
+        let p = self.first + j;
+        // Blocks of a power of two (a pool's usual 16, and `contiguous`) without a division:
+        // this runs for every key a query block reads.
+        let (b, slot) = if self.block_tokens.is_power_of_two() {
+            (
+                p >> self.block_tokens.trailing_zeros(),
+                p & (self.block_tokens - 1),
+            )
+        } else {
+            (p / self.block_tokens, p % self.block_tokens)
+        };
+        let block = self.blocks[b];
+        let rows = (block.len() / self.stride).min(self.block_tokens);
+        (&block[slot * self.stride..rows * self.stride], rows - slot)
+    }
 }
 
 kernel! {
@@ -68,14 +142,16 @@ fn attend_block_generic<S: Lanes, const R: usize, const T: usize, const C: usize
     let hi = h.visible.iter().map(|v| v.1).max().expect("a query");
     assert!(
         h.visible.iter().all(|&(a, b)| a <= b)
-            && (hi + 1) * h.kv_stride <= h.keys.len().min(h.values.len())
+            && hi < h.keys.len().min(h.values.len())
+            && h.keys.stride == h.kv_stride
+            && h.values.stride == h.kv_stride
             && h.kv_off + d <= h.kv_stride
             && h.q_off + heads * d <= h.q_stride
             && (n - 1) * h.q_stride + h.q_off + heads * d <= h.q.len(),
         "attention shapes"
     );
     let span = hi + 1 - lo;
-    let key = |j: usize| &h.keys[j * h.kv_stride + h.kv_off..j * h.kv_stride + h.kv_off + d];
+    let key = |j: usize| &h.keys.run(j).0[h.kv_off..h.kv_off + d];
     // Row r is query r / heads, head r % heads.
     let query = |r: usize| {
         let o = (r / heads) * h.q_stride + h.q_off + (r % heads) * d;
@@ -92,13 +168,16 @@ fn attend_block_generic<S: Lanes, const R: usize, const T: usize, const C: usize
         let mut j0 = lo;
         while j0 <= hi {
             let rr = (hi + 1 - j0).min(R);
+            // The next tile's keys, fetched while this one computes. (A prefetch of an empty
+            // slice hints at an unmapped address, whose page walk cost more than the scores.)
+            let next: [&[f32]; R] = std::array::from_fn(|r| key((j0 + R + r).min(hi)));
             let mut i0 = 0;
             while i0 < rows {
                 let tt = (rows - i0).min(T);
                 if rr == R && tt == T {
                     let keys: [&[f32]; R] = std::array::from_fn(|r| key(j0 + r));
                     let xs: [&[f32]; T] = std::array::from_fn(|i| query(i0 + i));
-                    let s = dot_tile::<S, f32, R, T>(&keys, &[&[]; R], &ones, &xs);
+                    let s = dot_tile::<S, f32, R, T>(&keys, &next, &ones, &xs);
                     for (r, col) in s.iter().enumerate() {
                         for (i, v) in col.iter().enumerate() {
                             p[(i0 + i) * span + j0 + r - lo] = *v;
@@ -108,7 +187,7 @@ fn attend_block_generic<S: Lanes, const R: usize, const T: usize, const C: usize
                     // Fewer rows than a tile: R keys at a time for each.
                     let keys: [&[f32]; R] = std::array::from_fn(|r| key(j0 + r));
                     for i in i0..i0 + tt {
-                        let s = dot_tile::<S, f32, R, 1>(&keys, &[&[]; R], &ones, &[query(i)]);
+                        let s = dot_tile::<S, f32, R, 1>(&keys, &next, &ones, &[query(i)]);
                         for (r, v) in s.iter().enumerate() {
                             p[i * span + j0 + r - lo] = v[0];
                         }
@@ -118,7 +197,7 @@ fn attend_block_generic<S: Lanes, const R: usize, const T: usize, const C: usize
                         for i in i0..i0 + tt {
                             let s = dot_tile::<S, f32, 1, 1>(
                                 &[key(j0 + r)],
-                                &[&[]],
+                                &[next[0]],
                                 &[1.0],
                                 &[query(i)],
                             );
@@ -146,13 +225,14 @@ fn attend_block_generic<S: Lanes, const R: usize, const T: usize, const C: usize
             row[..a].fill(0.0);
             row[b + 1..].fill(0.0);
         }
-        // Weighted sums of the values, then the normalisation.
-        let values = &h.values[lo * h.kv_stride..(hi + 1) * h.kv_stride];
+        // Weighted sums of the values (chunks of keys within one block), then the
+        // normalisation.
         let mut k0 = 0;
         while k0 < span {
-            let kn = KEY_CHUNK.min(span - k0);
+            let (values, here) = h.values.run(lo + k0);
+            let kn = KEY_CHUNK.min(span - k0).min(here);
             axpy_columns::<S, f32, C, T>(
-                &values[k0 * h.kv_stride..],
+                values,
                 h.kv_stride,
                 h.kv_off,
                 &p[k0..],
@@ -255,13 +335,14 @@ mod tests {
         let keys: Vec<f32> = (0..40 * d).map(|i| (i % 23) as f32 * 0.4 - 4.0).collect();
         let q: Vec<f32> = (0..3 * d).map(|i| (i % 7) as f32 * 0.9 - 3.0).collect();
         let visible = [(0, 20), (3, 39), (39, 39)];
+        let run = [&keys[..]];
         let block = HeadBlock {
             q: &q,
             q_stride: d,
             q_off: 0,
             heads: 1,
-            keys: &keys,
-            values: &keys,
+            keys: KvRows::contiguous(&run, d),
+            values: KvRows::contiguous(&run, d),
             kv_stride: d,
             kv_off: 0,
             d,
