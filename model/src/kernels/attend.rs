@@ -168,8 +168,9 @@ fn attend_block_generic<S: Lanes, const R: usize, const T: usize, const C: usize
         let mut j0 = lo;
         while j0 <= hi {
             let rr = (hi + 1 - j0).min(R);
-            // The next tile's keys, fetched while this one computes. (A prefetch of an empty
-            // slice hints at an unmapped address, whose page walk cost more than the scores.)
+            // The next tile's keys, fetched while this one computes (an empty slice, as
+            // before, hinted at an unmapped address: perf put a third of the attention's
+            // samples on those prefetches).
             let next: [&[f32]; R] = std::array::from_fn(|r| key((j0 + R + r).min(hi)));
             let mut i0 = 0;
             while i0 < rows {
