@@ -190,11 +190,16 @@ impl Linear {
     /// bf16 or FP8 weights through the fused kernels, output features split over the cores.
     fn forward_fused(&self, rows: Rows<'_>, x: &[f32], t: usize, y: &mut [f32]) {
         let (in_dim, out_dim) = (self.in_dim, self.out_dim);
-        let parts = rayon::current_num_threads().min(out_dim);
-        let per_part = out_dim.div_ceil(parts);
         if t == 1 {
             // One token: a few hundred µs of streaming at most, on the hot helpers (waking a
-            // sleeping rayon worker can cost as much).
+            // sleeping rayon worker can cost as much). A rayon worker (one of a step's
+            // experts) already shares the cores with its siblings: it reads the matrix in one
+            // pass, where parts of an "x @ W" matrix would each read a piece of every row.
+            let parts = match crate::hot::off_rayon() {
+                true => rayon::current_num_threads().min(out_dim),
+                false => 1,
+            };
+            let per_part = out_dim.div_ceil(parts);
             let parts: Vec<std::sync::Mutex<&mut [f32]>> =
                 y.chunks_mut(per_part).map(std::sync::Mutex::new).collect();
             crate::hot::run(parts.len(), &|p| {
@@ -210,6 +215,8 @@ impl Linear {
             });
             return;
         }
+        let parts = rayon::current_num_threads().min(out_dim);
+        let per_part = out_dim.div_ceil(parts);
         // Each part computes its features for all tokens into its thread's buffer (`[t, n]`),
         // whose token rows are then copied into their places in `y`.
         let starts: Vec<usize> = (0..out_dim).step_by(per_part).collect();
