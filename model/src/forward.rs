@@ -91,7 +91,10 @@ fn layers<B: Backend>(
     runner: &dyn ExpertRunner,
 ) -> Result<Forward> {
     let picked = logit_rows(batch, rows);
-    let split = micro_batch_split(batch, model.micro_batch_min_tokens());
+    let split = match runner.overlaps() {
+        true => micro_batch_split(batch, model.micro_batch_min_tokens()),
+        false => batch.len(),
+    };
     let (first, second) = batch.split_at_mut(split);
     let mut micro = Vec::with_capacity(2);
     for seqs in [first, second] {

@@ -136,7 +136,8 @@ pub struct Model {
     resident: bool,
 }
 
-/// Batches of at least this many tokens (and two sequences) run as two micro-batches.
+/// Batches of at least this many tokens (and two sequences) run as two micro-batches when
+/// their experts compute elsewhere (`ExpertRunner::overlaps`).
 pub const MICRO_BATCH_MIN_TOKENS: usize = 16;
 
 impl Model {
@@ -543,5 +544,11 @@ pub struct LocalExperts<M>(pub M);
 impl<M: Borrow<Model> + Sync> ExpertRunner for LocalExperts<M> {
     fn start(&self, batch: RoutedBatch) -> Result<PendingExperts> {
         self.0.borrow().run_local(batch)
+    }
+
+    /// Both backends compute the experts inside `start` (on a 2-core EPYC VM, one process
+    /// at 32 sequences: ~6% more tokens/s unsplit, 4 alternating runs).
+    fn overlaps(&self) -> bool {
+        false
     }
 }

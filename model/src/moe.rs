@@ -156,6 +156,15 @@ pub trait ExpertRunner: Sync {
     /// A forward pass (one engine step) begins: a runner whose placement can change picks
     /// the one it uses for the whole step here.
     fn begin_step(&self) {}
+
+    /// Whether the experts compute while `start`'s caller goes on (on other machines): then
+    /// a batch splits into two micro-batches, one computing while the other's tokens are
+    /// away. A runner that computes them inside `start` gains nothing from a split and
+    /// loses by it: every product runs twice on half the tokens, and an expert that both
+    /// halves route to is read twice.
+    fn overlaps(&self) -> bool {
+        true
+    }
 }
 
 /// Groups routed tokens by expert: the groups, and for each batch row the token it holds.

@@ -4,7 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use expertmesh_model::{LogitRows, Model, Sequence};
+use expertmesh_model::moe::{ExpertRunner, PendingExperts, RoutedBatch};
+use expertmesh_model::{LocalExperts, LogitRows, Model, Sequence};
 use serde_json::Value;
 
 pub fn fixture(name: &str) -> PathBuf {
@@ -28,7 +29,8 @@ pub fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-/// The `rows` logits of `inputs` run as one batch, and of each run alone (concatenated).
+/// The `rows` logits of `inputs` run as one batch (in two micro-batches, as a cluster runs
+/// it), and of each run alone (concatenated).
 pub fn together_and_alone(m: &Model, inputs: &[Vec<u32>], rows: LogitRows) -> (Vec<f32>, Vec<f32>) {
     let run = |batch: &[Vec<u32>]| {
         let mut caches: Vec<_> = batch.iter().map(|_| m.new_cache()).collect();
@@ -37,11 +39,23 @@ pub fn together_and_alone(m: &Model, inputs: &[Vec<u32>], rows: LogitRows) -> (V
             .zip(batch)
             .map(|(c, t)| Sequence::new(c, t))
             .collect();
-        m.forward(&mut seqs, rows).unwrap().logits
+        m.forward_with(&mut seqs, rows, &Split(LocalExperts(m)))
+            .unwrap()
+            .logits
     };
     let alone = inputs
         .iter()
         .flat_map(|i| run(std::slice::from_ref(i)))
         .collect();
     (run(inputs), alone)
+}
+
+/// The model's own experts, run as if they were elsewhere: a batch splits into two
+/// micro-batches, as it does in front of expert workers.
+struct Split<'a>(LocalExperts<&'a Model>);
+
+impl ExpertRunner for Split<'_> {
+    fn start(&self, batch: RoutedBatch) -> expertmesh_model::Result<PendingExperts> {
+        self.0.start(batch)
+    }
 }
