@@ -191,6 +191,15 @@ pub fn map_items<I: Send, R: Send>(items: Vec<I>, f: impl Fn(I) -> R + Sync + Se
     }
 }
 
+/// The threads that `run` would spread parts over from this thread: every core from the
+/// driving thread, only itself from a rayon worker (which runs its parts in place).
+pub fn threads() -> usize {
+    match off_rayon() {
+        true => rayon::current_num_threads(),
+        false => 1,
+    }
+}
+
 /// Whether this thread drives the work itself (it is no rayon worker): small parallel
 /// steps then go to the hot helpers; a rayon worker already shares the cores with its
 /// siblings and runs them in place.

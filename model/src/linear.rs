@@ -195,10 +195,7 @@ impl Linear {
             // sleeping rayon worker can cost as much). A rayon worker (one of a step's
             // experts) already shares the cores with its siblings: it reads the matrix in one
             // pass, where parts of an "x @ W" matrix would each read a piece of every row.
-            let parts = match crate::hot::off_rayon() {
-                true => rayon::current_num_threads().min(out_dim),
-                false => 1,
-            };
+            let parts = crate::hot::threads().min(out_dim);
             let per_part = out_dim.div_ceil(parts);
             let parts: Vec<std::sync::Mutex<&mut [f32]>> =
                 y.chunks_mut(per_part).map(std::sync::Mutex::new).collect();
@@ -229,9 +226,7 @@ impl Linear {
                 row = rest;
             }
         }
-        let places: Vec<std::sync::Mutex<Vec<&mut [f32]>>> =
-            places.into_iter().map(std::sync::Mutex::new).collect();
-        starts.par_iter().zip(&places).for_each(|(&j0, place)| {
+        starts.par_iter().zip(places).for_each(|(&j0, mut place)| {
             let n = per_part.min(out_dim - j0);
             PART.with_borrow_mut(|buffer| {
                 // The kernels write every output, so what the buffer held does not matter.
@@ -246,7 +241,6 @@ impl Linear {
                     }
                     (Layout::InOut, Rows::Fp8(..)) => unreachable!("FP8 weights are OutIn"),
                 }
-                let mut place = place.lock().unwrap_or_else(|e| e.into_inner());
                 for (dst, src) in place.iter_mut().zip(part.chunks_exact(n)) {
                     dst.copy_from_slice(src);
                 }

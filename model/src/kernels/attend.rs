@@ -59,16 +59,15 @@ impl<'a> KvRows<'a> {
         }
     }
 
-    /// One run of rows (`run` is a one-element array: `&[keys]`): one block, as long as
-    /// the next power of two (rows are found with a shift; `run` still bounds them).
+    /// One run of rows (`run` is a one-element array: `&[keys]`): one block.
     pub fn contiguous(run: &'a [&'a [f32]; 1], stride: usize) -> Self {
         let rows = (run[0].len() / stride.max(1)).max(1);
-        Self::paged(run, rows.next_power_of_two(), 0, stride.max(1))
+        Self::paged(run, rows, 0, stride.max(1))
     }
 
     /// How many rows the blocks hold from row 0 (a last block's rows not written yet
     /// included: callers read only the rows they know).
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         let Some((last, whole)) = self.blocks.split_last() else {
             return 0;
         };
@@ -76,24 +75,11 @@ impl<'a> KvRows<'a> {
             .saturating_sub(self.first)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Row `j` and the rows after it in the same block (how many rows that is, with it).
     #[inline(always)]
     fn run(&self, j: usize) -> (&'a [f32], usize) {
         let p = self.first + j;
-        // Blocks of a power of two (a pool's usual 16, and `contiguous`) without a division:
-        // this runs for every key a query block reads.
-        let (b, slot) = if self.block_tokens.is_power_of_two() {
-            (
-                p >> self.block_tokens.trailing_zeros(),
-                p & (self.block_tokens - 1),
-            )
-        } else {
-            (p / self.block_tokens, p % self.block_tokens)
-        };
+        let (b, slot) = (p / self.block_tokens, p % self.block_tokens);
         let block = self.blocks[b];
         let rows = (block.len() / self.stride).min(self.block_tokens);
         (&block[slot * self.stride..rows * self.stride], rows - slot)
@@ -151,105 +137,137 @@ fn attend_block_generic<S: Lanes, const R: usize, const T: usize, const C: usize
         "attention shapes"
     );
     let span = hi + 1 - lo;
-    let key = |j: usize| &h.keys.run(j).0[h.kv_off..h.kv_off + d];
-    // Row r is query r / heads, head r % heads.
-    let query = |r: usize| {
-        let o = (r / heads) * h.q_stride + h.q_off + (r % heads) * d;
-        &h.q[o..o + d]
-    };
     // Taken out and put back rather than borrowed in a closure: a closure would not be
     // compiled for this function's instruction set.
     let mut p = SCORES.take();
-    {
-        // Scores, [rows, span].
-        p.clear();
-        p.resize(rows * span, 0.0);
-        let ones = [1.0f32; R];
-        let mut j0 = lo;
-        while j0 <= hi {
-            let rr = (hi + 1 - j0).min(R);
-            // The next tile's keys, fetched while this one computes (an empty slice, as
-            // before, hinted at an unmapped address: perf put a third of the attention's
-            // samples on those prefetches).
-            let next: [&[f32]; R] = std::array::from_fn(|r| key((j0 + R + r).min(hi)));
-            let mut i0 = 0;
-            while i0 < rows {
-                let tt = (rows - i0).min(T);
-                if rr == R && tt == T {
-                    let keys: [&[f32]; R] = std::array::from_fn(|r| key(j0 + r));
-                    let xs: [&[f32]; T] = std::array::from_fn(|i| query(i0 + i));
-                    let s = dot_tile::<S, f32, R, T>(&keys, &next, &ones, &xs);
-                    for (r, col) in s.iter().enumerate() {
-                        for (i, v) in col.iter().enumerate() {
-                            p[(i0 + i) * span + j0 + r - lo] = *v;
-                        }
-                    }
-                } else if rr == R {
-                    // Fewer rows than a tile: R keys at a time for each.
-                    let keys: [&[f32]; R] = std::array::from_fn(|r| key(j0 + r));
-                    for i in i0..i0 + tt {
-                        let s = dot_tile::<S, f32, R, 1>(&keys, &next, &ones, &[query(i)]);
-                        for (r, v) in s.iter().enumerate() {
-                            p[i * span + j0 + r - lo] = v[0];
-                        }
-                    }
-                } else {
-                    for r in 0..rr {
-                        for i in i0..i0 + tt {
-                            let s = dot_tile::<S, f32, 1, 1>(
-                                &[key(j0 + r)],
-                                &[next[0]],
-                                &[1.0],
-                                &[query(i)],
-                            );
-                            p[i * span + j0 + r - lo] = s[0][0];
-                        }
-                    }
-                }
-                i0 += tt;
-            }
-            j0 += rr;
-        }
-        // Softmax weights (unnormalised) over each row's own keys, zero elsewhere.
-        let mut sums = vec![0.0f32; rows];
-        for (r, row) in p.chunks_exact_mut(span).enumerate() {
-            let (a, b) = h.visible[r / heads];
-            let (a, b) = (a - lo, b - lo);
-            let seen = &mut row[a..=b];
-            let max = seen
-                .iter()
-                .fold(f32::NEG_INFINITY, |m, &v| m.max(v * h.scale));
-            for v in seen.iter_mut() {
-                *v = exp_canonical(*v * h.scale - max);
-            }
-            sums[r] = lane_total(seen);
-            row[..a].fill(0.0);
-            row[b + 1..].fill(0.0);
-        }
-        // Weighted sums of the values (chunks of keys within one block), then the
-        // normalisation.
-        let mut k0 = 0;
-        while k0 < span {
-            let (values, here) = h.values.run(lo + k0);
-            let kn = KEY_CHUNK.min(span - k0).min(here);
-            axpy_columns::<S, f32, C, T>(
-                values,
-                h.kv_stride,
-                h.kv_off,
-                &p[k0..],
-                span,
-                kn,
-                rows,
-                out,
-                k0 > 0,
-            );
-            k0 += kn;
-        }
-        for (row, s) in out.chunks_exact_mut(d).zip(&sums) {
-            row.iter_mut().for_each(|v| *v /= s);
-        }
+    p.clear();
+    p.resize(rows * span, 0.0);
+    scores::<S, R, T>(h, lo, hi, &mut p);
+    let sums = softmax_rows(h, lo, span, &mut p);
+    weighted_sums::<S, C, T>(h, lo, span, &p, out);
+    for (row, s) in out.chunks_exact_mut(d).zip(&sums) {
+        row.iter_mut().for_each(|v| *v /= s);
     }
     SCORES.set(p);
+}
+
+/// Key `j`'s values for this head.
+#[inline(always)]
+fn key<'a>(h: &HeadBlock<'a>, j: usize) -> &'a [f32] {
+    &h.keys.run(j).0[h.kv_off..h.kv_off + h.d]
+}
+
+/// Row `r`'s query: query `r / heads`, head `r % heads`.
+#[inline(always)]
+fn query<'a>(h: &HeadBlock<'a>, r: usize) -> &'a [f32] {
+    let o = (r / h.heads) * h.q_stride + h.q_off + (r % h.heads) * h.d;
+    &h.q[o..o + h.d]
+}
+
+/// The scores `q_i · k_j` of every row with keys `lo..=hi` into `p` (`[rows, hi + 1 - lo]`),
+/// in tiles of `R` keys × `T` rows.
+#[inline(always)]
+fn scores<S: Lanes, const R: usize, const T: usize>(
+    h: &HeadBlock<'_>,
+    lo: usize,
+    hi: usize,
+    p: &mut [f32],
+) {
+    let (rows, span) = (h.visible.len() * h.heads, hi + 1 - lo);
+    let ones = [1.0f32; R];
+    let mut j0 = lo;
+    while j0 <= hi {
+        let rr = (hi + 1 - j0).min(R);
+        // The next tile's keys, fetched while this one computes (an empty slice, as
+        // before, hinted at an unmapped address: perf put a third of the attention's
+        // samples on those prefetches).
+        let next: [&[f32]; R] = std::array::from_fn(|r| key(h, (j0 + R + r).min(hi)));
+        let mut i0 = 0;
+        while i0 < rows {
+            let tt = (rows - i0).min(T);
+            if rr == R && tt == T {
+                let keys: [&[f32]; R] = std::array::from_fn(|r| key(h, j0 + r));
+                let xs: [&[f32]; T] = std::array::from_fn(|i| query(h, i0 + i));
+                let s = dot_tile::<S, f32, R, T>(&keys, &next, &ones, &xs);
+                for (r, col) in s.iter().enumerate() {
+                    for (i, v) in col.iter().enumerate() {
+                        p[(i0 + i) * span + j0 + r - lo] = *v;
+                    }
+                }
+            } else if rr == R {
+                // Fewer rows than a tile: R keys at a time for each.
+                let keys: [&[f32]; R] = std::array::from_fn(|r| key(h, j0 + r));
+                for i in i0..i0 + tt {
+                    let s = dot_tile::<S, f32, R, 1>(&keys, &next, &ones, &[query(h, i)]);
+                    for (r, v) in s.iter().enumerate() {
+                        p[i * span + j0 + r - lo] = v[0];
+                    }
+                }
+            } else {
+                for r in 0..rr {
+                    for i in i0..i0 + tt {
+                        let k = [key(h, j0 + r)];
+                        let s = dot_tile::<S, f32, 1, 1>(&k, &[next[0]], &[1.0], &[query(h, i)]);
+                        p[i * span + j0 + r - lo] = s[0][0];
+                    }
+                }
+            }
+            i0 += tt;
+        }
+        j0 += rr;
+    }
+}
+
+/// The scores in `p` become softmax weights (unnormalised) over each row's own keys, zero
+/// elsewhere; returns each row's sum of them.
+#[inline(always)]
+fn softmax_rows(h: &HeadBlock<'_>, lo: usize, span: usize, p: &mut [f32]) -> Vec<f32> {
+    let mut sums = vec![0.0f32; p.len() / span];
+    for (r, row) in p.chunks_exact_mut(span).enumerate() {
+        let (a, b) = h.visible[r / h.heads];
+        let (a, b) = (a - lo, b - lo);
+        let seen = &mut row[a..=b];
+        let max = seen
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &v| m.max(v * h.scale));
+        for v in seen.iter_mut() {
+            *v = exp_canonical(*v * h.scale - max);
+        }
+        sums[r] = lane_total(seen);
+        row[..a].fill(0.0);
+        row[b + 1..].fill(0.0);
+    }
+    sums
+}
+
+/// `out = p · V` over keys `lo..lo + span`, in chunks of keys that lie in one block, each
+/// output's chain carried from one chunk to the next.
+#[inline(always)]
+fn weighted_sums<S: Lanes, const C: usize, const T: usize>(
+    h: &HeadBlock<'_>,
+    lo: usize,
+    span: usize,
+    p: &[f32],
+    out: &mut [f32],
+) {
+    let rows = p.len() / span;
+    let mut k0 = 0;
+    while k0 < span {
+        let (values, here) = h.values.run(lo + k0);
+        let kn = KEY_CHUNK.min(span - k0).min(here);
+        axpy_columns::<S, f32, C, T>(
+            values,
+            h.kv_stride,
+            h.kv_off,
+            &p[k0..],
+            span,
+            kn,
+            rows,
+            out,
+            k0 > 0,
+        );
+        k0 += kn;
+    }
 }
 
 /// `Σ v` in the canonical order of a dot product: `LANES` accumulators over the full chunks,
