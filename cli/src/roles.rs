@@ -228,8 +228,9 @@ pub struct ExpertWorkerArgs {
     /// Send experts to peers that fetch them at most this fast (megabits per second).
     #[arg(long)]
     migration_mbps: Option<u64>,
-    /// Where experts fetched from peers are kept, when the model directory holds no weights
-    /// (a file whose name is removed once it is mapped: nothing is left after the worker).
+    /// Keep experts fetched from peers in a file in this directory, when the model directory
+    /// holds no weights (its name is removed once it is mapped: nothing is left after the
+    /// worker); without it they land in memory.
     #[arg(long)]
     expert_cache: Option<String>,
     /// How experts are fetched from peers when the model directory holds no weights: `tcp`

@@ -58,18 +58,27 @@ fn join(args: &[&str], token: &str, log: &Path) -> (common::Role, String) {
 
 #[test]
 fn a_worker_without_weights_takes_its_experts_from_peers_under_load() {
-    joins_without_weights("tiny-maverick", "tcp");
+    joins_without_weights("tiny-maverick", "tcp", Landing::Memory);
 }
 
-/// The same with the FP8 checkpoint, over gRPC: its experts travel per projection, codes and
-/// scales.
+/// The same with the FP8 checkpoint, over gRPC, into a cache file: its experts travel per
+/// projection, codes and scales.
 #[test]
 fn a_worker_without_weights_takes_fp8_experts_from_peers_under_load() {
-    joins_without_weights("tiny-maverick-fp8", "grpc");
+    joins_without_weights("tiny-maverick-fp8", "grpc", Landing::CacheFile);
 }
 
-/// `fixture`'s experts go to a weightless worker over `transport`.
-fn joins_without_weights(fixture: &str, transport: &str) {
+/// Where a weightless worker keeps the experts it fetches.
+#[derive(PartialEq)]
+enum Landing {
+    /// In memory (the default).
+    Memory,
+    /// In a file (`--expert-cache`).
+    CacheFile,
+}
+
+/// `fixture`'s experts go to a weightless worker over `transport`, landing in `landing`.
+fn joins_without_weights(fixture: &str, transport: &str, landing: Landing) {
     let dir = tempfile::tempdir().unwrap();
     let model = common::fixture(fixture);
     let weightless = weightless_copy(&model, dir.path());
@@ -109,26 +118,25 @@ fn joins_without_weights(fixture: &str, transport: &str) {
     let mut events = vec![(Instant::now(), "load".to_owned())];
 
     let log = dir.path().join("weightless.log");
+    let cache = dir.path().join("cache");
+    let mut args = vec![
+        "expert-worker",
+        "--coordinator",
+        &coordinators,
+        "--model",
+        weightless.to_str().unwrap(),
+        "--migration-mbps",
+        "400",
+        "--expert-backup",
+        "16",
+        "--transfer",
+        transport,
+    ];
+    if landing == Landing::CacheFile {
+        args.extend(["--expert-cache", cache.to_str().unwrap()]);
+    }
     let joined = Instant::now();
-    let (_newcomer, address) = join(
-        &[
-            "expert-worker",
-            "--coordinator",
-            &coordinators,
-            "--model",
-            weightless.to_str().unwrap(),
-            "--migration-mbps",
-            "400",
-            "--expert-backup",
-            "16",
-            "--expert-cache",
-            dir.path().join("cache").to_str().unwrap(),
-            "--transfer",
-            transport,
-        ],
-        &token,
-        &log,
-    );
+    let (_newcomer, address) = join(&args, &token, &log);
     events.push((joined, "a weightless expert worker joins".into()));
     let placed = wait_status(&coordinators, "the newcomer placed with experts", |v| {
         v["pending_epoch"].is_null()

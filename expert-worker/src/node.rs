@@ -90,7 +90,9 @@ pub struct ExpertWorkerConfig {
     /// second (0: no limit).
     pub migration_mbps: u64,
     /// Where a worker whose model directory holds no weights keeps the experts it fetches
-    /// from peers (default: a directory in the system's temporary directory).
+    /// from peers: a cache file in this directory (default: none, in memory — one copy per
+    /// chunk instead of the page cache's copy and the disk's writes; a file lets the system
+    /// drop pages it needs back, e.g. once a GPU worker has its experts on the device).
     pub expert_cache: Option<String>,
     /// How such a worker fetches experts from peers: `tcp` (the default: framed, on the
     /// peers' port, `crate::framed_fetch`) or `grpc` (`ExpertService.FetchExperts`).
@@ -213,21 +215,20 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     let source: ModelSource = config.worker.model.parse()?;
     let model_config = source.config()?;
-    // Without the weights on disk, every expert comes from peers into a cache file.
-    let cache = if has_weights(&source) {
-        None
-    } else {
-        let dir = config.expert_cache.clone().map_or_else(
-            || std::env::temp_dir().join(format!("expertmesh-experts-{}", std::process::id())),
-            std::path::PathBuf::from,
-        );
-        tracing::info!(
-            "expert worker: {source} holds no weights: experts come from peers over {} (cache in {})",
+    // Without the weights on disk, every expert comes from peers into memory (or a cache
+    // file, when the config names a directory).
+    let cache =
+        if has_weights(&source) {
+            None
+        } else {
+            let dir = config.expert_cache.as_deref().map(std::path::Path::new);
+            tracing::info!(
+            "expert worker: {source} holds no weights: experts come from peers over {} (into {})",
             config.transfer,
-            dir.display()
+            dir.map_or("memory".into(), |d| format!("a cache file in {}", d.display()))
         );
-        Some(Arc::new(ExpertCache::create(&dir, &model_config)?))
-    };
+            Some(Arc::new(ExpertCache::create(dir, &model_config)?))
+        };
     let files;
     let weights: &dyn expertmesh_model::WeightSource = match &cache {
         None => {

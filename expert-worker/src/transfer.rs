@@ -54,6 +54,9 @@ pub enum TransferError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The image arriving weights land in could not be had, or what landed cannot be read.
+    #[error("the arriving weights' image: {0}")]
+    Image(String),
     #[error("{peer}: {reason}")]
     Peer { peer: String, reason: String },
     #[error("{what} from {peer}: {reason}")]
@@ -309,11 +312,11 @@ pub struct ExpertCache {
 }
 
 impl ExpertCache {
-    /// Makes the cache for `config`'s experts in `dir` (a previous cache file there is
-    /// replaced; nothing else in `dir` is touched). The checkpoint's dtype comes from the
-    /// config (`torch_dtype`; bf16 when it says nothing); an FP8 checkpoint's experts are
-    /// FP8 where `quantization_config` says so.
-    pub fn create(dir: &Path, config: &TextConfig) -> Result<Self, TransferError> {
+    /// Makes the cache for `config`'s experts in memory, or with `dir` in a file there (a
+    /// previous cache file there is replaced; nothing else in `dir` is touched). The
+    /// checkpoint's dtype comes from the config (`torch_dtype`; bf16 when it says nothing);
+    /// an FP8 checkpoint's experts are FP8 where `quantization_config` says so.
+    pub fn create(dir: Option<&Path>, config: &TextConfig) -> Result<Self, TransferError> {
         let dtype = match config.dtype.as_deref() {
             None | Some("bfloat16") => "BF16",
             Some("float32") => "F32",
@@ -322,7 +325,10 @@ impl ExpertCache {
             }
         };
         Ok(Self {
-            file: WeightFile::create(dir, cache_layout(config, dtype))?,
+            file: match dir {
+                Some(dir) => WeightFile::create(dir, cache_layout(config, dtype))?,
+                None => WeightFile::in_memory(cache_layout(config, dtype))?,
+            },
             config: config.clone(),
         })
     }
@@ -341,12 +347,8 @@ impl ExpertCache {
         }
         let mut out = BTreeMap::new();
         for &l in &self.config.moe_layers {
-            let w = ExpertWeights::load(self.weights(), &self.config, l, e as usize).map_err(
-                |err| TransferError::Cache {
-                    path: self.dir().to_owned(),
-                    source: std::io::Error::other(err.to_string()),
-                },
-            )?;
+            let w = ExpertWeights::load(self.weights(), &self.config, l, e as usize)
+                .map_err(|err| TransferError::Image(format!("expert {e}: {err}")))?;
             out.insert(l as u32, w);
         }
         Ok(Some(out))
@@ -357,8 +359,8 @@ impl ExpertCache {
         self.file.unlink()
     }
 
-    /// The directory the cache file is in.
-    pub fn dir(&self) -> &Path {
+    /// The directory the cache file is in (none in memory).
+    pub fn dir(&self) -> Option<&Path> {
         self.file.dir()
     }
 

@@ -1,15 +1,16 @@
 //! Weights on their way between workers, whatever they are (an expert's slices, an attention
 //! worker's dense tensors): the sender cuts tensors into [`pb::WeightChunk`]s ([`chunks`]);
-//! the receiver writes them into a [`WeightFile`], a safetensors file laid out in advance
-//! whose data stays a hole until written, checking each chunk against the piece due next
+//! the receiver writes them into a [`WeightFile`], a safetensors image laid out in advance
+//! (in memory, or in a file) whose data stays a hole until written, checking each chunk against the piece due next
 //! (tensor, offset, length, dtype, shape) and its CRC-32 before writing it, and the whole
-//! set's CRC-32 and size at the end ([`receive`]). The file is mapped as a checkpoint, so
+//! set's CRC-32 and size at the end ([`receive`]). The image is mapped as a checkpoint, so
 //! what arrives is computed exactly as what is read from a model directory.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use expertmesh_model::landing::Landing;
 use expertmesh_model::{DType, SafetensorsCheckpoint, Tensor};
 use expertmesh_proto::v1 as pb;
 use tokio_stream::StreamExt;
@@ -187,21 +188,79 @@ pub fn chunks(
         })
 }
 
-/// `dir/model.safetensors`: a safetensors file of the given tensors at their whole shapes,
-/// sparse until written, and mapped.
+/// A safetensors image of the given tensors at their whole shapes, laid out in advance and
+/// mapped as a checkpoint, whose data stays a hole until written: in memory (the default,
+/// [`expertmesh_model::landing`]) or in `dir/model.safetensors`.
 #[derive(Debug)]
 pub struct WeightFile {
-    dir: PathBuf,
-    file: std::sync::Arc<std::fs::File>,
-    /// One writer at a time (see [`WeightFile::write`]).
-    writing: tokio::sync::Mutex<()>,
+    backing: Backing,
     slots: Vec<Slot>,
-    /// Whether `create` made the directory (`unlink` then removes it too).
-    made_dir: bool,
     mapped: std::sync::Arc<SafetensorsCheckpoint>,
 }
 
+/// Where a [`WeightFile`]'s bytes are.
+#[derive(Debug)]
+enum Backing {
+    Memory(std::sync::Arc<Landing>),
+    File {
+        dir: PathBuf,
+        file: std::sync::Arc<std::fs::File>,
+        /// One writer at a time (see [`WeightFile::write`]).
+        writing: tokio::sync::Mutex<()>,
+        /// Whether `create` made the directory (`unlink` then removes it too).
+        made_dir: bool,
+    },
+}
+
+/// The safetensors header of `tensors` laid out one after the other (8-byte aligned, as
+/// safetensors writers leave it), and each tensor's slot.
+fn layout(tensors: Vec<TensorSpec>) -> (Vec<u8>, Vec<Slot>, u64) {
+    let mut header = serde_json::Map::new();
+    let mut slots = Vec::new();
+    let mut at = 0u64;
+    for spec in tensors {
+        let size = dtype_bytes(spec.dtype).expect("the layout's dtypes are the engine's");
+        let bytes = spec.shape.iter().product::<u64>() * size;
+        header.insert(
+            spec.name.clone(),
+            serde_json::json!({"dtype": spec.dtype, "shape": spec.shape, "data_offsets": [at, at + bytes]}),
+        );
+        slots.push(Slot {
+            spec,
+            file_offset: at,
+            bytes,
+        });
+        at += bytes;
+    }
+    let mut head = serde_json::to_vec(&header).expect("a JSON map serializes");
+    head.resize(head.len().div_ceil(8) * 8, b' ');
+    let data_start = 8 + head.len() as u64;
+    for s in &mut slots {
+        s.file_offset += data_start;
+    }
+    let mut image_head = (head.len() as u64).to_le_bytes().to_vec();
+    image_head.extend(head);
+    (image_head, slots, data_start + at)
+}
+
 impl WeightFile {
+    /// Lays the image of `tensors` out in memory.
+    pub fn in_memory(tensors: Vec<TensorSpec>) -> Result<Self, TransferError> {
+        let (head, slots, len) = layout(tensors);
+        let memory = |e: expertmesh_model::ModelError| TransferError::Image(e.to_string());
+        let landing = std::sync::Arc::new(Landing::new(len as usize).map_err(memory)?);
+        // SAFETY: the landing is new: nothing reads it yet.
+        #[allow(unsafe_code)]
+        let fits = unsafe { landing.write(0, &head) };
+        assert!(fits, "the header fits");
+        let mapped = SafetensorsCheckpoint::landed(landing.clone()).map_err(memory)?;
+        Ok(Self {
+            backing: Backing::Memory(landing),
+            slots,
+            mapped: mapped.into(),
+        })
+    }
+
     /// Makes the file for `tensors` in `dir` (a previous file there is replaced; nothing
     /// else in `dir` is touched) and maps it.
     pub fn create(dir: &Path, tensors: Vec<TensorSpec>) -> Result<Self, TransferError> {
@@ -217,69 +276,50 @@ impl WeightFile {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
             _ => {}
         }
-        let mut header = serde_json::Map::new();
-        let mut slots = Vec::new();
-        let mut at = 0u64;
-        for spec in tensors {
-            let size = dtype_bytes(spec.dtype).expect("the layout's dtypes are the engine's");
-            let bytes = spec.shape.iter().product::<u64>() * size;
-            header.insert(
-                spec.name.clone(),
-                serde_json::json!({"dtype": spec.dtype, "shape": spec.shape, "data_offsets": [at, at + bytes]}),
-            );
-            slots.push(Slot {
-                spec,
-                file_offset: at,
-                bytes,
-            });
-            at += bytes;
-        }
-        let mut head = serde_json::to_vec(&header).expect("a JSON map serializes");
-        // The data starts 8-byte aligned, as safetensors writers leave it.
-        head.resize(head.len().div_ceil(8) * 8, b' ');
-        let data_start = 8 + head.len() as u64;
-        for s in &mut slots {
-            s.file_offset += data_start;
-        }
+        let (head, slots, len) = layout(tensors);
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(&path)
             .map_err(io)?;
-        file.write_all_at(&(head.len() as u64).to_le_bytes(), 0)
-            .and_then(|()| file.write_all_at(&head, 8))
-            .and_then(|()| file.set_len(data_start + at))
+        file.write_all_at(&head, 0)
+            .and_then(|()| file.set_len(len))
             .map_err(io)?;
         let mapped = SafetensorsCheckpoint::open(dir)
             .map_err(|e| io(std::io::Error::other(e.to_string())))?
             .into();
         Ok(Self {
-            dir: dir.to_owned(),
-            file: std::sync::Arc::new(file),
-            writing: tokio::sync::Mutex::new(()),
+            backing: Backing::File {
+                dir: dir.to_owned(),
+                file: std::sync::Arc::new(file),
+                writing: tokio::sync::Mutex::new(()),
+                made_dir,
+            },
             slots,
-            made_dir,
             mapped,
         })
     }
 
-    /// The file mapped as a checkpoint.
+    /// The image mapped as a checkpoint.
     pub fn weights(&self) -> &SafetensorsCheckpoint {
         &self.mapped
     }
 
-    /// The same, to keep beyond the file's handle.
+    /// The same, to keep beyond the image's handle.
     pub fn shared_weights(&self) -> std::sync::Arc<SafetensorsCheckpoint> {
         self.mapped.clone()
     }
 
-    /// The directory the file is in.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// The directory the file is in (none in memory).
+    pub fn dir(&self) -> Option<&Path> {
+        match &self.backing {
+            Backing::File { dir, .. } => Some(dir),
+            Backing::Memory(_) => None,
+        }
     }
 
-    /// Expert `e`'s regions of the file in the order its pieces travel: each tensor and the
+    /// Expert `e`'s regions of the image in the order its pieces travel: each tensor and the
     /// byte range of it that is the expert's.
     pub fn expert_regions(&self, e: u32) -> Vec<(&Slot, u64, u64)> {
         self.slots
@@ -288,44 +328,63 @@ impl WeightFile {
             .collect()
     }
 
-    /// Every tensor of the file, whole, in the order they were laid out.
+    /// Every tensor of the image, whole, in the order they were laid out.
     pub fn all_regions(&self) -> Vec<(&Slot, u64, u64)> {
         self.slots.iter().map(|s| (s, 0, s.bytes)).collect()
     }
 
-    /// Removes the file's name (and the directory, when `create` made it) once what uses it
+    /// Removes a file's name (and the directory, when `create` made it) once what uses it
     /// has mapped it: the writes and the map share the file, which the system frees when the
-    /// worker exits, however it exits. Nothing is left on disk.
+    /// worker exits, however it exits. Nothing is left on disk. Nothing to do in memory.
     pub fn unlink(&self) -> Result<(), TransferError> {
-        std::fs::remove_file(self.dir.join("model.safetensors")).map_err(|source| {
+        let Backing::File { dir, made_dir, .. } = &self.backing else {
+            return Ok(());
+        };
+        std::fs::remove_file(dir.join("model.safetensors")).map_err(|source| {
             TransferError::Cache {
-                path: self.dir.clone(),
+                path: dir.clone(),
                 source,
             }
         })?;
-        if self.made_dir {
-            let _ = std::fs::remove_dir(&self.dir);
+        if *made_dir {
+            let _ = std::fs::remove_dir(dir);
         }
         Ok(())
     }
 
+    /// Writes a checked chunk at `offset` of `slot`. Only [`receive`] writes, into regions
+    /// of weights nobody computes with yet (an expert not held, dense weights before the
+    /// model is built), one transfer per region at a time.
     async fn write(
         &self,
         slot: &Slot,
         offset: u64,
         data: bytes::Bytes,
     ) -> Result<(), TransferError> {
+        let at = slot.file_offset + offset;
+        let (dir, file, writing) = match &self.backing {
+            Backing::Memory(landing) => {
+                // SAFETY: `receive` writes a region only while no tensor over it is read
+                // (see above), and `data` is the chunk's own buffer.
+                #[allow(unsafe_code)]
+                let fits = unsafe { landing.write(at as usize, &data) };
+                assert!(fits, "a slot's region inside the image");
+                return Ok(());
+            }
+            Backing::File {
+                dir, file, writing, ..
+            } => (dir, file.clone(), writing),
+        };
         // One writer at a time: the filesystem serializes writes to one file anyway (the
         // inode lock), and a writer left to wait there spins on the core the network needs.
         // The others wait here without holding a runtime thread, and the write itself runs
         // off the runtime, so the transfers keep reading their sockets meanwhile.
-        let _turn = self.writing.lock().await;
-        let (file, at) = (self.file.clone(), slot.file_offset + offset);
+        let _turn = writing.lock().await;
         tokio::task::spawn_blocking(move || file.write_all_at(&data, at))
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)))
             .map_err(|source| TransferError::Cache {
-                path: self.dir.clone(),
+                path: dir.clone(),
                 source,
             })
     }

@@ -38,10 +38,9 @@ async fn serve(shard: &Arc<ExpertShard>) -> String {
     address
 }
 
-/// A weightless shard over a fresh cache.
-fn receiver(config: &TextConfig, name: &str) -> (Arc<ExpertCache>, Arc<ExpertShard>) {
-    let dir = std::env::temp_dir().join(format!("expertmesh-fetch-{name}-{}", std::process::id()));
-    let cache = ExpertCache::create(&dir, config).unwrap();
+/// A weightless shard over a fresh cache in memory.
+fn receiver(config: &TextConfig) -> (Arc<ExpertCache>, Arc<ExpertShard>) {
+    let cache = ExpertCache::create(None, config).unwrap();
     let shard = ExpertShard::new(config, cache.weights())
         .unwrap()
         .weightless();
@@ -67,7 +66,7 @@ async fn every_transport_moves_every_expert_whole() {
     let (config, from) = holder();
     let address = serve(&from).await;
     for transport in [Transport::Tcp, Transport::Grpc] {
-        let (cache, to) = receiver(&config, &format!("all-{transport}"));
+        let (cache, to) = receiver(&config);
         let sources = [source(transport, &address).unwrap()];
         // Eight at a time, as a joining worker fetches.
         let mut tasks = tokio::task::JoinSet::new();
@@ -94,7 +93,7 @@ async fn every_transport_moves_every_expert_whole() {
     }
     // What the holder sent, counted once per transport.
     let sent = from.transfers().sent_bytes.load(Ordering::Relaxed);
-    let (cache, _) = receiver(&config, "count");
+    let (cache, _) = receiver(&config);
     assert_eq!(
         sent,
         2 * config.num_local_experts as u64 * cache.expert_bytes()
@@ -105,14 +104,14 @@ async fn every_transport_moves_every_expert_whole() {
 async fn a_refusal_is_an_error_and_the_framed_connection_goes_on() {
     let (config, full) = holder();
     // A weightless worker that holds expert 7 only (fetched from the full one) is the holder.
-    let (cache, partial) = receiver(&config, "partial");
+    let (cache, partial) = receiver(&config);
     let digest = expert_digest(&full, 7).unwrap();
     let full_source = source(Transport::Tcp, &serve(&full).await).unwrap();
     fetch_expert(&partial, &cache, 7, Some(digest), &[full_source])
         .await
         .unwrap();
     let address = serve(&partial).await;
-    let (cache, _) = receiver(&config, "refused");
+    let (cache, _) = receiver(&config);
     for transport in [Transport::Tcp, Transport::Grpc] {
         let source = source(transport, &address).unwrap();
         let refused = receive_one(source.as_ref(), &cache, 9, digest)
@@ -169,7 +168,7 @@ fn chunk_frame(chunk: &pb::WeightChunk, data: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn a_hostile_holder_is_an_error_on_its_connection() {
     let (config, from) = holder();
-    let (cache, _) = receiver(&config, "hostile");
+    let (cache, _) = receiver(&config);
     let digest = expert_digest(&from, 0).unwrap();
     // The holder's true first chunk, to spoil in each way.
     let mut first = expertmesh_expert_worker::transfer::expert_chunks(&from, 0)
@@ -275,7 +274,7 @@ async fn a_hostile_fetcher_is_cut_off_and_the_holder_goes_on() {
         assert!(read.is_ok(), "the holder neither closed nor refused");
     }
     // The holder still serves a fetcher that keeps to the protocol.
-    let (cache, _) = receiver(&config, "after-hostile");
+    let (cache, _) = receiver(&config);
     let digest = expert_digest(&from, 2).unwrap();
     let got = receive_one(&FramedSource::new(&address), &cache, 2, digest)
         .await
@@ -304,7 +303,7 @@ async fn one_fetch_holder(holder: Arc<ExpertShard>) -> String {
 async fn a_kept_connection_the_holder_closed_is_replaced() {
     let (config, from) = holder();
     let address = one_fetch_holder(from.clone()).await;
-    let (cache, _) = receiver(&config, "kept-closed");
+    let (cache, _) = receiver(&config);
     let source = FramedSource::new(&address);
     for e in [3, 4, 5] {
         let digest = expert_digest(&from, e).unwrap();

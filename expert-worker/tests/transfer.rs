@@ -33,17 +33,19 @@ fn sender_of(fixture: &str) -> (TextConfig, Arc<ExpertShard>) {
     (config, Arc::new(shard))
 }
 
-/// A weightless shard over a fresh cache (the receiver), its file's name removed.
-fn receiver(config: &TextConfig, name: &str) -> (ExpertCache, Arc<ExpertShard>) {
-    let dir =
-        std::env::temp_dir().join(format!("expertmesh-transfer-{name}-{}", std::process::id()));
-    let cache = ExpertCache::create(&dir, config).unwrap();
+/// A weightless shard over a fresh cache (the receiver): in memory, as a worker's is by
+/// default, or with `in_file` in a cache file of that name, its name removed.
+fn receiver(config: &TextConfig, in_file: Option<&str>) -> (ExpertCache, Arc<ExpertShard>) {
+    let dir = in_file.map(|name| {
+        std::env::temp_dir().join(format!("expertmesh-transfer-{name}-{}", std::process::id()))
+    });
+    let cache = ExpertCache::create(dir.as_deref(), config).unwrap();
     let shard = ExpertShard::new(config, cache.weights())
         .unwrap()
         .weightless();
     // As the worker does: what is written after the name is gone still reaches the map.
     cache.unlink().unwrap();
-    assert!(!cache.dir().exists());
+    assert!(dir.is_none_or(|d| !d.exists()));
     (cache, Arc::new(shard))
 }
 
@@ -132,7 +134,7 @@ fn bytes_of(shard: &ExpertShard, e: u32) -> Vec<u8> {
 #[tokio::test]
 async fn a_fetched_expert_is_the_checkpoints_bytes_whatever_failed_first() {
     let (config, from) = sender();
-    let (cache, to) = receiver(&config, "failover");
+    let (cache, to) = receiver(&config, Some("failover"));
     assert!(!to.holds(3));
     let faults = [
         Fault::Corrupt(2),
@@ -157,13 +159,12 @@ async fn a_fetched_expert_is_the_checkpoints_bytes_whatever_failed_first() {
     assert_eq!(get(&stats.fetched_bytes), 4 * cache.expert_bytes());
     assert_eq!(get(&stats.failed), 4);
     assert_eq!(get(&stats.fetching), 0);
-    let _ = std::fs::remove_dir_all(cache.dir());
 }
 
 #[tokio::test]
 async fn an_expert_no_holder_sends_whole_is_never_held_nor_computed() {
     let (config, from) = sender();
-    let (cache, to) = receiver(&config, "unheld");
+    let (cache, to) = receiver(&config, None);
     let sources = [
         source(&from, Fault::Corrupt(0)),
         source(&from, Fault::Die(1)),
@@ -208,7 +209,6 @@ async fn an_expert_no_holder_sends_whole_is_never_held_nor_computed() {
         ),
         "{refused}"
     );
-    let _ = std::fs::remove_dir_all(cache.dir());
 }
 
 /// A holder sends the chunk CRCs it worked out with the digest (or, for an expert it
@@ -223,13 +223,13 @@ async fn kept_chunk_crcs_send_the_chunks_worked_out_anew() {
     assert_eq!(digest, crc32fast::hash(&bytes_of(&from, 12)));
     let kept: Vec<pb::WeightChunk> = expert_chunks(&from, 12).unwrap().collect();
     assert_eq!(kept, anew);
-    let (cache, to) = receiver(&config, "onward");
+    let (cache, to) = receiver(&config, None);
     fetch_expert(&to, &cache, 12, Some(digest), &[source(&from, Fault::None)])
         .await
         .unwrap();
     let onward: Vec<pb::WeightChunk> = expert_chunks(&to, 12).unwrap().collect();
     assert_eq!(onward, anew);
-    let (third_cache, third) = receiver(&config, "onward-third");
+    let (third_cache, third) = receiver(&config, None);
     fetch_expert(
         &third,
         &third_cache,
@@ -240,8 +240,6 @@ async fn kept_chunk_crcs_send_the_chunks_worked_out_anew() {
     .await
     .unwrap();
     assert_eq!(bytes_of(&third, 12), bytes_of(&from, 12));
-    let _ = std::fs::remove_dir_all(cache.dir());
-    let _ = std::fs::remove_dir_all(third_cache.dir());
 }
 
 /// Two fetches of one expert at once (a placement's gain and a backup): one moves its
@@ -249,7 +247,7 @@ async fn kept_chunk_crcs_send_the_chunks_worked_out_anew() {
 #[tokio::test]
 async fn an_expert_is_fetched_once_however_many_ask() {
     let (config, from) = sender();
-    let (cache, to) = receiver(&config, "once");
+    let (cache, to) = receiver(&config, None);
     let sources = [source(&from, Fault::None)];
     let digest = Some(expert_digest(&from, 9).unwrap());
     let (a, b) = tokio::join!(
@@ -265,7 +263,6 @@ async fn an_expert_is_fetched_once_however_many_ask() {
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(fetched, cache.expert_bytes());
     assert_eq!(bytes_of(&to, 9), bytes_of(&from, 9));
-    let _ = std::fs::remove_dir_all(cache.dir());
 }
 
 /// An FP8 checkpoint's experts travel per projection (e4m3 codes, then the scales as f32):
@@ -273,7 +270,7 @@ async fn an_expert_is_fetched_once_however_many_ask() {
 #[tokio::test]
 async fn fp8_experts_travel_and_compute_the_senders_bits() {
     let (config, from) = sender_of("tiny-maverick-fp8");
-    let (cache, to) = receiver(&config, "fp8");
+    let (cache, to) = receiver(&config, Some("fp8"));
     for e in [0u32, 77, 127] {
         let sources = [source(&from, Fault::Corrupt(1)), source(&from, Fault::None)];
         let digest = expert_digest(&from, e).unwrap();
@@ -301,13 +298,12 @@ async fn fp8_experts_travel_and_compute_the_senders_bits() {
             "layer {layer}"
         );
     }
-    let _ = std::fs::remove_dir_all(cache.dir());
 }
 
 #[tokio::test]
 async fn chunks_for_another_expert_or_past_the_end_are_refused() {
     let (config, from) = sender();
-    let (cache, _) = receiver(&config, "hostile");
+    let (cache, _) = receiver(&config, None);
     // Expert 9's chunks offered as expert 8's.
     let chunks: Vec<pb::WeightChunk> = expert_chunks(&from, 9).unwrap().collect();
     let stream: ChunkStream = Box::pin(tokio_stream::iter(chunks.clone().into_iter().map(Ok)));
@@ -324,7 +320,6 @@ async fn chunks_for_another_expert_or_past_the_end_are_refused() {
         .await
         .unwrap_err();
     assert!(past.to_string().contains("no such expert"), "{past}");
-    let _ = std::fs::remove_dir_all(cache.dir());
 }
 
 /// A sender that stops sending and keeps the stream open is left after 10 s of silence; the
@@ -332,7 +327,7 @@ async fn chunks_for_another_expert_or_past_the_end_are_refused() {
 #[tokio::test(start_paused = true)]
 async fn a_stalled_sender_is_left_for_the_next_holder() {
     let (config, from) = sender();
-    let (cache, to) = receiver(&config, "stall");
+    let (cache, to) = receiver(&config, None);
     let started = tokio::time::Instant::now();
     let sources = [source(&from, Fault::Stall(2)), source(&from, Fault::None)];
     // During the stall the heartbeat's report shows the transfer, its verified bytes short
@@ -367,7 +362,6 @@ async fn a_stalled_sender_is_left_for_the_next_holder() {
         waited >= Duration::from_secs(10) && waited < Duration::from_secs(11),
         "{waited:?}"
     );
-    let _ = std::fs::remove_dir_all(cache.dir());
 }
 
 /// 80 Mbit/s is 10 MB/s: 100 MB of chunks take 10 s (on tokio's clock), within 10%.

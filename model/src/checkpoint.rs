@@ -19,6 +19,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
+use crate::landing::Landing;
 
 /// Element types the engine reads. Everything is computed in f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +47,7 @@ impl DType {
 enum Storage {
     Mapped(Arc<Mmap>),
     Owned(Arc<Vec<u8>>),
+    Landed(Arc<Landing>),
 }
 
 /// A tensor's bytes and type; cloning shares the storage.
@@ -91,6 +93,7 @@ impl Tensor {
         let all: &[u8] = match &self.storage {
             Storage::Mapped(m) => m,
             Storage::Owned(v) => v,
+            Storage::Landed(l) => return l.bytes(self.start, self.len),
         };
         &all[self.start..self.start + self.len]
     }
@@ -435,16 +438,36 @@ impl SafetensorsCheckpoint {
         // SAFETY: the map is read-only and the engine never writes through it. A checkpoint
         // file truncated by another process while mapped would fault on access; that is the
         // usual contract of memory-mapped model loading (safetensors, candle, llama.cpp).
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+        let mmap = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?);
+        self.register(path, &mmap, || Storage::Mapped(mmap.clone()))
+    }
+
+    /// A safetensors image laid out in `landing` (its header written, its data arriving):
+    /// its tensors read the landing's memory, as a mapped file's read the file.
+    pub fn landed(landing: Arc<Landing>) -> Result<Self> {
+        let mut ckpt = Self {
+            tensors: HashMap::new(),
+            unsupported: HashMap::new(),
+        };
+        let image = landing.bytes(0, landing.len());
+        ckpt.register(Path::new("(landed in memory)"), image, || {
+            Storage::Landed(landing.clone())
+        })?;
+        Ok(ckpt)
+    }
+
+    /// Registers the tensors of the safetensors `image` (from `path`), each over the
+    /// storage `storage` makes. The whole header is validated by the `safetensors` crate
+    /// (offsets inside the image, sizes matching shapes) before any tensor is used.
+    fn register(&mut self, path: &Path, image: &[u8], storage: impl Fn() -> Storage) -> Result<()> {
         let bad = |reason: String| ModelError::Safetensors {
             path: path.into(),
             reason,
         };
-        SafeTensors::deserialize(&mmap).map_err(|e| bad(e.to_string()))?;
+        SafeTensors::deserialize(image).map_err(|e| bad(e.to_string()))?;
         let (header_len, metadata) =
-            SafeTensors::read_metadata(&mmap).map_err(|e| bad(e.to_string()))?;
+            SafeTensors::read_metadata(image).map_err(|e| bad(e.to_string()))?;
         let data_start = 8 + header_len;
-        let mmap = Arc::new(mmap);
         for (name, info) in metadata.tensors() {
             let dtype = match info.dtype {
                 Dtype::BF16 => DType::BF16,
@@ -462,7 +485,7 @@ impl SafetensorsCheckpoint {
                 Tensor {
                     dtype,
                     shape: info.shape.clone(),
-                    storage: Storage::Mapped(mmap.clone()),
+                    storage: storage(),
                     start: data_start + begin,
                     len: end - begin,
                 },

@@ -44,6 +44,7 @@ pub mod grammar;
 pub mod hot;
 pub mod kernels;
 pub mod kv_cache;
+pub mod landing;
 pub mod linear;
 pub mod model;
 pub mod moe;

@@ -3,8 +3,9 @@
 //! without the checkpoint does, over each transport (the port's framed form, gRPC's
 //! `FetchExperts`), against raw TCP moving the same bytes over loopback in the same run
 //! (1 MiB writes into a reader that discards them), and against the same with the reader
-//! writing them into a new file (what keeping the bytes costs any receiver). The transports
-//! and the baselines take turns; medians of `--runs`.
+//! keeping them where the cache does: in new memory (the default), or in a new file with
+//! `--expert-cache` (what keeping the bytes costs any receiver). The transports and the
+//! baselines take turns; medians of `--runs`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,6 +17,7 @@ use expertmesh_expert_worker::transfer::{
     expert_digest, fetch_expert, ExpertCache, ExpertSource, TransferError, FETCHES_IN_FLIGHT,
 };
 use expertmesh_expert_worker::{Batcher, BatcherConfig, ExpertServer, ExpertShard};
+use expertmesh_model::landing::Landing;
 use expertmesh_model::ModelSource;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -30,6 +32,10 @@ pub struct TransferArgs {
     /// The transports measured, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "tcp,grpc")]
     transport: Vec<Transport>,
+    /// Land the experts in a cache file in this directory, as a worker given
+    /// `--expert-cache` does (default: in memory).
+    #[arg(long)]
+    expert_cache: Option<std::path::PathBuf>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -41,8 +47,10 @@ struct Report {
     experts: usize,
     bytes: u64,
     raw_tcp_mb_per_s: f64,
-    /// Raw TCP whose reader writes the bytes into a new file, as a receiver must keep them.
+    /// Raw TCP whose reader keeps the bytes where the cache does (new memory, or a new file).
     raw_tcp_landed_mb_per_s: f64,
+    /// Where the bytes landed: `memory` or `file`.
+    landed_in: &'static str,
     transports: Vec<TransportReport>,
 }
 
@@ -64,11 +72,12 @@ pub fn run(args: TransferArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "{}: {} experts, {:.1} MB; raw TCP {:.0} MB/s, landed in a file {:.0} MB/s",
+            "{}: {} experts, {:.1} MB; raw TCP {:.0} MB/s, landed in {} {:.0} MB/s",
             report.model,
             report.experts,
             report.bytes as f64 / 1e6,
             report.raw_tcp_mb_per_s,
+            report.landed_in,
             report.raw_tcp_landed_mb_per_s,
         );
         for t in &report.transports {
@@ -110,8 +119,11 @@ async fn measure(args: &TransferArgs) -> Result<Report> {
     let mut bytes = 0;
     for run in 0..runs {
         for (t, &transport) in args.transport.iter().enumerate() {
-            let dir = scratch(&format!("{run}-{transport}"));
-            let cache = Arc::new(ExpertCache::create(&dir, &config)?);
+            let dir = args
+                .expert_cache
+                .as_ref()
+                .map(|d| d.join(scratch(&format!("{run}-{transport}"))));
+            let cache = Arc::new(ExpertCache::create(dir.as_deref(), &config)?);
             let receiver = Arc::new(ExpertShard::new(&config, cache.weights())?.weightless());
             let peer = vec![expertmesh_expert_worker::transfer::source(
                 transport, &address,
@@ -119,10 +131,16 @@ async fn measure(args: &TransferArgs) -> Result<Report> {
             let started = Instant::now();
             bytes = fetch_every_expert(&receiver, &cache, &digests, &peer).await?;
             rates[t].push(bytes as f64 / 1e6 / started.elapsed().as_secs_f64());
-            let _ = std::fs::remove_dir_all(&dir);
+            if let Some(dir) = dir {
+                let _ = std::fs::remove_dir_all(dir);
+            }
         }
         raw.push(raw_tcp(bytes, None).await?);
-        landed.push(raw_tcp(bytes, Some(scratch(&format!("{run}-raw")))).await?);
+        let land = match &args.expert_cache {
+            Some(d) => Land::File(d.join(scratch(&format!("{run}-raw")))),
+            None => Land::Memory,
+        };
+        landed.push(raw_tcp(bytes, Some(land)).await?);
         eprintln!("run {}/{runs} done", run + 1);
     }
     let transports = args
@@ -142,17 +160,26 @@ async fn measure(args: &TransferArgs) -> Result<Report> {
         bytes,
         raw_tcp_mb_per_s: median(raw),
         raw_tcp_landed_mb_per_s: median(landed),
+        landed_in: if args.expert_cache.is_some() {
+            "file"
+        } else {
+            "memory"
+        },
         transports,
     })
 }
 
-/// A path of this run's own in the temporary directory, where the caches and the landed
-/// baseline's file go.
-fn scratch(what: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!(
-        "expertmesh-bench-transfer-{}-{what}",
-        std::process::id()
-    ))
+/// A name of this run's own, for the caches and the landed baseline's file.
+fn scratch(what: &str) -> String {
+    format!("expertmesh-bench-transfer-{}-{what}", std::process::id())
+}
+
+/// Where the landed baseline keeps the bytes.
+enum Land {
+    /// New anonymous memory, as an in-memory cache.
+    Memory,
+    /// A new file at this path, as a cache file.
+    File(std::path::PathBuf),
 }
 
 /// Fetches every expert into `receiver`'s `cache` from `peer`, [`FETCHES_IN_FLIGHT`] at a
@@ -187,19 +214,23 @@ async fn fetch_every_expert(
 }
 
 /// MB/s of `bytes` written in 1 MiB pieces over a loopback connection to a reader that
-/// discards them, or with `land`, writes each read at its offset into a new file there (what
-/// any receiver pays to keep the bytes, before a protocol or a check), and answers one byte
-/// at the end.
-async fn raw_tcp(bytes: u64, land: Option<std::path::PathBuf>) -> Result<f64> {
+/// discards them, or with `land`, copies each read to its offset in new memory or a new
+/// file (what any receiver pays to keep the bytes, before a protocol or a check), and
+/// answers one byte at the end.
+async fn raw_tcp(bytes: u64, land: Option<Land>) -> Result<f64> {
     use std::os::unix::fs::FileExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let reader = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await?;
-        let file = land
-            .as_ref()
-            .map(|path| std::fs::File::create_new(path).context("the landing file"))
-            .transpose()?;
+        let (file, memory) = match &land {
+            None => (None, None),
+            Some(Land::Memory) => (None, Some(Landing::new(bytes as usize)?)),
+            Some(Land::File(path)) => (
+                Some(std::fs::File::create_new(path).context("the landing file")?),
+                None,
+            ),
+        };
         let mut buf = vec![0u8; 1 << 20];
         let mut got = 0u64;
         while got < bytes {
@@ -208,9 +239,15 @@ async fn raw_tcp(bytes: u64, land: Option<std::path::PathBuf>) -> Result<f64> {
             if let Some(file) = &file {
                 file.write_all_at(&buf[..n], got)?;
             }
+            if let Some(memory) = &memory {
+                // SAFETY: nothing reads this memory.
+                #[allow(unsafe_code)]
+                let fits = unsafe { memory.write(got as usize, &buf[..n]) };
+                anyhow::ensure!(fits, "more than was sent");
+            }
             got += n as u64;
         }
-        if let Some(path) = &land {
+        if let Some(Land::File(path)) = &land {
             std::fs::remove_file(path)?;
         }
         s.write_all(&[1]).await?;
