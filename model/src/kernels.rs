@@ -390,10 +390,16 @@ fn column_tile<S: Lanes, W: Weight, const C: usize, const T: usize>(
 ) {
     let n = y.len() / t;
     let at = |i: usize, c: usize| (i0 + i) * n + j + c * LANES;
-    let acc: [[S; C]; T] = match accumulate {
-        true => std::array::from_fn(|i| std::array::from_fn(|c| S::load(chunk(y, at(i, c))))),
-        false => [[S::zero(); C]; T],
-    };
+    // Loops, not `std::array::from_fn`, in the kernels' bodies: its closure is a function
+    // of its own, compiled without the kernel's instruction set and called per element.
+    let mut acc = [[S::zero(); C]; T];
+    if accumulate {
+        for (i, a) in acc.iter_mut().enumerate() {
+            for (c, v) in a.iter_mut().enumerate() {
+                *v = S::load(chunk(y, at(i, c)));
+            }
+        }
+    }
     let acc = axpy_tile::<S, W, C, T>(w, cols, col, &x[i0 * xs..], xs, k, acc);
     for (i, a) in acc.iter().enumerate() {
         for (c, v) in a.iter().enumerate() {

@@ -86,6 +86,49 @@ impl<'a> KvRows<'a> {
     }
 }
 
+/// One head's values of `count` rows of `KvRows` from a row on, in order, without a
+/// division per row (finding a row divides by the block size); past the last, the last
+/// again.
+struct HeadRows<'a> {
+    rows: KvRows<'a>,
+    block: usize,
+    slot: usize,
+    left: usize,
+    /// The head's values in a row: `off..off + d`.
+    off: usize,
+    d: usize,
+    last: &'a [f32],
+}
+
+impl<'a> HeadRows<'a> {
+    fn new(rows: KvRows<'a>, from: usize, count: usize, off: usize, d: usize) -> Self {
+        let p = rows.first + from;
+        Self {
+            rows,
+            block: p / rows.block_tokens,
+            slot: p % rows.block_tokens,
+            left: count,
+            off,
+            d,
+            last: &[],
+        }
+    }
+
+    #[inline(always)]
+    fn next(&mut self) -> &'a [f32] {
+        if self.left > 0 {
+            self.left -= 1;
+            let at = self.slot * self.rows.stride + self.off;
+            self.last = &self.rows.blocks[self.block][at..at + self.d];
+            self.slot += 1;
+            if self.slot == self.rows.block_tokens {
+                (self.block, self.slot) = (self.block + 1, 0);
+            }
+        }
+        self.last
+    }
+}
+
 kernel! {
     /// `out[i] = Σ_j p_ij · v_j / Σ_j p_ij` with `p_ij = exp(s_ij − max_j s_ij)` and
     /// `s_ij = scale · (q_i · k_j)` over query i's visible keys (`HeadBlock`), for each of
@@ -151,12 +194,6 @@ fn attend_block_generic<S: Lanes, const R: usize, const T: usize, const C: usize
     SCORES.set(p);
 }
 
-/// Key `j`'s values for this head.
-#[inline(always)]
-fn key<'a>(h: &HeadBlock<'a>, j: usize) -> &'a [f32] {
-    &h.keys.run(j).0[h.kv_off..h.kv_off + h.d]
-}
-
 /// Row `r`'s query: query `r / heads`, head `r % heads`.
 #[inline(always)]
 fn query<'a>(h: &HeadBlock<'a>, r: usize) -> &'a [f32] {
@@ -175,19 +212,32 @@ fn scores<S: Lanes, const R: usize, const T: usize>(
 ) {
     let (rows, span) = (h.visible.len() * h.heads, hi + 1 - lo);
     let ones = [1.0f32; R];
+    // Each row's query, found once (finding one divides by the head count).
+    let queries: Vec<&[f32]> = (0..rows).map(|r| query(h, r)).collect();
+    // The keys in order, and those of the tile after the current one (fetched while it
+    // computes), walked: looking every tile's keys up for every tile of rows cost a tenth of
+    // a long prompt's attention.
+    let walk = |from| HeadRows::new(h.keys, from, span.saturating_sub(from - lo), h.kv_off, h.d);
+    let mut ahead = walk((lo + R).min(hi));
+    let mut now = walk(lo);
+    let mut keys: [&[f32]; R] = [&[]; R];
+    keys.iter_mut().for_each(|k| *k = now.next());
     let mut j0 = lo;
     while j0 <= hi {
         let rr = (hi + 1 - j0).min(R);
-        // The next tile's keys, fetched while this one computes (an empty slice, as
-        // before, hinted at an unmapped address: perf put a third of the attention's
-        // samples on those prefetches).
-        let next: [&[f32]; R] = std::array::from_fn(|r| key(h, (j0 + R + r).min(hi)));
+        // Past the last key, the last key again (an empty slice, as once before, hinted at
+        // an unmapped address: perf put a third of the attention's samples on those
+        // prefetches).
+        let mut next: [&[f32]; R] = [&[]; R];
+        for k in &mut next {
+            *k = ahead.next();
+        }
         let mut i0 = 0;
         while i0 < rows {
             let tt = (rows - i0).min(T);
             if rr == R && tt == T {
-                let keys: [&[f32]; R] = std::array::from_fn(|r| key(h, j0 + r));
-                let xs: [&[f32]; T] = std::array::from_fn(|i| query(h, i0 + i));
+                let mut xs: [&[f32]; T] = [&[]; T];
+                xs.copy_from_slice(&queries[i0..i0 + T]);
                 let s = dot_tile::<S, f32, R, T>(&keys, &next, &ones, &xs);
                 for (r, col) in s.iter().enumerate() {
                     for (i, v) in col.iter().enumerate() {
@@ -196,24 +246,24 @@ fn scores<S: Lanes, const R: usize, const T: usize>(
                 }
             } else if rr == R {
                 // Fewer rows than a tile: R keys at a time for each.
-                let keys: [&[f32]; R] = std::array::from_fn(|r| key(h, j0 + r));
                 for i in i0..i0 + tt {
-                    let s = dot_tile::<S, f32, R, 1>(&keys, &next, &ones, &[query(h, i)]);
+                    let s = dot_tile::<S, f32, R, 1>(&keys, &next, &ones, &[queries[i]]);
                     for (r, v) in s.iter().enumerate() {
                         p[i * span + j0 + r - lo] = v[0];
                     }
                 }
             } else {
-                for r in 0..rr {
+                for (r, &k) in keys.iter().enumerate().take(rr) {
                     for i in i0..i0 + tt {
-                        let k = [key(h, j0 + r)];
-                        let s = dot_tile::<S, f32, 1, 1>(&k, &[next[0]], &[1.0], &[query(h, i)]);
+                        let k = [k];
+                        let s = dot_tile::<S, f32, 1, 1>(&k, &[next[0]], &[1.0], &[queries[i]]);
                         p[i * span + j0 + r - lo] = s[0][0];
                     }
                 }
             }
             i0 += tt;
         }
+        keys = next;
         j0 += rr;
     }
 }
