@@ -1,10 +1,11 @@
 //! Weights on their way between workers, whatever they are (an expert's slices, an attention
 //! worker's dense tensors): the sender cuts tensors into [`pb::WeightChunk`]s ([`chunks`]);
 //! the receiver writes them into a [`WeightFile`], a safetensors image laid out in advance
-//! (in memory, or in a file) whose data stays a hole until written, checking each chunk against the piece due next
-//! (tensor, offset, length, dtype, shape) and its CRC-32 before writing it, and the whole
-//! set's CRC-32 and size at the end ([`receive`]). The image is mapped as a checkpoint, so
-//! what arrives is computed exactly as what is read from a model directory.
+//! (in memory, or in a file) whose data stays a hole until written, checking each chunk
+//! against the piece due next (tensor, offset, length, dtype, shape) and its CRC-32 before
+//! writing it, and the whole set's CRC-32 and size at the end ([`receive`]). The image is
+//! mapped as a checkpoint, so what arrives is computed exactly as what is read from a model
+//! directory.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

@@ -25,9 +25,15 @@ pub struct Landing {
 
 impl Landing {
     /// `len` bytes of zeroed anonymous memory, reserved only: pages are made as they are
-    /// written (huge ones where transparent huge pages are on).
+    /// written (huge ones where transparent huge pages are on). The image holds every expert
+    /// at its place, and a worker writes only its own: the address space is not counted
+    /// against the system's memory (`MAP_NORESERVE`), or a worker with less memory than the
+    /// whole checkpoint could not lay it out (under strict overcommit, mode 2, it still is).
     pub fn new(len: usize) -> Result<Self> {
-        let map = memmap2::MmapMut::map_anon(len.max(1))
+        let map = memmap2::MmapOptions::new()
+            .len(len.max(1))
+            .no_reserve_swap()
+            .map_anon()
             .map_err(|source| ModelError::Memory { bytes: len, source })?;
         // Without transparent huge pages the memory works the same, on 4 KB pages.
         let _ = map.advise(memmap2::Advice::HugePage);
@@ -95,5 +101,24 @@ mod tests {
         }
         assert_eq!(landing.bytes(4092, 8), &[0, 1, 2, 3, 4, 5, 6, 0]);
         assert_eq!(landing.bytes(9_990, 10), &[0u8; 10][..]);
+    }
+
+    #[test]
+    fn an_image_larger_than_memory_is_laid_out_as_address_space_only() {
+        // 1 TiB: Maverick's experts in bf16 are ~0.8 TB, which a worker lays out whole and
+        // fills in part. Only strict overcommit (mode 2) refuses it, as a typed error.
+        let strict = std::fs::read_to_string("/proc/sys/vm/overcommit_memory")
+            .is_ok_and(|mode| mode.trim() == "2");
+        match Landing::new(1 << 40) {
+            Ok(landing) => {
+                // SAFETY: nothing reads the landing in this test while it is written.
+                assert!(unsafe { landing.write((1 << 40) - 3, &[7, 8, 9]) });
+                assert_eq!(landing.bytes((1 << 40) - 4, 4), &[0, 7, 8, 9]);
+            }
+            Err(e) => assert!(
+                strict && matches!(e, ModelError::Memory { .. }),
+                "refused without strict overcommit: {e}"
+            ),
+        }
     }
 }
