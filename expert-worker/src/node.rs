@@ -217,18 +217,19 @@ pub async fn run(
     let model_config = source.config()?;
     // Without the weights on disk, every expert comes from peers into memory (or a cache
     // file, when the config names a directory).
-    let cache =
-        if has_weights(&source) {
-            None
-        } else {
-            let dir = config.expert_cache.as_deref().map(std::path::Path::new);
-            tracing::info!(
-            "expert worker: {source} holds no weights: experts come from peers over {} (into {})",
+    let cache = if has_weights(&source) {
+        None
+    } else {
+        let dir = config.expert_cache.as_deref().map(std::path::Path::new);
+        let into = dir.map_or("memory".into(), |d| {
+            format!("a cache file in {}", d.display())
+        });
+        tracing::info!(
+            "expert worker: {source} holds no weights: experts come from peers over {} (into {into})",
             config.transfer,
-            dir.map_or("memory".into(), |d| format!("a cache file in {}", d.display()))
         );
-            Some(Arc::new(ExpertCache::create(dir, &model_config)?))
-        };
+        Some(Arc::new(ExpertCache::create(dir, &model_config)?))
+    };
     let files;
     let weights: &dyn expertmesh_model::WeightSource = match &cache {
         None => {
