@@ -4,9 +4,10 @@
 //! exactly as what is read from a model directory.
 //!
 //! Why not a file: on disk, a file's writes go through the page cache and then to the disk;
-//! in a memory file (`memfd`), through the page cache's bookkeeping. Both measured slower
-//! than a copy into anonymous memory on huge pages (`expertmesh bench transfer`, 2 cores:
-//! ~1.6 and ~1.2 GB/s against ~2 GB/s).
+//! in a memory file (`memfd`), through the page cache's bookkeeping. `expertmesh bench
+//! transfer` (framed, loopback, 2 cores) measured ~1.0–1.2 GB/s into a file on disk against
+//! ~1.5–2.0 GB/s into anonymous memory on huge pages; a memory file was no better (~1.6 GB/s,
+//! one measurement).
 //!
 //! The contract that makes the shared writes sound is the receivers' protocol: a region is
 //! written ([`Landing::write`]) only while no tensor over it is read — an expert's bytes
