@@ -270,17 +270,19 @@ kernel! {
         x: &[f32],
         t: usize,
         y: &mut [f32],
-    ) => avx512: axpy_rows_multi_generic::<Avx512, W, 4, 4>,
-        avx2: axpy_rows_multi_generic::<Avx2, W, 2, 2>,
-        neon: axpy_rows_multi_generic::<Neon, W, 1, 4>,
-        baseline: axpy_rows_multi_generic::<Scalar, W, 1, 4>
+    ) => avx512: axpy_rows_multi_generic::<Avx512, W, 4, 4, 8>,
+        avx2: axpy_rows_multi_generic::<Avx2, W, 2, 2, 16>,
+        neon: axpy_rows_multi_generic::<Neon, W, 1, 4, 16>,
+        baseline: axpy_rows_multi_generic::<Scalar, W, 1, 4, 16>
 }
 
-/// `axpy_rows_multi` in tiles of `C` lane chunks of columns × `T` tokens (the remainders in
-/// smaller tiles, the last columns one by one). The canonical order of every output: one
-/// accumulator from 0, `fma(w[k, j], x[k], acc)` for k ascending, in every tile shape.
+/// `axpy_rows_multi`: up to `STREAM_TOKENS` tokens (an expert's few tokens of a step, its
+/// weights read from memory once) in blocks of `KB` rows, as `axpy_rows` reads them; more
+/// in tiles of `C` lane chunks of columns × `T` tokens (the remainders in smaller tiles, the
+/// last columns one by one). The canonical order of every output: one accumulator from 0,
+/// `fma(w[k, j], x[k], acc)` for k ascending, in every tile shape and block.
 #[inline(always)]
-fn axpy_rows_multi_generic<S: Lanes, W: Weight, const C: usize, const T: usize>(
+fn axpy_rows_multi_generic<S: Lanes, W: Weight, const C: usize, const T: usize, const KB: usize>(
     w: &[W],
     cols: usize,
     j0: usize,
@@ -290,8 +292,25 @@ fn axpy_rows_multi_generic<S: Lanes, W: Weight, const C: usize, const T: usize>(
 ) {
     let k = x.len() / t.max(1);
     assert_eq!(x.len(), t * k, "inputs shape");
-    axpy_columns::<S, W, C, T>(w, cols, j0, x, k, k, t, y, false);
+    match t {
+        1 => axpy_blocks::<S, W, KB, 1>(w, cols, j0, x, y),
+        2 => axpy_blocks::<S, W, KB, 2>(w, cols, j0, x, y),
+        3 => axpy_blocks::<S, W, KB, 3>(w, cols, j0, x, y),
+        4 => axpy_blocks::<S, W, KB, 4>(w, cols, j0, x, y),
+        5 => axpy_blocks::<S, W, KB, 5>(w, cols, j0, x, y),
+        6 => axpy_blocks::<S, W, KB, 6>(w, cols, j0, x, y),
+        7 => axpy_blocks::<S, W, KB, 7>(w, cols, j0, x, y),
+        STREAM_TOKENS => axpy_blocks::<S, W, KB, STREAM_TOKENS>(w, cols, j0, x, y),
+        _ => axpy_columns::<S, W, C, T>(w, cols, j0, x, k, k, t, y, false),
+    }
 }
+
+/// The most tokens `axpy_rows_multi` takes through `axpy_blocks`: an expert's weights come
+/// from memory, and up to this many tokens its rows read in order outrun register tiles of
+/// columns, which read each row in pieces far apart (2-core AMD EPYC (Zen 4) VM, one core,
+/// 16 experts' 1024 × 1024 slices, `examples/kernel_tiles.rs`: 2 tokens ~12-13 against
+/// ~6-7 GB/s, 4 ~11 against ~6, 8 ~7 against ~5; at 16 the tiles' arithmetic is what counts).
+const STREAM_TOKENS: usize = 8;
 
 /// `axpy_rows_multi` where token `i`'s `k` inputs are `x[i·xs..i·xs + k]`; with
 /// `accumulate` every output's chain continues from what `y` holds, so consecutive calls
@@ -668,9 +687,7 @@ fn dot_rows_generic<S: Lanes, W: Weight, const R: usize>(
 /// each row in pieces far apart (an expert's 1024 × 1024 slice per core, 2-core EPYC VM:
 /// ~22 against ~19 GB/s, medians of 6). AVX-512 takes blocks of 8 rows: on a 2-core AMD EPYC
 /// (Zen 4) VM, one token through 16 experts' 1024 × 1024 slices ran at ~14 GB/s against ~10
-/// with 16 (`examples/kernel_tiles.rs`; 4 and 32 were slower still). Every output's chain is
-/// the canonical one (from 0, `fma` for k ascending), so the bits are `axpy_rows_multi`'s for
-/// one token, whatever the block.
+/// with 16 (`examples/kernel_tiles.rs`; 4 and 32 were slower still).
 #[inline(always)]
 fn axpy_rows_generic<S: Lanes, W: Weight, const KB: usize>(
     w: &[W],
@@ -679,16 +696,36 @@ fn axpy_rows_generic<S: Lanes, W: Weight, const KB: usize>(
     x: &[f32],
     y: &mut [f32],
 ) {
-    let (k, n) = (x.len(), y.len());
-    assert!(w.len() >= k * cols && j0 + n <= cols, "weight shape");
+    axpy_blocks::<S, W, KB, 1>(w, cols, j0, x, y);
+}
+
+/// `T` tokens' `axpy_rows` (`x` is `[T, k]`, `y` is `[T, n]`) in one pass over the rows:
+/// each block of `KB` rows, chunk by chunk of columns, carries every token's accumulator for
+/// the chunk in `y`. Every output's chain is the canonical one (from 0, `fma` for k
+/// ascending), so the bits are those of the column tiles, whatever the block.
+#[inline(always)]
+fn axpy_blocks<S: Lanes, W: Weight, const KB: usize, const T: usize>(
+    w: &[W],
+    cols: usize,
+    j0: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    let (k, n) = (x.len() / T, y.len() / T);
+    assert!(
+        x.len() == T * k && y.len() == T * n && w.len() >= k * cols && j0 + n <= cols,
+        "weight shape"
+    );
     y.fill(0.0);
     let full = n / LANES * LANES;
     let mut k0 = 0;
     while k0 < k {
         let kn = KB.min(k - k0);
         for o in (0..full).step_by(LANES) {
-            let out: &mut [f32; LANES] = (&mut y[o..o + LANES]).try_into().expect("a chunk");
-            let mut acc = S::load(out);
+            let mut acc = [S::zero(); T];
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = S::load(chunk(y, i * n + o));
+            }
             if o % 32 == 0 {
                 for r in 0..kn {
                     prefetch(w, (k0 + KB + r) * cols + j0 + o);
@@ -696,13 +733,24 @@ fn axpy_rows_generic<S: Lanes, W: Weight, const KB: usize>(
             }
             for r in 0..kn {
                 let kk = k0 + r;
-                acc = acc.fma(W::lanes(chunk(w, kk * cols + j0 + o), 1.0), S::splat(x[kk]));
+                let wv = W::lanes(chunk(w, kk * cols + j0 + o), 1.0);
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a = a.fma(wv, S::splat(x[i * k + kk]));
+                }
             }
-            acc.store(out);
+            for (i, a) in acc.iter().enumerate() {
+                let at = i * n + o;
+                a.store((&mut y[at..at + LANES]).try_into().expect("a chunk"));
+            }
         }
-        for j in full..n {
-            for kk in k0..k0 + kn {
-                y[j] = w[kk * cols + j0 + j].widen(1.0).mul_add(x[kk], y[j]);
+        for i in 0..T {
+            for j in full..n {
+                let out = &mut y[i * n + j];
+                for kk in k0..k0 + kn {
+                    *out = w[kk * cols + j0 + j]
+                        .widen(1.0)
+                        .mul_add(x[i * k + kk], *out);
+                }
             }
         }
         k0 += kn;
