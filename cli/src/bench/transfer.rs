@@ -182,6 +182,13 @@ enum Land {
     File(std::path::PathBuf),
 }
 
+/// What the raw TCP reader keeps the bytes in (`Land`, opened).
+enum Kept {
+    Nowhere,
+    Memory(Landing),
+    File(std::fs::File),
+}
+
 /// Fetches every expert into `receiver`'s `cache` from `peer`, [`FETCHES_IN_FLIGHT`] at a
 /// time; the bytes fetched.
 async fn fetch_every_expert(
@@ -223,27 +230,27 @@ async fn raw_tcp(bytes: u64, land: Option<Land>) -> Result<f64> {
     let address = listener.local_addr()?;
     let reader = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await?;
-        let (file, memory) = match &land {
-            None => (None, None),
-            Some(Land::Memory) => (None, Some(Landing::new(bytes as usize)?)),
-            Some(Land::File(path)) => (
-                Some(std::fs::File::create_new(path).context("the landing file")?),
-                None,
-            ),
+        let kept = match &land {
+            None => Kept::Nowhere,
+            Some(Land::Memory) => Kept::Memory(Landing::new(bytes as usize)?),
+            Some(Land::File(path)) => {
+                Kept::File(std::fs::File::create_new(path).context("the landing file")?)
+            }
         };
         let mut buf = vec![0u8; 1 << 20];
         let mut got = 0u64;
         while got < bytes {
             let n = s.read(&mut buf).await?;
             anyhow::ensure!(n > 0, "the writer hung up");
-            if let Some(file) = &file {
-                file.write_all_at(&buf[..n], got)?;
-            }
-            if let Some(memory) = &memory {
-                // SAFETY: nothing reads this memory.
-                #[allow(unsafe_code)]
-                let fits = unsafe { memory.write(got as usize, &buf[..n]) };
-                anyhow::ensure!(fits, "more than was sent");
+            match &kept {
+                Kept::Nowhere => {}
+                Kept::File(file) => file.write_all_at(&buf[..n], got)?,
+                Kept::Memory(memory) => {
+                    // SAFETY: nothing reads this memory.
+                    #[allow(unsafe_code)]
+                    let fits = unsafe { memory.write(got as usize, &buf[..n]) };
+                    anyhow::ensure!(fits, "more than was sent");
+                }
             }
             got += n as u64;
         }

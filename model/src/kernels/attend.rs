@@ -221,7 +221,9 @@ fn scores<S: Lanes, const R: usize, const T: usize>(
     let mut ahead = walk((lo + R).min(hi));
     let mut now = walk(lo);
     let mut keys: [&[f32]; R] = [&[]; R];
-    keys.iter_mut().for_each(|k| *k = now.next());
+    for k in &mut keys {
+        *k = now.next();
+    }
     let mut j0 = lo;
     while j0 <= hi {
         let rr = (hi + 1 - j0).min(R);
