@@ -294,6 +294,8 @@ fn axpy_rows_multi_generic<S: Lanes, W: Weight, const C: usize, const T: usize, 
 ) {
     let k = x.len() / t.max(1);
     assert_eq!(x.len(), t * k, "inputs shape");
+    // One arm per count up to `STREAM_TOKENS` (the tokens' accumulators are an array whose
+    // length is a constant).
     match t {
         1 => axpy_blocks::<S, W, KB, 1>(w, cols, j0, x, y),
         2 => axpy_blocks::<S, W, KB, 2>(w, cols, j0, x, y),
@@ -311,7 +313,8 @@ fn axpy_rows_multi_generic<S: Lanes, W: Weight, const C: usize, const T: usize, 
 /// from memory, and up to this many tokens its rows read in order outrun register tiles of
 /// columns, which read each row in pieces far apart (2-core AMD EPYC (Zen 4) VM, one core,
 /// 16 experts' 1024 × 1024 slices, `examples/kernel_tiles.rs`: 2 tokens ~12-13 against
-/// ~6-7 GB/s, 4 ~11 against ~6, 8 ~7 against ~5; at 16 the tiles' arithmetic is what counts).
+/// ~6-7 GB/s, 4 ~11 against ~6, 8 ~7 against ~5; the AVX2 build 2 tokens ~10 against ~4.4,
+/// 8 the same; at 16 the tiles' arithmetic is what counts).
 const STREAM_TOKENS: usize = 8;
 
 /// `axpy_rows_multi` where token `i`'s `k` inputs are `x[i·xs..i·xs + k]`; with
