@@ -255,10 +255,10 @@ kernel! {
     /// `y[j] = Σ_k x[k] · w[k, j0 + j]` over a `[x.len(), cols]` bf16 matrix (the "x @ W"
     /// orientation), for the column range `j0..j0 + y.len()`.
     pub fn axpy_rows / axpy_rows_on<W: Weight>(w: &[W], cols: usize, j0: usize, x: &[f32], y: &mut [f32])
-        => avx512: axpy_rows_generic::<Avx512, W, 8>,
-            avx2: axpy_rows_generic::<Avx2, W, 16>,
-            neon: axpy_rows_generic::<Neon, W, 16>,
-            baseline: axpy_rows_generic::<Scalar, W, 16>
+        => avx512: axpy_blocks::<Avx512, W, 8, 1>,
+            avx2: axpy_blocks::<Avx2, W, 16, 1>,
+            neon: axpy_blocks::<Neon, W, 16, 1>,
+            baseline: axpy_blocks::<Scalar, W, 16, 1>
 }
 
 kernel! {
@@ -690,28 +690,17 @@ fn dot_rows_generic<S: Lanes, W: Weight, const R: usize>(
     dot_rows_multi_generic::<S, W, R, 1>(w, scale, x, 1, y);
 }
 
-/// `axpy_rows`: the matrix in blocks of `KB` rows, each block's columns chunk by chunk (one
-/// accumulator per chunk, carried in `y` from block to block): the rows stream in order, as
-/// one sequential read per core, where register tiles of columns (`axpy_rows_multi`) read
-/// each row in pieces far apart (an expert's 1024 × 1024 slice per core, 2-core EPYC VM:
-/// ~22 against ~19 GB/s, medians of 6). AVX-512 takes blocks of 8 rows: on a 2-core AMD EPYC
-/// (Zen 4) VM, one token through 16 experts' 1024 × 1024 slices ran at ~14 GB/s against ~10
-/// with 16 (`examples/kernel_tiles.rs`; 4 and 32 were slower still).
-#[inline(always)]
-fn axpy_rows_generic<S: Lanes, W: Weight, const KB: usize>(
-    w: &[W],
-    cols: usize,
-    j0: usize,
-    x: &[f32],
-    y: &mut [f32],
-) {
-    axpy_blocks::<S, W, KB, 1>(w, cols, j0, x, y);
-}
-
 /// `T` tokens' `axpy_rows` (`x` is `[T, k]`, `y` is `[T, n]`) in one pass over the rows:
 /// each block of `KB` rows, chunk by chunk of columns, carries every token's accumulator for
 /// the chunk in `y`. Every output's chain is the canonical one (from 0, `fma` for k
 /// ascending), so the bits are those of the column tiles, whatever the block.
+///
+/// The rows stream in order, as one sequential read per core, where register tiles of
+/// columns (`axpy_columns`) read each row in pieces far apart (one token, an expert's
+/// 1024 × 1024 slice per core, 2-core EPYC VM: ~22 against ~19 GB/s, medians of 6). AVX-512
+/// takes blocks of 8 rows: on a 2-core AMD EPYC (Zen 4) VM, one token through 16 experts'
+/// 1024 × 1024 slices ran at ~14 GB/s against ~10 with 16 (`examples/kernel_tiles.rs`; 4 and
+/// 32 were slower still).
 #[inline(always)]
 fn axpy_blocks<S: Lanes, W: Weight, const KB: usize, const T: usize>(
     w: &[W],
