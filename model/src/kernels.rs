@@ -255,10 +255,10 @@ kernel! {
     /// `y[j] = Σ_k x[k] · w[k, j0 + j]` over a `[x.len(), cols]` bf16 matrix (the "x @ W"
     /// orientation), for the column range `j0..j0 + y.len()`.
     pub fn axpy_rows / axpy_rows_on<W: Weight>(w: &[W], cols: usize, j0: usize, x: &[f32], y: &mut [f32])
-        => avx512: axpy_blocks::<Avx512, W, 8, 1>,
-            avx2: axpy_blocks::<Avx2, W, 16, 1>,
-            neon: axpy_blocks::<Neon, W, 16, 1>,
-            baseline: axpy_blocks::<Scalar, W, 16, 1>
+        => avx512: axpy_blocks::<Avx512, W, 8, 1, 0>,
+            avx2: axpy_blocks::<Avx2, W, 16, 1, 0>,
+            neon: axpy_blocks::<Neon, W, 16, 1, 0>,
+            baseline: axpy_blocks::<Scalar, W, 16, 1, 0>
 }
 
 kernel! {
@@ -272,19 +272,35 @@ kernel! {
         x: &[f32],
         t: usize,
         y: &mut [f32],
-    ) => avx512: axpy_rows_multi_generic::<Avx512, W, 4, 4, 8>,
-        avx2: axpy_rows_multi_generic::<Avx2, W, 2, 2, 16>,
-        neon: axpy_rows_multi_generic::<Neon, W, 1, 4, 16>,
-        baseline: axpy_rows_multi_generic::<Scalar, W, 1, 4, 16>
+    ) => avx512: axpy_rows_multi_generic::<Avx512, W, 4, 4, 8, 8>,
+        avx2: axpy_rows_multi_generic::<Avx2, W, 2, 2, 16, 4>,
+        neon: axpy_rows_multi_generic::<Neon, W, 1, 4, 16, 8>,
+        baseline: axpy_rows_multi_generic::<Scalar, W, 1, 4, 16, 8>
 }
 
 /// `axpy_rows_multi`: up to `STREAM_TOKENS` tokens (an expert's few tokens of a step, its
-/// weights read from memory once) in blocks of `KB` rows, as `axpy_rows` reads them; more
-/// in tiles of `C` lane chunks of columns × `T` tokens (the remainders in smaller tiles, the
-/// last columns one by one). The canonical order of every output: one accumulator from 0,
-/// `fma(w[k, j], x[k], acc)` for k ascending, in every tile shape and block.
+/// weights read from memory once) in blocks of `KB` rows, as `axpy_rows` reads them, with
+/// at most `G` tokens' accumulators in registers at a time (more in two groups); more
+/// tokens in tiles of `C` lane chunks of columns × `T` tokens (the remainders in smaller
+/// tiles, the last columns one by one). The canonical order of every output: one
+/// accumulator from 0, `fma(w[k, j], x[k], acc)` for k ascending, in every tile shape,
+/// block and group.
+///
+/// AVX2 keeps at most 4 tokens to a group: 8 tokens' accumulators take all 16 of its
+/// registers, and its build of this kernel stored registers to the stack (12 spills, none
+/// now). On a 2-core AMD EPYC (Zen 3) VM, 8 tokens through 16 experts' 1024 × 1024 slices
+/// (`examples/kernel_tiles.rs`, one core, medians of 10 alternating runs) went from 2.7 to
+/// 3.4 GB/s; 1 to 4 tokens run the same code as before. AVX-512 (32 registers) keeps 8,
+/// and NEON and the baseline too (not measured).
 #[inline(always)]
-fn axpy_rows_multi_generic<S: Lanes, W: Weight, const C: usize, const T: usize, const KB: usize>(
+fn axpy_rows_multi_generic<
+    S: Lanes,
+    W: Weight,
+    const C: usize,
+    const T: usize,
+    const KB: usize,
+    const G: usize,
+>(
     w: &[W],
     cols: usize,
     j0: usize,
@@ -294,17 +310,24 @@ fn axpy_rows_multi_generic<S: Lanes, W: Weight, const C: usize, const T: usize, 
 ) {
     let k = x.len() / t.max(1);
     assert_eq!(x.len(), t * k, "inputs shape");
-    // One arm per count up to `STREAM_TOKENS` (the tokens' accumulators are an array whose
-    // length is a constant).
+    assert!(G >= STREAM_TOKENS / 2, "at most two groups of tokens");
+    // One arm per count up to `STREAM_TOKENS` (the tokens' accumulators are arrays whose
+    // lengths are constants): one group of `t`, or past `G`, two of about half.
     match t {
-        1 => axpy_blocks::<S, W, KB, 1>(w, cols, j0, x, y),
-        2 => axpy_blocks::<S, W, KB, 2>(w, cols, j0, x, y),
-        3 => axpy_blocks::<S, W, KB, 3>(w, cols, j0, x, y),
-        4 => axpy_blocks::<S, W, KB, 4>(w, cols, j0, x, y),
-        5 => axpy_blocks::<S, W, KB, 5>(w, cols, j0, x, y),
-        6 => axpy_blocks::<S, W, KB, 6>(w, cols, j0, x, y),
-        7 => axpy_blocks::<S, W, KB, 7>(w, cols, j0, x, y),
-        STREAM_TOKENS => axpy_blocks::<S, W, KB, STREAM_TOKENS>(w, cols, j0, x, y),
+        1 => axpy_blocks::<S, W, KB, 1, 0>(w, cols, j0, x, y),
+        2 => axpy_blocks::<S, W, KB, 2, 0>(w, cols, j0, x, y),
+        3 => axpy_blocks::<S, W, KB, 3, 0>(w, cols, j0, x, y),
+        4 => axpy_blocks::<S, W, KB, 4, 0>(w, cols, j0, x, y),
+        5 if G >= 5 => axpy_blocks::<S, W, KB, 5, 0>(w, cols, j0, x, y),
+        5 => axpy_blocks::<S, W, KB, 3, 2>(w, cols, j0, x, y),
+        6 if G >= 6 => axpy_blocks::<S, W, KB, 6, 0>(w, cols, j0, x, y),
+        6 => axpy_blocks::<S, W, KB, 3, 3>(w, cols, j0, x, y),
+        7 if G >= 7 => axpy_blocks::<S, W, KB, 7, 0>(w, cols, j0, x, y),
+        7 => axpy_blocks::<S, W, KB, 4, 3>(w, cols, j0, x, y),
+        STREAM_TOKENS if G >= STREAM_TOKENS => {
+            axpy_blocks::<S, W, KB, STREAM_TOKENS, 0>(w, cols, j0, x, y)
+        }
+        STREAM_TOKENS => axpy_blocks::<S, W, KB, 4, 4>(w, cols, j0, x, y),
         _ => axpy_columns::<S, W, C, T>(w, cols, j0, x, k, k, t, y, false),
     }
 }
@@ -690,10 +713,11 @@ fn dot_rows_generic<S: Lanes, W: Weight, const R: usize>(
     dot_rows_multi_generic::<S, W, R, 1>(w, scale, x, 1, y);
 }
 
-/// `T` tokens' `axpy_rows` (`x` is `[T, k]`, `y` is `[T, n]`) in one pass over the rows:
-/// each block of `KB` rows, chunk by chunk of columns, carries every token's accumulator for
-/// the chunk in `y`. Every output's chain is the canonical one (from 0, `fma` for k
-/// ascending), so the bits are those of the column tiles, whatever the block.
+/// `A + B` tokens' `axpy_rows` (`x` is `[A + B, k]`, `y` is `[A + B, n]`) in one pass over
+/// the rows: each block of `KB` rows, chunk by chunk of columns, carries every token's
+/// accumulator for the chunk in `y`, the first `A` tokens' in registers, then the other
+/// `B`'s (`B` is 0 where all fit). Every output's chain is the canonical one (from 0, `fma`
+/// for k ascending), so the bits are those of the column tiles, whatever the block or group.
 ///
 /// The rows stream in order, as one sequential read per core, where register tiles of
 /// columns (`axpy_columns`) read each row in pieces far apart (one token, an expert's
@@ -702,16 +726,17 @@ fn dot_rows_generic<S: Lanes, W: Weight, const R: usize>(
 /// 1024 × 1024 slices ran at ~14 GB/s against ~10 with 16 (`examples/kernel_tiles.rs`; 4 and
 /// 32 were slower still).
 #[inline(always)]
-fn axpy_blocks<S: Lanes, W: Weight, const KB: usize, const T: usize>(
+fn axpy_blocks<S: Lanes, W: Weight, const KB: usize, const A: usize, const B: usize>(
     w: &[W],
     cols: usize,
     j0: usize,
     x: &[f32],
     y: &mut [f32],
 ) {
-    let (k, n) = (x.len() / T, y.len() / T);
+    let t = A + B;
+    let (k, n) = (x.len() / t, y.len() / t);
     assert!(
-        x.len() == T * k && y.len() == T * n && w.len() >= k * cols && j0 + n <= cols,
+        x.len() == t * k && y.len() == t * n && w.len() >= k * cols && j0 + n <= cols,
         "weight shape"
     );
     y.fill(0.0);
@@ -720,28 +745,16 @@ fn axpy_blocks<S: Lanes, W: Weight, const KB: usize, const T: usize>(
     while k0 < k {
         let kn = KB.min(k - k0);
         for o in (0..full).step_by(LANES) {
-            let mut acc = [S::zero(); T];
-            for (i, a) in acc.iter_mut().enumerate() {
-                *a = S::load(chunk(y, i * n + o));
-            }
             if o % 32 == 0 {
                 for r in 0..kn {
                     prefetch(w, (k0 + KB + r) * cols + j0 + o);
                 }
             }
-            for r in 0..kn {
-                let kk = k0 + r;
-                let wv = W::lanes(chunk(w, kk * cols + j0 + o), 1.0);
-                for (i, a) in acc.iter_mut().enumerate() {
-                    *a = a.fma(wv, S::splat(x[i * k + kk]));
-                }
-            }
-            for (i, a) in acc.iter().enumerate() {
-                let at = i * n + o;
-                a.store((&mut y[at..at + LANES]).try_into().expect("a chunk"));
-            }
+            // The second group reads the block's weights again, from L1.
+            block_group::<S, W, A>(w, cols, j0 + o, k0, kn, &x[..A * k], &mut y[..A * n], o);
+            block_group::<S, W, B>(w, cols, j0 + o, k0, kn, &x[A * k..], &mut y[A * n..], o);
         }
-        for i in 0..T {
+        for i in 0..t {
             for j in full..n {
                 let out = &mut y[i * n + j];
                 for kk in k0..k0 + kn {
@@ -752,6 +765,42 @@ fn axpy_blocks<S: Lanes, W: Weight, const KB: usize, const T: usize>(
             }
         }
         k0 += kn;
+    }
+}
+
+/// One group of `axpy_blocks`: `T` tokens (`x` is `[T, k]`, `y` is `[T, n]`), weight rows
+/// `k0..k0 + kn` at columns `col..col + LANES`, continuing the accumulators that `y` holds
+/// at `o`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn block_group<S: Lanes, W: Weight, const T: usize>(
+    w: &[W],
+    cols: usize,
+    col: usize,
+    k0: usize,
+    kn: usize,
+    x: &[f32],
+    y: &mut [f32],
+    o: usize,
+) {
+    if T == 0 {
+        return;
+    }
+    let (k, n) = (x.len() / T, y.len() / T);
+    let mut acc = [S::zero(); T];
+    for (i, a) in acc.iter_mut().enumerate() {
+        *a = S::load(chunk(y, i * n + o));
+    }
+    for r in 0..kn {
+        let kk = k0 + r;
+        let wv = W::lanes(chunk(w, kk * cols + col), 1.0);
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = a.fma(wv, S::splat(x[i * k + kk]));
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        let at = i * n + o;
+        a.store((&mut y[at..at + LANES]).try_into().expect("a chunk"));
     }
 }
 
