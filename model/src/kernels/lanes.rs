@@ -119,7 +119,17 @@ mod x86 {
         }
     }
 
-    /// 8 bf16 bits widened.
+    /// 8 bf16 bits widened: a load that widens each to 32 bits, then a shift.
+    ///
+    /// Measured and not kept (2-core Sapphire Rapids VM, the AVX2 build,
+    /// `examples/kernel_tiles.rs`, medians of 6–10 alternating runs): widening 16 from one
+    /// 32-byte load into lanes held in another order, with the dot products' inputs laid out
+    /// in that order once per call. Lanes 0–3, 8–11 | 4–7, 12–15 (`vpunpck{l,h}wd` below
+    /// zero words) or even | odd lanes (`vpslld 16` | `vpand 0xFFFF0000`) both gave the same
+    /// bits, since the canonical tree pairs such lanes until its last step. But the 3 × 2 dot
+    /// tile fell from ~50–60 to ~38–45 GFLOP/s: both registers come from one load, and LLVM
+    /// kept the loads live and spilled accumulators (2 × 2, 1 × 4 and 2 × 3 tiles were no
+    /// better). The "x @ W" kernels moved by −8% to +9%, within this VM's noise.
     #[inline(always)]
     fn bf16_8(w: &[u16]) -> __m256 {
         assert!(w.len() >= 8);

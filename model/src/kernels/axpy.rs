@@ -1,0 +1,336 @@
+//! The "x @ W" products (`[in, out]` weights, `axpy_rows*`): one accumulator per output,
+//! K ascending, whatever the tile, block or group (see the parent module). An expert's few
+//! tokens stream its rows in blocks (`axpy_blocks`); more tokens take register tiles of
+//! columns (`axpy_columns`), which attention's values use too.
+
+use super::*;
+
+kernel! {
+    /// `y[j] = Σ_k x[k] · w[k, j0 + j]` over a `[x.len(), cols]` bf16 matrix (the "x @ W"
+    /// orientation), for the column range `j0..j0 + y.len()`.
+    pub fn axpy_rows / axpy_rows_on<W: Weight>(w: &[W], cols: usize, j0: usize, x: &[f32], y: &mut [f32])
+        => avx512: axpy_blocks::<Avx512, W, 8, 1, 0>,
+            avx2: axpy_blocks::<Avx2, W, 16, 1, 0>,
+            neon: axpy_blocks::<Neon, W, 16, 1, 0>,
+            baseline: axpy_blocks::<Scalar, W, 16, 1, 0>
+}
+
+kernel! {
+    /// `axpy_rows` for `t` tokens at once: `x` is `[t, k]`, `y` is `[t, y_cols]`. Each token's
+    /// result is computed in exactly the order `axpy_rows` uses for it alone, so a token's
+    /// output never depends on which other tokens share the call.
+    pub fn axpy_rows_multi / axpy_rows_multi_on<W: Weight>(
+        w: &[W],
+        cols: usize,
+        j0: usize,
+        x: &[f32],
+        t: usize,
+        y: &mut [f32],
+    ) => avx512: axpy_rows_multi_generic::<Avx512, W, 4, 4, 8, 8>,
+        avx2: axpy_rows_multi_generic::<Avx2, W, 2, 2, 16, 4>,
+        neon: axpy_rows_multi_generic::<Neon, W, 1, 4, 16, 8>,
+        baseline: axpy_rows_multi_generic::<Scalar, W, 1, 4, 16, 8>
+}
+
+/// `axpy_rows_multi`: up to `STREAM_TOKENS` tokens (an expert's few tokens of a step, its
+/// weights read from memory once) in blocks of `KB` rows, as `axpy_rows` reads them, with
+/// at most `G` tokens' accumulators in registers at a time (more in two groups); more
+/// tokens in tiles of `C` lane chunks of columns × `T` tokens (the remainders in smaller
+/// tiles, the last columns one by one). The canonical order of every output: one
+/// accumulator from 0, `fma(w[k, j], x[k], acc)` for k ascending, in every tile shape,
+/// block and group.
+///
+/// AVX2 keeps at most 4 tokens to a group: 8 tokens' accumulators take all 16 of its
+/// registers, and its build of this kernel stored registers to the stack (12 spills, none
+/// now). On a 2-core AMD EPYC (Zen 3) VM, 8 tokens through 16 experts' 1024 × 1024 slices
+/// (`examples/kernel_tiles.rs`, one core, medians of 10 alternating runs) went from 2.7 to
+/// 3.4 GB/s; 1 to 4 tokens run the same code as before. AVX-512 (32 registers) keeps 8,
+/// and NEON and the baseline too (not measured).
+#[inline(always)]
+fn axpy_rows_multi_generic<
+    S: Lanes,
+    W: Weight,
+    const C: usize,
+    const T: usize,
+    const KB: usize,
+    const G: usize,
+>(
+    w: &[W],
+    cols: usize,
+    j0: usize,
+    x: &[f32],
+    t: usize,
+    y: &mut [f32],
+) {
+    let k = x.len() / t.max(1);
+    assert_eq!(x.len(), t * k, "inputs shape");
+    assert!(G >= STREAM_TOKENS / 2, "at most two groups of tokens");
+    // One arm per count up to `STREAM_TOKENS` (the tokens' accumulators are arrays whose
+    // lengths are constants): one group of `t`, or past `G`, two of about half.
+    match t {
+        1 => axpy_blocks::<S, W, KB, 1, 0>(w, cols, j0, x, y),
+        2 => axpy_blocks::<S, W, KB, 2, 0>(w, cols, j0, x, y),
+        3 => axpy_blocks::<S, W, KB, 3, 0>(w, cols, j0, x, y),
+        4 => axpy_blocks::<S, W, KB, 4, 0>(w, cols, j0, x, y),
+        5 if G >= 5 => axpy_blocks::<S, W, KB, 5, 0>(w, cols, j0, x, y),
+        5 => axpy_blocks::<S, W, KB, 3, 2>(w, cols, j0, x, y),
+        6 if G >= 6 => axpy_blocks::<S, W, KB, 6, 0>(w, cols, j0, x, y),
+        6 => axpy_blocks::<S, W, KB, 3, 3>(w, cols, j0, x, y),
+        7 if G >= 7 => axpy_blocks::<S, W, KB, 7, 0>(w, cols, j0, x, y),
+        7 => axpy_blocks::<S, W, KB, 4, 3>(w, cols, j0, x, y),
+        STREAM_TOKENS if G >= STREAM_TOKENS => {
+            axpy_blocks::<S, W, KB, STREAM_TOKENS, 0>(w, cols, j0, x, y)
+        }
+        STREAM_TOKENS => axpy_blocks::<S, W, KB, 4, 4>(w, cols, j0, x, y),
+        _ => axpy_columns::<S, W, C, T>(w, cols, j0, x, k, k, t, y, false),
+    }
+}
+
+/// The most tokens `axpy_rows_multi` takes through `axpy_blocks`: an expert's weights come
+/// from memory, and up to this many tokens its rows read in order outrun register tiles of
+/// columns, which read each row in pieces far apart (2-core AMD EPYC (Zen 4) VM, one core,
+/// 16 experts' 1024 × 1024 slices, `examples/kernel_tiles.rs`: 2 tokens ~12-13 against
+/// ~6-7 GB/s, 4 ~11 against ~6, 8 ~7 against ~5; the AVX2 build 2 tokens ~10 against ~4.4,
+/// 8 the same; at 16 the tiles' arithmetic is what counts).
+const STREAM_TOKENS: usize = 8;
+
+/// `axpy_rows_multi` where token `i`'s `k` inputs are `x[i·xs..i·xs + k]`; with
+/// `accumulate` every output's chain continues from what `y` holds, so consecutive calls
+/// over consecutive ranges of K give the bits of one call over all of it.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(super) fn axpy_columns<S: Lanes, W: Weight, const C: usize, const T: usize>(
+    w: &[W],
+    cols: usize,
+    j0: usize,
+    x: &[f32],
+    xs: usize,
+    k: usize,
+    t: usize,
+    y: &mut [f32],
+    accumulate: bool,
+) {
+    let n = y.len() / t.max(1);
+    assert!(
+        w.len() >= k * cols
+            && j0 + n <= cols
+            && (t == 0 || (t - 1) * xs + k <= x.len())
+            && y.len() == t * n,
+        "weight shape"
+    );
+    let mut j = 0;
+    while j + C * LANES <= n {
+        column_tiles::<S, W, C, T>(w, cols, j0, j, x, xs, k, t, y, accumulate);
+        j += C * LANES;
+    }
+    while j + LANES <= n {
+        column_tiles::<S, W, 1, T>(w, cols, j0, j, x, xs, k, t, y, accumulate);
+        j += LANES;
+    }
+    for jj in j..n {
+        for i in 0..t {
+            let mut acc = if accumulate { y[i * n + jj] } else { 0.0 };
+            for kk in 0..k {
+                acc = w[kk * cols + j0 + jj]
+                    .widen(1.0)
+                    .mul_add(x[i * xs + kk], acc);
+            }
+            y[i * n + jj] = acc;
+        }
+    }
+}
+
+/// Output columns `j..j + C·LANES` (of the range from `j0`) for every token: tiles of `T`
+/// tokens, then pairs, then single tokens.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn column_tiles<S: Lanes, W: Weight, const C: usize, const T: usize>(
+    w: &[W],
+    cols: usize,
+    j0: usize,
+    j: usize,
+    x: &[f32],
+    xs: usize,
+    k: usize,
+    t: usize,
+    y: &mut [f32],
+    accumulate: bool,
+) {
+    let mut i0 = 0;
+    while i0 + T <= t {
+        column_tile::<S, W, C, T>(w, cols, j0 + j, j, x, xs, k, i0, t, y, accumulate);
+        i0 += T;
+    }
+    // Pairs before singles: an expert's two or three tokens share each pass over its rows.
+    while T > 2 && i0 + 2 <= t {
+        column_tile::<S, W, C, 2>(w, cols, j0 + j, j, x, xs, k, i0, t, y, accumulate);
+        i0 += 2;
+    }
+    while i0 < t {
+        column_tile::<S, W, C, 1>(w, cols, j0 + j, j, x, xs, k, i0, t, y, accumulate);
+        i0 += 1;
+    }
+}
+
+/// Tokens `i0..i0 + T` of `column_tiles`: their accumulators start at 0 or, with
+/// `accumulate`, at what `y` holds, and are stored back there.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn column_tile<S: Lanes, W: Weight, const C: usize, const T: usize>(
+    w: &[W],
+    cols: usize,
+    col: usize,
+    j: usize,
+    x: &[f32],
+    xs: usize,
+    k: usize,
+    i0: usize,
+    t: usize,
+    y: &mut [f32],
+    accumulate: bool,
+) {
+    let n = y.len() / t;
+    let at = |i: usize, c: usize| (i0 + i) * n + j + c * LANES;
+    // Loops, not `std::array::from_fn`, in the kernels' bodies: its closure is a function
+    // of its own, compiled without the kernel's instruction set and called per element.
+    let mut acc = [[S::zero(); C]; T];
+    if accumulate {
+        for (i, a) in acc.iter_mut().enumerate() {
+            for (c, v) in a.iter_mut().enumerate() {
+                *v = S::load(chunk(y, at(i, c)));
+            }
+        }
+    }
+    let acc = axpy_tile::<S, W, C, T>(w, cols, col, &x[i0 * xs..], xs, k, acc);
+    for (i, a) in acc.iter().enumerate() {
+        for (c, v) in a.iter().enumerate() {
+            let o = at(i, c);
+            v.store((&mut y[o..o + LANES]).try_into().expect("a chunk"));
+        }
+    }
+}
+
+/// Rows of the matrix ahead of the current one whose tile columns are prefetched.
+const AXPY_PREFETCH_ROWS: usize = 8;
+
+/// Columns `col..col + C·LANES` of `T` tokens (token `i`'s `k` inputs from `x[i·xs]`),
+/// every weight row once, continuing the accumulators `acc`.
+#[inline(always)]
+fn axpy_tile<S: Lanes, W: Weight, const C: usize, const T: usize>(
+    w: &[W],
+    cols: usize,
+    col: usize,
+    x: &[f32],
+    xs: usize,
+    k: usize,
+    mut acc: [[S; C]; T],
+) -> [[S; C]; T] {
+    for kk in 0..k {
+        let row = kk * cols + col;
+        for line in (0..C * LANES).step_by(32) {
+            prefetch(w, row + AXPY_PREFETCH_ROWS * cols + line);
+        }
+        let mut wv = [S::zero(); C];
+        for (c, v) in wv.iter_mut().enumerate() {
+            *v = W::lanes(chunk(w, row + c * LANES), 1.0);
+        }
+        for i in 0..T {
+            let xb = S::splat(x[i * xs + kk]);
+            for c in 0..C {
+                acc[i][c] = acc[i][c].fma(wv[c], xb);
+            }
+        }
+    }
+    acc
+}
+
+/// `A + B` tokens' `axpy_rows` (`x` is `[A + B, k]`, `y` is `[A + B, n]`) in one pass over
+/// the rows: each block of `KB` rows, chunk by chunk of columns, carries every token's
+/// accumulator for the chunk in `y`, the first `A` tokens' in registers, then the other
+/// `B`'s (`B` is 0 where all fit). Every output's chain is the canonical one (from 0, `fma`
+/// for k ascending), so the bits are those of the column tiles, whatever the block or group.
+///
+/// The rows stream in order, as one sequential read per core, where register tiles of
+/// columns (`axpy_columns`) read each row in pieces far apart (one token, an expert's
+/// 1024 × 1024 slice per core, 2-core EPYC VM: ~22 against ~19 GB/s, medians of 6). AVX-512
+/// takes blocks of 8 rows: on a 2-core AMD EPYC (Zen 4) VM, one token through 16 experts'
+/// 1024 × 1024 slices ran at ~14 GB/s against ~10 with 16 (`examples/kernel_tiles.rs`; 4 and
+/// 32 were slower still).
+#[inline(always)]
+fn axpy_blocks<S: Lanes, W: Weight, const KB: usize, const A: usize, const B: usize>(
+    w: &[W],
+    cols: usize,
+    j0: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    let t = A + B;
+    let (k, n) = (x.len() / t, y.len() / t);
+    assert!(
+        x.len() == t * k && y.len() == t * n && w.len() >= k * cols && j0 + n <= cols,
+        "weight shape"
+    );
+    y.fill(0.0);
+    let full = n / LANES * LANES;
+    let mut k0 = 0;
+    while k0 < k {
+        let kn = KB.min(k - k0);
+        for o in (0..full).step_by(LANES) {
+            if o % 32 == 0 {
+                for r in 0..kn {
+                    prefetch(w, (k0 + KB + r) * cols + j0 + o);
+                }
+            }
+            // The second group reads the block's weights again, from L1.
+            block_group::<S, W, A>(w, cols, j0 + o, k0, kn, &x[..A * k], &mut y[..A * n], o);
+            block_group::<S, W, B>(w, cols, j0 + o, k0, kn, &x[A * k..], &mut y[A * n..], o);
+        }
+        for i in 0..t {
+            for j in full..n {
+                let out = &mut y[i * n + j];
+                for kk in k0..k0 + kn {
+                    *out = w[kk * cols + j0 + j]
+                        .widen(1.0)
+                        .mul_add(x[i * k + kk], *out);
+                }
+            }
+        }
+        k0 += kn;
+    }
+}
+
+/// One group of `axpy_blocks`: `T` tokens (`x` is `[T, k]`, `y` is `[T, n]`), weight rows
+/// `k0..k0 + kn` at columns `col..col + LANES`, continuing the accumulators that `y` holds
+/// at `o`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn block_group<S: Lanes, W: Weight, const T: usize>(
+    w: &[W],
+    cols: usize,
+    col: usize,
+    k0: usize,
+    kn: usize,
+    x: &[f32],
+    y: &mut [f32],
+    o: usize,
+) {
+    if T == 0 {
+        return;
+    }
+    let (k, n) = (x.len() / T, y.len() / T);
+    let mut acc = [S::zero(); T];
+    for (i, a) in acc.iter_mut().enumerate() {
+        *a = S::load(chunk(y, i * n + o));
+    }
+    for r in 0..kn {
+        let kk = k0 + r;
+        let wv = W::lanes(chunk(w, kk * cols + col), 1.0);
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = a.fma(wv, S::splat(x[i * k + kk]));
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        let at = i * n + o;
+        a.store((&mut y[at..at + LANES]).try_into().expect("a chunk"));
+    }
+}
