@@ -287,7 +287,9 @@ fn lane_sum(a: &[f32; LANES]) -> f32 {
 /// AVX-512 takes 4 × 4: on a 2-core AMD EPYC (Zen 4) VM, 6 × 4 with the rows outer measured
 /// the same (104 GFLOP/s a core at 32 and 128 tokens, `examples/kernel_tiles.rs`), which is
 /// what the best f32 tiles reached there in a C probe of this loop (105-108; loads, not
-/// multiply-adds, set the pace).
+/// multiply-adds, set the pace). On a 2-core Sapphire Rapids VM, more tokens to a tile (one
+/// row's widening shared by more multiply-adds) measured slower at 128 tokens: 3 × 8 ~70 and
+/// 2 × 8 ~57 GFLOP/s against ~75 for 4 × 4 (medians of 6 alternating runs).
 #[inline(always)]
 fn dot_rows_multi_generic<S: Lanes, W: Weight, const R: usize, const T: usize>(
     w: &[W],

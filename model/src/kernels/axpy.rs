@@ -156,27 +156,29 @@ fn column_tiles<S: Lanes, W: Weight, const C: usize, const T: usize>(
     y: &mut [f32],
     accumulate: bool,
 ) {
+    const AHEAD: usize = AXPY_PREFETCH_ROWS;
     let mut i0 = 0;
     while i0 + T <= t {
-        column_tile::<S, W, C, T>(w, cols, j0 + j, j, x, xs, k, i0, t, y, accumulate);
+        column_tile::<S, W, C, T, AHEAD>(w, cols, j0 + j, j, x, xs, k, i0, t, y, accumulate);
         i0 += T;
     }
     // Pairs before singles: an expert's two or three tokens share each pass over its rows.
     while T > 2 && i0 + 2 <= t {
-        column_tile::<S, W, C, 2>(w, cols, j0 + j, j, x, xs, k, i0, t, y, accumulate);
+        column_tile::<S, W, C, 2, AHEAD>(w, cols, j0 + j, j, x, xs, k, i0, t, y, accumulate);
         i0 += 2;
     }
     while i0 < t {
-        column_tile::<S, W, C, 1>(w, cols, j0 + j, j, x, xs, k, i0, t, y, accumulate);
+        column_tile::<S, W, C, 1, AHEAD>(w, cols, j0 + j, j, x, xs, k, i0, t, y, accumulate);
         i0 += 1;
     }
 }
 
-/// Tokens `i0..i0 + T` of `column_tiles`: their accumulators start at 0 or, with
-/// `accumulate`, at what `y` holds, and are stored back there.
+/// Tokens `i0..i0 + T` of `column_tiles` (or a group of `axpy_blocks` over one block of
+/// rows): their accumulators start at 0 or, with `accumulate`, at what `y` holds, and are
+/// stored back there; rows prefetch `AHEAD` on (`axpy_tile`).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn column_tile<S: Lanes, W: Weight, const C: usize, const T: usize>(
+fn column_tile<S: Lanes, W: Weight, const C: usize, const T: usize, const AHEAD: usize>(
     w: &[W],
     cols: usize,
     col: usize,
@@ -201,7 +203,7 @@ fn column_tile<S: Lanes, W: Weight, const C: usize, const T: usize>(
             }
         }
     }
-    let acc = axpy_tile::<S, W, C, T>(w, cols, col, &x[i0 * xs..], xs, k, acc);
+    let acc = axpy_tile::<S, W, C, T, AHEAD>(w, cols, col, &x[i0 * xs..], xs, k, acc);
     for (i, a) in acc.iter().enumerate() {
         for (c, v) in a.iter().enumerate() {
             let o = at(i, c);
@@ -214,9 +216,10 @@ fn column_tile<S: Lanes, W: Weight, const C: usize, const T: usize>(
 const AXPY_PREFETCH_ROWS: usize = 8;
 
 /// Columns `col..col + C·LANES` of `T` tokens (token `i`'s `k` inputs from `x[i·xs]`),
-/// every weight row once, continuing the accumulators `acc`.
+/// every weight row once, continuing the accumulators `acc`; each row prefetches the tile's
+/// columns `AHEAD` rows on (none at 0: `axpy_blocks` fetches its next block itself).
 #[inline(always)]
-fn axpy_tile<S: Lanes, W: Weight, const C: usize, const T: usize>(
+fn axpy_tile<S: Lanes, W: Weight, const C: usize, const T: usize, const AHEAD: usize>(
     w: &[W],
     cols: usize,
     col: usize,
@@ -227,8 +230,10 @@ fn axpy_tile<S: Lanes, W: Weight, const C: usize, const T: usize>(
 ) -> [[S; C]; T] {
     for kk in 0..k {
         let row = kk * cols + col;
-        for line in (0..C * LANES).step_by(32) {
-            prefetch(w, row + AXPY_PREFETCH_ROWS * cols + line);
+        if AHEAD > 0 {
+            for line in (0..C * LANES).step_by(32) {
+                prefetch(w, row + AHEAD * cols + line);
+            }
         }
         let mut wv = [S::zero(); C];
         for (c, v) in wv.iter_mut().enumerate() {
@@ -281,9 +286,14 @@ fn axpy_blocks<S: Lanes, W: Weight, const KB: usize, const A: usize, const B: us
                     prefetch(w, (k0 + KB + r) * cols + j0 + o);
                 }
             }
-            // The second group reads the block's weights again, from L1.
-            block_group::<S, W, A>(w, cols, j0 + o, k0, kn, &x[..A * k], &mut y[..A * n], o);
-            block_group::<S, W, B>(w, cols, j0 + o, k0, kn, &x[A * k..], &mut y[A * n..], o);
+            let (wb, col) = (&w[k0 * cols..], j0 + o);
+            let (ya, yb) = y.split_at_mut(A * n);
+            column_tile::<S, W, 1, A, 0>(wb, cols, col, o, &x[k0..], k, kn, 0, A, ya, true);
+            if B > 0 {
+                // The second group reads the block's weights again, from L1.
+                let xb = &x[A * k + k0..];
+                column_tile::<S, W, 1, B, 0>(wb, cols, col, o, xb, k, kn, 0, B, yb, true);
+            }
         }
         for i in 0..t {
             for j in full..n {
@@ -296,41 +306,5 @@ fn axpy_blocks<S: Lanes, W: Weight, const KB: usize, const A: usize, const B: us
             }
         }
         k0 += kn;
-    }
-}
-
-/// One group of `axpy_blocks`: `T` tokens (`x` is `[T, k]`, `y` is `[T, n]`), weight rows
-/// `k0..k0 + kn` at columns `col..col + LANES`, continuing the accumulators that `y` holds
-/// at `o`.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn block_group<S: Lanes, W: Weight, const T: usize>(
-    w: &[W],
-    cols: usize,
-    col: usize,
-    k0: usize,
-    kn: usize,
-    x: &[f32],
-    y: &mut [f32],
-    o: usize,
-) {
-    if T == 0 {
-        return;
-    }
-    let (k, n) = (x.len() / T, y.len() / T);
-    let mut acc = [S::zero(); T];
-    for (i, a) in acc.iter_mut().enumerate() {
-        *a = S::load(chunk(y, i * n + o));
-    }
-    for r in 0..kn {
-        let kk = k0 + r;
-        let wv = W::lanes(chunk(w, kk * cols + col), 1.0);
-        for (i, a) in acc.iter_mut().enumerate() {
-            *a = a.fma(wv, S::splat(x[i * k + kk]));
-        }
-    }
-    for (i, a) in acc.iter().enumerate() {
-        let at = i * n + o;
-        a.store((&mut y[at..at + LANES]).try_into().expect("a chunk"));
     }
 }
