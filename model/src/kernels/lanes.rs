@@ -127,9 +127,10 @@ mod x86 {
     /// in that order once per call. Lanes 0–3, 8–11 | 4–7, 12–15 (`vpunpck{l,h}wd` below
     /// zero words) or even | odd lanes (`vpslld 16` | `vpand 0xFFFF0000`) both gave the same
     /// bits, since the canonical tree pairs such lanes until its last step. But the 3 × 2 dot
-    /// tile fell from ~50–60 to ~38–45 GFLOP/s: both registers come from one load, and LLVM
-    /// kept the loads live and spilled accumulators (2 × 2, 1 × 4 and 2 × 3 tiles were no
-    /// better). The "x @ W" kernels moved by −8% to +9%, within this VM's noise.
+    /// tile fell from ~50–60 to ~38–45 GFLOP/s with either. Both registers come from one
+    /// load: in the unpack build's loop, LLVM kept each row's load live until its second
+    /// unpack and spilled 5 accumulators to the stack; its 2 × 2, 1 × 4 and 2 × 3 tiles were
+    /// 0.72–0.89× the 3 × 2 here. The "x @ W" kernels moved by −8% to +9%, within noise.
     #[inline(always)]
     fn bf16_8(w: &[u16]) -> __m256 {
         assert!(w.len() >= 8);
