@@ -229,9 +229,9 @@ pub fn run(args: DecodeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Prefill at each prompt length (median of 3 for the first, one run for longer ones) and
-/// decode at each batch size of the single process after the first length, each step's
-/// median against the bandwidth floors `(memcpy, read)` in GB/s.
+/// Prefill at each prompt length after an untimed one (median of 3 for the first length,
+/// one run for longer ones) and decode at each batch size of the single process after the
+/// first length, each step's median against the bandwidth floors `(memcpy, read)` in GB/s.
 fn single_process(
     model: &Model,
     args: &DecodeArgs,
@@ -239,6 +239,17 @@ fn single_process(
     (memcpy_gbps, read_gbps): (f64, f64),
     progress: impl Fn(&str),
 ) -> Result<(Vec<PrefillPoint>, Vec<DecodePoint>)> {
+    // One untimed prefill first, as llama-bench does (a warm-up prompt run of the size it
+    // measures): the first forwards after loading run cold. Without it, on a Sapphire Rapids
+    // VM (2 threads), the median of the first three prefills of 128 tokens read 362
+    // tokens/s in one run, and the side-by-side script's rounds 642-731, where warm single
+    // prefills read ~880-930.
+    progress("prefill: warm-up");
+    let p = prompt(args.prompt_tokens[0]);
+    model.forward(
+        &mut [Sequence::new(&mut model.new_cache(), &p)],
+        LogitRows::Last,
+    )?;
     let mut prefill = Vec::new();
     for (i, &n) in args.prompt_tokens.iter().enumerate() {
         progress(&format!("prefill: {n} tokens, batch 1"));
