@@ -239,28 +239,25 @@ fn single_process(
     (memcpy_gbps, read_gbps): (f64, f64),
     progress: impl Fn(&str),
 ) -> Result<(Vec<PrefillPoint>, Vec<DecodePoint>)> {
-    // One untimed prefill first, as llama-bench does (a warm-up prompt run of the size it
-    // measures): the first forwards after loading run cold. Without it, on a Sapphire Rapids
-    // VM (2 threads), the median of the first three prefills of 128 tokens read 362
-    // tokens/s in one run, and the side-by-side script's rounds 642-731, where warm single
-    // prefills read ~880-930.
-    progress("prefill: warm-up");
-    let p = prompt(args.prompt_tokens[0]);
-    model.forward(
-        &mut [Sequence::new(&mut model.new_cache(), &p)],
-        LogitRows::Last,
-    )?;
     let mut prefill = Vec::new();
     for (i, &n) in args.prompt_tokens.iter().enumerate() {
         progress(&format!("prefill: {n} tokens, batch 1"));
         let mut times = Vec::new();
         let mut kv_bytes = 0;
-        for _ in 0..if i == 0 { 3 } else { 1 } {
+        // The first length's first run is not timed, as llama-bench's warm-up prompt run of
+        // the size it measures: the first forwards after loading run cold. Without it, on a
+        // Sapphire Rapids VM (2 threads), the median of the first three prefills of 128
+        // tokens read 362 tokens/s in one run, and the side-by-side script's rounds 642-731,
+        // where warm single prefills read ~880-930.
+        let warm_up = usize::from(i == 0);
+        for run in 0..if i == 0 { 3 + warm_up } else { 1 } {
             let p = prompt(n);
             let mut cache = model.new_cache();
             let t0 = Instant::now();
             model.forward(&mut [Sequence::new(&mut cache, &p)], LogitRows::Last)?;
-            times.push(t0.elapsed());
+            if run >= warm_up {
+                times.push(t0.elapsed());
+            }
             kv_bytes = cache.bytes();
         }
         prefill.push(PrefillPoint {
