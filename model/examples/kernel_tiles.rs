@@ -80,19 +80,21 @@ fn main() {
             "{isa:?} axpy_rows 16 x 1024x1024, 1 token: {:6.1} GB/s",
             (big.len() * 2) as f64 / s / 1e9
         );
-        // A few tokens through each of them (an expert's tokens of a prefill or a batch): the
-        // weights still come from memory, once per pass.
-        for t in [2, 4, 8, 16] {
+        // A few tokens through each of 64 experts' slices (an expert's tokens of a prefill or
+        // a batch): 128 MB, past the caches, so the weights come from memory once per pass.
+        let experts: Vec<u16> = (0..64 * e).map(|i| i as u16 & 0x3FFF).collect();
+        for t in [2, 4, 8, 16, 32] {
             let xt: Vec<f32> = (0..t * 1024).map(|i| (i % 13) as f32 * 0.1).collect();
             let mut yt = vec![0.0f32; t * 1024];
             let s = time(|| {
-                for m in big.chunks_exact(e) {
+                for m in experts.chunks_exact(e) {
                     kernels::axpy_rows_multi_on(isa, m, 1024, 0, &xt, t, &mut yt);
                 }
             });
             println!(
-                "{isa:?} axpy_rows_multi 16 x 1024x1024, {t} tokens: {:6.1} GB/s",
-                (big.len() * 2) as f64 / s / 1e9
+                "{isa:?} axpy_rows_multi 64 x 1024x1024, {t:>2} tokens: {:6.1} GB/s {:6.1} GFLOP/s",
+                (experts.len() * 2) as f64 / s / 1e9,
+                (2 * experts.len() * t) as f64 / s / 1e9
             );
         }
     }

@@ -9,10 +9,10 @@ kernel! {
     /// `y[j] = Σ_k x[k] · w[k, j0 + j]` over a `[x.len(), cols]` bf16 matrix (the "x @ W"
     /// orientation), for the column range `j0..j0 + y.len()`.
     pub fn axpy_rows / axpy_rows_on<W: Weight>(w: &[W], cols: usize, j0: usize, x: &[f32], y: &mut [f32])
-        => avx512: axpy_blocks::<Avx512, W, 8, 1, 0>,
-            avx2: axpy_blocks::<Avx2, W, 16, 1, 0>,
-            neon: axpy_blocks::<Neon, W, 16, 1, 0>,
-            baseline: axpy_blocks::<Scalar, W, 16, 1, 0>
+        => avx512: axpy_blocks::<Avx512, W, 8, 1, 1, 0>,
+            avx2: axpy_blocks::<Avx2, W, 16, 1, 1, 0>,
+            neon: axpy_blocks::<Neon, W, 16, 1, 1, 0>,
+            baseline: axpy_blocks::<Scalar, W, 16, 1, 1, 0>
 }
 
 kernel! {
@@ -26,26 +26,29 @@ kernel! {
         x: &[f32],
         t: usize,
         y: &mut [f32],
-    ) => avx512: axpy_rows_multi_generic::<Avx512, W, 4, 4, 8, 8>,
-        avx2: axpy_rows_multi_generic::<Avx2, W, 2, 2, 16, 4>,
-        neon: axpy_rows_multi_generic::<Neon, W, 1, 4, 16, 8>,
-        baseline: axpy_rows_multi_generic::<Scalar, W, 1, 4, 16, 8>
+    ) => avx512: axpy_rows_multi_generic::<Avx512, W, 4, 4, 8, 8, 2>,
+        avx2: axpy_rows_multi_generic::<Avx2, W, 2, 2, 16, 4, 1>,
+        neon: axpy_rows_multi_generic::<Neon, W, 1, 4, 16, 8, 1>,
+        baseline: axpy_rows_multi_generic::<Scalar, W, 1, 4, 16, 8, 1>
 }
 
 /// `axpy_rows_multi`: up to `STREAM_TOKENS` tokens (an expert's few tokens of a step, its
 /// weights read from memory once) in blocks of `KB` rows, as `axpy_rows` reads them, with
-/// at most `G` tokens' accumulators in registers at a time (more in two groups); more
-/// tokens in tiles of `C` lane chunks of columns × `T` tokens (the remainders in smaller
-/// tiles, the last columns one by one). The canonical order of every output: one
-/// accumulator from 0, `fma(w[k, j], x[k], acc)` for k ascending, in every tile shape,
-/// block and group.
+/// at most `G` tokens' accumulators for `CB` lane chunks of columns in registers at a time
+/// (more tokens in two groups); more tokens in tiles of `C` lane chunks of columns × `T`
+/// tokens (the remainders in smaller tiles, the last columns one by one). The canonical
+/// order of every output: one accumulator from 0, `fma(w[k, j], x[k], acc)` for k
+/// ascending, in every tile shape, block and group.
 ///
-/// AVX2 keeps at most 4 tokens to a group: 8 tokens' accumulators take all 16 of its
-/// registers, and its build of this kernel stored registers to the stack (12 spills, none
-/// now). On a 2-core AMD EPYC (Zen 3) VM, 8 tokens through 16 experts' 1024 × 1024 slices
-/// (`examples/kernel_tiles.rs`, one core, medians of 10 alternating runs) went from 2.7 to
-/// 3.4 GB/s; 1 to 4 tokens run the same code as before. AVX-512 (32 registers) keeps 8,
-/// and NEON and the baseline too (not measured).
+/// AVX2 keeps at most 4 tokens × 1 chunk to a group: 8 tokens' accumulators take all 16 of
+/// its registers, and its build of this kernel stored registers to the stack (12 spills,
+/// none now). On a 2-core AMD EPYC (Zen 3) VM, 8 tokens through 16 experts' 1024 × 1024
+/// slices (`examples/kernel_tiles.rs`, one core, medians of 10 alternating runs) went from
+/// 2.7 to 3.4 GB/s. AVX-512 (32 registers) keeps 8 tokens × 2 chunks, so that each token's
+/// input, broadcast once per row, serves two multiply-adds: on a 2-core AMD EPYC (Zen 4) VM,
+/// 64 experts' 1024 × 1024 slices from memory (one core, medians of 5 alternating runs), 4
+/// tokens went from 36 to 50 GFLOP/s and 8 from 56 to 68, 1 and 2 tokens within noise.
+/// NEON and the baseline keep 8 × 1 (not measured).
 #[inline(always)]
 fn axpy_rows_multi_generic<
     S: Lanes,
@@ -54,6 +57,7 @@ fn axpy_rows_multi_generic<
     const T: usize,
     const KB: usize,
     const G: usize,
+    const CB: usize,
 >(
     w: &[W],
     cols: usize,
@@ -68,20 +72,20 @@ fn axpy_rows_multi_generic<
     // One arm per count up to `STREAM_TOKENS` (the tokens' accumulators are arrays whose
     // lengths are constants): one group of `t`, or past `G`, two of about half.
     match t {
-        1 => axpy_blocks::<S, W, KB, 1, 0>(w, cols, j0, x, y),
-        2 => axpy_blocks::<S, W, KB, 2, 0>(w, cols, j0, x, y),
-        3 => axpy_blocks::<S, W, KB, 3, 0>(w, cols, j0, x, y),
-        4 => axpy_blocks::<S, W, KB, 4, 0>(w, cols, j0, x, y),
-        5 if G >= 5 => axpy_blocks::<S, W, KB, 5, 0>(w, cols, j0, x, y),
-        5 => axpy_blocks::<S, W, KB, 3, 2>(w, cols, j0, x, y),
-        6 if G >= 6 => axpy_blocks::<S, W, KB, 6, 0>(w, cols, j0, x, y),
-        6 => axpy_blocks::<S, W, KB, 3, 3>(w, cols, j0, x, y),
-        7 if G >= 7 => axpy_blocks::<S, W, KB, 7, 0>(w, cols, j0, x, y),
-        7 => axpy_blocks::<S, W, KB, 4, 3>(w, cols, j0, x, y),
+        1 => axpy_blocks::<S, W, KB, CB, 1, 0>(w, cols, j0, x, y),
+        2 => axpy_blocks::<S, W, KB, CB, 2, 0>(w, cols, j0, x, y),
+        3 => axpy_blocks::<S, W, KB, CB, 3, 0>(w, cols, j0, x, y),
+        4 => axpy_blocks::<S, W, KB, CB, 4, 0>(w, cols, j0, x, y),
+        5 if G >= 5 => axpy_blocks::<S, W, KB, CB, 5, 0>(w, cols, j0, x, y),
+        5 => axpy_blocks::<S, W, KB, CB, 3, 2>(w, cols, j0, x, y),
+        6 if G >= 6 => axpy_blocks::<S, W, KB, CB, 6, 0>(w, cols, j0, x, y),
+        6 => axpy_blocks::<S, W, KB, CB, 3, 3>(w, cols, j0, x, y),
+        7 if G >= 7 => axpy_blocks::<S, W, KB, CB, 7, 0>(w, cols, j0, x, y),
+        7 => axpy_blocks::<S, W, KB, CB, 4, 3>(w, cols, j0, x, y),
         STREAM_TOKENS if G >= STREAM_TOKENS => {
-            axpy_blocks::<S, W, KB, STREAM_TOKENS, 0>(w, cols, j0, x, y)
+            axpy_blocks::<S, W, KB, CB, STREAM_TOKENS, 0>(w, cols, j0, x, y)
         }
-        STREAM_TOKENS => axpy_blocks::<S, W, KB, 4, 4>(w, cols, j0, x, y),
+        STREAM_TOKENS => axpy_blocks::<S, W, KB, CB, 4, 4>(w, cols, j0, x, y),
         _ => axpy_columns::<S, W, C, T>(w, cols, j0, x, k, k, t, y, false),
     }
 }
@@ -262,7 +266,14 @@ fn axpy_tile<S: Lanes, W: Weight, const C: usize, const T: usize, const AHEAD: u
 /// 1024 × 1024 slices ran at ~14 GB/s against ~10 with 16 (`examples/kernel_tiles.rs`; 4 and
 /// 32 were slower still).
 #[inline(always)]
-fn axpy_blocks<S: Lanes, W: Weight, const KB: usize, const A: usize, const B: usize>(
+fn axpy_blocks<
+    S: Lanes,
+    W: Weight,
+    const KB: usize,
+    const CB: usize,
+    const A: usize,
+    const B: usize,
+>(
     w: &[W],
     cols: usize,
     j0: usize,
@@ -280,20 +291,14 @@ fn axpy_blocks<S: Lanes, W: Weight, const KB: usize, const A: usize, const B: us
     let mut k0 = 0;
     while k0 < k {
         let kn = KB.min(k - k0);
-        for o in (0..full).step_by(LANES) {
-            if o % 32 == 0 {
-                for r in 0..kn {
-                    prefetch(w, (k0 + KB + r) * cols + j0 + o);
-                }
-            }
-            let (wb, col) = (&w[k0 * cols..], j0 + o);
-            let (ya, yb) = y.split_at_mut(A * n);
-            column_tile::<S, W, 1, A, 0>(wb, cols, col, o, &x[k0..], k, kn, 0, A, ya, true);
-            if B > 0 {
-                // The second group reads the block's weights again, from L1.
-                let xb = &x[A * k + k0..];
-                column_tile::<S, W, 1, B, 0>(wb, cols, col, o, xb, k, kn, 0, B, yb, true);
-            }
+        let mut o = 0;
+        while o + CB * LANES <= full {
+            block_chunk::<S, W, KB, CB, A, B>(w, cols, j0, o, x, k0, kn, y);
+            o += CB * LANES;
+        }
+        while o < full {
+            block_chunk::<S, W, KB, 1, A, B>(w, cols, j0, o, x, k0, kn, y);
+            o += LANES;
         }
         for i in 0..t {
             for j in full..n {
@@ -306,5 +311,46 @@ fn axpy_blocks<S: Lanes, W: Weight, const KB: usize, const A: usize, const B: us
             }
         }
         k0 += kn;
+    }
+}
+
+/// `C` lane chunks of columns from `o` over the block of `kn` rows from `k0` (`axpy_blocks`):
+/// the next block's rows are prefetched, then each group of tokens runs its tile.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn block_chunk<
+    S: Lanes,
+    W: Weight,
+    const KB: usize,
+    const C: usize,
+    const A: usize,
+    const B: usize,
+>(
+    w: &[W],
+    cols: usize,
+    j0: usize,
+    o: usize,
+    x: &[f32],
+    k0: usize,
+    kn: usize,
+    y: &mut [f32],
+) {
+    let t = A + B;
+    let (k, n) = (x.len() / t, y.len() / t);
+    for c in 0..C {
+        let line = o + c * LANES;
+        if line.is_multiple_of(32) {
+            for r in 0..kn {
+                prefetch(w, (k0 + KB + r) * cols + j0 + line);
+            }
+        }
+    }
+    let (wb, col) = (&w[k0 * cols..], j0 + o);
+    let (ya, yb) = y.split_at_mut(A * n);
+    column_tile::<S, W, C, A, 0>(wb, cols, col, o, &x[k0..], k, kn, 0, A, ya, true);
+    if B > 0 {
+        // The second group reads the block's weights again, from L1.
+        let xb = &x[A * k + k0..];
+        column_tile::<S, W, C, B, 0>(wb, cols, col, o, xb, k, kn, 0, B, yb, true);
     }
 }

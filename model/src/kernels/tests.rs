@@ -102,9 +102,11 @@ fn every_build_and_batch_gives_the_batch_1_bits() {
             _ => 1 + next(9),
         };
         let k = 1 + next(150);
-        // Now and then more tokens than one cache block of `dot_rows_multi` holds.
-        let t = match next(4) {
+        // Now and then more tokens than one cache block of `dot_rows_multi` holds, or than
+        // `axpy_rows_multi` streams in groups.
+        let t = match next(5) {
             0 => X_BLOCK_BYTES / (4 * k) + 1 + next(300),
+            1 => 10 + next(60),
             _ => 1 + next(9),
         };
         let bf16: Vec<u16> = (0..rows * k)
