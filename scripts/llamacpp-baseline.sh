@@ -10,7 +10,8 @@
 # `llama-cpp-python` sdist's vendored sources (cmake from PyPI), its converter makes a bf16
 # GGUF (taught the checkpoint's BPE pre-tokenizer: it knows none of this tokenizer's hash),
 # then llama-bench / llama-batched-bench and `expertmesh bench decode --model` run one after
-# the other. Needs ~8 GB of disk (torch and its CUDA wheels are the bulk) and, on 2 cores,
+# the other; on a CPU with AVX512-BF16, a second llama.cpp build without it as well (see
+# NO_BF16 below). Needs ~8 GB of disk (torch and its CUDA wheels are the bulk) and, on 2 cores,
 # ~15 minutes the first time; later runs reuse what WORK_DIR holds.
 set -euo pipefail
 
@@ -52,6 +53,27 @@ if [ ! -x build/bin/llama-bench ]; then
     venv/bin/cmake --build build -j "$(nproc)" --target llama-bench llama-batched-bench >/dev/null
 fi
 
+# llama.cpp's bf16 products round the activations to bf16, and where the CPU has AVX512-BF16
+# (Zen 4, Sapphire Rapids) its native build takes two products per lane per instruction
+# (VDPBF16PS, tinyBLAS). expertmesh keeps f32 activations (the references compute in float32)
+# and one FMA per product. On such a CPU a second llama.cpp build without AVX512-BF16 runs
+# too (NO_BF16=0 skips it): its products run at f32 multiply-add speed, as ours do.
+NO_BF16=${NO_BF16:-1}
+if [ "$NO_BF16" = 1 ] && grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null; then
+    if [ ! -x build-nobf16/bin/llama-bench ]; then
+        step "building llama.cpp (CPU, native less AVX512-BF16)"
+        venv/bin/cmake -S "$SRC" -B build-nobf16 -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF \
+            -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+            -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=OFF \
+            -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+            -DLLAMA_BUILD_SERVER=OFF >/dev/null
+        venv/bin/cmake --build build-nobf16 -j "$(nproc)" --target llama-bench llama-batched-bench >/dev/null
+    fi
+    LLAMAS="build build-nobf16"
+else
+    LLAMAS="build"
+fi
+
 if [ ! -f bench-bf16.gguf ]; then
     step "bf16 GGUF (convert_hf_to_gguf.py)"
     # The converter names BPE pre-tokenizers by a hash of how they split a test string and
@@ -73,49 +95,66 @@ REPEATS=${REPEATS:-3}
 # The machines these run on are noisy (shared cores): the two engines take turns, REPEATS
 # rounds, and the figures are medians, with the median of the per-round ratios.
 for round in $(seq "$REPEATS"); do
-    step "round $round/$REPEATS: llama.cpp prefill 128 and $LONG, decode 64 at batch 1 ($THREADS threads)"
-    build/bin/llama-bench -m bench-bf16.gguf -t "$THREADS" -p "128,$LONG" -n 64 -r 1 -o json \
-        >"llama-bench.$round.json"
-    step "round $round/$REPEATS: llama.cpp 32 sequences decoding (llama-batched-bench)"
-    build/bin/llama-batched-bench -m bench-bf16.gguf -t "$THREADS" -c 8192 -b 2048 -ub 512 \
-        -npp 128 -ntg 32 -npl 1,32 --output-format jsonl >"llama-batched.$round.jsonl" 2>/dev/null
+    for llama in $LLAMAS; do
+        step "round $round/$REPEATS: llama.cpp ($llama) prefill 128 and $LONG, decode 64 at batch 1 ($THREADS threads)"
+        "$llama"/bin/llama-bench -m bench-bf16.gguf -t "$THREADS" -p "128,$LONG" -n 64 -r 1 \
+            -o json >"llama-bench.$llama.$round.json"
+        step "round $round/$REPEATS: llama.cpp ($llama) 32 sequences decoding (llama-batched-bench)"
+        "$llama"/bin/llama-batched-bench -m bench-bf16.gguf -t "$THREADS" -c 8192 -b 2048 \
+            -ub 512 -npp 128 -ntg 32 -npl 1,32 --output-format jsonl \
+            >"llama-batched.$llama.$round.jsonl" 2>/dev/null
+    done
     step "round $round/$REPEATS: expertmesh bench decode --model (same checkpoint)"
     "$EXPERTMESH" bench decode --model bench-bf16 --threads "$THREADS" --batch 1,32 \
         --prompt-tokens "128,$LONG" --json >"expertmesh.$round.json"
 done
 
-REPEATS=$REPEATS LONG=$LONG THREADS=$THREADS "$PY" - <<'EOF'
+LLAMAS=$LLAMAS REPEATS=$REPEATS LONG=$LONG THREADS=$THREADS "$PY" - <<'EOF'
 import json, os, statistics as st
 rounds, long = int(os.environ["REPEATS"]), int(os.environ["LONG"])
+llamas = os.environ["LLAMAS"].split()
 names = ["prefill 128 tokens", f"prefill {long} tokens", "decode, batch 1", "decode, 32 sequences"]
 keys = ["prefill_128", f"prefill_{long}", "decode_1", "decode_32"]
-runs = []
-for r in range(1, rounds + 1):
-    bench = json.load(open(f"llama-bench.{r}.json"))
+# The native llama.cpp build, and the one without AVX512-BF16 where it ran.
+labels = {"build": "llama_cpp", "build-nobf16": "llama_cpp_no_bf16"}
+
+
+def llama_figures(llama, r):
+    bench = json.load(open(f"llama-bench.{llama}.{r}.json"))
     pp = {b["n_prompt"]: b["avg_ts"] for b in bench if b["n_prompt"] > 0 and b["n_gen"] == 0}
     tg = next(b["avg_ts"] for b in bench if b["n_gen"] > 0 and b["n_prompt"] == 0)
-    batched = [json.loads(l) for l in open(f"llama-batched.{r}.jsonl") if l.strip().startswith("{")]
+    lines = open(f"llama-batched.{llama}.{r}.jsonl")
+    batched = [json.loads(l) for l in lines if l.strip().startswith("{")]
     tg32 = next(b["speed_tg"] for b in batched if b["pl"] == 32)
+    return dict(zip(keys, [pp[128], pp[long], tg, tg32]))
+
+
+runs = []
+for r in range(1, rounds + 1):
     em = json.load(open(f"expertmesh.{r}.json"))
     em_p = {p["prompt_tokens"]: p["tokens_per_s"] for p in em["prefill"]}
     em_b = {p["batch"]: p for p in em["decode"]}
-    runs.append({
-        "llama_cpp": dict(zip(keys, [pp[128], pp[long], tg, tg32])),
+    run = {labels[l]: llama_figures(l, r) for l in llamas}
+    run.update({
         "expertmesh": dict(zip(keys, [em_p[128], em_p[long], em_b[1]["tokens_per_s"],
                                       em_b[32]["tokens_per_s"]])),
         "batch1_step_ms": em_b[1]["step_ms_median"],
         "batch1_read_floor_ms": em_b[1]["step_ms_median"] / em_b[1]["ratio_to_read_floor"],
         "read_gbps": em["read_gbps"],
     })
+    runs.append(run)
 med = st.median
-print(f"\n{rounds} rounds, medians ({os.environ['THREADS']} threads)")
-print(f"{'':24} {'llama.cpp':>12} {'expertmesh':>12} {'ratio':>7}   per-round ratios")
-for name, k in zip(names, keys):
-    l = med([r["llama_cpp"][k] for r in runs])
-    e = med([r["expertmesh"][k] for r in runs])
-    ratios = [r["expertmesh"][k] / r["llama_cpp"][k] for r in runs]
-    print(f"{name:24} {l:>10.1f}/s {e:>10.1f}/s {med(ratios):>7.2f}   "
-          + " ".join(f"{x:.2f}" for x in ratios))
+for l in llamas:
+    against = labels[l]
+    title = "llama.cpp" if l == "build" else "llama.cpp without AVX512-BF16"
+    print(f"\n{rounds} rounds, medians ({os.environ['THREADS']} threads), against {title}")
+    print(f"{'':24} {'llama.cpp':>12} {'expertmesh':>12} {'ratio':>7}   per-round ratios")
+    for name, k in zip(names, keys):
+        lf = med([r[against][k] for r in runs])
+        e = med([r["expertmesh"][k] for r in runs])
+        ratios = [r["expertmesh"][k] / r[against][k] for r in runs]
+        print(f"{name:24} {lf:>10.1f}/s {e:>10.1f}/s {med(ratios):>7.2f}   "
+              + " ".join(f"{x:.2f}" for x in ratios))
 s, f = med([r["batch1_step_ms"] for r in runs]), med([r["batch1_read_floor_ms"] for r in runs])
 print(f"batch 1 step {s:.2f} ms against a read-bandwidth floor of {f:.2f} ms "
       f"({med([r['read_gbps'] for r in runs]):.1f} GB/s): {s / f:.2f}x the floor")
