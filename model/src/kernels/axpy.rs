@@ -254,10 +254,11 @@ fn axpy_tile<S: Lanes, W: Weight, const C: usize, const T: usize, const AHEAD: u
 }
 
 /// `A + B` tokens' `axpy_rows` (`x` is `[A + B, k]`, `y` is `[A + B, n]`) in one pass over
-/// the rows: each block of `KB` rows, chunk by chunk of columns, carries every token's
-/// accumulator for the chunk in `y`, the first `A` tokens' in registers, then the other
-/// `B`'s (`B` is 0 where all fit). Every output's chain is the canonical one (from 0, `fma`
-/// for k ascending), so the bits are those of the column tiles, whatever the block or group.
+/// the rows: each block of `KB` rows, `CB` lane chunks of columns at a time (the last
+/// chunks one by one), carries every token's accumulators for those columns in `y`, the
+/// first `A` tokens' in registers, then the other `B`'s (`B` is 0 where all fit). Every
+/// output's chain is the canonical one (from 0, `fma` for k ascending), so the bits are those
+/// of the column tiles, whatever the block, chunk or group.
 ///
 /// The rows stream in order, as one sequential read per core, where register tiles of
 /// columns (`axpy_columns`) read each row in pieces far apart (one token, an expert's
