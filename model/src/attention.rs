@@ -149,23 +149,39 @@ impl Attention {
     /// RoPE and qk-norm on RoPE layers, temperature tuning on NoPE layers.
     fn position_encode(&self, q: &mut [f32], k: &mut [f32], start_pos: usize) {
         let d = self.head_dim;
-        let q_rows = q.chunks_exact_mut(self.heads * d);
-        let k_rows = k.chunks_exact_mut(self.kv_heads * d);
-        for (i, (q_row, k_row)) in q_rows.zip(k_rows).enumerate() {
-            let pos = start_pos + i;
-            if self.use_rope {
-                for head in q_row.chunks_exact_mut(d).chain(k_row.chunks_exact_mut(d)) {
-                    self.rope.rotate(head, pos);
-                }
-                if self.qk_norm {
-                    rms_norm_in_place(q_row, d, None, self.eps);
-                    rms_norm_in_place(k_row, d, None, self.eps);
-                }
-            } else if self.temperature_tuning {
-                let steps = ((pos as f64 + 1.0) / self.floor_scale).floor();
-                let scale = (steps.ln_1p() * self.attn_scale + 1.0) as f32;
-                q_row.iter_mut().for_each(|v| *v *= scale);
+        let (q_dim, k_dim) = (self.heads * d, self.kv_heads * d);
+        // A prompt's tokens go over the cores; each token's bits are its own.
+        if q.len() >= crate::hot::SPLIT_VALUES_MIN {
+            q.par_chunks_exact_mut(q_dim)
+                .zip(k.par_chunks_exact_mut(k_dim))
+                .enumerate()
+                .for_each(|(i, (q_row, k_row))| self.encode_token(q_row, k_row, start_pos + i));
+        } else {
+            for (i, (q_row, k_row)) in q
+                .chunks_exact_mut(q_dim)
+                .zip(k.chunks_exact_mut(k_dim))
+                .enumerate()
+            {
+                self.encode_token(q_row, k_row, start_pos + i);
             }
+        }
+    }
+
+    /// `position_encode` for the token at `pos`: its query and key rows.
+    fn encode_token(&self, q_row: &mut [f32], k_row: &mut [f32], pos: usize) {
+        let d = self.head_dim;
+        if self.use_rope {
+            for head in q_row.chunks_exact_mut(d).chain(k_row.chunks_exact_mut(d)) {
+                self.rope.rotate(head, pos);
+            }
+            if self.qk_norm {
+                rms_norm_in_place(q_row, d, None, self.eps);
+                rms_norm_in_place(k_row, d, None, self.eps);
+            }
+        } else if self.temperature_tuning {
+            let steps = ((pos as f64 + 1.0) / self.floor_scale).floor();
+            let scale = (steps.ln_1p() * self.attn_scale + 1.0) as f32;
+            q_row.iter_mut().for_each(|v| *v *= scale);
         }
     }
 

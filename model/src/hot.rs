@@ -7,6 +7,9 @@
 //! A job is a part count and a function of the part index; parts are taken from a shared
 //! counter (which thread runs a part never changes what it computes). One job runs at a
 //! time; a caller that finds the pool busy runs its parts itself.
+//!
+//! `for_each_row` is the other side: a prompt's elementwise steps (norms, activations,
+//! RoPE), row by row over the rayon pool where there are enough rows to pay for it.
 #![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -191,6 +194,28 @@ pub fn map_items<I: Send, R: Send>(items: Vec<I>, f: impl Fn(I) -> R + Sync + Se
     }
 }
 
+/// The fewest values an elementwise step over many tokens' rows (a norm, an activation,
+/// RoPE) must hold before its rows go over the cores (rayon) rather than run in place: a
+/// prompt's steps are worth the fork, a decode step's are not.
+pub const SPLIT_VALUES_MIN: usize = 1 << 16;
+
+/// Runs `f` on each `dim`-long row of `x` with the row's index, over the cores where `x`
+/// holds at least `SPLIT_VALUES_MIN` values (the driving thread would otherwise run a
+/// prompt's norms and activations while the other cores wait). Each row's result depends on
+/// that row alone, so the split never changes a bit.
+pub fn for_each_row(x: &mut [f32], dim: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    use rayon::prelude::*;
+    if x.len() >= SPLIT_VALUES_MIN {
+        x.par_chunks_exact_mut(dim)
+            .enumerate()
+            .for_each(|(i, row)| f(i, row));
+    } else {
+        x.chunks_exact_mut(dim)
+            .enumerate()
+            .for_each(|(i, row)| f(i, row));
+    }
+}
+
 /// The threads that `run` would spread parts over from this thread: every core from the
 /// driving thread, only itself from a rayon worker (which runs its parts in place).
 pub fn threads() -> usize {
@@ -212,6 +237,20 @@ mod tests {
     use std::sync::atomic::AtomicU64;
 
     use super::*;
+
+    /// Below and past the split, every row is visited once, with its own index.
+    #[test]
+    fn for_each_row_visits_every_row_once_with_its_index() {
+        for rows in [3, SPLIT_VALUES_MIN / 64 + 5] {
+            let mut x = vec![0.0f32; rows * 64];
+            for_each_row(&mut x, 64, |i, row| {
+                row.iter_mut().for_each(|v| *v += i as f32)
+            });
+            for (i, row) in x.chunks_exact(64).enumerate() {
+                assert!(row.iter().all(|&v| v == i as f32), "row {i} of {rows}");
+            }
+        }
+    }
 
     /// A panicking part reaches the caller, and the pool keeps serving jobs.
     #[test]
