@@ -205,6 +205,10 @@ pub const SPLIT_VALUES_MIN: usize = 1 << 16;
 /// that row alone, so the split never changes a bit.
 pub fn for_each_row(x: &mut [f32], dim: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     use rayon::prelude::*;
+    if x.is_empty() {
+        // No rows (a batch of no tokens): nothing to run, whatever `dim` is.
+        return;
+    }
     if x.len() >= SPLIT_VALUES_MIN {
         x.par_chunks_exact_mut(dim)
             .enumerate()
@@ -241,6 +245,7 @@ mod tests {
     /// Below and past the split, every row is visited once, with its own index.
     #[test]
     fn for_each_row_visits_every_row_once_with_its_index() {
+        for_each_row(&mut [], 0, |_, _| unreachable!("no rows"));
         for rows in [3, SPLIT_VALUES_MIN / 64 + 5] {
             let mut x = vec![0.0f32; rows * 64];
             for_each_row(&mut x, 64, |i, row| {
