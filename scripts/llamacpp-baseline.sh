@@ -46,12 +46,17 @@ if [ ! -d "$SRC" ]; then
     tar xzf "sdist/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz"
 fi
 
-if [ ! -x build/bin/llama-bench ]; then
-    step "building llama.cpp (CPU, native)"
-    venv/bin/cmake -S "$SRC" -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
-    venv/bin/cmake --build build -j "$(nproc)" --target llama-bench llama-batched-bench >/dev/null
-fi
+# build_llama DIR CMAKE_FLAGS...: llama-bench and llama-batched-bench into DIR, unless there.
+build_llama() {
+    local dir=$1
+    shift
+    [ -x "$dir/bin/llama-bench" ] && return
+    step "building llama.cpp into $dir (CPU: $*)"
+    venv/bin/cmake -S "$SRC" -B "$dir" -DCMAKE_BUILD_TYPE=Release "$@" -DLLAMA_CURL=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
+    venv/bin/cmake --build "$dir" -j "$(nproc)" --target llama-bench llama-batched-bench >/dev/null
+}
+build_llama build -DGGML_NATIVE=ON
 
 # llama.cpp's bf16 products round the activations to bf16, and where the CPU has AVX512-BF16
 # (Zen 4, Sapphire Rapids) its native build takes two products per lane per instruction
@@ -60,15 +65,9 @@ fi
 # too (NO_BF16=0 skips it): its products run at f32 multiply-add speed, as ours do.
 NO_BF16=${NO_BF16:-1}
 if [ "$NO_BF16" = 1 ] && grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null; then
-    if [ ! -x build-nobf16/bin/llama-bench ]; then
-        step "building llama.cpp (CPU, native less AVX512-BF16)"
-        venv/bin/cmake -S "$SRC" -B build-nobf16 -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF \
-            -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
-            -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=OFF \
-            -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-            -DLLAMA_BUILD_SERVER=OFF >/dev/null
-        venv/bin/cmake --build build-nobf16 -j "$(nproc)" --target llama-bench llama-batched-bench >/dev/null
-    fi
+    build_llama build-nobf16 -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+        -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON \
+        -DGGML_AVX512_BF16=OFF
     LLAMAS="build build-nobf16"
 else
     LLAMAS="build"
@@ -115,8 +114,9 @@ rounds, long = int(os.environ["REPEATS"]), int(os.environ["LONG"])
 llamas = os.environ["LLAMAS"].split()
 names = ["prefill 128 tokens", f"prefill {long} tokens", "decode, batch 1", "decode, 32 sequences"]
 keys = ["prefill_128", f"prefill_{long}", "decode_1", "decode_32"]
-# The native llama.cpp build, and the one without AVX512-BF16 where it ran.
-labels = {"build": "llama_cpp", "build-nobf16": "llama_cpp_no_bf16"}
+# The native llama.cpp build, and the one without AVX512-BF16 where it ran: (key, title).
+labels = {"build": ("llama_cpp", "llama.cpp"),
+          "build-nobf16": ("llama_cpp_no_bf16", "llama.cpp without AVX512-BF16")}
 
 
 def llama_figures(llama, r):
@@ -134,7 +134,7 @@ for r in range(1, rounds + 1):
     em = json.load(open(f"expertmesh.{r}.json"))
     em_p = {p["prompt_tokens"]: p["tokens_per_s"] for p in em["prefill"]}
     em_b = {p["batch"]: p for p in em["decode"]}
-    run = {labels[l]: llama_figures(l, r) for l in llamas}
+    run = {labels[l][0]: llama_figures(l, r) for l in llamas}
     run.update({
         "expertmesh": dict(zip(keys, [em_p[128], em_p[long], em_b[1]["tokens_per_s"],
                                       em_b[32]["tokens_per_s"]])),
@@ -145,8 +145,7 @@ for r in range(1, rounds + 1):
     runs.append(run)
 med = st.median
 for l in llamas:
-    against = labels[l]
-    title = "llama.cpp" if l == "build" else "llama.cpp without AVX512-BF16"
+    against, title = labels[l]
     print(f"\n{rounds} rounds, medians ({os.environ['THREADS']} threads), against {title}")
     print(f"{'':24} {'llama.cpp':>12} {'expertmesh':>12} {'ratio':>7}   per-round ratios")
     for name, k in zip(names, keys):

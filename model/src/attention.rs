@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use crate::checkpoint::WeightSource;
 use crate::config::TextConfig;
 use crate::error::Result;
+use crate::hot::for_each_row;
 use crate::kernels::{self, KvRows};
 use crate::kv_cache::{BlockPool, LayerCache};
 use crate::linear::Linear;
@@ -146,42 +147,33 @@ impl Attention {
         self.o.forward(&attn, t)
     }
 
-    /// RoPE and qk-norm on RoPE layers, temperature tuning on NoPE layers.
+    /// RoPE and qk-norm on RoPE layers, temperature tuning on NoPE layers. A prompt's
+    /// tokens go over the cores (`hot::for_each_row`); each token's bits are its own.
     fn position_encode(&self, q: &mut [f32], k: &mut [f32], start_pos: usize) {
         let d = self.head_dim;
-        let (q_dim, k_dim) = (self.heads * d, self.kv_heads * d);
-        // A prompt's tokens go over the cores; each token's bits are its own.
-        if q.len() >= crate::hot::SPLIT_VALUES_MIN {
-            q.par_chunks_exact_mut(q_dim)
-                .zip(k.par_chunks_exact_mut(k_dim))
-                .enumerate()
-                .for_each(|(i, (q_row, k_row))| self.encode_token(q_row, k_row, start_pos + i));
-        } else {
-            for (i, (q_row, k_row)) in q
-                .chunks_exact_mut(q_dim)
-                .zip(k.chunks_exact_mut(k_dim))
-                .enumerate()
-            {
-                self.encode_token(q_row, k_row, start_pos + i);
-            }
-        }
+        for_each_row(q, self.heads * d, |i, row| {
+            self.encode_row(row, start_pos + i, Side::Query)
+        });
+        for_each_row(k, self.kv_heads * d, |i, row| {
+            self.encode_row(row, start_pos + i, Side::Key)
+        });
     }
 
-    /// `position_encode` for the token at `pos`: its query and key rows.
-    fn encode_token(&self, q_row: &mut [f32], k_row: &mut [f32], pos: usize) {
+    /// `position_encode` for one token's query or key row at `pos` (temperature tuning
+    /// scales queries only).
+    fn encode_row(&self, row: &mut [f32], pos: usize, side: Side) {
         let d = self.head_dim;
         if self.use_rope {
-            for head in q_row.chunks_exact_mut(d).chain(k_row.chunks_exact_mut(d)) {
+            for head in row.chunks_exact_mut(d) {
                 self.rope.rotate(head, pos);
             }
             if self.qk_norm {
-                rms_norm_in_place(q_row, d, None, self.eps);
-                rms_norm_in_place(k_row, d, None, self.eps);
+                rms_norm_in_place(row, d, None, self.eps);
             }
-        } else if self.temperature_tuning {
+        } else if self.temperature_tuning && side == Side::Query {
             let steps = ((pos as f64 + 1.0) / self.floor_scale).floor();
             let scale = (steps.ln_1p() * self.attn_scale + 1.0) as f32;
-            q_row.iter_mut().for_each(|v| *v *= scale);
+            row.iter_mut().for_each(|v| *v *= scale);
         }
     }
 
@@ -198,6 +190,13 @@ impl Attention {
             chunk: self.use_rope.then_some(self.chunk),
         }
     }
+}
+
+/// Which row of a token `Attention::encode_row` takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Query,
+    Key,
 }
 
 /// One layer's attention shape: query and KV heads (GQA), head size, and for chunked (RoPE)

@@ -56,7 +56,7 @@ impl Mlp {
         } else {
             rayon::join(|| self.gate.forward(x, t), || self.up.forward(x, t))
         };
-        let inter = g.len() / t.max(1);
+        let inter = self.gate.out_dim();
         crate::hot::for_each_row(&mut g, inter, |i, row| {
             let u = &u[i * inter..(i + 1) * inter];
             row.iter_mut().zip(u).for_each(|(g, u)| *g = silu(*g) * u);
