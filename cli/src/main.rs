@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod admin;
 mod bench;
 mod certs;
+mod checkpoint_dir;
 mod cluster;
 mod generate;
 mod health;

@@ -5,16 +5,18 @@
 //! gains `quantization_config` with the literal `ignore` list of every other Linear module;
 //! the other files of the directory are copied.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use expertmesh_model::fp8::quantize_fused_expert;
-use expertmesh_model::{DType, SafetensorsCheckpoint, Tensor, TextConfig, WeightSource};
+use expertmesh_model::{SafetensorsCheckpoint, Tensor, TextConfig, WeightSource};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::{json, Value};
+
+use crate::checkpoint_dir::{dtype, write_weights, SHARD_BYTES};
 
 #[derive(Args, Debug)]
 pub struct QuantizeArgs {
@@ -28,7 +30,7 @@ pub struct QuantizeArgs {
     #[arg(long, default_value = "fp8-dynamic")]
     scheme: String,
     /// Bytes per output shard at most.
-    #[arg(long, default_value_t = 4 << 30)]
+    #[arg(long, default_value_t = SHARD_BYTES)]
     shard_bytes: usize,
 }
 
@@ -92,12 +94,17 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
             args.model.display()
         );
     }
-    let index = write_shards(&args.out, &tensors, args.shard_bytes)?;
+    let views = tensors
+        .iter()
+        .map(|(name, o)| {
+            Ok((
+                name.clone(),
+                TensorView::new(o.dtype, o.shape.clone(), &o.bytes)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    write_weights(&args.out, &views, args.shard_bytes)?;
     write_config(&args.model, &args.out, ignore)?;
-    std::fs::write(
-        args.out.join("model.safetensors.index.json"),
-        serde_json::to_string_pretty(&json!({"metadata": {}, "weight_map": index}))?,
-    )?;
     for entry in std::fs::read_dir(&args.model)? {
         let path = entry?.path();
         let file = path
@@ -123,53 +130,6 @@ fn out(t: &Tensor) -> Out {
         shape: t.shape.clone(),
         bytes: t.bytes().to_vec(),
     }
-}
-
-fn dtype(d: DType) -> Dtype {
-    match d {
-        DType::BF16 => Dtype::BF16,
-        DType::F16 => Dtype::F16,
-        DType::F32 => Dtype::F32,
-        DType::F8E4M3 => Dtype::F8_E4M3,
-    }
-}
-
-/// Writes the tensors in shards of at most `shard_bytes`; returns the weight map.
-fn write_shards(
-    dir: &Path,
-    tensors: &[(String, Out)],
-    shard_bytes: usize,
-) -> Result<BTreeMap<String, String>> {
-    let mut shards: Vec<Vec<&(String, Out)>> = vec![Vec::new()];
-    let mut size = 0;
-    for t in tensors {
-        if size + t.1.bytes.len() > shard_bytes && !shards.last().expect("one shard").is_empty() {
-            shards.push(Vec::new());
-            size = 0;
-        }
-        size += t.1.bytes.len();
-        shards.last_mut().expect("one shard").push(t);
-    }
-    let n = shards.len();
-    let mut map = BTreeMap::new();
-    for (k, shard) in shards.iter().enumerate() {
-        let file = format!("model-{:05}-of-{n:05}.safetensors", k + 1);
-        let views = shard
-            .iter()
-            .map(|(name, o)| {
-                Ok((
-                    name.clone(),
-                    TensorView::new(o.dtype, o.shape.clone(), &o.bytes)?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        safetensors::serialize_to_file(views, None::<HashMap<String, String>>, &dir.join(&file))
-            .with_context(|| format!("writing {file}"))?;
-        for (name, _) in shard {
-            map.insert(name.clone(), file.clone());
-        }
-    }
-    Ok(map)
 }
 
 /// `config.json` with the compressed-tensors `quantization_config` of the FP8 layout.

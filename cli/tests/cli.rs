@@ -296,6 +296,41 @@ fn bench_transfer_reports_json() {
     }
 }
 
+/// A worker with the files and a weightless one over framed TCP each join a fresh cluster of
+/// the tiny checkpoint and are given experts (the weightless one only once every byte it
+/// fetched is verified).
+#[test]
+fn bench_join_reports_json() {
+    let model = fixture("tiny-maverick");
+    let out = expertmesh(&[
+        "bench",
+        "join",
+        "--model",
+        model.to_str().unwrap(),
+        "--runs",
+        "1",
+        "--transport",
+        "tcp",
+        "--json",
+    ]);
+    let v = json_out(&out);
+    assert_eq!(v["experts"], 128);
+    assert!(v["expert_mb"].as_f64().unwrap() > 0.0, "{v}");
+    let joins = v["joins"].as_array().unwrap();
+    let from: Vec<&str> = joins.iter().map(|j| j["from"].as_str().unwrap()).collect();
+    assert_eq!(from, ["files", "tcp"]);
+    for j in joins {
+        assert!(j["experts"].as_u64().unwrap() > 0, "{j}");
+        let committed = j["seconds_to_committed"].as_f64().unwrap();
+        assert!(
+            committed >= j["seconds_to_listening"].as_f64().unwrap(),
+            "{j}"
+        );
+        assert!(j["mb_per_s"].as_f64().unwrap() > 0.0, "{j}");
+        assert!(j["ratio_to_files"].as_f64().unwrap() > 0.0, "{j}");
+    }
+}
+
 /// One process runs both ends of the dispatch link: under TLS (as every process of these
 /// tests) its server presents the expert worker's certificate and its clients the admin's.
 #[test]

@@ -50,7 +50,12 @@ impl SyntheticSpec {
     }
 
     pub fn config(&self) -> Result<TextConfig> {
-        TextConfig::from_json(&json!({
+        TextConfig::from_json(&self.config_json())
+    }
+
+    /// The `config.json` of this model, as a checkpoint directory of it would hold.
+    pub fn config_json(&self) -> serde_json::Value {
+        json!({
             "hidden_size": self.hidden,
             "num_hidden_layers": self.layers,
             "num_attention_heads": self.heads,
@@ -65,7 +70,7 @@ impl SyntheticSpec {
             "use_qk_norm": false,
             "max_position_embeddings": 131072,
             "rope_theta": 500000.0,
-        }))
+        })
     }
 
     /// Builds the config and every tensor a `Model` loads.

@@ -10,6 +10,10 @@
 //!   and without it;
 //! - [`image`]: image prefill (vision tower + merged prefill) against text prefill of the
 //!   same token count;
+//! - [`transfer`]: every expert of a checkpoint fetched from a peer over loopback against raw
+//!   TCP moving the same bytes;
+//! - [`join`]: the time from a weightless expert worker's start to the placement that gives
+//!   it experts, against a worker with the checkpoint's files;
 //! - [`gpu`]: the Maverick expert shard on a GPU against a dense GEMM and the copy bandwidth;
 //! - [`steps`]: what they share (timed decode steps, medians, the host's bandwidth).
 
@@ -17,6 +21,7 @@ mod decode;
 mod dispatch;
 mod gpu;
 mod image;
+mod join;
 mod memory;
 mod prefix;
 mod serve;
@@ -26,7 +31,7 @@ mod transfer;
 use anyhow::Result;
 use clap::Subcommand;
 
-pub(crate) use steps::{decode_steps, median};
+pub(crate) use steps::{decode_steps, median, median_of};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -45,6 +50,10 @@ pub enum BenchCommand {
     /// Time to first token of requests sharing a long prefix through a local cluster, with
     /// prefix caching and with `--no-prefix-cache`, in one run.
     Prefix(prefix::PrefixArgs),
+    /// The time from an expert worker's start to the committed placement that gives it
+    /// experts: without the checkpoint's weights (fetched over each transport) against with
+    /// them.
+    Join(join::JoinArgs),
     /// Every expert of a checkpoint fetched from a peer (`FetchExperts`) against raw TCP
     /// moving the same bytes over loopback.
     Transfer(transfer::TransferArgs),
@@ -60,6 +69,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::ExpertMemory(args) => memory::run(args),
         BenchCommand::GpuExperts(a) => gpu::run(a),
         BenchCommand::Image(args) => image::run(args),
+        BenchCommand::Join(args) => join::run(args),
         BenchCommand::Serve(args) => serve::run(args),
         BenchCommand::Prefix(args) => prefix::run(args),
         BenchCommand::Transfer(args) => transfer::run(args),

@@ -20,6 +20,8 @@ use expertmesh_expert_worker::{Batcher, BatcherConfig, ExpertServer, ExpertShard
 use expertmesh_model::landing::Landing;
 use expertmesh_model::ModelSource;
 use serde::Serialize;
+
+use super::median_of;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Args, Debug)]
@@ -90,11 +92,6 @@ pub fn run(args: TransferArgs) -> Result<()> {
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 async fn measure(args: &TransferArgs) -> Result<Report> {
     let source: ModelSource = args.model.parse()?;
     let config = source.config()?;
@@ -149,17 +146,17 @@ async fn measure(args: &TransferArgs) -> Result<Report> {
         .zip(rates)
         .map(|(t, r)| TransportReport {
             transport: t.to_string(),
-            ratio: median(r.iter().zip(&raw).map(|(f, w)| f / w).collect()),
-            ratio_to_landed: median(r.iter().zip(&landed).map(|(f, w)| f / w).collect()),
-            fetch_mb_per_s: median(r),
+            ratio: median_of(r.iter().zip(&raw).map(|(f, w)| f / w)),
+            ratio_to_landed: median_of(r.iter().zip(&landed).map(|(f, w)| f / w)),
+            fetch_mb_per_s: median_of(r),
         })
         .collect();
     Ok(Report {
         model: args.model.clone(),
         experts,
         bytes,
-        raw_tcp_mb_per_s: median(raw),
-        raw_tcp_landed_mb_per_s: median(landed),
+        raw_tcp_mb_per_s: median_of(raw),
+        raw_tcp_landed_mb_per_s: median_of(landed),
         landed_in: if args.expert_cache.is_some() {
             "file"
         } else {
