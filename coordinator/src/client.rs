@@ -66,12 +66,21 @@ pub struct Membership {
     id: Arc<AtomicU64>,
     /// Held while registering again, so that the beats to every coordinator register once.
     rejoining: Arc<tokio::sync::Mutex<()>>,
+    /// Bumped to beat every coordinator now rather than at the next tick.
+    beat_now: Arc<watch::Sender<u64>>,
 }
 
 impl Membership {
     /// The worker's current id.
     pub fn id(&self) -> u64 {
         self.id.load(Ordering::Relaxed)
+    }
+
+    /// Beats every coordinator now instead of at the next tick: the worker has news the
+    /// leader waits for (it loaded a pending placement's experts, which commits only once
+    /// every worker gaining experts has said so), and a tick can be a second away.
+    pub fn beat_now(&self) {
+        self.beat_now.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// The cell the id is kept in, for a server that reports it.
@@ -244,6 +253,7 @@ impl CoordinatorClient {
         let membership = Membership {
             id: Arc::new(AtomicU64::new(reply.worker_id)),
             rejoining: Arc::new(tokio::sync::Mutex::new(())),
+            beat_now: Arc::new(watch::channel(0).0),
         };
         self.spawn_heartbeat(
             membership.clone(),
@@ -364,8 +374,9 @@ impl CoordinatorClient {
         Ok(())
     }
 
-    /// Heartbeats every coordinator every `interval` until the runtime stops; registers again
-    /// (`rejoin`) when told this worker was declared dead.
+    /// Heartbeats every coordinator every `interval`, and when asked to
+    /// ([`Membership::beat_now`]), until the runtime stops; registers again (`rejoin`) when
+    /// told this worker was declared dead.
     fn spawn_heartbeat(
         &self,
         membership: Membership,
@@ -381,13 +392,18 @@ impl CoordinatorClient {
             let this = self.clone();
             let membership = membership.clone();
             let registration = registration.clone();
+            let mut asked = membership.beat_now.subscribe();
             tokio::spawn(async move {
                 // A fixed rate: a slow answer does not push the next beat later.
                 let mut ticks = tokio::time::interval(interval);
                 ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut unknown = false;
                 loop {
-                    ticks.tick().await;
+                    tokio::select! {
+                        _ = ticks.tick() => {}
+                        // The sender lives in `membership`, held here: it never closes.
+                        Ok(()) = asked.changed() => {}
+                    }
                     let Beat {
                         load,
                         prepared_epoch,

@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use expertmesh_coordinator::{
@@ -474,6 +476,63 @@ async fn a_worker_declared_dead_registers_again_under_a_new_id() {
     assert!(v.placement.experts_of(first).is_empty());
     let _ = stop_worker.send(());
     worker.join().unwrap();
+    let _ = node.stop.send(());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A worker beats at once when it has loaded a pending placement (`Membership::beat_now`),
+/// and the leader commits at once when every gaining worker has: the placement does not wait
+/// for the next heartbeat tick (a minute here) or the next placement check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placement_commits_as_soon_as_its_worker_says_it_loaded() {
+    let dir = scratch("beat-now");
+    let mut ls = listeners(1).await;
+    let l = ls.pop().unwrap();
+    let peers = BTreeMap::from([(1, l.local_addr().unwrap().to_string())]);
+    // A lease of three minutes: a beat a minute.
+    let node = start(1, l, &peers, &dir, false, 180_000).await;
+    let client = CoordinatorClient::new(&node.address).unwrap();
+    // The first worker takes every expert as it registers; the second is planned for.
+    client
+        .join(
+            &registration(1),
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || Beat {
+                prepared_epoch: u64::MAX,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let loaded = Arc::new(AtomicU64::new(0));
+    let reported = loaded.clone();
+    let membership = client
+        .join(
+            &registration(2),
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+            move || Beat {
+                prepared_epoch: reported.load(Ordering::Relaxed),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    eventually("a placement prepared for the worker", || {
+        node.coordinator.view().pending.is_some()
+    })
+    .await;
+    let epoch = node.coordinator.view().pending.as_ref().unwrap().epoch;
+    loaded.store(epoch, Ordering::Relaxed);
+    membership.beat_now();
+    // Within `eventually`'s 30 s: half the tick the beat would otherwise have waited for.
+    eventually("the placement committed", || {
+        node.coordinator.view().placement.epoch == epoch
+    })
+    .await;
+    let view = node.coordinator.view();
+    assert!(!view.placement.experts_of(membership.id()).is_empty());
     let _ = node.stop.send(());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -373,6 +373,7 @@ async fn follow_placement(
         let shard = shard.clone();
         let prepared = prepared.clone();
         let fetching = fetching.clone();
+        let membership = membership.clone();
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             let count = gains.len();
@@ -399,6 +400,7 @@ async fn follow_placement(
                 );
             }
             prepared.fetch_max(pending.epoch, Ordering::Relaxed);
+            membership.beat_now();
         });
     }
 }

@@ -5,8 +5,9 @@
 //! files joining the same cluster (it reads them from its own disk): what taking experts over
 //! the network adds to a scale-out. Each join gets a fresh local cluster (a coordinator and
 //! `--expert-workers` workers with the files, their experts digested first); the ways to join
-//! take turns; medians of `--runs`. `synthetic:bench` is written to a temporary directory
-//! first, as a checkpoint the workers open (a weightless worker needs files to leave out).
+//! take turns, in an order that turns each run (`turn`); medians of `--runs`.
+//! `synthetic:bench` is written to a temporary directory first, as a checkpoint the workers
+//! open (a weightless worker needs files to leave out).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -18,7 +19,7 @@ use expertmesh_dispatch::Transport;
 use expertmesh_model::{ModelSource, SafetensorsCheckpoint, WeightSource};
 use serde::Serialize;
 
-use super::median_of;
+use super::{median_of, turn};
 
 use crate::cluster::{ClusterSpec, LocalCluster, JOIN_TOKEN_ENV};
 
@@ -121,20 +122,21 @@ fn measure(args: &JoinArgs, scratch: &Path) -> Result<Report> {
     let mut joins: Vec<Vec<Joined>> = ways.iter().map(|_| Vec::new()).collect();
     let runs = args.runs.max(1);
     for run in 0..runs {
-        for (way, done) in ways.iter().zip(&mut joins) {
+        for k in turn(run, ways.len()) {
+            let way = ways[k];
             let newcomer = match way {
                 None => &model,
                 Some(_) => &weightless,
             };
-            let joined = join_once(&runtime, args, &model, newcomer, *way, &config)?;
+            let joined = join_once(&runtime, args, &model, newcomer, way, &config)?;
             eprintln!(
                 "run {}/{runs}: {} joined with {} experts in {:.2} s",
                 run + 1,
-                name(*way),
+                name(way),
                 joined.experts,
                 joined.committed.as_secs_f64()
             );
-            done.push(joined);
+            joins[k].push(joined);
         }
     }
     let files: Vec<f64> = joins[0].iter().map(|j| j.committed.as_secs_f64()).collect();

@@ -31,7 +31,7 @@ mod transfer;
 use anyhow::Result;
 use clap::Subcommand;
 
-pub(crate) use steps::{decode_steps, median, median_of};
+pub(crate) use steps::{decode_steps, median, median_of, turn};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {

@@ -129,3 +129,11 @@ pub(crate) fn median_of(values: impl IntoIterator<Item = f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
+
+/// The order in which run `run` measures `n` things that each land bytes in new memory: it
+/// turns by one each run. Memory the system has just freed is cheaper to touch than memory
+/// it has not handed out lately (in a VM, the host's first touch of a page costs more than
+/// the guest's), so whichever always went first would pay more.
+pub(crate) fn turn(run: usize, n: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |k| (k + run) % n)
+}

@@ -5,7 +5,7 @@
 //! (1 MiB writes into a reader that discards them), and against the same with the reader
 //! keeping them where the cache does: in new memory (the default), or in a new file with
 //! `--expert-cache` (what keeping the bytes costs any receiver). The transports and the
-//! baselines take turns; medians of `--runs`.
+//! landed baseline take turns, in an order that turns each run (`turn`); medians of `--runs`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,7 +21,7 @@ use expertmesh_model::landing::Landing;
 use expertmesh_model::ModelSource;
 use serde::Serialize;
 
-use super::median_of;
+use super::{median_of, turn};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Args, Debug)]
@@ -114,8 +114,18 @@ async fn measure(args: &TransferArgs) -> Result<Report> {
         Vec::new(),
     );
     let mut bytes = 0;
+    // The transports, then the landed baseline (the first run learns the bytes it moves).
+    let slots = args.transport.len() + 1;
     for run in 0..runs {
-        for (t, &transport) in args.transport.iter().enumerate() {
+        for slot in turn(run, slots) {
+            let Some(&transport) = args.transport.get(slot) else {
+                let land = match &args.expert_cache {
+                    Some(d) => Land::File(d.join(scratch(&format!("{run}-raw")))),
+                    None => Land::Memory,
+                };
+                landed.push(raw_tcp(bytes, Some(land)).await?);
+                continue;
+            };
             let dir = args
                 .expert_cache
                 .as_ref()
@@ -127,17 +137,13 @@ async fn measure(args: &TransferArgs) -> Result<Report> {
             )?];
             let started = Instant::now();
             bytes = fetch_every_expert(&receiver, &cache, &digests, &peer).await?;
-            rates[t].push(bytes as f64 / 1e6 / started.elapsed().as_secs_f64());
+            rates[slot].push(bytes as f64 / 1e6 / started.elapsed().as_secs_f64());
             if let Some(dir) = dir {
                 let _ = std::fs::remove_dir_all(dir);
             }
         }
+        // Into a buffer it reuses: no new memory, so last.
         raw.push(raw_tcp(bytes, None).await?);
-        let land = match &args.expert_cache {
-            Some(d) => Land::File(d.join(scratch(&format!("{run}-raw")))),
-            None => Land::Memory,
-        };
-        landed.push(raw_tcp(bytes, Some(land)).await?);
         eprintln!("run {}/{runs} done", run + 1);
     }
     let transports = args

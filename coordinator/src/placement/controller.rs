@@ -6,7 +6,8 @@
 //! Placement, every `PLACEMENT_CHECK`:
 //! 1. While a proposal of ours is unapplied (for up to 5 s), wait.
 //! 2. A pending placement commits (`Commit`) once every live expert worker that gains
-//!    experts in it has reported loading it; one that keeps heartbeating without loading for
+//!    experts in it has reported loading it (looked at on every step, between checks too: a
+//!    joining worker or a failover waits for it); one that keeps heartbeating without loading for
 //!    `PREPARE_LEASES` leases is left out of plans for `EXCLUDE_FOR` and a re-plan replaces
 //!    the pending placement.
 //! 3. Otherwise a re-plan (`Prepare` of the next epoch, from [`planner::plan`]) happens when
@@ -34,6 +35,26 @@ pub const PREPARE_LEASES: u32 = 12;
 pub const EXCLUDE_FOR: Duration = Duration::from_secs(300);
 /// How long an unapplied proposal of ours holds the controller back.
 const PROPOSAL_PATIENCE: Duration = Duration::from_secs(5);
+
+/// The live expert workers that gain experts in the pending placement and have not reported
+/// loading it (none when nothing is pending).
+fn waiting_for(machine: &Machine, prepared: &HashMap<u64, u64>) -> Vec<u64> {
+    let Some(p) = machine.pending.as_ref() else {
+        return Vec::new();
+    };
+    let gains = |id: u64| {
+        let before = machine.placement.experts_of(id);
+        p.experts_of(id).iter().any(|e| !before.contains(e))
+    };
+    let loaded = |id: u64| prepared.get(&id).is_some_and(|&e| e >= p.epoch);
+    machine
+        .members
+        .iter()
+        .filter(|m| m.alive && m.role == crate::state::Role::ExpertWorker)
+        .filter(|m| gains(m.id) && !loaded(m.id))
+        .map(|m| m.id)
+        .collect()
+}
 
 /// What step 2 found about the pending placement.
 enum Pending {
@@ -109,7 +130,15 @@ impl Controller {
             .checked
             .is_some_and(|t| now.duration_since(t) < PLACEMENT_CHECK)
         {
-            return None;
+            // Between checks, only a pending placement that every worker gaining experts in
+            // it has loaded: it commits at once (a join or a failover waits for it, and
+            // knowing is a lookup per worker).
+            if self.proposed.is_some() || !waiting_for(machine, reports.prepared).is_empty() {
+                return None;
+            }
+            let epoch = machine.pending.as_ref()?.epoch;
+            self.proposed = Some((epoch, now));
+            return Some(Command::Commit { epoch });
         }
         self.checked = Some(now);
         if let Some((_, at)) = self.proposed {
@@ -149,18 +178,8 @@ impl Controller {
         let Some(p) = machine.pending.as_ref() else {
             return Pending::Replan;
         };
-        let gains = |id: u64| {
-            let before = machine.placement.experts_of(id);
-            p.experts_of(id).iter().any(|e| !before.contains(e))
-        };
-        let loaded = |id: u64| prepared.get(&id).is_some_and(|&e| e >= p.epoch);
-        let ready = machine
-            .members
-            .iter()
-            .filter(|m| m.alive && m.role == crate::state::Role::ExpertWorker)
-            .filter(|m| gains(m.id))
-            .all(|m| loaded(m.id));
-        if ready {
+        let waiting = waiting_for(machine, prepared);
+        if waiting.is_empty() {
             return Pending::Commit(p.epoch);
         }
         let since = match self.pending_since {
@@ -176,17 +195,14 @@ impl Controller {
         }
         // Workers that keep heartbeating without loading their experts: plan without them
         // for a while (the new plan replaces the pending one).
-        for m in machine.members.iter().filter(|m| m.alive) {
-            if gains(m.id) && !loaded(m.id) {
-                tracing::warn!(
-                    "coordinator {}: worker {} did not load its experts for epoch {} in {:.1} s; planning without it",
-                    self.id,
-                    m.id,
-                    p.epoch,
-                    timeout.as_secs_f64()
-                );
-                self.excluded.insert(m.id, now + EXCLUDE_FOR);
-            }
+        for id in waiting {
+            tracing::warn!(
+                "coordinator {}: worker {id} did not load its experts for epoch {} in {:.1} s; planning without it",
+                self.id,
+                p.epoch,
+                timeout.as_secs_f64()
+            );
+            self.excluded.insert(id, now + EXCLUDE_FOR);
         }
         self.pending_since = None;
         self.rebalance = true;
@@ -404,9 +420,13 @@ mod tests {
         assert_eq!(kind(&c.step(at(1200), &m, reports(&none))), "nothing");
         let one: HashMap<u64, u64> = [(1, epoch)].into();
         assert_eq!(kind(&c.step(at(1800), &m, reports(&one))), "nothing");
+        // Between checks nothing but a commit is looked at: with one of two loaded,
+        // nothing; once both have, the commit at once, proposed once.
+        assert_eq!(kind(&c.step(at(1850), &m, reports(&one))), "nothing");
         let both: HashMap<u64, u64> = [(1, epoch), (2, epoch)].into();
-        let commit = c.step(at(2400), &m, reports(&both));
+        let commit = c.step(at(1900), &m, reports(&both));
         assert_eq!(commit, Some(Command::Commit { epoch }));
+        assert_eq!(kind(&c.step(at(1950), &m, reports(&both))), "nothing");
         apply(&mut m, commit.unwrap());
         c.applied();
         // Balanced and complete: nothing more.
