@@ -3,7 +3,7 @@
 //! returns the command to propose. `node.rs` proposes it; `tests/sim.rs` drives the same
 //! controller through a simulated raft group.
 //!
-//! Placement, every `PLACEMENT_CHECK`:
+//! Placement, every `PLACEMENT_CHECK` and as soon as a member joins, dies or drains:
 //! 1. While a proposal of ours is unapplied (for up to 5 s), wait.
 //! 2. A pending placement commits (`Commit`) once every live expert worker that gains
 //!    experts in it has reported loading it (looked at on every step, between checks too: a
@@ -56,6 +56,17 @@ fn waiting_for(machine: &Machine, prepared: &HashMap<u64, u64>) -> Vec<u64> {
         .collect()
 }
 
+/// A member as placement sees it: id, alive, draining.
+type Roster = (u64, bool, bool);
+
+fn roster(machine: &Machine) -> Vec<Roster> {
+    machine
+        .members
+        .iter()
+        .map(|m| (m.id, m.alive, m.draining))
+        .collect()
+}
+
 /// What step 2 found about the pending placement.
 enum Pending {
     /// Every worker that gains experts has loaded them: commit this epoch.
@@ -77,6 +88,9 @@ pub struct Reports<'a> {
 #[derive(Debug, Clone)]
 pub struct Controller {
     checked: Option<Instant>,
+    /// The members as the last check saw them: a worker that joins, dies or drains makes the
+    /// next step a check, without waiting out `PLACEMENT_CHECK`.
+    roster: Vec<Roster>,
     /// When the last plan was proposed.
     last_plan: Option<Instant>,
     /// An operator asked for a re-plan.
@@ -95,6 +109,7 @@ impl Controller {
     pub fn new(id: u64) -> Self {
         Self {
             checked: None,
+            roster: Vec::new(),
             last_plan: None,
             rebalance: false,
             proposed: None,
@@ -126,9 +141,11 @@ impl Controller {
         machine: &Machine,
         reports: Reports<'_>,
     ) -> Option<Command> {
-        if self
-            .checked
-            .is_some_and(|t| now.duration_since(t) < PLACEMENT_CHECK)
+        let roster = roster(machine);
+        if roster == self.roster
+            && self
+                .checked
+                .is_some_and(|t| now.duration_since(t) < PLACEMENT_CHECK)
         {
             // Between checks, only a pending placement that every worker gaining experts in
             // it has loaded: it commits at once (a join or a failover waits for it, and
@@ -141,6 +158,7 @@ impl Controller {
             return Some(Command::Commit { epoch });
         }
         self.checked = Some(now);
+        self.roster = roster;
         if let Some((_, at)) = self.proposed {
             if now.duration_since(at) < PROPOSAL_PATIENCE {
                 return None;
@@ -360,23 +378,28 @@ mod tests {
             },
         );
         for request_id in 1..=workers {
-            apply(
-                &mut m,
-                Command::Register {
-                    request_id,
-                    role: Role::ExpertWorker,
-                    address: format!("w{request_id}"),
-                    capacity: None,
-                    pid: 1,
-                    model_fingerprint: "fp".into(),
-                    join_token: String::new(),
-                    holds_experts: false,
-                    weightless: false,
-                    backup: 0,
-                },
-            );
+            register(&mut m, request_id);
         }
         m
+    }
+
+    /// An expert worker registers (id `request_id` when registrations come in order).
+    fn register(m: &mut Machine, request_id: u64) {
+        apply(
+            m,
+            Command::Register {
+                request_id,
+                role: Role::ExpertWorker,
+                address: format!("w{request_id}"),
+                capacity: None,
+                pid: 1,
+                model_fingerprint: "fp".into(),
+                join_token: String::new(),
+                holds_experts: false,
+                weightless: false,
+                backup: 0,
+            },
+        );
     }
 
     fn apply(m: &mut Machine, c: Command) {
@@ -434,6 +457,9 @@ mod tests {
         // An operator's rebalance that moves nothing proposes nothing.
         c.request_rebalance();
         assert_eq!(kind(&c.step(at(3600), &m, reports(&both))), "nothing");
+        // A worker that joins between checks is planned for at the next step.
+        register(&mut m, 3);
+        assert_eq!(kind(&c.step(at(3650), &m, reports(&both))), "prepare");
     }
 
     #[test]
