@@ -323,7 +323,7 @@ fn bench_join_reports_json() {
         assert!(j["experts"].as_u64().unwrap() > 0, "{j}");
         let committed = j["seconds_to_committed"].as_f64().unwrap();
         assert!(
-            committed >= j["seconds_to_listening"].as_f64().unwrap(),
+            committed >= j["seconds_to_planned"].as_f64().unwrap(),
             "{j}"
         );
         assert!(j["mb_per_s"].as_f64().unwrap() > 0.0, "{j}");

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use expertmesh_coordinator::{ClusterView, CoordinatorClient, Role};
+use expertmesh_coordinator::{ClusterView, CoordinatorClient, Placement, Role};
 use expertmesh_dispatch::Transport;
 use expertmesh_model::{ModelSource, SafetensorsCheckpoint, WeightSource};
 use serde::Serialize;
@@ -59,14 +59,16 @@ struct JoinReport {
     /// `files` (the newcomer has the checkpoint), or the transport a weightless one fetches
     /// over.
     from: String,
-    /// From its start to its `LISTENING` line (its model opened, its port bound).
-    seconds_to_listening: f64,
+    /// From its start to the first placement (pending or committed) that gives it experts:
+    /// its registration and the leader's plan.
+    seconds_to_planned: f64,
     /// From its start to the committed placement that gives it experts (all of them held,
     /// every byte verified).
     seconds_to_committed: f64,
     /// Experts it was given.
     experts: usize,
-    /// Their bytes over the seconds from listening to committed.
+    /// Their bytes over the seconds from planned to committed: taking them (from peers or its
+    /// own files), checking them, and the commit.
     mb_per_s: f64,
     /// `seconds_to_committed` over the same run's join with the files.
     ratio_to_files: f64,
@@ -74,7 +76,7 @@ struct JoinReport {
 
 /// One join: how long it took and what it was given.
 struct Joined {
-    listening: Duration,
+    planned: Duration,
     committed: Duration,
     experts: usize,
 }
@@ -96,12 +98,12 @@ pub fn run(args: JoinArgs) -> Result<()> {
         report.expert_mb,
         args.runs.max(1)
     );
-    println!(" from   listening s   committed s   experts     MB/s   x files");
+    println!(" from     planned s   committed s   experts     MB/s   x files");
     for j in &report.joins {
         println!(
             "{:>5}   {:>11.2}   {:>11.2}   {:>7}   {:>6.0}   {:>7.2}",
             j.from,
-            j.seconds_to_listening,
+            j.seconds_to_planned,
             j.seconds_to_committed,
             j.experts,
             j.mb_per_s,
@@ -145,12 +147,12 @@ fn measure(args: &JoinArgs, scratch: &Path) -> Result<Report> {
         .zip(&joins)
         .map(|(way, runs)| {
             let rate = |j: &Joined| {
-                let fetching = (j.committed - j.listening).as_secs_f64();
+                let fetching = (j.committed - j.planned).as_secs_f64().max(1e-3);
                 j.experts as f64 * expert_bytes / 1e6 / fetching
             };
             JoinReport {
                 from: name(*way),
-                seconds_to_listening: median_of(runs.iter().map(|j| j.listening.as_secs_f64())),
+                seconds_to_planned: median_of(runs.iter().map(|j| j.planned.as_secs_f64())),
                 seconds_to_committed: median_of(runs.iter().map(|j| j.committed.as_secs_f64())),
                 experts: median_of(runs.iter().map(|j| j.experts as f64)) as usize,
                 mb_per_s: median_of(runs.iter().map(rate)),
@@ -261,30 +263,37 @@ fn join_once(
         &flags,
         &[(JOIN_TOKEN_ENV, cluster.join_token.clone())],
     )?;
-    let listening = started.elapsed();
+    let mut planned = None;
     let view = runtime.block_on(wait_for(&client, "the newcomer given experts", |v| {
-        v.pending.is_none() && given(v, &process.address) > 0
+        let address = process.address.as_str();
+        let committed = given(v, &v.placement, address) > 0;
+        let pending = v.pending.as_ref().is_some_and(|p| given(v, p, address) > 0);
+        if planned.is_none() && (pending || committed) {
+            planned = Some(started.elapsed());
+        }
+        committed && v.pending.is_none()
     }))?;
     Ok(Joined {
-        listening,
+        planned: planned.expect("committed, so planned"),
         committed: started.elapsed(),
-        experts: given(&view, &process.address),
+        experts: given(&view, &view.placement, &process.address),
     })
 }
 
-/// The experts the committed placement gives the live expert worker at `address`.
-fn given(view: &ClusterView, address: &str) -> usize {
+/// The experts `placement` (the committed one or the pending one) gives the live expert
+/// worker at `address`.
+fn given(view: &ClusterView, placement: &Placement, address: &str) -> usize {
     view.members
         .iter()
         .find(|m| m.role == Role::ExpertWorker && m.alive && m.address == address)
-        .map_or(0, |m| view.placement.experts_of(m.id).len())
+        .map_or(0, |m| placement.experts_of(m.id).len())
 }
 
 /// The first cluster state that `done` accepts, within [`PATIENCE`].
 async fn wait_for(
     client: &CoordinatorClient,
     what: &str,
-    done: impl Fn(&ClusterView) -> bool,
+    mut done: impl FnMut(&ClusterView) -> bool,
 ) -> Result<ClusterView> {
     let give_up = Instant::now() + PATIENCE;
     loop {
