@@ -13,9 +13,10 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::json;
 
-/// The most bytes a shard written here holds (the size Hugging Face's writers default to).
+/// The most bytes a shard written here holds unless told otherwise (`quantize --shard-bytes`).
 pub const SHARD_BYTES: usize = 4 << 30;
 
+/// A tensor's dtype as safetensors names it.
 pub fn dtype(d: DType) -> Dtype {
     match d {
         DType::BF16 => Dtype::BF16,
