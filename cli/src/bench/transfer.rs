@@ -20,9 +20,9 @@ use expertmesh_expert_worker::{Batcher, BatcherConfig, ExpertServer, ExpertShard
 use expertmesh_model::landing::Landing;
 use expertmesh_model::ModelSource;
 use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{median_of, turn};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Args, Debug)]
 pub struct TransferArgs {
