@@ -51,7 +51,8 @@ pub fn write_weights(
         for (name, _) in &shard {
             map.insert(name.clone(), file.clone());
         }
-        let views = shard.into_iter().map(|(name, view)| (name, view));
+        // `serialize_to_file` takes (name, view) pairs; the shard holds references to them.
+        let views = shard.iter().map(|t| (&t.0, &t.1));
         safetensors::serialize_to_file(views, None::<HashMap<String, String>>, &dir.join(&file))
             .with_context(|| format!("writing {file}"))?;
     }
