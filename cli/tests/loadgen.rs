@@ -11,16 +11,6 @@ use std::time::{Duration, Instant};
 use expertmesh_loadgen::plot;
 use serde_json::Value;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-use common::Kill as Up;
-
 /// An SVG document with something drawn in it.
 fn assert_svg(path: &Path) {
     let svg = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -105,22 +95,17 @@ fn assert_renders(page: &Path, dir: &Path) {
 
 #[test]
 fn loadgen_against_up() {
-    let port = free_port();
-    let http = format!("127.0.0.1:{port}");
-    let _up = Up(Command::new(env!("CARGO_BIN_EXE_expertmesh"))
-        .args(["up", "--tls", "--http", &http])
-        .current_dir(common::root())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap());
-    let give_up = Instant::now() + Duration::from_secs(60);
-    // Ready when /health says so (the coordinator's HTTP port opens before workers join).
-    while !common::healthy(&http) {
-        assert!(Instant::now() < give_up, "up did not become healthy");
-        std::thread::sleep(Duration::from_millis(100));
-    }
     let dir = tempfile::tempdir().unwrap();
+    // The API on a port `up` picks itself (the up file says which): a port found free here
+    // could be taken by the other test's processes before `up` binds it.
+    let (_up, cluster) = common::start_up(
+        &["--tls", "--http", "127.0.0.1:0"],
+        &dir.path().join("up.json"),
+    );
+    let http = cluster["api"]
+        .as_str()
+        .expect("the up file names the API")
+        .to_owned();
     let out = dir.path().join("report.json");
     let plots = dir.path().join("plots");
     let page = dir.path().join("report.html");
