@@ -176,3 +176,68 @@ fn every_build_and_batch_gives_the_batch_1_bits() {
         }
     }
 }
+
+/// The bits every kernel gives on fixed inputs, folded into one number that was recorded on
+/// x86-64: every build on every architecture must give it (baseline, AVX2 and AVX-512 on
+/// x86-64; baseline and NEON on aarch64, which `scripts/aarch64-check.sh` runs under
+/// qemu-user). The kernels use IEEE operations only (the exp is `exp_canonical`, never a
+/// libm's), so a cluster that mixes these machines computes what one machine does.
+#[test]
+fn every_architecture_gives_the_recorded_bits() {
+    const RECORDED: u64 = 0x9050_09BE_9FC1_C9AD;
+    let mut rng = crate::sampling::SplitMix64::new(7);
+    let mut next = |n: u64| rng.next_u64() % n;
+    let (rows, k, t) = (37, 211, 9);
+    let bf16: Vec<u16> = (0..rows * k)
+        .map(|_| half::bf16::from_f32(next(2001) as f32 / 1000.0 - 1.0).to_bits())
+        .collect();
+    let fp8: Vec<u8> = (0..rows * k).map(|_| next(256) as u8 & 0xFE | 1).collect();
+    let scale: Vec<f32> = (0..rows).map(|_| 0.01 + next(100) as f32 * 1e-3).collect();
+    let x: Vec<f32> = (0..t * k)
+        .map(|_| next(4001) as f32 / 1000.0 - 2.0)
+        .collect();
+    let xa: Vec<f32> = (0..t * rows)
+        .map(|_| next(2001) as f32 / 500.0 - 2.0)
+        .collect();
+    // Attention over 40 keys of one head for three queries, as `attend`'s own test.
+    let d = 16;
+    let kv: Vec<f32> = (0..40 * d)
+        .map(|_| next(801) as f32 / 100.0 - 4.0)
+        .collect();
+    let q: Vec<f32> = (0..3 * d).map(|_| next(601) as f32 / 100.0 - 3.0).collect();
+    let visible = [(0, 20), (3, 39), (39, 39)];
+    let run = [&kv[..]];
+    let block = HeadBlock {
+        q: &q,
+        q_stride: d,
+        q_off: 0,
+        heads: 1,
+        keys: KvRows::contiguous(&run, d),
+        values: KvRows::contiguous(&run, d),
+        kv_stride: d,
+        kv_off: 0,
+        d,
+        visible: &visible,
+        scale: 0.25,
+    };
+    let fold = |h: u64, v: &[f32]| {
+        v.iter().fold(h, |h, x| {
+            (h ^ u64::from(x.to_bits())).wrapping_mul(0x0000_0100_0000_01B3)
+        })
+    };
+    for isa in builds() {
+        let mut h = 0xCBF2_9CE4_8422_2325;
+        let mut y = vec![0.0; rows * t];
+        dot_rows_multi_on(isa, &bf16, &[], &x, t, &mut y);
+        h = fold(h, &y);
+        dot_rows_multi_on(isa, &fp8, &scale, &x, t, &mut y);
+        h = fold(h, &y);
+        let mut y = vec![0.0; (k - 5) * t];
+        axpy_rows_multi_on(isa, &bf16, k, 5, &xa, t, &mut y);
+        h = fold(h, &y);
+        let mut out = vec![0.0; 3 * d];
+        attend_block_on(isa, &block, &mut out);
+        h = fold(h, &out);
+        assert_eq!(h, RECORDED, "{isa:?}: {h:#018X}");
+    }
+}
