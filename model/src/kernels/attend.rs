@@ -26,6 +26,33 @@ pub struct HeadBlock<'a> {
     pub scale: f32,
 }
 
+#[cfg(test)]
+impl<'a> HeadBlock<'a> {
+    /// One head of width `d` whose keys and values are the same contiguous rows (`run`),
+    /// for queries of `d` values each: what the kernel tests attend over.
+    pub(crate) fn one_head(
+        q: &'a [f32],
+        run: &'a [&'a [f32]; 1],
+        d: usize,
+        visible: &'a [(usize, usize)],
+        scale: f32,
+    ) -> Self {
+        Self {
+            q,
+            q_stride: d,
+            q_off: 0,
+            heads: 1,
+            keys: KvRows::contiguous(run, d),
+            values: KvRows::contiguous(run, d),
+            kv_stride: d,
+            kv_off: 0,
+            d,
+            visible,
+            scale,
+        }
+    }
+}
+
 /// Rows of keys (or values) indexed from 0, as a paged cache holds them: in blocks of
 /// `block_tokens` rows, the first row at `first` in the first block. One contiguous run is
 /// a single block (`contiguous`). Read where they lie: copying a sequence's cache into one
@@ -407,19 +434,7 @@ mod tests {
         let q: Vec<f32> = (0..3 * d).map(|i| (i % 7) as f32 * 0.9 - 3.0).collect();
         let visible = [(0, 20), (3, 39), (39, 39)];
         let run = [&keys[..]];
-        let block = HeadBlock {
-            q: &q,
-            q_stride: d,
-            q_off: 0,
-            heads: 1,
-            keys: KvRows::contiguous(&run, d),
-            values: KvRows::contiguous(&run, d),
-            kv_stride: d,
-            kv_off: 0,
-            d,
-            visible: &visible,
-            scale: 0.7,
-        };
+        let block = HeadBlock::one_head(&q, &run, d, &visible, 0.7);
         let run = |isa: Isa| {
             let mut out = vec![0.0f32; 3 * d];
             attend_block_on(isa, &block, &mut out);

@@ -86,6 +86,20 @@ fn e4m3_widening_matches_the_table_and_scaled_rows() {
     }
 }
 
+/// `rows × k` random weights as bf16, and as FP8 codes (never NaN) with a scale per row.
+fn random_rows(
+    next: &mut impl FnMut(usize) -> usize,
+    rows: usize,
+    k: usize,
+) -> (Vec<u16>, Vec<u8>, Vec<f32>) {
+    let bf16 = (0..rows * k)
+        .map(|_| half::bf16::from_f32(next(2001) as f32 / 1000.0 - 1.0).to_bits())
+        .collect();
+    let fp8 = (0..rows * k).map(|_| next(256) as u8 & 0xFE | 1).collect();
+    let scale = (0..rows).map(|_| 0.01 + next(100) as f32 * 1e-3).collect();
+    (bf16, fp8, scale)
+}
+
 /// For random shapes and batch compositions, every build of every kernel this CPU can
 /// run (baseline, AVX2, AVX-512) gives each token the bits of the baseline batch-1 dot
 /// kernel: bf16 and FP8 rows, one token or several, and the "x @ W" kernels likewise
@@ -109,11 +123,7 @@ fn every_build_and_batch_gives_the_batch_1_bits() {
             1 => 10 + next(60),
             _ => 1 + next(9),
         };
-        let bf16: Vec<u16> = (0..rows * k)
-            .map(|_| half::bf16::from_f32(next(2001) as f32 / 1000.0 - 1.0).to_bits())
-            .collect();
-        let fp8: Vec<u8> = (0..rows * k).map(|_| next(256) as u8 & 0xFE | 1).collect();
-        let scale: Vec<f32> = (0..rows).map(|_| 0.01 + next(100) as f32 * 1e-3).collect();
+        let (bf16, fp8, scale) = random_rows(&mut next, rows, k);
         let x: Vec<f32> = (0..t * k)
             .map(|_| next(4001) as f32 / 1000.0 - 2.0)
             .collect();
@@ -186,13 +196,9 @@ fn every_build_and_batch_gives_the_batch_1_bits() {
 fn every_architecture_gives_the_recorded_bits() {
     const RECORDED: u64 = 0x9050_09BE_9FC1_C9AD;
     let mut rng = crate::sampling::SplitMix64::new(7);
-    let mut next = |n: u64| rng.next_u64() % n;
+    let mut next = |n: usize| (rng.next_u64() % n as u64) as usize;
     let (rows, k, t) = (37, 211, 9);
-    let bf16: Vec<u16> = (0..rows * k)
-        .map(|_| half::bf16::from_f32(next(2001) as f32 / 1000.0 - 1.0).to_bits())
-        .collect();
-    let fp8: Vec<u8> = (0..rows * k).map(|_| next(256) as u8 & 0xFE | 1).collect();
-    let scale: Vec<f32> = (0..rows).map(|_| 0.01 + next(100) as f32 * 1e-3).collect();
+    let (bf16, fp8, scale) = random_rows(&mut next, rows, k);
     let x: Vec<f32> = (0..t * k)
         .map(|_| next(4001) as f32 / 1000.0 - 2.0)
         .collect();
@@ -207,19 +213,7 @@ fn every_architecture_gives_the_recorded_bits() {
     let q: Vec<f32> = (0..3 * d).map(|_| next(601) as f32 / 100.0 - 3.0).collect();
     let visible = [(0, 20), (3, 39), (39, 39)];
     let run = [&kv[..]];
-    let block = HeadBlock {
-        q: &q,
-        q_stride: d,
-        q_off: 0,
-        heads: 1,
-        keys: KvRows::contiguous(&run, d),
-        values: KvRows::contiguous(&run, d),
-        kv_stride: d,
-        kv_off: 0,
-        d,
-        visible: &visible,
-        scale: 0.25,
-    };
+    let block = HeadBlock::one_head(&q, &run, d, &visible, 0.25);
     let fold = |h: u64, v: &[f32]| {
         v.iter().fold(h, |h, x| {
             (h ^ u64::from(x.to_bits())).wrapping_mul(0x0000_0100_0000_01B3)
