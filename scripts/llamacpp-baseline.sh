@@ -11,7 +11,7 @@
 # GGUF (taught the checkpoint's BPE pre-tokenizer: it knows none of this tokenizer's hash),
 # then llama-bench / llama-batched-bench and `expertmesh bench decode --model` run one after
 # the other; on a CPU with AVX512-BF16, a second llama.cpp build without it as well (see
-# NO_BF16 below). Needs ~8 GB of disk (torch and its CUDA wheels are the bulk) and, on 2 cores,
+# NO_BF16 below) and expertmesh with `--gemm bf16` (EM_BF16). Needs ~8 GB of disk (torch and its CUDA wheels are the bulk) and, on 2 cores,
 # ~15 minutes the first time; later runs reuse what WORK_DIR holds.
 set -euo pipefail
 
@@ -64,7 +64,14 @@ build_llama build -DGGML_NATIVE=ON
 # and one FMA per product. On such a CPU a second llama.cpp build without AVX512-BF16 runs
 # too (NO_BF16=0 skips it): its products run at f32 multiply-add speed, as ours do.
 NO_BF16=${NO_BF16:-1}
-if [ "$NO_BF16" = 1 ] && grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null; then
+# There, expertmesh also runs with `--gemm bf16` (EM_BF16=0 skips it): its dense products then
+# round the activations to bf16 as llama.cpp does and run on VDPBF16PS.
+EM_BF16=${EM_BF16:-1}
+HAS_BF16=0
+grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null && HAS_BF16=1
+GEMMS="f32"
+[ "$EM_BF16" = 1 ] && [ "$HAS_BF16" = 1 ] && GEMMS="f32 bf16"
+if [ "$NO_BF16" = 1 ] && [ "$HAS_BF16" = 1 ]; then
     build_llama build-nobf16 -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
         -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON \
         -DGGML_AVX512_BF16=OFF
@@ -103,12 +110,14 @@ for round in $(seq "$REPEATS"); do
             -ub 512 -npp 128 -ntg 32 -npl 1,32 --output-format jsonl \
             >"llama-batched.$llama.$round.jsonl" 2>/dev/null
     done
-    step "round $round/$REPEATS: expertmesh bench decode --model (same checkpoint)"
-    "$EXPERTMESH" bench decode --model bench-bf16 --threads "$THREADS" --batch 1,32 \
-        --prompt-tokens "128,$LONG" --json >"expertmesh.$round.json"
+    for gemm in $GEMMS; do
+        step "round $round/$REPEATS: expertmesh bench decode --model (same checkpoint, --gemm $gemm)"
+        "$EXPERTMESH" bench decode --model bench-bf16 --threads "$THREADS" --batch 1,32 \
+            --prompt-tokens "128,$LONG" --gemm "$gemm" --json >"expertmesh.$gemm.$round.json"
+    done
 done
 
-LLAMAS=$LLAMAS REPEATS=$REPEATS LONG=$LONG THREADS=$THREADS "$PY" - <<'EOF'
+GEMMS=$GEMMS LLAMAS=$LLAMAS REPEATS=$REPEATS LONG=$LONG THREADS=$THREADS "$PY" - <<'EOF'
 import json, os, statistics as st
 rounds, long = int(os.environ["REPEATS"]), int(os.environ["LONG"])
 llamas = os.environ["LLAMAS"].split()
@@ -129,33 +138,38 @@ def llama_figures(llama, r):
     return dict(zip(keys, [pp[128], pp[long], tg, tg32]))
 
 
+gemms = os.environ["GEMMS"].split()
 runs = []
 for r in range(1, rounds + 1):
-    em = json.load(open(f"expertmesh.{r}.json"))
-    em_p = {p["prompt_tokens"]: p["tokens_per_s"] for p in em["prefill"]}
-    em_b = {p["batch"]: p for p in em["decode"]}
     run = {labels[l][0]: llama_figures(l, r) for l in llamas}
-    run.update({
-        "expertmesh": dict(zip(keys, [em_p[128], em_p[long], em_b[1]["tokens_per_s"],
-                                      em_b[32]["tokens_per_s"]])),
-        "batch1_step_ms": em_b[1]["step_ms_median"],
-        "batch1_read_floor_ms": em_b[1]["step_ms_median"] / em_b[1]["ratio_to_read_floor"],
-        "read_gbps": em["read_gbps"],
-    })
+    for gemm in gemms:
+        em = json.load(open(f"expertmesh.{gemm}.{r}.json"))
+        em_p = {p["prompt_tokens"]: p["tokens_per_s"] for p in em["prefill"]}
+        em_b = {p["batch"]: p for p in em["decode"]}
+        run[f"expertmesh_{gemm}"] = dict(zip(keys, [em_p[128], em_p[long], em_b[1]["tokens_per_s"],
+                                                    em_b[32]["tokens_per_s"]]))
+        if gemm == "f32":
+            run.update({
+                "batch1_step_ms": em_b[1]["step_ms_median"],
+                "batch1_read_floor_ms": em_b[1]["step_ms_median"] / em_b[1]["ratio_to_read_floor"],
+                "read_gbps": em["read_gbps"],
+            })
     runs.append(run)
 med = st.median
 for l in llamas:
     against, title = labels[l]
-    print(f"\n{rounds} rounds, medians ({os.environ['THREADS']} threads), against {title}")
-    print(f"{'':24} {'llama.cpp':>12} {'expertmesh':>12} {'ratio':>7}   per-round ratios")
-    for name, k in zip(names, keys):
-        lf = med([r[against][k] for r in runs])
-        e = med([r["expertmesh"][k] for r in runs])
-        ratios = [r["expertmesh"][k] / r[against][k] for r in runs]
-        print(f"{name:24} {lf:>10.1f}/s {e:>10.1f}/s {med(ratios):>7.2f}   "
-              + " ".join(f"{x:.2f}" for x in ratios))
+    for gemm in gemms:
+        ours = f"expertmesh_{gemm}"
+        print(f"\n{rounds} rounds, medians ({os.environ['THREADS']} threads): expertmesh --gemm {gemm} against {title}")
+        print(f"{'':24} {'llama.cpp':>12} {'expertmesh':>12} {'ratio':>7}   per-round ratios")
+        for name, k in zip(names, keys):
+            lf = med([r[against][k] for r in runs])
+            e = med([r[ours][k] for r in runs])
+            ratios = [r[ours][k] / r[against][k] for r in runs]
+            print(f"{name:24} {lf:>10.1f}/s {e:>10.1f}/s {med(ratios):>7.2f}   "
+                  + " ".join(f"{x:.2f}" for x in ratios))
 s, f = med([r["batch1_step_ms"] for r in runs]), med([r["batch1_read_floor_ms"] for r in runs])
-print(f"batch 1 step {s:.2f} ms against a read-bandwidth floor of {f:.2f} ms "
+print(f"batch 1 step (f32) {s:.2f} ms against a read-bandwidth floor of {f:.2f} ms "
       f"({med([r['read_gbps'] for r in runs]):.1f} GB/s): {s / f:.2f}x the floor")
 print(json.dumps({"rounds": runs}))
 EOF

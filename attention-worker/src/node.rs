@@ -77,6 +77,15 @@ pub async fn connect(
     let mut model = Model::without_experts(config.clone(), weights)?;
     model.load_vision(source.vision_config()?, weights)?;
     model.to_device_with(device, gemm)?;
+    if device == expertmesh_model::Device::Cpu
+        && gemm == expertmesh_model::GemmPrecision::Bf16
+        && !expertmesh_model::kernels::bf16_dot_in_hardware()
+    {
+        tracing::warn!(
+            "--gemm bf16 without AVX512-BF16: its products are emulated, bit for bit and \
+             several times slower than f32 (a mixed cluster computes as one process does)"
+        );
+    }
     let model = Arc::new(model);
     let client = CoordinatorClient::new(coordinator)?;
     let (connector, views) = match dispatch.transport {

@@ -53,8 +53,9 @@ pub struct UpArgs {
     /// Where the workers compute: cpu, or cuda[:N] (a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: expertmesh_model::Device,
-    /// How a GPU computes products over the bf16 weights: f32 (the reference's numbers) or
-    /// bf16 (tensor cores, activations rounded).
+    /// How products over the bf16 weights compute: f32 (the reference's numbers) or bf16
+    /// (activations rounded to bf16, as llama.cpp does: tensor cores on a GPU, VDPBF16PS on
+    /// a CPU with AVX512-BF16; on the CPU, the dense products only).
     #[arg(long, default_value = "f32")]
     gemm: expertmesh_model::GemmPrecision,
     /// How the attention workers reach the routed experts: tcp (the expert workers, framed

@@ -98,4 +98,36 @@ fn main() {
             );
         }
     }
+    // Products with bf16 activations (`--gemm bf16`): VDPBF16PS where the CPU has it, and the
+    // emulation in the best build.
+    let hardware = [false, true]
+        .into_iter()
+        .filter(|&h| !h || kernels::bf16_dot_in_hardware());
+    for hw in hardware {
+        let how = if hw { "VDPBF16PS" } else { "emulated" };
+        for t in [4, 32, 128] {
+            let x = kernels::round_activations(
+                &(0..t * k)
+                    .map(|i| (i % 13) as f32 * 0.1)
+                    .collect::<Vec<_>>(),
+            );
+            let mut y = vec![0.0f32; t * rows];
+            let s = time(|| kernels::dot_bf16_multi_on(hw, kernels::isa(), &w, &x, t, &mut y));
+            let gflops = 2.0 * (rows * k * t) as f64 / s / 1e9;
+            println!("{how} dot_bf16_multi {rows}x{k}, {t:>3} tokens: {gflops:6.1} GFLOP/s");
+        }
+        let (big_rows, big_k) = (16384, 1024);
+        let big: Vec<u16> = (0..big_rows * big_k).map(|i| i as u16 & 0x3FFF).collect();
+        let x = kernels::round_activations(
+            &(0..big_k)
+                .map(|i| (i % 13) as f32 * 0.1)
+                .collect::<Vec<_>>(),
+        );
+        let mut y = vec![0.0f32; big_rows];
+        let s = time(|| kernels::dot_bf16_multi_on(hw, kernels::isa(), &big, &x, 1, &mut y));
+        println!(
+            "{how} dot_bf16_multi {big_rows}x{big_k}, 1 token: {:6.1} GB/s",
+            (big.len() * 2) as f64 / s / 1e9
+        );
+    }
 }

@@ -69,10 +69,13 @@ impl Device {
     }
 }
 
-/// How a CUDA device computes products with the bf16 weights (`--gemm`): `f32` widens the
-/// weights and multiplies in f32 (the CPU backend's and the `transformers` reference's
-/// numbers, up to the order of the sums); `bf16` rounds the activations to bf16 and runs on
-/// the tensor cores (faster, off by that rounding). The CPU backend always computes in f32.
+/// How products with the bf16 weights compute (`--gemm`): `f32` widens the weights and
+/// multiplies in f32 (the `transformers` reference's numbers, up to the order of the sums);
+/// `bf16` rounds the activations to bf16, as llama.cpp does (faster, off by that rounding).
+/// A CUDA device then runs on the tensor cores; the CPU backend takes it for the dense
+/// `[out, in]` products (attention, dense and shared MLPs, routers, output head) with
+/// `VDPBF16PS` where the CPU has AVX512-BF16 and its exact emulation elsewhere
+/// (`kernels::dot_bf16_multi`), while the routed experts stay in f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GemmPrecision {

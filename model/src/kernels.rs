@@ -425,27 +425,7 @@ fn dot_tile<S: Lanes, W: Weight, const R: usize, const T: usize>(
         }
     }
     let mut out = [[0.0f32; T]; R];
-    let mut sums = [[0.0f32; T]; R];
-    if R * T == 16 {
-        let mut all = [S::zero(); 16];
-        for r in 0..R {
-            for j in 0..T {
-                all[r * T + j] = acc[r][j];
-            }
-        }
-        let s16 = S::sum16(&all);
-        for r in 0..R {
-            for j in 0..T {
-                sums[r][j] = s16[r * T + j];
-            }
-        }
-    } else {
-        for r in 0..R {
-            for j in 0..T {
-                sums[r][j] = acc[r][j].sum();
-            }
-        }
-    }
+    let sums = tile_sums(&acc);
     for r in 0..R {
         for j in 0..T {
             let mut sum = sums[r][j];
@@ -456,6 +436,26 @@ fn dot_tile<S: Lanes, W: Weight, const R: usize, const T: usize>(
         }
     }
     out
+}
+
+/// Each accumulator's `lane_sum` (sixteen at once where the tile has sixteen).
+#[inline(always)]
+fn tile_sums<S: Lanes, const R: usize, const T: usize>(acc: &[[S; T]; R]) -> [[f32; T]; R] {
+    let mut sums = [[0.0f32; T]; R];
+    if R * T == 16 {
+        let all: [S; 16] = std::array::from_fn(|i| acc[i / T][i % T]);
+        let s16 = S::sum16(&all);
+        for (i, s) in s16.iter().enumerate() {
+            sums[i / T][i % T] = *s;
+        }
+    } else {
+        for r in 0..R {
+            for j in 0..T {
+                sums[r][j] = acc[r][j].sum();
+            }
+        }
+    }
+    sums
 }
 
 /// The `LANES` elements of `v` from `o`.
@@ -483,7 +483,12 @@ mod axpy;
 use axpy::axpy_columns;
 pub use axpy::{axpy_rows, axpy_rows_multi, axpy_rows_multi_on, axpy_rows_on};
 mod attend;
+mod dot_bf16;
 pub use attend::{attend_block, attend_block_on, exp_canonical, HeadBlock, KvRows};
+pub use dot_bf16::{
+    bf16_dot_in_hardware, dot_bf16_emulated, dot_bf16_emulated_on, dot_bf16_multi,
+    dot_bf16_multi_on, round_activations,
+};
 mod convert;
 pub use convert::{
     from_bf16, from_bf16_on, from_bf16_vec, round_bf16, round_bf16_on, to_bf16, to_bf16_on,

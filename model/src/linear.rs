@@ -50,6 +50,9 @@ pub struct Linear {
     pub(crate) layout: Layout,
     /// FP8 weights (e4m3, `OutIn`): their scales, and how inputs are taken.
     fp8: Option<Fp8Weight>,
+    /// bf16 `OutIn` products take their inputs rounded to bf16 (`GemmPrecision::Bf16`,
+    /// `kernels::dot_bf16_multi`).
+    bf16_activations: bool,
 }
 
 /// What an FP8 weight needs besides its codes (`FP8.md` §3).
@@ -75,7 +78,17 @@ impl Linear {
             out_dim,
             layout,
             fp8: None,
+            bf16_activations: false,
         }
+    }
+
+    /// Products with inputs rounded to bf16 (`GemmPrecision::Bf16`) or in f32 (the default).
+    /// Only bf16 `[out, in]` weights take it: the fused expert tensors (`[in, out]`) and FP8
+    /// weights keep their own products.
+    pub(crate) fn set_precision(&mut self, precision: crate::GemmPrecision) {
+        self.bf16_activations = precision == crate::GemmPrecision::Bf16
+            && self.layout == Layout::OutIn
+            && self.fp8.is_none();
     }
 
     /// An FP8 (e4m3) weight `[out, in]` with one scale per output row; `qdq_input`: inputs
@@ -174,6 +187,13 @@ impl Linear {
             return;
         }
         match self.bf16_bits() {
+            Some(w) if self.bf16_activations => {
+                let (k, x) = (self.in_dim, kernels::round_activations(x));
+                self.forward_parts(t, y, &|j0, part| {
+                    let n = part.len() / t;
+                    kernels::dot_bf16_multi(&w[j0 * k..(j0 + n) * k], &x, t, part)
+                });
+            }
             Some(w) => self.forward_fused(Rows::Bf16(w), x, t, y),
             // Other dtypes (rare for Llama 4) go one token at a time through `gemm`.
             None => {
@@ -187,9 +207,22 @@ impl Linear {
         }
     }
 
-    /// bf16 or FP8 weights through the fused kernels, output features split over the cores.
+    /// bf16 or FP8 weights through the fused kernels.
     fn forward_fused(&self, rows: Rows<'_>, x: &[f32], t: usize, y: &mut [f32]) {
         let (in_dim, out_dim) = (self.in_dim, self.out_dim);
+        self.forward_parts(t, y, &|j0, part| match (self.layout, rows) {
+            (Layout::OutIn, rows) if t == 1 => rows.dot(j0, in_dim, x, part),
+            (Layout::OutIn, rows) => rows.dot_multi(j0, in_dim, x, t, part),
+            (Layout::InOut, Rows::Bf16(w)) if t == 1 => kernels::axpy_rows(w, out_dim, j0, x, part),
+            (Layout::InOut, Rows::Bf16(w)) => kernels::axpy_rows_multi(w, out_dim, j0, x, t, part),
+            (Layout::InOut, Rows::Fp8(..)) => unreachable!("FP8 weights are OutIn"),
+        });
+    }
+
+    /// A product with its output features split over the cores: `product(j0, part)` writes
+    /// features `j0..j0 + n` of all `t` tokens into `part` (`[t, n]`).
+    fn forward_parts(&self, t: usize, y: &mut [f32], product: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+        let out_dim = self.out_dim;
         if t == 1 {
             // One token: a few hundred µs of streaming at most, on the hot helpers (waking a
             // sleeping rayon worker can cost as much). A rayon worker (one of a step's
@@ -201,14 +234,7 @@ impl Linear {
                 y.chunks_mut(per_part).map(std::sync::Mutex::new).collect();
             crate::hot::run(parts.len(), &|p| {
                 let mut y_part = parts[p].lock().unwrap_or_else(|e| e.into_inner());
-                let j0 = p * per_part;
-                match (self.layout, rows) {
-                    (Layout::OutIn, rows) => rows.dot(j0, in_dim, x, &mut y_part),
-                    (Layout::InOut, Rows::Bf16(w)) => {
-                        kernels::axpy_rows(w, out_dim, j0, x, &mut y_part)
-                    }
-                    (Layout::InOut, Rows::Fp8(..)) => unreachable!("FP8 weights are OutIn"),
-                }
+                product(p * per_part, &mut y_part);
             });
             return;
         }
@@ -234,13 +260,7 @@ impl Linear {
                     buffer.resize(t * n, 0.0);
                 }
                 let part = &mut buffer[..t * n];
-                match (self.layout, rows) {
-                    (Layout::OutIn, rows) => rows.dot_multi(j0, in_dim, x, t, part),
-                    (Layout::InOut, Rows::Bf16(w)) => {
-                        kernels::axpy_rows_multi(w, out_dim, j0, x, t, part)
-                    }
-                    (Layout::InOut, Rows::Fp8(..)) => unreachable!("FP8 weights are OutIn"),
-                }
+                product(j0, part);
                 for (dst, src) in place.iter_mut().zip(part.chunks_exact(n)) {
                     dst.copy_from_slice(src);
                 }

@@ -322,7 +322,8 @@ impl Model {
         self.to_device_with(device, crate::GemmPrecision::F32)
     }
 
-    /// `to_device` with the products in `precision` (see `GemmPrecision`).
+    /// `to_device` with the products in `precision` (see `GemmPrecision`; on the CPU, the
+    /// dense products take it).
     pub fn to_device_with(
         &mut self,
         device: crate::Device,
@@ -332,6 +333,12 @@ impl Model {
         if device == crate::Device::Cpu && !self.resident {
             crate::checkpoint::make_resident(&mut self.dense_weights_mut())?;
             self.resident = true;
+        }
+        for linear in self.dense_linears_mut() {
+            linear.set_precision(match device {
+                crate::Device::Cpu => precision,
+                crate::Device::Cuda(_) => crate::GemmPrecision::F32,
+            });
         }
         self.compute = match device {
             crate::Device::Cpu => Compute::Cpu,
@@ -347,6 +354,14 @@ impl Model {
     /// nor the routed experts, which stay where their source keeps them: a worker holds a
     /// share of them and loads them on demand).
     fn dense_weights_mut(&mut self) -> Vec<&mut Tensor> {
+        self.dense_linears_mut()
+            .into_iter()
+            .map(Linear::weight_mut)
+            .collect()
+    }
+
+    /// The products over `dense_weights_mut`'s weights.
+    fn dense_linears_mut(&mut self) -> Vec<&mut Linear> {
         let mut out = Vec::new();
         for layer in &mut self.layers {
             let a = &mut layer.attention;
@@ -359,9 +374,9 @@ impl Model {
                 }
             };
             linears.extend([&mut mlp.gate, &mut mlp.up, &mut mlp.down]);
-            out.extend(linears.into_iter().map(Linear::weight_mut));
+            out.extend(linears);
         }
-        out.push(self.lm_head.weight_mut());
+        out.push(&mut self.lm_head);
         out
     }
 

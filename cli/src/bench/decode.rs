@@ -50,7 +50,8 @@ pub struct DecodeArgs {
     /// device-to-device copy traffic).
     #[arg(long, default_value = "cpu")]
     device: expertmesh_model::Device,
-    /// How a GPU computes products over the bf16 weights (f32, bf16).
+    /// How products over the bf16 weights compute (f32, bf16: activations rounded to bf16,
+    /// on the CPU for the dense products).
     #[arg(long, default_value = "f32")]
     gemm: expertmesh_model::GemmPrecision,
     /// Measure the built-in model with its routed experts in FP8 (the same weights,

@@ -91,6 +91,18 @@ mod x86 {
     #[derive(Clone, Copy)]
     pub struct Avx512(__m512);
 
+    impl Avx512 {
+        /// The register (for the AVX512-BF16 build's own instructions, `dot_bf16`).
+        #[inline(always)]
+        pub(in crate::kernels) fn register(self) -> __m512 {
+            self.0
+        }
+        #[inline(always)]
+        pub(in crate::kernels) fn from_register(v: __m512) -> Self {
+            Self(v)
+        }
+    }
+
     /// The last steps of the canonical sum from 8 partial sums `h[i] + h[i + 8]`: then
     /// `+ [i + 4]`, `+ [i + 2]`, `+ [i + 1]`.
     #[inline(always)]

@@ -235,3 +235,130 @@ fn every_architecture_gives_the_recorded_bits() {
         assert_eq!(h, RECORDED, "{isa:?}: {h:#018X}");
     }
 }
+
+/// `dot_bf16_multi`'s canonical order written out plainly, one (row, token) at a time:
+/// pairs `2i + 1` then `2i` into lane `i` with subnormals read and left as zero, the lane
+/// tree, the tail.
+fn bf16_products_plainly(w: &[u16], x: &[u16], rows: usize, k: usize, t: usize) -> Vec<u32> {
+    let flush = |v: f32| {
+        if v.is_subnormal() {
+            0.0f32.copysign(v)
+        } else {
+            v
+        }
+    };
+    let value = |h: u16| flush(widen(h));
+    let mut out = vec![0; t * rows];
+    for i in 0..t {
+        for r in 0..rows {
+            let (wr, xi) = (&w[r * k..(r + 1) * k], &x[i * k..(i + 1) * k]);
+            let mut lanes = [0.0f32; LANES];
+            for c in 0..k / 32 {
+                for (l, acc) in lanes.iter_mut().enumerate() {
+                    for e in [2 * l + 1, 2 * l] {
+                        let at = 32 * c + e;
+                        *acc = flush(value(wr[at]).mul_add(value(xi[at]), *acc));
+                    }
+                }
+            }
+            let mut sum = lane_sum(&lanes);
+            for at in k / 32 * 32..k {
+                sum = widen(wr[at]).mul_add(widen(xi[at]), sum);
+            }
+            out[i * rows + r] = sum.to_bits();
+        }
+    }
+    out
+}
+
+/// The bf16-activation products: `VDPBF16PS` where this CPU has it and the emulation in
+/// every build give each token the bits of the plain loop, alone or in any batch, with
+/// subnormal weights (read as zero) and sums that fall below the smallest normal (flushed).
+#[test]
+fn bf16_products_follow_the_instruction_in_every_build_and_batch() {
+    let mut rng = crate::sampling::SplitMix64::new(11);
+    let mut next = |n: usize| (rng.next_u64() % n as u64) as usize;
+    let hardware = if bf16_dot_in_hardware() {
+        vec![false, true]
+    } else {
+        vec![false]
+    };
+    for case in 0..40 {
+        let rows = match next(3) {
+            0 => 17 + next(40),
+            _ => 1 + next(9),
+        };
+        let k = 1 + next(200);
+        let t = match next(5) {
+            0 => X_BLOCK_BYTES / (2 * k) + 1 + next(100),
+            1 => 10 + next(40),
+            _ => 1 + next(9),
+        };
+        let (mut w, _, _) = random_rows(&mut next, rows, k);
+        for v in w.iter_mut().skip(next(5)).step_by(1 + next(6)) {
+            *v = match case % 3 {
+                // Subnormal weights.
+                0 => next(0x80) as u16 | (next(2) as u16) << 15,
+                // Weights near the smallest normal: products and sums down there.
+                1 => (*v & 0x807F) | (1 + next(12) as u16) << 7,
+                _ => *v,
+            };
+        }
+        let xf: Vec<f32> = (0..t * k)
+            .map(|_| next(4001) as f32 / 1000.0 - 2.0)
+            .collect();
+        let x = round_activations(&xf);
+        let want = bf16_products_plainly(&w, &x, rows, k, t);
+        for &hw in &hardware {
+            for isa in builds() {
+                let mut y = vec![0.0; rows * t];
+                dot_bf16_multi_on(hw, isa, &w, &x, t, &mut y);
+                let got: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, want, "hardware={hw} {isa:?} rows {rows} k {k} t {t}");
+                let i = next(t);
+                let mut alone = vec![0.0; rows];
+                dot_bf16_multi_on(hw, isa, &w, &x[i * k..(i + 1) * k], 1, &mut alone);
+                let alone: Vec<u32> = alone.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(
+                    alone,
+                    want[i * rows..(i + 1) * rows],
+                    "hardware={hw} {isa:?} alone"
+                );
+            }
+        }
+        // And they are the products: within float rounding of an f64 sum.
+        for (o, got) in want.iter().enumerate().take(50) {
+            let (i, r) = (o / rows, o % rows);
+            let (mut sum, mut size) = (0.0f64, 0.0f64);
+            for at in 0..k {
+                let p = f64::from(widen(w[r * k + at])) * f64::from(widen(x[i * k + at]));
+                sum += p;
+                size += p.abs();
+            }
+            let got = f64::from(f32::from_bits(*got));
+            assert!((got - sum).abs() <= 1e-5 * size + 1e-30, "{got} vs {sum}");
+        }
+    }
+}
+
+#[test]
+fn activations_round_to_nearest_even_with_subnormals_to_zero() {
+    let x = [
+        1.0,
+        1.0 + 1.0 / 256.0,
+        1.0 + 3.0 / 256.0,
+        -3.0e-39,
+        1e-40,
+        f32::NAN,
+        -2.5,
+    ];
+    let h = round_activations(&x);
+    assert_eq!(&h[..3], &[0x3F80, 0x3F80, 0x3F82], "ties to even");
+    assert_eq!(
+        &h[3..5],
+        &[0x8000, 0x0000],
+        "subnormals to zero of their sign"
+    );
+    assert!(widen(h[5]).is_nan());
+    assert_eq!(widen(h[6]), -2.5);
+}
