@@ -91,8 +91,20 @@ mod x86 {
     #[derive(Clone, Copy)]
     pub struct Avx512(__m512);
 
+    impl Avx2 {
+        /// The registers (for `dot_bf16`'s own steps).
+        #[inline(always)]
+        pub(in crate::kernels) fn registers(self) -> [__m256; 2] {
+            self.0
+        }
+        #[inline(always)]
+        pub(in crate::kernels) fn from_registers(v: [__m256; 2]) -> Self {
+            Self(v)
+        }
+    }
+
     impl Avx512 {
-        /// The register (for the AVX512-BF16 build's own instructions, `dot_bf16`).
+        /// The register (for `dot_bf16`'s own steps and instructions).
         #[inline(always)]
         pub(in crate::kernels) fn register(self) -> __m512 {
             self.0
