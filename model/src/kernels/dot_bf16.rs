@@ -269,7 +269,14 @@ pub fn dot_bf16_multi_on(hardware: bool, isa: Isa, w: &[u16], x: &[u16], t: usiz
     if hardware && bf16_dot_in_hardware() {
         #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512bf16,avx2,fma")]
         unsafe fn dot_bf16_hardware(w: &[u16], x: &[u16], t: usize, y: &mut [f32]) {
-            dot_bf16_generic::<Avx512Bf16, 4, 4>(w, x, t, y)
+            // One token reads its rows one at a time, a sequential stream per core (as
+            // `dot_rows`): four at a time made a decode step of one sequence 4.9 ms against
+            // 3.9 in f32, one at a time 3.9 (Zen 5, 2 threads).
+            if t == 1 {
+                dot_bf16_generic::<Avx512Bf16, 1, 1>(w, x, t, y)
+            } else {
+                dot_bf16_generic::<Avx512Bf16, 4, 4>(w, x, t, y)
+            }
         }
         // SAFETY: the CPU supports AVX512-BF16 besides AVX-512 (F, VL, BW), AVX2 and FMA
         // (`bf16_dot_in_hardware`).
@@ -344,7 +351,19 @@ fn pair_row_tiles<P: PairLanes, const R: usize, const T: usize>(
         let at = ((r0 + R + r) * k).min(n * k).min(w.len());
         &w[at..((r0 + R + r + 1) * k).min(n * k).min(w.len())]
     });
-    let tiles = (&rows, &next, t <= T);
+    // Which token tiles hint at the next rows: those starting before this token. Never for
+    // one token, whose rows stream one at a time; every tile for a few tokens, whose
+    // products wait on the rows; the first tile for many, where the later tiles find the
+    // rows in the cache. On a Zen 5 core: hints made 4 tokens ~220 GFLOP/s against ~120
+    // without; hints in every tile cost a fifth of the rate at 32 and 128 tokens (~215
+    // against ~260); a decode step of 8 sequences took 12.1 ms with no hints, 11.4 with
+    // hints in the first tile, 10.0 with every tile's (9.5-10.8 in f32).
+    let hint_before = match t {
+        1 => 0,
+        2..=16 => t,
+        _ => T,
+    };
+    let tiles = (&rows, &next, hint_before);
     let mut i0 = 0;
     while i0 < t {
         let taken = if i0 + T <= t {
@@ -358,11 +377,11 @@ fn pair_row_tiles<P: PairLanes, const R: usize, const T: usize>(
     }
 }
 
-/// Tokens `i0..i0 + T` of rows `r0..r0 + R` (and the rows to prefetch, if `prefetching`),
-/// stored into `y` (`[t, n]`); returns `T`.
+/// Tokens `i0..i0 + T` of rows `r0..r0 + R`, stored into `y` (`[t, n]`), hinting at the
+/// `next` rows if `i0 < hint_before`; returns `T`.
 #[inline(always)]
 fn pair_token_tile<P: PairLanes, const R: usize, const T: usize>(
-    (rows, next, prefetching): (&[&[u16]; R], &[&[u16]; R], bool),
+    (rows, next, hint_before): (&[&[u16]; R], &[&[u16]; R], usize),
     x: &[u16],
     k: usize,
     i0: usize,
@@ -376,12 +395,7 @@ fn pair_token_tile<P: PairLanes, const R: usize, const T: usize>(
     let xc: [&[[u16; PAIRS]]; T] = std::array::from_fn(|j| &xs[j].as_chunks().0[..chunks]);
     let mut acc = [[P::zero(); T]; R];
     for c in 0..chunks {
-        // Only where the rows serve one token tile (a few tokens, bound by the weights'
-        // reads: 4 tokens ran at ~120 GFLOP/s without the hints and ~220 with them, one Zen 5
-        // core). Where more tiles pass over the rows, the first brings them into the cache,
-        // and hints in every tile cost a fifth of the rate (32 and 128 tokens: ~215 against
-        // ~260).
-        if prefetching {
+        if i0 < hint_before {
             for next in next {
                 prefetch(next, c * PAIRS);
             }
