@@ -351,17 +351,15 @@ fn pair_row_tiles<P: PairLanes, const R: usize, const T: usize>(
         let at = ((r0 + R + r) * k).min(n * k).min(w.len());
         &w[at..((r0 + R + r + 1) * k).min(n * k).min(w.len())]
     });
-    // Which token tiles hint at the next rows: those starting before this token. Never for
-    // one token, whose rows stream one at a time; every tile for a few tokens, whose
-    // products wait on the rows; the first tile for many, where the later tiles find the
-    // rows in the cache. On a Zen 5 core: hints made 4 tokens ~220 GFLOP/s against ~120
-    // without; hints in every tile cost a fifth of the rate at 32 and 128 tokens (~215
-    // against ~260); a decode step of 8 sequences took 12.1 ms with no hints, 11.4 with
-    // hints in the first tile, 10.0 with every tile's (9.5-10.8 in f32).
+    // Which token tiles hint at the next rows: those starting before this token. Only for a
+    // few tokens, whose products wait on the rows; not for one token, whose rows stream one
+    // at a time, nor for many, whose later tiles find the rows in the cache. On a Zen 5 VM
+    // (2 threads): hints made 4 tokens ~220 GFLOP/s against ~120 without, and a decode step
+    // of 8 sequences 10.0 ms against 12.1 (f32: 9.5-10.8); hints in the first of many tiles
+    // made a prefill of 128 tokens ~1.2x slower (1860-2160 tokens/s against 2340-2370).
     let hint_before = match t {
-        1 => 0,
         2..=16 => t,
-        _ => T,
+        _ => 0,
     };
     let tiles = (&rows, &next, hint_before);
     let mut i0 = 0;
