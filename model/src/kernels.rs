@@ -305,27 +305,41 @@ fn dot_rows_multi_generic<S: Lanes, W: Weight, const R: usize, const T: usize>(
         "shapes do not match"
     );
     assert!(!W::SCALED || scale.len() >= rows, "one scale per row");
-    // Blocks of tokens whose inputs stay in the core's cache while every row passes over
-    // them (a long prompt's inputs would otherwise stream from memory once per row tile).
     let block = (X_BLOCK_BYTES / (4 * k.max(1))).max(1).next_multiple_of(T);
-    let mut t0 = 0;
-    while t0 < t {
-        let tn = block.min(t - t0);
+    for (t0, tn, r0, whole) in tile_walk(t, rows, block, R) {
         let (x, y) = (
             &x[t0 * k..(t0 + tn) * k],
             &mut y[t0 * rows..(t0 + tn) * rows],
         );
-        let mut r0 = 0;
-        while r0 + R <= rows {
-            row_tiles::<S, W, R, T>(w, scale, x, k, tn, r0, y);
-            r0 += R;
+        if whole {
+            row_tiles::<S, W, R, T>(w, scale, x, k, tn, r0, y)
+        } else {
+            row_tiles::<S, W, 1, T>(w, scale, x, k, tn, r0, y)
         }
-        while r0 < rows {
-            row_tiles::<S, W, 1, T>(w, scale, x, k, tn, r0, y);
-            r0 += 1;
-        }
-        t0 += tn;
     }
+}
+
+/// The walk of the dot kernels over a product: blocks of `block` tokens, whose inputs stay
+/// in the core's cache while every row passes over them (a long prompt's inputs would
+/// otherwise stream from memory once per row tile), and in each block the rows in tiles of
+/// `r`, then one at a time. Yields `(t0, tn, r0, whole)`: tokens `t0..t0 + tn` of rows
+/// `r0..r0 + r` (`whole`) or of row `r0` alone. (An iterator, not a closure that takes the
+/// tiles: a closure is not built with its caller's instruction set, and its intrinsics
+/// would not inline.)
+fn tile_walk(
+    t: usize,
+    rows: usize,
+    block: usize,
+    r: usize,
+) -> impl Iterator<Item = (usize, usize, usize, bool)> {
+    let whole = rows / r * r;
+    (0..t).step_by(block.max(1)).flat_map(move |t0| {
+        let tn = block.min(t - t0);
+        (0..whole)
+            .step_by(r)
+            .map(move |r0| (t0, tn, r0, true))
+            .chain((whole..rows).map(move |r0| (t0, tn, r0, false)))
+    })
 }
 
 /// The inputs one token block of `dot_rows_multi` holds (a share of a core's L2). 16 KB

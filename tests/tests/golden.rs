@@ -63,6 +63,15 @@ impl Reference {
     }
 }
 
+/// The logits at every position of `input`, run as one sequence.
+fn prompt_logits(model: &Model, input: &[u32]) -> Vec<f32> {
+    let mut cache = model.new_cache();
+    model
+        .forward(&mut [Sequence::new(&mut cache, input)], LogitRows::All)
+        .unwrap()
+        .logits
+}
+
 fn check_prefill(model: &Model, reference: &Reference, case: &Value) {
     let name = case["name"].as_str().unwrap();
     let input = ids(&case["input_ids"]);
@@ -290,11 +299,8 @@ fn resident_weights_give_the_mapped_bits() {
         for case in reference.text_cases() {
             let input = ids(&case["input_ids"]);
             let logits = |model: &Model| {
-                let mut cache = model.new_cache();
-                let out = model
-                    .forward(&mut [Sequence::new(&mut cache, &input)], LogitRows::All)
-                    .unwrap();
-                out.logits.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+                let l = prompt_logits(model, &input);
+                l.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
             };
             assert!(
                 logits(&mapped) == logits(&resident),
@@ -354,14 +360,10 @@ fn bf16_activations_stay_near_the_reference_and_keep_batches_exact() {
     for case in reference.text_cases() {
         let name = case["name"].as_str().unwrap();
         let input = ids(&case["input_ids"]);
-        let logits = |model: &Model| {
-            let mut cache = model.new_cache();
-            let out = model
-                .forward(&mut [Sequence::new(&mut cache, &input)], LogitRows::All)
-                .unwrap();
-            out.logits
-        };
-        let (bf16, f32s) = (logits(&model), logits(&f32_model));
+        let (bf16, f32s) = (
+            prompt_logits(&model, &input),
+            prompt_logits(&f32_model, &input),
+        );
         let (_, expected) = reference.f32s(&format!("{name}.logits"));
         let worst = |a: &[f32], b: &[f32]| {
             a.iter()

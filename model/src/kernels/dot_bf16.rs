@@ -297,7 +297,7 @@ kernel! {
 }
 
 /// `dot_bf16_multi` in tiles of `R` rows × `T` tokens (then pairs and single tokens), over
-/// token blocks whose inputs stay in the core's cache, as `dot_rows_multi_generic` does.
+/// token blocks whose inputs stay in the core's cache (`tile_walk`).
 #[inline(always)]
 fn dot_bf16_generic<P: PairLanes, const R: usize, const T: usize>(
     w: &[u16],
@@ -312,24 +312,16 @@ fn dot_bf16_generic<P: PairLanes, const R: usize, const T: usize>(
         "shapes do not match"
     );
     let block = (X_BLOCK_BYTES / (2 * k.max(1))).max(1).next_multiple_of(T);
-    let mut t0 = 0;
-    while t0 < t {
-        let tn = block.min(t - t0);
+    for (t0, tn, r0, whole) in tile_walk(t, rows, block, R) {
         let (x, y) = (
             &x[t0 * k..(t0 + tn) * k],
             &mut y[t0 * rows..(t0 + tn) * rows],
         );
-        let mut r0 = 0;
-        while r0 < rows {
-            if r0 + R <= rows {
-                pair_row_tiles::<P, R, T>(w, x, k, tn, r0, y);
-                r0 += R;
-            } else {
-                pair_row_tiles::<P, 1, T>(w, x, k, tn, r0, y);
-                r0 += 1;
-            }
+        if whole {
+            pair_row_tiles::<P, R, T>(w, x, k, tn, r0, y)
+        } else {
+            pair_row_tiles::<P, 1, T>(w, x, k, tn, r0, y)
         }
-        t0 += tn;
     }
 }
 
