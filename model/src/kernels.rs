@@ -1,11 +1,14 @@
 //! Fused widen-and-multiply kernels for the weight products (see `Linear::forward_into`):
 //! bf16 weights, and FP8 (e4m3) weights with one scale per row.
 //!
-//! Every product has one canonical reduction order, fixed by the weight layout alone:
+//! Every product has one canonical reduction order, fixed by the weight layout and the
+//! activations' precision:
 //! - `[out, in]` rows (`dot_rows*`): `LANES` accumulators over K (lane `i` takes the
 //!   elements `i mod LANES` of the full chunks, in order), the pairwise tree `lane_sum`, then
 //!   the tail element by element;
-//! - `[in, out]` ("x @ W", `axpy_rows*`): one accumulator per output, K ascending.
+//! - `[in, out]` ("x @ W", `axpy_rows*`): one accumulator per output, K ascending;
+//! - `[out, in]` rows with activations rounded to bf16 (`dot_bf16_multi`, `--gemm bf16`):
+//!   `VDPBF16PS`'s pairs per lane, then `lane_sum` and the tail (see `dot_bf16`).
 //!
 //! Register tiles (rows × tokens, or column chunks × tokens) decide only which products
 //! share a pass over the weights, so a batch-1 call, any tile shape and any batch give a
