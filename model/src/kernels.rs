@@ -293,6 +293,14 @@ fn lane_sum(a: &[f32; LANES]) -> f32 {
 /// multiply-adds, set the pace). On a 2-core Sapphire Rapids VM, more tokens to a tile (one
 /// row's widening shared by more multiply-adds) measured slower at 128 tokens: 3 × 8 ~70 and
 /// 2 × 8 ~57 GFLOP/s against ~75 for 4 × 4 (medians of 6 alternating runs).
+///
+/// AVX2 takes 3 × 2. Measured and not kept, on a 2-core AMD EPYC (Zen 3) VM: 3 × 4 tiles
+/// that run each of the two registers' 8 lanes over the whole of K in turn (the same bits:
+/// each lane's chain is unchanged), so that 12 accumulators fit AVX2's 16 registers and
+/// each widened weight serves four multiply-adds rather than two. In one process, the two
+/// tiles interleaved call by call (medians of 300), it ran 1.02-1.05× at K = 1024 and
+/// 0.87× at K = 2048, where four tokens' inputs no longer stay in L1 for the second pass;
+/// LLVM kept every accumulator in registers in both.
 #[inline(always)]
 fn dot_rows_multi_generic<S: Lanes, W: Weight, const R: usize, const T: usize>(
     w: &[W],
