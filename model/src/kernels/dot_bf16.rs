@@ -343,17 +343,13 @@ fn pair_row_tiles<P: PairLanes, const R: usize, const T: usize>(
         let at = ((r0 + R + r) * k).min(n * k).min(w.len());
         &w[at..((r0 + R + r + 1) * k).min(n * k).min(w.len())]
     });
-    // Which token tiles hint at the next rows: those starting before this token. Only for a
-    // few tokens, whose products wait on the rows; not for one token, whose rows stream one
-    // at a time, nor for many, whose later tiles find the rows in the cache. On a Zen 5 VM
+    // Whether the token tiles hint at the next rows: only for a few tokens, whose products
+    // wait on the rows; not for one token, whose rows stream one at a time, nor for many,
+    // whose later tiles find the rows in the cache. On a Zen 5 VM
     // (2 threads): hints made 4 tokens ~220 GFLOP/s against ~120 without, and a decode step
     // of 8 sequences 10.0 ms against 12.1 (f32: 9.5-10.8); hints in the first of many tiles
     // made a prefill of 128 tokens ~1.2x slower (1860-2160 tokens/s against 2340-2370).
-    let hint_before = match t {
-        2..=16 => t,
-        _ => 0,
-    };
-    let tiles = (&rows, &next, hint_before);
+    let tiles = (&rows, &next, (2..=16).contains(&t));
     let mut i0 = 0;
     while i0 < t {
         let taken = if i0 + T <= t {
@@ -368,10 +364,10 @@ fn pair_row_tiles<P: PairLanes, const R: usize, const T: usize>(
 }
 
 /// Tokens `i0..i0 + T` of rows `r0..r0 + R`, stored into `y` (`[t, n]`), hinting at the
-/// `next` rows if `i0 < hint_before`; returns `T`.
+/// `next` rows if `hinting`; returns `T`.
 #[inline(always)]
 fn pair_token_tile<P: PairLanes, const R: usize, const T: usize>(
-    (rows, next, hint_before): (&[&[u16]; R], &[&[u16]; R], usize),
+    (rows, next, hinting): (&[&[u16]; R], &[&[u16]; R], bool),
     x: &[u16],
     k: usize,
     i0: usize,
@@ -385,7 +381,7 @@ fn pair_token_tile<P: PairLanes, const R: usize, const T: usize>(
     let xc: [&[[u16; PAIRS]]; T] = std::array::from_fn(|j| &xs[j].as_chunks().0[..chunks]);
     let mut acc = [[P::zero(); T]; R];
     for c in 0..chunks {
-        if i0 < hint_before {
+        if hinting {
             for next in next {
                 prefetch(next, c * PAIRS);
             }
