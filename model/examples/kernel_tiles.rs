@@ -4,10 +4,11 @@
 //!     cargo run --release -p expertmesh-model --example kernel_tiles
 //!
 //! Prints GFLOP/s (multi-token products: compute-bound) and GB/s of weights (one token:
-//! bandwidth-bound), medians of 7 runs.
+//! bandwidth-bound), medians of 7 runs; and the attention kernel's time per (query row,
+//! key) pair over a long prompt's keys.
 use std::time::Instant;
 
-use expertmesh_model::kernels::{self, Isa};
+use expertmesh_model::kernels::{self, HeadBlock, Isa, KvRows};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -97,6 +98,7 @@ fn main() {
                 (2 * experts.len() * t) as f64 / s / 1e9
             );
         }
+        attention(isa);
     }
     // Products with bf16 activations (`--gemm bf16`): VDPBF16PS where the CPU has it, and the
     // emulation in the best build.
@@ -130,4 +132,46 @@ fn main() {
             (big.len() * 2) as f64 / s / 1e9
         );
     }
+}
+
+/// `attend_block` for one KV head of the bench model's shape (head 64 wide, 4 query heads to
+/// a KV head, blocks of 16 queries) over 4096 keys where they lie in a cache's rows (4 KV
+/// heads to a row): nanoseconds per (query row, key) pair, and GFLOP/s of its two products
+/// (scores and the weighted sum; the softmax's exponentials come on top).
+fn attention(isa: Isa) {
+    let (d, kv_heads, group, queries, keys_n) = (64, 4, 4, 16, 4096);
+    let (kw, qw) = (kv_heads * d, kv_heads * group * d);
+    let keys: Vec<f32> = (0..keys_n * kw)
+        .map(|i| (i * 7919 % 113) as f32 * 0.01 - 0.5)
+        .collect();
+    let values: Vec<f32> = (0..keys_n * kw)
+        .map(|i| (i * 7907 % 97) as f32 * 0.02 - 1.0)
+        .collect();
+    let q: Vec<f32> = (0..queries * qw)
+        .map(|i| (i * 31 % 53) as f32 * 0.03 - 0.8)
+        .collect();
+    let visible: Vec<(usize, usize)> = (0..queries).map(|i| (0, keys_n - queries + i)).collect();
+    let (key_run, value_run) = ([&keys[..]], [&values[..]]);
+    let block = HeadBlock {
+        q: &q,
+        q_stride: qw,
+        q_off: group * d,
+        heads: group,
+        keys: KvRows::contiguous(&key_run, kw),
+        values: KvRows::contiguous(&value_run, kw),
+        kv_stride: kw,
+        kv_off: d,
+        d,
+        visible: &visible,
+        scale: 0.125,
+    };
+    let mut out = vec![0.0f32; queries * group * d];
+    let s = time(|| kernels::attend_block_on(isa, &block, &mut out));
+    let pairs = (queries * group * keys_n) as f64;
+    println!(
+        "{isa:?} attend_block {} rows x {keys_n} keys, head {d}: {:5.2} ns per pair, {:6.1} GFLOP/s",
+        queries * group,
+        s / pairs * 1e9,
+        4.0 * d as f64 * pairs / s / 1e9
+    );
 }
