@@ -98,7 +98,8 @@ fn main() {
                 (2 * experts.len() * t) as f64 / s / 1e9
             );
         }
-        attention(isa);
+        attention(isa, 16);
+        attention(isa, 1);
     }
     // Products with bf16 activations (`--gemm bf16`): VDPBF16PS where the CPU has it, and the
     // emulation in the best build.
@@ -135,11 +136,11 @@ fn main() {
 }
 
 /// `attend_block` for one KV head of the bench model's shape (head 64 wide, 4 query heads to
-/// a KV head, blocks of 16 queries) over 4096 keys where they lie in a cache's rows (4 KV
+/// a KV head, a block of `queries`: 16 in a prefill, 1 in decode) over 4096 keys where they lie in a cache's rows (4 KV
 /// heads to a row): nanoseconds per (query row, key) pair, and GFLOP/s of its two products
 /// (scores and the weighted sum; the softmax's exponentials come on top).
-fn attention(isa: Isa) {
-    let (d, kv_heads, group, queries, keys_n) = (64, 4, 4, 16, 4096);
+fn attention(isa: Isa, queries: usize) {
+    let (d, kv_heads, group, keys_n) = (64, 4, 4, 4096);
     let (kw, qw) = (kv_heads * d, kv_heads * group * d);
     let keys: Vec<f32> = (0..keys_n * kw)
         .map(|i| (i * 7919 % 113) as f32 * 0.01 - 0.5)

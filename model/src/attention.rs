@@ -371,13 +371,20 @@ mod tests {
     }
 
     /// Chunked causal GQA attention against a plain f64 softmax, and each query's bits the
-    /// same whether its block attends together or one query at a time (decode).
+    /// same whether its block attends together or one query at a time (decode): heads of
+    /// 20, and of 64 and 128 (which the AVX2 build attends to with packed keys and values).
     #[test]
     fn attend_matches_a_plain_softmax_and_each_query_alone() {
+        for head_dim in [20, 64, 128] {
+            attend_head_matches_a_plain_softmax_and_each_query_alone(head_dim);
+        }
+    }
+
+    fn attend_head_matches_a_plain_softmax_and_each_query_alone(head_dim: usize) {
         let g = Geometry {
             heads: 4,
             kv_heads: 2,
-            head_dim: 20,
+            head_dim,
             chunk: Some(24),
         };
         let (d, qw, kw) = (g.head_dim, g.heads * g.head_dim, g.kv_heads * g.head_dim);

@@ -167,10 +167,10 @@ kernel! {
     /// chunk of keys to the next), where the keys a query does not see weigh an exact 0
     /// and add nothing.
     pub fn attend_block / attend_block_on(h: &HeadBlock<'_>, out: &mut [f32])
-        => avx512: attend_block_generic::<Avx512, 4, 4, 4>,
-            avx2: attend_block_generic::<Avx2, 2, 2, 2>,
-            neon: attend_block_generic::<Neon, 1, 4, 1>,
-            baseline: attend_block_generic::<Scalar, 1, 4, 1>
+        => avx512: attend_block_generic::<Avx512, 4, 4, 4, false>,
+            avx2: attend_block_generic::<Avx2, 2, 2, 2, true>,
+            neon: attend_block_generic::<Neon, 1, 4, 1, false>,
+            baseline: attend_block_generic::<Scalar, 1, 4, 1, false>
 }
 
 /// Keys whose values one pass of the weighted sum holds in cache for every query row.
@@ -182,23 +182,31 @@ thread_local! {
 }
 
 /// `attend_block` with key tiles of `R` keys × `T` query rows for the scores and `C` lane
-/// chunks of the head for the weighted sum.
+/// chunks of the head for the weighted sum; with `PACKED`, heads of 64 and 128 take the
+/// packed steps instead (`packed_scores`, `packed_weighted_sums`: the same bits).
 ///
-/// Where the time goes, on a 2-core AMD EPYC (Zen 3) VM, AVX2 build, 64 rows over 4096
-/// keys (`examples/kernel_tiles.rs`): ~8.7 ns per (row, key) pair, ~29 GFLOP/s against
-/// ~58 for the weight products; the scores ~3.7 ns, the softmax ~1.8 (the f64
-/// exponentials), the weighted sum ~3 (each measured by leaving the later steps out). A
-/// prefill of 8192 tokens spends ~60% of its time here. With a head only 4 chunks wide,
-/// each score tile's fixed work (its loop set-up, prefetches, sums and stores: ~35
-/// instructions a pair) outweighs its 8 multiply-adds a pair. Measured and not kept there
-/// (each against this code in the same minute, 512 and 4096 keys): within ±4%, sharing
-/// the sum's steps between a 2 × 2 tile's 4 sums (16 shuffles and adds instead of 28), rows
-/// of scores padded to an odd number of cache lines (rows 16 KB apart share L1 sets), score
-/// tiles of 3 × 2, weighted-sum tiles of 1 × 6, 2 × 3 and 1 × 4; slower, score tiles of
-/// 4 × 1, 6 × 1 and 8 × 1 (0.7-0.8×) and a weighted-sum tile of 4 × 1 (0.85×); `KEY_CHUNK`
-/// 16 and 32, 1.05× at 512 keys but within noise at 4096, and 128, within noise.
+/// The AVX2 build packs. On a 2-core AMD EPYC (Zen 3) VM, 64 rows over 4096 keys
+/// (`examples/kernel_tiles.rs`), the tiles took ~8.7 ns per (row, key) pair, ~29 GFLOP/s
+/// against ~58 for the weight products: the scores ~3.7 ns, the softmax ~1.8 (the f64
+/// exponentials), the weighted sum ~3 (each measured by leaving the later steps out), and
+/// a prefill of 8192 tokens spent ~60% of its time here. With a head only 4 chunks wide,
+/// each score tile's fixed work (its set-up, prefetches, sums and scattered stores)
+/// outweighed its multiply-adds, and a cache's rows, 1 KB apart, share a handful of L1 sets.
+/// Packed, the same block takes ~5.8 ns a pair (scores ~2.4, softmax ~1.7, weighted sum
+/// ~1.7), and 1 query's 4 rows ~9.4 against ~10.5. Measured and not kept, on the tiles
+/// (against them in the same minute, 512 and 4096 keys): within ±4%, rows of scores padded
+/// to an odd number of cache lines, score tiles of 3 × 2, weighted-sum tiles of 1 × 6,
+/// 2 × 3 and 1 × 4; slower, score tiles of 4 × 1, 6 × 1 and 8 × 1 (0.7-0.8×) and a
+/// weighted-sum tile of 4 × 1 (0.85×); `KEY_CHUNK` 16 and 32, 1.05× at 512 keys but within
+/// noise at 4096. AVX-512 keeps its 4 × 4 tiles (not measured packed: no such CPU here).
 #[inline(always)]
-fn attend_block_generic<S: Lanes, const R: usize, const T: usize, const C: usize>(
+fn attend_block_generic<
+    S: Lanes,
+    const R: usize,
+    const T: usize,
+    const C: usize,
+    const PACKED: bool,
+>(
     h: &HeadBlock<'_>,
     out: &mut [f32],
 ) {
@@ -226,9 +234,19 @@ fn attend_block_generic<S: Lanes, const R: usize, const T: usize, const C: usize
     let mut p = SCORES.take();
     p.clear();
     p.resize(rows * span, 0.0);
-    scores::<S, R, T>(h, lo, hi, &mut p);
+    // The packed steps' copies of keys and values (on the stack: 16 KB at most).
+    let mut pack = [0.0f32; PACKED_KEYS * 8 * LANES];
+    match (PACKED, d) {
+        (true, 64) => packed_scores::<S, 4>(h, lo, hi, &mut pack, &mut p),
+        (true, 128) => packed_scores::<S, 8>(h, lo, hi, &mut pack, &mut p),
+        _ => scores::<S, R, T>(h, lo, hi, &mut p),
+    }
     let sums = softmax_rows(h, lo, span, &mut p);
-    weighted_sums::<S, C, T>(h, lo, span, &p, out);
+    match (PACKED, d) {
+        (true, 64) => packed_weighted_sums::<S, 4>(h, lo, span, &mut pack, &p, out),
+        (true, 128) => packed_weighted_sums::<S, 8>(h, lo, span, &mut pack, &p, out),
+        _ => weighted_sums::<S, C, T>(h, lo, span, &p, out),
+    }
     for (row, s) in out.chunks_exact_mut(d).zip(&sums) {
         row.iter_mut().for_each(|v| *v /= s);
     }
@@ -308,6 +326,119 @@ fn scores<S: Lanes, const R: usize, const T: usize>(
         }
         keys = next;
         j0 += rr;
+    }
+}
+
+/// Keys a packed step copies out of the cache at a time (8 KB of one head's keys or values
+/// at 64 values a head, 16 KB at 128).
+const PACKED_KEYS: usize = 32;
+
+/// A head's keys (or values) `from..from + count` (at most `PACKED_KEYS`) copied into
+/// `pack`, one after the other (`d` values each): a cache's rows lie a whole KV row apart
+/// (1 KB for 4 heads of 64), so a few dozen of them share a handful of L1 sets and evict
+/// each other while every row of the block passes over them.
+#[inline(always)]
+fn pack_rows(rows: KvRows<'_>, from: usize, count: usize, off: usize, d: usize, pack: &mut [f32]) {
+    let mut walk = HeadRows::new(rows, from, count, off, d);
+    for row in pack.chunks_exact_mut(d).take(count) {
+        row.copy_from_slice(walk.next());
+    }
+}
+
+/// `scores` for heads of `CHUNKS` whole lane chunks (64 or 128 values): the same products
+/// in the same order (each lane's multiply-adds over the chunks from 0, then `lane_sum`),
+/// a row at a time against keys packed `PACKED_KEYS` at a time, the row's query loaded
+/// once for them. The tiles of `scores` spend more on each tile's set-up, hints, sums and
+/// scattered stores than on a short head's multiply-adds.
+#[inline(always)]
+fn packed_scores<S: Lanes, const CHUNKS: usize>(
+    h: &HeadBlock<'_>,
+    lo: usize,
+    hi: usize,
+    pack: &mut [f32],
+    p: &mut [f32],
+) {
+    let d = CHUNKS * LANES;
+    let (rows, span) = (h.visible.len() * h.heads, hi + 1 - lo);
+    let mut j0 = lo;
+    while j0 <= hi {
+        let kn = PACKED_KEYS.min(hi + 1 - j0);
+        pack_rows(h.keys, j0, kn, h.kv_off, d, pack);
+        let keys = &pack[..kn * d];
+        for r in 0..rows {
+            let q = query(h, r);
+            let mut qv = [S::zero(); CHUNKS];
+            for (c, v) in qv.iter_mut().enumerate() {
+                *v = S::load(chunk(q, c * LANES));
+            }
+            let out = &mut p[r * span + j0 - lo..][..kn];
+            // Four keys at a time, their sums' steps shared (`Lanes::sum4`), then one by one.
+            let mut quads = keys.chunks_exact(4 * d);
+            let mut outs = out.chunks_exact_mut(4);
+            for (four, o) in (&mut quads).zip(&mut outs) {
+                let mut acc = [S::zero(); 4];
+                for (c, v) in qv.iter().enumerate() {
+                    for (a, key) in acc.iter_mut().zip(four.chunks_exact(d)) {
+                        *a = a.fma(S::load(chunk(key, c * LANES)), *v);
+                    }
+                }
+                o.copy_from_slice(&S::sum4(&acc));
+            }
+            for (key, o) in quads.remainder().chunks_exact(d).zip(outs.into_remainder()) {
+                let mut acc = S::zero();
+                for (c, v) in qv.iter().enumerate() {
+                    acc = acc.fma(S::load(chunk(key, c * LANES)), *v);
+                }
+                *o = acc.sum();
+            }
+        }
+        j0 += kn;
+    }
+}
+
+/// `weighted_sums` for heads of `CHUNKS` whole lane chunks: each output's chain the same
+/// (from 0, `p_ij · v_j` fused in for keys ascending), a row and 4 chunks of its outputs
+/// at a time in registers, against values packed `PACKED_KEYS` keys at a time.
+#[inline(always)]
+fn packed_weighted_sums<S: Lanes, const CHUNKS: usize>(
+    h: &HeadBlock<'_>,
+    lo: usize,
+    span: usize,
+    pack: &mut [f32],
+    p: &[f32],
+    out: &mut [f32],
+) {
+    const GROUP: usize = 4;
+    let d = CHUNKS * LANES;
+    let rows = p.len() / span;
+    let mut k0 = 0;
+    while k0 < span {
+        let kn = PACKED_KEYS.min(span - k0);
+        pack_rows(h.values, lo + k0, kn, h.kv_off, d, pack);
+        let values = &pack[..kn * d];
+        for (r, o) in out.chunks_exact_mut(d).enumerate().take(rows) {
+            let weights = &p[r * span + k0..][..kn];
+            for g in (0..CHUNKS).step_by(GROUP) {
+                let col = g * LANES;
+                let mut acc = [S::zero(); GROUP];
+                if k0 > 0 {
+                    for (c, a) in acc.iter_mut().enumerate() {
+                        *a = S::load(chunk(o, col + c * LANES));
+                    }
+                }
+                for (value, &w) in values.chunks_exact(d).zip(weights) {
+                    let wv = S::splat(w);
+                    for (c, a) in acc.iter_mut().enumerate() {
+                        *a = a.fma(S::load(chunk(value, col + c * LANES)), wv);
+                    }
+                }
+                for (c, a) in acc.iter().enumerate() {
+                    let at = col + c * LANES;
+                    a.store((&mut o[at..at + LANES]).try_into().expect("a chunk"));
+                }
+            }
+        }
+        k0 += kn;
     }
 }
 

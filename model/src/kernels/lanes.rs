@@ -26,6 +26,11 @@ pub trait Lanes: Copy {
         }
         out
     }
+    /// `sum` of 4 registers at once (as `sum16`).
+    #[inline(always)]
+    fn sum4(v: &[Self; 4]) -> [f32; 4] {
+        [v[0].sum(), v[1].sum(), v[2].sum(), v[3].sum()]
+    }
     /// Every lane `v`.
     fn splat(v: f32) -> Self;
     fn store(self, out: &mut [f32; LANES]);
@@ -214,6 +219,38 @@ mod x86 {
         fn sum(self) -> f32 {
             // SAFETY: AVX builds only (see the module doc).
             sum8(unsafe { _mm256_add_ps(self.0[0], self.0[1]) })
+        }
+        /// The tree of `lane_sum` for 4 registers, its steps shared: each register's halves
+        /// (`h[i] + h[i + 8]`), then quarters two registers to an add, then pairs and
+        /// neighbours four to an add (16 shuffles and adds instead of 4 × 7).
+        #[inline(always)]
+        fn sum4(v: &[Self; 4]) -> [f32; 4] {
+            // SAFETY: AVX builds only (see the module doc).
+            unsafe {
+                let h0 = _mm256_add_ps(v[0].0[0], v[0].0[1]);
+                let h1 = _mm256_add_ps(v[1].0[0], v[1].0[1]);
+                let h2 = _mm256_add_ps(v[2].0[0], v[2].0[1]);
+                let h3 = _mm256_add_ps(v[3].0[0], v[3].0[1]);
+                // Width 4: v[0]'s (v[2]'s) in the low half, v[1]'s (v[3]'s) in the high one.
+                let q01 = _mm256_add_ps(
+                    _mm256_permute2f128_ps::<0x20>(h0, h1),
+                    _mm256_permute2f128_ps::<0x31>(h0, h1),
+                );
+                let q23 = _mm256_add_ps(
+                    _mm256_permute2f128_ps::<0x20>(h2, h3),
+                    _mm256_permute2f128_ps::<0x31>(h2, h3),
+                );
+                // Width 2: in each half, lanes 0-1 from q01 and 2-3 from q23.
+                let w2 = _mm256_add_ps(
+                    _mm256_shuffle_ps::<0b01_00_01_00>(q01, q23),
+                    _mm256_shuffle_ps::<0b11_10_11_10>(q01, q23),
+                );
+                // Width 1: lanes 0, 2, 4 and 6 hold v[0], v[2], v[1] and v[3]'s sums.
+                let w1 = _mm256_add_ps(w2, _mm256_shuffle_ps::<0b10_11_00_01>(w2, w2));
+                let mut lanes = [0.0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), w1);
+                [lanes[0], lanes[4], lanes[2], lanes[6]]
+            }
         }
         #[inline(always)]
         fn splat(v: f32) -> Self {

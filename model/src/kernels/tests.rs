@@ -362,3 +362,81 @@ fn activations_round_to_nearest_even_with_subnormals_to_zero() {
     assert!(widen(h[5]).is_nan());
     assert_eq!(widen(h[6]), -2.5);
 }
+
+/// Attention with the head widths the builds may take another path for (64 and 128: AVX2
+/// packs keys and values and holds a row's query and outputs in registers): every build
+/// gives the baseline's bits, over a paged cache read where it lies (blocks of 5 rows, from
+/// inside one) and over a contiguous copy of it, for blocks of queries whose visible keys
+/// start and end in different places, more keys than one pack holds and a last pack short.
+#[test]
+fn attention_gives_the_baseline_bits_at_every_head_width() {
+    let mut rng = crate::sampling::SplitMix64::new(11);
+    let mut next = |n: usize| (rng.next_u64() % n as u64) as usize;
+    for (d, keys_n) in [(64, 75), (128, 70), (64, 1), (48, 40)] {
+        let (kv_heads, group, block_rows, first) = (2, 3, 5, 2);
+        let kw = kv_heads * d;
+        let qw = kv_heads * group * d;
+        let kv: Vec<f32> = (0..(keys_n + first) * kw)
+            .map(|_| next(801) as f32 / 100.0 - 4.0)
+            .collect();
+        let vv: Vec<f32> = (0..(keys_n + first) * kw)
+            .map(|_| next(1601) as f32 / 200.0 - 4.0)
+            .collect();
+        let visible: Vec<(usize, usize)> =
+            [(0, keys_n - 1), (3, keys_n / 2), (keys_n - 1, keys_n - 1)]
+                .iter()
+                .map(|&(a, b): &(usize, usize)| (a.min(b), b))
+                .collect();
+        let q: Vec<f32> = (0..visible.len() * qw)
+            .map(|_| next(601) as f32 / 100.0 - 3.0)
+            .collect();
+        // The paged blocks (the first row at `first` of the first block) and one contiguous
+        // run of the same rows.
+        let paged = |v: &[f32]| -> Vec<Vec<f32>> {
+            v.chunks(block_rows * kw).map(<[f32]>::to_vec).collect()
+        };
+        let (kb, vb) = (paged(&kv), paged(&vv));
+        let (kb, vb): (Vec<&[f32]>, Vec<&[f32]>) = (
+            kb.iter().map(Vec::as_slice).collect(),
+            vb.iter().map(Vec::as_slice).collect(),
+        );
+        let (kr, vr) = ([&kv[first * kw..]], [&vv[first * kw..]]);
+        let layouts = [
+            (
+                KvRows::paged(&kb, block_rows, first, kw),
+                KvRows::paged(&vb, block_rows, first, kw),
+            ),
+            (KvRows::contiguous(&kr, kw), KvRows::contiguous(&vr, kw)),
+        ];
+        let mut want = None;
+        for (keys, values) in layouts {
+            for kv_head in 0..kv_heads {
+                let block = HeadBlock {
+                    q: &q,
+                    q_stride: qw,
+                    q_off: kv_head * group * d,
+                    heads: group,
+                    keys,
+                    values,
+                    kv_stride: kw,
+                    kv_off: kv_head * d,
+                    d,
+                    visible: &visible,
+                    scale: 0.2,
+                };
+                for isa in builds() {
+                    let mut out = vec![0.0f32; visible.len() * group * d];
+                    attend_block_on(isa, &block, &mut out);
+                    let bits: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+                    assert!(out.iter().all(|v| v.is_finite()), "d {d}");
+                    let want = want.get_or_insert_with(Vec::new);
+                    if want.len() <= kv_head {
+                        want.push(bits);
+                    } else {
+                        assert_eq!(bits, want[kv_head], "d {d}, {isa:?}, KV head {kv_head}");
+                    }
+                }
+            }
+        }
+    }
+}
