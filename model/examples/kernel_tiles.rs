@@ -136,9 +136,10 @@ fn main() {
 }
 
 /// `attend_block` for one KV head of the bench model's shape (head 64 wide, 4 query heads to
-/// a KV head, a block of `queries`: 16 in a prefill, 1 in decode) over 4096 keys where they lie in a cache's rows (4 KV
-/// heads to a row): nanoseconds per (query row, key) pair, and GFLOP/s of its two products
-/// (scores and the weighted sum; the softmax's exponentials come on top).
+/// a KV head, a block of `queries`: 16 in a prefill, 1 in decode) over 4096 keys where they
+/// lie in a cache's rows (4 KV heads to a row): nanoseconds per (query row, key) pair, and
+/// GFLOP/s of its two products (scores and the weighted sum; the softmax's exponentials
+/// come on top).
 fn attention(isa: Isa, queries: usize) {
     let (d, kv_heads, group, keys_n) = (64, 4, 4, 4096);
     let (kw, qw) = (kv_heads * d, kv_heads * group * d);
