@@ -193,7 +193,7 @@ thread_local! {
 /// each score tile's fixed work (its set-up, prefetches, sums and scattered stores)
 /// outweighed its multiply-adds, and a cache's rows, 1 KB apart, share a handful of L1 sets.
 /// Packed, the same block takes ~5.8 ns a pair (scores ~2.4, softmax ~1.7, weighted sum
-/// ~1.7), and 1 query's 4 rows ~9.4 against ~10.5. Measured and not kept, on the tiles
+/// ~1.7), and 1 query's 4 rows 9.3-10.7 against 9.9-11.3. Measured and not kept, on the tiles
 /// (against them in the same minute, 512 and 4096 keys): within ±4%, rows of scores padded
 /// to an odd number of cache lines, score tiles of 3 × 2, weighted-sum tiles of 1 × 6,
 /// 2 × 3 and 1 × 4; slower, score tiles of 4 × 1, 6 × 1 and 8 × 1 (0.7-0.8×) and a
