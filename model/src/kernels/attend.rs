@@ -234,19 +234,16 @@ fn attend_block_generic<
     let mut p = SCORES.take();
     p.clear();
     p.resize(rows * span, 0.0);
-    // The packed steps' copies of keys and values (on the stack: 16 KB at most).
-    let mut pack = [0.0f32; PACKED_KEYS * 8 * LANES];
-    match (PACKED, d) {
-        (true, 64) => packed_scores::<S, 4>(h, lo, hi, &mut pack, &mut p),
-        (true, 128) => packed_scores::<S, 8>(h, lo, hi, &mut pack, &mut p),
-        _ => scores::<S, R, T>(h, lo, hi, &mut p),
-    }
-    let sums = softmax_rows(h, lo, span, &mut p);
-    match (PACKED, d) {
-        (true, 64) => packed_weighted_sums::<S, 4>(h, lo, span, &mut pack, &p, out),
-        (true, 128) => packed_weighted_sums::<S, 8>(h, lo, span, &mut pack, &p, out),
-        _ => weighted_sums::<S, C, T>(h, lo, span, &p, out),
-    }
+    let sums = match (PACKED, d) {
+        (true, 64) => packed_steps::<S, 4>(h, lo, hi, &mut p, out),
+        (true, 128) => packed_steps::<S, 8>(h, lo, hi, &mut p, out),
+        _ => {
+            scores::<S, R, T>(h, lo, hi, &mut p);
+            let sums = softmax_rows(h, lo, span, &mut p);
+            weighted_sums::<S, C, T>(h, lo, span, &p, out);
+            sums
+        }
+    };
     for (row, s) in out.chunks_exact_mut(d).zip(&sums) {
         row.iter_mut().for_each(|v| *v /= s);
     }
@@ -332,6 +329,24 @@ fn scores<S: Lanes, const R: usize, const T: usize>(
 /// Keys a packed step copies out of the cache at a time (8 KB of one head's keys or values
 /// at 64 values a head, 16 KB at 128).
 const PACKED_KEYS: usize = 32;
+
+/// The scores, softmax and weighted sums of `attend_block_generic` for heads of `CHUNKS`
+/// whole lane chunks, with keys and values packed (one 16 KB buffer on the stack for
+/// both); returns each row's sum of weights.
+#[inline(always)]
+fn packed_steps<S: Lanes, const CHUNKS: usize>(
+    h: &HeadBlock<'_>,
+    lo: usize,
+    hi: usize,
+    p: &mut [f32],
+    out: &mut [f32],
+) -> Vec<f32> {
+    let mut pack = [0.0f32; PACKED_KEYS * 8 * LANES];
+    packed_scores::<S, CHUNKS>(h, lo, hi, &mut pack, p);
+    let sums = softmax_rows(h, lo, hi + 1 - lo, p);
+    packed_weighted_sums::<S, CHUNKS>(h, lo, hi + 1 - lo, &mut pack, p, out);
+    sums
+}
 
 /// A head's keys (or values) `from..from + count` (at most `PACKED_KEYS`) copied into
 /// `pack`, one after the other (`d` values each): a cache's rows lie a whole KV row apart

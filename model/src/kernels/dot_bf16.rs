@@ -345,10 +345,10 @@ fn pair_row_tiles<P: PairLanes, const R: usize, const T: usize>(
     });
     // Whether the token tiles hint at the next rows: only for a few tokens, whose products
     // wait on the rows; not for one token, whose rows stream one at a time, nor for many,
-    // whose later tiles find the rows in the cache. On a Zen 5 VM
-    // (2 threads): hints made 4 tokens ~220 GFLOP/s against ~120 without, and a decode step
-    // of 8 sequences 10.0 ms against 12.1 (f32: 9.5-10.8); hints in the first of many tiles
-    // made a prefill of 128 tokens ~1.2x slower (1860-2160 tokens/s against 2340-2370).
+    // whose later tiles find the rows in the cache. On a Zen 5 VM (2 threads): hints made 4
+    // tokens ~220 GFLOP/s against ~120 without, and a decode step of 8 sequences 10.0 ms
+    // against 12.1 (f32: 9.5-10.8); hints in the first of many tiles made a prefill of 128
+    // tokens ~1.2x slower (1860-2160 tokens/s against 2340-2370).
     let tiles = (&rows, &next, (2..=16).contains(&t));
     let mut i0 = 0;
     while i0 < t {
