@@ -286,9 +286,9 @@ pub fn attend_rows(
         o
     };
     let units = g.kv_heads * blocks;
-    // Decode on the driving thread: the units go to the hot helpers (a rayon fork would
-    // wake sleeping workers for a few µs of work); otherwise to rayon.
-    let done: Vec<Vec<f32>> = if len < QUERY_BLOCK && crate::hot::off_rayon() {
+    // On the driving thread the units go to the hot helpers (a rayon fork would wake
+    // sleeping workers, and block this thread); from a rayon worker, to rayon.
+    let done: Vec<Vec<f32>> = if crate::hot::off_rayon() {
         crate::hot::map(units, unit)
     } else {
         (0..units).into_par_iter().map(unit).collect()

@@ -238,9 +238,12 @@ impl Linear {
             });
             return;
         }
-        // One part a thread. Measured and not kept (2-core AMD EPYC (Zen 3) VM, prefills of
-        // 128 tokens): four chunks of rows a thread, taken from a shared counter on the hot
-        // helpers, read within noise (medians 422-487 against 447-481 tokens/s).
+        // One part a thread (on the hot helpers from the driving thread, see `hot`).
+        // Measured and not kept: four chunks of rows a thread, taken from the shared
+        // counter, read within noise on a 2-core Zen 3 VM when the other steps still went to
+        // rayon (prefills of 128 tokens, medians 422-487 against 447-481 tokens/s), and
+        // slower on a Zen 5 VM with every step on the hot helpers (bf16, 3 alternating
+        // rounds: 1528, 1503, 1388 against 1958, 2235, 1910).
         let parts = rayon::current_num_threads().min(out_dim);
         let per_part = out_dim.div_ceil(parts);
         // Each part computes its features for all tokens into its thread's buffer (`[t, n]`),
@@ -255,7 +258,7 @@ impl Linear {
                 row = rest;
             }
         }
-        starts.par_iter().zip(places).for_each(|(&j0, mut place)| {
+        let part = |j0: usize, place: &mut Vec<&mut [f32]>| {
             let n = per_part.min(out_dim - j0);
             PART.with_borrow_mut(|buffer| {
                 // The kernels write every output, so what the buffer held does not matter.
@@ -272,7 +275,22 @@ impl Linear {
                     *buffer = Vec::new();
                 }
             });
-        });
+        };
+        if crate::hot::off_rayon() {
+            let places: Vec<std::sync::Mutex<Vec<&mut [f32]>>> =
+                places.into_iter().map(std::sync::Mutex::new).collect();
+            crate::hot::run(starts.len(), &|p| {
+                part(
+                    starts[p],
+                    &mut places[p].lock().unwrap_or_else(|e| e.into_inner()),
+                )
+            });
+        } else {
+            starts
+                .par_iter()
+                .zip(places)
+                .for_each(|(&j0, mut place)| part(j0, &mut place));
+        }
     }
 
     /// Widens cache-sized blocks of the weight to f32 and multiplies them with `gemm`.

@@ -54,7 +54,7 @@ impl Mlp {
             // One token: each product splits over the hot helpers (see `Linear`).
             (self.gate.forward(x, t), self.up.forward(x, t))
         } else {
-            rayon::join(|| self.gate.forward(x, t), || self.up.forward(x, t))
+            crate::hot::join(|| self.gate.forward(x, t), || self.up.forward(x, t))
         };
         let inter = self.gate.out_dim();
         crate::hot::for_each_row(&mut g, inter, |i, row| {

@@ -175,6 +175,7 @@ mod x86 {
     /// AVX-512 lanes whose pair steps are `VDPBF16PS`. Reached only from the AVX512-BF16
     /// build (`dot_bf16_hardware`, run only on a CPU that has it), where it is inlined.
     #[derive(Clone, Copy)]
+    #[repr(transparent)]
     pub struct Avx512Bf16(Avx512);
 
     impl Lanes for Avx512Bf16 {
@@ -204,7 +205,11 @@ mod x86 {
         }
         #[inline(always)]
         fn sum16(v: &[Self; 16]) -> [f32; 16] {
-            Avx512::sum16(&v.map(|l| l.0))
+            // Viewed in place: `v.map(|l| l.0)` was a 1 KB copy in a call of its own
+            // (`array::try_map`, not inlined), 4.4% of a prefill of 128 tokens on a Zen 5 VM.
+            // SAFETY: `Avx512Bf16` is `repr(transparent)` over `Avx512`, so the arrays have
+            // the same layout.
+            Avx512::sum16(unsafe { &*(v as *const [Self; 16]).cast::<[Avx512; 16]>() })
         }
         #[inline(always)]
         fn splat(v: f32) -> Self {
