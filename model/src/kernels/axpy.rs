@@ -26,7 +26,7 @@ kernel! {
         x: &[f32],
         t: usize,
         y: &mut [f32],
-    ) => avx512: axpy_rows_multi_generic::<Avx512, W, 4, 4, 8, 8, 2>,
+    ) => avx512: axpy_rows_multi_generic::<Avx512, W, 3, 8, 8, 8, 2>,
         avx2: axpy_rows_multi_generic::<Avx2, W, 2, 2, 16, 4, 1>,
         neon: axpy_rows_multi_generic::<Neon, W, 1, 4, 16, 8, 1>,
         baseline: axpy_rows_multi_generic::<Scalar, W, 1, 4, 16, 8, 1>
@@ -49,6 +49,14 @@ kernel! {
 /// 64 experts' 1024 × 1024 slices from memory (one core, medians of 5 alternating runs), 4
 /// tokens went from 36 to 50 GFLOP/s and 8 from 56 to 68, 1 and 2 tokens within noise.
 /// NEON and the baseline keep 8 × 1 (not measured).
+///
+/// Past `STREAM_TOKENS`, AVX-512 takes tiles of 3 chunks × 8 tokens (24 accumulators; each
+/// row's 3 widened chunks serve 8 broadcasts). On a 2-core AMD EPYC (Zen 5) VM, one core,
+/// 16 experts' 1024 × 1024 slices, medians of 9 interleaved runs: 16 tokens 65-74 → 97-103
+/// GFLOP/s against 4 × 4, 24 tokens 90-95 → 118-121, 32 tokens 103-110 → 133-137, 53
+/// tokens 116-120 → 137-138; 2 × 8, 4 × 6, 2 × 12, 3 × 7, 3 × 9 and 1 × 16 gained less or
+/// lost. A prompt's tokens crowd onto a few experts (a bench prefill of 128 tokens: 12-30
+/// experts a layer, up to 53 rows one), so its experts run here.
 #[inline(always)]
 fn axpy_rows_multi_generic<
     S: Lanes,
