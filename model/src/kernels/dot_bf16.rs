@@ -240,10 +240,11 @@ mod x86 {
 /// sign (the products read them as zero anyway), a NaN a quiet NaN.
 pub fn round_activations(x: &[f32]) -> Vec<u16> {
     let mut out = to_bf16_vec(x);
+    // A mask for every element, not a branch: this loop then vectorizes. Written as a
+    // conditional store it took ~40 µs of a 128 × 1024 input's ~48 (~7 µs branch-free) on a
+    // Zen 5 VM, on the driving thread before every product of a prefill.
     for h in &mut out {
-        if *h & 0x7F80 == 0 {
-            *h &= 0x8000;
-        }
+        *h &= if *h & 0x7F80 == 0 { 0x8000 } else { 0xFFFF };
     }
     out
 }
